@@ -1,0 +1,55 @@
+"""cloudckpt: TensorFlow checkpoints committed to S3, GCS or any fsspec URL, without stalling training.
+
+The TensorFlow-facing names (``CheckpointSaverHook``, ``UploadListener``) are
+imported lazily so that the CLI and the catalog functions do not pay for
+importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
+from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, UploadError
+from .manifest import FileEntry, Manifest
+from .retry import RetryPolicy
+from .uploader import UploadStats
+
+if TYPE_CHECKING:
+    from .hook import CheckpointSaverHook
+    from .listener import UploadListener
+
+logging.getLogger("cloudckpt").addHandler(logging.NullHandler())
+
+_LAZY = {"CheckpointSaverHook": "hook", "UploadListener": "listener"}
+
+__all__ = [
+    "__version__",
+    "CheckpointSaverHook",
+    "UploadListener",
+    "CheckpointInfo",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "RetryPolicy",
+    "UploadStats",
+    "FileEntry",
+    "Manifest",
+    "CloudCkptError",
+    "ConfigError",
+    "RemoteError",
+    "UploadError",
+    "IntegrityError",
+    "ManifestError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")

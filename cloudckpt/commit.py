@@ -1,0 +1,203 @@
+"""The commit protocol: what makes a checkpoint in a remote directory "committed".
+
+Order, and why:
+1. upload every file of the checkpoint (partial objects are harmless: nothing points at them);
+2. check each remote size against the local file (catches truncated uploads);
+3. write ``<prefix>.manifest.json`` atomically: THE commit point;
+4. rewrite the remote ``checkpoint`` state file (relative paths, committed checkpoints only).
+
+A reader that trusts only manifests therefore never sees a half-written
+checkpoint. Re-committing an identical checkpoint is a no-op; replacing a
+committed step with different bytes first removes its manifest, so the old
+manifest never vouches for new, half-uploaded bytes.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import logging
+import os
+import sys
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ._version import __version__
+from .errors import IntegrityError, ManifestError
+from .manifest import (
+    FileEntry,
+    Manifest,
+    entry_for,
+    manifest_name,
+    parse_checkpoint_file_name,
+    parse_manifest,
+    parse_manifest_name,
+)
+from .remote import RemoteStore
+
+log = logging.getLogger("cloudckpt")
+
+STATE_FILE = "checkpoint"
+GRAPH_FILE = "graph.pbtxt"
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """The files of one saved checkpoint on local disk, ready to commit.
+
+    Attributes:
+        step: global step of the checkpoint.
+        prefix: checkpoint prefix relative to the directory, e.g. ``model.ckpt-30``.
+        files: remote name -> local path of each file the manifest will list.
+        extras: files uploaded alongside but not part of the checkpoint (``graph.pbtxt``).
+    """
+
+    step: int
+    prefix: str
+    files: dict[str, str]
+    extras: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes on local disk of the checkpoint's files."""
+        return sum(os.path.getsize(p) for p in self.files.values())
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What ``commit_checkpoint`` did."""
+
+    manifest: Manifest
+    bytes_uploaded: int
+    already_committed: bool
+
+
+def find_local_checkpoint(directory: str, prefix: str) -> LocalCheckpoint | None:
+    """The files the Saver wrote for ``prefix`` (e.g. ``model.ckpt-30``) in ``directory``, or None."""
+    files: dict[str, str] = {}
+    for path in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + ".*")):
+        name = os.path.basename(path)
+        parsed = parse_checkpoint_file_name(name)
+        if parsed and parsed[0] == prefix and os.path.isfile(path):
+            files[name] = path
+    if not any(n.endswith(".index") for n in files):
+        return None
+    step = int(prefix.rsplit("-", 1)[1])
+    return LocalCheckpoint(step=step, prefix=prefix, files=files)
+
+
+def tensorflow_version() -> str:
+    """The TensorFlow version, without importing TensorFlow if it is not loaded yet."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and getattr(tf, "__version__", None):
+        return str(tf.__version__)
+    for dist in ("tensorflow", "tensorflow-cpu", "tf-nightly"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def build_manifest(ckpt: LocalCheckpoint, executor: Executor | None = None) -> Manifest:
+    """Checksum every file of ``ckpt`` (concurrently when an executor is given)."""
+    names = sorted(ckpt.files)
+    if executor is None:
+        entries = [entry_for(n, ckpt.files[n]) for n in names]
+    else:
+        entries = list(executor.map(lambda n: entry_for(n, ckpt.files[n]), names))
+    return Manifest(step=ckpt.step, prefix=ckpt.prefix, files=tuple(entries),
+                    tensorflow=tensorflow_version(), cloudckpt=__version__)
+
+
+def read_manifest(store: RemoteStore, prefix: str) -> Manifest | None:
+    """The committed manifest of ``prefix``, or None if it is not committed."""
+    name = manifest_name(prefix)
+    data = store.read_bytes(name)
+    return None if data is None else parse_manifest(data, url=store.url_of(name))
+
+
+def commit_checkpoint(
+    store: RemoteStore,
+    ckpt: LocalCheckpoint,
+    *,
+    executor: Executor | None = None,
+    manifest: Manifest | None = None,
+) -> CommitResult:
+    """Upload ``ckpt`` to ``store`` and commit it with its manifest (see module docstring).
+
+    Args:
+        store: the remote checkpoint directory.
+        ckpt: the local files (they must not change while this runs: pass a snapshot).
+        executor: runs file uploads and checksums concurrently; sequential if None.
+        manifest: a precomputed manifest for ``ckpt`` (computed here if None).
+
+    Raises:
+        RemoteError: an upload or write failed after retries.
+        IntegrityError: a remote size did not match after upload.
+    """
+    own_executor = executor is None
+    pool = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="cloudckpt-commit")
+    try:
+        manifest = manifest or build_manifest(ckpt, pool)
+        try:
+            existing = read_manifest(store, ckpt.prefix)
+        except ManifestError as exc:
+            log.warning("Replacing unreadable manifest of step %d: %s", ckpt.step, exc)
+            existing = None
+            store.delete([manifest.name])
+        if existing is not None:
+            if existing.same_content(manifest):
+                log.info("Checkpoint %s is already committed with identical content.", store.url_of(ckpt.prefix))
+                write_state_file(store)
+                return CommitResult(existing, 0, already_committed=True)
+            log.info("Step %d is committed with different content; replacing it.", ckpt.step)
+            store.delete([manifest.name])  # un-commit before any of its files change
+
+        uploads = {**ckpt.extras, **ckpt.files}
+        list(pool.map(lambda item: store.put_file(item[1], item[0]), sorted(uploads.items())))
+
+        remote_sizes = {o.name: o.size for o in store.list_objects()}
+        for entry in manifest.files:
+            found = remote_sizes.get(entry.name)
+            if found != entry.size:
+                raise IntegrityError(
+                    f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
+                    "the checkpoint was not committed and will be retried with the next save.")
+
+        store.write_atomic(manifest.name, manifest.to_json())
+        write_state_file(store)
+        return CommitResult(manifest, sum(os.path.getsize(p) for p in uploads.values()), already_committed=False)
+    finally:
+        if own_executor:
+            pool.shutdown(wait=True)
+
+
+def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
+    """(prefix, step) of every manifest among object ``names``, ascending by step."""
+    found = [p for p in (parse_manifest_name(n) for n in names) if p is not None]
+    return sorted(found, key=lambda p: (p[1], p[0]))
+
+
+def render_state_file(prefixes: list[str]) -> bytes:
+    """TF's ``checkpoint`` state file (text proto) naming ``prefixes``, the last one as latest.
+
+    Paths are relative, so the directory stays valid wherever it is copied or mounted.
+    """
+    lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def write_state_file(store: RemoteStore) -> None:
+    """Rewrite the remote state file from the committed manifests (removed if none is left)."""
+    prefixes = [p for p, _ in committed_prefixes([o.name for o in store.list_objects()])]
+    if prefixes:
+        store.write_atomic(STATE_FILE, render_state_file(prefixes))
+    else:
+        store.delete([STATE_FILE])
+
+
+def entries_by_name(manifest: Manifest) -> dict[str, FileEntry]:
+    """The manifest's file entries keyed by name."""
+    return {f.name: f for f in manifest.files}

@@ -1,0 +1,79 @@
+"""An in-process S3 server (moto's server mode) for the demo, tests and benchmarks.
+
+Real HTTP on 127.0.0.1, so the s3fs/botocore code path is exactly the one
+used against AWS. Needs the ``demo`` extra: ``pip install 'cloudckpt[demo]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from .errors import ConfigError
+
+# moto accepts any credentials; these only keep botocore from looking for real ones.
+_FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedS3:
+    """A moto S3 server on 127.0.0.1 with helpers to create buckets.
+
+    Use as a context manager, or call ``start``/``stop``. ``storage_options``
+    is what to pass to cloudckpt for ``s3://`` URLs served by it.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError as exc:
+            raise ConfigError(
+                "The embedded S3 server needs moto: pip install 'cloudckpt[demo]' (or 'moto[server]').") from exc
+        # moto creates buckets in the region botocore reports; it must be a plain region.
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        for key, value in _FAKE_CREDENTIALS.items():
+            os.environ.setdefault(key, value)
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec storage_options for s3fs to reach this server."""
+        return {"endpoint_url": self.endpoint, "key": _FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                "secret": _FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+
+    def start(self) -> "EmbeddedS3":
+        """Start serving (returns self)."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.stop()
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=_FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=_FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket; return its ``s3://`` URL."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

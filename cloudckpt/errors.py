@@ -1,0 +1,66 @@
+"""The exceptions cloudckpt raises.
+
+Every error names what failed, where (URL and file) and what to do about it.
+Errors from storage backends (botocore, gcsfs, OSError) are wrapped so that a
+user never has to read a traceback from deep inside a client library; the
+original exception stays available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CloudCkptError",
+    "ConfigError",
+    "RemoteError",
+    "UploadError",
+    "IntegrityError",
+    "ManifestError",
+]
+
+
+class CloudCkptError(Exception):
+    """Base class of every error raised by cloudckpt."""
+
+
+class ConfigError(CloudCkptError, ValueError):
+    """Bad configuration: an unusable URL, directory or argument.
+
+    Also a ``ValueError``, so code written against TensorFlow's hook that
+    catches ``ValueError`` for bad arguments keeps working.
+    """
+
+
+class RemoteError(CloudCkptError):
+    """A storage operation failed.
+
+    Attributes:
+        url: the object or directory URL the operation was on.
+        transient: True when retrying may succeed (throttling, 5xx, resets).
+    """
+
+    def __init__(self, message: str, *, url: str, transient: bool) -> None:
+        super().__init__(message)
+        self.url = url
+        self.transient = transient
+
+
+class UploadError(CloudCkptError):
+    """A checkpoint could not be committed to the remote directory.
+
+    Attributes:
+        url: the remote checkpoint directory.
+        step: the global step of the checkpoint that failed, if known.
+    """
+
+    def __init__(self, message: str, *, url: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.step = step
+
+
+class IntegrityError(CloudCkptError):
+    """Checkpoint bytes do not match their manifest (size, crc32c or a missing file)."""
+
+
+class ManifestError(IntegrityError):
+    """A manifest cannot be read: malformed JSON, wrong schema or a newer format version."""

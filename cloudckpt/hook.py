@@ -1,0 +1,157 @@
+"""``CheckpointSaverHook``: TF's checkpoint hook, committing every checkpoint to any fsspec URL.
+
+The Saver writes to a local directory exactly as with TF's hook; an
+``UploadListener`` appended after the user's listeners commits each save to
+the remote URL in the background. The training thread only learns about the
+network when an upload has failed (``UploadError`` at the next step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import tensorflow as tf
+
+from .errors import ConfigError
+from .listener import UploadListener
+from .remote import is_local_path
+from .retry import RetryPolicy
+from .uploader import UploadStats
+
+log = logging.getLogger("cloudckpt")
+
+
+def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A stable per-URL cache directory, so a restarted process on the same VM finds its checkpoints.
+
+    ``$CLOUDCKPT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/cloudckpt``, else
+    ``~/.cache/cloudckpt``) / ``<hash of URL and endpoint>``.
+    """
+    base = os.environ.get("CLOUDCKPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
+    options = dict(storage_options or {})
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
+    digest = hashlib.sha256(f"{url.rstrip('/')}\n{endpoint}".encode()).hexdigest()[:16]
+    return os.path.join(base, digest)
+
+
+def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
+    if (save_secs is None) == (save_steps is None):
+        raise ValueError("One of save_steps or save_secs should be set.")
+    if save_steps is not None and (isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps <= 0):
+        raise ValueError(f"save_steps must be a positive integer, got {save_steps!r}.")
+    if save_secs is not None and (isinstance(save_secs, bool) or not isinstance(save_secs, (int, float))
+                                  or save_secs <= 0):
+        raise ValueError(f"save_secs must be a positive number of seconds, got {save_secs!r}.")
+
+
+def _ensure_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".cloudckpt-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"local_dir {directory!r} is not writable ({exc.strerror or exc}); pass local_dir= a writable "
+            "directory on a disk with room for a few checkpoints.") from None
+
+
+class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
+    """Saves checkpoints every N steps or seconds and commits them to ``checkpoint_dir``.
+
+    A drop-in for ``tf.compat.v1.train.CheckpointSaverHook``: same arguments,
+    errors and listener semantics (save at session creation, on the timer and
+    at ``end()``; listeners' ``before_save``/``after_save``/``end`` in order;
+    ``after_save`` returning True requests stop). In addition:
+
+    Args:
+        checkpoint_dir: a local path (committed in place, like TF's hook) or any
+            fsspec URL: ``s3://``, ``gs://``, ``memory://``, ``file://``...
+        save_secs, save_steps, saver, checkpoint_basename, scaffold, listeners,
+            save_graph_def: as for TF's hook.
+        local_dir: where the Saver writes before upload; default: a stable
+            per-URL directory under ``~/.cache/cloudckpt``.
+        storage_options: fsspec options (``endpoint_url``, ``key``, ``token``...).
+        max_pending: checkpoints allowed to wait behind the one uploading; past
+            that the oldest waiting one is dropped (logged and counted).
+        upload_timeout: seconds ``end()`` waits for uploads; None waits until done.
+        retry: ``RetryPolicy`` for transient storage errors.
+        on_error: ``"raise"``: a failed commit raises ``UploadError`` in the
+            training thread; ``"warn"``: it is logged and counted, training goes on.
+
+    Raises:
+        ValueError: "One of save_steps or save_secs should be set." /
+            "At most one of saver or scaffold should be set." / non-positive schedule.
+        ConfigError: unusable URL or ``local_dir``.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        save_secs: float | None = None,
+        save_steps: int | None = None,
+        saver: Any = None,
+        checkpoint_basename: str = "model.ckpt",
+        scaffold: Any = None,
+        listeners: Sequence[tf.compat.v1.train.CheckpointSaverListener] | None = None,
+        save_graph_def: bool = True,
+        *,
+        local_dir: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int = 2,
+        upload_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        _check_schedule(save_secs, save_steps)
+        if saver is not None and scaffold is not None:
+            raise ValueError("At most one of saver or scaffold should be set.")
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        if is_local_path(checkpoint_dir):
+            if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(checkpoint_dir):
+                raise ConfigError(
+                    f"local_dir={local_dir!r} was given but checkpoint_dir {checkpoint_dir!r} is a local path, "
+                    "which the Saver writes to directly; drop local_dir or use a file:// URL.")
+            local_dir = checkpoint_dir
+        elif local_dir is None:
+            local_dir = default_local_dir(checkpoint_dir, storage_options)
+        local_dir = os.path.abspath(os.fspath(local_dir))
+        self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
+                                      max_pending=max_pending, retry=retry, on_error=on_error,
+                                      upload_timeout=upload_timeout)
+        _ensure_writable(local_dir)
+        super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
+                         checkpoint_basename=checkpoint_basename, scaffold=scaffold,
+                         listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
+        self._checkpoint_url = self._upload.url
+
+    @property
+    def local_dir(self) -> str:
+        """The directory the Saver writes to: pass it as ``MonitoredTrainingSession(checkpoint_dir=...)``."""
+        return self._upload.local_dir
+
+    @property
+    def checkpoint_url(self) -> str:
+        """The remote checkpoint directory."""
+        return self._checkpoint_url
+
+    def after_run(self, run_context: Any, run_values: Any) -> None:
+        """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``."""
+        super().after_run(run_context, run_values)
+        self._upload.raise_if_failed()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every checkpoint saved so far is committed or dropped.
+
+        Raises:
+            UploadError: a checkpoint failed to commit, or ``timeout`` seconds passed first.
+        """
+        self._upload.wait(timeout)
+
+    def stats(self) -> UploadStats:
+        """Upload counters: committed, dropped, failed, bytes_uploaded, retries, last step and duration."""
+        return self._upload.stats()

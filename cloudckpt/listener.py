@@ -1,0 +1,201 @@
+"""``UploadListener``: the TensorFlow ``CheckpointSaverListener`` that syncs saves to a URL.
+
+In ``after_save`` it hard-links the checkpoint's files into a private staging
+directory (so the Saver's ``max_to_keep`` can delete the originals without
+racing an upload) and hands the snapshot to the background ``Uploader``.
+When the URL is the local directory itself (a plain path), nothing is copied:
+the checkpoint is committed in place, synchronously, like TF's own hook.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+from .commit import GRAPH_FILE, LocalCheckpoint, find_local_checkpoint, write_state_file
+from .catalog import scan_directory
+from .errors import ConfigError, UploadError
+from .remote import RemoteStore
+from .retry import RetryPolicy
+from .uploader import Uploader, UploadJob, UploadStats
+
+log = logging.getLogger("cloudckpt")
+
+STAGING_DIR = ".cloudckpt-staging"
+
+
+class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
+    """Commits every checkpoint the Saver writes in ``local_dir`` to ``checkpoint_dir``.
+
+    Usable with TF's stock ``CheckpointSaverHook`` as well as cloudckpt's.
+    Upload failures are re-raised as ``UploadError`` at the next save, in
+    ``end()`` and in ``wait()`` (unless ``on_error="warn"``).
+
+    Args:
+        checkpoint_dir: remote directory URL (or a local path, committed in place).
+        local_dir: the directory the Saver writes to.
+        storage_options: fsspec options for the remote filesystem.
+        max_pending: checkpoints allowed to wait behind the one uploading.
+        retry: retry policy for storage operations.
+        on_error: ``"raise"`` (default) or ``"warn"``.
+        upload_timeout: seconds ``end()`` waits for pending uploads; None waits until done.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        local_dir: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int = 2,
+        retry: RetryPolicy | None = None,
+        on_error: str = "raise",
+        upload_timeout: float | None = None,
+    ) -> None:
+        if upload_timeout is not None and upload_timeout <= 0:
+            raise ConfigError(f"upload_timeout must be > 0 seconds or None, got {upload_timeout!r}.")
+        self._local_dir = os.path.abspath(os.fspath(local_dir))
+        self._store = RemoteStore(checkpoint_dir, storage_options, retry=retry, on_retry=self._count_retry)
+        self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error)
+        self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
+        self._upload_timeout = upload_timeout
+        self._graph_signature: tuple[int, int] | None = None
+
+    @property
+    def url(self) -> str:
+        """The remote checkpoint directory."""
+        return self._store.url
+
+    @property
+    def local_dir(self) -> str:
+        """The directory the Saver writes to."""
+        return self._local_dir
+
+    # -- CheckpointSaverListener ------------------------------------------------------------------
+    def begin(self) -> None:
+        """Check the remote directory is usable and start the background uploader."""
+        self._store.check_usable()
+        shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)  # a crashed run's snapshots
+        if not self._in_place:
+            self._uploader.start()
+
+    def before_save(self, session: Any, global_step_value: int) -> None:
+        """Surface an earlier upload failure before saving again."""
+        self.raise_if_failed()
+
+    def after_save(self, session: Any, global_step_value: int) -> bool:
+        """Snapshot the checkpoint just written and queue it for commit (never waits on the network)."""
+        step = int(global_step_value)
+        ckpt = self._saved_checkpoint(step)
+        if ckpt is None:
+            log.warning("No checkpoint files for step %d found in %s; nothing to upload.", step, self._local_dir)
+            return False
+        if self._in_place:
+            self._uploader.commit_now(UploadJob(ckpt, on_committed=self._retire_deleted))
+        else:
+            self._uploader.start()
+            self._uploader.submit(self._snapshot(ckpt))
+        self.raise_if_failed()
+        return False
+
+    def end(self, session: Any, global_step_value: int) -> None:
+        """Wait (up to ``upload_timeout``) until every checkpoint is committed, then stop the worker."""
+        try:
+            self.wait(self._upload_timeout)
+        finally:
+            self._uploader.close(timeout=0 if self._uploader.pending_steps() else None)
+
+    # -- public helpers ----------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every checkpoint saved so far is committed or dropped.
+
+        Raises:
+            UploadError: a checkpoint failed to commit, or ``timeout`` passed first.
+        """
+        done = self._uploader.wait(timeout)
+        self.raise_if_failed()
+        if not done:
+            steps = self._uploader.pending_steps()
+            raise UploadError(
+                f"Timed out after {timeout}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
+                "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
+                url=self.url, step=steps[-1] if steps else None)
+
+    def raise_if_failed(self) -> None:
+        """Raise the oldest unreported upload failure, if any."""
+        failure = self._uploader.take_failure()
+        if failure is not None:
+            raise failure
+
+    def stats(self) -> UploadStats:
+        """Counters: committed, dropped, failed, bytes, retries (with causes), last step and duration."""
+        return self._uploader.stats()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _count_retry(self, cause: str) -> None:
+        self._uploader.count_retry(cause)
+
+    def _saved_checkpoint(self, step: int) -> LocalCheckpoint | None:
+        state = tf.compat.v1.train.get_checkpoint_state(self._local_dir)
+        if state is not None and state.model_checkpoint_path:
+            prefix = os.path.basename(state.model_checkpoint_path)
+            if prefix.endswith(f"-{step}"):
+                found = find_local_checkpoint(self._local_dir, prefix)
+                if found is not None:
+                    return found
+        # No usable state file (a custom Saver): take the newest index file written for this step.
+        candidates = glob.glob(os.path.join(glob.escape(self._local_dir), f"*-{step}.index"))
+        if not candidates:
+            return None
+        newest = max(candidates, key=os.path.getmtime)
+        return find_local_checkpoint(self._local_dir, os.path.basename(newest)[: -len(".index")])
+
+    def _snapshot(self, ckpt: LocalCheckpoint) -> UploadJob:
+        """Hard-link (or copy across devices) the checkpoint's files into a private directory."""
+        staging = os.path.join(self._local_dir, STAGING_DIR, f"{ckpt.prefix}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        files = {name: _link_or_copy(path, os.path.join(staging, name)) for name, path in ckpt.files.items()}
+        extras: dict[str, str] = {}
+        graph = os.path.join(self._local_dir, GRAPH_FILE)
+        signature = _signature(graph)
+        if signature is not None and signature != self._graph_signature:
+            extras[GRAPH_FILE] = _link_or_copy(graph, os.path.join(staging, GRAPH_FILE))
+
+        def committed(_result: object) -> None:
+            if GRAPH_FILE in extras:
+                self._graph_signature = signature
+
+        return UploadJob(LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras),
+                         release=lambda: shutil.rmtree(staging, ignore_errors=True), on_committed=committed)
+
+    def _retire_deleted(self, _result: object) -> None:
+        """In place, the Saver deletes old checkpoints itself (``max_to_keep``): retire their manifests
+        too, so that no manifest vouches for files that are gone."""
+        scan = scan_directory(self._store)
+        present = {o.name for o in scan.objects}
+        gone = [c for c in scan.committed if not all(f.name in present for f in c.files)]
+        if gone:
+            self._store.delete([c.manifest_url.rsplit("/", 1)[-1] for c in gone])
+            write_state_file(self._store)
+
+
+def _signature(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another device, or a filesystem without hard links
+        shutil.copy2(src, dst)
+    return dst

@@ -1,0 +1,179 @@
+"""The checkpoint manifest: schema, naming, serialisation and checksums.
+
+A manifest ``<basename>-<step>.manifest.json`` lists every file of one
+checkpoint with its size and crc32c. Its presence in the remote directory is
+the commit point: a checkpoint without a readable manifest is not committed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import google_crc32c
+
+from .errors import ManifestError
+
+FORMAT = "cloudckpt.manifest"
+VERSION = 1
+MANIFEST_SUFFIX = ".manifest.json"
+
+_MANIFEST_NAME = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.manifest\.json$")
+# Files the TF Saver writes for one checkpoint prefix.
+_CHECKPOINT_FILE = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.(index|meta|data-\d{5}-of-\d{5})$")
+_CRC_HEX = re.compile(r"^[0-9a-f]{8}$")
+_READ_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint: its name relative to the directory, size in bytes and crc32c (8 hex digits)."""
+
+    name: str
+    size: int
+    crc32c: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The committed description of one checkpoint."""
+
+    step: int
+    prefix: str
+    files: tuple[FileEntry, ...]
+    created_at: str = field(default_factory=lambda: utc_now_iso())
+    tensorflow: str = ""
+    cloudckpt: str = ""
+
+    @property
+    def name(self) -> str:
+        """The manifest's object name, e.g. ``model.ckpt-30.manifest.json``."""
+        return manifest_name(self.prefix)
+
+    @property
+    def total_size(self) -> int:
+        """Sum of the sizes of all files, in bytes."""
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        """Serialise to the on-store JSON document."""
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": self.step,
+            "prefix": self.prefix,
+            "created_at": self.created_at,
+            "files": [{"name": f.name, "size": f.size, "crc32c": f.crc32c} for f in self.files],
+            "tensorflow": self.tensorflow,
+            "cloudckpt": self.cloudckpt,
+        }
+        return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+    def same_content(self, other: "Manifest") -> bool:
+        """True when both describe the same bytes (ignores timestamps and versions)."""
+        key = lambda m: sorted((f.name, f.size, f.crc32c) for f in m.files)  # noqa: E731
+        return self.step == other.step and self.prefix == other.prefix and key(self) == key(other)
+
+
+def parse_manifest(data: bytes, *, url: str) -> Manifest:
+    """Parse and validate a manifest document; ``url`` is only used in error messages.
+
+    Raises:
+        ManifestError: malformed JSON, missing or mistyped fields, or a format
+            version newer than this cloudckpt understands.
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(
+            f"Manifest {url} is not valid JSON ({exc}); the checkpoint it describes cannot be trusted. "
+            "Delete the manifest or re-upload the checkpoint."
+        ) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ManifestError(f"{url} is not a cloudckpt manifest (expected \"format\": \"{FORMAT}\").")
+    version = doc.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ManifestError(f"Manifest {url} has an invalid version {version!r}.")
+    if version > VERSION:
+        raise ManifestError(
+            f"Manifest {url} has format version {version}, but this cloudckpt only reads version {VERSION}. "
+            "Upgrade cloudckpt (pip install -U cloudckpt) to read it."
+        )
+    try:
+        step = doc["step"]
+        prefix = doc["prefix"]
+        files = tuple(FileEntry(str(f["name"]), f["size"], f["crc32c"]) for f in doc["files"])
+        if not isinstance(step, int) or step < 0 or not isinstance(prefix, str) or not files:
+            raise TypeError("step/prefix/files")
+        for f in files:
+            if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.crc32c, str) or not _CRC_HEX.match(f.crc32c):
+                raise TypeError(f"file entry {f.name!r}")
+            if "/" in f.name or f.name in ("", ".", ".."):
+                raise TypeError(f"file name {f.name!r}")
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"Manifest {url} is missing or has a malformed field ({exc}).") from None
+    return Manifest(
+        step=step,
+        prefix=prefix,
+        files=files,
+        created_at=str(doc.get("created_at", "")),
+        tensorflow=str(doc.get("tensorflow", "")),
+        cloudckpt=str(doc.get("cloudckpt", "")),
+    )
+
+
+def manifest_name(prefix: str) -> str:
+    """Manifest object name for a checkpoint prefix such as ``model.ckpt-30``."""
+    return prefix + MANIFEST_SUFFIX
+
+
+def parse_manifest_name(name: str) -> tuple[str, int] | None:
+    """``model.ckpt-30.manifest.json`` -> (``model.ckpt-30``, 30); None for other names."""
+    m = _MANIFEST_NAME.match(name)
+    return (m.group("prefix"), int(m.group("step"))) if m else None
+
+
+def parse_checkpoint_file_name(name: str) -> tuple[str, int] | None:
+    """``model.ckpt-30.index`` -> (``model.ckpt-30``, 30); None for names the Saver does not write."""
+    m = _CHECKPOINT_FILE.match(name)
+    return (m.group("prefix"), int(m.group("step"))) if m else None
+
+
+def utc_now_iso() -> str:
+    """The current time as ISO-8601 UTC with a ``Z`` suffix, second precision."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def crc32c_hex(data: bytes) -> str:
+    """crc32c of ``data`` as 8 lowercase hex digits (the manifest's encoding)."""
+    return f"{google_crc32c.value(data):08x}"
+
+
+def crc32c_of_stream(stream: BinaryIO) -> tuple[int, str]:
+    """Read ``stream`` to the end in bounded chunks; return (size, crc32c hex)."""
+    checksum = google_crc32c.Checksum()
+    size = 0
+    while chunk := stream.read(_READ_CHUNK):
+        checksum.update(chunk)
+        size += len(chunk)
+    return size, checksum.digest().hex()
+
+
+def crc32c_of_file(path: str) -> tuple[int, str]:
+    """(size, crc32c hex) of a local file, streamed so memory stays bounded."""
+    with open(path, "rb") as f:
+        return crc32c_of_stream(f)
+
+
+def entry_for(name: str, path: str) -> FileEntry:
+    """Build a manifest entry for local file ``path`` stored remotely as ``name``."""
+    size, crc = crc32c_of_file(path)
+    return FileEntry(name=name, size=size, crc32c=crc)
+
+
+def as_dict(entry: FileEntry) -> dict[str, Any]:
+    """A manifest entry as a plain dict (for JSON output)."""
+    return {"name": entry.name, "size": entry.size, "crc32c": entry.crc32c}

@@ -1,0 +1,288 @@
+"""The remote checkpoint directory: URL -> fsspec filesystem, with retries and clear errors.
+
+``RemoteStore`` is the only place that talks to fsspec. Every operation is
+retried according to a ``RetryPolicy`` and any backend exception is turned
+into a ``RemoteError`` that names the operation, the URL and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from .errors import ConfigError, RemoteError
+from .retry import RetryPolicy, describe_cause, is_transient
+
+log = logging.getLogger("cloudckpt")
+T = TypeVar("T")
+
+_BACKEND_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One object in the remote directory (name relative to it)."""
+
+    name: str
+    size: int
+    modified: float | None  # POSIX seconds, when the backend reports it
+
+
+def is_local_path(url: str) -> bool:
+    """True for a plain filesystem path (no ``scheme://``): TF's own hook handles those in place."""
+    return "://" not in os.fspath(url)
+
+
+class RemoteStore:
+    """A checkpoint directory on any fsspec filesystem.
+
+    Args:
+        url: directory URL (``s3://bucket/run``, ``gs://...``, ``memory://...``,
+            ``file:///...``) or a plain local path.
+        storage_options: keyword arguments for the fsspec filesystem
+            (``endpoint_url``, ``key``/``secret``, ``token``...). Never logged.
+        retry: how transient errors are retried.
+        on_retry: called with a short cause label before every retry (for stats).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        url = os.fspath(url)
+        if not url or not isinstance(url, str):
+            raise ConfigError(f"checkpoint_dir must be a non-empty path or URL, got {url!r}.")
+        self.url = url.rstrip("/") if url.rstrip("/") else url
+        self.retry = retry or RetryPolicy()
+        self._on_retry = on_retry
+        try:
+            self.fs, path = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+        except ImportError as exc:
+            protocol = self.url.split("://", 1)[0]
+            package = _BACKEND_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
+            raise ConfigError(
+                f"Checkpoint URL {self.url!r} needs {package}, which is not installed: pip install {package}."
+            ) from exc
+        except ValueError as exc:
+            protocol = self.url.split("://", 1)[0]
+            raise ConfigError(
+                f"Unknown protocol {protocol!r} in checkpoint URL {self.url!r}. Use a local path or an fsspec URL "
+                "such as s3://bucket/dir, gs://bucket/dir, memory://dir or file:///dir."
+            ) from exc
+        except TypeError as exc:
+            raise ConfigError(f"Invalid storage_options for {self.url!r}: {exc}.") from exc
+        self.root = path.rstrip("/") or path
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # -- naming ---------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        """The fsspec path of object ``name`` in this directory."""
+        return posixpath.join(self.root, name)
+
+    def url_of(self, name: str) -> str:
+        """The user-facing URL of object ``name`` (used in messages and CheckpointInfo)."""
+        return f"{self.url}/{name}"
+
+    # -- operations -------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Fail early and clearly if the directory cannot hold checkpoints.
+
+        Raises ``ConfigError`` if the URL names a file or its bucket does not
+        exist, ``RemoteError`` if the store rejects the credentials.
+        """
+        def probe() -> None:
+            if self.is_local or self._is_memory:
+                if self.fs.isfile(self.root):
+                    raise ConfigError(
+                        f"checkpoint_dir {self.url!r} is a file, not a directory: point it at a directory.")
+                return
+            try:
+                self.fs.invalidate_cache(self.root)
+                self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:  # an empty prefix, or no bucket at all
+                bucket = self.root.split("/", 1)[0]
+                if bucket == self.root or not self._exists(bucket):
+                    raise ConfigError(
+                        f"Bucket {bucket!r} of checkpoint URL {self.url!r} does not exist: create it "
+                        "(see terraform/) or fix the URL.") from None
+                return
+            if self.fs.isfile(self.root):
+                raise ConfigError(
+                    f"checkpoint_dir {self.url!r} is an object, not a directory: point it at a directory.")
+        self._run("access", self.url, probe)
+        if self.is_local:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"Cannot create checkpoint directory {self.root!r}: {exc.strerror}.") from None
+
+    def list_objects(self) -> list[RemoteObject]:
+        """Every object directly in the directory, read fresh (listing caches are bypassed)."""
+        def ls() -> list[RemoteObject]:
+            self.fs.invalidate_cache(self.root)
+            try:
+                entries = self.fs.ls(self.root, detail=True, refresh=True) if not self.is_local \
+                    else self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return []
+            out = []
+            for e in entries:
+                if e.get("type") == "directory":
+                    continue
+                out.append(RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
+                                        _modified_time(e)))
+            return out
+        return self._run("list", self.url, ls)
+
+    def put_file(self, local_path: str, name: str) -> None:
+        """Upload a local file as ``name``. A failed upload may leave a partial object, never a manifest."""
+        if self.is_local:
+            self._run("upload", self.url_of(name), lambda: self._local_atomic_copy(local_path, self.path(name)))
+        else:
+            self._run("upload", self.url_of(name), lambda: self.fs.put_file(local_path, self.path(name)))
+
+    def get_file(self, name: str, local_path: str) -> None:
+        """Download ``name`` to ``local_path`` (streamed by the backend)."""
+        self._run("download", self.url_of(name), lambda: self.fs.get_file(self.path(name), local_path))
+
+    def size(self, name: str) -> int | None:
+        """Size of ``name`` in bytes, or None if it does not exist."""
+        def info() -> int | None:
+            path = self.path(name)
+            self.fs.invalidate_cache(path)
+            try:
+                return int(self.fs.info(path)["size"])
+            except FileNotFoundError:
+                return None
+        return self._run("stat", self.url_of(name), info)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """Whole content of a small object (manifest, state file), or None if it does not exist."""
+        def cat() -> bytes | None:
+            try:
+                return self.fs.cat_file(self.path(name))
+            except FileNotFoundError:
+                return None
+        return self._run("read", self.url_of(name), cat)
+
+    def open_read(self, name: str):  # noqa: ANN201 - fsspec file-like
+        """Open ``name`` for streaming reads (caller closes)."""
+        return self._run("open", self.url_of(name), lambda: self.fs.open(self.path(name), "rb"))
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write a small object so readers see either the old or the whole new content.
+
+        A single PUT is atomic on S3 and GCS, and an in-memory assignment on
+        ``memory://``; on local disks we write a temporary file and rename it.
+        """
+        if self.is_local:
+            def write() -> None:
+                os.makedirs(self.root, exist_ok=True)
+                tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex}")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(name))
+            self._run("write", self.url_of(name), write)
+        else:
+            self._run("write", self.url_of(name), lambda: self.fs.pipe_file(self.path(name), data))
+
+    def delete(self, names: list[str]) -> None:
+        """Delete objects; missing ones are ignored. Deletes in the order given."""
+        for name in names:
+            def rm(name: str = name) -> None:
+                try:
+                    self.fs.rm_file(self.path(name))
+                except FileNotFoundError:
+                    pass
+            self._run("delete", self.url_of(name), rm)
+        self.fs.invalidate_cache(self.root)
+
+    # -- internals --------------------------------------------------------------------------
+    @property
+    def _is_memory(self) -> bool:
+        return isinstance(self.fs, MemoryFileSystem)
+
+    def _exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        try:
+            self.fs.info(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _local_atomic_copy(self, src: str, dst: str) -> None:
+        if os.path.abspath(src) == os.path.abspath(dst):
+            return  # in-place mode: the Saver wrote straight into the checkpoint directory
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.put_file(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _run(self, op: str, url: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with retries; wrap whatever escapes in a RemoteError naming ``op`` and ``url``."""
+        def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            cause = describe_cause(exc)
+            log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
+            if self._on_retry is not None:
+                self._on_retry(cause)
+        try:
+            return self.retry.call(fn, on_retry=on_retry)
+        except (ConfigError, RemoteError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
+            raise remote_error(op, url, exc) from exc
+
+
+def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
+    """Build a RemoteError that says what failed, where, why and what to do."""
+    transient = is_transient(exc)
+    cause = describe_cause(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else cause
+    if cause in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "HTTP 401",
+                 "HTTP 403") or isinstance(exc, PermissionError):
+        hint = ("the store rejected the credentials or they lack permission for this prefix; check the "
+                "environment credentials or storage_options")
+    elif cause == "NoSuchBucket":
+        hint = "the bucket does not exist; create it or fix the URL"
+    elif transient:
+        hint = "the store is unreachable or throttling and retries were exhausted; it will be tried again " \
+               "with the next checkpoint"
+    else:
+        hint = "see the cause above"
+    return RemoteError(f"{op} {url} failed: {cause}: {text} ({hint}).", url=url, transient=transient)
+
+
+def _modified_time(entry: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "created", "timeCreated"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, _dt.datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None

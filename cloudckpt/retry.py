@@ -1,0 +1,191 @@
+"""Retrying storage operations: which errors are transient, and how long to wait.
+
+All classification of backend errors (s3fs/botocore, gcsfs, aiohttp, OSError)
+lives here, so the uploader, restore and CLI agree on what deserves a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
+
+from .errors import ConfigError, RemoteError
+
+log = logging.getLogger("cloudckpt")
+T = TypeVar("T")
+
+# S3 error codes that mean "try again later" (throttling, server trouble).
+_TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody",
+})
+_TRANSIENT_HTTP = frozenset({408, 425, 429})
+_TRANSIENT_ERRNO = frozenset({
+    errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH,
+    errno.EAGAIN,
+})
+# Exceptions whose meaning is unambiguous and permanent.
+_FATAL_TYPES = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, ValueError, TypeError)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def _http_status_and_code(exc: BaseException) -> tuple[int | None, str | None] | None:
+    """(HTTP status, service error code) for botocore ClientError or gcsfs HttpError, else None."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status, response["Error"].get("Code")
+    if type(exc).__name__ == "HttpError" and isinstance(getattr(exc, "code", None), int):  # gcsfs
+        return exc.code, None  # type: ignore[attr-defined]
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    mod = type(exc).__module__ or ""
+    # botocore.exceptions.HTTPClientError covers EndpointConnectionError, ConnectionClosedError,
+    # ReadTimeoutError...; aiohttp.ClientError covers ServerDisconnected, ClientPayloadError...
+    if mod.startswith(("botocore", "aiohttp", "urllib3", "requests", "http.client")):
+        names = {c.__name__ for c in type(exc).__mro__}
+        return bool(names & {"HTTPClientError", "ClientError", "ConnectionError", "HTTPException",
+                             "ProtocolError", "IncompleteReadError", "ResponseStreamingError",
+                             "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError"}) \
+            and "ClientResponseError" not in names
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying the operation that raised ``exc`` may succeed.
+
+    Throttling (S3 ``SlowDown``, HTTP 429), server errors (5xx), timeouts and
+    connection resets are transient. Access denied, missing buckets, bad
+    credentials and programming errors are not.
+    """
+    chain = list(_chain(exc))
+    for e in chain:
+        if isinstance(e, RemoteError):
+            return e.transient
+    for e in chain:  # the service's own answer is the most precise signal
+        status_code = _http_status_and_code(e)
+        if status_code is not None:
+            status, code = status_code
+            if code in _TRANSIENT_S3_CODES:
+                return True
+            return status is not None and (status >= 500 or status in _TRANSIENT_HTTP)
+    if any("SlowDown" in str(e) or "reduce your request rate" in str(e) for e in chain):
+        return True
+    for e in chain:
+        if _is_connection_error(e):
+            return True
+        if isinstance(e, _FATAL_TYPES):
+            return False
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+            return True
+    return False
+
+
+def describe_cause(exc: BaseException) -> str:
+    """A short, credential-free label for an error: ``SlowDown``, ``HTTP 503``, ``ConnectionResetError``..."""
+    chain = list(_chain(exc))
+    for e in chain:
+        status_code = _http_status_and_code(e)
+        if status_code is not None:
+            status, code = status_code
+            return code or f"HTTP {status}"
+    for e in chain:
+        if not isinstance(e, RemoteError):
+            return type(e).__name__
+    return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient storage errors.
+
+    The wait before retry ``n`` (1-based) is uniform in
+    ``[0, min(max_backoff, initial_backoff * 2**(n-1))]`` (AWS's "full jitter").
+    An operation is abandoned after ``max_attempts`` attempts, or when the next
+    wait would take it past ``deadline`` seconds since its first attempt.
+
+    Args:
+        max_attempts: attempts in total, including the first (>= 1).
+        initial_backoff: upper bound of the first wait, in seconds.
+        max_backoff: cap on any single wait, in seconds.
+        deadline: total seconds one operation may spend retrying; None for no limit.
+        seed: seed for the jitter, for reproducible tests; None for a random one.
+    """
+
+    max_attempts: int = 10
+    initial_backoff: float = 0.5
+    max_backoff: float = 20.0
+    deadline: float | None = 300.0
+    seed: int | None = None
+    _rng: random.Random = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"RetryPolicy max_attempts must be an integer >= 1, got {self.max_attempts!r}.")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ConfigError(
+                f"RetryPolicy backoffs must be >= 0, got initial_backoff={self.initial_backoff!r}, "
+                f"max_backoff={self.max_backoff!r}.")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ConfigError(f"RetryPolicy deadline must be > 0 seconds or None, got {self.deadline!r}.")
+        object.__setattr__(self, "_rng", random.Random(self.seed))
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        cap = min(self.max_backoff, self.initial_backoff * (2 ** (retry - 1)))
+        return self._rng.uniform(0.0, cap)
+
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> T:
+        """Run ``fn`` until it succeeds, a fatal error occurs, or the policy gives up.
+
+        ``on_retry(attempt, exc, delay)`` is called before each wait. Setting
+        ``cancel`` ends the wait early and re-raises the last error.
+        """
+        start = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
+                if not is_transient(exc) or attempt >= self.max_attempts:
+                    raise
+                delay = self.backoff(attempt)
+                if self.deadline is not None and time.monotonic() - start + delay > self.deadline:
+                    raise
+                if on_retry is not None:
+                    on_retry(attempt, exc, delay)
+                if cancel is not None:
+                    if cancel.wait(delay):
+                        raise
+                else:
+                    time.sleep(delay)
+                attempt += 1
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)

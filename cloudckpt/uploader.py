@@ -1,0 +1,217 @@
+"""The background uploader: a bounded queue of checkpoints and one worker that commits them.
+
+The training thread only ever enqueues (``submit`` never touches the network).
+One checkpoint is committed at a time, with its files uploaded concurrently;
+at most ``max_pending`` more wait behind it. When a new checkpoint arrives
+and the queue is full, the oldest *waiting* one is dropped: the newest
+checkpoint is always the one worth having.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .commit import CommitResult, LocalCheckpoint, commit_checkpoint
+from .errors import ConfigError, UploadError
+from .remote import RemoteStore
+from .retry import describe_cause
+
+log = logging.getLogger("cloudckpt")
+
+ON_ERROR_CHOICES = ("raise", "warn")
+
+
+@dataclass
+class UploadStats:
+    """Counters of an uploader (a snapshot; see ``Uploader.stats``)."""
+
+    committed: int = 0
+    dropped: int = 0
+    failed: int = 0
+    bytes_uploaded: int = 0
+    retries: int = 0
+    last_committed_step: int | None = None
+    last_upload_seconds: float | None = None
+    retries_by_cause: dict[str, int] = field(default_factory=dict)
+    failures_by_cause: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class UploadJob:
+    """One checkpoint waiting to be committed; ``release`` frees its local snapshot."""
+
+    checkpoint: LocalCheckpoint
+    release: Callable[[], None] = lambda: None
+    on_committed: Callable[[CommitResult], None] = lambda result: None
+
+
+class Uploader:
+    """Commits checkpoints to ``store`` from a background thread.
+
+    Args:
+        store: the remote checkpoint directory.
+        max_pending: checkpoints allowed to wait behind the one in flight (>= 1).
+        concurrency: files uploaded in parallel within one checkpoint.
+        on_error: ``"raise"`` keeps failures for ``take_failure`` (the hook
+            re-raises them in the training thread); ``"warn"`` logs and counts them.
+    """
+
+    def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int = 8,
+                 on_error: str = "raise") -> None:
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
+        if on_error not in ON_ERROR_CHOICES:
+            raise ConfigError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
+        self.store = store
+        self.max_pending = max_pending
+        self.on_error = on_error
+        self._concurrency = concurrency
+        self._cond = threading.Condition()
+        self._queue: collections.deque[UploadJob] = collections.deque()
+        self._in_flight: UploadJob | None = None
+        self._failures: list[UploadError] = []
+        self._stats = UploadStats()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- called from the training thread ------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread (idempotent; restarts after ``close``)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._closing = False
+            self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="cloudckpt-io")
+            self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: UploadJob) -> None:
+        """Queue a checkpoint for commit. Never blocks on the network."""
+        with self._cond:
+            self._queue.append(job)
+            while len(self._queue) > self.max_pending:
+                dropped = self._queue.popleft()
+                self._stats.dropped += 1
+                log.warning(
+                    "Dropping checkpoint step %d: %d newer checkpoint(s) are waiting for upload to %s "
+                    "(max_pending=%d). The store is slower than the save interval.",
+                    dropped.checkpoint.step, len(self._queue), self.store.url, self.max_pending)
+                dropped.release()
+            self._cond.notify_all()
+
+    def commit_now(self, job: UploadJob) -> None:
+        """Commit ``job`` in the calling thread (used when the files are already in place).
+
+        Failures are recorded exactly as for background commits.
+        """
+        try:
+            self._commit(job)
+        finally:
+            job.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted checkpoint is committed, dropped or failed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._in_flight is not None:
+                if self._thread is None or not self._thread.is_alive():
+                    return not self._queue and self._in_flight is None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def take_failure(self) -> UploadError | None:
+        """The oldest failure not yet reported, removed from the list (None if there is none)."""
+        with self._cond:
+            return self._failures.pop(0) if self._failures else None
+
+    def pending_steps(self) -> list[int]:
+        """Steps in flight or waiting, oldest first."""
+        with self._cond:
+            jobs = ([self._in_flight] if self._in_flight else []) + list(self._queue)
+            return [j.checkpoint.step for j in jobs]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the worker after the queue drains (or abandon it after ``timeout``)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            if thread is not None and not thread.is_alive():
+                self._thread = None
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+
+    def stats(self) -> UploadStats:
+        """A copy of the counters."""
+        with self._cond:
+            return copy.deepcopy(self._stats)
+
+    def count_retry(self, cause: str) -> None:
+        """Record one retry of a storage operation (wired to ``RemoteStore``'s ``on_retry``)."""
+        with self._cond:
+            self._stats.retries += 1
+            self._stats.retries_by_cause[cause] = self._stats.retries_by_cause.get(cause, 0) + 1
+
+    # -- the worker --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._in_flight = self._queue.popleft()
+            try:
+                self.commit_now(job)
+            finally:
+                with self._cond:
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+    def _commit(self, job: UploadJob) -> None:
+        step = job.checkpoint.step
+        started = time.monotonic()
+        try:
+            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
+            cause = describe_cause(exc)
+            error = UploadError(
+                f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
+            error.__cause__ = exc
+            with self._cond:
+                self._stats.failed += 1
+                self._stats.failures_by_cause[cause] = self._stats.failures_by_cause.get(cause, 0) + 1
+                if self.on_error == "raise":
+                    self._failures.append(error)
+            if self.on_error == "warn":
+                log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
+            else:
+                log.error("%s", error)
+            return
+        seconds = time.monotonic() - started
+        with self._cond:
+            if not result.already_committed:
+                self._stats.committed += 1
+                self._stats.bytes_uploaded += result.bytes_uploaded
+            self._stats.last_committed_step = step
+            self._stats.last_upload_seconds = seconds
+        try:
+            job.on_committed(result)
+        except Exception as exc:  # noqa: BLE001 - the commit itself succeeded; housekeeping may retry later
+            log.warning("Checkpoint step %d is committed, but follow-up housekeeping failed: %s", step, exc)
+        log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.2fs).", step, self.store.url,
+                 len(result.manifest.files), result.manifest.total_size / 1e6, seconds)

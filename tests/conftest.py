@@ -1,0 +1,50 @@
+"""Shared fixtures: real servers on 127.0.0.1 (moto S3, GCS emulator) and a tiny TF model."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+# Before anything imports gcsfs or TF (see tests/support/gcs_emulator.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+import pytest  # noqa: E402
+
+from cloudckpt.embedded import EmbeddedS3  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the default local_dir of every test out of the user's ~/.cache."""
+    monkeypatch.setenv("CLOUDCKPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto S3 server (server mode, real HTTP) on 127.0.0.1 for the whole session."""
+    with EmbeddedS3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_url(moto_server: EmbeddedS3) -> str:
+    """A fresh bucket on the moto server; returns ``s3://<bucket>/runs/exp1``."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    return f"s3://{bucket}/runs/exp1"
+
+
+@pytest.fixture
+def s3_options(moto_server: EmbeddedS3) -> dict:
+    """storage_options for the moto server."""
+    return moto_server.storage_options
+
+
+@pytest.fixture
+def memory_url() -> str:
+    """A fresh directory on fsspec's in-memory filesystem."""
+    return f"memory://ckpt-{uuid.uuid4().hex[:12]}/run"

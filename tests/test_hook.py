@@ -1,0 +1,196 @@
+"""End-to-end: real graph-mode TF training through MonitoredTrainingSession with cloudckpt's hook."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import fsspec
+import pytest
+import tensorflow as tf
+from fsspec.implementations.memory import MemoryFileSystem
+
+import cloudckpt
+from support.checks import assert_all_committed_intact, manifests, state_file
+from support.tf_model import train
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def target(request, tmp_path, memory_url, moto_server):
+    """(checkpoint_dir, storage_options) for each backend the core must support."""
+    if request.param == "local":
+        return str(tmp_path / "ckpt"), None
+    if request.param == "memory":
+        return memory_url, None
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    return f"s3://{bucket}/runs/exp1", moto_server.storage_options
+
+
+def test_every_save_is_committed_intact(target, tmp_path):
+    url, options = target
+    hooks = []
+
+    def make_hook(scaffold):
+        local = None if "://" not in url else str(tmp_path / "local")
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=10, scaffold=scaffold, local_dir=local,
+                                                   storage_options=options, max_pending=100))
+        return hooks[-1]
+
+    result = train(make_hook, last_step=35)
+    assert result.last_step == 35
+
+    committed = assert_all_committed_intact(url, options)
+    assert set(committed) == {0, 10, 20, 30, 35}
+    state = state_file(url, options)
+    assert state["model_checkpoint_path"] == ["model.ckpt-35"]
+    assert state["all_model_checkpoint_paths"] == [f"model.ckpt-{s}" for s in (0, 10, 20, 30, 35)]
+    assert all("/" not in p for p in state["all_model_checkpoint_paths"])
+    latest = cloudckpt.latest_checkpoint(url, options)
+    assert latest is not None and latest.step == result.last_step
+    assert latest.prefix == url.rstrip("/") + "/model.ckpt-35"
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [0, 10, 20, 30, 35]
+    stats = hooks[0].stats()
+    assert stats.committed == 5 and stats.failed == 0 and stats.last_committed_step == 35
+    if "://" not in url:  # a local directory stays a valid TF checkpoint directory
+        assert tf.train.latest_checkpoint(url) == os.path.join(url, "model.ckpt-35")
+        assert not os.path.exists(os.path.join(url, ".cloudckpt-staging"))  # no staging copy in place
+
+
+def test_graph_is_uploaded_next_to_checkpoints(memory_url, tmp_path):
+    train(lambda s: cloudckpt.CheckpointSaverHook(memory_url, save_steps=10, local_dir=str(tmp_path)), last_step=5)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    assert fs.exists(f"{root}/graph.pbtxt")
+    assert b"node" in fs.cat_file(f"{root}/graph.pbtxt")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "One of save_steps or save_secs should be set."),
+    ({"save_steps": 10, "save_secs": 5}, "One of save_steps or save_secs should be set."),
+    ({"save_steps": 10, "saver": object(), "scaffold": object()}, "At most one of saver or scaffold should be set."),
+])
+def test_seed_value_errors(kwargs, message, memory_url):
+    with pytest.raises(ValueError) as info:
+        cloudckpt.CheckpointSaverHook(memory_url, **kwargs)
+    assert str(info.value) == message
+
+
+def test_hook_is_a_tf_checkpoint_saver_hook(memory_url, tmp_path):
+    hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=1, local_dir=str(tmp_path))
+    assert isinstance(hook, tf.compat.v1.train.CheckpointSaverHook)
+    assert hook.local_dir == str(tmp_path)
+
+
+def test_default_local_dir_is_stable_per_url(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLOUDCKPT_CACHE_DIR", str(tmp_path))
+    a1 = cloudckpt.CheckpointSaverHook("memory://a/run", save_steps=1).local_dir
+    a2 = cloudckpt.CheckpointSaverHook("memory://a/run/", save_steps=1).local_dir
+    b = cloudckpt.CheckpointSaverHook("memory://b/run", save_steps=1).local_dir
+    assert a1 == a2 != b
+    assert os.path.dirname(a1) == str(tmp_path)
+
+
+class RecordingListener(tf.compat.v1.train.CheckpointSaverListener):
+    def __init__(self, log, name, stop_at=None):
+        self.log, self.name, self.stop_at = log, name, stop_at
+
+    def begin(self):
+        self.log.append((self.name, "begin", None))
+
+    def before_save(self, session, step):
+        self.log.append((self.name, "before_save", int(step)))
+
+    def after_save(self, session, step):
+        self.log.append((self.name, "after_save", int(step)))
+        return self.stop_at is not None and step >= self.stop_at
+
+    def end(self, session, step):
+        self.log.append((self.name, "end", int(step)))
+
+
+def test_listeners_are_called_in_order(memory_url, tmp_path):
+    log = []
+    listeners = [RecordingListener(log, "a"), RecordingListener(log, "b")]
+    train(lambda s: cloudckpt.CheckpointSaverHook(memory_url, save_steps=10, listeners=listeners,
+                                                  local_dir=str(tmp_path)), last_step=15)
+    expected = [("a", "begin", None), ("b", "begin", None)]
+    for step in (0, 10, 15):
+        expected += [("a", "before_save", step), ("b", "before_save", step),
+                     ("a", "after_save", step), ("b", "after_save", step)]
+    expected += [("a", "end", 15), ("b", "end", 15)]
+    assert log == expected
+
+
+def test_after_save_returning_true_stops_training(memory_url, tmp_path):
+    log = []
+    result = train(lambda s: cloudckpt.CheckpointSaverHook(
+        memory_url, save_steps=10, listeners=[RecordingListener(log, "stopper", stop_at=20)],
+        local_dir=str(tmp_path)), last_step=100)
+    assert result.last_step == 20
+    assert cloudckpt.latest_checkpoint(memory_url).step == 20
+
+
+class SlowMemoryFileSystem(MemoryFileSystem):
+    """An in-memory store whose uploads take a while (a slow link), to race the Saver's max_to_keep."""
+
+    protocol = "slowmemory"
+    delay = 0.3
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("slowmemory://", "memory://", 1))
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        time.sleep(self.delay)
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+fsspec.register_implementation("slowmemory", SlowMemoryFileSystem, clobber=True)
+
+
+def test_saver_max_to_keep_cannot_race_a_slow_upload(tmp_path):
+    url = f"slowmemory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    local = tmp_path / "local"
+    hooks = []
+
+    def make_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, scaffold=scaffold, local_dir=str(local),
+                                                   max_pending=100))
+        return hooks[0]
+
+    train(make_hook, last_step=30, max_to_keep=1)
+    # The Saver kept one checkpoint locally, so it deleted the others while their uploads were slow ...
+    assert len(list(local.glob("model.ckpt-*.index"))) == 1
+    # ... yet every checkpoint reached the store whole.
+    committed = assert_all_committed_intact(url)
+    assert set(committed) == {0, 5, 10, 15, 20, 25, 30}
+    assert not any((local / ".cloudckpt-staging").iterdir())
+
+
+def test_fatal_upload_failure_surfaces_in_training_thread(moto_server, tmp_path):
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    url = moto_server.create_bucket(bucket) + "/runs/exp1"
+    client = moto_server.client()
+    holder = {}
+
+    class DeleteBucket(tf.compat.v1.train.CheckpointSaverListener):
+        def after_save(self, session, step):
+            if step == 10:
+                holder["hook"].wait()  # step 0 committed; now the bucket goes away
+                for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+                    client.delete_object(Bucket=bucket, Key=obj["Key"])
+                client.delete_bucket(Bucket=bucket)
+
+    def make_hook(scaffold):
+        holder["hook"] = cloudckpt.CheckpointSaverHook(
+            url, save_steps=10, listeners=[DeleteBucket()], local_dir=str(tmp_path),
+            storage_options=moto_server.storage_options, retry=cloudckpt.RetryPolicy(max_attempts=2, initial_backoff=0.01))
+        return holder["hook"]
+
+    with pytest.raises(cloudckpt.UploadError) as info:
+        train(make_hook, last_step=1000)
+    message = str(info.value)
+    assert url in message and "step 10" in message
+    assert "NoSuchBucket" in message or "does not exist" in message
+    assert holder["hook"].stats().failed >= 1
