@@ -6,6 +6,7 @@ used against AWS. Needs the ``demo`` extra: ``pip install 'cloudckpt[demo]'``.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -42,6 +43,7 @@ class EmbeddedS3:
             os.environ.setdefault(key, value)
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
 
     @property
