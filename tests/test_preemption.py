@@ -1,0 +1,561 @@
+"""Tests for cloudckpt.preemption (SIGTERM + GCE/AWS metadata polling)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from cloudckpt import preemption
+from cloudckpt.preemption import PreemptionNotice, PreemptionWatcher, last_notice, was_preempted
+from support.fake_metadata import FakeAwsMetadata, FakeGceMetadata
+
+FAST = 0.05  # poll interval used throughout
+GCE_PREEMPTED = FakeGceMetadata.PREEMPTED_PATH
+AWS_ACTION = FakeAwsMetadata.ACTION_PATH
+AWS_TOKEN = FakeAwsMetadata.TOKEN_PATH
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return bool(pred())
+
+
+@pytest.fixture(autouse=True)
+def _isolation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Restore SIGTERM disposition and the process-wide notice after each test."""
+    monkeypatch.delenv(preemption.GCE_METADATA_URL_ENV, raising=False)
+    monkeypatch.delenv(preemption.AWS_METADATA_URL_ENV, raising=False)
+    saved = signal.getsignal(signal.SIGTERM)
+    preemption._reset_last_notice()
+    yield
+    signal.signal(signal.SIGTERM, saved if saved is not None else signal.SIG_DFL)
+    preemption._reset_last_notice()
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[PreemptionWatcher]]:
+    """Collect watchers so they are always stopped."""
+    created: list[PreemptionWatcher] = []
+    yield created
+    for w in created:
+        w.stop()
+
+
+@pytest.fixture
+def make_watcher(watchers: list[PreemptionWatcher]) -> Callable[..., PreemptionWatcher]:
+    def make(*args, **kwargs) -> PreemptionWatcher:
+        kwargs.setdefault("poll_interval", FAST)
+        w = PreemptionWatcher(*args, **kwargs)
+        watchers.append(w)
+        return w
+    return make
+
+
+@pytest.fixture
+def closed_url() -> str:
+    """URL of a local port nobody listens on (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def gce() -> Iterator[FakeGceMetadata]:
+    with FakeGceMetadata() as server:
+        yield server
+
+
+@pytest.fixture
+def aws() -> Iterator[FakeAwsMetadata]:
+    with FakeAwsMetadata() as server:
+        yield server
+
+
+def send_sigterm() -> None:
+    # Safety net: never SIGTERM the test process without a Python handler in place.
+    assert callable(signal.getsignal(signal.SIGTERM))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ----------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_records_notice_and_survives_default_disposition(make_watcher):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    w = make_watcher()
+    assert not was_preempted() and last_notice() is None
+    w.start()
+    assert w.active_sources == ("sigterm",)
+    send_sigterm()  # previous disposition is SIG_DFL: we must NOT die
+    assert w.wait(timeout=2)
+    notice = w.notice
+    assert notice is not None
+    assert (notice.source, notice.detail, notice.deadline) == ("sigterm", "SIGTERM", 25.0)
+    assert 0 <= time.monotonic() - notice.received_at < 5
+    assert 20 < notice.remaining() <= 25.0
+    assert w.is_preempted() and was_preempted() and last_notice() is notice
+
+
+def test_sigterm_chains_previous_python_handler(make_watcher):
+    calls: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    w = make_watcher("sigterm")
+    w.start()
+    send_sigterm()
+    assert w.wait(timeout=2)
+    first = w.notice
+    send_sigterm()
+    assert wait_until(lambda: len(calls) == 2)
+    assert calls == [signal.SIGTERM, signal.SIGTERM]
+    assert w.notice is first  # only the first notice is recorded
+
+
+def test_sigterm_ignored_previous_handler_not_called(make_watcher):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    w = make_watcher()
+    w.start()
+    send_sigterm()
+    assert w.wait(timeout=2)
+    w.stop()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_start_stop_idempotent_and_restore_previous_handler(make_watcher):
+    def previous(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, previous)
+    w = make_watcher()
+    w.start()
+    ours = signal.getsignal(signal.SIGTERM)
+    assert ours is not previous and callable(ours)
+    w.start()  # no second installation on top of ours
+    assert signal.getsignal(signal.SIGTERM) is ours
+    assert w.running
+    w.stop()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert not w.running and w.active_sources == ()
+    w.stop()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert not w.is_preempted()
+
+
+def test_stop_keeps_a_handler_installed_after_ours(make_watcher):
+    def previous(signum, frame):
+        pass
+
+    def later(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, previous)
+    w = make_watcher()
+    w.start()
+    ours = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, later)
+    w.stop()
+    assert signal.getsignal(signal.SIGTERM) is later
+    # If "later" chains to ours, ours only forwards to "previous" after stop().
+    calls = []
+    ours.previous = lambda s, f: calls.append(s)
+    ours(signal.SIGTERM, None)
+    assert calls == [signal.SIGTERM] and not w.is_preempted()
+
+
+def test_two_watchers_nest(make_watcher):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    a, b = make_watcher(), make_watcher()
+    a.start()
+    b.start()
+    send_sigterm()
+    assert a.wait(2) and b.wait(2)  # b chains to a
+    b.stop()
+    a.stop()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_start_from_non_main_thread_warns_and_leaves_signals_alone(make_watcher, caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    before = signal.getsignal(signal.SIGTERM)
+    w = make_watcher()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.start()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert errors == []
+    assert w.running and w.active_sources == ()
+    assert signal.getsignal(signal.SIGTERM) is before
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "non-main thread" in warnings[0].getMessage()
+
+
+# ------------------------------------------------------------------- GCE
+
+
+def test_gce_preempted_flip(make_watcher, gce):
+    w = make_watcher("gce", gce_metadata_url=gce.url)
+    w.start()
+    assert signal.getsignal(signal.SIGTERM) is not None  # untouched without "sigterm"
+    assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, count=3)
+    assert not w.is_preempted() and w.active_sources == ("gce",)
+    flipped = time.monotonic()
+    gce.preempt()
+    assert w.wait(timeout=2)
+    assert time.monotonic() - flipped < 2.0  # a few poll intervals, with slack
+    n = w.notice
+    assert (n.source, n.detail, n.deadline) == ("gce", "instance/preempted=TRUE", 25.0)
+    assert was_preempted()
+    # Every request carried the flavor header (none was refused).
+    assert all(r.header("Metadata-Flavor") == "Google" and r.status == 200
+               for r in gce.requests)
+    # Polling stops after the notice.
+    assert wait_until(lambda: w.active_sources == ())
+    count = len(gce.requests)
+    time.sleep(4 * FAST)
+    assert len(gce.requests) == count
+
+
+def test_gce_terminate_maintenance_event_is_a_notice(make_watcher, gce):
+    gce.set_maintenance_event("TERMINATE_ON_HOST_MAINTENANCE")
+    w = make_watcher("gce", gce_metadata_url=gce.url)
+    w.start()
+    assert w.wait(timeout=2)
+    assert w.notice.source == "gce"
+    assert "TERMINATE_ON_HOST_MAINTENANCE" in w.notice.detail
+
+
+def test_gce_live_migration_is_not_a_notice(make_watcher, gce):
+    gce.set_maintenance_event("MIGRATE_ON_HOST_MAINTENANCE")
+    w = make_watcher("gce", gce_metadata_url=gce.url)
+    w.start()
+    assert gce.wait_for_requests(lambda r: r.path == FakeGceMetadata.MAINTENANCE_PATH, 3)
+    assert not w.is_preempted()
+
+
+def test_fake_gce_requires_flavor_header(gce):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(gce.url + GCE_PREEMPTED, timeout=2)
+    err.value.close()
+    assert err.value.code == 403
+
+
+# ------------------------------------------------------------------- AWS
+
+
+def test_aws_token_dance_refresh_on_401_and_notice(make_watcher, aws):
+    w = make_watcher("aws", aws_metadata_url=aws.url)
+    w.start()
+    assert aws.wait_for_requests(lambda r: r.path == AWS_ACTION, count=3)
+    assert not w.is_preempted()
+    log = aws.requests
+    assert log[0].method == "PUT" and log[0].path == AWS_TOKEN
+    assert log[0].header(FakeAwsMetadata.TTL_HEADER) == "21600" and log[0].status == 200
+    gets = [r for r in log if r.path == AWS_ACTION]
+    assert len(aws.tokens_issued) == 1  # the token is cached
+    assert all(r.method == "GET" and r.status == 404 for r in gets)
+    assert all(r.header(FakeAwsMetadata.TOKEN_HEADER) == aws.tokens_issued[0] for r in gets)
+
+    aws.clear_log()
+    aws.invalidate_tokens()
+    assert wait_until(lambda: len(aws.tokens_issued) == 2)
+    assert aws.wait_for_requests(
+        lambda r: r.path == AWS_ACTION and r.status == 404
+        and r.header(FakeAwsMetadata.TOKEN_HEADER) == aws.tokens_issued[1])
+    seq = [(r.method, r.status) for r in aws.requests][:3]
+    assert seq == [("GET", 401), ("PUT", 200), ("GET", 404)]
+
+    aws.preempt(action="terminate")
+    assert w.wait(timeout=2)
+    n = w.notice
+    assert (n.source, n.deadline) == ("aws", 100.0)
+    assert n.detail == f"spot instance-action: terminate at {aws.action['time']}"
+    assert was_preempted() and last_notice() is n
+
+
+def test_aws_token_refreshed_before_expiry(make_watcher, aws, monkeypatch):
+    monkeypatch.setattr(preemption, "_AWS_TOKEN_TTL_SECONDS", 1)
+    w = make_watcher("aws", aws_metadata_url=aws.url)
+    w.start()
+    assert wait_until(lambda: len(aws.tokens_issued) >= 2, timeout=4)
+    assert not any(r.status == 401 for r in aws.requests)  # refreshed proactively
+    puts = aws.requests_to(AWS_TOKEN)
+    assert all(r.header(FakeAwsMetadata.TTL_HEADER) == "1" for r in puts)
+
+
+@pytest.mark.parametrize("action", ["stop", "hibernate"])
+def test_aws_other_actions(make_watcher, aws, action):
+    aws.preempt(action=action)
+    w = make_watcher("aws", aws_metadata_url=aws.url)
+    w.start()
+    assert w.wait(timeout=2)
+    assert w.notice.detail.startswith(f"spot instance-action: {action} at ")
+
+
+def test_aws_imdsv1_fallback(make_watcher):
+    with FakeAwsMetadata(imdsv1=True) as v1:
+        w = make_watcher("aws", aws_metadata_url=v1.url)
+        w.start()
+        assert v1.wait_for_requests(lambda r: r.path == AWS_ACTION and r.status == 404, 2)
+        assert not w.is_preempted()
+        v1.preempt()
+        assert w.wait(timeout=2)
+        assert w.notice.source == "aws"
+        assert all(r.header(FakeAwsMetadata.TOKEN_HEADER) is None
+                   for r in v1.requests_to(AWS_ACTION))
+
+
+def test_fake_aws_rejects_token_put_without_ttl(aws):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(aws.url + AWS_TOKEN, data=b"", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=2)
+    err.value.close()
+    assert err.value.code == 400
+
+
+# ------------------------------------------------ unavailable endpoints
+
+
+def test_unreachable_endpoints_give_up_quietly(make_watcher, closed_url, caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    w = make_watcher(("gce", "aws"), gce_metadata_url=closed_url, aws_metadata_url=closed_url)
+    w.start()
+    assert wait_until(lambda: w.active_sources == ())
+    assert not w.is_preempted() and not was_preempted()
+    records = [r for r in caplog.records if r.name.startswith("cloudckpt")]
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert len(infos) == 2
+    assert any("not on GCE" in m for m in infos) and any("not on AWS" in m for m in infos)
+    assert sum(r.levelno == logging.DEBUG and "poll failed" in r.getMessage()
+               for r in records) == 4  # failures 1 and 2 of each source
+    t0 = time.monotonic()
+    w.stop()
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_wrong_cloud_gives_up(make_watcher, gce, aws):
+    # GCE poller talking to an AWS server (401s) and vice versa (403s).
+    w = make_watcher(("gce", "aws"), gce_metadata_url=aws.url, aws_metadata_url=gce.url)
+    w.start()
+    assert wait_until(lambda: w.active_sources == ())
+    assert not w.is_preempted()
+
+
+def test_source_that_worked_keeps_polling_through_outage(make_watcher, caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    server = FakeGceMetadata()
+    w = make_watcher("gce", gce_metadata_url=server.url)
+    w.start()
+    assert server.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, 1)
+    server.close()
+    assert wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records))
+    time.sleep(5 * FAST)
+    assert w.active_sources == ("gce",)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "still polling" in warnings[0].getMessage()
+
+
+def test_poll_exceptions_do_not_kill_the_poller(make_watcher, gce, monkeypatch):
+    real_http = preemption._http
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ZeroDivisionError("boom")
+        return real_http(*args, **kwargs)
+
+    monkeypatch.setattr(preemption, "_http", flaky)
+    gce.preempt()
+    w = make_watcher("gce", gce_metadata_url=gce.url)
+    w.start()
+    assert w.wait(timeout=2)
+    assert calls["n"] >= 3
+
+
+def test_stop_ends_poller_promptly(make_watcher, gce):
+    w = make_watcher("gce", gce_metadata_url=gce.url, poll_interval=60)
+    w.start()
+    assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, 1)
+    t0 = time.monotonic()
+    w.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert not any(t.name == "cloudckpt-preemption-poller" and t.is_alive()
+                   for t in threading.enumerate())
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_env_vars_configure_urls(make_watcher, gce, aws, monkeypatch):
+    monkeypatch.setenv(preemption.GCE_METADATA_URL_ENV, gce.url + "/")
+    monkeypatch.setenv(preemption.AWS_METADATA_URL_ENV, aws.url)
+    w = make_watcher(("gce", "aws"))
+    assert (w.gce_metadata_url, w.aws_metadata_url) == (gce.url, aws.url)
+    explicit = PreemptionWatcher(("gce",), gce_metadata_url="http://10.9.9.9:1")
+    assert explicit.gce_metadata_url == "http://10.9.9.9:1"
+    auto = PreemptionWatcher.from_spec("auto")
+    assert (auto.gce_metadata_url, auto.aws_metadata_url) == (gce.url, aws.url)
+    w.start()
+    aws.preempt()
+    assert w.wait(timeout=2) and w.notice.source == "aws"
+
+
+def test_default_urls():
+    w = PreemptionWatcher()
+    assert w.gce_metadata_url == "http://metadata.google.internal"
+    assert w.aws_metadata_url == "http://169.254.169.254"
+    assert w.poll_interval == 5.0 and w.sources == ("sigterm",)
+
+
+def test_from_spec():
+    assert PreemptionWatcher.from_spec(None) is None
+    assert PreemptionWatcher.from_spec("sigterm").sources == ("sigterm",)
+    assert PreemptionWatcher.from_spec("auto").sources == ("sigterm", "gce", "aws")
+    w = PreemptionWatcher(("gce",))
+    assert PreemptionWatcher.from_spec(w) is w
+
+
+@pytest.mark.parametrize("bad", ["SIGTERM", "gce", "", True, 5, ("sigterm",)])
+def test_from_spec_rejects(bad):
+    with pytest.raises(ValueError) as err:
+        PreemptionWatcher.from_spec(bad)
+    msg = str(err.value)
+    assert repr(bad) in msg
+    assert all(v in msg for v in ('"sigterm"', '"auto"', "None", "PreemptionWatcher"))
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="'azure'"):
+        PreemptionWatcher(("sigterm", "azure"))
+    with pytest.raises(ValueError, match="poll_interval"):
+        PreemptionWatcher(poll_interval=0)
+    with pytest.raises(ValueError, match="request_timeout"):
+        PreemptionWatcher(request_timeout=-1)
+    assert PreemptionWatcher("gce").sources == ("gce",)
+    assert PreemptionWatcher(["aws", "aws"]).sources == ("aws",)
+
+
+# --------------------------------------------------- trigger / callbacks
+
+
+def test_trigger_first_only_callbacks_and_logging(caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    w = PreemptionWatcher()
+    seen: list[PreemptionNotice] = []
+
+    def bad(notice: PreemptionNotice) -> None:
+        raise RuntimeError("callback bug")
+
+    w.add_callback(bad)
+    w.add_callback(seen.append)
+    assert not w.wait(timeout=0.05)
+    w.trigger("gce", "first", 25.0)
+    w.trigger("aws", "second", 100.0)
+    assert w.notice.detail == "first" and last_notice() is w.notice
+    assert seen == [w.notice]
+    late: list[PreemptionNotice] = []
+    w.add_callback(late.append)  # already preempted: called immediately
+    assert late == [w.notice] and seen == [w.notice]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "first" in warnings[0].getMessage()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "callback" in errors[0].getMessage()
+
+
+def test_trigger_concurrent_records_exactly_once():
+    w = PreemptionWatcher()
+    hits: list[PreemptionNotice] = []
+    w.add_callback(hits.append)
+    barrier = threading.Barrier(16)
+
+    def fire(i: int) -> None:
+        barrier.wait()
+        w.trigger("gce", f"t{i}", 25.0)
+
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(hits) == 1 and hits[0] is w.notice
+
+
+def test_wait_is_woken_from_another_thread():
+    w = PreemptionWatcher()
+    threading.Timer(0.1, w.trigger, args=("aws", "x", 100.0)).start()
+    t0 = time.monotonic()
+    assert w.wait(timeout=3)
+    assert time.monotonic() - t0 < 2
+    assert w.wait(0) and w.wait() and w.wait(1e12)  # stays set
+
+
+def test_was_preempted_process_wide():
+    assert not was_preempted() and last_notice() is None
+    PreemptionWatcher().trigger("sigterm", "SIGTERM", 25.0)
+    assert was_preempted() and last_notice().source == "sigterm"
+
+
+# -------------------------------------------------------------- subprocess
+
+
+def test_subprocess_auto_survives_sigterm(gce, aws):
+    """End to end: a child using from_spec("auto") with env-configured URLs
+    gets SIGTERM from outside, survives it and reports the notice."""
+    code = textwrap.dedent("""
+        import sys
+        from cloudckpt.preemption import PreemptionWatcher, was_preempted
+        w = PreemptionWatcher.from_spec("auto")
+        w._poll_interval = 0.05
+        w.start()
+        print("ready", w.gce_metadata_url, w.aws_metadata_url, flush=True)
+        ok = w.wait(timeout=10)
+        w.stop()
+        print("notice", ok, was_preempted(), w.notice.source, w.notice.detail, flush=True)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ,
+               CLOUDCKPT_GCE_METADATA_URL=gce.url, CLOUDCKPT_AWS_METADATA_URL=aws.url,
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line.split() == ["ready", gce.url, aws.url], proc.stderr.read()
+        assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, 1)
+        assert aws.wait_for_requests(lambda r: r.path == AWS_ACTION, 1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.strip() == "notice True True sigterm SIGTERM"

@@ -1,0 +1,104 @@
+"""The background uploader: bounded queue, drop-oldest-waiting, failures reported, stats."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from cloudckpt.commit import LocalCheckpoint
+from cloudckpt.errors import ConfigError, UploadError
+from cloudckpt.remote import RemoteStore
+from cloudckpt.retry import RetryPolicy
+from cloudckpt.uploader import Uploader, UploadJob
+from support.checks import assert_all_committed_intact
+
+
+class GatedMemoryFileSystem(MemoryFileSystem):
+    """In-memory store whose uploads wait until the test opens the gate."""
+
+    protocol = "gatedmemory"
+    gate = threading.Event()
+    started = threading.Event()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("gatedmemory://", "memory://", 1))
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        self.started.set()
+        assert self.gate.wait(30)
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+fsspec.register_implementation("gatedmemory", GatedMemoryFileSystem, clobber=True)
+
+
+def fake_checkpoint(tmp_path, step: int, payload: bytes = b"x" * 1000) -> LocalCheckpoint:
+    files = {}
+    for suffix, data in ((".index", b"index" + payload[:10]), (".data-00000-of-00001", payload)):
+        path = tmp_path / f"model.ckpt-{step}{suffix}"
+        path.write_bytes(data)
+        files[path.name] = str(path)
+    return LocalCheckpoint(step=step, prefix=f"model.ckpt-{step}", files=files)
+
+
+def test_drops_oldest_waiting_never_newest(tmp_path):
+    GatedMemoryFileSystem.gate.clear()
+    GatedMemoryFileSystem.started.clear()
+    url = f"gatedmemory://q-{uuid.uuid4().hex[:8]}/run"
+    uploader = Uploader(RemoteStore(url), max_pending=2)
+    uploader.start()
+    released = []
+    for step in (10, 20, 30, 40):
+        uploader.submit(UploadJob(fake_checkpoint(tmp_path, step), release=lambda s=step: released.append(s)))
+        if step == 10:
+            assert GatedMemoryFileSystem.started.wait(10)  # step 10 is in flight, the rest wait
+    assert uploader.pending_steps() == [10, 30, 40]
+    assert released == [20]  # the dropped snapshot is freed at once
+    GatedMemoryFileSystem.gate.set()
+    assert uploader.wait(30)
+    uploader.close()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed) == (3, 1, 0)
+    assert stats.last_committed_step == 40
+    assert sorted(released) == [10, 20, 30, 40]
+    assert set(assert_all_committed_intact(url.replace("gatedmemory://", "memory://"))) == {10, 30, 40}
+
+
+def test_failure_is_kept_for_the_training_thread(tmp_path):
+    store = RemoteStore(f"memory://f-{uuid.uuid4().hex[:8]}/run", retry=RetryPolicy(max_attempts=1))
+    uploader = Uploader(store, max_pending=2)
+    uploader.start()
+    ckpt = fake_checkpoint(tmp_path, 5)
+    (tmp_path / "model.ckpt-5.index").unlink()  # the snapshot vanished: the upload cannot succeed
+    uploader.submit(UploadJob(ckpt))
+    assert uploader.wait(10)
+    failure = uploader.take_failure()
+    assert isinstance(failure, UploadError)
+    assert failure.step == 5 and store.url in str(failure) and "model.ckpt-5.index" in str(failure)
+    assert uploader.take_failure() is None
+    assert uploader.stats().failed == 1
+    assert store.list_objects() == [] or not any(o.name.endswith(".manifest.json") for o in store.list_objects())
+
+
+def test_warn_mode_logs_and_counts(tmp_path, caplog):
+    store = RemoteStore(f"memory://w-{uuid.uuid4().hex[:8]}/run", retry=RetryPolicy(max_attempts=1))
+    uploader = Uploader(store, max_pending=2, on_error="warn")
+    uploader.start()
+    ckpt = fake_checkpoint(tmp_path, 7)
+    (tmp_path / "model.ckpt-7.index").unlink()
+    uploader.submit(UploadJob(ckpt))
+    assert uploader.wait(10)
+    assert uploader.take_failure() is None
+    assert uploader.stats().failed == 1
+    assert any("step 7" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_pending_must_be_positive_int(value):
+    with pytest.raises(ConfigError, match="max_pending"):
+        Uploader(RemoteStore("memory://x/y"), max_pending=value)
