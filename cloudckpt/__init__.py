@@ -14,6 +14,7 @@ from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
+from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
 from .retry import RetryPolicy
 from .uploader import UploadStats
 
@@ -32,6 +33,11 @@ __all__ = [
     "CheckpointInfo",
     "list_checkpoints",
     "latest_checkpoint",
+    "download_checkpoint",
+    "verify",
+    "VerifyReport",
+    "FileCheck",
+    "CheckpointNotFoundError",
     "RetryPolicy",
     "UploadStats",
     "FileEntry",

@@ -17,8 +17,10 @@ from typing import Any, Mapping, Sequence
 import tensorflow as tf
 
 from .errors import ConfigError
+from .catalog import CheckpointInfo
 from .listener import UploadListener
 from .remote import is_local_path
+from .restore import restore_newest_verified
 from .retry import RetryPolicy
 from .uploader import UploadStats
 
@@ -82,6 +84,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         retry: ``RetryPolicy`` for transient storage errors.
         on_error: ``"raise"``: a failed commit raises ``UploadError`` in the
             training thread; ``"warn"``: it is logged and counted, training goes on.
+        restore: in ``begin()``, download the newest committed checkpoint that
+            verifies if it is newer than what ``local_dir`` holds (the resume
+            path of a preempted VM that comes back with an empty disk).
 
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
@@ -106,6 +111,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         upload_timeout: float | None = None,
         retry: RetryPolicy | None = None,
         on_error: str = "raise",
+        restore: bool = True,
     ) -> None:
         _check_schedule(save_secs, save_steps)
         if saver is not None and scaffold is not None:
@@ -128,6 +134,18 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                          checkpoint_basename=checkpoint_basename, scaffold=scaffold,
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
         self._checkpoint_url = self._upload.url
+        self._restore = restore
+        self.restored: CheckpointInfo | None = None
+
+    def begin(self) -> None:
+        """Check the remote directory, then (``restore=True``) download its newest verified checkpoint.
+
+        Runs before the session is created, so ``MonitoredTrainingSession``
+        restores from ``local_dir`` and the global step continues.
+        """
+        super().begin()
+        if self._restore and not self._upload.in_place:
+            self.restored = restore_newest_verified(self._upload.store, self.local_dir)
 
     @property
     def local_dir(self) -> str:

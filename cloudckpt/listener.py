@@ -73,6 +73,16 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         return self._store.url
 
     @property
+    def store(self) -> RemoteStore:
+        """The remote checkpoint directory's store."""
+        return self._store
+
+    @property
+    def in_place(self) -> bool:
+        """True when the checkpoint directory is the local directory itself (nothing to upload)."""
+        return self._in_place
+
+    @property
     def local_dir(self) -> str:
         """The directory the Saver writes to."""
         return self._local_dir

@@ -1,0 +1,255 @@
+"""Getting committed checkpoints back: verify in place, or download and verify into a local directory.
+
+A download lands under a hidden temporary directory and is moved into place
+only after every file matches its manifest (size and crc32c); the local
+``checkpoint`` state file is written last. A failed or interrupted download
+therefore never changes what ``tf.train.latest_checkpoint`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .catalog import CheckpointInfo, scan_directory
+from .commit import render_state_file, STATE_FILE
+from .errors import CloudCkptError, IntegrityError
+from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, parse_checkpoint_file_name
+from .remote import RemoteStore
+
+log = logging.getLogger("cloudckpt")
+
+OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch", "checksum mismatch"
+_DOWNLOAD_CONCURRENCY = 8
+
+
+class CheckpointNotFoundError(CloudCkptError, LookupError):
+    """No committed checkpoint (or none at the requested step) in the directory."""
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """The verdict on one file of a checkpoint."""
+
+    name: str
+    status: str  # "ok" | "missing" | "size mismatch" | "checksum mismatch"
+    expected_size: int
+    found_size: int | None
+    expected_crc32c: str
+    found_crc32c: str | None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of re-reading one committed checkpoint and checking it against its manifest."""
+
+    url: str
+    step: int
+    files: tuple[FileCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every file is present with the right size and crc32c."""
+        return all(f.status == OK for f in self.files)
+
+    @property
+    def problems(self) -> list[FileCheck]:
+        """The files that failed."""
+        return [f for f in self.files if f.status != OK]
+
+
+def _select(store: RemoteStore, step: int | None) -> CheckpointInfo:
+    scan = scan_directory(store)
+    if step is None:
+        if not scan.committed:
+            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.")
+        return scan.committed[-1]
+    for info in scan.committed:
+        if info.step == step:
+            return info
+    for name, error in scan.unreadable.items():
+        if name.endswith(f"-{step}.manifest.json"):
+            raise error
+    steps = [c.step for c in scan.committed]
+    raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} (committed steps: {steps}).")
+
+
+def _check(entry: FileEntry, size: int | None, crc: str | None) -> FileCheck:
+    if size is None:
+        status = MISSING
+    elif size != entry.size:
+        status = SIZE_MISMATCH
+    elif crc != entry.crc32c:
+        status = CHECKSUM_MISMATCH
+    else:
+        status = OK
+    return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc)
+
+
+def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck) -> IntegrityError:
+    url = store.url_of(check.name)
+    if check.status == MISSING:
+        detail = "the manifest names it but it does not exist"
+    elif check.status == SIZE_MISMATCH:
+        detail = f"expected {check.expected_size} bytes, found {check.found_size}"
+    else:
+        detail = f"expected crc32c {check.expected_crc32c}, found {check.found_crc32c}"
+    return IntegrityError(f"Checkpoint step {info.step} in {store.url} is corrupt: {url}: {detail}. "
+                          "Restore an older step (cloudckpt ls) or re-upload this one.")
+
+
+def verify_checkpoint(store: RemoteStore, info: CheckpointInfo) -> VerifyReport:
+    """Re-read every file of ``info`` from the store (streamed) and compare with its manifest."""
+    sizes = {o.name: o.size for o in store.list_objects()}
+
+    def check(entry: FileEntry) -> FileCheck:
+        if entry.name not in sizes:
+            return _check(entry, None, None)
+        with store.open_read(entry.name) as f:
+            size, crc = crc32c_of_stream(f)
+        return _check(entry, size, crc)
+
+    with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:
+        checks = tuple(pool.map(check, info.files))
+    return VerifyReport(url=info.prefix, step=info.step, files=checks)
+
+
+def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check the committed checkpoint at ``url`` (latest, or ``step``) against its manifest.
+
+    Returns a report with one verdict per file (ok / missing / size mismatch /
+    checksum mismatch); it does not raise on a mismatch.
+    """
+    store = RemoteStore(url, storage_options)
+    return verify_checkpoint(store, _select(store, step))
+
+
+def download_checkpoint(
+    url: str,
+    local_dir: str,
+    step: int | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Download the committed checkpoint (latest, or ``step``) into ``local_dir`` and verify it.
+
+    Returns the local checkpoint prefix (e.g. ``/data/ckpt/model.ckpt-30``);
+    afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it.
+
+    Raises:
+        IntegrityError: a file is missing or its size / crc32c differs from the manifest
+            (nothing is changed in ``local_dir``).
+        CheckpointNotFoundError: nothing committed (at ``step``).
+    """
+    store = RemoteStore(url, storage_options)
+    return download_verified(store, _select(store, step), local_dir)
+
+
+def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str) -> str:
+    """Download ``info`` into ``local_dir`` through a temporary directory; see ``download_checkpoint``."""
+    local_dir = os.path.abspath(local_dir)
+    os.makedirs(local_dir, exist_ok=True)
+    present = {o.name for o in store.list_objects()}
+    for entry in info.files:
+        if entry.name not in present:
+            raise _integrity_error(store, info, _check(entry, None, None))
+    staging = os.path.join(local_dir, f".cloudckpt-download-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    try:
+        def fetch(entry: FileEntry) -> FileCheck:
+            path = os.path.join(staging, entry.name)
+            store.get_file(entry.name, path)
+            size, crc = crc32c_of_file(path)
+            return _check(entry, size, crc)
+
+        with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-get") as pool:
+            checks = list(pool.map(fetch, info.files))
+        for check in checks:
+            if check.status != OK:
+                raise _integrity_error(store, info, check)
+        for entry in info.files:
+            os.replace(os.path.join(staging, entry.name), os.path.join(local_dir, entry.name))
+        _point_state_file_at(local_dir, info.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
+             store.url, local_dir, len(info.files), info.size / 1e6)
+    return os.path.join(local_dir, info.name)
+
+
+def local_checkpoint_steps(local_dir: str) -> list[int]:
+    """Steps of the complete checkpoints (an ``.index`` file) present in a local directory, ascending."""
+    try:
+        names = os.listdir(local_dir)
+    except FileNotFoundError:
+        return []
+    steps = {parsed[1] for n in names if n.endswith(".index") and (parsed := parse_checkpoint_file_name(n))}
+    return sorted(steps)
+
+
+def _point_state_file_at(local_dir: str, prefix: str) -> None:
+    """Make ``prefix`` the latest checkpoint of ``local_dir``, keeping the other local ones listed."""
+    others = sorted({n[: -len(".index")] for n in os.listdir(local_dir) if n.endswith(".index")} - {prefix},
+                    key=lambda p: (parse_checkpoint_file_name(p + ".index") or ("", -1))[1])
+    tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(render_state_file([*others, prefix]))
+    os.replace(tmp, os.path.join(local_dir, STATE_FILE))
+
+
+def restore_newest_verified(store: RemoteStore, local_dir: str) -> CheckpointInfo | None:
+    """Bring ``local_dir`` up to the newest committed checkpoint that verifies (used by the hook's ``begin``).
+
+    Does nothing if ``local_dir`` already holds a checkpoint at least as new as
+    every committed one. A committed checkpoint that fails verification is
+    logged at ERROR and the next older one is tried.
+
+    Returns:
+        The checkpoint downloaded, or None if nothing needed downloading.
+
+    Raises:
+        IntegrityError: checkpoints are committed but none newer than the local
+            one verifies, and there is no local checkpoint to fall back on:
+            silently restarting from step 0 would throw away the run.
+    """
+    scan = scan_directory(store)
+    local_steps = local_checkpoint_steps(local_dir)
+    local_latest = local_steps[-1] if local_steps else -1
+    candidates: list[tuple[int, CheckpointInfo | Exception]] = [(c.step, c) for c in scan.committed]
+    for name, error in scan.unreadable.items():
+        parsed = parse_checkpoint_file_name(name.replace(".manifest.json", ".index"))
+        if parsed:
+            candidates.append((parsed[1], error))
+    candidates = sorted((c for c in candidates if c[0] > local_latest), key=lambda c: c[0], reverse=True)
+    if not candidates:
+        if local_latest >= 0:
+            log.info("Local checkpoint step %d in %s is up to date with %s.", local_latest, local_dir, store.url)
+        return None
+    failed: list[str] = []
+    for step, item in candidates:
+        try:
+            if isinstance(item, Exception):
+                raise item
+            download_verified(store, item, local_dir)
+        except IntegrityError as exc:
+            failed.append(f"step {step}: {exc}")
+            log.error("Committed checkpoint step %d failed verification: %s Falling back to the next older "
+                      "committed checkpoint.", step, exc)
+            continue
+        if failed:
+            log.warning("Restored step %d from %s instead of newer step(s) that failed verification: %s",
+                        step, store.url, "; ".join(failed))
+        return item
+    if local_latest >= 0:
+        log.warning("No committed checkpoint newer than local step %d verifies; continuing from the local one.",
+                    local_latest)
+        return None
+    raise IntegrityError(
+        f"None of the {len(failed)} committed checkpoint(s) in {store.url} verifies, so training will not silently "
+        f"restart from step 0. Inspect with `cloudckpt verify {store.url} --all`; to start over on purpose, use a "
+        f"new checkpoint_dir or pass restore=False. Failures: " + " | ".join(failed))

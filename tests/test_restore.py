@@ -1,0 +1,150 @@
+"""Resume anywhere: restore the newest committed checkpoint that verifies, never a corrupt one."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+import tensorflow as tf
+from fsspec.implementations.memory import MemoryFileSystem
+
+import cloudckpt
+from support.tf_model import train
+
+
+@pytest.fixture
+def s3(moto_server):
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    return f"s3://{bucket}/runs/exp1", moto_server.storage_options, moto_server.client(), bucket
+
+
+def run(url, options, local_dir, last_step, **kwargs):
+    return train(lambda scaffold: cloudckpt.CheckpointSaverHook(
+        url, save_steps=10, local_dir=str(local_dir), storage_options=options, **kwargs), last_step=last_step)
+
+
+def flip_byte(client, bucket, key):
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+
+
+def test_resume_on_empty_disk_continues_from_committed_step(s3, tmp_path):
+    url, options, _, _ = s3
+    first = run(url, options, tmp_path / "vm1", 30)
+    saved_w = tf.train.load_variable(str(tmp_path / "vm1" / "model.ckpt-30"), "w")
+    shutil.rmtree(tmp_path / "vm1")  # the VM is gone
+
+    second = run(url, options, tmp_path / "vm2", 50)
+    assert second.first_step == 30
+    assert second.last_step == 50
+    np.testing.assert_array_equal(second.first_weights, saved_w)  # values, not just the step
+    np.testing.assert_array_equal(second.first_weights, first.last_weights)
+    assert cloudckpt.latest_checkpoint(url, options).step == 50
+
+
+def test_uncommitted_newer_files_are_ignored(s3, tmp_path):
+    url, options, client, bucket = s3
+    run(url, options, tmp_path / "vm1", 30)
+    # A crash mid-upload of step 40: its files are in the bucket, its manifest is not.
+    for suffix in (".index", ".data-00000-of-00001", ".meta"):
+        client.copy_object(Bucket=bucket, Key=f"runs/exp1/model.ckpt-40{suffix}",
+                           CopySource={"Bucket": bucket, "Key": f"runs/exp1/model.ckpt-30{suffix}"})
+    assert cloudckpt.latest_checkpoint(url, options).step == 30
+    second = run(url, options, tmp_path / "vm2", 45)
+    assert second.first_step == 30
+
+
+def test_corrupt_newest_raises_and_hook_falls_back(s3, tmp_path, caplog):
+    url, options, client, bucket = s3
+    run(url, options, tmp_path / "vm1", 30)
+    flip_byte(client, bucket, "runs/exp1/model.ckpt-30.data-00000-of-00001")
+
+    with pytest.raises(cloudckpt.IntegrityError) as info:
+        cloudckpt.download_checkpoint(url, str(tmp_path / "dl"), storage_options=options)
+    message = str(info.value)
+    assert f"{url}/model.ckpt-30.data-00000-of-00001" in message
+    assert "expected crc32c" in message and "found" in message
+    assert tf.train.latest_checkpoint(str(tmp_path / "dl")) is None  # nothing TF would pick up
+
+    report = cloudckpt.verify(url, storage_options=options)
+    assert not report.ok and report.step == 30
+    assert [(f.name, f.status) for f in report.problems] == [("model.ckpt-30.data-00000-of-00001",
+                                                              "checksum mismatch")]
+    assert cloudckpt.verify(url, step=20, storage_options=options).ok
+
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        second = run(url, options, tmp_path / "vm2", 35)
+    assert second.first_step == 20
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("step 30 failed verification" in m and "Falling back" in m for m in errors)
+    assert any("Restored step 20" in r.getMessage() and "instead of" in r.getMessage() for r in caplog.records)
+
+
+def test_refuses_to_restart_from_zero_when_nothing_verifies(s3, tmp_path):
+    url, options, client, bucket = s3
+    run(url, options, tmp_path / "vm1", 10)  # commits steps 0 and 10
+    for step in (0, 10):
+        flip_byte(client, bucket, f"runs/exp1/model.ckpt-{step}.data-00000-of-00001")
+    with pytest.raises(cloudckpt.IntegrityError, match="will not silently restart from step 0"):
+        run(url, options, tmp_path / "vm2", 20)
+    fresh = run(url, options, tmp_path / "vm3", 5, restore=False)  # an explicit opt-out still works
+    assert fresh.first_step == 0
+
+
+def test_nothing_committed_starts_fresh(s3, tmp_path):
+    url, options, _, _ = s3
+    assert run(url, options, tmp_path / "vm", 5).first_step == 0
+
+
+def test_missing_and_truncated_files_are_reported(s3, tmp_path):
+    url, options, client, bucket = s3
+    run(url, options, tmp_path / "vm1", 10)
+    client.delete_object(Bucket=bucket, Key="runs/exp1/model.ckpt-10.index")
+    client.put_object(Bucket=bucket, Key="runs/exp1/model.ckpt-10.meta", Body=b"short")
+    statuses = {f.name: f.status for f in cloudckpt.verify(url, storage_options=options).files}
+    assert statuses == {"model.ckpt-10.index": "missing", "model.ckpt-10.meta": "size mismatch",
+                        "model.ckpt-10.data-00000-of-00001": "ok"}
+    with pytest.raises(cloudckpt.IntegrityError, match="model.ckpt-10.index: the manifest names it but it does not"):
+        cloudckpt.download_checkpoint(url, str(tmp_path / "dl"), storage_options=options)
+
+
+class InterruptedDownloadFileSystem(MemoryFileSystem):
+    """In-memory store whose download of data files dies half-way (a killed process, a pulled cable)."""
+
+    protocol = "interruptedmemory"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("interruptedmemory://", "memory://", 1))
+
+    def get_file(self, rpath, lpath, *args, **kwargs):
+        if ".data-" in rpath:
+            data = self.cat_file(rpath)
+            with open(lpath, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt("simulated interruption")
+        return super().get_file(rpath, lpath, *args, **kwargs)
+
+
+fsspec.register_implementation("interruptedmemory", InterruptedDownloadFileSystem, clobber=True)
+
+
+def test_interrupted_download_leaves_latest_checkpoint_unchanged(tmp_path):
+    root = f"ckpt-{uuid.uuid4().hex[:8]}/run"
+    run(f"memory://{root}", None, tmp_path / "vm1", 20)
+    local = tmp_path / "restored"
+    cloudckpt.download_checkpoint(f"memory://{root}", str(local), step=10)
+    before = tf.train.latest_checkpoint(str(local))
+    assert before == str(local / "model.ckpt-10")
+
+    with pytest.raises(KeyboardInterrupt):
+        cloudckpt.download_checkpoint(f"interruptedmemory://{root}", str(local))
+    assert tf.train.latest_checkpoint(str(local)) == before
+    assert not list(local.glob("model.ckpt-20*"))
+    assert [p.name for p in local.iterdir() if p.name.startswith(".")] == []  # temporary files cleaned up
