@@ -21,6 +21,7 @@ from .catalog import CheckpointInfo
 from .listener import UploadListener
 from .remote import is_local_path
 from .restore import restore_newest_verified
+from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
 
@@ -87,6 +88,11 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         restore: in ``begin()``, download the newest committed checkpoint that
             verifies if it is newer than what ``local_dir`` holds (the resume
             path of a preempted VM that comes back with an empty disk).
+        remote_max_to_keep, keep_checkpoint_every_n_hours: remote retention,
+            applied after each commit; None follows the Saver's own
+            ``max_to_keep`` / ``keep_checkpoint_every_n_hours``, so the bucket
+            keeps what the local directory keeps. The latest committed
+            checkpoint is never deleted.
 
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
@@ -112,6 +118,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         retry: RetryPolicy | None = None,
         on_error: str = "raise",
         restore: bool = True,
+        remote_max_to_keep: int | None = None,
+        keep_checkpoint_every_n_hours: float | None = None,
     ) -> None:
         _check_schedule(save_secs, save_steps)
         if saver is not None and scaffold is not None:
@@ -135,6 +143,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
         self._checkpoint_url = self._upload.url
         self._restore = restore
+        self._retention_args = (remote_max_to_keep, keep_checkpoint_every_n_hours)
+        RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
         self.restored: CheckpointInfo | None = None
 
     def begin(self) -> None:
@@ -156,6 +166,17 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     def checkpoint_url(self) -> str:
         """The remote checkpoint directory."""
         return self._checkpoint_url
+
+    def after_create_session(self, session: Any, coord: Any) -> None:
+        """Resolve remote retention from the Saver, then save the first checkpoint (TF semantics)."""
+        max_to_keep, every_n_hours = self._retention_args
+        saver_def = getattr(self._get_saver(), "saver_def", None)
+        if max_to_keep is None and saver_def is not None:
+            max_to_keep = saver_def.max_to_keep or None
+        if every_n_hours is None and saver_def is not None and 0 < saver_def.keep_checkpoint_every_n_hours < 10000:
+            every_n_hours = saver_def.keep_checkpoint_every_n_hours  # TF's default 10000 h means "off"
+        self._upload.retention = RetentionPolicy(max_to_keep, every_n_hours)
+        super().after_create_session(session, coord)
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
         """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``."""

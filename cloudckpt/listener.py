@@ -22,6 +22,7 @@ from .commit import GRAPH_FILE, LocalCheckpoint, find_local_checkpoint, write_st
 from .catalog import scan_directory
 from .errors import ConfigError, UploadError
 from .remote import RemoteStore
+from .retention import RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
 from .uploader import Uploader, UploadJob, UploadStats
 
@@ -45,6 +46,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         retry: retry policy for storage operations.
         on_error: ``"raise"`` (default) or ``"warn"``.
         upload_timeout: seconds ``end()`` waits for pending uploads; None waits until done.
+        retention: which committed checkpoints to keep remotely, applied after
+            each commit (None keeps everything).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         retry: RetryPolicy | None = None,
         on_error: str = "raise",
         upload_timeout: float | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         if upload_timeout is not None and upload_timeout <= 0:
             raise ConfigError(f"upload_timeout must be > 0 seconds or None, got {upload_timeout!r}.")
@@ -66,6 +70,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
         self._graph_signature: tuple[int, int] | None = None
+        self.retention = retention
 
     @property
     def url(self) -> str:
@@ -180,9 +185,15 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         def committed(_result: object) -> None:
             if GRAPH_FILE in extras:
                 self._graph_signature = signature
+            self._apply_retention()
 
         return UploadJob(LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras),
                          release=lambda: shutil.rmtree(staging, ignore_errors=True), on_committed=committed)
+
+    def _apply_retention(self) -> None:
+        if self.retention is None:
+            return
+        apply_retention(self._store, plan_retention(scan_directory(self._store), self.retention))
 
     def _retire_deleted(self, _result: object) -> None:
         """In place, the Saver deletes old checkpoints itself (``max_to_keep``): retire their manifests
@@ -193,6 +204,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if gone:
             self._store.delete([c.manifest_url.rsplit("/", 1)[-1] for c in gone])
             write_state_file(self._store)
+        self._apply_retention()
 
 
 def _signature(path: str) -> tuple[int, int] | None:
