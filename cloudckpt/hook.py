@@ -91,8 +91,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         remote_max_to_keep, keep_checkpoint_every_n_hours: remote retention,
             applied after each commit; None follows the Saver's own
             ``max_to_keep`` / ``keep_checkpoint_every_n_hours``, so the bucket
-            keeps what the local directory keeps. The latest committed
-            checkpoint is never deleted.
+            keeps what the local directory keeps; ``remote_max_to_keep=0``
+            keeps everything. The latest committed checkpoint is never deleted.
 
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /

@@ -156,7 +156,7 @@ def test_saver_max_to_keep_cannot_race_a_slow_upload(tmp_path):
 
     def make_hook(scaffold):
         hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, scaffold=scaffold, local_dir=str(local),
-                                                   max_pending=100))
+                                                   max_pending=100, remote_max_to_keep=0))  # 0: keep all
         return hooks[0]
 
     train(make_hook, last_step=30, max_to_keep=1)
