@@ -1,0 +1,160 @@
+"""The bad-input table: each mistake gets a clear error naming the value, and nothing looks committed."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+import uuid
+
+import pytest
+
+import cloudckpt
+from cloudckpt.embedded import EmbeddedS3
+from support.checks import manifests
+from support.tf_model import train
+
+
+def hook_for(url, tmp_path, options=None, **kwargs):
+    return lambda s: cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "local"),
+                                                   storage_options=options, **kwargs)
+
+
+def test_unknown_protocol(tmp_path):
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        cloudckpt.CheckpointSaverHook("nosuchproto://bucket/run", save_steps=5, local_dir=str(tmp_path))
+    assert "Unknown protocol 'nosuchproto'" in str(info.value) and "nosuchproto://bucket/run" in str(info.value)
+
+
+def test_bucket_does_not_exist(moto_server, tmp_path):
+    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(hook_for(url, tmp_path, moto_server.storage_options), last_step=5)
+    bucket = url[5:].split("/")[0]
+    assert f"Bucket '{bucket}'" in str(info.value) and "does not exist" in str(info.value)
+    assert not (tmp_path / "local" / "model.ckpt-0.index").exists()  # failed before training started
+
+
+def set_moto_auth(endpoint: str, allowed_unauthenticated: str) -> None:
+    """moto's auth switch is process-wide (all in-process servers): always switch it back."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", method="POST",
+                                     data=allowed_unauthenticated.encode(), headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request).read()
+
+
+def test_credentials_rejected(tmp_path):
+    with EmbeddedS3() as server:
+        url = server.create_bucket(f"ckpt-{uuid.uuid4().hex[:8]}") + "/run"
+        options = {**server.storage_options, "key": "AKIAWRONGWRONGWRONG1", "secret": "not-the-secret"}
+        set_moto_auth(server.endpoint, "0")
+        try:
+            with pytest.raises(cloudckpt.RemoteError) as info:
+                train(hook_for(url, tmp_path, options), last_step=5)
+        finally:
+            set_moto_auth(server.endpoint, "inf")
+    message = str(info.value)
+    assert url in message and "rejected the credentials" in message
+    assert "not-the-secret" not in message and "AKIAWRONG" not in message  # never echo credentials
+    assert not info.value.transient
+
+
+def test_local_dir_not_writable(memory_url, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        cloudckpt.CheckpointSaverHook(memory_url, save_steps=5, local_dir=str(blocker / "sub"))
+    assert f"local_dir '{blocker / 'sub'}' is not writable" in str(info.value)
+
+
+def test_checkpoint_dir_is_an_object(moto_server, tmp_path):
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    moto_server.client().put_object(Bucket=bucket, Key="runs/exp1", Body=b"not a directory")
+    url = f"s3://{bucket}/runs/exp1"
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(hook_for(url, tmp_path, moto_server.storage_options), last_step=5)
+    assert f"checkpoint_dir '{url}' is an object, not a directory" in str(info.value)
+
+
+def test_checkpoint_dir_is_a_local_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(lambda s: cloudckpt.CheckpointSaverHook(f"file://{path}", save_steps=5,
+                                                      local_dir=str(tmp_path / "l")), last_step=5)
+    assert "is a file, not a directory" in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"save_steps": 0}, "save_steps must be a positive integer, got 0"),
+    ({"save_steps": -3}, "save_steps must be a positive integer, got -3"),
+    ({"save_secs": 0}, "save_secs must be a positive number of seconds, got 0"),
+    ({"save_secs": -1.5}, "save_secs must be a positive number of seconds, got -1.5"),
+])
+def test_non_positive_schedule(kwargs, fragment, memory_url, tmp_path):
+    with pytest.raises(ValueError, match=fragment):
+        cloudckpt.CheckpointSaverHook(memory_url, local_dir=str(tmp_path), **kwargs)
+
+
+@pytest.fixture
+def committed_dir(tmp_path):
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    train(hook_for(url, tmp_path), last_step=5)  # commits steps 0 and 5
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(url)
+    return url, fs, root
+
+
+def test_malformed_manifest_json(committed_dir, tmp_path):
+    url, fs, root = committed_dir
+    fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", b'{"format": "cloudckpt.manifest", "vers')
+    with pytest.raises(cloudckpt.ManifestError) as info:
+        cloudckpt.list_checkpoints(url)
+    assert f"{url}/model.ckpt-5.manifest.json is not valid JSON" in str(info.value)
+    with pytest.raises(cloudckpt.ManifestError):
+        cloudckpt.download_checkpoint(url, str(tmp_path / "dl"), step=5)
+
+
+def test_manifest_from_newer_version(committed_dir):
+    url, fs, root = committed_dir
+    doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
+    doc["version"] = 2
+    fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", json.dumps(doc).encode())
+    with pytest.raises(cloudckpt.ManifestError) as info:
+        cloudckpt.latest_checkpoint(url)
+    assert "format version 2" in str(info.value) and "Upgrade cloudckpt" in str(info.value)
+
+
+def test_manifest_naming_a_missing_file(committed_dir, tmp_path):
+    url, fs, root = committed_dir
+    fs.rm_file(f"{root}/model.ckpt-5.index")
+    with pytest.raises(cloudckpt.IntegrityError) as info:
+        cloudckpt.download_checkpoint(url, str(tmp_path / "dl"))
+    assert f"{url}/model.ckpt-5.index: the manifest names it but it does not exist" in str(info.value)
+    assert not os.path.exists(tmp_path / "dl" / "checkpoint")
+    assert [f.status for f in cloudckpt.verify(url).problems] == ["missing"]
+
+
+@pytest.mark.parametrize("bad", ["missing-step", "bad-crc", "path-in-name"])
+def test_manifest_schema_errors(committed_dir, bad):
+    url, fs, root = committed_dir
+    doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
+    if bad == "missing-step":
+        del doc["step"]
+    elif bad == "bad-crc":
+        doc["files"][0]["crc32c"] = "XYZ"
+    else:
+        doc["files"][0]["name"] = "../../etc/passwd"
+    fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", json.dumps(doc).encode())
+    with pytest.raises(cloudckpt.ManifestError, match="malformed field"):
+        cloudckpt.list_checkpoints(url)
+
+
+def test_config_errors_leave_nothing_committed(moto_server, tmp_path):
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    moto_server.client().put_object(Bucket=bucket, Key="runs/exp1", Body=b"x")
+    with pytest.raises(cloudckpt.ConfigError):
+        train(hook_for(f"s3://{bucket}/runs/exp1", tmp_path, moto_server.storage_options), last_step=5)
+    assert manifests(f"s3://{bucket}/runs", moto_server.storage_options) == {}
+    assert manifests(f"s3://{bucket}", moto_server.storage_options) == {}
