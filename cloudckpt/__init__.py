@@ -14,6 +14,7 @@ from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
+from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
 from .retry import RetryPolicy
 from .uploader import UploadStats
@@ -38,6 +39,9 @@ __all__ = [
     "VerifyReport",
     "FileCheck",
     "CheckpointNotFoundError",
+    "PreemptionWatcher",
+    "PreemptionNotice",
+    "was_preempted",
     "RetryPolicy",
     "UploadStats",
     "FileEntry",

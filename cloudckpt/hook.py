@@ -9,6 +9,8 @@ network when an upload has failed (``UploadError`` at the next step).
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
 import logging
 import os
 import tempfile
@@ -16,9 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow as tf
 
-from .errors import ConfigError
+from .errors import ConfigError, UploadError
 from .catalog import CheckpointInfo
 from .listener import UploadListener
+from .preemption import PreemptionWatcher
 from .remote import is_local_path
 from .restore import restore_newest_verified
 from .retention import RetentionPolicy
@@ -26,6 +29,8 @@ from .retry import RetryPolicy
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
+
+PREEMPTED_EXIT_CODE = 42  # what TF's failure handling exits with for a terminated worker
 
 
 def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -93,6 +98,14 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             ``max_to_keep`` / ``keep_checkpoint_every_n_hours``, so the bucket
             keeps what the local directory keeps; ``remote_max_to_keep=0``
             keeps everything. The latest committed checkpoint is never deleted.
+        preemption: watch for a spot / preemptible shutdown notice: None (off),
+            ``"sigterm"``, ``"auto"`` (SIGTERM + GCE and AWS metadata) or a
+            ``PreemptionWatcher``. On a notice, training stops at the next step
+            and ``end()`` saves and commits a final checkpoint within the deadline.
+        preemption_deadline: seconds from the notice to get the final
+            checkpoint committed; default: the platform's (25 s GCE, 100 s AWS).
+        exit_on_preemption: after a preemption stop, exit the process with
+            TF's code for a terminated worker (42), or with the given int.
 
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
@@ -120,6 +133,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         restore: bool = True,
         remote_max_to_keep: int | None = None,
         keep_checkpoint_every_n_hours: float | None = None,
+        preemption: PreemptionWatcher | str | None = None,
+        preemption_deadline: float | None = None,
+        exit_on_preemption: bool | int = False,
     ) -> None:
         _check_schedule(save_secs, save_steps)
         if saver is not None and scaffold is not None:
@@ -145,6 +161,14 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._restore = restore
         self._retention_args = (remote_max_to_keep, keep_checkpoint_every_n_hours)
         RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
+        if preemption_deadline is not None and preemption_deadline <= 0:
+            raise ConfigError(f"preemption_deadline must be > 0 seconds, got {preemption_deadline!r}.")
+        self._watcher = PreemptionWatcher.from_spec(preemption)
+        self._preemption_deadline = preemption_deadline
+        self._exit_code = (PREEMPTED_EXIT_CODE if exit_on_preemption is True
+                           else (int(exit_on_preemption) if exit_on_preemption else None))
+        self._stop_requested = False
+        self.preempted = False
         self.restored: CheckpointInfo | None = None
 
     def begin(self) -> None:
@@ -156,6 +180,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         super().begin()
         if self._restore and not self._upload.in_place:
             self.restored = restore_newest_verified(self._upload.store, self.local_dir)
+        if self._watcher is not None:
+            self._watcher.start()
 
     @property
     def local_dir(self) -> str:
@@ -182,6 +208,46 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``."""
         super().after_run(run_context, run_values)
         self._upload.raise_if_failed()
+        notice = self._watcher.notice if self._watcher is not None else None
+        if notice is not None and not self._stop_requested:
+            self._stop_requested = True
+            log.warning("Preemption notice (%s: %s): stopping training to save and commit a final checkpoint.",
+                        notice.source, notice.detail)
+            run_context.request_stop()
+
+    def end(self, session: Any) -> None:
+        """Save the final checkpoint (TF semantics) and wait for every upload to commit.
+
+        After a preemption notice, older uploads still waiting are dropped and
+        the wait is bounded by the preemption deadline; if it passes, the
+        previous committed checkpoint stays the latest, and that is logged.
+        """
+        notice = self._watcher.notice if self._watcher is not None else None
+        if notice is None:
+            try:
+                super().end(session)
+            finally:
+                if self._watcher is not None:
+                    self._watcher.stop()
+            return
+        self.preempted = True
+        deadline = self._preemption_deadline or notice.deadline
+        self._upload.prepare_final_save(notice.received_at + deadline)
+        step = int(session.run(self._global_step_tensor))
+        try:
+            super().end(session)
+        except UploadError as exc:
+            committed = self._upload.stats().last_committed_step
+            log.error("Preemption: the final checkpoint (step %d) was not committed within %.0fs of the notice; "
+                      "the latest committed checkpoint is step %s. %s", step, deadline, committed, exc)
+        else:
+            log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
+                        step, self.checkpoint_url, time.monotonic() - notice.received_at)
+        finally:
+            self._watcher.stop()  # type: ignore[union-attr]
+        if self._exit_code is not None:
+            log.warning("Exiting with code %d (preempted).", self._exit_code)
+            sys.exit(self._exit_code)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint saved so far is committed or dropped.

@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import shutil
+import time
 import uuid
 from typing import Any, Mapping
 
@@ -71,6 +72,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._upload_timeout = upload_timeout
         self._graph_signature: tuple[int, int] | None = None
         self.retention = retention
+        self._end_deadline: float | None = None
 
     @property
     def url(self) -> str:
@@ -121,8 +123,12 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
 
     def end(self, session: Any, global_step_value: int) -> None:
         """Wait (up to ``upload_timeout``) until every checkpoint is committed, then stop the worker."""
+        timeout = self._upload_timeout
+        if self._end_deadline is not None:
+            remaining = max(0.0, self._end_deadline - time.monotonic())
+            timeout = remaining if timeout is None else min(timeout, remaining)
         try:
-            self.wait(self._upload_timeout)
+            self.wait(timeout)
         finally:
             self._uploader.close(timeout=0 if self._uploader.pending_steps() else None)
 
@@ -141,6 +147,12 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
                 f"Timed out after {timeout}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
                 "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
                 url=self.url, step=steps[-1] if steps else None)
+
+    def prepare_final_save(self, deadline: float) -> None:
+        """Make the next save the only one that matters: drop waiting uploads, and bound ``end()``'s wait
+        by ``deadline`` (a ``time.monotonic()`` value). Used when the VM is about to be preempted."""
+        self._end_deadline = deadline
+        self._uploader.drop_waiting("superseded by the final checkpoint before preemption")
 
     def raise_if_failed(self) -> None:
         """Raise the oldest unreported upload failure, if any."""

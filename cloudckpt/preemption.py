@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = [
     "AWS_METADATA_URL_ENV",
     "DEFAULT_AWS_METADATA_URL",
@@ -398,15 +400,15 @@ class PreemptionWatcher:
         normalized: list[str] = []
         for source in sources:
             if source not in SOURCES:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown preemption source {source!r}; allowed: {', '.join(SOURCES)}"
                 )
             if source not in normalized:
                 normalized.append(source)
         if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
         if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0, got {request_timeout!r}")
+            raise ConfigError(f"request_timeout must be > 0, got {request_timeout!r}")
         self._sources = tuple(normalized)
         self._gce_url = _resolve_url(gce_metadata_url, GCE_METADATA_URL_ENV,
                                      DEFAULT_GCE_METADATA_URL)
@@ -452,7 +454,7 @@ class PreemptionWatcher:
                 return cls(("sigterm",))
             if spec == "auto":
                 return cls(("sigterm", "gce", "aws"))
-        raise ValueError(
+        raise ConfigError(
             f"invalid preemption spec {spec!r}; expected one of {', '.join(_SPECS)}"
         )
 

@@ -107,6 +107,15 @@ class Uploader:
                 dropped.release()
             self._cond.notify_all()
 
+    def drop_waiting(self, reason: str) -> None:
+        """Drop every checkpoint still waiting (not the one in flight): a newer one supersedes them."""
+        with self._cond:
+            dropped, self._queue = list(self._queue), collections.deque()
+            self._stats.dropped += len(dropped)
+        for job in dropped:
+            log.warning("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)
+            job.release()
+
     def commit_now(self, job: UploadJob) -> None:
         """Commit ``job`` in the calling thread (used when the files are already in place).
 

@@ -1,0 +1,77 @@
+"""Training process for crash and preemption tests: trains with cloudckpt's hook until stopped or killed.
+
+Usage: python crash_trainer.py URL ENDPOINT|- LOCAL_DIR [--save-steps N] [--last-step N]
+                               [--preemption none|sigterm|gce|aws] [--deadline SECONDS]
+Prints ``FIRST_STEP <n>`` once the session is created (after any restore) and
+``STEP <n>`` now and then, so the parent knows training (and uploading) is under way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import cloudckpt  # noqa: E402
+
+
+class Report(tf.compat.v1.train.SessionRunHook):
+    def begin(self):
+        self._step = tf.compat.v1.train.get_global_step()
+
+    def after_create_session(self, session, coord):
+        print(f"FIRST_STEP {int(session.run(self._step))}", flush=True)
+
+    def before_run(self, run_context):
+        return tf.compat.v1.train.SessionRunArgs(self._step)
+
+    def after_run(self, run_context, run_values):
+        print(f"STEP {int(run_values.results) + 1}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("endpoint")
+    parser.add_argument("local_dir")
+    parser.add_argument("--save-steps", type=int, default=3)
+    parser.add_argument("--last-step", type=int, default=10**9)
+    parser.add_argument("--preemption", default="none", choices=["none", "sigterm", "gce", "aws"])
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--size", type=int, default=1 << 18, help="floats in the model's variable")
+    args = parser.parse_args()
+    url, endpoint, local_dir, save_steps, last_step = (args.url, args.endpoint, args.local_dir, args.save_steps,
+                                                       args.last_step)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    options = {"endpoint_url": endpoint} if endpoint != "-" else None
+    extra: dict = {"preemption_deadline": args.deadline}
+    if args.preemption == "sigterm":
+        extra["preemption"] = "sigterm"
+    elif args.preemption in ("gce", "aws"):  # metadata URLs come from CLOUDCKPT_*_METADATA_URL
+        extra["preemption"] = cloudckpt.PreemptionWatcher((args.preemption,), poll_interval=0.1)
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        w = tf.compat.v1.get_variable("w", shape=[args.size], initializer=tf.compat.v1.zeros_initializer())
+        target = tf.constant(np.linspace(0, 1, args.size, dtype=np.float32))
+        train_op = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+            tf.reduce_sum(tf.square(w - target)), global_step=global_step)
+        hook = cloudckpt.CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir,
+                                             storage_options=options, max_pending=2, **extra)
+        with tf.compat.v1.train.MonitoredTrainingSession(
+                checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
+                log_step_count_steps=None,
+                hooks=[hook, Report(), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]) as sess:
+            while not sess.should_stop():
+                sess.run(train_op)
+        print(f"DONE {hook.stats().last_committed_step} preempted={cloudckpt.was_preempted()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

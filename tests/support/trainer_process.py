@@ -1,0 +1,65 @@
+"""Run tests/support/crash_trainer.py as a child process and follow its progress."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TRAINER = Path(__file__).with_name("crash_trainer.py")
+
+
+class TrainerProcess:
+    """A training subprocess whose stdout lines (FIRST_STEP/STEP/DONE) are read in a background thread."""
+
+    def __init__(self, url: str, endpoint: str, local_dir: str, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TRAINER), url, endpoint, local_dir, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.first_step: int | None = None
+        self.step = -1
+        self.done: str | None = None
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if m := re.match(r"FIRST_STEP (\d+)", line):
+                self.first_step = int(m.group(1))
+            elif m := re.match(r"STEP (\d+)", line):
+                self.step = int(m.group(1))
+            elif line.startswith("DONE"):
+                self.done = line.strip()
+            self._lines.put(line)
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+        """Block until the trainer reports ``step`` (or fail with its stderr)."""
+        end = time.monotonic() + timeout
+        while self.step < step:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"trainer did not reach step {step} (rc={self.proc.poll()}):\n{self.stderr}")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 120) -> int:
+        rc = self.proc.wait(timeout)
+        time.sleep(0.05)  # let the reader threads drain
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr[-60:])
