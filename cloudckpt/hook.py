@@ -232,8 +232,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             return
         self.preempted = True
         deadline = self._preemption_deadline or notice.deadline
-        self._upload.prepare_final_save(notice.received_at + deadline)
         step = int(session.run(self._global_step_tensor))
+        self._upload.prepare_final_save(step, notice.received_at + deadline)
         try:
             super().end(session)
         except UploadError as exc:

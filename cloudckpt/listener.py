@@ -148,11 +148,11 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
                 "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
                 url=self.url, step=steps[-1] if steps else None)
 
-    def prepare_final_save(self, deadline: float) -> None:
-        """Make the next save the only one that matters: drop waiting uploads, and bound ``end()``'s wait
-        by ``deadline`` (a ``time.monotonic()`` value). Used when the VM is about to be preempted."""
+    def prepare_final_save(self, step: int, deadline: float) -> None:
+        """Make the checkpoint of ``step`` the only one that matters: drop waiting uploads of older steps,
+        and bound ``end()``'s wait by ``deadline`` (``time.monotonic()``). Used before a preemption."""
         self._end_deadline = deadline
-        self._uploader.drop_waiting("superseded by the final checkpoint before preemption")
+        self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before preemption")
 
     def raise_if_failed(self) -> None:
         """Raise the oldest unreported upload failure, if any."""

@@ -107,10 +107,11 @@ class Uploader:
                 dropped.release()
             self._cond.notify_all()
 
-    def drop_waiting(self, reason: str) -> None:
-        """Drop every checkpoint still waiting (not the one in flight): a newer one supersedes them."""
+    def drop_waiting(self, older_than: int, reason: str) -> None:
+        """Drop checkpoints still waiting (not the one in flight) with a step below ``older_than``."""
         with self._cond:
-            dropped, self._queue = list(self._queue), collections.deque()
+            dropped = [j for j in self._queue if j.checkpoint.step < older_than]
+            self._queue = collections.deque(j for j in self._queue if j.checkpoint.step >= older_than)
             self._stats.dropped += len(dropped)
         for job in dropped:
             log.warning("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)

@@ -1,0 +1,334 @@
+"""Fault-injection HTTP proxy for tests, to put in front of a moto server.
+
+Fault kinds:
+  "500"   InternalError S3 XML error.     "503"   SlowDown S3 XML error.
+  "reset" TCP RST after about half of the request body; for requests without a
+          body, after half of the upstream response body (or, if that is empty,
+          before the status line): then the upstream HAS executed the request,
+          exactly the ambiguity a real network failure leaves.
+An outage resets every connection and request until it ends.
+
+Determinism: one ``random.Random(seed)`` decides for every eligible request, in
+arrival order. A sequential client sees the same faults on every run; concurrent
+clients see the same sequence of decisions, dealt out in arrival order.
+"""
+
+import http.client
+import http.server
+import io
+import random
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter
+from urllib.parse import urlsplit
+
+KINDS = ("500", "503", "reset")
+_ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
+    "500": ("Internal Server Error", "InternalError",
+            "We encountered an internal error. Please try again."),
+    "503": ("Slow Down", "SlowDown", "Please reduce your request rate."),
+}
+# Per-connection headers are not forwarded (RFC 9110 7.6.1): the proxy redoes the
+# framing, and BaseHTTPRequestHandler answers "Expect: 100-continue" itself.
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
+               "transfer-encoding", "upgrade", "expect", "content-length"}
+_PIECE = 64 * 1024
+
+
+class _Reset(Exception):
+    """Raised inside the handler to abort the client connection with an RST."""
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and 100-continue
+    timeout = 30  # idle keep-alive connections must not pin threads forever
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def handle(self):
+        self.proxy = self.server.fault_proxy
+        if self.proxy._in_outage():  # reset at accept time: clients fail at once
+            return self._rst()
+        super().handle()
+
+    def _rst(self):
+        # SO_LINGER(on, 0) + close() makes the kernel send RST instead of FIN, so
+        # the client gets ECONNRESET at once, not a clean EOF or a hang.
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        finally:
+            self.rfile.close()  # it holds a socket reference: no close without it
+            self.connection.close()
+            self.close_connection = True
+
+    def _dispatch(self):
+        try:
+            self._serve()
+        except _Reset:
+            self._rst()
+        except (OSError, ValueError, http.client.HTTPException):
+            self.close_connection = True  # client or upstream went away
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def _chunked(self):
+        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+
+    def _body(self):
+        """Yield the request body in pieces: objects are never held in memory."""
+        if self._chunked():  # chunked wins over Content-Length (RFC 9112 6.3)
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                yield self._read_exact(size)
+                self.rfile.readline()  # CRLF closing the chunk
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers are dropped: neither botocore nor moto use them
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                piece = self._read_exact(min(left, _PIECE))
+                left -= len(piece)
+                yield piece
+
+    def _read_exact(self, n):
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise ConnectionError("client closed mid-body")
+        return data
+
+    def _serve(self):
+        if self.proxy._in_outage():  # keep-alive connection reused during an outage
+            raise _Reset
+        fault, latency = self.proxy._decide(self.command, self.path)
+        time.sleep(latency)
+        body = self._body()
+        if fault in _ERRORS:
+            for _ in body:  # drain, so the keep-alive connection stays usable
+                pass
+            return self._send_error(int(fault), *_ERRORS[fault])
+        length = int(self.headers.get("Content-Length") or 0)
+        if fault == "reset" and (length or self._chunked()):
+            got = 0
+            for piece in body:
+                got += len(piece)
+                if got >= length // 2:
+                    break
+            raise _Reset
+        self._forward(body, reset=fault == "reset")
+
+    def _send_error(self, status, reason, code, message):
+        request_id = uuid.uuid4().hex[:16].upper()
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+               f"<Message>{message}</Message><RequestId>{request_id}</RequestId>"
+               f"<HostId>fault-proxy</HostId></Error>").encode()
+        if self.command == "HEAD":
+            xml = b""  # HEAD responses have no body, so botocore sees code "500"/"503"
+        self.send_response_only(status, reason)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("x-amz-request-id", request_id)
+        self.send_header("Content-Length", str(len(xml)))
+        self.end_headers()
+        self.wfile.write(xml)
+
+    def _forward(self, body, reset):
+        # A fresh upstream connection per request: simpler than pooling and cheap
+        # on loopback; the client side still gets keep-alive. Host is forwarded
+        # untouched: it is part of the SigV4 signature.
+        up = http.client.HTTPConnection(*self.proxy._upstream, timeout=60)
+        try:
+            up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    up.putheader(name, value)
+            chunked = self._chunked()
+            if chunked:
+                up.putheader("Transfer-Encoding", "chunked")
+            elif "Content-Length" in self.headers:
+                up.putheader("Content-Length", self.headers["Content-Length"])
+            up.putheader("Connection", "close")
+            up.endheaders()
+            for piece in body:
+                up.send(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                up.send(b"0\r\n\r\n")
+            self._relay(up.getresponse(), reset)
+        finally:
+            up.close()
+
+    def _relay(self, resp, reset):
+        no_body = self.command == "HEAD" or resp.status in (204, 304)
+        length = None if resp.chunked else resp.getheader("Content-Length")
+        body = resp
+        if length is None and not no_body:  # rare (moto sends lengths): buffer it
+            body = io.BytesIO(resp.read())
+            length = str(len(body.getvalue()))
+        if reset and (no_body or length == "0"):
+            raise _Reset  # nothing to cut in half
+        self.send_response_only(resp.status, resp.reason)
+        for name, value in resp.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if length is not None:
+            self.send_header("Content-Length", length)
+        self.end_headers()
+        if no_body:
+            return
+        if reset:
+            self.wfile.write(body.read(int(length) // 2))
+            # An RST makes the client's kernel drop data it has not read yet: give
+            # it a moment, so that it really sees "headers, part of the body, RST".
+            time.sleep(0.1)
+            raise _Reset
+        while piece := body.read(_PIECE):
+            self.wfile.write(piece)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, fault_proxy):
+        self.fault_proxy = fault_proxy
+        self.open_sockets = set()  # so that stop() can end idle keep-alive connections
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def process_request(self, request, client_address):
+        self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+
+class FaultProxy:
+    """Threaded HTTP proxy on 127.0.0.1:<free port> in front of ``upstream``.
+
+    Configuration methods are thread-safe and apply from the next request on.
+    ``stats``: ``requests`` (decided), ``forwarded`` (no fault), one count per
+    injected kind, ``outage`` (connections/requests reset by an outage).
+    ``events``: ``(method, path, kind or None)`` for every decided request.
+    """
+
+    def __init__(self, upstream: str, *, seed: int = 0):
+        parts = urlsplit(upstream)
+        self._upstream = (parts.hostname, parts.port or 80)
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._server = self._thread = None
+        self._stats, self._events, self._scripted = Counter(), [], []
+        self._outage_until = 0.0
+        self.set_faults()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FaultProxy is not started")
+        return "http://127.0.0.1:%d" % self._server.server_address[1]
+
+    def start(self) -> "FaultProxy":
+        self._server = _Server(self)
+        # A short poll interval: stop() waits for it, once per test.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="fault-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        for sock in self._server.open_sockets.copy():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join()
+        self._server = self._thread = None
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def set_faults(self, error_rate=0.0, kinds=KINDS, latency=0.0,
+                   only_methods=None, path_filter=None) -> None:
+        """Replace the fault config. An eligible request gets a fault with
+        probability ``error_rate``, of a kind drawn from ``kinds``, and first
+        sleeps ``latency`` seconds. Eligible: method in ``only_methods`` (default:
+        all) and ``path_filter`` (regex searched in path+query, or a callable)
+        matches. Filters gate ``fail_next`` too, but not outages."""
+        if set(kinds) - set(KINDS):
+            raise ValueError(f"unknown fault kinds in {kinds!r}, expected {KINDS}")
+        if isinstance(path_filter, str):
+            path_filter = re.compile(path_filter).search
+        with self._lock:
+            self._rate, self._kinds, self._latency = float(error_rate), tuple(kinds), latency
+            self._methods = {m.upper() for m in only_methods} if only_methods else None
+            self._path_filter = path_filter
+
+    def fail_next(self, kind: str, count: int = 1) -> None:
+        """Inject ``kind`` into the next ``count`` eligible requests (before random faults)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}, expected {KINDS}")
+        with self._lock:
+            self._scripted.extend([kind] * count)
+
+    def outage(self, seconds: float) -> None:
+        """Reset every new connection and every request for ``seconds``."""
+        with self._lock:
+            self._outage_until = time.monotonic() + seconds
+
+    def start_outage(self) -> None:
+        self.outage(float("inf"))
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage_until = 0.0
+
+    def clear(self) -> None:
+        """Back to a transparent proxy; ``stats`` and ``events`` are kept."""
+        self.set_faults()
+        with self._lock:
+            self._scripted.clear()
+            self._outage_until = 0.0
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self._stats)
+
+    @property
+    def events(self) -> list:
+        with self._lock:
+            return list(self._events)
+
+    # -- called from the handler threads --
+    def _in_outage(self) -> bool:
+        with self._lock:
+            if time.monotonic() < self._outage_until:
+                self._stats["outage"] += 1
+                return True
+            return False
+
+    def _decide(self, method, path):
+        """(kind or None, latency) for one request; the lock fixes the arrival order."""
+        with self._lock:
+            self._stats["requests"] += 1
+            fault, latency = None, 0.0
+            if ((self._methods is None or method in self._methods)
+                    and (self._path_filter is None or self._path_filter(path))):
+                latency = self._latency
+                if self._scripted:
+                    fault = self._scripted.pop(0)
+                elif self._rate > 0 and self._rng.random() < self._rate:
+                    fault = self._rng.choice(self._kinds)
+            self._stats[fault or "forwarded"] += 1
+            self._events.append((method, path, fault))
+            return fault, latency

@@ -1,0 +1,75 @@
+"""Preemption end to end: a training subprocess gets a shutdown notice and commits a final checkpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+
+import pytest
+
+import cloudckpt
+from support.fake_metadata import FakeAwsMetadata, FakeGceMetadata
+from support.trainer_process import TrainerProcess
+
+
+@pytest.fixture
+def bucket_url(moto_server):
+    return moto_server.create_bucket(f"preempt-{uuid.uuid4().hex[:10]}") + "/runs/exp1"
+
+
+def assert_everything_verifies(url, options):
+    for info in cloudckpt.list_checkpoints(url, options):
+        assert cloudckpt.verify(url, info.step, storage_options=options).ok, info.step
+
+
+def assert_restart_resumes(moto_server, url, tmp_path, expected_step, *args):
+    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "new-vm"), "--save-steps", "50",
+                             "--last-step", str(expected_step + 3), *args)
+    assert trainer.wait() == 0, trainer.stderr
+    assert trainer.first_step == expected_step
+
+
+@pytest.mark.parametrize("source", ["sigterm", "gce", "aws"])
+def test_notice_commits_the_step_it_stopped_at(source, moto_server, bucket_url, tmp_path):
+    options = moto_server.storage_options
+    stop_after = random.Random(source).randint(60, 140)  # not a multiple of the save interval, mostly
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
+        trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "50",
+                                 "--preemption", source,
+                                 env={"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url})
+        trainer.wait_for_step(stop_after)
+        {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[source]()
+        assert trainer.wait() == 0, trainer.stderr  # a clean exit, not a kill
+        if source == "aws":  # the IMDSv2 dance: a token first, then the notice fetched with it
+            assert aws.requests_to("/latest/api/token")
+            assert all(r.header("X-aws-ec2-metadata-token") for r in
+                       aws.requests_to("/latest/meta-data/spot/instance-action"))
+    stopped_at = trainer.step
+    assert stopped_at > stop_after - 1
+    assert trainer.done == f"DONE {stopped_at} preempted=True"
+    latest = cloudckpt.latest_checkpoint(bucket_url, options)
+    assert latest.step == stopped_at  # the final checkpoint, not the last periodic save
+    assert "Preemption: committed final checkpoint step" in trainer.stderr
+    assert_everything_verifies(bucket_url, options)
+    assert_restart_resumes(moto_server, bucket_url, tmp_path, stopped_at)
+
+
+def test_deadline_too_short_keeps_previous_checkpoint(moto_server, bucket_url, tmp_path):
+    options = moto_server.storage_options
+    size = ["--size", str(1 << 22)]  # 16 MB: no upload finishes within the 1 ms deadline
+    trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "1000",
+                             "--preemption", "sigterm", "--deadline", "0.001", *size)
+    deadline = time.monotonic() + 120
+    while cloudckpt.latest_checkpoint(bucket_url, options) is None:  # the periodic save at step 0 is in
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.stderr
+        time.sleep(0.1)
+    trainer.wait_for_step(trainer.step + 5)
+    trainer.terminate()
+    assert trainer.wait() == 0, trainer.stderr
+    assert 0 < trainer.step < 1000
+    assert cloudckpt.latest_checkpoint(bucket_url, options).step == 0  # the previous periodic one
+    assert f"final checkpoint (step {trainer.step}) was not committed within" in trainer.stderr
+    assert "the latest committed checkpoint is step 0" in trainer.stderr
+    assert_everything_verifies(bucket_url, options)
+    assert_restart_resumes(moto_server, bucket_url, tmp_path, 0, *size)
