@@ -1,21 +1,67 @@
 """The ``cloudckpt`` command line.
 
-Exit codes: 0 ok, 1 a check failed, 2 usage or configuration error. Errors
-are one line on stderr; ``--debug`` shows the traceback.
+Subcommands::
+
+    cloudckpt ls URL [--json]                       committed and incomplete checkpoints
+    cloudckpt verify URL [--step N | --all]         re-read and check size + crc32c
+    cloudckpt pull URL DIR [--step N]               download + verify; tf.train.latest_checkpoint(DIR) works
+    cloudckpt push DIR URL                          upload and commit an existing local TF checkpoint directory
+    cloudckpt gc URL --keep N [--keep-every-hours H] [--grace-hours H] [--dry-run]
+    cloudckpt demo                                  train a small model against an embedded S3 server
+
+Exit codes: 0 ok, 1 a check failed (corrupt or missing checkpoint, storage
+error), 2 usage or configuration error (bad arguments, unknown URL scheme,
+missing bucket or directory). Errors are one line on stderr; ``--debug``
+shows the traceback and cloudckpt's debug log.
+
+Only ``demo`` imports TensorFlow; the other subcommands stay fast to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import logging
+import os
 import sys
-from typing import Callable, Sequence
+import textwrap
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._version import __version__
 from .errors import CloudCkptError, ConfigError
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:
+    from .catalog import CheckpointInfo, DirectoryScan
+    from .remote import RemoteStore
 
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_MAX_ATTEMPTS = 3
+
+STORAGE_OPTIONS_HELP = """\
+storage options:
+  --storage-option KEY=VALUE (repeatable) is passed to the fsspec filesystem of
+  the URL (s3fs, gcsfs, adlfs...). VALUE is converted like JSON: true/false,
+  null, integers and floats become those types, {...} and [...] are parsed as
+  JSON; anything else is a string (quote it to force a string: token='"123"').
+  A dotted KEY nests: client_kwargs.region_name=us-east-1 passes
+  {"client_kwargs": {"region_name": "us-east-1"}}. Values are never printed.
+  Without options the backends' usual credentials apply (AWS_ACCESS_KEY_ID /
+  AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_ENDPOINT_URL, GOOGLE_APPLICATION_
+  CREDENTIALS, instance metadata...).
+  Example: cloudckpt ls s3://bucket/run --storage-option endpoint_url=http://127.0.0.1:9000
+
+exit codes:
+  0  ok
+  1  a check failed: corrupt, missing or unreadable checkpoint, nothing
+     committed to verify or pull, or a storage error
+  2  usage or configuration error: bad arguments or storage options, unknown
+     URL scheme, missing bucket or local directory
+"""
+
+
+# -- helpers -------------------------------------------------------------------------------------
 
 def _human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -24,6 +70,438 @@ def _human_size(n: int) -> str:
         n /= 1000  # type: ignore[assignment]
     return f"{n} B"
 
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _err(message: str) -> None:
+    print(f"cloudckpt: {message}", file=sys.stderr, flush=True)
+
+
+def _coerce(value: str) -> Any:
+    """``true``/``false``/``null``/numbers/JSON objects and arrays/quoted strings -> Python; else the string."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    if lowered not in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if value[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(
+                "a --storage-option value starting with {, [ or \" must be valid JSON") from None
+    return value
+
+
+def storage_option(text: str) -> tuple[list[str], Any]:
+    """argparse type of ``--storage-option``: ``a.b=value`` -> (["a", "b"], coerced value).
+
+    Error messages name the key only: values may hold secrets.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000)")
+    path = key.split(".")
+    if not key or any(not part for part in path):
+        raise argparse.ArgumentTypeError("expected KEY=VALUE with a non-empty KEY (dotted parts non-empty)")
+    return path, _coerce(value)
+
+
+def build_storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict[str, Any]:
+    """Merge parsed ``--storage-option`` pairs into one (nested) dict; conflicting keys are a ConfigError."""
+    options: dict[str, Any] = {}
+    for path, value in pairs or ():
+        node = options
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--storage-option {'.'.join(path[:i + 1])} is given both as a value and as "
+                                  f"a group of nested keys ({'.'.join(path)}).")
+            node = child
+        last = path[-1]
+        if isinstance(node.get(last), dict) and not isinstance(value, dict):
+            raise ConfigError(f"--storage-option {'.'.join(path)} is given both as a value and as a group of "
+                              "nested keys.")
+        node[last] = value
+    return options
+
+
+def _open_store(args: argparse.Namespace, url: str, *, create: bool = False,
+                store_class: type | None = None) -> "RemoteStore":
+    """The remote directory at ``url``; a missing bucket or local directory is a ConfigError (exit 2).
+
+    For remote URLs an empty or absent prefix in an existing bucket is just an
+    empty directory. ``create`` makes a missing local directory (push).
+    """
+    from .remote import RemoteStore
+    from .retry import RetryPolicy
+
+    cls = store_class or RemoteStore
+    retry = RetryPolicy(max_attempts=args.max_attempts, initial_backoff=0.5, max_backoff=8.0, deadline=120.0)
+    store = cls(url, build_storage_options(args.storage_option), retry=retry)
+    if store.is_local:
+        if os.path.isdir(store.root):
+            return store
+        if os.path.exists(store.root):
+            raise ConfigError(f"{url!r} is a file, not a checkpoint directory.")
+        if not create:
+            raise ConfigError(f"Local directory {url!r} does not exist.")
+    store.check_usable()
+    return store
+
+
+def _progress_store_class() -> type:
+    """A RemoteStore subclass that advances ``store.bar`` (tqdm) as bytes are downloaded or read.
+
+    Built on demand so that importing this module does not import fsspec.
+    Progress is per byte where the backend reports it (fsspec callbacks) and
+    topped up per file otherwise; a retried download is un-counted first.
+    """
+    import fsspec.callbacks
+
+    from .remote import RemoteStore
+
+    class _BarCallback(fsspec.callbacks.Callback):
+        def __init__(self, advance: Callable[[int], None]) -> None:
+            super().__init__()
+            self._advance = advance
+            self.reported = 0
+
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            delta = int(self.value) - self.reported
+            if delta > 0:
+                self.reported += delta
+                self._advance(delta)
+
+    class _CountingReader:
+        def __init__(self, f: Any, advance: Callable[[int], None]) -> None:
+            self._f, self._advance = f, advance
+
+        def read(self, n: int = -1) -> bytes:
+            data = self._f.read(n)
+            self._advance(len(data))
+            return data
+
+        def __enter__(self) -> "_CountingReader":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()
+
+        def close(self) -> None:
+            self._f.close()
+
+    class ProgressStore(RemoteStore):
+        bar: Any = None
+        sizes: dict[str, int] = {}
+        _lock = threading.Lock()
+
+        def advance(self, n: int) -> None:
+            if self.bar is not None and n:
+                with self._lock:
+                    self.bar.update(n)
+
+        def get_file(self, name: str, local_path: str) -> None:
+            cb = _BarCallback(self.advance)
+
+            def attempt() -> None:
+                self.advance(-cb.reported)  # a retry starts this file over
+                cb.reported = 0
+                cb.value = 0
+                self.fs.get_file(self.path(name), local_path, callback=cb)
+
+            self._run("download", self.url_of(name), attempt)
+            rest = self.sizes.get(name, cb.reported) - cb.reported
+            if rest > 0:  # backends that do not report progress: advance per file
+                self.advance(rest)
+
+        def open_read(self, name: str) -> Any:
+            return _CountingReader(super().open_read(name), self.advance)
+
+    return ProgressStore
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    """A tqdm byte bar on stderr when it is a terminal, else None (quiet in scripts and logs)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+def _scan(store: "RemoteStore") -> "DirectoryScan":
+    from .catalog import scan_directory
+
+    return scan_directory(store)
+
+
+def _manifest_step(name: str) -> int:
+    from .manifest import parse_manifest_name
+
+    parsed = parse_manifest_name(name)
+    return parsed[1] if parsed else -1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.split()) if text else type(exc).__name__
+
+
+# -- ls ------------------------------------------------------------------------------------------
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List the checkpoints in a remote directory: committed ones (with a manifest), incomplete uploads
+    (files without a manifest) and unreadable manifests."""
+    from .manifest import parse_checkpoint_file_name
+
+    store = _open_store(args, args.url)
+    scan = _scan(store)
+    rows: list[dict[str, Any]] = []
+    for c in scan.committed:
+        rows.append({"step": c.step, "status": "committed", "created_at": c.created_at, "size": c.size,
+                     "files": len(c.files), "prefix": c.prefix})
+    for inc in scan.incomplete:
+        newest = max((o.modified for o in inc.objects if o.modified is not None), default=None)
+        rows.append({"step": inc.step, "status": "incomplete", "created_at": _iso(newest), "size": inc.size,
+                     "files": len(inc.objects), "prefix": inc.prefix})
+    modified = {o.name: o.modified for o in scan.objects}
+    for name, error in scan.unreadable.items():
+        prefix = name[: -len(".manifest.json")]
+        objs = [o for o in scan.objects if (p := parse_checkpoint_file_name(o.name)) and p[0] == prefix]
+        rows.append({"step": _manifest_step(name), "status": "unreadable", "created_at": _iso(modified.get(name)),
+                     "size": sum(o.size for o in objs), "files": len(objs), "prefix": store.url_of(prefix),
+                     "error": _one_line(error)})
+    order = {"committed": 0, "unreadable": 1, "incomplete": 2}
+    rows.sort(key=lambda r: (r["step"], order[r["status"]], r["prefix"]))
+
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"No checkpoints in {store.url}.")
+    else:
+        print(f"{'step':>8}  {'created (UTC)':<20}  {'size':>9}  {'files':>5}  status")
+        for r in rows:
+            print(f"{r['step']:>8}  {r['created_at']:<20}  {_human_size(r['size']):>9}  {r['files']:>5}  "
+                  f"{r['status']}")
+    for r in rows:
+        if r["status"] == "unreadable":
+            _err(f"error: step {r['step']}: {r['error']}")
+    return EXIT_CHECK_FAILED if scan.unreadable else EXIT_OK
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+def _problem_text(check: Any) -> str:
+    if check.status == "missing":
+        return "missing (the manifest lists it, the store does not have it)"
+    if check.status == "size mismatch":
+        return f"size mismatch (expected {check.expected_size} bytes, found {check.found_size})"
+    return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c})"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-read committed checkpoints from the store and check every file's size and crc32c against
+    the manifest. Checks the newest checkpoint by default (an unreadable newest manifest fails)."""
+    from .restore import CheckpointNotFoundError, verify_checkpoint
+
+    store_class = _progress_store_class() if sys.stderr.isatty() else None
+    store = _open_store(args, args.url, store_class=store_class)
+    scan = _scan(store)
+    targets: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.committed]
+    targets += [(_manifest_step(name), error) for name, error in scan.unreadable.items()]
+    targets.sort(key=lambda t: t[0])
+    if args.step is not None:
+        targets = [t for t in targets if t[0] == args.step]
+        if not targets:
+            raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
+                                          f"(committed steps: {[c.step for c in scan.committed]}).")
+    elif not args.all:
+        targets = targets[-1:]
+    if not targets:
+        raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
+
+    failed: list[int] = []
+    for step, item in targets:
+        if isinstance(item, Exception):
+            print(f"FAILED  step {step}: unreadable manifest: {_one_line(item)}", flush=True)
+            failed.append(step)
+            continue
+        bar = _progress_bar(item.size, f"verify step {step}")
+        if bar is not None:
+            store.bar = bar
+        try:
+            report = verify_checkpoint(store, item)
+        finally:
+            if bar is not None:
+                bar.close()
+        if report.ok:
+            print(f"OK      step {step}: {item.name} ({len(item.files)} files, {_human_size(item.size)})",
+                  flush=True)
+        else:
+            failed.append(step)
+            print(f"FAILED  step {step}: {item.name} ({len(report.problems)} of {len(item.files)} files bad)")
+            for check in report.problems:
+                print(f"          {check.name}: {_problem_text(check)}", flush=True)
+    summary = f"{len(targets) - len(failed)} of {len(targets)} checkpoint(s) in {store.url} verified OK"
+    if failed:
+        _err(f"error: verification failed for step(s) {', '.join(map(str, failed))}; {summary}.")
+        return EXIT_CHECK_FAILED
+    print(f"{summary}.")
+    return EXIT_OK
+
+
+# -- pull ----------------------------------------------------------------------------------------
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download a committed checkpoint (newest by default) into a local directory and verify every file
+    before moving it into place; afterwards tf.train.latest_checkpoint(DIR) returns it. A failed pull
+    leaves DIR as it was."""
+    from .restore import CheckpointNotFoundError, download_verified
+
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise ConfigError(f"{args.dir!r} is a file, not a directory.")
+    store_class = _progress_store_class() if sys.stderr.isatty() else None
+    store = _open_store(args, args.url, store_class=store_class)
+    scan = _scan(store)
+    if args.step is None:
+        if not scan.committed:
+            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull.")
+        info = scan.committed[-1]
+        newer_bad = sorted(_manifest_step(n) for n in scan.unreadable if _manifest_step(n) > info.step)
+        if newer_bad:
+            _err(f"warning: newer step(s) {newer_bad} have unreadable manifests (see cloudckpt ls); "
+                 f"pulling step {info.step}.")
+    else:
+        matches = [c for c in scan.committed if c.step == args.step]
+        if not matches:
+            for name, error in scan.unreadable.items():
+                if _manifest_step(name) == args.step:
+                    raise error
+            raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
+                                          f"(committed steps: {[c.step for c in scan.committed]}).")
+        info = matches[-1]
+
+    bar = _progress_bar(info.size, f"pull step {info.step}")
+    if bar is not None:
+        store.bar = bar
+        store.sizes = {f.name: f.size for f in info.files}
+    try:
+        local_prefix = download_verified(store, info, args.dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"Pulled step {info.step} ({len(info.files)} files, {_human_size(info.size)}, verified) "
+          f"into {local_prefix}")
+    return EXIT_OK
+
+
+# -- push ----------------------------------------------------------------------------------------
+
+def local_checkpoint_prefixes(directory: str) -> list[str]:
+    """Prefixes (``model.ckpt-30``) of the checkpoints in a local TF directory, oldest step first."""
+    from .manifest import parse_checkpoint_file_name
+
+    found = {parsed for name in os.listdir(directory)
+             if name.endswith(".index") and os.path.isfile(os.path.join(directory, name))
+             and (parsed := parse_checkpoint_file_name(name))}
+    return [prefix for prefix, _ in sorted(found, key=lambda p: (p[1], p[0]))]
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload the checkpoints of an existing local TF checkpoint directory (e.g. written by TF's stock
+    CheckpointSaverHook) and commit each with its manifest, oldest first; graph.pbtxt is uploaded too.
+    Checkpoints already committed with identical content are skipped, so push can be re-run."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from .commit import GRAPH_FILE, commit_checkpoint, find_local_checkpoint
+
+    directory = args.dir
+    if not os.path.isdir(directory):
+        raise ConfigError(f"Local directory {directory!r} does not exist." if not os.path.exists(directory)
+                          else f"{directory!r} is a file, not a checkpoint directory.")
+    prefixes = local_checkpoint_prefixes(directory)
+    if not prefixes:
+        raise ConfigError(f"No TensorFlow checkpoint in {directory!r} (expected files such as "
+                          "model.ckpt-1000.index): nothing to push.")
+    store = _open_store(args, args.url, create=True)
+    graph = os.path.join(directory, GRAPH_FILE)
+    graph_uploaded = not os.path.isfile(graph)
+    pushed = skipped = 0
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="cloudckpt-push") as pool:
+        for prefix in prefixes:
+            ckpt = find_local_checkpoint(directory, prefix)
+            if ckpt is None:  # removed while we ran (a live Saver's max_to_keep)
+                _err(f"warning: {prefix} disappeared from {directory}; skipped.")
+                continue
+            if not graph_uploaded:
+                ckpt = replace(ckpt, extras={GRAPH_FILE: graph})
+            result = commit_checkpoint(store, ckpt, executor=pool)
+            if result.already_committed:
+                skipped += 1
+                print(f"step {ckpt.step}: {prefix} already committed with identical content, skipped", flush=True)
+            else:
+                pushed += 1
+                graph_uploaded = True
+                print(f"step {ckpt.step}: committed {prefix} ({len(ckpt.files)} files, "
+                      f"{_human_size(ckpt.total_size)})", flush=True)
+    if not graph_uploaded and store.size(GRAPH_FILE) != os.path.getsize(graph):
+        store.put_file(graph, GRAPH_FILE)
+    print(f"Pushed {pushed} checkpoint(s) to {store.url}" + (f" ({skipped} already there)" if skipped else "")
+          + f"; latest step {int(prefixes[-1].rsplit('-', 1)[1])}.")
+    return EXIT_OK
+
+
+# -- gc ------------------------------------------------------------------------------------------
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Delete old committed checkpoints (keeping the newest --keep, and one per --keep-every-hours) and
+    the files of uploads that never committed (older than --grace-hours). The newest committed
+    checkpoint is always kept. Manifests go first, so a reader never sees a committed checkpoint with
+    missing files."""
+    from .retention import RetentionPolicy, apply_retention, plan_retention
+
+    policy = RetentionPolicy(max_to_keep=args.keep, keep_checkpoint_every_n_hours=args.keep_every_hours,
+                             debris_grace_seconds=args.grace_hours * 3600.0)
+    store = _open_store(args, args.url)
+    scan = _scan(store)
+    for name, error in scan.unreadable.items():
+        _err(f"warning: leaving step {_manifest_step(name)} alone: {_one_line(error)}")
+    plan = plan_retention(scan, policy)
+    verb = "would delete" if args.dry_run else "delete"
+    for c in plan.delete:
+        print(f"{verb} step {c.step}: {c.name} ({len(c.files) + 1} objects, {_human_size(c.size)})")
+    for d in plan.debris:
+        print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
+              f"{len(d.objects)} objects, {_human_size(d.size)})")
+    if not args.dry_run and (plan.delete or plan.debris):
+        apply_retention(store, plan)
+    kept = ", ".join(str(c.step) for c in plan.keep) or "none"
+    if args.dry_run:
+        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {store.url}; nothing was deleted. "
+              f"Keeping step(s): {kept}.")
+    else:
+        print(f"Freed {_human_size(plan.bytes_freed)} in {store.url}. Kept step(s): {kept}.")
+    return EXIT_OK
+
+
+# -- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small model with checkpoints committed to an embedded S3 server."""
@@ -44,44 +522,175 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
+# -- parser --------------------------------------------------------------------------------------
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _float(minimum: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value != value or (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="cloudckpt", description="Inspect, verify, fetch and clean TensorFlow checkpoints in object stores.")
-    parser.add_argument("--version", action="version", version=f"cloudckpt {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        prog="cloudckpt", formatter_class=fmt,
+        description=textwrap.fill(
+            "Inspect, verify, fetch, upload and clean TensorFlow checkpoints in object stores (S3, GCS or any "
+            "fsspec URL). A checkpoint counts as committed only when its manifest (<prefix>.manifest.json, "
+            "listing every file's size and crc32c) is present.", 79),
+        epilog="Run 'cloudckpt COMMAND --help' for a command's options.\n\n" + STORAGE_OPTIONS_HELP)
+    parser.add_argument("--version", action="version", version=f"cloudckpt {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show tracebacks and cloudckpt's debug log (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = sub.add_parser("demo", help="train a small model with checkpoints going to an embedded S3 server",
-                          description=cmd_demo.__doc__)
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    demo.add_argument("--save-steps", type=int, default=50, help="save a checkpoint every N steps (default: 50)")
-    demo.set_defaults(func=cmd_demo)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and cloudckpt's debug log")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--storage-option", "-o", metavar="KEY=VALUE", action="append", type=storage_option,
+                        default=[], dest="storage_option",
+                        help="option for the URL's fsspec filesystem, repeatable, e.g. "
+                             "endpoint_url=http://127.0.0.1:9000; values true/false/null/numbers/JSON are "
+                             "converted, dotted keys nest (client_kwargs.region_name=us-east-1); "
+                             "values are never printed")
+    remote.add_argument("--max-attempts", type=_positive_int, metavar="N", default=DEFAULT_MAX_ATTEMPTS,
+                        help="attempts per storage operation on transient errors (throttling, 5xx, connection "
+                             "errors), with exponential backoff; 1 disables retries "
+                             f"(default: {DEFAULT_MAX_ATTEMPTS})")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+        description = textwrap.fill(" ".join((func.__doc__ or help_).split()), 79)
+        p = sub.add_parser(name, help=help_, description=description,
+                           parents=parents, formatter_class=fmt,
+                           epilog=STORAGE_OPTIONS_HELP if remote in parents else None)
+        p.set_defaults(func=func)
+        return p
+
+    url_help = "checkpoint directory URL, e.g. s3://bucket/runs/exp1, gs://..., memory://..., or a local path"
+
+    ls = add("ls", cmd_ls, "list committed and incomplete checkpoints", [common, remote])
+    ls.add_argument("url", metavar="URL", help=url_help)
+    ls.add_argument("--json", action="store_true",
+                    help="print a JSON list of objects with step (int), status (committed | incomplete | "
+                         "unreadable), created_at (ISO-8601 UTC), size (bytes), files (count), prefix (URL) "
+                         "and, for unreadable manifests, error; instead of the table")
+
+    verify = add("verify", cmd_verify, "re-read checkpoints and check every file's size and crc32c",
+                 [common, remote])
+    verify.add_argument("url", metavar="URL", help=url_help)
+    which = verify.add_mutually_exclusive_group()
+    which.add_argument("--step", type=_non_negative_int, metavar="N",
+                       help="verify the checkpoint at global step N (default: the newest)")
+    which.add_argument("--all", action="store_true", help="verify every committed checkpoint")
+
+    pull = add("pull", cmd_pull, "download and verify a checkpoint into a local directory", [common, remote])
+    pull.add_argument("url", metavar="URL", help=url_help)
+    pull.add_argument("dir", metavar="DIR", help="local directory to download into (created if missing)")
+    pull.add_argument("--step", type=_non_negative_int, metavar="N",
+                      help="pull the checkpoint at global step N (default: the newest committed)")
+
+    push = add("push", cmd_push, "upload and commit an existing local TF checkpoint directory", [common, remote])
+    push.add_argument("dir", metavar="DIR",
+                      help="local TF checkpoint directory (files such as model.ckpt-1000.index, "
+                           ".data-00000-of-00001, .meta)")
+    push.add_argument("url", metavar="URL", help=url_help)
+
+    gc = add("gc", cmd_gc, "delete old checkpoints and debris of interrupted uploads", [common, remote])
+    gc.add_argument("url", metavar="URL", help=url_help)
+    gc.add_argument("--keep", type=_non_negative_int, metavar="N", required=True,
+                    help="keep the newest N committed checkpoints (0 keeps all of them and only removes "
+                         "debris); the newest is always kept")
+    gc.add_argument("--keep-every-hours", type=_float(0.0, strict=True), metavar="H",
+                    help="also keep one checkpoint per H hours of run time, like TF's "
+                         "keep_checkpoint_every_n_hours (default: off)")
+    gc.add_argument("--grace-hours", type=_float(0.0, strict=False), metavar="H", default=1.0,
+                    help="remove files of uncommitted checkpoints only when older than H hours, so an "
+                         "upload in flight is left alone (default: 1)")
+    gc.add_argument("--dry-run", action="store_true",
+                    help="only print what would be deleted and the bytes it would free; delete nothing")
+
+    demo = add("demo", cmd_demo, "train a small model with checkpoints going to an embedded S3 server", [common])
+    demo.add_argument("--steps", type=_positive_int, default=200, metavar="N",
+                      help="training steps (default: 200)")
+    demo.add_argument("--save-steps", type=_positive_int, default=50, metavar="N",
+                      help="save a checkpoint every N steps (default: 50)")
     return parser
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if debug:
+        logging.getLogger("cloudckpt").setLevel(logging.DEBUG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cloudckpt`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except ConfigError as exc:
         if args.debug:
             raise
-        print(f"cloudckpt: error: {exc}", file=sys.stderr)
+        _err(f"error: {_one_line(exc)}")
         return EXIT_USAGE
     except CloudCkptError as exc:
         if args.debug:
             raise
-        print(f"cloudckpt: error: {exc}", file=sys.stderr)
+        if isinstance(exc.__cause__, TypeError) and "unexpected keyword argument" in str(exc.__cause__):
+            # s3fs/gcsfs only reject an unknown storage option when they first connect.
+            url = getattr(args, "url", "the URL")
+            _err(f"error: invalid --storage-option for {url}: {_one_line(exc.__cause__)}")
+            return EXIT_USAGE
+        # The library's hint for exhausted retries speaks of the training hook; it does not apply here.
+        _err("error: " + _one_line(exc).replace("; it will be tried again with the next checkpoint", ""))
         return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
-        print("cloudckpt: interrupted", file=sys.stderr)
+        _err("interrupted")
         return 130
+    except BrokenPipeError:  # e.g. `cloudckpt ls URL | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_CHECK_FAILED
+    except OSError as exc:  # local disk trouble: permissions, disk full...
+        if args.debug:
+            raise
+        _err(f"error: {_one_line(exc)}")
+        return EXIT_CHECK_FAILED
+    except Exception as exc:  # noqa: BLE001 - never a bare traceback for users
+        if args.debug:
+            raise
+        _err(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
+        return EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ class RemoteStore:
         self.url = url.rstrip("/") if url.rstrip("/") else url
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
+        protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
         try:
-            self.fs, path = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+            self.fs, path = fsspec.core.url_to_fs(self.url, **_with_single_retry_layer(protocol, storage_options))
         except ImportError as exc:
             protocol = self.url.split("://", 1)[0]
             package = _BACKEND_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
@@ -86,6 +87,8 @@ class RemoteStore:
             raise ConfigError(f"Invalid storage_options for {self.url!r}: {exc}.") from exc
         self.root = path.rstrip("/") or path
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
+            self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
 
     # -- naming ---------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -250,6 +253,28 @@ class RemoteStore:
             raise
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
             raise remote_error(op, url, exc) from exc
+
+
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """fsspec options with cloudckpt's RetryPolicy as the only retry layer for S3.
+
+    botocore (5 attempts) and s3fs (5 more, for some errors) would otherwise
+    retry underneath our policy, multiplying waits, hiding retries from the
+    stats and stretching deadlines. A user who sets ``config_kwargs.retries``
+    keeps theirs. The instance is private (not fsspec's shared cache) because
+    we change its settings.
+    """
+    options = dict(storage_options or {})
+    if protocol in _S3_PROTOCOLS:
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"total_max_attempts": 1})
+        config.setdefault("connect_timeout", 10)
+        options["config_kwargs"] = config
+        options.setdefault("skip_instance_cache", True)
+    return options
 
 
 def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:

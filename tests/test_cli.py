@@ -1,0 +1,491 @@
+"""The ``cloudckpt`` command line, run as a subprocess against the moto S3 server (issue 6).
+
+Checkpoints come from one training run with TF's *stock* CheckpointSaverHook
+(module fixture); most tests commit them to a fresh bucket in-process and then
+drive the CLI. Facts are checked independently: objects via boto3, integrity
+via support.checks, restores via tf.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloudckpt import cli
+from cloudckpt.commit import commit_checkpoint, find_local_checkpoint
+from cloudckpt.errors import ConfigError
+from cloudckpt.remote import RemoteStore
+from support.checks import assert_all_committed_intact, manifests, state_file
+
+STEPS = [0, 10, 20, 30]
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+SUBCOMMANDS = ["ls", "verify", "pull", "push", "gc", "demo"]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("AWS_PROFILE", None)
+    env.pop("AWS_ENDPOINT_URL", None)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m cloudckpt.cli ARGS`` with stdout/stderr captured (so stderr is not a TTY)."""
+    return subprocess.run([sys.executable, "-m", "cloudckpt.cli", *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_cli_many(*commands: list[str], timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Run independent CLI invocations concurrently (subprocess start-up dominates these tests)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args], env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) for args in commands]
+    results = []
+    for args, proc in zip(commands, procs):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def run_cli_tty(*args: str, timeout: float = 120) -> tuple[int, str, str]:
+    """Like run_cli, but stderr is a pseudo-terminal (100 columns): (returncode, stdout, stderr bytes as text)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cloudckpt.cli", *args], env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=slave, stdin=subprocess.DEVNULL, timeout=timeout)
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the slave side is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.returncode, proc.stdout.decode(), b"".join(chunks).decode(errors="replace")
+
+
+def one_error_line(stderr: str) -> str:
+    """stderr must be exactly one line, no traceback; returns it."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("cloudckpt"), lines[0]
+    return lines[0]
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_run(tmp_path_factory):
+    """``cloudckpt demo`` started in the background at the start of the module (it imports TF and trains,
+    the slowest subcommand); test_demo collects it at the end."""
+    out = tmp_path_factory.mktemp("demo") / "out.txt"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "demo", "--steps", "6", "--save-steps", "3"],
+                                env=cli_env(), stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stock_dir(tmp_path_factory) -> Path:
+    """A checkpoint directory written by TF's own CheckpointSaverHook (steps 0, 10, 20, 30 + graph.pbtxt)."""
+    import tensorflow as tf
+
+    from support.tf_model import train
+
+    directory = tmp_path_factory.mktemp("stock")
+    train(lambda s: tf.compat.v1.train.CheckpointSaverHook(str(directory), save_steps=10), last_step=30)
+    assert sorted(int(p.name.split("-")[1].split(".")[0]) for p in directory.glob("model.ckpt-*.index")) == STEPS
+    assert (directory / "graph.pbtxt").is_file()
+    return directory
+
+
+@pytest.fixture
+def bucket(moto_server):
+    """(url, bucket name, boto3 client, endpoint option) for a fresh bucket."""
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(name)
+    return f"s3://{name}/runs/exp1", name, moto_server.client(), f"endpoint_url={moto_server.endpoint}"
+
+
+@pytest.fixture
+def committed(bucket, stock_dir, moto_server):
+    """``bucket`` with every stock checkpoint committed (in-process, to keep the CLI tests about the CLI)."""
+    url = bucket[0]
+    store = RemoteStore(url, moto_server.storage_options)
+    for step in STEPS:
+        commit_checkpoint(store, find_local_checkpoint(str(stock_dir), f"model.ckpt-{step}"))
+    return bucket
+
+
+def keys(client, name: str) -> list[str]:
+    return sorted(o["Key"].split("/", 2)[-1] for o in client.list_objects_v2(Bucket=name).get("Contents", []))
+
+
+def add_incomplete(client, name: str, step: int, source_step: int = 30) -> None:
+    """Files of an upload cut short: ``model.ckpt-<step>.*`` without a manifest."""
+    for suffix in (".index", ".data-00000-of-00001"):
+        client.copy_object(Bucket=name, Key=f"runs/exp1/model.ckpt-{step}{suffix}",
+                           CopySource={"Bucket": name, "Key": f"runs/exp1/model.ckpt-{source_step}{suffix}"})
+
+
+def flip_byte(client, name: str, key: str) -> None:
+    body = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=name, Key=key, Body=bytes(body))
+
+
+# -- help -------------------------------------------------------------------------------------------
+
+def test_help_describes_every_option():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)
+    parsers = [(None, parser), *subparsers.choices.items()]
+    helps = run_cli_many(*[[*([command] if command else []), "--help"] for command, _ in parsers])
+    for (command, sub), proc in zip(parsers, helps):
+        assert proc.returncode == 0, proc.stderr
+        text = " ".join(proc.stdout.split())
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action.choices:
+                    assert re.search(rf"\b{choice}\b", text), (command, choice)
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.dest)
+            names = action.option_strings or [action.metavar]
+            for name in names:
+                assert name in text, (command, name)
+            assert " ".join(action.help.split())[:40] in text, (command, action.dest)
+        if command not in (None, "demo"):
+            assert "--storage-option" in text and "exit codes" in text
+
+
+def test_storage_option_parsing():
+    parse = cli.storage_option
+    pairs = [parse(t) for t in ("endpoint_url=http://h:9000", "anon=false", "use_ssl=TRUE", "n=3", "x=1.5",
+                                "token=null", 'code="0123"', "client_kwargs.region_name=us-east-1",
+                                "config_kwargs.retries={\"max_attempts\": 2}", "empty=", "eq=a=b")]
+    assert cli.build_storage_options(pairs) == {
+        "endpoint_url": "http://h:9000", "anon": False, "use_ssl": True, "n": 3, "x": 1.5, "token": None,
+        "code": "0123", "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 2}}, "empty": "", "eq": "a=b"}
+    for bad in ("novalue", "=x", "a..b=1", "j={not json"):
+        with pytest.raises(argparse.ArgumentTypeError) as info:
+            parse(bad)
+        assert "not json" not in str(info.value)
+    with pytest.raises(ConfigError, match="client_kwargs"):
+        cli.build_storage_options([parse("client_kwargs=s3cr3t"), parse("client_kwargs.region_name=x")])
+
+
+# -- push -------------------------------------------------------------------------------------------
+
+def test_push_stock_tf_directory_then_ls_verify_pull(bucket, stock_dir, moto_server, tmp_path):
+    import tensorflow as tf
+
+    url, name, client, endpoint = bucket
+    proc = run_cli("push", str(stock_dir), url, "--storage-option", endpoint)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:4]] == [f"step {s}" for s in STEPS]
+    assert all("committed model.ckpt-" in line for line in lines[:4])
+
+    expected = {f"model.ckpt-{s}{x}" for s in STEPS for x in (".index", ".data-00000-of-00001", ".meta",
+                                                                ".manifest.json")}
+    assert set(keys(client, name)) == expected | {"graph.pbtxt", "checkpoint"}
+    assert sorted(assert_all_committed_intact(url, moto_server.storage_options)) == STEPS
+    assert state_file(url, moto_server.storage_options)["model_checkpoint_path"] == ["model.ckpt-30"]
+    graph = client.get_object(Bucket=name, Key="runs/exp1/graph.pbtxt")["Body"].read()
+    assert graph == (stock_dir / "graph.pbtxt").read_bytes()
+
+    target = tmp_path / "restored"
+    listing, check, pull = run_cli_many(["ls", url, "--json", "-o", endpoint], ["verify", url, "--all", "-o", endpoint],
+                                        ["pull", url, str(target), "-o", endpoint])
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [(r["step"], r["status"], r["files"]) for r in rows] == [(s, "committed", 3) for s in STEPS]
+    for r in rows:
+        local = sum(p.stat().st_size for p in stock_dir.glob(f"model.ckpt-{r['step']}.*"))
+        assert r["size"] == local
+
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert [line.split()[:3] for line in check.stdout.splitlines()[:4]] == [["OK", "step", f"{s}:"] for s in STEPS]
+
+    assert pull.returncode == 0, pull.stderr
+    assert pull.stderr == ""  # not a TTY: no progress bar
+    assert tf.train.latest_checkpoint(str(target)) == str(target / "model.ckpt-30")
+    np.testing.assert_array_equal(tf.train.load_variable(str(target / "model.ckpt-30"), "w"),
+                                  tf.train.load_variable(str(stock_dir / "model.ckpt-30"), "w"))
+    assert not [p for p in os.listdir(target) if p.startswith(".cloudckpt-download")]
+
+    again = run_cli("push", str(stock_dir), url, "-o", endpoint)  # idempotent: nothing re-uploaded
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already committed") == 4 and "Pushed 0 checkpoint(s)" in again.stdout
+    assert manifests(url, moto_server.storage_options).keys() == set(STEPS)
+
+
+def test_push_without_checkpoints_is_a_usage_error(bucket, tmp_path):
+    url, name, client, endpoint = bucket
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no checkpoints here")
+    proc, missing = run_cli_many(["push", str(tmp_path / "empty"), url, "-o", endpoint],
+                                 ["push", str(tmp_path / "nope"), url, "-o", endpoint])
+    assert proc.returncode == 2
+    assert "No TensorFlow checkpoint" in one_error_line(proc.stderr)
+    assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
+    assert keys(client, name) == []
+
+
+# -- ls ---------------------------------------------------------------------------------------------
+
+def test_ls_json_schema_table_and_incomplete(committed):
+    url, name, client, endpoint = committed
+    add_incomplete(client, name, 40)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cloudckpt.cli", "ls", url, "--json",
+                           "-o", endpoint], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "s3fs.core" in imported and not {m for m in imported if m.split(".")[0] == "tensorflow"}
+    rows = json.loads(proc.stdout)
+    assert isinstance(rows, list)
+    assert [(r["step"], r["status"]) for r in rows] == [(s, "committed") for s in STEPS] + [(40, "incomplete")]
+    for r in rows:
+        assert {"step", "status", "created_at", "size", "files"} <= r.keys()
+        assert type(r["step"]) is int and type(r["size"]) is int and type(r["files"]) is int
+        assert r["size"] > 0 and ISO_UTC.match(r["created_at"]), r
+    assert rows[-1]["files"] == 2 and rows[-1]["prefix"] == f"{url}/model.ckpt-40"
+
+    table = run_cli("ls", url, "-o", endpoint)
+    assert table.returncode == 0 and table.stderr == ""
+    header, *body = table.stdout.splitlines()
+    assert header.split() == ["step", "created", "(UTC)", "size", "files", "status"]
+    assert [(row.split()[0], row.split()[-1]) for row in body] == \
+        [(str(s), "committed") for s in STEPS] + [("40", "incomplete")]
+    for row, r in zip(body, rows):  # human sizes and the same timestamps as the JSON
+        assert cli._human_size(r["size"]) in row and r["created_at"] in row and row.split()[-2] == str(r["files"])
+
+
+def test_ls_reports_unreadable_manifest_and_empty_directory(committed):
+    url, name, client, endpoint = committed
+    client.put_object(Bucket=name, Key="runs/exp1/model.ckpt-20.manifest.json", Body=b"{not json")
+    proc = run_cli("ls", url, "--json", "-o", endpoint)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "step 20" in line and "model.ckpt-20.manifest.json" in line
+    rows = {r["step"]: r for r in json.loads(proc.stdout)}
+    assert rows[20]["status"] == "unreadable" and rows[20]["files"] == 3
+    assert [rows[s]["status"] for s in (0, 10, 30)] == ["committed"] * 3
+
+    empty = run_cli("ls", url.replace("exp1", "nothing-here"), "--json", "-o", endpoint)
+    assert empty.returncode == 0 and json.loads(empty.stdout) == []
+
+
+# -- verify -----------------------------------------------------------------------------------------
+
+def test_verify_exits_1_on_corrupted_object(committed, moto_server):
+    url, name, client, endpoint = committed
+    flip_byte(client, name, "runs/exp1/model.ckpt-30.data-00000-of-00001")
+    client.delete_object(Bucket=name, Key="runs/exp1/model.ckpt-10.meta")
+
+    latest, older, every = run_cli_many(["verify", url, "-o", endpoint],  # default: the newest checkpoint
+                                        ["verify", url, "--step", "20", "-o", endpoint],
+                                        ["verify", url, "--all", "-o", endpoint])
+    assert latest.returncode == 1
+    assert latest.stdout.startswith("FAILED  step 30")
+    assert re.search(r"model\.ckpt-30\.data-00000-of-00001: checksum mismatch \(expected crc32c [0-9a-f]{8}, "
+                     r"found [0-9a-f]{8}\)", latest.stdout)
+    assert "30" in one_error_line(latest.stderr)
+
+    assert older.returncode == 0, older.stdout + older.stderr
+    assert older.stdout.startswith("OK      step 20")
+
+    assert every.returncode == 1
+    status = {int(m.group(2)): m.group(1) for m in re.finditer(r"^(OK|FAILED)\s+step (\d+)", every.stdout, re.M)}
+    assert status == {0: "OK", 10: "FAILED", 20: "OK", 30: "FAILED"}
+    assert "model.ckpt-10.meta: missing" in every.stdout
+    assert "step(s) 10, 30" in one_error_line(every.stderr)
+
+
+def test_verify_nothing_to_check(committed):
+    url, name, client, endpoint = committed
+    absent, empty, both = run_cli_many(["verify", url, "--step", "25", "-o", endpoint],
+                                       ["verify", url.replace("exp1", "empty"), "--all", "-o", endpoint],
+                                       ["verify", url, "--step", "10", "--all", "-o", endpoint])
+    assert absent.returncode == 1
+    assert "No committed checkpoint at step 25" in one_error_line(absent.stderr)
+    assert "[0, 10, 20, 30]" in absent.stderr
+    assert empty.returncode == 1 and "No committed checkpoint" in one_error_line(empty.stderr)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+# -- pull -------------------------------------------------------------------------------------------
+
+def test_pull_step_progress_on_tty_and_corruption_leaves_dir_alone(committed, tmp_path, stock_dir):
+    import tensorflow as tf
+
+    url, name, client, endpoint = committed
+    target = tmp_path / "local"
+    code, out, err = run_cli_tty("pull", url, str(target), "--step", "10", "-o", endpoint)
+    assert code == 0, err
+    assert "Pulled step 10 (3 files" in out and "verified" in out
+    assert "pull step 10" in err and re.search(r"\d+%\|", err), err  # a tqdm byte bar on the terminal
+    assert "Traceback" not in err
+    assert tf.train.latest_checkpoint(str(target)) == str(target / "model.ckpt-10")
+
+    flip_byte(client, name, "runs/exp1/model.ckpt-30.index")
+    before = sorted(os.listdir(target))
+    state = (target / "checkpoint").read_bytes()
+    (tmp_path / "afile").write_text("x")
+    bad, not_dir = run_cli_many(["pull", url, str(target), "-o", endpoint],
+                                ["pull", url, str(tmp_path / "afile"), "-o", endpoint])
+    assert bad.returncode == 1
+    line = one_error_line(bad.stderr)
+    assert "step 30" in line and "model.ckpt-30.index" in line and "crc32c" in line
+    assert sorted(os.listdir(target)) == before and (target / "checkpoint").read_bytes() == state
+    assert tf.train.latest_checkpoint(str(target)) == str(target / "model.ckpt-10")
+
+    assert not_dir.returncode == 2 and "not a directory" in one_error_line(not_dir.stderr)
+
+
+def test_pull_progress_counts_every_byte_once(committed, moto_server, tmp_path):
+    """The byte bar ends exactly at the checkpoint's size (in-process, with a recording bar)."""
+    from cloudckpt.catalog import scan_directory
+    from cloudckpt.restore import download_verified
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    url = committed[0]
+    store = cli._progress_store_class()(url, moto_server.storage_options)
+    info = scan_directory(store).committed[-1]
+    store.bar, store.sizes = Bar(), {f.name: f.size for f in info.files}
+    download_verified(store, info, str(tmp_path / "d"))
+    assert store.bar.n == info.size
+    store.bar = Bar()
+    from cloudckpt.restore import verify_checkpoint
+
+    assert verify_checkpoint(store, info).ok and store.bar.n == info.size
+
+
+# -- gc ---------------------------------------------------------------------------------------------
+
+def test_gc_dry_run_deletes_nothing_then_gc_keeps_newest(committed, moto_server):
+    url, name, client, endpoint = committed
+    add_incomplete(client, name, 40)  # a young upload in flight: kept by the default 1 h grace
+    before = keys(client, name)
+
+    dry = run_cli("gc", url, "--keep", "2", "--dry-run", "-o", endpoint)
+    assert dry.returncode == 0, dry.stderr
+    assert keys(client, name) == before
+    assert re.findall(r"^would delete step (\d+)", dry.stdout, re.M) == ["0", "10"]
+    assert "nothing was deleted" in dry.stdout and "Keeping step(s): 20, 30" in dry.stdout
+    size = sum(json.loads(client.get_object(Bucket=name, Key=f"runs/exp1/model.ckpt-{s}.manifest.json")["Body"]
+                          .read())["files"][i]["size"] for s in (0, 10) for i in range(3))
+    assert cli._human_size(size) in dry.stdout
+
+    real = run_cli("gc", url, "--keep", "2", "-o", endpoint)
+    assert real.returncode == 0, real.stderr
+    assert re.findall(r"^delete step (\d+)", real.stdout, re.M) == ["0", "10"]
+    assert f"Freed {cli._human_size(size)}" in real.stdout
+    left = keys(client, name)
+    assert not [k for k in left if k.startswith(("model.ckpt-0.", "model.ckpt-10."))]
+    assert "model.ckpt-40.index" in left  # younger than the grace period
+    assert sorted(assert_all_committed_intact(url, moto_server.storage_options)) == [20, 30]
+    assert state_file(url, moto_server.storage_options)["all_model_checkpoint_paths"] == \
+        ["model.ckpt-20", "model.ckpt-30"]
+
+    debris = run_cli("gc", url, "--keep", "2", "--grace-hours", "0", "-o", endpoint)
+    assert debris.returncode == 0, debris.stderr
+    assert re.search(r"^delete step 40: model\.ckpt-40 \(uncommitted", debris.stdout, re.M)
+    assert not [k for k in keys(client, name) if k.startswith("model.ckpt-40.")]
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def test_errors_are_one_line_with_documented_exit_codes(moto_server, bucket):
+    url, name, client, endpoint = bucket
+    secret = "S3CR3T-VALUE-never-printed"
+    missing, unknown, negative, bad_option, conflict, syntax, unreachable, debug = run_cli_many(
+        ["ls", f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", "-o", endpoint, "-o", "key=testing",
+         "-o", f"secret={secret}"],
+        ["gc", "nosuchscheme://x/y", "--keep", "1"],
+        ["gc", url, "--keep", "-1", "-o", endpoint],
+        ["verify", url, "-o", endpoint, "-o", f"not_a_real_option={secret}"],
+        ["ls", url, "-o", f"client_kwargs={secret}", "-o", "client_kwargs.region_name=x"],
+        ["ls", url, "-o", secret],
+        ["ls", "s3://some-bucket/run", "-o", "endpoint_url=http://127.0.0.1:9", "-o",
+         "config_kwargs.retries.max_attempts=1", "-o", "config_kwargs.connect_timeout=1", "--max-attempts", "1"],
+        ["ls", "nosuchscheme://x/y", "--debug"])
+
+    assert missing.returncode == 2  # configuration: the bucket does not exist
+    assert "does not exist" in one_error_line(missing.stderr)
+    assert unknown.returncode == 2 and "Unknown protocol" in one_error_line(unknown.stderr)
+    assert negative.returncode == 2 and "--keep: must be >= 0" in negative.stderr
+    assert bad_option.returncode == 2
+    assert "not_a_real_option" in one_error_line(bad_option.stderr)
+    assert conflict.returncode == 2 and "client_kwargs" in one_error_line(conflict.stderr)
+    assert syntax.returncode == 2 and "KEY=VALUE" in syntax.stderr  # argparse: usage + one error line
+    for proc in (missing, bad_option, conflict, syntax):
+        assert secret not in proc.stderr + proc.stdout
+
+    assert unreachable.returncode == 1  # a storage error (RemoteError)
+    line = one_error_line(unreachable.stderr)
+    assert "s3://some-bucket/run" in line and "EndpointConnectionError" in line
+    assert "next checkpoint" not in line  # the hook's hint does not apply to the CLI
+
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_unexpected_exception_is_one_line(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("something odd\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_ls", boom)
+    assert cli.main(["ls", "memory://x"]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) == ("cloudckpt: error: unexpected RuntimeError: something odd second line "
+                                   "(rerun with --debug for the traceback)")
+    with pytest.raises(RuntimeError):
+        cli.main(["ls", "memory://x", "--debug"])
+
+
+# -- demo (started by the demo_run fixture at the beginning of the module) --------------------------
+
+def test_demo(demo_run):
+    proc, out = demo_run
+    code = proc.wait(timeout=240)
+    text = out.read_text()
+    assert code == 0, text
+    assert "OK: the final checkpoint is committed." in text
+    assert re.findall(r"^\s+(\d+)\s+\d{4}-\d\d-\d\dT", text, re.M) == ["0", "3", "6"]
+    assert "Traceback" not in text
