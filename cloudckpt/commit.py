@@ -140,8 +140,11 @@ def commit_checkpoint(
     pool = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="cloudckpt-commit")
     try:
         manifest = manifest or build_manifest(ckpt, pool)
+        # List rather than probe: with a prefix-restricted IAM policy, S3 answers a GET of a missing
+        # key with 403, not 404.
+        listed = {o.name for o in store.list_objects()}
         try:
-            existing = read_manifest(store, ckpt.prefix)
+            existing = read_manifest(store, ckpt.prefix) if manifest.name in listed else None
         except ManifestError as exc:
             log.warning("Replacing unreadable manifest of step %d: %s", ckpt.step, exc)
             existing = None

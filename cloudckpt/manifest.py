@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import google_crc32c
 
@@ -152,13 +152,18 @@ def crc32c_hex(data: bytes) -> str:
     return f"{google_crc32c.value(data):08x}"
 
 
-def crc32c_of_stream(stream: BinaryIO) -> tuple[int, str]:
-    """Read ``stream`` to the end in bounded chunks; return (size, crc32c hex)."""
+def crc32c_of_stream(stream: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Read ``stream`` to the end in bounded chunks; return (size, crc32c hex).
+
+    ``progress(n)`` is called with the size of each chunk read.
+    """
     checksum = google_crc32c.Checksum()
     size = 0
     while chunk := stream.read(_READ_CHUNK):
         checksum.update(chunk)
         size += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
     return size, checksum.digest().hex()
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
+import fsspec.callbacks
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -89,6 +90,9 @@ class RemoteStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
+        # Multipart part size: boto3's TransferManager default. Memory per file in flight is bounded
+        # by part size x the backend's part concurrency.
+        self._put_options: dict[str, Any] = {"chunksize": S3_PART_SIZE} if protocol in _S3_PROTOCOLS else {}
 
     # -- naming ---------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -155,11 +159,23 @@ class RemoteStore:
         if self.is_local:
             self._run("upload", self.url_of(name), lambda: self._local_atomic_copy(local_path, self.path(name)))
         else:
-            self._run("upload", self.url_of(name), lambda: self.fs.put_file(local_path, self.path(name)))
+            self._run("upload", self.url_of(name),
+                      lambda: self.fs.put_file(local_path, self.path(name), **self._put_options))
 
-    def get_file(self, name: str, local_path: str) -> None:
-        """Download ``name`` to ``local_path`` (streamed by the backend)."""
-        self._run("download", self.url_of(name), lambda: self.fs.get_file(self.path(name), local_path))
+    def get_file(self, name: str, local_path: str, progress: Callable[[int], None] | None = None) -> None:
+        """Download ``name`` to ``local_path`` (streamed by the backend).
+
+        ``progress(delta_bytes)`` is called as bytes arrive; a retried attempt
+        first takes back what the failed one reported.
+        """
+        def attempt() -> None:
+            callback = _ProgressCallback(progress)
+            try:
+                self.fs.get_file(self.path(name), local_path, callback=callback)
+            except BaseException:
+                callback.take_back()
+                raise
+        self._run("download", self.url_of(name), attempt)
 
     def size(self, name: str) -> int | None:
         """Size of ``name`` in bytes, or None if it does not exist."""
@@ -220,13 +236,13 @@ class RemoteStore:
     def _is_memory(self) -> bool:
         return isinstance(self.fs, MemoryFileSystem)
 
-    def _exists(self, path: str) -> bool:
-        self.fs.invalidate_cache(path)
+    def _exists(self, bucket: str) -> bool:
+        # Not fs.info(): that is a HeadBucket, which a prefix-restricted IAM policy (terraform/) denies.
+        self.fs.invalidate_cache(bucket)
         try:
-            self.fs.info(path)
-            return True
-        except FileNotFoundError:
-            return False
+            return bool(self.fs.exists(bucket))
+        except PermissionError:
+            return True  # it is there; we may just not look at all of it
 
     def _local_atomic_copy(self, src: str, dst: str) -> None:
         if os.path.abspath(src) == os.path.abspath(dst):
@@ -251,11 +267,16 @@ class RemoteStore:
             return self.retry.call(fn, on_retry=on_retry)
         except (ConfigError, RemoteError):
             raise
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):  # backends check storage_options only when used
+                raise ConfigError(f"Invalid storage_options for {self.url}: {exc}.") from exc
+            raise remote_error(op, url, exc) from exc
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
             raise remote_error(op, url, exc) from exc
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
+S3_PART_SIZE = 8 << 20
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -289,11 +310,30 @@ def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
     elif cause == "NoSuchBucket":
         hint = "the bucket does not exist; create it or fix the URL"
     elif transient:
-        hint = "the store is unreachable or throttling and retries were exhausted; it will be tried again " \
-               "with the next checkpoint"
+        hint = "the store is unreachable or throttling, and retries were exhausted"
     else:
         hint = "see the cause above"
     return RemoteError(f"{op} {url} failed: {cause}: {text} ({hint}).", url=url, transient=transient)
+
+
+class _ProgressCallback(fsspec.callbacks.Callback):
+    """Forwards fsspec's absolute progress as byte deltas to ``report``."""
+
+    def __init__(self, report: Callable[[int], None] | None) -> None:
+        super().__init__()
+        self._report = report
+        self._reported = 0
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        delta = int(self.value or 0) - self._reported
+        if delta > 0 and self._report is not None:
+            self._reported += delta
+            self._report(delta)
+
+    def take_back(self) -> None:
+        if self._reported and self._report is not None:
+            self._report(-self._reported)
+        self._reported = 0
 
 
 def _modified_time(entry: Mapping[str, Any]) -> float | None:

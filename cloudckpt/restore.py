@@ -14,7 +14,7 @@ import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .catalog import CheckpointInfo, scan_directory
 from .commit import render_state_file, STATE_FILE
@@ -103,15 +103,19 @@ def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck)
                           "Restore an older step (cloudckpt ls) or re-upload this one.")
 
 
-def verify_checkpoint(store: RemoteStore, info: CheckpointInfo) -> VerifyReport:
-    """Re-read every file of ``info`` from the store (streamed) and compare with its manifest."""
+def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
+                      progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Re-read every file of ``info`` from the store (streamed) and compare with its manifest.
+
+    ``progress(delta_bytes)`` is called as bytes are read (from several threads).
+    """
     sizes = {o.name: o.size for o in store.list_objects()}
 
     def check(entry: FileEntry) -> FileCheck:
         if entry.name not in sizes:
             return _check(entry, None, None)
         with store.open_read(entry.name) as f:
-            size, crc = crc32c_of_stream(f)
+            size, crc = crc32c_of_stream(f, progress)
         return _check(entry, size, crc)
 
     with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:
@@ -150,8 +154,12 @@ def download_checkpoint(
     return download_verified(store, _select(store, step), local_dir)
 
 
-def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str) -> str:
-    """Download ``info`` into ``local_dir`` through a temporary directory; see ``download_checkpoint``."""
+def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
+                      progress: Callable[[int], None] | None = None) -> str:
+    """Download ``info`` into ``local_dir`` through a temporary directory; see ``download_checkpoint``.
+
+    ``progress(delta_bytes)`` is called as bytes arrive (from several threads).
+    """
     local_dir = os.path.abspath(local_dir)
     os.makedirs(local_dir, exist_ok=True)
     present = {o.name for o in store.list_objects()}
@@ -163,7 +171,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str) 
     try:
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
-            store.get_file(entry.name, path)
+            store.get_file(entry.name, path, progress)
             size, crc = crc32c_of_file(path)
             return _check(entry, size, crc)
 

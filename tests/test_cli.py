@@ -375,26 +375,17 @@ def test_pull_step_progress_on_tty_and_corruption_leaves_dir_alone(committed, tm
 
 
 def test_pull_progress_counts_every_byte_once(committed, moto_server, tmp_path):
-    """The byte bar ends exactly at the checkpoint's size (in-process, with a recording bar)."""
+    """The byte progress that drives pull's and verify's bars ends exactly at the checkpoint's size."""
     from cloudckpt.catalog import scan_directory
-    from cloudckpt.restore import download_verified
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.restore import download_verified, verify_checkpoint
 
-    class Bar:
-        n = 0
-
-        def update(self, k):
-            self.n += k
-
-    url = committed[0]
-    store = cli._progress_store_class()(url, moto_server.storage_options)
+    store = RemoteStore(committed[0], moto_server.storage_options)
     info = scan_directory(store).committed[-1]
-    store.bar, store.sizes = Bar(), {f.name: f.size for f in info.files}
-    download_verified(store, info, str(tmp_path / "d"))
-    assert store.bar.n == info.size
-    store.bar = Bar()
-    from cloudckpt.restore import verify_checkpoint
-
-    assert verify_checkpoint(store, info).ok and store.bar.n == info.size
+    downloaded, verified = [], []
+    download_verified(store, info, str(tmp_path / "d"), progress=downloaded.append)
+    assert sum(downloaded) == info.size and all(n > 0 for n in downloaded)
+    assert verify_checkpoint(store, info, progress=verified.append).ok and sum(verified) == info.size
 
 
 # -- gc ---------------------------------------------------------------------------------------------
