@@ -104,16 +104,23 @@ def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck)
 
 
 def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
-                      progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Re-read every file of ``info`` from the store (streamed) and compare with its manifest.
+                      progress: Callable[[int], None] | None = None, *,
+                      use_store_checksums: bool = False) -> VerifyReport:
+    """Check every file of ``info`` against its manifest.
 
-    ``progress(delta_bytes)`` is called as bytes are read (from several threads).
+    Files are re-read (streamed) and checksummed here, unless
+    ``use_store_checksums`` and the store reports its own crc32c of the stored
+    bytes (GCS): then no byte is downloaded. ``progress(delta_bytes)`` is
+    called as bytes are read (from several threads).
     """
     sizes = {o.name: o.size for o in store.list_objects()}
+    stored = store.stored_crc32c() if use_store_checksums else {}
 
     def check(entry: FileEntry) -> FileCheck:
         if entry.name not in sizes:
             return _check(entry, None, None)
+        if entry.name in stored:
+            return _check(entry, sizes[entry.name], stored[entry.name])
         with store.open_read(entry.name) as f:
             size, crc = crc32c_of_stream(f, progress)
         return _check(entry, size, crc)
@@ -123,14 +130,17 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     return VerifyReport(url=info.prefix, step=info.step, files=checks)
 
 
-def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None,
+           use_store_checksums: bool = True) -> VerifyReport:
     """Check the committed checkpoint at ``url`` (latest, or ``step``) against its manifest.
 
     Returns a report with one verdict per file (ok / missing / size mismatch /
-    checksum mismatch); it does not raise on a mismatch.
+    checksum mismatch); it does not raise on a mismatch. Where the store keeps
+    its own crc32c of each object (GCS), that is compared without downloading;
+    pass ``use_store_checksums=False`` to re-read every byte.
     """
     store = RemoteStore(url, storage_options)
-    return verify_checkpoint(store, _select(store, step))
+    return verify_checkpoint(store, _select(store, step), use_store_checksums=use_store_checksums)
 
 
 def download_checkpoint(

@@ -48,3 +48,12 @@ def s3_options(moto_server: EmbeddedS3) -> dict:
 def memory_url() -> str:
     """A fresh directory on fsspec's in-memory filesystem."""
     return f"memory://ckpt-{uuid.uuid4().hex[:12]}/run"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """gcp-storage-emulator as a real HTTP server on 127.0.0.1 (or $STORAGE_EMULATOR_HOST if set)."""
+    from support.gcs_emulator import GcsEmulator
+
+    with GcsEmulator() as emulator:
+        yield emulator
