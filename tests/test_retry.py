@@ -1,0 +1,124 @@
+"""Error classification (one place for S3, GCS and the network) and the backoff policy."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
+
+from cloudckpt.errors import ConfigError, RemoteError
+from cloudckpt.retry import RetryPolicy, describe_cause, is_transient
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "msg"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+def translated(code: str, status: int, exc_type=OSError) -> Exception:
+    """What s3fs raises: a Python exception whose __cause__ is botocore's ClientError."""
+    exc = exc_type(errno.EIO, "translated")
+    exc.__cause__ = client_error(code, status)
+    return exc
+
+
+class FakeGcsHttpError(Exception):
+    """Shaped like gcsfs.retry.HttpError (name and integer ``code``)."""
+
+
+FakeGcsHttpError.__name__ = "HttpError"
+
+
+def gcs_error(code: int) -> Exception:
+    exc = FakeGcsHttpError(f"HTTP {code}")
+    exc.code = code
+    return exc
+
+
+@pytest.mark.parametrize("exc, transient, cause", [
+    (translated("SlowDown", 503), True, "SlowDown"),
+    (translated("InternalError", 500), True, "InternalError"),
+    (translated("503", 503), True, "503"),  # HEAD errors carry the status as the code
+    (translated("RequestTimeout", 400), True, "RequestTimeout"),
+    (translated("AccessDenied", 403, PermissionError), False, "AccessDenied"),
+    (translated("NoSuchBucket", 404, FileNotFoundError), False, "NoSuchBucket"),
+    (translated("InvalidAccessKeyId", 403, PermissionError), False, "InvalidAccessKeyId"),
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True, "EndpointConnectionError"),
+    (ConnectionClosedError(endpoint_url="http://127.0.0.1:1"), True, "ConnectionClosedError"),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True, "ConnectionResetError"),
+    (TimeoutError("timed out"), True, "TimeoutError"),
+    (gcs_error(503), True, "HTTP 503"),
+    (gcs_error(429), True, "HTTP 429"),
+    (gcs_error(403), False, "HTTP 403"),
+    (OSError("Forbidden: gs://b/x"), False, "OSError"),  # gcsfs's 403
+    (FileNotFoundError("gone"), False, "FileNotFoundError"),
+    (ValueError("bug"), False, "ValueError"),
+    (RemoteError("x", url="s3://b", transient=True), True, "RemoteError"),
+])
+def test_classification(exc, transient, cause):
+    assert is_transient(exc) is transient
+    assert describe_cause(exc) == cause
+
+
+def test_aiohttp_payload_error_is_transient():
+    aiohttp = pytest.importorskip("aiohttp")
+    assert is_transient(aiohttp.ClientPayloadError("cut"))
+    assert is_transient(aiohttp.ServerDisconnectedError())
+
+
+def test_backoff_is_full_jitter_and_capped():
+    policy = RetryPolicy(initial_backoff=1.0, max_backoff=5.0, seed=3)
+    for retry in range(1, 10):
+        cap = min(5.0, 2 ** (retry - 1))
+        waits = [policy.backoff(retry) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap * 0.8  # the whole range is used, not a fixed delay
+
+
+def test_call_retries_transient_then_succeeds():
+    calls, seen = [], []
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.0, max_backoff=0.0)
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise translated("SlowDown", 503)
+        return "ok"
+
+    assert policy.call(flaky, on_retry=lambda attempt, exc, delay: seen.append(attempt)) == "ok"
+    assert len(calls) == 3 and seen == [1, 2]
+
+
+def test_call_does_not_retry_fatal():
+    calls = []
+
+    def denied():
+        calls.append(1)
+        raise translated("AccessDenied", 403, PermissionError)
+
+    with pytest.raises(PermissionError):
+        RetryPolicy(max_attempts=5, initial_backoff=0.0).call(denied)
+    assert len(calls) == 1
+
+
+def test_call_gives_up_after_max_attempts_and_deadline():
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise ConnectionResetError()
+
+    with pytest.raises(ConnectionResetError):
+        RetryPolicy(max_attempts=4, initial_backoff=0.0).call(down)
+    assert len(calls) == 4
+    calls.clear()
+    with pytest.raises(ConnectionResetError):  # the next wait (up to 10 s) would pass the 0.5 s deadline
+        RetryPolicy(max_attempts=100, initial_backoff=10.0, max_backoff=10.0, deadline=0.5, seed=1).call(down)
+    assert len(calls) < 100
+
+
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0}])
+def test_policy_validation(kwargs):
+    with pytest.raises(ConfigError):
+        RetryPolicy(**kwargs)
