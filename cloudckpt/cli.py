@@ -310,7 +310,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Download a committed checkpoint (newest by default) into a local directory and verify every file
     before moving it into place; afterwards tf.train.latest_checkpoint(DIR) returns it. A failed pull
     leaves DIR as it was."""
-    from .restore import CheckpointNotFoundError, download_verified
+    from .restore import CheckpointNotFoundError, download_verified, select_checkpoint
 
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
         raise ConfigError(f"{args.dir!r} is a file, not a directory.")
@@ -325,14 +325,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             _err(f"warning: newer step(s) {newer_bad} have unreadable manifests (see cloudckpt ls); "
                  f"pulling step {info.step}.")
     else:
-        matches = [c for c in scan.committed if c.step == args.step]
-        if not matches:
-            for name, error in scan.unreadable.items():
-                if _manifest_step(name) == args.step:
-                    raise error
-            raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
-                                          f"(committed steps: {[c.step for c in scan.committed]}).")
-        info = matches[-1]
+        info = select_checkpoint(store, scan, args.step)
 
     with _ByteProgress(info.size, f"pull step {info.step}") as bar:
         local_prefix = download_verified(store, info, args.dir, progress=bar.update)
@@ -343,16 +336,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 # -- push ----------------------------------------------------------------------------------------
 
-def local_checkpoint_prefixes(directory: str) -> list[str]:
-    """Prefixes (``model.ckpt-30``) of the checkpoints in a local TF directory, oldest step first."""
-    from .manifest import parse_checkpoint_file_name
-
-    found = {parsed for name in os.listdir(directory)
-             if name.endswith(".index") and os.path.isfile(os.path.join(directory, name))
-             and (parsed := parse_checkpoint_file_name(name))}
-    return [prefix for prefix, _ in sorted(found, key=lambda p: (p[1], p[0]))]
-
-
 def cmd_push(args: argparse.Namespace) -> int:
     """Upload the checkpoints of an existing local TF checkpoint directory (e.g. written by TF's stock
     CheckpointSaverHook) and commit each with its manifest, oldest first; graph.pbtxt is uploaded too.
@@ -360,7 +343,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    from .commit import GRAPH_FILE, commit_checkpoint, find_local_checkpoint
+    from .commit import GRAPH_FILE, commit_checkpoint, find_local_checkpoint, local_checkpoint_prefixes
 
     directory = args.dir
     if not os.path.isdir(directory):

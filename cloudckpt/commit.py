@@ -7,9 +7,8 @@ Order, and why:
 4. rewrite the remote ``checkpoint`` state file (relative paths, committed checkpoints only).
 
 A reader that trusts only manifests therefore never sees a half-written
-checkpoint. Re-committing an identical checkpoint is a no-op; replacing a
-committed step with different bytes first removes its manifest, so the old
-manifest never vouches for new, half-uploaded bytes.
+checkpoint. A committed checkpoint is never overwritten: saving a step that is
+already committed (TF saves right after restoring) keeps the committed one.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ import importlib.metadata
 import logging
 import os
 import sys
-from concurrent.futures import Executor, ThreadPoolExecutor
+from multiprocessing.pool import ThreadPool
+from typing import Any, Callable, Iterable, Protocol
 from dataclasses import dataclass, field
 
 from ._version import __version__
 from .errors import IntegrityError, ManifestError
 from .manifest import (
-    FileEntry,
     Manifest,
     entry_for,
     manifest_name,
@@ -36,6 +35,13 @@ from .manifest import (
 from .remote import RemoteStore
 
 log = logging.getLogger("cloudckpt")
+
+
+class Mapper(Protocol):
+    """A thread pool's ``map`` (concurrent.futures' lazy one or multiprocessing's eager one)."""
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any]) -> Iterable[Any]: ...
+
 
 STATE_FILE = "checkpoint"
 GRAPH_FILE = "graph.pbtxt"
@@ -86,6 +92,16 @@ def find_local_checkpoint(directory: str, prefix: str) -> LocalCheckpoint | None
     return LocalCheckpoint(step=step, prefix=prefix, files=files)
 
 
+def local_checkpoint_prefixes(directory: str) -> list[str]:
+    """Prefixes (``model.ckpt-30``) of the checkpoints in a local directory (an ``.index`` file), oldest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = {parsed for name in names if name.endswith(".index") and (parsed := parse_checkpoint_file_name(name))}
+    return [prefix for prefix, _ in sorted(found, key=lambda p: (p[1], p[0]))]
+
+
 def tensorflow_version() -> str:
     """The TensorFlow version, without importing TensorFlow if it is not loaded yet."""
     tf = sys.modules.get("tensorflow")
@@ -99,7 +115,7 @@ def tensorflow_version() -> str:
     return ""
 
 
-def build_manifest(ckpt: LocalCheckpoint, executor: Executor | None = None) -> Manifest:
+def build_manifest(ckpt: LocalCheckpoint, executor: Mapper | None = None) -> Manifest:
     """Checksum every file of ``ckpt`` (concurrently when an executor is given)."""
     names = sorted(ckpt.files)
     if executor is None:
@@ -121,7 +137,7 @@ def commit_checkpoint(
     store: RemoteStore,
     ckpt: LocalCheckpoint,
     *,
-    executor: Executor | None = None,
+    executor: Mapper | None = None,
     manifest: Manifest | None = None,
 ) -> CommitResult:
     """Upload ``ckpt`` to ``store`` and commit it with its manifest (see module docstring).
@@ -136,26 +152,23 @@ def commit_checkpoint(
         RemoteError: an upload or write failed after retries.
         IntegrityError: a remote size did not match after upload.
     """
-    own_executor = executor is None
-    pool = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="cloudckpt-commit")
+    own_pool = executor is None
+    pool = executor or ThreadPool(4)
     try:
         manifest = manifest or build_manifest(ckpt, pool)
         # List rather than probe: with a prefix-restricted IAM policy, S3 answers a GET of a missing
         # key with 403, not 404.
-        listed = {o.name for o in store.list_objects()}
-        try:
-            existing = read_manifest(store, ckpt.prefix) if manifest.name in listed else None
-        except ManifestError as exc:
-            log.warning("Replacing unreadable manifest of step %d: %s", ckpt.step, exc)
-            existing = None
-            store.delete([manifest.name])
-        if existing is not None:
-            if existing.same_content(manifest):
-                log.info("Checkpoint %s is already committed with identical content.", store.url_of(ckpt.prefix))
+        remote_sizes = {o.name: o.size for o in store.list_objects()}
+        existing = None
+        if manifest.name in remote_sizes:
+            try:
+                existing = read_manifest(store, ckpt.prefix)
+            except ManifestError as exc:  # it never vouched for anything: replace it
+                log.warning("Replacing unreadable manifest of step %d: %s", ckpt.step, exc)
+                store.delete([manifest.name])
                 write_state_file(store)
-                return CommitResult(existing, 0, already_committed=True)
-            log.info("Step %d is committed with different content; replacing it.", ckpt.step)
-            store.delete([manifest.name])  # un-commit before any of its files change
+        if existing is not None:
+            return _keep_committed(store, ckpt, manifest, existing, remote_sizes, pool)
 
         uploads = {**ckpt.extras, **ckpt.files}
         list(pool.map(lambda item: store.put_file(item[1], item[0]), sorted(uploads.items())))
@@ -166,14 +179,38 @@ def commit_checkpoint(
             if found != entry.size:
                 raise IntegrityError(
                     f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
-                    "the checkpoint was not committed and will be retried with the next save.")
+                    "the checkpoint was not committed.")
 
         store.write_atomic(manifest.name, manifest.to_json())
         write_state_file(store)
         return CommitResult(manifest, sum(os.path.getsize(p) for p in uploads.values()), already_committed=False)
     finally:
-        if own_executor:
-            pool.shutdown(wait=True)
+        if own_pool:
+            pool.close()
+            pool.join()
+
+
+def _keep_committed(store: RemoteStore, ckpt: LocalCheckpoint, manifest: Manifest, existing: Manifest,
+                    remote_sizes: dict[str, int], pool: Mapper) -> CommitResult:
+    """A save of a step that is already committed (typically the save TF makes right after a restore).
+
+    A committed checkpoint is never taken apart: if the tensors differ, the
+    committed one stays and this save is not uploaded. If they are the same,
+    objects that went missing or were truncated are re-uploaded from the
+    local copy, whose bytes the manifest already vouches for.
+    """
+    if not existing.same_tensors(manifest):
+        log.warning("Step %d is already committed in %s with different tensor data; keeping the committed "
+                    "checkpoint and not uploading this save (a run restarted from an older state?).",
+                    ckpt.step, store.url)
+        return CommitResult(existing, 0, already_committed=True)
+    mine = {f.name: f for f in manifest.files}
+    broken = [f.name for f in existing.files if remote_sizes.get(f.name) != f.size and mine.get(f.name) == f]
+    if broken:
+        log.warning("Re-uploading %s of committed step %d: missing or truncated in the store.", broken, ckpt.step)
+        list(pool.map(lambda name: store.put_file(ckpt.files[name], name), broken))
+    write_state_file(store)
+    return CommitResult(existing, sum(mine[n].size for n in broken), already_committed=True)
 
 
 def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
@@ -201,6 +238,3 @@ def write_state_file(store: RemoteStore) -> None:
         store.delete([STATE_FILE])
 
 
-def entries_by_name(manifest: Manifest) -> dict[str, FileEntry]:
-    """The manifest's file entries keyed by name."""
-    return {f.name: f for f in manifest.files}

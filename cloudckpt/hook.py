@@ -48,13 +48,14 @@ def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None
 
 
 def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
+    # ConfigError is a ValueError: TF's messages and exception type, in cloudckpt's hierarchy.
     if (save_secs is None) == (save_steps is None):
-        raise ValueError("One of save_steps or save_secs should be set.")
+        raise ConfigError("One of save_steps or save_secs should be set.")
     if save_steps is not None and (isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps <= 0):
-        raise ValueError(f"save_steps must be a positive integer, got {save_steps!r}.")
+        raise ConfigError(f"save_steps must be a positive integer, got {save_steps!r}.")
     if save_secs is not None and (isinstance(save_secs, bool) or not isinstance(save_secs, (int, float))
                                   or save_secs <= 0):
-        raise ValueError(f"save_secs must be a positive number of seconds, got {save_secs!r}.")
+        raise ConfigError(f"save_secs must be a positive number of seconds, got {save_secs!r}.")
 
 
 def _ensure_writable(directory: str) -> None:
@@ -139,9 +140,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     ) -> None:
         _check_schedule(save_secs, save_steps)
         if saver is not None and scaffold is not None:
-            raise ValueError("At most one of saver or scaffold should be set.")
+            raise ConfigError("At most one of saver or scaffold should be set.")
         checkpoint_dir = os.fspath(checkpoint_dir)
         if is_local_path(checkpoint_dir):
+            if os.path.isfile(checkpoint_dir):
+                raise ConfigError(f"checkpoint_dir {checkpoint_dir!r} is a file, not a directory: point it at "
+                                  "a directory.")
             if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(checkpoint_dir):
                 raise ConfigError(
                     f"local_dir={local_dir!r} was given but checkpoint_dir {checkpoint_dir!r} is a local path, "
@@ -224,6 +228,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         """
         notice = self._watcher.notice if self._watcher is not None else None
         if notice is None:
+            self._upload.prepare_final_save(int(session.run(self._global_step_tensor)))
             try:
                 super().end(session)
             finally:

@@ -19,10 +19,11 @@ from typing import Any, Mapping
 
 import tensorflow as tf
 
-from .commit import GRAPH_FILE, LocalCheckpoint, find_local_checkpoint, write_state_file
+from .commit import GRAPH_FILE, CommitResult, LocalCheckpoint, find_local_checkpoint, write_state_file
 from .catalog import scan_directory
 from .errors import ConfigError, UploadError
 from .remote import RemoteStore
+from .restore import DOWNLOAD_STAGING_PREFIX
 from .retention import RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
 from .uploader import Uploader, UploadJob, UploadStats
@@ -71,6 +72,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
         self._graph_signature: tuple[int, int] | None = None
+        self._ending = False
         self.retention = retention
         self._end_deadline: float | None = None
 
@@ -98,13 +100,16 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
     def begin(self) -> None:
         """Check the remote directory is usable and start the background uploader."""
         self._store.check_usable()
-        shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)  # a crashed run's snapshots
+        self._ending = False
+        # Snapshots and half-finished downloads of a crashed run.
+        for leftover in [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
+                os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]:
+            shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
         if not self._in_place:
             self._uploader.start()
 
     def before_save(self, session: Any, global_step_value: int) -> None:
-        """Surface an earlier upload failure before saving again."""
-        self.raise_if_failed()
+        """Nothing: failures surface after the save, so an upload problem never prevents a local save."""
 
     def after_save(self, session: Any, global_step_value: int) -> bool:
         """Snapshot the checkpoint just written and queue it for commit (never waits on the network)."""
@@ -118,7 +123,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         else:
             self._uploader.start()
             self._uploader.submit(self._snapshot(ckpt))
-        self.raise_if_failed()
+        if not self._ending:  # in end(), failures are raised once everything else is done
+            self.raise_if_failed()
         return False
 
     def end(self, session: Any, global_step_value: int) -> None:
@@ -148,11 +154,18 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
                 "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
                 url=self.url, step=steps[-1] if steps else None)
 
-    def prepare_final_save(self, step: int, deadline: float) -> None:
-        """Make the checkpoint of ``step`` the only one that matters: drop waiting uploads of older steps,
-        and bound ``end()``'s wait by ``deadline`` (``time.monotonic()``). Used before a preemption."""
-        self._end_deadline = deadline
-        self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before preemption")
+    def prepare_final_save(self, step: int, deadline: float | None = None) -> None:
+        """Called before the final save of ``end()``: from now on failures are held until ``end()``
+        has waited for the uploads, so the final checkpoint is always saved and queued.
+
+        With a ``deadline`` (``time.monotonic()``, before a preemption), waiting uploads of older steps
+        are dropped (the final one supersedes them) and ``end()``'s wait stops at the deadline.
+        """
+        self._ending = True
+        if deadline is not None:
+            self._end_deadline = deadline
+            self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before "
+                                              "preemption")
 
     def raise_if_failed(self) -> None:
         """Raise the oldest unreported upload failure, if any."""
@@ -194,18 +207,21 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if signature is not None and signature != self._graph_signature:
             extras[GRAPH_FILE] = _link_or_copy(graph, os.path.join(staging, GRAPH_FILE))
 
-        def committed(_result: object) -> None:
+        def committed(result: CommitResult) -> None:
             if GRAPH_FILE in extras:
                 self._graph_signature = signature
-            self._apply_retention()
+            self._apply_retention(protect=result.manifest.step)
 
         return UploadJob(LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras),
                          release=lambda: shutil.rmtree(staging, ignore_errors=True), on_committed=committed)
 
-    def _apply_retention(self) -> None:
-        if self.retention is None:
+    def _apply_retention(self, protect: int) -> None:
+        """Remote retention after a commit; ``protect`` (the step just committed) is never deleted, even
+        when newer steps exist (a run that fell back past a corrupt checkpoint)."""
+        if self.retention is None or not self.retention.deletes_checkpoints:
             return
-        apply_retention(self._store, plan_retention(scan_directory(self._store), self.retention))
+        plan = plan_retention(scan_directory(self._store), self.retention, protect={protect}, debris=False)
+        apply_retention(self._store, plan)
 
     def _retire_deleted(self, _result: object) -> None:
         """In place, the Saver deletes old checkpoints itself (``max_to_keep``): retire their manifests
@@ -216,7 +232,6 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if gone:
             self._store.delete([c.manifest_url.rsplit("/", 1)[-1] for c in gone])
             write_state_file(self._store)
-        self._apply_retention()
 
 
 def _signature(path: str) -> tuple[int, int] | None:

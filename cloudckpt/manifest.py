@@ -72,9 +72,14 @@ class Manifest:
         }
         return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
-    def same_content(self, other: "Manifest") -> bool:
-        """True when both describe the same bytes (ignores timestamps and versions)."""
-        key = lambda m: sorted((f.name, f.size, f.crc32c) for f in m.files)  # noqa: E731
+    def same_tensors(self, other: "Manifest") -> bool:
+        """True when both describe the same tensors: identical ``.index`` and ``.data-*`` files.
+
+        The ``.meta`` file (the graph) is left out: TF writes it slightly
+        differently when it re-saves identical variables after a restore.
+        """
+        def key(m: "Manifest") -> list[tuple[str, int, str]]:
+            return sorted((f.name, f.size, f.crc32c) for f in m.files if not f.name.endswith(".meta"))
         return self.step == other.step and self.prefix == other.prefix and key(self) == key(other)
 
 
@@ -177,8 +182,3 @@ def entry_for(name: str, path: str) -> FileEntry:
     """Build a manifest entry for local file ``path`` stored remotely as ``name``."""
     size, crc = crc32c_of_file(path)
     return FileEntry(name=name, size=size, crc32c=crc)
-
-
-def as_dict(entry: FileEntry) -> dict[str, Any]:
-    """A manifest entry as a plain dict (for JSON output)."""
-    return {"name": entry.name, "size": entry.size, "crc32c": entry.crc32c}

@@ -162,9 +162,15 @@ class _SigtermHandler:
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         # Keep this signal-safe: trigger() takes no blocking locks.
+        previous = self.previous
+        if self.active and self.watcher.notice is not None and previous in (signal.SIG_DFL, None):
+            # A second SIGTERM (or one after the run failed without reaching end()): the operator
+            # means it. Terminate the default way instead of swallowing it.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.active:
             self.watcher.trigger("sigterm", "SIGTERM", DEFAULT_DEADLINES["sigterm"])
-        previous = self.previous
         # SIG_DFL / SIG_IGN are ints, None means "installed from C": not callable.
         # Deliberately never re-raise the default termination.
         if callable(previous):

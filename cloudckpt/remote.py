@@ -12,6 +12,8 @@ import datetime as _dt
 import logging
 import os
 import posixpath
+import re
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -70,6 +72,7 @@ class RemoteStore:
         self.url = url.rstrip("/") if url.rstrip("/") else url
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
+        self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
         protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
         try:
             self.fs, path = fsspec.core.url_to_fs(self.url, **_with_single_retry_layer(protocol, storage_options))
@@ -86,7 +89,9 @@ class RemoteStore:
                 "such as s3://bucket/dir, gs://bucket/dir, memory://dir or file:///dir."
             ) from exc
         except TypeError as exc:
-            raise ConfigError(f"Invalid storage_options for {self.url!r}: {exc}.") from exc
+            raise ConfigError(f"Invalid storage_options for {self.url!r}: {redact(str(exc))}.") from exc
+        except Exception as exc:  # noqa: BLE001 - e.g. a backend that authenticates on construction
+            raise remote_error("connect to", self.url, exc) from exc
         self.root = path.rstrip("/") or path
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
@@ -286,7 +291,7 @@ class RemoteStore:
             if self._on_retry is not None:
                 self._on_retry(cause)
         try:
-            return self.retry.call(fn, on_retry=on_retry)
+            return self.retry.call(fn, on_retry=on_retry, cancel=self.cancel)
         except (ConfigError, RemoteError):
             raise
         except TypeError as exc:
@@ -322,11 +327,24 @@ def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] |
     return options
 
 
+_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_SECRET_IN_QUERY = re.compile(
+    r"(?P<key>[?&;](?:access_token|token|key|secret|password|sig|signature|x-amz-signature|x-amz-credential|"
+    r"x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s'\"]+", re.I)
+
+
+def redact(text: str) -> str:
+    """Remove credentials from text bound for logs and messages (``user:pass@`` and token query values)."""
+    text = _SECRET_IN_URL.sub(lambda m: m.group("scheme") + "***@", text)
+    return _SECRET_IN_QUERY.sub(lambda m: m.group("key") + "***", text)
+
+
 def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
-    """Build a RemoteError that says what failed, where, why and what to do."""
+    """Build a RemoteError that says what failed, where, why and what to do (credentials redacted)."""
     transient = is_transient(exc)
     cause = describe_cause(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else cause
+    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else cause
+    url = redact(url)
     if cause in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "HTTP 401",
                  "HTTP 403") or isinstance(exc, PermissionError) or text.startswith("Forbidden"):
         hint = ("the store rejected the credentials or they lack permission for this prefix; check the "
@@ -336,7 +354,7 @@ def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
     elif transient:
         hint = "the store is unreachable or throttling, and retries were exhausted"
     else:
-        hint = "see the cause above"
+        hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
     return RemoteError(f"{op} {url} failed: {cause}: {text} ({hint}).", url=url, transient=transient)
 
 

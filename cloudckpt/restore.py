@@ -16,16 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .catalog import CheckpointInfo, scan_directory
-from .commit import render_state_file, STATE_FILE
+from .catalog import CheckpointInfo, DirectoryScan, scan_directory
+from .commit import STATE_FILE, local_checkpoint_prefixes, render_state_file
 from .errors import CloudCkptError, IntegrityError
-from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, parse_checkpoint_file_name
+from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, parse_manifest_name
 from .remote import RemoteStore
 
 log = logging.getLogger("cloudckpt")
 
 OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch", "checksum mismatch"
 _DOWNLOAD_CONCURRENCY = 8
+DOWNLOAD_STAGING_PREFIX = ".cloudckpt-download-"
 
 
 class CheckpointNotFoundError(CloudCkptError, LookupError):
@@ -64,7 +65,16 @@ class VerifyReport:
 
 
 def _select(store: RemoteStore, step: int | None) -> CheckpointInfo:
-    scan = scan_directory(store)
+    return select_checkpoint(store, scan_directory(store), step)
+
+
+def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None) -> CheckpointInfo:
+    """The committed checkpoint at ``step`` (the newest if None) in ``scan``.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed (at that step).
+        ManifestError: the manifest of ``step`` exists but cannot be read.
+    """
     if step is None:
         if not scan.committed:
             raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.")
@@ -73,7 +83,7 @@ def _select(store: RemoteStore, step: int | None) -> CheckpointInfo:
         if info.step == step:
             return info
     for name, error in scan.unreadable.items():
-        if name.endswith(f"-{step}.manifest.json"):
+        if (parse_manifest_name(name) or ("", -1))[1] == step:
             raise error
     steps = [c.step for c in scan.committed]
     raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} (committed steps: {steps}).")
@@ -176,7 +186,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     for entry in info.files:
         if entry.name not in present:
             raise _integrity_error(store, info, _check(entry, None, None))
-    staging = os.path.join(local_dir, f".cloudckpt-download-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(local_dir, f"{DOWNLOAD_STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
     try:
         def fetch(entry: FileEntry) -> FileCheck:
@@ -190,7 +200,8 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check)
-        for entry in info.files:
+        # The .index goes last: a checkpoint counts as present locally once its index is there.
+        for entry in sorted(info.files, key=lambda f: f.name.endswith(".index")):
             os.replace(os.path.join(staging, entry.name), os.path.join(local_dir, entry.name))
         _point_state_file_at(local_dir, info.name)
     finally:
@@ -201,19 +212,13 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
 
 
 def local_checkpoint_steps(local_dir: str) -> list[int]:
-    """Steps of the complete checkpoints (an ``.index`` file) present in a local directory, ascending."""
-    try:
-        names = os.listdir(local_dir)
-    except FileNotFoundError:
-        return []
-    steps = {parsed[1] for n in names if n.endswith(".index") and (parsed := parse_checkpoint_file_name(n))}
-    return sorted(steps)
+    """Steps of the checkpoints (an ``.index`` file, moved in last) present in a local directory, ascending."""
+    return sorted({int(p.rsplit("-", 1)[1]) for p in local_checkpoint_prefixes(local_dir)})
 
 
 def _point_state_file_at(local_dir: str, prefix: str) -> None:
     """Make ``prefix`` the latest checkpoint of ``local_dir``, keeping the other local ones listed."""
-    others = sorted({n[: -len(".index")] for n in os.listdir(local_dir) if n.endswith(".index")} - {prefix},
-                    key=lambda p: (parse_checkpoint_file_name(p + ".index") or ("", -1))[1])
+    others = [p for p in local_checkpoint_prefixes(local_dir) if p != prefix]
     tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(render_state_file([*others, prefix]))
@@ -240,8 +245,7 @@ def restore_newest_verified(store: RemoteStore, local_dir: str) -> CheckpointInf
     local_latest = local_steps[-1] if local_steps else -1
     candidates: list[tuple[int, CheckpointInfo | Exception]] = [(c.step, c) for c in scan.committed]
     for name, error in scan.unreadable.items():
-        parsed = parse_checkpoint_file_name(name.replace(".manifest.json", ".index"))
-        if parsed:
+        if parsed := parse_manifest_name(name):
             candidates.append((parsed[1], error))
     candidates = sorted((c for c in candidates if c[0] > local_latest), key=lambda c: c[0], reverse=True)
     if not candidates:

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory
 from .commit import write_state_file
 from .errors import ConfigError
-from .manifest import manifest_name, parse_checkpoint_file_name
 from .remote import RemoteStore
 
 log = logging.getLogger("cloudckpt")
@@ -42,13 +41,20 @@ class RetentionPolicy:
     debris_grace_seconds: float = DEFAULT_DEBRIS_GRACE_SECONDS
 
     def __post_init__(self) -> None:
-        if self.max_to_keep is not None and (not isinstance(self.max_to_keep, int) or self.max_to_keep < 0):
+        if self.max_to_keep is not None and (not isinstance(self.max_to_keep, int) or isinstance(
+                self.max_to_keep, bool) or self.max_to_keep < 0):
             raise ConfigError(f"max_to_keep must be an integer >= 0 or None, got {self.max_to_keep!r}.")
-        if self.keep_checkpoint_every_n_hours is not None and self.keep_checkpoint_every_n_hours <= 0:
-            raise ConfigError("keep_checkpoint_every_n_hours must be > 0 or None, got "
-                              f"{self.keep_checkpoint_every_n_hours!r}.")
-        if self.debris_grace_seconds < 0:
+        hours = self.keep_checkpoint_every_n_hours
+        if hours is not None and (not isinstance(hours, (int, float)) or isinstance(hours, bool) or hours <= 0):
+            raise ConfigError(f"keep_checkpoint_every_n_hours must be a number > 0 or None, got {hours!r}.")
+        if not isinstance(self.debris_grace_seconds, (int, float)) or self.debris_grace_seconds < 0:
             raise ConfigError(f"debris grace period must be >= 0 seconds, got {self.debris_grace_seconds!r}.")
+
+
+    @property
+    def deletes_checkpoints(self) -> bool:
+        """False when the policy keeps every committed checkpoint."""
+        return bool(self.max_to_keep)
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,13 @@ def _created(info: CheckpointInfo) -> float:
 
 
 def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: set[str] | None = None,
+                   protect: set[int] = frozenset(), debris: bool = True,  # type: ignore[assignment]
                    now: float | None = None) -> RetentionPlan:
     """Decide what to delete; pure (no I/O). The newest committed checkpoint is always kept.
 
-    ``basenames`` limits debris to files of those checkpoint basenames (default:
-    the basenames of the committed checkpoints, or ``model.ckpt``).
+    ``protect`` lists steps never to delete. ``basenames`` limits debris to
+    files of those checkpoint basenames (default: the basenames of the
+    committed checkpoints, or ``model.ckpt``); ``debris=False`` plans none.
     """
     committed = sorted(scan.committed, key=lambda c: c.step)
     keep_ids = {c.step for c in committed}
@@ -85,6 +93,7 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
         keep_ids = {c.step for c in committed[-policy.max_to_keep:]}
     if committed:
         keep_ids.add(committed[-1].step)
+    keep_ids |= set(protect)
     if policy.keep_checkpoint_every_n_hours and committed:
         period = policy.keep_checkpoint_every_n_hours * 3600
         next_keep = _created(committed[0])
@@ -97,18 +106,18 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
 
     now = time.time() if now is None else now
     names = basenames or {c.name.rsplit("-", 1)[0] for c in committed} or {"model.ckpt"}
-    debris = []
-    for inc in scan.incomplete:
+    found_debris = []
+    for inc in (scan.incomplete if debris else []):
         basename = inc.prefix.rsplit("/", 1)[-1].rsplit("-", 1)[0]
         newest = max((o.modified or now for o in inc.objects), default=now)
         if basename in names and now - newest >= policy.debris_grace_seconds:
-            debris.append(inc)
-    return RetentionPlan(keep=keep, delete=delete, debris=debris)
+            found_debris.append(inc)
+    return RetentionPlan(keep=keep, delete=delete, debris=found_debris)
 
 
 def delete_checkpoint(store: RemoteStore, info: CheckpointInfo) -> None:
     """Delete one committed checkpoint: manifest first (un-commit), then its files."""
-    store.delete([manifest_name(info.name)])
+    store.delete([info.manifest_url.rsplit("/", 1)[-1]])
     store.delete([f.name for f in info.files])
 
 
@@ -118,7 +127,7 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan) -> None:
         delete_checkpoint(store, info)
         log.info("Retention: deleted checkpoint step %d from %s.", info.step, store.url)
     for inc in plan.debris:
-        names = [o.name for o in inc.objects if parse_checkpoint_file_name(o.name)]
+        names = [o.name for o in inc.objects]
         store.delete(names)
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
     if plan.delete:

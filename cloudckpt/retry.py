@@ -187,5 +187,3 @@ class RetryPolicy:
                     time.sleep(delay)
                 attempt += 1
 
-
-NO_RETRY = RetryPolicy(max_attempts=1)

@@ -14,7 +14,7 @@ import copy
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -80,7 +80,7 @@ class Uploader:
         self._stats = UploadStats()
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPool | None = None
 
     # -- called from the training thread ------------------------------------------------------
     def start(self) -> None:
@@ -89,7 +89,10 @@ class Uploader:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._closing = False
-            self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="cloudckpt-io")
+            self.store.cancel.clear()
+            # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
+            # interpreter exit (concurrent.futures joins its workers at exit).
+            self._pool = ThreadPool(self._concurrency)
             self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
             self._thread.start()
 
@@ -141,9 +144,17 @@ class Uploader:
             return True
 
     def take_failure(self) -> UploadError | None:
-        """The oldest failure not yet reported, removed from the list (None if there is none)."""
+        """The failures not yet reported, as one error (None if there is none); they are then cleared."""
         with self._cond:
-            return self._failures.pop(0) if self._failures else None
+            failures, self._failures = self._failures, []
+        if len(failures) <= 1:
+            return failures[0] if failures else None
+        steps = [f.step for f in failures]
+        combined = UploadError(f"{len(failures)} checkpoints (steps {steps}) were not committed to "
+                               f"{self.store.url}; the first failure: {failures[0]}", url=self.store.url,
+                               step=steps[-1])
+        combined.__cause__ = failures[0]
+        return combined
 
     def pending_steps(self) -> list[int]:
         """Steps in flight or waiting, oldest first."""
@@ -152,18 +163,29 @@ class Uploader:
             return [j.checkpoint.step for j in jobs]
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the worker after the queue drains (or abandon it after ``timeout``)."""
+        """Stop the worker once the queue drains; after ``timeout`` seconds, abandon what is left.
+
+        Abandoning cancels pending retries; an upload in flight may finish in
+        the background (daemon threads) but nothing waits for it.
+        """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            thread = self._thread
+            thread, pool = self._thread, self._pool
         if thread is not None:
             thread.join(timeout)
+            if thread.is_alive():
+                self.store.cancel.set()
+                with self._cond:
+                    abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
+                if abandoned:
+                    log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
+                                [j.checkpoint.step for j in abandoned], self.store.url)
+                return
         with self._cond:
-            if thread is not None and not thread.is_alive():
-                self._thread = None
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
+            self._thread = None
+        if pool is not None:
+            pool.close()
 
     def stats(self) -> UploadStats:
         """A copy of the counters."""

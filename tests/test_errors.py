@@ -80,6 +80,9 @@ def test_checkpoint_dir_is_a_local_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
     with pytest.raises(cloudckpt.ConfigError) as info:
+        cloudckpt.CheckpointSaverHook(str(path), save_steps=5)
+    assert f"checkpoint_dir '{path}' is a file, not a directory" in str(info.value)
+    with pytest.raises(cloudckpt.ConfigError) as info:
         train(lambda s: cloudckpt.CheckpointSaverHook(f"file://{path}", save_steps=5,
                                                       local_dir=str(tmp_path / "l")), last_step=5)
     assert "is a file, not a directory" in str(info.value) and str(path) in str(info.value)
@@ -158,3 +161,15 @@ def test_config_errors_leave_nothing_committed(moto_server, tmp_path):
         train(hook_for(f"s3://{bucket}/runs/exp1", tmp_path, moto_server.storage_options), last_step=5)
     assert manifests(f"s3://{bucket}/runs", moto_server.storage_options) == {}
     assert manifests(f"s3://{bucket}", moto_server.storage_options) == {}
+
+
+def test_credentials_in_urls_and_tokens_are_redacted():
+    from cloudckpt.remote import redact, remote_error
+
+    text = ("GET https://oauth2.googleapis.com/tokeninfo?access_token=ya29.SECRET&x=1 failed; "
+            "http://user:hunter2@proxy:8080/ and s3://b/k?X-Amz-Signature=abcdef")
+    cleaned = redact(text)
+    assert "ya29.SECRET" not in cleaned and "hunter2" not in cleaned and "abcdef" not in cleaned
+    assert "access_token=***" in cleaned and "http://***@proxy" in cleaned
+    error = remote_error("connect to", "s3://user:pw@bucket/x", ConnectionError(text))
+    assert "hunter2" not in str(error) and "ya29.SECRET" not in str(error) and ":pw@" not in str(error)

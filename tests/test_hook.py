@@ -194,3 +194,33 @@ def test_fatal_upload_failure_surfaces_in_training_thread(moto_server, tmp_path)
     assert url in message and "step 10" in message
     assert "NoSuchBucket" in message or "does not exist" in message
     assert holder["hook"].stats().failed >= 1
+
+
+class FailStepTenLater(MemoryFileSystem):
+    """In-memory store where step 10's upload fails (access denied) after a while."""
+
+    protocol = "failtenmemory"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("failtenmemory://", "memory://", 1))
+
+    def put_file(self, lpath, rpath, *args, **kwargs):
+        if "model.ckpt-10." in rpath:
+            time.sleep(1.0)
+            raise PermissionError("Access Denied")
+        return super().put_file(lpath, rpath, *args, **kwargs)
+
+
+fsspec.register_implementation("failtenmemory", FailStepTenLater, clobber=True)
+
+
+def test_end_after_a_failed_upload_still_saves_and_commits_the_final_checkpoint(tmp_path):
+    root = f"ckpt-{uuid.uuid4().hex[:8]}/run"
+    local = tmp_path / "local"
+    with pytest.raises(cloudckpt.UploadError) as info:
+        train(lambda s: cloudckpt.CheckpointSaverHook(f"failtenmemory://{root}", save_steps=10, local_dir=str(local)),
+              last_step=12)
+    assert "step 10" in str(info.value) and "Access Denied" in str(info.value)
+    assert (local / "model.ckpt-12.index").exists()  # the failure did not prevent the final save ...
+    assert cloudckpt.latest_checkpoint(f"memory://{root}").step == 12  # ... nor its commit

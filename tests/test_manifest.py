@@ -40,12 +40,14 @@ def test_round_trip_and_schema():
     assert m.name == "model.ckpt-30.manifest.json" and m.total_size == 1333
 
 
-def test_same_content_ignores_timestamps_and_order():
+def test_same_tensors_ignores_timestamps_order_and_meta():
     a = sample()
-    b = Manifest(step=30, prefix="model.ckpt-30", created_at="2030-01-01T00:00:00Z", files=tuple(reversed(a.files)))
-    assert a.same_content(b)
-    c = Manifest(step=30, prefix="model.ckpt-30", files=(FileEntry("model.ckpt-30.index", 1234, "00000000"),))
-    assert not a.same_content(c)
+    b = Manifest(step=30, prefix="model.ckpt-30", created_at="2030-01-01T00:00:00Z",
+                 files=(*reversed(a.files), FileEntry("model.ckpt-30.meta", 5, "12345678")))
+    assert a.same_tensors(b)
+    c = Manifest(step=30, prefix="model.ckpt-30", files=(FileEntry("model.ckpt-30.index", 1234, "00000000"),
+                                                         a.files[1]))
+    assert not a.same_tensors(c)
 
 
 def test_names():

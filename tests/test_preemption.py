@@ -559,3 +559,20 @@ def test_subprocess_auto_survives_sigterm(gce, aws):
             proc.wait()
     assert proc.returncode == 0, err
     assert out.strip() == "notice True True sigterm SIGTERM"
+
+
+def test_second_sigterm_terminates_the_process():
+    """The first SIGTERM is a notice (the process saves and exits cleanly); a second one, e.g. after a run
+    that failed without reaching end(), must not be swallowed."""
+    script = (
+        "import os, signal, time\n"
+        "from cloudckpt.preemption import PreemptionWatcher\n"
+        "w = PreemptionWatcher(('sigterm',)); w.start()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "assert w.is_preempted(); print('survived first', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5); print('survived second', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "survived first" in proc.stdout and "survived second" not in proc.stdout
+    assert proc.returncode == -signal.SIGTERM

@@ -148,3 +148,16 @@ def test_interrupted_download_leaves_latest_checkpoint_unchanged(tmp_path):
     assert tf.train.latest_checkpoint(str(local)) == before
     assert not list(local.glob("model.ckpt-20*"))
     assert [p.name for p in local.iterdir() if p.name.startswith(".")] == []  # temporary files cleaned up
+
+
+def test_resave_after_restore_keeps_the_committed_checkpoint(tmp_path, caplog):
+    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"
+    run(url, None, tmp_path / "vm1", 10)
+    fs, root = fsspec.core.url_to_fs(url)
+    before = fs.cat_file(f"{root}/model.ckpt-10.manifest.json")
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        second = run(url, None, tmp_path / "vm2", 15)  # TF re-saves step 10 right after restoring it
+    assert second.first_step == 10
+    assert fs.cat_file(f"{root}/model.ckpt-10.manifest.json") == before  # never un-committed or rewritten
+    assert not any("different" in r.getMessage() for r in caplog.records)
+    assert [c.step for c in cloudckpt.list_checkpoints(url)][-2:] == [10, 15]

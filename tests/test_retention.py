@@ -126,3 +126,10 @@ def test_debris_respects_grace_and_foreign_files():
 def test_policy_validation(kwargs):
     with pytest.raises(cloudckpt.ConfigError):
         RetentionPolicy(**kwargs)
+
+
+def test_plan_never_deletes_a_protected_step():
+    scan = DirectoryScan(committed=[info(s, s / 10) for s in (10, 20, 30)], incomplete=[], unreadable={},
+                         objects=[])
+    plan = plan_retention(scan, RetentionPolicy(max_to_keep=1), protect={20})
+    assert [c.step for c in plan.keep] == [20, 30] and [c.step for c in plan.delete] == [10]

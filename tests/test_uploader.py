@@ -102,3 +102,21 @@ def test_warn_mode_logs_and_counts(tmp_path, caplog):
 def test_max_pending_must_be_positive_int(value):
     with pytest.raises(ConfigError, match="max_pending"):
         Uploader(RemoteStore("memory://x/y"), max_pending=value)
+
+
+def test_recommit_heals_missing_objects_and_never_overwrites(tmp_path, caplog):
+    from cloudckpt.commit import commit_checkpoint
+
+    store = RemoteStore(f"memory://h-{uuid.uuid4().hex[:8]}/run")
+    first = commit_checkpoint(store, fake_checkpoint(tmp_path, 3))
+    store.delete(["model.ckpt-3.data-00000-of-00001"])  # lost from the bucket
+    healed = commit_checkpoint(store, fake_checkpoint(tmp_path, 3))
+    assert healed.already_committed and healed.bytes_uploaded == 1000
+    assert set(assert_all_committed_intact(store.url)) == {3}
+
+    other = tmp_path / "other"
+    other.mkdir()
+    different = commit_checkpoint(store, fake_checkpoint(other, 3, payload=b"y" * 1000))
+    assert different.already_committed and different.manifest == first.manifest  # the committed one stays
+    assert any("different tensor data" in r.getMessage() for r in caplog.records)
+    assert set(assert_all_committed_intact(store.url)) == {3}
