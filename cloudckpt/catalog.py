@@ -92,7 +92,12 @@ def scan_directory(store: RemoteStore) -> DirectoryScan:
         if data is None:  # deleted between listing and reading
             continue
         try:
-            committed.append(info_from_manifest(store, parse_manifest(data, url=store.url_of(name))))
+            manifest = parse_manifest(data, url=store.url_of(name))
+            if manifest.prefix != prefix or manifest.step != _step or any(
+                    not f.name.startswith(prefix + ".") for f in manifest.files):
+                raise ManifestError(f"Manifest {store.url_of(name)} describes {manifest.prefix!r} (step "
+                                    f"{manifest.step}), not the checkpoint its name says; it cannot be trusted.")
+            committed.append(info_from_manifest(store, manifest))
         except ManifestError as exc:
             unreadable[name] = exc
     with_manifest = {p for p, _ in manifest_prefixes}

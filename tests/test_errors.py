@@ -173,3 +173,11 @@ def test_credentials_in_urls_and_tokens_are_redacted():
     assert "access_token=***" in cleaned and "http://***@proxy" in cleaned
     error = remote_error("connect to", "s3://user:pw@bucket/x", ConnectionError(text))
     assert "hunter2" not in str(error) and "ya29.SECRET" not in str(error) and ":pw@" not in str(error)
+
+
+def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
+    url, fs, root = committed_dir
+    doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
+    fs.pipe_file(f"{root}/model.ckpt-7.manifest.json", json.dumps(doc).encode())  # a copy under another name
+    with pytest.raises(cloudckpt.ManifestError, match="not the checkpoint its name says"):
+        cloudckpt.list_checkpoints(url)
