@@ -420,17 +420,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small model with checkpoints committed to an embedded S3 server."""
     from .demo import run_demo
 
-    print(f"Training {args.steps} steps, saving every {args.save_steps}, to an in-process S3 server ...", flush=True)
+    print(f"Training {args.steps} steps, saving every {args.save_steps}, to an in-process S3 server; then a "
+          "'new VM' with an empty disk resumes from the bucket ...", flush=True)
     result = run_demo(steps=args.steps, save_steps=args.save_steps)
+    print(f"\nThe new VM restored step {result.resumed_from} from the bucket and trained to step {result.last_step}.")
     print(f"\nCommitted checkpoints in {result.url}:")
     print(f"  {'step':>6}  {'created (UTC)':<20}  {'size':>9}  files")
     for c in result.checkpoints:
         print(f"  {c.step:>6}  {c.created_at:<20}  {_human_size(c.size):>9}  {len(c.files)}")
     s = result.stats
-    print(f"\nUploader: {s.committed} committed, {s.dropped} dropped, {s.failed} failed, "
+    print(f"\nUploader of the new VM: {s.committed} committed, {s.dropped} dropped, {s.failed} failed, "
           f"{_human_size(s.bytes_uploaded)} uploaded, {s.retries} retries; "
           f"latest committed step {s.last_committed_step}.")
-    ok = bool(result.checkpoints) and result.checkpoints[-1].step == result.last_step
+    ok = (bool(result.checkpoints) and result.checkpoints[-1].step == result.last_step
+          and result.resumed_from == args.steps)
     print("OK: the final checkpoint is committed." if ok else "FAILED: the final checkpoint is not committed.")
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 

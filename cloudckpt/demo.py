@@ -46,24 +46,32 @@ def _train(url: str, storage_options: dict, local_dir: str, steps: int, save_ste
         hidden = tf.nn.relu(tf.constant(features) @ w1)
         loss = tf.reduce_mean(tf.square(hidden @ w2 - labels))
         train_op = tf.compat.v1.train.AdamOptimizer(0.01).minimize(loss, global_step=global_step)
-        hook = CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir, storage_options=storage_options)
-        first = None
+        tf.get_logger().setLevel(logging.ERROR)  # TF's own deprecation notices are noise in a demo
+        # This toy model trains far faster than any real one, so let more saves queue behind an upload.
+        hook = CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir, storage_options=storage_options,
+                                   max_pending=10)
+        first: int | None = None
         with tf.compat.v1.train.MonitoredTrainingSession(
                 checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
                 log_step_count_steps=None,
                 hooks=[hook, tf.compat.v1.train.StopAtStepHook(last_step=steps)]) as sess:
             while not sess.should_stop():
-                _, step, value = sess.run([train_op, global_step, loss])
-                first = int(step) if first is None else first
-        log.info("Demo training finished at step %d (loss %.4f).", steps, value)
+                if first is None:
+                    first = int(sess.run(global_step))
+                _, value = sess.run([train_op, loss])
+        log.info("Demo training from step %d finished at step %d (loss %.4f).", first or 0, steps, value)
         return first or 0, steps, hook.stats()
 
 
 def run_demo(steps: int = 200, save_steps: int = 50, bucket: str = "cloudckpt-demo") -> DemoResult:
-    """Train ``steps`` steps saving every ``save_steps`` to ``s3://<bucket>/runs/demo`` on an embedded server."""
+    """Train ``steps`` steps saving every ``save_steps`` to ``s3://<bucket>/runs/demo`` on an embedded server,
+    then resume on a fresh local directory (a new VM) for ``save_steps`` more."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with EmbeddedS3() as server, tempfile.TemporaryDirectory(prefix="cloudckpt-demo-") as workdir:
         url = server.create_bucket(bucket) + "/runs/demo"
-        _, last, stats = _train(url, server.storage_options, os.path.join(workdir, "local"), steps, save_steps)
+        _train(url, server.storage_options, os.path.join(workdir, "vm1"), steps, save_steps)
+        # A preempted VM comes back with an empty disk: the hook restores from the bucket and goes on.
+        resumed_from, last, stats = _train(url, server.storage_options, os.path.join(workdir, "vm2"),
+                                           steps + save_steps, save_steps)
         return DemoResult(url=url, last_step=last, checkpoints=list_checkpoints(url, server.storage_options),
-                          stats=stats)
+                          stats=stats, resumed_from=resumed_from)
