@@ -43,6 +43,7 @@ def kill_and_resume_trials(moto_server, tmp_path, trials: int, seed: int) -> lis
     return resumed_from
 
 
+@pytest.mark.timeout(900)  # 20 training processes started and killed, ~5-10 s each
 def test_sigkill_during_uploads_never_corrupts_committed(moto_server, tmp_path):
     resumed = kill_and_resume_trials(moto_server, tmp_path, trials=20, seed=1234)
     assert len(resumed) == 20
@@ -50,6 +51,7 @@ def test_sigkill_during_uploads_never_corrupts_committed(moto_server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_sigkill_soak(moto_server, tmp_path):
     resumed = kill_and_resume_trials(moto_server, tmp_path, trials=100, seed=99)
     assert len(resumed) == 100
