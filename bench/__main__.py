@@ -1,0 +1,122 @@
+"""``python -m bench [--quick]``: run every benchmark scenario, print a table, write bench/results.json.
+
+Run from the repository root. Starts cloudckpt's embedded S3 server (moto) in a
+child process, runs the six scenarios with their baselines in the same run and
+reports each figure (median and spread over the repetitions) and each ratio
+against its baseline. ``--quick`` takes under 3 minutes on 2 cores, the full
+mode under 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+from . import integrity, memory, stall, step_overhead, throughput  # noqa: E402
+from .common import CONFIGS, machine, versions  # noqa: E402
+from .context import Context  # noqa: E402
+from .report import render_table  # noqa: E402
+from .server import S3Server  # noqa: E402
+
+SCENARIOS = {
+    step_overhead.KEY: step_overhead.run,
+    stall.KEY: stall.run,
+    throughput.UPLOAD_KEY: throughput.run_upload,
+    throughput.RESTORE_KEY: throughput.run_restore,
+    memory.KEY: memory.run,
+    integrity.KEY: integrity.run,
+}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="128 MiB upload/restore/memory runs, 32 MiB stall model: < 3 min on 2 cores "
+                           "(default: full mode, 1 GiB / 2 GiB, < 20 min)")
+    mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
+                      help="a few MiB, 2 repetitions: checks the benchmark code runs (numbers meaningless)")
+    p.set_defaults(mode="full")
+    p.add_argument("--reps", type=int, help="repetitions per figure (default: 5)")
+    p.add_argument("--only", help=f"comma-separated scenarios to run, of: {', '.join(SCENARIOS)}")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results JSON path (default: bench/results.json)")
+    p.add_argument("--workdir", help="scratch directory for checkpoints (default: a temporary directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    args = parse_args(argv)
+    cfg = CONFIGS[args.mode]
+    if args.reps:
+        cfg = dataclasses.replace(cfg, reps=args.reps)
+    selected = list(SCENARIOS) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in selected if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="cloudckpt-bench-")
+    own_workdir = args.workdir is None
+    started = time.monotonic()
+    doc = {
+        "benchmark": {"command": "python -m bench" + ("" if cfg.mode == "full" else f" --{cfg.mode}"),
+                      "mode": cfg.mode, "config": cfg.as_dict(),
+                      "started_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()},
+        "machine": machine(),
+        "versions": versions(),
+        "scenarios": {},
+    }
+    doc["machine"]["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    failed = False
+    server = S3Server().start()
+    try:
+        doc["machine"]["s3_server"] = "cloudckpt.embedded.EmbeddedS3 (moto, in-memory) in a child process, 127.0.0.1"
+        ctx = Context(cfg=cfg, server=server, bucket="bench", workdir=workdir, verbose=not args.quiet)
+        for key in selected:
+            server.reset()  # the server holds objects in RAM: start every scenario empty
+            server.create_bucket(ctx.bucket)
+            ctx.log(f"scenario {key} ({cfg.mode}, {cfg.reps} reps)")
+            t0 = time.monotonic()
+            try:
+                result = SCENARIOS[key](ctx)
+                result.seconds = time.monotonic() - t0
+                doc["scenarios"][key] = result.as_dict()
+            except Exception:  # noqa: BLE001 - recorded, the other scenarios still run
+                failed = True
+                doc["scenarios"][key] = {"key": key, "error": traceback.format_exc(),
+                                         "seconds": time.monotonic() - t0}
+                print(f"scenario {key} FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+    finally:
+        server.stop()
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    doc["benchmark"]["seconds"] = round(time.monotonic() - started, 1)
+    doc["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(render_table(doc))
+    print(f"\nwrote {args.out} ({doc['benchmark']['seconds']:.0f}s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Scenario 5: peak RSS growth of the process that uploads a large checkpoint.
+
+Each repetition runs in a fresh child process (``python -m bench.memory``),
+the S3 server being another process, so only the uploader's memory counts.
+The child first does what the hook's ``begin()`` does (checks the bucket) and
+commits a tiny checkpoint, so one-time initialisation (botocore's service
+models, the s3fs session, the thread pool) is not counted; then it resets its
+peak RSS (``/proc/self/clear_refs``), uploads the checkpoint and reports
+``VmHWM - VmRSS before``. The baseline is boto3's TransferManager in the same
+kind of child.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from .common import MB, Scenario, proc_status_kb, ratio, reset_peak_rss, summarize, total_size
+
+if TYPE_CHECKING:  # the child process imports this module: keep it light
+    from .context import Context
+
+KEY, TITLE = "memory", "5. Memory while uploading"
+METHODS = ("cloudckpt", "transfer_manager")
+TARGET_MB = 256
+
+
+def run(ctx: Context) -> Scenario:
+    cfg = ctx.cfg
+    files = ctx.checkpoint_files(cfg.memory_bytes, cfg.memory_shards)
+    nbytes = total_size(files)
+    sc = Scenario(KEY, TITLE, params={
+        "checkpoint_mib": round(nbytes / MB, 1), "files": len(files),
+        "figure": "peak RSS (VmHWM) minus RSS before the upload, fresh child process per repetition",
+        "note": "the cloudckpt and TransferManager children of a repetition run at the same time"})
+    growth: dict[str, list[float]] = {m: [] for m in METHODS}
+    for rep in range(cfg.reps):
+        # The two children run at the same time: RSS is a property of each process, not of how fast the
+        # server answers (every buffer is allocated by construction, whatever the speed), and it halves the time.
+        results = _children(ctx, {m: (files, f"memory/{m}/rep{rep}") for m in METHODS})
+        ctx.clean_bucket()
+        for method, result in results.items():
+            growth[method].append(result["growth_kb"] / 1024)
+            sc.params["peak_reset"] = result["peak_reset"]
+        ctx.log(f"{KEY} rep {rep + 1}/{cfg.reps}: " + ", ".join(f"{m} +{growth[m][-1]:.0f} MiB" for m in METHODS))
+    labels = {"cloudckpt": "cloudckpt Uploader", "transfer_manager": "boto3 TransferManager, max_concurrency=10"}
+    for m in METHODS:
+        sc.figures[m] = summarize(growth[m], "MiB", label=labels[m])
+    sc.figures["cloudckpt_fraction_of_checkpoint"] = summarize(
+        [g * MB / nbytes for g in growth["cloudckpt"]], "x checkpoint size", label="cloudckpt growth / checkpoint size")
+    sc.ratios["cloudckpt/transfer_manager"] = ratio(
+        sc.figures["cloudckpt"], sc.figures["transfer_manager"],
+        paired=[c / t for c, t in zip(growth["cloudckpt"], growth["transfer_manager"]) if t > 0] or None)
+    sc.ratios["cloudckpt/target_256MiB"] = ratio(sc.figures["cloudckpt"], {"median": float(TARGET_MB)},
+                                                 target="<= 1.0", note=f"absolute target: growth <= {TARGET_MB} MiB")
+    return sc
+
+
+def _children(ctx: Context, jobs: dict[str, tuple[dict[str, str], str]]) -> dict[str, dict[str, Any]]:
+    """Run one child per method at once; check what each uploaded; their reports by method."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = {}
+    for method, (files, prefix) in jobs.items():
+        args = {"method": method, "url": ctx.url(prefix), "bucket": ctx.bucket, "prefix": prefix, "files": files,
+                "storage_options": ctx.storage_options, "workdir": ctx.workdir}
+        procs[method] = subprocess.Popen([sys.executable, "-m", "bench.memory", json.dumps(args)], cwd=root,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for method, proc in procs.items():
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory child ({method}) failed with code {proc.returncode}:\n{err[-4000:]}")
+        results[method] = json.loads(out.strip().splitlines()[-1])
+        files, prefix = jobs[method]
+        names = {k.rsplit("/", 1)[-1]: v for k, v in ctx.server.object_sizes(ctx.bucket, prefix + "/").items()}
+        for name, path in files.items():
+            if names.get(name) != os.path.getsize(path):
+                raise AssertionError(f"memory child ({method}) did not upload {name} completely")
+    return results
+
+
+# -- the child ----------------------------------------------------------------------------------------
+def _child_main(args: dict[str, Any]) -> dict[str, Any]:
+    method, files = args["method"], args["files"]
+    fd, tiny = tempfile.mkstemp(dir=args["workdir"], prefix="warm.ckpt-0.", suffix=".index")
+    os.write(fd, b"x" * 1024)
+    os.close(fd)
+    if method == "cloudckpt":
+        from cloudckpt.commit import LocalCheckpoint
+        from cloudckpt.remote import RemoteStore
+        from cloudckpt.uploader import Uploader, UploadJob
+
+        store = RemoteStore(args["url"], args["storage_options"])
+        store.check_usable()
+        uploader = Uploader(store)
+        uploader.start()
+        uploader.submit(UploadJob(LocalCheckpoint(0, "warm.ckpt-0", {"warm.ckpt-0.index": tiny})))
+        uploader.wait()
+
+        def upload() -> None:
+            uploader.submit(UploadJob(LocalCheckpoint(1, "model.ckpt-1", files)))
+            uploader.wait()
+            stats = uploader.stats()
+            if stats.committed != 2 or stats.failed:
+                raise SystemExit(f"upload failed: {stats}")
+    else:
+        import boto3
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        opts = args["storage_options"]
+        client = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1",
+                              aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
+        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm.upload(tiny, args["bucket"], f"{args['prefix']}/warm").result()
+
+        def upload() -> None:
+            futures = [tm.upload(p, args["bucket"], f"{args['prefix']}/{n}") for n, p in files.items()]
+            for f in futures:
+                f.result()
+    gc.collect()
+    peak_reset = reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    started = time.perf_counter()
+    upload()
+    seconds = time.perf_counter() - started
+    peak = proc_status_kb("VmHWM")
+    os.unlink(tiny)
+    return {"method": method, "rss_before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
+            "seconds": seconds, "peak_reset": peak_reset}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child_main(json.loads(sys.argv[1]))), flush=True)
