@@ -25,7 +25,7 @@ _MANIFEST_NAME = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.manif
 # Files the TF Saver writes for one checkpoint prefix.
 _CHECKPOINT_FILE = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.(index|meta|data-\d{5}-of-\d{5})$")
 _CRC_HEX = re.compile(r"^[0-9a-f]{8}$")
-_READ_CHUNK = 8 << 20
+_READ_CHUNK = 1 << 20  # several files are checksummed at once: keep buffers small
 
 
 @dataclass(frozen=True)

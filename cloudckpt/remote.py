@@ -99,7 +99,7 @@ class RemoteStore:
         # Part / chunk sizes bound the memory of a file in flight (part size x the backend's part
         # concurrency); S3: boto3 TransferManager's default; GCS: resumable chunks (multiple of 256 KiB).
         self._put_options: dict[str, Any] = (
-            {"chunksize": S3_PART_SIZE} if protocol in _S3_PROTOCOLS
+            {"chunksize": S3_PART_SIZE, "max_concurrency": S3_PARTS_PER_FILE} if protocol in _S3_PROTOCOLS
             else {"chunksize": GCS_CHUNK_SIZE} if protocol in _GCS_PROTOCOLS else {})
 
     # -- naming ---------------------------------------------------------------------------
@@ -304,6 +304,9 @@ class RemoteStore:
 
 _S3_PROTOCOLS = ("s3", "s3a")
 S3_PART_SIZE = 8 << 20
+# s3fs holds parts_per_file x part size in memory per file (and aiohttp one more copy); with the
+# uploader's 4 files in flight that bounds an upload to ~128 MiB of buffers (bench/, scenario 5).
+S3_PARTS_PER_FILE = 2
 _GCS_PROTOCOLS = ("gs", "gcs")
 GCS_CHUNK_SIZE = 16 << 20
 

@@ -63,7 +63,7 @@ class Uploader:
             re-raises them in the training thread); ``"warn"`` logs and counts them.
     """
 
-    def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int = 8,
+    def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int = 4,
                  on_error: str = "raise") -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
@@ -145,6 +145,8 @@ class Uploader:
 
     def take_failure(self) -> UploadError | None:
         """The failures not yet reported, as one error (None if there is none); they are then cleared."""
+        if not self._failures:  # called every step: skip the lock in the common case
+            return None
         with self._cond:
             failures, self._failures = self._failures, []
         if len(failures) <= 1:
