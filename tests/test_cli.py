@@ -478,5 +478,6 @@ def test_demo(demo_run):
     text = out.read_text()
     assert code == 0, text
     assert "OK: the final checkpoint is committed." in text
-    assert re.findall(r"^\s+(\d+)\s+\d{4}-\d\d-\d\dT", text, re.M) == ["0", "3", "6"]
+    assert re.findall(r"^\s+(\d+)\s+\d{4}-\d\d-\d\dT", text, re.M) == ["0", "3", "6", "9"]
+    assert "The new VM restored step 6 from the bucket and trained to step 9." in text
     assert "Traceback" not in text
