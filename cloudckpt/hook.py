@@ -161,7 +161,6 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
                          checkpoint_basename=checkpoint_basename, scaffold=scaffold,
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
-        self._checkpoint_url = self._upload.url
         self._restore = restore
         self._retention_args = (remote_max_to_keep, keep_checkpoint_every_n_hours)
         RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
@@ -195,7 +194,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     @property
     def checkpoint_url(self) -> str:
         """The remote checkpoint directory."""
-        return self._checkpoint_url
+        return self._upload.url
 
     def after_create_session(self, session: Any, coord: Any) -> None:
         """Resolve remote retention from the Saver, then save the first checkpoint (TF semantics)."""

@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import BinaryIO, Callable
 
 import google_crc32c
 
