@@ -26,10 +26,11 @@ class CheckpointInfo:
 
     Attributes:
         step: global step.
-        prefix: full URL of the checkpoint prefix, e.g. ``s3://b/run/model.ckpt-30``.
+        prefix: full URL of the checkpoint prefix, e.g. ``s3://b/run/model.ckpt-30``, in display form
+            (a URL's userinfo and query values masked as ``***``; a local path as given).
         files: the manifest's entries (``name``, ``size``, ``crc32c``).
         created_at: ISO-8601 UTC time the manifest was written.
-        manifest_url: URL of the manifest (the commit record).
+        manifest_url: URL of the manifest (the commit record), in display form.
     """
 
     step: int

@@ -144,7 +144,8 @@ def _open_store(args: argparse.Namespace, url: str, *, create: bool = False) -> 
     """The remote directory at ``url``; a missing bucket or local directory is a ConfigError (exit 2).
 
     For remote URLs an empty or absent prefix in an existing bucket is just an
-    empty directory. ``create`` makes a missing local directory (push).
+    empty directory. ``create`` makes a missing local directory (push). Output
+    names the directory by ``store.url``, its display form (credentials masked).
     """
     from .remote import RemoteStore
     from .retry import RetryPolicy
@@ -155,9 +156,9 @@ def _open_store(args: argparse.Namespace, url: str, *, create: bool = False) -> 
         if os.path.isdir(store.root):
             return store
         if os.path.exists(store.root):
-            raise ConfigError(f"{url!r} is a file, not a checkpoint directory.")
+            raise ConfigError(f"{store.url!r} is a file, not a checkpoint directory.")
         if not create:
-            raise ConfigError(f"Local directory {url!r} does not exist.")
+            raise ConfigError(f"Local directory {store.url!r} does not exist.")
     store.check_usable()
     return store
 

@@ -222,11 +222,23 @@ def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
 def render_state_file(prefixes: list[str]) -> bytes:
     """TF's ``checkpoint`` state file (text proto) naming ``prefixes``, the last one as latest.
 
-    Paths are relative, so the directory stays valid wherever it is copied or mounted.
+    Paths are relative, so the directory stays valid wherever it is copied or
+    mounted. Strings are escaped as TF writes them (protobuf text format,
+    UTF-8 kept), so any basename the Saver accepts reads back unchanged.
     """
-    lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
-    lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    lines = [f'model_checkpoint_path: "{_text_proto_escape(prefixes[-1])}"']
+    lines += [f'all_model_checkpoint_paths: "{_text_proto_escape(p)}"' for p in prefixes]
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+# protobuf's text_encoding.CEscape(as_utf8=True): what TF's update_checkpoint_state writes.
+_TEXT_PROTO_ESCAPES = {i: f"\\{i:03o}" for i in [*range(32), 127]}
+_TEXT_PROTO_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord('"'): '\\"',
+                            ord("'"): "\\'", ord("\\"): "\\\\"})
+
+
+def _text_proto_escape(text: str) -> str:
+    return text.translate(_TEXT_PROTO_ESCAPES)
 
 
 def write_state_file(store: RemoteStore) -> None:

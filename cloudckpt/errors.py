@@ -3,7 +3,10 @@
 Every error names what failed, where (URL and file) and what to do about it.
 Errors from storage backends (botocore, gcsfs, OSError) are wrapped so that a
 user never has to read a traceback from deep inside a client library; the
-original exception stays available as ``__cause__``.
+original exception stays available as ``__cause__``, unless its text held a
+credential: then a ``RedactedError`` with its type name and redacted text
+stands in for it. Every URL in a message is in its display form
+(``cloudckpt.urls.display_url``): credentials masked.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ __all__ = [
     "UploadError",
     "IntegrityError",
     "ManifestError",
+    "RedactedError",
 ]
 
 
@@ -64,3 +68,18 @@ class IntegrityError(CloudCkptError):
 
 class ManifestError(IntegrityError):
     """A manifest cannot be read: malformed JSON, wrong schema or a newer format version."""
+
+
+class RedactedError(Exception):
+    """Stands in, as ``__cause__``, for a backend exception whose text held a credential.
+
+    Its message is ``<original type>: <original message, redacted>``; its
+    traceback is the original's (code locations only, no values).
+
+    Attributes:
+        original_type: the qualified name of the exception it replaces.
+    """
+
+    def __init__(self, message: str, *, original_type: str) -> None:
+        super().__init__(message)
+        self.original_type = original_type

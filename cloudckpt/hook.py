@@ -4,17 +4,27 @@ The Saver writes to a local directory exactly as with TF's hook; an
 ``UploadListener`` appended after the user's listeners commits each save to
 the remote URL in the background. The training thread only learns about the
 network when an upload has failed (``UploadError`` at the next step).
+
+Lifecycle: ``close()`` stops the preemption watcher (signal handlers restored)
+and the uploader. It runs from ``end()`` and also when the session ends with an
+exception, which ``MonitoredSession`` does not report to hooks (it calls
+``end()`` only on a clean exit): the hook registers a probe with the session's
+``Coordinator``, whose ``join()`` -- run by every ``MonitoredSession.close()``,
+in the thread closing the session -- asks registered threads ``is_alive()``.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import sys
-import time
 import logging
 import os
+import signal
+import sys
 import tempfile
-from typing import Any, Mapping, Sequence
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -27,6 +37,7 @@ from .restore import restore_newest_verified
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
+from .urls import display_url
 
 log = logging.getLogger("cloudckpt")
 
@@ -43,7 +54,9 @@ def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
     options = dict(storage_options or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
-    digest = hashlib.sha256(f"{url.rstrip('/')}\n{endpoint}".encode()).hexdigest()[:16]
+    # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
+    # and the cache survives a credential rotation.
+    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{endpoint}".encode()).hexdigest()[:16]
     return os.path.join(base, digest)
 
 
@@ -171,6 +184,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._exit_code = (PREEMPTED_EXIT_CODE if exit_on_preemption is True
                            else (int(exit_on_preemption) if exit_on_preemption else None))
         self._stop_requested = False
+        self._upload_timeout = upload_timeout
+        self._open = False
+        self._close_lock = threading.Lock()
         self.preempted = False
         self.restored: CheckpointInfo | None = None
 
@@ -180,11 +196,18 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         Runs before the session is created, so ``MonitoredTrainingSession``
         restores from ``local_dir`` and the global step continues.
         """
-        super().begin()
-        if self._restore and not self._upload.in_place:
-            self.restored = restore_newest_verified(self._upload.store, self.local_dir)
+        # Watch first: a notice during a long restore is kept, and training stops at its first step.
+        self._open = True
+        self._stop_requested = False
         if self._watcher is not None:
             self._watcher.start()
+        try:
+            super().begin()
+            if self._restore and not self._upload.in_place:
+                self.restored = restore_newest_verified(self._upload.store, self.local_dir)
+        except BaseException:
+            self._close(timeout=0, reason="begin() failed")
+            raise
 
     @property
     def local_dir(self) -> str:
@@ -193,7 +216,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
 
     @property
     def checkpoint_url(self) -> str:
-        """The remote checkpoint directory."""
+        """The remote checkpoint directory, in display form (credentials masked: ``s3://***@bucket/run``);
+        not usable to reopen the store when the URL carries credentials."""
         return self._upload.url
 
     def after_create_session(self, session: Any, coord: Any) -> None:
@@ -205,6 +229,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         if every_n_hours is None and saver_def is not None and 0 < saver_def.keep_checkpoint_every_n_hours < 10000:
             every_n_hours = saver_def.keep_checkpoint_every_n_hours  # TF's default 10000 h means "off"
         self._upload.retention = RetentionPolicy(max_to_keep, every_n_hours)
+        if not self._open:  # MonitoredSession recreated the session after an error: open again
+            self._open = True
+            self._upload.begin()
+            if self._watcher is not None:
+                self._watcher.start()
+        coord.register_thread(_SessionCloseProbe(self._on_session_close))
         super().after_create_session(session, coord)
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
@@ -219,39 +249,63 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             run_context.request_stop()
 
     def end(self, session: Any) -> None:
-        """Save the final checkpoint (TF semantics) and wait for every upload to commit.
+        """Save the final checkpoint (TF semantics), wait for every upload to commit, then ``close()``.
+
+        The final checkpoint must reach the store: if it cannot be committed,
+        ``UploadError`` is raised, also with ``on_error="warn"`` (which applies
+        to intermediate checkpoints only).
 
         After a preemption notice, older uploads still waiting are dropped and
-        the wait is bounded by the preemption deadline; if it passes, the
-        previous committed checkpoint stays the latest, and that is logged.
+        the wait is bounded by the preemption deadline (a later notice, e.g. the
+        shutdown's SIGTERM after a metadata notice, can only shorten it); if it
+        passes, the previous committed checkpoint stays the latest, and that is
+        logged, not raised: the process exits cleanly.
         """
-        notice = self._watcher.notice if self._watcher is not None else None
-        if notice is None:
-            self._upload.prepare_final_save(int(session.run(self._global_step_tensor)))
+        watcher = self._watcher
+        notice = watcher.notice if watcher is not None else None
+        step = int(session.run(self._global_step_tensor))
+        try:
+            if notice is None:
+                self._upload.prepare_final_save(step)
+                super().end(session)
+                return
+            self.preempted = True
+            self._upload.prepare_final_save(step, self._preemption_deadline_at)
             try:
                 super().end(session)
-            finally:
-                if self._watcher is not None:
-                    self._watcher.stop()
-            return
-        self.preempted = True
-        deadline = self._preemption_deadline or notice.deadline
-        step = int(session.run(self._global_step_tensor))
-        self._upload.prepare_final_save(step, notice.received_at + deadline)
-        try:
-            super().end(session)
-        except UploadError as exc:
-            committed = self._upload.stats().last_committed_step
-            log.error("Preemption: the final checkpoint (step %d) was not committed within %.0fs of the notice; "
-                      "the latest committed checkpoint is step %s. %s", step, deadline, committed, exc)
-        else:
-            log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
-                        step, self.checkpoint_url, time.monotonic() - notice.received_at)
+            except UploadError as exc:
+                committed = self._upload.stats().last_committed_step
+                log.error("Preemption: the final checkpoint (step %d) was not committed within the deadline "
+                          "(%.0fs after the notice); the latest committed checkpoint is step %s. %s", step,
+                          (self._preemption_deadline_at() or time.monotonic()) - notice.received_at, committed, exc)
+            else:
+                log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
+                            step, self.checkpoint_url, time.monotonic() - notice.received_at)
         finally:
-            self._watcher.stop()  # type: ignore[union-attr]
+            self._close(timeout=0, reason="end()")
         if self._exit_code is not None:
             log.warning("Exiting with code %d (preempted).", self._exit_code)
             sys.exit(self._exit_code)
+
+    def close(self) -> None:
+        """Stop watching for preemption and stop the uploader; idempotent.
+
+        Signal handlers are restored (see ``PreemptionWatcher.stop``) -- unless a
+        preemption notice was received: then the SIGTERM handler stays until the
+        process exits, so the platform's shutdown SIGTERM cannot turn the clean
+        exit into 143 (a second SIGTERM still terminates). Checkpoints
+        still uploading get up to ``upload_timeout`` seconds to commit, and no
+        cloudckpt thread is left afterwards. Runs from ``end()``, when the session
+        ends with an exception, and on leaving ``with hook:``. Failures of
+        intermediate uploads still pending are logged, not raised.
+        """
+        self._close(timeout=self._upload_timeout, reason="close()")
+
+    def __enter__(self) -> "CheckpointSaverHook":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint saved so far is committed or dropped.
@@ -264,3 +318,106 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     def stats(self) -> UploadStats:
         """Upload counters: committed, dropped, failed, bytes_uploaded, retries, last step and duration."""
         return self._upload.stats()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _preemption_deadline_at(self) -> float | None:
+        """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
+        after the first notice if given, else the platform's hard stop (the earliest over all notices)."""
+        watcher = self._watcher
+        notice = watcher.notice if watcher is not None else None
+        if notice is None:
+            return None
+        if self._preemption_deadline is not None:
+            return notice.received_at + self._preemption_deadline
+        return watcher.hard_stop_at  # type: ignore[union-attr]
+
+    def _on_session_close(self) -> None:
+        """The session is closing; if ``end()`` did not run (an exception ended training), close now."""
+        if not self._open:
+            return
+        error = sys.exc_info()[1]
+        if isinstance(error, KeyboardInterrupt):
+            log.warning("Interrupted: abandoning checkpoint upload(s) %s; the latest committed checkpoint in %s "
+                        "is step %s.", self._upload.pending_steps(), self.checkpoint_url,
+                        self._upload.stats().last_committed_step)
+            self._close(timeout=0, reason="interrupted")
+            return
+        pending = self._upload.pending_steps()
+        log.warning("The training session ended with %s; closing cloudckpt%s.",
+                    f"an exception ({type(error).__name__})" if error is not None else "no end() call",
+                    f" after checkpoint step(s) {pending} commit (upload_timeout={self._upload_timeout})"
+                    if pending else "")
+        self._close(timeout=self._upload_timeout, reason="session ended without end()")
+
+    def _close(self, *, timeout: float | None, reason: str) -> None:
+        with self._close_lock:
+            if not self._open:
+                return
+            self._open = False
+        try:
+            # After a notice the process is being preempted: the platform's SIGTERM (GCE's soft-off, a
+            # shutdown script) may still come, even after the final commit, and must not turn a clean
+            # exit into 143. So the watcher keeps its SIGTERM handler until the process exits (its
+            # metadata polling ended with the notice); a second SIGTERM still ends the process the
+            # replaced way. Without a notice the replaced disposition is restored now.
+            if self._watcher is not None:
+                if self._watcher.notice is None:
+                    self._watcher.stop()
+                else:
+                    _ignore_sigterm_at_exit()
+        finally:
+            pending = self._upload.pending_steps()
+            self._upload.close(timeout=timeout)
+            failure = self._upload.take_failure()
+            if failure is not None:
+                log.error("%s", failure)
+            log.debug("cloudckpt hook closed (%s); abandoned step(s): %s", reason,
+                      [s for s in pending if s in self._upload.pending_steps()])
+
+
+_sigterm_ignored_at_exit = False
+
+
+def _ignore_sigterm_at_exit() -> None:
+    """From interpreter exit on, ignore SIGTERM (once a preemption notice was handled).
+
+    Python's finalization puts ``SIG_DFL`` back for every signal it handles,
+    so a shutdown SIGTERM landing while TensorFlow and the interpreter tear
+    down (a second or more) would turn the clean exit of a preempted run into
+    143. ``atexit`` runs before that reset, and a ``SIG_IGN`` disposition is
+    left alone by it. The process is ending anyway; SIGKILL still works.
+    """
+    global _sigterm_ignored_at_exit
+    if _sigterm_ignored_at_exit:
+        return
+    _sigterm_ignored_at_exit = True
+
+    def ignore() -> None:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread, or an embedded interpreter
+            pass
+
+    atexit.register(ignore)
+
+
+class _SessionCloseProbe:
+    """Registered with the session's ``tf.train.Coordinator`` as if it were a thread.
+
+    ``Coordinator.join()`` (run by ``MonitoredSession.close()`` on every exit,
+    clean or not, in the thread that closes the session) asks each registered
+    thread ``is_alive()``; the first call runs ``on_close`` and the probe then
+    reports itself finished. This is how the hook learns that a session ended
+    with an exception, which TF does not report to hooks.
+    """
+
+    name = "cloudckpt-session-close-probe"
+
+    def __init__(self, on_close: Callable[[], None]) -> None:
+        self._on_close: Callable[[], None] | None = on_close
+
+    def is_alive(self) -> bool:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+        return False

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tensorflow as tf
 
@@ -73,12 +73,15 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._upload_timeout = upload_timeout
         self._graph_signature: tuple[int, int] | None = None
         self._ending = False
+        self._final_step: int | None = None
+        self._final_submitted = False
+        self._upload_timeout_at: float | None = None
         self.retention = retention
-        self._end_deadline: float | None = None
+        self._end_deadline: Callable[[], float | None] = lambda: None
 
     @property
     def url(self) -> str:
-        """The remote checkpoint directory."""
+        """The remote checkpoint directory, in display form (credentials masked)."""
         return self._store.url
 
     @property
@@ -101,6 +104,9 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         """Check the remote directory is usable and start the background uploader."""
         self._store.check_usable()
         self._ending = False
+        self._final_step = None
+        self._final_submitted = False
+        self._end_deadline = lambda: None
         # Snapshots and half-finished downloads of a crashed run.
         for leftover in [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
                 os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]:
@@ -118,25 +124,37 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if ckpt is None:
             log.warning("No checkpoint files for step %d found in %s; nothing to upload.", step, self._local_dir)
             return False
-        if self._in_place:
-            self._uploader.commit_now(UploadJob(ckpt, on_committed=self._retire_deleted))
-        else:
-            self._uploader.start()
-            self._uploader.submit(self._snapshot(ckpt))
+        self._submit(ckpt, required=self._ending and step == self._final_step)
         if not self._ending:  # in end(), failures are raised once everything else is done
             self.raise_if_failed()
         return False
 
     def end(self, session: Any, global_step_value: int) -> None:
-        """Wait (up to ``upload_timeout``) until every checkpoint is committed, then stop the worker."""
-        timeout = self._upload_timeout
-        if self._end_deadline is not None:
-            remaining = max(0.0, self._end_deadline - time.monotonic())
-            timeout = remaining if timeout is None else min(timeout, remaining)
+        """Wait (up to ``upload_timeout``, or the preemption deadline) until every checkpoint is
+        committed, then stop the worker.
+
+        The final checkpoint must reach the store whatever ``on_error`` says: when TF did not save
+        again in ``end()`` (the last save was at this very step) and that save was not committed,
+        it is submitted once more; its failure raises ``UploadError``.
+        """
+        step = int(global_step_value) if self._final_step is None else self._final_step
+        if not self._final_submitted and not self._uploader.require(step) \
+                and self._uploader.stats().last_committed_step != step:
+            ckpt = self._saved_checkpoint(step)
+            if ckpt is not None:
+                self._submit(ckpt, required=True)
+        timeout_at = self._upload_timeout_at if self._ending else (
+            None if self._upload_timeout is None else time.monotonic() + self._upload_timeout)
         try:
-            self.wait(timeout)
+            self._wait_until(lambda: _min(timeout_at, self._end_deadline()))
         finally:
-            self._uploader.close(timeout=0 if self._uploader.pending_steps() else None)
+            self.close(timeout=0 if self._uploader.pending_steps() else None)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the background uploader; checkpoints still uploading get ``timeout`` seconds
+        (None: until done), then they are abandoned (the previous committed checkpoint stays the
+        latest). Idempotent; ``begin()`` starts it again."""
+        self._uploader.close(timeout=timeout)
 
     # -- public helpers ----------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> None:
@@ -145,27 +163,34 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         Raises:
             UploadError: a checkpoint failed to commit, or ``timeout`` passed first.
         """
-        done = self._uploader.wait(timeout)
-        self.raise_if_failed()
-        if not done:
-            steps = self._uploader.pending_steps()
-            raise UploadError(
-                f"Timed out after {timeout}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
-                "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
-                url=self.url, step=steps[-1] if steps else None)
+        started = time.monotonic()
+        self._uploader.wait(timeout)
+        self._raise_unless_done(time.monotonic() - started)
 
-    def prepare_final_save(self, step: int, deadline: float | None = None) -> None:
+    def prepare_final_save(self, step: int, deadline: Callable[[], float | None] | None = None) -> None:
         """Called before the final save of ``end()``: from now on failures are held until ``end()``
-        has waited for the uploads, so the final checkpoint is always saved and queued.
+        has waited for the uploads, so the final checkpoint is always saved and queued, and the
+        final checkpoint's failure is raised even with ``on_error="warn"``.
 
-        With a ``deadline`` (``time.monotonic()``, before a preemption), waiting uploads of older steps
-        are dropped (the final one supersedes them) and ``end()``'s wait stops at the deadline.
+        With a ``deadline`` (a function returning a ``time.monotonic()`` time, re-read while
+        waiting so a later notice can tighten it; before a preemption), waiting uploads of older
+        steps are dropped (the final one supersedes them) and ``end()``'s wait stops at the deadline.
         """
         self._ending = True
+        self._final_step = step
+        self._upload_timeout_at = None if self._upload_timeout is None else time.monotonic() + self._upload_timeout
         if deadline is not None:
             self._end_deadline = deadline
             self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before "
                                               "preemption")
+
+    def pending_steps(self) -> list[int]:
+        """Steps uploading or waiting, oldest first."""
+        return self._uploader.pending_steps()
+
+    def take_failure(self) -> UploadError | None:
+        """The upload failures not yet reported, as one error (None if none); they are then cleared."""
+        return self._uploader.take_failure()
 
     def raise_if_failed(self) -> None:
         """Raise the oldest unreported upload failure, if any."""
@@ -178,6 +203,43 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         return self._uploader.stats()
 
     # -- internals ----------------------------------------------------------------------------------
+    def _submit(self, ckpt: LocalCheckpoint, *, required: bool) -> None:
+        if required:
+            self._final_submitted = True
+        if self._in_place:
+            self._uploader.commit_now(UploadJob(ckpt, on_committed=self._retire_deleted, required=required))
+        else:
+            self._uploader.start()
+            job = self._snapshot(ckpt)
+            job.required = required
+            self._uploader.submit(job)
+
+    def _wait_until(self, deadline: Callable[[], float | None]) -> None:
+        """Wait until every upload is done or ``deadline()`` (a ``time.monotonic()`` time, None for
+        no limit) passes; the deadline is re-read every half second, so a later notice can move it.
+
+        Raises:
+            UploadError: a checkpoint failed, or some were still uploading at the deadline.
+        """
+        started = time.monotonic()
+        while True:
+            at = deadline()
+            remaining = None if at is None else at - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            if self._uploader.wait(0.5 if remaining is None else min(0.5, remaining)):
+                break
+        self._raise_unless_done(time.monotonic() - started)
+
+    def _raise_unless_done(self, waited: float) -> None:
+        self.raise_if_failed()
+        steps = self._uploader.pending_steps()
+        if steps:
+            raise UploadError(
+                f"Timed out after {waited:.1f}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
+                "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
+                url=self.url, step=steps[-1])
+
     def _count_retry(self, cause: str) -> None:
         self._uploader.count_retry(cause)
 
@@ -232,6 +294,11 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if gone:
             self._store.delete([c.manifest_url.rsplit("/", 1)[-1] for c in gone])
             write_state_file(self._store)
+
+
+def _min(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def _signature(path: str) -> tuple[int, int] | None:

@@ -21,9 +21,11 @@ FORMAT = "cloudckpt.manifest"
 VERSION = 1
 MANIFEST_SUFFIX = ".manifest.json"
 
-_MANIFEST_NAME = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.manifest\.json$")
+# Any basename the Saver accepts, newlines included (DOTALL; names are matched with fullmatch).
+_MANIFEST_NAME = re.compile(r"(?P<prefix>(?P<basename>.+)-(?P<step>[0-9]+))\.manifest\.json", re.DOTALL)
 # Files the TF Saver writes for one checkpoint prefix.
-_CHECKPOINT_FILE = re.compile(r"^(?P<prefix>(?P<basename>.+)-(?P<step>\d+))\.(index|meta|data-\d{5}-of-\d{5})$")
+_CHECKPOINT_FILE = re.compile(
+    r"(?P<prefix>(?P<basename>.+)-(?P<step>[0-9]+))\.(index|meta|data-[0-9]{5}-of-[0-9]{5})", re.DOTALL)
 _CRC_HEX = re.compile(r"^[0-9a-f]{8}$")
 _READ_CHUNK = 1 << 20  # several files are checksummed at once: keep buffers small
 
@@ -137,13 +139,13 @@ def manifest_name(prefix: str) -> str:
 
 def parse_manifest_name(name: str) -> tuple[str, int] | None:
     """``model.ckpt-30.manifest.json`` -> (``model.ckpt-30``, 30); None for other names."""
-    m = _MANIFEST_NAME.match(name)
+    m = _MANIFEST_NAME.fullmatch(name)
     return (m.group("prefix"), int(m.group("step"))) if m else None
 
 
 def parse_checkpoint_file_name(name: str) -> tuple[str, int] | None:
     """``model.ckpt-30.index`` -> (``model.ckpt-30``, 30); None for names the Saver does not write."""
-    m = _CHECKPOINT_FILE.match(name)
+    m = _CHECKPOINT_FILE.fullmatch(name)
     return (m.group("prefix"), int(m.group("step"))) if m else None
 
 

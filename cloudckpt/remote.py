@@ -3,6 +3,12 @@
 ``RemoteStore`` is the only place that talks to fsspec. Every operation is
 retried according to a ``RetryPolicy`` and any backend exception is turned
 into a ``RemoteError`` that names the operation, the URL and what to do.
+
+The URL as given (with any credentials) goes to fsspec only: the filesystem
+is built from the URL's scheme (``fsspec.get_filesystem_class``), never by
+``url_to_fs``, so ``::`` is never a chain separator; the userinfo becomes the
+filesystem's ``username`` / ``password`` options, never part of a path.
+``store.url`` and every message carry the display form (``cloudckpt.urls``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import datetime as _dt
 import logging
 import os
 import posixpath
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,11 +30,21 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import ConfigError, RemoteError
 from .retry import RetryPolicy, describe_cause, is_transient
+from .urls import (CheckpointUrl, install_backstop, is_local_path, option_secrets, parse_url, redact,
+                   sanitized_cause)
+
+__all__ = ["RemoteStore", "RemoteObject", "is_local_path", "redact", "remote_error"]
 
 log = logging.getLogger("cloudckpt")
+install_backstop(log)
 T = TypeVar("T")
 
-_BACKEND_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+_BACKEND_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                     "abfss": "adlfs", "adl": "adlfs", "sftp": "paramiko", "ssh": "paramiko", "smb": "smbprotocol",
+                     "hdfs": "pyarrow", "oci": "ocifs"}
+# Options some backends derive from a URL that make no sense for a directory of checkpoints:
+# gcsfs reads "#<generation>" and s3fs "?versionId=" as object versions (we keep "#" a key character).
+_URL_OPTIONS_IGNORED = frozenset({"version_aware"})
 
 
 @dataclass(frozen=True)
@@ -41,21 +56,28 @@ class RemoteObject:
     modified: float | None  # POSIX seconds, when the backend reports it
 
 
-def is_local_path(url: str) -> bool:
-    """True for a plain filesystem path (no ``scheme://``): TF's own hook handles those in place."""
-    return "://" not in os.fspath(url)
-
-
 class RemoteStore:
     """A checkpoint directory on any fsspec filesystem.
 
     Args:
         url: directory URL (``s3://bucket/run``, ``gs://...``, ``memory://...``,
-            ``file:///...``) or a plain local path.
+            ``file:///...``) or a local path: anything not starting with
+            ``scheme://`` is a local path, whatever its characters. A URL's
+            userinfo (``sftp://user:pw@host/dir``) is passed to the filesystem
+            as ``username`` / ``password`` (s3fs: key / secret); a query string
+            is refused (``ConfigError``): pass credentials in ``storage_options``.
         storage_options: keyword arguments for the fsspec filesystem
             (``endpoint_url``, ``key``/``secret``, ``token``...). Never logged.
         retry: how transient errors are retried.
         on_retry: called with a short cause label before every retry (for stats).
+
+    Attributes:
+        url: the display form of the URL (credentials masked): use it in any message.
+        root: the directory's path on the filesystem (``bucket/run``, ``/abs/dir``).
+
+    Raises:
+        ConfigError: unknown scheme, backend not installed, a query string, bad storage_options.
+        RemoteError: the backend failed while connecting (sftp...).
     """
 
     def __init__(
@@ -69,30 +91,14 @@ class RemoteStore:
         url = os.fspath(url)
         if not url or not isinstance(url, str):
             raise ConfigError(f"checkpoint_dir must be a non-empty path or URL, got {url!r}.")
-        self.url = url.rstrip("/") if url.rstrip("/") else url
+        self._location: CheckpointUrl = parse_url(url.rstrip("/") or url)  # the raw URL: fsspec only
+        self.url = self._location.display
+        self._secrets = self._location.secrets + option_secrets(storage_options)
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
-        protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
-        try:
-            self.fs, path = fsspec.core.url_to_fs(self.url, **_with_single_retry_layer(protocol, storage_options))
-        except ImportError as exc:
-            protocol = self.url.split("://", 1)[0]
-            package = _BACKEND_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
-            raise ConfigError(
-                f"Checkpoint URL {self.url!r} needs {package}, which is not installed: pip install {package}."
-            ) from exc
-        except ValueError as exc:
-            protocol = self.url.split("://", 1)[0]
-            raise ConfigError(
-                f"Unknown protocol {protocol!r} in checkpoint URL {self.url!r}. Use a local path or an fsspec URL "
-                "such as s3://bucket/dir, gs://bucket/dir, memory://dir or file:///dir."
-            ) from exc
-        except TypeError as exc:
-            raise ConfigError(f"Invalid storage_options for {self.url!r}: {redact(str(exc))}.") from exc
-        except Exception as exc:  # noqa: BLE001 - e.g. a backend that authenticates on construction
-            raise remote_error("connect to", self.url, exc) from exc
-        self.root = path.rstrip("/") or path
+        protocol = self._location.scheme or "file"
+        self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
@@ -101,6 +107,54 @@ class RemoteStore:
         self._put_options: dict[str, Any] = (
             {"chunksize": S3_PART_SIZE, "max_concurrency": S3_PARTS_PER_FILE} if protocol in _S3_PROTOCOLS
             else {"chunksize": GCS_CHUNK_SIZE} if protocol in _GCS_PROTOCOLS else {})
+
+    def _open(self, protocol: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+        """The filesystem and root path for this URL, built from its scheme (no ``url_to_fs`` chaining)."""
+        location = self._location
+        if location.query is not None:
+            raise ConfigError(
+                f"Checkpoint URL {self.url!r} has a query string. cloudckpt needs a directory URL without one: "
+                "a pre-signed or SAS URL grants access to single objects, not to a directory to list and write, "
+                "and an object key cannot hold '?' in a URL. Pass credentials in storage_options (s3: key/secret/"
+                "token, gs: token, az: sas_token or credential) or through the environment.")
+        cause: BaseException | None = None
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            package = _BACKEND_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
+            error: Exception = ConfigError(
+                f"Checkpoint URL {self.url!r} needs {package}, which is not installed ({self._redact(str(exc))}): "
+                f"pip install {package}.")
+            cause = sanitized_cause(exc, self._secrets)
+        except ValueError:
+            error = ConfigError(
+                f"Unknown protocol {protocol!r} in checkpoint URL {self.url!r}. Use a local path or an fsspec URL "
+                "such as s3://bucket/dir, gs://bucket/dir, memory://dir or file:///dir.")
+        else:
+            try:
+                if location.is_local:  # a plain path: absolute, exactly as given (TF's hook does the same)
+                    return cls(**dict(storage_options or {})), os.path.abspath(location.raw)
+                path_url = location.without_credentials
+                options = {k: v for k, v in cls._get_kwargs_from_urls(path_url).items()
+                           if k not in _URL_OPTIONS_IGNORED}
+                if location.userinfo is not None:
+                    options["username"] = location.username
+                    if location.password is not None:
+                        options["password"] = location.password
+                options.update(_with_single_retry_layer(protocol, storage_options))
+                root = cls._strip_protocol(path_url)
+                return cls(**options), (root.rstrip("/") or root)
+            except (TypeError, KeyError, ValueError) as exc:
+                error = ConfigError(f"Invalid storage_options or URL credentials for {self.url!r}: "
+                                    f"{self._redact(_first_line(exc))}.")
+                cause = sanitized_cause(exc, self._secrets)
+            except Exception as exc:  # noqa: BLE001 - e.g. a backend that connects on construction (sftp)
+                error = remote_error("connect to", self.url, exc, secrets=self._secrets)
+                cause = sanitized_cause(exc, self._secrets)
+        raise error from cause  # outside the handlers: no raw text rides along as __context__
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url!r})"
 
     # -- naming ---------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -283,8 +337,14 @@ class RemoteStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
     def _run(self, op: str, url: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with retries; wrap whatever escapes in a RemoteError naming ``op`` and ``url``."""
+        """Run ``fn`` with retries; wrap whatever escapes in a RemoteError naming ``op`` and ``url`` (display form).
+
+        The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
+        """
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
             cause = describe_cause(exc)
             log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
@@ -296,10 +356,15 @@ class RemoteStore:
             raise
         except TypeError as exc:
             if "unexpected keyword argument" in str(exc):  # backends check storage_options only when used
-                raise ConfigError(f"Invalid storage_options for {self.url}: {exc}.") from exc
-            raise remote_error(op, url, exc) from exc
+                error: Exception = ConfigError(f"Invalid storage_options for {self.url}: "
+                                               f"{self._redact(_first_line(exc))}.")
+            else:
+                error = remote_error(op, url, exc, secrets=self._secrets)
+            cause = sanitized_cause(exc, self._secrets)
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
-            raise remote_error(op, url, exc) from exc
+            error = remote_error(op, url, exc, secrets=self._secrets)
+            cause = sanitized_cause(exc, self._secrets)
+        raise error from cause  # outside the handler: the raw exception does not ride along as __context__
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -330,24 +395,16 @@ def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] |
     return options
 
 
-_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-_SECRET_IN_QUERY = re.compile(
-    r"(?P<key>[?&;](?:access_token|token|key|secret|password|sig|signature|x-amz-signature|x-amz-credential|"
-    r"x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s'\"]+", re.I)
+def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, ...] = ()) -> RemoteError:
+    """Build a RemoteError that says what failed, where, why and what to do.
 
-
-def redact(text: str) -> str:
-    """Remove credentials from text bound for logs and messages (``user:pass@`` and token query values)."""
-    text = _SECRET_IN_URL.sub(lambda m: m.group("scheme") + "***@", text)
-    return _SECRET_IN_QUERY.sub(lambda m: m.group("key") + "***", text)
-
-
-def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
-    """Build a RemoteError that says what failed, where, why and what to do (credentials redacted)."""
+    ``url`` and the backend's text are redacted (``cloudckpt.urls.redact``, plus the literal ``secrets``);
+    the caller chains the cause through ``sanitized_cause``.
+    """
     transient = is_transient(exc)
     cause = describe_cause(exc)
-    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else cause
-    url = redact(url)
+    text = redact(_first_line(exc), secrets) if str(exc).strip() else cause
+    url = redact(url, secrets)
     if cause in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "HTTP 401",
                  "HTTP 403") or isinstance(exc, PermissionError) or text.startswith("Forbidden"):
         hint = ("the store rejected the credentials or they lack permission for this prefix; check the "
@@ -359,6 +416,11 @@ def remote_error(op: str, url: str, exc: BaseException) -> RemoteError:
     else:
         hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
     return RemoteError(f"{op} {url} failed: {cause}: {text} ({hint}).", url=url, transient=transient)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _ProgressCallback(fsspec.callbacks.Callback):

@@ -110,8 +110,8 @@ def describe_cause(exc: BaseException) -> str:
             status, code = status_code
             return code or f"HTTP {status}"
     for e in chain:
-        if not isinstance(e, RemoteError):
-            return type(e).__name__
+        if not isinstance(e, RemoteError):  # a RedactedError stands in for its original_type
+            return str(getattr(e, "original_type", type(e).__name__)).rsplit(".", 1)[-1]
     return type(exc).__name__
 
 

@@ -45,11 +45,16 @@ class UploadStats:
 
 @dataclass
 class UploadJob:
-    """One checkpoint waiting to be committed; ``release`` frees its local snapshot."""
+    """One checkpoint waiting to be committed; ``release`` frees its local snapshot.
+
+    ``required``: the checkpoint must not be lost silently (the final one of a run): its failure is
+    kept for ``take_failure`` even with ``on_error="warn"``.
+    """
 
     checkpoint: LocalCheckpoint
     release: Callable[[], None] = lambda: None
     on_committed: Callable[[CommitResult], None] = lambda result: None
+    required: bool = False
 
 
 class Uploader:
@@ -120,6 +125,16 @@ class Uploader:
             log.warning("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)
             job.release()
 
+    def require(self, step: int) -> bool:
+        """Mark the checkpoint of ``step`` waiting or in flight as required (see ``UploadJob``);
+        False if no such checkpoint is pending."""
+        with self._cond:
+            jobs = [j for j in ([self._in_flight] if self._in_flight else []) + list(self._queue)
+                    if j.checkpoint.step == step]
+            for job in jobs:
+                job.required = True
+            return bool(jobs)
+
     def commit_now(self, job: UploadJob) -> None:
         """Commit ``job`` in the calling thread (used when the files are already in place).
 
@@ -168,7 +183,8 @@ class Uploader:
         """Stop the worker once the queue drains; after ``timeout`` seconds, abandon what is left.
 
         Abandoning cancels pending retries; an upload in flight may finish in
-        the background (daemon threads) but nothing waits for it.
+        the background (daemon threads) but nothing waits for it. Otherwise the
+        worker and its file-upload threads have ended when this returns.
         """
         with self._cond:
             self._closing = True
@@ -186,8 +202,10 @@ class Uploader:
                 return
         with self._cond:
             self._thread = None
+            self._pool = None
         if pool is not None:
             pool.close()
+            pool.join()
 
     def stats(self) -> UploadStats:
         """A copy of the counters."""
@@ -226,15 +244,16 @@ class Uploader:
             error = UploadError(
                 f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
             error.__cause__ = exc
+            keep = self.on_error == "raise" or job.required
             with self._cond:
                 self._stats.failed += 1
                 self._stats.failures_by_cause[cause] = self._stats.failures_by_cause.get(cause, 0) + 1
-                if self.on_error == "raise":
+                if keep:
                     self._failures.append(error)
-            if self.on_error == "warn":
-                log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
-            else:
+            if keep:
                 log.error("%s", error)
+            else:
+                log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
             return
         seconds = time.monotonic() - started
         with self._cond:

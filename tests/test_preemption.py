@@ -297,7 +297,7 @@ def test_aws_token_dance_refresh_on_401_and_notice(make_watcher, aws):
 
 
 def test_aws_token_refreshed_before_expiry(make_watcher, aws, monkeypatch):
-    monkeypatch.setattr(preemption, "_AWS_TOKEN_TTL_SECONDS", 1)
+    monkeypatch.setattr(preemption.metadata, "_AWS_TOKEN_TTL_SECONDS", 1)
     w = make_watcher("aws", aws_metadata_url=aws.url)
     w.start()
     assert wait_until(lambda: len(aws.tokens_issued) >= 2, timeout=4)
@@ -383,7 +383,7 @@ def test_source_that_worked_keeps_polling_through_outage(make_watcher, caplog):
 
 
 def test_poll_exceptions_do_not_kill_the_poller(make_watcher, gce, monkeypatch):
-    real_http = preemption._http
+    real_http = preemption.metadata._http
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -392,7 +392,7 @@ def test_poll_exceptions_do_not_kill_the_poller(make_watcher, gce, monkeypatch):
             raise ZeroDivisionError("boom")
         return real_http(*args, **kwargs)
 
-    monkeypatch.setattr(preemption, "_http", flaky)
+    monkeypatch.setattr(preemption.metadata, "_http", flaky)
     gce.preempt()
     w = make_watcher("gce", gce_metadata_url=gce.url)
     w.start()
@@ -488,6 +488,42 @@ def test_trigger_first_only_callbacks_and_logging(caplog):
     assert len(warnings) == 1 and "first" in warnings[0].getMessage()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "callback" in errors[0].getMessage()
+
+
+def test_later_notices_tighten_hard_stop_at_and_are_logged_once_each(caplog):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    w = PreemptionWatcher()
+    seen: list[PreemptionNotice] = []
+    w.add_callback(seen.append)
+    assert w.hard_stop_at is None and w.notices == ()
+    w.trigger("aws", "spot instance-action: terminate", 1e6)
+    first = w.notice
+    assert w.hard_stop_at == first.received_at + 1e6 == first.hard_stop_at
+    w.trigger("sigterm", "SIGTERM", 25.0)  # a shorter grace period: the hard stop comes closer
+    sigterm = w.notices[1]
+    assert w.hard_stop_at == sigterm.received_at + 25.0 < first.hard_stop_at
+    w.trigger("gce", "instance/preempted=TRUE", 2e6)  # would end later: changes nothing
+    assert [n.source for n in w.notices] == ["aws", "sigterm", "gce"]
+    assert w.hard_stop_at == sigterm.hard_stop_at
+    assert w.notice is first and last_notice() is first and seen == [first]  # callbacks: first notice only
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("cloudckpt")]
+    warnings = [m for level, m in records if level == logging.WARNING]
+    assert len(warnings) == 2 and "from aws" in warnings[0] and "Later preemption notice from sigterm" in warnings[1]
+    infos = [m for level, m in records if level == logging.INFO]
+    assert len(infos) == 1 and "Later preemption notice from gce" in infos[0] and "still" in infos[0]
+
+
+def test_package_keeps_the_public_names():
+    import cloudckpt
+
+    names = ["PreemptionNotice", "PreemptionWatcher", "last_notice", "was_preempted", "_reset_last_notice",
+             "GCE_METADATA_URL_ENV", "AWS_METADATA_URL_ENV", "DEFAULT_GCE_METADATA_URL",
+             "DEFAULT_AWS_METADATA_URL", "DEFAULT_DEADLINES", "SOURCES"]
+    assert [n for n in names if not hasattr(preemption, n)] == []
+    assert set(preemption.__all__) <= set(names)
+    assert cloudckpt.PreemptionWatcher is PreemptionWatcher and cloudckpt.was_preempted is was_preempted
+    assert (preemption.SOURCES, preemption.DEFAULT_DEADLINES) == (
+        ("sigterm", "gce", "aws"), {"sigterm": 25.0, "gce": 25.0, "aws": 100.0})
 
 
 def test_trigger_concurrent_records_exactly_once():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import time
 import uuid
 
@@ -73,3 +74,42 @@ def test_deadline_too_short_keeps_previous_checkpoint(moto_server, bucket_url, t
     assert "the latest committed checkpoint is step 0" in trainer.stderr
     assert_everything_verifies(bucket_url, options)
     assert_restart_resumes(moto_server, bucket_url, tmp_path, 0, *size)
+
+
+# Notice sequences as they happen on real VMs: GCE's metadata flag and the shutdown script's SIGTERM in
+# either order, AWS's two-minute notice followed by the OS shutdown's SIGTERM, an operator's second
+# SIGTERM. (sources, [(event, seconds after the previous event)], expected exit status)
+SEQUENCES = {
+    "gce-then-sigterm-0.1s": ("sigterm,gce", [("gce", 0.0), ("sigterm", 0.1)], 0),
+    "gce-then-sigterm-3s": ("sigterm,gce", [("gce", 0.0), ("sigterm", 3.0)], 0),
+    "sigterm-then-gce": ("sigterm,gce", [("sigterm", 0.0), ("gce", 0.1)], 0),
+    "aws-then-sigterm": ("sigterm,aws", [("aws", 0.0), ("sigterm", 0.5)], 0),
+    "two-sigterms": ("sigterm", [("sigterm", 0.0), ("sigterm", 0.05)], -signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQUENCES))
+def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
+    """Any notice source and SIGTERM, in either order: the final checkpoint is committed and the exit is
+    clean; a second SIGTERM terminates (143) and the latest committed checkpoint stays intact."""
+    sources, events, expected_rc = SEQUENCES[name]
+    options = moto_server.storage_options
+    size = ("--size", str(1 << 21))  # 8 MB: the final commit takes a moment, so signals land during it
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
+        trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "20",
+                                 "--preemption", sources, *size,
+                                 env={"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url})
+        trainer.wait_for_step(25)
+        for event, delay in events:
+            time.sleep(delay)
+            {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[event]()
+        assert trainer.wait() == expected_rc, trainer.stderr
+    assert_everything_verifies(bucket_url, options)
+    latest = cloudckpt.latest_checkpoint(bucket_url, options)
+    assert latest is not None
+    if expected_rc == 0:
+        assert trainer.done == f"DONE {trainer.step} preempted=True"
+        assert latest.step == trainer.step  # the final checkpoint, committed within the deadline
+        first = events[0][0]
+        assert f"Preemption notice from {first}" in trainer.stderr
+    assert_restart_resumes(moto_server, bucket_url, tmp_path, latest.step, *size)

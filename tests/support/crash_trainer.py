@@ -1,9 +1,13 @@
 """Training process for crash and preemption tests: trains with cloudckpt's hook until stopped or killed.
 
 Usage: python crash_trainer.py URL ENDPOINT|- LOCAL_DIR [--save-steps N] [--last-step N]
-                               [--preemption none|sigterm|gce|aws] [--deadline SECONDS]
+                               [--preemption none|SOURCE[,SOURCE...]] [--deadline SECONDS]
+                               [--raise-at N]
+SOURCE is sigterm, gce or aws (metadata URLs from CLOUDCKPT_*_METADATA_URL, polled every 0.1 s).
 Prints ``FIRST_STEP <n>`` once the session is created (after any restore) and
 ``STEP <n>`` now and then, so the parent knows training (and uploading) is under way.
+With ``--raise-at N`` a hook raises RuntimeError at step N; the trainer catches it, prints
+``RAISED <threads>`` (cloudckpt-started threads still alive) and waits for a signal.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -19,6 +25,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cloudckpt  # noqa: E402
+from tf_model import RaiseAt  # noqa: E402  (this file's directory is on sys.path)
+from trainer_process import foreign_thread  # noqa: E402
 
 
 class Report(tf.compat.v1.train.SessionRunHook):
@@ -42,7 +50,8 @@ def main() -> int:
     parser.add_argument("local_dir")
     parser.add_argument("--save-steps", type=int, default=3)
     parser.add_argument("--last-step", type=int, default=10**9)
-    parser.add_argument("--preemption", default="none", choices=["none", "sigterm", "gce", "aws"])
+    parser.add_argument("--preemption", default="none")
+    parser.add_argument("--raise-at", type=int, default=None)
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--size", type=int, default=1 << 18, help="floats in the model's variable")
     args = parser.parse_args()
@@ -53,8 +62,9 @@ def main() -> int:
     extra: dict = {"preemption_deadline": args.deadline}
     if args.preemption == "sigterm":
         extra["preemption"] = "sigterm"
-    elif args.preemption in ("gce", "aws"):  # metadata URLs come from CLOUDCKPT_*_METADATA_URL
-        extra["preemption"] = cloudckpt.PreemptionWatcher((args.preemption,), poll_interval=0.1)
+    elif args.preemption != "none":  # metadata URLs come from CLOUDCKPT_*_METADATA_URL
+        extra["preemption"] = cloudckpt.PreemptionWatcher(tuple(args.preemption.split(",")), poll_interval=0.1)
+    threads_before = set(threading.enumerate())
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
         w = tf.compat.v1.get_variable("w", shape=[args.size], initializer=tf.compat.v1.zeros_initializer())
@@ -63,12 +73,22 @@ def main() -> int:
             tf.reduce_sum(tf.square(w - target)), global_step=global_step)
         hook = cloudckpt.CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir,
                                              storage_options=options, max_pending=2, **extra)
-        with tf.compat.v1.train.MonitoredTrainingSession(
-                checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
-                log_step_count_steps=None,
-                hooks=[hook, Report(), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]) as sess:
-            while not sess.should_stop():
-                sess.run(train_op)
+        hooks = [hook, Report(), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]
+        if args.raise_at is not None:
+            hooks.append(RaiseAt(args.raise_at))
+        try:
+            with tf.compat.v1.train.MonitoredTrainingSession(
+                    checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
+                    log_step_count_steps=None, hooks=hooks) as sess:
+                while not sess.should_stop():
+                    sess.run(train_op)
+        except RuntimeError as exc:
+            if args.raise_at is None:
+                raise
+            left = sorted(t.name for t in set(threading.enumerate()) - threads_before if not foreign_thread(t.name))
+            print(f"RAISED {exc}; threads left: {left}", flush=True)
+            while True:  # a SIGTERM now must behave as it would without cloudckpt
+                time.sleep(0.1)
         print(f"DONE {hook.stats().last_committed_step} preempted={cloudckpt.was_preempted()}", flush=True)
     return 0
 

@@ -8,7 +8,9 @@
         aws.invalidate_tokens()            # next GET with the old token -> 401
 
 Both serve on 127.0.0.1 (ephemeral port, ``.url``) from a daemon thread and
-keep a request log (``.requests``: :class:`Request` records, in arrival order).
+keep a request log (``.requests``: :class:`Request` records, logged when answered).
+``.delay`` (seconds, default 0) holds every answer back, like a slow metadata
+server; ``.arrivals`` counts requests as they arrive, before that delay.
 
 GCE: ``GET /computeMetadata/v1/instance/preempted`` ("FALSE"/"TRUE") and
 ``.../instance/maintenance-event`` ("NONE" or what ``set_maintenance_event``
@@ -63,6 +65,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
+        self.server.fake._arrived()
         status, body, headers = self.server.fake.handle(self.command, self.path, self.headers)
         self.server.fake._log(Request(self.command, self.path, dict(self.headers.items()),
                                       status))
@@ -91,6 +94,8 @@ class _FakeMetadata:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[Request] = []
+        self._arrivals = 0
+        self.delay = 0.0
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -127,6 +132,18 @@ class _FakeMetadata:
                 return True
             time.sleep(0.01)
         return False
+
+    @property
+    def arrivals(self) -> int:
+        """Requests received so far, counted on arrival (before ``delay``)."""
+        with self._lock:
+            return self._arrivals
+
+    def _arrived(self) -> None:
+        with self._lock:
+            self._arrivals += 1
+        if self.delay:
+            time.sleep(self.delay)
 
     def _log(self, request: Request) -> None:
         with self._lock:

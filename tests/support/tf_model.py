@@ -75,3 +75,20 @@ def train(
                     step_callback(int(step))
         assert probe.first is not None and probe.last is not None
         return TrainResult(probe.first[0], probe.first[1], probe.last[0], probe.last[1])
+
+
+class RaiseAt(tf.compat.v1.train.SessionRunHook):
+    """Fails the training step that reaches global step ``at`` with RuntimeError (a crash in user code)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def begin(self) -> None:
+        self._step = tf.compat.v1.train.get_global_step()
+
+    def before_run(self, run_context: Any) -> Any:
+        return tf.compat.v1.train.SessionRunArgs(self._step)
+
+    def after_run(self, run_context: Any, run_values: Any) -> None:
+        if int(run_values.results) + 1 >= self.at:
+            raise RuntimeError(f"training failed at step {self.at}")

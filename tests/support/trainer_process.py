@@ -15,6 +15,13 @@ from pathlib import Path
 TRAINER = Path(__file__).with_name("crash_trainer.py")
 
 
+def foreign_thread(name: str) -> bool:
+    """Threads of other libraries that outlive a session by design: fsspec's shared IO loop and its
+    asyncio default executor, and the event writer of TF's summary-writer cache (TF's own
+    CheckpointSaverHook opens it)."""
+    return name in ("fsspecIO", "EventLoggerThread") or name.startswith("asyncio_")
+
+
 class TrainerProcess:
     """A training subprocess whose stdout lines (FIRST_STEP/STEP/DONE) are read in a background thread."""
 
@@ -25,6 +32,7 @@ class TrainerProcess:
         self.first_step: int | None = None
         self.step = -1
         self.done: str | None = None
+        self.output: list[str] = []
         self._lines: queue.Queue[str] = queue.Queue()
         self._stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -38,6 +46,7 @@ class TrainerProcess:
                 self.step = int(m.group(1))
             elif line.startswith("DONE"):
                 self.done = line.strip()
+            self.output.append(line)
             self._lines.put(line)
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
@@ -46,6 +55,17 @@ class TrainerProcess:
         while self.step < step:
             if self.proc.poll() is not None or time.monotonic() > end:
                 raise AssertionError(f"trainer did not reach step {step} (rc={self.proc.poll()}):\n{self.stderr}")
+            time.sleep(0.01)
+
+    def wait_for_line(self, prefix: str, timeout: float = 120) -> str:
+        """Block until the trainer prints a line starting with ``prefix``; return it."""
+        end = time.monotonic() + timeout
+        while True:
+            for line in list(self.output):
+                if line.startswith(prefix):
+                    return line.strip()
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"trainer never printed {prefix!r} (rc={self.proc.poll()}):\n{self.stderr}")
             time.sleep(0.01)
 
     def kill(self) -> None:

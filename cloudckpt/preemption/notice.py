@@ -1,0 +1,100 @@
+"""Preemption notices: what a warning says, and the process-wide record of the first one.
+
+A :class:`PreemptionNotice` is one warning that the machine is about to be
+reclaimed, with the seconds the platform grants before the hard stop
+(:data:`DEFAULT_DEADLINES`).  The figures come from the providers:
+
+* **GCE** spot / preemptible VMs get an ACPI soft-off (processes receive
+  ``SIGTERM``) and ``instance/preempted`` turns ``TRUE`` on the metadata
+  server; the VM is hard-stopped about 30 s later
+  (https://cloud.google.com/compute/docs/instances/spot#preemption-process).
+* **AWS** spot instances get a two-minute interruption notice on the instance
+  metadata endpoint ``latest/meta-data/spot/instance-action``
+  (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html).
+
+The defaults keep a margin below those figures (25 s of GCE's 30 s, 100 s of
+AWS's 120 s) for the work that follows the save: upload, process exit.
+
+:func:`was_preempted` / :func:`last_notice` answer "did any watcher in this
+process receive a notice?", so code far from the watcher (an ``atexit``
+handler, a training loop's ``finally``) can decide on its exit status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_DEADLINES", "SOURCES", "PreemptionNotice", "last_notice", "was_preempted"]
+
+#: All notice sources understood by :class:`~cloudckpt.preemption.PreemptionWatcher`.
+SOURCES: tuple[str, ...] = ("sigterm", "gce", "aws")
+
+#: Seconds the platform gives between the notice and the hard stop, per source.
+#: ``sigterm`` uses the GCE soft-off figure (SIGTERM, hard stop ~30 s later).
+DEFAULT_DEADLINES: dict[str, float] = {"sigterm": 25.0, "gce": 25.0, "aws": 100.0}
+
+
+@dataclass(frozen=True)
+class PreemptionNotice:
+    """A preemption warning received from one of the watched sources.
+
+    Attributes:
+        source: ``"sigterm"``, ``"gce"`` or ``"aws"`` (or any string passed to
+            :meth:`PreemptionWatcher.trigger`).
+        received_at: ``time.monotonic()`` when the notice was recorded.
+        detail: Human-readable description, e.g. ``"SIGTERM"``,
+            ``"instance/preempted=TRUE"`` or
+            ``"spot instance-action: terminate at 2026-11-26T19:00:00Z"``.
+        deadline: Seconds the platform grants after the notice before the
+            machine is hard-stopped.
+    """
+
+    source: str
+    received_at: float
+    detail: str
+    deadline: float
+
+    @property
+    def hard_stop_at(self) -> float:
+        """``time.monotonic()`` value at which the platform hard-stops the machine."""
+        return self.received_at + self.deadline
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds left before :attr:`deadline` expires (may be negative).
+
+        Args:
+            now: A ``time.monotonic()`` value; defaults to the current time.
+        """
+        if now is None:
+            now = time.monotonic()
+        return self.hard_stop_at - now
+
+
+_last_notice: PreemptionNotice | None = None
+
+
+def was_preempted() -> bool:
+    """Return ``True`` if any watcher in this process has received a notice."""
+    return _last_notice is not None
+
+
+def last_notice() -> PreemptionNotice | None:
+    """Return the first notice of the watcher that most recently received one (``None`` if none did).
+
+    Later notices of the same watcher (see :attr:`PreemptionWatcher.notices`)
+    do not replace it.
+    """
+    return _last_notice
+
+
+def _record_first_notice(notice: PreemptionNotice) -> None:
+    """Remember ``notice``, a watcher's first, process-wide (a single assignment: signal-safe)."""
+    global _last_notice
+    _last_notice = notice
+
+
+def _reset_last_notice() -> None:
+    """Forget the process-wide notice (for tests)."""
+    global _last_notice
+    _last_notice = None

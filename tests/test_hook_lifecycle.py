@@ -1,0 +1,136 @@
+"""The hook's lifecycle: close() after a clean end, after an exception and on Ctrl-C; the final checkpoint.
+
+TF calls hooks' end() only on a clean exit; whatever ends the session, the
+hook must end up closed: no cloudckpt thread left, SIGTERM handler restored,
+the final checkpoint committed or a failure raised.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import uuid
+
+import pytest
+import tensorflow as tf
+
+import cloudckpt
+from support.checks import assert_all_committed_intact
+from support.fake_metadata import FakeGceMetadata
+from support.moto_iam import IamMoto
+from support.tf_model import RaiseAt, train
+from support.trainer_process import TrainerProcess, foreign_thread
+
+
+
+
+def started_since(before: set[threading.Thread]) -> list[str]:
+    """Names of threads alive now that were not before (other libraries' long-lived threads aside)."""
+    return sorted(t.name for t in threading.enumerate() if t not in before and not foreign_thread(t.name))
+
+
+def test_exception_in_training_closes_the_hook(memory_url, tmp_path):
+    disposition = signal.getsignal(signal.SIGTERM)
+    local = tmp_path / "local"
+    with FakeGceMetadata() as gce:
+        before = set(threading.enumerate())
+        watcher = cloudckpt.PreemptionWatcher(("sigterm", "gce"), gce_metadata_url=gce.url, poll_interval=0.05)
+        hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=2, local_dir=str(local), preemption=watcher)
+        with pytest.raises(RuntimeError, match="training failed at step 7"):
+            train(lambda scaffold: hook, last_step=50, extra_hooks=[RaiseAt(7)])
+        assert started_since(before) == []  # uploader, upload pool and metadata poller all ended
+        assert signal.getsignal(signal.SIGTERM) is disposition
+        assert not watcher.running
+        last_saved = int(tf.train.latest_checkpoint(str(local)).rsplit("-", 1)[1])
+        assert last_saved >= 4
+        # checkpoints still uploading when training failed were committed before the session closed
+        assert cloudckpt.latest_checkpoint(memory_url).step == last_saved
+        assert_all_committed_intact(memory_url, None)
+        hook.close()  # idempotent
+        hook.close()
+
+
+def test_hook_as_context_manager_and_close_is_idempotent(memory_url, tmp_path):
+    before = set(threading.enumerate())
+    disposition = signal.getsignal(signal.SIGTERM)
+    with cloudckpt.CheckpointSaverHook(memory_url, save_steps=3, local_dir=str(tmp_path), preemption="sigterm") \
+            as hook:
+        train(lambda scaffold: hook, last_step=7)
+        assert cloudckpt.latest_checkpoint(memory_url).step == 7
+    hook.close()
+    assert started_since(before) == []
+    assert signal.getsignal(signal.SIGTERM) is disposition
+
+
+def test_hook_can_run_a_second_session_after_close(memory_url, tmp_path):
+    hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=3, local_dir=str(tmp_path))
+    train(lambda scaffold: hook, last_step=4)
+    result = train(lambda scaffold: hook, last_step=8)  # same hook, new session: restores and commits again
+    assert result.first_step == 4 and result.last_step == 8
+    assert cloudckpt.latest_checkpoint(memory_url).step == 8
+
+
+@pytest.fixture
+def iam_moto():
+    with IamMoto() as aws:
+        yield aws
+
+
+@pytest.mark.parametrize("last_step", [11, 10], ids=["final-save-in-end", "final-step-saved-by-the-timer"])
+def test_final_checkpoint_not_committed_raises_even_with_warn(iam_moto, tmp_path, last_step):
+    """Credentials revoked mid-run: intermediate failures only warn, the final one raises UploadError."""
+    url = f"s3://{iam_moto.bucket}/{uuid.uuid4().hex[:8]}"
+    hooks: list[cloudckpt.CheckpointSaverHook] = []
+
+    def make_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "local"),
+                                                   storage_options=iam_moto.trainer_options, on_error="warn"))
+        return hooks[0]
+
+    revoked: list[bool] = []
+
+    def revoke_once_step_5_is_committed(step: int) -> None:
+        if step >= 7 and not revoked:
+            hooks[0].wait(60)
+            iam_moto.revoke_trainer()
+            revoked.append(True)
+
+    with pytest.raises(cloudckpt.UploadError) as info:
+        train(make_hook, last_step=last_step, step_callback=revoke_once_step_5_is_committed)
+    assert f"step {last_step}" in str(info.value)
+    stats = hooks[0].stats()
+    assert stats.last_committed_step == 5
+    assert stats.failed >= 1
+    committed = assert_all_committed_intact(url, iam_moto.admin_options)
+    assert max(committed) == 5  # the bucket still holds the previous committed checkpoint
+
+
+def test_sigterm_after_a_training_exception_terminates(moto_server, s3_url, tmp_path):
+    """After training raised, nothing of cloudckpt is left: SIGTERM terminates as SIG_DFL does (143)."""
+    with FakeGceMetadata() as gce:
+        trainer = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "2",
+                                 "--preemption", "sigterm,gce", "--raise-at", "5",
+                                 env={"CLOUDCKPT_GCE_METADATA_URL": gce.url})
+        line = trainer.wait_for_line("RAISED")
+        assert line.endswith("threads left: []"), line
+        trainer.terminate()
+        assert trainer.wait() == -signal.SIGTERM, trainer.stderr
+    assert "The training session ended with an exception (RuntimeError)" in trainer.stderr
+    assert_all_committed_intact(s3_url, moto_server.storage_options)
+
+
+def test_ctrl_c_interrupts_promptly_and_leaves_nothing_half_written(moto_server, s3_url, tmp_path):
+    options = moto_server.storage_options
+    size = ("--size", str(1 << 21))  # 8 MB: an upload is often in flight when Ctrl-C comes
+    trainer = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "3",
+                             "--preemption", "sigterm", *size)
+    trainer.wait_for_step(20)
+    trainer.proc.send_signal(signal.SIGINT)
+    assert trainer.wait(60) == -signal.SIGINT, trainer.stderr  # Python's KeyboardInterrupt exit
+    assert "KeyboardInterrupt" in trainer.stderr
+    committed = assert_all_committed_intact(s3_url, options)
+    assert committed
+    restart = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "new-vm"), "--save-steps", "50",
+                             "--last-step", str(max(committed) + 2), *size)
+    assert restart.wait() == 0, restart.stderr
+    assert restart.first_step == max(committed)
