@@ -100,6 +100,10 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
                                  "--preemption", sources, *size,
                                  env={"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url})
         trainer.wait_for_step(25)
+        deadline = time.monotonic() + 120
+        while cloudckpt.latest_checkpoint(bucket_url, options) is None:  # a periodic commit to fall back on
+            assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.stderr
+            time.sleep(0.1)
         for event, delay in events:
             time.sleep(delay)
             {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[event]()
