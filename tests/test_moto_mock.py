@@ -30,6 +30,7 @@ from cloudckpt.moto_mock import moto_mock_active, mock_transport
 from cloudckpt.remote import S3_PART_SIZE, RemoteStore
 from cloudckpt.retry import is_transient
 from cloudckpt.s3_botocore import BotocoreS3FileSystem
+from cloudckpt.testing import assert_committed
 from support import net_guard
 from support.tf_model import train
 
@@ -123,6 +124,7 @@ def test_restore_latest_verify_and_download(mocked_bucket, tmp_path, guard):
     assert [c.step for c in cloudckpt.list_checkpoints(url)] == [0, 10, 20]
     report = cloudckpt.verify(url, use_store_checksums=False)
     assert report.ok and report.step == 20 and len(report.files) == 3
+    assert assert_committed(url, step=10).step == 10  # the plugin's helper works under the mock too
 
     prefix = cloudckpt.download_checkpoint(url, str(tmp_path / "pulled"), step=10)
     assert prefix == str(tmp_path / "pulled" / "model.ckpt-10")

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 import uuid
 from pathlib import Path
 
 import fsspec
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import cloudckpt
 from cloudckpt.testing import EmulatedBucket, assert_committed
