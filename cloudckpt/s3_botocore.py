@@ -265,15 +265,19 @@ class BotocoreS3FileSystem(AbstractFileSystem):
     # -- writing ----------------------------------------------------------------------------
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", chunksize: int | None = None,
                   **kwargs: Any) -> None:
-        """Write ``value`` as the object ``path``; ``mode="create"`` raises ``FileExistsError`` if it exists."""
+        """Write ``value`` as the object ``path``; ``mode="create"`` raises ``FileExistsError`` if it exists.
+
+        Other keyword arguments are PutObject / CreateMultipartUpload parameters (``ContentType``...), as in s3fs.
+        """
         bucket, key = self.split_path(path)
         match = _condition(mode)
         data = memoryview(value).cast("B") if not isinstance(value, bytes) else value
         part = _part_size(len(data), chunksize)
         if len(data) < min(_MAX_PUT, 2 * part):
-            self._call("put_object", Bucket=bucket, Key=key, Body=bytes(data), **match)
+            self._call("put_object", Bucket=bucket, Key=key, Body=bytes(data), **kwargs, **match)
         else:
-            self._multipart(bucket, key, (bytes(data[i:i + part]) for i in range(0, len(data), part)), match)
+            chunks = (bytes(data[i:i + part]) for i in range(0, len(data), part))
+            self._multipart(bucket, key, chunks, match, params=kwargs)
 
     def put_file(self, lpath: str, rpath: str, callback: Callback = DEFAULT_CALLBACK, chunksize: int | None = None,
                  max_concurrency: int | None = None, mode: str = "overwrite", **kwargs: Any) -> None:
@@ -281,7 +285,8 @@ class BotocoreS3FileSystem(AbstractFileSystem):
 
         Parts are sent one after another (``max_concurrency`` is accepted and
         ignored). ``mode="create"`` raises ``FileExistsError`` if ``rpath``
-        exists; a failed multipart upload is aborted.
+        exists; a failed multipart upload is aborted. Other keyword arguments
+        are PutObject / CreateMultipartUpload parameters, as in s3fs.
         """
         bucket, key = self.split_path(rpath)
         match = _condition(mode)
@@ -290,10 +295,11 @@ class BotocoreS3FileSystem(AbstractFileSystem):
         part = _part_size(size, chunksize)
         with open(lpath, "rb") as f:
             if size < min(_MAX_PUT, 2 * part):
-                self._call("put_object", Bucket=bucket, Key=key, Body=f.read(), **match)
+                self._call("put_object", Bucket=bucket, Key=key, Body=f.read(), **kwargs, **match)
                 callback.relative_update(size)
             else:
-                self._multipart(bucket, key, iter(lambda: f.read(part), b""), match, callback.relative_update)
+                self._multipart(bucket, key, iter(lambda: f.read(part), b""), match, callback.relative_update,
+                                params=kwargs)
 
     def rm_file(self, path: str) -> None:
         """Delete the object ``path`` (S3 reports success for a missing key)."""
@@ -304,8 +310,8 @@ class BotocoreS3FileSystem(AbstractFileSystem):
         """Nothing to do: every listing is read fresh."""
 
     def _multipart(self, bucket: str, key: str, parts: Iterable[bytes], match: Mapping[str, str],
-                   progress: Callable[[int], Any] | None = None) -> None:
-        upload = self._call("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+                   progress: Callable[[int], Any] | None = None, params: Mapping[str, Any] | None = None) -> None:
+        upload = self._call("create_multipart_upload", Bucket=bucket, Key=key, **(params or {}))["UploadId"]
         try:
             done = []
             for number, data in enumerate(parts, 1):

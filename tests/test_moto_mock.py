@@ -192,8 +192,9 @@ def test_create_only_writes_are_refused_by_the_store(mocked_bucket, tmp_path):
     with pytest.raises(FileExistsError):
         fs.put_file(str(big), store.path("big"), chunksize=S3_PART_SIZE, mode="create")
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # the refused one was aborted
-    fs.put_file(str(big), store.path("big2"), chunksize=S3_PART_SIZE, mode="create")
+    fs.put_file(str(big), store.path("big2"), chunksize=S3_PART_SIZE, mode="create", ContentType="x/ckpt")
     assert objects(client, bucket)["big2"] == big.read_bytes()
+    assert client.head_object(Bucket=bucket, Key="run/big2")["ContentType"] == "x/ckpt"  # passed on, as in s3fs
 
 
 def test_reads_errors_and_storage_options(mocked_bucket, tmp_path):
