@@ -74,6 +74,24 @@ class EmbeddedS3:
         self.client().create_bucket(Bucket=name)
         return f"s3://{name}"
 
+    def delete_bucket(self, name: str) -> None:
+        """Delete bucket ``name`` with every object and unfinished multipart upload in it (no-op if missing)."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        try:
+            for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
+                for upload in page.get("Uploads", []):
+                    client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+            client.delete_bucket(Bucket=name)
+        except ClientError as exc:
+            if exc.response["Error"].get("Code") != "NoSuchBucket":
+                raise
+
     def __enter__(self) -> "EmbeddedS3":
         return self.start()
 

@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import ConfigError, RemoteError
+from .moto_mock import bypassed_mock_error, mock_transport
 from .retry import RetryPolicy, describe_cause, is_transient
 from .urls import (CheckpointUrl, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
@@ -119,7 +120,8 @@ class RemoteStore:
                 "token, gs: token, az: sas_token or credential) or through the environment.")
         cause: BaseException | None = None
         try:
-            cls = fsspec.get_filesystem_class(protocol)
+            # Under moto's in-process mock, s3:// goes through botocore, which the mock intercepts.
+            cls = mock_transport(protocol) or fsspec.get_filesystem_class(protocol)
         except ImportError as exc:
             package = _BACKEND_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
             error: Exception = ConfigError(
@@ -364,6 +366,7 @@ class RemoteStore:
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
             error = remote_error(op, url, exc, secrets=self._secrets)
             cause = sanitized_cause(exc, self._secrets)
+        error = bypassed_mock_error(self.fs, self.url) or error  # an s3fs store opened before mock_aws started
         raise error from cause  # outside the handler: the raw exception does not ride along as __context__
 
 

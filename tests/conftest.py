@@ -1,11 +1,11 @@
-"""Shared fixtures: real servers on 127.0.0.1 (moto S3, GCS emulator) and a tiny TF model."""
+"""Shared fixtures: real servers on 127.0.0.1 (moto S3, GCS emulator), from cloudckpt's own pytest plugin."""
 
 from __future__ import annotations
 
 import os
 import uuid
 
-# Before anything imports gcsfs or TF (see tests/support/gcs_emulator.py).
+# Before anything imports gcsfs or TF (see cloudckpt/gcs_emulator.py).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -16,6 +16,9 @@ import pytest  # noqa: E402
 
 from cloudckpt.embedded import EmbeddedS3  # noqa: E402
 
+# The fixtures users get (cloudckpt_s3, cloudckpt_gcs...); the servers below are the plugin's.
+pytest_plugins = ["cloudckpt.testing"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,18 +27,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 @pytest.fixture(scope="session")
-def moto_server():
+def moto_server(cloudckpt_s3_server: EmbeddedS3) -> EmbeddedS3:
     """A moto S3 server (server mode, real HTTP) on 127.0.0.1 for the whole session."""
-    with EmbeddedS3() as server:
-        yield server
+    return cloudckpt_s3_server
 
 
 @pytest.fixture
-def s3_url(moto_server: EmbeddedS3) -> str:
-    """A fresh bucket on the moto server; returns ``s3://<bucket>/runs/exp1``."""
-    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
-    moto_server.create_bucket(bucket)
-    return f"s3://{bucket}/runs/exp1"
+def s3_url(cloudckpt_s3) -> str:
+    """A fresh bucket on the moto server (deleted afterwards); returns ``s3://<bucket>/runs/exp1``."""
+    return cloudckpt_s3.url("runs/exp1")
 
 
 @pytest.fixture
@@ -51,9 +51,6 @@ def memory_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator():
+def gcs_emulator(cloudckpt_gcs_server):
     """gcp-storage-emulator as a real HTTP server on 127.0.0.1 (or $STORAGE_EMULATOR_HOST if set)."""
-    from support.gcs_emulator import GcsEmulator
-
-    with GcsEmulator() as emulator:
-        yield emulator
+    return cloudckpt_gcs_server

@@ -40,11 +40,7 @@ pytestmark = pytest.mark.timeout(30)
 MiB = 2**20
 
 
-# Example of the session fixture the lead wires into tests/conftest.py.
-@pytest.fixture(scope="session")
-def gcs_emulator():
-    with GcsEmulator() as emu:  # honours $STORAGE_EMULATOR_HOST if set
-        yield emu
+# gcs_emulator: the session's emulator (tests/conftest.py, from cloudckpt.testing's cloudckpt_gcs_server).
 
 
 @pytest.fixture

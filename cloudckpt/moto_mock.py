@@ -1,0 +1,66 @@
+"""moto's in-process mock (``moto.mock_aws``): detect it, and choose the S3 transport it can intercept.
+
+moto 5 intercepts AWS calls in-process through a ``BotocoreStubber`` that it
+appends to botocore's ``BUILTIN_HANDLERS`` (``moto.core.models.botocore_stubber``,
+a ``before-send`` handler); ``mock_aws`` start/stop switch its ``enabled`` flag
+(nested mocks are counted, so the flag is on while any is active). The stubber
+answers synchronously, which s3fs's aiobotocore cannot await (``TypeError:
+object bytes can't be used in 'await' expression``), and any transport that
+does not send through botocore's event system would bypass the mock and reach
+the network.
+
+So while the mock is active, ``s3://`` and ``s3a://`` use
+``cloudckpt.s3_botocore.BotocoreS3FileSystem``, a synchronous botocore client
+that moto answers in-process. ``mock_transport`` is the one place that decides:
+any S3 transport added later must consult it and step aside
+(tests/test_moto_mock.py fails otherwise).
+
+Detection never imports moto: if ``moto.core.models`` is not imported, no mock
+can be active.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["moto_mock_active", "mock_transport", "bypassed_mock_error", "MOCK_FIX"]
+
+S3_PROTOCOLS = ("s3", "s3a")
+# What to tell a user whose test cannot run under the in-process mock.
+MOCK_FIX = ("or test against moto's S3 server on 127.0.0.1 instead of mock_aws: the cloudckpt_s3 pytest fixture "
+            "(pip install 'cloudckpt[test]'; see the README, 'Testing your training code in CI')")
+
+
+def moto_mock_active() -> bool:
+    """True while a ``moto.mock_aws`` (decorator, context manager or ``start()``) is active in this process."""
+    models = sys.modules.get("moto.core.models")
+    stubber = getattr(models, "botocore_stubber", None)
+    return bool(getattr(stubber, "enabled", False))
+
+
+def mock_transport(protocol: str) -> type | None:
+    """The filesystem class ``protocol`` must use instead of fsspec's registered one, or None.
+
+    Returns ``BotocoreS3FileSystem`` for ``s3``/``s3a`` while moto's in-process mock is active.
+    """
+    if protocol in S3_PROTOCOLS and moto_mock_active():
+        from .s3_botocore import BotocoreS3FileSystem
+
+        return BotocoreS3FileSystem
+    return None
+
+
+def bypassed_mock_error(fs: Any, url: str) -> ConfigError | None:
+    """The error to raise when ``fs`` failed because moto's mock is active but ``fs`` cannot go through it.
+
+    That is an s3fs filesystem created before ``mock_aws`` started (a hook
+    built outside the mock, used inside it). None in every other case.
+    """
+    if not moto_mock_active() or not type(fs).__module__.startswith("s3fs"):
+        return None
+    return ConfigError(
+        f"{url} was opened before moto's mock_aws() started, so its S3 client (s3fs) is not one the mock can "
+        f"intercept. Create the hook (or call cloudckpt) inside the mock, {MOCK_FIX}.")
