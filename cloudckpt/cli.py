@@ -561,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _traceback_if(debug: bool) -> None:
+    """With --debug, print the traceback of the error being handled; the exit code stays the documented one."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if debug:
@@ -576,13 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except ConfigError as exc:
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         _err(f"error: {_one_line(exc)}")
         return EXIT_USAGE
     except CloudCkptError as exc:
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         _err(f"error: {_one_line(exc)}")
         return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
@@ -593,13 +599,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_CHECK_FAILED
     except OSError as exc:  # local disk trouble: permissions, disk full...
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         _err(f"error: {_one_line(exc)}")
         return EXIT_CHECK_FAILED
     except Exception as exc:  # noqa: BLE001 - never a bare traceback for users
-        if args.debug:
-            raise
+        _traceback_if(args.debug)
         _err(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
         return EXIT_CHECK_FAILED
 

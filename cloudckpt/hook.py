@@ -56,7 +56,7 @@ def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
     # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
     # and the cache survives a credential rotation.
-    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{endpoint}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{display_url(str(endpoint))}".encode()).hexdigest()[:16]
     return os.path.join(base, digest)
 
 
@@ -185,6 +185,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                            else (int(exit_on_preemption) if exit_on_preemption else None))
         self._stop_requested = False
         self._upload_timeout = upload_timeout
+        self._replaced_handler_called = False
         self._open = False
         self._close_lock = threading.Lock()
         self.preempted = False
@@ -196,8 +197,11 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         Runs before the session is created, so ``MonitoredTrainingSession``
         restores from ``local_dir`` and the global step continues.
         """
-        # Watch first: a notice during a long restore is kept, and training stops at its first step.
-        self._open = True
+        # Watch during the restore too: a notice then is kept, and training stops at its first step.
+        # Nothing keeps running after begin(): TF tells hooks nothing when creating the session fails
+        # after it (a failed restore, an init_fn, another hook's begin()), so the watcher starts again,
+        # and the uploader starts, only once the session exists (after_create_session).
+        self._open = False
         self._stop_requested = False
         if self._watcher is not None:
             self._watcher.start()
@@ -205,9 +209,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             super().begin()
             if self._restore and not self._upload.in_place:
                 self.restored = restore_newest_verified(self._upload.store, self.local_dir)
-        except BaseException:
-            self._close(timeout=0, reason="begin() failed")
-            raise
+        finally:
+            if self._watcher is not None:
+                self._watcher.stop()
 
     @property
     def local_dir(self) -> str:
@@ -229,9 +233,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         if every_n_hours is None and saver_def is not None and 0 < saver_def.keep_checkpoint_every_n_hours < 10000:
             every_n_hours = saver_def.keep_checkpoint_every_n_hours  # TF's default 10000 h means "off"
         self._upload.retention = RetentionPolicy(max_to_keep, every_n_hours)
-        if not self._open:  # MonitoredSession recreated the session after an error: open again
+        if not self._open:
             self._open = True
-            self._upload.begin()
             if self._watcher is not None:
                 self._watcher.start()
         coord.register_thread(_SessionCloseProbe(self._on_session_close))
@@ -262,30 +265,35 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         logged, not raised: the process exits cleanly.
         """
         watcher = self._watcher
-        notice = watcher.notice if watcher is not None else None
         step = int(session.run(self._global_step_tensor))
         try:
-            if notice is None:
-                self._upload.prepare_final_save(step)
-                super().end(session)
-                return
-            self.preempted = True
-            self._upload.prepare_final_save(step, self._preemption_deadline_at)
+            # The deadline function is re-read while waiting: a notice arriving during the final
+            # commit of a normal end bounds the wait too, and makes this a preemption stop.
+            self._upload.prepare_final_save(step, self._preemption_deadline_at if watcher is not None else None)
             try:
                 super().end(session)
             except UploadError as exc:
+                notice = watcher.notice if watcher is not None else None
+                if notice is None:
+                    raise
+                self.preempted = True
                 committed = self._upload.stats().last_committed_step
-                log.error("Preemption: the final checkpoint (step %d) was not committed within the deadline "
-                          "(%.0fs after the notice); the latest committed checkpoint is step %s. %s", step,
-                          (self._preemption_deadline_at() or time.monotonic()) - notice.received_at, committed, exc)
+                log.error("Preemption: the final checkpoint (step %d) was not committed %.1fs after the notice "
+                          "(%s); the latest committed checkpoint is step %s. The process exits cleanly: the "
+                          "machine is going away.", step, time.monotonic() - notice.received_at, exc, committed)
             else:
-                log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
-                            step, self.checkpoint_url, time.monotonic() - notice.received_at)
+                notice = watcher.notice if watcher is not None else None
+                if notice is not None:
+                    self.preempted = True
+                    log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
+                                step, self.checkpoint_url, time.monotonic() - notice.received_at)
         finally:
             self._close(timeout=0, reason="end()")
-        if self._exit_code is not None:
-            log.warning("Exiting with code %d (preempted).", self._exit_code)
-            sys.exit(self._exit_code)
+        if self.preempted:
+            self._call_replaced_sigterm_handler()
+            if self._exit_code is not None:
+                log.warning("Exiting with code %d (preempted).", self._exit_code)
+                sys.exit(self._exit_code)
 
     def close(self) -> None:
         """Stop watching for preemption and stop the uploader; idempotent.
@@ -331,6 +339,16 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             return notice.received_at + self._preemption_deadline
         return watcher.hard_stop_at  # type: ignore[union-attr]
 
+    def _call_replaced_sigterm_handler(self) -> None:
+        """A Python SIGTERM handler the watcher replaced was not called on the SIGTERM taken as the
+        notice (it might have ended training before the final save): call it now (once); what it
+        raises, e.g. ``SystemExit``, propagates."""
+        handler = self._watcher.replaced_sigterm_handler() if self._watcher is not None else None
+        if handler is not None and not self._replaced_handler_called:
+            self._replaced_handler_called = True
+            log.info("Calling the SIGTERM handler cloudckpt deferred until the final checkpoint was committed.")
+            handler(signal.SIGTERM, None)
+
     def _on_session_close(self) -> None:
         """The session is closing; if ``end()`` did not run (an exception ended training), close now."""
         if not self._open:
@@ -364,6 +382,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                 if self._watcher.notice is None:
                     self._watcher.stop()
                 else:
+                    self._watcher.stop_polling()
                     _ignore_sigterm_at_exit()
         finally:
             pending = self._upload.pending_steps()

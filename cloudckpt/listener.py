@@ -101,7 +101,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
 
     # -- CheckpointSaverListener ------------------------------------------------------------------
     def begin(self) -> None:
-        """Check the remote directory is usable and start the background uploader."""
+        """Check the remote directory is usable (the background uploader starts with the first save)."""
         self._store.check_usable()
         self._ending = False
         self._final_step = None
@@ -111,8 +111,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         for leftover in [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
                 os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]:
             shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
-        if not self._in_place:
-            self._uploader.start()
+        # The uploader thread starts with the first checkpoint: a session that fails to be created
+        # (after begin(), before any hook hears of it) leaves no thread behind.
 
     def before_save(self, session: Any, global_step_value: int) -> None:
         """Nothing: failures surface after the save, so an upload problem never prevents a local save."""
@@ -172,17 +172,19 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         has waited for the uploads, so the final checkpoint is always saved and queued, and the
         final checkpoint's failure is raised even with ``on_error="warn"``.
 
-        With a ``deadline`` (a function returning a ``time.monotonic()`` time, re-read while
-        waiting so a later notice can tighten it; before a preemption), waiting uploads of older
-        steps are dropped (the final one supersedes them) and ``end()``'s wait stops at the deadline.
+        ``deadline`` is a function returning a ``time.monotonic()`` time or None (no preemption),
+        re-read while waiting so a notice arriving later can set or tighten it; ``end()``'s wait
+        stops at the deadline. If a deadline is set already, waiting uploads of older steps are
+        dropped (the final one supersedes them).
         """
         self._ending = True
         self._final_step = step
         self._upload_timeout_at = None if self._upload_timeout is None else time.monotonic() + self._upload_timeout
         if deadline is not None:
             self._end_deadline = deadline
-            self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before "
-                                              "preemption")
+            if deadline() is not None:  # a preemption is under way: only the final checkpoint matters
+                self._uploader.drop_waiting(step, f"superseded by the final checkpoint (step {step}) before "
+                                                  "preemption")
 
     def pending_steps(self) -> list[int]:
         """Steps uploading or waiting, oldest first."""

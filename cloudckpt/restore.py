@@ -73,9 +73,15 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
 
     Raises:
         CheckpointNotFoundError: nothing committed (at that step).
-        ManifestError: the manifest of ``step`` exists but cannot be read.
+        ManifestError: the manifest of ``step`` (or, for the newest, a manifest newer than every
+            readable one) exists but cannot be read.
     """
     if step is None:
+        newest = scan.committed[-1].step if scan.committed else -1
+        unreadable = sorted((((parse_manifest_name(n) or ("", -1))[1], e) for n, e in scan.unreadable.items()),
+                            key=lambda item: item[0])
+        if unreadable and unreadable[-1][0] > newest:  # the newest checkpoint is not silently skipped
+            raise unreadable[-1][1]
         if not scan.committed:
             raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.")
         return scan.committed[-1]

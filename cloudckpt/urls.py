@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
+from urllib.parse import unquote
 
 from .errors import RedactedError
 
@@ -36,6 +37,7 @@ _SECRET_PARAMETER = re.compile(
     r"x-amz-security-token|x-goog-signature|x-goog-credential)=)[^&\s'\"]+", re.I)
 # storage_options keys whose string values are credentials (scrubbed from backend messages too).
 _SECRET_OPTION = re.compile(r"secret|passw|token|credential|sas|signature|(account|private)_key$", re.I)
+_PASTED_USERINFO = re.compile(r"[^/:@]+:(?!\d{1,5}/)[^@]*?/[^@]*@")  # not host:port/path@...
 _MIN_SECRET_LENGTH = 2  # a userinfo password or query value
 _MIN_OPTION_SECRET_LENGTH = 8  # real keys are long; short test values ("testing") would mangle messages
 
@@ -63,15 +65,15 @@ class CheckpointUrl:
 
     @property
     def username(self) -> str | None:
-        """The user of the userinfo, if any."""
-        return None if self.userinfo is None else self.userinfo.partition(":")[0]
+        """The user of the userinfo (percent-decoded), if any."""
+        return None if self.userinfo is None else unquote(self.userinfo.partition(":")[0])
 
     @property
     def password(self) -> str | None:
-        """The password of the userinfo, if it has one."""
+        """The password of the userinfo (percent-decoded: ``%2F`` is ``/``), if it has one."""
         if self.userinfo is None or ":" not in self.userinfo:
             return None
-        return self.userinfo.partition(":")[2]
+        return unquote(self.userinfo.partition(":")[2])
 
     @property
     def query(self) -> str | None:
@@ -100,7 +102,7 @@ class CheckpointUrl:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Literal strings that must never appear in any output: the userinfo, its password, query values."""
-        found = [self.userinfo, self.password]
+        found = [self.userinfo, self.password, None if self.userinfo is None else self.userinfo.partition(":")[2]]
         if self.query:
             found += [value for _, _, value in (item.partition("=") for item in self.query.split("&"))]
         return tuple(s for s in found if s and len(s) >= _MIN_SECRET_LENGTH)
@@ -121,7 +123,12 @@ def parse_url(url: str) -> CheckpointUrl:
     authority = rest.split("/", 1)[0]
     at = authority.rfind("@")
     if at < 0:
-        return CheckpointUrl(raw=raw, scheme=match.group(1).lower(), userinfo=None, location=rest)
+        # RFC 3986 wants "/" in a password written %2F, but AWS secret keys hold raw "/" and get pasted
+        # as they are: "user:pass/with/slashes@" (a user name has no "/", ":" or "@") is userinfo too.
+        pasted = _PASTED_USERINFO.match(rest)
+        if pasted is None:
+            return CheckpointUrl(raw=raw, scheme=match.group(1).lower(), userinfo=None, location=rest)
+        at = pasted.end() - 1
     return CheckpointUrl(raw=raw, scheme=match.group(1).lower(), userinfo=rest[:at], location=rest[at + 1:])
 
 

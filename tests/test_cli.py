@@ -466,8 +466,16 @@ def test_unexpected_exception_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert one_error_line(err) == ("cloudckpt: error: unexpected RuntimeError: something odd second line "
                                    "(rerun with --debug for the traceback)")
-    with pytest.raises(RuntimeError):
-        cli.main(["ls", "memory://x", "--debug"])
+    assert cli.main(["ls", "memory://x", "--debug"]) == 1  # the documented exit code, plus the traceback
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: something odd" in err
+
+
+def test_debug_keeps_the_exit_code_of_a_configuration_error(capsys, tmp_path):
+    missing = str(tmp_path / "missing")
+    assert cli.main(["ls", missing]) == 2
+    assert cli.main(["ls", missing, "--debug"]) == 2  # the traceback is extra, the exit code the documented one
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
 # -- demo (started by the demo_run fixture at the beginning of the module) --------------------------

@@ -50,6 +50,26 @@ def test_exception_in_training_closes_the_hook(memory_url, tmp_path):
         hook.close()
 
 
+def test_session_that_fails_to_be_created_leaves_nothing_running(memory_url, tmp_path):
+    """TF tells hooks nothing when session creation fails after begin() (here a Scaffold init_fn)."""
+    disposition = signal.getsignal(signal.SIGTERM)
+    before = set(threading.enumerate())
+
+    def failing_init(scaffold, session):
+        raise RuntimeError("init_fn failed")
+
+    with tf.Graph().as_default():
+        tf.compat.v1.train.get_or_create_global_step()
+        tf.compat.v1.get_variable("w", shape=[4])
+        hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=1, local_dir=str(tmp_path), preemption="sigterm")
+        with pytest.raises(RuntimeError, match="init_fn failed"):
+            tf.compat.v1.train.MonitoredTrainingSession(
+                checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
+                scaffold=tf.compat.v1.train.Scaffold(init_fn=failing_init), hooks=[hook])
+    assert started_since(before) == []
+    assert signal.getsignal(signal.SIGTERM) is disposition
+
+
 def test_hook_as_context_manager_and_close_is_idempotent(memory_url, tmp_path):
     before = set(threading.enumerate())
     disposition = signal.getsignal(signal.SIGTERM)
@@ -134,3 +154,15 @@ def test_ctrl_c_interrupts_promptly_and_leaves_nothing_half_written(moto_server,
                              "--last-step", str(max(committed) + 2), *size)
     assert restart.wait() == 0, restart.stderr
     assert restart.first_step == max(committed)
+
+
+def test_the_scripts_own_sigterm_handler_runs_after_the_final_commit(moto_server, s3_url, tmp_path):
+    """A training script's `signal.signal(SIGTERM, ...: sys.exit(3))` must not cut the final save short."""
+    trainer = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "50",
+                             "--preemption", "sigterm", "--user-sigterm-exit", "3")
+    trainer.wait_for_step(10)
+    trainer.terminate()
+    assert trainer.wait() == 3, trainer.stderr  # the script's handler ran, and decided the exit status
+    assert trainer.wait_for_line("USER_HANDLER")
+    assert cloudckpt.latest_checkpoint(s3_url, moto_server.storage_options).step == trainer.step
+    assert_all_committed_intact(s3_url, moto_server.storage_options)

@@ -256,3 +256,15 @@ def test_the_guard_refuses_and_records_other_hosts(guard):
         s.connect(("192.0.2.1", 443))  # TEST-NET-1: refused before anything is sent
     assert guard.violations == [("192.0.2.1", 443)]
     guard.violations.clear()  # this one was on purpose
+
+
+def test_preemption_auto_under_the_mock_stays_off_the_network(guard):
+    """preemption="auto" polls the real cloud metadata addresses; under the mock it must not."""
+    with moto.mock_aws():
+        watcher = cloudckpt.PreemptionWatcher.from_spec("auto")
+        watcher.start()
+        try:
+            assert watcher.active_sources == ("sigterm",)
+        finally:
+            watcher.stop()
+    assert guard.connections == []

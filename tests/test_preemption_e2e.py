@@ -70,7 +70,7 @@ def test_deadline_too_short_keeps_previous_checkpoint(moto_server, bucket_url, t
     assert trainer.wait() == 0, trainer.stderr
     assert 0 < trainer.step < 1000
     assert cloudckpt.latest_checkpoint(bucket_url, options).step == 0  # the previous periodic one
-    assert f"final checkpoint (step {trainer.step}) was not committed within" in trainer.stderr
+    assert f"final checkpoint (step {trainer.step}) was not committed" in trainer.stderr
     assert "the latest committed checkpoint is step 0" in trainer.stderr
     assert_everything_verifies(bucket_url, options)
     assert_restart_resumes(moto_server, bucket_url, tmp_path, 0, *size)
@@ -114,6 +114,5 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
     if expected_rc == 0:
         assert trainer.done == f"DONE {trainer.step} preempted=True"
         assert latest.step == trainer.step  # the final checkpoint, committed within the deadline
-        first = events[0][0]
-        assert f"Preemption notice from {first}" in trainer.stderr
+        assert "Preemption: committed final checkpoint step" in trainer.stderr
     assert_restart_resumes(moto_server, bucket_url, tmp_path, latest.step, *size)

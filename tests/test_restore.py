@@ -161,3 +161,16 @@ def test_resave_after_restore_keeps_the_committed_checkpoint(tmp_path, caplog):
     assert fs.cat_file(f"{root}/model.ckpt-10.manifest.json") == before  # never un-committed or rewritten
     assert not any("different" in r.getMessage() for r in caplog.records)
     assert [c.step for c in cloudckpt.list_checkpoints(url)][-2:] == [10, 15]
+
+
+def test_newest_unreadable_manifest_is_never_skipped_silently(memory_url, tmp_path):
+    """verify(url) / download_checkpoint(url) of "the latest" must not quietly pick an older step."""
+    train(lambda s: cloudckpt.CheckpointSaverHook(memory_url, save_steps=5, local_dir=str(tmp_path / "a")),
+          last_step=10)
+    fs, root = fsspec.core.url_to_fs(memory_url)
+    fs.pipe_file(f"{root}/model.ckpt-10.manifest.json", b"{not json")
+    with pytest.raises(cloudckpt.ManifestError, match="model.ckpt-10.manifest.json"):
+        cloudckpt.verify(memory_url)
+    with pytest.raises(cloudckpt.ManifestError):
+        cloudckpt.download_checkpoint(memory_url, str(tmp_path / "b"))
+    assert cloudckpt.verify(memory_url, 5).ok  # an explicit older step is still checkable

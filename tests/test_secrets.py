@@ -66,10 +66,24 @@ def local_files_secret_free(secret: str, *roots: str | Path) -> int:
     ("s3://bucket/team@example.com/run", "s3://bucket/team@example.com/run"),  # '@' in a key is no userinfo
     ("s3://bucket/a::b", "s3://bucket/a::b"),
     ("runs/user:pw@host?token=x", "runs/user:pw@host?token=x"),  # a local path is shown as given
+    # an AWS secret key pasted raw, "/" and all (RFC 3986 wants %2F; users paste what the console shows)
+    ("s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY@bucket/run", "s3://***@bucket/run"),
+    ("s3://bucket/a:b@c/run", "s3://bucket/a:b@c/run"),  # no user name holds "/": a key
+    ("sftp://host:22/path@x/y", "sftp://host:22/path@x/y"),  # host:port, then a path
 ])
 def test_display_form(url, shown):
     assert display_url(url) == shown
     assert display_url(shown) == shown  # idempotent
+
+
+def test_userinfo_is_percent_decoded_and_every_spelling_is_a_secret():
+    from cloudckpt.urls import parse_url
+
+    parsed = parse_url("s3://AKID:wJal%2FK7%40x@bucket/run")
+    assert (parsed.username, parsed.password) == ("AKID", "wJal/K7@x")
+    assert {"wJal/K7@x", "wJal%2FK7%40x"} <= set(parsed.secrets)
+    slashed = parse_url("s3://AKID:wJal/K7MDENG@bucket/run")
+    assert (slashed.password, slashed.location) == ("wJal/K7MDENG", "bucket/run")
 
 
 def test_redact_free_text_and_literal_secrets():

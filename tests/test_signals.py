@@ -60,11 +60,16 @@ def test_replaced_behaviour(previous, behaviour):
 
 
 @pytest.mark.parametrize("previous", DISPOSITIONS)
-def test_first_sigterm_while_active_is_a_notice_and_chains_only_a_callable(previous):
-    steps = decide(previous, active=True, first=True)
-    assert steps[0] is Step.RECORD
-    assert steps[1:] == ((Step.CALL,) if callable(previous) else ())
-    assert Step.TERMINATE not in steps  # the first SIGTERM never kills, even under SIG_DFL
+def test_first_sigterm_while_active_is_only_recorded(previous):
+    # never kills, even under SIG_DFL; a replaced callable is deferred until the final checkpoint is in
+    assert decide(previous, active=True, first=True) == (
+        (Step.RECORD, Step.CALL) if isinstance(previous, SigtermHandler) else (Step.RECORD,))
+
+
+def test_first_sigterm_reaches_a_running_watcher_underneath():
+    underneath = SigtermHandler(signal.SIG_DFL, lambda: None)
+    assert decide(underneath, active=True, first=True) == (Step.RECORD, Step.CALL)
+    assert decide(python_handler, active=True, first=True) == (Step.RECORD,)
 
 
 @pytest.mark.parametrize("previous", DISPOSITIONS)
@@ -73,17 +78,17 @@ def test_second_sigterm_or_inactive_handler_behaves_as_replaced(previous, active
     assert decide(previous, active=active, first=first) == (replaced_behaviour(previous),)
 
 
-def test_handler_records_once_and_calls_the_previous_callable_every_time():
+def test_handler_records_once_then_calls_the_previous_callable():
     calls: list[int] = []
     notices: list[str] = []
     handler = SigtermHandler(lambda signum, frame: calls.append(signum), lambda: notices.append("n"))
     handler(signal.SIGTERM, None)
-    assert (notices, calls) == (["n"], [signal.SIGTERM])  # recorded, then chained
+    assert (notices, calls) == (["n"], [])  # recorded; the callable is deferred
     handler(signal.SIGTERM, None)
-    assert (notices, calls) == (["n"], [signal.SIGTERM] * 2)  # escalation = the callable
+    assert (notices, calls) == (["n"], [signal.SIGTERM])  # escalation = the callable
     handler.active = False
     handler(signal.SIGTERM, None)
-    assert (notices, calls) == (["n"], [signal.SIGTERM] * 3)
+    assert (notices, calls) == (["n"], [signal.SIGTERM] * 2)
 
 
 def test_inactive_handler_never_records_nor_uses_up_the_first():
@@ -252,11 +257,11 @@ def test_metadata_notice_then_sigterm_is_not_an_escalation(run, disposition):
     assert child.output_of("report:w")["hard_stop_at"] == notices[0][1] + notices[0][2]
     assert "disposition original" in child.lines
     assert child.output_of("threads") == []
-    assert called_lines(child) == (1 if disposition == "call" else 0)  # the first SIGTERM chains to a callable
+    assert called_lines(child) == 0  # the first SIGTERM's replaced callable is deferred (to the hook's end)
 
 
 @pytest.mark.parametrize("disposition, returncode, survives, calls", [
-    ("dfl", DIED_BY_SIGTERM, False, 0), ("ign", 0, True, 0), ("call", 0, True, 2)])
+    ("dfl", DIED_BY_SIGTERM, False, 0), ("ign", 0, True, 0), ("call", 0, True, 1)])
 @pytest.mark.parametrize("before", [[], ["trigger:w:gce:25"]], ids=["sigterm-first", "gce-first"])
 def test_second_sigterm_escalates_to_the_replaced_disposition(run, before, disposition, returncode, survives, calls):
     child = run(disposition, "start:w:sigterm,gce", *before, "term", "term")

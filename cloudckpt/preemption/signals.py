@@ -13,10 +13,14 @@ watches ``"sigterm"`` installs a :class:`SigtermHandler`, whose rules are:
    notice (GCE, AWS) or :meth:`~PreemptionWatcher.trigger` received before it
    does not, so "GCE notice, then the shutdown script's SIGTERM" is one
    notice followed by a later one, not an escalation.
-2. **Chain.**  After recording that first SIGTERM, a replaced Python handler
-   is called with ``(signum, frame)``; what it raises (``SystemExit``,
-   ``KeyboardInterrupt``...) propagates.  ``SIG_DFL`` and ``SIG_IGN`` are not
-   acted on for the first SIGTERM.
+2. **Defer.**  The first SIGTERM is only recorded: a replaced Python handler
+   is *not* called then (a common one is ``lambda *a: sys.exit(0)``, which
+   would end training before the final checkpoint). The watcher exposes it
+   (:meth:`~PreemptionWatcher.replaced_sigterm_handler`) and cloudckpt's hook
+   calls it once the final checkpoint is committed; what it raises
+   (``SystemExit``...) propagates from there. A running watcher's handler
+   underneath (nested watchers) is a notice source, not a user's handler: it
+   is called at once.
 3. **Escalate.**  The second SIGTERM the handler receives (the operator means
    it, or the run failed without saving) behaves exactly as the disposition
    it replaced: ``SIG_DFL`` (or ``None``, a handler installed from C) restores
@@ -90,7 +94,8 @@ def decide(previous: Disposition, *, active: bool, first: bool) -> tuple[Step, .
         first: This is the first SIGTERM the handler received while active.
     """
     if active and first:
-        return (Step.RECORD, Step.CALL) if replaced_behaviour(previous) is Step.CALL else (Step.RECORD,)
+        # Another running watcher underneath wants the notice too; a user's handler waits (rule 2).
+        return (Step.RECORD, Step.CALL) if isinstance(previous, SigtermHandler) else (Step.RECORD,)
     return (replaced_behaviour(previous),)
 
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from typing import Any, Iterable
 
 from ..errors import ConfigError
 from . import metadata, signals
+from ..moto_mock import moto_mock_active
 from .notice import DEFAULT_DEADLINES, SOURCES, PreemptionNotice, _record_first_notice
 
 __all__ = ["PreemptionWatcher"]
@@ -308,6 +310,16 @@ class PreemptionWatcher:
             if "sigterm" in self._sources:
                 self._sigterm_handler = signals.install_handler(self._on_sigterm, self._first_sigterm)
             poll_sources = [s for s in self._sources if s in ("gce", "aws")]
+            if poll_sources and moto_mock_active():
+                # A test under moto's in-process mock must not reach the real cloud metadata addresses;
+                # fake servers (explicit or $CLOUDCKPT_*_METADATA_URL) are still polled.
+                real = {"gce": (self._gce_url, metadata.DEFAULT_GCE_METADATA_URL),
+                        "aws": (self._aws_url, metadata.DEFAULT_AWS_METADATA_URL)}
+                skipped = [s for s in poll_sources if real[s][0] == real[s][1]]
+                if skipped:
+                    logger.info("moto's mock is active: not polling the real %s metadata server(s)",
+                                "/".join(skipped))
+                poll_sources = [s for s in poll_sources if s not in skipped]
             if poll_sources:
                 stop_event = threading.Event()
                 self._stop_event = stop_event
@@ -352,6 +364,29 @@ class PreemptionWatcher:
                     logger.warning("preemption poller still in a metadata request %.1f s after stop(); "
                                    "it is a daemon thread and ends with that request", bound)
             logger.debug("preemption watcher stopped")
+
+    def replaced_sigterm_handler(self) -> Callable[[int, Any], Any] | None:
+        """The Python SIGTERM handler the running watcher's handler replaced, if a SIGTERM was taken
+        as a notice (rule 2 of :mod:`.signals`: it is deferred, not called, on that first SIGTERM);
+        None otherwise. Call it once the work the notice asked for is done."""
+        handler = self._sigterm_handler
+        if handler is None or not any(n.source == "sigterm" for n in self._notices):
+            return None
+        previous = signals.unwrap(handler.previous)
+        return previous if callable(previous) else None
+
+    def stop_polling(self) -> None:
+        """Stop the metadata poller (joined, as in :meth:`stop`) but keep the SIGTERM handler.
+
+        For a preemption in progress: after the notice, polling has nothing left to
+        tell, while the platform's shutdown SIGTERM may still arrive.
+        """
+        with self._lifecycle:
+            if self._stop_event is not None:
+                self._stop_event.set()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * self._request_timeout + _JOIN_SLACK)
 
     def _on_sigterm(self) -> None:
         self.trigger("sigterm", "SIGTERM", DEFAULT_DEADLINES["sigterm"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -52,6 +53,8 @@ def main() -> int:
     parser.add_argument("--last-step", type=int, default=10**9)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--raise-at", type=int, default=None)
+    parser.add_argument("--user-sigterm-exit", type=int, default=None,
+                        help="install the script's own SIGTERM handler, which exits with this code")
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--size", type=int, default=1 << 18, help="floats in the model's variable")
     args = parser.parse_args()
@@ -65,6 +68,11 @@ def main() -> int:
     elif args.preemption != "none":  # metadata URLs come from CLOUDCKPT_*_METADATA_URL
         extra["preemption"] = cloudckpt.PreemptionWatcher(tuple(args.preemption.split(",")), poll_interval=0.1)
     threads_before = set(threading.enumerate())
+    if args.user_sigterm_exit is not None:
+        def user_handler(signum, frame):
+            print("USER_HANDLER", flush=True)
+            sys.exit(args.user_sigterm_exit)
+        signal.signal(signal.SIGTERM, user_handler)
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
         w = tf.compat.v1.get_variable("w", shape=[args.size], initializer=tf.compat.v1.zeros_initializer())
