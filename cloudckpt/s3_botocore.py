@@ -134,8 +134,15 @@ class BotocoreS3FileSystem(AbstractFileSystem):
         if requester_pays:
             self._extra.setdefault("RequestPayer", "requester")
         host = urlsplit(self._client.meta.endpoint_url).hostname or ""
+        aws = host == "amazonaws.com" or host.endswith(".amazonaws.com")
+        if moto_mock_active() and not aws and host not in ("127.0.0.1", "localhost", "::1"):
+            # moto's mock only answers for AWS's own hosts: anything else would leave the machine.
+            raise ConfigError(
+                f"endpoint_url host {host!r} under moto's in-process mock: the mock answers only for AWS "
+                "endpoints, so these requests would go to that host. Drop endpoint_url inside mock_aws, or use "
+                "the cloudckpt_s3 fixture (moto's server on 127.0.0.1) with its storage_options.")
         # Only the mock stands between this client and AWS itself: never send without it.
-        self._needs_mock = moto_mock_active() and (host == "amazonaws.com" or host.endswith(".amazonaws.com"))
+        self._needs_mock = moto_mock_active() and aws
 
     # -- plumbing ---------------------------------------------------------------------------
     @staticmethod

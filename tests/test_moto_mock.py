@@ -268,3 +268,11 @@ def test_preemption_auto_under_the_mock_stays_off_the_network(guard):
         finally:
             watcher.stop()
     assert guard.connections == []
+
+
+def test_non_aws_endpoint_under_the_mock_is_a_config_error(guard):
+    with moto.mock_aws():
+        with pytest.raises(cloudckpt.ConfigError, match="answers only for AWS endpoints"):
+            cloudckpt.list_checkpoints("s3://ci-bucket/run",
+                                       storage_options={"endpoint_url": "http://minio.example.internal:9000"})
+    assert guard.connections == []
