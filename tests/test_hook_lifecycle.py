@@ -131,10 +131,14 @@ def test_sigterm_after_a_training_exception_terminates(moto_server, s3_url, tmp_
         trainer = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "2",
                                  "--preemption", "sigterm,gce", "--raise-at", "5",
                                  env={"CLOUDCKPT_GCE_METADATA_URL": gce.url})
-        line = trainer.wait_for_line("RAISED")
-        assert line.endswith("threads left: []"), line
-        trainer.terminate()
-        assert trainer.wait() == -signal.SIGTERM, trainer.stderr
+        try:
+            line = trainer.wait_for_line("RAISED")
+            assert line.endswith("threads left: []"), line
+            trainer.terminate()
+            assert trainer.wait() == -signal.SIGTERM, trainer.stderr
+        finally:
+            if trainer.proc.poll() is None:  # it waits for a signal forever: never leave it behind
+                trainer.kill()
     assert "The training session ended with an exception (RuntimeError)" in trainer.stderr
     assert_all_committed_intact(s3_url, moto_server.storage_options)
 
