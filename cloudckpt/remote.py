@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -73,6 +74,7 @@ class RemoteStore:
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
+        self._retries_seen = 0
         protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
         try:
             self.fs, path = fsspec.core.url_to_fs(self.url, **_with_single_retry_layer(protocol, storage_options))
@@ -258,6 +260,137 @@ class RemoteStore:
             self._run("delete", self.url_of(name), rm)
         self.fs.invalidate_cache(self.root)
 
+    # -- create-only writes and bounded deletes (the multi-writer protocol, writers.py) ------------
+    def write_if_absent(self, name: str, data: bytes) -> bool:
+        """Create object ``name`` with ``data`` only if no object has that name; False if one exists.
+
+        The store decides atomically (S3 ``If-None-Match: *``, GCS
+        ``ifGenerationMatch=0``, a hard link on local disks, a lock in memory):
+        of several writers racing for one name, exactly one gets True. Readers
+        see the whole object or none. A retried attempt may find the object its
+        own lost first attempt created (False): callers that must know check the
+        content (see ``commitlog``).
+        """
+        if self.is_local:
+            def create() -> bool:
+                target = self.path(name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = _temporary_sibling(target)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    return _link_if_absent(tmp, target)
+                finally:
+                    _unlink_quietly(tmp)
+            return self._run("create", self.url_of(name), create)
+        if self._is_memory:
+            def create_in_memory() -> bool:
+                with _MEMORY_CREATE_LOCK:
+                    if self.fs.exists(self.path(name)):
+                        return False
+                    self.fs.pipe_file(self.path(name), data)
+                    return True
+            return self._run("create", self.url_of(name), create_in_memory)
+
+        def create_remote() -> bool:
+            try:
+                self.fs.pipe_file(self.path(name), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        return self._run("create", self.url_of(name), create_remote)
+
+    def put_file_if_absent(self, local_path: str, name: str) -> bool:
+        """Upload a local file as ``name`` only if no object has that name; False if one exists.
+
+        Multipart / resumable uploads are conditional at completion (S3
+        CompleteMultipartUpload with ``If-None-Match: *``; GCS
+        ``ifGenerationMatch=0``). A failed upload may leave nothing or a
+        partial object of its own, never replaces an existing one. In place
+        (the local file already is the object) this is True.
+        """
+        target = self.path(name)
+        if self.is_local:
+            if os.path.abspath(local_path) == os.path.abspath(target):
+                return True  # in-place mode: the Saver wrote straight into the checkpoint directory
+
+            def create() -> bool:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                tmp = _temporary_sibling(target)
+                try:
+                    self.fs.put_file(local_path, tmp)
+                    return _link_if_absent(tmp, target)
+                finally:
+                    _unlink_quietly(tmp)
+            return self._run("upload", self.url_of(name), create)
+        if self._is_memory:
+            def create_in_memory() -> bool:
+                tmp = _temporary_sibling(target)
+                self.fs.put_file(local_path, tmp)  # the (slow) copy happens outside the lock
+                try:
+                    with _MEMORY_CREATE_LOCK:
+                        if self.fs.exists(target):
+                            return False
+                        self.fs.mv(tmp, target)
+                        return True
+                finally:
+                    if self.fs.exists(tmp):
+                        self.fs.rm_file(tmp)
+            return self._run("upload", self.url_of(name), create_in_memory)
+
+        def create_remote() -> bool:
+            try:
+                self.fs.put_file(local_path, target, mode="create", **self._put_options)
+            except FileExistsError:
+                return False
+            return True
+        return self._run("upload", self.url_of(name), create_remote)
+
+    def list_under(self, subdir: str) -> list[RemoteObject]:
+        """Objects directly in subdirectory ``subdir`` (names relative to it), read fresh."""
+        path = self.path(subdir)
+
+        def ls() -> list[RemoteObject]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=True, refresh=True) if not self.is_local \
+                    else self.fs.ls(path, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return [RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
+                                 _modified_time(e)) for e in entries if e.get("type") != "directory"]
+        return self._run("list", self.url_of(subdir), ls)
+
+    def delete_before(self, names: list[str], deadline: float) -> tuple[bool, bool]:
+        """Delete objects in order, issuing no request after ``deadline`` (``time.monotonic()``).
+
+        Returns (all deleted, some attempt was retried). A retried delete is
+        ambiguous: its first attempt may still reach the store later.
+        """
+        retried = False
+        for name in names:
+            def rm(name: str = name) -> None:
+                nonlocal retried
+                if time.monotonic() >= deadline:
+                    raise DeleteWindowClosed(f"delete {self.url_of(name)}: the deletion window closed.",
+                                             url=self.url_of(name), transient=False)
+                try:
+                    self.fs.rm_file(self.path(name))
+                except FileNotFoundError:
+                    pass
+            before = self._retries_seen
+            try:
+                self._run("delete", self.url_of(name), rm)
+            except DeleteWindowClosed:
+                self.fs.invalidate_cache(self.root)
+                return False, True
+            finally:
+                retried = retried or self._retries_seen != before
+        self.fs.invalidate_cache(self.root)
+        return True, retried
+
     # -- internals --------------------------------------------------------------------------
     @property
     def _is_memory(self) -> bool:
@@ -286,6 +419,7 @@ class RemoteStore:
     def _run(self, op: str, url: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with retries; wrap whatever escapes in a RemoteError naming ``op`` and ``url``."""
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            self._retries_seen += 1
             cause = describe_cause(exc)
             log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
             if self._on_retry is not None:
@@ -300,6 +434,35 @@ class RemoteStore:
             raise remote_error(op, url, exc) from exc
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
             raise remote_error(op, url, exc) from exc
+
+
+class DeleteWindowClosed(RemoteError):
+    """A bounded delete (``RemoteStore.delete_before``) reached its deadline before every object was deleted."""
+
+
+_MEMORY_CREATE_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create-only atomic
+
+
+def _link_if_absent(src: str, dst: str) -> bool:
+    """Hard-link ``src`` to ``dst`` unless ``dst`` exists (atomic on POSIX filesystems)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _temporary_sibling(path: str) -> str:
+    """A unique hidden name next to ``path`` (same directory, so a link or move is atomic)."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
