@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
-from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, UploadError
+from .errors import CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
@@ -50,6 +50,7 @@ __all__ = [
     "ConfigError",
     "RemoteError",
     "UploadError",
+    "FencedError",
     "IntegrityError",
     "ManifestError",
 ]

@@ -262,7 +262,8 @@ def _problem_text(check: Any) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read committed checkpoints from the store and check every file's size and crc32c against
-    the manifest. Checks the newest checkpoint by default (an unreadable newest manifest fails)."""
+    the manifest. Checks the latest checkpoint by default (an unreadable newest manifest fails);
+    --all includes superseded ones."""
     from .restore import CheckpointNotFoundError, verify_checkpoint
 
     store = _open_store(args, args.url)
@@ -270,12 +271,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     targets: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.committed]
     targets += [(_manifest_step(name), error) for name, error in scan.unreadable.items()]
     targets.sort(key=lambda t: t[0])
+    superseded: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.superseded]
     if args.step is not None:
-        targets = [t for t in targets if t[0] == args.step]
+        targets = [t for t in targets if t[0] == args.step] or [t for t in superseded if t[0] == args.step]
         if not targets:
             raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
                                           f"(committed steps: {[c.step for c in scan.committed]}).")
-    elif not args.all:
+    elif args.all:
+        targets = sorted(targets + superseded, key=lambda t: t[0])
+    else:
         targets = targets[-1:]
     if not targets:
         raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
@@ -288,6 +292,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         with _ByteProgress(item.size, f"verify step {step}") as bar:
             report = verify_checkpoint(store, item, progress=bar.update)
+        if not report.ok and _retired_since(store, item):
+            print(f"GONE    step {step}: {item.name} was retired (retention) while it was being verified", flush=True)
+            continue
         if report.ok:
             print(f"OK      step {step}: {item.name} ({len(item.files)} files, {_human_size(item.size)})",
                   flush=True)
@@ -302,6 +309,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
     print(f"{summary}.")
     return EXIT_OK
+
+
+def _retired_since(store: "RemoteStore", item: "CheckpointInfo") -> bool:
+    """True when ``item`` is no longer committed (a running writer's retention removed it meanwhile)."""
+    scan = _scan(store)
+    return all(c.commit_id != item.commit_id for c in scan.committed + scan.superseded)
 
 
 # -- pull ----------------------------------------------------------------------------------------
@@ -343,7 +356,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    from .commit import GRAPH_FILE, commit_checkpoint, find_local_checkpoint, local_checkpoint_prefixes
+    from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, commit_checkpoint, find_local_checkpoint,
+                         local_checkpoint_prefixes, register_continuing)
+    from .writers import Writer
 
     directory = args.dir
     if not os.path.isdir(directory):
@@ -354,6 +369,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise ConfigError(f"No TensorFlow checkpoint in {directory!r} (expected files such as "
                           "model.ckpt-1000.index): nothing to push.")
     store = _open_store(args, args.url, create=True)
+    writer = Writer(store)
+    register_continuing(writer)  # push is a writer: it fences a job still writing to URL
     graph = os.path.join(directory, GRAPH_FILE)
     graph_uploaded = not os.path.isfile(graph)
     pushed = skipped = 0
@@ -365,17 +382,22 @@ def cmd_push(args: argparse.Namespace) -> int:
                 continue
             if not graph_uploaded:
                 ckpt = replace(ckpt, extras={GRAPH_FILE: graph})
-            result = commit_checkpoint(store, ckpt, executor=pool)
-            if result.already_committed:
+            result = commit_checkpoint(store, ckpt, executor=pool, writer=writer)
+            if result.outcome == REFUSED:
+                _err(f"warning: step {ckpt.step}: not committed: {result.reason}.")
+                continue
+            graph_uploaded = True
+            if result.outcome == ALREADY_COMMITTED:
                 skipped += 1
                 print(f"step {ckpt.step}: {prefix} already committed with identical content, skipped", flush=True)
+            elif result.outcome == HEALED:
+                skipped += 1
+                print(f"step {ckpt.step}: {prefix} already committed; re-uploaded missing or truncated objects "
+                      f"({_human_size(result.bytes_uploaded)})", flush=True)
             else:
                 pushed += 1
-                graph_uploaded = True
                 print(f"step {ckpt.step}: committed {prefix} ({len(ckpt.files)} files, "
                       f"{_human_size(ckpt.total_size)})", flush=True)
-    if not graph_uploaded and store.size(GRAPH_FILE) != os.path.getsize(graph):
-        store.put_file(graph, GRAPH_FILE)
     print(f"Pushed {pushed} checkpoint(s) to {store.url}" + (f" ({skipped} already there)" if skipped else "")
           + f"; latest step {int(prefixes[-1].rsplit('-', 1)[1])}.")
     return EXIT_OK

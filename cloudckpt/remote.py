@@ -220,6 +220,7 @@ class RemoteStore:
     def read_bytes(self, name: str) -> bytes | None:
         """Whole content of a small object (manifest, state file), or None if it does not exist."""
         def cat() -> bytes | None:
+            self.fs.invalidate_cache(self.path(name))  # s3fs sizes the read from a cached listing
             try:
                 return self.fs.cat_file(self.path(name))
             except FileNotFoundError:
@@ -348,8 +349,9 @@ class RemoteStore:
             return True
         return self._run("upload", self.url_of(name), create_remote)
 
-    def list_under(self, subdir: str) -> list[RemoteObject]:
-        """Objects directly in subdirectory ``subdir`` (names relative to it), read fresh."""
+    def list_under(self, subdir: str, *, directories: bool = False) -> list[RemoteObject]:
+        """Objects directly in subdirectory ``subdir`` (names relative to it), read fresh; with
+        ``directories``, its subdirectories instead."""
         path = self.path(subdir)
 
         def ls() -> list[RemoteObject]:
@@ -360,7 +362,7 @@ class RemoteStore:
             except (FileNotFoundError, NotADirectoryError):
                 return []
             return [RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
-                                 _modified_time(e)) for e in entries if e.get("type") != "directory"]
+                                 _modified_time(e)) for e in entries if (e.get("type") == "directory") == directories]
         return self._run("list", self.url_of(subdir), ls)
 
     def delete_before(self, names: list[str], deadline: float) -> tuple[bool, bool]:

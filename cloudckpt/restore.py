@@ -131,8 +131,11 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         if entry.name in stored:
             return _check(entry, sizes[entry.name], stored[entry.name])
-        with store.open_read(entry.name) as f:
-            size, crc = crc32c_of_stream(f, progress)
+        try:
+            with store.open_read(entry.name) as f:
+                size, crc = crc32c_of_stream(f, progress)
+        except FileNotFoundError:  # deleted since the listing
+            return _check(entry, None, None)
         return _check(entry, size, crc)
 
     with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:

@@ -2,8 +2,12 @@
 
 Usage: python crash_trainer.py URL ENDPOINT|- LOCAL_DIR [--save-steps N] [--last-step N]
                                [--preemption none|sigterm|gce|aws] [--deadline SECONDS]
-Prints ``FIRST_STEP <n>`` once the session is created (after any restore) and
-``STEP <n>`` now and then, so the parent knows training (and uploading) is under way.
+                               [--learning-rate LR] [--step-sleep SECONDS] [--start-when PATH]
+Prints ``WRITER <id>`` and ``FIRST_STEP <n>`` once the session is created (after any restore) and
+``STEP <n>`` now and then, so the parent knows training (and uploading) is under way. A writer
+fenced by a newer one prints ``FENCED <message>`` and exits with code 3. With ``--start-when``, the
+process imports TensorFlow and builds the graph, then waits for PATH to exist before the session starts
+(so a test can start a writer at a chosen moment without paying the import then).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -22,10 +27,15 @@ import cloudckpt  # noqa: E402
 
 
 class Report(tf.compat.v1.train.SessionRunHook):
+    def __init__(self, checkpoint_hook, step_sleep=0.0):
+        self._hook = checkpoint_hook
+        self._sleep = step_sleep
+
     def begin(self):
         self._step = tf.compat.v1.train.get_global_step()
 
     def after_create_session(self, session, coord):
+        print(f"WRITER {self._hook.writer_id}", flush=True)
         print(f"FIRST_STEP {int(session.run(self._step))}", flush=True)
 
     def before_run(self, run_context):
@@ -33,6 +43,8 @@ class Report(tf.compat.v1.train.SessionRunHook):
 
     def after_run(self, run_context, run_values):
         print(f"STEP {int(run_values.results) + 1}", flush=True)
+        if self._sleep:
+            time.sleep(self._sleep)
 
 
 def main() -> int:
@@ -45,6 +57,9 @@ def main() -> int:
     parser.add_argument("--preemption", default="none", choices=["none", "sigterm", "gce", "aws"])
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--size", type=int, default=1 << 18, help="floats in the model's variable")
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
+    parser.add_argument("--start-when", default=None, help="wait for this file before the session starts")
     args = parser.parse_args()
     url, endpoint, local_dir, save_steps, last_step = (args.url, args.endpoint, args.local_dir, args.save_steps,
                                                        args.last_step)
@@ -59,16 +74,23 @@ def main() -> int:
         global_step = tf.compat.v1.train.get_or_create_global_step()
         w = tf.compat.v1.get_variable("w", shape=[args.size], initializer=tf.compat.v1.zeros_initializer())
         target = tf.constant(np.linspace(0, 1, args.size, dtype=np.float32))
-        train_op = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+        train_op = tf.compat.v1.train.GradientDescentOptimizer(args.learning_rate).minimize(
             tf.reduce_sum(tf.square(w - target)), global_step=global_step)
         hook = cloudckpt.CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir,
                                              storage_options=options, max_pending=2, **extra)
-        with tf.compat.v1.train.MonitoredTrainingSession(
-                checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
-                log_step_count_steps=None,
-                hooks=[hook, Report(), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]) as sess:
-            while not sess.should_stop():
-                sess.run(train_op)
+        while args.start_when and not os.path.exists(args.start_when):
+            time.sleep(0.02)
+        try:
+            with tf.compat.v1.train.MonitoredTrainingSession(
+                    checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_summaries_steps=None,
+                    log_step_count_steps=None,
+                    hooks=[hook, Report(hook, args.step_sleep),
+                           tf.compat.v1.train.StopAtStepHook(last_step=last_step)]) as sess:
+                while not sess.should_stop():
+                    sess.run(train_op)
+        except cloudckpt.FencedError as exc:
+            print(f"FENCED {' '.join(str(exc).split())}", flush=True)
+            return 3
         print(f"DONE {hook.stats().last_committed_step} preempted={cloudckpt.was_preempted()}", flush=True)
     return 0
 
