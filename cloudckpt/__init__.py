@@ -17,6 +17,7 @@ from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
 from .retry import RetryPolicy
+from .rollback import RollbackResult, rollback
 from .uploader import UploadStats
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ __all__ = [
     "latest_checkpoint",
     "download_checkpoint",
     "verify",
+    "rollback",
+    "RollbackResult",
     "VerifyReport",
     "FileCheck",
     "CheckpointNotFoundError",

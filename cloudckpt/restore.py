@@ -85,6 +85,10 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
     for name, error in scan.unreadable.items():
         if (parse_manifest_name(name) or ("", -1))[1] == step:
             raise error
+    if any(c.step == step for c in scan.superseded):
+        raise CheckpointNotFoundError(
+            f"Checkpoint step {step} in {store.url} is superseded (committed in an abandoned lineage), so it is "
+            f"not restored; `cloudckpt rollback {store.url} --step {step}` makes it the latest on purpose.")
     steps = [c.step for c in scan.committed]
     raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} (committed steps: {steps}).")
 

@@ -32,7 +32,7 @@ from support.checks import assert_all_committed_intact, log_entries, manifests, 
 
 STEPS = [0, 10, 20, 30]
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-SUBCOMMANDS = ["ls", "verify", "pull", "push", "gc", "demo"]
+SUBCOMMANDS = ["ls", "verify", "pull", "push", "rollback", "gc", "demo"]
 
 
 def cli_env() -> dict[str, str]:
