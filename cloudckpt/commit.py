@@ -97,12 +97,14 @@ class CommitResult:
             tensors; missing or truncated objects re-uploaded), ``already committed``
             (identical; nothing uploaded) or ``refused`` (see ``reason``).
         reason: why a save was refused.
+        housekeeping_error: what failed after the commit point, if anything (the commit stands).
     """
 
     manifest: Manifest
     bytes_uploaded: int
     outcome: str = UPLOADED
     reason: str = ""
+    housekeeping_error: str = ""  # a follow-up step (the TF state file) failed after the commit
 
     @property
     def already_committed(self) -> bool:
@@ -196,8 +198,12 @@ def commit_checkpoint(
                 _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
             raise
         if result.outcome != REFUSED:
-            _upload_changed_extras(store, ckpt.extras)
-            write_state_file(store)
+            try:
+                write_state_file(store)
+            except Exception as exc:  # noqa: BLE001 - the checkpoint is committed; the state file is advisory
+                log.warning("Checkpoint step %d is committed, but rewriting the TF state file of %s failed: %s",
+                            ckpt.step, store.url, exc)
+                return replace(result, housekeeping_error=f"state file: {type(exc).__name__}: {exc}")
         return result
     finally:
         if own_pool:
@@ -256,8 +262,12 @@ def committed_at(store: RemoteStore, state: LogState, prefix: str,
 def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper) -> CommitResult:
     store = writer.store
     names = [*sorted(ckpt.files), mine.name]
+    extras_done = False
     for _ in range(MAX_ROUNDS):
         state = writer.state(step=ckpt.step)
+        if not extras_done:  # not part of the checkpoint (graph.pbtxt): uploaded when it changed, once we
+            _upload_changed_extras(store, ckpt.extras)  # know this writer is not fenced
+            extras_done = True
         sizes = {o.name: o.size for o in store.list_objects()}
         owners = committed_at(store, state, ckpt.prefix, set(sizes))
         mine_lineage = set(state.ancestry(writer.head))
@@ -373,12 +383,17 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
 
 
 def _upload_changed_extras(store: RemoteStore, extras: dict[str, str]) -> None:
-    """Upload files such as ``graph.pbtxt`` whenever their content differs from the stored object."""
+    """Upload files such as ``graph.pbtxt`` whenever their content differs from the stored object
+    (compared by size, and byte for byte when the sizes are equal)."""
+    if not extras:
+        return
+    sizes = {o.name: o.size for o in store.list_objects()}
     for name, path in sorted(extras.items()):
-        with open(path, "rb") as f:
-            local = f.read()
-        if store.read_bytes(name) != local:
-            store.write_atomic(name, local)
+        if sizes.get(name) == os.path.getsize(path):
+            with open(path, "rb") as f:
+                if store.read_bytes(name) == f.read():
+                    continue
+        store.put_file(path, name)
 
 
 def render_state_file(prefixes: list[str]) -> bytes:

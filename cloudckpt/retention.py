@@ -138,6 +138,8 @@ def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer |
     ``writer``), then its manifest, then its files. False if the log gained commits or writers after
     index ``planned_at`` (plan again)."""
     manifest = info.manifest_url.rsplit("/", 1)[-1]
+    if writer is None and info.writer_id is not None:  # a version 2 commit: announced in its log
+        writer = Writer(store, role="maintenance")
     if writer is None:
         store.delete([manifest])
         store.delete([f.name for f in info.files])

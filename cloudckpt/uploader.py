@@ -283,6 +283,10 @@ class Uploader:
             self._stats.last_upload_seconds = seconds
         if result.outcome == REFUSED:
             return  # logged (WARNING) with its reason by the commit
+        if result.housekeeping_error:
+            with self._cond:
+                self._stats.housekeeping_failures += 1
+                self._stats.last_housekeeping_error = f"step {step}: {result.housekeeping_error}"
         try:
             job.on_committed(result)
         except FencedError as exc:  # found out while cleaning up: the commit itself counted
