@@ -156,3 +156,36 @@ def test_restore_false_on_a_used_directory_starts_a_new_lineage(tmp_path, caplog
     assert [(c.step, c.status) for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == \
         [(0, "committed"), (5, "committed"), (10, "superseded")]
     assert any("starts a new lineage" in r.getMessage() for r in caplog.records)
+
+
+def test_a_version1_directory_is_adopted_by_its_first_writer(tmp_path):
+    """A directory committed by manifests alone (cloudckpt before the commit log) stays readable, and the
+    first writer adopts its checkpoints as the start of the lineage."""
+    import fsspec
+
+    from cloudckpt.commit import build_manifest
+
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    for step in (10, 20):  # what a version 1 writer left: files, then the manifest
+        ckpt = fake(tmp_path, step, "v1")
+        for name, path in ckpt.files.items():
+            fs.put_file(path, f"{root}/{name}")
+        manifest = build_manifest(ckpt)
+        assert manifest.version == 1
+        fs.pipe_file(f"{root}/{manifest.name}", manifest.to_json())
+    assert [(c.step, c.writer_id) for c in cloudckpt.list_checkpoints(url)] == [(10, None), (20, None)]
+
+    writer = Writer(RemoteStore(url))
+    register_continuing(writer)
+    assert commit_checkpoint(writer.store, fake(tmp_path, 30, "v2"), writer=writer).outcome == "uploaded"
+    lineage = cloudckpt.list_checkpoints(url)
+    assert [(c.step, c.writer_id) for c in lineage] == [(10, None), (20, None), (30, writer.writer_id)]
+    assert lineage[-1].commit_id and json.loads(fs.cat_file(f"{root}/model.ckpt-30.manifest.json"))["parent"] == \
+        "legacy:model.ckpt-20"
+    # A version 1 manifest written after the log exists (an old cloudckpt still running) is not trusted.
+    late = build_manifest(fake(tmp_path, 40, "old"))
+    for name, path in fake(tmp_path, 40, "old").files.items():
+        fs.put_file(path, f"{root}/{name}")
+    fs.pipe_file(f"{root}/{late.name}", late.to_json())
+    assert [c.step for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == [10, 20, 30]
