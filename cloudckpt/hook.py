@@ -271,5 +271,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._upload.wait(timeout)
 
     def stats(self) -> UploadStats:
-        """Upload counters: committed, dropped, failed, bytes_uploaded, retries, last step and duration."""
+        """Upload counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
+        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes, retries,
+        last step and duration."""
         return self._upload.stats()
