@@ -273,19 +273,12 @@ class RemoteStore:
         content (see ``commitlog``).
         """
         if self.is_local:
-            def create() -> bool:
-                target = self.path(name)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                tmp = _temporary_sibling(target)
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    return _link_if_absent(tmp, target)
-                finally:
-                    _unlink_quietly(tmp)
-            return self._run("create", self.url_of(name), create)
+            def fill(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            return self._run("create", self.url_of(name), lambda: _create_by_link(self.path(name), fill))
         if self._is_memory:
             def create_in_memory() -> bool:
                 with _MEMORY_CREATE_LOCK:
@@ -317,15 +310,8 @@ class RemoteStore:
             if os.path.abspath(local_path) == os.path.abspath(target):
                 return True  # in-place mode: the Saver wrote straight into the checkpoint directory
 
-            def create() -> bool:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                tmp = _temporary_sibling(target)
-                try:
-                    self.fs.put_file(local_path, tmp)
-                    return _link_if_absent(tmp, target)
-                finally:
-                    _unlink_quietly(tmp)
-            return self._run("upload", self.url_of(name), create)
+            return self._run("upload", self.url_of(name),
+                             lambda: _create_by_link(target, lambda tmp: self.fs.put_file(local_path, tmp)))
         if self._is_memory:
             def create_in_memory() -> bool:
                 tmp = _temporary_sibling(target)
@@ -445,12 +431,18 @@ class DeleteWindowClosed(RemoteError):
 _MEMORY_CREATE_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create-only atomic
 
 
-def _link_if_absent(src: str, dst: str) -> bool:
-    """Hard-link ``src`` to ``dst`` unless ``dst`` exists (atomic on POSIX filesystems)."""
+def _create_by_link(target: str, fill: Callable[[str], None]) -> bool:
+    """Create local file ``target`` only if it does not exist: ``fill`` a temporary sibling, then hard-link
+    it to ``target`` (atomic on POSIX filesystems: the link fails if the name exists). False if it existed."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = _temporary_sibling(target)
     try:
-        os.link(src, dst)
+        fill(tmp)
+        os.link(tmp, target)
     except FileExistsError:
         return False
+    finally:
+        _unlink_quietly(tmp)
     return True
 
 
