@@ -199,7 +199,7 @@ def commit_checkpoint(
             raise
         if result.outcome != REFUSED:
             try:
-                write_state_file(store)
+                write_state_file(store, fold(writer.log.cached()))
             except Exception as exc:  # noqa: BLE001 - the checkpoint is committed; the state file is advisory
                 log.warning("Checkpoint step %d is committed, but rewriting the TF state file of %s failed: %s",
                             ckpt.step, store.url, exc)
@@ -406,15 +406,22 @@ def render_state_file(prefixes: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def write_state_file(store: RemoteStore) -> None:
+def write_state_file(store: RemoteStore, state: LogState | None = None) -> None:
     """Rewrite the remote state file: the current lineage's committed checkpoints, the head last
-    (without a commit log: every manifest). Removed if none is left."""
-    names = [o.name for o in store.list_objects()]
-    entries = CommitLog.of(store).refresh()
-    if entries:
-        state = fold(entries)
+    (without a commit log: every manifest). Removed if none is left.
+
+    ``state``: the log as the caller just saw it (a writer after its own append); read otherwise.
+    """
+    if state is None:
+        names = [o.name for o in store.list_objects()]
+        entries = CommitLog.of(store).refresh()
+        state = fold(entries) if entries else None
         present = set(names)
-        prefixes = [c.prefix for c in state.lineage() if c.commit_id not in state.retired and c.manifest in present]
+    else:
+        present = None
+    if state is not None:
+        prefixes = [c.prefix for c in state.lineage()
+                    if c.commit_id not in state.retired and (present is None or c.manifest in present)]
     else:
         prefixes = [p for p, _ in committed_prefixes(names)]
     if prefixes:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory
 from .commit import write_state_file
 from .errors import ConfigError
-from .lineage import LogState
+from .lineage import LogState, fold
 from .remote import RemoteStore
 from .writers import Writer
 
@@ -175,7 +175,7 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
             store.delete(names)
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
     if plan.delete:
-        write_state_file(store)
+        write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
 
 
 def gc(url: str, keep: int | None, *, keep_every_hours: float | None = None,
