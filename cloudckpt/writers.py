@@ -43,7 +43,7 @@ DELETE_WINDOW = 5.0  # seconds after starting a delete entry's append in which i
 DELETE_LEASE = 20.0  # after this, an announced delete can no longer reach the store
 STORE_CLOCK_MARGIN = 2.0  # store timestamps: 1 s resolution on S3, several front ends
 MAX_APPEND_ATTEMPTS = 50
-MAX_REDECISIONS = 2
+MAX_REDECISIONS = 1
 
 
 class LogChanged(Exception):

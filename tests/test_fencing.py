@@ -238,7 +238,7 @@ def writer_trials(moto_server, tmp_path, trials: int, seed: int) -> list[tuple[i
     try:
         wait_until(lambda: current.step >= 3, 120, "first writer trains", current)
         for trial in range(1, trials + 1):
-            time.sleep(rng.uniform(0.0, 1.0))  # overlapping timings
+            time.sleep(rng.uniform(0.0, 0.5))  # overlapping timings
             older, newer = current, waiting
             open(trigger, "w").close()
             if trial < trials:
