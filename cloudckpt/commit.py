@@ -277,7 +277,7 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
         # Everything else at these names is retired (a superseded checkpoint of another lineage, an
         # unreadable manifest) or debris of an upload that never committed: it goes first.
         retire = tuple(record.commit_id for record, _ in owners)
-        doomed = [m for record, _ in owners for m in (record.manifest,)]
+        doomed = [record.manifest for record, _ in owners]
         doomed += [f.name for _, existing in owners if existing is not None for f in existing.files]
         doomed += [n for n in names if n in sizes and not _in_place(store, ckpt, n)]
         doomed = list(dict.fromkeys(doomed))

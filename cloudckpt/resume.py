@@ -4,9 +4,11 @@ The resume point is the head of the directory's lineage (``lineage.py``),
 except when the local directory says otherwise on purpose:
 
 * **TF-way rollback.** The local ``checkpoint`` state file points at an older
-  step while newer local checkpoints exist (the user pointed it back): that
-  checkpoint is the resume point; committed checkpoints after it become
-  superseded once this writer commits.
+  step while the local directory still holds newer checkpoints of the current
+  lineage (the user pointed it back): that checkpoint is the resume point;
+  committed checkpoints after it become superseded once this writer commits.
+  (A local directory that is only behind, because another VM went on, holds
+  none of those: it catches up with the head.)
 * **Ahead of the store.** A local checkpoint newer than anything committed
   (its upload never finished) is resumed from, continuing the head.
 
@@ -75,10 +77,15 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
     known = {c.name: c for c in [*scan.superseded, *lineage]}  # the current lineage wins a shared prefix
     local = local_checkpoint_prefixes(local_dir)
     pointed = state_file_prefix(local_dir)
-    newest = local[-1] if local else None
-    rolled_back = pointed in local and pointed != newest and _step(pointed) < _step(newest)  # type: ignore[arg-type]
-    chosen = pointed if rolled_back else newest
+    chosen = pointed if pointed in local else None  # what TF restores: the state file's checkpoint
     head = lineage[-1] if lineage else None
+    # A rollback the TF way: the state file points before the head while this disk still holds newer
+    # checkpoints of the current lineage (ones this run committed). A disk that is merely behind (another
+    # VM went on) holds none: it catches up with the head instead.
+    newer_current = [p for p in local if chosen is not None and _step(p) > _step(chosen)
+                     and (c := known.get(p)) is not None and c.status == "committed"]
+    rolled_back = bool(newer_current) and head is not None and _step(chosen) < head.step  # type: ignore[arg-type]
+    newest = newer_current[-1] if newer_current else None
 
     if chosen is None:
         if not download:

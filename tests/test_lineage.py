@@ -189,3 +189,20 @@ def test_a_version1_directory_is_adopted_by_its_first_writer(tmp_path):
         fs.put_file(path, f"{root}/{name}")
     fs.pipe_file(f"{root}/{late.name}", late.to_json())
     assert [c.step for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == [10, 20, 30]
+
+
+def test_a_disk_that_is_only_behind_catches_up_instead_of_rolling_back(tmp_path, caplog):
+    """VM1 stops at step 10, VM2 goes on to 20; VM1 comes back with its old disk (state file at 10): that is
+    not a rollback, it resumes at 20. Leftovers of an abandoned branch on a disk do not count either."""
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    run(url, None, tmp_path / "vm1", 10)
+    run(url, None, tmp_path / "vm2", 20)
+    back = run(url, None, tmp_path / "vm1", 22)
+    assert back.first_step == 20
+    assert not any("Rolling back" in r.getMessage() for r in caplog.records)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == [0, 5, 10, 15, 20, 22]
+
+    cloudckpt.rollback(url, 10)  # vm1's disk now holds 15, 20, 22 of a superseded branch, state file at 22
+    again = run(url, None, tmp_path / "vm1", 12)
+    assert again.first_step == 10  # the rollback holds: the superseded local checkpoints are not resumed
+    assert [c.step for c in cloudckpt.list_checkpoints(url)] == [0, 5, 10, 12]
