@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
-from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, UploadError
+from .errors import CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
 from .retry import RetryPolicy
+from .rollback import RollbackResult, rollback
 from .uploader import UploadStats
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ __all__ = [
     "latest_checkpoint",
     "download_checkpoint",
     "verify",
+    "rollback",
+    "RollbackResult",
     "VerifyReport",
     "FileCheck",
     "CheckpointNotFoundError",
@@ -50,6 +53,7 @@ __all__ = [
     "ConfigError",
     "RemoteError",
     "UploadError",
+    "FencedError",
     "IntegrityError",
     "ManifestError",
 ]

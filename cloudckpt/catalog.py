@@ -1,20 +1,28 @@
-"""What is in a remote checkpoint directory: committed checkpoints, and debris.
+"""What is in a remote checkpoint directory: committed checkpoints (current or superseded), and debris.
 
-Only checkpoints with a readable manifest are committed. Files of a prefix
-without a manifest (an upload cut short by a crash) are reported as
-incomplete, never as checkpoints to restore.
+With a commit log (``commitlog.py``, every directory a current cloudckpt has
+written to), a checkpoint is committed when a log ``commit`` entry names it,
+no ``delete`` entry has retired it, and its manifest exists and carries that
+commit's id. The head of the newest writer's lineage and its ancestors are
+*current* (``DirectoryScan.committed``, what restores use); other committed
+checkpoints are *superseded*. Without a log (version 1 directories) a
+checkpoint with a readable manifest is committed. Files (and manifests) of no
+committed checkpoint, such as an upload cut short by a crash or by fencing,
+are reported as incomplete, never as checkpoints to restore.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .commit import committed_prefixes
+from .commitlog import CommitLog
+from .lineage import LogState, fold, legacy_commit_id
 from .errors import ManifestError
-from .manifest import FileEntry, Manifest, manifest_name, parse_checkpoint_file_name, parse_manifest
+from .manifest import (FileEntry, Manifest, committed_prefixes, manifest_name, parse_checkpoint_file_name,
+                       parse_manifest, parse_manifest_name)
 from .remote import RemoteObject, RemoteStore
 
 log = logging.getLogger("cloudckpt")
@@ -38,6 +46,9 @@ class CheckpointInfo:
     files: tuple[FileEntry, ...]
     created_at: str
     manifest_url: str
+    status: str = "committed"  # or "superseded": committed in a lineage that is no longer the current one
+    commit_id: str | None = None
+    writer_id: str | None = None  # the writer that committed it (None for version 1 manifests)
 
     @property
     def size(self) -> int:
@@ -68,53 +79,114 @@ class IncompleteCheckpoint:
 class DirectoryScan:
     """One consistent listing of a remote checkpoint directory."""
 
-    committed: list[CheckpointInfo]
+    committed: list[CheckpointInfo]  # the current lineage, oldest first; the last one is the latest
     incomplete: list[IncompleteCheckpoint]
     unreadable: dict[str, ManifestError]  # manifest name -> why it cannot be read
     objects: list[RemoteObject]
+    superseded: list[CheckpointInfo] = field(default_factory=list)  # committed, other lineages, by step
+    log: LogState | None = None  # the folded commit log (None: a version 1 directory)
 
 
-def info_from_manifest(store: RemoteStore, manifest: Manifest) -> CheckpointInfo:
+def info_from_manifest(store: RemoteStore, manifest: Manifest, *, status: str = "committed",
+                       commit_id: str | None = None) -> CheckpointInfo:
     """A CheckpointInfo for a parsed manifest in ``store``."""
     return CheckpointInfo(step=manifest.step, prefix=store.url_of(manifest.prefix), files=manifest.files,
-                          created_at=manifest.created_at, manifest_url=store.url_of(manifest.name))
+                          created_at=manifest.created_at, manifest_url=store.url_of(manifest.name), status=status,
+                          commit_id=commit_id or manifest.commit_id or legacy_commit_id(manifest.prefix),
+                          writer_id=manifest.writer_id)
 
 
 def scan_directory(store: RemoteStore) -> DirectoryScan:
-    """List the directory once and read every manifest in it."""
+    """Read the commit log (cached), then list the directory once and read every committed manifest.
+
+    The log is read first: a commit it names has its manifest in place already,
+    so the listing cannot miss it (while the log gains entries during a listing).
+    """
+    entries = CommitLog.of(store).refresh()
     objects = store.list_objects()
-    names = [o.name for o in objects]
+    if entries:
+        return _scan_logged(store, objects, fold(entries))
     committed: list[CheckpointInfo] = []
     unreadable: dict[str, ManifestError] = {}
-    manifest_prefixes = committed_prefixes(names)
-    for prefix, _step in manifest_prefixes:
-        name = manifest_name(prefix)
-        data = store.read_bytes(name)
-        if data is None:  # deleted between listing and reading
+    manifest_prefixes = committed_prefixes([o.name for o in objects])
+    for prefix, step in manifest_prefixes:
+        try:
+            manifest = _read_checked(store, prefix, step)
+        except ManifestError as exc:
+            unreadable[manifest_name(prefix)] = exc
+            continue
+        if manifest is not None:
+            committed.append(info_from_manifest(store, manifest))
+    committed.sort(key=lambda c: c.step)
+    return DirectoryScan(committed, _debris(store, objects, {p for p, _ in manifest_prefixes}), unreadable, objects)
+
+
+def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogState) -> DirectoryScan:
+    present = {o.name for o in objects}
+    current = {c: i for i, c in enumerate(reversed(state.ancestry(state.head)))}
+    committed: list[CheckpointInfo] = []
+    superseded: list[CheckpointInfo] = []
+    unreadable: dict[str, ManifestError] = {}
+    claimed: set[str] = set()
+    for record in state.live():
+        if record.manifest not in present:
             continue
         try:
-            manifest = parse_manifest(data, url=store.url_of(name))
-            if manifest.prefix != prefix or manifest.step != _step or any(
-                    not f.name.startswith(prefix + ".") for f in manifest.files):
-                raise ManifestError(f"Manifest {store.url_of(name)} describes {manifest.prefix!r} (step "
-                                    f"{manifest.step}), not the checkpoint its name says; it cannot be trusted.")
-            committed.append(info_from_manifest(store, manifest))
+            manifest = _read_checked(store, record.prefix, record.step)
         except ManifestError as exc:
-            unreadable[name] = exc
-    with_manifest = {p for p, _ in manifest_prefixes}
+            unreadable[record.manifest] = exc
+            claimed.add(record.prefix)
+            continue
+        if manifest is None or (manifest.commit_id is not None if record.legacy
+                                else manifest.commit_id != record.commit_id):
+            continue  # deleted meanwhile, or a manifest no commit entry names (debris)
+        status = "committed" if record.commit_id in current else "superseded"
+        info = info_from_manifest(store, manifest, status=status, commit_id=record.commit_id)
+        (committed if status == "committed" else superseded).append(info)
+        claimed.add(record.prefix)
+    committed.sort(key=lambda c: current[c.commit_id or ""])
+    superseded.sort(key=lambda c: c.step)
+    return DirectoryScan(committed, _debris(store, objects, claimed), unreadable, objects, superseded, state)
+
+
+def _read_checked(store: RemoteStore, prefix: str, step: int) -> Manifest | None:
+    """The manifest of ``prefix`` (None if it vanished since the listing), checked against its name."""
+    name = manifest_name(prefix)
+    data = store.read_bytes(name)
+    if data is None:
+        return None
+    manifest = parse_manifest(data, url=store.url_of(name))
+    if manifest.prefix != prefix or manifest.step != step or any(
+            not f.name.startswith(prefix + ".") for f in manifest.files):
+        raise ManifestError(f"Manifest {store.url_of(name)} describes {manifest.prefix!r} (step "
+                            f"{manifest.step}), not the checkpoint its name says; it cannot be trusted.")
+    return manifest
+
+
+def _debris(store: RemoteStore, objects: list[RemoteObject], claimed: set[str]) -> list[IncompleteCheckpoint]:
+    """Checkpoint files and manifests of prefixes no committed (or unreadable) checkpoint claims."""
     debris: dict[tuple[str, int], list[RemoteObject]] = defaultdict(list)
     for obj in objects:
-        parsed = parse_checkpoint_file_name(obj.name)
-        if parsed and parsed[0] not in with_manifest:
+        parsed = parse_checkpoint_file_name(obj.name) or parse_manifest_name(obj.name)
+        if parsed and parsed[0] not in claimed:
             debris[parsed].append(obj)
-    incomplete = [IncompleteCheckpoint(step, store.url_of(prefix), tuple(objs))
-                  for (prefix, step), objs in sorted(debris.items(), key=lambda kv: kv[0][1])]
-    committed.sort(key=lambda c: c.step)
-    return DirectoryScan(committed, incomplete, unreadable, objects)
+    return [IncompleteCheckpoint(step, store.url_of(prefix), tuple(objs))
+            for (prefix, step), objs in sorted(debris.items(), key=lambda kv: kv[0][1])]
 
 
-def list_checkpoints(url: str, storage_options: Mapping[str, Any] | None = None) -> list[CheckpointInfo]:
-    """Committed checkpoints in the directory at ``url``, ascending by step.
+def legacy_checkpoints(store: RemoteStore) -> list[tuple[str, int]]:
+    """(prefix, step) of the checkpoints committed by manifests alone (a directory without a commit log)."""
+    return [(c.name, c.step) for c in scan_directory(store).committed if c.writer_id is None]
+
+
+def list_checkpoints(url: str, storage_options: Mapping[str, Any] | None = None, *,
+                     include_superseded: bool = False) -> list[CheckpointInfo]:
+    """Committed checkpoints in the directory at ``url``: the current lineage, oldest first.
+
+    The last one is the latest: the head of the newest writer's lineage (see
+    ``lineage.py``), which is what a resuming hook restores. With
+    ``include_superseded``, committed checkpoints of abandoned lineages
+    (``status == "superseded"``) are included too, and all are sorted by step.
 
     Raises:
         ManifestError: a manifest in the directory cannot be read (corrupt, or
@@ -124,10 +196,12 @@ def list_checkpoints(url: str, storage_options: Mapping[str, Any] | None = None)
     scan = scan_directory(RemoteStore(url, storage_options))
     if scan.unreadable:
         raise next(iter(scan.unreadable.values()))
+    if include_superseded:
+        return sorted(scan.committed + scan.superseded, key=lambda c: (c.step, c.status))
     return scan.committed
 
 
 def latest_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointInfo | None:
-    """The committed checkpoint with the highest step at ``url``, or None if nothing is committed."""
+    """The latest committed checkpoint at ``url`` (the head of the current lineage), or None if there is none."""
     checkpoints = list_checkpoints(url, storage_options)
     return checkpoints[-1] if checkpoints else None

@@ -6,6 +6,7 @@ Subcommands::
     cloudckpt verify URL [--step N | --all]         re-read and check size + crc32c
     cloudckpt pull URL DIR [--step N]               download + verify; tf.train.latest_checkpoint(DIR) works
     cloudckpt push DIR URL                          upload and commit an existing local TF checkpoint directory
+    cloudckpt rollback URL --step N                 make step N the latest again (newer ones: superseded)
     cloudckpt gc URL --keep N [--keep-every-hours H] [--grace-hours H] [--dry-run]
     cloudckpt demo                                  train a small model against an embedded S3 server
 
@@ -212,16 +213,20 @@ def _one_line(exc: BaseException) -> str:
 # -- ls ------------------------------------------------------------------------------------------
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List the checkpoints in a remote directory: committed ones (with a manifest), incomplete uploads
-    (files without a manifest) and unreadable manifests."""
+    """List the checkpoints in a remote directory: committed ones (the current lineage, whose last one
+    is the latest), superseded ones (committed in an abandoned lineage: after a rollback, or by a
+    writer that a newer one replaced), incomplete uploads (files of no committed checkpoint) and
+    unreadable manifests."""
     from .manifest import parse_checkpoint_file_name
 
     store = _open_store(args, args.url)
     scan = _scan(store)
     rows: list[dict[str, Any]] = []
-    for c in scan.committed:
-        rows.append({"step": c.step, "status": "committed", "created_at": c.created_at, "size": c.size,
-                     "files": len(c.files), "prefix": c.prefix})
+    latest = scan.committed[-1] if scan.committed else None
+    for c in scan.committed + scan.superseded:
+        rows.append({"step": c.step, "status": c.status, "created_at": c.created_at, "size": c.size,
+                     "files": len(c.files), "prefix": c.prefix, "latest": c is latest,
+                     "commit_id": c.commit_id, "writer_id": c.writer_id})
     for inc in scan.incomplete:
         newest = max((o.modified for o in inc.objects if o.modified is not None), default=None)
         rows.append({"step": inc.step, "status": "incomplete", "created_at": _iso(newest), "size": inc.size,
@@ -233,7 +238,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append({"step": _manifest_step(name), "status": "unreadable", "created_at": _iso(modified.get(name)),
                      "size": sum(o.size for o in objs), "files": len(objs), "prefix": store.url_of(prefix),
                      "error": _one_line(error)})
-    order = {"committed": 0, "unreadable": 1, "incomplete": 2}
+    order = {"committed": 0, "superseded": 1, "unreadable": 2, "incomplete": 3}
     rows.sort(key=lambda r: (r["step"], order[r["status"]], r["prefix"]))
 
     if args.json:
@@ -263,7 +268,8 @@ def _problem_text(check: Any) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read committed checkpoints from the store and check every file's size and crc32c against
-    the manifest. Checks the newest checkpoint by default (an unreadable newest manifest fails)."""
+    the manifest. Checks the latest checkpoint by default (an unreadable newest manifest fails);
+    --all includes superseded ones."""
     from .restore import CheckpointNotFoundError, verify_checkpoint
 
     store = _open_store(args, args.url)
@@ -271,12 +277,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     targets: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.committed]
     targets += [(_manifest_step(name), error) for name, error in scan.unreadable.items()]
     targets.sort(key=lambda t: t[0])
+    superseded: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.superseded]
     if args.step is not None:
-        targets = [t for t in targets if t[0] == args.step]
+        targets = [t for t in targets if t[0] == args.step] or [t for t in superseded if t[0] == args.step]
         if not targets:
             raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
                                           f"(committed steps: {[c.step for c in scan.committed]}).")
-    elif not args.all:
+    elif args.all:
+        targets = sorted(targets + superseded, key=lambda t: t[0])
+    else:
         targets = targets[-1:]
     if not targets:
         raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
@@ -289,6 +298,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         with _ByteProgress(item.size, f"verify step {step}") as bar:
             report = verify_checkpoint(store, item, progress=bar.update)
+        if not report.ok and _retired_since(store, item):
+            print(f"GONE    step {step}: {item.name} was retired (retention) while it was being verified", flush=True)
+            continue
         if report.ok:
             print(f"OK      step {step}: {item.name} ({len(item.files)} files, {_human_size(item.size)})",
                   flush=True)
@@ -303,6 +315,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
     print(f"{summary}.")
     return EXIT_OK
+
+
+def _retired_since(store: "RemoteStore", item: "CheckpointInfo") -> bool:
+    """True when ``item`` is no longer committed (a running writer's retention removed it meanwhile)."""
+    scan = _scan(store)
+    return all(c.commit_id != item.commit_id for c in scan.committed + scan.superseded)
 
 
 # -- pull ----------------------------------------------------------------------------------------
@@ -344,7 +362,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
-    from .commit import GRAPH_FILE, commit_checkpoint, find_local_checkpoint, local_checkpoint_prefixes
+    from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, commit_checkpoint, find_local_checkpoint,
+                         local_checkpoint_prefixes, register_continuing)
+    from .writers import Writer
 
     directory = args.dir
     if not os.path.isdir(directory):
@@ -355,6 +375,8 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise ConfigError(f"No TensorFlow checkpoint in {directory!r} (expected files such as "
                           "model.ckpt-1000.index): nothing to push.")
     store = _open_store(args, args.url, create=True)
+    writer = Writer(store)
+    register_continuing(writer)  # push is a writer: it fences a job still writing to URL
     graph = os.path.join(directory, GRAPH_FILE)
     graph_uploaded = not os.path.isfile(graph)
     pushed = skipped = 0
@@ -366,19 +388,45 @@ def cmd_push(args: argparse.Namespace) -> int:
                 continue
             if not graph_uploaded:
                 ckpt = replace(ckpt, extras={GRAPH_FILE: graph})
-            result = commit_checkpoint(store, ckpt, executor=pool)
-            if result.already_committed:
+            result = commit_checkpoint(store, ckpt, executor=pool, writer=writer)
+            if result.outcome == REFUSED:
+                _err(f"warning: step {ckpt.step}: not committed: {result.reason}.")
+                continue
+            graph_uploaded = True
+            if result.outcome == ALREADY_COMMITTED:
                 skipped += 1
                 print(f"step {ckpt.step}: {prefix} already committed with identical content, skipped", flush=True)
+            elif result.outcome == HEALED:
+                skipped += 1
+                print(f"step {ckpt.step}: {prefix} already committed; re-uploaded missing or truncated objects "
+                      f"({_human_size(result.bytes_uploaded)})", flush=True)
             else:
                 pushed += 1
-                graph_uploaded = True
                 print(f"step {ckpt.step}: committed {prefix} ({len(ckpt.files)} files, "
                       f"{_human_size(ckpt.total_size)})", flush=True)
-    if not graph_uploaded and store.size(GRAPH_FILE) != os.path.getsize(graph):
-        store.put_file(graph, GRAPH_FILE)
     print(f"Pushed {pushed} checkpoint(s) to {store.url}" + (f" ({skipped} already there)" if skipped else "")
           + f"; latest step {int(prefixes[-1].rsplit('-', 1)[1])}.")
+    return EXIT_OK
+
+
+# -- rollback ------------------------------------------------------------------------------------
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Make the committed checkpoint at --step N the latest again, on purpose: newer checkpoints become
+    superseded (kept and listed, never restored, deleted first by retention and gc), any writer still
+    running on URL is fenced (it stops with FencedError at its next commit), and the next run resumes
+    from step N. Nothing is deleted. The checkpoint is verified first."""
+    from .rollback import rollback
+    from .retry import RetryPolicy
+
+    retry = RetryPolicy(max_attempts=args.max_attempts, initial_backoff=0.5, max_backoff=8.0, deadline=120.0)
+    _open_store(args, args.url)  # a missing bucket or directory is a usage error
+    result = rollback(args.url, args.step, storage_options=build_storage_options(args.storage_option), retry=retry)
+    newer = [c.step for c in result.superseded if c.step > args.step]
+    print(f"Rolled back {result.latest.prefix.rsplit('/', 1)[0]} to step {result.latest.step} "
+          f"({result.latest.name}, commit {result.latest.commit_id}).")
+    print(f"Superseded now: {', '.join(map(str, newer)) or 'none'}. Running writers of this directory are fenced; "
+          f"the next run resumes from step {result.latest.step}.")
     return EXIT_OK
 
 
@@ -400,7 +448,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     plan = plan_retention(scan, policy)
     verb = "would delete" if args.dry_run else "delete"
     for c in plan.delete:
-        print(f"{verb} step {c.step}: {c.name} ({len(c.files) + 1} objects, {_human_size(c.size)})")
+        what = "superseded, " if c.status == "superseded" else ""
+        print(f"{verb} step {c.step}: {c.name} ({what}{len(c.files) + 1} objects, {_human_size(c.size)})")
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
               f"{len(d.objects)} objects, {_human_size(d.size)})")
@@ -515,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = add("ls", cmd_ls, "list committed and incomplete checkpoints", [common, remote])
     ls.add_argument("url", metavar="URL", help=url_help)
     ls.add_argument("--json", action="store_true",
-                    help="print a JSON list of objects with step (int), status (committed | incomplete | "
-                         "unreadable), created_at (ISO-8601 UTC), size (bytes), files (count), prefix (URL) "
-                         "and, for unreadable manifests, error; instead of the table")
+                    help="print a JSON list of objects with step (int), status (committed | superseded | "
+                         "incomplete | unreadable), created_at (ISO-8601 UTC), size (bytes), files (count), "
+                         "prefix (URL); for committed and superseded ones latest (bool), commit_id and "
+                         "writer_id; for unreadable manifests, error; instead of the table")
 
     verify = add("verify", cmd_verify, "re-read checkpoints and check every file's size and crc32c",
                  [common, remote])
@@ -538,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local TF checkpoint directory (files such as model.ckpt-1000.index, "
                            ".data-00000-of-00001, .meta)")
     push.add_argument("url", metavar="URL", help=url_help)
+
+    back = add("rollback", cmd_rollback, "make an older committed checkpoint the latest (newer ones: superseded)",
+               [common, remote])
+    back.add_argument("url", metavar="URL", help=url_help)
+    back.add_argument("--step", type=_non_negative_int, metavar="N", required=True,
+                      help="the committed checkpoint to resume from (see cloudckpt ls)")
 
     gc = add("gc", cmd_gc, "delete old checkpoints and debris of interrupted uploads", [common, remote])
     gc.add_argument("url", metavar="URL", help=url_help)

@@ -1,14 +1,23 @@
 """The commit protocol: what makes a checkpoint in a remote directory "committed".
 
-Order, and why:
-1. upload every file of the checkpoint (partial objects are harmless: nothing points at them);
-2. check each remote size against the local file (catches truncated uploads);
-3. write ``<prefix>.manifest.json`` atomically: THE commit point;
-4. rewrite the remote ``checkpoint`` state file (relative paths, committed checkpoints only).
+A registered writer (``writers.py``) commits a checkpoint in this order:
 
-A reader that trusts only manifests therefore never sees a half-written
-checkpoint. A committed checkpoint is never overwritten: saving a step that is
-already committed (TF saves right after restoring) keeps the committed one.
+1. read the commit log (a newer writer: ``FencedError``, nothing is done);
+2. look at the objects already under the checkpoint's names: a checkpoint committed in this
+   writer's lineage is kept (identical: "already committed"; missing or truncated objects
+   re-uploaded: "healed"; different tensors: "refused"); a committed checkpoint of another lineage
+   (superseded) is retired, and debris of uploads that never committed is deleted, both announced
+   in the log first;
+3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
+   nothing points at them); a name someone else created meanwhile sends us back to 2;
+4. check each remote size against the local file (catches truncated uploads);
+5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
+6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
+7. upload ``graph.pbtxt`` if it changed, rewrite the remote ``checkpoint`` state file (the current
+   lineage, relative paths).
+
+Readers trust a checkpoint only when a log commit entry names its manifest's commit id and the
+manifest exists, so they never see a half-written checkpoint, nor one of a fenced writer.
 """
 
 from __future__ import annotations
@@ -18,21 +27,25 @@ import importlib.metadata
 import logging
 import os
 import sys
+import uuid
 from multiprocessing.pool import ThreadPool
 from typing import Any, Callable, Iterable, Protocol
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ._version import __version__
-from .errors import IntegrityError, ManifestError
+from .catalog import legacy_checkpoints
+from .commitlog import CommitLog
+from .errors import FencedError, IntegrityError, ManifestError, RemoteError, UploadError
+from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .manifest import (
     Manifest,
+    committed_prefixes,
     entry_for,
-    manifest_name,
     parse_checkpoint_file_name,
     parse_manifest,
-    parse_manifest_name,
 )
 from .remote import RemoteStore
+from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
 
@@ -69,13 +82,34 @@ class LocalCheckpoint:
         return sum(os.path.getsize(p) for p in self.files.values())
 
 
+UPLOADED, HEALED, ALREADY_COMMITTED, REFUSED = "uploaded", "healed", "already committed", "refused"
+MAX_ROUNDS = 5
+
+
 @dataclass(frozen=True)
 class CommitResult:
-    """What ``commit_checkpoint`` did."""
+    """What ``commit_checkpoint`` did.
+
+    Attributes:
+        manifest: the committed manifest (for ``refused``: the one that stays committed).
+        bytes_uploaded: bytes sent to the store.
+        outcome: ``uploaded`` (a new commit), ``healed`` (already committed with the same
+            tensors; missing or truncated objects re-uploaded), ``already committed``
+            (identical; nothing uploaded) or ``refused`` (see ``reason``).
+        reason: why a save was refused.
+        housekeeping_error: what failed after the commit point, if anything (the commit stands).
+    """
 
     manifest: Manifest
     bytes_uploaded: int
-    already_committed: bool
+    outcome: str = UPLOADED
+    reason: str = ""
+    housekeeping_error: str = ""  # a follow-up step (the TF state file) failed after the commit
+
+    @property
+    def already_committed(self) -> bool:
+        """True unless this call made a new commit (healed, already committed, refused)."""
+        return self.outcome != UPLOADED
 
 
 def find_local_checkpoint(directory: str, prefix: str) -> LocalCheckpoint | None:
@@ -126,97 +160,240 @@ def build_manifest(ckpt: LocalCheckpoint, executor: Mapper | None = None) -> Man
                     tensorflow=tensorflow_version(), cloudckpt=__version__)
 
 
-def read_manifest(store: RemoteStore, prefix: str) -> Manifest | None:
-    """The committed manifest of ``prefix``, or None if it is not committed."""
-    name = manifest_name(prefix)
-    data = store.read_bytes(name)
-    return None if data is None else parse_manifest(data, url=store.url_of(name))
-
-
 def commit_checkpoint(
     store: RemoteStore,
     ckpt: LocalCheckpoint,
     *,
     executor: Mapper | None = None,
     manifest: Manifest | None = None,
+    writer: Writer | None = None,
 ) -> CommitResult:
-    """Upload ``ckpt`` to ``store`` and commit it with its manifest (see module docstring).
+    """Upload ``ckpt`` to ``store`` and commit it (see module docstring); one of four outcomes.
 
     Args:
         store: the remote checkpoint directory.
         ckpt: the local files (they must not change while this runs: pass a snapshot).
         executor: runs file uploads and checksums concurrently; sequential if None.
         manifest: a precomputed manifest for ``ckpt`` (computed here if None).
+        writer: the registered writer committing; None registers a new one that
+            continues the directory's current head (what ``cloudckpt push`` does).
 
     Raises:
+        FencedError: a newer writer registered on the directory; nothing was committed.
         RemoteError: an upload or write failed after retries.
         IntegrityError: a remote size did not match after upload.
     """
     own_pool = executor is None
     pool = executor or ThreadPool(4)
     try:
+        if writer is None:
+            writer = Writer(store)
+        if not writer.registered:
+            register_continuing(writer)
         manifest = manifest or build_manifest(ckpt, pool)
-        # List rather than probe: with a prefix-restricted IAM policy, S3 answers a GET of a missing
-        # key with 403, not 404.
-        remote_sizes = {o.name: o.size for o in store.list_objects()}
-        existing = None
-        if manifest.name in remote_sizes:
+        try:
+            result = _commit(writer, ckpt, manifest, pool)
+        except (IntegrityError, RemoteError, UploadError) as exc:
+            if not isinstance(exc, FencedError):
+                _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
+            raise
+        if result.outcome != REFUSED:
             try:
-                existing = read_manifest(store, ckpt.prefix)
-            except ManifestError as exc:  # it never vouched for anything: replace it
-                log.warning("Replacing unreadable manifest of step %d: %s", ckpt.step, exc)
-                store.delete([manifest.name])
-                write_state_file(store)
-        if existing is not None:
-            return _keep_committed(store, ckpt, manifest, existing, remote_sizes, pool)
-
-        uploads = {**ckpt.extras, **ckpt.files}
-        list(pool.map(lambda item: store.put_file(item[1], item[0]), sorted(uploads.items())))
-
-        remote_sizes = {o.name: o.size for o in store.list_objects()}
-        for entry in manifest.files:
-            found = remote_sizes.get(entry.name)
-            if found != entry.size:
-                raise IntegrityError(
-                    f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
-                    "the checkpoint was not committed.")
-
-        store.write_atomic(manifest.name, manifest.to_json())
-        write_state_file(store)
-        return CommitResult(manifest, sum(os.path.getsize(p) for p in uploads.values()), already_committed=False)
+                write_state_file(store, fold(writer.log.cached()))
+            except Exception as exc:  # noqa: BLE001 - the checkpoint is committed; the state file is advisory
+                log.warning("Checkpoint step %d is committed, but rewriting the TF state file of %s failed: %s",
+                            ckpt.step, store.url, exc)
+                return replace(result, housekeeping_error=f"state file: {type(exc).__name__}: {exc}")
+        return result
     finally:
         if own_pool:
             pool.close()
             pool.join()
 
 
-def _keep_committed(store: RemoteStore, ckpt: LocalCheckpoint, manifest: Manifest, existing: Manifest,
-                    remote_sizes: dict[str, int], pool: Mapper) -> CommitResult:
-    """A save of a step that is already committed (typically the save TF makes right after a restore).
+def _raise_if_fenced(writer: Writer, step: int) -> None:
+    try:
+        writer.state(step=step)
+    except FencedError:
+        raise
+    except Exception:  # noqa: BLE001 - the original failure is the one to report
+        pass
 
-    A committed checkpoint is never taken apart: if the tensors differ, the
-    committed one stays and this save is not uploaded. If they are the same,
+
+def register_continuing(writer: Writer) -> None:
+    """Register ``writer`` so that it continues the directory's current head (adopting version 1 checkpoints)."""
+    legacy: list[tuple[str, int]] = []
+
+    def adopt() -> list[tuple[str, int]]:
+        legacy[:] = legacy_checkpoints(writer.store)
+        return legacy
+
+    def head(state: LogState) -> str | None:
+        if state.last_index == 0:
+            adopt()
+            return legacy_commit_id(legacy[-1][0]) if legacy else None
+        return state.head
+
+    writer.register(head, legacy=lambda: legacy)
+
+
+def committed_at(store: RemoteStore, state: LogState, prefix: str,
+                 present: set[str]) -> list[tuple[CommitRecord, Manifest | None]]:
+    """The live commits of checkpoint ``prefix`` whose manifest is in the store, with the manifest
+    (None when it cannot be read, or belongs to another commit)."""
+    found: list[tuple[CommitRecord, Manifest | None]] = []
+    for record in state.live():
+        if record.prefix != prefix or record.manifest not in present:
+            continue
+        data = store.read_bytes(record.manifest)
+        if data is None:
+            continue
+        try:
+            manifest = parse_manifest(data, url=store.url_of(record.manifest))
+        except ManifestError as exc:
+            log.warning("The manifest of committed step %d cannot be read (%s); it will be replaced.", record.step, exc)
+            found.append((record, None))
+            continue
+        same = manifest.commit_id is None if record.legacy else manifest.commit_id == record.commit_id
+        found.append((record, manifest if same and manifest.prefix == prefix else None))
+    return found
+
+
+def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper) -> CommitResult:
+    store = writer.store
+    names = [*sorted(ckpt.files), mine.name]
+    extras_done = False
+    for _ in range(MAX_ROUNDS):
+        state = writer.state(step=ckpt.step)
+        if not extras_done:  # not part of the checkpoint (graph.pbtxt): uploaded when it changed, once we
+            _upload_changed_extras(store, ckpt.extras)  # know this writer is not fenced
+            extras_done = True
+        sizes = {o.name: o.size for o in store.list_objects()}
+        owners = committed_at(store, state, ckpt.prefix, set(sizes))
+        mine_lineage = set(state.ancestry(writer.head))
+        for record, existing in owners:
+            if existing is not None and record.commit_id in mine_lineage:
+                return _keep_committed(writer, ckpt, mine, record, existing, sizes, state, pool)
+        # Everything else at these names is retired (a superseded checkpoint of another lineage, an
+        # unreadable manifest) or debris of an upload that never committed: it goes first.
+        retire = tuple(record.commit_id for record, _ in owners)
+        doomed = [record.manifest for record, _ in owners]
+        doomed += [f.name for _, existing in owners if existing is not None for f in existing.files]
+        doomed += [n for n in names if n in sizes and not _in_place(store, ckpt, n)]
+        doomed = list(dict.fromkeys(doomed))
+        if doomed or retire:
+            what = f"superseded commit(s) {list(retire)} and " if retire else ""
+            log.info("Step %d: removing %sobjects %s in %s before uploading.", ckpt.step, what, doomed, store.url)
+            if not writer.delete(doomed, retire=retire, reason="replace superseded" if retire else "debris",
+                                 planned_at=state.last_index, step=ckpt.step):
+                continue
+            state = writer.state(step=ckpt.step)
+        writer.wait_for_deletes(set(names), state)
+        if not all(pool.map(lambda item: store.put_file_if_absent(item[1], item[0]), sorted(ckpt.files.items()))):
+            continue  # another party created one of the names meanwhile: look again
+        _check_sizes(store, mine)
+        manifest = replace(mine, commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
+                           writer_epoch=writer.epoch, parent=writer.head)
+        if not store.write_if_absent(manifest.name, manifest.to_json()):
+            continue
+        uploaded_at = state.last_index
+        intact = _IntactCheck(writer, ckpt, manifest, names, uploaded_at)
+        try:
+            writer.commit(manifest, validate=intact)
+        except _Redo:
+            continue
+        return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()), UPLOADED)
+    raise UploadError(f"Checkpoint step {ckpt.step} was not committed to {store.url}: another party kept "
+                      f"creating or deleting objects named {names} ({MAX_ROUNDS} attempts).", url=store.url,
+                      step=ckpt.step)
+
+
+class _Redo(Exception):
+    """An object of the commit in progress was deleted by an announced deletion: start the round again."""
+
+
+class _IntactCheck:
+    """Before the commit entry is appended: if someone announced deletions of the commit's objects after
+    they were uploaded (``cloudckpt gc`` on what looked like old debris), wait them out and look again."""
+
+    def __init__(self, writer: Writer, ckpt: LocalCheckpoint, manifest: Manifest, names: list[str],
+                 uploaded_at: int) -> None:
+        self.writer, self.ckpt, self.manifest, self.names, self.uploaded_at = writer, ckpt, manifest, names, uploaded_at
+
+    def __call__(self, state: LogState) -> None:
+        later = [d for d in state.deletes if d.index > self.uploaded_at and d.party != self.writer.party
+                 and set(self.names).intersection(d.names)]
+        if not later:
+            return
+        self.writer.wait_for_deletes(set(self.names), state)
+        sizes = {o.name: o.size for o in self.writer.store.list_objects()}
+        expected = {f.name: f.size for f in self.manifest.files}
+        if self.manifest.name not in sizes or any(sizes.get(n) != size for n, size in expected.items()):
+            log.warning("Objects of step %d were deleted before it was committed; uploading it again.", self.ckpt.step)
+            raise _Redo()
+        self.uploaded_at = state.last_index
+
+
+def _in_place(store: RemoteStore, ckpt: LocalCheckpoint, name: str) -> bool:
+    """True when the object ``name`` is the local file itself (a plain local checkpoint directory)."""
+    return store.is_local and name in ckpt.files and \
+        os.path.abspath(ckpt.files[name]) == os.path.abspath(store.path(name))
+
+
+def _check_sizes(store: RemoteStore, manifest: Manifest) -> None:
+    remote_sizes = {o.name: o.size for o in store.list_objects()}
+    for entry in manifest.files:
+        found = remote_sizes.get(entry.name)
+        if found != entry.size:
+            raise IntegrityError(
+                f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
+                "the checkpoint was not committed.")
+
+
+def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, record: CommitRecord,
+                    existing: Manifest, sizes: dict[str, int], state: LogState, pool: Mapper) -> CommitResult:
+    """A save of a step already committed in this writer's lineage (typically the save TF makes right
+    after a restore).
+
+    A committed checkpoint is never replaced: if the tensors differ, the
+    committed one stays and this save is refused. If they are the same,
     objects that went missing or were truncated are re-uploaded from the
-    local copy, whose bytes the manifest already vouches for.
+    local copy, whose bytes the manifest already vouches for ("healed").
     """
-    if not existing.same_tensors(manifest):
-        log.warning("Step %d is already committed in %s with different tensor data; keeping the committed "
-                    "checkpoint and not uploading this save (a run restarted from an older state?).",
-                    ckpt.step, store.url)
-        return CommitResult(existing, 0, already_committed=True)
-    mine = {f.name: f for f in manifest.files}
-    broken = [f.name for f in existing.files if remote_sizes.get(f.name) != f.size and mine.get(f.name) == f]
-    if broken:
-        log.warning("Re-uploading %s of committed step %d: missing or truncated in the store.", broken, ckpt.step)
-        list(pool.map(lambda name: store.put_file(ckpt.files[name], name), broken))
-    write_state_file(store)
-    return CommitResult(existing, sum(mine[n].size for n in broken), already_committed=True)
+    store = writer.store
+    if not existing.same_tensors(mine):
+        reason = (f"step {ckpt.step} is already committed in {store.url} with different tensor data (commit "
+                  f"{record.commit_id}); keeping the committed checkpoint and not uploading this save (a run "
+                  "restarted from an older state?)")
+        log.warning("Not committing: %s.", reason)
+        return CommitResult(existing, 0, REFUSED, reason)
+    ours = {f.name: f for f in mine.files}
+    broken = [f.name for f in existing.files if sizes.get(f.name) != f.size and ours.get(f.name) == f]
+    if not broken:
+        return CommitResult(existing, 0, ALREADY_COMMITTED)
+    log.warning("Re-uploading %s of committed step %d: missing or truncated in the store.", broken, ckpt.step)
+    short = [n for n in broken if n in sizes]
+    if short and not writer.delete(short, reason="heal", planned_at=state.last_index, step=ckpt.step):
+        raise UploadError(f"Could not replace truncated objects {short} of committed step {ckpt.step} in "
+                          f"{store.url}: the directory changed meanwhile; the next save tries again.",
+                          url=store.url, step=ckpt.step)
+    writer.wait_for_deletes(set(broken), writer.state(step=ckpt.step))
+    list(pool.map(lambda name: store.put_file_if_absent(ckpt.files[name], name), broken))
+    return CommitResult(existing, sum(ours[n].size for n in broken), HEALED)
 
 
-def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
-    """(prefix, step) of every manifest among object ``names``, ascending by step."""
-    found = [p for p in (parse_manifest_name(n) for n in names) if p is not None]
-    return sorted(found, key=lambda p: (p[1], p[0]))
+def _upload_changed_extras(store: RemoteStore, extras: dict[str, str]) -> None:
+    """Upload files such as ``graph.pbtxt`` whenever their content differs from the stored object
+    (compared by size, and byte for byte when the sizes are equal)."""
+    if not extras:
+        return
+    sizes = {o.name: o.size for o in store.list_objects()}
+    for name, path in sorted(extras.items()):
+        if sizes.get(name) == os.path.getsize(path):
+            with open(path, "rb") as f:
+                if store.read_bytes(name) == f.read():
+                    continue
+        store.put_file(path, name)
 
 
 def render_state_file(prefixes: list[str]) -> bytes:
@@ -241,12 +418,25 @@ def _text_proto_escape(text: str) -> str:
     return text.translate(_TEXT_PROTO_ESCAPES)
 
 
-def write_state_file(store: RemoteStore) -> None:
-    """Rewrite the remote state file from the committed manifests (removed if none is left)."""
-    prefixes = [p for p, _ in committed_prefixes([o.name for o in store.list_objects()])]
+def write_state_file(store: RemoteStore, state: LogState | None = None) -> None:
+    """Rewrite the remote state file: the current lineage's committed checkpoints, the head last
+    (without a commit log: every manifest). Removed if none is left.
+
+    ``state``: the log as the caller just saw it (a writer after its own append); read otherwise.
+    """
+    if state is None:
+        names = [o.name for o in store.list_objects()]
+        entries = CommitLog.of(store).refresh()
+        state = fold(entries) if entries else None
+        present = set(names)
+    else:
+        present = None
+    if state is not None:
+        prefixes = [c.prefix for c in state.lineage()
+                    if c.commit_id not in state.retired and (present is None or c.manifest in present)]
+    else:
+        prefixes = [p for p, _ in committed_prefixes(names)]
     if prefixes:
         store.write_atomic(STATE_FILE, render_state_file(prefixes))
     else:
         store.delete([STATE_FILE])
-
-

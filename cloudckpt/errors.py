@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "RemoteError",
     "UploadError",
+    "FencedError",
     "IntegrityError",
     "ManifestError",
     "RedactedError",
@@ -60,6 +61,25 @@ class UploadError(CloudCkptError):
         super().__init__(message)
         self.url = url
         self.step = step
+
+
+class FencedError(UploadError):
+    """A newer writer registered on the checkpoint directory: this one commits nothing more.
+
+    Raised by the next commit of a writer (a hook, ``cloudckpt push``...) after
+    another writer has started on the same directory (the newest writer wins).
+    Nothing this writer uploaded after that can become part of a committed
+    checkpoint.
+
+    Attributes:
+        url: the remote checkpoint directory (display form).
+        step: the step whose commit was refused, if any.
+        newer_writer: a description of the newer writer (id, host, pid, start time).
+    """
+
+    def __init__(self, message: str, *, url: str, step: int | None = None, newer_writer: str = "") -> None:
+        super().__init__(message, url=url, step=step)
+        self.newer_writer = newer_writer
 
 
 class IntegrityError(CloudCkptError):

@@ -33,7 +33,6 @@ from .catalog import CheckpointInfo
 from .listener import UploadListener
 from .preemption import PreemptionWatcher
 from .remote import is_local_path
-from .restore import restore_newest_verified
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
@@ -170,6 +169,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
                                       max_pending=max_pending, retry=retry, on_error=on_error,
                                       upload_timeout=upload_timeout)
+        self._upload.registers_in_begin = False  # begin() registers once the resume point is in local_dir
         _ensure_writable(local_dir)
         super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
                          checkpoint_basename=checkpoint_basename, scaffold=scaffold,
@@ -192,9 +192,14 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self.restored: CheckpointInfo | None = None
 
     def begin(self) -> None:
-        """Check the remote directory, then (``restore=True``) download its newest verified checkpoint.
+        """Check the remote directory, bring ``local_dir`` to the resume point, and become its writer.
 
-        Runs before the session is created, so ``MonitoredTrainingSession``
+        With ``restore=True`` the head of the directory's lineage is downloaded
+        (verified) unless ``local_dir`` already holds it intact, or its state
+        file was pointed at an older checkpoint on purpose (a rollback);
+        see ``resume.py``. Registering as the directory's writer fences any
+        older writer still running (``FencedError`` at its next commit). Runs
+        before the session is created, so ``MonitoredTrainingSession``
         restores from ``local_dir`` and the global step continues.
         """
         # Watch during the restore too: a notice then is kept, and training stops at its first step.
@@ -207,8 +212,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             self._watcher.start()
         try:
             super().begin()
-            if self._restore and not self._upload.in_place:
-                self.restored = restore_newest_verified(self._upload.store, self.local_dir)
+            self.restored = self._upload.resume(download=self._restore and not self._upload.in_place)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
@@ -217,6 +221,11 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     def local_dir(self) -> str:
         """The directory the Saver writes to: pass it as ``MonitoredTrainingSession(checkpoint_dir=...)``."""
         return self._upload.local_dir
+
+    @property
+    def writer_id(self) -> str:
+        """This hook's writer id in the directory's commit log (``cloudckpt ls --json``, ``FencedError``)."""
+        return self._upload.writer_id
 
     @property
     def checkpoint_url(self) -> str:
@@ -324,7 +333,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._upload.wait(timeout)
 
     def stats(self) -> UploadStats:
-        """Upload counters: committed, dropped, failed, bytes_uploaded, retries, last step and duration."""
+        """Upload counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
+        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes, retries,
+        last step and duration."""
         return self._upload.stats()
 
     # -- internals ------------------------------------------------------------------------------

@@ -19,14 +19,16 @@ from typing import Any, Callable, Mapping
 
 import tensorflow as tf
 
-from .commit import GRAPH_FILE, CommitResult, LocalCheckpoint, find_local_checkpoint, write_state_file
-from .catalog import scan_directory
+from .commit import GRAPH_FILE, CommitResult, LocalCheckpoint, find_local_checkpoint
+from .catalog import CheckpointInfo, scan_directory
 from .errors import ConfigError, UploadError
 from .remote import RemoteStore
 from .restore import DOWNLOAD_STAGING_PREFIX
-from .retention import RetentionPolicy, apply_retention, plan_retention
+from .resume import resume_and_register
+from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
 from .uploader import Uploader, UploadJob, UploadStats
+from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
 
@@ -78,6 +80,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._upload_timeout_at: float | None = None
         self.retention = retention
         self._end_deadline: Callable[[], float | None] = lambda: None
+        self.registers_in_begin = True  # False when a CheckpointSaverHook registers (after restoring) itself
 
     @property
     def url(self) -> str:
@@ -88,6 +91,11 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
     def store(self) -> RemoteStore:
         """The remote checkpoint directory's store."""
         return self._store
+
+    @property
+    def writer_id(self) -> str:
+        """This writer's id in the directory's commit log (changes when ``resume`` registers again)."""
+        return self._uploader.writer.writer_id
 
     @property
     def in_place(self) -> bool:
@@ -111,6 +119,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         for leftover in [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
                 os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]:
             shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
+        if self.registers_in_begin:
+            self.resume(download=False)
         # The uploader thread starts with the first checkpoint: a session that fails to be created
         # (after begin(), before any hook hears of it) leaves no thread behind.
 
@@ -157,6 +167,19 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._uploader.close(timeout=timeout)
 
     # -- public helpers ----------------------------------------------------------------------------
+    def resume(self, *, download: bool) -> CheckpointInfo | None:
+        """Become the directory's writer, resuming from what ``local_dir`` holds (``resume.py``).
+
+        With ``download``, ``local_dir`` is first brought to the resume point:
+        the head of the directory's lineage, unless the local state file was
+        pointed back on purpose; local copies are checked against their
+        manifests. Registering fences every older writer of the directory.
+        Returns the checkpoint downloaded, if any.
+        """
+        if self._uploader.writer.registered:  # a new session with the same hook: a new registration
+            self._uploader.writer = Writer(self._store)
+        return resume_and_register(self._store, self._uploader.writer, self._local_dir, download=download)
+
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint saved so far is committed or dropped.
 
@@ -285,17 +308,17 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         if self.retention is None or not self.retention.deletes_checkpoints:
             return
         plan = plan_retention(scan_directory(self._store), self.retention, protect={protect}, debris=False)
-        apply_retention(self._store, plan)
+        apply_retention(self._store, plan, self._uploader.writer)
 
     def _retire_deleted(self, _result: object) -> None:
         """In place, the Saver deletes old checkpoints itself (``max_to_keep``): retire their manifests
         too, so that no manifest vouches for files that are gone."""
         scan = scan_directory(self._store)
         present = {o.name for o in scan.objects}
-        gone = [c for c in scan.committed if not all(f.name in present for f in c.files)]
+        gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
         if gone:
-            self._store.delete([c.manifest_url.rsplit("/", 1)[-1] for c in gone])
-            write_state_file(self._store)
+            apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
+                            self._uploader.writer)
 
 
 def _min(*times: float | None) -> float | None:

@@ -1,8 +1,12 @@
 """The checkpoint manifest: schema, naming, serialisation and checksums.
 
 A manifest ``<basename>-<step>.manifest.json`` lists every file of one
-checkpoint with its size and crc32c. Its presence in the remote directory is
-the commit point: a checkpoint without a readable manifest is not committed.
+checkpoint with its size and crc32c. In a directory without a commit log
+(version 1) its presence is the commit point; with a commit log (version 2,
+``commitlog.py``) a checkpoint is committed when a log ``commit`` entry names
+the manifest's ``commit_id`` and the manifest exists. Version 2 adds the
+writer (``writer_id``, ``writer_epoch``), the ``commit_id`` and the ``parent``
+commit in the checkpoint's lineage; version 1 manifests stay readable.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import google_crc32c
 from .errors import ManifestError
 
 FORMAT = "cloudckpt.manifest"
-VERSION = 1
+VERSION = 2  # the newest version this cloudckpt reads (and writes, for manifests with a commit id)
 MANIFEST_SUFFIX = ".manifest.json"
 
 # Any basename the Saver accepts, newlines included (DOTALL; names are matched with fullmatch).
@@ -49,6 +53,15 @@ class Manifest:
     created_at: str = field(default_factory=lambda: utc_now_iso())
     tensorflow: str = ""
     cloudckpt: str = ""
+    commit_id: str | None = None  # version 2: the commit this manifest belongs to
+    writer_id: str | None = None  # version 2: the writer that committed it ...
+    writer_epoch: int | None = None  # ... and its epoch (log index of its registration)
+    parent: str | None = None  # version 2: the commit this checkpoint descends from (None: a first checkpoint)
+
+    @property
+    def version(self) -> int:
+        """2 when the manifest belongs to a commit in a commit log, else 1."""
+        return 2 if self.commit_id is not None else 1
 
     @property
     def name(self) -> str:
@@ -64,7 +77,7 @@ class Manifest:
         """Serialise to the on-store JSON document."""
         doc = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "step": self.step,
             "prefix": self.prefix,
             "created_at": self.created_at,
@@ -72,6 +85,9 @@ class Manifest:
             "tensorflow": self.tensorflow,
             "cloudckpt": self.cloudckpt,
         }
+        if self.version >= 2:
+            doc.update(commit_id=self.commit_id, writer_id=self.writer_id, writer_epoch=self.writer_epoch,
+                       parent=self.parent)
         return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
     def same_tensors(self, other: "Manifest") -> bool:
@@ -120,6 +136,15 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
                 raise TypeError(f"file entry {f.name!r}")
             if "/" in f.name or f.name in ("", ".", ".."):
                 raise TypeError(f"file name {f.name!r}")
+        lineage: dict = {}
+        if version >= 2:
+            lineage = {k: doc.get(k) for k in ("commit_id", "writer_id", "writer_epoch", "parent")}
+            if not isinstance(lineage["commit_id"], str) or not lineage["commit_id"]:
+                raise TypeError("commit_id")
+            if not isinstance(lineage["writer_id"], str) or not isinstance(lineage["writer_epoch"], int):
+                raise TypeError("writer_id/writer_epoch")
+            if lineage["parent"] is not None and not isinstance(lineage["parent"], str):
+                raise TypeError("parent")
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"Manifest {url} is missing or has a malformed field ({exc}).") from None
     return Manifest(
@@ -129,6 +154,7 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
         created_at=str(doc.get("created_at", "")),
         tensorflow=str(doc.get("tensorflow", "")),
         cloudckpt=str(doc.get("cloudckpt", "")),
+        **lineage,
     )
 
 
@@ -141,6 +167,12 @@ def parse_manifest_name(name: str) -> tuple[str, int] | None:
     """``model.ckpt-30.manifest.json`` -> (``model.ckpt-30``, 30); None for other names."""
     m = _MANIFEST_NAME.fullmatch(name)
     return (m.group("prefix"), int(m.group("step"))) if m else None
+
+
+def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
+    """(prefix, step) of every manifest among object ``names``, ascending by step."""
+    found = [p for p in (parse_manifest_name(n) for n in names) if p is not None]
+    return sorted(found, key=lambda p: (p[1], p[0]))
 
 
 def parse_checkpoint_file_name(name: str) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -98,6 +99,7 @@ class RemoteStore:
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
+        self._retries_seen = 0
         protocol = self._location.scheme or "file"
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -274,6 +276,7 @@ class RemoteStore:
     def read_bytes(self, name: str) -> bytes | None:
         """Whole content of a small object (manifest, state file), or None if it does not exist."""
         def cat() -> bytes | None:
+            self.fs.invalidate_cache(self.path(name))  # s3fs sizes the read from a cached listing
             try:
                 return self.fs.cat_file(self.path(name))
             except FileNotFoundError:
@@ -314,6 +317,124 @@ class RemoteStore:
             self._run("delete", self.url_of(name), rm)
         self.fs.invalidate_cache(self.root)
 
+    # -- create-only writes and bounded deletes (the multi-writer protocol, writers.py) ------------
+    def write_if_absent(self, name: str, data: bytes) -> bool:
+        """Create object ``name`` with ``data`` only if no object has that name; False if one exists.
+
+        The store decides atomically (S3 ``If-None-Match: *``, GCS
+        ``ifGenerationMatch=0``, a hard link on local disks, a lock in memory):
+        of several writers racing for one name, exactly one gets True. Readers
+        see the whole object or none. A retried attempt may find the object its
+        own lost first attempt created (False): callers that must know check the
+        content (see ``commitlog``).
+        """
+        if self.is_local:
+            def fill(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            return self._run("create", self.url_of(name), lambda: _create_by_link(self.path(name), fill))
+        if self._is_memory:
+            def create_in_memory() -> bool:
+                with _MEMORY_CREATE_LOCK:
+                    if self.fs.exists(self.path(name)):
+                        return False
+                    self.fs.pipe_file(self.path(name), data)
+                    return True
+            return self._run("create", self.url_of(name), create_in_memory)
+
+        def create_remote() -> bool:
+            try:
+                self.fs.pipe_file(self.path(name), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        return self._run("create", self.url_of(name), create_remote)
+
+    def put_file_if_absent(self, local_path: str, name: str) -> bool:
+        """Upload a local file as ``name`` only if no object has that name; False if one exists.
+
+        Multipart / resumable uploads are conditional at completion (S3
+        CompleteMultipartUpload with ``If-None-Match: *``; GCS
+        ``ifGenerationMatch=0``). A failed upload may leave nothing or a
+        partial object of its own, never replaces an existing one. In place
+        (the local file already is the object) this is True.
+        """
+        target = self.path(name)
+        if self.is_local:
+            if os.path.abspath(local_path) == os.path.abspath(target):
+                return True  # in-place mode: the Saver wrote straight into the checkpoint directory
+
+            return self._run("upload", self.url_of(name),
+                             lambda: _create_by_link(target, lambda tmp: self.fs.put_file(local_path, tmp)))
+        if self._is_memory:
+            def create_in_memory() -> bool:
+                tmp = _temporary_sibling(target)
+                self.fs.put_file(local_path, tmp)  # the (slow) copy happens outside the lock
+                try:
+                    with _MEMORY_CREATE_LOCK:
+                        if self.fs.exists(target):
+                            return False
+                        self.fs.mv(tmp, target)
+                        return True
+                finally:
+                    if self.fs.exists(tmp):
+                        self.fs.rm_file(tmp)
+            return self._run("upload", self.url_of(name), create_in_memory)
+
+        def create_remote() -> bool:
+            try:
+                self.fs.put_file(local_path, target, mode="create", **self._put_options)
+            except FileExistsError:
+                return False
+            return True
+        return self._run("upload", self.url_of(name), create_remote)
+
+    def list_under(self, subdir: str, *, directories: bool = False) -> list[RemoteObject]:
+        """Objects directly in subdirectory ``subdir`` (names relative to it), read fresh; with
+        ``directories``, its subdirectories instead."""
+        path = self.path(subdir)
+
+        def ls() -> list[RemoteObject]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=True, refresh=True) if not self.is_local \
+                    else self.fs.ls(path, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return [RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
+                                 _modified_time(e)) for e in entries if (e.get("type") == "directory") == directories]
+        return self._run("list", self.url_of(subdir), ls)
+
+    def delete_before(self, names: list[str], deadline: float) -> tuple[bool, bool]:
+        """Delete objects in order, issuing no request after ``deadline`` (``time.monotonic()``).
+
+        Returns (all deleted, some attempt was retried). A retried delete is
+        ambiguous: its first attempt may still reach the store later.
+        """
+        retried = False
+        for name in names:
+            def rm(name: str = name) -> None:
+                nonlocal retried
+                if time.monotonic() >= deadline:
+                    raise DeleteWindowClosed(f"delete {self.url_of(name)}: the deletion window closed.",
+                                             url=self.url_of(name), transient=False)
+                try:
+                    self.fs.rm_file(self.path(name))
+                except FileNotFoundError:
+                    pass
+            before = self._retries_seen
+            try:
+                self._run("delete", self.url_of(name), rm)
+            except DeleteWindowClosed:
+                self.fs.invalidate_cache(self.root)
+                return False, True
+            finally:
+                retried = retried or self._retries_seen != before
+        self.fs.invalidate_cache(self.root)
+        return True, retried
+
     # -- internals --------------------------------------------------------------------------
     @property
     def _is_memory(self) -> bool:
@@ -348,6 +469,7 @@ class RemoteStore:
         The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
         """
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            self._retries_seen += 1
             cause = describe_cause(exc)
             log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
             if self._on_retry is not None:
@@ -368,6 +490,41 @@ class RemoteStore:
             cause = sanitized_cause(exc, self._secrets)
         error = bypassed_mock_error(self.fs, self.url) or error  # an s3fs store opened before mock_aws started
         raise error from cause  # outside the handler: the raw exception does not ride along as __context__
+
+
+class DeleteWindowClosed(RemoteError):
+    """A bounded delete (``RemoteStore.delete_before``) reached its deadline before every object was deleted."""
+
+
+_MEMORY_CREATE_LOCK = threading.Lock()  # memory:// lives in this process: a lock makes create-only atomic
+
+
+def _create_by_link(target: str, fill: Callable[[str], None]) -> bool:
+    """Create local file ``target`` only if it does not exist: ``fill`` a temporary sibling, then hard-link
+    it to ``target`` (atomic on POSIX filesystems: the link fails if the name exists). False if it existed."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = _temporary_sibling(target)
+    try:
+        fill(tmp)
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
+    finally:
+        _unlink_quietly(tmp)
+    return True
+
+
+def _temporary_sibling(path: str) -> str:
+    """A unique hidden name next to ``path`` (same directory, so a link or move is atomic)."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 _S3_PROTOCOLS = ("s3", "s3a")

@@ -91,6 +91,10 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
     for name, error in scan.unreadable.items():
         if (parse_manifest_name(name) or ("", -1))[1] == step:
             raise error
+    if any(c.step == step for c in scan.superseded):
+        raise CheckpointNotFoundError(
+            f"Checkpoint step {step} in {store.url} is superseded (committed in an abandoned lineage), so it is "
+            f"not restored; `cloudckpt rollback {store.url} --step {step}` makes it the latest on purpose.")
     steps = [c.step for c in scan.committed]
     raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} (committed steps: {steps}).")
 
@@ -137,8 +141,11 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         if entry.name in stored:
             return _check(entry, sizes[entry.name], stored[entry.name])
-        with store.open_read(entry.name) as f:
-            size, crc = crc32c_of_stream(f, progress)
+        try:
+            with store.open_read(entry.name) as f:
+                size, crc = crc32c_of_stream(f, progress)
+        except FileNotFoundError:  # deleted since the listing
+            return _check(entry, None, None)
         return _check(entry, size, crc)
 
     with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:
@@ -217,11 +224,6 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     return os.path.join(local_dir, info.name)
 
 
-def local_checkpoint_steps(local_dir: str) -> list[int]:
-    """Steps of the checkpoints (an ``.index`` file, moved in last) present in a local directory, ascending."""
-    return sorted({int(p.rsplit("-", 1)[1]) for p in local_checkpoint_prefixes(local_dir)})
-
-
 def _point_state_file_at(local_dir: str, prefix: str) -> None:
     """Make ``prefix`` the latest checkpoint of ``local_dir``, keeping the other local ones listed."""
     others = [p for p in local_checkpoint_prefixes(local_dir) if p != prefix]
@@ -229,55 +231,3 @@ def _point_state_file_at(local_dir: str, prefix: str) -> None:
     with open(tmp, "wb") as f:
         f.write(render_state_file([*others, prefix]))
     os.replace(tmp, os.path.join(local_dir, STATE_FILE))
-
-
-def restore_newest_verified(store: RemoteStore, local_dir: str) -> CheckpointInfo | None:
-    """Bring ``local_dir`` up to the newest committed checkpoint that verifies (used by the hook's ``begin``).
-
-    Does nothing if ``local_dir`` already holds a checkpoint at least as new as
-    every committed one. A committed checkpoint that fails verification is
-    logged at ERROR and the next older one is tried.
-
-    Returns:
-        The checkpoint downloaded, or None if nothing needed downloading.
-
-    Raises:
-        IntegrityError: checkpoints are committed but none newer than the local
-            one verifies, and there is no local checkpoint to fall back on:
-            silently restarting from step 0 would throw away the run.
-    """
-    scan = scan_directory(store)
-    local_steps = local_checkpoint_steps(local_dir)
-    local_latest = local_steps[-1] if local_steps else -1
-    candidates: list[tuple[int, CheckpointInfo | Exception]] = [(c.step, c) for c in scan.committed]
-    for name, error in scan.unreadable.items():
-        if parsed := parse_manifest_name(name):
-            candidates.append((parsed[1], error))
-    candidates = sorted((c for c in candidates if c[0] > local_latest), key=lambda c: c[0], reverse=True)
-    if not candidates:
-        if local_latest >= 0:
-            log.info("Local checkpoint step %d in %s is up to date with %s.", local_latest, local_dir, store.url)
-        return None
-    failed: list[str] = []
-    for step, item in candidates:
-        try:
-            if isinstance(item, Exception):
-                raise item
-            download_verified(store, item, local_dir)
-        except IntegrityError as exc:
-            failed.append(f"step {step}: {exc}")
-            log.error("Committed checkpoint step %d failed verification: %s Falling back to the next older "
-                      "committed checkpoint.", step, exc)
-            continue
-        if failed:
-            log.warning("Restored step %d from %s instead of newer step(s) that failed verification: %s",
-                        step, store.url, "; ".join(failed))
-        return item
-    if local_latest >= 0:
-        log.warning("No committed checkpoint newer than local step %d verifies; continuing from the local one.",
-                    local_latest)
-        return None
-    raise IntegrityError(
-        f"None of the {len(failed)} committed checkpoint(s) in {store.url} verifies, so training will not silently "
-        f"restart from step 0. Inspect with `cloudckpt verify {store.url} --all`; to start over on purpose, use a "
-        f"new checkpoint_dir or pass restore=False. Failures: " + " | ".join(failed))

@@ -1,9 +1,17 @@
 """Keeping a bucket tidy: which committed checkpoints to keep, and removing debris of crashed uploads.
 
-Deletion order is what keeps readers safe: a checkpoint's manifest is removed
-first (it stops being committed), then its files, then the state file is
+Deletion order is what keeps readers safe: a checkpoint stops being committed
+first (with a commit log: a ``delete`` entry retires it; then, as without a
+log, its manifest is removed), then its files go, then the state file is
 rewritten. A crash anywhere in between leaves, at worst, uncommitted files
 that ``gc`` removes later, never a committed checkpoint with missing files.
+
+Superseded checkpoints (committed in an abandoned lineage, ``lineage.py``) are
+deleted before any checkpoint of the current lineage: the ``max_to_keep``
+newest current ones are kept first, superseded ones only fill what is left.
+With a commit log, every deletion is announced in the log by a ``Writer``
+(``writers.py``) so that a deleter that has been fenced cannot remove objects
+of a newer commit.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory
 from .commit import write_state_file
 from .errors import ConfigError
+from .lineage import LogState, fold
 from .remote import RemoteStore
+from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
 
@@ -62,8 +72,9 @@ class RetentionPlan:
     """What a retention pass keeps and deletes."""
 
     keep: list[CheckpointInfo]
-    delete: list[CheckpointInfo]
+    delete: list[CheckpointInfo]  # in deletion order: superseded first, then the oldest current ones
     debris: list[IncompleteCheckpoint]
+    log: LogState | None = None  # the log state the plan was made from (None: no commit log)
 
     @property
     def bytes_freed(self) -> int:
@@ -81,57 +92,90 @@ def _created(info: CheckpointInfo) -> float:
 def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: set[str] | None = None,
                    protect: set[int] = frozenset(), debris: bool = True,  # type: ignore[assignment]
                    now: float | None = None) -> RetentionPlan:
-    """Decide what to delete; pure (no I/O). The newest committed checkpoint is always kept.
+    """Decide what to delete; pure (no I/O). The latest committed checkpoint is always kept.
 
-    ``protect`` lists steps never to delete. ``basenames`` limits debris to
-    files of those checkpoint basenames (default: the basenames of the
-    committed checkpoints, or ``model.ckpt``); ``debris=False`` plans none.
+    ``max_to_keep`` keeps the newest current checkpoints first; superseded
+    ones are kept only in the slots left (and deleted first). ``protect``
+    lists steps of the current lineage never to delete. ``basenames`` limits
+    debris to files of those checkpoint basenames (default: the basenames of
+    the committed checkpoints, or ``model.ckpt``); ``debris=False`` plans none.
     """
-    committed = sorted(scan.committed, key=lambda c: c.step)
-    keep_ids = {c.step for c in committed}
+    current = list(scan.committed)  # lineage order: the latest is last
+    superseded = sorted(scan.superseded, key=lambda c: c.step)
+    ranked = [*reversed(current), *reversed(superseded)]  # kept first -> deleted first
+    keep_ids = {id(c) for c in ranked}
     if policy.max_to_keep:
-        keep_ids = {c.step for c in committed[-policy.max_to_keep:]}
-    if committed:
-        keep_ids.add(committed[-1].step)
-    keep_ids |= set(protect)
-    if policy.keep_checkpoint_every_n_hours and committed:
+        keep_ids = {id(c) for c in ranked[:policy.max_to_keep]}
+    if current:
+        keep_ids.add(id(current[-1]))
+    keep_ids |= {id(c) for c in current if c.step in protect}
+    if policy.keep_checkpoint_every_n_hours and current:
         period = policy.keep_checkpoint_every_n_hours * 3600
-        next_keep = _created(committed[0])
-        for c in committed:
+        by_time = sorted(current, key=lambda c: c.step)
+        next_keep = _created(by_time[0])
+        for c in by_time:
             if _created(c) >= next_keep:
-                keep_ids.add(c.step)
+                keep_ids.add(id(c))
                 next_keep = _created(c) + period
-    keep = [c for c in committed if c.step in keep_ids]
-    delete = [c for c in committed if c.step not in keep_ids]
+    everything = sorted(current + superseded, key=lambda c: (c.step, c.status))
+    keep = [c for c in everything if id(c) in keep_ids]
+    delete = [c for c in reversed(ranked) if id(c) not in keep_ids]
 
     now = time.time() if now is None else now
-    names = basenames or {c.name.rsplit("-", 1)[0] for c in committed} or {"model.ckpt"}
+    names = basenames or {c.name.rsplit("-", 1)[0] for c in everything} or {"model.ckpt"}
     found_debris = []
     for inc in (scan.incomplete if debris else []):
         basename = inc.prefix.rsplit("/", 1)[-1].rsplit("-", 1)[0]
         newest = max((o.modified or now for o in inc.objects), default=now)
         if basename in names and now - newest >= policy.debris_grace_seconds:
             found_debris.append(inc)
-    return RetentionPlan(keep=keep, delete=delete, debris=found_debris)
+    return RetentionPlan(keep=keep, delete=delete, debris=found_debris, log=scan.log)
 
 
-def delete_checkpoint(store: RemoteStore, info: CheckpointInfo) -> None:
-    """Delete one committed checkpoint: manifest first (un-commit), then its files."""
-    store.delete([info.manifest_url.rsplit("/", 1)[-1]])
-    store.delete([f.name for f in info.files])
+def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer | None = None, *,
+                      planned_at: int | None = None) -> bool:
+    """Delete one committed checkpoint: un-commit it (with a log: a ``delete`` entry retiring it, by
+    ``writer``), then its manifest, then its files. False if the log gained commits or writers after
+    index ``planned_at`` (plan again)."""
+    manifest = info.manifest_url.rsplit("/", 1)[-1]
+    if writer is None and info.writer_id is not None:  # a version 2 commit: announced in its log
+        writer = Writer(store, role="maintenance")
+    if writer is None:
+        store.delete([manifest])
+        store.delete([f.name for f in info.files])
+        return True
+    return writer.delete([manifest, *(f.name for f in info.files)], retire=(info.commit_id or "",),
+                         reason=f"retention of step {info.step} ({info.status})", planned_at=planned_at)
 
 
-def apply_retention(store: RemoteStore, plan: RetentionPlan) -> None:
-    """Carry out ``plan``: un-commit and delete old checkpoints, remove debris, rewrite the state file."""
+def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None) -> None:
+    """Carry out ``plan``: un-commit and delete old checkpoints, remove debris, rewrite the state file.
+
+    In a directory with a commit log, deletions are announced by ``writer``
+    (a hook's registered writer, fenced by newer ones), or by a maintenance
+    party (``cloudckpt gc``) when None.
+    """
+    planned_at = None
+    if plan.log is None:
+        writer = None  # a directory without a commit log (version 1): deletions as before
+    else:
+        writer = writer or Writer(store, role="maintenance")
+        planned_at = plan.log.last_index
     for info in plan.delete:
-        delete_checkpoint(store, info)
-        log.info("Retention: deleted checkpoint step %d from %s.", info.step, store.url)
+        if not delete_checkpoint(store, info, writer, planned_at=planned_at):
+            log.info("Retention: %s changed while deleting; the rest waits for the next pass.", store.url)
+            break
+        log.info("Retention: deleted checkpoint step %d (%s) from %s.", info.step, info.status, store.url)
     for inc in plan.debris:
         names = [o.name for o in inc.objects]
-        store.delete(names)
+        if writer is not None:
+            if not writer.delete(names, reason=f"debris of step {inc.step}", planned_at=planned_at):
+                continue
+        else:
+            store.delete(names)
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
     if plan.delete:
-        write_state_file(store)
+        write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
 
 
 def gc(url: str, keep: int | None, *, keep_every_hours: float | None = None,

@@ -18,10 +18,11 @@ from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .commit import CommitResult, LocalCheckpoint, commit_checkpoint
-from .errors import ConfigError, UploadError
+from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
+from .errors import ConfigError, FencedError, UploadError
 from .remote import RemoteStore
 from .retry import describe_cause
+from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
 
@@ -30,7 +31,14 @@ ON_ERROR_CHOICES = ("raise", "warn")
 
 @dataclass
 class UploadStats:
-    """Counters of an uploader (a snapshot; see ``Uploader.stats``)."""
+    """Counters of an uploader (a snapshot; see ``Uploader.stats``).
+
+    Each save ends as one outcome: ``committed`` (uploaded: a new commit),
+    ``healed`` (already committed; missing or truncated objects re-uploaded),
+    ``already_committed`` (identical; nothing uploaded), ``refused`` (see
+    ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
+    newest step this uploader saw committed (by any of the first three).
+    """
 
     committed: int = 0
     dropped: int = 0
@@ -41,6 +49,13 @@ class UploadStats:
     last_upload_seconds: float | None = None
     retries_by_cause: dict[str, int] = field(default_factory=dict)
     failures_by_cause: dict[str, int] = field(default_factory=dict)
+    healed: int = 0
+    already_committed: int = 0
+    refused: int = 0
+    last_refusal: str | None = None
+    housekeeping_failures: int = 0  # retention / cleanup after a commit that failed
+    last_housekeeping_error: str | None = None
+    fenced_by: str | None = None  # the newer writer, once this one is fenced
 
 
 @dataclass
@@ -86,6 +101,8 @@ class Uploader:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._pool: ThreadPool | None = None
+        self.writer = Writer(store)  # registers at the first commit unless registered before (the hook does)
+        self._fenced: FencedError | None = None
 
     # -- called from the training thread ------------------------------------------------------
     def start(self) -> None:
@@ -164,6 +181,9 @@ class Uploader:
             return None
         with self._cond:
             failures, self._failures = self._failures, []
+        fenced = next((f for f in failures if isinstance(f, FencedError)), None)
+        if fenced is not None:
+            return fenced  # the one that matters: nothing more will be committed
         if len(failures) <= 1:
             return failures[0] if failures else None
         steps = [f.step for f in failures]
@@ -237,8 +257,17 @@ class Uploader:
     def _commit(self, job: UploadJob) -> None:
         step = job.checkpoint.step
         started = time.monotonic()
+        if self._fenced is not None:  # a fenced writer commits nothing more
+            with self._cond:
+                self._stats.dropped += 1
+            log.warning("Not uploading checkpoint step %d: this writer is fenced (%s).", step,
+                        self._fenced.newer_writer)
+            return
         try:
-            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool)
+            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool, writer=self.writer)
+        except FencedError as exc:
+            self._record_fenced(exc, step)
+            return
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
             cause = describe_cause(exc)
             error = UploadError(
@@ -257,14 +286,57 @@ class Uploader:
             return
         seconds = time.monotonic() - started
         with self._cond:
-            if not result.already_committed:
+            if result.outcome == UPLOADED:
                 self._stats.committed += 1
                 self._stats.bytes_uploaded += result.bytes_uploaded
-            self._stats.last_committed_step = step
+            elif result.outcome == HEALED:
+                self._stats.healed += 1
+                self._stats.bytes_uploaded += result.bytes_uploaded
+            elif result.outcome == ALREADY_COMMITTED:
+                self._stats.already_committed += 1
+            else:
+                self._stats.refused += 1
+                self._stats.last_refusal = result.reason
+            if result.outcome != REFUSED:
+                self._stats.last_committed_step = step
             self._stats.last_upload_seconds = seconds
+        if result.outcome == REFUSED:
+            if job.required:  # the run's final checkpoint is not what the store holds for its step: say so
+                with self._cond:
+                    self._failures.append(UploadError(
+                        f"The final checkpoint (step {step}) was not committed to {self.store.url}: "
+                        f"{result.reason}.", url=self.store.url, step=step))
+            return  # logged (WARNING) with its reason by the commit
+        if result.housekeeping_error:
+            with self._cond:
+                self._stats.housekeeping_failures += 1
+                self._stats.last_housekeeping_error = f"step {step}: {result.housekeeping_error}"
         try:
             job.on_committed(result)
+        except FencedError as exc:  # found out while cleaning up: the commit itself counted
+            self._record_fenced(exc, None)
         except Exception as exc:  # noqa: BLE001 - the commit itself succeeded; housekeeping may retry later
+            with self._cond:
+                self._stats.housekeeping_failures += 1
+                self._stats.last_housekeeping_error = f"step {step}: {type(exc).__name__}: {exc}"
             log.warning("Checkpoint step %d is committed, but follow-up housekeeping failed: %s", step, exc)
-        log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.2fs).", step, self.store.url,
-                 len(result.manifest.files), result.manifest.total_size / 1e6, seconds)
+        if result.outcome == UPLOADED:
+            log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.2fs).", step, self.store.url,
+                     len(result.manifest.files), result.manifest.total_size / 1e6, seconds)
+        elif result.outcome == HEALED:
+            log.info("Healed committed checkpoint step %d in %s (%.1f MB re-uploaded, %.2fs).", step, self.store.url,
+                     result.bytes_uploaded / 1e6, seconds)
+        else:
+            log.info("Checkpoint step %d is already committed in %s with identical content; nothing uploaded.",
+                     step, self.store.url)
+
+    def _record_fenced(self, exc: FencedError, step: int | None) -> None:
+        """Stop committing for good and report ``exc`` in the training thread (even with on_error='warn')."""
+        with self._cond:
+            self._fenced = exc
+            self._stats.fenced_by = exc.newer_writer
+            if step is not None:
+                self._stats.failed += 1
+                self._stats.failures_by_cause["Fenced"] = self._stats.failures_by_cause.get("Fenced", 0) + 1
+            self._failures.append(exc)
+        log.error("%s", exc)

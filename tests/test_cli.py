@@ -28,11 +28,11 @@ from cloudckpt import cli
 from cloudckpt.commit import commit_checkpoint, find_local_checkpoint
 from cloudckpt.errors import ConfigError
 from cloudckpt.remote import RemoteStore
-from support.checks import assert_all_committed_intact, manifests, state_file
+from support.checks import assert_all_committed_intact, log_entries, manifests, state_file
 
 STEPS = [0, 10, 20, 30]
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-SUBCOMMANDS = ["ls", "verify", "pull", "push", "gc", "demo"]
+SUBCOMMANDS = ["ls", "verify", "pull", "push", "rollback", "gc", "demo"]
 
 
 def cli_env() -> dict[str, str]:
@@ -146,7 +146,9 @@ def committed(bucket, stock_dir, moto_server):
 
 
 def keys(client, name: str) -> list[str]:
-    return sorted(o["Key"].split("/", 2)[-1] for o in client.list_objects_v2(Bucket=name).get("Contents", []))
+    """Objects of the run directory, without its commit log (``.cloudckpt/log/``)."""
+    found = (o["Key"].split("/", 2)[-1] for o in client.list_objects_v2(Bucket=name).get("Contents", []))
+    return sorted(k for k in found if not k.startswith(".cloudckpt/"))
 
 
 def add_incomplete(client, name: str, step: int, source_step: int = 30) -> None:
@@ -220,6 +222,7 @@ def test_push_stock_tf_directory_then_ls_verify_pull(bucket, stock_dir, moto_ser
     expected = {f"model.ckpt-{s}{x}" for s in STEPS for x in (".index", ".data-00000-of-00001", ".meta",
                                                                 ".manifest.json")}
     assert set(keys(client, name)) == expected | {"graph.pbtxt", "checkpoint"}
+    assert [e["type"] for e in log_entries(url, moto_server.storage_options)] == ["writer"] + ["commit"] * 4
     assert sorted(assert_all_committed_intact(url, moto_server.storage_options)) == STEPS
     assert state_file(url, moto_server.storage_options)["model_checkpoint_path"] == ["model.ckpt-30"]
     graph = client.get_object(Bucket=name, Key="runs/exp1/graph.pbtxt")["Body"].read()

@@ -16,7 +16,10 @@ import pytest
 import tensorflow as tf
 
 import cloudckpt
+from cloudckpt.commit import LocalCheckpoint, commit_checkpoint, register_continuing
+from cloudckpt.commitlog import CommitLog, new_entry
 from cloudckpt.remote import RemoteStore
+from cloudckpt.writers import Writer
 from support.checks import assert_all_committed_intact, state_file
 from support.tf_model import train
 
@@ -132,3 +135,123 @@ def test_gcs_large_checkpoint_multi_chunk_and_tf_readable(gcs_emulator, tmp_path
     fs, root = target.raw()  # a plain copy of the bucket directory is readable by TF as it is
     fs.get(f"{root}/", str(tmp_path / "copy") + "/", recursive=True)
     assert tf.train.latest_checkpoint(str(tmp_path / "copy")) == str(tmp_path / "copy" / "model.ckpt-2")
+
+
+# -- create-only writes: the primitive the multi-writer protocol is built on --------------------------
+
+def test_write_if_absent_is_exclusive(target):
+    store = RemoteStore(target.url, target.options)
+    assert store.write_if_absent("a.json", b"first") is True
+    assert store.write_if_absent("a.json", b"second") is False
+    fs, root = target.raw()
+    assert fs.cat_file(f"{root}/a.json") == b"first"  # never replaced
+    assert store.write_if_absent(".cloudckpt/log/00000000000000000001.json", b"{}") is True  # nested names too
+    assert [o.name for o in store.list_under(".cloudckpt/log")] == ["00000000000000000001.json"]
+    assert "a.json" in {o.name for o in store.list_objects()}
+    assert ".cloudckpt" not in {o.name for o in store.list_objects()}  # the log directory is not an object
+
+
+def test_racing_creates_have_exactly_one_winner(target):
+    """Eight writers (own stores, own connections) race for one name: the store picks exactly one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [RemoteStore(target.url, target.options) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: stores[i].write_if_absent("race.json", f"writer {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    fs, root = target.raw()
+    assert fs.cat_file(f"{root}/race.json") == f"writer {won.index(True)}".encode()
+
+
+def test_put_file_if_absent_large_upload(target, tmp_path):
+    """17 MiB: several S3 parts (create-only at CompleteMultipartUpload) / GCS resumable chunks."""
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(np.random.default_rng(1).bytes(17 << 20))
+    second.write_bytes(np.random.default_rng(2).bytes(17 << 20))
+    store = RemoteStore(target.url, target.options)
+    assert store.put_file_if_absent(str(first), "model.ckpt-1.data-00000-of-00001") is True
+    assert store.put_file_if_absent(str(second), "model.ckpt-1.data-00000-of-00001") is False
+    fs, root = target.raw()
+    assert fs.cat_file(f"{root}/model.ckpt-1.data-00000-of-00001") == first.read_bytes()
+    leftovers = [n for n in fs.ls(root, detail=False) if ".tmp-" in n]
+    assert leftovers == []
+    if target.url.startswith("s3://"):  # the refused multipart upload was aborted, not left behind
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=target.options["endpoint_url"], region_name="us-east-1")
+        assert client.list_multipart_uploads(Bucket=root.split("/", 1)[0]).get("Uploads") in (None, [])
+
+
+# -- exclusive commit and fencing -------------------------------------------------------------------
+
+def small_checkpoint(root, step: int, who: str) -> LocalCheckpoint:
+    directory = root / f"{who}-{step}-{uuid.uuid4().hex[:6]}"
+    directory.mkdir()
+    files = {}
+    for suffix, payload in ((".index", f"{who} {step}".encode()), (".data-00000-of-00001", f"{who};".encode() * 400)):
+        (directory / f"model.ckpt-{step}{suffix}").write_bytes(payload)
+        files[f"model.ckpt-{step}{suffix}"] = str(directory / f"model.ckpt-{step}{suffix}")
+    return LocalCheckpoint(step, f"model.ckpt-{step}", files)
+
+
+def test_log_appends_are_exclusive(target):
+    """Eight parties race for the same log index: exactly one entry lands, the others see it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    logs = [CommitLog(RemoteStore(target.url, target.options)) for _ in range(8)]
+    docs = [new_entry("delete", names=[], reason=f"party {i}") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: logs[i].try_append(1, docs[i]) is not None, range(8)))
+    assert won.count(True) == 1
+    assert [e.doc["reason"] for e in CommitLog(RemoteStore(target.url, target.options)).refresh()] == \
+        [f"party {won.index(True)}"]
+
+
+def test_newer_writer_fences_older_one(target, tmp_path):
+    store_a, store_b = RemoteStore(target.url, target.options), RemoteStore(target.url, target.options)
+    older = Writer(store_a)
+    assert commit_checkpoint(store_a, small_checkpoint(tmp_path, 1, "a"), writer=older).outcome == "uploaded"
+    newer = Writer(store_b)
+    register_continuing(newer)
+    with pytest.raises(cloudckpt.FencedError) as info:
+        commit_checkpoint(store_a, small_checkpoint(tmp_path, 2, "a"), writer=older)
+    assert target.url in str(info.value) and newer.writer_id in str(info.value) and info.value.step == 2
+    assert commit_checkpoint(store_b, small_checkpoint(tmp_path, 2, "b"), writer=newer).outcome == "uploaded"
+    lineage = cloudckpt.list_checkpoints(target.url, target.options)
+    assert [(c.step, c.writer_id) for c in lineage] == [(1, older.writer_id), (2, newer.writer_id)]
+    assert all(cloudckpt.verify(target.url, c.step, storage_options=target.options).ok for c in lineage)
+
+
+def test_concurrent_commits_of_one_step_leave_one_intact_checkpoint(target, tmp_path):
+    """A writer commits step 5 while a newer writer registers and commits step 5 with other tensors:
+    whichever way the race goes, exactly one step 5 is committed, intact, and it is the newest writer's
+    lineage (the older one's, if it landed before the newer writer registered and so was resumed from)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = set()
+    for round_ in range(4):
+        url = f"{target.url}/r{round_}"
+        older = Writer(RemoteStore(url, target.options))
+        register_continuing(older)
+        newer = Writer(RemoteStore(url, target.options))
+        ckpts = {"a": small_checkpoint(tmp_path, 5, "a"), "b": small_checkpoint(tmp_path, 5, "b")}
+
+        def commit(who: str) -> str:
+            writer = older if who == "a" else newer
+            try:
+                if who == "b":
+                    register_continuing(newer)
+                return commit_checkpoint(writer.store, ckpts[who], writer=writer).outcome
+            except cloudckpt.FencedError:
+                return "fenced"
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = dict(zip("ab", pool.map(commit, "ab")))
+        assert outcomes in ({"a": "fenced", "b": "uploaded"}, {"a": "uploaded", "b": "refused"}), outcomes
+        [latest] = cloudckpt.list_checkpoints(url, target.options)
+        assert latest.writer_id == (newer if outcomes["b"] == "uploaded" else older).writer_id
+        assert cloudckpt.verify(url, storage_options=target.options, use_store_checksums=False).ok
+        assert set(assert_all_committed_intact(url, target.options)) == {5}
+        with pytest.raises(cloudckpt.FencedError):  # either way the older writer commits nothing more
+            commit_checkpoint(older.store, small_checkpoint(tmp_path, 6, "a"), writer=older)
+        seen.add(outcomes["a"])

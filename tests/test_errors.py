@@ -121,11 +121,11 @@ def test_malformed_manifest_json(committed_dir, tmp_path):
 def test_manifest_from_newer_version(committed_dir):
     url, fs, root = committed_dir
     doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
-    doc["version"] = 2
+    doc["version"] = 3  # version 2 (commit log fields) is the newest this cloudckpt reads
     fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", json.dumps(doc).encode())
     with pytest.raises(cloudckpt.ManifestError) as info:
         cloudckpt.latest_checkpoint(url)
-    assert "format version 2" in str(info.value) and "Upgrade cloudckpt" in str(info.value)
+    assert "format version 3" in str(info.value) and "Upgrade cloudckpt" in str(info.value)
 
 
 def test_manifest_naming_a_missing_file(committed_dir, tmp_path):
@@ -179,5 +179,8 @@ def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
     url, fs, root = committed_dir
     doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
     fs.pipe_file(f"{root}/model.ckpt-7.manifest.json", json.dumps(doc).encode())  # a copy under another name
+    assert [c.step for c in cloudckpt.list_checkpoints(url)] == [0, 5]  # no commit entry names it: debris
+    zero = fs.cat_file(f"{root}/model.ckpt-0.manifest.json")
+    fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", zero)  # the committed name now describes step 0
     with pytest.raises(cloudckpt.ManifestError, match="not the checkpoint its name says"):
         cloudckpt.list_checkpoints(url)

@@ -645,7 +645,8 @@ def cloudckpt_operations(fs, checkpoint_dir: str, workdir: Path) -> dict[str, An
     download_verified(store, latest, str(workdir / "restore"))
     restored = {f.name: (workdir / "restore" / f.name).read_bytes() for f in latest.files}
     delete_checkpoint(store, scan.committed[0])  # retention: manifest first, then its files
-    remaining = sorted(p.rsplit("/", 1)[1] for p in fs.find(store.root))
+    remaining = sorted(p.rsplit("/", 1)[1] for p in fs.find(store.root) if "/.cloudckpt/" not in p)
+    assert any("/.cloudckpt/log/" in p for p in fs.find(store.root))  # the commit log lives under the prefix
     return {
         "fresh": fresh,
         "committed": committed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import google_crc32c
@@ -16,14 +17,63 @@ def remote_fs(url: str, options: dict | None):
     return fs, root.rstrip("/")
 
 
-def manifests(url: str, options: dict | None = None) -> dict[int, dict]:
-    """step -> parsed manifest JSON for every manifest in the directory."""
+_ENTRIES: dict[tuple[str, str], dict] = {}  # (url, path) -> entry: log entries are immutable
+
+
+def log_entries(url: str, options: dict | None = None) -> list[dict]:
+    """The commit log's entries (``.cloudckpt/log/<partition>/<index>.json``), in order; [] without a log."""
     fs, root = remote_fs(url, options)
+    try:
+        paths = sorted((p for p in fs.find(f"{root}/.cloudckpt/log") if re.search(r"/\d{20}\.json$", p)),
+                       key=lambda p: p.rsplit("/", 1)[-1])
+    except FileNotFoundError:
+        return []
+    missing = [p for p in paths if (url, p) not in _ENTRIES]
+    with ThreadPoolExecutor(8) as pool:
+        for path, doc in zip(missing, pool.map(lambda p: json.loads(fs.cat_file(p)), missing)):
+            _ENTRIES[(url, path)] = doc
+    return [_ENTRIES[(url, p)] for p in paths]
+
+
+def committed_manifest_names(url: str, options: dict | None = None) -> dict[str, str | None] | None:
+    """With a commit log: manifest name -> commit id (None for adopted version 1 ones) of every commit that is
+    not retired, counting only commits of the newest writer at their position; None without a log."""
+    entries = log_entries(url, options)
+    if not entries:
+        return None
+    epoch, live = None, {}
+    for index, doc in enumerate(entries, start=1):
+        if doc["type"] == "writer":
+            if epoch is None:
+                for prefix, _ in doc.get("legacy") or ():
+                    live[f"legacy:{prefix}"] = f"{prefix}.manifest.json"
+            epoch = index
+        elif doc["type"] == "commit" and doc["epoch"] == epoch:
+            live[doc["commit_id"]] = doc["manifest"]
+        elif doc["type"] == "delete":
+            for cid in doc.get("retire") or ():
+                live.pop(cid, None)
+    return {name: (None if cid.startswith("legacy:") else cid) for cid, name in live.items()}
+
+
+def manifests(url: str, options: dict | None = None) -> dict[int, dict]:
+    """step -> parsed manifest JSON for every committed manifest in the directory (with a commit log:
+    named by a live commit entry with the same commit id; without: every manifest)."""
+    fs, root = remote_fs(url, options)
+    committed = committed_manifest_names(url, options)
     out = {}
     for path in fs.ls(root, detail=False):
         m = re.match(r".*-(\d+)\.manifest\.json$", path)
-        if m:
-            out[int(m.group(1))] = json.loads(fs.cat_file(path))
+        if not m:
+            continue
+        try:
+            doc = json.loads(fs.cat_file(path))
+        except FileNotFoundError:  # retired and deleted since the listing (a live directory)
+            continue
+        name = path.rsplit("/", 1)[-1]
+        if committed is not None and (name not in committed or doc.get("commit_id") != committed[name]):
+            continue  # debris: an upload (or a fenced writer's manifest) that never committed
+        out[int(m.group(1))] = doc
     return out
 
 
@@ -32,13 +82,22 @@ def assert_all_committed_intact(url: str, options: dict | None = None) -> dict[i
     fs, root = remote_fs(url, options)
     found = manifests(url, options)
     for step, doc in found.items():
-        assert doc["format"] == "cloudckpt.manifest" and doc["version"] == 1
+        assert doc["format"] == "cloudckpt.manifest" and doc["version"] in (1, 2)
         assert doc["step"] == step and doc["prefix"].endswith(f"-{step}")
         assert re.match(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}", doc["created_at"])
         names = {f["name"] for f in doc["files"]}
         assert any(n.endswith(".index") for n in names) and any(".data-" in n for n in names), names
         for entry in doc["files"]:
-            data = fs.cat_file(posixpath.join(root, entry["name"]))
+            try:
+                data = fs.cat_file(posixpath.join(root, entry["name"]))
+            except FileNotFoundError:
+                data = None
+            if data is None or len(data) != entry["size"]:
+                # on a live directory a writer's retention may have retired it since: then it is not committed
+                still = committed_manifest_names(url, options)
+                if still is not None and f"{doc['prefix']}.manifest.json" not in still:
+                    break
+            assert data is not None, (step, entry, "missing")
             assert len(data) == entry["size"], (step, entry)
             assert f"{google_crc32c.value(data):08x}" == entry["crc32c"], (step, entry)
     return found

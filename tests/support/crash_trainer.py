@@ -2,12 +2,15 @@
 
 Usage: python crash_trainer.py URL ENDPOINT|- LOCAL_DIR [--save-steps N] [--last-step N]
                                [--preemption none|SOURCE[,SOURCE...]] [--deadline SECONDS]
-                               [--raise-at N]
+                               [--raise-at N] [--learning-rate LR] [--step-sleep SECONDS] [--start-when PATH]
 SOURCE is sigterm, gce or aws (metadata URLs from CLOUDCKPT_*_METADATA_URL, polled every 0.1 s).
-Prints ``FIRST_STEP <n>`` once the session is created (after any restore) and
+Prints ``WRITER <id>`` and ``FIRST_STEP <n>`` once the session is created (after any restore) and
 ``STEP <n>`` now and then, so the parent knows training (and uploading) is under way.
 With ``--raise-at N`` a hook raises RuntimeError at step N; the trainer catches it, prints
-``RAISED <threads>`` (cloudckpt-started threads still alive) and waits for a signal.
+``RAISED <threads>`` (cloudckpt-started threads still alive) and waits for a signal. A writer
+fenced by a newer one prints ``FENCED <message>`` and exits with code 3. With ``--start-when``, the
+process imports TensorFlow and builds the graph, then waits for PATH to exist before the session starts
+(so a test can start a writer at a chosen moment without paying the import then).
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ from trainer_process import foreign_thread  # noqa: E402
 
 
 class Report(tf.compat.v1.train.SessionRunHook):
+    def __init__(self, checkpoint_hook, step_sleep=0.0):
+        self._hook = checkpoint_hook
+        self._sleep = step_sleep
+
     def begin(self):
         self._step = tf.compat.v1.train.get_global_step()
 
     def after_create_session(self, session, coord):
+        print(f"WRITER {self._hook.writer_id}", flush=True)
         print(f"FIRST_STEP {int(session.run(self._step))}", flush=True)
 
     def before_run(self, run_context):
@@ -42,6 +50,8 @@ class Report(tf.compat.v1.train.SessionRunHook):
 
     def after_run(self, run_context, run_values):
         print(f"STEP {int(run_values.results) + 1}", flush=True)
+        if self._sleep:
+            time.sleep(self._sleep)
 
 
 def main() -> int:
@@ -57,6 +67,9 @@ def main() -> int:
                         help="install the script's own SIGTERM handler, which exits with this code")
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--size", type=int, default=1 << 18, help="floats in the model's variable")
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each step")
+    parser.add_argument("--start-when", default=None, help="wait for this file before the session starts")
     args = parser.parse_args()
     url, endpoint, local_dir, save_steps, last_step = (args.url, args.endpoint, args.local_dir, args.save_steps,
                                                        args.last_step)
@@ -77,11 +90,13 @@ def main() -> int:
         global_step = tf.compat.v1.train.get_or_create_global_step()
         w = tf.compat.v1.get_variable("w", shape=[args.size], initializer=tf.compat.v1.zeros_initializer())
         target = tf.constant(np.linspace(0, 1, args.size, dtype=np.float32))
-        train_op = tf.compat.v1.train.GradientDescentOptimizer(0.1).minimize(
+        train_op = tf.compat.v1.train.GradientDescentOptimizer(args.learning_rate).minimize(
             tf.reduce_sum(tf.square(w - target)), global_step=global_step)
         hook = cloudckpt.CheckpointSaverHook(url, save_steps=save_steps, local_dir=local_dir,
                                              storage_options=options, max_pending=2, **extra)
-        hooks = [hook, Report(), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]
+        while args.start_when and not os.path.exists(args.start_when):
+            time.sleep(0.02)
+        hooks = [hook, Report(hook, args.step_sleep), tf.compat.v1.train.StopAtStepHook(last_step=last_step)]
         if args.raise_at is not None:
             hooks.append(RaiseAt(args.raise_at))
         try:
@@ -90,6 +105,9 @@ def main() -> int:
                     log_step_count_steps=None, hooks=hooks) as sess:
                 while not sess.should_stop():
                     sess.run(train_op)
+        except cloudckpt.FencedError as exc:
+            print(f"FENCED {' '.join(str(exc).split())}", flush=True)
+            return 3
         except RuntimeError as exc:
             if args.raise_at is None:
                 raise

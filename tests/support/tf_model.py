@@ -45,6 +45,7 @@ def train(
     extra_hooks: Sequence[tf.compat.v1.train.SessionRunHook] = (),
     max_to_keep: int | None = None,
     step_callback: Callable[[int], None] | None = None,
+    learning_rate: float = 0.01,
 ) -> TrainResult:
     """Train ``w`` (``size`` floats) with SGD until global step ``last_step``.
 
@@ -57,7 +58,7 @@ def train(
         w = tf.compat.v1.get_variable("w", shape=[size], initializer=tf.compat.v1.zeros_initializer())
         target = tf.constant(np.arange(1, size + 1, dtype=np.float32))
         loss = tf.reduce_sum(tf.square(w - target))
-        train_op = tf.compat.v1.train.GradientDescentOptimizer(0.01).minimize(loss, global_step=global_step)
+        train_op = tf.compat.v1.train.GradientDescentOptimizer(learning_rate).minimize(loss, global_step=global_step)
         scaffold = None
         if max_to_keep is not None:
             scaffold = tf.compat.v1.train.Scaffold(saver=tf.compat.v1.train.Saver(max_to_keep=max_to_keep))

@@ -33,6 +33,8 @@ class TrainerProcess:
         self.step = -1
         self.done: str | None = None
         self.output: list[str] = []
+        self.writer_id: str | None = None
+        self.fenced: str | None = None
         self._lines: queue.Queue[str] = queue.Queue()
         self._stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -40,7 +42,11 @@ class TrainerProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:  # type: ignore[union-attr]
-            if m := re.match(r"FIRST_STEP (\d+)", line):
+            if m := re.match(r"WRITER (\w+)", line):
+                self.writer_id = m.group(1)
+            elif line.startswith("FENCED "):
+                self.fenced = line[len("FENCED "):].strip()
+            elif m := re.match(r"FIRST_STEP (\d+)", line):
                 self.first_step = int(m.group(1))
             elif m := re.match(r"STEP (\d+)", line):
                 self.step = int(m.group(1))

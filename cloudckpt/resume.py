@@ -1,0 +1,233 @@
+"""Where a writer resumes, and making the local directory hold it: what a hook does in ``begin()``.
+
+The resume point is the head of the directory's lineage (``lineage.py``),
+except when the local directory says otherwise on purpose:
+
+* **TF-way rollback.** The local ``checkpoint`` state file points at an older
+  step while the local directory still holds newer checkpoints of the current
+  lineage (the user pointed it back): that checkpoint is the resume point;
+  committed checkpoints after it become superseded once this writer commits.
+  (A local directory that is only behind, because another VM went on, holds
+  none of those: it catches up with the head.)
+* **Ahead of the store.** A local checkpoint newer than anything committed
+  (its upload never finished) is resumed from, continuing the head.
+
+Local copies are checked, not trusted: a local checkpoint that has a
+committed manifest is compared with it (sizes and crc32c of the ``.index``
+and ``.data-*`` files, what a restore reads); on a mismatch the committed
+copy is downloaded (or the next older one of the lineage that verifies),
+logged at WARNING. The writer then registers with the commit it resumed
+from, which fences every older writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Sequence
+
+from .catalog import CheckpointInfo, DirectoryScan, scan_directory
+from .commit import STATE_FILE, local_checkpoint_prefixes
+from .errors import IntegrityError
+from .manifest import crc32c_of_file, parse_manifest_name
+from .remote import RemoteStore
+from .restore import download_verified
+from .writers import Writer
+
+log = logging.getLogger("cloudckpt")
+
+_STATE_PATH = re.compile(r'^model_checkpoint_path:\s*"(?P<path>(?:[^"\\]|\\.)*)"\s*$', re.M)
+
+
+def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool) -> CheckpointInfo | None:
+    """Bring ``local_dir`` to the resume point (downloading only if ``download``) and register ``writer``.
+
+    Returns:
+        The committed checkpoint downloaded, or None if the local directory was used as it is.
+
+    Raises:
+        IntegrityError: checkpoints are committed but none that should be resumed from verifies,
+            and there is no local checkpoint to fall back on.
+        FencedError / RemoteError: the store could not be read or written.
+    """
+    outcome: dict[str, object] = {}
+
+    def decide(_state: object) -> str | None:
+        scan = scan_directory(store)
+        outcome["scan"] = scan
+        restored, resumed = resume_point(store, scan, local_dir, download=download)
+        outcome["restored"] = restored
+        return resumed
+
+    def legacy() -> list[tuple[str, int]]:
+        scan = outcome["scan"]
+        assert isinstance(scan, DirectoryScan)
+        return [(c.name, c.step) for c in scan.committed] if scan.log is None else []
+
+    writer.register(decide, legacy=legacy)
+    restored = outcome.get("restored")
+    return restored if isinstance(restored, CheckpointInfo) else None
+
+
+def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
+                 download: bool) -> tuple[CheckpointInfo | None, str | None]:
+    """(checkpoint downloaded or None, commit id resumed from or None): see the module docstring."""
+    lineage = scan.committed
+    known = {c.name: c for c in [*scan.superseded, *lineage]}  # the current lineage wins a shared prefix
+    local = local_checkpoint_prefixes(local_dir)
+    pointed = state_file_prefix(local_dir)
+    chosen = pointed if pointed in local else None  # what TF restores: the state file's checkpoint
+    head = lineage[-1] if lineage else None
+    # A rollback the TF way: the state file points before the head while this disk still holds newer
+    # checkpoints of the current lineage (ones this run committed). A disk that is merely behind (another
+    # VM went on) holds none: it catches up with the head instead.
+    newer_current = [p for p in local if chosen is not None and _step(p) > _step(chosen)
+                     and (c := known.get(p)) is not None and c.status == "committed"]
+    rolled_back = bool(newer_current) and head is not None and _step(chosen) < head.step  # type: ignore[arg-type]
+    newest = newer_current[-1] if newer_current else None
+
+    if chosen is None:
+        if not download:
+            if lineage:
+                log.warning("Starting without a checkpoint on %s although step %d is committed (restore=False): this "
+                            "run starts a new lineage; the committed checkpoints become superseded.",
+                            store.url, head.step)  # type: ignore[union-attr]
+            return None, None
+        restored = _download_first(store, scan, list(reversed(lineage)), local_dir, local_step=None)
+        return restored, restored.commit_id if restored else None
+
+    step = _step(chosen)
+    match = known.get(chosen)
+    earlier = [c for c in lineage if c.step < step]
+    if rolled_back:
+        log.warning("Rolling back: the local state file of %s points at step %d while newer local checkpoints exist "
+                    "(up to step %d); resuming from step %d. Committed checkpoints of %s after it become superseded "
+                    "once this run commits.", local_dir, step, _step(newest), step, store.url)  # type: ignore[arg-type]
+        if match is None:
+            return None, earlier[-1].commit_id if earlier else None
+        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download)
+    if match is not None and match.status == "committed":
+        if download and head is not None and head.step > step:
+            newer = [c for c in reversed(lineage) if c.step > step]
+            restored = _download_first(store, scan, newer, local_dir, local_step=step)
+            if restored is not None:
+                return restored, restored.commit_id
+        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download)
+    if match is not None:  # committed in an abandoned lineage
+        if not download:
+            return None, match.commit_id
+        log.warning("Local checkpoint step %d in %s belongs to a superseded lineage of %s; restoring the latest "
+                    "committed checkpoint instead.", step, local_dir, store.url)
+        restored = _download_first(store, scan, list(reversed(lineage)), local_dir, local_step=None)
+        return restored, restored.commit_id if restored else None
+    # Not committed: ahead of the store (its upload never finished), or behind it.
+    if head is None or step > head.step:
+        log.info("Local checkpoint step %d in %s is newer than anything committed to %s; resuming from it.",
+                 step, local_dir, store.url)
+        return None, head.commit_id if head else None
+    if download:
+        newer = [c for c in reversed(lineage) if c.step > step]
+        restored = _download_first(store, scan, newer, local_dir, local_step=step)
+        if restored is not None:
+            return restored, restored.commit_id
+    return None, earlier[-1].commit_id if earlier else None
+
+
+def state_file_prefix(local_dir: str) -> str | None:
+    """The checkpoint the local TF ``checkpoint`` state file points at (basename), if any."""
+    try:
+        with open(os.path.join(local_dir, STATE_FILE), encoding="utf-8") as f:
+            found = _STATE_PATH.search(f.read())
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return os.path.basename(found.group("path")) if found else None
+
+
+def local_copy_problems(local_dir: str, info: CheckpointInfo) -> list[str]:
+    """What differs between the local copy of ``info`` and its manifest (``.index`` and ``.data-*`` files)."""
+    problems = []
+    for entry in info.files:
+        if entry.name.endswith(".meta"):
+            continue  # TF rewrites the graph when it re-saves after a restore; restores do not read it
+        path = os.path.join(local_dir, entry.name)
+        if not os.path.isfile(path):
+            problems.append(f"{entry.name}: missing")
+            continue
+        size = os.path.getsize(path)
+        if size != entry.size:
+            problems.append(f"{entry.name}: {size} bytes, the manifest says {entry.size}")
+            continue
+        _, crc = crc32c_of_file(path)
+        if crc != entry.crc32c:
+            problems.append(f"{entry.name}: crc32c {crc}, the manifest says {entry.crc32c}")
+    return problems
+
+
+def _checked(store: RemoteStore, scan: DirectoryScan, match: CheckpointInfo, older: Sequence[CheckpointInfo],
+             local_dir: str, *, download: bool) -> tuple[CheckpointInfo | None, str | None]:
+    """Resume from the local copy of committed ``match`` if it matches its manifest; else download it
+    (or the newest of ``older`` that verifies)."""
+    if store.is_local and os.path.abspath(store.root) == os.path.abspath(local_dir):
+        return None, match.commit_id  # in place: the local files are the committed objects
+    problems = local_copy_problems(local_dir, match)
+    if not problems:
+        log.info("Local checkpoint step %d in %s is up to date with %s (it matches its committed manifest).",
+                 match.step, local_dir, store.url)
+        return None, match.commit_id
+    if not download:
+        log.warning("Local checkpoint step %d in %s does not match its committed manifest in %s (%s); restore=False, "
+                    "so it is used as it is.", match.step, local_dir, store.url, "; ".join(problems))
+        return None, match.commit_id
+    log.warning("Local checkpoint step %d in %s does not match its committed manifest (%s); downloading the "
+                "committed copy from %s.", match.step, local_dir, "; ".join(problems), store.url)
+    restored = _download_first(store, scan, [match, *older], local_dir, local_step=None)
+    return restored, restored.commit_id if restored else None
+
+
+def _download_first(store: RemoteStore, scan: DirectoryScan, candidates: Sequence[CheckpointInfo], local_dir: str,
+                    *, local_step: int | None) -> CheckpointInfo | None:
+    """Download the first of ``candidates`` (newest first) that verifies.
+
+    A candidate that fails verification (or whose manifest cannot be read) is
+    logged at ERROR and the next is tried. None if nothing was downloaded and
+    ``local_step`` (a usable local checkpoint) exists.
+
+    Raises:
+        IntegrityError: candidates exist, none verifies, and there is no local checkpoint.
+    """
+    steps = {c.step for c in candidates}
+    lowest = min(steps, default=-1)
+    unreadable = [(s, e) for name, e in scan.unreadable.items() if (s := (parse_manifest_name(name) or ("", -1))[1])
+                  > max(lowest, local_step if local_step is not None else -1) and s not in steps]
+    queue: list[tuple[int, CheckpointInfo | Exception]] = sorted(
+        [*((c.step, c) for c in candidates), *unreadable], key=lambda item: item[0], reverse=True)
+    failed: list[str] = []
+    for step, item in queue:
+        try:
+            if isinstance(item, Exception):
+                raise item
+            download_verified(store, item, local_dir)
+        except IntegrityError as exc:
+            failed.append(f"step {step}: {exc}")
+            log.error("Committed checkpoint step %d failed verification: %s Falling back to the next older "
+                      "committed checkpoint.", step, exc)
+            continue
+        if failed:
+            log.warning("Restored step %d from %s instead of newer step(s) that failed verification: %s",
+                        step, store.url, "; ".join(failed))
+        return item
+    if not queue:
+        return None
+    if local_step is not None:
+        log.warning("No committed checkpoint newer than local step %d verifies; continuing from the local one.",
+                    local_step)
+        return None
+    raise IntegrityError(
+        f"None of the {len(failed)} committed checkpoint(s) in {store.url} verifies, so training will not silently "
+        f"restart from step 0. Inspect with `cloudckpt verify {store.url} --all`; to start over on purpose, use a "
+        f"new checkpoint_dir or pass restore=False. Failures: " + " | ".join(failed))
+
+
+def _step(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1])
