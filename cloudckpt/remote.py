@@ -32,7 +32,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .errors import ConfigError, RemoteError
 from .moto_mock import bypassed_mock_error, mock_transport
 from .retry import RetryPolicy, describe_cause, is_transient
-from .urls import (CheckpointUrl, install_backstop, is_local_path, option_secrets, parse_url, redact,
+from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
 __all__ = ["RemoteStore", "RemoteObject", "is_local_path", "redact", "remote_error"]
@@ -120,6 +120,8 @@ class RemoteStore:
                 "a pre-signed or SAS URL grants access to single objects, not to a directory to list and write, "
                 "and an object key cannot hold '?' in a URL. Pass credentials in storage_options (s3: key/secret/"
                 "token, gs: token, az: sas_token or credential) or through the environment.")
+        if location.is_local:
+            _refuse_mistyped_url(location.raw)
         cause: BaseException | None = None
         try:
             # Under moto's in-process mock, s3:// goes through botocore, which the mock intercepts.
@@ -534,6 +536,20 @@ S3_PART_SIZE = 8 << 20
 S3_PARTS_PER_FILE = 2
 _GCS_PROTOCOLS = ("gs", "gcs")
 GCS_CHUNK_SIZE = 16 << 20
+
+
+_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hdfs", "sftp"})
+
+
+def _refuse_mistyped_url(path: str) -> None:
+    """``s3:/bucket/run`` or ``gs:bucket/run`` is a URL with a slash missing, not a local directory to fill."""
+    scheme, colon, rest = path.partition(":")
+    if colon and scheme.lower() in _STORE_SCHEMES and not rest.startswith("//"):
+        fixed = display_url(f"{scheme}://{rest.lstrip('/')}")  # credentials masked
+        raise ConfigError(
+            f"Checkpoint directory {fixed!r} is written with a slash missing ({scheme!r} followed by ':' or ':/' "
+            f"instead of '://'), which would make it a local directory. Write it with '://', or start a local "
+            "path with './'.")
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

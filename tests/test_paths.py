@@ -46,6 +46,17 @@ def test_is_local_path(path, local):
     assert is_local_path(path) is local
 
 
+@pytest.mark.parametrize("path", ["s3:/bucket/run", "gs:bucket/run", "S3:/b/r", "memory:/x",
+                                  "s3:/key:secretsecret@bucket/run"])
+def test_url_with_a_slash_missing_is_refused_not_made_a_local_directory(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cloudckpt.ConfigError, match="slash missing") as info:
+        cloudckpt.CheckpointSaverHook(path, save_steps=1)
+    assert "secretsecret" not in str(info.value)
+    assert os.listdir(tmp_path) == []  # nothing created
+    assert RemoteStore(f"./{path}").is_local  # written as a local path on purpose: fine
+
+
 def test_local_paths_are_never_urls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for path in ("runs/sweep::lr=0.1", "data:2026-01-01", "x::memory://y", "a#b c/näme"):
