@@ -37,10 +37,7 @@ class EmbeddedS3:
         except ImportError as exc:
             raise ConfigError(
                 "The embedded S3 server needs moto: pip install 'cloudckpt[demo]' (or 'moto[server]').") from exc
-        # moto creates buckets in the region botocore reports; it must be a plain region.
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-        for key, value in _FAKE_CREDENTIALS.items():
-            os.environ.setdefault(key, value)
+        self._environ_set: list[str] = []
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
@@ -53,13 +50,24 @@ class EmbeddedS3:
                 "secret": _FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
 
     def start(self) -> "EmbeddedS3":
-        """Start serving (returns self)."""
+        """Start serving (returns self).
+
+        While it serves, ``AWS_DEFAULT_REGION`` (moto creates buckets in the region botocore reports; it
+        must be a plain region) and fake credentials are set in ``os.environ`` where unset, so clients
+        that only read the environment reach it too; ``stop`` removes what it set.
+        """
+        defaults = {"AWS_DEFAULT_REGION": "us-east-1", **_FAKE_CREDENTIALS}
+        self._environ_set = [key for key in defaults if key not in os.environ]
+        os.environ.update({key: defaults[key] for key in self._environ_set})
         self._server.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving."""
+        """Stop serving and remove the environment variables ``start`` set."""
         self._server.stop()
+        for key in self._environ_set:
+            os.environ.pop(key, None)
+        self._environ_set = []
 
     def client(self) -> Any:
         """A boto3 S3 client for this server."""

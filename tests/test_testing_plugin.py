@@ -235,3 +235,16 @@ def test_gcs_delete_bucket_removes_objects(cloudckpt_gcs_server):
     fs.invalidate_cache()
     assert not fs.exists(name)
     cloudckpt_gcs_server.delete_bucket(name)  # already gone: no error
+
+
+def test_embedded_server_removes_the_environment_it_set(monkeypatch):
+    from cloudckpt.embedded import EmbeddedS3
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # the user's own: kept as it is
+    with EmbeddedS3() as server:
+        assert os.environ["AWS_ACCESS_KEY_ID"] == server.storage_options["key"]
+        assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_SECRET_ACCESS_KEY" not in os.environ
+    assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
