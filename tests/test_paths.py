@@ -148,7 +148,10 @@ def test_state_file_is_what_tf_writes_and_reads(basename, tmp_path):
 def copy_remote_directory(url: str, options: dict | None, destination) -> None:
     fs, root = remote_fs(url, options)
     os.makedirs(destination)
-    for path in fs.ls(root, detail=False):
+    for entry in fs.ls(root, detail=True):
+        if entry["type"] == "directory":  # cloudckpt's commit log (.cloudckpt/): not part of the checkpoints
+            continue
+        path = entry["name"]
         with open(os.path.join(destination, posixpath.basename(path)), "wb") as f:
             f.write(fs.cat_file(path))
 
