@@ -20,6 +20,7 @@ from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .push import PushReport, PushResult, push_checkpoints
 from .restore import (CheckpointNotFoundError, FileCheck, PullResult, VerifyReport, VerifyResult, download_checkpoint,
                       pull_checkpoint, verify, verify_checkpoints)
+from .retention import GcResult, RetentionPlan, gc
 from .retry import RetryPolicy
 from .rollback import RollbackResult, rollback
 from .uploader import UploadStats
@@ -50,6 +51,9 @@ __all__ = [
     "VerifyResult",
     "rollback",
     "RollbackResult",
+    "gc",
+    "GcResult",
+    "RetentionPlan",
     "VerifyReport",
     "FileCheck",
     "CheckpointNotFoundError",

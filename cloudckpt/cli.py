@@ -396,15 +396,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     the files of uploads that never committed (older than --grace-hours). The newest committed
     checkpoint is always kept. Manifests go first, so a reader never sees a committed checkpoint with
     missing files."""
-    from .retention import RetentionPolicy, apply_retention, plan_retention
+    from .retention import gc
 
-    policy = RetentionPolicy(max_to_keep=args.keep, keep_checkpoint_every_n_hours=args.keep_every_hours,
-                             debris_grace_seconds=args.grace_hours * 3600.0)
-    store = _open_store(args, args.url)
-    scan = _scan(store)
-    for name, error in scan.unreadable.items():
-        _err(f"warning: leaving step {_manifest_step(name)} alone: {_one_line(error)}")
-    plan = plan_retention(scan, policy)
+    result = gc(args.url, args.keep, keep_every_hours=args.keep_every_hours, grace_seconds=args.grace_hours * 3600.0,
+                dry_run=args.dry_run, storage_options=build_storage_options(args.storage_option), retry=_retry(args))
+    for step, error in result.left_alone:
+        _err(f"warning: leaving step {step} alone: {_one_line(error)}")
+    plan = result.plan
     verb = "would delete" if args.dry_run else "delete"
     for c in plan.delete:
         what = "superseded, " if c.status == "superseded" else ""
@@ -412,14 +410,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
               f"{len(d.objects)} objects, {_human_size(d.size)})")
-    if not args.dry_run and (plan.delete or plan.debris):
-        apply_retention(store, plan)
     kept = ", ".join(str(c.step) for c in plan.keep) or "none"
     if args.dry_run:
-        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {store.url}; nothing was deleted. "
+        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {result.url}; nothing was deleted. "
               f"Keeping step(s): {kept}.")
     else:
-        print(f"Freed {_human_size(plan.bytes_freed)} in {store.url}. Kept step(s): {kept}.")
+        print(f"Freed {_human_size(plan.bytes_freed)} in {result.url}. Kept step(s): {kept}.")
     return EXIT_OK
 
 
