@@ -326,8 +326,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .restore import pull_checkpoint
 
     with _ByteProgress("pull") as bars:
-        result = pull_checkpoint(args.url, args.dir, args.step, storage_options=build_storage_options(args.storage_option),
-                                 retry=_retry(args), progress=bars.update)
+        result = pull_checkpoint(args.url, args.dir, args.step,
+                                 storage_options=build_storage_options(args.storage_option), retry=_retry(args),
+                                 progress=bars.update)
     info = result.checkpoint
     if result.passed_over:
         _err(f"warning: newer step(s) {list(result.passed_over)} have unreadable manifests (see cloudckpt ls); "

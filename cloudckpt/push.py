@@ -23,6 +23,9 @@ from .remote import open_directory
 from .retry import RetryPolicy
 from .writers import Writer
 
+__all__ = ["push_checkpoints", "PushResult", "PushReport", "UPLOADED", "ALREADY_COMMITTED", "HEALED", "REFUSED",
+           "VANISHED"]
+
 VANISHED = "vanished"
 _FILES_IN_FLIGHT = 8
 
