@@ -1,8 +1,10 @@
 """cloudckpt: TensorFlow checkpoints committed to S3, GCS or any fsspec URL, without stalling training.
 
 The TensorFlow-facing names (``CheckpointSaverHook``, ``UploadListener``) are
-imported lazily so that the CLI and the catalog functions do not pay for
-importing TensorFlow.
+imported lazily: the CLI and the catalog functions neither pay for importing
+TensorFlow nor need it installed. Without TensorFlow, those names raise a
+``ModuleNotFoundError`` (an ``ImportError``) naming
+``pip install 'cloudckpt[tensorflow]'`` (``_frameworks.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
 from .errors import CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
-from .restore import CheckpointNotFoundError, FileCheck, VerifyReport, download_checkpoint, verify
+from .push import PushReport, PushResult, push_checkpoints
+from .restore import (CheckpointNotFoundError, FileCheck, PullResult, VerifyReport, VerifyResult, download_checkpoint,
+                      pull_checkpoint, verify, verify_checkpoints)
+from .retention import GcResult, RetentionPlan, gc
 from .retry import RetryPolicy
 from .rollback import RollbackResult, rollback
 from .uploader import UploadStats
@@ -36,9 +41,19 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "download_checkpoint",
+    "pull_checkpoint",
+    "PullResult",
+    "push_checkpoints",
+    "PushResult",
+    "PushReport",
     "verify",
+    "verify_checkpoints",
+    "VerifyResult",
     "rollback",
     "RollbackResult",
+    "gc",
+    "GcResult",
+    "RetentionPlan",
     "VerifyReport",
     "FileCheck",
     "CheckpointNotFoundError",
@@ -61,9 +76,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
+        from ._frameworks import import_framework
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_framework(f"{__name__}.{_LAZY[name]}", f"cloudckpt.{name}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")

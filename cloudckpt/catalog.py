@@ -174,6 +174,13 @@ def _debris(store: RemoteStore, objects: list[RemoteObject], claimed: set[str]) 
             for (prefix, step), objs in sorted(debris.items(), key=lambda kv: kv[0][1])]
 
 
+def unreadable_by_step(scan: DirectoryScan) -> list[tuple[int, str, ManifestError]]:
+    """(step, prefix, why) of every manifest in ``scan`` that cannot be read, by step."""
+    found = [(parsed[1], parsed[0], error) if (parsed := parse_manifest_name(name)) else (-1, name, error)
+             for name, error in scan.unreadable.items()]
+    return sorted(found, key=lambda item: (item[0], item[1]))
+
+
 def legacy_checkpoints(store: RemoteStore) -> list[tuple[str, int]]:
     """(prefix, step) of the checkpoints committed by manifests alone (a directory without a commit log)."""
     return [(c.name, c.step) for c in scan_directory(store).committed if c.writer_id is None]

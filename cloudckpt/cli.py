@@ -35,7 +35,10 @@ from .errors import CloudCkptError, ConfigError
 
 if TYPE_CHECKING:
     from .catalog import CheckpointInfo, DirectoryScan
+    from .push import PushReport
     from .remote import RemoteStore
+    from .restore import VerifyReport
+    from .retry import RetryPolicy
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_MAX_ATTEMPTS = 3
@@ -141,55 +144,63 @@ def build_storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict
     return options
 
 
-def _open_store(args: argparse.Namespace, url: str, *, create: bool = False) -> "RemoteStore":
-    """The remote directory at ``url``; a missing bucket or local directory is a ConfigError (exit 2).
-
-    For remote URLs an empty or absent prefix in an existing bucket is just an
-    empty directory. ``create`` makes a missing local directory (push). Output
-    names the directory by ``store.url``, its display form (credentials masked).
-    """
-    from .remote import RemoteStore
+def _retry(args: argparse.Namespace) -> "RetryPolicy":
+    """The CLI's retry policy: --max-attempts, with waits short enough for an interactive command."""
     from .retry import RetryPolicy
 
-    retry = RetryPolicy(max_attempts=args.max_attempts, initial_backoff=0.5, max_backoff=8.0, deadline=120.0)
-    store = RemoteStore(url, build_storage_options(args.storage_option), retry=retry)
-    if store.is_local:
-        if os.path.isdir(store.root):
-            return store
-        if os.path.exists(store.root):
-            raise ConfigError(f"{store.url!r} is a file, not a checkpoint directory.")
-        if not create:
-            raise ConfigError(f"Local directory {store.url!r} does not exist.")
-    store.check_usable()
-    return store
+    return RetryPolicy(max_attempts=args.max_attempts, initial_backoff=0.5, max_backoff=8.0, deadline=120.0)
+
+
+def _open_store(args: argparse.Namespace, url: str) -> "RemoteStore":
+    """The directory at ``url`` (``remote.open_directory``: a missing bucket or local directory is a
+    ConfigError, exit 2). Output names it by ``store.url``, its display form (credentials masked)."""
+    from .remote import open_directory
+
+    return open_directory(url, build_storage_options(args.storage_option), retry=_retry(args))
 
 
 class _ByteProgress:
-    """A tqdm byte bar on stderr when it is a terminal, silent otherwise (scripts, logs, CI).
+    """tqdm byte bars on stderr, one per checkpoint, when it is a terminal; silent otherwise (scripts, logs, CI).
 
-    ``update`` is called from several download threads, hence the lock.
+    ``update(checkpoint, bytes)`` is the library's ``progress`` callback, called from several download
+    threads, hence the lock; ``close`` removes the bar before a result line is printed.
     """
 
-    def __init__(self, total: int, desc: str) -> None:
-        self._bar = None
+    def __init__(self, verb: str) -> None:
+        self._verb = verb
+        self._tty = sys.stderr.isatty()
+        self._bar: Any = None
+        self._of: "CheckpointInfo | None" = None
         self._lock = threading.Lock()
-        if sys.stderr.isatty():
-            from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=sys.stderr, leave=False, dynamic_ncols=True)
+    def update(self, checkpoint: "CheckpointInfo", delta: int) -> None:
+        if not self._tty or not delta:
+            return
+        with self._lock:
+            if self._of is not checkpoint:
+                self._close()
+                from tqdm import tqdm
 
-    def update(self, delta: int) -> None:
-        if self._bar is not None and delta:
-            with self._lock:
-                self._bar.update(delta)
+                self._of = checkpoint
+                self._bar = tqdm(total=checkpoint.size, desc=f"{self._verb} step {checkpoint.step}", unit="B",
+                                 unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+                                 dynamic_ncols=True)
+            self._bar.update(delta)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = self._of = None
 
     def __enter__(self) -> "_ByteProgress":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self.close()
 
 
 def _scan(store: "RemoteStore") -> "DirectoryScan":
@@ -270,46 +281,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read committed checkpoints from the store and check every file's size and crc32c against
     the manifest. Checks the latest checkpoint by default (an unreadable newest manifest fails);
     --all includes superseded ones."""
-    from .restore import CheckpointNotFoundError, verify_checkpoint
+    from .restore import verify_checkpoints
 
-    store = _open_store(args, args.url)
-    scan = _scan(store)
-    targets: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.committed]
-    targets += [(_manifest_step(name), error) for name, error in scan.unreadable.items()]
-    targets.sort(key=lambda t: t[0])
-    superseded: list[tuple[int, "CheckpointInfo | CloudCkptError"]] = [(c.step, c) for c in scan.superseded]
-    if args.step is not None:
-        targets = [t for t in targets if t[0] == args.step] or [t for t in superseded if t[0] == args.step]
-        if not targets:
-            raise CheckpointNotFoundError(f"No committed checkpoint at step {args.step} in {store.url} "
-                                          f"(committed steps: {[c.step for c in scan.committed]}).")
-    elif args.all:
-        targets = sorted(targets + superseded, key=lambda t: t[0])
-    else:
-        targets = targets[-1:]
-    if not targets:
-        raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
+    with _ByteProgress("verify") as bars:
+        def render(report: "VerifyReport") -> None:
+            bars.close()
+            _print_verified(report)
 
-    failed: list[int] = []
-    for step, item in targets:
-        if isinstance(item, Exception):
-            print(f"FAILED  step {step}: unreadable manifest: {_one_line(item)}", flush=True)
-            failed.append(step)
-            continue
-        with _ByteProgress(item.size, f"verify step {step}") as bar:
-            report = verify_checkpoint(store, item, progress=bar.update)
-        if not report.ok and _retired_since(store, item):
-            print(f"GONE    step {step}: {item.name} was retired (retention) while it was being verified", flush=True)
-            continue
-        if report.ok:
-            print(f"OK      step {step}: {item.name} ({len(item.files)} files, {_human_size(item.size)})",
-                  flush=True)
-        else:
-            failed.append(step)
-            print(f"FAILED  step {step}: {item.name} ({len(report.problems)} of {len(item.files)} files bad)")
-            for check in report.problems:
-                print(f"          {check.name}: {_problem_text(check)}", flush=True)
-    summary = f"{len(targets) - len(failed)} of {len(targets)} checkpoint(s) in {store.url} verified OK"
+        result = verify_checkpoints(args.url, args.step, all_steps=args.all,
+                                    storage_options=build_storage_options(args.storage_option), retry=_retry(args),
+                                    use_store_checksums=False, progress=bars.update, on_report=render)
+    failed = [r.step for r in result.failed]
+    summary = f"{len(result.reports) - len(failed)} of {len(result.reports)} checkpoint(s) in {result.url} verified OK"
     if failed:
         _err(f"error: verification failed for step(s) {', '.join(map(str, failed))}; {summary}.")
         return EXIT_CHECK_FAILED
@@ -317,10 +300,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _retired_since(store: "RemoteStore", item: "CheckpointInfo") -> bool:
-    """True when ``item`` is no longer committed (a running writer's retention removed it meanwhile)."""
-    scan = _scan(store)
-    return all(c.commit_id != item.commit_id for c in scan.committed + scan.superseded)
+def _print_verified(report: "VerifyReport") -> None:
+    from .restore import RETIRED, UNREADABLE
+
+    if report.status == UNREADABLE:
+        print(f"FAILED  step {report.step}: unreadable manifest: {_one_line(report.error)}", flush=True)
+    elif report.status == RETIRED:
+        print(f"GONE    step {report.step}: {report.name} was retired (retention) while it was being verified",
+              flush=True)
+    elif report.ok:
+        print(f"OK      step {report.step}: {report.name} ({len(report.files)} files, {_human_size(report.size)})",
+              flush=True)
+    else:
+        print(f"FAILED  step {report.step}: {report.name} ({len(report.problems)} of {len(report.files)} files bad)")
+        for check in report.problems:
+            print(f"          {check.name}: {_problem_text(check)}", flush=True)
 
 
 # -- pull ----------------------------------------------------------------------------------------
@@ -329,27 +323,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Download a committed checkpoint (newest by default) into a local directory and verify every file
     before moving it into place; afterwards tf.train.latest_checkpoint(DIR) returns it. A failed pull
     leaves DIR as it was."""
-    from .restore import CheckpointNotFoundError, download_verified, select_checkpoint
+    from .restore import pull_checkpoint
 
-    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
-        raise ConfigError(f"{args.dir!r} is a file, not a directory.")
-    store = _open_store(args, args.url)
-    scan = _scan(store)
-    if args.step is None:
-        if not scan.committed:
-            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull.")
-        info = scan.committed[-1]
-        newer_bad = sorted(_manifest_step(n) for n in scan.unreadable if _manifest_step(n) > info.step)
-        if newer_bad:
-            _err(f"warning: newer step(s) {newer_bad} have unreadable manifests (see cloudckpt ls); "
-                 f"pulling step {info.step}.")
-    else:
-        info = select_checkpoint(store, scan, args.step)
-
-    with _ByteProgress(info.size, f"pull step {info.step}") as bar:
-        local_prefix = download_verified(store, info, args.dir, progress=bar.update)
+    with _ByteProgress("pull") as bars:
+        result = pull_checkpoint(args.url, args.dir, args.step,
+                                 storage_options=build_storage_options(args.storage_option), retry=_retry(args),
+                                 progress=bars.update)
+    info = result.checkpoint
+    if result.passed_over:
+        _err(f"warning: newer step(s) {list(result.passed_over)} have unreadable manifests (see cloudckpt ls); "
+             f"pulled step {info.step}.")
     print(f"Pulled step {info.step} ({len(info.files)} files, {_human_size(info.size)}, verified) "
-          f"into {local_prefix}")
+          f"into {result.local_prefix}")
     return EXIT_OK
 
 
@@ -359,54 +344,31 @@ def cmd_push(args: argparse.Namespace) -> int:
     """Upload the checkpoints of an existing local TF checkpoint directory (e.g. written by TF's stock
     CheckpointSaverHook) and commit each with its manifest, oldest first; graph.pbtxt is uploaded too.
     Checkpoints already committed with identical content are skipped, so push can be re-run."""
-    from concurrent.futures import ThreadPoolExecutor
-    from dataclasses import replace
+    from .push import push_checkpoints
 
-    from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, commit_checkpoint, find_local_checkpoint,
-                         local_checkpoint_prefixes, register_continuing)
-    from .writers import Writer
-
-    directory = args.dir
-    if not os.path.isdir(directory):
-        raise ConfigError(f"Local directory {directory!r} does not exist." if not os.path.exists(directory)
-                          else f"{directory!r} is a file, not a checkpoint directory.")
-    prefixes = local_checkpoint_prefixes(directory)
-    if not prefixes:
-        raise ConfigError(f"No TensorFlow checkpoint in {directory!r} (expected files such as "
-                          "model.ckpt-1000.index): nothing to push.")
-    store = _open_store(args, args.url, create=True)
-    writer = Writer(store)
-    register_continuing(writer)  # push is a writer: it fences a job still writing to URL
-    graph = os.path.join(directory, GRAPH_FILE)
-    graph_uploaded = not os.path.isfile(graph)
-    pushed = skipped = 0
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="cloudckpt-push") as pool:
-        for prefix in prefixes:
-            ckpt = find_local_checkpoint(directory, prefix)
-            if ckpt is None:  # removed while we ran (a live Saver's max_to_keep)
-                _err(f"warning: {prefix} disappeared from {directory}; skipped.")
-                continue
-            if not graph_uploaded:
-                ckpt = replace(ckpt, extras={GRAPH_FILE: graph})
-            result = commit_checkpoint(store, ckpt, executor=pool, writer=writer)
-            if result.outcome == REFUSED:
-                _err(f"warning: step {ckpt.step}: not committed: {result.reason}.")
-                continue
-            graph_uploaded = True
-            if result.outcome == ALREADY_COMMITTED:
-                skipped += 1
-                print(f"step {ckpt.step}: {prefix} already committed with identical content, skipped", flush=True)
-            elif result.outcome == HEALED:
-                skipped += 1
-                print(f"step {ckpt.step}: {prefix} already committed; re-uploaded missing or truncated objects "
-                      f"({_human_size(result.bytes_uploaded)})", flush=True)
-            else:
-                pushed += 1
-                print(f"step {ckpt.step}: committed {prefix} ({len(ckpt.files)} files, "
-                      f"{_human_size(ckpt.total_size)})", flush=True)
-    print(f"Pushed {pushed} checkpoint(s) to {store.url}" + (f" ({skipped} already there)" if skipped else "")
-          + f"; latest step {int(prefixes[-1].rsplit('-', 1)[1])}.")
+    result = push_checkpoints(args.dir, args.url, storage_options=build_storage_options(args.storage_option),
+                              retry=_retry(args), on_report=_print_pushed)
+    skipped = len(result.already_there)
+    print(f"Pushed {len(result.uploaded)} checkpoint(s) to {result.url}"
+          + (f" ({skipped} already there)" if skipped else "") + f"; latest step {result.newest_step}.")
     return EXIT_OK
+
+
+def _print_pushed(report: "PushReport") -> None:
+    from .push import ALREADY_COMMITTED, HEALED, REFUSED, VANISHED
+
+    if report.outcome == VANISHED:
+        _err(f"warning: {report.reason}; skipped.")
+    elif report.outcome == REFUSED:
+        _err(f"warning: step {report.step}: not committed: {report.reason}.")
+    elif report.outcome == ALREADY_COMMITTED:
+        print(f"step {report.step}: {report.name} already committed with identical content, skipped", flush=True)
+    elif report.outcome == HEALED:
+        print(f"step {report.step}: {report.name} already committed; re-uploaded missing or truncated objects "
+              f"({_human_size(report.bytes_uploaded)})", flush=True)
+    else:
+        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)})",
+              flush=True)
 
 
 # -- rollback ------------------------------------------------------------------------------------
@@ -417,11 +379,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     running on URL is fenced (it stops with FencedError at its next commit), and the next run resumes
     from step N. Nothing is deleted. The checkpoint is verified first."""
     from .rollback import rollback
-    from .retry import RetryPolicy
 
-    retry = RetryPolicy(max_attempts=args.max_attempts, initial_backoff=0.5, max_backoff=8.0, deadline=120.0)
-    _open_store(args, args.url)  # a missing bucket or directory is a usage error
-    result = rollback(args.url, args.step, storage_options=build_storage_options(args.storage_option), retry=retry)
+    result = rollback(args.url, args.step, storage_options=build_storage_options(args.storage_option),
+                      retry=_retry(args))
     newer = [c.step for c in result.superseded if c.step > args.step]
     print(f"Rolled back {result.latest.prefix.rsplit('/', 1)[0]} to step {result.latest.step} "
           f"({result.latest.name}, commit {result.latest.commit_id}).")
@@ -437,15 +397,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     the files of uploads that never committed (older than --grace-hours). The newest committed
     checkpoint is always kept. Manifests go first, so a reader never sees a committed checkpoint with
     missing files."""
-    from .retention import RetentionPolicy, apply_retention, plan_retention
+    from .retention import gc
 
-    policy = RetentionPolicy(max_to_keep=args.keep, keep_checkpoint_every_n_hours=args.keep_every_hours,
-                             debris_grace_seconds=args.grace_hours * 3600.0)
-    store = _open_store(args, args.url)
-    scan = _scan(store)
-    for name, error in scan.unreadable.items():
-        _err(f"warning: leaving step {_manifest_step(name)} alone: {_one_line(error)}")
-    plan = plan_retention(scan, policy)
+    result = gc(args.url, args.keep, keep_every_hours=args.keep_every_hours, grace_seconds=args.grace_hours * 3600.0,
+                dry_run=args.dry_run, storage_options=build_storage_options(args.storage_option), retry=_retry(args))
+    for step, error in result.left_alone:
+        _err(f"warning: leaving step {step} alone: {_one_line(error)}")
+    plan = result.plan
     verb = "would delete" if args.dry_run else "delete"
     for c in plan.delete:
         what = "superseded, " if c.status == "superseded" else ""
@@ -453,14 +411,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
               f"{len(d.objects)} objects, {_human_size(d.size)})")
-    if not args.dry_run and (plan.delete or plan.debris):
-        apply_retention(store, plan)
     kept = ", ".join(str(c.step) for c in plan.keep) or "none"
     if args.dry_run:
-        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {store.url}; nothing was deleted. "
+        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {result.url}; nothing was deleted. "
               f"Keeping step(s): {kept}.")
     else:
-        print(f"Freed {_human_size(plan.bytes_freed)} in {store.url}. Kept step(s): {kept}.")
+        print(f"Freed {_human_size(plan.bytes_freed)} in {result.url}. Kept step(s): {kept}.")
     return EXIT_OK
 
 
@@ -468,6 +424,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small model with checkpoints committed to an embedded S3 server."""
+    from ._frameworks import import_framework
+
+    try:
+        import_framework("tensorflow", "cloudckpt demo", install="pip install 'cloudckpt[demo]'")
+    except ModuleNotFoundError as exc:
+        if exc.name != "tensorflow":
+            raise
+        raise ConfigError(str(exc)) from exc
     from .demo import run_demo
 
     print(f"Training {args.steps} steps, saving every {args.save_steps}, to an in-process S3 server; then a "

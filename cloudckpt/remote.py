@@ -35,7 +35,7 @@ from .retry import RetryPolicy, describe_cause, is_transient
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
-__all__ = ["RemoteStore", "RemoteObject", "is_local_path", "redact", "remote_error"]
+__all__ = ["RemoteStore", "RemoteObject", "open_directory", "is_local_path", "redact", "remote_error"]
 
 log = logging.getLogger("cloudckpt")
 install_backstop(log)
@@ -492,6 +492,31 @@ class RemoteStore:
             cause = sanitized_cause(exc, self._secrets)
         error = bypassed_mock_error(self.fs, self.url) or error  # an s3fs store opened before mock_aws started
         raise error from cause  # outside the handler: the raw exception does not ride along as __context__
+
+
+def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *, retry: RetryPolicy | None = None,
+                   create: bool = False) -> RemoteStore:
+    """The checkpoint directory at ``url``, which must exist (what the CLI and the library's commands act on).
+
+    A remote prefix that is empty or absent in an existing bucket is an empty
+    directory. ``create`` makes a missing local directory (an upload's
+    target); otherwise a missing local directory is an error.
+
+    Raises:
+        ConfigError: the bucket or local directory does not exist, the URL names a file, or the URL or
+            ``storage_options`` are unusable (unknown scheme, backend not installed...).
+        RemoteError: the store cannot be reached or rejects the credentials.
+    """
+    store = RemoteStore(url, storage_options, retry=retry)
+    if store.is_local:
+        if os.path.isdir(store.root):
+            return store
+        if os.path.exists(store.root):
+            raise ConfigError(f"{store.url!r} is a file, not a checkpoint directory.")
+        if not create:
+            raise ConfigError(f"Local directory {store.url!r} does not exist.")
+    store.check_usable()
+    return store
 
 
 class DeleteWindowClosed(RemoteError):

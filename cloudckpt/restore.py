@@ -13,14 +13,15 @@ import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from .catalog import CheckpointInfo, DirectoryScan, scan_directory
+from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
 from .commit import STATE_FILE, local_checkpoint_prefixes, render_state_file
-from .errors import CloudCkptError, IntegrityError
+from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
 from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, parse_manifest_name
-from .remote import RemoteStore
+from .remote import RemoteStore, open_directory
+from .retry import RetryPolicy
 
 log = logging.getLogger("cloudckpt")
 
@@ -45,23 +46,100 @@ class FileCheck:
     found_crc32c: str | None
 
 
+UNREADABLE, RETIRED, FAILED = "unreadable", "retired", "failed"
+
+# progress(checkpoint, bytes): called as a checkpoint's bytes are read (from several threads).
+Progress = Callable[[CheckpointInfo, int], None]
+
+
 @dataclass(frozen=True)
 class VerifyReport:
-    """Result of re-reading one committed checkpoint and checking it against its manifest."""
+    """Result of re-reading one committed checkpoint and checking it against its manifest.
+
+    Attributes:
+        url: the checkpoint prefix URL, display form (``s3://b/run/model.ckpt-30``).
+        step: global step.
+        files: one verdict per file the manifest lists (empty when the manifest cannot be read).
+        error: why the manifest itself cannot be read (``verify_checkpoints`` reports it instead of raising).
+        retired: a writer's retention deleted the checkpoint while it was being read (not a corruption).
+    """
 
     url: str
     step: int
     files: tuple[FileCheck, ...]
+    error: ManifestError | None = None
+    retired: bool = False
 
     @property
     def ok(self) -> bool:
-        """True when every file is present with the right size and crc32c."""
-        return all(f.status == OK for f in self.files)
+        """True when the manifest was read and every file is present with the right size and crc32c."""
+        return self.error is None and not self.retired and all(f.status == OK for f in self.files)
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``failed`` (a file is missing or differs), ``unreadable`` (the manifest) or ``retired``."""
+        if self.error is not None:
+            return UNREADABLE
+        if self.retired:
+            return RETIRED
+        return OK if self.ok else FAILED
 
     @property
     def problems(self) -> list[FileCheck]:
         """The files that failed."""
         return [f for f in self.files if f.status != OK]
+
+    @property
+    def name(self) -> str:
+        """The checkpoint prefix relative to its directory, e.g. ``model.ckpt-30``."""
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the checkpoint's files, as its manifest lists them."""
+        return sum(f.expected_size for f in self.files)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What ``verify_checkpoints`` checked.
+
+    Attributes:
+        url: the checkpoint directory, display form.
+        reports: one per checkpoint checked, by step.
+    """
+
+    url: str
+    reports: tuple[VerifyReport, ...]
+
+    @property
+    def failed(self) -> list[VerifyReport]:
+        """Reports of corrupt or missing files and of unreadable manifests (retired checkpoints are not failures)."""
+        return [r for r in self.reports if r.status in (FAILED, UNREADABLE)]
+
+    @property
+    def ok(self) -> bool:
+        """True when no checkpoint failed."""
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What ``pull_checkpoint`` downloaded.
+
+    Attributes:
+        url: the checkpoint directory, display form.
+        checkpoint: the committed checkpoint downloaded (and verified).
+        local_prefix: its local prefix, e.g. ``/data/ckpt/model.ckpt-30``;
+            ``tf.train.latest_checkpoint(local_dir)`` returns it.
+        passed_over: steps newer than ``checkpoint`` whose manifests cannot be read (left out; see
+            ``cloudckpt ls``), only when the newest checkpoint was asked for.
+    """
+
+    url: str
+    checkpoint: CheckpointInfo
+    local_prefix: str
+    passed_over: tuple[int, ...] = ()
 
 
 def _select(store: RemoteStore, step: int | None) -> CheckpointInfo:
@@ -166,6 +244,85 @@ def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, A
     return verify_checkpoint(store, _select(store, step), use_store_checksums=use_store_checksums)
 
 
+def verify_checkpoints(
+    url: str,
+    step: int | None = None,
+    *,
+    all_steps: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+    use_store_checksums: bool = True,
+    progress: Progress | None = None,
+    on_report: Callable[[VerifyReport], None] | None = None,
+) -> VerifyResult:
+    """Check committed checkpoints of the directory at ``url`` against their manifests (``cloudckpt verify``).
+
+    Which checkpoints: by default the newest step of the current lineage; if
+    a newer manifest cannot be read, that one (reported ``unreadable``).
+    ``step``: the checkpoint at that step, of the current lineage or else a
+    superseded one. ``all_steps``: every committed checkpoint, superseded ones
+    and unreadable manifests included, by step.
+
+    Each checkpoint is re-read and checksummed (``use_store_checksums``: where
+    the store keeps its own crc32c of each object, GCS, that is compared
+    instead of downloading). A checkpoint that a running writer's retention
+    deletes while it is being read is reported ``retired``, not failed.
+    Problems are reported, not raised. ``progress(checkpoint, bytes)`` is
+    called as bytes are read (from several threads); ``on_report(report)`` as
+    each checkpoint is done.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed (at ``step``) to verify.
+        ConfigError: ``step`` together with ``all_steps``; the bucket or local directory does not exist.
+        RemoteError: the store cannot be read.
+    """
+    if step is not None and all_steps:
+        raise ConfigError(f"Pass step ({step}) or all_steps, not both.")
+    store = open_directory(url, storage_options, retry=retry)
+    scan = scan_directory(store)
+    reports: list[VerifyReport] = []
+    for target in _verify_targets(store, scan, step, all_steps):
+        if isinstance(target, CheckpointInfo):
+            count = (lambda n, info=target: progress(info, n)) if progress is not None else None
+            report = verify_checkpoint(store, target, count, use_store_checksums=use_store_checksums)
+            if not report.ok and _retired_since(store, target):
+                report = replace(report, retired=True)
+        else:
+            report = target
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+    return VerifyResult(url=store.url, reports=tuple(reports))
+
+
+def _verify_targets(store: RemoteStore, scan: DirectoryScan, step: int | None,
+                    all_steps: bool) -> list[CheckpointInfo | VerifyReport]:
+    """What ``verify_checkpoints`` checks: committed checkpoints, and unreadable manifests as failed reports."""
+    current: list[tuple[int, CheckpointInfo | VerifyReport]] = [(c.step, c) for c in scan.committed]
+    current += [(s, VerifyReport(store.url_of(prefix), s, (), error=error)) for s, prefix, error in
+                unreadable_by_step(scan)]
+    current.sort(key=lambda t: t[0])
+    superseded: list[tuple[int, CheckpointInfo | VerifyReport]] = [(c.step, c) for c in scan.superseded]
+    if step is not None:
+        targets = [t for t in current if t[0] == step] or [t for t in superseded if t[0] == step]
+        if not targets:
+            raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} "
+                                          f"(committed steps: {[c.step for c in scan.committed]}).")
+    elif all_steps:
+        targets = sorted(current + superseded, key=lambda t: t[0])
+    else:
+        targets = current[-1:]
+    if not targets:
+        raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
+    return [target for _, target in targets]
+
+
+def _retired_since(store: RemoteStore, info: CheckpointInfo) -> bool:
+    """True when ``info`` is no longer committed (a running writer's retention removed it meanwhile)."""
+    scan = scan_directory(store)
+    return all(c.commit_id != info.commit_id for c in scan.committed + scan.superseded)
+
+
 def download_checkpoint(
     url: str,
     local_dir: str,
@@ -181,10 +338,57 @@ def download_checkpoint(
     Raises:
         IntegrityError: a file is missing or its size / crc32c differs from the manifest
             (nothing is changed in ``local_dir``).
+        ManifestError: the manifest of ``step`` cannot be read, or (latest) a manifest newer than every
+            readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
+            it and says so).
         CheckpointNotFoundError: nothing committed (at ``step``).
     """
     store = RemoteStore(url, storage_options)
     return download_verified(store, _select(store, step), local_dir)
+
+
+def pull_checkpoint(
+    url: str,
+    local_dir: str,
+    step: int | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    retry: RetryPolicy | None = None,
+    progress: Progress | None = None,
+) -> PullResult:
+    """Download a committed checkpoint into ``local_dir`` and verify it (``cloudckpt pull``).
+
+    Which checkpoint: ``step``, or by default the latest committed one (the
+    head of the current lineage). Unlike ``download_checkpoint``, newer
+    checkpoints whose manifests cannot be read do not stop a pull of the
+    latest readable one: they are named in ``PullResult.passed_over``.
+    Every file is checked (size, crc32c) before it is moved into place and the
+    local ``checkpoint`` state file is written last, so a failed pull leaves
+    ``local_dir`` as it was. ``progress(checkpoint, bytes)`` is called as bytes
+    arrive (from several threads).
+
+    Raises:
+        CheckpointNotFoundError: nothing committed (at ``step``); ``step`` is superseded (see ``rollback``).
+        IntegrityError: a file is missing or differs from the manifest (``ManifestError``: the manifest of
+            ``step`` cannot be read).
+        ConfigError: ``local_dir`` is a file; the bucket or remote local directory does not exist.
+        RemoteError: the store cannot be read.
+    """
+    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
+        raise ConfigError(f"{local_dir!r} is a file, not a directory.")
+    store = open_directory(url, storage_options, retry=retry)
+    scan = scan_directory(store)
+    passed_over: tuple[int, ...] = ()
+    if step is None:
+        if not scan.committed:
+            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull.")
+        info = scan.committed[-1]
+        passed_over = tuple(s for s, _, _ in unreadable_by_step(scan) if s > info.step)
+    else:
+        info = select_checkpoint(store, scan, step)
+    count = (lambda n: progress(info, n)) if progress is not None else None
+    local_prefix = download_verified(store, info, local_dir, progress=count)
+    return PullResult(url=store.url, checkpoint=info, local_prefix=local_prefix, passed_over=passed_over)
 
 
 def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,

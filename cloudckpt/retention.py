@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory
+from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory, unreadable_by_step
 from .commit import write_state_file
-from .errors import ConfigError
+from .errors import ConfigError, ManifestError
 from .lineage import LogState, fold
-from .remote import RemoteStore
+from .remote import RemoteStore, open_directory
+from .retry import RetryPolicy
 from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
@@ -178,12 +179,45 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
         write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
 
 
+@dataclass(frozen=True)
+class GcResult:
+    """What ``gc`` did (with ``dry_run``: would do).
+
+    Attributes:
+        url: the checkpoint directory, display form.
+        plan: what is kept and deleted (``keep``, ``delete``, ``debris``, ``bytes_freed``).
+        left_alone: (step, why) of manifests that cannot be read: neither kept nor deleted (see ``cloudckpt ls``).
+        dry_run: True when nothing was deleted.
+    """
+
+    url: str
+    plan: RetentionPlan
+    left_alone: tuple[tuple[int, ManifestError], ...]
+    dry_run: bool
+
+
 def gc(url: str, keep: int | None, *, keep_every_hours: float | None = None,
        grace_seconds: float = DEFAULT_DEBRIS_GRACE_SECONDS, dry_run: bool = False,
-       storage_options: Mapping[str, Any] | None = None) -> RetentionPlan:
-    """Apply retention to the directory at ``url`` (what ``cloudckpt gc`` runs); ``dry_run`` only plans."""
-    store = RemoteStore(url, storage_options)
-    plan = plan_retention(scan_directory(store), RetentionPolicy(keep, keep_every_hours, grace_seconds))
-    if not dry_run:
+       storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None) -> GcResult:
+    """Delete old committed checkpoints and debris of uploads that never committed (``cloudckpt gc``).
+
+    Keeps the newest ``keep`` committed checkpoints (None or 0: all; the
+    latest is always kept; superseded ones go first) and one per
+    ``keep_every_hours`` of run time, like TF's Saver; files of uncommitted
+    checkpoints count as debris once older than ``grace_seconds`` (an upload
+    may be in flight). ``dry_run`` only plans. Deletions are announced in the
+    commit log first, so a reader never sees a committed checkpoint with
+    missing files.
+
+    Raises:
+        ConfigError: a bad policy value; the bucket or local directory does not exist.
+        RemoteError: the store cannot be read or written.
+    """
+    policy = RetentionPolicy(keep, keep_every_hours, grace_seconds)
+    store = open_directory(url, storage_options, retry=retry)
+    scan = scan_directory(store)
+    plan = plan_retention(scan, policy)
+    if not dry_run and (plan.delete or plan.debris):
         apply_retention(store, plan)
-    return plan
+    left_alone = tuple((step, error) for step, _, error in unreadable_by_step(scan))
+    return GcResult(url=store.url, plan=plan, left_alone=left_alone, dry_run=dry_run)

@@ -18,7 +18,7 @@ from .catalog import CheckpointInfo, scan_directory
 from .commit import write_state_file
 from .errors import IntegrityError
 from .lineage import LogState
-from .remote import RemoteStore
+from .remote import open_directory
 from .restore import CheckpointNotFoundError, verify_checkpoint
 from .retry import RetryPolicy
 from .writers import Writer
@@ -51,9 +51,10 @@ def rollback(url: str, step: int, *, storage_options: Mapping[str, Any] | None =
     Raises:
         CheckpointNotFoundError: nothing is committed at ``step`` (or it was deleted meanwhile).
         IntegrityError: the checkpoint at ``step`` does not verify.
-        RemoteError / ConfigError: the directory cannot be read or written.
+        ConfigError: the bucket or local directory does not exist, or the URL is unusable.
+        RemoteError: the directory cannot be read or written.
     """
-    store = RemoteStore(url, storage_options, retry=retry)
+    store = open_directory(url, storage_options, retry=retry)
     scan = scan_directory(store)
     matches = [c for c in scan.committed if c.step == step] + [c for c in scan.superseded if c.step == step]
     if not matches:

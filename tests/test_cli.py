@@ -424,6 +424,49 @@ def test_gc_dry_run_deletes_nothing_then_gc_keeps_newest(committed, moto_server)
     assert not [k for k in keys(client, name) if k.startswith("model.ckpt-40.")]
 
 
+# -- the library calls behind the commands ----------------------------------------------------------
+
+def test_library_calls_behind_the_commands(bucket, stock_dir, moto_server, tmp_path):
+    """push_checkpoints, verify_checkpoints, pull_checkpoint and gc, called from Python as the CLI calls them."""
+    import cloudckpt
+
+    url, name, client, _ = bucket
+    options = moto_server.storage_options
+    pushed = []
+    result = cloudckpt.push_checkpoints(str(stock_dir), url, storage_options=options, on_report=pushed.append)
+    assert [(r.step, r.outcome) for r in result.reports] == [(s, "uploaded") for s in STEPS]
+    assert pushed == list(result.reports) and result.newest_step == 30 and len(result.uploaded) == 4
+    assert sorted(assert_all_committed_intact(url, options)) == STEPS
+
+    client.put_object(Bucket=name, Key="runs/exp1/model.ckpt-30.manifest.json", Body=b"{not json")
+    flip_byte(client, name, "runs/exp1/model.ckpt-10.data-00000-of-00001")
+    counted: list[tuple[int, int]] = []  # list.append is atomic: progress comes from several threads
+    checked = cloudckpt.verify_checkpoints(url, all_steps=True, storage_options=options, use_store_checksums=False,
+                                           progress=lambda info, n: counted.append((info.step, n)))
+    seen = {step: sum(n for s, n in counted if s == step) for step, _ in counted}
+    assert [(r.step, r.status) for r in checked.reports] == [(0, "ok"), (10, "failed"), (20, "ok"),
+                                                             (30, "unreadable")]
+    assert [r.step for r in checked.failed] == [10, 30] and not checked.ok
+    assert seen == {r.step: r.size for r in checked.reports if r.files}  # every byte counted once
+    assert "model.ckpt-30.manifest.json" in str(checked.reports[-1].error)
+    latest = cloudckpt.verify_checkpoints(url, storage_options=options)  # the newest step: the unreadable one
+    assert [(r.step, r.status) for r in latest.reports] == [(30, "unreadable")]
+
+    pulled = cloudckpt.pull_checkpoint(url, str(tmp_path / "local"), storage_options=options)
+    assert pulled.checkpoint.step == 20 and pulled.passed_over == (30,)
+    assert pulled.local_prefix == str(tmp_path / "local" / "model.ckpt-20")
+    with pytest.raises(cloudckpt.ManifestError):  # the strict form never skips the newest silently
+        cloudckpt.download_checkpoint(url, str(tmp_path / "strict"), storage_options=options)
+
+    before = keys(client, name)
+    plan = cloudckpt.gc(url, 2, grace_seconds=0, dry_run=True, storage_options=options)
+    assert [c.step for c in plan.plan.delete] == [0] and [s for s, _ in plan.left_alone] == [30] and plan.dry_run
+    assert keys(client, name) == before
+    with pytest.raises(ConfigError, match="does not exist"):
+        cloudckpt.pull_checkpoint(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", str(tmp_path / "x"),
+                                  storage_options=options)
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 def test_errors_are_one_line_with_documented_exit_codes(moto_server, bucket):

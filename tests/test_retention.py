@@ -82,7 +82,7 @@ def test_crash_between_manifest_and_file_deletion_leaves_nothing_broken(tmp_path
     for c in scan.committed:
         assert cloudckpt.verify(f"memory://{root}", step=c.step).ok
     # A later gc finishes the job.
-    plan = gc(f"memory://{root}", keep=2, grace_seconds=0)
+    plan = gc(f"memory://{root}", keep=2, grace_seconds=0).plan
     assert [c.step for c in plan.delete] == [10] and [d.step for d in plan.debris] == [0]
     scan = scan_directory(RemoteStore(f"memory://{root}"))
     assert [c.step for c in scan.committed] == [20, 30] and scan.incomplete == []
