@@ -278,7 +278,8 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
         # unreadable manifest) or debris of an upload that never committed: it goes first.
         retire = tuple(record.commit_id for record, _ in owners)
         doomed = [record.manifest for record, _ in owners]
-        doomed += [f.name for _, existing in owners if existing is not None for f in existing.files]
+        doomed += [f.name for _, existing in owners if existing is not None for f in existing.files
+                   if not _in_place(store, ckpt, f.name)]  # in place, the name holds the Saver's new file
         doomed += [n for n in names if n in sizes and not _in_place(store, ckpt, n)]
         doomed = list(dict.fromkeys(doomed))
         if doomed or retire:

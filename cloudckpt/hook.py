@@ -260,6 +260,18 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                         notice.source, notice.detail)
             run_context.request_stop()
 
+    def _save(self, session: Any, step: int) -> bool:
+        """TF's save, except that in place a step already on disk (TF saves the step it just restored
+        again) keeps its ``.meta``: that file may be part of a committed checkpoint, which is never
+        overwritten (the tensors TF writes again are the same bytes)."""
+        rewrite_meta = self._save_graph_def
+        if self._upload.in_place and os.path.exists(f"{self._save_path}-{int(step)}.meta"):
+            self._save_graph_def = False
+        try:
+            return bool(super()._save(session, step))
+        finally:
+            self._save_graph_def = rewrite_meta
+
     def end(self, session: Any) -> None:
         """Save the final checkpoint (TF semantics), wait for every upload to commit, then ``close()``.
 

@@ -8,8 +8,10 @@ Pure functions over the entries of ``commitlog.py`` (no I/O).
   (writers never append one: ``writers.py`` checks before appending).
 * Each ``commit`` names its ``parent``: the writer's previous commit, or for
   its first one the commit it resumed from. The **head** is the newest
-  writer's last commit, or the commit it resumed from; the head and its
-  ancestors are the current lineage. Every other commit is **superseded**:
+  writer's last commit, or the commit it resumed from; a writer that
+  resumed from nothing and has not committed yet leaves the previous head
+  in place (a fresh start that dies before its first commit must not hide
+  the run before it). The head and its ancestors are the current lineage. Every other commit is **superseded**:
   listed, never restored, deleted first by retention.
 * A ``delete`` entry announces deletions (and retires the commits it names:
   they stop being committed at that index). Whoever appends one issues its
@@ -170,8 +172,9 @@ def fold(entries: Iterable[LogEntry]) -> LogState:
                                         tuple(str(n) for n in doc.get("names") or ()), retire,
                                         str(doc.get("reason", "")), entry.modified))
     head = None
-    if writers:
-        newest = writers[-1]
-        own = [c for c in commits.values() if c.epoch == newest.epoch]
-        head = own[-1].commit_id if own else newest.resumed_from
+    for writer in reversed(writers):  # a writer that resumed from nothing takes over at its first commit
+        own = [c for c in commits.values() if c.epoch == writer.epoch]
+        head = own[-1].commit_id if own else writer.resumed_from
+        if head is not None:
+            break
     return LogState(last, tuple(writers), commits, frozenset(retired), tuple(deletes), head, newest_modified)

@@ -39,6 +39,9 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
     """Commits every checkpoint the Saver writes in ``local_dir`` to ``checkpoint_dir``.
 
     Usable with TF's stock ``CheckpointSaverHook`` as well as cloudckpt's.
+    With the stock hook, ``begin()`` brings ``local_dir`` to the directory's
+    head (downloading it, verified, unless an intact copy is there), so
+    ``MonitoredTrainingSession(checkpoint_dir=local_dir)`` resumes from it.
     Upload failures are re-raised as ``UploadError`` at the next save, in
     ``end()`` and in ``wait()`` (unless ``on_error="warn"``).
 
@@ -119,8 +122,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         for leftover in [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
                 os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]:
             shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
-        if self.registers_in_begin:
-            self.resume(download=False)
+        if self.registers_in_begin:  # TF's stock hook: bring local_dir to the head, which the session restores
+            self.resume(download=not self._in_place)
         # The uploader thread starts with the first checkpoint: a session that fails to be created
         # (after begin(), before any hook hears of it) leaves no thread behind.
 

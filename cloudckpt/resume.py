@@ -91,7 +91,8 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
         if not download:
             if lineage:
                 log.warning("Starting without a checkpoint on %s although step %d is committed (restore=False): this "
-                            "run starts a new lineage; the committed checkpoints become superseded.",
+                            "run starts a new lineage; the committed checkpoints become superseded when it "
+                            "commits its first checkpoint.",
                             store.url, head.step)  # type: ignore[union-attr]
             return None, None
         restored = _download_first(store, scan, list(reversed(lineage)), local_dir, local_step=None)

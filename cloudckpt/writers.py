@@ -137,7 +137,7 @@ class Writer:
             if entry is not None:
                 self.epoch = entry.index
                 after = fold(self.log.cached())
-                self.head = after.head
+                self.head = after.head_of(self.epoch)  # not after.head: a fresh start has no parent
                 log.info("Registered as the writer of %s (epoch %d, resuming from %s).", self.store.url, self.epoch,
                          self.head or "nothing")
                 return after

@@ -235,6 +235,7 @@ def writer_trials(moto_server, tmp_path, trials: int, seed: int) -> list[tuple[i
     open(trigger, "w").close()
     waiting, trigger = spawn(1)
     results = []
+    trial = 0
     try:
         wait_until(lambda: current.step >= 3, 120, "first writer trains", current)
         for trial in range(1, trials + 1):
@@ -273,7 +274,7 @@ def writer_trials(moto_server, tmp_path, trials: int, seed: int) -> list[tuple[i
     return results
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # ~2-3 min on an idle CI machine
 def test_two_writer_processes_newest_wins(moto_server, tmp_path):
     results = writer_trials(moto_server, tmp_path, trials=10, seed=2026)
     assert len(results) == 10

@@ -206,3 +206,50 @@ def test_a_disk_that_is_only_behind_catches_up_instead_of_rolling_back(tmp_path,
     again = run(url, None, tmp_path / "vm1", 12)
     assert again.first_step == 10  # the rollback holds: the superseded local checkpoints are not resumed
     assert [c.step for c in cloudckpt.list_checkpoints(url)] == [0, 5, 10, 12]
+
+
+def test_a_fresh_start_that_dies_before_its_first_commit_hides_nothing(tmp_path, caplog):
+    """A writer that resumed from nothing (restore=False, an empty disk) takes over at its first commit: if it
+    dies before that, the run before it stays the latest, a restart resumes there and retention keeps it."""
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    run(url, None, tmp_path / "vm1", 10)
+    fresh = Writer(RemoteStore(url))
+    fresh.register(None)  # registered (the older writer is fenced), then the VM dies
+    assert [(c.step, c.status) for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == \
+        [(0, "committed"), (5, "committed"), (10, "committed")]
+    assert cloudckpt.latest_checkpoint(url).step == 10
+    again = run(url, None, tmp_path / "vm3", 15, remote_max_to_keep=2)
+    assert again.first_step == 10
+    assert [c.step for c in cloudckpt.list_checkpoints(url)] == [10, 15]
+
+
+def test_tf_stock_hook_with_upload_listener_resumes_on_an_empty_disk(tmp_path):
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    run(url, None, tmp_path / "vm1", 10)
+
+    def stock(scaffold, local=str(tmp_path / "vm2")):
+        return tf.compat.v1.train.CheckpointSaverHook(
+            local, save_steps=5, scaffold=scaffold, listeners=[cloudckpt.UploadListener(url, local)])
+    resumed = train(stock, last_step=15)
+    assert resumed.first_step == 10
+    assert [(c.step, c.status) for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == \
+        [(0, "committed"), (5, "committed"), (10, "committed"), (15, "committed")]
+
+
+def test_rollback_the_tf_way_in_place(tmp_path):
+    """A plain local checkpoint_dir (committed in place): the Saver's new files of the new branch are never
+    deleted as "superseded", and a restart resumes at the new branch's head."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, remote_max_to_keep=0)
+    train(in_place, last_step=20)
+    state = tf.compat.v1.train.get_checkpoint_state(ckpt_dir)
+    tf.compat.v1.train.update_checkpoint_state(ckpt_dir, state.all_model_checkpoint_paths[2])  # step 10
+    rolled = train(in_place, last_step=18, learning_rate=0.001)
+    assert rolled.first_step == 10
+    assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir)] == [0, 5, 10, 15, 18]
+    for step in (0, 5, 10, 15, 18):
+        assert cloudckpt.verify(ckpt_dir, step).ok, step
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("model.ckpt-18")
+    assert train(in_place, last_step=19).first_step == 18
