@@ -113,6 +113,10 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
             newer = [c for c in reversed(lineage) if c.step > step]
             restored = _download_first(store, scan, newer, local_dir, local_step=step)
             if restored is not None:
+                log.warning("The local state file of %s points at committed step %d, but %s has newer committed "
+                            "checkpoints of the same lineage: resuming from step %d. To go back to step %d on "
+                            "purpose, run `cloudckpt rollback %s --step %d` first.", local_dir, step, store.url,
+                            restored.step, step, store.url, step)
                 return restored, restored.commit_id
         return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download)
     if match is not None:  # committed in an abandoned lineage

@@ -200,6 +200,8 @@ def test_a_disk_that_is_only_behind_catches_up_instead_of_rolling_back(tmp_path,
     back = run(url, None, tmp_path / "vm1", 22)
     assert back.first_step == 20
     assert not any("Rolling back" in r.getMessage() for r in caplog.records)
+    assert any(r.levelname == "WARNING" and "cloudckpt rollback" in r.getMessage() and "step 20" in r.getMessage()
+               for r in caplog.records)  # the state file's step is overridden: said, with the way to go back
     assert [c.step for c in cloudckpt.list_checkpoints(url, include_superseded=True)] == [0, 5, 10, 15, 20, 22]
 
     cloudckpt.rollback(url, 10)  # vm1's disk now holds 15, 20, 22 of a superseded branch, state file at 22
