@@ -33,11 +33,10 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from .catalog import CheckpointInfo
-from .engine import CheckpointEngine, default_local_dir, ensure_writable
+from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .preemption import PreemptionNotice, PreemptionWatcher
-from .remote import is_local_path
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
@@ -123,16 +122,7 @@ class CheckpointManager:
         preemption_deadline: float | None = None,
     ) -> None:
         directory = os.fspath(directory)
-        if is_local_path(directory):
-            if os.path.isfile(directory):
-                raise ConfigError(f"directory {directory!r} is a file, not a directory: point it at a directory.")
-            if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(directory):
-                raise ConfigError(f"local_dir={local_dir!r} was given but directory {directory!r} is a local path, "
-                                  "which TF writes to directly; drop local_dir or use a file:// URL.")
-            local_dir = directory
-        elif local_dir is None:
-            local_dir = default_local_dir(directory, storage_options)
-        local_dir = os.path.abspath(os.fspath(local_dir))
+        local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
             raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
         ensure_writable(local_dir)
