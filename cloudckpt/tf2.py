@@ -11,8 +11,9 @@ TF runs them once the checkpoint's files are written, before its own
 bookkeeping). With ``enable_async=True`` TF writes in its async-checkpoint
 thread (``tensorflow/python/checkpoint/async_checkpoint_helper.py``) and runs
 the callbacks there when the write has finished, so the commit starts exactly
-then, and ``save()`` returns without waiting for the write or the upload. The
-callback only hard-links the files and queues them (``CheckpointEngine.submit``).
+then, and ``save()`` returns without waiting for the write or the upload. A
+synchronous save is queued when TF's ``save()`` returns. Either way the
+checkpoint is only hard-linked and queued (``CheckpointEngine.submit``).
 
 The remote ``checkpoint`` state file lists the committed checkpoints of the
 current lineage with relative paths and TF's timestamps
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -139,6 +141,8 @@ class CheckpointManager:
         self._url = directory
         self._engine.open()
         self._last_saved_step: int | None = None
+        self._saving_thread: int | None = None  # the thread inside save(), while it is
+        self._written_here: list[tuple[str, float]] = []
         self._closed = False
         self.restored: CheckpointInfo | None = None
         self._engine.start_watching()
@@ -204,8 +208,15 @@ class CheckpointManager:
         callbacks = list(options.experimental_write_callbacks or [])
         callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
         options.experimental_write_callbacks = callbacks
-        path = self._manager.save(checkpoint_number=checkpoint_number, check_interval=check_interval,
-                                  options=options)
+        self._saving_thread = threading.get_ident()
+        try:
+            path = self._manager.save(checkpoint_number=checkpoint_number, check_interval=check_interval,
+                                      options=options)
+        finally:
+            self._saving_thread = None
+            written, self._written_here = self._written_here, []
+        for prefix, saved_at in written:  # a synchronous write: queued once TF's bookkeeping and sweep are done
+            self._submit(prefix, saved_at)
         if path is not None:
             parsed = split_prefix(os.path.basename(path))
             if parsed is not None:
@@ -329,14 +340,26 @@ class CheckpointManager:
 
     # -- internals -----------------------------------------------------------------------------------
     def _written(self, save_path: str) -> None:
-        """TF's write callback: the files of ``save_path`` are complete on disk (in TF's async thread with
-        ``enable_async``). Snapshot and queue them; never touches the network."""
+        """TF's write callback: the files of ``save_path`` are complete on disk.
+
+        In TF's async-checkpoint thread (``enable_async``) the checkpoint is snapshotted and queued now;
+        in the thread calling ``save()`` that is left until ``save()`` has returned from TF, after TF's
+        own callback (state file, ``max_to_keep`` sweep), so the upload starting does not compete with
+        the rest of the saving step, and a sweep in place is retired by the same commit.
+        """
         prefix = os.path.basename(os.fspath(save_path))
+        if threading.get_ident() == self._saving_thread:
+            self._written_here.append((prefix, time.time()))
+        else:
+            self._submit(prefix, time.time())
+
+    def _submit(self, prefix: str, saved_at: float) -> None:
+        """Snapshot and queue checkpoint ``prefix`` of ``local_dir``; never touches the network."""
         ckpt = TF.find_local(self.local_dir, prefix)
         if ckpt is None:
             log.warning("No checkpoint files for %s found in %s; nothing to commit.", prefix, self.local_dir)
             return
-        self._engine.submit(ckpt.step, ckpt.files, saved_at=time.time())
+        self._engine.submit(ckpt.step, ckpt.files, saved_at=saved_at)
 
 
 def _write_local_state(local_dir: str) -> None:
