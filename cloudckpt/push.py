@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, UPLOADED, commit_checkpoint,
                      find_local_checkpoint, local_checkpoint_prefixes, register_continuing)
 from .errors import ConfigError
+from .layout import step_of
 from .remote import open_directory
 from .retry import RetryPolicy
 from .writers import Writer
@@ -121,7 +122,7 @@ def push_checkpoints(
         for prefix in prefixes:
             ckpt = find_local_checkpoint(local_dir, prefix)
             if ckpt is None:
-                report = PushReport(step=int(prefix.rsplit("-", 1)[1]), name=prefix, outcome=VANISHED,
+                report = PushReport(step=step_of(prefix), name=prefix, outcome=VANISHED,
                                     reason=f"{prefix} disappeared from {local_dir}")
             else:
                 if not graph_uploaded:

@@ -149,7 +149,7 @@ def copy_remote_directory(url: str, options: dict | None, destination) -> None:
     fs, root = remote_fs(url, options)
     os.makedirs(destination)
     for entry in fs.ls(root, detail=True):
-        if entry["type"] == "directory":  # cloudckpt's commit log (.cloudckpt/): not part of the checkpoints
+        if entry["type"] != "file":  # the commit log (.cloudckpt/) is not part of TF's layout
             continue
         path = entry["name"]
         with open(os.path.join(destination, posixpath.basename(path)), "wb") as f:
