@@ -1,7 +1,7 @@
 """cloudckpt: TensorFlow checkpoints committed to S3, GCS or any fsspec URL, without stalling training.
 
-The TensorFlow-facing names (``CheckpointSaverHook``, ``UploadListener``) are
-imported lazily so that the CLI and the catalog functions do not pay for
+The TensorFlow-facing names (``CheckpointSaverHook``, ``UploadListener``,
+``CheckpointManager``) are imported lazily so that the CLI and the catalog functions do not pay for
 importing TensorFlow.
 """
 
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
+from .engine import CheckpointEngine
+from .layout import PrefixLayout
 from .errors import CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
@@ -23,15 +25,19 @@ from .uploader import UploadStats
 if TYPE_CHECKING:
     from .hook import CheckpointSaverHook
     from .listener import UploadListener
+    from .tf2 import CheckpointManager
 
 logging.getLogger("cloudckpt").addHandler(logging.NullHandler())
 
-_LAZY = {"CheckpointSaverHook": "hook", "UploadListener": "listener"}
+_LAZY = {"CheckpointSaverHook": "hook", "UploadListener": "listener", "CheckpointManager": "tf2"}
 
 __all__ = [
     "__version__",
     "CheckpointSaverHook",
     "UploadListener",
+    "CheckpointManager",
+    "CheckpointEngine",
+    "PrefixLayout",
     "CheckpointInfo",
     "list_checkpoints",
     "latest_checkpoint",

@@ -21,8 +21,8 @@ from typing import Any, Mapping
 from .commitlog import CommitLog
 from .lineage import LogState, fold, legacy_commit_id
 from .errors import ManifestError
-from .manifest import (FileEntry, Manifest, committed_prefixes, manifest_name, parse_checkpoint_file_name,
-                       parse_manifest, parse_manifest_name)
+from .layout import DEFAULT_LAYOUT, committed_prefixes, manifest_name, parse_object_name
+from .manifest import FileEntry, Manifest, parse_manifest
 from .remote import RemoteObject, RemoteStore
 
 log = logging.getLogger("cloudckpt")
@@ -49,6 +49,7 @@ class CheckpointInfo:
     status: str = "committed"  # or "superseded": committed in a lineage that is no longer the current one
     commit_id: str | None = None
     writer_id: str | None = None  # the writer that committed it (None for version 1 manifests)
+    layout: str = DEFAULT_LAYOUT  # how its files are named (``layout.py``)
 
     @property
     def size(self) -> int:
@@ -93,7 +94,7 @@ def info_from_manifest(store: RemoteStore, manifest: Manifest, *, status: str = 
     return CheckpointInfo(step=manifest.step, prefix=store.url_of(manifest.prefix), files=manifest.files,
                           created_at=manifest.created_at, manifest_url=store.url_of(manifest.name), status=status,
                           commit_id=commit_id or manifest.commit_id or legacy_commit_id(manifest.prefix),
-                          writer_id=manifest.writer_id)
+                          writer_id=manifest.writer_id, layout=manifest.layout)
 
 
 def scan_directory(store: RemoteStore) -> DirectoryScan:
@@ -164,10 +165,11 @@ def _read_checked(store: RemoteStore, prefix: str, step: int) -> Manifest | None
 
 
 def _debris(store: RemoteStore, objects: list[RemoteObject], claimed: set[str]) -> list[IncompleteCheckpoint]:
-    """Checkpoint files and manifests of prefixes no committed (or unreadable) checkpoint claims."""
+    """Checkpoint files (of any registered layout) and manifests of prefixes no committed (or unreadable)
+    checkpoint claims."""
     debris: dict[tuple[str, int], list[RemoteObject]] = defaultdict(list)
     for obj in objects:
-        parsed = parse_checkpoint_file_name(obj.name) or parse_manifest_name(obj.name)
+        parsed = parse_object_name(obj.name)
         if parsed and parsed[0] not in claimed:
             debris[parsed].append(obj)
     return [IncompleteCheckpoint(step, store.url_of(prefix), tuple(objs))

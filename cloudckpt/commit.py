@@ -22,7 +22,6 @@ manifest exists, so they never see a half-written checkpoint, nor one of a fence
 
 from __future__ import annotations
 
-import glob
 import importlib.metadata
 import logging
 import os
@@ -37,13 +36,8 @@ from .catalog import legacy_checkpoints
 from .commitlog import CommitLog
 from .errors import FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .lineage import CommitRecord, LogState, fold, legacy_commit_id
-from .manifest import (
-    Manifest,
-    committed_prefixes,
-    entry_for,
-    parse_checkpoint_file_name,
-    parse_manifest,
-)
+from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
+from .manifest import Manifest, entry_for, parse_manifest
 from .remote import RemoteStore
 from .writers import Writer
 
@@ -56,8 +50,11 @@ class Mapper(Protocol):
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any]) -> Iterable[Any]: ...
 
 
-STATE_FILE = "checkpoint"
-GRAPH_FILE = "graph.pbtxt"
+GRAPH_FILE = "graph.pbtxt"  # TF1's graph, uploaded next to the checkpoints when it changes
+
+__all__ = ["STATE_FILE", "GRAPH_FILE", "render_state_file", "LocalCheckpoint", "CommitResult", "commit_checkpoint",
+           "find_local_checkpoint", "local_checkpoint_prefixes", "build_manifest", "register_continuing",
+           "write_state_file", "UPLOADED", "HEALED", "ALREADY_COMMITTED", "REFUSED"]
 
 
 @dataclass(frozen=True)
@@ -69,12 +66,17 @@ class LocalCheckpoint:
         prefix: checkpoint prefix relative to the directory, e.g. ``model.ckpt-30``.
         files: remote name -> local path of each file the manifest will list.
         extras: files uploaded alongside but not part of the checkpoint (``graph.pbtxt``).
+        layout: the name of the checkpoint's layout (``layout.py``; ``"tf"`` by default).
+        saved_at: when it was saved, seconds since the epoch (None: unknown); recorded in
+            the commit log, written to the remote TF state file.
     """
 
     step: int
     prefix: str
     files: dict[str, str]
     extras: dict[str, str] = field(default_factory=dict)
+    layout: str = DEFAULT_LAYOUT
+    saved_at: float | None = None
 
     @property
     def total_size(self) -> int:
@@ -113,27 +115,13 @@ class CommitResult:
 
 
 def find_local_checkpoint(directory: str, prefix: str) -> LocalCheckpoint | None:
-    """The files the Saver wrote for ``prefix`` (e.g. ``model.ckpt-30``) in ``directory``, or None."""
-    files: dict[str, str] = {}
-    for path in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + ".*")):
-        name = os.path.basename(path)
-        parsed = parse_checkpoint_file_name(name)
-        if parsed and parsed[0] == prefix and os.path.isfile(path):
-            files[name] = path
-    if not any(n.endswith(".index") for n in files):
-        return None
-    step = int(prefix.rsplit("-", 1)[1])
-    return LocalCheckpoint(step=step, prefix=prefix, files=files)
+    """The files of TF checkpoint ``prefix`` (e.g. ``model.ckpt-30``) in ``directory``, or None (``layout.TF``)."""
+    return TF.find_local(directory, prefix)
 
 
 def local_checkpoint_prefixes(directory: str) -> list[str]:
-    """Prefixes (``model.ckpt-30``) of the checkpoints in a local directory (an ``.index`` file), oldest first."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = {parsed for name in names if name.endswith(".index") and (parsed := parse_checkpoint_file_name(name))}
-    return [prefix for prefix, _ in sorted(found, key=lambda p: (p[1], p[0]))]
+    """Prefixes (``model.ckpt-30``) of the TF checkpoints in a local directory (an ``.index`` file), oldest first."""
+    return TF.local_prefixes(directory)
 
 
 def tensorflow_version() -> str:
@@ -157,7 +145,8 @@ def build_manifest(ckpt: LocalCheckpoint, executor: Mapper | None = None) -> Man
     else:
         entries = list(executor.map(lambda n: entry_for(n, ckpt.files[n]), names))
     return Manifest(step=ckpt.step, prefix=ckpt.prefix, files=tuple(entries),
-                    tensorflow=tensorflow_version(), cloudckpt=__version__)
+                    tensorflow=tensorflow_version() if ckpt.layout == DEFAULT_LAYOUT else "", cloudckpt=__version__,
+                    layout=ckpt.layout)
 
 
 def commit_checkpoint(
@@ -299,7 +288,7 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
         uploaded_at = state.last_index
         intact = _IntactCheck(writer, ckpt, manifest, names, uploaded_at)
         try:
-            writer.commit(manifest, validate=intact)
+            writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
         except _Redo:
             continue
         return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()), UPLOADED)
@@ -396,31 +385,10 @@ def _upload_changed_extras(store: RemoteStore, extras: dict[str, str]) -> None:
         store.put_file(path, name)
 
 
-def render_state_file(prefixes: list[str]) -> bytes:
-    """TF's ``checkpoint`` state file (text proto) naming ``prefixes``, the last one as latest.
-
-    Paths are relative, so the directory stays valid wherever it is copied or
-    mounted. Strings are escaped as TF writes them (protobuf text format,
-    UTF-8 kept), so any basename the Saver accepts reads back unchanged.
-    """
-    lines = [f'model_checkpoint_path: "{_text_proto_escape(prefixes[-1])}"']
-    lines += [f'all_model_checkpoint_paths: "{_text_proto_escape(p)}"' for p in prefixes]
-    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
-
-
-# protobuf's text_encoding.CEscape(as_utf8=True): what TF's update_checkpoint_state writes.
-_TEXT_PROTO_ESCAPES = {i: f"\\{i:03o}" for i in [*range(32), 127]}
-_TEXT_PROTO_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord('"'): '\\"',
-                            ord("'"): "\\'", ord("\\"): "\\\\"})
-
-
-def _text_proto_escape(text: str) -> str:
-    return text.translate(_TEXT_PROTO_ESCAPES)
-
-
 def write_state_file(store: RemoteStore, state: LogState | None = None) -> None:
     """Rewrite the remote state file: the current lineage's committed checkpoints, the head last
-    (without a commit log: every manifest). Removed if none is left.
+    (without a commit log: every manifest). Removed if none is left. Checkpoints whose save time the
+    log records get ``tf.train.CheckpointManager``'s timestamps (``layout.state_file_timestamps``).
 
     ``state``: the log as the caller just saw it (a writer after its own append); read otherwise.
     """
@@ -431,12 +399,17 @@ def write_state_file(store: RemoteStore, state: LogState | None = None) -> None:
         present = set(names)
     else:
         present = None
+    saved_at: dict[str, float | None] = {}
     if state is not None:
-        prefixes = [c.prefix for c in state.lineage()
-                    if c.commit_id not in state.retired and (present is None or c.manifest in present)]
+        records = [c for c in state.lineage()
+                   if c.commit_id not in state.retired and (present is None or c.manifest in present)]
+        prefixes = [c.prefix for c in records]
+        saved_at = {c.prefix: c.saved_at for c in records}
     else:
         prefixes = [p for p, _ in committed_prefixes(names)]
     if prefixes:
-        store.write_atomic(STATE_FILE, render_state_file(prefixes))
+        timestamps, last_preserved = state_file_timestamps(prefixes, saved_at)
+        store.write_atomic(STATE_FILE, render_state_file(prefixes, timestamps=timestamps,
+                                                         last_preserved=last_preserved))
     else:
         store.delete([STATE_FILE])

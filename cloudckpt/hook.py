@@ -15,11 +15,9 @@ in the thread closing the session -- asks registered threads ``is_alive()``.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -166,9 +164,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         elif local_dir is None:
             local_dir = default_local_dir(checkpoint_dir, storage_options)
         local_dir = os.path.abspath(os.fspath(local_dir))
+        RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
                                       max_pending=max_pending, retry=retry, on_error=on_error,
-                                      upload_timeout=upload_timeout)
+                                      upload_timeout=upload_timeout, preemption=preemption,
+                                      preemption_deadline=preemption_deadline)
+        self._engine = self._upload.engine
         self._upload.registers_in_begin = False  # begin() registers once the resume point is in local_dir
         _ensure_writable(local_dir)
         super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
@@ -176,16 +177,11 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
         self._restore = restore
         self._retention_args = (remote_max_to_keep, keep_checkpoint_every_n_hours)
-        RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
-        if preemption_deadline is not None and preemption_deadline <= 0:
-            raise ConfigError(f"preemption_deadline must be > 0 seconds, got {preemption_deadline!r}.")
-        self._watcher = PreemptionWatcher.from_spec(preemption)
-        self._preemption_deadline = preemption_deadline
+        self._watcher = self._engine.watcher
         self._exit_code = (PREEMPTED_EXIT_CODE if exit_on_preemption is True
                            else (int(exit_on_preemption) if exit_on_preemption else None))
         self._stop_requested = False
         self._upload_timeout = upload_timeout
-        self._replaced_handler_called = False
         self._open = False
         self._close_lock = threading.Lock()
         self.preempted = False
@@ -244,8 +240,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._upload.retention = RetentionPolicy(max_to_keep, every_n_hours)
         if not self._open:
             self._open = True
-            if self._watcher is not None:
-                self._watcher.start()
+            self._engine.start_watching()
         coord.register_thread(_SessionCloseProbe(self._on_session_close))
         super().after_create_session(session, coord)
 
@@ -253,7 +248,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``."""
         super().after_run(run_context, run_values)
         self._upload.raise_if_failed()
-        notice = self._watcher.notice if self._watcher is not None else None
+        notice = self._engine.notice
         if notice is not None and not self._stop_requested:
             self._stop_requested = True
             log.warning("Preemption notice (%s: %s): stopping training to save and commit a final checkpoint.",
@@ -273,33 +268,17 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         passes, the previous committed checkpoint stays the latest, and that is
         logged, not raised: the process exits cleanly.
         """
-        watcher = self._watcher
         step = int(session.run(self._global_step_tensor))
         try:
-            # The deadline function is re-read while waiting: a notice arriving during the final
-            # commit of a normal end bounds the wait too, and makes this a preemption stop.
-            self._upload.prepare_final_save(step, self._preemption_deadline_at if watcher is not None else None)
-            try:
-                super().end(session)
-            except UploadError as exc:
-                notice = watcher.notice if watcher is not None else None
-                if notice is None:
-                    raise
-                self.preempted = True
-                committed = self._upload.stats().last_committed_step
-                log.error("Preemption: the final checkpoint (step %d) was not committed %.1fs after the notice "
-                          "(%s); the latest committed checkpoint is step %s. The process exits cleanly: the "
-                          "machine is going away.", step, time.monotonic() - notice.received_at, exc, committed)
-            else:
-                notice = watcher.notice if watcher is not None else None
-                if notice is not None:
-                    self.preempted = True
-                    log.warning("Preemption: committed final checkpoint step %d to %s %.1fs after the notice.",
-                                step, self.checkpoint_url, time.monotonic() - notice.received_at)
+            # The deadline is re-read while waiting: a notice arriving during the final commit of a
+            # normal end bounds the wait too, and makes this a preemption stop (engine.finish).
+            self._upload.prepare_final_save(step)
+            super().end(session)
         finally:
+            self.preempted = self._engine.preempted
             self._close(timeout=0, reason="end()")
         if self.preempted:
-            self._call_replaced_sigterm_handler()
+            self._engine.call_replaced_sigterm_handler()
             if self._exit_code is not None:
                 log.warning("Exiting with code %d (preempted).", self._exit_code)
                 sys.exit(self._exit_code)
@@ -339,27 +318,6 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         return self._upload.stats()
 
     # -- internals ------------------------------------------------------------------------------
-    def _preemption_deadline_at(self) -> float | None:
-        """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
-        after the first notice if given, else the platform's hard stop (the earliest over all notices)."""
-        watcher = self._watcher
-        notice = watcher.notice if watcher is not None else None
-        if notice is None:
-            return None
-        if self._preemption_deadline is not None:
-            return notice.received_at + self._preemption_deadline
-        return watcher.hard_stop_at  # type: ignore[union-attr]
-
-    def _call_replaced_sigterm_handler(self) -> None:
-        """A Python SIGTERM handler the watcher replaced was not called on the SIGTERM taken as the
-        notice (it might have ended training before the final save): call it now (once); what it
-        raises, e.g. ``SystemExit``, propagates."""
-        handler = self._watcher.replaced_sigterm_handler() if self._watcher is not None else None
-        if handler is not None and not self._replaced_handler_called:
-            self._replaced_handler_called = True
-            log.info("Calling the SIGTERM handler cloudckpt deferred until the final checkpoint was committed.")
-            handler(signal.SIGTERM, None)
-
     def _on_session_close(self) -> None:
         """The session is closing; if ``end()`` did not run (an exception ended training), close now."""
         if not self._open:
@@ -383,52 +341,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             if not self._open:
                 return
             self._open = False
-        try:
-            # After a notice the process is being preempted: the platform's SIGTERM (GCE's soft-off, a
-            # shutdown script) may still come, even after the final commit, and must not turn a clean
-            # exit into 143. So the watcher keeps its SIGTERM handler until the process exits (its
-            # metadata polling ended with the notice); a second SIGTERM still ends the process the
-            # replaced way. Without a notice the replaced disposition is restored now.
-            if self._watcher is not None:
-                if self._watcher.notice is None:
-                    self._watcher.stop()
-                else:
-                    self._watcher.stop_polling()
-                    _ignore_sigterm_at_exit()
-        finally:
-            pending = self._upload.pending_steps()
-            self._upload.close(timeout=timeout)
-            failure = self._upload.take_failure()
-            if failure is not None:
-                log.error("%s", failure)
-            log.debug("cloudckpt hook closed (%s); abandoned step(s): %s", reason,
-                      [s for s in pending if s in self._upload.pending_steps()])
-
-
-_sigterm_ignored_at_exit = False
-
-
-def _ignore_sigterm_at_exit() -> None:
-    """From interpreter exit on, ignore SIGTERM (once a preemption notice was handled).
-
-    Python's finalization puts ``SIG_DFL`` back for every signal it handles,
-    so a shutdown SIGTERM landing while TensorFlow and the interpreter tear
-    down (a second or more) would turn the clean exit of a preempted run into
-    143. ``atexit`` runs before that reset, and a ``SIG_IGN`` disposition is
-    left alone by it. The process is ending anyway; SIGKILL still works.
-    """
-    global _sigterm_ignored_at_exit
-    if _sigterm_ignored_at_exit:
-        return
-    _sigterm_ignored_at_exit = True
-
-    def ignore() -> None:
-        try:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        except (ValueError, OSError):  # not the main thread, or an embedded interpreter
-            pass
-
-    atexit.register(ignore)
+        # After a notice the watcher keeps its SIGTERM handler until the process exits (see
+        # CheckpointEngine.stop_watching); pending failures are logged.
+        self._engine.close(timeout=timeout, reason=reason)
 
 
 class _SessionCloseProbe:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .commitlog import LogEntry
+from .layout import manifest_name
 
 LEGACY = "legacy:"
 
@@ -64,6 +65,7 @@ class CommitRecord:
     parent: str | None
     epoch: int | None  # None for adopted version 1 checkpoints
     writer_id: str | None
+    saved_at: float | None = None  # when the checkpoint was saved (seconds since the epoch), if recorded
 
     @property
     def legacy(self) -> bool:
@@ -148,7 +150,7 @@ def fold(entries: Iterable[LogEntry]) -> LogState:
                 previous = None
                 for prefix, step in sorted(doc.get("legacy") or (), key=lambda p: (p[1], p[0])):
                     cid = legacy_commit_id(prefix)
-                    commits[cid] = CommitRecord(cid, entry.index, int(step), prefix, prefix + ".manifest.json",
+                    commits[cid] = CommitRecord(cid, entry.index, int(step), prefix, manifest_name(prefix),
                                                 previous, None, None)
                     previous = cid
             resumed = doc.get("resumed_from")
@@ -161,8 +163,11 @@ def fold(entries: Iterable[LogEntry]) -> LogState:
             if newest is None or doc.get("epoch") != newest.epoch or not isinstance(cid, str) or cid in commits:
                 continue  # only the newest writer commits; writers.py never appends such an entry
             parent = doc.get("parent")
+            saved_at = doc.get("saved_at")
             commits[cid] = CommitRecord(cid, entry.index, int(doc["step"]), str(doc["prefix"]), str(doc["manifest"]),
-                                        parent if parent in commits else None, newest.epoch, newest.writer_id)
+                                        parent if parent in commits else None, newest.epoch, newest.writer_id,
+                                        float(saved_at) if isinstance(saved_at, (int, float))
+                                        and not isinstance(saved_at, bool) else None)
         elif entry.kind == "delete":
             retire = tuple(str(c) for c in doc.get("retire") or ())
             retired.update(c for c in retire if c in commits)

@@ -6,7 +6,9 @@ checkpoint with its size and crc32c. In a directory without a commit log
 ``commitlog.py``) a checkpoint is committed when a log ``commit`` entry names
 the manifest's ``commit_id`` and the manifest exists. Version 2 adds the
 writer (``writer_id``, ``writer_epoch``), the ``commit_id`` and the ``parent``
-commit in the checkpoint's lineage; version 1 manifests stay readable.
+commit in the checkpoint's lineage; version 1 manifests stay readable. A
+manifest of a checkpoint that is not in TF's layout names its ``layout``
+(``layout.py``); without that field it is a TF checkpoint.
 """
 
 from __future__ import annotations
@@ -20,16 +22,15 @@ from typing import BinaryIO, Callable
 import google_crc32c
 
 from .errors import ManifestError
+from .layout import (DEFAULT_LAYOUT, MANIFEST_SUFFIX, TF, committed_prefixes, get_layout, manifest_name,
+                     parse_manifest_name)
+
+__all__ = ["FORMAT", "VERSION", "MANIFEST_SUFFIX", "FileEntry", "Manifest", "parse_manifest", "manifest_name",
+           "parse_manifest_name", "committed_prefixes", "parse_checkpoint_file_name", "crc32c_hex",
+           "crc32c_of_stream", "crc32c_of_file", "entry_for", "utc_now_iso"]
 
 FORMAT = "cloudckpt.manifest"
 VERSION = 2  # the newest version this cloudckpt reads (and writes, for manifests with a commit id)
-MANIFEST_SUFFIX = ".manifest.json"
-
-# Any basename the Saver accepts, newlines included (DOTALL; names are matched with fullmatch).
-_MANIFEST_NAME = re.compile(r"(?P<prefix>(?P<basename>.+)-(?P<step>[0-9]+))\.manifest\.json", re.DOTALL)
-# Files the TF Saver writes for one checkpoint prefix.
-_CHECKPOINT_FILE = re.compile(
-    r"(?P<prefix>(?P<basename>.+)-(?P<step>[0-9]+))\.(index|meta|data-[0-9]{5}-of-[0-9]{5})", re.DOTALL)
 _CRC_HEX = re.compile(r"^[0-9a-f]{8}$")
 _READ_CHUNK = 1 << 20  # several files are checksummed at once: keep buffers small
 
@@ -57,6 +58,7 @@ class Manifest:
     writer_id: str | None = None  # version 2: the writer that committed it ...
     writer_epoch: int | None = None  # ... and its epoch (log index of its registration)
     parent: str | None = None  # version 2: the commit this checkpoint descends from (None: a first checkpoint)
+    layout: str = DEFAULT_LAYOUT  # how its files are named (layout.py); written only when not "tf"
 
     @property
     def version(self) -> int:
@@ -88,17 +90,23 @@ class Manifest:
         if self.version >= 2:
             doc.update(commit_id=self.commit_id, writer_id=self.writer_id, writer_epoch=self.writer_epoch,
                        parent=self.parent)
+        if self.layout != DEFAULT_LAYOUT:
+            doc["layout"] = self.layout
         return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
     def same_tensors(self, other: "Manifest") -> bool:
-        """True when both describe the same tensors: identical ``.index`` and ``.data-*`` files.
+        """True when both describe the same tensors: identical files a restore reads (TF: ``.index`` and
+        ``.data-*``).
 
-        The ``.meta`` file (the graph) is left out: TF writes it slightly
-        differently when it re-saves identical variables after a restore.
+        Files a restore does not read are left out (``layout.PrefixLayout.is_restored``; TF's ``.meta``,
+        the graph, which TF writes slightly differently when it re-saves identical variables after a
+        restore).
         """
         def key(m: "Manifest") -> list[tuple[str, int, str]]:
-            return sorted((f.name, f.size, f.crc32c) for f in m.files if not f.name.endswith(".meta"))
-        return self.step == other.step and self.prefix == other.prefix and key(self) == key(other)
+            restored = get_layout(m.layout).is_restored
+            return sorted((f.name, f.size, f.crc32c) for f in m.files if restored(f.name))
+        return self.step == other.step and self.prefix == other.prefix and self.layout == other.layout \
+            and key(self) == key(other)
 
 
 def parse_manifest(data: bytes, *, url: str) -> Manifest:
@@ -137,6 +145,9 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
             if "/" in f.name or f.name in ("", ".", ".."):
                 raise TypeError(f"file name {f.name!r}")
         lineage: dict = {}
+        layout = doc.get("layout", DEFAULT_LAYOUT)
+        if not isinstance(layout, str) or not layout:
+            raise TypeError("layout")
         if version >= 2:
             lineage = {k: doc.get(k) for k in ("commit_id", "writer_id", "writer_epoch", "parent")}
             if not isinstance(lineage["commit_id"], str) or not lineage["commit_id"]:
@@ -154,31 +165,15 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
         created_at=str(doc.get("created_at", "")),
         tensorflow=str(doc.get("tensorflow", "")),
         cloudckpt=str(doc.get("cloudckpt", "")),
+        layout=layout,
         **lineage,
     )
 
 
-def manifest_name(prefix: str) -> str:
-    """Manifest object name for a checkpoint prefix such as ``model.ckpt-30``."""
-    return prefix + MANIFEST_SUFFIX
-
-
-def parse_manifest_name(name: str) -> tuple[str, int] | None:
-    """``model.ckpt-30.manifest.json`` -> (``model.ckpt-30``, 30); None for other names."""
-    m = _MANIFEST_NAME.fullmatch(name)
-    return (m.group("prefix"), int(m.group("step"))) if m else None
-
-
-def committed_prefixes(names: list[str]) -> list[tuple[str, int]]:
-    """(prefix, step) of every manifest among object ``names``, ascending by step."""
-    found = [p for p in (parse_manifest_name(n) for n in names) if p is not None]
-    return sorted(found, key=lambda p: (p[1], p[0]))
-
-
 def parse_checkpoint_file_name(name: str) -> tuple[str, int] | None:
-    """``model.ckpt-30.index`` -> (``model.ckpt-30``, 30); None for names the Saver does not write."""
-    m = _CHECKPOINT_FILE.fullmatch(name)
-    return (m.group("prefix"), int(m.group("step"))) if m else None
+    """``model.ckpt-30.index`` -> (``model.ckpt-30``, 30); None for names the TF Saver does not write
+    (``layout.TF.parse_file``)."""
+    return TF.parse_file(name)
 
 
 def utc_now_iso() -> str:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
-from .commit import STATE_FILE, local_checkpoint_prefixes, render_state_file
 from .errors import CloudCkptError, IntegrityError
-from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, parse_manifest_name
+from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
+from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream
 from .remote import RemoteStore
 
 log = logging.getLogger("cloudckpt")
@@ -213,10 +213,12 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check)
-        # The .index goes last: a checkpoint counts as present locally once its index is there.
-        for entry in sorted(info.files, key=lambda f: f.name.endswith(".index")):
+        # The marker (TF: the .index) goes last: a checkpoint counts as present locally once it is there.
+        layout = get_layout(info.layout)
+        for entry in sorted(info.files, key=lambda f: layout.is_marker(f.name)):
             os.replace(os.path.join(staging, entry.name), os.path.join(local_dir, entry.name))
-        _point_state_file_at(local_dir, info.name)
+        if info.layout == DEFAULT_LAYOUT:
+            _point_state_file_at(local_dir, info.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
@@ -226,7 +228,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
 
 def _point_state_file_at(local_dir: str, prefix: str) -> None:
     """Make ``prefix`` the latest checkpoint of ``local_dir``, keeping the other local ones listed."""
-    others = [p for p in local_checkpoint_prefixes(local_dir) if p != prefix]
+    others = [p for p in get_layout(DEFAULT_LAYOUT).local_prefixes(local_dir) if p != prefix]
     tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(render_state_file([*others, prefix]))

@@ -24,24 +24,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Sequence
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
-from .commit import STATE_FILE, local_checkpoint_prefixes
 from .errors import IntegrityError
-from .manifest import crc32c_of_file, parse_manifest_name
+from .layout import TF, PrefixLayout, parse_manifest_name, state_file_prefix, step_of
+from .manifest import crc32c_of_file
 from .remote import RemoteStore
 from .restore import download_verified
 from .writers import Writer
 
+__all__ = ["resume_and_register", "resume_point", "state_file_prefix", "local_copy_problems"]
+
 log = logging.getLogger("cloudckpt")
 
-_STATE_PATH = re.compile(r'^model_checkpoint_path:\s*"(?P<path>(?:[^"\\]|\\.)*)"\s*$', re.M)
 
-
-def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool) -> CheckpointInfo | None:
+def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool,
+                        layout: PrefixLayout = TF) -> CheckpointInfo | None:
     """Bring ``local_dir`` to the resume point (downloading only if ``download``) and register ``writer``.
+
+    ``layout`` names the local checkpoints (TF's by default).
 
     Returns:
         The committed checkpoint downloaded, or None if the local directory was used as it is.
@@ -56,7 +58,7 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
     def decide(_state: object) -> str | None:
         scan = scan_directory(store)
         outcome["scan"] = scan
-        restored, resumed = resume_point(store, scan, local_dir, download=download)
+        restored, resumed = resume_point(store, scan, local_dir, download=download, layout=layout)
         outcome["restored"] = restored
         return resumed
 
@@ -70,12 +72,12 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
     return restored if isinstance(restored, CheckpointInfo) else None
 
 
-def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
-                 download: bool) -> tuple[CheckpointInfo | None, str | None]:
+def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *, download: bool,
+                 layout: PrefixLayout = TF) -> tuple[CheckpointInfo | None, str | None]:
     """(checkpoint downloaded or None, commit id resumed from or None): see the module docstring."""
     lineage = scan.committed
     known = {c.name: c for c in [*scan.superseded, *lineage]}  # the current lineage wins a shared prefix
-    local = local_checkpoint_prefixes(local_dir)
+    local = layout.local_prefixes(local_dir)
     pointed = state_file_prefix(local_dir)
     chosen = pointed if pointed in local else None  # what TF restores: the state file's checkpoint
     head = lineage[-1] if lineage else None
@@ -106,14 +108,16 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
                     "once this run commits.", local_dir, step, _step(newest), step, store.url)  # type: ignore[arg-type]
         if match is None:
             return None, earlier[-1].commit_id if earlier else None
-        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download)
+        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download,
+                        layout=layout)
     if match is not None and match.status == "committed":
         if download and head is not None and head.step > step:
             newer = [c for c in reversed(lineage) if c.step > step]
             restored = _download_first(store, scan, newer, local_dir, local_step=step)
             if restored is not None:
                 return restored, restored.commit_id
-        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download)
+        return _checked(store, scan, match, [*reversed(earlier)], local_dir, download=download,
+                        layout=layout)
     if match is not None:  # committed in an abandoned lineage
         if not download:
             return None, match.commit_id
@@ -134,22 +138,14 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *,
     return None, earlier[-1].commit_id if earlier else None
 
 
-def state_file_prefix(local_dir: str) -> str | None:
-    """The checkpoint the local TF ``checkpoint`` state file points at (basename), if any."""
-    try:
-        with open(os.path.join(local_dir, STATE_FILE), encoding="utf-8") as f:
-            found = _STATE_PATH.search(f.read())
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    return os.path.basename(found.group("path")) if found else None
-
-
-def local_copy_problems(local_dir: str, info: CheckpointInfo) -> list[str]:
-    """What differs between the local copy of ``info`` and its manifest (``.index`` and ``.data-*`` files)."""
+def local_copy_problems(local_dir: str, info: CheckpointInfo, layout: PrefixLayout = TF) -> list[str]:
+    """What differs between the local copy of ``info`` and its manifest, over the files a restore reads
+    (``layout.is_restored``; TF: ``.index`` and ``.data-*``, not ``.meta``, which TF rewrites when it
+    re-saves after a restore)."""
     problems = []
     for entry in info.files:
-        if entry.name.endswith(".meta"):
-            continue  # TF rewrites the graph when it re-saves after a restore; restores do not read it
+        if not layout.is_restored(entry.name):
+            continue
         path = os.path.join(local_dir, entry.name)
         if not os.path.isfile(path):
             problems.append(f"{entry.name}: missing")
@@ -165,12 +161,12 @@ def local_copy_problems(local_dir: str, info: CheckpointInfo) -> list[str]:
 
 
 def _checked(store: RemoteStore, scan: DirectoryScan, match: CheckpointInfo, older: Sequence[CheckpointInfo],
-             local_dir: str, *, download: bool) -> tuple[CheckpointInfo | None, str | None]:
+             local_dir: str, *, download: bool, layout: PrefixLayout) -> tuple[CheckpointInfo | None, str | None]:
     """Resume from the local copy of committed ``match`` if it matches its manifest; else download it
     (or the newest of ``older`` that verifies)."""
     if store.is_local and os.path.abspath(store.root) == os.path.abspath(local_dir):
         return None, match.commit_id  # in place: the local files are the committed objects
-    problems = local_copy_problems(local_dir, match)
+    problems = local_copy_problems(local_dir, match, layout)
     if not problems:
         log.info("Local checkpoint step %d in %s is up to date with %s (it matches its committed manifest).",
                  match.step, local_dir, store.url)
@@ -230,4 +226,4 @@ def _download_first(store: RemoteStore, scan: DirectoryScan, candidates: Sequenc
 
 
 def _step(prefix: str) -> int:
-    return int(prefix.rsplit("-", 1)[1])
+    return step_of(prefix)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory
 from .commit import write_state_file
 from .errors import ConfigError
+from .layout import basename_of
 from .lineage import LogState, fold
 from .remote import RemoteStore
 from .writers import Writer
@@ -122,10 +123,10 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
     delete = [c for c in reversed(ranked) if id(c) not in keep_ids]
 
     now = time.time() if now is None else now
-    names = basenames or {c.name.rsplit("-", 1)[0] for c in everything} or {"model.ckpt"}
+    names = basenames or {basename_of(c.name) for c in everything} or {"model.ckpt"}
     found_debris = []
     for inc in (scan.incomplete if debris else []):
-        basename = inc.prefix.rsplit("/", 1)[-1].rsplit("-", 1)[0]
+        basename = basename_of(inc.prefix.rsplit("/", 1)[-1])
         newest = max((o.modified or now for o in inc.objects), default=now)
         if basename in names and now - newest >= policy.debris_grace_seconds:
             found_debris.append(inc)

@@ -169,10 +169,17 @@ class Writer:
         raise UploadError(f"Could not append to the commit log of {self.store.url}: it kept changing "
                           f"({MAX_APPEND_ATTEMPTS} attempts).", url=self.store.url, step=step)
 
-    def commit(self, manifest: Manifest, *, validate: Callable[[LogState], None] | None = None) -> LogEntry:
-        """Append the ``commit`` entry of ``manifest`` (already written): THE commit point."""
+    def commit(self, manifest: Manifest, *, validate: Callable[[LogState], None] | None = None,
+               saved_at: float | None = None) -> LogEntry:
+        """Append the ``commit`` entry of ``manifest`` (already written): THE commit point.
+
+        ``saved_at``: when the checkpoint was saved (seconds since the epoch), if known; the remote TF
+        state file lists it as the checkpoint's timestamp.
+        """
         doc = new_entry("commit", writer_id=self.writer_id, commit_id=manifest.commit_id, step=manifest.step,
                         prefix=manifest.prefix, manifest=manifest.name, parent=manifest.parent)
+        if saved_at is not None:
+            doc["saved_at"] = float(saved_at)
         entry = self.append(doc, step=manifest.step, validate=validate)
         self.head = manifest.commit_id
         return entry

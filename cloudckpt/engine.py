@@ -1,0 +1,632 @@
+"""``CheckpointEngine``: background commits of checkpoints, where a checkpoint is a step and a set of files.
+
+The engine knows nothing about TensorFlow (nothing under this module imports
+it). Framework adapters -- ``UploadListener`` / ``CheckpointSaverHook`` (TF1),
+``cloudckpt.CheckpointManager`` (TF2), the Keras callbacks -- write a
+checkpoint's files into ``local_dir`` and hand them over; the engine:
+
+* **snapshots** the files (hard links into ``<local_dir>/.cloudckpt-staging``,
+  a copy across devices) so the framework may delete or overwrite its files at
+  once, and **queues** the snapshot; ``submit`` never touches the network.
+  When the URL is ``local_dir`` itself (a plain path) the files are committed
+  in place, synchronously;
+* **commits** each snapshot from one background thread (``uploader.py`` ->
+  ``commit.py``: files create-only, a manifest, a commit-log entry as the
+  commit point), at most ``max_pending`` waiting behind the one in flight (the
+  oldest waiting one is dropped first);
+* applies **retention** after each commit (``RetentionPolicy``);
+* **surfaces failures** at defined points in the caller's thread
+  (``raise_if_failed``, ``wait``, ``finish``); housekeeping failures are
+  counted in ``stats()``;
+* **resumes**: ``resume()`` brings ``local_dir`` to the resume point (the
+  newest verified committed checkpoint unless the local copy is intact or was
+  rolled back on purpose; ``resume.py``) and registers this engine as the
+  directory's writer, which fences every older writer (``FencedError``);
+* handles **preemption** (``PreemptionWatcher``): ``should_stop()`` turns True
+  on a notice; ``finish()`` then bounds the wait for the final checkpoint by
+  the platform's hard stop and does not raise past it (the previous committed
+  checkpoint stays the latest).
+
+How files are named and recognised is the ``layout`` (``layout.py``); TF's
+``prefix.index`` / ``prefix.data-*`` is the default.
+
+Typical use by an adapter::
+
+    engine = CheckpointEngine(url, local_dir, preemption="sigterm")
+    engine.open()
+    engine.resume()                       # download the newest committed checkpoint, become the writer
+    engine.start_watching()
+    while training:
+        ...                               # the framework writes ckpt-<step>.* into local_dir
+        engine.submit(step, [paths])      # returns at once
+        engine.raise_if_failed()
+        if engine.should_stop():
+            break
+    engine.prepare_final_save(step)       # from here on the final checkpoint must reach the store
+    ...                                   # save the final checkpoint, submit it
+    engine.finish(step)                   # wait (upload_timeout / preemption deadline), then close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from typing import Any, Callable, Iterable, Mapping
+
+from .catalog import CheckpointInfo, scan_directory
+from .commit import CommitResult, LocalCheckpoint
+from .errors import ConfigError, UploadError
+from .layout import TF, PrefixLayout
+from .preemption import PreemptionNotice, PreemptionWatcher
+from .remote import RemoteStore
+from .restore import DOWNLOAD_STAGING_PREFIX
+from .resume import resume_and_register
+from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
+from .retry import RetryPolicy
+from .uploader import Uploader, UploadJob, UploadStats
+from .writers import Writer
+
+log = logging.getLogger("cloudckpt")
+
+STAGING_DIR = ".cloudckpt-staging"
+UPLOAD_TIMEOUT: Any = object()  # close()'s default: the engine's upload_timeout
+
+__all__ = ["CheckpointEngine", "STAGING_DIR"]
+
+
+class CheckpointEngine:
+    """Commits checkpoints (a step and a set of files in ``local_dir``) to a URL in the background.
+
+    Args:
+        url: the remote checkpoint directory: any fsspec URL (``s3://``, ``gs://``,
+            ``memory://``, ``file://``...) or a local path (then ``local_dir`` must be
+            that path: checkpoints are committed in place, synchronously).
+        local_dir: the directory the framework writes checkpoints to; snapshots,
+            downloads and the resume point live there.
+        layout: how a checkpoint's files are named (``layout.TF`` by default).
+        storage_options: fsspec options for the store (``endpoint_url``, ``key``,
+            ``token``...); never logged.
+        max_pending: checkpoints allowed to wait behind the one uploading (>= 1); past
+            that the oldest waiting one is dropped (logged, counted in ``stats().dropped``).
+        retry: ``RetryPolicy`` for transient storage errors (default: ``RetryPolicy()``).
+        on_error: ``"raise"``: a failed commit is raised as ``UploadError`` at the next
+            ``raise_if_failed()``; ``"warn"``: logged and counted, the next checkpoint
+            tries again. The final checkpoint (``finish``) and fencing raise either way.
+        upload_timeout: seconds ``finish()`` and ``close()`` wait for uploads still
+            pending; None waits until they are done.
+        retention: which committed checkpoints to keep remotely, applied after each
+            commit (None keeps everything); settable later (``engine.retention = ...``).
+        preemption: None (off), ``"sigterm"``, ``"auto"`` (SIGTERM, GCE and AWS
+            metadata) or a ``PreemptionWatcher``; watched between ``start_watching()``
+            and ``stop_watching()`` / ``close()``.
+        preemption_deadline: seconds from the first notice by which the final
+            checkpoint must be committed; default: the platform's hard stop
+            (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice).
+
+    Raises:
+        ConfigError: (a ``ValueError``) an invalid argument or an unusable URL
+            (unknown protocol, credentials in a query string).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        local_dir: str,
+        *,
+        layout: PrefixLayout = TF,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int = 2,
+        retry: RetryPolicy | None = None,
+        on_error: str = "raise",
+        upload_timeout: float | None = None,
+        retention: RetentionPolicy | None = None,
+        preemption: PreemptionWatcher | str | None = None,
+        preemption_deadline: float | None = None,
+    ) -> None:
+        if upload_timeout is not None and not upload_timeout > 0:
+            raise ConfigError(f"upload_timeout must be > 0 seconds or None, got {upload_timeout!r}.")
+        if preemption_deadline is not None and not preemption_deadline > 0:
+            raise ConfigError(f"preemption_deadline must be > 0 seconds, got {preemption_deadline!r}.")
+        if not isinstance(layout, PrefixLayout):
+            raise ConfigError(f"layout must be a cloudckpt.layout.PrefixLayout, got {layout!r}.")
+        self._local_dir = os.path.abspath(os.fspath(local_dir))
+        self._layout = layout
+        self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry)
+        self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error)
+        self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
+        self._upload_timeout = upload_timeout
+        self.retention = retention
+        self._watcher = PreemptionWatcher.from_spec(preemption)
+        self._preemption_deadline = preemption_deadline
+        self._watching = False
+        self._replaced_handler_called = False
+        self.preempted = False
+        self._reset_final_save()
+
+    # -- what it is ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The remote checkpoint directory, in display form (credentials masked: ``s3://***@bucket/run``)."""
+        return self._store.url
+
+    @property
+    def store(self) -> RemoteStore:
+        """The remote checkpoint directory's store."""
+        return self._store
+
+    @property
+    def local_dir(self) -> str:
+        """The local directory checkpoints are written to (absolute)."""
+        return self._local_dir
+
+    @property
+    def layout(self) -> PrefixLayout:
+        """How this engine's checkpoints name their files."""
+        return self._layout
+
+    @property
+    def in_place(self) -> bool:
+        """True when the checkpoint directory is ``local_dir`` itself (nothing is uploaded)."""
+        return self._in_place
+
+    @property
+    def writer_id(self) -> str:
+        """This engine's writer id in the directory's commit log (a new one after each ``resume``)."""
+        return self._uploader.writer.writer_id
+
+    @property
+    def upload_timeout(self) -> float | None:
+        """Seconds ``finish()``/``close()`` wait for pending uploads (None: until done)."""
+        return self._upload_timeout
+
+    @property
+    def ending(self) -> bool:
+        """True between ``prepare_final_save()`` and the next ``open()``."""
+        return self._ending
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Check the store is usable and clear what a crashed run left in ``local_dir`` (snapshots,
+        half-finished downloads). Resets the final-save state, so an engine can be opened again after
+        ``finish``/``close``. The uploader thread starts with the first ``submit``.
+
+        Raises:
+            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory).
+            RemoteError: the store could not be reached after retries.
+        """
+        self._store.check_usable()
+        self._reset_final_save()
+        leftovers = [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
+            os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]
+        for leftover in leftovers:
+            shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
+
+    def resume(self, *, download: bool = True) -> CheckpointInfo | None:
+        """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
+
+        With ``download``, ``local_dir`` is first brought to the resume point: the
+        head of the directory's lineage (the newest committed checkpoint that
+        verifies, falling back past corrupt ones), unless the local copy of it is
+        intact, the local checkpoint is newer than anything committed, or the local
+        TF state file was pointed back on purpose. Local copies are checked against
+        their manifests (sizes and crc32c). Registering fences every older writer of
+        the directory. Call it again for a new run of the same engine: it registers
+        anew.
+
+        Returns:
+            The committed checkpoint downloaded into ``local_dir``, or None if the
+            local directory was used as it is (or nothing is committed).
+
+        Raises:
+            IntegrityError: checkpoints are committed but none verifies, and there is
+                no local checkpoint to fall back on (training must not silently restart).
+            RemoteError / FencedError: the store could not be read or written.
+        """
+        if self._uploader.writer.registered:
+            self._uploader.writer = Writer(self._store)
+        return resume_and_register(self._store, self._uploader.writer, self._local_dir,
+                                   download=download and not self._in_place, layout=self._layout)
+
+    # -- preemption ------------------------------------------------------------------------------------
+    @property
+    def watcher(self) -> PreemptionWatcher | None:
+        """The preemption watcher (None when ``preemption=None``)."""
+        return self._watcher
+
+    @property
+    def notice(self) -> PreemptionNotice | None:
+        """The first preemption notice received, if any."""
+        return self._watcher.notice if self._watcher is not None else None
+
+    def start_watching(self) -> None:
+        """Start the preemption watcher (SIGTERM handler from the main thread, metadata polling);
+        idempotent, a no-op without one."""
+        if self._watcher is not None and not self._watching:
+            self._watcher.start()
+            self._watching = True
+
+    def stop_watching(self) -> None:
+        """Stop watching. Without a notice the replaced SIGTERM disposition is restored. After a notice
+        the process is being preempted: polling stops, but the SIGTERM handler stays until the process
+        exits (from interpreter exit on SIGTERM is ignored), so the platform's shutdown SIGTERM cannot
+        turn a clean exit into 143; a second SIGTERM still ends the process the replaced way."""
+        watcher = self._watcher
+        if watcher is None:
+            return
+        self._watching = False
+        if watcher.notice is None:
+            watcher.stop()
+        else:
+            watcher.stop_polling()
+            _ignore_sigterm_at_exit()
+
+    def should_stop(self) -> bool:
+        """True once a preemption notice was received: save a final checkpoint and stop training."""
+        return self.notice is not None
+
+    def preemption_deadline_at(self) -> float | None:
+        """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
+        after the first notice if given, else the platform's hard stop (the earliest over all notices);
+        None before any notice."""
+        notice = self.notice
+        if notice is None:
+            return None
+        if self._preemption_deadline is not None:
+            return notice.received_at + self._preemption_deadline
+        return self._watcher.hard_stop_at  # type: ignore[union-attr]
+
+    def call_replaced_sigterm_handler(self) -> None:
+        """Call, once, the Python SIGTERM handler the watcher replaced and did not call for the SIGTERM
+        taken as the notice (it might have ended training before the final save). Call it after the
+        final checkpoint is committed; what it raises (``SystemExit``) propagates."""
+        handler = self._watcher.replaced_sigterm_handler() if self._watcher is not None else None
+        if handler is not None and not self._replaced_handler_called:
+            self._replaced_handler_called = True
+            log.info("Calling the SIGTERM handler cloudckpt deferred until the final checkpoint was committed.")
+            handler(signal.SIGTERM, None)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def submit(
+        self,
+        step: int,
+        files: Mapping[str, str] | Iterable[str],
+        *,
+        extras: Mapping[str, str] | None = None,
+        saved_at: float | None = None,
+        required: bool | None = None,
+        on_committed: Callable[[CommitResult], None] | None = None,
+    ) -> None:
+        """Queue the checkpoint of ``step`` for commit; returns without touching the network.
+
+        The files are hard-linked into a private snapshot first, so the caller may
+        delete or overwrite them as soon as this returns. In place (``in_place``)
+        the checkpoint is committed now, in the calling thread.
+
+        Args:
+            step: the checkpoint's step (>= 0).
+            files: the checkpoint's local files: paths (stored under their basenames)
+                or a mapping ``{stored name: local path}``; the names must form one
+                checkpoint of ``layout`` (TF: ``<basename>-<step>.index`` and its
+                ``.data-*`` files).
+            extras: files uploaded alongside when they differ from the stored ones,
+                not part of the checkpoint (``graph.pbtxt``): ``{name: local path}``.
+            saved_at: when the framework saved it (seconds since the epoch; default:
+                now); recorded in the commit log and written to the remote TF state
+                file as ``all_model_checkpoint_timestamps``.
+            required: the checkpoint must not be lost silently: its failure is raised
+                even with ``on_error="warn"``. Default: True for the final step
+                announced by ``prepare_final_save``.
+            on_committed: called in the uploader thread after the commit (not for a
+                refused save), before retention.
+
+        Raises:
+            ConfigError: the files are not one checkpoint of ``layout`` with step ``step``.
+            OSError: a file could not be linked or copied into the snapshot.
+
+        Upload failures are never raised here: see ``raise_if_failed``.
+        """
+        ckpt = self._local_checkpoint(step, files, extras, saved_at)
+        self._submit(ckpt, required=required, on_committed=on_committed)
+
+    def find_saved(self, step: int) -> LocalCheckpoint | None:
+        """The checkpoint of ``step`` in ``local_dir`` per ``layout`` (TF: the state file's checkpoint if it
+        has that step, else the newest ``*-<step>.index``); None if there is none."""
+        return self._layout.find_saved(self._local_dir, step)
+
+    def submit_saved(self, step: int, *, required: bool | None = None) -> bool:
+        """``submit`` the checkpoint of ``step`` found in ``local_dir`` (``find_saved``); False if there is none."""
+        ckpt = self.find_saved(step)
+        if ckpt is None:
+            return False
+        self._submit(ckpt, required=required, on_committed=None)
+        return True
+
+    def prepare_final_save(self, step: int, deadline: Callable[[], float | None] | None = None) -> None:
+        """Announce the final checkpoint (``step``), before it is saved.
+
+        From now on ``raise_if_failed`` is left to ``finish``, so the final
+        checkpoint is always saved and queued; its failure is raised even with
+        ``on_error="warn"``. ``deadline`` (a function returning a
+        ``time.monotonic()`` time or None) bounds ``finish``'s wait besides
+        ``upload_timeout``; default: ``preemption_deadline_at`` (re-read while
+        waiting, so a notice arriving later sets or tightens it). During a
+        preemption, checkpoints of older steps still waiting are dropped now.
+        """
+        self._ending = True
+        self._final_step = int(step)
+        self._upload_timeout_at = None if self._upload_timeout is None else time.monotonic() + self._upload_timeout
+        self._end_deadline = deadline if deadline is not None else self.preemption_deadline_at
+        if self._end_deadline() is not None:  # a preemption is under way: only the final checkpoint matters
+            self._uploader.drop_waiting(self._final_step, f"superseded by the final checkpoint (step {step}) "
+                                                          "before preemption")
+
+    def finish(self, step: int | None = None) -> None:
+        """Wait until the final checkpoint (and everything before it) is committed, then stop the uploader.
+
+        ``step``: the final step (default: the one given to ``prepare_final_save``).
+        If that checkpoint is not pending and not committed (its save was at this
+        very step and failed with ``on_error="warn"``), it is submitted once more
+        from ``local_dir``. The wait ends at ``upload_timeout`` (from
+        ``prepare_final_save``, or now) or the preemption deadline, whichever is first.
+
+        After a preemption notice, a final checkpoint not committed by the deadline is
+        logged at ERROR and not raised (the machine is going away; the previous
+        committed checkpoint stays the latest); ``preempted`` is set either way.
+
+        Raises:
+            UploadError: a checkpoint failed to commit (``FencedError`` if a newer
+                writer took over), or some were still uploading at the deadline.
+        """
+        final = self._final_step if self._final_step is not None else (None if step is None else int(step))
+        if final is not None and not self._final_submitted and not self._uploader.require(final) \
+                and self._uploader.stats().last_committed_step != final:
+            self.submit_saved(final, required=True)
+        timeout_at = self._upload_timeout_at if self._ending else (
+            None if self._upload_timeout is None else time.monotonic() + self._upload_timeout)
+        end_deadline = self._end_deadline
+        try:
+            self._wait_until(lambda: _min(timeout_at, end_deadline()))
+        except UploadError as exc:
+            notice = self.notice
+            if notice is None:
+                raise
+            self.preempted = True
+            log.error("Preemption: the final checkpoint (step %s) was not committed %.1fs after the notice (%s); "
+                      "the latest committed checkpoint is step %s. The process exits cleanly: the machine is "
+                      "going away.", final, time.monotonic() - notice.received_at, exc,
+                      self._uploader.stats().last_committed_step)
+        else:
+            notice = self.notice
+            if notice is not None:
+                self.preempted = True
+                log.warning("Preemption: committed final checkpoint step %s to %s %.1fs after the notice.",
+                            final, self.url, time.monotonic() - notice.received_at)
+        finally:
+            self.stop_uploads(timeout=0 if self._uploader.pending_steps() else None)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every checkpoint submitted so far is committed, dropped or failed.
+
+        Raises:
+            UploadError: a checkpoint failed to commit, or ``timeout`` seconds passed first.
+        """
+        started = time.monotonic()
+        self._uploader.wait(timeout)
+        self._raise_unless_done(time.monotonic() - started)
+
+    def pending_steps(self) -> list[int]:
+        """Steps uploading or waiting, oldest first."""
+        return self._uploader.pending_steps()
+
+    def take_failure(self) -> UploadError | None:
+        """The upload failures not yet reported, as one error (None if none); they are then cleared."""
+        return self._uploader.take_failure()
+
+    def raise_if_failed(self) -> None:
+        """Raise the unreported upload failures, if any, as one ``UploadError`` (``FencedError`` first).
+        Cheap: call it every training step."""
+        failure = self._uploader.take_failure()
+        if failure is not None:
+            raise failure
+
+    def stats(self) -> UploadStats:
+        """Counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
+        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes,
+        retries by cause, last committed step and the last commit's duration (seconds)."""
+        return self._uploader.stats()
+
+    def stop_uploads(self, timeout: float | None = None) -> None:
+        """Stop the background uploader; checkpoints still uploading get ``timeout`` seconds (None: until
+        done), then they are abandoned (the previous committed checkpoint stays the latest). The next
+        ``submit`` starts it again. Failures are kept for ``take_failure``."""
+        self._uploader.close(timeout=timeout)
+
+    def close(self, timeout: Any = UPLOAD_TIMEOUT, *, reason: str = "close()") -> None:
+        """Stop watching for preemption (``stop_watching``) and stop the uploader; idempotent.
+
+        Checkpoints still uploading get ``timeout`` seconds to commit (default:
+        ``upload_timeout``; after a preemption notice at most until the deadline),
+        then they are abandoned; afterwards no cloudckpt thread is left. Failures
+        not yet reported are logged at ERROR, not raised (``finish`` raises).
+        """
+        if timeout is UPLOAD_TIMEOUT:
+            timeout = self._upload_timeout
+        deadline = self.preemption_deadline_at()
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            self.stop_watching()
+        finally:
+            pending = self._uploader.pending_steps()
+            self.stop_uploads(timeout=timeout)
+            failure = self._uploader.take_failure()
+            if failure is not None:
+                log.error("%s", failure)
+            log.debug("cloudckpt engine closed (%s); abandoned step(s): %s", reason,
+                      [s for s in pending if s in self._uploader.pending_steps()])
+
+    def __enter__(self) -> "CheckpointEngine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _reset_final_save(self) -> None:
+        self._ending = False
+        self._final_step: int | None = None
+        self._final_submitted = False
+        self._upload_timeout_at: float | None = None
+        self._end_deadline: Callable[[], float | None] = self.preemption_deadline_at
+
+    def _local_checkpoint(self, step: int, files: Mapping[str, str] | Iterable[str],
+                          extras: Mapping[str, str] | None, saved_at: float | None) -> LocalCheckpoint:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be an integer >= 0, got {step!r}.")
+        if isinstance(files, Mapping):
+            mapping = {str(name): os.fspath(path) for name, path in files.items()}
+        else:
+            mapping = {os.path.basename(os.fspath(p)): os.fspath(p) for p in files}
+        prefix, named_step = self._layout.prefix_of(mapping)
+        if named_step != step:
+            raise ConfigError(f"the files of checkpoint {prefix!r} name step {named_step}, not step {step}.")
+        return LocalCheckpoint(step=step, prefix=prefix, files=mapping, extras=dict(extras or {}),
+                               layout=self._layout.name, saved_at=time.time() if saved_at is None else saved_at)
+
+    def _submit(self, ckpt: LocalCheckpoint, *, required: bool | None,
+                on_committed: Callable[[CommitResult], None] | None) -> None:
+        if ckpt.saved_at is None:
+            ckpt = LocalCheckpoint(ckpt.step, ckpt.prefix, ckpt.files, ckpt.extras, ckpt.layout, time.time())
+        if required is None:
+            required = self._ending and ckpt.step == self._final_step
+        if required:
+            self._final_submitted = True
+        if self._in_place:
+            # Extras already in the directory are the stored objects themselves.
+            extras = {n: p for n, p in ckpt.extras.items()
+                      if os.path.abspath(p) != os.path.abspath(self._store.path(n))}
+            ckpt = LocalCheckpoint(ckpt.step, ckpt.prefix, ckpt.files, extras, ckpt.layout, ckpt.saved_at)
+
+            def committed(result: CommitResult) -> None:
+                if on_committed is not None:
+                    on_committed(result)
+                self._retire_deleted()
+            self._uploader.commit_now(UploadJob(ckpt, on_committed=committed, required=required))
+            return
+        self._uploader.start()
+        self._uploader.submit(self._snapshot(ckpt, required, on_committed))
+
+    def _snapshot(self, ckpt: LocalCheckpoint, required: bool,
+                  on_committed: Callable[[CommitResult], None] | None) -> UploadJob:
+        """Hard-link (or copy across devices) the checkpoint's files into a private directory."""
+        staging = os.path.join(self._local_dir, STAGING_DIR, f"{ckpt.prefix}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        try:
+            files = {name: _link_or_copy(path, os.path.join(staging, name)) for name, path in ckpt.files.items()}
+            extras = {name: _link_or_copy(path, os.path.join(staging, name)) for name, path in ckpt.extras.items()
+                      if os.path.isfile(path)}
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        def committed(result: CommitResult) -> None:
+            if on_committed is not None:
+                on_committed(result)
+            self._apply_retention(protect=result.manifest.step)
+
+        snapshot = LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras, ckpt.layout, ckpt.saved_at)
+        return UploadJob(snapshot, release=lambda: shutil.rmtree(staging, ignore_errors=True),
+                         on_committed=committed, required=required)
+
+    def _apply_retention(self, protect: int) -> None:
+        """Remote retention after a commit; ``protect`` (the step just committed) is never deleted, even
+        when newer steps exist (a run that fell back past a corrupt checkpoint)."""
+        if self.retention is None or not self.retention.deletes_checkpoints:
+            return
+        plan = plan_retention(scan_directory(self._store), self.retention, protect={protect}, debris=False)
+        apply_retention(self._store, plan, self._uploader.writer)
+
+    def _retire_deleted(self) -> None:
+        """In place, the framework deletes old checkpoints itself (``max_to_keep``): retire their manifests
+        too, so that no manifest vouches for files that are gone."""
+        scan = scan_directory(self._store)
+        present = {o.name for o in scan.objects}
+        gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
+        if gone:
+            apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
+                            self._uploader.writer)
+
+    def _wait_until(self, deadline: Callable[[], float | None]) -> None:
+        """Wait until every upload is done or ``deadline()`` (a ``time.monotonic()`` time, None for no
+        limit) passes; the deadline is re-read every half second, so a later notice can move it.
+
+        Raises:
+            UploadError: a checkpoint failed, or some were still uploading at the deadline.
+        """
+        started = time.monotonic()
+        while True:
+            at = deadline()
+            remaining = None if at is None else at - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            if self._uploader.wait(0.5 if remaining is None else min(0.5, remaining)):
+                break
+        self._raise_unless_done(time.monotonic() - started)
+
+    def _raise_unless_done(self, waited: float) -> None:
+        self.raise_if_failed()
+        steps = self._uploader.pending_steps()
+        if steps:
+            raise UploadError(
+                f"Timed out after {waited:.1f}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
+                "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
+                url=self.url, step=steps[-1])
+
+    def _count_retry(self, cause: str) -> None:
+        self._uploader.count_retry(cause)
+
+
+def _min(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another device, or a filesystem without hard links
+        shutil.copy2(src, dst)
+    return dst
+
+
+_sigterm_ignored_at_exit = False
+
+
+def _ignore_sigterm_at_exit() -> None:
+    """From interpreter exit on, ignore SIGTERM (once a preemption notice was handled).
+
+    Python's finalization puts ``SIG_DFL`` back for every signal it handles,
+    so a shutdown SIGTERM landing while the framework and the interpreter tear
+    down (a second or more) would turn the clean exit of a preempted run into
+    143. ``atexit`` runs before that reset, and a ``SIG_IGN`` disposition is
+    left alone by it. The process is ending anyway; SIGKILL still works.
+    """
+    global _sigterm_ignored_at_exit
+    if _sigterm_ignored_at_exit:
+        return
+    _sigterm_ignored_at_exit = True
+
+    def ignore() -> None:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread, or an embedded interpreter
+            pass
+
+    atexit.register(ignore)
