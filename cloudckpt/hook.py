@@ -15,17 +15,16 @@ in the thread closing the session -- asks registered threads ``is_alive()``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
+from .engine import default_local_dir, ensure_writable as _ensure_writable
 from .errors import ConfigError, UploadError
 from .catalog import CheckpointInfo
 from .listener import UploadListener
@@ -34,27 +33,10 @@ from .remote import is_local_path
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
-from .urls import display_url
 
 log = logging.getLogger("cloudckpt")
 
 PREEMPTED_EXIT_CODE = 42  # what TF's failure handling exits with for a terminated worker
-
-
-def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """A stable per-URL cache directory, so a restarted process on the same VM finds its checkpoints.
-
-    ``$CLOUDCKPT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/cloudckpt``, else
-    ``~/.cache/cloudckpt``) / ``<hash of URL and endpoint>``.
-    """
-    base = os.environ.get("CLOUDCKPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
-    options = dict(storage_options or {})
-    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
-    # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
-    # and the cache survives a credential rotation.
-    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{display_url(str(endpoint))}".encode()).hexdigest()[:16]
-    return os.path.join(base, digest)
 
 
 def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
@@ -66,17 +48,6 @@ def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
     if save_secs is not None and (isinstance(save_secs, bool) or not isinstance(save_secs, (int, float))
                                   or save_secs <= 0):
         raise ConfigError(f"save_secs must be a positive number of seconds, got {save_secs!r}.")
-
-
-def _ensure_writable(directory: str) -> None:
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".cloudckpt-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"local_dir {directory!r} is not writable ({exc.strerror or exc}); pass local_dir= a writable "
-            "directory on a disk with room for a few checkpoints.") from None
 
 
 class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):

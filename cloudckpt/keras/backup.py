@@ -220,7 +220,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             elif self.delete_checkpoint:
                 self._engine.wait(self._engine.upload_timeout)
                 self._engine.stop_uploads()
-                deleted = self._engine.delete_committed(reason="keras BackupAndRestore: training finished")
+                deleted = self._engine.delete_committed(debris=True)
                 log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).", len(deleted),
                          self.url)
             else:

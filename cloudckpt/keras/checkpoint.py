@@ -198,8 +198,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         the older committed files of that name (in the uploader thread; a failure is a housekeeping one)."""
         newest = result.manifest.prefix
         older = self._engine.delete_committed(
-            select=lambda info: basename_of(info.name) == stem and info.name != newest,
-            reason=f"keras ModelCheckpoint: replaced by {newest}")
+            select=lambda info: basename_of(info.name) == stem and info.name != newest)
         if older:
             log.info("Deleted %s from %s: %s replaces them.", [c.name for c in older], self.url, newest)
 
