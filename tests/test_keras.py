@@ -270,9 +270,10 @@ def test_model_checkpoint_save_best_only_commits_exactly_the_improving_epochs(cl
     model = make_model(seed=1)
     fit(model, [Score([3.0, 2.0, 4.0, 1.0, 5.0]), cb, probe], epochs=5)
     committed = cloudckpt.list_checkpoints(url, options)
+    # Stored names carry the step (optimizer.iterations at the save) before the extension.
     names = [f.name for c in committed for f in c.files]
-    assert names == ["model-01-3.00.keras", "model-02-2.00.keras", "model-04-1.00.keras"]
-    assert [c.step for c in committed] == [4, 8, 16]  # optimizer.iterations at each save
+    assert names == ["model-01-3.00-4.keras", "model-02-2.00-8.keras", "model-04-1.00-16.keras"]
+    assert [c.step for c in committed] == [4, 8, 16]
 
     listing = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", url, "--json",
                               "-o", f"endpoint_url={options['endpoint_url']}"], capture_output=True, text=True)
@@ -282,7 +283,7 @@ def test_model_checkpoint_save_best_only_commits_exactly_the_improving_epochs(cl
 
     pulled = tmp_path / "pulled"
     cloudckpt.download_checkpoint(url, str(pulled), step=8, storage_options=options)
-    loaded = keras.models.load_model(str(pulled / "model-02-2.00.keras"))
+    loaded = keras.models.load_model(str(pulled / "model-02-2.00-8.keras"))
     x, _ = data()
     expected = make_model(seed=9)
     expected.set_weights(probe.at_epoch_end[1].weights)
@@ -298,9 +299,20 @@ def test_model_checkpoint_weights_every_n_batches(cloudckpt_s3, tmp_path):
     fit(make_model(seed=1), [cb, probe], epochs=3)
     committed = cloudckpt.list_checkpoints(url, options)
     assert [(c.step, [f.name for f in c.files]) for c in committed] == [
-        (6, ["w-2-2.weights.h5"]), (12, ["w-3-4.weights.h5"])]
+        (6, ["w-2-2-6.weights.h5"]), (12, ["w-3-4-12.weights.h5"])]
     cloudckpt.download_checkpoint(url, str(tmp_path / "pulled"), storage_options=options)
     model = make_model(seed=2)
     model.optimizer.build(model.trainable_variables)  # so load_weights restores the optimizer state too
-    model.load_weights(str(tmp_path / "pulled" / "w-3-4.weights.h5"))
+    model.load_weights(str(tmp_path / "pulled" / "w-3-4-12.weights.h5"))
     State.of(model).assert_equal(probe.at_epoch_end[2])
+
+
+def test_model_checkpoint_a_name_saved_again_replaces_the_older_file(cloudckpt_s3):
+    url, options = cloudckpt_s3.url("one"), cloudckpt_s3.storage_options
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/best.keras", monitor="score", mode="min", save_best_only=True,
+                                         storage_options=options)
+    fit(make_model(seed=1), [Score([3.0, 2.0, 4.0]), cb], epochs=3)
+    # Keras overwrites best.keras; here the newer one is committed, then the older one un-committed and deleted.
+    assert [(c.step, [f.name for f in c.files]) for c in cloudckpt.list_checkpoints(url, options)] == [
+        (8, ["best-8.keras"])]
+    assert objects_outside_log(url, options) == ["best-8.keras", "best-8.manifest.json"]  # no TF state file
