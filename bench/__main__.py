@@ -1,7 +1,7 @@
 """``python -m bench [--quick]``: run every benchmark scenario, print a table, write bench/results.json.
 
 Run from the repository root. Starts cloudckpt's embedded S3 server (moto) in a
-child process, runs the six scenarios with their baselines in the same run and
+child process, runs the seven scenarios with their baselines in the same run and
 reports each figure (median and spread over the repetitions) and each ratio
 against its baseline. ``--quick`` takes under 3 minutes on 2 cores, the full
 mode under 20.
@@ -25,7 +25,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from . import integrity, memory, stall, step_overhead, throughput  # noqa: E402
+from . import integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
 from .common import CONFIGS, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
@@ -38,6 +38,7 @@ SCENARIOS = {
     throughput.RESTORE_KEY: throughput.run_restore,
     memory.KEY: memory.run,
     integrity.KEY: integrity.run,
+    tf2_async.KEY: tf2_async.run,
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

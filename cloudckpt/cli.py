@@ -199,7 +199,7 @@ def _scan(store: "RemoteStore") -> "DirectoryScan":
 
 
 def _manifest_step(name: str) -> int:
-    from .manifest import parse_manifest_name
+    from .layout import parse_manifest_name
 
     parsed = parse_manifest_name(name)
     return parsed[1] if parsed else -1
@@ -217,7 +217,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     is the latest), superseded ones (committed in an abandoned lineage: after a rollback, or by a
     writer that a newer one replaced), incomplete uploads (files of no committed checkpoint) and
     unreadable manifests."""
-    from .manifest import parse_checkpoint_file_name
+    from .layout import parse_manifest_name, parse_object_name
 
     store = _open_store(args, args.url)
     scan = _scan(store)
@@ -233,8 +233,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "files": len(inc.objects), "prefix": inc.prefix})
     modified = {o.name: o.modified for o in scan.objects}
     for name, error in scan.unreadable.items():
-        prefix = name[: -len(".manifest.json")]
-        objs = [o for o in scan.objects if (p := parse_checkpoint_file_name(o.name)) and p[0] == prefix]
+        prefix = (parse_manifest_name(name) or (name, -1))[0]
+        objs = [o for o in scan.objects if (p := parse_object_name(o.name)) and p[0] == prefix
+                and o.name != name]
         rows.append({"step": _manifest_step(name), "status": "unreadable", "created_at": _iso(modified.get(name)),
                      "size": sum(o.size for o in objs), "files": len(objs), "prefix": store.url_of(prefix),
                      "error": _one_line(error)})
@@ -364,6 +365,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, commit_checkpoint, find_local_checkpoint,
                          local_checkpoint_prefixes, register_continuing)
+    from .layout import step_of
     from .writers import Writer
 
     directory = args.dir
@@ -405,7 +407,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                 print(f"step {ckpt.step}: committed {prefix} ({len(ckpt.files)} files, "
                       f"{_human_size(ckpt.total_size)})", flush=True)
     print(f"Pushed {pushed} checkpoint(s) to {store.url}" + (f" ({skipped} already there)" if skipped else "")
-          + f"; latest step {int(prefixes[-1].rsplit('-', 1)[1])}.")
+          + f"; latest step {step_of(prefixes[-1])}.")
     return EXIT_OK
 
 

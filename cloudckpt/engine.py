@@ -84,38 +84,6 @@ MAX_DELETE_ROUNDS = 5
 __all__ = ["CheckpointEngine", "STAGING_DIR", "default_local_dir", "ensure_writable"]
 
 
-def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """A stable per-URL cache directory, so a restarted process on the same VM finds its checkpoints.
-
-    ``$CLOUDCKPT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/cloudckpt``, else
-    ``~/.cache/cloudckpt``) / ``<hash of URL and endpoint>``.
-    """
-    base = os.environ.get("CLOUDCKPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
-    options = dict(storage_options or {})
-    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
-    # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
-    # and the cache survives a credential rotation.
-    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{display_url(str(endpoint))}".encode()).hexdigest()[:16]
-    return os.path.join(base, digest)
-
-
-def ensure_writable(directory: str) -> None:
-    """Create ``directory`` if needed and check a file can be created in it.
-
-    Raises:
-        ConfigError: it cannot be created or written to.
-    """
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".cloudckpt-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"local_dir {directory!r} is not writable ({exc.strerror or exc}); pass local_dir= a writable "
-            "directory on a disk with room for a few checkpoints.") from None
-
-
 class CheckpointEngine:
     """Commits checkpoints (a step and a set of files in ``local_dir``) to a URL in the background.
 
@@ -493,6 +461,11 @@ class CheckpointEngine:
                             final, self.url, time.monotonic() - notice.received_at)
         finally:
             self.stop_uploads(timeout=0 if self._uploader.pending_steps() else None)
+            if self._in_place:  # what the framework deleted after the last commit (TF2's sweep runs after it)
+                try:
+                    self._retire_deleted()
+                except Exception as exc:  # noqa: BLE001 - housekeeping: counted, the next run retires them
+                    self._uploader.count_housekeeping_failure(f"retiring deleted checkpoints: {exc}")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint submitted so far is committed, dropped or failed.
@@ -639,7 +612,9 @@ class CheckpointEngine:
 
     def _retire_deleted(self) -> None:
         """In place, the framework deletes old checkpoints itself (``max_to_keep``): retire their manifests
-        too, so that no manifest vouches for files that are gone."""
+        too, so that no manifest vouches for files that are gone. Runs after each in-place commit (TF1's
+        Saver has deleted by then; TF2's manager sweeps after its write callbacks, so what it deletes is
+        retired at the next commit) and in ``finish``."""
         scan = scan_directory(self._store)
         present = {o.name for o in scan.objects}
         gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
@@ -675,6 +650,38 @@ class CheckpointEngine:
 
     def _count_retry(self, cause: str) -> None:
         self._uploader.count_retry(cause)
+
+
+def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A stable per-URL cache directory, so a restarted process on the same VM finds its checkpoints.
+
+    ``$CLOUDCKPT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/cloudckpt``, else
+    ``~/.cache/cloudckpt``) / ``<hash of URL and endpoint>``.
+    """
+    base = os.environ.get("CLOUDCKPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
+    options = dict(storage_options or {})
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
+    # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
+    # and the cache survives a credential rotation.
+    digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{display_url(str(endpoint))}".encode()).hexdigest()[:16]
+    return os.path.join(base, digest)
+
+
+def ensure_writable(directory: str) -> None:
+    """Create ``directory`` if needed and check a file can be created in it.
+
+    Raises:
+        ConfigError: it cannot be created or written (the message names it and what to do).
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".cloudckpt-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"local_dir {directory!r} is not writable ({exc.strerror or exc}); pass local_dir= a writable "
+            "directory on a disk with room for a few checkpoints.") from None
 
 
 def _min(*times: float | None) -> float | None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from .engine import default_local_dir, ensure_writable as _ensure_writable
+from .engine import default_local_dir, ensure_writable
 from .errors import ConfigError, UploadError
 from .catalog import CheckpointInfo
 from .listener import UploadListener
@@ -142,7 +142,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                                       preemption_deadline=preemption_deadline)
         self._engine = self._upload.engine
         self._upload.registers_in_begin = False  # begin() registers once the resume point is in local_dir
-        _ensure_writable(local_dir)
+        ensure_writable(local_dir)
         super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
                          checkpoint_basename=checkpoint_basename, scaffold=scaffold,
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)

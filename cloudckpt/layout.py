@@ -200,6 +200,13 @@ class PrefixLayout:
             return None
         return LocalCheckpoint(step=step_of(prefix), prefix=prefix, files=files, layout=self.name)
 
+    def marker_path(self, directory: str, prefix: str) -> str | None:
+        """The local path of checkpoint ``prefix``'s marker file in ``directory`` (None if absent)."""
+        local = self.find_local(directory, prefix)
+        if local is None:
+            return None
+        return next(path for name, path in sorted(local.files.items()) if self.is_marker(name))
+
     def find_saved(self, directory: str, step: int) -> "LocalCheckpoint | None":
         """The checkpoint of ``step`` just saved in ``directory``: the one TF's state file points at if it
         has that step, else the newest (by marker mtime) checkpoint of that step; None if there is none."""

@@ -232,6 +232,13 @@ class Uploader:
         with self._cond:
             return copy.deepcopy(self._stats)
 
+    def count_housekeeping_failure(self, error: str) -> None:
+        """Record a failed housekeeping step outside a commit (``stats().housekeeping_failures``)."""
+        with self._cond:
+            self._stats.housekeeping_failures += 1
+            self._stats.last_housekeeping_error = error
+        log.warning("Housekeeping of %s failed: %s", self.store.url, error)
+
     def count_retry(self, cause: str) -> None:
         """Record one retry of a storage operation (wired to ``RemoteStore``'s ``on_retry``)."""
         with self._cond:
@@ -260,6 +267,8 @@ class Uploader:
         if self._fenced is not None:  # a fenced writer commits nothing more
             with self._cond:
                 self._stats.dropped += 1
+                if job.required:  # the run's final checkpoint: its loss is reported, not only logged
+                    self._failures.append(self._fenced)
             log.warning("Not uploading checkpoint step %d: this writer is fenced (%s).", step,
                         self._fenced.newer_writer)
             return

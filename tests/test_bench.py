@@ -25,6 +25,9 @@ SCENARIOS = {
     "memory": ({"cloudckpt", "transfer_manager"}, {"cloudckpt/transfer_manager", "cloudckpt/target_256MiB"}),
     "integrity": ({"crc_pass", "upload_with_crc", "upload_without_crc"},
                   {"crc_pass/upload", "upload_with_crc/upload_without_crc"}),
+    "tf2_async": ({"no_save", "tf_local", "cloudckpt_sync", "cloudckpt_async"},
+                  {"tf_local/no_save", "cloudckpt_sync/no_save", "cloudckpt_async/no_save",
+                   "cloudckpt_async/cloudckpt_sync", "cloudckpt_sync/tf_local"}),
 }
 REPS = 2
 
@@ -53,7 +56,7 @@ def _check_figure(name: str, fig: dict, n: int | None = None) -> None:
         assert fig["n"] == n, f"{name}: {fig['n']} samples, expected {n}"
 
 
-def test_all_six_scenarios_with_figures_and_ratios(results: tuple[dict, str]) -> None:
+def test_all_scenarios_with_figures_and_ratios(results: tuple[dict, str]) -> None:
     doc, _ = results
     assert list(doc["scenarios"]) == list(SCENARIOS)
     for key, (figures, ratios) in SCENARIOS.items():
@@ -107,6 +110,8 @@ def test_repetitions_and_sizes(results: tuple[dict, str]) -> None:
     for name in ("cloudckpt", "transfer_manager"):
         _check_figure(f"memory.{name}", sc["memory"]["figures"][name], n=REPS)
     assert sc["memory"]["params"]["peak_reset"] is True  # VmHWM was reset before each measured upload
+    for name in ("no_save", "tf_local", "cloudckpt_sync", "cloudckpt_async"):  # one window per timed save
+        _check_figure(f"tf2_async.{name}", sc["tf2_async"]["figures"][name], n=REPS * cfg["stall_saves"])
 
 
 def test_every_variant_did_its_work(results: tuple[dict, str]) -> None:
@@ -119,6 +124,9 @@ def test_every_variant_did_its_work(results: tuple[dict, str]) -> None:
     assert work["cloudckpt_failed"] == [0] * REPS
     assert all(mib >= saves_per_run * cfg["stall_bytes"] / 2**20 for mib in work["stock_sync_upload_mib"])
     assert doc["scenarios"]["step_overhead"]["params"]["work"]["cloudckpt_committed"] == [2] * REPS  # creation, end
+    tf2 = doc["scenarios"]["tf2_async"]["params"]
+    saves = tf2["warmup_steps"] // cfg["stall_save_steps"] + cfg["stall_saves"]
+    assert tf2["work"]["cloudckpt_committed_per_run"] == [saves] * (2 * REPS)  # sync and async, every save
 
 
 def test_environment_and_table(results: tuple[dict, str]) -> None:

@@ -137,7 +137,10 @@ def test_state_file_is_what_tf_writes_and_reads(basename, tmp_path):
 def copy_remote_directory(url: str, options: dict | None, destination) -> None:
     fs, root = remote_fs(url, options)
     os.makedirs(destination)
-    for path in fs.ls(root, detail=False):
+    for entry in fs.ls(root, detail=True):
+        if entry["type"] != "file":  # the commit log (.cloudckpt/) is not part of TF's layout
+            continue
+        path = entry["name"]
         with open(os.path.join(destination, posixpath.basename(path)), "wb") as f:
             f.write(fs.cat_file(path))
 

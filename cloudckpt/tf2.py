@@ -1,0 +1,366 @@
+"""``cloudckpt.CheckpointManager``: ``tf.train.CheckpointManager`` whose checkpoints are committed to a URL.
+
+A real ``tf.train.CheckpointManager`` manages ``local_dir`` (its numbering,
+``checkpoint_interval``, ``max_to_keep`` sweep and its ``checkpoint`` state
+file with timestamps are TF's own); a ``CheckpointEngine`` commits each save
+to ``directory`` in the background.
+
+How a save reaches the engine: ``save()`` adds a write callback to the
+``tf.train.CheckpointOptions`` it passes to TF (``experimental_write_callbacks``;
+TF runs them once the checkpoint's files are written, before its own
+bookkeeping). With ``enable_async=True`` TF writes in its async-checkpoint
+thread (``tensorflow/python/checkpoint/async_checkpoint_helper.py``) and runs
+the callbacks there when the write has finished, so the commit starts exactly
+then, and ``save()`` returns without waiting for the write or the upload. The
+callback only hard-links the files and queues them (``CheckpointEngine.submit``).
+
+The remote ``checkpoint`` state file lists the committed checkpoints of the
+current lineage with relative paths and TF's timestamps
+(``all_model_checkpoint_timestamps``: each save's time, recorded in the commit
+log; ``last_preserved_timestamp``), so ``tf.train.CheckpointManager`` works on
+a copy of the directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import tensorflow as tf
+
+from .catalog import CheckpointInfo
+from .engine import CheckpointEngine, default_local_dir, ensure_writable
+from .errors import ConfigError
+from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
+from .preemption import PreemptionNotice, PreemptionWatcher
+from .remote import is_local_path
+from .retention import RetentionPolicy
+from .retry import RetryPolicy
+from .uploader import UploadStats
+
+log = logging.getLogger("cloudckpt")
+
+__all__ = ["CheckpointManager"]
+
+
+class CheckpointManager:
+    """``tf.train.CheckpointManager`` for a URL: every save is committed in the background.
+
+    Same arguments, methods and semantics as ``tf.train.CheckpointManager``
+    (``save``, ``restore_or_initialize``, ``latest_checkpoint``, ``checkpoints``,
+    ``checkpoint``, ``checkpoint_interval``, ``sync``); paths it returns are local
+    (in ``local_dir``), ready for ``tf.train.Checkpoint.restore``. In addition:
+
+    * ``restore_or_initialize()`` first brings ``local_dir`` to the newest
+      committed checkpoint that verifies (sizes and crc32c against its
+      manifest), when it is newer than the local one or the local copy is
+      damaged, falling back past corrupt ones; then it registers as the
+      directory's writer, which fences any older writer (``FencedError`` at its
+      next save).
+    * each save is committed in the background (files create-only, a manifest,
+      a commit-log entry as the commit point); ``save()`` never waits on the
+      network; a failed commit raises ``UploadError`` at the next ``save()``
+      (``on_error="raise"``) or is logged and counted (``"warn"``).
+    * remote retention follows ``max_to_keep`` / ``keep_checkpoint_every_n_hours``
+      (the latest committed checkpoint is never deleted).
+    * ``should_stop()`` turns True on a preemption notice (``preemption=``): save
+      and break; ``close()`` then commits the final checkpoint within the deadline.
+    * ``wait()``, ``stats()``, ``close()``; a context manager (``close()`` on a clean
+      exit; on an exception, pending uploads get ``upload_timeout`` and nothing is raised).
+
+    Args:
+        checkpoint: a ``tf.train.Checkpoint``.
+        directory: where checkpoints are committed: any fsspec URL (``s3://``, ``gs://``,
+            ``memory://``, ``file://``...) or a local path (committed in place: TF writes
+            there directly, like ``tf.train.CheckpointManager``).
+        max_to_keep, keep_checkpoint_every_n_hours, checkpoint_name, step_counter,
+            checkpoint_interval, init_fn: as for ``tf.train.CheckpointManager``; the
+            first two apply locally (TF) and remotely (cloudckpt's retention).
+        local_dir: where TF writes before upload; default: a stable per-URL directory
+            under ``~/.cache/cloudckpt`` (``$CLOUDCKPT_CACHE_DIR``).
+        storage_options: fsspec options (``endpoint_url``, ``key``, ``token``...); never logged.
+        max_pending: checkpoints allowed to wait behind the one uploading; past that the
+            oldest waiting one is dropped (logged, counted).
+        upload_timeout: seconds ``close()`` waits for uploads; None waits until done.
+        retry: ``RetryPolicy`` for transient storage errors.
+        on_error: ``"raise"`` or ``"warn"`` (see above); the final checkpoint of
+            ``close()`` and fencing raise either way.
+        preemption: None, ``"sigterm"``, ``"auto"`` (SIGTERM + GCE and AWS metadata) or a
+            ``PreemptionWatcher``; watched from construction to ``close()``.
+        preemption_deadline: seconds from the notice to commit the final checkpoint;
+            default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS).
+
+    Raises:
+        ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
+            without ``step_counter`` (TF's messages).
+        ConfigError: (a ``ValueError``) an unusable URL or ``local_dir``, a ``local_dir``
+            differing from a local-path ``directory``, or invalid cloudckpt options.
+        RemoteError: the store cannot be reached.
+    """
+
+    def __init__(
+        self,
+        checkpoint: tf.train.Checkpoint,
+        directory: str,
+        max_to_keep: int | None,
+        keep_checkpoint_every_n_hours: float | None = None,
+        checkpoint_name: str = "ckpt",
+        step_counter: Any = None,
+        checkpoint_interval: int | None = None,
+        init_fn: Callable[[], Any] | None = None,
+        *,
+        local_dir: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        max_pending: int = 2,
+        upload_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        on_error: str = "raise",
+        preemption: PreemptionWatcher | str | None = None,
+        preemption_deadline: float | None = None,
+    ) -> None:
+        directory = os.fspath(directory)
+        if is_local_path(directory):
+            if os.path.isfile(directory):
+                raise ConfigError(f"directory {directory!r} is a file, not a directory: point it at a directory.")
+            if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(directory):
+                raise ConfigError(f"local_dir={local_dir!r} was given but directory {directory!r} is a local path, "
+                                  "which TF writes to directly; drop local_dir or use a file:// URL.")
+            local_dir = directory
+        elif local_dir is None:
+            local_dir = default_local_dir(directory, storage_options)
+        local_dir = os.path.abspath(os.fspath(local_dir))
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
+            raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
+        ensure_writable(local_dir)
+        self._tf_args = dict(checkpoint=checkpoint, directory=local_dir, max_to_keep=max_to_keep,
+                             keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+                             checkpoint_name=checkpoint_name, step_counter=step_counter,
+                             checkpoint_interval=checkpoint_interval, init_fn=init_fn)
+        self._manager = tf.train.CheckpointManager(**self._tf_args)  # TF validates its own arguments
+        self._engine = CheckpointEngine(
+            directory, local_dir, layout=TF, storage_options=storage_options, max_pending=max_pending, retry=retry,
+            on_error=on_error, upload_timeout=upload_timeout,
+            retention=RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours),
+            preemption=preemption, preemption_deadline=preemption_deadline)
+        self._url = directory
+        self._engine.open()
+        self._last_saved_step: int | None = None
+        self._closed = False
+        self.restored: CheckpointInfo | None = None
+        self._engine.start_watching()
+
+    # -- tf.train.CheckpointManager's API ---------------------------------------------------------
+    @property
+    def directory(self) -> str:
+        """The checkpoint directory URL, in display form (credentials masked)."""
+        return self._engine.url
+
+    @property
+    def local_dir(self) -> str:
+        """Where TF writes checkpoints before they are committed."""
+        return self._engine.local_dir
+
+    @property
+    def checkpoint(self) -> tf.train.Checkpoint:
+        """The ``tf.train.Checkpoint`` object."""
+        return self._manager.checkpoint
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        """``checkpoint_interval`` as given (steps of ``step_counter`` between saves)."""
+        return self._manager.checkpoint_interval
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The local prefix of the most recent checkpoint (``tf.train.CheckpointManager.latest_checkpoint``),
+        for ``tf.train.Checkpoint.restore``; None if there is none. Not necessarily committed yet."""
+        return self._manager.latest_checkpoint
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Local prefixes of the managed checkpoints, oldest first (TF's semantics: checkpoints kept by
+        ``keep_checkpoint_every_n_hours`` are not listed)."""
+        return self._manager.checkpoints
+
+    def save(self, checkpoint_number: Any = None, check_interval: bool = True,
+             options: tf.train.CheckpointOptions | None = None) -> str | None:
+        """Save a checkpoint locally (``tf.train.CheckpointManager.save``) and queue it for commit.
+
+        Returns at once with ``options=tf.train.CheckpointOptions(enable_async=True)``
+        (TF writes in the background; the commit starts when the write has
+        finished); otherwise after TF's write, never waiting on the network.
+
+        Args:
+            checkpoint_number, check_interval, options: as for ``tf.train.CheckpointManager.save``
+                (a copy of ``options`` is used: the caller's object is not changed).
+
+        Returns:
+            The local path saved (``<local_dir>/<checkpoint_name>-<number>``), or None when
+            ``checkpoint_interval`` says no checkpoint is due (TF's rule).
+
+        Raises:
+            UploadError: an earlier checkpoint failed to commit (``on_error="raise"``), or
+                ``FencedError``: a newer writer took over the directory (either setting). The
+                checkpoint of this call is saved and queued first.
+            ConfigError: the manager is closed.
+        """
+        if self._closed:
+            raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
+        options = copy.copy(options) if options is not None else tf.train.CheckpointOptions()
+        callbacks = list(options.experimental_write_callbacks or [])
+        callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
+        options.experimental_write_callbacks = callbacks
+        path = self._manager.save(checkpoint_number=checkpoint_number, check_interval=check_interval,
+                                  options=options)
+        if path is not None:
+            parsed = split_prefix(os.path.basename(path))
+            if parsed is not None:
+                self._last_saved_step = parsed[1]
+        self._engine.raise_if_failed()
+        return path
+
+    def restore_or_initialize(self) -> str | None:
+        """Restore the newest checkpoint, fetching it first when the store has a newer one; else ``init_fn``.
+
+        ``local_dir`` is brought to the resume point (``CheckpointEngine.resume``):
+        the newest committed checkpoint that verifies is downloaded unless the
+        local one is the same and intact (sizes and crc32c), newer (its upload
+        never finished) or pointed back on purpose; corrupt committed ones are
+        skipped (logged at ERROR). Then this manager registers as the directory's
+        writer (fencing older ones), and TF's ``restore_or_initialize`` runs on
+        ``local_dir``.
+
+        Returns:
+            The local path restored, or None (``init_fn`` was called, if given).
+
+        Raises:
+            IntegrityError: checkpoints are committed but none verifies and there is no
+                local checkpoint (training must not silently start from scratch).
+            RemoteError / FencedError: the store could not be read or written.
+        """
+        self._manager.sync()
+        self.restored = self._engine.resume(download=True)
+        if self.restored is not None:
+            _write_local_state(self.local_dir)
+        # TF reads the state file when the manager is created: a new one sees what was fetched.
+        self._manager = tf.train.CheckpointManager(**self._tf_args)
+        return self._manager.restore_or_initialize()
+
+    def sync(self) -> None:
+        """Wait for TF's async checkpoint write (``tf.train.CheckpointManager.sync``); uploads go on."""
+        self._manager.sync()
+
+    # -- cloudckpt's additions -------------------------------------------------------------------
+    @property
+    def writer_id(self) -> str:
+        """This manager's writer id in the directory's commit log (``FencedError`` names the newer one)."""
+        return self._engine.writer_id
+
+    @property
+    def preempted(self) -> bool:
+        """True once ``close()`` ended a run stopped by a preemption notice."""
+        return self._engine.preempted
+
+    @property
+    def notice(self) -> PreemptionNotice | None:
+        """The first preemption notice received, if any."""
+        return self._engine.notice
+
+    def should_stop(self) -> bool:
+        """True once a preemption notice was received: save a final checkpoint, leave the loop, ``close()``."""
+        return self._engine.should_stop()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until TF's async write has finished and every checkpoint saved so far is committed or dropped.
+
+        Args:
+            timeout: seconds to wait for the uploads (None: until done).
+
+        Raises:
+            UploadError: a checkpoint failed to commit, or ``timeout`` passed first.
+        """
+        self._manager.sync()
+        self._engine.wait(timeout)
+
+    def stats(self) -> UploadStats:
+        """Commit counters (``UploadStats``): outcomes, dropped, failed, bytes, retries by cause, last step."""
+        return self._engine.stats()
+
+    def close(self) -> None:
+        """Commit the last checkpoint saved, then stop; idempotent.
+
+        Waits for TF's async write, then up to ``upload_timeout`` (after a preemption
+        notice: until the deadline) for every pending checkpoint; stops the preemption
+        watcher (after a notice its SIGTERM handler stays until the process exits)
+        and the uploader, and no cloudckpt thread is left. After a preemption, a
+        SIGTERM handler of yours that the watcher deferred is called now.
+
+        Raises:
+            UploadError: the last checkpoint saved could not be committed (also with
+                ``on_error="warn"``), or a newer writer took over (``FencedError``).
+                After a preemption notice a missed deadline is logged, not raised.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._manager.sync()
+            if self._last_saved_step is not None:
+                self._engine.prepare_final_save(self._last_saved_step)
+            self._engine.finish(self._last_saved_step)
+        finally:
+            self._engine.close(timeout=0, reason="close()")
+        if self._engine.preempted:
+            self._engine.call_replaced_sigterm_handler()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        if self._closed:
+            return
+        self._closed = True
+        log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
+                    f" after checkpoint step(s) {self._engine.pending_steps()} commit (upload_timeout="
+                    f"{self._engine.upload_timeout})" if self._engine.pending_steps() else "")
+        try:
+            self._manager.sync()
+        except Exception as sync_error:  # noqa: BLE001 - the exception in flight is the one to report
+            log.error("TF's async checkpoint write failed while closing: %s", sync_error)
+        timeout = 0 if issubclass(exc_type, KeyboardInterrupt) else self._engine.upload_timeout
+        self._engine.close(timeout=timeout, reason=f"exception {exc_type.__name__}")
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _written(self, save_path: str) -> None:
+        """TF's write callback: the files of ``save_path`` are complete on disk (in TF's async thread with
+        ``enable_async``). Snapshot and queue them; never touches the network."""
+        prefix = os.path.basename(os.fspath(save_path))
+        ckpt = TF.find_local(self.local_dir, prefix)
+        if ckpt is None:
+            log.warning("No checkpoint files for %s found in %s; nothing to commit.", prefix, self.local_dir)
+            return
+        self._engine.submit(ckpt.step, ckpt.files, saved_at=time.time())
+
+
+def _write_local_state(local_dir: str) -> None:
+    """After a download, rewrite the local state file with ``tf.train.CheckpointManager``'s timestamps
+    (each checkpoint's ``.index`` mtime, as TF's ``get_checkpoint_mtimes`` does for a Saver), so the
+    manager keeps managing (and sweeping) every local checkpoint."""
+    pointed = state_file_prefix(local_dir)
+    prefixes = [p for p in TF.local_prefixes(local_dir) if p != pointed] + ([pointed] if pointed else [])
+    markers = [(p, m) for p in prefixes if (m := TF.marker_path(local_dir, p)) is not None]
+    if not markers:
+        return
+    times = [os.path.getmtime(m) for _, m in markers]
+    data = render_state_file([p for p, _ in markers], timestamps=times, last_preserved=min(times) - 1.0)
+    tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(local_dir, STATE_FILE))

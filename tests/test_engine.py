@@ -1,0 +1,225 @@
+"""CheckpointEngine with plain files (no TensorFlow): commit, snapshot, retention, failures, final save,
+resume + fencing, preemption, layouts. Against moto's S3 server on 127.0.0.1 and fsspec's memory://."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import cloudckpt
+from cloudckpt.engine import STAGING_DIR, CheckpointEngine
+from cloudckpt.layout import PrefixLayout, register_layout
+from cloudckpt.retention import RetentionPolicy
+from cloudckpt.testing import assert_committed
+from support.checks import remote_fs
+
+KERAS = register_layout(PrefixLayout("test-engine-keras", ("keras",), marker="keras"))
+FAST = cloudckpt.RetryPolicy(max_attempts=1)
+
+
+def write_checkpoint(directory, step: int, basename: str = "ckpt", size: int = 1000) -> list[str]:
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for suffix in ("data-00000-of-00001", "index"):
+        path = os.path.join(directory, f"{basename}-{step}.{suffix}")
+        with open(path, "wb") as f:
+            f.write(bytes([step % 251]) * size + suffix.encode())
+        paths.append(path)
+    return paths
+
+
+def cloudckpt_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("cloudckpt")]
+
+
+def test_the_engine_imports_no_tensorflow():
+    code = ("import sys, cloudckpt, cloudckpt.engine, cloudckpt.layout, cloudckpt.resume;"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_submit_snapshots_and_commits_in_the_background(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    local = tmp_path / "local"
+    with CheckpointEngine(url, str(local), storage_options=options) as engine:
+        engine.open()
+        for step in (1, 2, 3):
+            files = write_checkpoint(local, step)
+            engine.submit(step, files)
+            for path in files:  # the framework may delete its files at once: the snapshot stays
+                os.remove(path)
+        engine.wait(120)
+        stats = engine.stats()
+    assert (stats.committed, stats.failed, stats.dropped, stats.last_committed_step) == (3, 0, 0, 3)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 2, 3]
+    assert_committed(url, step=2, storage_options=options)
+    assert not os.listdir(local / STAGING_DIR)  # snapshots are released after the commit
+    assert not cloudckpt_threads()
+
+
+def test_submit_rejects_files_that_are_not_one_checkpoint(tmp_path, memory_url):
+    engine = CheckpointEngine(memory_url, str(tmp_path))
+    files = write_checkpoint(tmp_path, 4)
+    with pytest.raises(cloudckpt.ConfigError, match="step 4, not step 5"):
+        engine.submit(5, files)
+    with pytest.raises(cloudckpt.ConfigError, match="lack"):
+        engine.submit(4, files[:1])  # no .index
+    with pytest.raises(cloudckpt.ConfigError):
+        engine.submit(-1, files)
+    assert engine.pending_steps() == [] and engine.stats().committed == 0
+
+
+def test_retention_after_each_commit_and_timestamps_in_the_state_file(tmp_path, memory_url):
+    with CheckpointEngine(memory_url, str(tmp_path), retention=RetentionPolicy(max_to_keep=2)) as engine:
+        for step in range(1, 5):
+            engine.submit(step, write_checkpoint(tmp_path, step), saved_at=1000.0 + step)
+            engine.wait(60)
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [3, 4]
+    fs, root = remote_fs(memory_url)
+    text = fs.cat_file(f"{root}/checkpoint").decode()
+    assert 'model_checkpoint_path: "ckpt-4"' in text
+    assert "all_model_checkpoint_timestamps: 1003.0\nall_model_checkpoint_timestamps: 1004.0\n" in text
+    assert "last_preserved_timestamp: 1002.0" in text
+
+
+def test_a_failed_commit_is_raised_in_the_callers_thread_or_counted(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    raising = CheckpointEngine(url, str(tmp_path / "a"), storage_options=options, retry=FAST)
+    warning = CheckpointEngine(url.replace("/run", "/run2"), str(tmp_path / "b"), storage_options=options,
+                               retry=FAST, on_error="warn")
+    raising.open()
+    warning.open()
+    fs, _ = remote_fs(url, options)
+    fs.rm(cloudckpt_s3.name, recursive=True)  # the bucket goes away: NoSuchBucket, not retried
+    try:
+        raising.submit(1, write_checkpoint(tmp_path / "a", 1))
+        with pytest.raises(cloudckpt.UploadError, match="step 1 was not committed") as failure:
+            raising.wait(60)
+        assert failure.value.step == 1 and raising.stats().failed == 1
+        raising.raise_if_failed()  # reported once
+        raising.submit(2, write_checkpoint(tmp_path / "a", 2))
+        while raising.pending_steps():
+            threading.Event().wait(0.05)
+        with pytest.raises(cloudckpt.UploadError, match="step 2"):
+            raising.raise_if_failed()  # what a training loop calls every step
+
+        warning.submit(1, write_checkpoint(tmp_path / "b", 1))
+        warning.wait(60)  # on_error="warn": counted, not raised
+        assert warning.stats().failed == 1
+        # ... but the final checkpoint must reach the store, whatever on_error says
+        warning.prepare_final_save(2)
+        warning.submit(2, write_checkpoint(tmp_path / "b", 2))
+        with pytest.raises(cloudckpt.UploadError, match="step 2"):
+            warning.finish()
+    finally:
+        fs.mkdir(cloudckpt_s3.name)  # for the fixture's cleanup
+        raising.close(timeout=0)
+        warning.close(timeout=0)
+
+
+def test_finish_resubmits_a_final_checkpoint_that_failed(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    local = tmp_path / "local"
+    engine = CheckpointEngine(url, str(local), storage_options=options, retry=FAST, on_error="warn")
+    engine.open()
+    fs, _ = remote_fs(url, options)
+    fs.rm(cloudckpt_s3.name, recursive=True)
+    engine.submit(7, write_checkpoint(local, 7))
+    engine.wait(60)
+    assert engine.stats().failed == 1
+    fs.mkdir(cloudckpt_s3.name)  # the store is back
+    engine.prepare_final_save(7)
+    engine.finish()  # step 7 is the final one, not pending, not committed: submitted again from local_dir
+    assert cloudckpt.latest_checkpoint(url, options).step == 7
+    assert not cloudckpt_threads()
+
+
+def test_resume_downloads_the_newest_committed_checkpoint_and_fences_the_old_writer(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    old = CheckpointEngine(url, str(tmp_path / "vm1"), storage_options=options)
+    old.open()
+    assert old.resume() is None  # nothing committed yet: registers, starts a lineage
+    for step in (10, 20):
+        old.submit(step, write_checkpoint(tmp_path / "vm1", step))
+    old.wait(60)
+
+    new = CheckpointEngine(url, str(tmp_path / "vm2"), storage_options=options)
+    new.open()
+    restored = new.resume()
+    assert restored is not None and restored.step == 20
+    assert sorted(os.listdir(tmp_path / "vm2")) == ["checkpoint", "ckpt-20.data-00000-of-00001", "ckpt-20.index"]
+    assert new.find_saved(20) is not None
+
+    old.submit(30, write_checkpoint(tmp_path / "vm1", 30))
+    with pytest.raises(cloudckpt.FencedError) as fenced:
+        old.wait(60)
+    assert new.writer_id in str(fenced.value) and old.stats().fenced_by == new.writer_id
+    new.submit(30, write_checkpoint(tmp_path / "vm2", 30))
+    new.prepare_final_save(30)
+    new.finish()
+    old.close(timeout=0)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [10, 20, 30]
+    assert cloudckpt.latest_checkpoint(url, options).writer_id == new.writer_id
+
+
+def test_preemption_notice_stops_and_bounds_the_final_commit(tmp_path, memory_url):
+    watcher = cloudckpt.PreemptionWatcher(("gce",), gce_metadata_url="http://127.0.0.1:9", poll_interval=60)
+    engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=30)
+    engine.open()
+    engine.start_watching()
+    assert watcher.running and not engine.should_stop() and engine.preemption_deadline_at() is None
+    engine.submit(1, write_checkpoint(tmp_path, 1))
+    watcher.trigger("gce", "test notice", 25)
+    assert engine.should_stop()
+    deadline = engine.preemption_deadline_at()
+    assert deadline == pytest.approx(engine.notice.received_at + 30)  # preemption_deadline, not the platform's
+    engine.prepare_final_save(2)
+    engine.submit(2, write_checkpoint(tmp_path, 2))
+    engine.finish()
+    engine.close()
+    assert engine.preempted and watcher.active_sources == ()  # polling ended
+    assert cloudckpt.latest_checkpoint(memory_url).step == 2
+
+
+def test_a_layout_for_keras_files(tmp_path, memory_url):
+    local = tmp_path / "local"
+    local.mkdir()
+    model = local / "model-3.keras"
+    model.write_bytes(b"zip bytes of a keras model" * 100)
+    with CheckpointEngine(memory_url, str(local), layout=KERAS) as engine:
+        engine.open()
+        assert engine.resume() is None
+        engine.submit(3, [str(model)])
+        engine.wait(60)
+    [info] = cloudckpt.list_checkpoints(memory_url)
+    assert (info.step, info.layout, [f.name for f in info.files]) == (3, "test-engine-keras", ["model-3.keras"])
+    pulled = tmp_path / "pulled"
+    assert cloudckpt.download_checkpoint(memory_url, str(pulled)) == str(pulled / "model-3")
+    assert sorted(os.listdir(pulled)) == ["model-3.keras"]  # no TF state file for a Keras layout
+    assert (pulled / "model-3.keras").read_bytes() == model.read_bytes()
+
+    engine = CheckpointEngine(memory_url, str(tmp_path / "vm2"), layout=KERAS)
+    restored = engine.resume()
+    assert restored is not None and restored.step == 3 and engine.find_saved(3).prefix == "model-3"
+    engine.close()
+
+
+def test_a_local_path_is_committed_in_place(tmp_path):
+    directory = tmp_path / "run"
+    engine = CheckpointEngine(str(directory), str(directory), retention=RetentionPolicy(max_to_keep=2))
+    engine.open()
+    assert engine.in_place
+    for step in (1, 2):
+        engine.submit(step, write_checkpoint(directory, step))
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [1, 2]  # committed synchronously
+    for name in os.listdir(directory):
+        if name.startswith("ckpt-1."):
+            os.remove(directory / name)  # the framework's own max_to_keep
+    engine.prepare_final_save(2)
+    engine.finish()
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [2]  # no manifest vouches for gone files
+    assert not (directory / STAGING_DIR).exists()

@@ -1,0 +1,300 @@
+"""cloudckpt.CheckpointManager: tf.train.CheckpointManager's API, every save committed in the background.
+
+Real TF, real servers on 127.0.0.1 (moto's S3 server, the GCS emulator). The SIGKILL and SIGTERM tests run
+a custom training loop (tf.function, Keras Adam) in a subprocess (tests/support/tf2_trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cloudckpt
+from cloudckpt.remote import RemoteStore
+from cloudckpt.testing import assert_committed
+from support.checks import remote_fs, state_file
+
+TRAINER = Path(__file__).parent / "support" / "tf2_trainer.py"
+
+
+# -- a subprocess trainer ---------------------------------------------------------------------------
+
+class Trainer:
+    """tests/support/tf2_trainer.py in a subprocess; its stdout lines are collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent),
+                                                             os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, str(TRAINER), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self._stderr: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()  # type: ignore
+        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()  # type: ignore
+
+    def wait_for(self, predicate, what: str, timeout: float = 180) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line.strip()
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"trainer never printed {what} (rc={self.proc.poll()}):\n"
+                                     + "".join(self.lines[-20:]) + "".join(self._stderr[-40:]))
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 180) -> int:
+        rc = self.proc.wait(timeout)
+        time.sleep(0.1)
+        return rc
+
+
+def committed_steps_printed(trainer: Trainer) -> list[int]:
+    return [int(line.split()[1]) for line in list(trainer.lines) if line.startswith("COMMITTED ")]
+
+
+def bucket(request, backend: str):
+    return request.getfixturevalue("cloudckpt_s3" if backend == "s3" else "cloudckpt_gcs")
+
+
+# -- acceptance 1: SIGKILL mid-run, a new process with an empty local_dir restores -----------------
+
+@pytest.mark.parametrize("backend", ["s3", "gs"])
+def test_sigkill_mid_run_then_a_new_process_restores_the_newest_committed_step(backend, request, tmp_path):
+    store = bucket(request, backend)
+    url, options = store.url("runs/tf2"), store.storage_options
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    trainer = Trainer("train", url, json.dumps(options), str(tmp_path / "vm1"), str(expected),
+                      "--save-every", "5", "--step-sleep", "0.01")
+    try:
+        trainer.wait_for(lambda line: any(s >= 15 for s in committed_steps_printed(trainer)), "COMMITTED >= 15")
+    finally:
+        trainer.proc.send_signal(signal.SIGKILL)
+        trainer.proc.wait(30)
+    assert trainer.proc.returncode == -signal.SIGKILL
+
+    latest = cloudckpt.latest_checkpoint(url, options)
+    assert latest is not None and latest.step >= 15 and latest.step % 5 == 0
+    assert_committed(url, storage_options=options)
+
+    out = tmp_path / "restored.npz"
+    restorer = Trainer("restore", url, json.dumps(options), str(tmp_path / "vm2-empty"), str(out))
+    line = restorer.wait_for(lambda line: line.startswith("RESTORED "), "RESTORED")
+    assert restorer.finish() == 0
+    step, path = line.split(maxsplit=2)[1:]
+    assert int(step) == latest.step
+    assert path == str(tmp_path / "vm2-empty" / f"ckpt-{latest.step}")
+    saved, restored = np.load(expected / f"expected-{latest.step}.npz"), np.load(out)
+    assert sorted(restored.files) == sorted(saved.files)
+    assert any(k.startswith("optimizer_") for k in saved.files)  # Adam's iterations and slots
+    for key in saved.files:
+        np.testing.assert_array_equal(restored[key], saved[key], err_msg=key)
+    older = np.load(expected / f"expected-{latest.step - 5}.npz")  # the comparison can tell checkpoints apart
+    assert not all(np.array_equal(older[k], saved[k]) for k in saved.files)
+
+
+# -- in-process: TF's API and semantics ----------------------------------------------------------------
+
+def variables() -> tuple[tf.Variable, tf.Variable, tf.train.Checkpoint]:
+    w = tf.Variable(tf.zeros([4, 4]), name="w")
+    b = tf.Variable(tf.zeros([4]), name="b")
+    return w, b, tf.train.Checkpoint(w=w, b=b)
+
+
+def test_saves_like_tf_and_commits_each_save_with_tfs_state_file_fields(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    local = tmp_path / "local"
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(local),
+                                     storage_options=options) as manager:
+        assert manager.restore_or_initialize() is None
+        assert manager.directory == url
+        paths = []
+        for i in range(1, 5):
+            w.assign(tf.fill([4, 4], float(i)))
+            paths.append(manager.save())
+        assert paths == [str(local / f"ckpt-{i}") for i in range(1, 5)]  # TF's numbering: save_counter
+        assert manager.latest_checkpoint == paths[-1]
+        assert manager.checkpoints == paths[-2:]
+        manager.wait()
+        assert manager.stats().committed == 4
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [3, 4]  # remote max_to_keep
+    state = state_file(url, options)
+    assert state["model_checkpoint_path"] == ["ckpt-4"]
+    assert state["all_model_checkpoint_paths"] == ["ckpt-3", "ckpt-4"]
+    fs, root = remote_fs(url, options)
+    text = fs.cat_file(posixpath.join(root, "checkpoint")).decode()
+    times = [float(line.split(":")[1]) for line in text.splitlines()
+             if line.startswith("all_model_checkpoint_timestamps:")]
+    preserved = [float(line.split(":")[1]) for line in text.splitlines()
+                 if line.startswith("last_preserved_timestamp:")]
+    assert len(times) == 2 and times[0] <= times[1] and len(preserved) == 1 and preserved[0] < times[0]
+    assert abs(times[1] - time.time()) < 3600  # seconds since the epoch, like TF's
+
+
+def test_tf_checkpoint_manager_keeps_working_on_a_copy_of_the_bucket(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "local"),
+                                     storage_options=options) as manager:
+        for i in range(1, 4):
+            w.assign(tf.fill([4, 4], float(i)))
+            manager.save()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    fs, root = remote_fs(url, options)
+    for entry in fs.ls(root, detail=True):
+        if entry["type"] == "file":
+            (copy / posixpath.basename(entry["name"])).write_bytes(fs.cat_file(entry["name"]))
+
+    w2, b2, ckpt2 = variables()
+    stock = tf.train.CheckpointManager(ckpt2, str(copy), max_to_keep=3)
+    assert stock.latest_checkpoint == str(copy / "ckpt-3")
+    assert stock.checkpoints == [str(copy / f"ckpt-{i}") for i in (1, 2, 3)]  # timestamps kept: all managed
+    stock.restore_or_initialize()
+    np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 3.0))
+    stock.save(checkpoint_number=4)
+    assert stock.checkpoints == [str(copy / f"ckpt-{i}") for i in (2, 3, 4)]
+    assert not (copy / "ckpt-1.index").exists()  # TF's sweep manages the copied checkpoints too
+
+
+def test_enable_async_returns_at_once_and_commits_what_tf_wrote(cloudckpt_s3, tmp_path):
+    """TF writes in its async thread; the commit starts from TF's write callback, when the files are
+    complete. Plain tf.Variables: TF 2.21's async checkpoint fails on Keras 3 variables at the second
+    save (keras/src/backend/tensorflow/core.py _copy_trackable_to_cpu), with or without cloudckpt."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    big = tf.Variable(tf.zeros([512, 1024]))  # 2 MiB: TF's write takes a while
+    ckpt = tf.train.Checkpoint(big=big)
+    user_options = tf.train.CheckpointOptions(enable_async=True)
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=None, local_dir=str(tmp_path / "local"),
+                                     storage_options=options) as manager:
+        for i in range(1, 5):
+            big.assign(tf.fill([512, 1024], float(i)))
+            assert manager.save(checkpoint_number=10 * i, options=user_options) == str(tmp_path / "local" / f"ckpt-{10 * i}")
+        assert user_options.experimental_write_callbacks is None  # the caller's options are not changed
+        manager.wait()
+        assert manager.latest_checkpoint == str(tmp_path / "local" / "ckpt-40")
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [10, 20, 30, 40]
+    for i in range(1, 5):
+        assert_committed(url, step=10 * i, storage_options=options)
+        pulled = cloudckpt.download_checkpoint(url, str(tmp_path / f"pulled-{i}"), step=10 * i,
+                                               storage_options=options)
+        value = tf.train.load_checkpoint(pulled).get_tensor("big/.ATTRIBUTES/VARIABLE_VALUE")
+        np.testing.assert_array_equal(value, np.full([512, 1024], float(i)))  # the values at save time
+
+
+def test_should_stop_on_a_notice_and_close_commits_the_final_checkpoint(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    watcher = cloudckpt.PreemptionWatcher(("gce",), gce_metadata_url="http://127.0.0.1:9")
+    manager = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(tmp_path / "local"),
+                                          storage_options=options, preemption=watcher, preemption_deadline=60)
+    try:
+        manager.save(checkpoint_number=1)
+        assert not manager.should_stop()
+        watcher.trigger("gce", "test notice", 30)
+        assert manager.should_stop()
+        w.assign(tf.fill([4, 4], 7.0))
+        manager.save(checkpoint_number=2)
+    finally:
+        manager.close()
+    assert manager.preempted
+    assert cloudckpt.latest_checkpoint(url, options).step == 2
+    assert watcher.active_sources == ()  # polling ended with the notice
+
+
+def test_sigterm_stops_a_custom_loop_which_commits_its_final_checkpoint(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    trainer = Trainer("train", url, json.dumps(options), str(tmp_path / "vm1"), str(tmp_path),
+                      "--save-every", "1000", "--preemption", "sigterm", "--step-sleep", "0.01")
+    trainer.wait_for(lambda line: line.startswith("STEP 3"), "STEP 3")
+    trainer.proc.send_signal(signal.SIGTERM)
+    line = trainer.wait_for(lambda line: line.startswith("PREEMPTED "), "PREEMPTED")
+    assert trainer.finish() == 0
+    final, committed = (int(x) for x in line.split()[1:])
+    assert final == committed >= 3
+    assert cloudckpt.latest_checkpoint(url, options).step == final
+
+
+def test_a_second_manager_on_the_url_fences_the_first(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    first = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "vm1"),
+                                        storage_options=options)
+    first.restore_or_initialize()
+    first.save(checkpoint_number=1)
+    first.wait()
+    w2, b2, ckpt2 = variables()
+    with cloudckpt.CheckpointManager(ckpt2, url, max_to_keep=3, local_dir=str(tmp_path / "vm2"),
+                                     storage_options=options) as second:
+        assert second.restore_or_initialize() == str(tmp_path / "vm2" / "ckpt-1")
+        first.save(checkpoint_number=2)
+        with pytest.raises(cloudckpt.FencedError) as fenced:
+            first.wait()
+        assert second.writer_id in str(fenced.value)
+        with pytest.raises(cloudckpt.FencedError):  # its last checkpoint never reached the store
+            first.close()
+        second.save(checkpoint_number=3)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 3]
+
+
+def test_restore_falls_back_past_a_corrupt_committed_checkpoint(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "vm1"),
+                                     storage_options=options) as manager:
+        for step in (1, 2):
+            w.assign(tf.fill([4, 4], float(step)))
+            manager.save(checkpoint_number=step)
+    store = RemoteStore(url, options)
+    data = next(o for o in store.list_objects() if o.name.startswith("ckpt-2.data-"))
+    fs, root = remote_fs(url, options)
+    fs.pipe_file(posixpath.join(root, data.name), b"\0" * data.size)  # same size, other bytes
+
+    w2, b2, ckpt2 = variables()
+    with cloudckpt.CheckpointManager(ckpt2, url, max_to_keep=3, local_dir=str(tmp_path / "vm2"),
+                                     storage_options=options) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "vm2" / "ckpt-1")
+        assert manager.restored is not None and manager.restored.step == 1
+    np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 1.0))
+
+
+def test_init_fn_runs_when_nothing_is_committed_and_a_local_path_commits_in_place(tmp_path):
+    directory = tmp_path / "run"
+    w, b, ckpt = variables()
+    calls = []
+    with cloudckpt.CheckpointManager(ckpt, str(directory), max_to_keep=2,
+                                     init_fn=lambda: calls.append(1)) as manager:
+        assert manager.restore_or_initialize() is None and calls == [1]
+        for step in (1, 2, 3):
+            manager.save(checkpoint_number=step)
+        assert manager.local_dir == str(directory)
+    assert sorted(p.name for p in directory.glob("*.index")) == ["ckpt-2.index", "ckpt-3.index"]
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [2, 3]
+    assert tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=2).checkpoints == \
+        [str(directory / "ckpt-2"), str(directory / "ckpt-3")]
+
+
+def test_checkpoint_interval_skips_like_tf(tmp_path, memory_url):
+    w, b, ckpt = variables()
+    step = tf.Variable(0, dtype=tf.int64)
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=5, step_counter=step, checkpoint_interval=10,
+                                     local_dir=str(tmp_path)) as manager:
+        saved = []
+        for s in range(0, 25, 5):
+            step.assign(s)
+            saved.append(manager.save(checkpoint_number=s) is not None)
+    assert saved == [True, False, True, False, True]
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [0, 10, 20]
