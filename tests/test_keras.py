@@ -92,18 +92,20 @@ def test_integer_save_freq_resumes_in_the_epoch_it_saved(s3_url, s3_options, tmp
             self.states[int(self.model.optimizer.iterations)] = State.of(self.model)
 
     record = Record()
-    first = backup(s3_url, s3_options, tmp_path / "vm1", save_freq=3)
+    cb = backup(s3_url, s3_options, tmp_path / "vm1", save_freq=3, delete_checkpoint=False)
     with pytest.raises(RuntimeError):
-        fit(make_model(seed=1), [first, record, RaiseAtBatch()], epochs=5)
-    first.close()
-    # Saves after every 3 batches: iterations 3, 6, 9 (9 = epoch 2, batch 0).
-    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [3, 6, 9]
+        fit(make_model(seed=1), [cb, record, RaiseAtBatch()], epochs=5)
 
+    # Keras' documented pattern: fit again with the same callback (not closed: it waits for the backups
+    # still uploading, then restores the newest).
     probe = Probe()
     model = make_model(seed=2)
-    fit(model, [backup(s3_url, s3_options, tmp_path / "vm2", save_freq=3), probe], epochs=5)
+    fit(model, [cb, probe], epochs=5)
+    assert cb.restored is not None and cb.restored.step == 9  # iterations 9: epoch 2, batch 0
     assert probe.epochs[0] == 2  # Keras semantics: the epoch in progress is run again
     probe.begin.assert_equal(record.states[9])
+    # Every 3 batches, across both runs (the second re-ran epoch 2 from iterations 9 on).
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [3, 6, 9, 12, 15, 18, 21]
 
 
 def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path):

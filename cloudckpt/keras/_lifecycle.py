@@ -98,6 +98,19 @@ class EngineLifecycle:
         self._running = False
         self._engine.close()
 
+    def _open(self) -> None:
+        """When training begins: a callback still open from a ``fit`` that raised is closed first (its
+        backups get ``upload_timeout`` to commit), then the store is checked and the engine opened.
+
+        Raises:
+            ConfigError / RemoteError: the store cannot be used.
+        """
+        if self._running:
+            log.info("A previous fit() with this callback did not end normally; closing it first.")
+            self.close()
+        self._engine.open()
+        self._running = True
+
     def __enter__(self) -> Any:
         return self
 

@@ -166,8 +166,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                               f"{self.model} is not. Build it by calling it on a batch of data, or give it an "
                               "Input.")
         self.preempted = False
-        self._engine.open()
-        self._running = True
+        self._open()
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
             self.restored = self._engine.resume()

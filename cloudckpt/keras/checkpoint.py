@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import keras
 
+from ..catalog import scan_directory
 from ..commit import CommitResult
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
@@ -124,6 +125,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         self.directory = directory or "."
         local = default_local_dir(self.directory, storage_options)
         ensure_writable(local)
+        self._stems: set[str] = set()  # basenames (formatted names without extension) committed or saved
         self._init_lifecycle(CheckpointEngine(self.directory, local, layout=KERAS_MODEL,
                                               storage_options=storage_options, max_pending=max_pending,
                                               upload_timeout=upload_timeout))
@@ -136,10 +138,11 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
     # -- Keras callback hooks -------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
         """Check the store and register as the directory's writer (continuing its committed checkpoints)."""
-        self._engine.open()
-        self._running = True
+        self._open()
         try:
             self._engine.register()
+            # Names already committed: saving one of them again replaces it (Keras overwrites the file).
+            self._stems = {basename_of(c.name) for c in scan_directory(self._engine.store).committed}
         except BaseException:
             self.close()
             raise
@@ -184,8 +187,11 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             self.model.save_weights(path, overwrite=True)
         else:
             self.model.save(path, overwrite=True)
+        replaces = stem in self._stems
+        self._stems.add(stem)
         try:
-            self._engine.submit(step, [path], on_committed=lambda result: self._replace_older(stem, result))
+            self._engine.submit(step, [path], on_committed=(lambda result: self._replace_older(stem, result))
+                                if replaces else None)
         finally:
             try:
                 os.remove(path)  # the engine snapshotted it (a hard link)
