@@ -243,6 +243,16 @@ def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
         fit(make_model(), [backup(f"s3://{missing}/run", s3_options, tmp_path / "vm")], epochs=1)
 
 
+def test_a_backup_of_another_model_is_refused(s3_url, s3_options, tmp_path):
+    fit(make_model(seed=1), [backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)], epochs=1)
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    other.compile(keras.optimizers.Adam(0.01), loss="mse", run_eagerly=True)
+    with pytest.raises(cloudckpt.ConfigError, match="does not fit this model") as info:
+        fit(other, [backup(s3_url, s3_options, tmp_path / "vm2")], epochs=2)
+    assert s3_url in str(info.value) and "step 4" in str(info.value)
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4  # nothing was deleted or overwritten
+
+
 def test_import_cloudckpt_imports_neither_keras_nor_tensorflow():
     code = "import sys, cloudckpt; print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -179,6 +179,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self.model._initial_epoch = epoch
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Remember the epoch in progress (a save within it resumes at its start)."""
         self._epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
