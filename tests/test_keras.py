@@ -172,16 +172,22 @@ def kill_trials(moto_server, tmp_path, trials: int, seed: int) -> None:
     options = moto_server.storage_options
     dump = tmp_path / "dump"
     dump.mkdir()
+    before = -1
     for trial in range(trials):
         trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / f"vm{trial}"), str(dump),
                                  "--save-freq", "1", "--batch-sleep", "0.01", script=KERAS_TRAINER)
         try:
-            trainer.wait_for_line("BATCH 2 ")
-            time.sleep(rng.uniform(0.0, 1.5))
+            trainer.wait_for_line("BATCH ")
+            deadline = time.monotonic() + 120
+            while (latest := cloudckpt.latest_checkpoint(url, options)) is None or latest.step <= before:
+                assert trainer.proc.poll() is None and time.monotonic() < deadline, trainer.stderr
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 1.0))  # this run has committed; more saves are uploading
         finally:
             trainer.kill()
         latest = cloudckpt.latest_checkpoint(url, options)
-        assert latest is not None, f"trial {trial}: nothing committed:\n{trainer.stderr}"
+        assert latest is not None and latest.step > before, f"trial {trial}: no progress:\n{trainer.stderr}"
+        before = latest.step
         assert cloudckpt.verify(url, latest.step, storage_options=options).ok
         probe = Probe()
         cb = backup(url, options, tmp_path / f"restore{trial}", delete_checkpoint=False)
