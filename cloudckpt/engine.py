@@ -66,7 +66,7 @@ from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, UploadError
 from .layout import TF, PrefixLayout, parse_manifest_name
 from .preemption import PreemptionNotice, PreemptionWatcher
-from .remote import RemoteStore
+from .remote import RemoteStore, is_local_path
 from .restore import DOWNLOAD_STAGING_PREFIX
 from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
@@ -81,7 +81,7 @@ STAGING_DIR = ".cloudckpt-staging"
 UPLOAD_TIMEOUT: Any = object()  # close()'s default: the engine's upload_timeout
 MAX_DELETE_ROUNDS = 5
 
-__all__ = ["CheckpointEngine", "STAGING_DIR", "default_local_dir", "ensure_writable"]
+__all__ = ["CheckpointEngine", "STAGING_DIR", "default_local_dir", "ensure_writable", "resolve_local_dir"]
 
 
 class CheckpointEngine:
@@ -666,6 +666,30 @@ def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None
     # and the cache survives a credential rotation.
     digest = hashlib.sha256(f"{display_url(url.rstrip('/'))}\n{display_url(str(endpoint))}".encode()).hexdigest()[:16]
     return os.path.join(base, digest)
+
+
+def resolve_local_dir(url: str, local_dir: str | None, storage_options: Mapping[str, Any] | None = None, *,
+                      url_arg: str = "checkpoint_dir", writer: str = "the framework") -> str:
+    """The absolute local directory checkpoints of ``url`` are written to.
+
+    A local path ``url`` is committed in place: it is the local directory
+    (``local_dir`` must be None or the same). For a URL, ``local_dir`` or
+    ``default_local_dir(url)``. ``url_arg`` and ``writer`` name the argument
+    and what writes there in messages (``"directory"``, ``"TF"``).
+
+    Raises:
+        ConfigError: ``url`` is a local path to a file, or ``local_dir`` differs from a local path ``url``.
+    """
+    if is_local_path(url):
+        if os.path.isfile(url):
+            raise ConfigError(f"{url_arg} {url!r} is a file, not a directory: point it at a directory.")
+        if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(url):
+            raise ConfigError(f"local_dir={local_dir!r} was given but {url_arg} {url!r} is a local path, which "
+                              f"{writer} writes to directly; drop local_dir or use a file:// URL.")
+        local_dir = url
+    elif local_dir is None:
+        local_dir = default_local_dir(url, storage_options)
+    return os.path.abspath(os.fspath(local_dir))
 
 
 def ensure_writable(directory: str) -> None:

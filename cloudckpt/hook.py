@@ -24,12 +24,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from .engine import default_local_dir, ensure_writable
+from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
 from .errors import ConfigError, UploadError
 from .catalog import CheckpointInfo
 from .listener import UploadListener
 from .preemption import PreemptionWatcher
-from .remote import is_local_path
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
@@ -123,18 +122,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         if saver is not None and scaffold is not None:
             raise ConfigError("At most one of saver or scaffold should be set.")
         checkpoint_dir = os.fspath(checkpoint_dir)
-        if is_local_path(checkpoint_dir):
-            if os.path.isfile(checkpoint_dir):
-                raise ConfigError(f"checkpoint_dir {checkpoint_dir!r} is a file, not a directory: point it at "
-                                  "a directory.")
-            if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(checkpoint_dir):
-                raise ConfigError(
-                    f"local_dir={local_dir!r} was given but checkpoint_dir {checkpoint_dir!r} is a local path, "
-                    "which the Saver writes to directly; drop local_dir or use a file:// URL.")
-            local_dir = checkpoint_dir
-        elif local_dir is None:
-            local_dir = default_local_dir(checkpoint_dir, storage_options)
-        local_dir = os.path.abspath(os.fspath(local_dir))
+        local_dir = resolve_local_dir(checkpoint_dir, local_dir, storage_options, writer="the Saver")
         RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
                                       max_pending=max_pending, retry=retry, on_error=on_error,

@@ -11,8 +11,9 @@ TF runs them once the checkpoint's files are written, before its own
 bookkeeping). With ``enable_async=True`` TF writes in its async-checkpoint
 thread (``tensorflow/python/checkpoint/async_checkpoint_helper.py``) and runs
 the callbacks there when the write has finished, so the commit starts exactly
-then, and ``save()`` returns without waiting for the write or the upload. The
-callback only hard-links the files and queues them (``CheckpointEngine.submit``).
+then, and ``save()`` returns without waiting for the write or the upload. A
+synchronous save is queued when TF's ``save()`` returns. Either way the
+checkpoint is only hard-linked and queued (``CheckpointEngine.submit``).
 
 The remote ``checkpoint`` state file lists the committed checkpoints of the
 current lineage with relative paths and TF's timestamps
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -33,11 +35,10 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from .catalog import CheckpointInfo
-from .engine import CheckpointEngine, default_local_dir, ensure_writable
+from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .preemption import PreemptionNotice, PreemptionWatcher
-from .remote import is_local_path
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .uploader import UploadStats
@@ -123,16 +124,7 @@ class CheckpointManager:
         preemption_deadline: float | None = None,
     ) -> None:
         directory = os.fspath(directory)
-        if is_local_path(directory):
-            if os.path.isfile(directory):
-                raise ConfigError(f"directory {directory!r} is a file, not a directory: point it at a directory.")
-            if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(directory):
-                raise ConfigError(f"local_dir={local_dir!r} was given but directory {directory!r} is a local path, "
-                                  "which TF writes to directly; drop local_dir or use a file:// URL.")
-            local_dir = directory
-        elif local_dir is None:
-            local_dir = default_local_dir(directory, storage_options)
-        local_dir = os.path.abspath(os.fspath(local_dir))
+        local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
             raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
         ensure_writable(local_dir)
@@ -149,6 +141,8 @@ class CheckpointManager:
         self._url = directory
         self._engine.open()
         self._last_saved_step: int | None = None
+        self._saving_thread: int | None = None  # the thread inside save(), while it is
+        self._written_here: list[tuple[str, float]] = []
         self._closed = False
         self.restored: CheckpointInfo | None = None
         self._engine.start_watching()
@@ -214,8 +208,15 @@ class CheckpointManager:
         callbacks = list(options.experimental_write_callbacks or [])
         callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
         options.experimental_write_callbacks = callbacks
-        path = self._manager.save(checkpoint_number=checkpoint_number, check_interval=check_interval,
-                                  options=options)
+        self._saving_thread = threading.get_ident()
+        try:
+            path = self._manager.save(checkpoint_number=checkpoint_number, check_interval=check_interval,
+                                      options=options)
+        finally:
+            self._saving_thread = None
+            written, self._written_here = self._written_here, []
+        for prefix, saved_at in written:  # a synchronous write: queued once TF's bookkeeping and sweep are done
+            self._submit(prefix, saved_at)
         if path is not None:
             parsed = split_prefix(os.path.basename(path))
             if parsed is not None:
@@ -339,14 +340,26 @@ class CheckpointManager:
 
     # -- internals -----------------------------------------------------------------------------------
     def _written(self, save_path: str) -> None:
-        """TF's write callback: the files of ``save_path`` are complete on disk (in TF's async thread with
-        ``enable_async``). Snapshot and queue them; never touches the network."""
+        """TF's write callback: the files of ``save_path`` are complete on disk.
+
+        In TF's async-checkpoint thread (``enable_async``) the checkpoint is snapshotted and queued now;
+        in the thread calling ``save()`` that is left until ``save()`` has returned from TF, after TF's
+        own callback (state file, ``max_to_keep`` sweep), so the upload starting does not compete with
+        the rest of the saving step, and a sweep in place is retired by the same commit.
+        """
         prefix = os.path.basename(os.fspath(save_path))
+        if threading.get_ident() == self._saving_thread:
+            self._written_here.append((prefix, time.time()))
+        else:
+            self._submit(prefix, time.time())
+
+    def _submit(self, prefix: str, saved_at: float) -> None:
+        """Snapshot and queue checkpoint ``prefix`` of ``local_dir``; never touches the network."""
         ckpt = TF.find_local(self.local_dir, prefix)
         if ckpt is None:
             log.warning("No checkpoint files for %s found in %s; nothing to commit.", prefix, self.local_dir)
             return
-        self._engine.submit(ckpt.step, ckpt.files, saved_at=time.time())
+        self._engine.submit(ckpt.step, ckpt.files, saved_at=saved_at)
 
 
 def _write_local_state(local_dir: str) -> None:

@@ -27,7 +27,8 @@ SCENARIOS = {
                   {"crc_pass/upload", "upload_with_crc/upload_without_crc"}),
     "tf2_async": ({"no_save", "tf_local", "cloudckpt_sync", "cloudckpt_async"},
                   {"tf_local/no_save", "cloudckpt_sync/no_save", "cloudckpt_async/no_save",
-                   "cloudckpt_async/cloudckpt_sync", "cloudckpt_sync/tf_local"}),
+                   "cloudckpt_async/cloudckpt_sync", "cloudckpt_sync/tf_local",
+                   "cloudckpt_sync_save_step/tf_local_save_step"}),
 }
 REPS = 2
 
