@@ -13,8 +13,8 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 4. check each remote size against the local file (catches truncated uploads);
 5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
 6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
-7. upload ``graph.pbtxt`` if it changed, rewrite the remote ``checkpoint`` state file (the current
-   lineage, relative paths).
+7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
+   file (the current lineage, relative paths).
 
 Readers trust a checkpoint only when a log commit entry names its manifest's commit id and the
 manifest exists, so they never see a half-written checkpoint, nor one of a fenced writer.
@@ -186,7 +186,7 @@ def commit_checkpoint(
             if not isinstance(exc, FencedError):
                 _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
             raise
-        if result.outcome != REFUSED:
+        if result.outcome != REFUSED and ckpt.layout == DEFAULT_LAYOUT:  # TF's state file names TF checkpoints
             try:
                 write_state_file(store, fold(writer.log.cached()))
             except Exception as exc:  # noqa: BLE001 - the checkpoint is committed; the state file is advisory

@@ -56,15 +56,15 @@ import logging
 import os
 import shutil
 import signal
-import time
 import tempfile
+import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, scan_directory
-from .commit import CommitResult, LocalCheckpoint
+from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, UploadError
-from .layout import TF, PrefixLayout
+from .layout import TF, PrefixLayout, parse_manifest_name
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .remote import RemoteStore, is_local_path
 from .restore import DOWNLOAD_STAGING_PREFIX
@@ -79,6 +79,7 @@ log = logging.getLogger("cloudckpt")
 
 STAGING_DIR = ".cloudckpt-staging"
 UPLOAD_TIMEOUT: Any = object()  # close()'s default: the engine's upload_timeout
+MAX_DELETE_ROUNDS = 5
 
 __all__ = ["CheckpointEngine", "STAGING_DIR", "default_local_dir", "ensure_writable", "resolve_local_dir"]
 
@@ -235,6 +236,54 @@ class CheckpointEngine:
             self._uploader.writer = Writer(self._store)
         return resume_and_register(self._store, self._uploader.writer, self._local_dir,
                                    download=download and not self._in_place, layout=self._layout)
+
+    def register(self) -> None:
+        """Become the directory's writer without restoring anything: continue its current head (a writer
+        that only adds checkpoints, like Keras' ``ModelCheckpoint``). Fences every older writer.
+
+        Raises:
+            RemoteError / UploadError: the store could not be read or written.
+        """
+        if self._uploader.writer.registered:
+            self._uploader.writer = Writer(self._store)
+        register_continuing(self._uploader.writer)
+
+    def delete_committed(self, select: Callable[[CheckpointInfo], bool] | None = None, *,
+                         debris: bool = False) -> list[CheckpointInfo]:
+        """Delete, as this engine's registered writer, the committed checkpoints of this engine's layout
+        (current or superseded) that ``select`` picks (all when None); with ``debris``, also the files of
+        this layout's uploads that never committed.
+
+        Each checkpoint is un-committed first (a ``delete`` entry in the commit log retires it, then its
+        manifest goes), then its files: a crash in between leaves uncommitted debris, never a manifest
+        vouching for missing files. Runs in the calling thread; call it with no upload of the same
+        checkpoints pending.
+
+        Returns:
+            The checkpoints deleted.
+
+        Raises:
+            FencedError: a newer writer registered on the directory (nothing more is deleted).
+            RemoteError: the store could not be read or written after retries.
+            UploadError: the directory kept changing (other parties committing) for every attempt.
+        """
+        writer = self._uploader.writer
+        if not writer.registered:
+            self.register()
+        seen: dict[str, CheckpointInfo] = {}
+        for _ in range(MAX_DELETE_ROUNDS):
+            scan = scan_directory(self._store)
+            doomed = [c for c in scan.committed + scan.superseded
+                      if c.layout == self._layout.name and (select is None or select(c))]
+            seen.update((c.manifest_url, c) for c in doomed)
+            junk = [inc for inc in scan.incomplete if all(
+                self._layout.parse_file(o.name) is not None or parse_manifest_name(o.name) is not None
+                for o in inc.objects)] if debris else []
+            if not doomed and not junk:
+                return list(seen.values())
+            apply_retention(self._store, RetentionPlan(keep=[], delete=doomed, debris=junk, log=scan.log), writer)
+        raise UploadError(f"Could not delete checkpoints {sorted(c.step for c in seen.values())} from {self.url}: "
+                          f"the directory kept changing ({MAX_DELETE_ROUNDS} attempts).", url=self.url)
 
     # -- preemption ------------------------------------------------------------------------------------
     @property

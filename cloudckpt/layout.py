@@ -18,12 +18,13 @@ checkpoint is locally present once its marker is there):
   local copies and "same tensors" are compared without it.
   TF's ``checkpoint`` state file (``render_state_file`` / ``state_file_prefix``)
   belongs to this layout too.
-* ``PrefixLayout(name, suffixes, marker)``: any other set of files per step,
-  e.g. Keras: ``PrefixLayout("keras", ["keras"], "keras")`` for one
-  ``<prefix>.keras`` file per step, or
-  ``PrefixLayout("keras-backup", ["weights.h5", "json"], "json")`` for a
-  group of files. ``register_layout`` makes it known to readers (``ls``,
-  ``gc`` use registered layouts to recognise debris).
+* ``KERAS_BACKUP`` (``"keras-backup"``): ``cloudckpt.keras.BackupAndRestore``'s
+  ``backup-<step>.weights.h5`` + ``backup-<step>.state.json`` (required).
+* ``KERAS_MODEL`` (``"keras"``): ``cloudckpt.keras.ModelCheckpoint``'s one file per
+  step, ``<name>-<step>.keras`` / ``.h5`` / ``.weights.h5``.
+* ``PrefixLayout(name, suffixes, marker)``: any other set of files per step.
+  ``register_layout`` makes it known to readers (``ls``, ``gc`` use registered
+  layouts to recognise debris).
 
 Manifests record their layout's ``name`` only when it is not ``"tf"``
 (``Manifest.layout``), so every manifest written before layouts existed
@@ -243,6 +244,15 @@ def register_layout(layout: PrefixLayout) -> PrefixLayout:
         raise ConfigError(f"a different layout is registered as {layout.name!r} already.")
     _LAYOUTS[layout.name] = layout
     return layout
+
+
+KERAS_BACKUP = register_layout(PrefixLayout("keras-backup", (r"weights\.h5", r"state\.json"), marker=r"state\.json"))
+"""``cloudckpt.keras.BackupAndRestore``: ``backup-<step>.weights.h5`` (``model.save_weights``: weights and
+optimizer variables) and ``backup-<step>.state.json`` (the epoch and batch; required, written last)."""
+
+KERAS_MODEL = register_layout(PrefixLayout("keras", (r"keras", r"weights\.h5", r"h5"), marker=r"keras|weights\.h5|h5"))
+"""``cloudckpt.keras.ModelCheckpoint``: one file per step, ``<name>-<step>.keras`` (``model.save``),
+``.h5`` (legacy) or ``.weights.h5`` (``model.save_weights``)."""
 
 
 def get_layout(name: str | None) -> PrefixLayout:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory, unreadable_by_step
 from .commit import write_state_file
 from .errors import ConfigError, ManifestError
-from .layout import basename_of
+from .layout import DEFAULT_LAYOUT, basename_of
 from .lineage import LogState, fold
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
@@ -176,7 +176,7 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
         else:
             store.delete(names)
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
-    if plan.delete:
+    if any(c.layout == DEFAULT_LAYOUT for c in plan.delete):  # TF's state file names TF checkpoints only
         write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
 
 

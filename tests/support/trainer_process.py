@@ -1,4 +1,4 @@
-"""Run tests/support/crash_trainer.py as a child process and follow its progress."""
+"""Run a training script of tests/support (crash_trainer.py by default) as a child process and follow its progress."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ def foreign_thread(name: str) -> bool:
 class TrainerProcess:
     """A training subprocess whose stdout lines (FIRST_STEP/STEP/DONE) are read in a background thread."""
 
-    def __init__(self, url: str, endpoint: str, local_dir: str, *args: str, env: dict | None = None) -> None:
+    def __init__(self, url: str, endpoint: str, local_dir: str, *args: str, env: dict | None = None,
+                 script: Path = TRAINER) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(TRAINER), url, endpoint, local_dir, *args],
+            [sys.executable, str(script), url, endpoint, local_dir, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.first_step: int | None = None
         self.step = -1

@@ -1,0 +1,132 @@
+"""What both Keras callbacks do with their ``CheckpointEngine`` around ``model.fit``.
+
+Keras tells callbacks when training begins and ends normally, never that
+``fit`` raised. So a callback that is not closed by ``on_train_end`` is
+closed by ``close()`` (also ``with callback:``) or, at the latest, at
+interpreter exit (``atexit``): the backups still uploading then get up to
+``upload_timeout`` seconds to commit, the preemption watcher's SIGTERM
+handler is removed and no cloudckpt thread is left.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import Any
+
+import keras
+
+from ..engine import CheckpointEngine
+from ..errors import ConfigError
+from ..uploader import UploadStats
+
+log = logging.getLogger("cloudckpt")
+
+
+def iterations(model: Any) -> int:
+    """``model.optimizer.iterations`` as an int (any backend).
+
+    Raises:
+        ConfigError: the model has no optimizer (it was not compiled).
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ConfigError("The model has no optimizer: compile it before fit() so that its training state "
+                          "(optimizer.iterations) can be saved.")
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def check_positive_int_or_epoch(name: str, value: Any) -> None:
+    """``save_freq``-style arguments: ``"epoch"`` or an int >= 1.
+
+    Raises:
+        ConfigError: anything else (a ``ValueError``, as Keras raises).
+    """
+    if value == "epoch" and isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be 'epoch' or an integer >= 1 (batches), got {value!r}.")
+
+
+class EngineLifecycle:
+    """Mixin: owns ``self._engine`` and closes it once, whatever way ``fit`` ends."""
+
+    _engine: CheckpointEngine
+
+    def _init_lifecycle(self, engine: CheckpointEngine) -> None:
+        self._engine = engine
+        self._running = False  # between on_train_begin and on_train_end / close()
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    # -- public ------------------------------------------------------------------------------------------
+    @property
+    def local_dir(self) -> str:
+        """The local directory files are written to (and backups downloaded to) before they are committed."""
+        return self._engine.local_dir
+
+    @property
+    def writer_id(self) -> str:
+        """This callback's writer id in the directory's commit log (``cloudckpt ls --json``, ``FencedError``)."""
+        return self._engine.writer_id
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every file saved so far is committed (or dropped).
+
+        Args:
+            timeout: seconds to wait at most; None waits until done.
+
+        Raises:
+            UploadError: a save failed to commit (``FencedError`` if a newer writer took over the
+                directory), or ``timeout`` passed first.
+        """
+        self._engine.wait(timeout)
+
+    def stats(self) -> UploadStats:
+        """Commit counters: each save's outcome (committed, healed, already_committed, refused), dropped,
+        failed, housekeeping failures, bytes uploaded, retries by cause, the last committed step."""
+        return self._engine.stats()
+
+    def close(self) -> None:
+        """Stop the background uploads and the preemption watcher; idempotent.
+
+        Saves still uploading get up to ``upload_timeout`` seconds (None: until done) to commit; then
+        they are abandoned (the previous committed save stays the latest). Runs from ``on_train_end``;
+        call it (or use ``with callback:``) when ``fit`` raised, else it runs at interpreter exit.
+        Failures not yet reported are logged at ERROR, not raised.
+        """
+        self._running = False
+        self._engine.close()
+
+    def _open(self) -> None:
+        """When training begins: a callback still open from a ``fit`` that raised is closed first (its
+        backups get ``upload_timeout`` to commit), then the store is checked and the engine opened.
+
+        Raises:
+            ConfigError / RemoteError: the store cannot be used.
+        """
+        if self._running:
+            log.info("A previous fit() with this callback did not end normally; closing it first.")
+            self.close()
+        self._engine.open()
+        self._running = True
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+
+def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
+    """At interpreter exit, close a callback that ``fit`` left open (it raised)."""
+    callback = ref()
+    if callback is None or not callback._running:
+        return
+    engine = callback._engine
+    pending = engine.pending_steps()
+    if pending:
+        log.warning("Interpreter exit while training with cloudckpt: waiting for step(s) %s to commit to %s "
+                    "(upload_timeout=%s).", pending, engine.url, engine.upload_timeout)
+    callback.close()

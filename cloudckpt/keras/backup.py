@@ -1,0 +1,353 @@
+"""``cloudckpt.keras.BackupAndRestore``: Keras 3's ``BackupAndRestore`` with committed, verified backups.
+
+Keras' own callback overwrites ``latest.weights.h5`` and ``training_metadata.json``
+in place, synchronously: a save interrupted half-way leaves a backup that
+restores wrong, or not at all. Here every save is a new checkpoint of the
+``keras-backup`` layout (``layout.py``), committed in the background by the
+``CheckpointEngine`` with a checksummed manifest and a commit-log entry as the
+commit point:
+
+* ``backup-<step>.weights.h5``: ``model.save_weights`` -- the model's weights
+  and the optimizer's variables (``optimizer.iterations`` among them);
+* ``backup-<step>.state.json``: the epoch to resume at and the batch of the
+  save (Keras' ``training_metadata.json``), written last.
+
+``<step>`` is ``optimizer.iterations`` at the save. Only Keras' public API is
+used to save and load (any backend), except ``model._initial_epoch``: the
+attribute Keras' own ``BackupAndRestore`` sets so that ``fit`` starts at the
+restored epoch (every Keras 3 trainer reads it).
+
+Source of the semantics: ``keras.callbacks.BackupAndRestore`` (Keras 3,
+https://keras.io/api/callbacks/backup_and_restore/ and
+``keras/src/callbacks/backup_and_restore.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import keras
+
+from ..catalog import CheckpointInfo
+from ..engine import CheckpointEngine, default_local_dir, ensure_writable
+from ..errors import ConfigError, IntegrityError
+from ..layout import KERAS_BACKUP
+from ..preemption import PreemptionWatcher
+from ..retry import RetryPolicy
+from ..urls import is_local_path
+from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
+
+log = logging.getLogger("cloudckpt")
+
+BASENAME = "backup"
+STATE_FORMAT = "cloudckpt.keras.backup"
+STATE_VERSION = 1
+
+
+class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
+    """Backs up the training state to a URL and restores it when ``fit`` starts again (Keras 3).
+
+    Keras' ``BackupAndRestore`` semantics (``keras.callbacks.BackupAndRestore``):
+    when training begins, the newest backup is restored -- the model's weights,
+    the optimizer's state including ``optimizer.iterations``, and the epoch, so
+    a resumed ``fit(epochs=N)`` runs only the epochs left. A backup saved in the
+    middle of an epoch (an integer ``save_freq``, or a preemption) resumes at
+    the start of that epoch, with the weights and optimizer state of the batch
+    it was saved at (Keras records the batch but restarts the epoch).
+
+    In addition:
+
+    * **Committed, never overwritten.** Each save is written to ``local_dir``,
+      then committed to ``backup_dir`` in the background (files create-only, a
+      checksummed manifest, a commit-log entry as the commit point): ``fit``
+      never waits on the network; at most ``max_pending`` backups wait behind the
+      one uploading (the oldest waiting one is dropped first). An interrupted
+      save never leaves a backup that restores wrong.
+    * **Verified restore.** The newest committed backup is downloaded and checked
+      (size and crc32c of every file); one that fails is logged at ERROR and the
+      next older one is tried. If backups are committed but none verifies,
+      ``IntegrityError`` is raised rather than silently starting at epoch 0.
+    * **One writer.** Training begins by registering as the directory's writer:
+      any older writer still running (a VM being replaced, a job launched twice)
+      is fenced and gets ``FencedError`` at its next commit.
+    * **Preemption.** With ``preemption``, a notice (SIGTERM, or GCE / AWS
+      metadata with ``"auto"``) makes the callback save at the current batch, set
+      ``model.stop_training`` and wait for that backup to commit until the
+      deadline; ``preempted`` is then True and the backup is kept.
+    * **Honest errors.** A backup that cannot be committed raises ``UploadError``
+      in ``fit`` at the next batch (``FencedError`` when a newer writer took over).
+
+    Args:
+        backup_dir: the backup directory URL (``s3://bucket/run/backup``, ``gs://``,
+            any fsspec URL, or a local path). Use it for this run's backups only.
+        save_freq: ``"epoch"`` (after every epoch) or an integer N >= 1: after every N
+            batches (counting ``steps_per_execution``, as Keras does).
+        delete_checkpoint: when ``fit`` ends normally (not preempted, not raising),
+            delete every backup: each is un-committed first (a ``delete`` entry in
+            the commit log, then its manifest), then its files, so no manifest ever
+            vouches for missing files. ``False`` keeps them: a later ``fit`` resumes.
+        storage_options: fsspec options for the store (``endpoint_url``, ``key``...);
+            never logged.
+        local_dir: where backups are written before they are committed and
+            downloaded before they are restored (default: a per-URL cache directory,
+            ``$CLOUDCKPT_CACHE_DIR`` or ``~/.cache/cloudckpt/<hash>``). Must differ
+            from ``backup_dir``.
+        max_pending: backups allowed to wait behind the one uploading (>= 1).
+        upload_timeout: seconds ``on_train_end`` / ``close()`` wait for backups
+            still uploading (None: until they are committed).
+        retry: ``cloudckpt.RetryPolicy`` for transient storage errors.
+        preemption: None, ``"sigterm"``, ``"auto"`` or a ``cloudckpt.PreemptionWatcher``.
+        preemption_deadline: seconds after the first notice by which the final
+            backup must be committed (default: the platform's hard stop: 25 s after
+            SIGTERM or a GCE notice, 100 s after an AWS notice).
+
+    Raises:
+        ConfigError: (a ``ValueError``) an empty ``backup_dir``, an invalid
+            ``save_freq`` or other argument, an unusable URL or ``local_dir``;
+            when training begins: an unbuilt model, a missing bucket, or a backup
+            that does not fit the model.
+        IntegrityError: when training begins, backups are committed but none verifies.
+        UploadError / FencedError: during ``fit``, a backup could not be committed.
+
+    Attributes:
+        restored: the committed backup restored when training began (``CheckpointInfo``), or None.
+        preempted: True once ``fit`` ended because of a preemption notice.
+    """
+
+    def __init__(
+        self,
+        backup_dir: str,
+        save_freq: str | int = "epoch",
+        delete_checkpoint: bool = True,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        local_dir: str | None = None,
+        max_pending: int = 2,
+        upload_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        preemption: PreemptionWatcher | str | None = None,
+        preemption_deadline: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not backup_dir:
+            raise ConfigError("Empty backup_dir: pass the URL of a directory for this run's backups.")
+        check_positive_int_or_epoch("save_freq", save_freq)
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        local = os.path.abspath(local_dir if local_dir is not None
+                                else default_local_dir(self.backup_dir, storage_options))
+        if is_local_path(self.backup_dir) and os.path.abspath(self.backup_dir) == local:
+            raise ConfigError(f"local_dir {local!r} is backup_dir itself: backups are written to local_dir and "
+                              "then committed to backup_dir; pass another local_dir (or none).")
+        ensure_writable(local)
+        self._init_lifecycle(CheckpointEngine(
+            self.backup_dir, local, layout=KERAS_BACKUP, storage_options=storage_options, max_pending=max_pending,
+            retry=retry, upload_timeout=upload_timeout, preemption=preemption,
+            preemption_deadline=preemption_deadline))
+        self.restored: CheckpointInfo | None = None
+        self.preempted = False
+        self._reset_counters(epoch=0)
+
+    @property
+    def url(self) -> str:
+        """The backup directory, in display form (credentials masked)."""
+        return self._engine.url
+
+    # -- Keras callback hooks -------------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Restore the newest verified committed backup (weights, optimizer state, epoch); register as the
+        directory's writer; start watching for preemption."""
+        if not self.model.built:
+            raise ConfigError(f"To use cloudckpt.keras.BackupAndRestore, the model must be built before fit(): "
+                              f"{self.model} is not. Build it by calling it on a batch of data, or give it an "
+                              "Input.")
+        self.preempted = False
+        self._open()
+        try:
+            self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
+            self.restored = self._engine.resume()
+            epoch = self._restore(self.restored) if self.restored is not None else None
+        except BaseException:
+            self.close()
+            raise
+        self._reset_counters(epoch=epoch or 0)
+        # What Keras' own BackupAndRestore does: fit() starts at this epoch (None: fit's initial_epoch).
+        self.model._initial_epoch = epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Remember the epoch in progress (a save within it resumes at its start)."""
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Raise a failed commit; save at a preemption notice or every ``save_freq`` batches."""
+        if self._stopping:
+            return
+        self._engine.raise_if_failed()
+        if self._engine.should_stop():
+            self._final_save(self._epoch, batch)
+        elif self._should_save_on_batch(batch):
+            self._save(self._epoch, batch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Save (``save_freq="epoch"``, or a preemption notice that came after the last batch)."""
+        self._last_batch_seen = 0
+        if self._stopping:
+            return  # preempted in this epoch: its backup is the batch it stopped at
+        if self._engine.should_stop():
+            self._final_save(epoch + 1, None)
+            return
+        if self.save_freq == "epoch":
+            self._save(epoch + 1, None)
+        self._engine.raise_if_failed()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Wait for the backups to commit; then, after a normal end with ``delete_checkpoint``, delete them.
+
+        After a preemption the wait ends at the deadline and is not raised past it
+        (the previous committed backup stays the newest); the backups are kept.
+
+        Raises:
+            UploadError: a backup was not committed (``FencedError``: a newer writer took over).
+        """
+        try:
+            if self._stopping:
+                self._engine.finish()
+                self.preempted = self._engine.preempted
+            elif self.delete_checkpoint:
+                self._engine.wait(self._engine.upload_timeout)
+                self._engine.stop_uploads()
+                deleted = self._engine.delete_committed(debris=True)
+                log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).", len(deleted),
+                         self.url)
+            else:
+                self._engine.finish()
+        finally:
+            self.model._initial_epoch = None  # a later fit() without this callback starts where it is told
+            self.close()
+        if self.preempted:
+            self._engine.call_replaced_sigterm_handler()
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _reset_counters(self, epoch: int) -> None:
+        self._epoch = epoch
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = 0
+        self._last_saved_step: int | None = None
+        self._stopping = False
+
+    def _should_save_on_batch(self, batch: int) -> bool:
+        """Keras' batch counting (``steps_per_execution`` aware): True every ``save_freq`` batches."""
+        if self.save_freq == "epoch":
+            return False
+        added = batch + 1 if batch <= self._last_batch_seen else batch - self._last_batch_seen
+        self._batches_seen_since_last_saving += added
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= self.save_freq:  # type: ignore[operator]
+            self._batches_seen_since_last_saving = 0
+            return True
+        return False
+
+    def _final_save(self, epoch: int, batch: int | None) -> None:
+        """A preemption notice: save now, stop training, and make this backup the one that must commit."""
+        notice = self._engine.notice
+        step = iterations(self.model)
+        self._stopping = True
+        self.model.stop_training = True
+        log.warning("Preemption notice (%s: %s): saving a backup at epoch %d%s (step %d) and stopping training.",
+                    notice.source if notice else "?", notice.detail if notice else "", epoch,
+                    "" if batch is None else f", batch {batch}", step)
+        self._engine.prepare_final_save(step)
+        self._save(epoch, batch)
+
+    def _save(self, epoch: int, batch: int | None) -> None:
+        """Write ``backup-<step>.weights.h5`` and ``.state.json`` to ``local_dir`` and queue them for commit."""
+        step = iterations(self.model)
+        if step == self._last_saved_step:
+            return  # nothing trained since the last backup
+        prefix = os.path.join(self.local_dir, f"{BASENAME}-{step}")
+        weights, state = prefix + ".weights.h5", prefix + ".state.json"
+        self.model.save_weights(weights, overwrite=True)
+        _write_json(state, {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "batch": batch,
+                            "iterations": step, "keras": keras.__version__, "backend": keras.backend.backend()})
+        try:
+            self._engine.submit(step, [weights, state])
+        finally:
+            for path in (weights, state):  # the engine snapshotted them (hard links)
+                _remove(path)
+        self._last_saved_step = step
+
+    def _restore(self, info: CheckpointInfo) -> int:
+        """Load the downloaded backup ``info`` into the model; returns the epoch to resume at.
+
+        Raises:
+            ConfigError: the backup does not fit this model.
+            IntegrityError: its state file is not what this callback writes, or the optimizer
+                state did not load.
+        """
+        prefix = os.path.join(self.local_dir, info.name)
+        weights, state_path = prefix + ".weights.h5", prefix + ".state.json"
+        try:
+            state = _read_state(state_path, f"{info.prefix}.state.json")
+            optimizer = self.model.optimizer
+            if optimizer is not None and not optimizer.built:
+                optimizer.build(self.model.trainable_variables)  # so load_weights restores its variables
+            try:
+                self.model.load_weights(weights)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    f"Backup step {info.step} in {self.url} does not fit this model ({exc}). A backup restores "
+                    "only into the model (and optimizer) that wrote it: fix the model, or use a new backup_dir "
+                    "to start over.") from exc
+            restored_iterations = iterations(self.model)
+            if restored_iterations != state["iterations"]:
+                raise IntegrityError(
+                    f"Backup step {info.step} in {self.url} restored optimizer.iterations={restored_iterations}, "
+                    f"not {state['iterations']}: the optimizer state was not loaded (was the model compiled "
+                    "with the optimizer it was trained with?).")
+        finally:
+            _remove(weights)
+            _remove(state_path)
+        log.info("Restored backup step %d (epoch %d%s) from %s.", info.step, state["epoch"],
+                 "" if state["batch"] is None else f", batch {state['batch']}", self.url)
+        return int(state["epoch"])
+
+
+def _read_state(path: str, url: str) -> dict:
+    """The backup's ``.state.json``, validated.
+
+    Raises:
+        IntegrityError: not JSON, or not a state file of this format version.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"Backup state file {url} cannot be read ({exc}).") from None
+    ok = (isinstance(state, dict) and state.get("format") == STATE_FORMAT
+          and isinstance(state.get("version"), int) and isinstance(state.get("epoch"), int)
+          and isinstance(state.get("iterations"), int)
+          and (state.get("batch") is None or isinstance(state.get("batch"), int)))
+    if not ok:
+        raise IntegrityError(f"{url} is not a cloudckpt Keras backup state file (format {STATE_FORMAT!r}).")
+    if state["version"] > STATE_VERSION:
+        raise IntegrityError(f"Backup state file {url} has version {state['version']}; this cloudckpt reads up to "
+                             f"{STATE_VERSION}: upgrade cloudckpt.")
+    return state
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

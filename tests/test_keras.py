@@ -1,0 +1,336 @@
+"""Keras 3 callbacks (issue 14): ``cloudckpt.keras.BackupAndRestore`` and ``cloudckpt.keras.ModelCheckpoint``.
+
+Real ``model.fit`` runs (a tiny MLP, Adam) against the moto S3 server on 127.0.0.1. What was saved is
+checked independently of cloudckpt: the tests record the model's weights, optimizer variables and
+``optimizer.iterations`` themselves (tests/support/keras_model.py) and compare them with what a fresh
+model, on an empty local disk, holds after the callback restored it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import cloudckpt
+import cloudckpt.keras
+from support.checks import log_entries, remote_fs
+from support.keras_model import BATCH_SIZE, Probe, RaiseAtEpoch, State, data, make_model
+from support.trainer_process import TrainerProcess
+
+KERAS_TRAINER = Path(__file__).parent / "support" / "keras_trainer.py"
+STEPS_PER_EPOCH = 4
+
+
+def fit(model, callbacks, epochs, **kwargs):
+    x, y = data()
+    return model.fit(x, y, epochs=epochs, batch_size=BATCH_SIZE, verbose=0, callbacks=callbacks, **kwargs)
+
+
+def backup(url, options, local_dir, **kwargs) -> cloudckpt.keras.BackupAndRestore:
+    return cloudckpt.keras.BackupAndRestore(url, storage_options=options, local_dir=str(local_dir), **kwargs)
+
+
+def flip_byte(url, options, name):
+    """Corrupt one committed object in place (same size), as bit rot or a buggy tool would."""
+    fs, root = remote_fs(url, options)
+    body = bytearray(fs.cat_file(f"{root}/{name}"))
+    body[len(body) // 2] ^= 0xFF
+    fs.pipe_file(f"{root}/{name}", bytes(body))
+
+
+def objects_outside_log(url, options) -> list[str]:
+    fs, root = remote_fs(url, options)
+    return sorted(p[len(root) + 1:] for p in fs.find(root) if not p[len(root) + 1:].startswith(".cloudckpt/"))
+
+
+# -- BackupAndRestore ------------------------------------------------------------------------------------
+
+
+def test_interrupted_fit_resumes_at_epoch_3_with_saved_optimizer_state(s3_url, s3_options, tmp_path):
+    first_probe = Probe()
+    first = backup(s3_url, s3_options, tmp_path / "vm1")
+    model = make_model(seed=1)
+    with pytest.raises(RuntimeError, match="interrupted at epoch 3"):
+        fit(model, [first, first_probe, RaiseAtEpoch(3)], epochs=6)
+    first.close()  # what the process does on its way out: the last epoch's backup is committed
+    saved = first_probe.at_epoch_end[2]
+    assert saved.iterations == 3 * STEPS_PER_EPOCH
+
+    # A new VM: a fresh model with other initial weights, an empty local directory.
+    probe = Probe()
+    second = backup(s3_url, s3_options, tmp_path / "vm2")
+    model = make_model(seed=2)
+    history = fit(model, [second, probe], epochs=6)
+    assert probe.epochs == [3, 4, 5]
+    assert len(history.history["loss"]) == 3
+    probe.begin.assert_equal(saved)  # weights, every optimizer variable, and optimizer.iterations
+    assert second.restored is not None and second.restored.step == saved.iterations
+    assert int(model.optimizer.iterations) == 6 * STEPS_PER_EPOCH
+
+
+def test_integer_save_freq_resumes_in_the_epoch_it_saved(s3_url, s3_options, tmp_path):
+    class RaiseAtBatch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if int(self.model.optimizer.iterations) == 11:  # epoch 2, batch 3
+                raise RuntimeError("interrupted")
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.states: dict[int, State] = {}
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.states[int(self.model.optimizer.iterations)] = State.of(self.model)
+
+    record = Record()
+    cb = backup(s3_url, s3_options, tmp_path / "vm1", save_freq=3, delete_checkpoint=False)
+    with pytest.raises(RuntimeError):
+        fit(make_model(seed=1), [cb, record, RaiseAtBatch()], epochs=5)
+
+    # Keras' documented pattern: fit again with the same callback (not closed: it waits for the backups
+    # still uploading, then restores the newest).
+    probe = Probe()
+    model = make_model(seed=2)
+    fit(model, [cb, probe], epochs=5)
+    assert cb.restored is not None and cb.restored.step == 9  # iterations 9: epoch 2, batch 0
+    assert probe.epochs[0] == 2  # Keras semantics: the epoch in progress is run again
+    probe.begin.assert_equal(record.states[9])
+    # Every 3 batches, across both runs (the second re-ran epoch 2 from iterations 9 on).
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [3, 6, 9, 12, 15, 18, 21]
+
+
+def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "vm1"), str(dump), "--epochs", "50",
+                             "--preemption", "sigterm", "--deadline", "60", "--batch-sleep", "0.05",
+                             script=KERAS_TRAINER)
+    try:
+        trainer.wait_for_line("BATCH 3 1")
+        trainer.terminate()
+        assert trainer.wait(120) == 0, trainer.stderr
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.kill()
+    done = trainer.wait_for_line("DONE")
+    assert "preempted=True" in done, done
+    iterations = int(done.rsplit("=", 1)[1])
+    assert 3 * STEPS_PER_EPOCH + 2 <= iterations <= 4 * STEPS_PER_EPOCH  # a batch of epoch 3 (after batch 1)
+    assert "EPOCH 4" not in "".join(trainer.output)
+    latest = cloudckpt.latest_checkpoint(url, options)
+    assert latest is not None and latest.step == iterations  # the batch it stopped at is committed
+
+    probe = Probe()
+    model = make_model(seed=3)
+    fit(model, [backup(url, options, tmp_path / "vm2"), probe], epochs=5)
+    assert probe.epochs == [3, 4]  # resumes at epoch 3, the one it was preempted in
+    probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
+
+
+def test_corrupt_newest_backup_falls_back_to_the_previous_one(s3_url, s3_options, tmp_path):
+    probe = Probe()
+    first = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)
+    fit(make_model(seed=1), [first, probe], epochs=3)
+    newest = cloudckpt.latest_checkpoint(s3_url, s3_options)
+    assert newest.step == 3 * STEPS_PER_EPOCH
+    weights = [f.name for f in newest.files if f.name.endswith(".weights.h5")]
+    assert len(weights) == 1
+    flip_byte(s3_url, s3_options, weights[0])
+
+    restored = Probe()
+    second = backup(s3_url, s3_options, tmp_path / "vm2")
+    fit(make_model(seed=2), [second, restored], epochs=4)
+    assert restored.epochs == [2, 3]  # the epoch-2 backup: the newest one that verifies
+    restored.begin.assert_equal(probe.at_epoch_end[1])
+
+
+def test_sigkill_during_saves_never_restores_a_state_that_was_not_saved(moto_server, tmp_path):
+    kill_trials(moto_server, tmp_path, trials=1, seed=7)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigkill_soak(moto_server, tmp_path):
+    kill_trials(moto_server, tmp_path, trials=12, seed=11)
+
+
+def kill_trials(moto_server, tmp_path, trials: int, seed: int) -> None:
+    """SIGKILL a trainer that saves after every batch at a random moment (uploads always in flight); a fresh
+    model on an empty disk then restores exactly a state the trainer saved (dumped before each save)."""
+    rng = random.Random(seed)
+    url = moto_server.create_bucket(f"kcrash-{rng.getrandbits(40):010x}") + "/run"
+    options = moto_server.storage_options
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    before = -1
+    for trial in range(trials):
+        trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / f"vm{trial}"), str(dump),
+                                 "--save-freq", "1", "--batch-sleep", "0.01", script=KERAS_TRAINER)
+        try:
+            trainer.wait_for_line("BATCH ")
+            deadline = time.monotonic() + 120
+            while (latest := cloudckpt.latest_checkpoint(url, options)) is None or latest.step <= before:
+                assert trainer.proc.poll() is None and time.monotonic() < deadline, trainer.stderr
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 1.0))  # this run has committed; more saves are uploading
+        finally:
+            trainer.kill()
+        latest = cloudckpt.latest_checkpoint(url, options)
+        assert latest is not None and latest.step > before, f"trial {trial}: no progress:\n{trainer.stderr}"
+        before = latest.step
+        assert cloudckpt.verify(url, latest.step, storage_options=options).ok
+        probe = Probe()
+        cb = backup(url, options, tmp_path / f"restore{trial}", delete_checkpoint=False)
+        fit(make_model(seed=5), [cb, probe], epochs=0)
+        assert probe.begin.iterations == latest.step
+        probe.begin.assert_equal(State.load(str(dump / f"iter-{latest.step}.npz")))
+
+
+def test_delete_checkpoint_after_success_uncommits_everything(s3_url, s3_options, tmp_path):
+    cb = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)
+    fit(make_model(seed=1), [cb], epochs=2)
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [4, 8]
+
+    # A second run resumes at epoch 2, trains 2 more epochs and, having finished, deletes the backup.
+    probe = Probe()
+    cb = backup(s3_url, s3_options, tmp_path / "vm1")
+    fit(make_model(seed=2), [cb, probe], epochs=4)
+    assert probe.epochs == [2, 3]
+    assert cloudckpt.list_checkpoints(s3_url, s3_options, include_superseded=True) == []
+    assert objects_outside_log(s3_url, s3_options) == []  # no manifest vouching for missing files, no debris
+    retired = {cid for e in log_entries(s3_url, s3_options) if e["type"] == "delete" for cid in e.get("retire", ())}
+    committed = {e["commit_id"] for e in log_entries(s3_url, s3_options) if e["type"] == "commit"}
+    assert committed and committed <= retired  # every commit was retired in the log before its files went
+
+    # Nothing to restore any more: the next fit starts from scratch.
+    probe = Probe()
+    fit(make_model(seed=3), [backup(s3_url, s3_options, tmp_path / "vm2"), probe], epochs=1)
+    assert probe.epochs == [0] and probe.begin.iterations == 0
+
+
+def test_a_newer_writer_fences_the_callback(s3_url, s3_options, tmp_path):
+    cb = backup(s3_url, s3_options, tmp_path / "vm1")
+
+    class RollBack(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                cb.wait()
+                cloudckpt.rollback(s3_url, 4, storage_options=s3_options)  # registers a newer writer
+
+    with pytest.raises(cloudckpt.FencedError) as info:
+        fit(make_model(seed=1), [cb, RollBack()], epochs=5)
+    assert "newer writer" in str(info.value).lower() or info.value.newer_writer
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4
+
+
+def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
+    with pytest.raises(cloudckpt.ConfigError, match="save_freq"):
+        cloudckpt.keras.BackupAndRestore(s3_url, save_freq=0)
+    with pytest.raises(cloudckpt.ConfigError, match="save_freq"):
+        cloudckpt.keras.BackupAndRestore(s3_url, save_freq="batch")
+    with pytest.raises(cloudckpt.ConfigError, match="backup_dir"):
+        cloudckpt.keras.BackupAndRestore("")
+    with pytest.raises(cloudckpt.ConfigError, match=r"\.keras"):
+        cloudckpt.keras.ModelCheckpoint(s3_url + "/model-{epoch}.txt")
+    with pytest.raises(cloudckpt.ConfigError, match=r"\.weights\.h5"):
+        cloudckpt.keras.ModelCheckpoint(s3_url + "/model.keras", save_weights_only=True)
+    missing = s3_url.split("/")[2] + "-missing"
+    with pytest.raises(cloudckpt.CloudCkptError, match=missing):
+        fit(make_model(), [backup(f"s3://{missing}/run", s3_options, tmp_path / "vm")], epochs=1)
+
+
+def test_a_backup_of_another_model_is_refused(s3_url, s3_options, tmp_path):
+    fit(make_model(seed=1), [backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)], epochs=1)
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    other.compile(keras.optimizers.Adam(0.01), loss="mse", run_eagerly=True)
+    with pytest.raises(cloudckpt.ConfigError, match="does not fit this model") as info:
+        fit(other, [backup(s3_url, s3_options, tmp_path / "vm2")], epochs=2)
+    assert s3_url in str(info.value) and "step 4" in str(info.value)
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4  # nothing was deleted or overwritten
+
+
+def test_import_cloudckpt_imports_neither_keras_nor_tensorflow():
+    code = "import sys, cloudckpt; print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "[]"
+
+
+# -- ModelCheckpoint -------------------------------------------------------------------------------------
+
+
+class Score(keras.callbacks.Callback):
+    """Puts a scripted ``score`` into the epoch logs (before ModelCheckpoint reads them)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = self.values[epoch]
+
+
+def test_model_checkpoint_save_best_only_commits_exactly_the_improving_epochs(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("best"), cloudckpt_s3.storage_options
+    probe = Probe()
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/model-{epoch:02d}-{score:.2f}.keras", monitor="score", mode="min",
+                                         save_best_only=True, storage_options=options)
+    model = make_model(seed=1)
+    fit(model, [Score([3.0, 2.0, 4.0, 1.0, 5.0]), cb, probe], epochs=5)
+    committed = cloudckpt.list_checkpoints(url, options)
+    # Stored names carry the step (optimizer.iterations at the save) before the extension.
+    names = [f.name for c in committed for f in c.files]
+    assert names == ["model-01-3.00-4.keras", "model-02-2.00-8.keras", "model-04-1.00-16.keras"]
+    assert [c.step for c in committed] == [4, 8, 16]
+
+    listing = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", url, "--json",
+                              "-o", f"endpoint_url={options['endpoint_url']}"], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert [(r["step"], r["status"]) for r in rows] == [(4, "committed"), (8, "committed"), (16, "committed")]
+
+    pulled = tmp_path / "pulled"
+    cloudckpt.download_checkpoint(url, str(pulled), step=8, storage_options=options)
+    loaded = keras.models.load_model(str(pulled / "model-02-2.00-8.keras"))
+    x, _ = data()
+    expected = make_model(seed=9)
+    expected.set_weights(probe.at_epoch_end[1].weights)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected.predict(x, verbose=0), rtol=0, atol=0)
+    assert int(loaded.optimizer.iterations) == 8
+
+
+def test_model_checkpoint_weights_every_n_batches(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("weights"), cloudckpt_s3.storage_options
+    probe = Probe()
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/w-{epoch}-{batch}.weights.h5", save_weights_only=True, save_freq=6,
+                                         storage_options=options)
+    fit(make_model(seed=1), [cb, probe], epochs=3)
+    committed = cloudckpt.list_checkpoints(url, options)
+    assert [(c.step, [f.name for f in c.files]) for c in committed] == [
+        (6, ["w-2-2-6.weights.h5"]), (12, ["w-3-4-12.weights.h5"])]
+    cloudckpt.download_checkpoint(url, str(tmp_path / "pulled"), storage_options=options)
+    model = make_model(seed=2)
+    model.optimizer.build(model.trainable_variables)  # so load_weights restores the optimizer state too
+    model.load_weights(str(tmp_path / "pulled" / "w-3-4-12.weights.h5"))
+    State.of(model).assert_equal(probe.at_epoch_end[2])
+
+
+def test_model_checkpoint_a_name_saved_again_replaces_the_older_file(cloudckpt_s3):
+    url, options = cloudckpt_s3.url("one"), cloudckpt_s3.storage_options
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/best.keras", monitor="score", mode="min", save_best_only=True,
+                                         storage_options=options)
+    fit(make_model(seed=1), [Score([3.0, 2.0, 4.0]), cb], epochs=3)
+    # Keras overwrites best.keras; here the newer one is committed, then the older one un-committed and deleted.
+    assert [(c.step, [f.name for f in c.files]) for c in cloudckpt.list_checkpoints(url, options)] == [
+        (8, ["best-8.keras"])]
+    assert objects_outside_log(url, options) == ["best-8.keras", "best-8.manifest.json"]  # no TF state file
