@@ -418,7 +418,6 @@ class RemoteStore:
         retried = False
         for name in names:
             def rm(name: str = name) -> None:
-                nonlocal retried
                 if time.monotonic() >= deadline:
                     raise DeleteWindowClosed(f"delete {self.url_of(name)}: the deletion window closed.",
                                              url=self.url_of(name), transient=False)

@@ -91,7 +91,7 @@ def test_outage_never_blocks_training_and_commits_after(proxied, tmp_path):
                 start = time.monotonic()
                 step = int(sess.run([train_op, global_step])[1])
                 step_times.append((step, time.monotonic() - start, during))
-                pending_max = max(pending_max, len(hook._upload._uploader.pending_steps()))
+                pending_max = max(pending_max, len(hook._upload.pending_steps()))
                 if step == 100:
                     begin_outage()
                     outage_started_at = time.monotonic()
