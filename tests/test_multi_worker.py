@@ -1,0 +1,131 @@
+"""Multi-worker training on TF's own distributed runtime (issue 15): 2-3 TF processes on 127.0.0.1.
+
+* ``MultiWorkerMirroredStrategy`` custom loop with ``cloudckpt.CheckpointManager``: only the chief
+  commits; killed and restarted with empty local dirs, every worker resumes at the latest committed step
+  with equal variables; a preemption notice to one non-chief worker stops all of them at one step, which is
+  committed (tests/support/mw_tf2_trainer.py).
+* TF1 between-graph replication with a parameter server (``MonitoredTrainingSession``,
+  ``chief_only_hooks``): the chief commits complete checkpoints although the variables live on the PS,
+  whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
+* tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
+
+Each process imports TF (5-10 s on the shared machine): the tests keep the number of processes small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cloudckpt
+from support.checks import log_entries
+from support.cluster import PROXY_VARIABLES, Task, cluster_spec, task_env
+
+SUPPORT = Path(__file__).parent / "support"
+TF2_TRAINER = SUPPORT / "mw_tf2_trainer.py"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+class Cluster:
+    """The tasks started by a test; every one still running is killed at the end."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def start(self, script: Path, args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> Task:
+        task = Task(script, args, env, prefix)
+        self.tasks.append(task)
+        return task
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.stop()
+
+
+@pytest.fixture
+def cluster():
+    started = Cluster()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def start_tf2_workers(cluster: Cluster, url: str, options: dict, root: Path, run: str, *flags: str,
+                      env: dict | None = None) -> list[Task]:
+    spec = cluster_spec(2)
+    out = root / run
+    out.mkdir(parents=True, exist_ok=True)
+    return [cluster.start(TF2_TRAINER, [url, json.dumps(options), str(root / f"{run}-local-{i}"), str(out), *flags],
+                          task_env(spec, "worker", i, **(env or {}).get(i, {})))
+            for i in range(2)]
+
+
+def finished(task: Task) -> dict:
+    """Wait for a worker to exit cleanly; its STATS line."""
+    rc = task.finish()
+    assert rc == 0, task.stderr
+    return json.loads(task.lines("STATS ")[-1][len("STATS "):])
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def commit_entries(url: str, options: dict) -> list[dict]:
+    return [e for e in log_entries(url, options) if e["type"] == "commit"]
+
+
+def test_mwms_only_chief_commits_and_both_resume_after_kill(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 1: committed steps as scheduled, written only by the chief; SIGKILL both, restart both with
+    empty local dirs: both resume at the latest committed step with equal variables."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--step-sleep", "0.05")
+    for w in workers:
+        assert w.wait_for_line("FIRST_STEP") == "FIRST_STEP 0"
+    deadline_step = 10
+    while (cloudckpt.latest_checkpoint(s3_url, s3_options) or None) is None or \
+            cloudckpt.latest_checkpoint(s3_url, s3_options).step < deadline_step:
+        workers[0].wait_for_step(workers[0].step + 1)
+    for w in workers:
+        w.kill()
+    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
+    assert committed and all(s % 5 == 0 for s in committed) and committed[-1] >= deadline_step, committed
+    writers = [e for e in log_entries(s3_url, s3_options) if e["type"] == "writer"]
+    assert len(writers) == 1 and writers[0]["pid"] == workers[0].proc.pid, writers  # the chief registered, alone
+    assert {e["writer_id"] for e in commit_entries(s3_url, s3_options)} == {writers[0]["writer_id"]}
+    latest = committed[-1]
+
+    # New VMs: empty local directories; both restore the committed step from the bucket.
+    restarted = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run2", "--save-every", "5",
+                                  "--last-step", str(latest + 5))
+    stats = [finished(w) for w in restarted]
+    for w in restarted:
+        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {latest}"], w.stderr
+        assert w.lines("DONE") == [f"DONE {latest + 5}"]
+    first = [load(tmp_path / "run2" / f"first-worker-{i}.npz") for i in range(2)]
+    assert int(first[0]["step"]) == latest
+    assert_same(first[0], first[1])
+    assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
+    assert [s["task"] for s in stats] == ["worker:0", "worker:1"]
+    assert stats[0]["is_chief"] and stats[0]["committed"] == 1 and stats[0]["last_committed_step"] == latest + 5
+    assert not stats[1]["is_chief"] and stats[1]["committed"] == 0
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == latest + 5
+    # The non-chief's temporary directory is gone; its local_dir holds no checkpoint.
+    assert not [p for p in (tmp_path / "run2-local-1").rglob("*") if p.is_file()]
