@@ -129,3 +129,27 @@ def test_mwms_only_chief_commits_and_both_resume_after_kill(cluster, s3_url, s3_
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == latest + 5
     # The non-chief's temporary directory is gone; its local_dir holds no checkpoint.
     assert not [p for p in (tmp_path / "run2-local-1").rglob("*") if p.is_file()]
+
+
+def test_mwms_notice_on_one_worker_stops_both_at_one_committed_step(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 2: SIGTERM to worker 1 only -> both workers stop at the same step, the chief commits it,
+    both exit 0; a restart resumes there."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--step-sleep", "0.05", "--preemption", "sigterm")
+    workers[1].wait_for_step(7)
+    workers[1].sigterm()
+    stats = [finished(w) for w in workers]
+    stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
+    assert stopped[0] == stopped[1] >= 7, stopped
+    assert all(s["preempted"] for s in stats)
+    latest = cloudckpt.latest_checkpoint(s3_url, s3_options)
+    assert latest is not None and latest.step == stopped[0]
+    assert stats[0]["last_committed_step"] == stopped[0]
+    assert "not this one" in workers[0].stderr and "this one among them" in workers[1].stderr
+    assert "[worker:1]" in workers[1].stderr  # the log names the task
+
+    restarted = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run2", "--last-step", str(stopped[0] + 1))
+    for w in restarted:
+        finished(w)
+        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {stopped[0]}"]
+    assert_same(load(tmp_path / "run1" / "last-worker-0.npz"), load(tmp_path / "run2" / "first-worker-1.npz"))
