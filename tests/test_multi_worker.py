@@ -153,3 +153,76 @@ def test_mwms_notice_on_one_worker_stops_both_at_one_committed_step(cluster, s3_
         finished(w)
         assert w.lines("FIRST_STEP") == [f"FIRST_STEP {stopped[0]}"]
     assert_same(load(tmp_path / "run1" / "last-worker-0.npz"), load(tmp_path / "run2" / "first-worker-1.npz"))
+
+
+TF1_TRAINER = SUPPORT / "mw_tf1_trainer.py"
+
+
+def own_disk(*paths: Path) -> list[str]:
+    """A command prefix that runs a task in its own mount namespace where ``paths`` are empty tmpfs mounts:
+    like a parameter server on another host, it cannot see (or write into) the chief's directories."""
+    mounts = " && ".join(f'mount -t tmpfs tmpfs "{p}"' for p in paths)
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+
+
+def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 3: 1 PS + 2 workers, MonitoredTrainingSession with chief_only_hooks: every committed
+    checkpoint holds every variable (they live on the PS, whose disk the chief never sees); a restarted
+    cluster resumes from the bucket."""
+    options = json.dumps(s3_options)
+
+    def start(run: str, last_step: int) -> tuple[Task, list[Task]]:
+        spec = cluster_spec(2, ps=1)
+        chief_local = tmp_path / f"{run}-worker-0"
+        chief_local.mkdir()
+        ps = cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-ps")], task_env(spec, "ps", 0),
+                           prefix=own_disk(chief_local))
+        workers = [cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-worker-{i}"),
+                                               "--last-step", str(last_step)], task_env(spec, "worker", i))
+                   for i in range(2)]
+        return ps, workers
+
+    ps, workers = start("run1", 20)
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    ps.stop()
+    stats = json.loads(workers[0].lines("STATS ")[-1][len("STATS "):])
+    assert stats["task"] == stats["hook_task"] == "worker:0" and stats["committed"] >= 2, stats
+    assert not workers[1].lines("STATS")  # the hook ran on the chief only
+    committed = cloudckpt.list_checkpoints(s3_url, s3_options)
+    assert committed and committed[-1].step >= 20
+    for info in committed:  # one .data file: written whole by the chief
+        assert sorted(f.name.split(".")[-1] for f in info.files) == ["data-00000-of-00001", "index", "meta"]
+    import tensorflow as tf
+    pulled = cloudckpt.pull_checkpoint(s3_url, str(tmp_path / "pulled"), storage_options=s3_options)
+    reader = tf.train.load_checkpoint(pulled.local_prefix)
+    shapes = reader.get_variable_to_shape_map()
+    assert {"w", "b", "w/Momentum", "b/Momentum", "global_step"} <= set(shapes), shapes
+    assert int(reader.get_tensor("global_step")) == committed[-1].step
+    assert not np.allclose(reader.get_tensor("w"), 1.0)  # trained values, not the initial ones
+
+    latest = committed[-1].step
+    ps, workers = start("run2", latest + 10)
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    ps.stop()
+    assert workers[0].lines("RESTORED") == [f"RESTORED {latest}"]
+    assert int(workers[0].lines("FIRST_STEP")[0].split()[1]) >= latest
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step >= latest + 10
+
+
+def test_tf1_sharded_saver_with_parameter_servers_is_refused(cluster, s3_url, s3_options, tmp_path):
+    """A sharded Saver would make the PS write its shard on its own disk: begin() refuses it, naming the fix,
+    and nothing is committed."""
+    spec = cluster_spec(1, ps=1)
+    local = tmp_path / "worker-0"
+    local.mkdir()
+    ps = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(tmp_path / "ps")], task_env(spec, "ps", 0),
+                       prefix=own_disk(local))
+    chief = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(local), "--sharded-saver"],
+                          task_env(spec, "worker", 0))
+    assert chief.finish() == 2, chief.stderr
+    ps.stop()
+    error = chief.lines("ERROR")[0]
+    assert "ps:0" in error and "sharded" in error and "Saver(sharded=False)" in error, error
+    assert cloudckpt.list_checkpoints(s3_url, s3_options) == []
