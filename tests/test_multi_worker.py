@@ -15,7 +15,6 @@ Each process imports TF (5-10 s on the shared machine): the tests keep the numbe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -88,71 +87,93 @@ def assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def commit_entries(url: str, options: dict) -> list[dict]:
-    return [e for e in log_entries(url, options) if e["type"] == "commit"]
-
-
-def test_mwms_only_chief_commits_and_both_resume_after_kill(cluster, s3_url, s3_options, tmp_path):
-    """Acceptance 1: committed steps as scheduled, written only by the chief; SIGKILL both, restart both with
-    empty local dirs: both resume at the latest committed step with equal variables."""
-    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
-                                "--step-sleep", "0.05")
-    for w in workers:
-        assert w.wait_for_line("FIRST_STEP") == "FIRST_STEP 0"
-    deadline_step = 10
-    while (cloudckpt.latest_checkpoint(s3_url, s3_options) or None) is None or \
-            cloudckpt.latest_checkpoint(s3_url, s3_options).step < deadline_step:
-        workers[0].wait_for_step(workers[0].step + 1)
-    for w in workers:
-        w.kill()
-    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
-    assert committed and all(s % 5 == 0 for s in committed) and committed[-1] >= deadline_step, committed
-    writers = [e for e in log_entries(s3_url, s3_options) if e["type"] == "writer"]
-    assert len(writers) == 1 and writers[0]["pid"] == workers[0].proc.pid, writers  # the chief registered, alone
-    assert {e["writer_id"] for e in commit_entries(s3_url, s3_options)} == {writers[0]["writer_id"]}
-    latest = committed[-1]
-
-    # New VMs: empty local directories; both restore the committed step from the bucket.
-    restarted = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run2", "--save-every", "5",
-                                  "--last-step", str(latest + 5))
-    stats = [finished(w) for w in restarted]
-    for w in restarted:
-        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {latest}"], w.stderr
-        assert w.lines("DONE") == [f"DONE {latest + 5}"]
-    first = [load(tmp_path / "run2" / f"first-worker-{i}.npz") for i in range(2)]
-    assert int(first[0]["step"]) == latest
-    assert_same(first[0], first[1])
-    assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
-    assert [s["task"] for s in stats] == ["worker:0", "worker:1"]
-    assert stats[0]["is_chief"] and stats[0]["committed"] == 1 and stats[0]["last_committed_step"] == latest + 5
-    assert not stats[1]["is_chief"] and stats[1]["committed"] == 0
-    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == latest + 5
-    # The non-chief's temporary directory is gone; its local_dir holds no checkpoint.
-    assert not [p for p in (tmp_path / "run2-local-1").rglob("*") if p.is_file()]
-
-
-def test_mwms_notice_on_one_worker_stops_both_at_one_committed_step(cluster, s3_url, s3_options, tmp_path):
-    """Acceptance 2: SIGTERM to worker 1 only -> both workers stop at the same step, the chief commits it,
-    both exit 0; a restart resumes there."""
+def test_mwms_chief_commits_a_notice_on_one_worker_stops_both_and_both_resume(cluster, s3_url, s3_options,
+                                                                                tmp_path):
+    """Acceptance 1 and 2 (default suite): committed steps as scheduled, written only by the chief; SIGTERM to
+    worker 1 only -> both stop at the same step, the chief commits it, both exit 0; restarted with empty
+    local dirs, both resume at that step with equal variables."""
     workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
                                 "--step-sleep", "0.05", "--preemption", "sigterm")
-    workers[1].wait_for_step(7)
+    wait_for_commit(workers[0], s3_url, s3_options, 10)
     workers[1].sigterm()
     stats = [finished(w) for w in workers]
     stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
-    assert stopped[0] == stopped[1] >= 7, stopped
+    assert stopped[0] == stopped[1] > 10, stopped
     assert all(s["preempted"] for s in stats)
-    latest = cloudckpt.latest_checkpoint(s3_url, s3_options)
-    assert latest is not None and latest.step == stopped[0]
-    assert stats[0]["last_committed_step"] == stopped[0]
+    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
+    assert committed[-1] == stopped[0] and all(s % 5 == 0 for s in committed[:-1]), committed
+    assert_chief_only(s3_url, s3_options, workers[0])
+    assert [s["task"] for s in stats] == ["worker:0", "worker:1"]
+    assert stats[0]["is_chief"] and stats[0]["last_committed_step"] == stopped[0]
+    assert not stats[1]["is_chief"] and stats[1]["committed"] == 0
     assert "not this one" in workers[0].stderr and "this one among them" in workers[1].stderr
     assert "[worker:1]" in workers[1].stderr  # the log names the task
+    assert not [p for p in (tmp_path / "run1-local-1").rglob("*") if p.is_file()]  # the temporary dir is gone
 
-    restarted = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run2", "--last-step", str(stopped[0] + 1))
-    for w in restarted:
-        finished(w)
-        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {stopped[0]}"]
+    # New VMs: empty local directories; both restore the committed step from the bucket.
+    assert_both_resume(cluster, s3_url, s3_options, tmp_path, stopped[0])
     assert_same(load(tmp_path / "run1" / "last-worker-0.npz"), load(tmp_path / "run2" / "first-worker-1.npz"))
+
+
+@pytest.mark.slow
+def test_mwms_both_resume_after_sigkill(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 1 with SIGKILL: both workers killed while training; restarted with empty local dirs, both
+    resume at the latest committed step with equal variables."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--step-sleep", "0.05")
+    wait_for_commit(workers[0], s3_url, s3_options, 10)
+    for w in workers:
+        w.kill()
+    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
+    assert committed and all(s % 5 == 0 for s in committed) and committed[-1] >= 10, committed
+    assert_chief_only(s3_url, s3_options, workers[0])
+    assert_both_resume(cluster, s3_url, s3_options, tmp_path, committed[-1])
+
+
+@pytest.mark.slow
+def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tmp_path):
+    """A GCE preemption notice (fake metadata server) reaching only the chief stops both at one committed step."""
+    from support.fake_metadata import FakeGceMetadata
+
+    with FakeGceMetadata() as gce:
+        env = {0: {"CLOUDCKPT_GCE_METADATA_URL": gce.url}, 1: {"CLOUDCKPT_GCE_METADATA_URL": "http://127.0.0.1:9"}}
+        workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--preemption", "auto", env=env)
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        gce.preempt()
+        stats = [finished(w) for w in workers]
+    stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
+    assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
+
+
+def wait_for_commit(chief: Task, url: str, options: dict, step: int) -> None:
+    """Let training go on until a checkpoint of ``step`` or later is committed."""
+    while (latest := cloudckpt.latest_checkpoint(url, options)) is None or latest.step < step:
+        chief.wait_for_step(chief.step + 1)
+
+
+def assert_chief_only(url: str, options: dict, chief: Task) -> None:
+    """One writer registered in the commit log, the chief's process, and every commit is its."""
+    writers = [e for e in log_entries(url, options) if e["type"] == "writer"]
+    assert len(writers) == 1 and writers[0]["pid"] == chief.proc.pid, writers
+    commits = [e for e in log_entries(url, options) if e["type"] == "commit"]
+    assert commits and {e["writer_id"] for e in commits} == {writers[0]["writer_id"]}
+
+
+def assert_both_resume(cluster: Cluster, url: str, options: dict, root: Path, latest: int) -> None:
+    """Both workers restart with empty local dirs, resume at ``latest`` with equal variables, and go on."""
+    restarted = start_tf2_workers(cluster, url, options, root, "run2", "--save-every", "5",
+                                  "--last-step", str(latest + 2))
+    stats = [finished(w) for w in restarted]
+    for w in restarted:
+        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {latest}"], w.stderr
+        assert w.lines("DONE") == [f"DONE {latest + 2}"]
+    first = [load(root / "run2" / f"first-worker-{i}.npz") for i in range(2)]
+    assert int(first[0]["step"]) == latest
+    assert_same(first[0], first[1])
+    assert_same(load(root / "run2" / "last-worker-0.npz"), load(root / "run2" / "last-worker-1.npz"))
+    assert stats[0]["last_committed_step"] == latest + 2 == cloudckpt.latest_checkpoint(url, options).step
 
 
 TF1_TRAINER = SUPPORT / "mw_tf1_trainer.py"
@@ -171,7 +192,7 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
     cluster resumes from the bucket."""
     options = json.dumps(s3_options)
 
-    def start(run: str, last_step: int) -> tuple[Task, list[Task]]:
+    def start(run: str, last_step: int, workers: int = 2) -> tuple[Task, list[Task]]:
         spec = cluster_spec(2, ps=1)
         chief_local = tmp_path / f"{run}-worker-0"
         chief_local.mkdir()
@@ -179,7 +200,7 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
                            prefix=own_disk(chief_local))
         workers = [cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-worker-{i}"),
                                                "--last-step", str(last_step)], task_env(spec, "worker", i))
-                   for i in range(2)]
+                   for i in range(workers)]
         return ps, workers
 
     ps, workers = start("run1", 20)
@@ -202,7 +223,7 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
     assert not np.allclose(reader.get_tensor("w"), 1.0)  # trained values, not the initial ones
 
     latest = committed[-1].step
-    ps, workers = start("run2", latest + 10)
+    ps, workers = start("run2", latest + 10, workers=1)  # the chief alone goes on (worker 1 is optional)
     for w in workers:
         assert w.finish() == 0, w.stderr
     ps.stop()
@@ -213,16 +234,10 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
 
 def test_tf1_sharded_saver_with_parameter_servers_is_refused(cluster, s3_url, s3_options, tmp_path):
     """A sharded Saver would make the PS write its shard on its own disk: begin() refuses it, naming the fix,
-    and nothing is committed."""
-    spec = cluster_spec(1, ps=1)
-    local = tmp_path / "worker-0"
-    local.mkdir()
-    ps = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(tmp_path / "ps")], task_env(spec, "ps", 0),
-                       prefix=own_disk(local))
-    chief = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(local), "--sharded-saver"],
-                          task_env(spec, "worker", 0))
+    before the session is created (so no PS needs to run), and nothing is committed."""
+    chief = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(tmp_path / "worker-0"), "--sharded-saver"],
+                          task_env(cluster_spec(1, ps=1), "worker", 0))
     assert chief.finish() == 2, chief.stderr
-    ps.stop()
     error = chief.lines("ERROR")[0]
     assert "ps:0" in error and "sharded" in error and "Saver(sharded=False)" in error, error
     assert cloudckpt.list_checkpoints(s3_url, s3_options) == []

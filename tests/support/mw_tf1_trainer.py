@@ -51,6 +51,13 @@ def main() -> int:
         return 0
 
     is_chief = index == 0
+    if not is_chief:
+        # A non-chief's session waits for the chief to initialize the variables, polling every 30 s
+        # (SessionManager's recovery_wait_secs, not an argument of MonitoredTrainingSession): 1 s here.
+        from tensorflow.python.training import session_manager
+        defaults = list(session_manager.SessionManager.__init__.__defaults__)
+        defaults[4] = 1
+        session_manager.SessionManager.__init__.__defaults__ = tuple(defaults)
     rng = np.random.default_rng(index)
     with tf.compat.v1.Graph().as_default():
         with tf.compat.v1.device(tf.compat.v1.train.replica_device_setter(
