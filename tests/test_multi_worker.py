@@ -15,6 +15,7 @@ Each process imports TF (5-10 s on the shared machine): the tests keep the numbe
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +148,13 @@ def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tm
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
 
 
-def wait_for_commit(chief: Task, url: str, options: dict, step: int) -> None:
+def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
     """Let training go on until a checkpoint of ``step`` or later is committed."""
+    end = time.monotonic() + timeout
     while (latest := cloudckpt.latest_checkpoint(url, options)) is None or latest.step < step:
-        chief.wait_for_step(chief.step + 1)
+        if chief.proc.poll() is not None or time.monotonic() > end:
+            raise AssertionError(f"no commit of step {step} (rc={chief.proc.poll()}):\n{chief.stderr}")
+        time.sleep(0.1)
 
 
 def assert_chief_only(url: str, options: dict, chief: Task) -> None:
@@ -241,3 +245,45 @@ def test_tf1_sharded_saver_with_parameter_servers_is_refused(cluster, s3_url, s3
     error = chief.lines("ERROR")[0]
     assert "ps:0" in error and "sharded" in error and "Saver(sharded=False)" in error, error
     assert cloudckpt.list_checkpoints(s3_url, s3_options) == []
+
+
+KERAS_TRAINER = SUPPORT / "mw_keras_trainer.py"
+
+
+def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 4: tf-keras model.fit + cloudckpt.keras.BackupAndRestore, 2 workers: a notice on worker 1
+    stops both at the same batch; the chief alone commits that backup; restarted with empty local dirs,
+    both restore it (equal weights and optimizer state) and finish the remaining epochs."""
+    options = json.dumps(s3_options)
+
+    def start(run: str, *flags: str) -> list[Task]:
+        spec = cluster_spec(2)
+        (tmp_path / run).mkdir()
+        return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
+                                              *flags], task_env(spec, "worker", i)) for i in range(2)]
+
+    workers = start("run1", "--epochs", "4", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")
+    wait_for_commit(workers[0], s3_url, s3_options, 6)  # the backup of epoch 0
+    workers[1].sigterm()
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    done = [w.lines("DONE")[0] for w in workers]
+    assert done[0] == done[1] and "preempted=True" in done[0], done
+    stopped_at = int(done[0].rsplit("=", 1)[1])
+    assert 6 < stopped_at < 24
+    epoch = (stopped_at - 1) // 6  # a backup within an epoch resumes at its start
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped_at
+    assert_chief_only(s3_url, s3_options, workers[0])
+    stats = [json.loads(w.lines("STATS ")[0][len("STATS "):]) for w in workers]
+    assert [s["task"] for s in stats] == ["worker:0", "worker:1"] and stats[1]["committed"] == 0
+
+    restarted = start("run2", "--epochs", "4", "--steps", "6")
+    for w in restarted:
+        assert w.finish() == 0, w.stderr
+        assert w.lines("RESTORED") == [f"RESTORED {stopped_at}"]
+        assert w.lines("START_EPOCH") == [f"START_EPOCH {epoch}"]
+        assert w.lines("DONE") == [f"DONE preempted=False iterations={stopped_at + (4 - epoch) * 6}"]
+    first = [load(tmp_path / "run2" / f"first-worker-{i}.npz") for i in range(2)]
+    assert_same(first[0], first[1])
+    assert_same(first[0], load(tmp_path / "run1" / "last-worker-0.npz"))
+    assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))

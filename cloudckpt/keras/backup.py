@@ -296,6 +296,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         role = agreement.role
         epoch: int | None = None
         failure: BaseException | None = None
+        # Creating variables under the strategy is a collective (their initial values are broadcast): every
+        # worker builds the optimizer now, before the agreement, not only those that restore.
+        self._build_optimizer()
         if role.is_chief:
             try:
                 self.restored = self._engine.resume()
@@ -319,6 +322,12 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self.restored = select_checkpoint(store, scan_directory(store), agreed)
         download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
         return self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+
+    def _build_optimizer(self) -> None:
+        """Create the optimizer's variables if they do not exist yet."""
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer_built(optimizer):
+            optimizer.build(self.model.trainable_variables)
 
     def _reset_counters(self, epoch: int) -> None:
         self._epoch = epoch
@@ -381,9 +390,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         weights, state_path = prefix + ".weights.h5", prefix + ".state.json"
         try:
             state = _read_state(state_path, f"{info.prefix}.state.json")
-            optimizer = self.model.optimizer
-            if optimizer is not None and not optimizer_built(optimizer):
-                optimizer.build(self.model.trainable_variables)  # so load_weights restores its variables
+            self._build_optimizer()  # so load_weights restores its variables
             try:
                 self.model.load_weights(weights)
             except (ValueError, KeyError, TypeError) as exc:
