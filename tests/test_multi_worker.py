@@ -15,6 +15,7 @@ Each process imports TF (5-10 s on the shared machine): the tests keep the numbe
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 import cloudckpt
+from cloudckpt.distributed import LOGGERS
 from support.checks import log_entries
 from support.cluster import PROXY_VARIABLES, Task, cluster_spec, task_env
 
@@ -33,6 +35,17 @@ TF2_TRAINER = SUPPORT / "mw_tf2_trainer.py"
 def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _task_names_stay_in_the_test():
+    """A task name given to cloudckpt's loggers in this process is taken away afterwards."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    before = [list(logger.filters) for logger in loggers]
+    yield
+    for logger, filters in zip(loggers, before):
+        for f in [f for f in logger.filters if f not in filters]:
+            logger.removeFilter(f)
 
 
 class Cluster:
@@ -287,3 +300,63 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     assert_same(first[0], first[1])
     assert_same(first[0], load(tmp_path / "run1" / "last-worker-0.npz"))
     assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
+
+
+# -- in-process: roles, TF_CONFIG, log records, misuse ------------------------------------------------------
+
+
+def test_roles_follow_tf_chief_rule():
+    from cloudckpt.distributed import role_from_cluster
+
+    workers = {"worker": ["a:1", "b:1"], "ps": ["c:1"]}
+    assert role_from_cluster(workers, "worker", 0).is_chief
+    assert not role_from_cluster(workers, "worker", 1).is_chief
+    one = role_from_cluster(workers, "worker", 1)
+    assert (one.name, one.workers, one.parameter_servers, one.multi_worker) == ("worker:1", 2, 1, True)
+    with_chief = {"chief": ["a:1"], "worker": ["b:1"]}
+    assert role_from_cluster(with_chief, "chief", 0).is_chief
+    assert not role_from_cluster(with_chief, "worker", 0).is_chief  # TF: worker 0 is not the chief then
+    assert role_from_cluster(with_chief, "worker", 0).workers == 2
+    assert not role_from_cluster({"worker": ["a:1"]}, "worker", 0).multi_worker
+    assert role_from_cluster(workers, None, None) is None
+    with pytest.raises(cloudckpt.ConfigError, match="worker:2 is not in the cluster"):
+        role_from_cluster(workers, "worker", 2)
+
+
+def test_tf_config_is_parsed_or_refused():
+    from cloudckpt.distributed import role_from_tf_config
+
+    config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    assert role_from_tf_config({"TF_CONFIG": json.dumps(config)}).name == "worker:1"
+    assert role_from_tf_config({}) is None
+    with pytest.raises(cloudckpt.ConfigError, match="TF_CONFIG is not TF's cluster description"):
+        role_from_tf_config({"TF_CONFIG": "{not json"})
+
+
+def test_log_records_name_the_task(caplog):
+    from cloudckpt.distributed import name_task_in_logs
+
+    name_task_in_logs("worker:1")
+    name_task_in_logs("worker:7")  # a process is one task: the first name stays
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        logging.getLogger("cloudckpt").info("Committed checkpoint step %d", 5)
+        logging.getLogger("cloudckpt.preemption").warning("notice")
+    assert [r.getMessage() for r in caplog.records] == ["[worker:1] Committed checkpoint step 5", "[worker:1] notice"]
+    assert {r.task for r in caplog.records} == {"worker:1"}
+
+
+def test_manager_refuses_multi_worker_tf_config_without_the_strategy(monkeypatch, memory_url, tmp_path):
+    """Every worker committing would fence the others: without MultiWorkerMirroredStrategy in scope (or
+    strategy=), a TF_CONFIG of several workers is refused, naming the fix."""
+    import tensorflow as tf
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
+    with pytest.raises(cloudckpt.ConfigError, match=r"strategy.scope\(\), or pass strategy="):
+        cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(tmp_path))
+    # Parameter-server training: one coordinator runs the loop and saves; no refusal, the task is named.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"],
+                                                            "ps": ["127.0.0.1:3"]}, "task": {"type": "chief", "index": 0}}))
+    with cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(tmp_path)) as manager:
+        assert manager.is_chief and manager.task == "chief:0" and manager.stats().task == "chief:0"
