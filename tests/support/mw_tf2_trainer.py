@@ -7,6 +7,7 @@ Usage: python mw_tf2_trainer.py URL OPTIONS_JSON LOCAL_DIR OUT_DIR [--save-every
 the strategy's scope (weights, a momentum slot, the step counter), updated with MEAN aggregation, so
 all workers hold the same values after each step while each trains on its own data.
 
+Saves every ``--save-every`` steps, at ``--last-step`` and when ``should_stop()`` turns True.
 Prints ``FIRST_STEP <n>`` after ``restore_or_initialize()``, ``STEP <n>`` after each step, and at the
 end ``PREEMPTED <step>`` (``should_stop()`` turned True) or ``DONE <step>``, then
 ``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``). Writes
@@ -84,13 +85,14 @@ def main() -> int:
         train_step()
         current = int(step.numpy())
         stop = manager.should_stop()  # every worker, once per step: a collective
-        if current % args.save_every == 0 or stop:
+        last = args.last_step is not None and current >= args.last_step
+        if current % args.save_every == 0 or stop or last:
             manager.save(checkpoint_number=current)
         print(f"STEP {current}", flush=True)
         if stop:
             outcome = "PREEMPTED"
             break
-        if args.last_step is not None and current >= args.last_step:
+        if last:
             break
         if args.step_sleep:
             time.sleep(args.step_sleep)
