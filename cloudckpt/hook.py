@@ -29,13 +29,12 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
-from .errors import ConfigError, UploadError
+from .errors import ConfigError
 from .catalog import CheckpointInfo
 from .distributed import TaskRole, name_task_in_logs, role_from_tf_config
 from .listener import UploadListener

@@ -50,6 +50,7 @@ from .distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_from
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
+from .remote import is_local_path
 from .restore import download_verified, select_checkpoint
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
@@ -155,10 +156,13 @@ class CheckpointManager:
         if self._role is not None:
             name_task_in_logs(self._role.name)
         if self._agreement is not None and not self._role.is_chief:  # type: ignore[union-attr]
-            ensure_writable(local_dir)
-            # TF's pattern: a non-chief worker writes its checkpoints to a temporary directory, removed.
+            # TF's pattern: a non-chief worker writes its checkpoints to a temporary directory, removed. Not
+            # inside a local-path directory: that is the committed directory itself.
+            parent = None if is_local_path(directory) else local_dir
+            if parent is not None:
+                ensure_writable(parent)
             local_dir = self._worker_temp = tempfile.mkdtemp(
-                prefix=f".cloudckpt-{self._role.task_type}-{self._role.task_id}-", dir=local_dir)  # type: ignore[union-attr]
+                prefix=f".cloudckpt-{self._role.task_type}-{self._role.task_id}-", dir=parent)  # type: ignore[union-attr]
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
             raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
         ensure_writable(local_dir)

@@ -15,11 +15,10 @@ import logging
 import weakref
 from typing import Any
 
-
-from ._backend import to_int
 from ..engine import CheckpointEngine
 from ..errors import ConfigError
 from ..uploader import UploadStats
+from ._backend import to_int
 
 log = logging.getLogger("cloudckpt")
 

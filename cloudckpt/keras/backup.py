@@ -38,7 +38,6 @@ import shutil
 import tempfile
 from typing import Any, Mapping
 
-
 from ..catalog import CheckpointInfo, scan_directory
 from ..distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_of_strategy
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable

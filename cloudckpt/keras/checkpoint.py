@@ -30,14 +30,13 @@ import logging
 import os
 from typing import Any, Mapping
 
-
-from ._backend import LEGACY, keras
 from ..catalog import scan_directory
 from ..commit import CommitResult
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
 from ..layout import KERAS_MODEL, basename_of
 from ..urls import display_url
+from ._backend import LEGACY, keras
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
 log = logging.getLogger("cloudckpt")
