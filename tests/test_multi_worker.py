@@ -267,6 +267,9 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     """Acceptance 4: tf-keras model.fit + cloudckpt.keras.BackupAndRestore, 2 workers: a notice on worker 1
     stops both at the same batch; the chief alone commits that backup; restarted with empty local dirs,
     both restore it (equal weights and optimizer state) and finish the remaining epochs."""
+    # Not in the test extra: tf-keras requires the `tensorflow` distribution, which would go next to
+    # tensorflow-cpu (README: Installation). The project's venv has it.
+    pytest.importorskip("tf_keras", reason="tf-keras is not installed (pip install tf-keras matching TensorFlow)")
     options = json.dumps(s3_options)
 
     def start(run: str, *flags: str) -> list[Task]:
