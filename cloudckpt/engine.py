@@ -112,6 +112,7 @@ class CheckpointEngine:
         preemption_deadline: seconds from the first notice by which the final
             checkpoint must be committed; default: the platform's hard stop
             (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice).
+        task: the TF cluster task this engine runs in (``worker:1``), named by ``stats().task``.
 
     Raises:
         ConfigError: (a ``ValueError``) an invalid argument or an unusable URL
@@ -132,6 +133,7 @@ class CheckpointEngine:
         retention: RetentionPolicy | None = None,
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        task: str | None = None,
     ) -> None:
         if upload_timeout is not None and not upload_timeout > 0:
             raise ConfigError(f"upload_timeout must be > 0 seconds or None, got {upload_timeout!r}.")
@@ -148,6 +150,7 @@ class CheckpointEngine:
         self.retention = retention
         self._watcher = PreemptionWatcher.from_spec(preemption)
         self._preemption_deadline = preemption_deadline
+        self.task = task
         self._watching = False
         self._replaced_handler_called = False
         self.preempted = False
@@ -500,8 +503,11 @@ class CheckpointEngine:
     def stats(self) -> UploadStats:
         """Counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
         last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes,
-        retries by cause, last committed step and the last commit's duration (seconds)."""
-        return self._uploader.stats()
+        retries by cause, last committed step and the last commit's duration (seconds); ``task`` names the
+        TF cluster task (``worker:1``) when the engine was given one."""
+        stats = self._uploader.stats()
+        stats.task = self.task
+        return stats
 
     def stop_uploads(self, timeout: float | None = None) -> None:
         """Stop the background uploader; checkpoints still uploading get ``timeout`` seconds (None: until

@@ -5,6 +5,16 @@ The Saver writes to a local directory exactly as with TF's hook; an
 the remote URL in the background. The training thread only learns about the
 network when an upload has failed (``UploadError`` at the next step).
 
+Between-graph replication (``MonitoredTrainingSession(master=..., is_chief=...,
+chief_only_hooks=[hook])``): the hook runs on the chief only. When variables
+live on other tasks (parameter servers), TF's default ``Saver(sharded=True)``
+would make each of them write its own shard on its own disk, which the
+chief never sees; so ``begin()`` gives the session a non-sharded Saver whose
+save and restore ops run on the chief (variables are sent over the network),
+or, for a Saver of the user's that would write elsewhere, raises
+``ConfigError`` naming the fix. A checkpoint with shards missing is never
+committed.
+
 Lifecycle: ``close()`` stops the preemption watcher (signal handlers restored)
 and the uploader. It runs from ``end()`` and also when the session ends with an
 exception, which ``MonitoredSession`` does not report to hooks (it calls
@@ -19,14 +29,14 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import tensorflow as tf
 
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
-from .errors import ConfigError, UploadError
+from .errors import ConfigError
 from .catalog import CheckpointInfo
+from .distributed import TaskRole, name_task_in_logs, role_from_tf_config
 from .listener import UploadListener
 from .preemption import PreemptionWatcher
 from .retention import RetentionPolicy
@@ -91,7 +101,10 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
             "At most one of saver or scaffold should be set." / non-positive schedule.
-        ConfigError: unusable URL or ``local_dir``.
+        ConfigError: unusable URL or ``local_dir``; in ``begin()``, a Saver (``saver=``,
+            ``scaffold=`` or the graph's ``SAVERS`` collection) that would write part of
+            the checkpoint on another task (a sharded Saver with variables on parameter
+            servers).
     """
 
     def __init__(
@@ -129,6 +142,10 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                                       upload_timeout=upload_timeout, preemption=preemption,
                                       preemption_deadline=preemption_deadline)
         self._engine = self._upload.engine
+        self._role: TaskRole | None = role_from_tf_config()
+        if self._role is not None:
+            self._engine.task = self._role.name
+            name_task_in_logs(self._role.name)
         self._upload.registers_in_begin = False  # begin() registers once the resume point is in local_dir
         ensure_writable(local_dir)
         super().__init__(local_dir, save_secs=save_secs, save_steps=save_steps, saver=saver,
@@ -163,6 +180,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         # and the uploader starts, only once the session exists (after_create_session).
         self._open = False
         self._stop_requested = False
+        self._place_saver_on_chief()
         if self._watcher is not None:
             self._watcher.start()
         try:
@@ -171,6 +189,49 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
+
+    @property
+    def task(self) -> str | None:
+        """The TF cluster task this hook runs in (``worker:0``), from ``TF_CONFIG``; None without one."""
+        return self._role.name if self._role is not None else None
+
+    def _place_saver_on_chief(self) -> None:
+        """With variables on other tasks, make sure the whole checkpoint is written on this task (the chief).
+
+        No Saver given and none in the graph: a non-sharded one is created with its ops on this task and
+        added to the ``SAVERS`` collection, so the session's scaffold restores with it too. A Saver that
+        is sharded, or whose save op runs on another task, is refused.
+
+        Raises:
+            ConfigError: the Saver in use would write (part of) the checkpoint on another task.
+        """
+        remote = _remote_variable_tasks(self._role)
+        if not remote:
+            return
+        here = f"/job:{self._role.task_type}/task:{self._role.task_id}" if self._role is not None else None
+        savers = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.SAVERS)
+        saver = self._saver or (self._scaffold.saver if self._scaffold is not None else None) or \
+            (savers[0] if len(savers) == 1 else None)
+        if saver is None and not savers:
+            with tf.device(here):  # None clears any device scope: the ops run on the session's master
+                saver = tf.compat.v1.train.Saver(sharded=False, allow_empty=True)
+            tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.SAVERS, saver)
+            log.info("Variables live on %s: checkpoints are written whole on this task by a non-sharded Saver "
+                     "(TF's default sharded Saver would write each shard on its own host).", ", ".join(remote))
+            return
+        saver_def = getattr(saver, "saver_def", None)
+        save_device = ""
+        if saver_def is not None and saver_def.save_tensor_name:
+            save_device = tf.compat.v1.get_default_graph().get_tensor_by_name(saver_def.save_tensor_name).op.device
+        save_task = _task_of(save_device)
+        elsewhere = save_task is not None and save_task != self.task
+        if saver_def is not None and (saver_def.sharded or elsewhere):
+            raise ConfigError(
+                f"The Saver of this session would write checkpoint shards on other tasks ({', '.join(remote)} hold "
+                "variables; " + ("the Saver is sharded" if saver_def.sharded else f"its save op runs on {save_device}")
+                + f"), whose disks cloudckpt never sees, so {self.checkpoint_url} would get incomplete checkpoints. "
+                "Pass no saver (cloudckpt then creates a non-sharded one on the chief), or "
+                "saver=tf.compat.v1.train.Saver(sharded=False) created outside any device scope.")
 
     @property
     def local_dir(self) -> str:
@@ -315,6 +376,21 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         # After a notice the watcher keeps its SIGTERM handler until the process exits (see
         # CheckpointEngine.stop_watching); pending failures are logged.
         self._engine.close(timeout=timeout, reason=reason)
+
+
+def _task_of(device: str) -> str | None:
+    """``/job:ps/task:1/device:CPU:0`` -> ``ps:1``; None when the device names no job."""
+    spec = tf.DeviceSpec.from_string(device or "")
+    return None if spec.job is None else f"{spec.job}:{spec.task or 0}"
+
+
+def _remote_variable_tasks(role: TaskRole | None) -> list[str]:
+    """The tasks other than this one holding global variables of the default graph (``ps:0``...). Without
+    ``TF_CONFIG`` this task is not known: tasks of the ``ps`` job count then."""
+    tasks = {_task_of(v.device) for v in tf.compat.v1.global_variables()}
+    if role is None:
+        return sorted(t for t in tasks if t is not None and t.startswith("ps:"))
+    return sorted(t for t in tasks if t is not None and t != role.name)
 
 
 class _SessionCloseProbe:

@@ -20,6 +20,15 @@ current lineage with relative paths and TF's timestamps
 (``all_model_checkpoint_timestamps``: each save's time, recorded in the commit
 log; ``last_preserved_timestamp``), so ``tf.train.CheckpointManager`` works on
 a copy of the directory.
+
+Under ``tf.distribute.MultiWorkerMirroredStrategy`` (``distributed.py``) every
+worker calls ``save()`` (TF's collectives need all of them); only the chief's
+manager writes to ``local_dir`` and commits. The others write to a temporary
+directory inside it, and each of their checkpoints is deleted once written
+(TF's multi-worker pattern). ``restore_or_initialize()`` makes every worker
+restore the step the chief restores (sent as an all-reduce); ``should_stop()``
+is an all-reduce of "a preemption notice reached me", so all workers stop at
+the same step.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import atexit
 import copy
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -36,10 +47,13 @@ from typing import Any, Callable, Mapping
 
 import tensorflow as tf
 
-from .catalog import CheckpointInfo
+from .catalog import CheckpointInfo, scan_directory
+from .distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_from_tf_config, role_of_strategy
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
+from .remote import is_local_path
+from .restore import download_verified, select_checkpoint
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
@@ -74,6 +88,12 @@ class CheckpointManager:
       and break; ``close()`` then commits the final checkpoint within the deadline.
     * ``wait()``, ``stats()``, ``close()``; a context manager (``close()`` on a clean
       exit; on an exception, pending uploads get ``upload_timeout`` and nothing is raised).
+    * under ``MultiWorkerMirroredStrategy`` (the one in scope, or ``strategy=``): every
+      worker calls ``save()``, ``restore_or_initialize()`` and ``should_stop()`` at the same
+      points of the loop (each may be a collective); only the chief commits, the others'
+      saves go to a temporary directory and are deleted; every worker restores the step
+      the chief restores; a notice on any worker makes ``should_stop()`` True on all of them
+      at the same call.
 
     Args:
         checkpoint: a ``tf.train.Checkpoint``.
@@ -96,12 +116,17 @@ class CheckpointManager:
             ``PreemptionWatcher``; watched from construction to ``close()``.
         preemption_deadline: seconds from the notice to commit the final checkpoint;
             default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS).
+        strategy: the ``tf.distribute`` strategy training runs under (default: the one in
+            scope when the manager is created). A ``MultiWorkerMirroredStrategy`` whose
+            cluster has several workers turns on the chief-only rule above.
 
     Raises:
         ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
             without ``step_counter`` (TF's messages).
         ConfigError: (a ``ValueError``) an unusable URL or ``local_dir``, a ``local_dir``
-            differing from a local-path ``directory``, or invalid cloudckpt options.
+            differing from a local-path ``directory``, or invalid cloudckpt options;
+            ``TF_CONFIG`` names several workers (and no parameter servers) but no
+            ``MultiWorkerMirroredStrategy`` is in scope or given.
         RemoteError: the store cannot be reached.
     """
 
@@ -124,9 +149,22 @@ class CheckpointManager:
         on_error: str = "raise",
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        strategy: Any = None,
     ) -> None:
         directory = os.fspath(directory)
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
+        self._role, self._agreement = _worker_role(strategy, directory)
+        self._worker_temp: str | None = None
+        if self._role is not None:
+            name_task_in_logs(self._role.name)
+        if self._agreement is not None and not self._role.is_chief:  # type: ignore[union-attr]
+            # TF's pattern: a non-chief worker writes its checkpoints to a temporary directory, removed. Not
+            # inside a local-path directory: that is the committed directory itself.
+            parent = None if is_local_path(directory) else local_dir
+            if parent is not None:
+                ensure_writable(parent)
+            local_dir = self._worker_temp = tempfile.mkdtemp(
+                prefix=f".cloudckpt-{self._role.task_type}-{self._role.task_id}-", dir=parent)  # type: ignore[union-attr]
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
             raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
         ensure_writable(local_dir)
@@ -139,7 +177,8 @@ class CheckpointManager:
             directory, local_dir, layout=TF, storage_options=storage_options, max_pending=max_pending, retry=retry,
             on_error=on_error, upload_timeout=upload_timeout,
             retention=RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours),
-            preemption=preemption, preemption_deadline=preemption_deadline)
+            preemption=preemption, preemption_deadline=preemption_deadline,
+            task=self._role.name if self._role is not None else None)
         self._url = directory
         self._engine.open()
         self._last_saved_step: int | None = None
@@ -147,6 +186,7 @@ class CheckpointManager:
         self._written_here: list[tuple[str, float]] = []
         self._closed = False
         self._resumed = False  # by restore_or_initialize(), the first latest_checkpoint / checkpoints, or save()
+        self._stop_agreed = False  # multi-worker: the workers agreed to stop (a notice reached one of them)
         self.restored: CheckpointInfo | None = None
         self._engine.start_watching()
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -257,10 +297,16 @@ class CheckpointManager:
         Returns:
             The local path restored, or None (``init_fn`` was called, if given).
 
+        Multi-worker (a collective: every worker calls it): the chief does the
+        above; a local checkpoint newer than anything committed is committed
+        first. Every other worker then downloads and verifies the step the chief
+        restores into its temporary directory and restores it.
+
         Raises:
             IntegrityError: checkpoints are committed but none verifies and there is no
                 local checkpoint (training must not silently start from scratch).
             RemoteError / FencedError: the store could not be read or written.
+            CloudCkptError: (multi-worker, not the chief) the chief failed to restore.
         """
         self._manager.sync()
         self._resume(download=True)
@@ -278,8 +324,19 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """True once ``close()`` ended a run stopped by a preemption notice."""
-        return self._engine.preempted
+        """True once ``close()`` ended a run stopped by a preemption notice (multi-worker: a notice
+        that reached any worker)."""
+        return self._engine.preempted or (self._closed and self._stop_agreed)
+
+    @property
+    def task(self) -> str | None:
+        """The TF cluster task this manager runs in (``worker:1``), from the strategy or ``TF_CONFIG``."""
+        return self._role.name if self._role is not None else None
+
+    @property
+    def is_chief(self) -> bool:
+        """True when this process commits checkpoints (not a non-chief worker of a multi-worker job)."""
+        return self._agreement is None or self._role.is_chief  # type: ignore[union-attr]
 
     @property
     def notice(self) -> PreemptionNotice | None:
@@ -287,8 +344,23 @@ class CheckpointManager:
         return self._engine.notice
 
     def should_stop(self) -> bool:
-        """True once a preemption notice was received: save a final checkpoint, leave the loop, ``close()``."""
-        return self._engine.should_stop()
+        """True once a preemption notice was received: save a final checkpoint, leave the loop, ``close()``.
+
+        Multi-worker, a collective until it turns True: every worker calls it once per
+        step (at the same points of the loop), and it turns True on all of them at the
+        same call once a notice reached any one of them (an all-reduce of that flag).
+        """
+        if self._agreement is None:
+            return self._engine.should_stop()
+        if not self._stop_agreed:
+            here = self._engine.should_stop()
+            noticed = self._agreement.any(here)
+            if noticed:
+                self._stop_agreed = True
+                log.warning("Preemption notice on %d of %d workers (%s): every worker stops at this step; the "
+                            "chief commits the final checkpoint.", noticed, self._role.workers,  # type: ignore[union-attr]
+                            "this one among them" if here else "not this one")
+        return self._stop_agreed
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until TF's async write has finished and every checkpoint saved so far is committed or dropped.
@@ -323,6 +395,14 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        if not self.is_chief:
+            try:
+                self._manager.sync()
+            finally:
+                self._close_worker()
+            if self._engine.preempted:
+                self._engine.call_replaced_sigterm_handler()
+            return
         try:
             self._manager.sync()
             if self._last_saved_step is not None:
@@ -351,6 +431,9 @@ class CheckpointManager:
         except Exception as sync_error:  # noqa: BLE001 - the exception in flight is the one to report
             log.error("TF's async checkpoint write failed while closing: %s", sync_error)
         timeout = 0 if issubclass(exc_type, KeyboardInterrupt) else self._engine.upload_timeout
+        if not self.is_chief:
+            self._close_worker()
+            return
         self._engine.close(timeout=timeout, reason=f"exception {exc_type.__name__}")
 
     # -- internals -----------------------------------------------------------------------------------
@@ -362,8 +445,12 @@ class CheckpointManager:
             self._resume(download=download)
 
     def _resume(self, *, download: bool) -> None:
+        """Multi-worker: a collective (every worker resumes in the same call, to the chief's step)."""
         self._resumed = True
-        self.restored = self._engine.resume(download=download)
+        if self._agreement is None:
+            self.restored = self._engine.resume(download=download)
+        else:
+            self.restored = self._restore_multi_worker(self._agreement)
         if self.restored is not None:
             _write_local_state(self.local_dir)
         # TF reads the state file when the manager is created: a new one sees what was fetched.
@@ -384,12 +471,101 @@ class CheckpointManager:
             self._submit(prefix, time.time())
 
     def _submit(self, prefix: str, saved_at: float) -> None:
-        """Snapshot and queue checkpoint ``prefix`` of ``local_dir``; never touches the network."""
+        """Snapshot and queue checkpoint ``prefix`` of ``local_dir``; never touches the network. A non-chief
+        worker deletes it instead (its save only took part in TF's collectives)."""
         ckpt = TF.find_local(self.local_dir, prefix)
         if ckpt is None:
             log.warning("No checkpoint files for %s found in %s; nothing to commit.", prefix, self.local_dir)
             return
+        if not self.is_chief:
+            for path in ckpt.files.values():
+                _remove(path)
+            return
         self._engine.submit(ckpt.step, ckpt.files, saved_at=saved_at)
+
+    def _restore_multi_worker(self, agreement: WorkerAgreement) -> CheckpointInfo | None:
+        """Every worker restores the step the chief restores; the chief's step reaches the others as an
+        all-reduce (-1: nothing to restore, -2: the chief failed, and raises)."""
+        role = agreement.role
+        step: int | None = None
+        restored: CheckpointInfo | None = None
+        failure: BaseException | None = None
+        if role.is_chief:
+            try:
+                restored = self._engine.resume(download=True)
+                step = self._commit_local_head()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+                failure = exc
+        agreed = agreement.from_chief(-2 if failure is not None else (-1 if step is None else step))
+        if failure is not None:
+            raise failure
+        if role.is_chief:
+            return restored
+        if agreed == -2:
+            raise CloudCkptError(f"The chief failed to restore from {self.directory}; this worker ({role.name}) "
+                                 "stops too: see the chief's log for the cause.")
+        if agreed < 0:
+            return None
+        info = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
+        download_verified(self._engine.store, info, self.local_dir)
+        log.info("Restoring checkpoint step %d, as the chief does.", agreed)
+        return info
+
+    def _commit_local_head(self) -> int | None:
+        """The chief's resume point (the step the local state file names); a local checkpoint newer than
+        anything committed is committed first, so that the other workers can download it."""
+        prefix = state_file_prefix(self.local_dir)
+        parsed = split_prefix(prefix) if prefix else None
+        if parsed is None:
+            return None
+        step = parsed[1]
+        if any(c.step == step for c in scan_directory(self._engine.store).committed):
+            return step
+        ckpt = TF.find_local(self.local_dir, prefix)  # type: ignore[arg-type]
+        if ckpt is None:
+            return None
+        log.info("Committing local checkpoint step %d (newer than %s) before the other workers restore it.",
+                 step, self.directory)
+        self._engine.submit(step, ckpt.files, required=True)
+        self._engine.wait(self._engine.upload_timeout)
+        return step
+
+    def _close_worker(self) -> None:
+        """A non-chief worker: stop watching, remove the temporary directory."""
+        if self._engine.notice is not None or self._stop_agreed:
+            self._engine.preempted = self._engine.notice is not None
+        try:
+            self._engine.close(timeout=0, reason="close()")
+        finally:
+            if self._worker_temp is not None:
+                shutil.rmtree(self._worker_temp, ignore_errors=True)
+
+
+def _worker_role(strategy: Any, url: str) -> tuple[TaskRole | None, WorkerAgreement | None]:
+    """This process's task, and the agreement of a multi-worker ``MultiWorkerMirroredStrategy`` (None on
+    one machine, or for a strategy with a single process running the loop, e.g. parameter-server
+    training's coordinator)."""
+    if strategy is None and tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        role = role_of_strategy(strategy)
+        if role is not None and role.multi_worker:
+            return role, WorkerAgreement(strategy, role)
+        return role, None
+    role = role_from_tf_config()
+    if role is not None and role.multi_worker and not role.parameter_servers:
+        raise ConfigError(
+            f"TF_CONFIG describes {role.workers} workers ({role.name} here) but no MultiWorkerMirroredStrategy is "
+            f"in scope: create cloudckpt.CheckpointManager for {url} inside strategy.scope(), or pass strategy=, "
+            "so that only the chief commits (every worker committing would fence the others).")
+    return role, None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:

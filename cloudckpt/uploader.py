@@ -56,6 +56,7 @@ class UploadStats:
     housekeeping_failures: int = 0  # retention / cleanup after a commit that failed
     last_housekeeping_error: str | None = None
     fenced_by: str | None = None  # the newer writer, once this one is fenced
+    task: str | None = None  # the TF cluster task that owns these counters (``worker:1``), if any
 
 
 @dataclass

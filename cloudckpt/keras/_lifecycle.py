@@ -15,11 +15,10 @@ import logging
 import weakref
 from typing import Any
 
-import keras
-
 from ..engine import CheckpointEngine
 from ..errors import ConfigError
 from ..uploader import UploadStats
+from ._backend import to_int
 
 log = logging.getLogger("cloudckpt")
 
@@ -34,7 +33,7 @@ def iterations(model: Any) -> int:
     if optimizer is None:
         raise ConfigError("The model has no optimizer: compile it before fit() so that its training state "
                           "(optimizer.iterations) can be saved.")
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return to_int(optimizer.iterations)
 
 
 def check_positive_int_or_epoch(name: str, value: Any) -> None:

@@ -20,6 +20,13 @@ restored epoch (every Keras 3 trainer reads it).
 Source of the semantics: ``keras.callbacks.BackupAndRestore`` (Keras 3,
 https://keras.io/api/callbacks/backup_and_restore/ and
 ``keras/src/callbacks/backup_and_restore.py``).
+
+Under ``MultiWorkerMirroredStrategy`` (tf-keras: ``TF_USE_LEGACY_KERAS=1``;
+``distributed.py``) every worker runs the callback: only the chief commits;
+the other workers save to a temporary directory that is removed, restore the
+backup the chief restores (its step sent as an all-reduce of the strategy),
+and a preemption notice on any worker stops all of them at the same batch
+(an all-reduce of "a notice reached me" after every batch).
 """
 
 from __future__ import annotations
@@ -27,18 +34,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
-import keras
-
-from ..catalog import CheckpointInfo
+from ..catalog import CheckpointInfo, scan_directory
+from ..distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_of_strategy
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError, IntegrityError
 from ..layout import KERAS_BACKUP
 from ..preemption import PreemptionWatcher
+from ..restore import download_verified, select_checkpoint
 from ..retention import RetentionPolicy
 from ..retry import RetryPolicy
 from ..urls import is_local_path
+from ._backend import keras, optimizer_built, set_initial_epoch
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
 log = logging.getLogger("cloudckpt")
@@ -80,6 +90,11 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
       deadline; ``preempted`` is then True and the backup is kept.
     * **Honest errors.** A backup that cannot be committed raises ``UploadError``
       in ``fit`` at the next batch (``FencedError`` when a newer writer took over).
+    * **Multi-worker** (``MultiWorkerMirroredStrategy``, with tf-keras:
+      ``TF_USE_LEGACY_KERAS=1``): only the chief commits; the other workers' saves go
+      to a temporary directory that is removed; every worker restores the backup the
+      chief restores; a notice on any worker stops all of them at the same batch,
+      and the chief commits that backup.
 
     Args:
         backup_dir: the backup directory URL (``s3://bucket/run/backup``, ``gs://``,
@@ -158,6 +173,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             preemption_deadline=preemption_deadline))
         self.restored: CheckpointInfo | None = None
         self.preempted = False
+        self._agreement: WorkerAgreement | None = None  # multi-worker, from on_train_begin
+        self._worker_temp: str | None = None  # a non-chief worker's temporary directory
+        self._stop_agreed = False
         self._reset_counters(epoch=0)
 
     @property
@@ -174,17 +192,25 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                               f"{self.model} is not. Build it by calling it on a batch of data, or give it an "
                               "Input.")
         self.preempted = False
+        self._stop_agreed = False
+        role, self._agreement = _workers_of(self.model)
+        if role is not None:
+            self._engine.task = role.name
+            name_task_in_logs(role.name)
         self._open()
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
-            self.restored = self._engine.resume()
-            epoch = self._restore(self.restored) if self.restored is not None else None
+            if self._agreement is None:
+                self.restored = self._engine.resume()
+                epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
+            else:
+                epoch = self._restore_multi_worker(self._agreement)
         except BaseException:
             self.close()
             raise
         self._reset_counters(epoch=epoch or 0)
         # What Keras' own BackupAndRestore does: fit() starts at this epoch (None: fit's initial_epoch).
-        self.model._initial_epoch = epoch
+        set_initial_epoch(self.model, epoch)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Remember the epoch in progress (a save within it resumes at its start)."""
@@ -195,7 +221,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if self._stopping:
             return
         self._engine.raise_if_failed()
-        if self._engine.should_stop():
+        if self._should_stop(collective=True):
             self._final_save(self._epoch, batch)
         elif self._should_save_on_batch(batch):
             self._save(self._epoch, batch)
@@ -205,7 +231,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self._last_batch_seen = 0
         if self._stopping:
             return  # preempted in this epoch: its backup is the batch it stopped at
-        if self._engine.should_stop():
+        if self._should_stop(collective=False):
             self._final_save(epoch + 1, None)
             return
         if self.save_freq == "epoch":
@@ -222,9 +248,11 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             UploadError: a backup was not committed (``FencedError``: a newer writer took over).
         """
         try:
-            if self._stopping:
+            if not self._is_chief:
+                self.preempted = self._stopping
+            elif self._stopping:
                 self._engine.finish()
-                self.preempted = self._engine.preempted
+                self.preempted = self._engine.preempted or self._stop_agreed
             elif self.delete_checkpoint:
                 self._engine.wait(self._engine.upload_timeout)
                 self._engine.stop_uploads()
@@ -234,12 +262,80 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             else:
                 self._engine.finish()
         finally:
-            self.model._initial_epoch = None  # a later fit() without this callback starts where it is told
+            set_initial_epoch(self.model, None)  # a later fit() without this callback starts where it is told
             self.close()
-        if self.preempted:
+        if self.preempted and self._engine.notice is not None:
             self._engine.call_replaced_sigterm_handler()
 
+    def close(self) -> None:
+        """Stop the background uploads and the preemption watcher (``EngineLifecycle.close``); a non-chief
+        worker's temporary directory is removed."""
+        try:
+            super().close()
+        finally:
+            if self._worker_temp is not None:
+                shutil.rmtree(self._worker_temp, ignore_errors=True)
+                self._worker_temp = None
+
     # -- internals --------------------------------------------------------------------------------------------
+    @property
+    def _is_chief(self) -> bool:
+        return self._agreement is None or self._agreement.role.is_chief
+
+    def _should_stop(self, *, collective: bool) -> bool:
+        """A preemption notice here; multi-worker, a notice on any worker, agreed by an all-reduce after every
+        batch (``collective``; every worker runs the same batches) and remembered."""
+        if self._agreement is None:
+            return self._engine.should_stop()
+        if collective and not self._stop_agreed:
+            here = self._engine.should_stop()
+            noticed = self._agreement.any(here)
+            if noticed:
+                self._stop_agreed = True
+                log.warning("Preemption notice on %d of %d workers (%s): every worker stops at this batch; the "
+                            "chief commits the backup.", noticed, self._agreement.role.workers,
+                            "this one among them" if here else "not this one")
+        return self._stop_agreed
+
+    def _restore_multi_worker(self, agreement: WorkerAgreement) -> int | None:
+        """The chief restores as on one machine; its step reaches the other workers as an all-reduce (-1:
+        nothing, -2: the chief failed), and each downloads (verified) and restores that backup."""
+        role = agreement.role
+        epoch: int | None = None
+        failure: BaseException | None = None
+        # Creating variables under the strategy is a collective (their initial values are broadcast): every
+        # worker builds the optimizer now, before the agreement, not only those that restore.
+        self._build_optimizer()
+        if role.is_chief:
+            try:
+                self.restored = self._engine.resume()
+                epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+                failure = exc
+            step = -2 if failure is not None else (-1 if self.restored is None else self.restored.step)
+        else:
+            step = None
+            self._worker_temp = tempfile.mkdtemp(prefix=f".cloudckpt-{role.task_type}-{role.task_id}-",
+                                                 dir=self.local_dir)
+        agreed = agreement.from_chief(step)
+        if failure is not None:
+            raise failure
+        if role.is_chief or agreed == -1:
+            return epoch
+        if agreed == -2:
+            raise ConfigError(f"The chief failed to restore from {self.url}; this worker ({role.name}) stops too: "
+                              "see the chief's log for the cause.")
+        store = self._engine.store
+        self.restored = select_checkpoint(store, scan_directory(store), agreed)
+        download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
+        return self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+
+    def _build_optimizer(self) -> None:
+        """Create the optimizer's variables if they do not exist yet."""
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer_built(optimizer):
+            optimizer.build(self.model.trainable_variables)
+
     def _reset_counters(self, epoch: int) -> None:
         self._epoch = epoch
         self._batches_seen_since_last_saving = 0
@@ -266,7 +362,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self._stopping = True
         self.model.stop_training = True
         log.warning("Preemption notice (%s: %s): saving a backup at epoch %d%s (step %d) and stopping training.",
-                    notice.source if notice else "?", notice.detail if notice else "", epoch,
+                    notice.source if notice else "another worker", notice.detail if notice else "", epoch,
                     "" if batch is None else f", batch {batch}", step)
         self._engine.prepare_final_save(step)
         self._save(epoch, batch)
@@ -276,33 +372,32 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         step = iterations(self.model)
         if step == self._last_saved_step:
             return  # nothing trained since the last backup
-        prefix = os.path.join(self.local_dir, f"{BASENAME}-{step}")
+        prefix = os.path.join(self._worker_temp or self.local_dir, f"{BASENAME}-{step}")
         weights, state = prefix + ".weights.h5", prefix + ".state.json"
         self.model.save_weights(weights, overwrite=True)
         _write_json(state, {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "batch": batch,
                             "iterations": step, "keras": keras.__version__, "backend": keras.backend.backend()})
         try:
-            self._engine.submit(step, [weights, state])
+            if self._is_chief:  # a non-chief worker's save only took part in the job's save: deleted
+                self._engine.submit(step, [weights, state])
         finally:
             for path in (weights, state):  # the engine snapshotted them (hard links)
                 _remove(path)
         self._last_saved_step = step
 
-    def _restore(self, info: CheckpointInfo) -> int:
-        """Load the downloaded backup ``info`` into the model; returns the epoch to resume at.
+    def _restore(self, info: CheckpointInfo, directory: str) -> int:
+        """Load the backup ``info``, downloaded into ``directory``, into the model; returns the epoch to resume at.
 
         Raises:
             ConfigError: the backup does not fit this model.
             IntegrityError: its state file is not what this callback writes, or the optimizer
                 state did not load.
         """
-        prefix = os.path.join(self.local_dir, info.name)
+        prefix = os.path.join(directory, info.name)
         weights, state_path = prefix + ".weights.h5", prefix + ".state.json"
         try:
             state = _read_state(state_path, f"{info.prefix}.state.json")
-            optimizer = self.model.optimizer
-            if optimizer is not None and not optimizer.built:
-                optimizer.build(self.model.trainable_variables)  # so load_weights restores its variables
+            self._build_optimizer()  # so load_weights restores its variables
             try:
                 self.model.load_weights(weights)
             except (ValueError, KeyError, TypeError) as exc:
@@ -322,6 +417,20 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         log.info("Restored backup step %d (epoch %d%s) from %s.", info.step, state["epoch"],
                  "" if state["batch"] is None else f", batch {state['batch']}", self.url)
         return int(state["epoch"])
+
+
+def _workers_of(model: Any) -> tuple[TaskRole | None, WorkerAgreement | None]:
+    """This process's task when ``model`` trains under a strategy with a cluster, and the agreement of the
+    workers for a multi-worker ``MultiWorkerMirroredStrategy`` (else None)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    role = role_of_strategy(strategy) if strategy is not None else None
+    if role is None or not role.multi_worker:
+        return role, None
+    import tensorflow as tf  # noqa: PLC0415 - a strategy with a cluster resolver: TF is the backend
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return role, None
+    return role, WorkerAgreement(strategy, role)
 
 
 def _read_state(path: str, url: str) -> dict:

@@ -30,14 +30,13 @@ import logging
 import os
 from typing import Any, Mapping
 
-import keras
-
 from ..catalog import scan_directory
 from ..commit import CommitResult
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
 from ..layout import KERAS_MODEL, basename_of
 from ..urls import display_url
+from ._backend import LEGACY, keras
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
 log = logging.getLogger("cloudckpt")
@@ -106,7 +105,8 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         missing = [m for m in _KERAS_METHODS if not callable(getattr(keras.callbacks.ModelCheckpoint, m, None))]
         if missing:
             raise ImportError(f"cloudckpt.keras.ModelCheckpoint builds on keras.callbacks.ModelCheckpoint's {missing}, "
-                              f"which Keras {keras.__version__} does not have; use Keras 3.5 to 3.15.")
+                              f"which Keras {keras.__version__} does not have; use Keras 3.5 to 3.15"
+                              + (" (TF_USE_LEGACY_KERAS is set: tf-keras is not supported here)." if LEGACY else "."))
         filepath = os.fspath(filepath)
         directory, _, name = filepath.rpartition("/")
         if not name or "{" in directory or "}" in directory:

@@ -30,6 +30,10 @@ class TrainerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(script), url, endpoint, local_dir, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self._start_readers()
+
+    def _start_readers(self) -> None:
+        """Follow ``self.proc``'s stdout (parsed lines) and stderr from daemon threads."""
         self.first_step: int | None = None
         self.step = -1
         self.done: str | None = None

@@ -1,0 +1,175 @@
+"""Where this process stands in TensorFlow's distributed runtime, and agreeing with the other workers through it.
+
+cloudckpt adds no side channel of its own to a cluster: what a worker must
+agree on with the others (the step every worker restores, "a preemption notice
+reached one of us") travels as a collective of the job's own
+``tf.distribute`` strategy (an all-reduce, like the gradients), so every
+worker learns it at the same call, in the same order.
+
+Roles follow TF's rules (``tensorflow/python/distribute/multi_worker_util.py``,
+``is_chief``): the ``chief`` task if the cluster has one, else ``worker`` 0.
+Only the chief commits to the checkpoint URL; the other workers save to a
+temporary directory that is removed (TF's pattern for multi-worker
+checkpoints: ``write_filepath`` / ``_is_chief`` in TF's multi-worker tutorials).
+
+The task's name (``worker:1``) is what ``stats().task`` and every log record
+of the ``cloudckpt`` loggers carry (``record.task``, and a ``[worker:1]``
+prefix on the message) once ``name_task_in_logs`` has run.
+
+Importing this module does not import TensorFlow (``WorkerAgreement`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "role_from_cluster", "role_from_tf_config",
+           "role_of_strategy"]
+
+LOGGERS = ("cloudckpt", "cloudckpt.preemption")  # every logger cloudckpt logs to
+WORKER_JOBS = ("chief", "worker")  # jobs that run the training loop (TF's "workers" of a multi-worker job)
+
+
+@dataclass(frozen=True)
+class TaskRole:
+    """One task of a TF cluster: its job, index, whether it is the chief, and how many tasks train.
+
+    ``workers`` counts the ``chief`` and ``worker`` tasks of the cluster (1 on a single machine),
+    ``parameter_servers`` its ``ps`` tasks.
+    """
+
+    task_type: str
+    task_id: int
+    is_chief: bool
+    workers: int
+    parameter_servers: int = 0
+
+    @property
+    def name(self) -> str:
+        """``"<job>:<index>"``, e.g. ``worker:1``: how logs and ``stats()`` name the task."""
+        return f"{self.task_type}:{self.task_id}"
+
+    @property
+    def multi_worker(self) -> bool:
+        """True when more than one task runs the training loop (checkpoints need the chief-only rule)."""
+        return self.workers > 1
+
+
+def role_from_cluster(cluster: Mapping[str, Any], task_type: str | None, task_id: int | None) -> TaskRole | None:
+    """The role of task ``task_type:task_id`` in ``cluster`` (``{"worker": [...], "ps": [...]}``), or None
+    when no task is named.
+
+    Raises:
+        ConfigError: the task is not in the cluster.
+    """
+    if not task_type:
+        return None
+    task_id = int(task_id or 0)
+    tasks = cluster.get(task_type)
+    size = len(tasks) if isinstance(tasks, (list, tuple, dict)) else 0
+    if task_id < 0 or task_id >= size:
+        raise ConfigError(f"Task {task_type}:{task_id} is not in the cluster {sorted(cluster)} (TF_CONFIG).")
+    workers = sum(len(cluster.get(job) or ()) for job in WORKER_JOBS)
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not cluster.get("chief"))
+    return TaskRole(task_type, task_id, chief, workers, len(cluster.get("ps") or ()))
+
+
+def role_from_tf_config(environ: Mapping[str, str] | None = None) -> TaskRole | None:
+    """This process's role from ``$TF_CONFIG`` (TF's cluster description), or None without one.
+
+    Raises:
+        ConfigError: ``TF_CONFIG`` is not JSON of TF's form, or names a task outside its cluster.
+    """
+    raw = (os.environ if environ is None else environ).get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster = config.get("cluster") or {}
+        task = config.get("task") or {}
+        return role_from_cluster(cluster, task.get("type"), task.get("index"))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(f"TF_CONFIG is not TF's cluster description ({exc}): expected JSON like "
+                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}.'
+                          ) from None
+
+
+def role_of_strategy(strategy: Any) -> TaskRole | None:
+    """The role of this process in ``strategy``'s cluster (``strategy.cluster_resolver``), or None for a
+    strategy without one (the default strategy, ``MirroredStrategy`` on one machine)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None
+    return role_from_cluster(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
+
+
+class WorkerAgreement:
+    """What every worker of a multi-worker strategy must agree on, as all-reduces of that strategy.
+
+    Each method is a collective: every worker must call it, in the same order
+    relative to the other collectives of the job (its training steps), or the
+    job blocks as it would for a training step a worker skipped.
+
+    Args:
+        strategy: a multi-worker ``tf.distribute`` strategy (``MultiWorkerMirroredStrategy``).
+        role: this process's role in it.
+    """
+
+    def __init__(self, strategy: Any, role: TaskRole) -> None:
+        import tensorflow as tf  # noqa: PLC0415 - only the multi-worker path needs TF here
+
+        self.role = role
+        self._strategy = strategy
+
+        @tf.function(autograph=False)
+        def sum_over_workers(value: Any) -> Any:
+            per_replica = strategy.run(tf.identity, args=(value,))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        self._sum = sum_over_workers
+        self._tf = tf
+        # SUM over replicas counts each worker's value once per local replica.
+        self._replicas_per_worker = max(1, int(strategy.num_replicas_in_sync) // max(1, role.workers))
+
+    def _total(self, value: float) -> float:
+        total = float(self._sum(self._tf.constant(value, self._tf.float64)).numpy())
+        return total / self._replicas_per_worker
+
+    def any(self, flag: bool) -> int:
+        """How many workers passed True (0: none); the same answer on every worker."""
+        return int(round(self._total(1.0 if flag else 0.0)))
+
+    def from_chief(self, value: int | None) -> int:
+        """The chief's ``value`` (an int, ``|value| < 2**52``), on every worker; the others pass anything."""
+        return int(round(self._total(float(value) if self.role.is_chief and value is not None else 0.0)))
+
+
+class _TaskFilter(logging.Filter):
+    """Adds ``record.task`` and a ``[task]`` prefix to every record of cloudckpt's loggers."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task = task
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "task", None) is None:
+            record.task = self.task
+            record.msg = f"[{self.task}] {record.msg}"
+        return True
+
+
+def name_task_in_logs(task: str) -> None:
+    """Make every record of cloudckpt's loggers name ``task`` (``record.task``, ``[worker:1]`` prefix).
+
+    A process is one task of its cluster: the first name given stays (idempotent).
+    """
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TaskFilter) for f in logger.filters):
+            logger.addFilter(_TaskFilter(task))

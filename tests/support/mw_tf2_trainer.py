@@ -1,0 +1,109 @@
+"""One worker of a MultiWorkerMirroredStrategy job: a custom loop with ``cloudckpt.CheckpointManager``.
+
+Usage: python mw_tf2_trainer.py URL OPTIONS_JSON LOCAL_DIR OUT_DIR [--save-every N] [--last-step N]
+                                [--preemption none|sigterm|auto] [--step-sleep SECONDS]
+
+``TF_CONFIG`` names the cluster and this task. The model is plain ``tf.Variable`` state created in
+the strategy's scope (weights, a momentum slot, the step counter), updated with MEAN aggregation, so
+all workers hold the same values after each step while each trains on its own data.
+
+Saves every ``--save-every`` steps, at ``--last-step`` and when ``should_stop()`` turns True.
+Prints ``FIRST_STEP <n>`` after ``restore_or_initialize()``, ``STEP <n>`` after each step, and at the
+end ``PREEMPTED <step>`` (``should_stop()`` turned True) or ``DONE <step>``, then
+``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``). Writes
+``OUT_DIR/first-<task>.npz`` (the variables right after the restore) and ``OUT_DIR/last-<task>.npz``
+(at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import cloudckpt  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("options")
+    parser.add_argument("local_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--save-every", type=int, default=5)
+    parser.add_argument("--last-step", type=int, default=None)
+    parser.add_argument("--preemption", default="none")
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    args = parser.parse_args()
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    name = f"{task['type']}-{task['index']}"
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    mean = tf.VariableAggregation.MEAN
+    with strategy.scope():
+        w = tf.Variable(tf.ones([8, 1]), aggregation=mean, name="w")
+        b = tf.Variable(tf.zeros([1]), aggregation=mean, name="b")
+        momentum = tf.Variable(tf.zeros([8, 1]), aggregation=mean, name="momentum")
+        step = tf.Variable(0, dtype=tf.int64, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, name="step")
+        checkpoint = tf.train.Checkpoint(w=w, b=b, momentum=momentum, step=step)
+        manager = cloudckpt.CheckpointManager(
+            checkpoint, args.url, max_to_keep=3, local_dir=args.local_dir, storage_options=json.loads(args.options),
+            preemption=None if args.preemption == "none" else args.preemption)
+    rng = np.random.default_rng(task["index"])  # every worker its own data
+    x = tf.constant(rng.normal(size=(32, 8)), tf.float32)
+    y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
+
+    def replica_step() -> None:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(tf.matmul(x, w) + b - y))
+        grad_w, grad_b = tape.gradient(loss, [w, b])
+        momentum.assign(0.9 * momentum + grad_w)
+        w.assign_sub(0.01 * momentum)
+        b.assign_sub(0.01 * grad_b)
+        step.assign_add(1)
+
+    @tf.function
+    def train_step() -> None:
+        strategy.run(replica_step)
+
+    def dump(path: str) -> None:
+        np.savez(path, w=w.numpy(), b=b.numpy(), momentum=momentum.numpy(), step=step.numpy())
+
+    manager.restore_or_initialize()
+    print(f"FIRST_STEP {int(step.numpy())}", flush=True)
+    dump(os.path.join(args.out_dir, f"first-{name}.npz"))
+    outcome = "DONE"
+    while True:
+        train_step()
+        current = int(step.numpy())
+        stop = manager.should_stop()  # every worker, once per step: a collective
+        last = args.last_step is not None and current >= args.last_step
+        if current % args.save_every == 0 or stop or last:
+            manager.save(checkpoint_number=current)
+        print(f"STEP {current}", flush=True)
+        if stop:
+            outcome = "PREEMPTED"
+            break
+        if last:
+            break
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    manager.close()
+    dump(os.path.join(args.out_dir, f"last-{name}.npz"))
+    print(f"{outcome} {current}", flush=True)
+    stats = dataclasses.asdict(manager.stats())
+    stats.update(preempted=manager.preempted, is_chief=manager.is_chief, task=manager.task)
+    print(f"STATS {json.dumps(stats)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

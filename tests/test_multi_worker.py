@@ -1,0 +1,365 @@
+"""Multi-worker training on TF's own distributed runtime (issue 15): 2-3 TF processes on 127.0.0.1.
+
+* ``MultiWorkerMirroredStrategy`` custom loop with ``cloudckpt.CheckpointManager``: only the chief
+  commits; killed and restarted with empty local dirs, every worker resumes at the latest committed step
+  with equal variables; a preemption notice to one non-chief worker stops all of them at one step, which is
+  committed (tests/support/mw_tf2_trainer.py).
+* TF1 between-graph replication with a parameter server (``MonitoredTrainingSession``,
+  ``chief_only_hooks``): the chief commits complete checkpoints although the variables live on the PS,
+  whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
+* tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
+
+Each process imports TF (5-10 s on the shared machine): the tests keep the number of processes small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cloudckpt
+from cloudckpt.distributed import LOGGERS
+from support.checks import log_entries
+from support.cluster import PROXY_VARIABLES, Task, cluster_spec, task_env
+
+SUPPORT = Path(__file__).parent / "support"
+TF2_TRAINER = SUPPORT / "mw_tf2_trainer.py"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _task_names_stay_in_the_test():
+    """A task name given to cloudckpt's loggers in this process is taken away afterwards."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    before = [list(logger.filters) for logger in loggers]
+    yield
+    for logger, filters in zip(loggers, before):
+        for f in [f for f in logger.filters if f not in filters]:
+            logger.removeFilter(f)
+
+
+class Cluster:
+    """The tasks started by a test; every one still running is killed at the end."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def start(self, script: Path, args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> Task:
+        task = Task(script, args, env, prefix)
+        self.tasks.append(task)
+        return task
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.stop()
+
+
+@pytest.fixture
+def cluster():
+    started = Cluster()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def start_tf2_workers(cluster: Cluster, url: str, options: dict, root: Path, run: str, *flags: str,
+                      env: dict | None = None) -> list[Task]:
+    spec = cluster_spec(2)
+    out = root / run
+    out.mkdir(parents=True, exist_ok=True)
+    return [cluster.start(TF2_TRAINER, [url, json.dumps(options), str(root / f"{run}-local-{i}"), str(out), *flags],
+                          task_env(spec, "worker", i, **(env or {}).get(i, {})))
+            for i in range(2)]
+
+
+def finished(task: Task) -> dict:
+    """Wait for a worker to exit cleanly; its STATS line."""
+    rc = task.finish()
+    assert rc == 0, task.stderr
+    return json.loads(task.lines("STATS ")[-1][len("STATS "):])
+
+
+def load(path: Path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_mwms_chief_commits_a_notice_on_one_worker_stops_both_and_both_resume(cluster, s3_url, s3_options,
+                                                                                tmp_path):
+    """Acceptance 1 and 2 (default suite): committed steps as scheduled, written only by the chief; SIGTERM to
+    worker 1 only -> both stop at the same step, the chief commits it, both exit 0; restarted with empty
+    local dirs, both resume at that step with equal variables."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--step-sleep", "0.05", "--preemption", "sigterm")
+    wait_for_commit(workers[0], s3_url, s3_options, 10)
+    workers[1].sigterm()
+    stats = [finished(w) for w in workers]
+    stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
+    assert stopped[0] == stopped[1] > 10, stopped
+    assert all(s["preempted"] for s in stats)
+    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
+    assert committed[-1] == stopped[0] and all(s % 5 == 0 for s in committed[:-1]), committed
+    assert_chief_only(s3_url, s3_options, workers[0])
+    assert [s["task"] for s in stats] == ["worker:0", "worker:1"]
+    assert stats[0]["is_chief"] and stats[0]["last_committed_step"] == stopped[0]
+    assert not stats[1]["is_chief"] and stats[1]["committed"] == 0
+    assert "not this one" in workers[0].stderr and "this one among them" in workers[1].stderr
+    assert "[worker:1]" in workers[1].stderr  # the log names the task
+    assert not [p for p in (tmp_path / "run1-local-1").rglob("*") if p.is_file()]  # the temporary dir is gone
+
+    # New VMs: empty local directories; both restore the committed step from the bucket.
+    assert_both_resume(cluster, s3_url, s3_options, tmp_path, stopped[0])
+    assert_same(load(tmp_path / "run1" / "last-worker-0.npz"), load(tmp_path / "run2" / "first-worker-1.npz"))
+
+
+@pytest.mark.slow
+def test_mwms_both_resume_after_sigkill(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 1 with SIGKILL: both workers killed while training; restarted with empty local dirs, both
+    resume at the latest committed step with equal variables."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--step-sleep", "0.05")
+    wait_for_commit(workers[0], s3_url, s3_options, 10)
+    for w in workers:
+        w.kill()
+    committed = [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)]
+    assert committed and all(s % 5 == 0 for s in committed) and committed[-1] >= 10, committed
+    assert_chief_only(s3_url, s3_options, workers[0])
+    assert_both_resume(cluster, s3_url, s3_options, tmp_path, committed[-1])
+
+
+@pytest.mark.slow
+def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tmp_path):
+    """A GCE preemption notice (fake metadata server) reaching only the chief stops both at one committed step."""
+    from support.fake_metadata import FakeGceMetadata
+
+    with FakeGceMetadata() as gce:
+        env = {0: {"CLOUDCKPT_GCE_METADATA_URL": gce.url}, 1: {"CLOUDCKPT_GCE_METADATA_URL": "http://127.0.0.1:9"}}
+        workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--preemption", "auto", env=env)
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        gce.preempt()
+        stats = [finished(w) for w in workers]
+    stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
+    assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
+
+
+def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
+    """Let training go on until a checkpoint of ``step`` or later is committed."""
+    end = time.monotonic() + timeout
+    while (latest := cloudckpt.latest_checkpoint(url, options)) is None or latest.step < step:
+        if chief.proc.poll() is not None or time.monotonic() > end:
+            raise AssertionError(f"no commit of step {step} (rc={chief.proc.poll()}):\n{chief.stderr}")
+        time.sleep(0.1)
+
+
+def assert_chief_only(url: str, options: dict, chief: Task) -> None:
+    """One writer registered in the commit log, the chief's process, and every commit is its."""
+    writers = [e for e in log_entries(url, options) if e["type"] == "writer"]
+    assert len(writers) == 1 and writers[0]["pid"] == chief.proc.pid, writers
+    commits = [e for e in log_entries(url, options) if e["type"] == "commit"]
+    assert commits and {e["writer_id"] for e in commits} == {writers[0]["writer_id"]}
+
+
+def assert_both_resume(cluster: Cluster, url: str, options: dict, root: Path, latest: int) -> None:
+    """Both workers restart with empty local dirs, resume at ``latest`` with equal variables, and go on."""
+    restarted = start_tf2_workers(cluster, url, options, root, "run2", "--save-every", "5",
+                                  "--last-step", str(latest + 2))
+    stats = [finished(w) for w in restarted]
+    for w in restarted:
+        assert w.lines("FIRST_STEP") == [f"FIRST_STEP {latest}"], w.stderr
+        assert w.lines("DONE") == [f"DONE {latest + 2}"]
+    first = [load(root / "run2" / f"first-worker-{i}.npz") for i in range(2)]
+    assert int(first[0]["step"]) == latest
+    assert_same(first[0], first[1])
+    assert_same(load(root / "run2" / "last-worker-0.npz"), load(root / "run2" / "last-worker-1.npz"))
+    assert stats[0]["last_committed_step"] == latest + 2 == cloudckpt.latest_checkpoint(url, options).step
+
+
+TF1_TRAINER = SUPPORT / "mw_tf1_trainer.py"
+
+
+def own_disk(*paths: Path) -> list[str]:
+    """A command prefix that runs a task in its own mount namespace where ``paths`` are empty tmpfs mounts:
+    like a parameter server on another host, it cannot see (or write into) the chief's directories."""
+    mounts = " && ".join(f'mount -t tmpfs tmpfs "{p}"' for p in paths)
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+
+
+def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 3: 1 PS + 2 workers, MonitoredTrainingSession with chief_only_hooks: every committed
+    checkpoint holds every variable (they live on the PS, whose disk the chief never sees); a restarted
+    cluster resumes from the bucket."""
+    options = json.dumps(s3_options)
+
+    def start(run: str, last_step: int, workers: int = 2) -> tuple[Task, list[Task]]:
+        spec = cluster_spec(2, ps=1)
+        chief_local = tmp_path / f"{run}-worker-0"
+        chief_local.mkdir()
+        ps = cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-ps")], task_env(spec, "ps", 0),
+                           prefix=own_disk(chief_local))
+        workers = [cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-worker-{i}"),
+                                               "--last-step", str(last_step)], task_env(spec, "worker", i))
+                   for i in range(workers)]
+        return ps, workers
+
+    ps, workers = start("run1", 20)
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    ps.stop()
+    stats = json.loads(workers[0].lines("STATS ")[-1][len("STATS "):])
+    assert stats["task"] == stats["hook_task"] == "worker:0" and stats["committed"] >= 2, stats
+    assert not workers[1].lines("STATS")  # the hook ran on the chief only
+    committed = cloudckpt.list_checkpoints(s3_url, s3_options)
+    assert committed and committed[-1].step >= 20
+    for info in committed:  # one .data file: written whole by the chief
+        assert sorted(f.name.split(".")[-1] for f in info.files) == ["data-00000-of-00001", "index", "meta"]
+    import tensorflow as tf
+    pulled = cloudckpt.pull_checkpoint(s3_url, str(tmp_path / "pulled"), storage_options=s3_options)
+    reader = tf.train.load_checkpoint(pulled.local_prefix)
+    shapes = reader.get_variable_to_shape_map()
+    assert {"w", "b", "w/Momentum", "b/Momentum", "global_step"} <= set(shapes), shapes
+    assert int(reader.get_tensor("global_step")) == committed[-1].step
+    assert not np.allclose(reader.get_tensor("w"), 1.0)  # trained values, not the initial ones
+
+    latest = committed[-1].step
+    ps, workers = start("run2", latest + 10, workers=1)  # the chief alone goes on (worker 1 is optional)
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    ps.stop()
+    assert workers[0].lines("RESTORED") == [f"RESTORED {latest}"]
+    assert int(workers[0].lines("FIRST_STEP")[0].split()[1]) >= latest
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step >= latest + 10
+
+
+def test_tf1_sharded_saver_with_parameter_servers_is_refused(cluster, s3_url, s3_options, tmp_path):
+    """A sharded Saver would make the PS write its shard on its own disk: begin() refuses it, naming the fix,
+    before the session is created (so no PS needs to run), and nothing is committed."""
+    chief = cluster.start(TF1_TRAINER, [s3_url, json.dumps(s3_options), str(tmp_path / "worker-0"), "--sharded-saver"],
+                          task_env(cluster_spec(1, ps=1), "worker", 0))
+    assert chief.finish() == 2, chief.stderr
+    error = chief.lines("ERROR")[0]
+    assert "ps:0" in error and "sharded" in error and "Saver(sharded=False)" in error, error
+    assert cloudckpt.list_checkpoints(s3_url, s3_options) == []
+
+
+KERAS_TRAINER = SUPPORT / "mw_keras_trainer.py"
+
+
+def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options, tmp_path):
+    """Acceptance 4: tf-keras model.fit + cloudckpt.keras.BackupAndRestore, 2 workers: a notice on worker 1
+    stops both at the same batch; the chief alone commits that backup; restarted with empty local dirs,
+    both restore it (equal weights and optimizer state) and finish the remaining epochs."""
+    # Not in the test extra: tf-keras requires the `tensorflow` distribution, which would go next to
+    # tensorflow-cpu (README: Installation). The project's venv has it.
+    pytest.importorskip("tf_keras", reason="tf-keras is not installed (pip install tf-keras matching TensorFlow)")
+    options = json.dumps(s3_options)
+
+    def start(run: str, *flags: str) -> list[Task]:
+        spec = cluster_spec(2)
+        (tmp_path / run).mkdir()
+        return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
+                                              *flags], task_env(spec, "worker", i)) for i in range(2)]
+
+    workers = start("run1", "--epochs", "4", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")
+    wait_for_commit(workers[0], s3_url, s3_options, 6)  # the backup of epoch 0
+    workers[1].sigterm()
+    for w in workers:
+        assert w.finish() == 0, w.stderr
+    done = [w.lines("DONE")[0] for w in workers]
+    assert done[0] == done[1] and "preempted=True" in done[0], done
+    stopped_at = int(done[0].rsplit("=", 1)[1])
+    assert 6 < stopped_at < 24
+    epoch = (stopped_at - 1) // 6  # a backup within an epoch resumes at its start
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped_at
+    assert_chief_only(s3_url, s3_options, workers[0])
+    stats = [json.loads(w.lines("STATS ")[0][len("STATS "):]) for w in workers]
+    assert [s["task"] for s in stats] == ["worker:0", "worker:1"] and stats[1]["committed"] == 0
+
+    restarted = start("run2", "--epochs", "4", "--steps", "6")
+    for w in restarted:
+        assert w.finish() == 0, w.stderr
+        assert w.lines("RESTORED") == [f"RESTORED {stopped_at}"]
+        assert w.lines("START_EPOCH") == [f"START_EPOCH {epoch}"]
+        assert w.lines("DONE") == [f"DONE preempted=False iterations={stopped_at + (4 - epoch) * 6}"]
+    first = [load(tmp_path / "run2" / f"first-worker-{i}.npz") for i in range(2)]
+    assert_same(first[0], first[1])
+    assert_same(first[0], load(tmp_path / "run1" / "last-worker-0.npz"))
+    assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
+
+
+# -- in-process: roles, TF_CONFIG, log records, misuse ------------------------------------------------------
+
+
+def test_roles_follow_tf_chief_rule():
+    from cloudckpt.distributed import role_from_cluster
+
+    workers = {"worker": ["a:1", "b:1"], "ps": ["c:1"]}
+    assert role_from_cluster(workers, "worker", 0).is_chief
+    assert not role_from_cluster(workers, "worker", 1).is_chief
+    one = role_from_cluster(workers, "worker", 1)
+    assert (one.name, one.workers, one.parameter_servers, one.multi_worker) == ("worker:1", 2, 1, True)
+    with_chief = {"chief": ["a:1"], "worker": ["b:1"]}
+    assert role_from_cluster(with_chief, "chief", 0).is_chief
+    assert not role_from_cluster(with_chief, "worker", 0).is_chief  # TF: worker 0 is not the chief then
+    assert role_from_cluster(with_chief, "worker", 0).workers == 2
+    assert not role_from_cluster({"worker": ["a:1"]}, "worker", 0).multi_worker
+    assert role_from_cluster(workers, None, None) is None
+    with pytest.raises(cloudckpt.ConfigError, match="worker:2 is not in the cluster"):
+        role_from_cluster(workers, "worker", 2)
+
+
+def test_tf_config_is_parsed_or_refused():
+    from cloudckpt.distributed import role_from_tf_config
+
+    config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    assert role_from_tf_config({"TF_CONFIG": json.dumps(config)}).name == "worker:1"
+    assert role_from_tf_config({}) is None
+    with pytest.raises(cloudckpt.ConfigError, match="TF_CONFIG is not TF's cluster description"):
+        role_from_tf_config({"TF_CONFIG": "{not json"})
+
+
+def test_log_records_name_the_task(caplog):
+    from cloudckpt.distributed import name_task_in_logs
+
+    name_task_in_logs("worker:1")
+    name_task_in_logs("worker:7")  # a process is one task: the first name stays
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        logging.getLogger("cloudckpt").info("Committed checkpoint step %d", 5)
+        logging.getLogger("cloudckpt.preemption").warning("notice")
+    assert [r.getMessage() for r in caplog.records] == ["[worker:1] Committed checkpoint step 5", "[worker:1] notice"]
+    assert {r.task for r in caplog.records} == {"worker:1"}
+
+
+def test_manager_refuses_multi_worker_tf_config_without_the_strategy(monkeypatch, memory_url, tmp_path):
+    """Every worker committing would fence the others: without MultiWorkerMirroredStrategy in scope (or
+    strategy=), a TF_CONFIG of several workers is refused, naming the fix."""
+    import tensorflow as tf
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    checkpoint = tf.train.Checkpoint(v=tf.Variable(1.0))
+    with pytest.raises(cloudckpt.ConfigError, match=r"strategy.scope\(\), or pass strategy="):
+        cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(tmp_path))
+    # Parameter-server training: one coordinator runs the loop and saves; no refusal, the task is named.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"],
+                                                            "ps": ["127.0.0.1:3"]}, "task": {"type": "chief", "index": 0}}))
+    with cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(tmp_path)) as manager:
+        assert manager.is_chief and manager.task == "chief:0" and manager.stats().task == "chief:0"
