@@ -41,6 +41,7 @@ from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
@@ -94,6 +95,9 @@ class CheckpointManager:
             ``PreemptionWatcher``; watched from construction to ``close()``.
         preemption_deadline: seconds from the notice to commit the final checkpoint;
             default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS).
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
@@ -122,6 +126,8 @@ class CheckpointManager:
         on_error: str = "raise",
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         directory = os.fspath(directory)
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
@@ -137,7 +143,8 @@ class CheckpointManager:
             directory, local_dir, layout=TF, storage_options=storage_options, max_pending=max_pending, retry=retry,
             on_error=on_error, upload_timeout=upload_timeout,
             retention=RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours),
-            preemption=preemption, preemption_deadline=preemption_deadline)
+            preemption=preemption, preemption_deadline=preemption_deadline, transfer=transfer,
+            summary_dir=summary_dir)
         self._url = directory
         self._engine.open()
         self._last_saved_step: int | None = None

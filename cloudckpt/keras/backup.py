@@ -37,6 +37,7 @@ from ..errors import ConfigError, IntegrityError
 from ..layout import KERAS_BACKUP
 from ..preemption import PreemptionWatcher
 from ..retry import RetryPolicy
+from ..transfer import TransferOptions
 from ..urls import is_local_path
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
@@ -103,6 +104,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         preemption_deadline: seconds after the first notice by which the final
             backup must be committed (default: the platform's hard stop: 25 s after
             SIGTERM or a GCE notice, 100 s after an AWS notice).
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ConfigError: (a ``ValueError``) an empty ``backup_dir``, an invalid
@@ -130,6 +134,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         retry: RetryPolicy | None = None,
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -147,7 +153,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self._init_lifecycle(CheckpointEngine(
             self.backup_dir, local, layout=KERAS_BACKUP, storage_options=storage_options, max_pending=max_pending,
             retry=retry, upload_timeout=upload_timeout, preemption=preemption,
-            preemption_deadline=preemption_deadline))
+            preemption_deadline=preemption_deadline, transfer=transfer, summary_dir=summary_dir))
         self.restored: CheckpointInfo | None = None
         self.preempted = False
         self._reset_counters(epoch=0)
