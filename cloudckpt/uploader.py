@@ -105,7 +105,8 @@ class Uploader:
         on_error: ``"raise"`` keeps failures for ``take_failure`` (the hook
             re-raises them in the training thread); ``"warn"`` logs and counts them.
         observer: called in the uploader thread after each checkpoint's outcome
-            (committed, refused or failed) with its step and the stats (a copy).
+            (committed, refused or failed) with its step and the stats (a copy; ``queue_depth``:
+            the checkpoints waiting behind it).
     """
 
     def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int | None = None,
@@ -193,8 +194,11 @@ class Uploader:
         finally:
             job.release()
         if self._observer is not None:
+            stats = self.stats()
+            with self._cond:
+                stats.queue_depth = len(self._queue)  # waiting behind this one
             try:
-                self._observer(job.checkpoint.step, self.stats())
+                self._observer(job.checkpoint.step, stats)
             except Exception as exc:  # noqa: BLE001 - observability never fails a commit
                 log.warning("Recording upload statistics failed: %s", exc)
 
