@@ -141,6 +141,12 @@ class ManifestCache:
         with self._lock:
             self._manifests[name] = (manifest, size)
 
+    def keep_only(self, names: set[str]) -> None:
+        """Forget manifests no longer in the directory (``names``: a listing's object names)."""
+        with self._lock:
+            for name in [n for n in self._manifests if n not in names]:
+                del self._manifests[name]
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._manifests)
@@ -180,6 +186,7 @@ def scan_directory(store: RemoteStore, *, objects: list[RemoteObject] | None = N
 def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogState) -> DirectoryScan:
     sizes = {o.name: o.size for o in objects}
     present = set(sizes)
+    ManifestCache.of(store).keep_only(present)
     current = {c: i for i, c in enumerate(reversed(state.ancestry(state.head)))}
     committed: list[CheckpointInfo] = []
     superseded: list[CheckpointInfo] = []

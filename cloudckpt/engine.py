@@ -559,6 +559,9 @@ class CheckpointEngine:
         finally:
             pending = self._uploader.pending_steps()
             self.stop_uploads(timeout=timeout)
+            summaries, self._summaries = self._summaries, None
+            if summaries is not None:  # open() starts a new event file
+                summaries.close()
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)
