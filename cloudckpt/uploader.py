@@ -28,6 +28,17 @@ from .writers import Writer
 log = logging.getLogger("cloudckpt")
 
 ON_ERROR_CHOICES = ("raise", "warn")
+BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the training thread gets the CPU first
+
+
+def lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority by ``BACKGROUND_NICENESS`` (Linux: nice values are per
+    thread); a no-op where that is not possible. Checksums and uploads then yield the CPU to training."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICENESS))
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
 
 
 @dataclass
@@ -142,7 +153,7 @@ class Uploader:
             self.store.cancel.clear()
             # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
             # interpreter exit (concurrent.futures joins its workers at exit).
-            self._pool = ThreadPool(self._concurrency)
+            self._pool = ThreadPool(self._concurrency, initializer=lower_thread_priority)
             self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
             self._thread.start()
 
@@ -293,6 +304,7 @@ class Uploader:
 
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
+        lower_thread_priority()
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
