@@ -29,6 +29,7 @@ KEY = "background_step"
 TITLE = "8. Step time, commit in background"
 PINNED_CPU = "1"
 MIN_STEPS = 50  # at least this many steps per phase, however fast the commit
+READ_TIMEOUT = 600  # seconds
 
 
 def run(ctx: Context) -> Scenario:
@@ -51,6 +52,9 @@ def run(ctx: Context) -> Scenario:
     upload_mibps: list[float] = []
     steps_per_rep: list[int] = []
     server = _pinned_server()
+    # moto on one loaded core can take minutes to complete a 128 MiB multipart upload: past botocore's
+    # 60 s read timeout the retried CompleteMultipartUpload finds the upload gone.
+    options = {**server.storage_options, "config_kwargs": {"read_timeout": READ_TIMEOUT}}
     try:
         server.create_bucket(ctx.bucket)
         with tf.Graph().as_default():
@@ -64,7 +68,7 @@ def run(ctx: Context) -> Scenario:
                     step = rep + cfg.warmup_reps + 1
                     named = {name.replace("model.ckpt-1", f"model.ckpt-{step}"): path for name, path in files.items()}
                     engine = cloudckpt.CheckpointEngine(f"s3://{ctx.bucket}/background/rep{step}", local,
-                                                        storage_options=server.storage_options)
+                                                        storage_options=options)
                     engine.open()
                     engine.register()
                     try:

@@ -7,10 +7,13 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
    writer's lineage is kept (identical: "already committed"; missing or truncated objects
    re-uploaded: "healed"; different tensors: "refused"); a committed checkpoint of another lineage
    (superseded) is retired, and debris of uploads that never committed is deleted, both announced
-   in the log first;
+   in the log first. When no live commit names the checkpoint (the common case) this step is skipped
+   and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
+   round starts again with this step;
 3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
    nothing points at them); a name someone else created meanwhile sends us back to 2;
-4. check each remote size against the local file (catches truncated uploads);
+4. check each remote size against the local file (catches truncated uploads): the commit's one listing
+   of the directory, which the state file and retention reuse (``CommitResult.objects``);
 5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
 6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
