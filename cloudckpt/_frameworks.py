@@ -2,8 +2,8 @@
 
 ``pip install cloudckpt`` brings what listing, verifying, downloading, uploading,
 rolling back and pruning checkpoints need (fsspec and its backends), and the CLI.
-The TensorFlow adapters (``CheckpointSaverHook``, ``UploadListener``) need
-TensorFlow; imported without it they raise a ``ModuleNotFoundError`` (an
+The TensorFlow adapters (``CheckpointSaverHook``, ``UploadListener``,
+``CheckpointManager``) need TensorFlow; imported without it they raise a ``ModuleNotFoundError`` (an
 ``ImportError``) that names the pip command, instead of Python's bare "No
 module named 'tensorflow'". A requirement on ``tensorflow-cpu`` would install it
 next to (and over) a GPU build of ``tensorflow``, so none is declared: any

@@ -67,7 +67,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
-from .errors import ConfigError, UploadError
+from .errors import ConfigError, FencedError, UploadError
 from .layout import TF, PrefixLayout, parse_manifest_name
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
@@ -520,6 +520,11 @@ class CheckpointEngine:
     def take_failure(self) -> UploadError | None:
         """The upload failures not yet reported, as one error (None if none); they are then cleared."""
         return self._uploader.take_failure()
+
+    @property
+    def fenced(self) -> FencedError | None:
+        """The ``FencedError`` once a newer writer took over the directory (nothing more is committed), else None."""
+        return self._uploader.fenced
 
     def raise_if_failed(self) -> None:
         """Raise the unreported upload failures, if any, as one ``UploadError`` (``FencedError`` first).

@@ -92,9 +92,10 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *, dow
     if chosen is None:
         if not download:
             if lineage:
-                log.warning("Starting without a checkpoint on %s although step %d is committed (restore=False): this "
+                log.warning("Starting without restoring a checkpoint of %s although step %d is committed: this "
                             "run starts a new lineage; the committed checkpoints become superseded when it "
-                            "commits its first checkpoint.",
+                            "commits its first checkpoint. To resume instead, restore first (the hook's restore=True, "
+                            "CheckpointManager.restore_or_initialize()).",
                             store.url, head.step)  # type: ignore[union-attr]
             return None, None
         restored = _download_first(store, scan, list(reversed(lineage)), local_dir, local_step=None)

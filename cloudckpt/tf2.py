@@ -24,19 +24,21 @@ a copy of the directory.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Mapping
 
 import tensorflow as tf
 
 from .catalog import CheckpointInfo
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
-from .errors import ConfigError
+from .errors import CloudCkptError, ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
@@ -151,8 +153,10 @@ class CheckpointManager:
         self._saving_thread: int | None = None  # the thread inside save(), while it is
         self._written_here: list[tuple[str, float]] = []
         self._closed = False
+        self._resumed = False  # by restore_or_initialize(), the first latest_checkpoint / checkpoints, or save()
         self.restored: CheckpointInfo | None = None
         self._engine.start_watching()
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- tf.train.CheckpointManager's API ---------------------------------------------------------
     @property
@@ -178,13 +182,24 @@ class CheckpointManager:
     @property
     def latest_checkpoint(self) -> str | None:
         """The local prefix of the most recent checkpoint (``tf.train.CheckpointManager.latest_checkpoint``),
-        for ``tf.train.Checkpoint.restore``; None if there is none. Not necessarily committed yet."""
+        for ``tf.train.Checkpoint.restore``; None if there is none. Not necessarily committed yet.
+
+        Read before ``restore_or_initialize()`` and ``save()``, it first brings ``local_dir`` to the
+        resume point as ``restore_or_initialize()`` does (downloading the newest committed checkpoint
+        when the local one is older or missing, registering as the directory's writer), so TF's own
+        pattern ``ckpt.restore(manager.latest_checkpoint)`` resumes on a fresh VM too.
+
+        Raises:
+            IntegrityError / RemoteError / FencedError: as ``restore_or_initialize()``, on that first read.
+        """
+        self._ensure_resumed()
         return self._manager.latest_checkpoint
 
     @property
     def checkpoints(self) -> list[str]:
         """Local prefixes of the managed checkpoints, oldest first (TF's semantics: checkpoints kept by
-        ``keep_checkpoint_every_n_hours`` are not listed)."""
+        ``keep_checkpoint_every_n_hours`` are not listed). The first read resumes as ``latest_checkpoint``."""
+        self._ensure_resumed()
         return self._manager.checkpoints
 
     def save(self, checkpoint_number: Any = None, check_interval: bool = True,
@@ -211,6 +226,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
+        self._ensure_resumed(download=False)
         options = copy.copy(options) if options is not None else tf.train.CheckpointOptions()
         callbacks = list(options.experimental_write_callbacks or [])
         callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
@@ -229,6 +245,9 @@ class CheckpointManager:
             if parsed is not None:
                 self._last_saved_step = parsed[1]
         self._engine.raise_if_failed()
+        fenced = self._engine.fenced
+        if fenced is not None:  # a fenced writer's saves are never committed again: say so at every one
+            raise fenced
         return path
 
     def restore_or_initialize(self) -> str | None:
@@ -251,11 +270,7 @@ class CheckpointManager:
             RemoteError / FencedError: the store could not be read or written.
         """
         self._manager.sync()
-        self.restored = self._engine.resume(download=True)
-        if self.restored is not None:
-            _write_local_state(self.local_dir)
-        # TF reads the state file when the manager is created: a new one sees what was fetched.
-        self._manager = tf.train.CheckpointManager(**self._tf_args)
+        self._resume(download=True)
         return self._manager.restore_or_initialize()
 
     def sync(self) -> None:
@@ -346,6 +361,21 @@ class CheckpointManager:
         self._engine.close(timeout=timeout, reason=f"exception {exc_type.__name__}")
 
     # -- internals -----------------------------------------------------------------------------------
+    def _ensure_resumed(self, download: bool = True) -> None:
+        """Resume once per manager, before TF's view of ``local_dir`` is used (see ``latest_checkpoint``).
+        A ``save()`` before any restore starts from what ``local_dir`` holds, without downloading (the
+        engine logs a WARNING when that starts a new lineage over committed checkpoints)."""
+        if not self._resumed:
+            self._resume(download=download)
+
+    def _resume(self, *, download: bool) -> None:
+        self._resumed = True
+        self.restored = self._engine.resume(download=download)
+        if self.restored is not None:
+            _write_local_state(self.local_dir)
+        # TF reads the state file when the manager is created: a new one sees what was fetched.
+        self._manager = tf.train.CheckpointManager(**self._tf_args)
+
     def _written(self, save_path: str) -> None:
         """TF's write callback: the files of ``save_path`` are complete on disk.
 
@@ -367,6 +397,23 @@ class CheckpointManager:
             log.warning("No checkpoint files for %s found in %s; nothing to commit.", prefix, self.local_dir)
             return
         self._engine.submit(ckpt.step, ckpt.files, saved_at=saved_at)
+
+
+def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
+    """At interpreter exit, close a manager the program did not close: its last save is committed
+    (waiting up to ``upload_timeout``), or the failure logged at ERROR; no cloudckpt thread is left."""
+    manager = ref()
+    if manager is None or manager._closed:
+        return
+    pending = manager._engine.pending_steps()
+    log.warning("Interpreter exit with an open cloudckpt.CheckpointManager for %s: closing it%s. Call close() "
+                "(or use `with CheckpointManager(...)`) when training ends.", manager.directory,
+                f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout})"
+                if pending else "")
+    try:
+        manager.close()
+    except CloudCkptError as error:
+        log.error("%s", error)
 
 
 def _write_local_state(local_dir: str) -> None:

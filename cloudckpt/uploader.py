@@ -226,6 +226,11 @@ class Uploader:
                 self._cond.wait(remaining if remaining is not None else 1.0)
             return True
 
+    @property
+    def fenced(self) -> FencedError | None:
+        """The ``FencedError`` once a newer writer took over the directory (for good), else None."""
+        return self._fenced
+
     def take_failure(self) -> UploadError | None:
         """The failures not yet reported, as one error (None if there is none); they are then cleared."""
         if not self._failures:  # called every step: skip the lock in the common case

@@ -92,7 +92,7 @@ def test_integer_save_freq_resumes_in_the_epoch_it_saved(s3_url, s3_options, tmp
             self.states[int(self.model.optimizer.iterations)] = State.of(self.model)
 
     record = Record()
-    cb = backup(s3_url, s3_options, tmp_path / "vm1", save_freq=3, delete_checkpoint=False)
+    cb = backup(s3_url, s3_options, tmp_path / "vm1", save_freq=3, delete_checkpoint=False, max_to_keep=None)
     with pytest.raises(RuntimeError):
         fit(make_model(seed=1), [cb, record, RaiseAtBatch()], epochs=5)
 
@@ -141,6 +141,9 @@ def test_corrupt_newest_backup_falls_back_to_the_previous_one(s3_url, s3_options
     probe = Probe()
     first = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)
     fit(make_model(seed=1), [first, probe], epochs=3)
+    # max_to_keep=2 (the default): while fit runs, older backups are deleted; the newest two stay
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [2 * STEPS_PER_EPOCH,
+                                                                               3 * STEPS_PER_EPOCH]
     newest = cloudckpt.latest_checkpoint(s3_url, s3_options)
     assert newest.step == 3 * STEPS_PER_EPOCH
     weights = [f.name for f in newest.files if f.name.endswith(".weights.h5")]
@@ -241,6 +244,8 @@ def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
         cloudckpt.keras.BackupAndRestore(s3_url, save_freq="batch")
     with pytest.raises(cloudckpt.ConfigError, match="backup_dir"):
         cloudckpt.keras.BackupAndRestore("")
+    with pytest.raises(cloudckpt.ConfigError, match="max_to_keep"):
+        cloudckpt.keras.BackupAndRestore(s3_url, max_to_keep=0)
     with pytest.raises(cloudckpt.ConfigError, match=r"\.keras"):
         cloudckpt.keras.ModelCheckpoint(s3_url + "/model-{epoch}.txt")
     with pytest.raises(cloudckpt.ConfigError, match=r"\.weights\.h5"):

@@ -245,6 +245,9 @@ def test_a_second_manager_on_the_url_fences_the_first(cloudckpt_s3, tmp_path):
         with pytest.raises(cloudckpt.FencedError) as fenced:
             first.wait()
         assert second.writer_id in str(fenced.value)
+        for step in (4, 5):  # every later save says so, not only the first: nothing it saves is committed
+            with pytest.raises(cloudckpt.FencedError):
+                first.save(checkpoint_number=step)
         with pytest.raises(cloudckpt.FencedError):  # its last checkpoint never reached the store
             first.close()
         second.save(checkpoint_number=3)
@@ -299,3 +302,49 @@ def test_checkpoint_interval_skips_like_tf(tmp_path, memory_url):
             saved.append(manager.save(checkpoint_number=s) is not None)
     assert saved == [True, False, True, False, True]
     assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [0, 10, 20]
+
+
+def test_tfs_restore_latest_checkpoint_pattern_resumes_on_a_fresh_vm(tmp_path, memory_url, caplog):
+    """TF's tutorial pattern, ``ckpt.restore(manager.latest_checkpoint)`` without restore_or_initialize():
+    the first read of latest_checkpoint fetches the newest committed checkpoint to an empty local_dir."""
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm1")) as manager:
+        for i in range(1, 4):
+            w.assign(tf.fill([4, 4], float(i)))
+            manager.save()
+    w2, b2, ckpt2 = variables()
+    with cloudckpt.CheckpointManager(ckpt2, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm2")) as fresh:
+        assert fresh.latest_checkpoint == str(tmp_path / "vm2" / "ckpt-3")
+        ckpt2.restore(fresh.latest_checkpoint).assert_consumed()
+        np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 3.0))
+        assert fresh.save() == str(tmp_path / "vm2" / "ckpt-4")  # TF's numbering goes on from the restore
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [2, 3, 4]
+    # save() before any restore starts a new lineage over committed checkpoints: said, not silent
+    w3, b3, ckpt3 = variables()
+    with caplog.at_level("WARNING", logger="cloudckpt"):
+        with cloudckpt.CheckpointManager(ckpt3, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm3")) as new:
+            new.save()
+    assert "starts a new lineage" in caplog.text and "restore_or_initialize()" in caplog.text
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [1]
+
+
+def test_a_manager_left_open_commits_its_last_save_at_interpreter_exit(tmp_path):
+    """No close(), no ``with``: the process exits after its last save; atexit commits it (and says so)."""
+    url = (tmp_path / "bucket").as_uri()
+    script = f"""
+import tensorflow as tf, cloudckpt
+w = tf.Variable(tf.zeros([256, 256]))
+manager = cloudckpt.CheckpointManager(tf.train.Checkpoint(w=w), {url!r}, max_to_keep=5,
+                                      local_dir={str(tmp_path / "local")!r}, max_pending=5)
+manager.restore_or_initialize()
+for i in range(1, 4):
+    w.assign_add(tf.ones([256, 256]))
+    manager.save()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Interpreter exit with an open cloudckpt.CheckpointManager" in done.stderr
+    assert [c.step for c in cloudckpt.list_checkpoints(url)] == [1, 2, 3]
+    verified = cloudckpt.verify_checkpoints(url, all_steps=True)
+    assert len(verified.reports) == 3 and not verified.failed

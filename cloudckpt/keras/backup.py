@@ -36,6 +36,7 @@ from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError, IntegrityError
 from ..layout import KERAS_BACKUP
 from ..preemption import PreemptionWatcher
+from ..retention import RetentionPolicy
 from ..retry import RetryPolicy
 from ..transfer import TransferOptions
 from ..urls import is_local_path
@@ -96,6 +97,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             downloaded before they are restored (default: a per-URL cache directory,
             ``$CLOUDCKPT_CACHE_DIR`` or ``~/.cache/cloudckpt/<hash>``). Must differ
             from ``backup_dir``.
+        max_to_keep: committed backups kept while ``fit`` runs: after each commit the
+            older ones are deleted (the newest is never deleted; the one before it is the
+            fallback if the newest fails verification). None keeps every backup.
         max_pending: backups allowed to wait behind the one uploading (>= 1).
         upload_timeout: seconds ``on_train_end`` / ``close()`` wait for backups
             still uploading (None: until they are committed).
@@ -129,6 +133,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         *,
         storage_options: Mapping[str, Any] | None = None,
         local_dir: str | None = None,
+        max_to_keep: int | None = 2,
         max_pending: int = 2,
         upload_timeout: float | None = None,
         retry: RetryPolicy | None = None,
@@ -149,10 +154,13 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if is_local_path(self.backup_dir) and os.path.abspath(self.backup_dir) == local:
             raise ConfigError(f"local_dir {local!r} is backup_dir itself: backups are written to local_dir and "
                               "then committed to backup_dir; pass another local_dir (or none).")
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 1):
+            raise ConfigError(f"max_to_keep must be an integer >= 1 or None (keep every backup), got {max_to_keep!r}.")
         ensure_writable(local)
         self._init_lifecycle(CheckpointEngine(
             self.backup_dir, local, layout=KERAS_BACKUP, storage_options=storage_options, max_pending=max_pending,
-            retry=retry, upload_timeout=upload_timeout, preemption=preemption,
+            retry=retry, retention=RetentionPolicy(max_to_keep), upload_timeout=upload_timeout, preemption=preemption,
             preemption_deadline=preemption_deadline, transfer=transfer, summary_dir=summary_dir))
         self.restored: CheckpointInfo | None = None
         self.preempted = False
