@@ -269,3 +269,20 @@ def test_summary_dir_records_commit_scalars_from_training(cloudckpt_s3, tmp_path
     assert scalars["retries"][20] == stats.retries == 0
     assert scalars["dropped"][20] == stats.dropped == 0 and scalars["failed"][20] == 0
     assert scalars["commit_lag_steps"][20] == 0 and scalars["queue_depth"][20] == 0
+
+
+def test_tf2_manager_summary_dir_records_each_commit(memory_url, tmp_path):
+    summaries = tmp_path / "tb"
+    w = tf.Variable(tf.zeros([64]))
+    ckpt = tf.train.Checkpoint(w=w)
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=None, local_dir=str(tmp_path / "local"),
+                                     max_pending=10, summary_dir=str(summaries)) as manager:
+        manager.restore_or_initialize()
+        for i in range(1, 4):
+            w.assign(tf.fill([64], float(i)))
+            manager.save()
+        manager.wait()
+        stats = manager.stats()
+    scalars = read_scalars(summaries)
+    assert stats.committed == 3 and set(scalars["commit_lag_seconds"]) == {1, 2, 3}
+    assert scalars["commit_lag_steps"][3] == 0 and scalars["failed"][3] == 0
