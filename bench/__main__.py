@@ -25,7 +25,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from . import integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
+from . import background_step, integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
 from .common import CONFIGS, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
@@ -39,6 +39,7 @@ SCENARIOS = {
     memory.KEY: memory.run,
     integrity.KEY: integrity.run,
     tf2_async.KEY: tf2_async.run,
+    background_step.KEY: background_step.run,
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

@@ -24,6 +24,7 @@ from .restore import (CheckpointNotFoundError, FileCheck, PullResult, VerifyRepo
                       pull_checkpoint, verify, verify_checkpoints)
 from .retention import GcResult, RetentionPlan, gc
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .rollback import RollbackResult, rollback
 from .uploader import UploadStats
 
@@ -67,6 +68,7 @@ __all__ = [
     "PreemptionNotice",
     "was_preempted",
     "RetryPolicy",
+    "TransferOptions",
     "UploadStats",
     "FileEntry",
     "Manifest",

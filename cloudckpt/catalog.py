@@ -14,12 +14,14 @@ are reported as incomplete, never as checkpoints to restore.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .commitlog import CommitLog
-from .lineage import LogState, fold, legacy_commit_id
+from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .errors import ManifestError
 from .layout import DEFAULT_LAYOUT, committed_prefixes, manifest_name, parse_manifest_name, parse_object_name
 from .manifest import FileEntry, Manifest, parse_manifest
@@ -97,14 +99,73 @@ def info_from_manifest(store: RemoteStore, manifest: Manifest, *, status: str = 
                           writer_id=manifest.writer_id, layout=manifest.layout)
 
 
-def scan_directory(store: RemoteStore) -> DirectoryScan:
-    """Read the commit log (cached), then list the directory once and read every committed manifest.
+class ManifestCache:
+    """Parsed version 2 manifests of one store (``ManifestCache.of(store)``), by object name.
+
+    A version 2 manifest is written create-only under a fresh commit id and never
+    changed: while a live log record names that commit id and the listing shows an
+    object of the same size at its name, it is the manifest read (or written)
+    before. Version 1 manifests (no commit id) are always read.
+    """
+
+    _by_store: "weakref.WeakKeyDictionary[RemoteStore, ManifestCache]" = weakref.WeakKeyDictionary()
+    _registry_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._manifests: dict[str, tuple[Manifest, int]] = {}  # name -> (manifest, object size)
+
+    @classmethod
+    def of(cls, store: RemoteStore) -> "ManifestCache":
+        """The cache of ``store`` (one per store object: a writer process's engine keeps its store)."""
+        with cls._registry_lock:
+            found = cls._by_store.get(store)
+            if found is None:
+                found = cls._by_store[store] = cls()
+            return found
+
+    def get(self, name: str, commit_id: str | None, size: int | None) -> Manifest | None:
+        """The cached manifest at ``name`` if it carries ``commit_id`` and (when given) has ``size`` bytes."""
+        if commit_id is None:
+            return None
+        with self._lock:
+            found = self._manifests.get(name)
+        if found is None or found[0].commit_id != commit_id or (size is not None and size != found[1]):
+            return None
+        return found[0]
+
+    def put(self, name: str, manifest: Manifest, size: int) -> None:
+        """Remember ``manifest`` (``size`` bytes, as stored) at ``name``; version 1 manifests are not kept."""
+        if manifest.commit_id is None:
+            return
+        with self._lock:
+            self._manifests[name] = (manifest, size)
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget manifests no longer in the directory (``names``: a listing's object names)."""
+        with self._lock:
+            for name in [n for n in self._manifests if n not in names]:
+                del self._manifests[name]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._manifests)
+
+
+def scan_directory(store: RemoteStore, *, objects: list[RemoteObject] | None = None,
+                   state: LogState | None = None) -> DirectoryScan:
+    """Read the commit log (cached), then list the directory once and read every committed manifest
+    (version 2 manifests this store read or wrote before come from ``ManifestCache``).
 
     The log is read first: a commit it names has its manifest in place already,
     so the listing cannot miss it (while the log gains entries during a listing).
+    A writer that has just listed the directory and appended to the log passes
+    both (``objects``, ``state``): nothing more is listed (one scan per commit).
     """
+    if state is not None and objects is not None:
+        return _scan_logged(store, objects, state)
     entries = CommitLog.of(store).refresh()
-    objects = store.list_objects()
+    objects = store.list_objects() if objects is None else objects
     if entries:
         return _scan_logged(store, objects, fold(entries))
     committed: list[CheckpointInfo] = []
@@ -123,7 +184,9 @@ def scan_directory(store: RemoteStore) -> DirectoryScan:
 
 
 def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogState) -> DirectoryScan:
-    present = {o.name for o in objects}
+    sizes = {o.name: o.size for o in objects}
+    present = set(sizes)
+    ManifestCache.of(store).keep_only(present)
     current = {c: i for i, c in enumerate(reversed(state.ancestry(state.head)))}
     committed: list[CheckpointInfo] = []
     superseded: list[CheckpointInfo] = []
@@ -133,7 +196,7 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
         if record.manifest not in present:
             continue
         try:
-            manifest = _read_checked(store, record.prefix, record.step)
+            manifest = read_committed_manifest(store, record, sizes.get(record.manifest))
         except ManifestError as exc:
             unreadable[record.manifest] = exc
             claimed.add(record.prefix)
@@ -150,6 +213,20 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
     return DirectoryScan(committed, _debris(store, objects, claimed), unreadable, objects, superseded, state)
 
 
+def read_committed_manifest(store: RemoteStore, record: CommitRecord, size: int | None) -> Manifest | None:
+    """The manifest a live commit ``record`` names (``size``: its listed size), from ``ManifestCache``
+    when it holds that commit's manifest, else read (and checked against its name) and remembered.
+    None if it vanished since the listing.
+
+    Raises:
+        ManifestError: it cannot be parsed, or describes another checkpoint than its name says.
+    """
+    cached = ManifestCache.of(store).get(record.manifest, None if record.legacy else record.commit_id, size)
+    if cached is not None:
+        return cached
+    return _read_checked(store, record.prefix, record.step)
+
+
 def _read_checked(store: RemoteStore, prefix: str, step: int) -> Manifest | None:
     """The manifest of ``prefix`` (None if it vanished since the listing), checked against its name."""
     name = manifest_name(prefix)
@@ -161,6 +238,7 @@ def _read_checked(store: RemoteStore, prefix: str, step: int) -> Manifest | None
             not f.name.startswith(prefix + ".") for f in manifest.files):
         raise ManifestError(f"Manifest {store.url_of(name)} describes {manifest.prefix!r} (step "
                             f"{manifest.step}), not the checkpoint its name says; it cannot be trusted.")
+    ManifestCache.of(store).put(name, manifest, len(data))
     return manifest
 
 

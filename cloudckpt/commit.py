@@ -7,10 +7,13 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
    writer's lineage is kept (identical: "already committed"; missing or truncated objects
    re-uploaded: "healed"; different tensors: "refused"); a committed checkpoint of another lineage
    (superseded) is retired, and debris of uploads that never committed is deleted, both announced
-   in the log first;
+   in the log first. When no live commit names the checkpoint (the common case) this step is skipped
+   and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
+   round starts again with this step;
 3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
    nothing points at them); a name someone else created meanwhile sends us back to 2;
-4. check each remote size against the local file (catches truncated uploads);
+4. check each remote size against the local file (catches truncated uploads): the commit's one listing
+   of the directory, which the state file and retention reuse (``CommitResult.objects``);
 5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
 6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
@@ -32,13 +35,13 @@ from typing import Any, Callable, Iterable, Protocol
 from dataclasses import dataclass, field, replace
 
 from ._version import __version__
-from .catalog import legacy_checkpoints
+from .catalog import ManifestCache, legacy_checkpoints
 from .commitlog import CommitLog
 from .errors import FencedError, IntegrityError, ManifestError, RemoteError, UploadError
 from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
 from .manifest import Manifest, entry_for, parse_manifest
-from .remote import RemoteStore
+from .remote import RemoteObject, RemoteStore
 from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
@@ -100,6 +103,8 @@ class CommitResult:
             (identical; nothing uploaded) or ``refused`` (see ``reason``).
         reason: why a save was refused.
         housekeeping_error: what failed after the commit point, if anything (the commit stands).
+        objects: for a new commit, the directory's listing taken after the upload (with the new
+            manifest added): what retention plans from, so a commit lists the directory once.
     """
 
     manifest: Manifest
@@ -107,6 +112,7 @@ class CommitResult:
     outcome: str = UPLOADED
     reason: str = ""
     housekeeping_error: str = ""  # a follow-up step (the TF state file) failed after the commit
+    objects: tuple[RemoteObject, ...] | None = None
 
     @property
     def already_committed(self) -> bool:
@@ -231,18 +237,22 @@ def committed_at(store: RemoteStore, state: LogState, prefix: str,
     """The live commits of checkpoint ``prefix`` whose manifest is in the store, with the manifest
     (None when it cannot be read, or belongs to another commit)."""
     found: list[tuple[CommitRecord, Manifest | None]] = []
+    cache = ManifestCache.of(store)
     for record in state.live():
         if record.prefix != prefix or record.manifest not in present:
             continue
-        data = store.read_bytes(record.manifest)
-        if data is None:
-            continue
-        try:
-            manifest = parse_manifest(data, url=store.url_of(record.manifest))
-        except ManifestError as exc:
-            log.warning("The manifest of committed step %d cannot be read (%s); it will be replaced.", record.step, exc)
-            found.append((record, None))
-            continue
+        manifest = cache.get(record.manifest, None if record.legacy else record.commit_id, None)
+        if manifest is None:
+            data = store.read_bytes(record.manifest)
+            if data is None:
+                continue
+            try:
+                manifest = parse_manifest(data, url=store.url_of(record.manifest))
+            except ManifestError as exc:
+                log.warning("The manifest of committed step %d cannot be read (%s); it will be replaced.",
+                            record.step, exc)
+                found.append((record, None))
+                continue
         same = manifest.commit_id is None if record.legacy else manifest.commit_id == record.commit_id
         found.append((record, manifest if same and manifest.prefix == prefix else None))
     return found
@@ -252,11 +262,22 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
     store = writer.store
     names = [*sorted(ckpt.files), mine.name]
     extras_done = False
+    look_first: bool | None = None
     for _ in range(MAX_ROUNDS):
         state = writer.state(step=ckpt.step)
         if not extras_done:  # not part of the checkpoint (graph.pbtxt): uploaded when it changed, once we
             _upload_changed_extras(store, ckpt.extras)  # know this writer is not fenced
             extras_done = True
+        if look_first is None:
+            look_first = any(record.prefix == ckpt.prefix for record in state.live())
+        if not look_first:
+            # The common case: no commit names this checkpoint. Upload create-only without listing first;
+            # a name already taken (debris of a crashed upload) sends us round again, listing this time.
+            look_first = True
+            result = _upload_and_commit(writer, ckpt, mine, names, state, pool)
+            if result is not None:
+                return result
+            continue
         sizes = {o.name: o.size for o in store.list_objects()}
         owners = committed_at(store, state, ckpt.prefix, set(sizes))
         mine_lineage = set(state.ancestry(writer.head))
@@ -278,24 +299,38 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
                                  planned_at=state.last_index, step=ckpt.step):
                 continue
             state = writer.state(step=ckpt.step)
-        writer.wait_for_deletes(set(names), state)
-        if not all(pool.map(lambda item: store.put_file_if_absent(item[1], item[0]), sorted(ckpt.files.items()))):
-            continue  # another party created one of the names meanwhile: look again
-        _check_sizes(store, mine)
-        manifest = replace(mine, commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
-                           writer_epoch=writer.epoch, parent=writer.head)
-        if not store.write_if_absent(manifest.name, manifest.to_json()):
-            continue
-        uploaded_at = state.last_index
-        intact = _IntactCheck(writer, ckpt, manifest, names, uploaded_at)
-        try:
-            writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
-        except _Redo:
-            continue
-        return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()), UPLOADED)
+        result = _upload_and_commit(writer, ckpt, mine, names, state, pool)
+        if result is not None:
+            return result
     raise UploadError(f"Checkpoint step {ckpt.step} was not committed to {store.url}: another party kept "
                       f"creating or deleting objects named {names} ({MAX_ROUNDS} attempts).", url=store.url,
                       step=ckpt.step)
+
+
+def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, names: list[str], state: LogState,
+                       pool: Mapper) -> CommitResult | None:
+    """Steps 3 to 6: upload create-only, check sizes (the commit's one listing), write the manifest, append
+    the commit entry. None when a name was taken or an object deleted meanwhile: go round again."""
+    store = writer.store
+    writer.wait_for_deletes(set(names), state)
+    if not all(pool.map(lambda item: store.put_file_if_absent(item[1], item[0]), sorted(ckpt.files.items()))):
+        return None  # another party created one of the names meanwhile: look again
+    objects = _check_sizes(store, mine)
+    manifest = replace(mine, commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
+                       writer_epoch=writer.epoch, parent=writer.head)
+    data = manifest.to_json()
+    if not store.write_if_absent(manifest.name, data):
+        return None
+    ManifestCache.of(store).put(manifest.name, manifest, len(data))
+    intact = _IntactCheck(writer, ckpt, manifest, names, state.last_index)
+    try:
+        writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
+    except _Redo:
+        return None
+    listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
+    listed.append(RemoteObject(manifest.name, len(data), None))
+    return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()), UPLOADED,
+                        objects=tuple(listed))
 
 
 class _Redo(Exception):
@@ -309,6 +344,7 @@ class _IntactCheck:
     def __init__(self, writer: Writer, ckpt: LocalCheckpoint, manifest: Manifest, names: list[str],
                  uploaded_at: int) -> None:
         self.writer, self.ckpt, self.manifest, self.names, self.uploaded_at = writer, ckpt, manifest, names, uploaded_at
+        self.objects: list[RemoteObject] | None = None  # a newer listing, when one was needed
 
     def __call__(self, state: LogState) -> None:
         later = [d for d in state.deletes if d.index > self.uploaded_at and d.party != self.writer.party
@@ -316,7 +352,8 @@ class _IntactCheck:
         if not later:
             return
         self.writer.wait_for_deletes(set(self.names), state)
-        sizes = {o.name: o.size for o in self.writer.store.list_objects()}
+        self.objects = self.writer.store.list_objects()
+        sizes = {o.name: o.size for o in self.objects}
         expected = {f.name: f.size for f in self.manifest.files}
         if self.manifest.name not in sizes or any(sizes.get(n) != size for n, size in expected.items()):
             log.warning("Objects of step %d were deleted before it was committed; uploading it again.", self.ckpt.step)
@@ -330,14 +367,17 @@ def _in_place(store: RemoteStore, ckpt: LocalCheckpoint, name: str) -> bool:
         os.path.abspath(ckpt.files[name]) == os.path.abspath(store.path(name))
 
 
-def _check_sizes(store: RemoteStore, manifest: Manifest) -> None:
-    remote_sizes = {o.name: o.size for o in store.list_objects()}
+def _check_sizes(store: RemoteStore, manifest: Manifest) -> list[RemoteObject]:
+    """List the directory and check each uploaded file's size; the listing."""
+    objects = store.list_objects()
+    remote_sizes = {o.name: o.size for o in objects}
     for entry in manifest.files:
         found = remote_sizes.get(entry.name)
         if found != entry.size:
             raise IntegrityError(
                 f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
                 "the checkpoint was not committed.")
+    return objects
 
 
 def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, record: CommitRecord,
@@ -375,11 +415,8 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
 def _upload_changed_extras(store: RemoteStore, extras: dict[str, str]) -> None:
     """Upload files such as ``graph.pbtxt`` whenever their content differs from the stored object
     (compared by size, and byte for byte when the sizes are equal)."""
-    if not extras:
-        return
-    sizes = {o.name: o.size for o in store.list_objects()}
     for name, path in sorted(extras.items()):
-        if sizes.get(name) == os.path.getsize(path):
+        if store.size(name) == os.path.getsize(path):
             with open(path, "rb") as f:
                 if store.read_bytes(name) == f.read():
                     continue

@@ -5,11 +5,14 @@ it). Framework adapters -- ``UploadListener`` / ``CheckpointSaverHook`` (TF1),
 ``cloudckpt.CheckpointManager`` (TF2), the Keras callbacks -- write a
 checkpoint's files into ``local_dir`` and hand them over; the engine:
 
-* **snapshots** the files (hard links into ``<local_dir>/.cloudckpt-staging``,
-  a copy across devices) so the framework may delete or overwrite its files at
-  once, and **queues** the snapshot; ``submit`` never touches the network.
-  When the URL is ``local_dir`` itself (a plain path) the files are committed
-  in place, synchronously;
+* **snapshots** the files (hard links into ``<local_dir>/.cloudckpt-staging``)
+  so the framework may delete or overwrite its files at once, and **queues**
+  the snapshot; ``submit`` never touches the network and never copies file
+  data: where hard links fail (gcsfuse, some NFS; probed once in ``open()``)
+  it only opens the files, which keeps them readable after the framework
+  deletes them, and the uploader thread copies them into the snapshot. When
+  the URL is ``local_dir`` itself (a plain path) the files are committed in
+  place, also from the uploader thread;
 * **commits** each snapshot from one background thread (``uploader.py`` ->
   ``commit.py``: files create-only, a manifest, a commit-log entry as the
   commit point), at most ``max_pending`` waiting behind the one in flight (the
@@ -57,20 +60,24 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from .catalog import CheckpointInfo, scan_directory
+from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, FencedError, UploadError
 from .layout import TF, PrefixLayout, parse_manifest_name
+from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .remote import RemoteStore, is_local_path
 from .restore import DOWNLOAD_STAGING_PREFIX
 from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
+from .summaries import CommitSummaryWriter
+from .transfer import TransferOptions
 from .uploader import Uploader, UploadJob, UploadStats
 from .urls import display_url
 from .writers import Writer
@@ -113,6 +120,10 @@ class CheckpointEngine:
             checkpoint must be committed; default: the platform's hard stop
             (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice).
         task: the TF cluster task this engine runs in (``worker:1``), named by ``stats().task``.
+        transfer: part size, files and parts in flight (``TransferOptions``; default: its defaults).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and
+            failures as TensorBoard scalars there after each commit
+            (``summaries.py``; needs TensorFlow); None (default): off.
 
     Raises:
         ConfigError: (a ``ValueError``) an invalid argument or an unusable URL
@@ -134,6 +145,8 @@ class CheckpointEngine:
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
         task: str | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         if upload_timeout is not None and not upload_timeout > 0:
             raise ConfigError(f"upload_timeout must be > 0 seconds or None, got {upload_timeout!r}.")
@@ -143,8 +156,13 @@ class CheckpointEngine:
             raise ConfigError(f"layout must be a cloudckpt.layout.PrefixLayout, got {layout!r}.")
         self._local_dir = os.path.abspath(os.fspath(local_dir))
         self._layout = layout
-        self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry)
-        self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error)
+        self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry,
+                                  transfer=TransferOptions.of(transfer))
+        self._summary_dir = None if summary_dir is None else os.fspath(summary_dir)
+        self._summaries: CommitSummaryWriter | None = None
+        self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,
+                                  observer=self._record_summaries if summary_dir is not None else None)
+        self._hard_links: bool | None = None  # probed in open()
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
         self.retention = retention
@@ -193,6 +211,17 @@ class CheckpointEngine:
         return self._upload_timeout
 
     @property
+    def transfer(self) -> TransferOptions:
+        """Part size, files and parts in flight of uploads."""
+        return self._store.transfer
+
+    @property
+    def hard_links(self) -> bool | None:
+        """Whether ``local_dir`` supports hard links (probed in ``open()``; None before). Without them a
+        snapshot holds the files open and the uploader thread copies them."""
+        return self._hard_links
+
+    @property
     def ending(self) -> bool:
         """True between ``prepare_final_save()`` and the next ``open()``."""
         return self._ending
@@ -213,6 +242,13 @@ class CheckpointEngine:
             os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]
         for leftover in leftovers:
             shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
+        if not self._in_place:
+            self._hard_links = supports_hard_links(self._local_dir)
+            if not self._hard_links:
+                log.info("%s does not support hard links: snapshots hold the checkpoint files open and the "
+                         "uploader thread copies them.", self._local_dir)
+        if self._summary_dir is not None and self._summaries is None:
+            self._summaries = CommitSummaryWriter(self._summary_dir)
 
     def resume(self, *, download: bool = True) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
@@ -534,6 +570,9 @@ class CheckpointEngine:
         finally:
             pending = self._uploader.pending_steps()
             self.stop_uploads(timeout=timeout)
+            summaries, self._summaries = self._summaries, None
+            if summaries is not None:  # open() starts a new event file
+                summaries.close()
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)
@@ -585,48 +624,77 @@ class CheckpointEngine:
             def committed(result: CommitResult) -> None:
                 if on_committed is not None:
                     on_committed(result)
-                self._retire_deleted()
-            self._uploader.commit_now(UploadJob(ckpt, on_committed=committed, required=required))
+                self._retire_deleted(self._scan_after(result))
+            # From the uploader thread too: checksums and the directory scan stay off the training thread.
+            self._uploader.start()
+            self._uploader.submit(UploadJob(ckpt, on_committed=committed, required=required, may_vanish=True))
             return
         self._uploader.start()
         self._uploader.submit(self._snapshot(ckpt, required, on_committed))
 
     def _snapshot(self, ckpt: LocalCheckpoint, required: bool,
                   on_committed: Callable[[CommitResult], None] | None) -> UploadJob:
-        """Hard-link (or copy across devices) the checkpoint's files into a private directory."""
+        """Hard-link the checkpoint's files into a private directory; where that fails, open them (an open
+        file stays readable after the framework deletes it) and let the uploader thread copy them."""
         staging = os.path.join(self._local_dir, STAGING_DIR, f"{ckpt.prefix}-{uuid.uuid4().hex[:8]}")
         os.makedirs(staging)
+        held = _HeldFiles()
         try:
-            files = {name: _link_or_copy(path, os.path.join(staging, name)) for name, path in ckpt.files.items()}
-            extras = {name: _link_or_copy(path, os.path.join(staging, name)) for name, path in ckpt.extras.items()
-                      if os.path.isfile(path)}
+            files = {name: self._link_or_hold(path, os.path.join(staging, name), held)
+                     for name, path in ckpt.files.items()}
+            extras = {name: self._link_or_hold(path, os.path.join(staging, name), held)
+                      for name, path in ckpt.extras.items() if os.path.isfile(path)}
         except BaseException:
+            held.close()
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
         def committed(result: CommitResult) -> None:
             if on_committed is not None:
                 on_committed(result)
-            self._apply_retention(protect=result.manifest.step)
+            self._apply_retention(protect=result.manifest.step, scan=self._scan_after(result))
+
+        def release() -> None:
+            held.close()
+            shutil.rmtree(staging, ignore_errors=True)
 
         snapshot = LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras, ckpt.layout, ckpt.saved_at)
-        return UploadJob(snapshot, release=lambda: shutil.rmtree(staging, ignore_errors=True),
-                         on_committed=committed, required=required)
+        return UploadJob(snapshot, release=release, on_committed=committed, required=required,
+                         prepare=held.copy_out if held else None)
 
-    def _apply_retention(self, protect: int) -> None:
+    def _link_or_hold(self, src: str, dst: str, held: "_HeldFiles") -> str:
+        if self._hard_links is not False:
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:  # another device, or a filesystem without hard links
+                pass
+        held.hold(src, dst)
+        return dst
+
+    def _scan_after(self, result: CommitResult) -> DirectoryScan | None:
+        """The directory as the commit of ``result`` left it: its listing and the log this writer has read
+        (no further listing); None when the commit did not list (nothing was uploaded)."""
+        if result.objects is None:
+            return None
+        entries = self._uploader.writer.log.cached()
+        return scan_directory(self._store, objects=list(result.objects), state=fold(entries)) if entries else None
+
+    def _apply_retention(self, protect: int, scan: DirectoryScan | None = None) -> None:
         """Remote retention after a commit; ``protect`` (the step just committed) is never deleted, even
-        when newer steps exist (a run that fell back past a corrupt checkpoint)."""
+        when newer steps exist (a run that fell back past a corrupt checkpoint). ``scan``: the directory
+        as the commit left it (default: scanned now)."""
         if self.retention is None or not self.retention.deletes_checkpoints:
             return
-        plan = plan_retention(scan_directory(self._store), self.retention, protect={protect}, debris=False)
+        plan = plan_retention(scan or scan_directory(self._store), self.retention, protect={protect}, debris=False)
         apply_retention(self._store, plan, self._uploader.writer)
 
-    def _retire_deleted(self) -> None:
+    def _retire_deleted(self, scan: DirectoryScan | None = None) -> None:
         """In place, the framework deletes old checkpoints itself (``max_to_keep``): retire their manifests
         too, so that no manifest vouches for files that are gone. Runs after each in-place commit (TF1's
         Saver has deleted by then; TF2's manager sweeps after its write callbacks, so what it deletes is
-        retired at the next commit) and in ``finish``."""
-        scan = scan_directory(self._store)
+        retired at the next commit) and in ``finish``. ``scan``: the directory as the commit left it."""
+        scan = scan or scan_directory(self._store)
         present = {o.name for o in scan.objects}
         gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
         if gone:
@@ -661,6 +729,18 @@ class CheckpointEngine:
 
     def _count_retry(self, cause: str) -> None:
         self._uploader.count_retry(cause)
+
+    def _record_summaries(self, step: int, stats: UploadStats) -> None:
+        """After each checkpoint's outcome, in the uploader thread: the scalars of ``summaries.py``."""
+        if self._summaries is None:
+            return
+        committed = stats.last_committed_step == step
+        self._summaries.scalars(step, {
+            "commit_lag_seconds": stats.last_commit_lag_seconds if committed else None,
+            "commit_lag_steps": stats.last_commit_lag_steps if committed else None,
+            "throughput_mib_per_second": stats.last_upload_mib_per_second if committed else None,
+            "queue_depth": stats.queue_depth, "retries": stats.retries, "dropped": stats.dropped,
+            "failed": stats.failed})
 
 
 def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -724,12 +804,60 @@ def _min(*times: float | None) -> float | None:
     return min(known) if known else None
 
 
-def _link_or_copy(src: str, dst: str) -> str:
+def supports_hard_links(directory: str) -> bool:
+    """Whether a hard link can be made in ``directory`` (False on gcsfuse, some NFS and FUSE mounts)."""
     try:
-        os.link(src, dst)
-    except OSError:  # another device, or a filesystem without hard links
-        shutil.copy2(src, dst)
-    return dst
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".cloudckpt-link-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    link = probe + ".link"
+    try:
+        os.link(probe, link)
+    except OSError:
+        return False
+    else:
+        os.unlink(link)
+        return True
+    finally:
+        os.unlink(probe)
+
+
+class _HeldFiles:
+    """Files of a snapshot held open (no hard links): cheap to take in the training thread, readable after
+    the framework deletes or replaces them; ``copy_out`` (uploader thread) copies each to its snapshot path."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, str]] = []  # (file descriptor, snapshot path)
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, src: str, dst: str) -> None:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._held.append((fd, dst))
+
+    def copy_out(self) -> None:
+        """Copy every held file to its snapshot path, then let go of it."""
+        while True:
+            with self._lock:
+                if not self._held:
+                    return
+                fd, dst = self._held[0]
+            with open(fd, "rb", closefd=False) as src, open(dst, "wb") as out:
+                src.seek(0)
+                shutil.copyfileobj(src, out, 1 << 20)
+            with self._lock:
+                if self._held and self._held[0][0] == fd:
+                    self._held.pop(0)
+                    os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        for fd, _ in held:
+            os.close(fd)
 
 
 _sigterm_ignored_at_exit = False

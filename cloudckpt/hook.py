@@ -41,6 +41,7 @@ from .listener import UploadListener
 from .preemption import PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
@@ -97,6 +98,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             checkpoint committed; default: the platform's (25 s GCE, 100 s AWS).
         exit_on_preemption: after a preemption stop, exit the process with
             TF's code for a terminated worker (42), or with the given int.
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
@@ -130,6 +134,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
         exit_on_preemption: bool | int = False,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         _check_schedule(save_secs, save_steps)
         if saver is not None and scaffold is not None:
@@ -140,7 +146,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
                                       max_pending=max_pending, retry=retry, on_error=on_error,
                                       upload_timeout=upload_timeout, preemption=preemption,
-                                      preemption_deadline=preemption_deadline)
+                                      preemption_deadline=preemption_deadline, transfer=transfer,
+                                      summary_dir=summary_dir)
         self._engine = self._upload.engine
         self._role: TaskRole | None = role_from_tf_config()
         if self._role is not None:

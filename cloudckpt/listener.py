@@ -24,6 +24,7 @@ from .preemption import PreemptionWatcher
 from .remote import RemoteStore
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .uploader import UploadStats
 from .errors import UploadError
 
@@ -54,6 +55,9 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
             each commit (None keeps everything).
         preemption, preemption_deadline: as for ``CheckpointEngine`` (the watcher is
             started and stopped by whoever drives the listener: cloudckpt's hook).
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
     """
 
     def __init__(
@@ -69,11 +73,14 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         retention: RetentionPolicy | None = None,
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         self._engine = CheckpointEngine(checkpoint_dir, local_dir, storage_options=storage_options,
                                         max_pending=max_pending, retry=retry, on_error=on_error,
                                         upload_timeout=upload_timeout, retention=retention,
-                                        preemption=preemption, preemption_deadline=preemption_deadline)
+                                        preemption=preemption, preemption_deadline=preemption_deadline,
+                                        transfer=transfer, summary_dir=summary_dir)
         self._graph_signature: tuple[int, int] | None = None
         self.registers_in_begin = True  # False when a CheckpointSaverHook registers (after restoring) itself
 

@@ -32,6 +32,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .errors import ConfigError, RemoteError
 from .moto_mock import bypassed_mock_error, mock_transport
 from .retry import RetryPolicy, describe_cause, is_transient
+from .transfer import TransferOptions
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
@@ -72,6 +73,7 @@ class RemoteStore:
             (``endpoint_url``, ``key``/``secret``, ``token``...). Never logged.
         retry: how transient errors are retried.
         on_retry: called with a short cause label before every retry (for stats).
+        transfer: part size and parts in flight of uploads (``TransferOptions``; default: its defaults).
 
     Attributes:
         url: the display form of the URL (credentials masked): use it in any message.
@@ -89,6 +91,7 @@ class RemoteStore:
         *,
         retry: RetryPolicy | None = None,
         on_retry: Callable[[str], None] | None = None,
+        transfer: TransferOptions | None = None,
     ) -> None:
         url = os.fspath(url)
         if not url or not isinstance(url, str):
@@ -98,18 +101,21 @@ class RemoteStore:
         self._secrets = self._location.secrets + option_secrets(storage_options)
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
+        self.transfer = TransferOptions.of(transfer)
         self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
         self._retries_seen = 0
         protocol = self._location.scheme or "file"
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._bulk_deletes = protocol in _S3_PROTOCOLS or protocol in _GCS_PROTOCOLS
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
         # Part / chunk sizes bound the memory of a file in flight (part size x the backend's part
-        # concurrency); S3: boto3 TransferManager's default; GCS: resumable chunks (multiple of 256 KiB).
+        # concurrency); S3: multipart parts; GCS: resumable chunks (multiple of 256 KiB).
+        part_size, parts = self.transfer.part_size, self.transfer.max_parts_in_flight
         self._put_options: dict[str, Any] = (
-            {"chunksize": S3_PART_SIZE, "max_concurrency": S3_PARTS_PER_FILE} if protocol in _S3_PROTOCOLS
-            else {"chunksize": GCS_CHUNK_SIZE} if protocol in _GCS_PROTOCOLS else {})
+            {"chunksize": part_size, "max_concurrency": parts} if protocol in _S3_PROTOCOLS
+            else {"chunksize": part_size} if protocol in _GCS_PROTOCOLS else {})
 
     def _open(self, protocol: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
         """The filesystem and root path for this URL, built from its scheme (no ``url_to_fs`` chaining)."""
@@ -410,24 +416,30 @@ class RemoteStore:
         return self._run("list", self.url_of(subdir), ls)
 
     def delete_before(self, names: list[str], deadline: float) -> tuple[bool, bool]:
-        """Delete objects in order, issuing no request after ``deadline`` (``time.monotonic()``).
+        """Delete objects, issuing no request after ``deadline`` (``time.monotonic()``): in bulk where the
+        store has a multi-object delete (S3, GCS: up to 1000 names a request), else one by one in order.
 
         Returns (all deleted, some attempt was retried). A retried delete is
         ambiguous: its first attempt may still reach the store later.
         """
         retried = False
-        for name in names:
-            def rm(name: str = name) -> None:
+        bulk = self._bulk_deletes and len(names) > 1 and not any(_GLOB_CHARS.intersection(n) for n in names)
+        for batch in ([names[i:i + _BULK_DELETE_MAX] for i in range(0, len(names), _BULK_DELETE_MAX)] if bulk
+                      else [[name] for name in names]):
+            def rm(batch: list[str] = batch) -> None:
                 if time.monotonic() >= deadline:
-                    raise DeleteWindowClosed(f"delete {self.url_of(name)}: the deletion window closed.",
-                                             url=self.url_of(name), transient=False)
+                    raise DeleteWindowClosed(f"delete {self.url_of(batch[0])}: the deletion window closed.",
+                                             url=self.url_of(batch[0]), transient=False)
                 try:
-                    self.fs.rm_file(self.path(name))
+                    if len(batch) == 1:
+                        self.fs.rm_file(self.path(batch[0]))
+                    else:  # one request per batch (S3 DeleteObjects, a GCS batch); missing keys are no error
+                        self.fs.rm([self.path(n) for n in batch])
                 except FileNotFoundError:
                     pass
             before = self._retries_seen
             try:
-                self._run("delete", self.url_of(name), rm)
+                self._run("delete", self.url_of(batch[0]), rm)
             except DeleteWindowClosed:
                 self.fs.invalidate_cache(self.root)
                 return False, True
@@ -554,12 +566,9 @@ def _unlink_quietly(path: str) -> None:
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
-S3_PART_SIZE = 8 << 20
-# s3fs holds parts_per_file x part size in memory per file (and aiohttp one more copy); with the
-# uploader's 4 files in flight that bounds an upload to ~128 MiB of buffers (bench/, scenario 5).
-S3_PARTS_PER_FILE = 2
 _GCS_PROTOCOLS = ("gs", "gcs")
-GCS_CHUNK_SIZE = 16 << 20
+_GLOB_CHARS = frozenset("*?[")  # fsspec's rm() expands these as patterns: such names are deleted one by one
+_BULK_DELETE_MAX = 1000  # S3 DeleteObjects' limit (gcsfs splits into batches of 100 itself)
 
 
 _STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hdfs", "sftp"})

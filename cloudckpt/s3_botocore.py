@@ -45,7 +45,7 @@ __all__ = ["BotocoreS3FileSystem", "DEFAULT_PART_SIZE"]
 
 log = logging.getLogger("cloudckpt")
 
-DEFAULT_PART_SIZE = 8 << 20  # RemoteStore passes its own (S3_PART_SIZE) as chunksize
+DEFAULT_PART_SIZE = 8 << 20  # RemoteStore passes TransferOptions.part_size as chunksize
 _MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 _MAX_PUT = 5 << 30  # S3's limit on one PutObject, bytes
 _READ_CHUNK = 1 << 20

@@ -57,6 +57,7 @@ from .restore import download_verified, select_checkpoint
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
@@ -119,6 +120,9 @@ class CheckpointManager:
         strategy: the ``tf.distribute`` strategy training runs under (default: the one in
             scope when the manager is created). A ``MultiWorkerMirroredStrategy`` whose
             cluster has several workers turns on the chief-only rule above.
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
@@ -150,6 +154,8 @@ class CheckpointManager:
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
         strategy: Any = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         directory = os.fspath(directory)
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
@@ -177,8 +183,8 @@ class CheckpointManager:
             directory, local_dir, layout=TF, storage_options=storage_options, max_pending=max_pending, retry=retry,
             on_error=on_error, upload_timeout=upload_timeout,
             retention=RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours),
-            preemption=preemption, preemption_deadline=preemption_deadline,
-            task=self._role.name if self._role is not None else None)
+            preemption=preemption, preemption_deadline=preemption_deadline, transfer=transfer,
+            summary_dir=summary_dir, task=self._role.name if self._role is not None else None)
         self._url = directory
         self._engine.open()
         self._last_saved_step: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import os
 import threading
 import time
 from multiprocessing.pool import ThreadPool
@@ -27,6 +28,17 @@ from .writers import Writer
 log = logging.getLogger("cloudckpt")
 
 ON_ERROR_CHOICES = ("raise", "warn")
+BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the training thread gets the CPU first
+
+
+def lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority by ``BACKGROUND_NICENESS`` (Linux: nice values are per
+    thread); a no-op where that is not possible. Checksums and uploads then yield the CPU to training."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICENESS))
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
 
 
 @dataclass
@@ -38,6 +50,11 @@ class UploadStats:
     ``already_committed`` (identical; nothing uploaded), ``refused`` (see
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
     newest step this uploader saw committed (by any of the first three).
+
+    Commit lag, of the newest committed checkpoint: ``last_commit_lag_seconds``
+    from its save (``saved_at``) to its commit point, and
+    ``last_commit_lag_steps`` steps submitted after it by then.
+    ``queue_depth``: checkpoints in flight or waiting when the stats were taken.
     """
 
     committed: int = 0
@@ -57,6 +74,17 @@ class UploadStats:
     last_housekeeping_error: str | None = None
     fenced_by: str | None = None  # the newer writer, once this one is fenced
     task: str | None = None  # the TF cluster task that owns these counters (``worker:1``), if any
+    last_commit_lag_seconds: float | None = None
+    last_commit_lag_steps: int | None = None
+    queue_depth: int = 0
+    last_upload_bytes: int = 0  # bytes the last commit sent (0 when nothing needed uploading)
+
+    @property
+    def last_upload_mib_per_second(self) -> float | None:
+        """Throughput of the last commit (MiB/s), None before any or when it sent nothing."""
+        if not self.last_upload_bytes or not self.last_upload_seconds:
+            return None
+        return self.last_upload_bytes / (1 << 20) / self.last_upload_seconds
 
 
 @dataclass
@@ -64,13 +92,18 @@ class UploadJob:
     """One checkpoint waiting to be committed; ``release`` frees its local snapshot.
 
     ``required``: the checkpoint must not be lost silently (the final one of a run): its failure is
-    kept for ``take_failure`` even with ``on_error="warn"``.
+    kept for ``take_failure`` even with ``on_error="warn"``. ``prepare`` runs in the uploader thread
+    before the commit (a snapshot finishing its copies off the training thread). ``may_vanish``: the
+    files are the framework's own (committed in place): if they are deleted before they are committed
+    (the Saver's ``max_to_keep``), the save is dropped, not failed.
     """
 
     checkpoint: LocalCheckpoint
     release: Callable[[], None] = lambda: None
     on_committed: Callable[[CommitResult], None] = lambda result: None
     required: bool = False
+    prepare: Callable[[], None] | None = None
+    may_vanish: bool = False
 
 
 class Uploader:
@@ -79,13 +112,17 @@ class Uploader:
     Args:
         store: the remote checkpoint directory.
         max_pending: checkpoints allowed to wait behind the one in flight (>= 1).
-        concurrency: files uploaded in parallel within one checkpoint.
+        concurrency: files uploaded in parallel within one checkpoint (default: the
+            store's ``transfer.max_files_in_flight``).
         on_error: ``"raise"`` keeps failures for ``take_failure`` (the hook
             re-raises them in the training thread); ``"warn"`` logs and counts them.
+        observer: called in the uploader thread after each checkpoint's outcome
+            (committed, refused or failed) with its step and the stats (a copy; ``queue_depth``:
+            the checkpoints waiting behind it).
     """
 
-    def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int = 4,
-                 on_error: str = "raise") -> None:
+    def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int | None = None,
+                 on_error: str = "raise", observer: Callable[[int, UploadStats], None] | None = None) -> None:
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
         if on_error not in ON_ERROR_CHOICES:
@@ -93,7 +130,9 @@ class Uploader:
         self.store = store
         self.max_pending = max_pending
         self.on_error = on_error
-        self._concurrency = concurrency
+        self._concurrency = concurrency or store.transfer.max_files_in_flight
+        self._observer = observer
+        self._newest_submitted: int | None = None
         self._cond = threading.Condition()
         self._queue: collections.deque[UploadJob] = collections.deque()
         self._in_flight: UploadJob | None = None
@@ -115,7 +154,7 @@ class Uploader:
             self.store.cancel.clear()
             # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
             # interpreter exit (concurrent.futures joins its workers at exit).
-            self._pool = ThreadPool(self._concurrency)
+            self._pool = ThreadPool(self._concurrency, initializer=lower_thread_priority)
             self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
             self._thread.start()
 
@@ -123,6 +162,7 @@ class Uploader:
         """Queue a checkpoint for commit. Never blocks on the network."""
         with self._cond:
             self._queue.append(job)
+            self._note_submitted(job.checkpoint.step)
             while len(self._queue) > self.max_pending:
                 dropped = self._queue.popleft()
                 self._stats.dropped += 1
@@ -153,15 +193,26 @@ class Uploader:
                 job.required = True
             return bool(jobs)
 
-    def commit_now(self, job: UploadJob) -> None:
+    def commit_now(self, job: UploadJob, *, background: bool = False) -> None:
         """Commit ``job`` in the calling thread (used when the files are already in place).
 
         Failures are recorded exactly as for background commits.
         """
+        if not background:
+            with self._cond:
+                self._note_submitted(job.checkpoint.step)
         try:
             self._commit(job)
         finally:
             job.release()
+        if self._observer is not None:
+            stats = self.stats()
+            with self._cond:
+                stats.queue_depth = len(self._queue)  # waiting behind this one
+            try:
+                self._observer(job.checkpoint.step, stats)
+            except Exception as exc:  # noqa: BLE001 - observability never fails a commit
+                log.warning("Recording upload statistics failed: %s", exc)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted checkpoint is committed, dropped or failed; False on timeout."""
@@ -236,7 +287,9 @@ class Uploader:
     def stats(self) -> UploadStats:
         """A copy of the counters."""
         with self._cond:
-            return copy.deepcopy(self._stats)
+            stats = copy.deepcopy(self._stats)
+            stats.queue_depth = len(self._queue) + (self._in_flight is not None)
+            return stats
 
     def count_housekeeping_failure(self, error: str) -> None:
         """Record a failed housekeeping step outside a commit (``stats().housekeeping_failures``)."""
@@ -251,8 +304,13 @@ class Uploader:
             self._stats.retries += 1
             self._stats.retries_by_cause[cause] = self._stats.retries_by_cause.get(cause, 0) + 1
 
+    def _note_submitted(self, step: int) -> None:
+        if self._newest_submitted is None or step > self._newest_submitted:
+            self._newest_submitted = step
+
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
+        lower_thread_priority()
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -261,7 +319,7 @@ class Uploader:
                     return
                 job = self._in_flight = self._queue.popleft()
             try:
-                self.commit_now(job)
+                self.commit_now(job, background=True)
             finally:
                 with self._cond:
                     self._in_flight = None
@@ -279,11 +337,20 @@ class Uploader:
                         self._fenced.newer_writer)
             return
         try:
+            if job.prepare is not None:
+                job.prepare()
             result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool, writer=self.writer)
         except FencedError as exc:
             self._record_fenced(exc, step)
             return
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
+            if job.may_vanish and not job.required and not all(
+                    os.path.exists(p) for p in job.checkpoint.files.values()):
+                with self._cond:
+                    self._stats.dropped += 1
+                log.warning("Dropping checkpoint step %d: its files were deleted (max_to_keep) before it was "
+                            "committed; the store is slower than the save interval.", step)
+                return
             cause = describe_cause(exc)
             error = UploadError(
                 f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
@@ -301,6 +368,13 @@ class Uploader:
             return
         seconds = time.monotonic() - started
         with self._cond:
+            if result.outcome != REFUSED and (self._stats.last_committed_step is None
+                                              or step >= self._stats.last_committed_step):
+                saved_at = job.checkpoint.saved_at
+                self._stats.last_commit_lag_seconds = None if saved_at is None else max(0.0, time.time() - saved_at)
+                self._stats.last_commit_lag_steps = max(0, (self._newest_submitted or step) - step)
+            if result.outcome in (UPLOADED, HEALED):
+                self._stats.last_upload_bytes = result.bytes_uploaded
             if result.outcome == UPLOADED:
                 self._stats.committed += 1
                 self._stats.bytes_uploaded += result.bytes_uploaded

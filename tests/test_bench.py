@@ -29,6 +29,7 @@ SCENARIOS = {
                   {"tf_local/no_save", "cloudckpt_sync/no_save", "cloudckpt_async/no_save",
                    "cloudckpt_async/cloudckpt_sync", "cloudckpt_sync/tf_local",
                    "cloudckpt_sync_save_step/tf_local_save_step"}),
+    "background_step": ({"no_upload", "background_commit", "commit_mibps"}, {"background_commit/no_upload"}),
 }
 REPS = 2
 

@@ -213,9 +213,13 @@ def test_a_local_path_is_committed_in_place(tmp_path):
     engine = CheckpointEngine(str(directory), str(directory), retention=RetentionPolicy(max_to_keep=2))
     engine.open()
     assert engine.in_place
+    threads = []
     for step in (1, 2):
-        engine.submit(step, write_checkpoint(directory, step))
-    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [1, 2]  # committed synchronously
+        engine.submit(step, write_checkpoint(directory, step),
+                      on_committed=lambda result: threads.append(threading.current_thread().name))
+    engine.wait()
+    assert threads == ["cloudckpt-uploader"] * 2  # checksums and scans stay off the training thread
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [1, 2]
     for name in os.listdir(directory):
         if name.startswith("ckpt-1."):
             os.remove(directory / name)  # the framework's own max_to_keep

@@ -27,12 +27,15 @@ import tensorflow as tf
 import cloudckpt
 from cloudckpt import cli
 from cloudckpt.moto_mock import moto_mock_active, mock_transport
-from cloudckpt.remote import S3_PART_SIZE, RemoteStore
+from cloudckpt.remote import RemoteStore
+from cloudckpt.transfer import TransferOptions
 from cloudckpt.retry import is_transient
 from cloudckpt.s3_botocore import BotocoreS3FileSystem
 from cloudckpt.testing import assert_committed
 from support import net_guard
 from support.tf_model import train
+
+S3_PART_SIZE = TransferOptions().part_size
 
 
 @pytest.fixture(autouse=True)

@@ -47,6 +47,7 @@ from ..preemption import PreemptionWatcher
 from ..restore import download_verified, select_checkpoint
 from ..retention import RetentionPolicy
 from ..retry import RetryPolicy
+from ..transfer import TransferOptions
 from ..urls import is_local_path
 from ._backend import keras, optimizer_built, set_initial_epoch
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
@@ -122,6 +123,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         preemption_deadline: seconds after the first notice by which the final
             backup must be committed (default: the platform's hard stop: 25 s after
             SIGTERM or a GCE notice, 100 s after an AWS notice).
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ConfigError: (a ``ValueError``) an empty ``backup_dir``, an invalid
@@ -150,6 +154,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         retry: RetryPolicy | None = None,
         preemption: PreemptionWatcher | str | None = None,
         preemption_deadline: float | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -170,7 +176,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self._init_lifecycle(CheckpointEngine(
             self.backup_dir, local, layout=KERAS_BACKUP, storage_options=storage_options, max_pending=max_pending,
             retry=retry, retention=RetentionPolicy(max_to_keep), upload_timeout=upload_timeout, preemption=preemption,
-            preemption_deadline=preemption_deadline))
+            preemption_deadline=preemption_deadline, transfer=transfer, summary_dir=summary_dir))
         self.restored: CheckpointInfo | None = None
         self.preempted = False
         self._agreement: WorkerAgreement | None = None  # multi-worker, from on_train_begin

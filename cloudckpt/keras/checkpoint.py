@@ -35,6 +35,7 @@ from ..commit import CommitResult
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
 from ..layout import KERAS_MODEL, basename_of
+from ..transfer import TransferOptions
 from ..urls import display_url
 from ._backend import LEGACY, keras
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
@@ -77,6 +78,9 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             oldest waiting one is dropped (logged, ``stats().dropped``).
         upload_timeout: seconds ``on_train_end`` / ``close()`` wait for files still
             uploading (None: until they are committed).
+        transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
+        summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
+            as TensorBoard scalars there after each commit (None: off).
 
     Raises:
         ConfigError: (a ``ValueError``) a wrong extension, format fields in the
@@ -101,6 +105,8 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         storage_options: Mapping[str, Any] | None = None,
         max_pending: int = 2,
         upload_timeout: float | None = None,
+        transfer: TransferOptions | None = None,
+        summary_dir: str | None = None,
     ) -> None:
         missing = [m for m in _KERAS_METHODS if not callable(getattr(keras.callbacks.ModelCheckpoint, m, None))]
         if missing:
@@ -128,7 +134,8 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         self._stems: set[str] = set()  # basenames (formatted names without extension) committed or saved
         self._init_lifecycle(CheckpointEngine(self.directory, local, layout=KERAS_MODEL,
                                               storage_options=storage_options, max_pending=max_pending,
-                                              upload_timeout=upload_timeout))
+                                              upload_timeout=upload_timeout, transfer=transfer,
+                                              summary_dir=summary_dir))
 
     @property
     def url(self) -> str:

@@ -1,0 +1,78 @@
+"""``CommitSummaryWriter``: commit lag, throughput, retries and drops as TensorBoard scalars (``summary_dir=``).
+
+Opt-in: an engine creates one only when given ``summary_dir``, and only then is
+TensorFlow imported (the engine itself needs no framework). Events are written
+as ``tf.compat.v1.Event`` records with ``simple_value`` scalars through
+``tf.io.TFRecordWriter`` -- what ``tf.summary`` writes, readable by
+TensorBoard and ``tf.compat.v1.train.summary_iterator`` -- from the uploader
+thread, whatever the training thread's graph or eager mode.
+
+Scalars (tag ``cloudckpt/<name>``, at the committed checkpoint's step):
+
+* ``commit_lag_seconds``: from the save to the commit of that checkpoint;
+* ``commit_lag_steps``: steps saved after it by the time it committed;
+* ``throughput_mib_per_second``: bytes uploaded by that commit / its duration;
+* ``queue_depth``: checkpoints waiting or in flight after it;
+* ``retries``, ``dropped``, ``failed``: the run's totals so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Mapping
+
+from ._frameworks import import_framework
+
+log = logging.getLogger("cloudckpt")
+
+__all__ = ["CommitSummaryWriter", "TAG_PREFIX"]
+
+TAG_PREFIX = "cloudckpt/"
+
+
+class CommitSummaryWriter:
+    """Appends scalar summaries to one TensorBoard event file in ``directory``.
+
+    Args:
+        directory: a local directory or any URL TensorFlow's file system opens
+            (``gs://``); created if needed.
+
+    Raises:
+        ModuleNotFoundError: TensorFlow is not installed (the message names the pip command).
+        tf.errors.OpError: the directory or the event file cannot be created (raised here, not mid-run).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._tf = import_framework("tensorflow", "summary_dir= (TensorBoard summaries)")
+        self.directory = os.fspath(directory)
+        self._tf.io.gfile.makedirs(self.directory)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.cloudckpt"
+        self.path = os.path.join(self.directory, name) if "://" not in self.directory else f"{self.directory}/{name}"
+        self._lock = threading.Lock()
+        self._writer: Any = self._tf.io.TFRecordWriter(self.path)
+        self._write(self._tf.compat.v1.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def scalars(self, step: int, values: Mapping[str, float | int | None]) -> None:
+        """Write ``values`` (name -> number; None is skipped) at ``step`` and flush."""
+        summary = self._tf.compat.v1.Summary(value=[
+            self._tf.compat.v1.Summary.Value(tag=TAG_PREFIX + name, simple_value=float(value))
+            for name, value in values.items() if value is not None])
+        self._write(self._tf.compat.v1.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def close(self) -> None:
+        """Flush and close the event file; idempotent."""
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _write(self, event: Any) -> None:
+        with self._lock:
+            if self._writer is None:
+                return
+            self._writer.write(event.SerializeToString())
+            self._writer.flush()

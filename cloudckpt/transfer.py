@@ -1,0 +1,82 @@
+"""``TransferOptions``: how many bytes a commit moves at once (part size, files and parts in flight).
+
+One validated, immutable object instead of module constants. Every adapter
+(``CheckpointSaverHook``, ``UploadListener``, ``CheckpointManager``, the Keras
+callbacks) and ``CheckpointEngine`` take it as ``transfer=``; the store's
+transport reads ``part_size`` and ``max_parts_in_flight``, the uploader
+``max_files_in_flight``.
+
+Memory of an upload in flight is bounded by about
+``max_files_in_flight x max_parts_in_flight x part_size`` (plus one more
+copy per part inside the HTTP client): 4 x 2 x 8 MiB = 64 MiB by default.
+The defaults are the values ``bench/`` (scenarios 1 and 5, moto) measured as
+matching boto3's TransferManager throughput within that memory bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = ["TransferOptions", "MiB"]
+
+MiB = 1 << 20
+MIN_PART_SIZE = 5 * MiB  # S3's smallest multipart part (all but the last)
+MAX_PART_SIZE = 5 << 30  # S3's largest part
+PART_ALIGNMENT = 256 << 10  # GCS resumable uploads send chunks in multiples of 256 KiB
+MAX_IN_FLIGHT = 64
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How a commit moves bytes.
+
+    Attributes:
+        part_size: bytes per multipart part (S3) / resumable chunk (GCS): an
+            integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Default 8 MiB
+            (boto3 TransferManager's default).
+        max_files_in_flight: files of one checkpoint uploaded (and checksummed)
+            concurrently, in [1, 64]. Default 4.
+        max_parts_in_flight: parts of one file sent concurrently, in [1, 64].
+            Default 2.
+
+    Raises:
+        ConfigError: (a ``ValueError``) a field out of range; the message names the
+            field and the allowed range.
+    """
+
+    part_size: int = 8 * MiB
+    max_files_in_flight: int = 4
+    max_parts_in_flight: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("part_size", self.part_size, MIN_PART_SIZE, MAX_PART_SIZE, " bytes (5 MiB to 5 GiB)")
+        if self.part_size % PART_ALIGNMENT:
+            raise ConfigError(f"TransferOptions.part_size must be a multiple of 256 KiB ({PART_ALIGNMENT} bytes), "
+                              f"got {self.part_size!r}.")
+        _check_int("max_files_in_flight", self.max_files_in_flight, 1, MAX_IN_FLIGHT)
+        _check_int("max_parts_in_flight", self.max_parts_in_flight, 1, MAX_IN_FLIGHT)
+
+    @property
+    def max_buffer_bytes(self) -> int:
+        """Upper bound of part buffers held at once (files x parts x part size), bytes."""
+        return self.max_files_in_flight * self.max_parts_in_flight * self.part_size
+
+    @classmethod
+    def of(cls, value: "TransferOptions | None") -> "TransferOptions":
+        """``value``, or the defaults when None.
+
+        Raises:
+            ConfigError: ``value`` is neither None nor a ``TransferOptions``.
+        """
+        if value is None:
+            return cls()
+        if not isinstance(value, cls):
+            raise ConfigError(f"transfer must be a cloudckpt.TransferOptions or None, got {value!r}.")
+        return value
+
+
+def _check_int(name: str, value: object, low: int, high: int, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"TransferOptions.{name} must be an integer in [{low}, {high}]{unit}, got {value!r}.")

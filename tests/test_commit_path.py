@@ -1,0 +1,288 @@
+"""The commit path: one directory listing per commit, manifests read once per process, bulk deletes, nothing
+heavy in the training thread (in place, no hard links), TransferOptions, commit lag and TensorBoard summaries.
+
+Requests are counted where they happen: at a real HTTP proxy in front of the moto server.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import threading
+import uuid
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import tensorflow as tf
+
+import cloudckpt
+from cloudckpt import CheckpointEngine, TransferOptions
+from cloudckpt.engine import STAGING_DIR
+from cloudckpt.remote import RemoteStore
+from cloudckpt.retention import RetentionPolicy
+from cloudckpt.testing import assert_committed
+from support.checks import assert_all_committed_intact
+from support.fault_proxy import FaultProxy
+from support.tf_model import train
+from test_engine import write_checkpoint
+
+
+@pytest.fixture
+def counted(moto_server):
+    """(url, proxy, storage options through the counting proxy, direct options) on a fresh bucket."""
+    bucket = f"count-{uuid.uuid4().hex[:10]}"
+    moto_server.create_bucket(bucket)
+    with FaultProxy(moto_server.endpoint) as proxy:
+        yield (f"s3://{bucket}/runs/exp1", proxy, {**moto_server.storage_options, "endpoint_url": proxy.url},
+               moto_server.storage_options)
+
+
+def requests_since(proxy: FaultProxy, start: int) -> dict[str, int]:
+    """Requests after event ``start``, by kind: directory / log listings, manifest GETs, deletes."""
+    counts = {"dir_listings": 0, "log_listings": 0, "manifest_gets": 0, "bulk_deletes": 0, "single_deletes": 0}
+    for method, path, _ in proxy.events[start:]:
+        parts = urlsplit(path)
+        query = parse_qs(parts.query)
+        if method == "GET" and "list-type" in query:
+            prefix = query.get("prefix", [""])[0]
+            counts["log_listings" if "/.cloudckpt/" in prefix else "dir_listings"] += 1
+        elif method == "GET" and parts.path.endswith(".manifest.json"):
+            counts["manifest_gets"] += 1
+        elif method == "POST" and "delete" in query or parts.query == "delete":
+            counts["bulk_deletes"] += 1
+        elif method == "DELETE":
+            counts["single_deletes"] += 1
+    return counts
+
+
+def test_one_directory_listing_per_commit_and_manifests_read_once_per_process(counted, tmp_path):
+    url, proxy, options, direct = counted
+    engine = CheckpointEngine(url, str(tmp_path / "a"), storage_options=options,
+                              retention=RetentionPolicy(max_to_keep=2))
+    engine.open()
+    engine.resume()
+    per_commit = []
+    for step in range(1, 7):
+        start = len(proxy.events)
+        engine.submit(step, write_checkpoint(tmp_path / "a", step))
+        engine.wait(120)
+        per_commit.append(requests_since(proxy, start))
+    engine.close()
+    assert engine.stats().committed == 6
+    for step, counts in enumerate(per_commit, start=1):
+        assert counts["dir_listings"] == 1, (step, counts)  # commit, state file and retention share one scan
+        assert counts["manifest_gets"] == 0, (step, counts)  # this process wrote them all
+        assert counts["single_deletes"] == 0, (step, counts)
+        assert counts["bulk_deletes"] == (1 if step > 2 else 0), (step, counts)  # the old checkpoint, one request
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [5, 6]
+    assert_all_committed_intact(url, direct)
+
+    # A new process (a new engine and store): every committed manifest is read once, at resume, then never again.
+    start = len(proxy.events)
+    engine = CheckpointEngine(url, str(tmp_path / "b"), storage_options=options,
+                              retention=RetentionPolicy(max_to_keep=2))
+    engine.open()
+    engine.resume(download=False)
+    assert requests_since(proxy, start)["manifest_gets"] == 2
+    for step in (7, 8):
+        start = len(proxy.events)
+        engine.submit(step, write_checkpoint(tmp_path / "b", step))
+        engine.wait(120)
+        counts = requests_since(proxy, start)
+        assert (counts["dir_listings"], counts["manifest_gets"], counts["bulk_deletes"]) == (1, 0, 1), (step, counts)
+    engine.close()
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [7, 8]
+
+
+def test_debris_at_a_checkpoints_names_is_still_replaced(counted, tmp_path):
+    """Without the listing before the upload, a name already taken (a crashed upload) is found by the
+    create-only write: the commit lists then, removes the debris and commits."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    paths = write_checkpoint(local, 3)
+    with open(paths[0], "rb") as f:
+        RemoteStore(url, direct).write_atomic(os.path.basename(paths[0]), f.read()[:10])  # a truncated leftover
+    with CheckpointEngine(url, str(local), storage_options=options) as engine:
+        engine.open()
+        engine.resume(download=False)
+        engine.submit(3, paths)
+        engine.wait(120)
+        assert engine.stats().committed == 1
+    assert_committed(url, step=3, storage_options=direct)
+
+
+def test_no_hard_links_the_training_thread_copies_nothing(cloudckpt_s3, tmp_path, monkeypatch):
+    """A local directory without hard links (gcsfuse, NFS): submit only holds the files open; the uploader
+    thread copies them, and a file the framework deletes meanwhile is still committed as saved."""
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(1, "Operation not permitted")  # what gcsfuse answers to link(2)
+
+    monkeypatch.setattr(os, "link", no_links)
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    local = tmp_path / "local"
+    local.mkdir()
+    release = threading.Event()
+    with CheckpointEngine(url, str(local), storage_options=options, max_pending=3) as engine:
+        engine.open()
+        assert engine.hard_links is False
+        engine.submit(1, write_checkpoint(local, 1), on_committed=lambda result: release.wait(120))
+        paths = write_checkpoint(local, 2, size=3 << 20)
+        saved = {os.path.basename(p): open(p, "rb").read() for p in paths}
+        engine.submit(2, paths)  # the uploader is busy with step 1: nothing of step 2 may be copied yet
+        staged = glob.glob(str(local / STAGING_DIR / "ckpt-2-*" / "*"))
+        assert staged == []
+        for path in paths:  # the framework's max_to_keep deletes them before the uploader gets to them
+            os.remove(path)
+        release.set()
+        engine.wait(120)
+        assert engine.stats().committed == 2 and engine.stats().failed == 0
+    assert_committed(url, step=2, storage_options=options)
+    pulled = tmp_path / "pulled"
+    cloudckpt.download_checkpoint(url, str(pulled), step=2, storage_options=options)
+    assert {name: (pulled / name).read_bytes() for name in saved} == saved
+    assert not os.listdir(local / STAGING_DIR)
+
+
+def test_hook_without_hard_links_and_max_to_keep_1_commits_every_save(cloudckpt_s3, tmp_path, monkeypatch):
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    hooks = []
+
+    def make_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=2, scaffold=scaffold, local_dir=str(tmp_path),
+                                                   storage_options=options, max_pending=100, remote_max_to_keep=0))
+        return hooks[-1]
+
+    train(make_hook, last_step=10, max_to_keep=1)
+    stats = hooks[0].stats()
+    assert stats.failed == 0 and stats.dropped == 0
+    assert set(assert_all_committed_intact(url, options)) == {0, 2, 4, 6, 8, 10}
+
+
+def test_in_place_after_save_only_queues(tmp_path, caplog):
+    """In place (a plain local path), checksums, the commit and the directory scan run in the uploader thread;
+    the final save is committed before end() returns."""
+    directory = tmp_path / "run"
+    hooks = []
+
+    def make_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(str(directory), save_steps=3, scaffold=scaffold))
+        return hooks[-1]
+
+    with caplog.at_level("INFO", logger="cloudckpt"):
+        train(make_hook, last_step=10, max_to_keep=2)
+    commits = [r for r in caplog.records if r.getMessage().startswith("Committed checkpoint step")]
+    assert commits and {r.threadName for r in commits} == {"cloudckpt-uploader"}
+    assert "step 10 " in commits[-1].getMessage()  # the final save, committed before end() returned
+    assert hooks[0].stats().failed == 0
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [9, 10]
+    assert_committed(str(directory), step=10)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("part_size", 1 << 20, "[5242880, 5368709120]"),
+    ("part_size", (8 << 20) + 1, "multiple of 256 KiB"),
+    ("part_size", "8MiB", "[5242880, 5368709120]"),
+    ("max_files_in_flight", 0, "[1, 64]"),
+    ("max_parts_in_flight", 65, "[1, 64]"),
+    ("max_parts_in_flight", True, "[1, 64]"),
+])
+def test_transfer_options_are_validated(field, value, allowed):
+    with pytest.raises(cloudckpt.ConfigError, match=rf"TransferOptions\.{field} must be .*{re.escape(allowed)}"):
+        TransferOptions(**{field: value})
+
+
+def test_transfer_options_reach_the_store(counted, tmp_path):
+    url, proxy, options, direct = counted
+    with pytest.raises(cloudckpt.ConfigError, match="transfer must be a cloudckpt.TransferOptions"):
+        CheckpointEngine(url, str(tmp_path), storage_options=options, transfer={"part_size": 5 << 20})
+    transfer = TransferOptions(part_size=5 << 20, max_files_in_flight=1, max_parts_in_flight=1)
+    with CheckpointEngine(url, str(tmp_path), storage_options=options, transfer=transfer) as engine:
+        assert engine.transfer is transfer and engine.store.transfer is transfer
+        engine.open()
+        start = len(proxy.events)
+        engine.submit(1, write_checkpoint(tmp_path, 1, size=12 << 20))  # 12 MiB files: 3 parts of 5 MiB each
+        engine.wait(120)
+    parts = [p for m, p, _ in proxy.events[start:] if m == "PUT" and "partNumber=" in p and ".data-" in p]
+    assert len(parts) == 3
+    assert_committed(url, step=1, storage_options=direct)
+
+
+def test_stats_report_commit_lag_and_queue_depth(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    release = threading.Event()
+    summaries = tmp_path / "tb"
+    with CheckpointEngine(url, str(tmp_path / "local"), storage_options=options, max_pending=3,
+                          summary_dir=str(summaries)) as engine:
+        engine.open()
+        assert engine.stats().queue_depth == 0 and engine.stats().last_commit_lag_seconds is None
+        engine.submit(1, write_checkpoint(tmp_path / "local", 1), on_committed=lambda result: release.wait(120))
+        engine.submit(2, write_checkpoint(tmp_path / "local", 2))
+        engine.submit(3, write_checkpoint(tmp_path / "local", 3))
+        assert engine.stats().queue_depth == 3  # step 1 in flight (held after its commit), 2 and 3 waiting
+        release.set()
+        engine.wait(120)
+        stats = engine.stats()
+    assert stats.queue_depth == 0 and stats.last_committed_step == 3
+    assert stats.last_commit_lag_steps == 0 and stats.last_commit_lag_seconds >= 0
+    scalars = read_scalars(summaries)
+    # Steps saved after each by the time it committed: step 2 committed after step 3 was submitted.
+    assert scalars["commit_lag_steps"][2] == 1.0 and scalars["commit_lag_steps"][3] == 0.0
+    assert scalars["queue_depth"] == {1: 2.0, 2: 1.0, 3: 0.0}  # waiting behind each when it was done
+    assert all(v >= 0 for v in scalars["commit_lag_seconds"].values())
+
+
+def read_scalars(directory) -> dict[str, dict[int, float]]:
+    """tag (without ``cloudckpt/``) -> step -> value, from every event file in ``directory``."""
+    found: dict[str, dict[int, float]] = {}
+    for path in glob.glob(os.path.join(str(directory), "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag.removeprefix("cloudckpt/"), {})[event.step] = value.simple_value
+    return found
+
+
+def test_summary_dir_records_commit_scalars_from_training(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    summaries = tmp_path / "tb"
+    hooks = []
+
+    def make_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "local"),
+                                                   storage_options=options, summary_dir=str(summaries),
+                                                   max_pending=100))
+        return hooks[-1]
+
+    train(make_hook, last_step=20, size=4096)
+    stats = hooks[0].stats()
+    scalars = read_scalars(summaries)
+    assert set(scalars) >= {"commit_lag_seconds", "commit_lag_steps", "throughput_mib_per_second", "retries",
+                            "dropped", "failed", "queue_depth"}
+    committed = {c.step for c in cloudckpt.list_checkpoints(url, options)}
+    assert set(scalars["commit_lag_seconds"]) == committed == {0, 5, 10, 15, 20}
+    assert all(0 <= lag < 600 for lag in scalars["commit_lag_seconds"].values())
+    assert all(mib > 0 for mib in scalars["throughput_mib_per_second"].values())
+    assert scalars["retries"][20] == stats.retries == 0
+    assert scalars["dropped"][20] == stats.dropped == 0 and scalars["failed"][20] == 0
+    assert scalars["commit_lag_steps"][20] == 0 and scalars["queue_depth"][20] == 0
+
+
+def test_tf2_manager_summary_dir_records_each_commit(memory_url, tmp_path):
+    summaries = tmp_path / "tb"
+    w = tf.Variable(tf.zeros([64]))
+    ckpt = tf.train.Checkpoint(w=w)
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=None, local_dir=str(tmp_path / "local"),
+                                     max_pending=10, summary_dir=str(summaries)) as manager:
+        manager.restore_or_initialize()
+        for i in range(1, 4):
+            w.assign(tf.fill([64], float(i)))
+            manager.save()
+        manager.wait()
+        stats = manager.stats()
+    scalars = read_scalars(summaries)
+    assert stats.committed == 3 and set(scalars["commit_lag_seconds"]) == {1, 2, 3}
+    assert scalars["commit_lag_steps"][3] == 0 and scalars["failed"][3] == 0
