@@ -306,6 +306,14 @@ class S3Transport:
                 return
             self._put_multipart(f, size, bucket, key, create, call)
 
+    def put_bytes(self, data: bytes, bucket: str, key: str, *, create: bool = False,
+                  call: Call = _no_retry) -> None:
+        """Write a small object in one PUT with its crc32c (``create``: If-None-Match, ``FileExistsError``)."""
+        headers = {"x-amz-checksum-crc32c": _b64(google_crc32c.value(bytes(data)))}
+        if create:
+            headers["If-None-Match"] = "*"
+        call(lambda: self._request("PUT", bucket, key, headers=headers, body=bytes(data)))
+
     def get_file(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
                  progress: Callable[[int], None] | None = None) -> int:
         """Download ``bucket/key`` to ``local_path`` (created or truncated) with parallel ranged GETs.
