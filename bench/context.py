@@ -1,4 +1,4 @@
-"""What every scenario gets: the S3 server, a bucket, a scratch directory and a log function."""
+"""What every scenario gets: the S3 server (moto or SeaweedFS), a bucket, a scratch directory and a log function."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class Context:
     bucket: str
     workdir: str
     verbose: bool = True
+    server_name: str = "moto"
     shared: dict[str, Any] = field(default_factory=dict)
     _files: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)

@@ -19,9 +19,17 @@ from cloudckpt.embedded import EmbeddedS3, free_port
 
 
 class S3Server:
-    """Start/stop a moto S3 server child process and talk to it (buckets, cleanup, reset)."""
+    """Start/stop a moto S3 server child process and talk to it (buckets, cleanup, reset).
 
-    def __init__(self) -> None:
+    Args:
+        cpus: ``taskset -c`` CPU list for the server process (e.g. "1"), or None.
+    """
+
+    name = "moto"
+    description = "cloudckpt.embedded.EmbeddedS3 (moto, in-memory, Python) in a child process, 127.0.0.1"
+
+    def __init__(self, cpus: str | None = None) -> None:
+        self.cpus = cpus
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -35,7 +43,8 @@ class S3Server:
     def start(self, timeout: float = 60.0) -> "S3Server":
         """Spawn the child and wait until it answers HTTP."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(self.port)],
+        pin = ["taskset", "-c", self.cpus] if self.cpus is not None else []
+        self._proc = subprocess.Popen(pin + [sys.executable, "-m", "bench.server", str(self.port)],
                                       stdin=subprocess.PIPE, env=env,
                                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         deadline = time.monotonic() + timeout
