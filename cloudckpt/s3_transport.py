@@ -65,9 +65,12 @@ __all__ = ["S3Transport", "S3ResponseError", "transport_for", "crc32c_combine", 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
 
-PART_SIZE = 16 << 20  # bytes per multipart part (and the single-PUT threshold)
+# Defaults measured by ``python -m bench`` (README, scenarios 3/4): larger requests cost both the client and
+# the server less per byte; memory does not grow with them (parts are sent from the file, ranges written
+# through a READ_BUFFER).
+PART_SIZE = 32 << 20  # bytes per multipart part (and the single-PUT threshold)
 PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
-RANGE_SIZE = 16 << 20  # bytes per ranged GET
+RANGE_SIZE = 32 << 20  # bytes per ranged GET
 RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
 READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
