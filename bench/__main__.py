@@ -32,7 +32,7 @@ from . import deadline, integrity, memory, stall, step_overhead, tf2_async, thro
 from .common import CONFIGS, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
-from .server import S3Server  # noqa: E402
+from .server import S3Server, ServerProcess  # noqa: E402
 
 SCENARIOS = {
     step_overhead.KEY: step_overhead.run,
@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _server(name: str, cpus: str | None) -> "S3Server":
+def _server(name: str, cpus: str | None) -> ServerProcess:
     if name == "seaweedfs":
         from .seaweed import SeaweedS3
 
-        return SeaweedS3(cpus=cpus)  # type: ignore[return-value] - the same surface
+        return SeaweedS3(cpus=cpus)
     return S3Server(cpus=cpus)
 
 

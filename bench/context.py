@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .common import Config, make_checkpoint_files
-from .server import S3Server
+from .server import ServerProcess
 
 
 @dataclass
 class Context:
     cfg: Config
-    server: S3Server
+    server: ServerProcess
     bucket: str
     workdir: str
     verbose: bool = True

@@ -26,6 +26,8 @@ from typing import Any
 
 from cloudckpt.embedded import free_port
 
+from .server import ServerProcess
+
 KEY, SECRET = "testing", "testing"
 _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "volume.port.public",
           "filer.port", "filer.port.grpc", "filer.port.public", "s3.port", "s3.port.grpc", "s3.port.iceberg",
@@ -42,7 +44,7 @@ def weed_binary() -> str:
     return found
 
 
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """A ``weed mini`` S3 server in a child process (optionally pinned to CPUs with ``taskset``).
 
     Args:
@@ -143,52 +145,9 @@ class SeaweedS3:
                             aws_secret_access_key=SECRET, config=Config(retries={"total_max_attempts": 2},
                                                                          connect_timeout=5, read_timeout=120))
 
-    def create_bucket(self, name: str) -> str:
-        """Create a bucket; return its ``s3://`` URL."""
-        self.client().create_bucket(Bucket=name)
-        return f"s3://{name}"
-
-    def empty_bucket(self, bucket: str) -> int:
-        """Delete every object of ``bucket``; returns how many were deleted."""
-        client = self.client()
-        count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-                count += len(keys)
-        return count
-
-    def object_sizes(self, bucket: str, prefix: str = "") -> dict[str, int]:
-        """key -> size of the objects under ``prefix``."""
-        client = self.client()
-        out: dict[str, int] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out.update({o["Key"]: int(o["Size"]) for o in page.get("Contents", [])})
-        return out
-
     def reset(self) -> None:
         """Delete every bucket and object."""
         client = self.client()
         for bucket in client.list_buckets().get("Buckets", []):
             self.empty_bucket(bucket["Name"])
             client.delete_bucket(Bucket=bucket["Name"])
-
-    def rss_mb(self) -> float | None:
-        """Resident memory of the server process, MB (None if unknown)."""
-        if self._proc is None:
-            return None
-        try:
-            with open(f"/proc/{self._proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self) -> "SeaweedS3":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -215,3 +215,77 @@ def test_moto_uses_the_transport_and_its_checksums_are_not_trusted_blindly(moto_
     assert cloudckpt.verify(url, storage_options=moto_server.storage_options).ok
     back = cloudckpt.download_checkpoint(url, str(tmp_path / "dl"), storage_options=moto_server.storage_options)
     assert os.path.getsize(back + ".data-00000-of-00001") == 20 * MiB
+
+
+# -- HTTP behaviour against a scripted server ------------------------------------------------------------
+class _Scripted:
+    """A tiny HTTP/1.1 server on 127.0.0.1: answers PUTs by a rule, records (headers, keep_alive) per request."""
+
+    def __init__(self, refuse_checksums: bool = False, drop_idle: bool = False) -> None:
+        import http.server
+        import threading
+
+        self.seen: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # noqa: ANN002
+                pass
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append({k.lower(): v for k, v in self.headers.items()})
+                if refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers):
+                    body = b"<Error><Code>NotImplemented</Code><Message>no checksums here</Message></Error>"
+                    self.send_response(501)
+                else:
+                    body = b""
+                    self.send_response(200)
+                    self.send_header("ETag", '"x"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                if drop_idle:
+                    self.close_connection = True  # closes without "Connection: close": a stale kept-alive socket
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_without_checksums_gets_none_after_refusing_them():
+    server = _Scripted(refuse_checksums=True)
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
+        t.put_bytes(b"abc", "bucket", "a")
+        t.put_bytes(b"def", "bucket", "b")
+    finally:
+        server.close()
+    with_checksum = ["x-amz-checksum-crc32c" in h for h in server.seen]
+    assert with_checksum == [True, False, False]
+
+
+def test_a_stale_kept_alive_connection_is_replaced_without_a_retry():
+    import time
+
+    server = _Scripted(drop_idle=True)
+    calls: list[int] = []
+
+    def call(fn):  # the retry layer's place: counts attempts, retries nothing
+        calls.append(1)
+        return fn()
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
+        t.put_bytes(b"abc", "bucket", "a", call=call)
+        time.sleep(0.2)  # the server has closed the connection by now
+        t.put_bytes(b"def", "bucket", "b", call=call)
+    finally:
+        server.close()
+    assert len(server.seen) == 2 and len(calls) == 2
