@@ -106,7 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             keys = [k for k in selected if name == servers[0] or k in TRANSPORT_SCENARIOS]
             if not keys:
                 continue
-            server = _server(name, pin).start()
+            try:
+                server = _server(name, pin).start()
+            except Exception:  # noqa: BLE001 - recorded for each of its scenarios, the other server still runs
+                failed = True
+                for key in keys:
+                    label = key if name == servers[0] else f"{key}@{name}"
+                    doc["scenarios"][label] = {"key": key, "error": traceback.format_exc(), "seconds": 0.0}
+                print(f"server {name} FAILED to start:\n{traceback.format_exc()}", file=sys.stderr)
+                continue
             try:
                 doc["machine"]["s3_servers"][name] = server.description + (f", pinned to CPU {pin}" if pin else "")
                 ctx = Context(cfg=cfg, server=server, bucket="bench", workdir=workdir, verbose=not args.quiet,
