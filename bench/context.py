@@ -1,4 +1,4 @@
-"""What every scenario gets: the S3 server, a bucket, a scratch directory and a log function."""
+"""What every scenario gets: the S3 server (moto or SeaweedFS), a bucket, a scratch directory and a log function."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .common import Config, make_checkpoint_files
-from .server import S3Server
+from .server import ServerProcess
 
 
 @dataclass
 class Context:
     cfg: Config
-    server: S3Server
+    server: ServerProcess
     bucket: str
     workdir: str
     verbose: bool = True
+    server_name: str = "moto"
     shared: dict[str, Any] = field(default_factory=dict)
     _files: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)

@@ -1,4 +1,4 @@
-"""Scenario 5: peak RSS growth of the process that uploads a large checkpoint.
+"""Scenario 5: peak RSS growth of the process that uploads, then restores, a large checkpoint.
 
 Each repetition runs in a fresh child process (``python -m bench.memory``),
 the S3 server being another process, so only the uploader's memory counts.
@@ -7,7 +7,8 @@ commits a tiny checkpoint, so one-time initialisation (botocore's service
 models, the s3fs session, the thread pool) is not counted; then it resets its
 peak RSS (``/proc/self/clear_refs``), uploads the checkpoint and reports
 ``VmHWM - VmRSS before``. The baseline is boto3's TransferManager in the same
-kind of child.
+kind of child. Restore the same way: ``download_checkpoint`` (after restoring a
+tiny checkpoint, untimed) against TransferManager downloads.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from .common import MB, Scenario, proc_status_kb, ratio, reset_peak_rss, summari
 if TYPE_CHECKING:  # the child process imports this module: keep it light
     from .context import Context
 
-KEY, TITLE = "memory", "5. Memory while uploading"
+KEY, TITLE = "memory", "5. Memory while uploading / restoring"
 METHODS = ("cloudckpt", "transfer_manager")
+RESTORE_METHODS = ("cloudckpt_restore", "transfer_manager_restore")
 TARGET_MB = 256
 
 
@@ -51,8 +53,11 @@ def run(ctx: Context) -> Scenario:
             growth[method].append(result["growth_kb"] / 1024)
             sc.params["peak_reset"] = result["peak_reset"]
         ctx.log(f"{KEY} rep {rep + 1}/{cfg.reps}: " + ", ".join(f"{m} +{growth[m][-1]:.0f} MiB" for m in METHODS))
-    labels = {"cloudckpt": "cloudckpt Uploader", "transfer_manager": "boto3 TransferManager, max_concurrency=10"}
-    for m in METHODS:
+    growth.update(_restores(ctx, files, sc))
+    labels = {"cloudckpt": "cloudckpt Uploader", "transfer_manager": "boto3 TransferManager, max_concurrency=10",
+              "cloudckpt_restore": "download_checkpoint",
+              "transfer_manager_restore": "boto3 TransferManager download, max_concurrency=10"}
+    for m in METHODS + RESTORE_METHODS:
         sc.figures[m] = summarize(growth[m], "MiB", label=labels[m])
     sc.figures["cloudckpt_fraction_of_checkpoint"] = summarize(
         [g * MB / nbytes for g in growth["cloudckpt"]], "x checkpoint size", label="cloudckpt growth / checkpoint size")
@@ -61,7 +66,35 @@ def run(ctx: Context) -> Scenario:
         paired=[c / t for c, t in zip(growth["cloudckpt"], growth["transfer_manager"]) if t > 0] or None)
     sc.ratios["cloudckpt/target_256MiB"] = ratio(sc.figures["cloudckpt"], {"median": float(TARGET_MB)},
                                                  target="<= 1.0", note=f"absolute target: growth <= {TARGET_MB} MiB")
+    sc.ratios["cloudckpt_restore/transfer_manager_restore"] = ratio(
+        sc.figures["cloudckpt_restore"], sc.figures["transfer_manager_restore"],
+        paired=[c / t for c, t in zip(growth["cloudckpt_restore"], growth["transfer_manager_restore"]) if t > 0]
+        or None)
+    sc.ratios["cloudckpt_restore/target_256MiB"] = ratio(
+        sc.figures["cloudckpt_restore"], {"median": float(TARGET_MB)}, target="<= 1.0",
+        note=f"absolute target: growth <= {TARGET_MB} MiB")
     return sc
+
+
+def _restores(ctx: Context, files: dict[str, str], sc: Scenario) -> dict[str, list[float]]:
+    """Peak RSS growth of restoring the checkpoint, per method and repetition (children at the same time)."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+    from cloudckpt.remote import RemoteStore
+
+    commit_checkpoint(RemoteStore(ctx.url("memory/restore"), ctx.storage_options),
+                      LocalCheckpoint(1, "model.ckpt-1", dict(files)))
+    tiny = ctx.checkpoint_files(1 << 20, 1)
+    commit_checkpoint(RemoteStore(ctx.url("memory/restore-warm"), ctx.storage_options),
+                      LocalCheckpoint(1, "model.ckpt-1", tiny))
+    growth: dict[str, list[float]] = {m: [] for m in RESTORE_METHODS}
+    for rep in range(ctx.cfg.reps):
+        results = _children(ctx, {m: (files, "memory/restore") for m in RESTORE_METHODS})
+        for method, result in results.items():
+            growth[method].append(result["growth_kb"] / 1024)
+        ctx.log(f"{KEY} restore rep {rep + 1}/{ctx.cfg.reps}: " + ", ".join(
+            f"{m} +{growth[m][-1]:.0f} MiB" for m in RESTORE_METHODS))
+    ctx.clean_bucket()
+    return growth
 
 
 def _children(ctx: Context, jobs: dict[str, tuple[dict[str, str], str]]) -> dict[str, dict[str, Any]]:
@@ -90,6 +123,8 @@ def _children(ctx: Context, jobs: dict[str, tuple[dict[str, str], str]]) -> dict
 # -- the child ----------------------------------------------------------------------------------------
 def _child_main(args: dict[str, Any]) -> dict[str, Any]:
     method, files = args["method"], args["files"]
+    if method.endswith("_restore"):
+        return _child_restore(args)
     fd, tiny = tempfile.mkstemp(dir=args["workdir"], prefix="warm.ckpt-0.", suffix=".index")
     os.write(fd, b"x" * 1024)
     os.close(fd)
@@ -133,6 +168,47 @@ def _child_main(args: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     peak = proc_status_kb("VmHWM")
     os.unlink(tiny)
+    return {"method": method, "rss_before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
+            "seconds": seconds, "peak_reset": peak_reset}
+
+
+def _child_restore(args: dict[str, Any]) -> dict[str, Any]:
+    method, files = args["method"], args["files"]
+    dest = tempfile.mkdtemp(dir=args["workdir"], prefix=f"{method}-")
+    opts = args["storage_options"]
+    if method == "cloudckpt_restore":
+        from cloudckpt import download_checkpoint
+
+        download_checkpoint(args["url"] + "-warm", os.path.join(dest, "warm"), storage_options=opts)
+
+        def restore() -> None:
+            download_checkpoint(args["url"], dest, storage_options=opts)
+    else:
+        import boto3
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        client = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1",
+                              aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
+        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm.download(args["bucket"], f"{args['prefix']}-warm/model.ckpt-1.index", os.path.join(dest, "warm")).result()
+
+        def restore() -> None:
+            futures = [tm.download(args["bucket"], f"{args['prefix']}/{n}", os.path.join(dest, n)) for n in files]
+            for f in futures:
+                f.result()
+    gc.collect()
+    peak_reset = reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    started = time.perf_counter()
+    restore()
+    seconds = time.perf_counter() - started
+    peak = proc_status_kb("VmHWM")
+    for name, path in files.items():
+        if os.path.getsize(os.path.join(dest, name)) != os.path.getsize(path):
+            raise SystemExit(f"{method}: {name} restored with the wrong size")
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
     return {"method": method, "rss_before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
             "seconds": seconds, "peak_reset": peak_reset}
 

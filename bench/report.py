@@ -31,7 +31,8 @@ def render_table(doc: dict[str, Any]) -> str:
         if "error" in sc:
             lines.append(f"{key:<30} FAILED: {sc['error'].strip().splitlines()[-1]}")
             continue
-        title = sc["title"]
+        server = (sc.get("params") or {}).get("server")
+        title = sc["title"] + (f" @{server}" if server not in (None, "moto") else "")
         for name, fig in sc["figures"].items():
             spread = f"{_num(fig['min'])}..{_num(fig['max'])}"
             lines.append(f"{title:<30} {name:<34} {_num(fig['median']):>10} {spread:>22}  {fig['unit']}")

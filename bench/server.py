@@ -18,10 +18,80 @@ from typing import Any
 from cloudckpt.embedded import EmbeddedS3, free_port
 
 
-class S3Server:
-    """Start/stop a moto S3 server child process and talk to it (buckets, cleanup, reset)."""
+class ServerProcess:
+    """What the bench does with any S3 server child: buckets, cleanup, the child's memory.
 
-    def __init__(self) -> None:
+    Subclasses set ``_proc`` (the child) and provide ``client()`` (a boto3 client) and ``start``/``stop``.
+    """
+
+    _proc: "subprocess.Popen[bytes] | None"
+
+    def client(self) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket; return its ``s3://`` URL."""
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def empty_bucket(self, bucket: str) -> int:
+        """Delete every object of ``bucket`` (moto holds them in RAM); returns how many were deleted."""
+        client = self.client()
+        count = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+                count += len(keys)
+        return count
+
+    def object_sizes(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """key -> size of the objects under ``prefix``."""
+        client = self.client()
+        out: dict[str, int] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out.update({o["Key"]: int(o["Size"]) for o in page.get("Contents", [])})
+        return out
+
+    def rss_mb(self) -> float | None:
+        """Resident memory of the server process, MB (None if unknown)."""
+        if self._proc is None:
+            return None
+        try:
+            with open(f"/proc/{self._proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+
+class S3Server(ServerProcess):
+    """Start/stop a moto S3 server child process and talk to it (buckets, cleanup, reset).
+
+    Args:
+        cpus: ``taskset -c`` CPU list for the server process (e.g. "1"), or None.
+    """
+
+    name = "moto"
+    description = "cloudckpt.embedded.EmbeddedS3 (moto, in-memory, Python) in a child process, 127.0.0.1"
+
+    def __init__(self, cpus: str | None = None) -> None:
+        self.cpus = cpus
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -35,7 +105,8 @@ class S3Server:
     def start(self, timeout: float = 60.0) -> "S3Server":
         """Spawn the child and wait until it answers HTTP."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._proc = subprocess.Popen([sys.executable, "-m", "bench.server", str(self.port)],
+        pin = ["taskset", "-c", self.cpus] if self.cpus is not None else []
+        self._proc = subprocess.Popen(pin + [sys.executable, "-m", "bench.server", str(self.port)],
                                       stdin=subprocess.PIPE, env=env,
                                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         deadline = time.monotonic() + timeout
@@ -71,54 +142,10 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
-    def create_bucket(self, name: str) -> str:
-        """Create a bucket; return its ``s3://`` URL."""
-        self.client().create_bucket(Bucket=name)
-        return f"s3://{name}"
-
-    def empty_bucket(self, bucket: str) -> int:
-        """Delete every object of ``bucket`` (moto holds them in RAM); returns how many were deleted."""
-        client = self.client()
-        count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
-                count += len(keys)
-        return count
-
-    def object_sizes(self, bucket: str, prefix: str = "") -> dict[str, int]:
-        """key -> size of the objects under ``prefix``."""
-        client = self.client()
-        out: dict[str, int] = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out.update({o["Key"]: int(o["Size"]) for o in page.get("Contents", [])})
-        return out
-
     def reset(self) -> None:
         """Drop all buckets and objects (frees the server's memory between scenarios)."""
         req = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=60).read()
-
-    def rss_mb(self) -> float | None:
-        """Resident memory of the server process, MB (None if unknown)."""
-        if self._proc is None:
-            return None
-        try:
-            with open(f"/proc/{self._proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self) -> "S3Server":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def main(argv: list[str]) -> None:
     port = int(argv[0])

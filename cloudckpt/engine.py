@@ -157,7 +157,7 @@ class CheckpointEngine:
         self._local_dir = os.path.abspath(os.fspath(local_dir))
         self._layout = layout
         self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry,
-                                  transfer=TransferOptions.of(transfer))
+                                  transfer=transfer)
         self._summary_dir = None if summary_dir is None else os.fspath(summary_dir)
         self._summaries: CommitSummaryWriter | None = None
         self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,

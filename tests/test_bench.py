@@ -20,9 +20,14 @@ SCENARIOS = {
     "step_overhead": ({"stock", "cloudckpt"}, {"cloudckpt/stock"}),
     "stall": ({"stock_local", "stock_sync_upload", "cloudckpt"},
               {"cloudckpt/stock_local", "cloudckpt/stock_sync_upload"}),
-    "upload": ({"cloudckpt", "transfer_manager", "fs_put"}, {"cloudckpt/transfer_manager", "cloudckpt/fs_put"}),
-    "restore": ({"cloudckpt", "transfer_manager", "fs_get"}, {"cloudckpt/transfer_manager", "cloudckpt/fs_get"}),
-    "memory": ({"cloudckpt", "transfer_manager"}, {"cloudckpt/transfer_manager", "cloudckpt/target_256MiB"}),
+    "upload": ({"cloudckpt", "transfer_manager", "fs_put", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager"},
+               {"cloudckpt/transfer_manager", "cloudckpt/fs_put", "cloudckpt/s5cmd", "cloudckpt/best_baseline",
+                "cpu_cloudckpt/cpu_transfer_manager"}),
+    "restore": ({"cloudckpt", "transfer_manager", "fs_get", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager"},
+                {"cloudckpt/transfer_manager", "cloudckpt/fs_get", "cloudckpt/s5cmd", "cloudckpt/best_baseline",
+                 "cpu_cloudckpt/cpu_transfer_manager"}),
+    "memory": ({"cloudckpt", "transfer_manager", "cloudckpt_restore", "transfer_manager_restore"},
+               {"cloudckpt/transfer_manager", "cloudckpt/target_256MiB", "cloudckpt_restore/target_256MiB"}),
     "integrity": ({"crc_pass", "upload_with_crc", "upload_without_crc"},
                   {"crc_pass/upload", "upload_with_crc/upload_without_crc"}),
     "tf2_async": ({"no_save", "tf_local", "cloudckpt_sync", "cloudckpt_async"},
@@ -30,7 +35,10 @@ SCENARIOS = {
                    "cloudckpt_async/cloudckpt_sync", "cloudckpt_sync/tf_local",
                    "cloudckpt_sync_save_step/tf_local_save_step"}),
     "background_step": ({"no_upload", "background_commit", "commit_mibps"}, {"background_commit/no_upload"}),
+    "deadline": ({"largest_committed", "projected_in_deadline"}, set()),
 }
+# The transport scenarios run again on SeaweedFS (python -m bench runs both servers by default).
+SCENARIOS.update({f"{key}@seaweedfs": SCENARIOS[key] for key in ("upload", "restore", "memory", "deadline")})
 REPS = 2
 
 
@@ -42,7 +50,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--tiny", "--reps", str(REPS), "--out", str(out), "--workdir", str(tmp / "w"),
          "--quiet"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, f"python -m bench --tiny failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(out) as f:
         return json.load(f), proc.stdout
@@ -99,9 +107,12 @@ def test_repetitions_and_sizes(results: tuple[dict, str]) -> None:
         _check_figure(f"step_overhead.{name}", sc["step_overhead"]["figures"][name], n=REPS)
     for name in ("stock_local", "stock_sync_upload", "cloudckpt"):  # every timed save of every repetition
         _check_figure(f"stall.{name}", sc["stall"]["figures"][name], n=REPS * cfg["stall_saves"])
-    for key in ("upload", "restore"):
+    for key in ("upload", "restore", "upload@seaweedfs", "restore@seaweedfs"):
+        assert sc[key]["params"]["server"] == (key.partition("@")[2] or "moto")
         for name, fig in sc[key]["figures"].items():
             _check_figure(f"{key}.{name}", fig, n=REPS)
+            if fig["unit"] != "MiB/s":
+                continue
             # throughput is bytes / seconds of the same repetitions
             nbytes_mib = sc[key]["params"]["checkpoint_mib"]
             for mibps, s in zip(fig["samples"], fig["seconds"]["samples"]):

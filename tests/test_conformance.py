@@ -1,4 +1,5 @@
-"""Backend conformance: the same end-to-end behaviour on file://, memory://, s3:// (moto) and gs:// (emulator).
+"""Backend conformance: the same end-to-end behaviour on file://, memory://, s3:// (moto and SeaweedFS) and
+gs:// (emulator).
 
 In the manner of fsspec's ``tests/abstract``: one suite, parametrized over
 backends; backend differences belong in cloudckpt's remote layer, not here.
@@ -23,7 +24,7 @@ from cloudckpt.writers import Writer
 from support.checks import assert_all_committed_intact, state_file
 from support.tf_model import train
 
-BACKENDS = ["file", "memory", "s3", "gs"]
+BACKENDS = ["file", "memory", "s3", "seaweedfs", "gs"]
 
 
 @dataclass
@@ -50,8 +51,8 @@ def target(request, tmp_path) -> Target:
         return Target(f"file://{tmp_path}/remote/{run}", None)
     if request.param == "memory":
         return Target(f"memory://{run}/run", None)
-    if request.param == "s3":
-        server = request.getfixturevalue("moto_server")
+    if request.param in ("s3", "seaweedfs"):
+        server = request.getfixturevalue("moto_server" if request.param == "s3" else "seaweed_server")
         return Target(server.create_bucket(run) + "/runs/exp1", server.storage_options)
     emulator = request.getfixturevalue("gcs_emulator")
     emulator.make_bucket(run)

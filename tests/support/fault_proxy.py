@@ -2,6 +2,9 @@
 
 Fault kinds:
   "500"   InternalError S3 XML error.     "503"   SlowDown S3 XML error.
+  "flip"  the request body is forwarded with one byte (the middle one) inverted: what
+          a bad NIC, RAM or middlebox does to an upload; the store should refuse it
+          (S3 checksums). Only drawn when asked for (``kinds=`` or ``fail_next``).
   "reset" TCP RST after about half of the request body; for requests without a
           body, after half of the upstream response body (or, if that is empty,
           before the status line): then the upstream HAS executed the request,
@@ -26,7 +29,8 @@ import uuid
 from collections import Counter
 from urllib.parse import urlsplit
 
-KINDS = ("500", "503", "reset")
+KINDS = ("500", "503", "reset")  # the default mix
+ALL_KINDS = KINDS + ("flip",)
 _ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
     "500": ("Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
@@ -119,6 +123,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if got >= length // 2:
                     break
             raise _Reset
+        if fault == "flip":
+            body = _flipped(body, length // 2)
         self._forward(body, reset=fault == "reset")
 
     def _send_error(self, status, reason, code, message):
@@ -186,6 +192,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Reset
         while piece := body.read(_PIECE):
             self.wfile.write(piece)
+
+
+def _flipped(pieces, position):
+    """The body pieces with the byte at ``position`` inverted."""
+    seen = 0
+    for piece in pieces:
+        if seen <= position < seen + len(piece):
+            piece = bytearray(piece)
+            piece[position - seen] ^= 0xFF
+            piece = bytes(piece)
+        seen += len(piece)
+        yield piece
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -264,8 +282,8 @@ class FaultProxy:
         sleeps ``latency`` seconds. Eligible: method in ``only_methods`` (default:
         all) and ``path_filter`` (regex searched in path+query, or a callable)
         matches. Filters gate ``fail_next`` too, but not outages."""
-        if set(kinds) - set(KINDS):
-            raise ValueError(f"unknown fault kinds in {kinds!r}, expected {KINDS}")
+        if set(kinds) - set(ALL_KINDS):
+            raise ValueError(f"unknown fault kinds in {kinds!r}, expected {ALL_KINDS}")
         if isinstance(path_filter, str):
             path_filter = re.compile(path_filter).search
         with self._lock:
@@ -275,8 +293,8 @@ class FaultProxy:
 
     def fail_next(self, kind: str, count: int = 1) -> None:
         """Inject ``kind`` into the next ``count`` eligible requests (before random faults)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}, expected {KINDS}")
+        if kind not in ALL_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}, expected {ALL_KINDS}")
         with self._lock:
             self._scripted.extend([kind] * count)
 

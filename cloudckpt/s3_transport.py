@@ -1,0 +1,683 @@
+"""The bulk-data transport for ``s3://``: checkpoint files up and down over plain HTTP/1.1.
+
+``S3Transport`` moves whole files between local disk and S3 with as little
+client CPU and memory as the job allows, and nothing else: listing, small
+objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
+
+* Uploads send each part's bytes with ``socket.sendfile`` (the kernel copies
+  page cache to the socket; no Python buffer holds the part), after one
+  streaming pass that computes the part's crc32c. Every request carries
+  ``x-amz-checksum-crc32c``: the store rejects a corrupted body (``BadDigest``,
+  a transient error, so the caller's retry policy re-sends it). Multipart
+  uploads use S3's full-object CRC32C (``x-amz-checksum-type: FULL_OBJECT``):
+  the stored checksum is the file's own crc32c, the manifest's, which
+  ``stored_crc32c`` reads back for ``verify``.
+* Create-only writes (``create=True``) carry ``If-None-Match: *`` on the
+  PutObject or the CompleteMultipartUpload: the store refuses to replace an
+  existing object (``FileExistsError``).
+* Downloads issue ranged GETs in parallel and write each range at its offset
+  (``os.pwrite``) through one small buffer per range in flight: memory stays
+  at ``ranges in flight x READ_BUFFER`` whatever the file size.
+* Every request goes through the ``call`` wrapper its caller passes (the
+  store's ``RetryPolicy``: one retry layer, counted by cause, cancellable);
+  HTTP errors become ``S3ResponseError`` (an ``OSError`` with botocore's
+  ``response`` shape, so ``cloudckpt.retry`` classifies them) chained under
+  the builtin s3fs raises for the same answer (``FileNotFoundError``,
+  ``PermissionError``, ``FileExistsError``). Messages name the bucket and key,
+  never a credential or a signed header.
+
+Why not obstore 0.12.1 (Rust ``object_store``): by its API, its S3 checksums are
+SHA256/CRC64NVME only, and its create-only puts (``PutMode.create``) are
+single PUTs that hold the whole file in memory; a conditional multipart
+upload is what the commit protocol needs for large files.
+
+``transport_for`` maps a user's s3fs ``storage_options`` to a transport, or
+returns None (the caller stays on s3fs) for options it cannot honour.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import errno
+import hashlib
+import hmac
+import http.client
+import logging
+import os
+import queue
+import re
+import select
+import ssl
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import quote, urlsplit
+
+import google_crc32c
+
+from .errors import ConfigError
+
+__all__ = ["S3Transport", "S3ResponseError", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT",
+           "RANGE_SIZE", "RANGES_IN_FLIGHT"]
+
+log = logging.getLogger("cloudckpt")
+T = TypeVar("T")
+
+# Defaults measured by ``python -m bench`` (README, scenarios 3/4): larger requests cost both the client and
+# the server less per byte; memory does not grow with them (parts are sent from the file, ranges written
+# through a READ_BUFFER).
+PART_SIZE = 32 << 20  # bytes per multipart part (and the single-PUT threshold)
+PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
+RANGE_SIZE = 32 << 20  # bytes per ranged GET
+RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
+READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
+_MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
+_MAX_PARTS = 10_000
+_CONNECT_TIMEOUT = 10.0
+_READ_TIMEOUT = 60.0
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_IDLE_S = 20.0  # a kept-alive connection idle longer is closed rather than reused (servers time them out)
+# Answers of S3-compatible stores that do not implement additional checksums (or FULL_OBJECT ones).
+_UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidRequest", "InvalidArgument"})
+_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
+
+Call = Callable[[Callable[[], T]], T]
+
+
+def _no_retry(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+class S3ResponseError(OSError):
+    """An S3 error answer: HTTP status, service code and message (bucket/key named, no credentials).
+
+    ``response`` has botocore's ``ClientError`` shape, so ``cloudckpt.retry``
+    classifies it (``SlowDown``, ``BadDigest``, 5xx: transient) and labels it.
+    """
+
+    def __init__(self, status: int, code: str | None, message: str, where: str) -> None:
+        label = code or f"HTTP {status}"
+        super().__init__(errno.EIO, f"{label} ({status}) for {where}: {message}".rstrip(": "))
+        self.status = status
+        self.code = code
+        self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+def _translated(err: S3ResponseError) -> OSError:
+    """The builtin s3fs raises for the same answer (the S3 error becomes its cause)."""
+    if err.status == 404 or err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchUpload"):
+        return FileNotFoundError(errno.ENOENT, str(err))
+    if err.status == 403 or err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return PermissionError(errno.EACCES, str(err))
+    if err.status == 412 or err.code == "PreconditionFailed":
+        return FileExistsError(errno.EEXIST, str(err))
+    return err
+
+
+def _raise(err: S3ResponseError) -> None:
+    translated = _translated(err)
+    if translated is err:
+        raise err
+    raise translated from err
+
+
+# -- crc32c ----------------------------------------------------------------------------------------------
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total, i = 0, 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32c of ``A + B`` from crc32c(A), crc32c(B) and len(B) in bytes (zlib's ``crc32_combine`` method)."""
+    if len2 <= 0:
+        return crc1
+    odd = [_CRC32C_POLY] + [1 << (n - 1) for n in range(1, 32)]  # one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
+    checksum = google_crc32c.Checksum()
+    end = offset + count
+    while offset < end:
+        chunk = os.pread(fd, min(READ_BUFFER, end - offset), offset)
+        if not chunk:
+            raise OSError(errno.EIO, "local file shrank while uploading")
+        checksum.update(chunk)
+        offset += len(chunk)
+    return int.from_bytes(checksum.digest(), "big")
+
+
+def _b64(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def crc32c_hex_from_header(value: str | None) -> str | None:
+    """An ``x-amz-checksum-crc32c`` (base64 of 4 bytes; a composite "...-N" is not the object's) as 8 hex digits."""
+    if not value or "-" in value:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 4 else None
+
+
+# -- signing ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Credentials:
+    key: str
+    secret: str
+    token: str | None = None
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def _uri_encode(text: str, safe: str = "-_.~") -> str:
+    return quote(text, safe=safe)
+
+
+def _sign_v4(method: str, host: str, path: str, query: Mapping[str, str], headers: dict[str, str],
+             creds: _Credentials, region: str, now: _dt.datetime) -> None:
+    """Add AWS Signature V4 headers (payload unsigned) to ``headers`` in place."""
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    date = amz_date[:8]
+    headers["x-amz-date"] = amz_date
+    headers["x-amz-content-sha256"] = _UNSIGNED_PAYLOAD
+    if creds.token:
+        headers["x-amz-security-token"] = creds.token
+    signed = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
+    signed["host"] = host
+    names = sorted(signed)
+    canonical_query = "&".join(f"{_uri_encode(k)}={_uri_encode(v)}" for k, v in sorted(query.items()))
+    canonical = "\n".join([method, path, canonical_query, "".join(f"{n}:{signed[n]}\n" for n in names),
+                           ";".join(names), _UNSIGNED_PAYLOAD])
+    scope = f"{date}/{region}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, _sha256_hex(canonical.encode())])
+    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{creds.secret}".encode(), date), region), "s3"), "aws4_request")
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={creds.key}/{scope}, "
+                                f"SignedHeaders={';'.join(names)}, Signature={signature}")
+
+
+# -- the transport ---------------------------------------------------------------------------------------
+class S3Transport:
+    """Whole-file uploads and downloads against one S3 endpoint.
+
+    Args:
+        endpoint_url: ``http(s)://host[:port]`` of a custom endpoint (path-style
+            addressing), or None for AWS (``https://<bucket>.s3.<region>.amazonaws.com``).
+        region: the signing region.
+        credentials: ``() -> (key, secret, token)`` called per request (refreshing
+            credentials stay fresh), or None for unsigned (anonymous) requests.
+        verify: TLS verification: True, False, or a CA bundle path.
+        requester_pays: send ``x-amz-request-payer: requester``.
+        part_size: bytes per multipart part, >= 5 MiB; files up to it go in one PUT.
+        parts_in_flight: parts of one file uploading concurrently (>= 1).
+        range_size: bytes per ranged GET (>= 1 MiB).
+        ranges_in_flight: ranges of one file downloading concurrently (>= 1).
+
+    Raises:
+        ConfigError: a size or concurrency out of range, an endpoint that is not http(s).
+    """
+
+    def __init__(self, endpoint_url: str | None, region: str,
+                 credentials: Callable[[], tuple[str, str, str | None]] | None, *,
+                 verify: bool | str = True, requester_pays: bool = False,
+                 part_size: int = PART_SIZE, parts_in_flight: int = PARTS_IN_FLIGHT,
+                 range_size: int = RANGE_SIZE, ranges_in_flight: int = RANGES_IN_FLIGHT) -> None:
+        if not isinstance(part_size, int) or part_size < _MIN_PART:
+            raise ConfigError(f"S3 part_size must be an integer >= {_MIN_PART} bytes (5 MiB), got {part_size!r}.")
+        if not isinstance(range_size, int) or range_size < READ_BUFFER:
+            raise ConfigError(f"S3 range_size must be an integer >= {READ_BUFFER} bytes, got {range_size!r}.")
+        for name, value in (("parts_in_flight", parts_in_flight), ("ranges_in_flight", ranges_in_flight)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"S3 {name} must be an integer >= 1, got {value!r}.")
+        self.region = region
+        self.part_size = part_size
+        self.parts_in_flight = parts_in_flight
+        self.range_size = range_size
+        self.ranges_in_flight = ranges_in_flight
+        self._credentials = credentials
+        self._requester_pays = requester_pays
+        self._endpoint = None
+        if endpoint_url is not None:
+            parts = urlsplit(endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("S3 endpoint_url must be an http:// or https:// URL with a host.")
+            self._endpoint = (parts.scheme, parts.netloc, parts.path.rstrip("/"))
+        self._ssl: ssl.SSLContext | None = None
+        if endpoint_url is None or self._endpoint is not None and self._endpoint[0] == "https":
+            if verify is False:
+                self._ssl = ssl._create_unverified_context()  # noqa: S323 - the user asked for verify=False
+            else:
+                self._ssl = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        self._pools: dict[tuple[str, str], queue.LifoQueue[tuple[http.client.HTTPConnection, float]]] = {}
+        self._pools_lock = threading.Lock()
+        self._bucket_regions: dict[str, str] = {}
+        self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
+
+    def __repr__(self) -> str:
+        where = f"{self._endpoint[0]}://{self._endpoint[1]}" if self._endpoint else f"AWS {self.region}"
+        return f"S3Transport({where})"
+
+    # -- public operations ----------------------------------------------------------------------
+    def put_file(self, local_path: str, bucket: str, key: str, *, create: bool = False,
+                 call: Call = _no_retry) -> None:
+        """Upload ``local_path`` as ``bucket/key`` with crc32c checksums.
+
+        ``create``: only if no object has that key (``FileExistsError`` otherwise).
+        Each HTTP request runs through ``call`` (the retry policy). A failed
+        multipart upload is aborted (best effort).
+        """
+        with open(local_path, "rb") as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            if size <= self.part_size:
+                crc = _crc32c_of_range(fd, 0, size)
+                headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(size)}
+                if create:
+                    headers["If-None-Match"] = "*"
+                call(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)))
+                return
+            self._put_multipart(f, size, bucket, key, create, call)
+
+    def put_bytes(self, data: bytes, bucket: str, key: str, *, create: bool = False,
+                  call: Call = _no_retry) -> None:
+        """Write a small object in one PUT with its crc32c (``create``: If-None-Match, ``FileExistsError``)."""
+        headers = {"x-amz-checksum-crc32c": _b64(google_crc32c.value(bytes(data)))}
+        if create:
+            headers["If-None-Match"] = "*"
+        call(lambda: self._request("PUT", bucket, key, headers=headers, body=bytes(data)))
+
+    def get_file(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
+                 progress: Callable[[int], None] | None = None) -> int:
+        """Download ``bucket/key`` to ``local_path`` (created or truncated) with parallel ranged GETs.
+
+        ``progress(delta_bytes)`` is called as bytes land; a retried range first
+        takes back what its failed attempt reported. Returns the size in bytes.
+        Raises ``FileNotFoundError`` if there is no such object.
+        """
+        size = call(lambda: self.head(bucket, key)["size"])
+        with open(local_path, "wb") as f:
+            fd = f.fileno()
+            if size == 0:
+                return 0
+            os.ftruncate(fd, size)
+            ranges = [(start, min(size, start + self.range_size)) for start in range(0, size, self.range_size)]
+
+            def fetch(span: tuple[int, int]) -> None:
+                reported = [0]
+
+                def attempt() -> None:
+                    if reported[0] and progress is not None:
+                        progress(-reported[0])
+                    reported[0] = 0
+                    self._get_range(bucket, key, span[0], span[1], fd, progress, reported)
+                call(attempt)
+            self._run_all(fetch, ranges, self.ranges_in_flight)
+        return size
+
+    def head(self, bucket: str, key: str) -> dict[str, Any]:
+        """``size`` (bytes) and ``crc32c`` (8 hex digits of the whole object, or None) of ``bucket/key``.
+
+        Raises ``FileNotFoundError`` if there is no such object.
+        """
+        status, headers, _ = self._request("HEAD", bucket, key, headers={"x-amz-checksum-mode": "ENABLED"})
+        return {"size": int(headers.get("content-length", "0")),
+                "crc32c": crc32c_hex_from_header(headers.get("x-amz-checksum-crc32c"))}
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._pools_lock:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            while True:
+                try:
+                    pool.get_nowait()[0].close()
+                except queue.Empty:
+                    break
+
+    # -- multipart --------------------------------------------------------------------------------
+    def _put_multipart(self, f: Any, size: int, bucket: str, key: str, create: bool, call: Call) -> None:
+        part_size = max(self.part_size, -(-size // _MAX_PARTS))
+        spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
+        _, _, body = call(lambda: self._request(
+            "POST", bucket, key, query={"uploads": ""},
+            headers={"x-amz-checksum-algorithm": "CRC32C", "x-amz-checksum-type": "FULL_OBJECT"}))
+        upload_id = _xml_text(body, "UploadId")
+        if not upload_id:
+            raise S3ResponseError(500, "InternalError", "CreateMultipartUpload returned no UploadId", f"{bucket}/{key}")
+        done: dict[int, tuple[str, int]] = {}
+        try:
+            def send(item: tuple[int, tuple[int, int]]) -> None:
+                number, (start, end) = item
+                crc = _crc32c_of_range(f.fileno(), start, end - start)
+                headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(end - start)}
+                _, answer, _ = call(lambda: self._request(
+                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
+                    headers=headers, send=(f, start, end - start)))
+                done[number] = (answer.get("etag", ""), crc)
+            self._run_all(send, list(enumerate(spans, 1)), self.parts_in_flight)
+            full = done[1][1]
+            for number, (start, end) in enumerate(spans[1:], 2):
+                full = crc32c_combine(full, done[number][1], end - start)
+            xml = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(done[n][0])}</ETag>"
+                          f"<ChecksumCRC32C>{_b64(done[n][1])}</ChecksumCRC32C></Part>" for n in sorted(done))
+            payload = f"<CompleteMultipartUpload>{xml}</CompleteMultipartUpload>".encode()
+            headers = {"x-amz-checksum-crc32c": _b64(full), "x-amz-checksum-type": "FULL_OBJECT",
+                       "Content-Type": "application/xml"}
+            if create:
+                headers["If-None-Match"] = "*"
+            attempts = [0]
+
+            def complete() -> None:
+                attempts[0] += 1
+                try:
+                    self._request("POST", bucket, key, query={"uploadId": upload_id}, headers=headers, body=payload)
+                except Exception as exc:
+                    if attempts[0] == 1 or isinstance(exc, FileExistsError):
+                        raise
+                    # A retried Complete whose first attempt may have gone through (the upload is gone:
+                    # NoSuchUpload; moto answers 500). Ours only if the store holds exactly our bytes.
+                    try:
+                        ours = self.head(bucket, key)["crc32c"] == f"{full:08x}"
+                    except FileNotFoundError:
+                        raise exc from None
+                    if ours:
+                        return
+                    gone = isinstance(exc.__cause__, S3ResponseError) and exc.__cause__.code == "NoSuchUpload"
+                    if create and (gone or isinstance(exc, S3ResponseError) and exc.status == 500):
+                        # someone's object (maybe ours, unprovable): the caller looks at what the name holds
+                        raise FileExistsError(errno.EEXIST, f"{bucket}/{key}: completed by an earlier attempt "
+                                              "or another writer") from exc
+                    raise
+            call(complete)
+            upload_id = ""
+        finally:
+            if upload_id:
+                try:
+                    self._request("DELETE", bucket, key, query={"uploadId": upload_id})
+                except Exception as exc:  # noqa: BLE001 - best effort: the lifecycle rule cleans up
+                    log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(exc).__name__)
+
+    @staticmethod
+    def _run_all(fn: Callable[[Any], None], items: list[Any], workers: int) -> None:
+        """Run ``fn`` over ``items`` with up to ``workers`` threads; the first error cancels the rest."""
+        if len(items) == 1 or workers == 1:
+            for item in items:
+                fn(item)
+            return
+        failed = threading.Event()
+
+        def guarded(item: Any) -> None:
+            if failed.is_set():
+                return
+            try:
+                fn(item)
+            except BaseException:
+                failed.set()
+                raise
+        with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="cloudckpt-s3") as pool:
+            futures = [pool.submit(guarded, item) for item in items]
+            for future in futures:
+                future.result()
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    def _address(self, bucket: str, key: str) -> tuple[str, str, str]:
+        """(scheme, host, path) of an object: path-style on custom endpoints, virtual-hosted on AWS."""
+        encoded = _uri_encode(key, safe="/-_.~")
+        if self._endpoint is not None:
+            scheme, netloc, base = self._endpoint
+            return scheme, netloc, f"{base}/{bucket}/{encoded}"
+        region = self._bucket_regions.get(bucket, self.region)
+        if re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket):
+            return "https", f"{bucket}.s3.{region}.amazonaws.com", f"/{encoded}"
+        return "https", f"s3.{region}.amazonaws.com", f"/{bucket}/{encoded}"
+
+    def _connection(self, scheme: str, host: str) -> tuple[http.client.HTTPConnection, queue.LifoQueue[Any]]:
+        """A kept-alive connection to ``host`` (or a new one) and its pool.
+
+        An idle connection is not reused after ``_IDLE_S`` seconds, nor when the server has closed it
+        meanwhile (its socket is readable while no request is outstanding), as urllib3 does.
+        """
+        with self._pools_lock:
+            pool = self._pools.setdefault((scheme, host), queue.LifoQueue())
+        while True:
+            try:
+                conn, since = pool.get_nowait()
+            except queue.Empty:
+                break
+            if time.monotonic() - since < _IDLE_S and conn.sock is not None \
+                    and not select.select([conn.sock], [], [], 0)[0]:
+                return conn, pool
+            conn.close()
+        if scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, timeout=_CONNECT_TIMEOUT,
+                                                                           context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, timeout=_CONNECT_TIMEOUT)
+        return conn, pool
+
+    def _signed_headers(self, method: str, bucket: str, host: str, path: str, query: Mapping[str, str],
+                        headers: Mapping[str, str]) -> dict[str, str]:
+        out = dict(headers)
+        if self._requester_pays:
+            out["x-amz-request-payer"] = "requester"
+        if self._credentials is not None:
+            key, secret, token = self._credentials()
+            region = self._bucket_regions.get(bucket, self.region)
+            _sign_v4(method, host, path, query, out, _Credentials(key, secret, token), region,
+                     _dt.datetime.now(_dt.timezone.utc))
+        else:
+            out["x-amz-content-sha256"] = _UNSIGNED_PAYLOAD
+        return out
+
+    def _request(self, method: str, bucket: str, key: str, *, query: Mapping[str, str] | None = None,
+                 headers: Mapping[str, str] | None = None, body: bytes | None = None,
+                 send: tuple[Any, int, int] | None = None,
+                 into: Callable[[http.client.HTTPResponse], None] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request; returns (status, lower-cased headers, body). Errors raise (see module doc).
+
+        ``send=(file, offset, count)`` streams a file range as the body (sendfile);
+        ``into(response)`` consumes a successful response's body instead of reading it.
+        """
+        query = dict(query or {})
+        for _ in range(3):  # again only with a learnt region, or without checksums
+            scheme, host, path = self._address(bucket, key)
+            wanted = {k: v for k, v in (headers or {}).items()
+                      if self._checksums or not k.lower().startswith("x-amz-checksum")}
+            all_headers = self._signed_headers(method, bucket, host, path, query, wanted)
+            if body is not None:
+                all_headers["Content-Length"] = str(len(body))
+            elif send is None and method in ("PUT", "POST"):
+                all_headers["Content-Length"] = "0"
+            target = path + ("?" + "&".join(f"{_uri_encode(k)}={_uri_encode(v)}" if v else _uri_encode(k)
+                                            for k, v in sorted(query.items())) if query else "")
+            conn, pool = self._connection(scheme, host)
+            reusable = False
+            try:
+                conn.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in all_headers.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                if body is not None:
+                    conn.send(body)
+                elif send is not None and send[2] > 0:
+                    conn.sock.settimeout(_READ_TIMEOUT)
+                    f, offset, count = send
+                    sent = conn.sock.sendfile(f, offset, count)
+                    if sent != count:
+                        raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
+                conn.sock.settimeout(_READ_TIMEOUT)
+                response = conn.getresponse()
+                answer = {k.lower(): v for k, v in response.getheaders()}
+                status = response.status
+                if status < 300 and into is not None:
+                    into(response)
+                    data = b""
+                else:
+                    data = response.read()  # (a HEAD's is empty; reading it frees the connection)
+                reusable = not response.will_close and response.isclosed()
+            finally:
+                if reusable:
+                    pool.put((conn, time.monotonic()))
+                else:
+                    conn.close()
+            if status < 300 and not (method == "POST" and data.lstrip()[:200].find(b"<Error>") >= 0):
+                return status, answer, data
+            code, message = _xml_error(data)
+            region = answer.get("x-amz-bucket-region")
+            if self._endpoint is None and region and region != self._bucket_regions.get(bucket, self.region) \
+                    and status in (301, 400, 403):
+                self._bucket_regions[bucket] = region  # AWS told us where the bucket lives: ask there
+                continue
+            if self._checksums and status in (400, 501) and code in _UNSUPPORTED_CODES \
+                    and any(k.lower().startswith("x-amz-checksum") for k in wanted):
+                self._checksums = False  # an S3-compatible store without additional checksums: carry on without
+                log.info("%r refused S3 checksum headers (%s): uploads to it carry none; the manifest's crc32c "
+                         "still verifies every file.", self, code)
+                continue
+            if method == "HEAD" and status == 404:
+                code = "NoSuchKey"
+            _raise(S3ResponseError(status if status >= 300 else 500, code, message, f"{bucket}/{key}"))
+        raise AssertionError("unreachable")
+
+    def _get_range(self, bucket: str, key: str, start: int, end: int, fd: int,
+                   progress: Callable[[int], None] | None, reported: list[int]) -> None:
+        def into(response: http.client.HTTPResponse) -> None:
+            buffer = bytearray(READ_BUFFER)
+            view = memoryview(buffer)
+            offset = start
+            while offset < end:
+                n = response.readinto(view[:min(READ_BUFFER, end - offset)])
+                if not n:
+                    raise http.client.IncompleteRead(b"", end - offset)
+                os.pwrite(fd, view[:n], offset)
+                offset += n
+                if progress is not None:
+                    progress(n)
+                    reported[0] += n
+        self._request("GET", bucket, key, headers={"Range": f"bytes={start}-{end - 1}"}, into=into)
+
+
+def _xml_text(data: bytes, tag: str) -> str | None:
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag == tag or element.tag.endswith("}" + tag):
+            return element.text
+    return None
+
+
+def _xml_error(data: bytes) -> tuple[str | None, str]:
+    if not data:
+        return None, ""
+    return _xml_text(data, "Code"), (_xml_text(data, "Message") or "")[:300]
+
+
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+# -- storage_options -> transport -------------------------------------------------------------------------
+# s3fs options that tune only s3fs's own caching/concurrency, or that the transport honours itself.
+_HARMLESS = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths", "default_block_size",
+                       "default_fill_cache", "default_cache_type", "max_concurrency", "fixed_upload_size",
+                       "cache_regions", "skip_instance_cache", "config_kwargs", "version_aware", "asynchronous",
+                       "loop"})
+_CLIENT_KWARGS = frozenset({"endpoint_url", "region_name", "verify", "aws_access_key_id", "aws_secret_access_key",
+                            "aws_session_token", "use_ssl"})
+
+
+def transport_for(storage_options: Mapping[str, Any] | None, **sizes: int) -> S3Transport | None:
+    """The transport for s3fs-style ``storage_options``, or None to stay on s3fs.
+
+    Mapped: ``key``/``secret``/``token`` (and ``username``/``password``),
+    ``endpoint_url`` (also in ``client_kwargs``), ``client_kwargs`` ``region_name``
+    / ``verify`` / ``aws_*`` credentials, ``anon``, ``profile``, ``requester_pays``,
+    ``use_ssl``; credentials otherwise come from botocore's usual chain
+    (environment, config files, then instance metadata), resolved here once.
+    s3fs's cache and concurrency options are ignored. None (s3fs keeps the
+    data path too) for anything else, e.g. ``s3_additional_kwargs`` (SSE-KMS,
+    ACLs), an aiobotocore ``session``, a proxy from the environment, or no
+    credentials at all. ``sizes`` go to ``S3Transport`` (part_size...).
+    """
+    options = dict(storage_options or {})
+    client_kwargs = dict(options.pop("client_kwargs", None) or {})
+    if set(client_kwargs) - _CLIENT_KWARGS:
+        return None
+    key = options.pop("key", None) or options.pop("username", None) or client_kwargs.get("aws_access_key_id")
+    secret = options.pop("secret", None) or options.pop("password", None) \
+        or client_kwargs.get("aws_secret_access_key")
+    token = options.pop("token", None) or client_kwargs.get("aws_session_token")
+    anon = bool(options.pop("anon", False))
+    profile = options.pop("profile", None)
+    requester_pays = bool(options.pop("requester_pays", False))
+    use_ssl = options.pop("use_ssl", client_kwargs.get("use_ssl", True))
+    endpoint = options.pop("endpoint_url", None) or client_kwargs.get("endpoint_url")
+    options.pop("key", None)
+    options.pop("secret", None)
+    if set(options) - _HARMLESS or options.get("version_aware") or options.get("asynchronous"):
+        return None
+    if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
+        return None  # s3fs honours proxies from the environment; this transport does not
+    import botocore.session
+
+    session = botocore.session.Session(profile=profile)
+    if endpoint is None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is not None and not use_ssl and endpoint.startswith("https://"):
+        endpoint = "http://" + endpoint[len("https://"):]
+    region = client_kwargs.get("region_name") or session.get_config_variable("region") or "us-east-1"
+    credentials: Callable[[], tuple[str, str, str | None]] | None
+    if anon:
+        credentials = None
+    elif key and secret:
+        fixed = (str(key), str(secret), str(token) if token else None)
+        credentials = lambda: fixed  # noqa: E731
+    else:
+        resolved = session.get_credentials()
+        if resolved is None:
+            return None  # s3fs decides what to do without credentials (it raises a clear error)
+
+        def credentials() -> tuple[str, str, str | None]:
+            frozen = resolved.get_frozen_credentials()
+            return frozen.access_key, frozen.secret_key, frozen.token
+    verify = client_kwargs.get("verify", os.environ.get("AWS_CA_BUNDLE") or True)
+    return S3Transport(endpoint, region, credentials, verify=verify, requester_pays=requester_pays, **sizes)

@@ -1,0 +1,291 @@
+"""cloudckpt.s3_transport: the s3:// data path, against SeaweedFS (disk-backed, checks checksums) and moto.
+
+SeaweedFS validates ``x-amz-checksum-crc32c`` (PutObject, UploadPart and a
+FULL_OBJECT CompleteMultipartUpload) and answers ``BadDigest``; moto 5 stores
+and answers without checking. So the corruption tests run on SeaweedFS, with
+the fault proxy flipping one byte of an upload body on its way.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import google_crc32c
+import numpy as np
+import pytest
+
+import cloudckpt
+from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+from cloudckpt.errors import RemoteError
+from cloudckpt.manifest import crc32c_of_file
+from cloudckpt.remote import RemoteStore
+from cloudckpt.retry import RetryPolicy
+from cloudckpt.s3_transport import S3Transport, crc32c_combine, transport_for
+from support.fault_proxy import FaultProxy
+
+MiB = 1 << 20
+FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05, seed=0)
+
+
+@pytest.fixture
+def seaweed_bucket(seaweed_server):
+    bucket = f"tr-{uuid.uuid4().hex[:10]}"
+    seaweed_server.create_bucket(bucket)
+    return bucket
+
+
+@pytest.fixture
+def transport(seaweed_server) -> S3Transport:
+    t = transport_for(seaweed_server.storage_options, part_size=5 * MiB, range_size=3 * MiB)
+    assert t is not None
+    yield t
+    t.close()
+
+
+def write(path, size: int, seed: int = 0) -> str:
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    return str(path)
+
+
+# -- pure parts -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [0, 1, 4095, 4096, 100_000])
+def test_crc32c_combine_equals_crc_of_concatenation(split):
+    data = np.random.default_rng(split).bytes(100_001)
+    a, b = data[:split], data[split:]
+    assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), len(b)) == google_crc32c.value(data)
+
+
+def test_storage_options_map_to_the_transport(monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    t = transport_for({"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9",
+                                                                     "region_name": "eu-west-3"}})
+    assert t is not None and t.region == "eu-west-3" and "127.0.0.1:9" in repr(t)
+    assert transport_for({"anon": True, "endpoint_url": "http://127.0.0.1:9"}) is not None
+    assert transport_for({"username": "k", "password": "s", "endpoint_url": "http://127.0.0.1:9",
+                          "use_listings_cache": False}) is not None
+    # Options the transport cannot honour leave the data path on s3fs.
+    assert transport_for({"key": "k", "secret": "s", "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms"}}) \
+        is None
+    assert transport_for({"key": "k", "secret": "s", "client_kwargs": {"proxies": {"https": "x"}}}) is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert transport_for({"key": "k", "secret": "s"}) is None
+
+
+def test_no_credentials_anywhere_leaves_s3fs_in_charge(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    assert transport_for({"endpoint_url": "http://127.0.0.1:9"}) is None
+
+
+@pytest.mark.parametrize("kwargs", [{"part_size": 1 << 20}, {"parts_in_flight": 0}, {"range_size": 10},
+                                    {"ranges_in_flight": "4"}])
+def test_sizes_are_validated(kwargs):
+    with pytest.raises(cloudckpt.ConfigError):
+        transport_for({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"}, **kwargs)
+
+
+# -- against SeaweedFS ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1000, 12 * MiB + 7])  # empty, one PUT, three parts
+def test_roundtrip_with_full_object_crc32c(transport, seaweed_bucket, tmp_path, size):
+    src = write(tmp_path / "src", size, seed=size)
+    transport.put_file(src, seaweed_bucket, "d/obj", create=True)
+    head = transport.head(seaweed_bucket, "d/obj")
+    assert head == {"size": size, "crc32c": crc32c_of_file(src)[1]}  # the store checked and keeps the file's crc
+    seen = []
+    assert transport.get_file(seaweed_bucket, "d/obj", str(tmp_path / "back"), progress=seen.append) == size
+    assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()
+    assert sum(seen) == size
+
+
+@pytest.mark.parametrize("size", [1000, 12 * MiB])
+def test_create_only_refuses_an_existing_object_and_aborts(transport, seaweed_server, seaweed_bucket, tmp_path, size):
+    first, second = write(tmp_path / "a", size, 1), write(tmp_path / "b", size, 2)
+    transport.put_file(first, seaweed_bucket, "obj", create=True)
+    with pytest.raises(FileExistsError):
+        transport.put_file(second, seaweed_bucket, "obj", create=True)
+    transport.get_file(seaweed_bucket, "obj", str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == (tmp_path / "a").read_bytes()
+    assert seaweed_server.client().list_multipart_uploads(Bucket=seaweed_bucket).get("Uploads") in (None, [])
+    transport.put_file(second, seaweed_bucket, "obj")  # without create: replaced
+    assert transport.head(seaweed_bucket, "obj")["crc32c"] == crc32c_of_file(second)[1]
+
+
+def test_missing_object_and_bucket(transport, seaweed_bucket, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        transport.head(seaweed_bucket, "nothing")
+    with pytest.raises(FileNotFoundError):
+        transport.get_file(seaweed_bucket, "nothing", str(tmp_path / "x"))
+    with pytest.raises(FileNotFoundError):
+        transport.put_file(write(tmp_path / "a", 10), f"no-{uuid.uuid4().hex[:8]}", "obj")
+
+
+def test_wrong_secret_is_a_clear_error_without_the_secret(seaweed_server, seaweed_bucket, tmp_path):
+    secret = "wrong-secret-" + uuid.uuid4().hex
+    store = RemoteStore(f"s3://{seaweed_bucket}/run", {**seaweed_server.storage_options, "secret": secret},
+                        retry=FAST_RETRY)
+    with pytest.raises(RemoteError) as info:
+        store.put_file(write(tmp_path / "a", 100), "obj")
+    text = f"{info.value} {info.value.__cause__!r}"
+    assert secret not in text
+    assert "SignatureDoesNotMatch" in text or "AccessDenied" in text
+
+
+def test_store_checksums_back_verify(seaweed_server, seaweed_bucket, tmp_path):
+    """verify compares the store's own crc32c (no download) and confirms a mismatch by reading the bytes."""
+    url, options = f"s3://{seaweed_bucket}/run", seaweed_server.storage_options
+    files = {"model.ckpt-1.index": write(tmp_path / "i", 100), "model.ckpt-1.data-00000-of-00001":
+             write(tmp_path / "d", 11 * MiB)}
+    store = RemoteStore(url, options)
+    commit_checkpoint(store, LocalCheckpoint(1, "model.ckpt-1", files))
+    [info] = cloudckpt.list_checkpoints(url, options)
+    stored = store.stored_crc32c()
+    assert all(stored[f.name] == f.crc32c for f in info.files)
+    read = []
+    from cloudckpt.restore import verify_checkpoint
+
+    assert verify_checkpoint(store, info, read.append, use_store_checksums=True).ok and sum(read) == 0
+    assert verify_checkpoint(store, info, read.append, use_store_checksums=False).ok and sum(read) == 11 * MiB + 100
+
+
+@pytest.mark.parametrize("size", [64 << 10, 11 * MiB])  # flipped in a PutObject / in an UploadPart
+def test_corrupted_upload_body_is_rejected_and_resent(seaweed_server, seaweed_bucket, tmp_path, size):
+    """The proxy inverts one byte of the data file's upload: SeaweedFS answers BadDigest, the retry policy
+    sends it again, and the committed checkpoint verifies byte for byte."""
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        proxy.set_faults(only_methods=("PUT",), path_filter=r"\.data-00000")
+        proxy.fail_next("flip")
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        url = f"s3://{seaweed_bucket}/run"
+        causes: list[str] = []
+        store = RemoteStore(url, options, retry=FAST_RETRY, on_retry=causes.append)
+        files = {"model.ckpt-3.index": write(tmp_path / "i", 100),
+                 "model.ckpt-3.data-00000-of-00001": write(tmp_path / "d", size)}
+        assert commit_checkpoint(store, LocalCheckpoint(3, "model.ckpt-3", files)).outcome == "uploaded"
+        assert proxy.stats.get("flip") == 1
+    assert causes == ["BadDigest"]
+    report = cloudckpt.verify(url, storage_options=seaweed_server.storage_options, use_store_checksums=False)
+    assert report.ok and sorted(f.name for f in report.files) == sorted(files)
+
+
+def test_transient_faults_are_retried_per_request(seaweed_server, seaweed_bucket, tmp_path):
+    """503s on ranged GETs and a reset mid-part: each request is retried, counted by cause, the file is whole."""
+    src = write(tmp_path / "src", 13 * MiB)
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        causes: list[str] = []
+        store = RemoteStore(f"s3://{seaweed_bucket}/run", options, retry=FAST_RETRY, on_retry=causes.append)
+        proxy.set_faults(only_methods=("PUT",), path_filter="partNumber=2")
+        proxy.fail_next("reset")
+        assert store.put_file_if_absent(src, "big") is True
+        proxy.set_faults(only_methods=("GET",))
+        proxy.fail_next("503", 2)
+        progress: list[int] = []
+        store.get_file("big", str(tmp_path / "back"), progress.append)
+    assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()
+    assert sum(progress) == 13 * MiB
+    assert causes.count("SlowDown") == 2 and len(causes) == 3, causes
+
+
+def test_cancel_stops_retrying(seaweed_server, seaweed_bucket, tmp_path):
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        store = RemoteStore(f"s3://{seaweed_bucket}/run", {**seaweed_server.storage_options, "endpoint_url": proxy.url},
+                            retry=RetryPolicy(max_attempts=50, initial_backoff=5, max_backoff=5, seed=0))
+        proxy.set_faults(error_rate=1.0, kinds=("503",))
+        store.cancel.set()
+        with pytest.raises(RemoteError, match="SlowDown") as info:
+            store.put_file(write(tmp_path / "a", 100), "obj")
+        assert info.value.transient and proxy.stats["503"] == 1
+
+
+def test_moto_uses_the_transport_and_its_checksums_are_not_trusted_blindly(moto_server, tmp_path):
+    """moto stores a wrong FULL_OBJECT crc32c for multipart uploads: verify re-reads and still finds it intact."""
+    bucket = f"tr-{uuid.uuid4().hex[:10]}"
+    url = moto_server.create_bucket(bucket) + "/run"
+    store = RemoteStore(url, moto_server.storage_options)
+    assert store._transport is not None
+    files = {"model.ckpt-1.index": write(tmp_path / "i", 100),
+             "model.ckpt-1.data-00000-of-00001": write(tmp_path / "d", 20 * MiB)}
+    commit_checkpoint(store, LocalCheckpoint(1, "model.ckpt-1", files))
+    assert cloudckpt.verify(url, storage_options=moto_server.storage_options).ok
+    back = cloudckpt.download_checkpoint(url, str(tmp_path / "dl"), storage_options=moto_server.storage_options)
+    assert os.path.getsize(back + ".data-00000-of-00001") == 20 * MiB
+
+
+# -- HTTP behaviour against a scripted server ------------------------------------------------------------
+class _Scripted:
+    """A tiny HTTP/1.1 server on 127.0.0.1: answers PUTs by a rule, records (headers, keep_alive) per request."""
+
+    def __init__(self, refuse_checksums: bool = False, drop_idle: bool = False) -> None:
+        import http.server
+        import threading
+
+        self.seen: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # noqa: ANN002
+                pass
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append({k.lower(): v for k, v in self.headers.items()})
+                if refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers):
+                    body = b"<Error><Code>NotImplemented</Code><Message>no checksums here</Message></Error>"
+                    self.send_response(501)
+                else:
+                    body = b""
+                    self.send_response(200)
+                    self.send_header("ETag", '"x"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                if drop_idle:
+                    self.close_connection = True  # closes without "Connection: close": a stale kept-alive socket
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_without_checksums_gets_none_after_refusing_them():
+    server = _Scripted(refuse_checksums=True)
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
+        t.put_bytes(b"abc", "bucket", "a")
+        t.put_bytes(b"def", "bucket", "b")
+    finally:
+        server.close()
+    with_checksum = ["x-amz-checksum-crc32c" in h for h in server.seen]
+    assert with_checksum == [True, False, False]
+
+
+def test_a_stale_kept_alive_connection_is_replaced_without_a_retry():
+    import time
+
+    server = _Scripted(drop_idle=True)
+    calls: list[int] = []
+
+    def call(fn):  # the retry layer's place: counts attempts, retries nothing
+        calls.append(1)
+        return fn()
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
+        t.put_bytes(b"abc", "bucket", "a", call=call)
+        time.sleep(0.2)  # the server has closed the connection by now
+        t.put_bytes(b"def", "bucket", "b", call=call)
+    finally:
+        server.close()
+    assert len(server.seen) == 2 and len(calls) == 2
