@@ -10,5 +10,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "Installing cloudckpt[$1] into .venv (first run takes a few minutes: TensorFlow) ..." >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$1]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  if [ "$1" = test ]; then
+    # tf-keras (the multi-worker Keras test, TF_USE_LEGACY_KERAS=1) requires the `tensorflow` distribution by
+    # name; installing it would put tensorflow next to tensorflow-cpu. Same module, so: no deps, same minor.
+    tf_minor=$(.venv/bin/python -c 'import importlib.metadata as m
+for d in ("tensorflow-cpu", "tensorflow"):
+    try: print(".".join(m.version(d).split(".")[:2])); break
+    except m.PackageNotFoundError: pass')
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "tf-keras==${tf_minor}.*" 2>&1 \
+      | grep -v '^WARNING: Location' >&2 || true
+  fi
   .venv/bin/python -c 'import cloudckpt' && touch "$stamp"
 fi

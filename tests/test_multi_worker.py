@@ -14,6 +14,7 @@ Each process imports TF (5-10 s on the shared machine): the tests keep the numbe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -268,8 +269,9 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     stops both at the same batch; the chief alone commits that backup; restarted with empty local dirs,
     both restore it (equal weights and optimizer state) and finish the remaining epochs."""
     # Not in the test extra: tf-keras requires the `tensorflow` distribution, which would go next to
-    # tensorflow-cpu (README: Installation). The project's venv has it.
-    pytest.importorskip("tf_keras", reason="tf-keras is not installed (pip install tf-keras matching TensorFlow)")
+    # tensorflow-cpu (README: Installation); scripts/test installs it without dependencies.
+    assert importlib.util.find_spec("tf_keras") is not None, (
+        "tf-keras is not installed: run scripts/test (it installs tf-keras matching TensorFlow, --no-deps)")
     options = json.dumps(s3_options)
 
     def start(run: str, *flags: str) -> list[Task]:
