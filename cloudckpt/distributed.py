@@ -71,9 +71,12 @@ def role_from_cluster(cluster: Mapping[str, Any], task_type: str | None, task_id
     if not task_type:
         return None
     task_id = int(task_id or 0)
+    if task_type == "evaluator":  # TF: outside the training cluster (it may be absent from it), its own chief
+        return TaskRole(task_type, task_id, True, 1)
     tasks = cluster.get(task_type)
-    size = len(tasks) if isinstance(tasks, (list, tuple, dict)) else 0
-    if task_id < 0 or task_id >= size:
+    known = (str(task_id) in tasks or task_id in tasks) if isinstance(tasks, dict) else \
+        (isinstance(tasks, (list, tuple)) and 0 <= task_id < len(tasks))  # dict: TF's sparse cluster spec
+    if not known:
         raise ConfigError(f"Task {task_type}:{task_id} is not in the cluster {sorted(cluster)} (TF_CONFIG).")
     workers = sum(len(cluster.get(job) or ()) for job in WORKER_JOBS)
     chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not cluster.get("chief"))
@@ -94,6 +97,8 @@ def role_from_tf_config(environ: Mapping[str, str] | None = None) -> TaskRole | 
         cluster = config.get("cluster") or {}
         task = config.get("task") or {}
         return role_from_cluster(cluster, task.get("type"), task.get("index"))
+    except ConfigError:
+        raise
     except (ValueError, AttributeError, TypeError) as exc:
         raise ConfigError(f"TF_CONFIG is not TF's cluster description ({exc}): expected JSON like "
                           '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}.'
@@ -144,6 +149,27 @@ class WorkerAgreement:
     def any(self, flag: bool) -> int:
         """How many workers passed True (0: none); the same answer on every worker."""
         return int(round(self._total(1.0 if flag else 0.0)))
+
+    def stop_agreed(self, engine: Any) -> int:
+        """Whether a preemption notice reached any worker (``engine.should_stop()`` here): how many got
+        one, the same answer on every worker. When one did, the seconds left before its hard stop are
+        agreed too (their mean over the noticed workers, a second all-reduce), and a worker without a
+        notice of its own records it as one (source ``"peer"``) on its engine's watcher: the chief then
+        drops superseded queued checkpoints and commits the final one within that deadline, not
+        ``upload_timeout``."""
+        import time  # noqa: PLC0415
+
+        here = engine.should_stop()
+        noticed = self.any(here)
+        if not noticed:
+            return 0
+        deadline_at = engine.preemption_deadline_at() if here else None
+        left = max(0.0, deadline_at - time.monotonic()) if deadline_at is not None else 0.0
+        mean_left = self._total(left) / noticed
+        watcher = engine.watcher
+        if not here and watcher is not None:
+            watcher.trigger("peer", f"a preemption notice on {noticed} other worker(s) of the job", mean_left)
+        return noticed
 
     def from_chief(self, value: int | None) -> int:
         """The chief's ``value`` (an int, ``|value| < 2**52``), on every worker; the others pass anything."""

@@ -187,6 +187,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         # and the uploader starts, only once the session exists (after_create_session).
         self._open = False
         self._stop_requested = False
+        if self._role is not None and self._role.multi_worker and not self._role.is_chief:
+            raise ConfigError(
+                f"CheckpointSaverHook for {self.checkpoint_url} runs on {self._role.name}, not the chief: every "
+                "worker with the hook would register as the directory's writer and fence the others. Pass it in "
+                "MonitoredTrainingSession(chief_only_hooks=[hook]) (the chief: TF_CONFIG's 'chief' task, else "
+                "worker 0).")
         self._place_saver_on_chief()
         if self._watcher is not None:
             self._watcher.start()
@@ -231,7 +237,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         if saver_def is not None and saver_def.save_tensor_name:
             save_device = tf.compat.v1.get_default_graph().get_tensor_by_name(saver_def.save_tensor_name).op.device
         save_task = _task_of(save_device)
-        elsewhere = save_task is not None and save_task != self.task
+        # Without TF_CONFIG this task's name is unknown: only a task known to hold variables is elsewhere.
+        elsewhere = save_task is not None and (save_task in remote or (self.task is not None
+                                                                       and save_task != self.task))
         if saver_def is not None and (saver_def.sharded or elsewhere):
             raise ConfigError(
                 f"The Saver of this session would write checkpoint shards on other tasks ({', '.join(remote)} hold "

@@ -360,7 +360,7 @@ class CheckpointManager:
             return self._engine.should_stop()
         if not self._stop_agreed:
             here = self._engine.should_stop()
-            noticed = self._agreement.any(here)
+            noticed = self._agreement.stop_agreed(self._engine)
             if noticed:
                 self._stop_agreed = True
                 log.warning("Preemption notice on %d of %d workers (%s): every worker stops at this step; the "

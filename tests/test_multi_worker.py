@@ -122,6 +122,8 @@ def test_mwms_chief_commits_a_notice_on_one_worker_stops_both_and_both_resume(cl
     assert stats[0]["is_chief"] and stats[0]["last_committed_step"] == stopped[0]
     assert not stats[1]["is_chief"] and stats[1]["committed"] == 0
     assert "not this one" in workers[0].stderr and "this one among them" in workers[1].stderr
+    # the chief took worker 1's notice (and its deadline) as its own: the final commit is deadline-bound
+    assert "Preemption notice from peer" in workers[0].stderr and "Preemption notice from peer" not in workers[1].stderr
     assert "[worker:1]" in workers[1].stderr  # the log names the task
     assert not [p for p in (tmp_path / "run1-local-1").rglob("*") if p.is_file()]  # the temporary dir is gone
 
@@ -280,7 +282,8 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
         return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
                                               *flags], task_env(spec, "worker", i)) for i in range(2)]
 
-    workers = start("run1", "--epochs", "4", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")
+    # Long enough that only the notice ends run 1, however slow the machine (the notice comes after epoch 0).
+    workers = start("run1", "--epochs", "40", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")
     wait_for_commit(workers[0], s3_url, s3_options, 6)  # the backup of epoch 0
     workers[1].sigterm()
     for w in workers:
@@ -288,19 +291,20 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     done = [w.lines("DONE")[0] for w in workers]
     assert done[0] == done[1] and "preempted=True" in done[0], done
     stopped_at = int(done[0].rsplit("=", 1)[1])
-    assert 6 < stopped_at < 24
+    assert 6 < stopped_at < 240
     epoch = (stopped_at - 1) // 6  # a backup within an epoch resumes at its start
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped_at
     assert_chief_only(s3_url, s3_options, workers[0])
     stats = [json.loads(w.lines("STATS ")[0][len("STATS "):]) for w in workers]
     assert [s["task"] for s in stats] == ["worker:0", "worker:1"] and stats[1]["committed"] == 0
 
-    restarted = start("run2", "--epochs", "4", "--steps", "6")
+    epochs = epoch + 2  # run 2 finishes the interrupted epoch and one more
+    restarted = start("run2", "--epochs", str(epochs), "--steps", "6")
     for w in restarted:
         assert w.finish() == 0, w.stderr
         assert w.lines("RESTORED") == [f"RESTORED {stopped_at}"]
         assert w.lines("START_EPOCH") == [f"START_EPOCH {epoch}"]
-        assert w.lines("DONE") == [f"DONE preempted=False iterations={stopped_at + (4 - epoch) * 6}"]
+        assert w.lines("DONE") == [f"DONE preempted=False iterations={stopped_at + (epochs - epoch) * 6}"]
     first = [load(tmp_path / "run2" / f"first-worker-{i}.npz") for i in range(2)]
     assert_same(first[0], first[1])
     assert_same(first[0], load(tmp_path / "run1" / "last-worker-0.npz"))
@@ -326,6 +330,13 @@ def test_roles_follow_tf_chief_rule():
     assert role_from_cluster(workers, None, None) is None
     with pytest.raises(cloudckpt.ConfigError, match="worker:2 is not in the cluster"):
         role_from_cluster(workers, "worker", 2)
+    sparse = {"worker": {"1": "b:1"}, "ps": ["c:1"]}  # TF's sparse cluster spec: only the tasks it knows
+    assert role_from_cluster(sparse, "worker", 1).name == "worker:1"
+    with pytest.raises(cloudckpt.ConfigError, match="worker:0 is not in the cluster"):
+        role_from_cluster(sparse, "worker", 0)
+    # TF's evaluator sits outside the training cluster (it may be absent from it) and is its own chief
+    evaluator = role_from_cluster(workers, "evaluator", 0)
+    assert evaluator.is_chief and not evaluator.multi_worker
 
 
 def test_tf_config_is_parsed_or_refused():
@@ -336,6 +347,52 @@ def test_tf_config_is_parsed_or_refused():
     assert role_from_tf_config({}) is None
     with pytest.raises(cloudckpt.ConfigError, match="TF_CONFIG is not TF's cluster description"):
         role_from_tf_config({"TF_CONFIG": "{not json"})
+    config["task"]["index"] = 5  # valid JSON, a task outside the cluster: said as such
+    with pytest.raises(cloudckpt.ConfigError, match="worker:5 is not in the cluster"):
+        role_from_tf_config({"TF_CONFIG": json.dumps(config)})
+
+
+def tf1_graph_with_variables_on_a_ps():
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        with tf.compat.v1.device(tf.compat.v1.train.replica_device_setter(
+                ps_tasks=1, worker_device="/job:worker/task:0")):
+            tf.compat.v1.train.get_or_create_global_step()
+            tf.compat.v1.get_variable("w", [4], initializer=tf.compat.v1.zeros_initializer())
+            saver = tf.compat.v1.train.Saver(sharded=False)  # the standard pattern: its ops on the chief
+    return graph, saver
+
+
+def test_tf1_hook_without_tf_config_accepts_a_saver_on_the_chief(memory_url, tmp_path, monkeypatch):
+    """TF1 jobs often name their task by flags, not TF_CONFIG: a non-sharded Saver built in the chief's
+    replica_device_setter writes on the chief and is accepted; a sharded one is still refused."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    graph, saver = tf1_graph_with_variables_on_a_ps()
+    with graph.as_default():
+        hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=10, saver=saver, local_dir=str(tmp_path / "a"))
+        hook.begin()
+        hook.close()
+        import tensorflow as tf
+        with tf.compat.v1.device(tf.compat.v1.train.replica_device_setter(ps_tasks=1)):
+            sharded = tf.compat.v1.train.Saver(sharded=True)
+        refused = cloudckpt.CheckpointSaverHook(memory_url, save_steps=10, saver=sharded, local_dir=str(tmp_path / "b"))
+        with pytest.raises(cloudckpt.ConfigError, match="sharded"):
+            refused.begin()
+        refused.close()
+
+
+def test_tf1_hook_on_a_non_chief_worker_names_chief_only_hooks(memory_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"],
+                                                            "ps": ["127.0.0.1:3"]}, "task": {"type": "worker", "index": 1}}))
+    graph, saver = tf1_graph_with_variables_on_a_ps()
+    with graph.as_default():
+        hook = cloudckpt.CheckpointSaverHook(memory_url, save_steps=10, local_dir=str(tmp_path))
+        with pytest.raises(cloudckpt.ConfigError, match="chief_only_hooks"):
+            hook.begin()
+        hook.close()
+    assert cloudckpt.list_checkpoints(memory_url) == []
 
 
 def test_log_records_name_the_task(caplog):

@@ -295,7 +295,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             return self._engine.should_stop()
         if collective and not self._stop_agreed:
             here = self._engine.should_stop()
-            noticed = self._agreement.any(here)
+            noticed = self._agreement.stop_agreed(self._engine)
             if noticed:
                 self._stop_agreed = True
                 log.warning("Preemption notice on %d of %d workers (%s): every worker stops at this batch; the "
