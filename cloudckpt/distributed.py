@@ -114,6 +114,22 @@ def role_of_strategy(strategy: Any) -> TaskRole | None:
     return role_from_cluster(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
 
 
+def worker_temp_dir(role: TaskRole, parent: str | None) -> str:
+    """A new temporary directory for a non-chief worker's saves (``.cloudckpt-<job>-<index>-*`` in
+    ``parent``, or the system's temporary directory). Directories of this task left by a run that did
+    not close (SIGKILL, a hard stop on a persistent disk) are removed first: one task is one process.
+    """
+    import glob  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    prefix = f".cloudckpt-{role.task_type}-{role.task_id}-"
+    base = parent if parent is not None else tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(glob.escape(base), glob.escape(prefix) + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
 class WorkerAgreement:
     """What every worker of a multi-worker strategy must agree on, as all-reduces of that strategy.
 

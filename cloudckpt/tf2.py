@@ -38,7 +38,6 @@ import copy
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -48,7 +47,8 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from .catalog import CheckpointInfo, scan_directory
-from .distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_from_tf_config, role_of_strategy
+from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, role_from_tf_config, role_of_strategy,
+                          worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
@@ -169,8 +169,7 @@ class CheckpointManager:
             parent = None if is_local_path(directory) else local_dir
             if parent is not None:
                 ensure_writable(parent)
-            local_dir = self._worker_temp = tempfile.mkdtemp(
-                prefix=f".cloudckpt-{self._role.task_type}-{self._role.task_id}-", dir=parent)  # type: ignore[union-attr]
+            local_dir = self._worker_temp = worker_temp_dir(self._role, parent)  # type: ignore[arg-type]
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
             raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
         ensure_writable(local_dir)

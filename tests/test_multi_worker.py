@@ -395,6 +395,20 @@ def test_tf1_hook_on_a_non_chief_worker_names_chief_only_hooks(memory_url, tmp_p
     assert cloudckpt.list_checkpoints(memory_url) == []
 
 
+def test_a_worker_temp_dir_left_by_a_killed_run_is_removed(tmp_path):
+    from cloudckpt.distributed import role_from_cluster, worker_temp_dir
+
+    cluster = {"worker": ["a:1", "b:1", "c:1"]}
+    stale = tmp_path / ".cloudckpt-worker-1-abc123"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "ckpt-5.index").write_bytes(b"x" * 10)
+    other = tmp_path / ".cloudckpt-worker-2-def456"  # another task's (another process): kept
+    other.mkdir()
+    new = worker_temp_dir(role_from_cluster(cluster, "worker", 1), str(tmp_path))
+    assert not stale.exists() and other.exists()
+    assert Path(new).is_dir() and Path(new).name.startswith(".cloudckpt-worker-1-")
+
+
 def test_log_records_name_the_task(caplog):
     from cloudckpt.distributed import name_task_in_logs
 

@@ -35,11 +35,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 from ..catalog import CheckpointInfo, scan_directory
-from ..distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_of_strategy
+from ..distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_of_strategy, worker_temp_dir
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError, IntegrityError
 from ..layout import KERAS_BACKUP
@@ -321,8 +320,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             step = -2 if failure is not None else (-1 if self.restored is None else self.restored.step)
         else:
             step = None
-            self._worker_temp = tempfile.mkdtemp(prefix=f".cloudckpt-{role.task_type}-{role.task_id}-",
-                                                 dir=self.local_dir)
+            self._worker_temp = worker_temp_dir(role, self.local_dir)
         agreed = agreement.from_chief(step)
         if failure is not None:
             raise failure
