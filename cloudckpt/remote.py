@@ -163,6 +163,8 @@ class RemoteStore:
                     if location.password is not None:
                         options["password"] = location.password
                 options.update(_with_single_retry_layer(protocol, storage_options))
+                if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs"):
+                    _check_s3fs_options(cls, options)
                 if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs") \
                         and not {"session", "profile"} & set(options):
                     options["session"] = _shared_aiobotocore_session()
@@ -673,6 +675,30 @@ def _refuse_mistyped_url(path: str) -> None:
 
 _AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
 _AIO_SESSION_LOCK = threading.Lock()
+
+
+# fsspec's own keyword arguments, accepted by every filesystem class (``AbstractFileSystem``).
+_FSSPEC_OPTIONS = frozenset({"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths",
+                             "loop", "asynchronous", "batch_size"})
+
+
+def _check_s3fs_options(cls: type, options: Mapping[str, Any]) -> None:
+    """s3fs passes unknown options on to botocore's client only when it first connects (and cloudckpt's
+    own transport may never connect through it): refuse them up front, as that client would.
+
+    Raises:
+        TypeError: an option s3fs does not take (the caller reports it as a ``ConfigError``).
+    """
+    import inspect  # noqa: PLC0415
+
+    import aiobotocore.session  # noqa: PLC0415 - s3fs's own dependency
+
+    # s3fs hands the rest to the aiobotocore session it creates (profile...)
+    known = (set(inspect.signature(cls.__init__).parameters) | _FSSPEC_OPTIONS
+             | set(inspect.signature(aiobotocore.session.AioSession.__init__).parameters)) - {"self", "kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown s3fs option(s) {', '.join(unknown)} (see s3fs.S3FileSystem's arguments)")
 
 
 def _shared_aiobotocore_session() -> Any:
