@@ -13,7 +13,6 @@ filesystem's ``username`` / ``password`` options, never part of a path.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import logging
 import os
@@ -33,7 +32,7 @@ from .errors import ConfigError, RemoteError
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_transient
 from .transfer import TransferOptions
-from .s3_transport import S3Transport, transport_for
+from .s3_transport import S3Transport, crc32c_hex_from_header, transport_for
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
@@ -784,14 +783,8 @@ class _ProgressCallback(fsspec.callbacks.Callback):
 
 
 def _crc32c_hex_from_metadata(value: Any) -> str | None:
-    """GCS reports crc32c as base64 of the 4 big-endian bytes; the manifest uses 8 hex digits."""
-    if not isinstance(value, str):
-        return None
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except ValueError:
-        return None
-    return raw.hex() if len(raw) == 4 else None
+    """GCS reports crc32c as base64 of the 4 big-endian bytes (S3's header form); the manifest uses 8 hex digits."""
+    return crc32c_hex_from_header(value) if isinstance(value, str) else None
 
 
 def _modified_time(entry: Mapping[str, Any]) -> float | None:
