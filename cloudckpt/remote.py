@@ -503,7 +503,7 @@ class RemoteStore:
                     if len(batch) == 1:
                         self.fs.rm_file(self.path(batch[0]))
                     else:  # one request per batch (S3 DeleteObjects, a GCS batch); missing keys are no error
-                        self.fs.rm([self.path(n) for n in batch])
+                        self._delete_many([self.path(n) for n in batch])
                 except FileNotFoundError:
                     pass
             before = self._retries_seen
@@ -518,6 +518,26 @@ class RemoteStore:
         return True, retried
 
     # -- internals --------------------------------------------------------------------------
+    def _delete_many(self, paths: list[str]) -> None:
+        """Delete ``paths`` (one bucket) in one request; a key the store did not delete raises.
+
+        s3fs sends S3 DeleteObjects in quiet mode and drops the per-key ``Error``
+        entries of its answer (HTTP 200 even when every key was refused, e.g.
+        ``AccessDenied`` without ``s3:DeleteObject``: AWS S3 API reference,
+        DeleteObjects), so on S3 the request is made here and its errors are
+        raised as the service's own ``ClientError`` (classified by ``retry.py``).
+        """
+        call_s3 = getattr(self.fs, "call_s3", None)
+        if call_s3 is None:  # gcsfs raises per-object failures itself
+            self.fs.rm(paths)
+            return
+        split = [self.fs.split_path(p) for p in paths]
+        out = call_s3("delete_objects", Bucket=split[0][0],
+                      Delete={"Objects": [{"Key": key} for _, key, _ in split], "Quiet": True})
+        errors = [e for e in out.get("Errors") or () if e.get("Code") != "NoSuchKey"]
+        if errors:
+            raise _delete_objects_error(errors, len(paths))
+
     @property
     def _is_memory(self) -> bool:
         return isinstance(self.fs, MemoryFileSystem)
@@ -780,6 +800,22 @@ class _ProgressCallback(fsspec.callbacks.Callback):
         if self._reported and self._report is not None:
             self._report(-self._reported)
         self._reported = 0
+
+
+_S3_ERROR_STATUS = {"AccessDenied": 403, "InternalError": 500, "SlowDown": 503, "ServiceUnavailable": 503}
+
+
+def _delete_objects_error(errors: list[Mapping[str, Any]], count: int) -> Exception:
+    """A botocore ``ClientError`` for the per-key ``Error`` entries of a DeleteObjects answer (status from the
+    first entry's code, so that throttling and server errors stay transient and AccessDenied is final)."""
+    from botocore.exceptions import ClientError
+
+    first = errors[0]
+    code = str(first.get("Code") or "InternalError")
+    message = (f"{len(errors)} of {count} keys were not deleted, first {first.get('Key')!r}: "
+               f"{first.get('Message') or code}")
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": _S3_ERROR_STATUS.get(code, 400)}}, "DeleteObjects")
 
 
 def _crc32c_hex_from_metadata(value: Any) -> str | None:

@@ -95,6 +95,40 @@ def test_one_directory_listing_per_commit_and_manifests_read_once_per_process(co
     assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [7, 8]
 
 
+def test_keys_a_bulk_delete_refused_are_an_error_not_a_deletion(counted, tmp_path):
+    """S3 answers DeleteObjects with HTTP 200 and an Error per refused key (AccessDenied without
+    s3:DeleteObject); s3fs ignores those. Retention must report the failure and keep retrying, not believe
+    the old checkpoint gone."""
+    url, proxy, options, direct = counted
+    store = RemoteStore(url, storage_options=options)
+    for name in ("a", "b"):
+        store.write_atomic(name, b"x")
+    proxy.set_faults(path_filter=r"\?delete")
+    proxy.fail_next("refuse-keys")
+    with pytest.raises(cloudckpt.RemoteError, match="AccessDenied.*2 of 2 keys were not deleted") as caught:
+        store.delete_before(["a", "b"], deadline=float("inf"))
+    assert not caught.value.transient
+    assert {"a", "b"} <= {o.name for o in store.list_objects()}
+
+    engine = CheckpointEngine(url + "/run", str(tmp_path / "a"), storage_options=options,
+                              retention=RetentionPolicy(max_to_keep=1))
+    engine.open()
+    engine.resume()
+    for step in (1, 2):
+        if step == 2:
+            proxy.fail_next("refuse-keys")
+        engine.submit(step, write_checkpoint(tmp_path / "a", step))
+        engine.wait(120)
+    stats = engine.stats()
+    assert stats.housekeeping_failures >= 1 and "AccessDenied" in stats.last_housekeeping_error, stats
+    engine.submit(3, write_checkpoint(tmp_path / "a", 3))  # the refused delete is retried, now allowed
+    engine.wait(120)
+    engine.close()
+    remaining = {o.name for o in RemoteStore(url + "/run", storage_options=direct).list_objects()}
+    assert not any(n.startswith(("model.ckpt-1.", "model.ckpt-2.")) for n in remaining), remaining
+    assert [c.step for c in cloudckpt.list_checkpoints(url + "/run", direct)] == [3]
+
+
 def test_debris_at_a_checkpoints_names_is_still_replaced(counted, tmp_path):
     """Without the listing before the upload, a name already taken (a crashed upload) is found by the
     create-only write: the commit lists then, removes the debris and commits."""

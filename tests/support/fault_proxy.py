@@ -5,6 +5,9 @@ Fault kinds:
   "flip"  the request body is forwarded with one byte (the middle one) inverted: what
           a bad NIC, RAM or middlebox does to an upload; the store should refuse it
           (S3 checksums). Only drawn when asked for (``kinds=`` or ``fail_next``).
+  "refuse-keys" answers an S3 DeleteObjects (POST ?delete) itself, without forwarding it:
+          HTTP 200 with an AccessDenied ``Error`` entry for every key, as AWS answers a
+          caller whose policy lacks s3:DeleteObject. Only drawn when asked for.
   "reset" TCP RST after about half of the request body; for requests without a
           body, after half of the upstream response body (or, if that is empty,
           before the status line): then the upstream HAS executed the request,
@@ -30,7 +33,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset")  # the default mix
-ALL_KINDS = KINDS + ("flip",)
+ALL_KINDS = KINDS + ("flip", "refuse-keys")
 _ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
     "500": ("Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
@@ -111,6 +114,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fault, latency = self.proxy._decide(self.command, self.path)
         time.sleep(latency)
         body = self._body()
+        if fault == "refuse-keys":
+            return self._refuse_keys(b"".join(body))
         if fault in _ERRORS:
             for _ in body:  # drain, so the keep-alive connection stays usable
                 pass
@@ -126,6 +131,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "flip":
             body = _flipped(body, length // 2)
         self._forward(body, reset=fault == "reset")
+
+    def _refuse_keys(self, body):
+        errors = "".join(f"<Error><Key>{key.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied"
+                         f"</Message></Error>" for key in re.findall(rb"<Key>(.*?)</Key>", body))
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns="http://s3.amazonaws.com/doc/'
+               f'2006-03-01/">{errors}</DeleteResult>').encode()
+        self.send_response_only(200, "OK")
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(xml)))
+        self.end_headers()
+        self.wfile.write(xml)
 
     def _send_error(self, status, reason, code, message):
         request_id = uuid.uuid4().hex[:16].upper()
