@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,6 +35,10 @@ __all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "role_from_cluste
 
 LOGGERS = ("cloudckpt", "cloudckpt.preemption")  # every logger cloudckpt logs to
 WORKER_JOBS = ("chief", "worker")  # jobs that run the training loop (TF's "workers" of a multi-worker job)
+# Multi-worker stop agreement (WorkerAgreement.stop_agreed): one all-reduce about every this many seconds of
+# training, at most this many calls apart.
+STOP_CHECK_SECONDS = 1.0
+_MAX_CALLS_BETWEEN_CHECKS = 1000
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,18 @@ class WorkerAgreement:
         # SUM over replicas counts each worker's value once per local replica.
         self._replicas_per_worker = max(1, int(strategy.num_replicas_in_sync) // max(1, role.workers))
 
+        # stop_agreed's cadence: calls until the next all-reduce, the interval in calls, and when it last ran.
+        self._calls_to_check = 1
+        self._interval = 1
+        self._checked_at = time.monotonic()
+
     def _total(self, value: float) -> float:
         total = float(self._sum(self._tf.constant(value, self._tf.float64)).numpy())
         return total / self._replicas_per_worker
+
+    def _totals(self, values: list[float]) -> list[float]:
+        totals = self._sum(self._tf.constant(values, self._tf.float64)).numpy()
+        return [float(t) / self._replicas_per_worker for t in totals]
 
     def any(self, flag: bool) -> int:
         """How many workers passed True (0: none); the same answer on every worker."""
@@ -169,22 +183,35 @@ class WorkerAgreement:
     def stop_agreed(self, engine: Any) -> int:
         """Whether a preemption notice reached any worker (``engine.should_stop()`` here): how many got
         one, the same answer on every worker. When one did, the seconds left before its hard stop are
-        agreed too (their mean over the noticed workers, a second all-reduce), and a worker without a
-        notice of its own records it as one (source ``"peer"``) on its engine's watcher: the chief then
-        drops superseded queued checkpoints and commits the final one within that deadline, not
-        ``upload_timeout``."""
-        import time  # noqa: PLC0415
+        agreed too (their mean over the noticed workers), and a worker without a notice of its own records
+        it as one (source ``"peer"``) on its engine's watcher: the chief then drops superseded queued
+        checkpoints and commits the final one within that deadline, not ``upload_timeout``.
 
+        The all-reduce runs about every ``STOP_CHECK_SECONDS`` of training, not at every call: the workers
+        agree, in the same all-reduce, on how many calls to wait until the next one (from their mean time
+        per call), so the k-th call is a collective on every worker or on none. Between those calls this
+        returns 0 without communicating: one all-reduce costs milliseconds even on one host, a training
+        step can take less. A notice is therefore acted on up to about a second after it arrived.
+        """
+        self._calls_to_check -= 1
+        if self._calls_to_check > 0:
+            return 0
         here = engine.should_stop()
-        noticed = self.any(here)
+        now = time.monotonic()
+        deadline_at = engine.preemption_deadline_at() if here else None
+        left = max(0.0, deadline_at - now) if deadline_at is not None else 0.0
+        noticed_f, left_total, elapsed_total = self._totals([1.0 if here else 0.0, left, now - self._checked_at])
+        noticed = int(round(noticed_f))
+        per_call = elapsed_total / max(1, self.role.workers) / self._interval  # seconds, mean over workers
+        self._interval = max(1, min(_MAX_CALLS_BETWEEN_CHECKS, int(STOP_CHECK_SECONDS / per_call)
+                                    if per_call > 0 else _MAX_CALLS_BETWEEN_CHECKS))
+        self._calls_to_check = self._interval
+        self._checked_at = time.monotonic()
         if not noticed:
             return 0
-        deadline_at = engine.preemption_deadline_at() if here else None
-        left = max(0.0, deadline_at - time.monotonic()) if deadline_at is not None else 0.0
-        mean_left = self._total(left) / noticed
         watcher = engine.watcher
         if not here and watcher is not None:
-            watcher.trigger("peer", f"a preemption notice on {noticed} other worker(s) of the job", mean_left)
+            watcher.trigger("peer", f"a preemption notice on {noticed} other worker(s) of the job", left_total / noticed)
         return noticed
 
     def from_chief(self, value: int | None) -> int:

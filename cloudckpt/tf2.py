@@ -353,7 +353,8 @@ class CheckpointManager:
 
         Multi-worker, a collective until it turns True: every worker calls it once per
         step (at the same points of the loop), and it turns True on all of them at the
-        same call once a notice reached any one of them (an all-reduce of that flag).
+        same call once a notice reached any one of them (an all-reduce of that flag,
+        run about once a second of training: ``WorkerAgreement.stop_agreed``).
         """
         if self._agreement is None:
             return self._engine.should_stop()

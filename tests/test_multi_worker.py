@@ -436,3 +436,36 @@ def test_manager_refuses_multi_worker_tf_config_without_the_strategy(monkeypatch
                                                             "ps": ["127.0.0.1:3"]}, "task": {"type": "chief", "index": 0}}))
     with cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(tmp_path)) as manager:
         assert manager.is_chief and manager.task == "chief:0" and manager.stats().task == "chief:0"
+
+
+def test_stop_agreement_runs_about_once_a_second_not_every_step(memory_url, tmp_path):
+    """``stop_agreed`` on a real (one-worker) MWMS: most calls do not communicate, the k-th call is the
+    all-reduce on every worker (the interval comes out of the all-reduce), and a notice is acted on at the
+    next agreed call, within about a second of training."""
+    import tensorflow as tf
+
+    from cloudckpt.distributed import STOP_CHECK_SECONDS, TaskRole, WorkerAgreement
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    agreement = WorkerAgreement(strategy, TaskRole("worker", 0, True, 1))
+    reduces = []
+    sum_over_workers = agreement._sum
+    agreement._sum = lambda value: reduces.append(1) or sum_over_workers(value)  # counts, then the real one
+    engine = cloudckpt.CheckpointEngine(memory_url, str(tmp_path / "local"), preemption="sigterm")
+    step_seconds = 0.01
+    calls = int(2.5 * STOP_CHECK_SECONDS / step_seconds)
+    try:
+        for _ in range(calls):
+            time.sleep(step_seconds)  # a training step
+            assert agreement.stop_agreed(engine) == 0
+        assert 2 <= len(reduces) <= calls // 5, (len(reduces), calls)
+        engine.watcher.trigger("sigterm", "test notice", 30.0)
+        for late in range(1, calls + 1):
+            time.sleep(step_seconds)
+            if agreement.stop_agreed(engine):
+                break
+        else:
+            pytest.fail("the notice was never agreed")
+        assert late <= 2 * STOP_CHECK_SECONDS / step_seconds, late
+    finally:
+        engine.close()

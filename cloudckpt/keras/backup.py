@@ -288,8 +288,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         return self._agreement is None or self._agreement.role.is_chief
 
     def _should_stop(self, *, collective: bool) -> bool:
-        """A preemption notice here; multi-worker, a notice on any worker, agreed by an all-reduce after every
-        batch (``collective``; every worker runs the same batches) and remembered."""
+        """A preemption notice here; multi-worker, a notice on any worker, agreed by an all-reduce about once a
+        second of batches (``collective``; every worker runs the same batches) and remembered."""
         if self._agreement is None:
             return self._engine.should_stop()
         if collective and not self._stop_agreed:
