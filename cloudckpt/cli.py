@@ -368,8 +368,9 @@ def _print_pushed(report: "PushReport") -> None:
         print(f"step {report.step}: {report.name} already committed; re-uploaded missing or truncated objects "
               f"({_human_size(report.bytes_uploaded)})", flush=True)
     else:
-        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)})",
-              flush=True)
+        copied = f", {_human_size(report.bytes_copied)} of it copied server-side" if report.bytes_copied else ""
+        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)}"
+              f"{copied})", flush=True)
 
 
 # -- rollback ------------------------------------------------------------------------------------
