@@ -275,7 +275,8 @@ def _problem_text(check: Any) -> str:
         return "missing (the manifest lists it, the store does not have it)"
     if check.status == "size mismatch":
         return f"size mismatch (expected {check.expected_size} bytes, found {check.found_size})"
-    return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c})"
+    parts = f"; parts differing: {', '.join(map(str, check.bad_parts))}" if check.bad_parts else ""
+    return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c}{parts})"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
