@@ -147,7 +147,8 @@ def test_a_source_corrupted_in_the_bucket_is_not_propagated(server, bucket_url, 
     corrupt = bytearray(remote_bytes(server, bucket_url, f"model.ckpt-1.{DATA}"))
     corrupt[100] ^= 0xFF
     server.client().put_object(Bucket=bucket, Key=f"{root}/model.ckpt-1.{DATA}", Body=bytes(corrupt))
-    assert not verified(bucket_url, server, 1).ok  # the corruption is real
+    [bad] = verified(bucket_url, server, 1).problems  # the corruption is real; verify names its part
+    assert bad.name == f"model.ckpt-1.{DATA}" and bad.bad_parts == (0,)
 
     saves.data[-1] ^= 1
     second = commit_checkpoint(store, saves.save(2), writer=writer)
