@@ -471,9 +471,10 @@ class RemoteStore:
 
     @property
     def copies_parts(self) -> bool:
-        """True when uploads can copy byte ranges of existing objects server-side (``s3://`` through
-        cloudckpt's transport: ``UploadPartCopy``); listings then report each object's ETag."""
-        return self._transport is not None
+        """True when uploads copy byte ranges of existing objects server-side (``s3://`` through
+        cloudckpt's transport: ``UploadPartCopy``; unless ``TransferOptions.incremental`` is False);
+        listings then report each object's ETag."""
+        return self._transport is not None and self.transfer.incremental
 
     def put_file_if_absent_copying(self, local_path: str, name: str, chunks: list[tuple[int, int, int, bool]],
                                    source: str, source_etag: str) -> int | None:
