@@ -1,4 +1,4 @@
-"""Scenario 9: incremental commits (``cloudckpt.incremental``): bytes sent and commit time vs a full upload.
+"""Scenario 10: incremental commits (``cloudckpt.incremental``): bytes sent and commit time vs a full upload.
 
 Two workloads, each save committed twice side by side per repetition (the order alternating) by two
 writers continuing their own directories: once *incremental* (unchanged parts copied server-side from
@@ -32,7 +32,7 @@ import numpy as np
 from .common import MB, Scenario, ratio, rotate, summarize, timed, timed_cpu
 from .context import Context
 
-KEY, TITLE = "incremental", "9. Incremental commits vs full upload"
+KEY, TITLE = "incremental", "10. Incremental commits vs full upload"
 
 
 def sizes(cfg: Any) -> tuple[int, int, int]:
