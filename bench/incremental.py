@@ -117,6 +117,7 @@ def run(ctx: Context) -> Scenario:
         for rep in range(ctx.cfg.warmup_reps + ctx.cfg.reps):
             step = rep + 2
             files = save(local, step)
+            os.sync()  # the save's writeback does not land on whichever commit runs first
             ckpt = LocalCheckpoint(step, f"model.ckpt-{step}", files)
             size = ckpt.total_size
             if name == "dense":
@@ -132,7 +133,7 @@ def run(ctx: Context) -> Scenario:
                     work[f"{name}_copied_mib"].append(result.bytes_copied / MB)
                 else:
                     assert result.bytes_copied == 0
-                # the previous checkpoint's objects go, as retention would (moto holds objects in RAM)
+            for variant in stores:  # the previous checkpoints go, as retention would (moto holds objects in RAM)
                 stores[variant].delete([n.replace(f"-{step}.", f"-{step - 1}.") for n in files] +
                                        [f"model.ckpt-{step - 1}.manifest.json"])
             for old in [n for n in os.listdir(local) if n.startswith(f"model.ckpt-{step - 1}.")]:
