@@ -40,8 +40,8 @@ def sizes(cfg: Any) -> tuple[int, int, int]:
     if cfg.mode == "tiny":
         return 24 * MB, 1 * MB, 16 * MB
     if cfg.mode == "quick":
-        return 248 * MB, 1 * MB, 256 * MB
-    return 496 * MB, 2 * MB, 512 * MB
+        return 256 * MB, 4 * MB, 256 * MB
+    return 512 * MB, 8 * MB, 512 * MB
 
 
 class _FineTuning:
