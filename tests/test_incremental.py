@@ -233,3 +233,22 @@ def test_backends_without_range_copy_upload_in_full(where, memory_url, moto_serv
     second = commit_checkpoint(store, saves.save(2), writer=writer)
     assert second.bytes_copied == 0 and second.bytes_uploaded == second.manifest.total_size
     assert cloudckpt.verify(url, storage_options=options, use_store_checksums=False).ok
+
+
+def test_a_copy_from_a_source_rewritten_after_the_check_is_refused_by_the_store(seaweed_server, tmp_path):
+    """Between the HEAD and the copy the source is rewritten: the copy's x-amz-copy-source-if-match makes
+    SeaweedFS (like S3) refuse it, and the part is left to be uploaded (None)."""
+    bucket = f"inc-{uuid.uuid4().hex[:10]}"
+    seaweed_server.create_bucket(bucket)
+    transport = RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options)._transport
+    (tmp_path / "old").write_bytes(np.random.default_rng(2).bytes(PART_SIZE))
+    transport.put_file(str(tmp_path / "old"), bucket, "old")
+    source = CopySource(bucket, "old", transport.head(bucket, "old")["etag"])
+    crc = google_crc32c.value((tmp_path / "old").read_bytes())
+    upload_id = transport._create_upload(bucket, "new", lambda fn: fn())
+    try:
+        assert transport._copy_part(bucket, "new", upload_id, 1, 0, PART_SIZE, crc, source, lambda fn: fn())
+        transport.put_bytes(np.random.default_rng(3).bytes(PART_SIZE), bucket, "old")  # same size, new bytes
+        assert transport._copy_part(bucket, "new", upload_id, 1, 0, PART_SIZE, crc, source, lambda fn: fn()) is None
+    finally:
+        transport._abort_upload(bucket, "new", upload_id)
