@@ -4,7 +4,7 @@ Run from the repository root. Starts cloudckpt's embedded S3 server (moto) in a
 child process, runs the scenarios with their baselines in the same run and
 reports each figure (median and spread over the repetitions) and each ratio
 against its baseline. The transport scenarios (upload, restore, memory,
-deadline) run again against SeaweedFS (``weed mini``, disk-backed), reported as
+deadline, incremental) run again against SeaweedFS (``weed mini``, disk-backed), reported as
 ``<scenario>@seaweedfs``. Each server runs pinned to CPU 1 (``taskset``) when
 the machine has a second core, so client CPU figures are the client's. ``--quick`` takes under 3 minutes on 2 cores, the full
 mode under 20.
@@ -28,7 +28,8 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from . import background_step, deadline, integrity, memory, stall, step_overhead, tf2_async, throughput  # noqa: E402
+from . import (background_step, deadline, incremental, integrity, memory, stall, step_overhead, tf2_async,  # noqa: E402
+               throughput)
 from .common import CONFIGS, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
@@ -44,9 +45,10 @@ SCENARIOS = {
     tf2_async.KEY: tf2_async.run,
     background_step.KEY: background_step.run,
     deadline.KEY: deadline.run,
+    incremental.KEY: incremental.run,
 }
 # Scenarios about moving bytes: run on every server (the others measure the training side: moto only).
-TRANSPORT_SCENARIOS = (throughput.UPLOAD_KEY, throughput.RESTORE_KEY, memory.KEY, deadline.KEY)
+TRANSPORT_SCENARIOS = (throughput.UPLOAD_KEY, throughput.RESTORE_KEY, memory.KEY, deadline.KEY, incremental.KEY)
 SERVERS = ("moto", "seaweedfs")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

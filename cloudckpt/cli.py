@@ -275,7 +275,8 @@ def _problem_text(check: Any) -> str:
         return "missing (the manifest lists it, the store does not have it)"
     if check.status == "size mismatch":
         return f"size mismatch (expected {check.expected_size} bytes, found {check.found_size})"
-    return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c})"
+    parts = f"; parts differing: {', '.join(map(str, check.bad_parts))}" if check.bad_parts else ""
+    return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c}{parts})"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -368,8 +369,9 @@ def _print_pushed(report: "PushReport") -> None:
         print(f"step {report.step}: {report.name} already committed; re-uploaded missing or truncated objects "
               f"({_human_size(report.bytes_uploaded)})", flush=True)
     else:
-        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)})",
-              flush=True)
+        copied = f", {_human_size(report.bytes_copied)} of it copied server-side" if report.bytes_copied else ""
+        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)}"
+              f"{copied})", flush=True)
 
 
 # -- rollback ------------------------------------------------------------------------------------

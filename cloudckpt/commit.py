@@ -11,9 +11,12 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
    and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
    round starts again with this step;
 3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
-   nothing points at them); a name someone else created meanwhile sends us back to 2;
+   nothing points at them); a name someone else created meanwhile sends us back to 2. On ``s3://``
+   parts unchanged since the previous committed checkpoint of the writer's lineage are copied
+   server-side instead of sent (``incremental.py``);
 4. check each remote size against the local file (catches truncated uploads): the commit's one listing
-   of the directory, which the state file and retention reuse (``CommitResult.objects``);
+   of the directory, which the state file and retention reuse (``CommitResult.objects``); its ETags go
+   into the manifest (what the next commit's copies check their source by);
 5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
 6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
@@ -38,6 +41,7 @@ from ._version import __version__
 from .catalog import ManifestCache, legacy_checkpoints
 from .commitlog import CommitLog
 from .errors import FencedError, IntegrityError, ManifestError, RemoteError, UploadError
+from .incremental import copy_source, upload_file
 from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
 from .manifest import Manifest, entry_for, parse_manifest
@@ -97,7 +101,9 @@ class CommitResult:
 
     Attributes:
         manifest: the committed manifest (for ``refused``: the one that stays committed).
-        bytes_uploaded: bytes sent to the store.
+        bytes_uploaded: bytes of the checkpoint sent to the store over the network.
+        bytes_copied: bytes of the checkpoint the store copied server-side from the previous
+            committed checkpoint (an incremental commit, ``incremental.py``); not sent.
         outcome: ``uploaded`` (a new commit), ``healed`` (already committed with the same
             tensors; missing or truncated objects re-uploaded), ``already committed``
             (identical; nothing uploaded) or ``refused`` (see ``reason``).
@@ -113,6 +119,7 @@ class CommitResult:
     reason: str = ""
     housekeeping_error: str = ""  # a follow-up step (the TF state file) failed after the commit
     objects: tuple[RemoteObject, ...] | None = None
+    bytes_copied: int = 0
 
     @property
     def already_committed(self) -> bool:
@@ -313,10 +320,16 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     the commit entry. None when a name was taken or an object deleted meanwhile: go round again."""
     store = writer.store
     writer.wait_for_deletes(set(names), state)
-    if not all(pool.map(lambda item: store.put_file_if_absent(item[1], item[0]), sorted(ckpt.files.items()))):
+    source = copy_source(writer, state, ckpt.prefix)  # incremental: unchanged parts are copied server-side
+    entries = {f.name: f for f in mine.files}
+    copied = list(pool.map(lambda item: upload_file(store, item[0], item[1], entries.get(item[0]), source,
+                                                    ckpt.prefix), sorted(ckpt.files.items())))
+    if any(c is None for c in copied):
         return None  # another party created one of the names meanwhile: look again
     objects = _check_sizes(store, mine)
-    manifest = replace(mine, commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
+    etags = {o.name: o.etag for o in objects if o.etag}  # what the next commit's copies check their source by
+    manifest = replace(mine, files=tuple(replace(f, etag=etags.get(f.name)) for f in mine.files),
+                       commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
                        writer_epoch=writer.epoch, parent=writer.head)
     data = manifest.to_json()
     if not store.write_if_absent(manifest.name, data):
@@ -329,8 +342,9 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
         return None
     listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
     listed.append(RemoteObject(manifest.name, len(data), None))
-    return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()), UPLOADED,
-                        objects=tuple(listed))
+    bytes_copied = sum(c or 0 for c in copied)
+    return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()) - bytes_copied, UPLOADED,
+                        objects=tuple(listed), bytes_copied=bytes_copied)
 
 
 class _Redo(Exception):
@@ -398,7 +412,8 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
         log.warning("Not committing: %s.", reason)
         return CommitResult(existing, 0, REFUSED, reason)
     ours = {f.name: f for f in mine.files}
-    broken = [f.name for f in existing.files if sizes.get(f.name) != f.size and ours.get(f.name) == f]
+    broken = [f.name for f in existing.files if sizes.get(f.name) != f.size and f.name in ours
+              and ours[f.name].key == f.key]
     if not broken:
         return CommitResult(existing, 0, ALREADY_COMMITTED)
     log.warning("Re-uploading %s of committed step %d: missing or truncated in the store.", broken, ckpt.step)

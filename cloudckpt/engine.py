@@ -538,7 +538,8 @@ class CheckpointEngine:
 
     def stats(self) -> UploadStats:
         """Counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
-        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes,
+        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes
+        (uploaded: sent over the network; copied: server-side by incremental commits),
         retries by cause, last committed step and the last commit's duration (seconds); ``task`` names the
         TF cluster task (``worker:1``) when the engine was given one."""
         stats = self._uploader.stats()
@@ -739,6 +740,7 @@ class CheckpointEngine:
             "commit_lag_seconds": stats.last_commit_lag_seconds if committed else None,
             "commit_lag_steps": stats.last_commit_lag_steps if committed else None,
             "throughput_mib_per_second": stats.last_upload_mib_per_second if committed else None,
+            "copied_mib": stats.last_copied_bytes / (1 << 20) if committed else None,
             "queue_depth": stats.queue_depth, "retries": stats.retries, "dropped": stats.dropped,
             "failed": stats.failed})
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
@@ -22,26 +23,51 @@ from typing import BinaryIO, Callable
 import google_crc32c
 
 from .errors import ManifestError
+from .s3_transport import crc32c_combine
 from .layout import (DEFAULT_LAYOUT, MANIFEST_SUFFIX, TF, committed_prefixes, get_layout, manifest_name,
                      parse_manifest_name)
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST_SUFFIX", "FileEntry", "Manifest", "parse_manifest", "manifest_name",
            "parse_manifest_name", "committed_prefixes", "parse_checkpoint_file_name", "crc32c_hex",
-           "crc32c_of_stream", "crc32c_of_file", "entry_for", "utc_now_iso"]
+           "crc32c_of_stream", "crc32c_of_file", "crc32c_parts_of_stream", "checksum_part_size", "entry_for",
+           "utc_now_iso", "PART_SIZE"]
 
 FORMAT = "cloudckpt.manifest"
 VERSION = 2  # the newest version this cloudckpt reads (and writes, for manifests with a commit id)
 _CRC_HEX = re.compile(r"^[0-9a-f]{8}$")
 _READ_CHUNK = 1 << 20  # several files are checksummed at once: keep buffers small
+PART_SIZE = 8 << 20  # bytes per checksummed part (>= S3's 5 MiB minimum part): the unit an incremental commit copies
+MAX_PARTS = 10_000  # S3's limit of parts per multipart upload
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint: its name relative to the directory, size in bytes and crc32c (8 hex digits)."""
+    """One file of a checkpoint: its name relative to the directory, size in bytes and crc32c (8 hex digits).
+
+    Files larger than one part also record the crc32c of each ``part_size``-byte part (``parts``, in
+    order; the last may be shorter; the file's crc32c is their ``crc32c_combine``) and, where the store
+    reports one, the object's ``etag`` when it was committed (S3, without quotes). The next commit copies
+    parts whose checksums are unchanged server-side from this object (``incremental.py``), and ``verify``
+    names the parts that differ. Manifests without them (older ones, small files) stay valid.
+    """
 
     name: str
     size: int
     crc32c: str
+    part_size: int | None = None
+    parts: tuple[str, ...] = ()
+    etag: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(name, size, crc32c): what identifies the file's content."""
+        return (self.name, self.size, self.crc32c)
+
+    def part_spans(self) -> list[tuple[int, int]]:
+        """[start, end) byte offsets of each recorded part (empty without parts)."""
+        if not self.parts or not self.part_size:
+            return []
+        return [(start, min(self.size, start + self.part_size)) for start in range(0, self.size, self.part_size)]
 
 
 @dataclass(frozen=True)
@@ -83,7 +109,7 @@ class Manifest:
             "step": self.step,
             "prefix": self.prefix,
             "created_at": self.created_at,
-            "files": [{"name": f.name, "size": f.size, "crc32c": f.crc32c} for f in self.files],
+            "files": [_file_doc(f) for f in self.files],
             "tensorflow": self.tensorflow,
             "cloudckpt": self.cloudckpt,
         }
@@ -104,7 +130,7 @@ class Manifest:
         """
         def key(m: "Manifest") -> list[tuple[str, int, str]]:
             restored = get_layout(m.layout).is_restored
-            return sorted((f.name, f.size, f.crc32c) for f in m.files if restored(f.name))
+            return sorted(f.key for f in m.files if restored(f.name))
         return self.step == other.step and self.prefix == other.prefix and self.layout == other.layout \
             and key(self) == key(other)
 
@@ -136,14 +162,9 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
     try:
         step = doc["step"]
         prefix = doc["prefix"]
-        files = tuple(FileEntry(str(f["name"]), f["size"], f["crc32c"]) for f in doc["files"])
+        files = tuple(_parse_file(f) for f in doc["files"])
         if not isinstance(step, int) or step < 0 or not isinstance(prefix, str) or not files:
             raise TypeError("step/prefix/files")
-        for f in files:
-            if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.crc32c, str) or not _CRC_HEX.match(f.crc32c):
-                raise TypeError(f"file entry {f.name!r}")
-            if "/" in f.name or f.name in ("", ".", ".."):
-                raise TypeError(f"file name {f.name!r}")
         lineage: dict = {}
         layout = doc.get("layout", DEFAULT_LAYOUT)
         if not isinstance(layout, str) or not layout:
@@ -168,6 +189,34 @@ def parse_manifest(data: bytes, *, url: str) -> Manifest:
         layout=layout,
         **lineage,
     )
+
+
+def _file_doc(f: FileEntry) -> dict:
+    doc: dict = {"name": f.name, "size": f.size, "crc32c": f.crc32c}
+    if f.parts:
+        doc.update(part_size=f.part_size, parts=list(f.parts))
+    if f.etag:
+        doc["etag"] = f.etag
+    return doc
+
+
+def _parse_file(doc: dict) -> FileEntry:
+    """One ``files`` entry (``TypeError``/``KeyError`` when malformed)."""
+    parts = doc.get("parts", [])
+    part_size = doc.get("part_size") if parts else None
+    etag = doc.get("etag")
+    f = FileEntry(str(doc["name"]), doc["size"], doc["crc32c"], part_size, tuple(parts), etag)
+    if not isinstance(f.size, int) or f.size < 0 or not isinstance(f.crc32c, str) or not _CRC_HEX.match(f.crc32c):
+        raise TypeError(f"file entry {f.name!r}")
+    if "/" in f.name or f.name in ("", ".", ".."):
+        raise TypeError(f"file name {f.name!r}")
+    if parts and (not isinstance(parts, list) or not isinstance(part_size, int) or isinstance(part_size, bool)
+                  or part_size < 1 or len(parts) != -(-f.size // part_size)
+                  or not all(isinstance(p, str) and _CRC_HEX.match(p) for p in parts)):
+        raise TypeError(f"parts of file entry {f.name!r}")
+    if etag is not None and not isinstance(etag, str):
+        raise TypeError(f"etag of file entry {f.name!r}")
+    return f
 
 
 def parse_checkpoint_file_name(name: str) -> tuple[str, int] | None:
@@ -207,7 +256,44 @@ def crc32c_of_file(path: str) -> tuple[int, str]:
         return crc32c_of_stream(f)
 
 
+def checksum_part_size(size: int) -> int:
+    """Bytes per checksummed part of a ``size``-byte file: ``PART_SIZE``, or larger (whole MiB) to stay
+    within S3's 10,000 parts."""
+    return max(PART_SIZE, -(-size // (MAX_PARTS << 20)) << 20)
+
+
+def crc32c_parts_of_stream(stream: BinaryIO, part_size: int,
+                           progress: Callable[[int], None] | None = None) -> tuple[int, str, tuple[str, ...]]:
+    """Read ``stream`` to the end in bounded chunks; (size, crc32c hex, crc32c hex of each ``part_size``-byte
+    part). The whole crc32c is combined from the parts' (no second pass over the bytes)."""
+    parts: list[int] = []
+    lengths: list[int] = []
+    size = 0
+    while True:
+        checksum = google_crc32c.Checksum()
+        length = 0
+        while length < part_size and (chunk := stream.read(min(_READ_CHUNK, part_size - length))):
+            checksum.update(chunk)
+            length += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        if not length:
+            break
+        parts.append(int.from_bytes(checksum.digest(), "big"))
+        lengths.append(length)
+        size += length
+    whole = parts[0] if parts else 0
+    for crc, length in zip(parts[1:], lengths[1:]):
+        whole = crc32c_combine(whole, crc, length)
+    return size, f"{whole:08x}", tuple(f"{p:08x}" for p in parts)
+
+
 def entry_for(name: str, path: str) -> FileEntry:
-    """Build a manifest entry for local file ``path`` stored remotely as ``name``."""
-    size, crc = crc32c_of_file(path)
-    return FileEntry(name=name, size=size, crc32c=crc)
+    """Build a manifest entry for local file ``path`` stored remotely as ``name`` (with per-part crc32c
+    when it is larger than one part: ``checksum_part_size``)."""
+    part_size = checksum_part_size(os.path.getsize(path))
+    with open(path, "rb") as f:
+        size, crc, parts = crc32c_parts_of_stream(f, part_size)
+    if len(parts) < 2:
+        return FileEntry(name=name, size=size, crc32c=crc)
+    return FileEntry(name=name, size=size, crc32c=crc, part_size=part_size, parts=parts)

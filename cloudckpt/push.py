@@ -45,6 +45,7 @@ class PushReport:
         files: number of checkpoint files.
         size: bytes of those files on local disk.
         bytes_uploaded: bytes sent to the store.
+        bytes_copied: bytes the store copied server-side from the previous checkpoint (incremental commit).
         reason: why the checkpoint was refused.
     """
 
@@ -55,6 +56,7 @@ class PushReport:
     size: int = 0
     bytes_uploaded: int = 0
     reason: str = ""
+    bytes_copied: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def push_checkpoints(
                 if result.outcome != REFUSED:
                     graph_uploaded = True
                 report = PushReport(step=ckpt.step, name=prefix, outcome=result.outcome, files=len(ckpt.files),
-                                    size=size, bytes_uploaded=result.bytes_uploaded, reason=result.reason)
+                                    size=size, bytes_uploaded=result.bytes_uploaded, reason=result.reason,
+                                    bytes_copied=result.bytes_copied)
             reports.append(report)
             if on_report is not None:
                 on_report(report)

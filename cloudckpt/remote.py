@@ -32,7 +32,7 @@ from .errors import ConfigError, RemoteError
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_transient
 from .transfer import TransferOptions
-from .s3_transport import S3Transport, crc32c_hex_from_header, transport_for
+from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
@@ -57,6 +57,7 @@ class RemoteObject:
     name: str
     size: int
     modified: float | None  # POSIX seconds, when the backend reports it
+    etag: str | None = None  # S3's ETag (without quotes), when the listing reports one
 
 
 class RemoteStore:
@@ -252,7 +253,7 @@ class RemoteStore:
                 if e.get("type") == "directory":
                     continue
                 out.append(RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
-                                        _modified_time(e)))
+                                        _modified_time(e), unquoted_etag(e.get("ETag")) if self.copies_parts else None))
             return out
         return self._run("list", self.url, ls)
 
@@ -467,6 +468,33 @@ class RemoteStore:
                 return False
             return True
         return self._run("upload", self.url_of(name), create_remote)
+
+    @property
+    def copies_parts(self) -> bool:
+        """True when uploads copy byte ranges of existing objects server-side (``s3://`` through
+        cloudckpt's transport: ``UploadPartCopy``; unless ``TransferOptions.incremental`` is False);
+        listings then report each object's ETag."""
+        return self._transport is not None and self.transfer.incremental
+
+    def put_file_if_absent_copying(self, local_path: str, name: str, chunks: list[tuple[int, int, int, bool]],
+                                   source: str, source_etag: str) -> int | None:
+        """``put_file_if_absent``, copying the chunks marked so from object ``source`` server-side
+        (``S3Transport.put_file_copying``: ``chunks`` are ``(start, end, crc32c, copy)``; ``source_etag``
+        the ETag ``source`` had when it was committed). Bytes copied (0: all uploaded), or None when
+        ``name`` exists. Falls back to ``put_file_if_absent`` where parts cannot be copied.
+        """
+        if self._transport is None:
+            return 0 if self.put_file_if_absent(local_path, name) else None
+        source_bucket, _, source_key = self.path(source).partition("/")
+
+        def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> int | None:
+            try:
+                return self._transport.put_file_copying(local_path, bucket, key, chunks,
+                                                        CopySource(source_bucket, source_key, source_etag),
+                                                        create=True, call=call)
+            except FileExistsError:
+                return None
+        return self._transfer("upload", name, create_with_transport)
 
     def list_under(self, subdir: str, *, directories: bool = False) -> list[RemoteObject]:
         """Objects directly in subdirectory ``subdir`` (names relative to it), read fresh; with

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
-from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream
+from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, crc32c_parts_of_stream
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
 
@@ -44,6 +44,7 @@ class FileCheck:
     found_size: int | None
     expected_crc32c: str
     found_crc32c: str | None
+    bad_parts: tuple[int, ...] = ()  # 0-based parts (``FileEntry.parts``) whose crc32c differs, when re-read
 
 
 UNREADABLE, RETIRED, FAILED = "unreadable", "retired", "failed"
@@ -177,16 +178,19 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
     raise CheckpointNotFoundError(f"No committed checkpoint at step {step} in {store.url} (committed steps: {steps}).")
 
 
-def _check(entry: FileEntry, size: int | None, crc: str | None) -> FileCheck:
+def _check(entry: FileEntry, size: int | None, crc: str | None, parts: tuple[str, ...] | None = None) -> FileCheck:
+    """The verdict on ``entry`` given what was found; ``parts``: the per-part crc32c re-read, if any."""
+    bad = tuple(i for i, (want, got) in enumerate(zip(entry.parts, parts)) if want != got) \
+        if parts is not None and size == entry.size else ()
     if size is None:
         status = MISSING
     elif size != entry.size:
         status = SIZE_MISMATCH
-    elif crc != entry.crc32c:
+    elif crc != entry.crc32c or bad:
         status = CHECKSUM_MISMATCH
     else:
         status = OK
-    return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc)
+    return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc, bad)
 
 
 def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck) -> IntegrityError:
@@ -208,8 +212,9 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
 
     Files are re-read (streamed) and checksummed here, unless
     ``use_store_checksums`` and the store reports its own crc32c of the stored
-    bytes (GCS): then no byte is downloaded. ``progress(delta_bytes)`` is
-    called as bytes are read (from several threads).
+    bytes (GCS): then no byte is downloaded. A re-read file whose manifest entry
+    records per-part checksums has each part checked too (``FileCheck.bad_parts``).
+    ``progress(delta_bytes)`` is called as bytes are read (from several threads).
     """
     sizes = {o.name: o.size for o in store.list_objects()}
     stored = store.stored_crc32c() if use_store_checksums else {}
@@ -219,12 +224,16 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         if stored.get(entry.name) == entry.crc32c:  # a store's differing figure is confirmed by re-reading
             return _check(entry, sizes[entry.name], stored[entry.name])
+        parts: tuple[str, ...] | None = None
         try:
             with store.open_read(entry.name) as f:
-                size, crc = crc32c_of_stream(f, progress)
+                if entry.parts and entry.part_size:
+                    size, crc, parts = crc32c_parts_of_stream(f, entry.part_size, progress)
+                else:
+                    size, crc = crc32c_of_stream(f, progress)
         except FileNotFoundError:  # deleted since the listing
             return _check(entry, None, None)
-        return _check(entry, size, crc)
+        return _check(entry, size, crc, parts)
 
     with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:
         checks = tuple(pool.map(check, info.files))

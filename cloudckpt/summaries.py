@@ -12,6 +12,7 @@ Scalars (tag ``cloudckpt/<name>``, at the committed checkpoint's step):
 * ``commit_lag_seconds``: from the save to the commit of that checkpoint;
 * ``commit_lag_steps``: steps saved after it by the time it committed;
 * ``throughput_mib_per_second``: bytes uploaded by that commit / its duration;
+* ``copied_mib``: MiB of that checkpoint the store copied server-side (incremental commits), not sent;
 * ``queue_depth``: checkpoints waiting or in flight after it;
 * ``retries``, ``dropped``, ``failed``: the run's totals so far.
 """

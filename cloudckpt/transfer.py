@@ -45,6 +45,10 @@ class TransferOptions:
             concurrently, in [1, 64]. Default 4.
         max_parts_in_flight: parts of one file sent concurrently, in [1, 64].
             Default 2.
+        incremental: on ``s3://`` through cloudckpt's transport, copy the parts of a
+            checkpoint's files that are unchanged since the previous committed checkpoint
+            server-side instead of sending them (``incremental.py``). Default True;
+            False sends every byte (a store whose ``UploadPartCopy`` cannot be trusted).
 
     Raises:
         ConfigError: (a ``ValueError``) a field out of range; the message names the
@@ -54,8 +58,11 @@ class TransferOptions:
     part_size: int = 8 * MiB
     max_files_in_flight: int = 4
     max_parts_in_flight: int = 2
+    incremental: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.incremental, bool):
+            raise ConfigError(f"TransferOptions.incremental must be True or False, got {self.incremental!r}.")
         _check_int("part_size", self.part_size, MIN_PART_SIZE, MAX_PART_SIZE, " bytes (5 MiB to 5 GiB)")
         if self.part_size % PART_ALIGNMENT:
             raise ConfigError(f"TransferOptions.part_size must be a multiple of 256 KiB ({PART_ALIGNMENT} bytes), "

@@ -55,6 +55,10 @@ class UploadStats:
     from its save (``saved_at``) to its commit point, and
     ``last_commit_lag_steps`` steps submitted after it by then.
     ``queue_depth``: checkpoints in flight or waiting when the stats were taken.
+
+    Bytes: ``bytes_uploaded`` counts checkpoint bytes sent over the network; ``bytes_copied``
+    those an incremental commit had the store copy server-side from the previous checkpoint
+    (``incremental.py``), never sent. ``last_upload_bytes`` / ``last_copied_bytes``: the last commit's.
     """
 
     committed: int = 0
@@ -78,6 +82,8 @@ class UploadStats:
     last_commit_lag_steps: int | None = None
     queue_depth: int = 0
     last_upload_bytes: int = 0  # bytes the last commit sent (0 when nothing needed uploading)
+    bytes_copied: int = 0  # bytes of committed checkpoints the store copied server-side (incremental commits)
+    last_copied_bytes: int = 0  # of those, the last commit's
 
     @property
     def last_upload_mib_per_second(self) -> float | None:
@@ -375,6 +381,8 @@ class Uploader:
                 self._stats.last_commit_lag_steps = max(0, (self._newest_submitted or step) - step)
             if result.outcome in (UPLOADED, HEALED):
                 self._stats.last_upload_bytes = result.bytes_uploaded
+                self._stats.last_copied_bytes = result.bytes_copied
+                self._stats.bytes_copied += result.bytes_copied
             if result.outcome == UPLOADED:
                 self._stats.committed += 1
                 self._stats.bytes_uploaded += result.bytes_uploaded
@@ -410,8 +418,9 @@ class Uploader:
                 self._stats.last_housekeeping_error = f"step {step}: {type(exc).__name__}: {exc}"
             log.warning("Checkpoint step %d is committed, but follow-up housekeeping failed: %s", step, exc)
         if result.outcome == UPLOADED:
-            log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.2fs).", step, self.store.url,
-                     len(result.manifest.files), result.manifest.total_size / 1e6, seconds)
+            log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.1f MB of it copied server-side, "
+                     "%.2fs).", step, self.store.url, len(result.manifest.files), result.manifest.total_size / 1e6,
+                     result.bytes_copied / 1e6, seconds)
         elif result.outcome == HEALED:
             log.info("Healed committed checkpoint step %d in %s (%.1f MB re-uploaded, %.2fs).", step, self.store.url,
                      result.bytes_uploaded / 1e6, seconds)

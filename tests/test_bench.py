@@ -36,9 +36,14 @@ SCENARIOS = {
                    "cloudckpt_sync_save_step/tf_local_save_step"}),
     "background_step": ({"no_upload", "background_commit", "commit_mibps"}, {"background_commit/no_upload"}),
     "deadline": ({"largest_committed", "projected_in_deadline"}, set()),
+    "incremental": ({"fine_tune_incremental", "fine_tune_full", "fine_tune_sent_fraction", "dense_incremental",
+                     "dense_full", "fine_tune_cpu_incremental", "checksums_with_parts"},
+                    {"fine_tune_incremental/fine_tune_full", "dense_incremental/dense_full",
+                     "fine_tune_sent_fraction/checkpoint", "checksums_with_parts/checksums_whole_file"}),
 }
 # The transport scenarios run again on SeaweedFS (python -m bench runs both servers by default).
-SCENARIOS.update({f"{key}@seaweedfs": SCENARIOS[key] for key in ("upload", "restore", "memory", "deadline")})
+SCENARIOS.update({f"{key}@seaweedfs": SCENARIOS[key]
+                  for key in ("upload", "restore", "memory", "deadline", "incremental")})
 REPS = 2
 
 
@@ -140,6 +145,9 @@ def test_every_variant_did_its_work(results: tuple[dict, str]) -> None:
     tf2 = doc["scenarios"]["tf2_async"]["params"]
     saves = tf2["warmup_steps"] // cfg["stall_save_steps"] + cfg["stall_saves"]
     assert tf2["work"]["cloudckpt_committed_per_run"] == [saves] * (2 * REPS)  # sync and async, every save
+    for key in ("incremental", "incremental@seaweedfs"):  # fine-tuning copied parts; dense copied nothing
+        work = doc["scenarios"][key]["params"]["work"]
+        assert all(mib > 0 for mib in work["fine_tune_copied_mib"]) and not any(work["dense_copied_mib"])
 
 
 def test_environment_and_table(results: tuple[dict, str]) -> None:

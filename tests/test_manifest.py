@@ -87,3 +87,42 @@ def test_crc32c_streams_in_chunks(tmp_path):
 def test_invalid_manifests(payload, message):
     with pytest.raises(ManifestError, match=message):
         parse_manifest(payload, url="s3://b/run/model.ckpt-1.manifest.json")
+
+
+def test_large_files_record_part_checksums_that_combine_to_the_file_crc(tmp_path):
+    from cloudckpt.manifest import PART_SIZE, checksum_part_size, entry_for
+    from cloudckpt.s3_transport import crc32c_combine
+
+    data = bytes(range(256)) * ((2 * PART_SIZE + 1000) // 256)
+    (tmp_path / "f").write_bytes(data)
+    entry = entry_for("model.ckpt-1.data-00000-of-00001", str(tmp_path / "f"))
+    assert entry.crc32c == crc32c_hex(data) and entry.part_size == PART_SIZE and len(entry.parts) == 3
+    assert entry.parts == tuple(crc32c_hex(data[a:b]) for a, b in entry.part_spans())
+    combined = int(entry.parts[0], 16)
+    for (a, b), part in zip(entry.part_spans()[1:], entry.parts[1:]):
+        combined = crc32c_combine(combined, int(part, 16), b - a)
+    assert f"{combined:08x}" == entry.crc32c
+    (tmp_path / "small").write_bytes(b"x" * 1000)
+    assert entry_for("s", str(tmp_path / "small")).parts == ()  # one part: the file's crc32c says it all
+    assert checksum_part_size(10) == PART_SIZE
+    assert checksum_part_size(200 << 30) == 21 << 20  # at most 10,000 parts, in whole MiB
+
+
+def test_part_checksums_and_etag_round_trip_and_old_manifests_stay_readable():
+    entry = FileEntry("model.ckpt-30.data-00000-of-00001", 20, "ffffffff", 8, ("00000001", "00000002", "00000003"),
+                      "abc-3")
+    m = Manifest(step=30, prefix="model.ckpt-30", files=(sample().files[0], entry))
+    doc = json.loads(m.to_json())
+    assert doc["files"][1] == {"name": entry.name, "size": 20, "crc32c": "ffffffff", "part_size": 8,
+                               "parts": ["00000001", "00000002", "00000003"], "etag": "abc-3"}
+    assert "parts" not in doc["files"][0] and "etag" not in doc["files"][0]
+    assert parse_manifest(m.to_json(), url="memory://x") == m
+    assert m.same_tensors(Manifest(step=30, prefix="model.ckpt-30",
+                                   files=(sample().files[0], FileEntry(entry.name, 20, "ffffffff"))))
+    assert parse_manifest(sample().to_json(), url="memory://x").files[1].parts == ()  # older manifests
+    for bad in ({"parts": ["00000001"], "part_size": 8}, {"parts": ["zz"] * 3, "part_size": 8},
+                {"parts": ["00000001"] * 3, "part_size": "8"}, {"etag": 5}):
+        broken = json.loads(m.to_json())
+        broken["files"][1].update(bad)
+        with pytest.raises(ManifestError, match="malformed"):
+            parse_manifest(json.dumps(broken).encode(), url="memory://x")

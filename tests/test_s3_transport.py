@@ -96,7 +96,7 @@ def test_roundtrip_with_full_object_crc32c(transport, seaweed_bucket, tmp_path, 
     src = write(tmp_path / "src", size, seed=size)
     transport.put_file(src, seaweed_bucket, "d/obj", create=True)
     head = transport.head(seaweed_bucket, "d/obj")
-    assert head == {"size": size, "crc32c": crc32c_of_file(src)[1]}  # the store checked and keeps the file's crc
+    assert {k: head[k] for k in ("size", "crc32c")} == {"size": size, "crc32c": crc32c_of_file(src)[1]}  # the store checked and keeps the file's crc
     seen = []
     assert transport.get_file(seaweed_bucket, "d/obj", str(tmp_path / "back"), progress=seen.append) == size
     assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()

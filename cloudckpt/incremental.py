@@ -1,0 +1,102 @@
+"""Incremental commits: the parts of a new checkpoint that the store copies from the previous one.
+
+TF's tensor bundle writes tensors contiguously in a fixed order without
+padding: when shapes do not change, every tensor keeps its byte offsets in
+``.data-*`` from one save to the next, and a tensor that did not change (a
+frozen backbone while fine-tuning) keeps its bytes. The manifest records the
+crc32c of each ``manifest.PART_SIZE`` part of every file (``FileEntry.parts``)
+and the object's ETag once committed. The next commit of the same writer
+matches each of its files with the same file of the previous committed
+checkpoint in its lineage (the writer's head; the prefix swapped:
+``model.ckpt-20.data-00000-of-00001`` <- ``model.ckpt-10.data-00000-of-00001``):
+same size, same part size, and a part whose crc32c is unchanged is copied
+server-side (S3 ``UploadPartCopy``); the others are uploaded. The committed
+objects are complete, independent objects: deleting the older checkpoint
+afterwards (retention) leaves them intact.
+
+Full uploads, unchanged from before, whenever a file has no such source: on
+stores without range copies (GCS, memory, local, s3 through s3fs), for the
+first checkpoint of a writer with no previous one, a source manifest without
+part checksums or ETag (written by an older cloudckpt), a size that changed,
+or when no part is unchanged (dense training). A source that is gone, has
+another ETag than its manifest records (rewritten), cannot be copied, or whose
+copied bytes the store checksums differently has those parts uploaded from
+the local file instead (``S3Transport.put_file_copying``).
+
+Equal size and per-part crc32c are taken as equal bytes: the same 32-bit
+check that vouches for every file of a manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .catalog import read_committed_manifest
+from .errors import ManifestError
+from .lineage import LogState
+from .manifest import FileEntry, Manifest
+from .remote import RemoteStore
+from .writers import Writer
+
+__all__ = ["copy_source", "source_entry", "copy_chunks", "upload_file"]
+
+log = logging.getLogger("cloudckpt")
+
+
+def copy_source(writer: Writer, state: LogState, prefix: str) -> Manifest | None:
+    """The manifest of the checkpoint the next commit of ``prefix`` copies from: the head of the writer's
+    lineage, if it is live, another checkpoint, and its store copies parts; else None.
+
+    Read from ``ManifestCache`` (the writer committed it) or with one GET; never a listing.
+    """
+    store = writer.store
+    head = writer.head
+    if not store.copies_parts or head is None or head in state.retired:
+        return None
+    record = state.commits.get(head)
+    if record is None or record.legacy or record.prefix == prefix:
+        return None
+    try:
+        manifest = read_committed_manifest(store, record, None)
+    except ManifestError as exc:
+        log.info("Not copying from step %d: its manifest cannot be read (%s).", record.step, exc)
+        return None
+    if manifest is None or manifest.commit_id != record.commit_id:
+        return None
+    return manifest
+
+
+def source_entry(name: str, prefix: str, source: Manifest) -> FileEntry | None:
+    """The file of ``source`` that file ``name`` of checkpoint ``prefix`` corresponds to (prefix swapped)."""
+    if not name.startswith(prefix):
+        return None
+    wanted = source.prefix + name[len(prefix):]
+    return next((f for f in source.files if f.name == wanted), None)
+
+
+def copy_chunks(entry: FileEntry, previous: FileEntry) -> list[tuple[int, int, int, bool]] | None:
+    """``(start, end, crc32c, copy)`` for each part of ``entry``: ``copy`` where ``previous`` (the same
+    file of the source checkpoint) has the same part checksum. None when nothing can be copied (sizes or
+    part sizes differ, checksums or ETag missing, no part unchanged)."""
+    if not entry.parts or not previous.parts or previous.etag is None or entry.size != previous.size \
+            or entry.part_size != previous.part_size or len(entry.parts) != len(previous.parts):
+        return None
+    same = [a == b for a, b in zip(entry.parts, previous.parts)]
+    if not any(same):
+        return None
+    return [(start, end, int(crc, 16), copy)
+            for (start, end), crc, copy in zip(entry.part_spans(), entry.parts, same)]
+
+
+def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | None,
+                source: Manifest | None, prefix: str) -> int | None:
+    """Upload ``path`` create-only as ``name`` (``entry``: its manifest entry), copying unchanged parts
+    from ``source`` where it can. Bytes copied server-side, or None when ``name`` exists already."""
+    previous = source_entry(name, prefix, source) if source is not None and entry is not None else None
+    chunks = copy_chunks(entry, previous) if previous is not None and entry is not None else None
+    if chunks is None or previous is None or previous.etag is None:
+        return 0 if store.put_file_if_absent(path, name) else None
+    copied = store.put_file_if_absent_copying(path, name, chunks, previous.name, previous.etag)
+    if copied:
+        log.debug("%s: %d of %d bytes copied from %s.", name, copied, entry.size if entry else 0, previous.name)
+    return copied
