@@ -5,6 +5,8 @@ Fault kinds:
   "flip"  the request body is forwarded with one byte (the middle one) inverted: what
           a bad NIC, RAM or middlebox does to an upload; the store should refuse it
           (S3 checksums). Only drawn when asked for (``kinds=`` or ``fail_next``).
+  "flip_response"  the same done to the response body (a download): the client's own
+          checksum must catch it. Only drawn when asked for.
   "reset" TCP RST after about half of the request body; for requests without a
           body, after half of the upstream response body (or, if that is empty,
           before the status line): then the upstream HAS executed the request,
@@ -30,7 +32,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset")  # the default mix
-ALL_KINDS = KINDS + ("flip",)
+ALL_KINDS = KINDS + ("flip", "flip_response")
 _ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
     "500": ("Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
@@ -125,7 +127,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Reset
         if fault == "flip":
             body = _flipped(body, length // 2)
-        self._forward(body, reset=fault == "reset")
+        self._forward(body, reset=fault == "reset", flip=fault == "flip_response")
 
     def _send_error(self, status, reason, code, message):
         request_id = uuid.uuid4().hex[:16].upper()
@@ -141,7 +143,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(xml)
 
-    def _forward(self, body, reset):
+    def _forward(self, body, reset, flip=False):
         # A fresh upstream connection per request: simpler than pooling and cheap
         # on loopback; the client side still gets keep-alive. Host is forwarded
         # untouched: it is part of the SigV4 signature.
@@ -162,11 +164,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 up.send(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 up.send(b"0\r\n\r\n")
-            self._relay(up.getresponse(), reset)
+            self._relay(up.getresponse(), reset, flip)
         finally:
             up.close()
 
-    def _relay(self, resp, reset):
+    def _relay(self, resp, reset, flip=False):
         no_body = self.command == "HEAD" or resp.status in (204, 304)
         length = None if resp.chunked else resp.getheader("Content-Length")
         body = resp
@@ -190,7 +192,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # it a moment, so that it really sees "headers, part of the body, RST".
             time.sleep(0.1)
             raise _Reset
-        while piece := body.read(_PIECE):
+        pieces = iter(lambda: body.read(_PIECE), b"")
+        for piece in _flipped(pieces, int(length) // 2) if flip and length is not None else pieces:
             self.wfile.write(piece)
 
 
