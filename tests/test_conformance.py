@@ -1,5 +1,5 @@
 """Backend conformance: the same end-to-end behaviour on file://, memory://, s3:// (moto and SeaweedFS) and
-gs:// (emulator).
+gs:// (cloudckpt's emulator and fake-gcs-server).
 
 In the manner of fsspec's ``tests/abstract``: one suite, parametrized over
 backends; backend differences belong in cloudckpt's remote layer, not here.
@@ -24,7 +24,7 @@ from cloudckpt.writers import Writer
 from support.checks import assert_all_committed_intact, state_file
 from support.tf_model import train
 
-BACKENDS = ["file", "memory", "s3", "seaweedfs", "gs"]
+BACKENDS = ["file", "memory", "s3", "seaweedfs", "gs", "fake-gcs"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ def target(request, tmp_path) -> Target:
     if request.param in ("s3", "seaweedfs"):
         server = request.getfixturevalue("moto_server" if request.param == "s3" else "seaweed_server")
         return Target(server.create_bucket(run) + "/runs/exp1", server.storage_options)
-    emulator = request.getfixturevalue("gcs_emulator")
+    emulator = request.getfixturevalue("gcs_emulator" if request.param == "gs" else "fake_gcs_server")
     emulator.make_bucket(run)
     return Target(f"gs://{run}/runs/exp1", emulator.storage_options())
 
@@ -164,8 +164,13 @@ def test_racing_creates_have_exactly_one_winner(target):
     assert fs.cat_file(f"{root}/race.json") == f"writer {won.index(True)}".encode()
 
 
-def test_put_file_if_absent_large_upload(target, tmp_path):
+def test_put_file_if_absent_large_upload(target, tmp_path, request):
     """17 MiB: several S3 parts (create-only at CompleteMultipartUpload) / GCS resumable chunks."""
+    if "fake-gcs" in request.node.callspec.id:
+        # the bundled fake-gcs-server checks ifGenerationMatch on simple uploads (test_write_if_absent passes) but not on
+        # resumable ones: it replaces the object. Real GCS refuses (412). strict: a fixed server fails this mark.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="fake-gcs-server ignores ifGenerationMatch=0 "
+                                              "on resumable uploads"))
     first, second = tmp_path / "first.bin", tmp_path / "second.bin"
     first.write_bytes(np.random.default_rng(1).bytes(17 << 20))
     second.write_bytes(np.random.default_rng(2).bytes(17 << 20))
