@@ -57,6 +57,7 @@ class RemoteObject:
     name: str
     size: int
     modified: float | None  # POSIX seconds, when the backend reports it
+    crc32c: str | None = None  # 8 hex digits the store computed from the bytes it holds, if its listing says (GCS)
 
 
 class RemoteStore:
@@ -252,7 +253,7 @@ class RemoteStore:
                 if e.get("type") == "directory":
                     continue
                 out.append(RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
-                                        _modified_time(e)))
+                                        _modified_time(e), _crc32c_hex_from_metadata(e.get("crc32c"))))
             return out
         return self._run("list", self.url, ls)
 

@@ -110,7 +110,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         if self.proxy._in_outage():  # keep-alive connection reused during an outage
             raise _Reset
-        fault, latency = self.proxy._decide(self.command, self.path)
+        fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0))
         time.sleep(latency)
         body = self._body()
         if fault in _ERRORS:
@@ -279,12 +279,13 @@ class FaultProxy:
         self.stop()
 
     def set_faults(self, error_rate=0.0, kinds=KINDS, latency=0.0,
-                   only_methods=None, path_filter=None) -> None:
+                   only_methods=None, path_filter=None, min_body=0) -> None:
         """Replace the fault config. An eligible request gets a fault with
         probability ``error_rate``, of a kind drawn from ``kinds``, and first
         sleeps ``latency`` seconds. Eligible: method in ``only_methods`` (default:
         all) and ``path_filter`` (regex searched in path+query, or a callable)
-        matches. Filters gate ``fail_next`` too, but not outages."""
+        matches, and the request body has at least ``min_body`` bytes (Content-Length). Filters gate
+        ``fail_next`` too, but not outages."""
         if set(kinds) - set(ALL_KINDS):
             raise ValueError(f"unknown fault kinds in {kinds!r}, expected {ALL_KINDS}")
         if isinstance(path_filter, str):
@@ -293,6 +294,7 @@ class FaultProxy:
             self._rate, self._kinds, self._latency = float(error_rate), tuple(kinds), latency
             self._methods = {m.upper() for m in only_methods} if only_methods else None
             self._path_filter = path_filter
+            self._min_body = int(min_body)
 
     def fail_next(self, kind: str, count: int = 1) -> None:
         """Inject ``kind`` into the next ``count`` eligible requests (before random faults)."""
@@ -338,13 +340,13 @@ class FaultProxy:
                 return True
             return False
 
-    def _decide(self, method, path):
+    def _decide(self, method, path, length=0):
         """(kind or None, latency) for one request; the lock fixes the arrival order."""
         with self._lock:
             self._stats["requests"] += 1
             fault, latency = None, 0.0
             if ((self._methods is None or method in self._methods)
-                    and (self._path_filter is None or self._path_filter(path))):
+                    and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body):
                 latency = self._latency
                 if self._scripted:
                     fault = self._scripted.pop(0)
