@@ -73,8 +73,8 @@ T = TypeVar("T")
 
 # Defaults measured by ``python -m bench`` (README, scenarios 3/4); memory does not grow with them (parts are
 # sent from the file, ranges written through a READ_BUFFER). 16 MiB parts: as fast as 32 MiB on SeaweedFS and
-# ~15 % faster on moto (a Python server: every body >= 32 MiB is a fresh mmap for its allocator, page-faulted
-# in), for ~0.1 client CPU-s/GiB more.
+# ~15 % faster on moto (py-spy: moto spends its time copying each part into a spooled temporary file and back,
+# and more per byte for 32 MiB parts; why is not established), for ~0.1 client CPU-s/GiB more.
 PART_SIZE = 16 << 20  # bytes per multipart part (and the single-PUT threshold)
 PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
 RANGE_SIZE = 32 << 20  # bytes per ranged GET
