@@ -382,15 +382,21 @@ def _in_place(store: RemoteStore, ckpt: LocalCheckpoint, name: str) -> bool:
 
 
 def _check_sizes(store: RemoteStore, manifest: Manifest) -> list[RemoteObject]:
-    """List the directory and check each uploaded file's size; the listing."""
+    """List the directory and check each uploaded file's size, and its crc32c where the listing carries the
+    store's own (GCS computes it from the bytes it received; gcsfs cannot send one to be checked at write
+    time); the listing."""
     objects = store.list_objects()
-    remote_sizes = {o.name: o.size for o in objects}
+    remote = {o.name: o for o in objects}
     for entry in manifest.files:
-        found = remote_sizes.get(entry.name)
-        if found != entry.size:
+        found = remote.get(entry.name)
+        if found is None or found.size != entry.size:
             raise IntegrityError(
-                f"Uploaded {store.url_of(entry.name)} has size {found}, expected {entry.size}; "
+                f"Uploaded {store.url_of(entry.name)} has size {found and found.size}, expected {entry.size}; "
                 "the checkpoint was not committed.")
+        if found.crc32c is not None and found.crc32c != entry.crc32c:
+            raise IntegrityError(
+                f"Uploaded {store.url_of(entry.name)} has crc32c {found.crc32c} in the store, expected "
+                f"{entry.crc32c} (the local file's): corrupted on the way; the checkpoint was not committed.")
     return objects
 
 

@@ -58,6 +58,7 @@ class RemoteObject:
     size: int
     modified: float | None  # POSIX seconds, when the backend reports it
     etag: str | None = None  # S3's ETag (without quotes), when the listing reports one
+    crc32c: str | None = None  # 8 hex digits the store computed from the bytes it holds, if its listing says (GCS)
 
 
 class RemoteStore:
@@ -253,7 +254,8 @@ class RemoteStore:
                 if e.get("type") == "directory":
                     continue
                 out.append(RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
-                                        _modified_time(e), unquoted_etag(e.get("ETag")) if self.copies_parts else None))
+                                        _modified_time(e), unquoted_etag(e.get("ETag")) if self.copies_parts else None,
+                                        _crc32c_hex_from_metadata(e.get("crc32c"))))
             return out
         return self._run("list", self.url, ls)
 
@@ -268,16 +270,20 @@ class RemoteStore:
             self._run("upload", self.url_of(name),
                       lambda: self.fs.put_file(local_path, self.path(name), **self._put_options))
 
-    def get_file(self, name: str, local_path: str, progress: Callable[[int], None] | None = None) -> None:
+    def get_file(self, name: str, local_path: str, progress: Callable[[int], None] | None = None, *,
+                 streams: int | None = None) -> str | None:
         """Download ``name`` to ``local_path`` (streamed by the backend).
 
         ``progress(delta_bytes)`` is called as bytes arrive; a retried attempt
-        first takes back what the failed one reported.
+        first takes back what the failed one reported. ``streams``: concurrent
+        ranged GETs for this file (S3 transport; default: its own). Returns the
+        crc32c (8 hex digits) of the bytes written to ``local_path`` when the
+        backend computed it while writing them (the S3 transport), else None
+        (read the file back to check it).
         """
         if self._transport is not None:
-            self._transfer("download", name, lambda call, bucket, key: self._transport.get_file(
-                bucket, key, local_path, call=call, progress=progress))
-            return
+            return self._transfer("download", name, lambda call, bucket, key: self._transport.get_file_crc32c(
+                bucket, key, local_path, call=call, progress=progress, ranges_in_flight=streams))[1]
 
         def attempt() -> None:
             callback = _ProgressCallback(progress)
@@ -287,6 +293,7 @@ class RemoteStore:
                 callback.take_back()
                 raise
         self._run("download", self.url_of(name), attempt)
+        return None
 
     def size(self, name: str) -> int | None:
         """Size of ``name`` in bytes, or None if it does not exist."""

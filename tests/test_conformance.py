@@ -1,5 +1,5 @@
 """Backend conformance: the same end-to-end behaviour on file://, memory://, s3:// (moto and SeaweedFS) and
-gs:// (emulator).
+gs:// (cloudckpt's emulator and fake-gcs-server).
 
 In the manner of fsspec's ``tests/abstract``: one suite, parametrized over
 backends; backend differences belong in cloudckpt's remote layer, not here.
@@ -22,9 +22,10 @@ from cloudckpt.commitlog import CommitLog, new_entry
 from cloudckpt.remote import RemoteStore
 from cloudckpt.writers import Writer
 from support.checks import assert_all_committed_intact, state_file
+from support.fault_proxy import FaultProxy
 from support.tf_model import train
 
-BACKENDS = ["file", "memory", "s3", "seaweedfs", "gs"]
+BACKENDS = ["file", "memory", "s3", "seaweedfs", "gs", "fake-gcs"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ def target(request, tmp_path) -> Target:
     if request.param in ("s3", "seaweedfs"):
         server = request.getfixturevalue("moto_server" if request.param == "s3" else "seaweed_server")
         return Target(server.create_bucket(run) + "/runs/exp1", server.storage_options)
-    emulator = request.getfixturevalue("gcs_emulator")
+    emulator = request.getfixturevalue("gcs_emulator" if request.param == "gs" else "fake_gcs_server")
     emulator.make_bucket(run)
     return Target(f"gs://{run}/runs/exp1", emulator.storage_options())
 
@@ -95,6 +96,34 @@ def test_corrupt_and_detect(target, tmp_path, caplog):
         cloudckpt.download_checkpoint(target.url, str(tmp_path / "dl"), storage_options=target.options)
     assert run(target, tmp_path / "vm2", 25).first_step == 10  # the hook fell back past the corrupt one
     assert any("step 20 failed verification" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("server", ["gcs_emulator", "fake_gcs_server"])
+def test_gcs_upload_corrupted_on_the_way_is_not_committed(server, request, tmp_path):
+    """gcsfs cannot send a crc32c for GCS to check at write time; the commit compares the crc32c GCS computed
+    from the bytes it received (in the listing the commit makes anyway) with the manifest's, so a byte
+    flipped in an upload body (fault proxy) is caught before the commit point."""
+    gcs = request.getfixturevalue(server)
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs.make_bucket(bucket)
+    rng = np.random.default_rng(0)
+    url = f"gs://{bucket}/run"
+    with FaultProxy(gcs.endpoint, seed=0) as proxy:
+        store = RemoteStore(url, {**gcs.storage_options(), "endpoint_url": proxy.url})
+        for step in (2, 3):  # step 2 commits intact, step 3 has a byte flipped on the way
+            files = {}
+            for name in (f"model.ckpt-{step}.index", f"model.ckpt-{step}.data-00000-of-00001"):
+                (tmp_path / name).write_bytes(rng.bytes(64 << 10))  # a flipped middle byte lands in file data
+                files[name] = str(tmp_path / name)
+            if step == 2:
+                commit_checkpoint(store, LocalCheckpoint(step, f"model.ckpt-{step}", files))
+                continue
+            proxy.set_faults(only_methods=("POST",), path_filter=r"/upload/", min_body=64 << 10)  # a data file
+            proxy.fail_next("flip")
+            with pytest.raises(cloudckpt.IntegrityError, match="crc32c .* expected .*corrupted on the way"):
+                commit_checkpoint(store, LocalCheckpoint(step, f"model.ckpt-{step}", files))
+        assert proxy.stats.get("flip") == 1
+    assert [c.step for c in cloudckpt.list_checkpoints(url, gcs.storage_options())] == [2]
 
 
 def test_retention(target, tmp_path):
@@ -164,8 +193,13 @@ def test_racing_creates_have_exactly_one_winner(target):
     assert fs.cat_file(f"{root}/race.json") == f"writer {won.index(True)}".encode()
 
 
-def test_put_file_if_absent_large_upload(target, tmp_path):
+def test_put_file_if_absent_large_upload(target, tmp_path, request):
     """17 MiB: several S3 parts (create-only at CompleteMultipartUpload) / GCS resumable chunks."""
+    if "fake-gcs" in request.node.callspec.id:
+        # the bundled fake-gcs-server checks ifGenerationMatch on simple uploads (test_write_if_absent passes) but not on
+        # resumable ones: it replaces the object. Real GCS refuses (412). strict: a fixed server fails this mark.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="fake-gcs-server ignores ifGenerationMatch=0 "
+                                              "on resumable uploads"))
     first, second = tmp_path / "first.bin", tmp_path / "second.bin"
     first.write_bytes(np.random.default_rng(1).bytes(17 << 20))
     second.write_bytes(np.random.default_rng(2).bytes(17 << 20))

@@ -173,6 +173,34 @@ def test_corrupted_upload_body_is_rejected_and_resent(seaweed_server, seaweed_bu
     assert report.ok and sorted(f.name for f in report.files) == sorted(files)
 
 
+def test_a_corrupted_download_is_caught_by_the_checksum_of_the_bytes_written(seaweed_server, seaweed_bucket,
+                                                                           tmp_path):
+    """The proxy inverts one byte of one ranged GET's body: the crc32c the transport returns is that of the file
+    as written (so no read-back is needed), and a restore refuses the checkpoint (IntegrityError)."""
+    files = {"model.ckpt-4.index": write(tmp_path / "i", 100),
+             "model.ckpt-4.data-00000-of-00001": write(tmp_path / "d", 7 * MiB + 5)}
+    url = f"s3://{seaweed_bucket}/run"
+    commit_checkpoint(RemoteStore(url, seaweed_server.storage_options), LocalCheckpoint(4, "model.ckpt-4", files))
+    expected = crc32c_of_file(files["model.ckpt-4.data-00000-of-00001"])
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        transport = transport_for(options, range_size=2 * MiB)
+        proxy.set_faults(only_methods=("GET",), path_filter=r"\.data-00000")
+        proxy.fail_next("flip_response")
+        back = str(tmp_path / "back")
+        size, crc = transport.get_file_crc32c(seaweed_bucket, "run/model.ckpt-4.data-00000-of-00001", back)
+        transport.close()
+        assert proxy.stats.get("flip_response") == 1
+        assert size == expected[0] and crc != expected[1] and crc32c_of_file(back) == (size, crc)
+        proxy.fail_next("flip_response")
+        with pytest.raises(cloudckpt.IntegrityError, match="checksum|crc32c"):
+            cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=options)
+        assert proxy.stats.get("flip_response") == 2
+    assert not (tmp_path / "restored" / "model.ckpt-4.index").exists()
+    cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=seaweed_server.storage_options)
+    assert (tmp_path / "restored" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
+
+
 def test_transient_faults_are_retried_per_request(seaweed_server, seaweed_bucket, tmp_path):
     """503s on ranged GETs and a reset mid-part: each request is retried, counted by cause, the file is whole."""
     src = write(tmp_path / "src", 13 * MiB)

@@ -8,6 +8,8 @@ Fault kinds:
   "refuse-keys" answers an S3 DeleteObjects (POST ?delete) itself, without forwarding it:
           HTTP 200 with an AccessDenied ``Error`` entry for every key, as AWS answers a
           caller whose policy lacks s3:DeleteObject. Only drawn when asked for.
+  "flip_response"  the same done to the response body (a download): the client's own
+          checksum must catch it. Only drawn when asked for.
   "reset" TCP RST after about half of the request body; for requests without a
           body, after half of the upstream response body (or, if that is empty,
           before the status line): then the upstream HAS executed the request,
@@ -33,7 +35,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset")  # the default mix
-ALL_KINDS = KINDS + ("flip", "refuse-keys")
+ALL_KINDS = KINDS + ("flip", "refuse-keys", "flip_response")
 _ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
     "500": ("Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
@@ -111,7 +113,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         if self.proxy._in_outage():  # keep-alive connection reused during an outage
             raise _Reset
-        fault, latency = self.proxy._decide(self.command, self.path)
+        fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0))
         time.sleep(latency)
         body = self._body()
         if fault == "refuse-keys":
@@ -130,7 +132,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Reset
         if fault == "flip":
             body = _flipped(body, length // 2)
-        self._forward(body, reset=fault == "reset")
+        self._forward(body, reset=fault == "reset", flip=fault == "flip_response")
 
     def _refuse_keys(self, body):
         errors = "".join(f"<Error><Key>{key.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied"
@@ -157,7 +159,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(xml)
 
-    def _forward(self, body, reset):
+    def _forward(self, body, reset, flip=False):
         # A fresh upstream connection per request: simpler than pooling and cheap
         # on loopback; the client side still gets keep-alive. Host is forwarded
         # untouched: it is part of the SigV4 signature.
@@ -178,11 +180,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 up.send(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 up.send(b"0\r\n\r\n")
-            self._relay(up.getresponse(), reset)
+            self._relay(up.getresponse(), reset, flip)
         finally:
             up.close()
 
-    def _relay(self, resp, reset):
+    def _relay(self, resp, reset, flip=False):
         no_body = self.command == "HEAD" or resp.status in (204, 304)
         length = None if resp.chunked else resp.getheader("Content-Length")
         body = resp
@@ -206,7 +208,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # it a moment, so that it really sees "headers, part of the body, RST".
             time.sleep(0.1)
             raise _Reset
-        while piece := body.read(_PIECE):
+        pieces = iter(lambda: body.read(_PIECE), b"")
+        for piece in _flipped(pieces, int(length) // 2) if flip and length is not None else pieces:
             self.wfile.write(piece)
 
 
@@ -292,12 +295,13 @@ class FaultProxy:
         self.stop()
 
     def set_faults(self, error_rate=0.0, kinds=KINDS, latency=0.0,
-                   only_methods=None, path_filter=None) -> None:
+                   only_methods=None, path_filter=None, min_body=0) -> None:
         """Replace the fault config. An eligible request gets a fault with
         probability ``error_rate``, of a kind drawn from ``kinds``, and first
         sleeps ``latency`` seconds. Eligible: method in ``only_methods`` (default:
         all) and ``path_filter`` (regex searched in path+query, or a callable)
-        matches. Filters gate ``fail_next`` too, but not outages."""
+        matches, and the request body has at least ``min_body`` bytes (Content-Length). Filters gate
+        ``fail_next`` too, but not outages."""
         if set(kinds) - set(ALL_KINDS):
             raise ValueError(f"unknown fault kinds in {kinds!r}, expected {ALL_KINDS}")
         if isinstance(path_filter, str):
@@ -306,6 +310,7 @@ class FaultProxy:
             self._rate, self._kinds, self._latency = float(error_rate), tuple(kinds), latency
             self._methods = {m.upper() for m in only_methods} if only_methods else None
             self._path_filter = path_filter
+            self._min_body = int(min_body)
 
     def fail_next(self, kind: str, count: int = 1) -> None:
         """Inject ``kind`` into the next ``count`` eligible requests (before random faults)."""
@@ -351,13 +356,13 @@ class FaultProxy:
                 return True
             return False
 
-    def _decide(self, method, path):
+    def _decide(self, method, path, length=0):
         """(kind or None, latency) for one request; the lock fixes the arrival order."""
         with self._lock:
             self._stats["requests"] += 1
             fault, latency = None, 0.0
             if ((self._methods is None or method in self._methods)
-                    and (self._path_filter is None or self._path_filter(path))):
+                    and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body):
                 latency = self._latency
                 if self._scripted:
                     fault = self._scripted.pop(0)
