@@ -280,7 +280,8 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
         spec = cluster_spec(2)
         (tmp_path / run).mkdir()
         return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
-                                              *flags], task_env(spec, "worker", i)) for i in range(2)]
+                                              *flags], task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
+                for i in range(2)]
 
     # Long enough that only the notice ends run 1, however slow the machine (the notice comes after epoch 0).
     workers = start("run1", "--epochs", "40", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")
