@@ -218,6 +218,9 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
         chief_local.mkdir()
         ps = cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-ps")], task_env(spec, "ps", 0),
                            prefix=own_disk(chief_local))
+        # Workers start in a moment (forked with TF imported), the PS (its own namespace) imports TF first:
+        # workers started before it serves would wait out gRPC's reconnect back-off.
+        ps.wait_for_line("SERVING")
         workers = [cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-worker-{i}"),
                                                "--last-step", str(last_step)], task_env(spec, "worker", i))
                    for i in range(workers)]
