@@ -9,7 +9,8 @@
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
 * tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
 
-Each process imports TF (5-10 s on the shared machine): the tests keep the number of processes small.
+Workers are forked with TF imported (tests/support/forkserver.py); a parameter server runs in its own mount
+namespace, so it imports TF itself (5-10 s on the shared machine): the tests keep the number of processes small.
 """
 
 from __future__ import annotations
