@@ -93,18 +93,23 @@ class ForkServers:
             if server is not None:
                 try:
                     return self._fork(server, script, args, env)
-                except OSError:
-                    self._servers.pop(_start_key(env), None)
+                except OSError:  # it died or hangs: end it, start this script the ordinary way
+                    self._end(self._servers.pop(_start_key(env)))
         return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env)
 
     def close(self) -> None:
-        for proc, sock in self._servers.values():
-            sock.close()  # the server exits on EOF
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
+        for server in self._servers.values():
+            self._end(server)
         self._servers.clear()
+
+    @staticmethod
+    def _end(server: tuple[subprocess.Popen, socket.socket]) -> None:
+        proc, sock = server
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
 
     def _can_fork(self) -> bool:
         if self._subreaper is None:
@@ -115,12 +120,16 @@ class ForkServers:
     def _server(self, env: dict[str, str]) -> tuple[subprocess.Popen, socket.socket] | None:
         key = _start_key(env)
         server = self._servers.get(key)
-        if server is None or server[0].poll() is not None:
+        if server is not None and server[0].poll() is not None:  # it died (killed by someone)
+            self._end(server)
+            server = None
+        if server is None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             proc = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     env=env)
             theirs.close()
+            ours.settimeout(300)  # the first reply waits for the server's imports
             server = self._servers[key] = (proc, ours)
         return server
 
