@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
@@ -147,29 +147,16 @@ def _child_main(args: dict[str, Any]) -> dict[str, Any]:
             if stats.committed != 2 or stats.failed:
                 raise SystemExit(f"upload failed: {stats}")
     else:
-        import boto3
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
-        opts = args["storage_options"]
-        client = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1",
-                              aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
-        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm = _transfer_manager(args["storage_options"])
         tm.upload(tiny, args["bucket"], f"{args['prefix']}/warm").result()
 
         def upload() -> None:
             futures = [tm.upload(p, args["bucket"], f"{args['prefix']}/{n}") for n, p in files.items()]
             for f in futures:
                 f.result()
-    gc.collect()
-    peak_reset = reset_peak_rss()
-    before = proc_status_kb("VmRSS")
-    started = time.perf_counter()
-    upload()
-    seconds = time.perf_counter() - started
-    peak = proc_status_kb("VmHWM")
+    report = _measured(method, upload)
     os.unlink(tiny)
-    return {"method": method, "rss_before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
-            "seconds": seconds, "peak_reset": peak_reset}
+    return report
 
 
 def _child_restore(args: dict[str, Any]) -> dict[str, Any]:
@@ -184,31 +171,42 @@ def _child_restore(args: dict[str, Any]) -> dict[str, Any]:
         def restore() -> None:
             download_checkpoint(args["url"], dest, storage_options=opts)
     else:
-        import boto3
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
-        client = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1",
-                              aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
-        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm = _transfer_manager(opts)
         tm.download(args["bucket"], f"{args['prefix']}-warm/model.ckpt-1.index", os.path.join(dest, "warm")).result()
 
         def restore() -> None:
             futures = [tm.download(args["bucket"], f"{args['prefix']}/{n}", os.path.join(dest, n)) for n in files]
             for f in futures:
                 f.result()
-    gc.collect()
-    peak_reset = reset_peak_rss()
-    before = proc_status_kb("VmRSS")
-    started = time.perf_counter()
-    restore()
-    seconds = time.perf_counter() - started
-    peak = proc_status_kb("VmHWM")
+    report = _measured(method, restore)
     for name, path in files.items():
         if os.path.getsize(os.path.join(dest, name)) != os.path.getsize(path):
             raise SystemExit(f"{method}: {name} restored with the wrong size")
     import shutil
 
     shutil.rmtree(dest, ignore_errors=True)
+    return report
+
+
+def _transfer_manager(opts: dict[str, Any]) -> Any:
+    """boto3's TransferManager (max_concurrency=10) on the bench server: the baseline of both directions."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+    client = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1",
+                          aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
+    return create_transfer_manager(client, TransferConfig(max_concurrency=10))
+
+
+def _measured(method: str, transfer: Callable[[], None]) -> dict[str, Any]:
+    """Run ``transfer`` once with the peak RSS reset before it: the child's report (RSS in KiB, seconds)."""
+    gc.collect()
+    peak_reset = reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    started = time.perf_counter()
+    transfer()
+    seconds = time.perf_counter() - started
+    peak = proc_status_kb("VmHWM")
     return {"method": method, "rss_before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
             "seconds": seconds, "peak_reset": peak_reset}
 

@@ -9,7 +9,8 @@
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
 * tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
 
-Each process imports TF (5-10 s on the shared machine): the tests keep the number of processes small.
+Workers are forked with TF imported (tests/support/forkserver.py); a parameter server runs in its own mount
+namespace, so it imports TF itself (5-10 s on the shared machine): the tests keep the number of processes small.
 """
 
 from __future__ import annotations
@@ -218,6 +219,9 @@ def test_tf1_parameter_server_chief_commits_complete_checkpoints(cluster, s3_url
         chief_local.mkdir()
         ps = cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-ps")], task_env(spec, "ps", 0),
                            prefix=own_disk(chief_local))
+        # Workers start in a moment (forked with TF imported), the PS (its own namespace) imports TF first:
+        # workers started before it serves would wait out gRPC's reconnect back-off.
+        ps.wait_for_line("SERVING")
         workers = [cluster.start(TF1_TRAINER, [s3_url, options, str(tmp_path / f"{run}-worker-{i}"),
                                                "--last-step", str(last_step)], task_env(spec, "worker", i))
                    for i in range(workers)]
@@ -280,7 +284,8 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
         spec = cluster_spec(2)
         (tmp_path / run).mkdir()
         return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
-                                              *flags], task_env(spec, "worker", i)) for i in range(2)]
+                                              *flags], task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
+                for i in range(2)]
 
     # Long enough that only the notice ends run 1, however slow the machine (the notice comes after epoch 0).
     workers = start("run1", "--epochs", "40", "--steps", "6", "--preemption", "sigterm", "--batch-sleep", "0.25")

@@ -24,6 +24,7 @@ import cloudckpt
 from cloudckpt.remote import RemoteStore
 from cloudckpt.testing import assert_committed
 from support.checks import remote_fs, state_file
+from support.forkserver import FORK_SERVERS
 
 TRAINER = Path(__file__).parent / "support" / "tf2_trainer.py"
 
@@ -36,8 +37,7 @@ class Trainer:
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent),
                                                              os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen([sys.executable, str(TRAINER), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = FORK_SERVERS.start(TRAINER, list(args), env)
         self.lines: list[str] = []
         self._stderr: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()  # type: ignore

@@ -9,6 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from support.forkserver import FORK_SERVERS
 from support.trainer_process import TrainerProcess
 
 # gRPC honours these: cluster traffic must go straight to 127.0.0.1.
@@ -49,8 +50,11 @@ class Task(TrainerProcess):
     """One task of the cluster: a script of tests/support with its own environment (not ``os.environ``)."""
 
     def __init__(self, script: Path, args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> None:
-        self.proc = subprocess.Popen([*(prefix or []), *_python(script), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        if prefix:  # a command around Python (another namespace): started as it is
+            self.proc = subprocess.Popen([*prefix, *_python(script), *args], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env)
+        else:
+            self.proc = FORK_SERVERS.start(script, args, env)
         self._start_readers()
 
     def lines(self, prefix: str) -> list[str]:

@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,23 +23,17 @@ import keras  # noqa: E402
 
 import cloudckpt.keras  # noqa: E402
 from keras_model import BATCH_SIZE, State, data, make_model  # noqa: E402  (this file's directory is on sys.path)
+from task_script import FitProgress  # noqa: E402
 
 
-class Report(keras.callbacks.Callback):
+class Report(FitProgress, keras.callbacks.Callback):
     def __init__(self, dump_dir: str, batch_sleep: float) -> None:
         super().__init__()
-        self.dump_dir, self.batch_sleep, self.epoch = dump_dir, batch_sleep, -1
+        self.dump_dir, self.batch_sleep = dump_dir, batch_sleep
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        print(f"EPOCH {epoch}", flush=True)
-
-    def on_train_batch_end(self, batch, logs=None):
+    def batch_ended(self) -> None:
         state = State.of(self.model)
         state.save(os.path.join(self.dump_dir, f"iter-{state.iterations}.npz"))
-        print(f"BATCH {self.epoch} {batch}", flush=True)
-        if self.batch_sleep:
-            time.sleep(self.batch_sleep)
 
 
 def main() -> int:

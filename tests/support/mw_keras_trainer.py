@@ -13,12 +13,10 @@ after each batch, and ``DONE preempted=<bool> iterations=<n>``, then ``STATS <js
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
-import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -28,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 import cloudckpt.keras  # noqa: E402
+from task_script import FitProgress, task_arguments, this_task  # noqa: E402
 
 
 def state(model: keras.Model) -> dict:
@@ -36,38 +35,25 @@ def state(model: keras.Model) -> dict:
     return out
 
 
-class Report(keras.callbacks.Callback):
+class Report(FitProgress, keras.callbacks.Callback):
+    epoch_line, every_epoch = "START_EPOCH", False
+
     def __init__(self, out: str, name: str, batch_sleep: float) -> None:
         super().__init__()
-        self.out, self.name, self.batch_sleep, self.epoch = out, name, batch_sleep, -1
+        self.out, self.name, self.batch_sleep = out, name, batch_sleep
 
     def on_train_begin(self, logs=None):
         np.savez(os.path.join(self.out, f"first-{self.name}.npz"), **state(self.model))
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.epoch < 0:
-            print(f"START_EPOCH {epoch}", flush=True)
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        print(f"BATCH {self.epoch} {batch}", flush=True)
-        if self.batch_sleep:
-            time.sleep(self.batch_sleep)
-
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("url")
-    parser.add_argument("options")
-    parser.add_argument("local_dir")
-    parser.add_argument("out_dir")
+    parser = task_arguments("out_dir")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     args = parser.parse_args()
-    task = json.loads(os.environ["TF_CONFIG"])["task"]
-    name = f"{task['type']}-{task['index']}"
+    name, _ = this_task()
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():

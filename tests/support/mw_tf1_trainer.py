@@ -15,7 +15,6 @@ Prints ``FIRST_STEP <n>`` (the global step the session starts at), ``STEP <n>`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,13 +27,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cloudckpt  # noqa: E402
+from task_script import task_arguments  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("url")
-    parser.add_argument("options")
-    parser.add_argument("local_dir")
+    parser = task_arguments()
     parser.add_argument("--last-step", type=int, default=20)
     parser.add_argument("--save-steps", type=int, default=5)
     parser.add_argument("--step-sleep", type=float, default=0.02)

@@ -17,7 +17,6 @@ end ``PREEMPTED <step>`` (``should_stop()`` turned True) or ``DONE <step>``, the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,21 +29,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cloudckpt  # noqa: E402
+from task_script import task_arguments, this_task  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("url")
-    parser.add_argument("options")
-    parser.add_argument("local_dir")
-    parser.add_argument("out_dir")
+    parser = task_arguments("out_dir")
     parser.add_argument("--save-every", type=int, default=5)
     parser.add_argument("--last-step", type=int, default=None)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     args = parser.parse_args()
-    task = json.loads(os.environ["TF_CONFIG"])["task"]
-    name = f"{task['type']}-{task['index']}"
+    name, index = this_task()
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     mean = tf.VariableAggregation.MEAN
@@ -57,7 +52,7 @@ def main() -> int:
         manager = cloudckpt.CheckpointManager(
             checkpoint, args.url, max_to_keep=3, local_dir=args.local_dir, storage_options=json.loads(args.options),
             preemption=None if args.preemption == "none" else args.preemption)
-    rng = np.random.default_rng(task["index"])  # every worker its own data
+    rng = np.random.default_rng(index)  # every worker its own data
     x = tf.constant(rng.normal(size=(32, 8)), tf.float32)
     y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
 

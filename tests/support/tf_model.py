@@ -56,7 +56,9 @@ def train(
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
         w = tf.compat.v1.get_variable("w", shape=[size], initializer=tf.compat.v1.zeros_initializer())
-        target = tf.constant(np.arange(1, size + 1, dtype=np.float32))
+        # computed in the graph, not a constant in it: the graph (graph.pbtxt, each .meta) stays small however
+        # large the checkpoint's data is
+        target = tf.cast(tf.range(1, size + 1), tf.float32)
         loss = tf.reduce_sum(tf.square(w - target))
         train_op = tf.compat.v1.train.GradientDescentOptimizer(learning_rate).minimize(loss, global_step=global_step)
         scaffold = None

@@ -6,8 +6,6 @@ import os
 import queue
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,9 +25,9 @@ class TrainerProcess:
 
     def __init__(self, url: str, endpoint: str, local_dir: str, *args: str, env: dict | None = None,
                  script: Path = TRAINER) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), url, endpoint, local_dir, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        from support.forkserver import FORK_SERVERS  # here: the training scripts import this module too
+
+        self.proc = FORK_SERVERS.start(script, [url, endpoint, local_dir, *args], {**os.environ, **(env or {})})
         self._start_readers()
 
     def _start_readers(self) -> None:
