@@ -72,8 +72,24 @@ class SeaweedS3(ServerProcess):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self, timeout: float = 90.0) -> "SeaweedS3":
-        """Spawn ``weed mini`` and wait until it stores and returns an object (all its servers are up)."""
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> "SeaweedS3":
+        """Spawn ``weed mini`` and wait until it stores and returns an object (all its servers are up).
+
+        Its ~13 ports are picked free beforehand; another process may take one before weed binds it
+        ("address already in use"): then it starts again on new ports, up to ``attempts`` times.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == attempts:
+                    raise
+            self.ports = {name: free_port() for name in _PORTS}
+            self.port = self.ports["s3.port"]
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "SeaweedS3":
         binary = weed_binary()
         self._dir = tempfile.mkdtemp(prefix="cloudckpt-seaweedfs-")
         args = [binary, "mini", f"-dir={self._dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
