@@ -429,7 +429,8 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
                           f"{store.url}: the directory changed meanwhile; the next save tries again.",
                           url=store.url, step=ckpt.step)
     writer.wait_for_deletes(set(broken), writer.state(step=ckpt.step))
-    list(pool.map(lambda name: store.put_file_if_absent(ckpt.files[name], name), broken))
+    list(pool.map(lambda name: store.put_file_if_absent(ckpt.files[name], name, ours[name].checksummed_ranges()),
+                  broken))
     return CommitResult(existing, sum(ours[n].size for n in broken), HEALED)
 
 

@@ -84,8 +84,7 @@ def copy_chunks(entry: FileEntry, previous: FileEntry) -> list[tuple[int, int, i
     same = [a == b for a, b in zip(entry.parts, previous.parts)]
     if not any(same):
         return None
-    return [(start, end, int(crc, 16), copy)
-            for (start, end), crc, copy in zip(entry.part_spans(), entry.parts, same)]
+    return [(start, end, crc, copy) for (start, end, crc), copy in zip(entry.checksummed_ranges(), same)]
 
 
 def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | None,
@@ -95,7 +94,8 @@ def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | Non
     previous = source_entry(name, prefix, source) if source is not None and entry is not None else None
     chunks = copy_chunks(entry, previous) if previous is not None and entry is not None else None
     if chunks is None or previous is None or previous.etag is None:
-        return 0 if store.put_file_if_absent(path, name) else None
+        checksums = entry.checksummed_ranges() if entry is not None else None  # the file is not read again
+        return 0 if store.put_file_if_absent(path, name, checksums) else None
     copied = store.put_file_if_absent_copying(path, name, chunks, previous.name, previous.etag)
     if copied:
         log.debug("%s: %d of %d bytes copied from %s.", name, copied, entry.size if entry else 0, previous.name)

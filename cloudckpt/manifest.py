@@ -69,6 +69,12 @@ class FileEntry:
             return []
         return [(start, min(self.size, start + self.part_size)) for start in range(0, self.size, self.part_size)]
 
+    def checksummed_ranges(self) -> list[tuple[int, int, int]]:
+        """``(start, end, crc32c)`` covering the file in order: each recorded part, or else the whole file."""
+        if self.parts and self.part_size:
+            return [(start, end, int(crc, 16)) for (start, end), crc in zip(self.part_spans(), self.parts)]
+        return [(0, self.size, int(self.crc32c, 16))]
+
 
 @dataclass(frozen=True)
 class Manifest:

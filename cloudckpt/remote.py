@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import fsspec
 import fsspec.callbacks
@@ -428,8 +428,12 @@ class RemoteStore:
             return True
         return self._run("create", self.url_of(name), create_remote)
 
-    def put_file_if_absent(self, local_path: str, name: str) -> bool:
+    def put_file_if_absent(self, local_path: str, name: str,
+                           checksums: Sequence[tuple[int, int, int]] | None = None) -> bool:
         """Upload a local file as ``name`` only if no object has that name; False if one exists.
+
+        ``checksums``: ``(start, end, crc32c)`` covering the file, as its manifest entry records them
+        (``FileEntry.checksummed_ranges``): the S3 transport sends them instead of reading the file again.
 
         Multipart / resumable uploads are conditional at completion (S3
         CompleteMultipartUpload with ``If-None-Match: *``; GCS
@@ -462,7 +466,7 @@ class RemoteStore:
         if self._transport is not None:
             def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> bool:
                 try:
-                    self._transport.put_file(local_path, bucket, key, create=True, call=call)
+                    self._transport.put_file(local_path, bucket, key, create=True, call=call, checksums=checksums)
                 except FileExistsError:
                     return False
                 return True
@@ -491,7 +495,7 @@ class RemoteStore:
         ``name`` exists. Falls back to ``put_file_if_absent`` where parts cannot be copied.
         """
         if self._transport is None:
-            return 0 if self.put_file_if_absent(local_path, name) else None
+            return 0 if self.put_file_if_absent(local_path, name, [c[:3] for c in chunks]) else None
         source_bucket, _, source_key = self.path(source).partition("/")
 
         def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> int | None:

@@ -330,24 +330,39 @@ class S3Transport:
 
     # -- public operations ----------------------------------------------------------------------
     def put_file(self, local_path: str, bucket: str, key: str, *, create: bool = False,
-                 call: Call = _no_retry) -> None:
+                 call: Call = _no_retry, checksums: Sequence[tuple[int, int, int]] | None = None) -> None:
         """Upload ``local_path`` as ``bucket/key`` with crc32c checksums.
 
         ``create``: only if no object has that key (``FileExistsError`` otherwise).
+        ``checksums``: ``(start, end, crc32c)`` of consecutive byte ranges covering the file (what its
+        manifest recorded while checksumming it): each part's and the object's crc32c are combined from
+        them instead of reading the file a second time, so the store checks the body against the
+        manifest's checksums (a file that changed since is refused, not committed). Parts the ranges do
+        not make up (a part size that is not a multiple of theirs) and None: read here.
         Each HTTP request runs through ``call`` (the retry policy). A failed
         multipart upload is aborted (best effort).
+
+        Raises:
+            ValueError: ``checksums`` do not cover the file.
         """
         with open(local_path, "rb") as f:
             fd = f.fileno()
             size = os.fstat(fd).st_size
+            if checksums is not None:
+                _check_cover([(a, b) for a, b, _ in checksums], size, f"{bucket}/{key}")
             if size <= self.part_size:
-                crc = _crc32c_of_range(fd, 0, size)
+                crc = _crc32c_of_range(fd, 0, size) if checksums is None else _combined(checksums)
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(size)}
                 if create:
                     headers["If-None-Match"] = "*"
                 call(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)))
                 return
-            self._put_multipart(f, size, bucket, key, create, call)
+            part_size = max(self.part_size, -(-size // _MAX_PARTS))
+            spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
+            parts = _coalesced([(a, b, crc, False) for a, b, crc in checksums or ()], part_size, part_size)
+            if [(a, b) for a, b, _, _ in parts] != spans:  # the ranges do not make up the parts: read them
+                parts = [(a, b, None, False) for a, b in spans]
+            self._put_parts(f, bucket, key, parts, None, create, call)
 
     def put_bytes(self, data: bytes, bucket: str, key: str, *, create: bool = False,
                   call: Call = _no_retry) -> None:
@@ -377,23 +392,23 @@ class S3Transport:
         Raises:
             ValueError: ``chunks`` do not cover the file, or break S3's part limits.
         """
+        checksums = [(a, b, crc) for a, b, crc, _ in chunks]
         with open(local_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            bounds = [(a, b) for a, b, _, _ in chunks]
-            if not chunks or bounds[0][0] != 0 or bounds[-1][1] != size or len(chunks) > _MAX_PARTS \
-                    or any(b1 != a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:])) \
-                    or any(b - a < _MIN_PART for a, b in bounds[:-1]):
+            bounds = [(a, b) for a, b, _ in checksums]
+            _check_cover(bounds, size, f"{bucket}/{key}")
+            if len(chunks) > _MAX_PARTS or any(b - a < _MIN_PART for a, b in bounds[:-1]):
                 raise ValueError(f"chunks of {bucket}/{key} do not cover its {size} bytes in parts S3 accepts")
             usable = any(copy for *_, copy in chunks) and self._source_unchanged(source, call)
             if not usable:
-                self.put_file(local_path, bucket, key, create=create, call=call)
+                self.put_file(local_path, bucket, key, create=create, call=call, checksums=checksums)
                 return 0
             parts = _coalesced(chunks, self.part_size, COPY_PART_SIZE)
             try:
                 return self._put_parts(f, bucket, key, parts, source, create, call)
             except CopiedPartsRejected as exc:
                 log.warning("%s: uploading the whole file instead.", exc)
-                self.put_file(local_path, bucket, key, create=create, call=call)
+                self.put_file(local_path, bucket, key, create=create, call=call, checksums=checksums)
                 return 0
 
     def _source_unchanged(self, source: CopySource, call: Call) -> bool:
@@ -409,24 +424,29 @@ class S3Transport:
             return False
         return True
 
-    def _put_parts(self, f: Any, bucket: str, key: str, parts: list[tuple[int, int, int, bool]],
-                   source: CopySource, create: bool, call: Call) -> int:
+    def _put_parts(self, f: Any, bucket: str, key: str, parts: Sequence[tuple[int, int, int | None, bool]],
+                   source: CopySource | None, create: bool, call: Call) -> int:
+        """One multipart upload of ``parts`` (``(start, end, crc32c, copy)``): uploaded from ``f`` (a crc32c
+        of None is read from ``f`` as the part is sent), or copied from ``source`` where ``copy``. Bytes
+        copied server-side."""
         upload_id = self._create_upload(bucket, key, call)
         done: dict[int, tuple[str, int]] = {}
         copied: dict[int, int] = {}
         source_ok = threading.Event()
         source_ok.set()
         try:
-            def upload(number: int, start: int, end: int, crc: int) -> None:
+            def upload(number: int, start: int, end: int, crc: int | None) -> None:
+                if crc is None:
+                    crc = _crc32c_of_range(f.fileno(), start, end - start)
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(end - start)}
                 _, answer, _ = call(lambda: self._request(
                     "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
                     headers=headers, send=(f, start, end - start)))
                 done[number] = (answer.get("etag", ""), crc)
 
-            def send(item: tuple[int, tuple[int, int, int, bool]]) -> None:
+            def send(item: tuple[int, tuple[int, int, int | None, bool]]) -> None:
                 number, (start, end, crc, copy) = item
-                if copy and source_ok.is_set():
+                if copy and crc is not None and source is not None and source_ok.is_set():
                     etag = self._copy_part(bucket, key, upload_id, number, start, end, crc, source, call)
                     if etag is not None:
                         done[number] = (etag, crc)
@@ -435,9 +455,7 @@ class S3Transport:
                     source_ok.clear()  # the source is not what its manifest says: upload the rest
                 upload(number, start, end, crc)
             self._run_all(send, list(enumerate(parts, 1)), self.parts_in_flight)
-            full = parts[0][2]
-            for start, end, crc, _ in parts[1:]:
-                full = crc32c_combine(full, crc, end - start)
+            full = _combined([(start, end, done[number][1]) for number, (start, end, _, _) in enumerate(parts, 1)])
             self._complete_upload(bucket, key, upload_id, done, full, create, call, copied=bool(copied))
             upload_id = ""
             return sum(copied.values())
@@ -528,10 +546,7 @@ class S3Transport:
                     crcs[span[0]] = self._get_range(bucket, key, span, size, fd, progress, reported)
                 call(attempt)
             self._run_all(fetch, ranges, streams)
-        full = 0  # crc32c of no bytes
-        for start, end in ranges:
-            full = crc32c_combine(full, crcs[start], end - start)
-        return size, f"{full:08x}"
+        return size, f"{_combined([(start, end, crcs[start]) for start, end in ranges]):08x}"
 
     def head(self, bucket: str, key: str) -> dict[str, Any]:
         """``size`` (bytes), ``crc32c`` (8 hex digits of the whole object, or None) and ``etag`` (without
@@ -556,30 +571,6 @@ class S3Transport:
                     break
 
     # -- multipart --------------------------------------------------------------------------------
-    def _put_multipart(self, f: Any, size: int, bucket: str, key: str, create: bool, call: Call) -> None:
-        part_size = max(self.part_size, -(-size // _MAX_PARTS))
-        spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
-        upload_id = self._create_upload(bucket, key, call)
-        done: dict[int, tuple[str, int]] = {}
-        try:
-            def send(item: tuple[int, tuple[int, int]]) -> None:
-                number, (start, end) = item
-                crc = _crc32c_of_range(f.fileno(), start, end - start)
-                headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(end - start)}
-                _, answer, _ = call(lambda: self._request(
-                    "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
-                    headers=headers, send=(f, start, end - start)))
-                done[number] = (answer.get("etag", ""), crc)
-            self._run_all(send, list(enumerate(spans, 1)), self.parts_in_flight)
-            full = done[1][1]
-            for number, (start, end) in enumerate(spans[1:], 2):
-                full = crc32c_combine(full, done[number][1], end - start)
-            self._complete_upload(bucket, key, upload_id, done, full, create, call)
-            upload_id = ""
-        finally:
-            if upload_id:
-                self._abort_upload(bucket, key, upload_id)
-
     def _create_upload(self, bucket: str, key: str, call: Call) -> str:
         """CreateMultipartUpload with a FULL_OBJECT CRC32C; the upload id."""
         _, _, body = call(lambda: self._request(
@@ -823,6 +814,21 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def _check_cover(bounds: Sequence[tuple[int, int]], size: int, where: str) -> None:
+    """Raise ValueError unless ``bounds`` are consecutive ``[start, end)`` ranges covering ``size`` bytes."""
+    if not bounds or bounds[0][0] != 0 or bounds[-1][1] != size \
+            or any(b1 != a2 or a2 >= b2 for (_, b1), (a2, b2) in zip(bounds, bounds[1:])):
+        raise ValueError(f"checksummed ranges of {where} do not cover its {size} bytes")
+
+
+def _combined(checksums: Sequence[tuple[int, int, int]]) -> int:
+    """The crc32c of consecutive ranges ``(start, end, crc32c)`` together."""
+    full = 0  # crc32c of no bytes
+    for start, end, crc in checksums:
+        full = crc32c_combine(full, crc, end - start)
+    return full
 
 
 def _coalesced(chunks: Sequence[tuple[int, int, int, bool]], upload_size: int,

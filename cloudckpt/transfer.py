@@ -50,6 +50,10 @@ class TransferOptions:
             server-side instead of sending them (``incremental.py``). Default True;
             False sends every byte (a store whose ``UploadPartCopy`` cannot be trusted).
 
+    Without a ``TransferOptions`` (``transfer=None``), ``s3://`` through cloudckpt's own transport
+    uses the sizes ``python -m bench`` measured for it (``s3_transport.PART_SIZE``, 16 MiB parts,
+    ``PARTS_IN_FLIGHT`` = 4: sent from the file, no part buffers); these defaults apply elsewhere.
+
     Raises:
         ConfigError: (a ``ValueError``) a field out of range; the message names the
             field and the allowed range.

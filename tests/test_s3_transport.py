@@ -21,7 +21,7 @@ from cloudckpt.errors import RemoteError
 from cloudckpt.manifest import crc32c_of_file
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retry import RetryPolicy
-from cloudckpt.s3_transport import S3Transport, crc32c_combine, transport_for
+from cloudckpt.s3_transport import S3ResponseError, S3Transport, crc32c_combine, transport_for
 from support.fault_proxy import FaultProxy
 
 MiB = 1 << 20
@@ -101,6 +101,50 @@ def test_roundtrip_with_full_object_crc32c(transport, seaweed_bucket, tmp_path, 
     assert transport.get_file(seaweed_bucket, "d/obj", str(tmp_path / "back"), progress=seen.append) == size
     assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()
     assert sum(seen) == size
+
+
+def _manifest_ranges(path: str, part: int = 8 * MiB) -> list[tuple[int, int, int]]:
+    """(start, end, crc32c) of each ``part``-byte range of ``path``, as a manifest records them."""
+    data = open(path, "rb").read()
+    return [(a, min(len(data), a + part), google_crc32c.value(data[a:a + part])) for a in range(0, len(data), part)]
+
+
+@pytest.mark.parametrize("size", [1000, 20 * MiB + 3])  # one PUT; parts of 16 and 4 MiB (two 8 MiB ranges each)
+def test_uploads_send_the_manifest_checksums_without_reading_the_file_again(seaweed_server, seaweed_bucket,
+                                                                         tmp_path, size, monkeypatch):
+    """Given the checksums the manifest recorded, the transport sends them (the store checks every part
+    and the whole object against them) instead of checksumming the file a second time, and a file that
+    changed since (same size) is refused by the store, not stored under the manifest's checksum. A part
+    size the ranges do not make up (5 MiB) is honoured: those parts are read."""
+    import cloudckpt.s3_transport as s3_transport
+
+    transport = transport_for(seaweed_server.storage_options, part_size=16 * MiB)
+    src = write(tmp_path / "src", size, seed=3)
+    ranges = _manifest_ranges(src) if size > 8 * MiB else [(0, size, google_crc32c.value(open(src, "rb").read()))]
+    reads: list[int] = []
+    real = s3_transport._crc32c_of_range
+    monkeypatch.setattr(s3_transport, "_crc32c_of_range", lambda fd, o, n: reads.append(n) or real(fd, o, n))
+    transport.put_file(src, seaweed_bucket, "obj", create=True, checksums=ranges)
+    assert reads == []
+    assert transport.head(seaweed_bucket, "obj")["crc32c"] == crc32c_of_file(src)[1]
+    transport.get_file(seaweed_bucket, "obj", str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()
+
+    changed = write(tmp_path / "changed", size, seed=4)  # same size, other bytes, the old checksums
+    with pytest.raises(S3ResponseError) as info:
+        transport.put_file(changed, seaweed_bucket, "obj2", create=True, checksums=ranges)
+    assert info.value.code in ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"), info.value
+    with pytest.raises(FileNotFoundError):
+        transport.head(seaweed_bucket, "obj2")
+    assert seaweed_server.client().list_multipart_uploads(Bucket=seaweed_bucket).get("Uploads") in (None, [])
+    with pytest.raises(ValueError):
+        transport.put_file(src, seaweed_bucket, "obj3", checksums=ranges[:-1])  # not covering the file
+    if size > 16 * MiB:
+        small = transport_for(seaweed_server.storage_options, part_size=5 * MiB)
+        small.put_file(src, seaweed_bucket, "obj4", create=True, checksums=ranges)
+        assert len(reads) == 5 and transport.head(seaweed_bucket, "obj4")["crc32c"] == crc32c_of_file(src)[1]
+        small.close()
+    transport.close()
 
 
 @pytest.mark.parametrize("size", [1000, 12 * MiB])
