@@ -244,9 +244,12 @@ def test_rollback_the_tf_way_in_place(tmp_path):
     ckpt_dir = str(tmp_path / "ckpt")
 
     def in_place(scaffold):
-        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, remote_max_to_keep=0)
+        # max_pending: no save is dropped however slowly the machine commits (all five are listed below)
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, remote_max_to_keep=0, max_pending=100)
     train(in_place, last_step=20)
     state = tf.compat.v1.train.get_checkpoint_state(ckpt_dir)
+    listed = [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+    assert listed == [0, 5, 10, 15, 20] and state.model_checkpoint_path.endswith("-20"), state
     tf.compat.v1.train.update_checkpoint_state(ckpt_dir, state.all_model_checkpoint_paths[2])  # step 10
     rolled = train(in_place, last_step=18, learning_rate=0.001)
     assert rolled.first_step == 10
