@@ -16,10 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 
 from .common import Scenario, ratio, summarize
 from .context import Context
@@ -120,20 +117,5 @@ def run(ctx: Context) -> Scenario:
 
 def _pinned_server(timeout: float = 60.0) -> S3Server:
     """A moto server child process pinned to CPU ``PINNED_CPU`` (unpinned where taskset or the CPU is missing)."""
-    server = S3Server()
-    command = [sys.executable, "-m", "bench.server", str(server.port)]
-    if shutil.which("taskset") and int(PINNED_CPU) in os.sched_getaffinity(0):
-        command = ["taskset", "-c", PINNED_CPU, *command]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    server._proc = subprocess.Popen(command, stdin=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                    cwd=root)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(server.endpoint + "/moto-api/data.json", timeout=2).read()
-            return server
-        except OSError:
-            if server._proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"pinned S3 server on {server.endpoint} did not come up") from None
-            time.sleep(0.1)
+    pinnable = shutil.which("taskset") and int(PINNED_CPU) in os.sched_getaffinity(0)
+    return S3Server(cpus=PINNED_CPU if pinnable else None).start(timeout)
