@@ -275,7 +275,8 @@ def _problem_text(check: Any) -> str:
         return "missing (the manifest lists it, the store does not have it)"
     if check.status == "size mismatch":
         return f"size mismatch (expected {check.expected_size} bytes, found {check.found_size})"
-    parts = f"; parts differing: {', '.join(map(str, check.bad_parts))}" if check.bad_parts else ""
+    ranges = ", ".join(f"{i} (bytes {a}-{b - 1})" for i, (a, b) in zip(check.bad_parts, check.bad_ranges()))
+    parts = f"; {check.part_size // (1 << 20)} MiB parts differing, from 0: {ranges}" if ranges else ""
     return f"checksum mismatch (expected crc32c {check.expected_crc32c}, found {check.found_crc32c}{parts})"
 
 

@@ -9,21 +9,23 @@ and the object's ETag once committed. The next commit of the same writer
 matches each of its files with the same file of the previous committed
 checkpoint in its lineage (the writer's head; the prefix swapped:
 ``model.ckpt-20.data-00000-of-00001`` <- ``model.ckpt-10.data-00000-of-00001``):
-same size, same part size, and a part whose crc32c is unchanged is copied
-server-side (S3 ``UploadPartCopy``); the others are uploaded. The committed
+same part size, and a part with the same byte range and crc32c in both is
+copied server-side (S3 ``UploadPartCopy``); the others are uploaded (a file
+that grew keeps its parts before the change). The committed
 objects are complete, independent objects: deleting the older checkpoint
 afterwards (retention) leaves them intact.
 
 Full uploads, unchanged from before, whenever a file has no such source: on
 stores without range copies (GCS, memory, local, s3 through s3fs), for the
 first checkpoint of a writer with no previous one, a source manifest without
-part checksums or ETag (written by an older cloudckpt), a size that changed,
-or when no part is unchanged (dense training). A source that is gone, has
-another ETag than its manifest records (rewritten), cannot be copied, or whose
-copied bytes the store checksums differently has those parts uploaded from
-the local file instead (``S3Transport.put_file_copying``).
+part checksums or ETag (written by an older cloudckpt), or when less than
+``MIN_COPY_BYTES`` is unchanged (dense training). A source that is gone, has
+another ETag and checksum than its manifest records (rewritten), cannot be
+copied, or whose copied bytes the store vouches for differently (the copy's
+crc32c, or its MD5 ETag where the store reports no checksum) has those parts
+uploaded from the local file instead (``S3Transport.put_file_copying``).
 
-Equal size and per-part crc32c are taken as equal bytes: the same 32-bit
+An equal byte range and crc32c are taken as equal bytes: the same 32-bit
 check that vouches for every file of a manifest.
 """
 
@@ -38,9 +40,13 @@ from .manifest import FileEntry, Manifest
 from .remote import RemoteStore
 from .writers import Writer
 
-__all__ = ["copy_source", "source_entry", "copy_chunks", "upload_file"]
+__all__ = ["copy_source", "source_entry", "copy_chunks", "upload_file", "MIN_COPY_BYTES"]
 
 log = logging.getLogger("cloudckpt")
+
+# Unchanged bytes below this are uploaded with the rest: a copy costs a HEAD and a multipart upload of its own
+# (S3's minimum part size, 5 MiB: a smaller run can only be a file's tail).
+MIN_COPY_BYTES = 5 << 20
 
 
 def copy_source(writer: Writer, state: LogState, prefix: str) -> Manifest | None:
@@ -76,15 +82,17 @@ def source_entry(name: str, prefix: str, source: Manifest) -> FileEntry | None:
 
 def copy_chunks(entry: FileEntry, previous: FileEntry) -> list[tuple[int, int, int, bool]] | None:
     """``(start, end, crc32c, copy)`` for each part of ``entry``: ``copy`` where ``previous`` (the same
-    file of the source checkpoint) has the same part checksum. None when nothing can be copied (sizes or
-    part sizes differ, checksums or ETag missing, no part unchanged)."""
-    if not entry.parts or not previous.parts or previous.etag is None or entry.size != previous.size \
-            or entry.part_size != previous.part_size or len(entry.parts) != len(previous.parts):
+    file of the source checkpoint) has a part with the same byte range and checksum. A file that grew or
+    shrank keeps the parts before the change (a ``tf.data`` iterator's state, saved last, grows the data
+    file by a few bytes at every save). None when copying would not pay: part sizes differ, checksums or
+    ETag missing, less than ``MIN_COPY_BYTES`` unchanged."""
+    if not entry.parts or not previous.parts or previous.etag is None or entry.part_size != previous.part_size:
         return None
-    same = [a == b for a, b in zip(entry.parts, previous.parts)]
-    if not any(same):
+    before = {(start, end): crc for start, end, crc in previous.checksummed_ranges()}
+    chunks = [(start, end, crc, before.get((start, end)) == crc) for start, end, crc in entry.checksummed_ranges()]
+    if sum(end - start for start, end, _, copy in chunks if copy) < MIN_COPY_BYTES:
         return None
-    return [(start, end, crc, copy) for (start, end, crc), copy in zip(entry.checksummed_ranges(), same)]
+    return chunks
 
 
 def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | None,
@@ -96,7 +104,7 @@ def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | Non
     if chunks is None or previous is None or previous.etag is None:
         checksums = entry.checksummed_ranges() if entry is not None else None  # the file is not read again
         return 0 if store.put_file_if_absent(path, name, checksums) else None
-    copied = store.put_file_if_absent_copying(path, name, chunks, previous.name, previous.etag)
+    copied = store.put_file_if_absent_copying(path, name, chunks, previous.name, previous.etag, previous.crc32c)
     if copied:
         log.debug("%s: %d of %d bytes copied from %s.", name, copied, entry.size if entry else 0, previous.name)
     return copied

@@ -488,11 +488,12 @@ class RemoteStore:
         return self._transport is not None and self.transfer.incremental
 
     def put_file_if_absent_copying(self, local_path: str, name: str, chunks: list[tuple[int, int, int, bool]],
-                                   source: str, source_etag: str) -> int | None:
+                                   source: str, source_etag: str, source_crc32c: str | None = None) -> int | None:
         """``put_file_if_absent``, copying the chunks marked so from object ``source`` server-side
         (``S3Transport.put_file_copying``: ``chunks`` are ``(start, end, crc32c, copy)``; ``source_etag``
-        the ETag ``source`` had when it was committed). Bytes copied (0: all uploaded), or None when
-        ``name`` exists. Falls back to ``put_file_if_absent`` where parts cannot be copied.
+        the ETag ``source`` had when it was committed, ``source_crc32c`` its manifest's crc32c). Bytes
+        copied (0: all uploaded), or None when ``name`` exists. Falls back to ``put_file_if_absent``
+        where parts cannot be copied.
         """
         if self._transport is None:
             return 0 if self.put_file_if_absent(local_path, name, [c[:3] for c in chunks]) else None
@@ -501,7 +502,8 @@ class RemoteStore:
         def create_with_transport(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> int | None:
             try:
                 return self._transport.put_file_copying(local_path, bucket, key, chunks,
-                                                        CopySource(source_bucket, source_key, source_etag),
+                                                        CopySource(source_bucket, source_key, source_etag,
+                                                                   source_crc32c),
                                                         create=True, call=call)
             except FileExistsError:
                 return None

@@ -48,6 +48,13 @@ class FileCheck:
     expected_crc32c: str
     found_crc32c: str | None
     bad_parts: tuple[int, ...] = ()  # 0-based parts (``FileEntry.parts``) whose crc32c differs, when re-read
+    part_size: int | None = None  # bytes per part of ``bad_parts`` (part i: bytes [i * part_size, (i+1) * part_size))
+
+    def bad_ranges(self) -> list[tuple[int, int]]:
+        """``[start, end)`` byte offsets of each part in ``bad_parts``."""
+        size = self.expected_size
+        return [(i * self.part_size, min(size, (i + 1) * self.part_size)) for i in self.bad_parts] \
+            if self.part_size else []
 
 
 UNREADABLE, RETIRED, FAILED = "unreadable", "retired", "failed"
@@ -193,7 +200,7 @@ def _check(entry: FileEntry, size: int | None, crc: str | None, parts: tuple[str
         status = CHECKSUM_MISMATCH
     else:
         status = OK
-    return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc, bad)
+    return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc, bad, entry.part_size if bad else None)
 
 
 def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck) -> IntegrityError:

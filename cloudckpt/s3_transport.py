@@ -5,8 +5,8 @@ client CPU and memory as the job allows, and nothing else: listing, small
 objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
 
 * Uploads send each part's bytes with ``socket.sendfile`` (the kernel copies
-  page cache to the socket; no Python buffer holds the part), after one
-  streaming pass that computes the part's crc32c. Every request carries
+  page cache to the socket; no Python buffer holds the part) with the part's
+  crc32c (combined from the manifest's, or one streaming pass). Every request carries
   ``x-amz-checksum-crc32c``: the store rejects a corrupted body (``BadDigest``,
   a transient error, so the caller's retry policy re-sends it). Multipart
   uploads use S3's full-object CRC32C (``x-amz-checksum-type: FULL_OBJECT``):
@@ -89,6 +89,7 @@ _READ_TIMEOUT = 60.0
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _IDLE_S = 20.0  # a kept-alive connection idle longer is closed rather than reused (servers time them out)
 # Answers of S3-compatible stores that do not implement additional checksums (or FULL_OBJECT ones).
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")  # an unencrypted S3 part's ETag: the MD5 of its bytes
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidRequest", "InvalidArgument"})
 _CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
 
@@ -124,11 +125,15 @@ class CopySource:
 
     ``etag``: the object's ETag when it was written (quotes optional): ranges are copied only while the
     object still has it (``x-amz-copy-source-if-match``, and a HEAD first for stores that ignore it).
+    ``crc32c``: the object's crc32c (8 hex digits) as its manifest records it, or None: an object with
+    another ETag (re-uploaded in other parts, e.g. healed) is still copied from when the store's
+    full-object checksum equals it.
     """
 
     bucket: str
     key: str
     etag: str
+    crc32c: str | None = None
 
 
 def unquoted_etag(value: str | None) -> str | None:
@@ -207,6 +212,27 @@ def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
         checksum.update(chunk)
         offset += len(chunk)
     return int.from_bytes(checksum.digest(), "big")
+
+
+def _md5_of_range(fd: int, offset: int, count: int) -> str:
+    """Hex MD5 of ``count`` bytes of ``fd`` from ``offset`` (what S3 reports as an unencrypted part's ETag)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    end = offset + count
+    while offset < end:
+        chunk = os.pread(fd, min(READ_BUFFER, end - offset), offset)
+        if not chunk:
+            raise OSError(errno.EIO, f"file ended at byte {offset} of {end}")
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def _describe(exc: BaseException) -> str:
+    """The S3 error code and status behind ``exc`` (or its type), for a log line."""
+    cause = exc if isinstance(exc, S3ResponseError) else exc.__cause__
+    if isinstance(cause, S3ResponseError):
+        return f"{cause.code or 'error'} {cause.status}"
+    return type(exc).__name__
 
 
 def _b64(crc: int) -> str:
@@ -399,30 +425,42 @@ class S3Transport:
             _check_cover(bounds, size, f"{bucket}/{key}")
             if len(chunks) > _MAX_PARTS or any(b - a < _MIN_PART for a, b in bounds[:-1]):
                 raise ValueError(f"chunks of {bucket}/{key} do not cover its {size} bytes in parts S3 accepts")
-            usable = any(copy for *_, copy in chunks) and self._source_unchanged(source, call)
-            if not usable:
+            current = self._source_unchanged(source, call) if any(copy for *_, copy in chunks) else None
+            if current is None:
                 self.put_file(local_path, bucket, key, create=create, call=call, checksums=checksums)
                 return 0
             parts = _coalesced(chunks, self.part_size, COPY_PART_SIZE)
             try:
-                return self._put_parts(f, bucket, key, parts, source, create, call)
+                return self._put_parts(f, bucket, key, parts, current, create, call)
             except CopiedPartsRejected as exc:
                 log.warning("%s: uploading the whole file instead.", exc)
                 self.put_file(local_path, bucket, key, create=create, call=call, checksums=checksums)
                 return 0
 
-    def _source_unchanged(self, source: CopySource, call: Call) -> bool:
-        """True when ``source`` exists with its recorded ETag (one HEAD: moto ignores copy-source conditions)."""
+    def _source_unchanged(self, source: CopySource, call: Call) -> CopySource | None:
+        """``source`` to copy from, with the ETag it has now, when it holds what its manifest records (one
+        HEAD: moto ignores copy-source conditions): its recorded ETag, or another one with the manifest's
+        crc32c as the store's full-object checksum (re-uploaded in other parts). None: upload instead."""
+        where = f"s3://{source.bucket}/{source.key}"
         try:
-            etag = call(lambda: self.head(source.bucket, source.key))["etag"]
+            head = call(lambda: self.head(source.bucket, source.key))
         except FileNotFoundError:
-            log.info("Copy source %s/%s is gone: uploading instead.", source.bucket, source.key)
-            return False
-        if etag != unquoted_etag(source.etag):
-            log.warning("Copy source %s/%s changed since it was committed (ETag %s, recorded %s): uploading "
-                        "instead.", source.bucket, source.key, etag, unquoted_etag(source.etag))
-            return False
-        return True
+            log.info("Copy source %s is gone: uploading instead.", where)
+            return None
+        except Exception as exc:  # noqa: BLE001 - copying is an optimisation: any doubt means uploading
+            log.warning("Cannot look at copy source %s (%s): uploading instead.", where, _describe(exc))
+            return None
+        recorded = unquoted_etag(source.etag)
+        if head["etag"] == recorded:
+            return source
+        if source.crc32c is not None and head["crc32c"] == source.crc32c and head["etag"]:
+            log.info("Copy source %s was re-uploaded with the same bytes (ETag %s, recorded %s; the store's "
+                     "crc32c %s is the manifest's): copying from it.", where, head["etag"], recorded, head["crc32c"])
+            return CopySource(source.bucket, source.key, head["etag"], source.crc32c)
+        log.warning("Copy source %s is not the object its checkpoint committed (ETag %s, recorded %s; store crc32c "
+                    "%s, manifest %s): uploading instead.", where, head["etag"], recorded, head["crc32c"],
+                    source.crc32c)
+        return None
 
     def _put_parts(self, f: Any, bucket: str, key: str, parts: Sequence[tuple[int, int, int | None, bool]],
                    source: CopySource | None, create: bool, call: Call) -> int:
@@ -447,7 +485,7 @@ class S3Transport:
             def send(item: tuple[int, tuple[int, int, int | None, bool]]) -> None:
                 number, (start, end, crc, copy) = item
                 if copy and crc is not None and source is not None and source_ok.is_set():
-                    etag = self._copy_part(bucket, key, upload_id, number, start, end, crc, source, call)
+                    etag = self._copy_part(f, bucket, key, upload_id, number, start, end, crc, source, call)
                     if etag is not None:
                         done[number] = (etag, crc)
                         copied[number] = end - start
@@ -463,10 +501,15 @@ class S3Transport:
             if upload_id:
                 self._abort_upload(bucket, key, upload_id)
 
-    def _copy_part(self, bucket: str, key: str, upload_id: str, number: int, start: int, end: int, crc: int,
-                   source: CopySource, call: Call) -> str | None:
+    def _copy_part(self, f: Any, bucket: str, key: str, upload_id: str, number: int, start: int, end: int,
+                   crc: int, source: CopySource, call: Call) -> str | None:
         """UploadPartCopy of ``source``'s bytes [start, end) as part ``number``; its ETag, or None when the
-        source cannot give them (gone, changed, copies unsupported, a checksum that differs from ``crc``)."""
+        copy cannot be trusted to hold the bytes of ``f`` there: the copy failed (source gone or changed,
+        copies unsupported or refused, a server error past the retries) or the store vouches for other bytes.
+
+        The store vouches by the copied part's crc32c (S3, SeaweedFS: compared with ``crc``) or, where it
+        reports none (moto), by the part's ETag, the MD5 of its bytes for an unencrypted S3 part (compared
+        with the MD5 of the local bytes). A store reporting neither is not trusted."""
         etag = unquoted_etag(source.etag)
         headers = {"x-amz-copy-source": _uri_encode(f"/{source.bucket}/{source.key}", safe="/-_.~"),
                    "x-amz-copy-source-range": f"bytes={start}-{end - 1}",
@@ -482,22 +525,34 @@ class S3Transport:
             return body
         try:
             body = call(attempt)
-        except (FileNotFoundError, FileExistsError) as exc:
-            if isinstance(exc.__cause__, S3ResponseError) and exc.__cause__.code == "NoSuchUpload":
-                raise
-            log.warning("Cannot copy %s (%s): uploading instead.", where, type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - copying is an optimisation: the bytes are uploaded instead
+            cause = exc.__cause__ if isinstance(exc.__cause__, S3ResponseError) else exc
+            if isinstance(cause, S3ResponseError) and cause.code == "NoSuchUpload":
+                raise  # the upload itself is gone: nothing to fall back into
+            unsupported = isinstance(cause, S3ResponseError) and cause.status in (400, 501) \
+                and cause.code in _UNSUPPORTED_CODES
+            log.log(logging.INFO if unsupported else logging.WARNING,
+                    "Server-side copy of %s into s3://%s/%s failed (%s): uploading those bytes instead.",
+                    where, bucket, key, _describe(exc))
             return None
-        except S3ResponseError as exc:
-            if exc.status in (400, 501) and exc.code in _UNSUPPORTED_CODES:
-                log.info("%r cannot copy %s (%s): uploading instead.", self, where, exc.code)
-                return None
-            raise
+        etag = _xml_text(body, "ETag") or ""
         stored = _xml_text(body, "ChecksumCRC32C")
-        if stored is not None and crc32c_hex_from_header(stored) != f"{crc:08x}":
+        if stored is not None:
+            if crc32c_hex_from_header(stored) == f"{crc:08x}":
+                return etag
             log.warning("Copy source %s does not hold the bytes its manifest records (crc32c %s, expected "
                         "%08x): uploading instead.", where, crc32c_hex_from_header(stored), crc)
             return None
-        return _xml_text(body, "ETag") or ""
+        md5 = unquoted_etag(etag) or ""
+        if not _MD5_ETAG.fullmatch(md5):
+            log.info("%r reports no checksum of the bytes it copied from %s (ETag %r): uploading instead.",
+                     self, where, etag)
+            return None
+        if md5 != _md5_of_range(f.fileno(), start, end - start):
+            log.warning("Copy source %s does not hold the bytes its manifest records (the copy's MD5 %s differs "
+                        "from the local bytes'): uploading instead.", where, md5)
+            return None
+        return etag
 
     def get_file(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
                  progress: Callable[[int], None] | None = None) -> int:

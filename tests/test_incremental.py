@@ -21,6 +21,7 @@ from cloudckpt.errors import RemoteError
 from cloudckpt.manifest import PART_SIZE
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retry import RetryPolicy
+from cloudckpt.incremental import MIN_COPY_BYTES
 from cloudckpt.s3_transport import CopySource
 from cloudckpt.writers import Writer
 from support.fault_proxy import FaultProxy
@@ -120,19 +121,29 @@ def test_changed_parts_are_uploaded_and_the_rest_copied(server, bucket_url, tmp_
     assert verified(bucket_url, server, 2).ok and verified(bucket_url, server, 1).ok
 
 
-@pytest.mark.parametrize("change", ["size", "every part"])
-def test_a_new_size_or_every_part_changed_is_a_full_upload(server, bucket_url, tmp_path, change):
-    saves = Saves(tmp_path, 3 * PART_SIZE)
+@pytest.mark.parametrize("change, copied", [
+    ("grew", 3 * PART_SIZE),  # a tf.data iterator's state saved last: every whole part before it is copied
+    ("shrank", 2 * PART_SIZE),  # the last part's range changed
+    ("every part", 0),  # dense training: a full upload
+    ("all but a short tail", 0),  # less than MIN_COPY_BYTES unchanged: not worth a copy
+])
+def test_parts_are_copied_only_where_their_range_and_bytes_are_unchanged(server, bucket_url, tmp_path, change,
+                                                                          copied):
+    saves = Saves(tmp_path, 3 * PART_SIZE + (MIN_COPY_BYTES - 1 if change == "all but a short tail" else 0))
     store = RemoteStore(bucket_url, server.storage_options)
     writer = Writer(store)
     commit_checkpoint(store, saves.save(1), writer=writer)
-    if change == "size":
+    if change == "grew":
         saves.data += b"more"
+    elif change == "shrank":
+        del saves.data[-1]
     else:
-        for start in range(0, len(saves.data), PART_SIZE):
+        for start in range(0, 3 * PART_SIZE, PART_SIZE):
             saves.data[start] ^= 1
     second = commit_checkpoint(store, saves.save(2), writer=writer)
-    assert second.bytes_copied == 0 and second.bytes_uploaded == second.manifest.total_size
+    assert second.bytes_copied == copied
+    assert second.bytes_uploaded == second.manifest.total_size - copied
+    assert remote_bytes(server, bucket_url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
     assert verified(bucket_url, server, 2).ok
 
 
@@ -148,7 +159,9 @@ def test_a_source_corrupted_in_the_bucket_is_not_propagated(server, bucket_url, 
     corrupt[100] ^= 0xFF
     server.client().put_object(Bucket=bucket, Key=f"{root}/model.ckpt-1.{DATA}", Body=bytes(corrupt))
     [bad] = verified(bucket_url, server, 1).problems  # the corruption is real; verify names its part
-    assert bad.name == f"model.ckpt-1.{DATA}" and bad.bad_parts == (0,)
+    assert bad.name == f"model.ckpt-1.{DATA}" and bad.bad_parts == (0,) and bad.bad_ranges() == [(0, PART_SIZE)]
+    from cloudckpt.cli import _problem_text
+    assert _problem_text(bad).endswith(f"; 8 MiB parts differing, from 0: 0 (bytes 0-{PART_SIZE - 1}))")
 
     saves.data[-1] ^= 1
     second = commit_checkpoint(store, saves.save(2), writer=writer)
@@ -216,6 +229,77 @@ def test_a_failed_incremental_upload_is_aborted_and_never_committed(seaweed_serv
     assert verified(url, seaweed_server, 2).ok
 
 
+def test_a_copy_that_keeps_failing_is_uploaded_instead(server, bucket_url, tmp_path, caplog):
+    """UploadPartCopy answered 500 until the retries run out: those bytes are uploaded, the commit succeeds
+    (copying is an optimisation) and says so in a warning naming the copy."""
+    saves = Saves(tmp_path, 3 * PART_SIZE)
+    commit_checkpoint(RemoteStore(bucket_url, server.storage_options), saves.save(1))
+    saves.data[-1] ^= 1  # parts 0-1 copied (one request: partNumber=1), part 2 uploaded (partNumber=2)
+    with FaultProxy(server.endpoint, seed=0) as proxy:
+        proxy.set_faults(only_methods=("PUT",), path_filter="partNumber=1&")
+        proxy.fail_next("500", count=FAST_RETRY.max_attempts)  # every attempt of the copy
+        store = RemoteStore(bucket_url, {**server.storage_options, "endpoint_url": proxy.url}, retry=FAST_RETRY)
+        with caplog.at_level("WARNING", logger="cloudckpt"):
+            second = commit_checkpoint(store, saves.save(2))
+        assert proxy.stats["500"] == FAST_RETRY.max_attempts
+    assert second.outcome == "uploaded" and second.bytes_copied == 0
+    assert any("Server-side copy of" in r.getMessage() and "uploading those bytes instead" in r.getMessage()
+               for r in caplog.records)
+    assert remote_bytes(server, bucket_url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
+    assert verified(bucket_url, server, 2).ok
+
+
+def test_bit_rot_under_an_unchanged_etag_is_not_copied(moto_server, tmp_path):
+    """moto reports no checksum of a copied part: the copy's ETag (the MD5 of its bytes) is checked against
+    the local bytes. One byte of the stored source flipped inside moto, its ETag left as it was (bit rot at
+    rest): that part is uploaded, not copied, and no committed checkpoint inherits the damage."""
+    from moto.s3.models import s3_backends
+
+    bucket = f"inc-{uuid.uuid4().hex[:10]}"
+    url = moto_server.create_bucket(bucket) + "/run"
+    saves = Saves(tmp_path, 3 * PART_SIZE)
+    store = RemoteStore(url, moto_server.storage_options)
+    writer = Writer(store)
+    commit_checkpoint(store, saves.save(1), writer=writer)
+    stored = next(iter(s3_backends.values()))["global"].get_object(bucket, f"run/model.ckpt-1.{DATA}")
+    etag = stored.etag
+    with stored.lock:
+        stored._value_buffer.seek(PART_SIZE + 123)  # part 1
+        byte = stored._value_buffer.read(1)
+        stored._value_buffer.seek(PART_SIZE + 123)
+        stored._value_buffer.write(bytes([byte[0] ^ 0xFF]))
+    assert stored.etag == etag and not verified(url, moto_server, 1).ok
+
+    saves.data[-1] ^= 1  # parts 0-1 unchanged locally: one copy request of 16 MiB, refused by its MD5
+    second = commit_checkpoint(store, saves.save(2), writer=writer)
+    assert second.bytes_copied == 0
+    assert remote_bytes(moto_server, url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
+    assert verified(url, moto_server, 2).ok
+
+
+def test_a_source_re_uploaded_with_the_same_bytes_is_still_copied(seaweed_server, tmp_path, caplog):
+    """A healed object (re-uploaded in other parts: another ETag, the same bytes): the store's full-object
+    crc32c equals the manifest's, so the next commit copies from it, without a warning."""
+    bucket = f"inc-{uuid.uuid4().hex[:10]}"
+    url = seaweed_server.create_bucket(bucket) + "/run"
+    saves = Saves(tmp_path, 3 * PART_SIZE)
+    store = RemoteStore(url, seaweed_server.storage_options)
+    writer = Writer(store)
+    first = commit_checkpoint(store, saves.save(1), writer=writer)
+    small_parts = RemoteStore(url, seaweed_server.storage_options)._transport
+    small_parts.part_size = 5 * MiB
+    small_parts.put_file(str(tmp_path / f"model.ckpt-1.{DATA}"), bucket, f"run/model.ckpt-1.{DATA}")
+    recorded = next(f.etag for f in first.manifest.files if f.name.endswith(DATA))
+    assert small_parts.head(bucket, f"run/model.ckpt-1.{DATA}")["etag"] != recorded
+    saves.data[-1] ^= 1
+    with caplog.at_level("INFO", logger="cloudckpt"):
+        second = commit_checkpoint(store, saves.save(2), writer=writer)
+    assert second.bytes_copied == 2 * PART_SIZE
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("re-uploaded with the same bytes" in r.getMessage() for r in caplog.records)
+    assert verified(url, seaweed_server, 2).ok
+
+
 # -- backends without range copies ------------------------------------------------------------------------
 @pytest.mark.parametrize("where", ["memory", "s3fs"])
 def test_backends_without_range_copy_upload_in_full(where, memory_url, moto_server, tmp_path):
@@ -247,8 +331,11 @@ def test_a_copy_from_a_source_rewritten_after_the_check_is_refused_by_the_store(
     crc = google_crc32c.value((tmp_path / "old").read_bytes())
     upload_id = transport._create_upload(bucket, "new", lambda fn: fn())
     try:
-        assert transport._copy_part(bucket, "new", upload_id, 1, 0, PART_SIZE, crc, source, lambda fn: fn())
-        transport.put_bytes(np.random.default_rng(3).bytes(PART_SIZE), bucket, "old")  # same size, new bytes
-        assert transport._copy_part(bucket, "new", upload_id, 1, 0, PART_SIZE, crc, source, lambda fn: fn()) is None
+        with open(tmp_path / "old", "rb") as local:
+            copy = lambda: transport._copy_part(local, bucket, "new", upload_id, 1, 0, PART_SIZE, crc,  # noqa: E731
+                                                source, lambda fn: fn())
+            assert copy()
+            transport.put_bytes(np.random.default_rng(3).bytes(PART_SIZE), bucket, "old")  # same size, new bytes
+            assert copy() is None
     finally:
         transport._abort_upload(bucket, "new", upload_id)
