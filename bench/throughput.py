@@ -348,6 +348,9 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
         sc.figures["cpu_cloudckpt"], sc.figures["cpu_transfer_manager"], target="<= 0.8",
         paired=[c / t for (_, c), (_, t) in zip(measured["cloudckpt"], measured["transfer_manager"]) if t > 0]
         or None)
+    if shares is not None:  # what each client left to training, against TransferManager
+        sc.ratios["standin_cloudckpt/standin_transfer_manager"] = ratio(
+            sc.figures["standin_cloudckpt"], sc.figures["standin_transfer_manager"])
 
 
 def _restore_checked(ctx: Context, method: str,

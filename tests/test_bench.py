@@ -42,7 +42,8 @@ SCENARIOS = {
                      "fine_tune_sent_fraction/checkpoint", "checksums_with_parts/checksums_whole_file"}),
 }
 # The same methods, the client on a core shared with a busy training stand-in (its core share: standin_*).
-SCENARIOS.update({"upload_contended": SCENARIOS["upload"], "restore_contended": SCENARIOS["restore"]})
+SCENARIOS.update({key: (SCENARIOS[base][0], SCENARIOS[base][1] | {"standin_cloudckpt/standin_transfer_manager"})
+                  for key, base in (("upload_contended", "upload"), ("restore_contended", "restore"))})
 # The transport scenarios run again on SeaweedFS (python -m bench runs both servers by default).
 SCENARIOS.update({f"{key}@seaweedfs": SCENARIOS[key]
                   for key in ("upload", "restore", "memory", "deadline", "incremental", "upload_contended",
