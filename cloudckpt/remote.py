@@ -118,6 +118,8 @@ class RemoteStore:
             sizes = {} if transfer is None else {"part_size": self.transfer.part_size,
                                                  "parts_in_flight": self.transfer.max_parts_in_flight}
             self._transport = self._s3_transport(storage_options, sizes)
+            if self._transport is not None:
+                self._transport.cancel = self.cancel
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
         # Part / chunk sizes bound the memory of a file in flight (part size x the backend's part

@@ -349,6 +349,7 @@ class S3Transport:
         self._pools_lock = threading.Lock()
         self._bucket_regions: dict[str, str] = {}
         self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
+        self.cancel: threading.Event | None = None  # set by the owner giving up: a failed copy is not uploaded
 
     def __repr__(self) -> str:
         where = f"{self._endpoint[0]}://{self._endpoint[1]}" if self._endpoint else f"AWS {self.region}"
@@ -527,8 +528,9 @@ class S3Transport:
             body = call(attempt)
         except Exception as exc:  # noqa: BLE001 - copying is an optimisation: the bytes are uploaded instead
             cause = exc.__cause__ if isinstance(exc.__cause__, S3ResponseError) else exc
-            if isinstance(cause, S3ResponseError) and cause.code == "NoSuchUpload":
-                raise  # the upload itself is gone: nothing to fall back into
+            if isinstance(cause, S3ResponseError) and cause.code == "NoSuchUpload" \
+                    or self.cancel is not None and self.cancel.is_set():
+                raise  # the upload itself is gone, or its owner gave up: nothing to fall back into
             unsupported = isinstance(cause, S3ResponseError) and cause.status in (400, 501) \
                 and cause.code in _UNSUPPORTED_CODES
             log.log(logging.INFO if unsupported else logging.WARNING,

@@ -249,6 +249,26 @@ def test_a_copy_that_keeps_failing_is_uploaded_instead(server, bucket_url, tmp_p
     assert verified(bucket_url, server, 2).ok
 
 
+def test_a_failing_copy_of_an_abandoned_upload_is_not_uploaded_instead(seaweed_server, tmp_path):
+    """The store's owner gave up (``cancel`` set, as an abandoned upload does): a failing copy ends the upload
+    (aborted, nothing committed) instead of sending its bytes."""
+    bucket = f"inc-{uuid.uuid4().hex[:10]}"
+    url = seaweed_server.create_bucket(bucket) + "/run"
+    saves = Saves(tmp_path, 3 * PART_SIZE)
+    commit_checkpoint(RemoteStore(url, seaweed_server.storage_options), saves.save(1))
+    saves.data[-1] ^= 1
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        proxy.set_faults(only_methods=("PUT",), path_filter="partNumber=1&")
+        proxy.fail_next("500", count=FAST_RETRY.max_attempts)
+        store = RemoteStore(url, {**seaweed_server.storage_options, "endpoint_url": proxy.url}, retry=FAST_RETRY)
+        store.cancel.set()
+        with pytest.raises(RemoteError):
+            commit_checkpoint(store, saves.save(2))
+        assert proxy.stats["500"] == 1  # no retry, no upload of the copy's bytes
+    assert seaweed_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads") in (None, [])
+    assert [c.step for c in cloudckpt.list_checkpoints(url, seaweed_server.storage_options)] == [1]
+
+
 def test_bit_rot_under_an_unchanged_etag_is_not_copied(moto_server, tmp_path):
     """moto reports no checksum of a copied part: the copy's ETag (the MD5 of its bytes) is checked against
     the local bytes. One byte of the stored source flipped inside moto, its ETag left as it was (bit rot at
