@@ -87,7 +87,6 @@ def run(ctx: Context) -> Scenario:
     from cloudckpt.commit import LocalCheckpoint, build_manifest, commit_checkpoint
     from cloudckpt.manifest import crc32c_of_file
     from cloudckpt.remote import RemoteStore
-    from cloudckpt.s3_transport import PART_SIZE, PARTS_IN_FLIGHT
     from cloudckpt.transfer import TransferOptions
     from cloudckpt.writers import Writer
 
@@ -102,9 +101,8 @@ def run(ctx: Context) -> Scenario:
         """Per repetition: (incremental seconds, full seconds, fraction of bytes sent incrementally, size)."""
         local = ctx.scratch(name)
         stores, writers = {}, {}
-        for variant in ("incremental", "full"):  # the same transport settings; only copying differs
-            transfer = TransferOptions(part_size=PART_SIZE, max_parts_in_flight=PARTS_IN_FLIGHT,
-                                       incremental=variant == "incremental")
+        for variant in ("incremental", "full"):  # the same (default) part sizes; only copying differs
+            transfer = TransferOptions(incremental=variant == "incremental")
             stores[variant] = RemoteStore(ctx.url(f"{name}/{variant}"), ctx.storage_options, transfer=transfer)
             writers[variant] = Writer(stores[variant])
         files = save(local, 1)

@@ -108,7 +108,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         ConfigError: unusable URL or ``local_dir``; in ``begin()``, a Saver (``saver=``,
             ``scaffold=`` or the graph's ``SAVERS`` collection) that would write part of
             the checkpoint on another task (a sharded Saver with variables on parameter
-            servers).
+            servers); in ``after_create_session()``, a session that did not restore the
+            checkpoint in ``local_dir`` (not created with ``checkpoint_dir=hook.local_dir``).
     """
 
     def __init__(
@@ -265,7 +266,16 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         return self._upload.url
 
     def after_create_session(self, session: Any, coord: Any) -> None:
-        """Resolve remote retention from the Saver, then save the first checkpoint (TF semantics)."""
+        """Check the session restored ``local_dir``'s checkpoint, resolve remote retention from the Saver,
+        then save the first checkpoint (TF semantics).
+
+        Raises:
+            ConfigError: the session starts at a global step below the checkpoint ``local_dir``'s state
+                file names (the one ``begin()`` restored, or this run's newest save): it was not created
+                with ``checkpoint_dir=hook.local_dir``. Nothing is saved or committed and nothing keeps
+                running (``UploadListener.check_session_step``).
+        """
+        self._upload.check_session_step(int(session.run(self._global_step_tensor)))
         max_to_keep, every_n_hours = self._retention_args
         saver_def = getattr(self._get_saver(), "saver_def", None)
         if max_to_keep is None and saver_def is not None:

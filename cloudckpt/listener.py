@@ -26,7 +26,8 @@ from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .transfer import TransferOptions
 from .uploader import UploadStats
-from .errors import UploadError
+from .errors import ConfigError, UploadError
+from .layout import split_prefix, state_file_prefix
 
 log = logging.getLogger("cloudckpt")
 
@@ -83,6 +84,8 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
                                         transfer=transfer, summary_dir=summary_dir)
         self._graph_signature: tuple[int, int] | None = None
         self.registers_in_begin = True  # False when a CheckpointSaverHook registers (after restoring) itself
+        self._restored: CheckpointInfo | None = None  # what resume() downloaded into local_dir
+        self._check_first_save = False  # begin() sets it: the first save checks the session's step
 
     @property
     def engine(self) -> CheckpointEngine:
@@ -127,13 +130,23 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
     def begin(self) -> None:
         """Check the remote directory is usable (the background uploader starts with the first save)."""
         self._engine.open()
+        self._check_first_save = True
         if self.registers_in_begin:  # TF's stock hook: bring local_dir to the head, which the session restores
             self.resume(download=not self.in_place)
         # The uploader thread starts with the first checkpoint: a session that fails to be created
         # (after begin(), before any hook hears of it) leaves no thread behind.
 
     def before_save(self, session: Any, global_step_value: int) -> None:
-        """Nothing: failures surface after the save, so an upload problem never prevents a local save."""
+        """The first save after ``begin()`` checks that the session restored ``local_dir``'s checkpoint
+        (``check_session_step``). Upload failures surface after the save, so an upload problem never
+        prevents a local save.
+
+        Raises:
+            ConfigError: see ``check_session_step``.
+        """
+        if self._check_first_save:
+            self.check_session_step(int(global_step_value))
+            self._check_first_save = False
 
     def after_save(self, session: Any, global_step_value: int) -> bool:
         """Snapshot the checkpoint just written and queue it for commit (never waits on the network)."""
@@ -181,7 +194,45 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         manifests. Registering fences every older writer of the directory.
         Returns the checkpoint downloaded, if any.
         """
-        return self._engine.resume(download=download)
+        self._restored = self._engine.resume(download=download)
+        return self._restored
+
+    def check_session_step(self, step: int) -> None:
+        """Refuse a session that starts at global step ``step`` below the checkpoint ``local_dir`` holds.
+
+        ``local_dir``'s TF state file names the checkpoint a session created with
+        ``MonitoredTrainingSession(checkpoint_dir=local_dir)`` restores: the resume point
+        ``resume()`` brought there (downloaded, or the local copy), or the newest save of this
+        run. A session below it did not restore it (``checkpoint_dir`` not passed, or another
+        directory): its first commit would continue the directory from that older step, and
+        every newer checkpoint would become superseded (never restored; deleted first by
+        retention). A rollback on purpose points the state file back first
+        (``tf.compat.v1.train.update_checkpoint_state``): the session then starts at the step it
+        names, which passes. Reads one small local file; nothing when the state file names no
+        checkpoint that is there.
+
+        Raises:
+            ConfigError: ``step`` is below the step of the checkpoint the state file names; nothing
+                has been saved or committed at ``step``.
+        """
+        prefix = state_file_prefix(self.local_dir)
+        parsed = split_prefix(prefix) if prefix is not None else None
+        if parsed is None or step >= parsed[1] or prefix not in self._engine.layout.local_prefixes(self.local_dir):
+            return
+        held = parsed[1]
+        restored = self._restored
+        source = (f"that cloudckpt downloaded from {self.url} into {self.local_dir}"
+                  if restored is not None and restored.step == held
+                  else f"that {self.local_dir} holds (its TF checkpoint state file names {prefix!r})")
+        raise ConfigError(
+            f"The training session starts at global step {step}: it did not restore checkpoint step {held} "
+            f"{source}. Committing step {step} now would continue {self.url} from step {step} instead: step {held} "
+            f"would become superseded (never restored again, deleted first by retention), so nothing was saved or "
+            f"committed. Pass checkpoint_dir={self.local_dir!r} (the hook's local_dir) to "
+            f"tf.compat.v1.train.MonitoredTrainingSession, or restore from "
+            f"tf.train.latest_checkpoint({self.local_dir!r}) with your Scaffold or Saver. To go back to an older "
+            f"step on purpose, point that state file at it first (tf.compat.v1.train.update_checkpoint_state); "
+            f"to start a new lineage, use a new checkpoint directory (or restore=False with an empty local_dir).")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint saved so far is committed or dropped.

@@ -114,16 +114,15 @@ class RemoteStore:
         # listings and small objects stay on s3fs. Not under moto's in-process mock (moto_mock.py).
         self._transport: S3Transport | None = None
         if protocol in _S3_PROTOCOLS and type(self.fs).__module__.startswith("s3fs"):
-            # Transport defaults were measured for it (bench/); a TransferOptions given explicitly applies.
-            sizes = {} if transfer is None else {"part_size": self.transfer.part_size,
-                                                 "parts_in_flight": self.transfer.max_parts_in_flight}
+            # TransferOptions' defaults are the transport's measured ones (bench/): transfer=None is TransferOptions().
+            sizes = {"part_size": self.transfer.part_size, "parts_in_flight": self.transfer.max_parts_in_flight}
             self._transport = self._s3_transport(storage_options, sizes)
             if self._transport is not None:
                 self._transport.cancel = self.cancel
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
-        # Part / chunk sizes bound the memory of a file in flight (part size x the backend's part
-        # concurrency); S3: multipart parts; GCS: resumable chunks (multiple of 256 KiB).
+        # fsspec paths (s3fs fallback, gcsfs): part / chunk sizes bound the memory of a file in flight (part
+        # size x the backend's part concurrency); S3: multipart parts; GCS: resumable chunks (multiple of 256 KiB).
         part_size, parts = self.transfer.part_size, self.transfer.max_parts_in_flight
         self._put_options: dict[str, Any] = (
             {"chunksize": part_size, "max_concurrency": parts} if protocol in _S3_PROTOCOLS

@@ -6,16 +6,22 @@ callbacks) and ``CheckpointEngine`` take it as ``transfer=``; the store's
 transport reads ``part_size`` and ``max_parts_in_flight``, the uploader
 ``max_files_in_flight``.
 
-Memory of an upload in flight is bounded by about
-``max_files_in_flight x max_parts_in_flight x part_size`` (plus one more
-copy per part inside the HTTP client): 4 x 2 x 8 MiB = 64 MiB by default.
-The defaults are the values ``bench/`` (scenarios 1 and 5, moto) measured as
-matching boto3's TransferManager throughput within that memory bound.
+One set of defaults, the ones ``python -m bench`` measured for cloudckpt's own
+S3 transport (``s3_transport.PART_SIZE`` = 16 MiB parts, ``PARTS_IN_FLIGHT`` =
+4 parts in flight; README, scenarios 3/4), 4 files in flight. ``TransferOptions()``
+and ``transfer=None`` are the same thing on every store: turning one field
+(say ``incremental=False``) changes only that field.
 
-On ``s3://`` with cloudckpt's own transport (``s3_transport.py``: parts are sent
-from the file with ``sendfile``, never buffered) only a ``TransferOptions``
-given explicitly sets its part size and parts in flight; otherwise it uses its
-own measured defaults (16 MiB parts, 4 in flight).
+Memory of an upload in flight depends on the data path:
+
+* ``s3://`` through cloudckpt's transport sends parts from the file
+  (``sendfile``): no part buffers, whatever the sizes.
+* the fsspec paths buffer parts: on the s3fs fallback (``s3_additional_kwargs``,
+  a proxy, an aiobotocore session... keep the data path on s3fs) up to
+  ``max_files_in_flight x max_parts_in_flight x part_size`` bytes
+  (``max_buffer_bytes``: 4 x 4 x 16 MiB = 256 MiB by default; s3fs reads a file
+  smaller than two parts whole); gcsfs sends one ``part_size`` chunk per file
+  at a time (4 x 16 MiB). Lower ``part_size`` or the counts to bound it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .s3_transport import PART_SIZE, PARTS_IN_FLIGHT
 
 __all__ = ["TransferOptions", "MiB"]
 
@@ -39,29 +46,29 @@ class TransferOptions:
 
     Attributes:
         part_size: bytes per multipart part (S3) / resumable chunk (GCS): an
-            integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Default 8 MiB
-            (boto3 TransferManager's default).
+            integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Default 16 MiB
+            (``s3_transport.PART_SIZE``).
         max_files_in_flight: files of one checkpoint uploaded (and checksummed)
             concurrently, in [1, 64]. Default 4.
         max_parts_in_flight: parts of one file sent concurrently, in [1, 64].
-            Default 2.
+            Default 4 (``s3_transport.PARTS_IN_FLIGHT``).
         incremental: on ``s3://`` through cloudckpt's transport, copy the parts of a
             checkpoint's files that are unchanged since the previous committed checkpoint
             server-side instead of sending them (``incremental.py``). Default True;
             False sends every byte (a store whose ``UploadPartCopy`` cannot be trusted).
 
-    Without a ``TransferOptions`` (``transfer=None``), ``s3://`` through cloudckpt's own transport
-    uses the sizes ``python -m bench`` measured for it (``s3_transport.PART_SIZE``, 16 MiB parts,
-    ``PARTS_IN_FLIGHT`` = 4: sent from the file, no part buffers); these defaults apply elsewhere.
+    ``transfer=None`` means ``TransferOptions()``. On the fsspec paths (s3fs fallback, gcsfs)
+    parts are buffered: up to ``max_buffer_bytes`` (files x parts x part size, 256 MiB by
+    default) on s3fs; cloudckpt's ``s3://`` transport sends parts from the file, unbuffered.
 
     Raises:
         ConfigError: (a ``ValueError``) a field out of range; the message names the
             field and the allowed range.
     """
 
-    part_size: int = 8 * MiB
+    part_size: int = PART_SIZE
     max_files_in_flight: int = 4
-    max_parts_in_flight: int = 2
+    max_parts_in_flight: int = PARTS_IN_FLIGHT
     incremental: bool = True
 
     def __post_init__(self) -> None:
@@ -76,7 +83,10 @@ class TransferOptions:
 
     @property
     def max_buffer_bytes(self) -> int:
-        """Upper bound of part buffers held at once (files x parts x part size), bytes."""
+        """Upper bound of part buffers held at once on the fsspec paths (files x parts x part size), bytes.
+
+        cloudckpt's ``s3://`` transport holds none (parts are sent from the file).
+        """
         return self.max_files_in_flight * self.max_parts_in_flight * self.part_size
 
     @classmethod

@@ -21,6 +21,7 @@ from cloudckpt import CheckpointEngine, TransferOptions
 from cloudckpt.engine import STAGING_DIR
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retention import RetentionPolicy
+from cloudckpt.s3_transport import PART_SIZE, PARTS_IN_FLIGHT
 from cloudckpt.testing import assert_committed
 from support.checks import assert_all_committed_intact
 from support.fault_proxy import FaultProxy
@@ -244,6 +245,38 @@ def test_transfer_options_reach_the_store(counted, tmp_path):
     parts = [p for m, p, _ in proxy.events[start:] if m == "PUT" and "partNumber=" in p and ".data-" in p]
     assert len(parts) == 3
     assert_committed(url, step=1, storage_options=direct)
+
+
+def test_transfer_options_defaults_are_the_defaults_without_one(counted, tmp_path):
+    """``TransferOptions(incremental=False)`` changes copying only: its uploads use the same parts as
+    ``transfer=None`` (the transport's measured 16 MiB x 4), and so does the s3fs fallback's fsspec path."""
+    url, proxy, options, direct = counted
+    defaults = TransferOptions()
+    assert (defaults.part_size, defaults.max_parts_in_flight) == (PART_SIZE, PARTS_IN_FLIGHT) == (16 << 20, 4)
+    assert defaults.max_buffer_bytes == 4 * 4 * (16 << 20)
+    size = 40 << 20  # (+ a few bytes) 16 + 16 + 8 MiB: 3 parts; 8 MiB parts would make 6
+    fallback = {**options, "s3_additional_kwargs": {"StorageClass": "STANDARD"}}  # keeps the data path on s3fs
+    cases = {"none": (None, options), "not-incremental": (TransferOptions(incremental=False), options),
+             "s3fs": (None, fallback)}
+    parts: dict[str, int] = {}
+    for name, (transfer, storage_options) in cases.items():
+        local = tmp_path / name
+        with CheckpointEngine(f"{url}/{name}", str(local), storage_options=storage_options,
+                              transfer=transfer) as engine:
+            transport = engine.store._transport
+            if name == "s3fs":
+                assert transport is None
+            else:
+                assert (transport.part_size, transport.parts_in_flight) == (PART_SIZE, PARTS_IN_FLIGHT)
+            engine.open()
+            start = len(proxy.events)
+            engine.submit(1, write_checkpoint(local, 1, size=size))
+            engine.wait(120)
+            assert engine.stats().last_committed_step == 1
+        parts[name] = sum(1 for m, p, _ in proxy.events[start:]
+                          if m == "PUT" and "partNumber=" in p and f"/{name}/" in p and ".data-" in p)
+        assert_committed(f"{url}/{name}", step=1, storage_options=direct)
+    assert parts == {"none": 3, "not-incremental": 3, "s3fs": 3}
 
 
 def test_stats_report_commit_lag_and_queue_depth(cloudckpt_s3, tmp_path):

@@ -14,6 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import cloudckpt
 from support.checks import assert_all_committed_intact, manifests, state_file
 from support.tf_model import train
+from test_engine import cloudckpt_threads
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -224,3 +225,67 @@ def test_end_after_a_failed_upload_still_saves_and_commits_the_final_checkpoint(
     assert "step 10" in str(info.value) and "Access Denied" in str(info.value)
     assert (local / "model.ckpt-12.index").exists()  # the failure did not prevent the final save ...
     assert cloudckpt.latest_checkpoint(f"memory://{root}").step == 12  # ... nor its commit
+
+
+def test_a_session_that_did_not_restore_the_download_is_refused(cloudckpt_s3, tmp_path):
+    """The hook downloads step 20 into a fresh local_dir, but the session was created without
+    checkpoint_dir=hook.local_dir: it starts at step 0. Committing step 0 on top of step 20 would supersede
+    20 (retention then deletes it), so the hook raises before saving anything; with checkpoint_dir the same
+    local_dir resumes at 20."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    hooks = []
+
+    def make_hook(local, **kwargs):
+        def make(scaffold):
+            hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / local),
+                                                       storage_options=options, max_pending=100, **kwargs))
+            return hooks[-1]
+        return make
+
+    train(make_hook("vm1", remote_max_to_keep=0), last_step=20)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [0, 5, 10, 15, 20]
+    local = str(tmp_path / "vm2")
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(make_hook("vm2", remote_max_to_keep=1), last_step=30, restore=False)
+    message = str(info.value)
+    assert "starts at global step 0" in message
+    assert f"did not restore checkpoint step 20 that cloudckpt downloaded from {url} into {local}" in message
+    assert f"checkpoint_dir={local!r}" in message
+    assert hooks[-1].restored is not None and hooks[-1].restored.step == 20
+    assert not os.path.exists(os.path.join(local, "model.ckpt-0.index"))  # nothing was saved
+    assert cloudckpt_threads() == []  # nothing keeps running
+    # nothing was committed: step 20 is still the head, nothing superseded or deleted
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [0, 5, 10, 15, 20]
+    assert cloudckpt.latest_checkpoint(url, options).step == 20
+
+    resumed = train(make_hook("vm2", remote_max_to_keep=0), last_step=25)
+    assert resumed.first_step == 20
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == \
+        [0, 5, 10, 15, 20, 25]
+    assert_all_committed_intact(url, options)
+
+
+def test_a_session_that_did_not_restore_in_place_is_refused(tmp_path):
+    """In place: the directory still holds model.ckpt-0 (the Saver keeps five), yet a session starting at
+    step 0 while the state file names step 10 did not restore step 10, and is refused; so is TF's stock hook
+    with cloudckpt's UploadListener, at its first save."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, remote_max_to_keep=0, max_pending=100)
+
+    train(in_place, last_step=10)
+    assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir)] == [0, 5, 10]
+    assert os.path.exists(os.path.join(ckpt_dir, "model.ckpt-0.index"))
+    with pytest.raises(cloudckpt.ConfigError, match=f"did not restore checkpoint step 10 that {ckpt_dir} holds"):
+        train(in_place, last_step=12, restore=False)
+
+    def stock(scaffold):
+        listener = cloudckpt.UploadListener(ckpt_dir, ckpt_dir)
+        return tf.compat.v1.train.CheckpointSaverHook(ckpt_dir, save_steps=5, listeners=[listener])
+
+    with pytest.raises(cloudckpt.ConfigError, match="starts at global step 0: it did not restore checkpoint step 10"):
+        train(stock, last_step=12, restore=False)
+    assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir, include_superseded=True)] == [0, 5, 10]
+    assert tf.train.latest_checkpoint(ckpt_dir).endswith("model.ckpt-10")
+    assert train(in_place, last_step=12).first_step == 10

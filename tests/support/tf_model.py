@@ -46,12 +46,15 @@ def train(
     max_to_keep: int | None = None,
     step_callback: Callable[[int], None] | None = None,
     learning_rate: float = 0.01,
+    restore: bool = True,
 ) -> TrainResult:
     """Train ``w`` (``size`` floats) with SGD until global step ``last_step``.
 
     ``make_hook(scaffold)`` builds the checkpoint hook under test (``scaffold``
     is None unless ``max_to_keep`` asks for a custom Saver). The loss pulls
     ``w`` towards 1..size, so every step changes it deterministically.
+    ``restore=False``: the session is created without ``checkpoint_dir`` (a user who forgot it), so it
+    restores nothing.
     """
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -68,8 +71,8 @@ def train(
         checkpoint_dir = getattr(hook, "local_dir", None) or getattr(hook, "_checkpoint_dir")
         probe = _Probe(global_step, w)
         with tf.compat.v1.train.MonitoredTrainingSession(
-            checkpoint_dir=checkpoint_dir, scaffold=scaffold, save_checkpoint_secs=None, save_checkpoint_steps=None,
-            save_summaries_steps=None, save_summaries_secs=None, log_step_count_steps=None,
+            checkpoint_dir=checkpoint_dir if restore else None, scaffold=scaffold, save_checkpoint_secs=None,
+            save_checkpoint_steps=None, save_summaries_steps=None, save_summaries_secs=None, log_step_count_steps=None,
             hooks=[hook, tf.compat.v1.train.StopAtStepHook(last_step=last_step), probe, *extra_hooks],
         ) as sess:
             while not sess.should_stop():
