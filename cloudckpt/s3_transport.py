@@ -89,6 +89,7 @@ _READ_TIMEOUT = 60.0
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _IDLE_S = 20.0  # a kept-alive connection idle longer is closed rather than reused (servers time them out)
 # Answers of S3-compatible stores that do not implement additional checksums (or FULL_OBJECT ones).
+_CHECKSUM_REFUSALS = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")  # an unencrypted S3 part's ETag: the MD5 of its bytes
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidRequest", "InvalidArgument"})
 _CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
@@ -212,6 +213,31 @@ def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
         checksum.update(chunk)
         offset += len(chunk)
     return int.from_bytes(checksum.digest(), "big")
+
+
+class LocalFileChanged(ValueError):
+    """A file's bytes differ from the crc32c taken of them for its manifest: it changed after the save
+    (not retried: the checkpoint's files must not change once saved)."""
+
+
+def _checked(request: Callable[[], T], f: Any, start: int, end: int, crc: int | None) -> Callable[[], T]:
+    """``request`` (an upload of bytes [start, end) of ``f`` declaring crc32c ``crc``, taken earlier for the
+    manifest, or None), raising ``LocalFileChanged`` instead of the store's checksum refusal when the
+    bytes in the file no longer have that crc32c."""
+    def run() -> T:
+        try:
+            return request()
+        except S3ResponseError as exc:
+            if crc is None or exc.code not in _CHECKSUM_REFUSALS:
+                raise
+            now = _crc32c_of_range(f.fileno(), start, end - start)
+            if now == crc:
+                raise  # the bytes were corrupted on the way: sent again
+            raise LocalFileChanged(f"{f.name} changed after its checksum was taken for the manifest: bytes "
+                                   f"{start}-{end - 1} have crc32c {now:08x}, the manifest {crc:08x}. It is not "
+                                   "committed: a checkpoint's files must not change once saved (a second "
+                                   "writer in the same local directory?).") from exc
+    return run
 
 
 def _md5_of_range(fd: int, offset: int, count: int) -> str:
@@ -350,6 +376,7 @@ class S3Transport:
         self._bucket_regions: dict[str, str] = {}
         self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
         self.cancel: threading.Event | None = None  # set by the owner giving up: a failed copy is not uploaded
+        self.copies_off: str | None = None  # why server-side copies stopped (one failed past the retries)
 
     def __repr__(self) -> str:
         where = f"{self._endpoint[0]}://{self._endpoint[1]}" if self._endpoint else f"AWS {self.region}"
@@ -382,7 +409,8 @@ class S3Transport:
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(size)}
                 if create:
                     headers["If-None-Match"] = "*"
-                call(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)))
+                call(_checked(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)),
+                              f, 0, size, crc if checksums is not None else None))
                 return
             part_size = max(self.part_size, -(-size // _MAX_PARTS))
             spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
@@ -414,6 +442,8 @@ class S3Transport:
         a source that changed (ETag), vanished, cannot be copied or whose copied bytes do not match has
         those parts uploaded from ``local_path`` instead, and a store refusing the copied parts at
         completion gets the whole file uploaded again. ``create``: If-None-Match (``FileExistsError``).
+        A copy failing for another reason than its source (a server error past the retries, a refusal, no
+        support) turns copies off for this transport (``copies_off``): every later copy would cost the same.
         A failed upload is aborted. Returns the bytes copied server-side (the rest was sent).
 
         Raises:
@@ -426,7 +456,8 @@ class S3Transport:
             _check_cover(bounds, size, f"{bucket}/{key}")
             if len(chunks) > _MAX_PARTS or any(b - a < _MIN_PART for a, b in bounds[:-1]):
                 raise ValueError(f"chunks of {bucket}/{key} do not cover its {size} bytes in parts S3 accepts")
-            current = self._source_unchanged(source, call) if any(copy for *_, copy in chunks) else None
+            wanted = any(copy for *_, copy in chunks) and self.copies_off is None
+            current = self._source_unchanged(source, call) if wanted else None
             if current is None:
                 self.put_file(local_path, bucket, key, create=create, call=call, checksums=checksums)
                 return 0
@@ -474,13 +505,12 @@ class S3Transport:
         source_ok = threading.Event()
         source_ok.set()
         try:
-            def upload(number: int, start: int, end: int, crc: int | None) -> None:
-                if crc is None:
-                    crc = _crc32c_of_range(f.fileno(), start, end - start)
+            def upload(number: int, start: int, end: int, given: int | None) -> None:
+                crc = _crc32c_of_range(f.fileno(), start, end - start) if given is None else given
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(end - start)}
-                _, answer, _ = call(lambda: self._request(
+                _, answer, _ = call(_checked(lambda: self._request(
                     "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
-                    headers=headers, send=(f, start, end - start)))
+                    headers=headers, send=(f, start, end - start)), f, start, end, given))
                 done[number] = (answer.get("etag", ""), crc)
 
             def send(item: tuple[int, tuple[int, int, int | None, bool]]) -> None:
@@ -536,6 +566,10 @@ class S3Transport:
             log.log(logging.INFO if unsupported else logging.WARNING,
                     "Server-side copy of %s into s3://%s/%s failed (%s): uploading those bytes instead.",
                     where, bucket, key, _describe(exc))
+            if not isinstance(exc, (FileNotFoundError, FileExistsError)):  # not the source: the store's copies
+                self.copies_off = f"a copy failed with {_describe(exc)}"  # each would cost the retries again
+                log.warning("%r: server-side copies are off for this process (%s); uploads send every byte.",
+                            self, self.copies_off)
             return None
         etag = _xml_text(body, "ETag") or ""
         stored = _xml_text(body, "ChecksumCRC32C")

@@ -231,7 +231,8 @@ def test_a_failed_incremental_upload_is_aborted_and_never_committed(seaweed_serv
 
 def test_a_copy_that_keeps_failing_is_uploaded_instead(server, bucket_url, tmp_path, caplog):
     """UploadPartCopy answered 500 until the retries run out: those bytes are uploaded, the commit succeeds
-    (copying is an optimisation) and says so in a warning naming the copy."""
+    (copying is an optimisation) and says so in a warning naming the copy; that transport copies no more
+    (each copy would cost the retries again), a new one (process) does."""
     saves = Saves(tmp_path, 3 * PART_SIZE)
     commit_checkpoint(RemoteStore(bucket_url, server.storage_options), saves.save(1))
     saves.data[-1] ^= 1  # parts 0-1 copied (one request: partNumber=1), part 2 uploaded (partNumber=2)
@@ -242,11 +243,19 @@ def test_a_copy_that_keeps_failing_is_uploaded_instead(server, bucket_url, tmp_p
         with caplog.at_level("WARNING", logger="cloudckpt"):
             second = commit_checkpoint(store, saves.save(2))
         assert proxy.stats["500"] == FAST_RETRY.max_attempts
-    assert second.outcome == "uploaded" and second.bytes_copied == 0
-    assert any("Server-side copy of" in r.getMessage() and "uploading those bytes instead" in r.getMessage()
-               for r in caplog.records)
-    assert remote_bytes(server, bucket_url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
-    assert verified(bucket_url, server, 2).ok
+        assert second.outcome == "uploaded" and second.bytes_copied == 0
+        assert any("Server-side copy of" in r.getMessage() and "uploading those bytes instead" in r.getMessage()
+                   for r in caplog.records)
+        assert remote_bytes(server, bucket_url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
+        assert verified(bucket_url, server, 2).ok
+        assert store._transport.copies_off
+        saves.data[-1] ^= 1
+        third = commit_checkpoint(store, saves.save(3))  # the store copies fine again: this transport does not
+        assert third.bytes_copied == 0
+    saves.data[-1] ^= 1
+    fourth = commit_checkpoint(RemoteStore(bucket_url, server.storage_options), saves.save(4))
+    assert fourth.bytes_copied == 2 * PART_SIZE
+    assert verified(bucket_url, server, 3).ok and verified(bucket_url, server, 4).ok
 
 
 def test_a_failing_copy_of_an_abandoned_upload_is_not_uploaded_instead(seaweed_server, tmp_path):
