@@ -74,9 +74,11 @@ def summarize(samples: Sequence[float], unit: str, **extra: Any) -> dict[str, An
 
 
 def ratio(numerator: dict[str, Any], denominator: dict[str, Any], *, target: str | None = None,
-          paired: Sequence[float] | None = None, note: str = "") -> dict[str, Any]:
-    """Ratio of two figures' medians, checked against ``target`` (``"<= 1.02"``, ``">= 1.0"``)."""
-    value = numerator["median"] / denominator["median"] if denominator["median"] else float("inf")
+          paired: Sequence[float] | None = None, note: str = "", value: float | None = None) -> dict[str, Any]:
+    """Ratio of two figures' medians (or ``value``, an estimate of it from paired runs), checked against
+    ``target`` (``"<= 1.02"``, ``">= 1.0"``)."""
+    if value is None:
+        value = numerator["median"] / denominator["median"] if denominator["median"] else float("inf")
     out: dict[str, Any] = {"value": value, "target": target, "met": _meets(value, target)}
     if paired:
         out["paired"] = summarize(paired, "x")
@@ -113,6 +115,20 @@ def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     cpu0, started = cpu_seconds(), time.perf_counter()
     result = fn()
     return time.perf_counter() - started, cpu_seconds() - cpu0, result
+
+
+def order_balanced_ratio(pairs: Sequence[tuple[float, bool]]) -> float:
+    """``a / b`` from paired runs ``(a_i / b_i, a ran first)`` whose order alternates: the geometric mean of
+    the pairs where ``a`` ran first times that of the pairs where ``b`` did, square-rooted. An effect of
+    running first (or second) scales both orders' ratios alike and cancels, however the pairs split;
+    the median of each figure does not cancel it when it is larger than the difference measured."""
+    import math
+
+    groups = [[r for r, first in pairs if first == order] for order in (True, False)]
+    if not all(groups):
+        return math.exp(sum(math.log(r) for r, _ in pairs) / len(pairs))
+    means = [sum(math.log(r) for r in g) / len(g) for g in groups]
+    return math.exp(sum(means) / 2)
 
 
 def rotate(items: Sequence[Any], k: int) -> list[Any]:
