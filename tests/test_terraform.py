@@ -616,8 +616,10 @@ def cloudckpt_operations(fs, checkpoint_dir: str, workdir: Path) -> dict[str, An
     from cloudckpt.remote import RemoteStore
     from cloudckpt.restore import download_verified
     from cloudckpt.retention import delete_checkpoint
+    from cloudckpt.transfer import TransferOptions
 
-    store = RemoteStore(checkpoint_dir)
+    # 8 MiB parts: s3fs puts a file in one PutObject below 2 x chunksize, and the policy must allow multipart
+    store = RemoteStore(checkpoint_dir, transfer=TransferOptions(part_size=8 * MiB))
     store.fs = fs  # the guarded, policy-limited client
     # Every request through that client, data too, so the guard sees all the verbs the policy must allow
     # (cloudckpt's own s3:// transport sends the same ones: PutObject, multipart, GetObject ranges).
