@@ -186,6 +186,8 @@ def _time_ratio(sc: Scenario, name: str, inc: list[float], full: list[float], fi
     of a pair runs first is slower here, by more than what is measured) and, as a note, the medians'."""
     paired = [a / b for a, b in zip(inc, full)]
     medians = sc.figures[f"{name}_incremental"]["median"] / sc.figures[f"{name}_full"]["median"]
-    return ratio(sc.figures[f"{name}_incremental"], sc.figures[f"{name}_full"], target=target, paired=paired,
-                 value=order_balanced_ratio(list(zip(paired, first))),
-                 note=f"order-balanced geometric mean of the pairs; ratio of the medians {medians:.2f}")
+    out = ratio(sc.figures[f"{name}_incremental"], sc.figures[f"{name}_full"], target=target, paired=paired,
+                value=order_balanced_ratio(list(zip(paired, first))),
+                note=f"order-balanced geometric mean of the pairs; ratio of the medians {medians:.2f}")
+    out["paired_incremental_first"] = first
+    return out
