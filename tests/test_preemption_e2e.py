@@ -84,7 +84,9 @@ SEQUENCES = {
     "gce-then-sigterm-3s": ("sigterm,gce", [("gce", 0.0), ("sigterm", 3.0)], 0),
     "sigterm-then-gce": ("sigterm,gce", [("sigterm", 0.0), ("gce", 0.1)], 0),
     "aws-then-sigterm": ("sigterm,aws", [("aws", 0.0), ("sigterm", 0.5)], 0),
-    "two-sigterms": ("sigterm", [("sigterm", 0.0), ("sigterm", 0.05)], -signal.SIGTERM),
+    # the second SIGTERM once the first was handled (sent earlier, two could merge into one pending signal
+    # while the trainer waits for a core), while the final commit of a 32 MB checkpoint runs
+    "two-sigterms": ("sigterm", [("sigterm", 0.0), ("sigterm", None)], -signal.SIGTERM),
 }
 
 
@@ -94,7 +96,8 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
     clean; a second SIGTERM terminates (143) and the latest committed checkpoint stays intact."""
     sources, events, expected_rc = SEQUENCES[name]
     options = moto_server.storage_options
-    size = ("--size", str(1 << 21))  # 8 MB: the final commit takes a moment, so signals land during it
+    # 8 MB (32 MB with two SIGTERMs): the final commit takes a moment, so signals land during it
+    size = ("--size", str(1 << 23 if name == "two-sigterms" else 1 << 21))
     with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
         trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "20",
                                  "--preemption", sources, *size,
@@ -105,7 +108,10 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
             assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.stderr
             time.sleep(0.1)
         for event, delay in events:
-            time.sleep(delay)
+            if delay is None:  # as soon as the trainer has logged the notice
+                trainer.wait_for_text("Preemption notice from", timeout=60)
+            else:
+                time.sleep(delay)
             {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[event]()
         assert trainer.wait() == expected_rc, trainer.stderr
     assert_everything_verifies(bucket_url, options)

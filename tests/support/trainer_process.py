@@ -77,6 +77,14 @@ class TrainerProcess:
                 raise AssertionError(f"trainer never printed {prefix!r} (rc={self.proc.poll()}):\n{self.stderr}")
             time.sleep(0.01)
 
+    def wait_for_text(self, text: str, timeout: float = 120) -> None:
+        """Block until ``text`` appears in the trainer's stderr (or fail with it)."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self._stderr)):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"trainer never logged {text!r} (rc={self.proc.poll()}):\n{self.stderr}")
+            time.sleep(0.005)
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
