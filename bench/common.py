@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 MB = 1 << 20
 GB = 1 << 30
@@ -249,3 +250,22 @@ class Scenario:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def threads_pinned(cpus: set[int]) -> Iterator[None]:
+    """Run the body with every thread of this process on ``cpus`` (``os.sched_setaffinity`` per thread: pools
+    created earlier, TensorFlow's and fsspec's, included; threads started inside inherit it); every thread
+    gets the process's affinity back afterwards, also on errors."""
+    saved = os.sched_getaffinity(0)
+    try:
+        _pin_threads(cpus)
+        yield
+    finally:
+        _pin_threads(saved)
+
+
+def _pin_threads(cpus: set[int]) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)

@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-from .common import GB, MB, Scenario, ratio, rotate, summarize, timed_cpu, total_size
+from .common import GB, MB, Scenario, ratio, rotate, summarize, threads_pinned, timed_cpu, total_size
 from .context import Context
 
 UPLOAD_KEY, UPLOAD_TITLE = "upload", "3. Upload throughput"
@@ -284,28 +284,20 @@ def contended_core(shares: list[float]) -> Iterator[None]:
     """Run the body with every thread of this process on ``CLIENT_CPU``, next to a busy stand-in for the
     training step pinned there too; append the stand-in's share of the core over the body. The stand-in is
     always killed and reaped, and every thread gets the process's affinity back, also on errors."""
-    saved = os.sched_getaffinity(0)
     proc = None
-    try:
-        _pin_threads({CLIENT_CPU})  # every thread: pools created earlier (fsspec's loop, ...) included
-        proc = subprocess.Popen([sys.executable, "-S", "-c", STANDIN], stdout=subprocess.PIPE)  # inherits CPU 0
-        assert proc.stdout is not None
-        if proc.stdout.readline() != b"ready\n":
-            raise RuntimeError(f"the training stand-in did not start ({proc.poll()})")
-        cpu0, started = _process_cpu(proc.pid), time.perf_counter()
-        yield
-        shares.append((_process_cpu(proc.pid) - cpu0) / (time.perf_counter() - started))
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()  # reaped here, outside any timed_cpu window: its CPU is never the client's
-        _pin_threads(saved)
-
-
-def _pin_threads(cpus: set[int]) -> None:
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(int(tid), cpus)
+    with threads_pinned({CLIENT_CPU}):
+        try:
+            proc = subprocess.Popen([sys.executable, "-S", "-c", STANDIN], stdout=subprocess.PIPE)  # inherits CPU 0
+            assert proc.stdout is not None
+            if proc.stdout.readline() != b"ready\n":
+                raise RuntimeError(f"the training stand-in did not start ({proc.poll()})")
+            cpu0, started = _process_cpu(proc.pid), time.perf_counter()
+            yield
+            shares.append((_process_cpu(proc.pid) - cpu0) / (time.perf_counter() - started))
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()  # reaped here, outside any timed_cpu window: its CPU is never the client's
 
 
 def _process_cpu(pid: int) -> float:
