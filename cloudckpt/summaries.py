@@ -38,13 +38,18 @@ TAG_PREFIX = "cloudckpt/"
 class CommitSummaryWriter:
     """Appends scalar summaries to one TensorBoard event file in ``directory``.
 
+    The event file is created with the first scalars: an engine that commits
+    nothing (a non-chief worker of a multi-worker job, whose saves are never
+    committed) leaves no empty event file in a ``summary_dir`` shared by the job.
+
     Args:
         directory: a local directory or any URL TensorFlow's file system opens
             (``gs://``); created if needed.
 
     Raises:
         ModuleNotFoundError: TensorFlow is not installed (the message names the pip command).
-        tf.errors.OpError: the directory or the event file cannot be created (raised here, not mid-run).
+        tf.errors.OpError: the directory cannot be created (raised here, not mid-run; a failure to create
+            the event file later is logged by the uploader, and the commit goes on).
     """
 
     def __init__(self, directory: str) -> None:
@@ -54,8 +59,8 @@ class CommitSummaryWriter:
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.cloudckpt"
         self.path = os.path.join(self.directory, name) if "://" not in self.directory else f"{self.directory}/{name}"
         self._lock = threading.Lock()
-        self._writer: Any = self._tf.io.TFRecordWriter(self.path)
-        self._write(self._tf.compat.v1.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self._writer: Any = None
+        self._closed = False
 
     def scalars(self, step: int, values: Mapping[str, float | int | None]) -> None:
         """Write ``values`` (name -> number; None is skipped) at ``step`` and flush."""
@@ -67,13 +72,18 @@ class CommitSummaryWriter:
     def close(self) -> None:
         """Flush and close the event file; idempotent."""
         with self._lock:
+            self._closed = True
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
 
     def _write(self, event: Any) -> None:
         with self._lock:
-            if self._writer is None:
+            if self._closed:
                 return
+            if self._writer is None:  # the first scalars: the event file starts with its version record
+                self._writer = self._tf.io.TFRecordWriter(self.path)
+                header = self._tf.compat.v1.Event(wall_time=event.wall_time, file_version="brain.Event:2")
+                self._writer.write(header.SerializeToString())
             self._writer.write(event.SerializeToString())
             self._writer.flush()

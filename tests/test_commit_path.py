@@ -23,7 +23,7 @@ from cloudckpt.remote import RemoteStore
 from cloudckpt.retention import RetentionPolicy
 from cloudckpt.s3_transport import PART_SIZE, PARTS_IN_FLIGHT
 from cloudckpt.testing import assert_committed
-from support.checks import assert_all_committed_intact
+from support.checks import assert_all_committed_intact, read_scalars
 from support.fault_proxy import FaultProxy
 from support.tf_model import train
 from test_engine import write_checkpoint
@@ -303,14 +303,21 @@ def test_stats_report_commit_lag_and_queue_depth(cloudckpt_s3, tmp_path):
     assert all(v >= 0 for v in scalars["commit_lag_seconds"].values())
 
 
-def read_scalars(directory) -> dict[str, dict[int, float]]:
-    """tag (without ``cloudckpt/``) -> step -> value, from every event file in ``directory``."""
-    found: dict[str, dict[int, float]] = {}
-    for path in glob.glob(os.path.join(str(directory), "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                found.setdefault(value.tag.removeprefix("cloudckpt/"), {})[event.step] = value.simple_value
-    return found
+def test_summary_dir_gets_an_event_file_only_with_the_first_commit(cloudckpt_s3, tmp_path):
+    """An engine that commits nothing (a non-chief worker's) leaves no empty event file in a shared summary_dir."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    summaries = tmp_path / "tb"
+    with CheckpointEngine(url, str(tmp_path / "idle"), storage_options=options, summary_dir=str(summaries)) as engine:
+        engine.open()
+    assert summaries.is_dir() and not list(summaries.iterdir())  # the directory is checked at open
+    with CheckpointEngine(url, str(tmp_path / "local"), storage_options=options, summary_dir=str(summaries)) as engine:
+        engine.open()
+        engine.submit(1, write_checkpoint(tmp_path / "local", 1))
+        engine.wait(120)
+    events = list(summaries.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and read_scalars(summaries)["failed"] == {1: 0.0}
+    versions = [e.file_version for e in tf.compat.v1.train.summary_iterator(str(events[0])) if e.file_version]
+    assert versions == ["brain.Event:2"]  # TensorBoard's header record comes first
 
 
 def test_summary_dir_records_commit_scalars_from_training(cloudckpt_s3, tmp_path):

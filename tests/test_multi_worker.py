@@ -26,7 +26,7 @@ import pytest
 
 import cloudckpt
 from cloudckpt.distributed import LOGGERS
-from support.checks import log_entries
+from support.checks import log_entries, read_scalars
 from support.cluster import PROXY_VARIABLES, Task, cluster_spec, task_env
 
 SUPPORT = Path(__file__).parent / "support"
@@ -108,8 +108,9 @@ def test_mwms_chief_commits_a_notice_on_one_worker_stops_both_and_both_resume(cl
     """Acceptance 1 and 2 (default suite): committed steps as scheduled, written only by the chief; SIGTERM to
     worker 1 only -> both stop at the same step, the chief commits it, both exit 0; restarted with empty
     local dirs, both resume at that step with equal variables."""
+    summaries = tmp_path / "tb"  # one summary_dir for the job, as in a shared bucket
     workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
-                                "--step-sleep", "0.05", "--preemption", "sigterm")
+                                "--step-sleep", "0.05", "--preemption", "sigterm", "--summary-dir", str(summaries))
     wait_for_commit(workers[0], s3_url, s3_options, 10)
     workers[1].sigterm()
     stats = [finished(w) for w in workers]
@@ -127,6 +128,11 @@ def test_mwms_chief_commits_a_notice_on_one_worker_stops_both_and_both_resume(cl
     assert "Preemption notice from peer" in workers[0].stderr and "Preemption notice from peer" not in workers[1].stderr
     assert "[worker:1]" in workers[1].stderr  # the log names the task
     assert not [p for p in (tmp_path / "run1-local-1").rglob("*") if p.is_file()]  # the temporary dir is gone
+    # Commit scalars come from the chief alone: worker 1 commits nothing and leaves no empty event file.
+    events = list(summaries.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and f".{workers[0].proc.pid}." in events[0].name, events
+    recorded = set(read_scalars(summaries)["commit_lag_seconds"])  # every commit, also those retention deleted
+    assert set(committed) <= recorded and all(s % 5 == 0 for s in recorded - {stopped[0]}), recorded
 
     # New VMs: empty local directories; both restore the committed step from the bucket.
     assert_both_resume(cluster, s3_url, s3_options, tmp_path, stopped[0])

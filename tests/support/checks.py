@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -111,3 +113,15 @@ def state_file(url: str, options: dict | None = None) -> dict[str, list[str]]:
     for key, value in re.findall(r'^(\w+): "([^"]*)"$', text, re.M):
         out.setdefault(key, []).append(value)
     return out
+
+
+def read_scalars(directory) -> dict[str, dict[int, float]]:
+    """tag (without ``cloudckpt/``) -> step -> value, from every event file in ``directory``."""
+    import tensorflow as tf  # here: a test reading summaries has TensorFlow, other users of this module need not
+
+    found: dict[str, dict[int, float]] = {}
+    for path in glob.glob(os.path.join(str(directory), "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag.removeprefix("cloudckpt/"), {})[event.step] = value.simple_value
+    return found

@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--last-step", type=int, default=None)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--summary-dir", default=None)
     args = parser.parse_args()
     name, index = this_task()
 
@@ -51,7 +52,7 @@ def main() -> int:
         checkpoint = tf.train.Checkpoint(w=w, b=b, momentum=momentum, step=step)
         manager = cloudckpt.CheckpointManager(
             checkpoint, args.url, max_to_keep=3, local_dir=args.local_dir, storage_options=json.loads(args.options),
-            preemption=None if args.preemption == "none" else args.preemption)
+            preemption=None if args.preemption == "none" else args.preemption, summary_dir=args.summary_dir)
     rng = np.random.default_rng(index)  # every worker its own data
     x = tf.constant(rng.normal(size=(32, 8)), tf.float32)
     y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
