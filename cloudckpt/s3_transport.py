@@ -452,10 +452,7 @@ class S3Transport:
         checksums = [(a, b, crc) for a, b, crc, _ in chunks]
         with open(local_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            bounds = [(a, b) for a, b, _ in checksums]
-            _check_cover(bounds, size, f"{bucket}/{key}")
-            if len(chunks) > _MAX_PARTS or any(b - a < _MIN_PART for a, b in bounds[:-1]):
-                raise ValueError(f"chunks of {bucket}/{key} do not cover its {size} bytes in parts S3 accepts")
+            _check_cover([(a, b) for a, b, _ in checksums], size, f"{bucket}/{key}", parts=True)
             wanted = any(copy for *_, copy in chunks) and self.copies_off is None
             current = self._source_unchanged(source, call) if wanted else None
             if current is None:
@@ -907,11 +904,24 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _check_cover(bounds: Sequence[tuple[int, int]], size: int, where: str) -> None:
-    """Raise ValueError unless ``bounds`` are consecutive ``[start, end)`` ranges covering ``size`` bytes."""
+def _check_cover(bounds: Sequence[tuple[int, int]], size: int, where: str, *, parts: bool = False) -> None:
+    """Raise ValueError unless ``bounds`` are consecutive ``[start, end)`` ranges covering ``size`` bytes
+    (``where``: the object they are for); with ``parts``, also ranges S3 accepts as one multipart upload's
+    parts: at most 10,000, each but the last at least 5 MiB."""
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != size \
             or any(b1 != a2 or a2 >= b2 for (_, b1), (a2, b2) in zip(bounds, bounds[1:])):
-        raise ValueError(f"checksummed ranges of {where} do not cover its {size} bytes")
+        raise ValueError(f"The byte ranges given for {where} do not cover its {size} bytes: pass consecutive "
+                         f"[start, end) ranges from 0 to {size}, as its manifest entry records them "
+                         "(FileEntry.checksummed_ranges()).")
+    if not parts:
+        return
+    small = next(((a, b) for a, b in bounds[:-1] if b - a < _MIN_PART), None)
+    if len(bounds) > _MAX_PARTS or small is not None:
+        found = (f"{len(bounds)} ranges" if small is None
+                 else f"bytes {small[0]}-{small[1] - 1} are a part of {small[1] - small[0]} bytes")
+        raise ValueError(f"The byte ranges given for {where} break S3's multipart limits ({found}; at most "
+                         f"{_MAX_PARTS} parts, each but the last at least {_MIN_PART} bytes): give ranges of at "
+                         "least 5 MiB (manifest.PART_SIZE parts), or upload the file without copying.")
 
 
 def _combined(checksums: Sequence[tuple[int, int, int]]) -> int:
