@@ -23,7 +23,9 @@ part checksums or ETag (written by an older cloudckpt), or when less than
 another ETag and checksum than its manifest records (rewritten), cannot be
 copied, or whose copied bytes the store vouches for differently (the copy's
 crc32c, or its MD5 ETag where the store reports no checksum) has those parts
-uploaded from the local file instead (``S3Transport.put_file_copying``).
+uploaded from the local file instead (``S3Transport.put_file_copying``). A store
+that reports no checksum of a copy and whose part ETags are not MD5s cannot
+vouch for any copy: one warning, and its transport uploads in full from then on.
 
 An equal byte range and crc32c are taken as equal bytes: the same 32-bit
 check that vouches for every file of a manifest.
@@ -84,9 +86,10 @@ def copy_chunks(entry: FileEntry, previous: FileEntry) -> list[tuple[int, int, i
     """``(start, end, crc32c, copy)`` for each part of ``entry``: ``copy`` where ``previous`` (the same
     file of the source checkpoint) has a part with the same byte range and checksum. A file that grew or
     shrank keeps the parts before the change (a ``tf.data`` iterator's state, saved last, grows the data
-    file by a few bytes at every save). None when copying would not pay: part sizes differ, checksums or
-    ETag missing, less than ``MIN_COPY_BYTES`` unchanged."""
-    if not entry.parts or not previous.parts or previous.etag is None or entry.part_size != previous.part_size:
+    file by a few bytes at every save). None when copying would not pay: part sizes differ, checksums
+    missing, less than ``MIN_COPY_BYTES`` unchanged. (Whether ``previous`` can be copied from at all, its
+    ETag known, is ``upload_file``'s check.)"""
+    if not entry.parts or not previous.parts or entry.part_size != previous.part_size:
         return None
     before = {(start, end): crc for start, end, crc in previous.checksummed_ranges()}
     chunks = [(start, end, crc, before.get((start, end)) == crc) for start, end, crc in entry.checksummed_ranges()]
@@ -100,11 +103,12 @@ def upload_file(store: RemoteStore, name: str, path: str, entry: FileEntry | Non
     """Upload ``path`` create-only as ``name`` (``entry``: its manifest entry), copying unchanged parts
     from ``source`` where it can. Bytes copied server-side, or None when ``name`` exists already."""
     previous = source_entry(name, prefix, source) if source is not None and entry is not None else None
-    chunks = copy_chunks(entry, previous) if previous is not None and entry is not None else None
-    if chunks is None or previous is None or previous.etag is None:
+    # no ETag recorded for the source file (an older manifest): nothing to copy from
+    if entry is None or previous is None or previous.etag is None \
+            or (chunks := copy_chunks(entry, previous)) is None:
         checksums = entry.checksummed_ranges() if entry is not None else None  # the file is not read again
         return 0 if store.put_file_if_absent(path, name, checksums) else None
     copied = store.put_file_if_absent_copying(path, name, chunks, previous.name, previous.etag, previous.crc32c)
     if copied:
-        log.debug("%s: %d of %d bytes copied from %s.", name, copied, entry.size if entry else 0, previous.name)
+        log.debug("%s: %d of %d bytes copied from %s.", name, copied, entry.size, previous.name)
     return copied

@@ -121,6 +121,16 @@ class CopiedPartsRejected(Exception):
 
 
 @dataclass(frozen=True)
+class _Unvouched:
+    """A copied part the store reported no checksum of, whose ETag (32 hex digits) is not the MD5 of the local
+    bytes: either the copy holds other bytes, or the store's part ETags are not MD5s. The ETag the store gives
+    the same bytes uploaded tells which (``S3Transport._settle_unvouched``)."""
+
+    etag: str
+    md5: str  # of the local bytes
+
+
+@dataclass(frozen=True)
 class CopySource:
     """An object whose byte ranges a new upload may copy server-side (``S3Transport.put_file_copying``).
 
@@ -376,7 +386,8 @@ class S3Transport:
         self._bucket_regions: dict[str, str] = {}
         self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
         self.cancel: threading.Event | None = None  # set by the owner giving up: a failed copy is not uploaded
-        self.copies_off: str | None = None  # why server-side copies stopped (one failed past the retries)
+        self.copies_off: str | None = None  # why server-side copies stopped (a failure, or no way to verify one)
+        self._copies_lock = threading.Lock()
 
     def __repr__(self) -> str:
         where = f"{self._endpoint[0]}://{self._endpoint[1]}" if self._endpoint else f"AWS {self.region}"
@@ -444,6 +455,8 @@ class S3Transport:
         completion gets the whole file uploaded again. ``create``: If-None-Match (``FileExistsError``).
         A copy failing for another reason than its source (a server error past the retries, a refusal, no
         support) turns copies off for this transport (``copies_off``): every later copy would cost the same.
+        So does a store that cannot vouch for any copy (no checksum of a copied part, part ETags that are not
+        MD5s): one warning, and the file is uploaded in full, as every later one.
         A failed upload is aborted. Returns the bytes copied server-side (the rest was sent).
 
         Raises:
@@ -452,10 +465,7 @@ class S3Transport:
         checksums = [(a, b, crc) for a, b, crc, _ in chunks]
         with open(local_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            bounds = [(a, b) for a, b, _ in checksums]
-            _check_cover(bounds, size, f"{bucket}/{key}")
-            if len(chunks) > _MAX_PARTS or any(b - a < _MIN_PART for a, b in bounds[:-1]):
-                raise ValueError(f"chunks of {bucket}/{key} do not cover its {size} bytes in parts S3 accepts")
+            _check_cover([(a, b) for a, b, _ in checksums], size, f"{bucket}/{key}", parts=True)
             wanted = any(copy for *_, copy in chunks) and self.copies_off is None
             current = self._source_unchanged(source, call) if wanted else None
             if current is None:
@@ -515,14 +525,20 @@ class S3Transport:
 
             def send(item: tuple[int, tuple[int, int, int | None, bool]]) -> None:
                 number, (start, end, crc, copy) = item
-                if copy and crc is not None and source is not None and source_ok.is_set():
+                unvouched: tuple[_Unvouched, str] | None = None
+                if copy and crc is not None and source is not None and source_ok.is_set() \
+                        and self.copies_off is None:
                     etag = self._copy_part(f, bucket, key, upload_id, number, start, end, crc, source, call)
-                    if etag is not None:
+                    if isinstance(etag, str):
                         done[number] = (etag, crc)
                         copied[number] = end - start
                         return
-                    source_ok.clear()  # the source is not what its manifest says: upload the rest
+                    source_ok.clear()  # the source is not what its manifest says, or no copy is: upload the rest
+                    if etag is not None:
+                        unvouched = etag, f"{source.bucket}/{source.key} bytes {start}-{end - 1}"
                 upload(number, start, end, crc)
+                if unvouched is not None:  # the ETag of the uploaded bytes tells why the copy's differed
+                    self._settle_unvouched(*unvouched, done[number][0])
             self._run_all(send, list(enumerate(parts, 1)), self.parts_in_flight)
             full = _combined([(start, end, done[number][1]) for number, (start, end, _, _) in enumerate(parts, 1)])
             self._complete_upload(bucket, key, upload_id, done, full, create, call, copied=bool(copied))
@@ -533,14 +549,16 @@ class S3Transport:
                 self._abort_upload(bucket, key, upload_id)
 
     def _copy_part(self, f: Any, bucket: str, key: str, upload_id: str, number: int, start: int, end: int,
-                   crc: int, source: CopySource, call: Call) -> str | None:
+                   crc: int, source: CopySource, call: Call) -> str | _Unvouched | None:
         """UploadPartCopy of ``source``'s bytes [start, end) as part ``number``; its ETag, or None when the
         copy cannot be trusted to hold the bytes of ``f`` there: the copy failed (source gone or changed,
         copies unsupported or refused, a server error past the retries) or the store vouches for other bytes.
 
         The store vouches by the copied part's crc32c (S3, SeaweedFS: compared with ``crc``) or, where it
         reports none (moto), by the part's ETag, the MD5 of its bytes for an unencrypted S3 part (compared
-        with the MD5 of the local bytes). A store reporting neither is not trusted."""
+        with the MD5 of the local bytes). An ETag of 32 hex digits that is not that MD5 is ``_Unvouched``
+        (other bytes, or ETags that are not MD5s: the caller uploads the part and settles it); any other
+        ETag cannot vouch for a copy on this store: copies are turned off (``_copies_unverifiable``)."""
         etag = unquoted_etag(source.etag)
         headers = {"x-amz-copy-source": _uri_encode(f"/{source.bucket}/{source.key}", safe="/-_.~"),
                    "x-amz-copy-source-range": f"bytes={start}-{end - 1}",
@@ -566,9 +584,10 @@ class S3Transport:
             log.log(logging.INFO if unsupported else logging.WARNING,
                     "Server-side copy of %s into s3://%s/%s failed (%s): uploading those bytes instead.",
                     where, bucket, key, _describe(exc))
-            if not isinstance(exc, (FileNotFoundError, FileExistsError)):  # not the source: the store's copies
-                self.copies_off = f"a copy failed with {_describe(exc)}"  # each would cost the retries again
-                log.warning("%r: server-side copies are off for this process (%s); uploads send every byte.",
+            # not the source: the store's copies fail, and each would cost the retries again
+            if not isinstance(exc, (FileNotFoundError, FileExistsError)) \
+                    and self._stop_copies(f"a copy failed with {_describe(exc)}"):
+                log.warning("%r: server-side copies are off for this transport (%s); uploads send every byte.",
                             self, self.copies_off)
             return None
         etag = _xml_text(body, "ETag") or ""
@@ -581,14 +600,37 @@ class S3Transport:
             return None
         md5 = unquoted_etag(etag) or ""
         if not _MD5_ETAG.fullmatch(md5):
-            log.info("%r reports no checksum of the bytes it copied from %s (ETag %r): uploading instead.",
-                     self, where, etag)
+            self._copies_unverifiable(f"a copy of {where} has ETag {etag!r}")
             return None
-        if md5 != _md5_of_range(f.fileno(), start, end - start):
+        local = _md5_of_range(f.fileno(), start, end - start)
+        return etag if md5 == local else _Unvouched(md5, local)
+
+    def _settle_unvouched(self, copy: _Unvouched, where: str, uploaded: str) -> None:
+        """A copy of ``where`` was ``_Unvouched``, and the same bytes, uploaded, got ETag ``uploaded``: the MD5
+        of the bytes (the store's ETags are MD5s), so the copy held other bytes; or not, so this store's ETags
+        cannot vouch for copies."""
+        if unquoted_etag(uploaded) == copy.md5:
             log.warning("Copy source %s does not hold the bytes its manifest records (the copy's MD5 %s differs "
-                        "from the local bytes'): uploading instead.", where, md5)
-            return None
-        return etag
+                        "from the local bytes' %s): uploaded those bytes instead.", where, copy.etag, copy.md5)
+        else:
+            self._copies_unverifiable(f"a copy of {where} has ETag {copy.etag}, the same bytes uploaded ETag "
+                                      f"{unquoted_etag(uploaded)}, their MD5 {copy.md5}")
+
+    def _copies_unverifiable(self, detail: str) -> None:
+        """Turn copies off: this store reports no checksum of a copied part, and its ETags are not MD5s."""
+        if self._stop_copies("copies cannot be verified on this store"):
+            log.warning("%r: server-side copies cannot be verified on this store: it reports no checksum of a "
+                        "copied part and its part ETags are not MD5s (%s). Copies are off for this transport: "
+                        "checkpoints are uploaded in full (no data is lost; the bytes a copy would have saved "
+                        "are sent).", self, detail)
+
+    def _stop_copies(self, why: str) -> bool:
+        """Set ``copies_off`` to ``why`` unless copies are off already; True if this call turned them off."""
+        with self._copies_lock:
+            if self.copies_off is not None:
+                return False
+            self.copies_off = why
+            return True
 
     def get_file(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
                  progress: Callable[[int], None] | None = None) -> int:
@@ -907,11 +949,24 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
-def _check_cover(bounds: Sequence[tuple[int, int]], size: int, where: str) -> None:
-    """Raise ValueError unless ``bounds`` are consecutive ``[start, end)`` ranges covering ``size`` bytes."""
+def _check_cover(bounds: Sequence[tuple[int, int]], size: int, where: str, *, parts: bool = False) -> None:
+    """Raise ValueError unless ``bounds`` are consecutive ``[start, end)`` ranges covering ``size`` bytes
+    (``where``: the object they are for); with ``parts``, also ranges S3 accepts as one multipart upload's
+    parts: at most 10,000, each but the last at least 5 MiB."""
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != size \
             or any(b1 != a2 or a2 >= b2 for (_, b1), (a2, b2) in zip(bounds, bounds[1:])):
-        raise ValueError(f"checksummed ranges of {where} do not cover its {size} bytes")
+        raise ValueError(f"The byte ranges given for {where} do not cover its {size} bytes: pass consecutive "
+                         f"[start, end) ranges from 0 to {size}, as its manifest entry records them "
+                         "(FileEntry.checksummed_ranges()).")
+    if not parts:
+        return
+    small = next(((a, b) for a, b in bounds[:-1] if b - a < _MIN_PART), None)
+    if len(bounds) > _MAX_PARTS or small is not None:
+        found = (f"{len(bounds)} ranges" if small is None
+                 else f"bytes {small[0]}-{small[1] - 1} are a part of {small[1] - small[0]} bytes")
+        raise ValueError(f"The byte ranges given for {where} break S3's multipart limits ({found}; at most "
+                         f"{_MAX_PARTS} parts, each but the last at least {_MIN_PART} bytes): give ranges of at "
+                         "least 5 MiB (manifest.PART_SIZE parts), or upload the file without copying.")
 
 
 def _combined(checksums: Sequence[tuple[int, int, int]]) -> int:

@@ -8,6 +8,7 @@ manifest's part checksum are caught where the store checksums the copy (SeaweedF
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -278,7 +279,7 @@ def test_a_failing_copy_of_an_abandoned_upload_is_not_uploaded_instead(seaweed_s
     assert [c.step for c in cloudckpt.list_checkpoints(url, seaweed_server.storage_options)] == [1]
 
 
-def test_bit_rot_under_an_unchanged_etag_is_not_copied(moto_server, tmp_path):
+def test_bit_rot_under_an_unchanged_etag_is_not_copied(moto_server, tmp_path, caplog):
     """moto reports no checksum of a copied part: the copy's ETag (the MD5 of its bytes) is checked against
     the local bytes. One byte of the stored source flipped inside moto, its ETag left as it was (bit rot at
     rest): that part is uploaded, not copied, and no committed checkpoint inherits the damage."""
@@ -300,10 +301,50 @@ def test_bit_rot_under_an_unchanged_etag_is_not_copied(moto_server, tmp_path):
     assert stored.etag == etag and not verified(url, moto_server, 1).ok
 
     saves.data[-1] ^= 1  # parts 0-1 unchanged locally: one copy request of 16 MiB, refused by its MD5
-    second = commit_checkpoint(store, saves.save(2), writer=writer)
+    with caplog.at_level("WARNING", logger="cloudckpt"):
+        second = commit_checkpoint(store, saves.save(2), writer=writer)
     assert second.bytes_copied == 0
+    [warning] = [r.getMessage() for r in caplog.records]  # the uploaded part's ETag is its MD5: the copy differed
+    assert "does not hold the bytes its manifest records" in warning
+    assert store._transport.copies_off is None  # the store's ETags vouch for copies: later ones are tried
     assert remote_bytes(moto_server, url, f"model.ckpt-2.{DATA}") == bytes(saves.data)
     assert verified(url, moto_server, 2).ok
+
+
+def test_a_store_whose_etags_are_not_md5s_warns_once_and_uploads_in_full(moto_server, tmp_path, caplog):
+    """A store that reports no checksum of a copied part and whose part ETags are 32 hex digits but not the
+    MD5 of the part (the fault proxy makes moto one) cannot vouch for any copy. The first incremental commit
+    warns once (why, and that nothing is lost), uploads the file in full and turns copies off for the
+    transport: the next commit makes no copy request and no warning. Both checkpoints restore byte for byte."""
+    bucket = f"inc-{uuid.uuid4().hex[:10]}"
+    url = moto_server.create_bucket(bucket) + "/run"
+    (tmp_path / "ckpt").mkdir()
+    saves = Saves(tmp_path / "ckpt", 3 * PART_SIZE)
+    saved: dict[int, bytes] = {}
+    copies: list[int] = []
+    with FaultProxy(moto_server.endpoint, seed=0) as proxy:
+        proxy.rewrite_part_etags()
+        store = RemoteStore(url, {**moto_server.storage_options, "endpoint_url": proxy.url})
+        writer = Writer(store)
+        commit_checkpoint(store, saves.save(1), writer=writer)
+        with caplog.at_level("INFO", logger="cloudckpt"):
+            for step in (2, 3):
+                saves.data[-1] ^= 1  # parts 0-1 unchanged: one copy request, part 2 uploaded
+                before = proxy.stats.get("copies", 0)
+                result = commit_checkpoint(store, saves.save(step), writer=writer)
+                copies.append(proxy.stats.get("copies", 0) - before)
+                assert result.outcome == "uploaded" and result.bytes_copied == 0
+                assert result.bytes_uploaded == result.manifest.total_size
+                saved[step] = bytes(saves.data)
+    assert copies == [1, 0]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "copies cannot be verified on this store" in warning and "part ETags are not MD5s" in warning
+    assert "uploaded in full" in warning and "no data is lost" in warning
+    assert store._transport.copies_off == "copies cannot be verified on this store"
+    for step in (2, 3):
+        prefix = cloudckpt.download_checkpoint(url, str(tmp_path / f"dl-{step}"), step,
+                                               storage_options=moto_server.storage_options)
+        assert open(f"{prefix}.{DATA}", "rb").read() == saved[step]
 
 
 def test_a_source_re_uploaded_with_the_same_bytes_is_still_copied(seaweed_server, tmp_path, caplog):

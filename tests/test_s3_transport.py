@@ -289,6 +289,32 @@ def test_moto_uses_the_transport_and_its_checksums_are_not_trusted_blindly(moto_
     assert os.path.getsize(back + ".data-00000-of-00001") == 20 * MiB
 
 
+@pytest.mark.parametrize("case", ["gap", "short", "small part", "too many parts"])
+def test_copying_uploads_refuse_chunks_s3_would_not_accept(tmp_path, case):
+    """``put_file_copying`` checks its chunks before any request (the endpoint is closed: a request would
+    fail otherwise): they must cover the file, in at most 10,000 parts of at least 5 MiB but the last."""
+    from cloudckpt.s3_transport import CopySource
+
+    t = transport_for({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"})
+    part = 5 * MiB
+    count = 10_001 if case == "too many parts" else 3
+    size = count * part
+    with open(tmp_path / "f", "wb") as f:
+        f.truncate(size)  # sparse: nothing is read before the check
+    bounds = [(i * part, (i + 1) * part) for i in range(count)]
+    if case == "gap":
+        bounds[1] = (part + 1, 2 * part)
+    elif case == "short":
+        bounds[-1] = (bounds[-1][0], size - 1)
+    elif case == "small part":
+        bounds[0], bounds[1] = (0, part - 1), (part - 1, 2 * part)
+    chunks = [(a, b, 0, True) for a, b in bounds]
+    expected = "break S3's multipart limits" if "part" in case else "do not cover its"
+    with pytest.raises(ValueError, match=expected) as info:
+        t.put_file_copying(str(tmp_path / "f"), "bucket", "key", chunks, CopySource("bucket", "old", "e"))
+    assert "bucket/key" in str(info.value)
+
+
 # -- HTTP behaviour against a scripted server ------------------------------------------------------------
 class _Scripted:
     """A tiny HTTP/1.1 server on 127.0.0.1: answers PUTs by a rule, records (headers, keep_alive) per request."""

@@ -16,6 +16,9 @@ Fault kinds:
           exactly the ambiguity a real network failure leaves.
 An outage resets every connection and request until it ends.
 
+``rewrite_part_etags()`` makes the store look like one whose part ETags are not
+the MD5 of the part and that reports no part checksums (see there).
+
 Determinism: one ``random.Random(seed)`` decides for every eligible request, in
 arrival order. A sequential client sees the same faults on every run; concurrent
 clients see the same sequence of decisions, dealt out in arrival order.
@@ -113,9 +116,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         if self.proxy._in_outage():  # keep-alive connection reused during an outage
             raise _Reset
-        fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0))
+        fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0),
+                                            copy="x-amz-copy-source" in self.headers)
         time.sleep(latency)
         body = self._body()
+        rewrite = self.proxy._rewrite_etags
+        if rewrite and self.command == "POST" and "uploadId=" in self.path:  # CompleteMultipartUpload
+            body = iter([_etags_shifted(b"".join(body))])  # the store's own ETags again (same length)
         if fault == "refuse-keys":
             return self._refuse_keys(b"".join(body))
         if fault in _ERRORS:
@@ -132,7 +139,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _Reset
         if fault == "flip":
             body = _flipped(body, length // 2)
-        self._forward(body, reset=fault == "reset", flip=fault == "flip_response")
+        self._forward(body, reset=fault == "reset", flip=fault == "flip_response",
+                      rewrite=rewrite and self.command == "PUT" and "partNumber=" in self.path)
 
     def _refuse_keys(self, body):
         errors = "".join(f"<Error><Key>{key.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied"
@@ -159,7 +167,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(xml)
 
-    def _forward(self, body, reset, flip=False):
+    def _forward(self, body, reset, flip=False, rewrite=False):
         # A fresh upstream connection per request: simpler than pooling and cheap
         # on loopback; the client side still gets keep-alive. Host is forwarded
         # untouched: it is part of the SigV4 signature.
@@ -180,21 +188,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 up.send(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 up.send(b"0\r\n\r\n")
-            self._relay(up.getresponse(), reset, flip)
+            self._relay(up.getresponse(), reset, flip, rewrite)
         finally:
             up.close()
 
-    def _relay(self, resp, reset, flip=False):
+    def _relay(self, resp, reset, flip=False, rewrite=False):
         no_body = self.command == "HEAD" or resp.status in (204, 304)
         length = None if resp.chunked else resp.getheader("Content-Length")
         body = resp
+        headers = resp.getheaders()
+        if rewrite and resp.status < 300:  # an UploadPart(Copy) answer: small, buffered
+            data = re.sub(rb"<Checksum\w*>[^<]*</Checksum\w*>", b"", _etags_shifted(resp.read()))
+            body, length = io.BytesIO(data), str(len(data))
+            headers = [(name, _etags_shifted(value.encode()).decode() if name.lower() == "etag" else value)
+                       for name, value in headers if not name.lower().startswith("x-amz-checksum")]
         if length is None and not no_body:  # rare (moto sends lengths): buffer it
             body = io.BytesIO(resp.read())
             length = str(len(body.getvalue()))
         if reset and (no_body or length == "0"):
             raise _Reset  # nothing to cut in half
         self.send_response_only(resp.status, resp.reason)
-        for name, value in resp.getheaders():
+        for name, value in headers:
             if name.lower() not in _HOP_BY_HOP:
                 self.send_header(name, value)
         if length is not None:
@@ -211,6 +225,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pieces = iter(lambda: body.read(_PIECE), b"")
         for piece in _flipped(pieces, int(length) // 2) if flip and length is not None else pieces:
             self.wfile.write(piece)
+
+
+_SHIFT = bytes.maketrans(b"0123456789abcdef", b"89abcdef01234567")  # its own inverse
+
+
+def _etags_shifted(data):
+    """``data`` (a header value or an XML body) with every 32-hex-digit ETag's digits shifted by 8: never the
+    MD5 it was, and shifting again gives it back."""
+    return re.sub(rb"(^\"?|<ETag>(?:&quot;|\")?)([0-9a-f]{32})(?=&quot;|\"|<|$)",
+                  lambda m: m.group(1) + m.group(2).translate(_SHIFT), data)
 
 
 def _flipped(pieces, position):
@@ -247,7 +271,8 @@ class FaultProxy:
 
     Configuration methods are thread-safe and apply from the next request on.
     ``stats``: ``requests`` (decided), ``forwarded`` (no fault), one count per
-    injected kind, ``outage`` (connections/requests reset by an outage).
+    injected kind, ``outage`` (connections/requests reset by an outage), ``copies``
+    (requests with ``x-amz-copy-source``: CopyObject, UploadPartCopy).
     ``events``: ``(method, path, kind or None)`` for every decided request.
     """
 
@@ -259,6 +284,7 @@ class FaultProxy:
         self._server = self._thread = None
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
+        self._rewrite_etags = False
         self.set_faults()
 
     @property
@@ -319,6 +345,14 @@ class FaultProxy:
         with self._lock:
             self._scripted.extend([kind] * count)
 
+    def rewrite_part_etags(self, on: bool = True) -> None:
+        """Be a store whose part ETags are 32 hex digits but not the part's MD5, and that reports no checksum
+        of a part: answers to UploadPart and UploadPartCopy (PUT ?partNumber=) get every ETag's hex digits
+        shifted by 8 and lose their x-amz-checksum-* headers and Checksum* elements; the ETags a
+        CompleteMultipartUpload names are shifted back before it reaches the store (which checks them)."""
+        with self._lock:
+            self._rewrite_etags = on
+
     def outage(self, seconds: float) -> None:
         """Reset every new connection and every request for ``seconds``."""
         with self._lock:
@@ -356,10 +390,12 @@ class FaultProxy:
                 return True
             return False
 
-    def _decide(self, method, path, length=0):
+    def _decide(self, method, path, length=0, copy=False):
         """(kind or None, latency) for one request; the lock fixes the arrival order."""
         with self._lock:
             self._stats["requests"] += 1
+            if copy:
+                self._stats["copies"] += 1
             fault, latency = None, 0.0
             if ((self._methods is None or method in self._methods)
                     and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body):
