@@ -17,8 +17,10 @@ scripts (rendered and syntax-checked; the GCE shutdown script is run).
 
 checkov lives in its own virtualenv (its bc-python-hcl2 dependency installs a
 top-level ``hcl2`` package that would replace python-hcl2 here). The fixture
-uses $CLOUDCKPT_CHECKOV if set, else <repo>/.venv-checkov/bin/checkov,
-creating that virtualenv on first use.
+uses $CLOUDCKPT_CHECKOV if set, else a virtualenv per checkov version in the
+user's cache (``$XDG_CACHE_HOME/cloudckpt/checkov-<version>``, ``~/.cache`` by
+default, as pre-commit keeps its environments), created on first use and shared
+by every clone on the machine.
 """
 
 from __future__ import annotations
@@ -1079,8 +1081,10 @@ def _checkov_executable() -> Path:
         path = Path(override)
         assert path.is_file(), f"CLOUDCKPT_CHECKOV={override} does not exist"
         return path
-    venv = REPO_ROOT / ".venv-checkov"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cloudckpt"
+    venv = cache / CHECKOV_REQUIREMENT.replace("==", "-")
     executable = venv / "bin" / "checkov"
+    cache.mkdir(parents=True, exist_ok=True)
     lock_path = Path(tempfile.gettempdir()) / "cloudckpt-venv-checkov.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time (xdist)
