@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, FencedError, UploadError
-from .layout import TF, PrefixLayout, parse_manifest_name
+from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_file_prefix
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .remote import RemoteStore, is_local_path
@@ -163,6 +163,7 @@ class CheckpointEngine:
         self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,
                                   observer=self._record_summaries if summary_dir is not None else None)
         self._hard_links: bool | None = None  # probed in open()
+        self._downloaded: CheckpointInfo | None = None  # what the last resume() downloaded into local_dir
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
         self.retention = retention
@@ -273,8 +274,48 @@ class CheckpointEngine:
         """
         if self._uploader.writer.registered:
             self._uploader.writer = Writer(self._store)
-        return resume_and_register(self._store, self._uploader.writer, self._local_dir,
-                                   download=download and not self._in_place, layout=self._layout)
+        self._downloaded = resume_and_register(self._store, self._uploader.writer, self._local_dir,
+                                               download=download and not self._in_place, layout=self._layout)
+        return self._downloaded
+
+    def check_start_step(self, step: int, *, starts: str, fix: str) -> None:
+        """Refuse to save at ``step`` below the checkpoint ``local_dir``'s TF state file names: the
+        framework's training state did not restore it.
+
+        After ``resume()`` that state file names the resume point (downloaded, or the local
+        copy; a rollback the TF way points it back on purpose), after a save that save. A
+        framework that restored it saves at that step or above. A save below it would continue
+        the directory from the older step: every newer checkpoint, the resume point among them,
+        would become superseded (never restored again; deleted first by retention), and the
+        latest checkpoint would go back. Adapters call it before the framework writes its first
+        checkpoint of a run (the TF1 hook when the session is created, ``UploadListener`` at its
+        first save, ``cloudckpt.CheckpointManager`` at its first ``save()``). Reads one small
+        local file; passes when the state file names no checkpoint that ``local_dir`` holds
+        (nothing to resume, a fresh start, layouts without a TF state file).
+
+        Args:
+            step: the step the framework would save (its global step, the checkpoint number).
+            starts: what is at ``step``, first words of the message
+                (``"The training session starts at global step 0"``).
+            fix: how to restore it (and to go back or start over on purpose), last words of the message.
+
+        Raises:
+            ConfigError: ``step`` is below the step of the checkpoint the state file names;
+                the caller has saved and committed nothing at ``step``.
+        """
+        prefix = state_file_prefix(self._local_dir)
+        parsed = split_prefix(prefix) if prefix is not None else None
+        if parsed is None or step >= parsed[1] or prefix not in self._layout.local_prefixes(self._local_dir):
+            return
+        held = parsed[1]
+        downloaded = self._downloaded
+        source = (f"that cloudckpt downloaded from {self.url} into {self._local_dir}"
+                  if downloaded is not None and downloaded.step == held
+                  else f"that {self._local_dir} holds (its TF checkpoint state file names {prefix!r})")
+        raise ConfigError(
+            f"{starts}: it did not restore checkpoint step {held} {source}. Committing step {step} now would "
+            f"continue {self.url} from step {step} instead: step {held} would become superseded (never restored "
+            f"again, deleted first by retention), so nothing was saved or committed. {fix}")
 
     def register(self) -> None:
         """Become the directory's writer without restoring anything: continue its current head (a writer

@@ -26,8 +26,7 @@ from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .transfer import TransferOptions
 from .uploader import UploadStats
-from .errors import ConfigError, UploadError
-from .layout import split_prefix, state_file_prefix
+from .errors import UploadError
 
 log = logging.getLogger("cloudckpt")
 
@@ -84,7 +83,6 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
                                         transfer=transfer, summary_dir=summary_dir)
         self._graph_signature: tuple[int, int] | None = None
         self.registers_in_begin = True  # False when a CheckpointSaverHook registers (after restoring) itself
-        self._restored: CheckpointInfo | None = None  # what resume() downloaded into local_dir
         self._check_first_save = False  # begin() sets it: the first save checks the session's step
 
     @property
@@ -194,8 +192,7 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         manifests. Registering fences every older writer of the directory.
         Returns the checkpoint downloaded, if any.
         """
-        self._restored = self._engine.resume(download=download)
-        return self._restored
+        return self._engine.resume(download=download)
 
     def check_session_step(self, step: int) -> None:
         """Refuse a session that starts at global step ``step`` below the checkpoint ``local_dir`` holds.
@@ -211,28 +208,21 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         names, which passes. Reads one small local file; nothing when the state file names no
         checkpoint that is there.
 
+        The check is the engine's (``CheckpointEngine.check_start_step``), shared with
+        ``cloudckpt.CheckpointManager``.
+
         Raises:
             ConfigError: ``step`` is below the step of the checkpoint the state file names; nothing
                 has been saved or committed at ``step``.
         """
-        prefix = state_file_prefix(self.local_dir)
-        parsed = split_prefix(prefix) if prefix is not None else None
-        if parsed is None or step >= parsed[1] or prefix not in self._engine.layout.local_prefixes(self.local_dir):
-            return
-        held = parsed[1]
-        restored = self._restored
-        source = (f"that cloudckpt downloaded from {self.url} into {self.local_dir}"
-                  if restored is not None and restored.step == held
-                  else f"that {self.local_dir} holds (its TF checkpoint state file names {prefix!r})")
-        raise ConfigError(
-            f"The training session starts at global step {step}: it did not restore checkpoint step {held} "
-            f"{source}. Committing step {step} now would continue {self.url} from step {step} instead: step {held} "
-            f"would become superseded (never restored again, deleted first by retention), so nothing was saved or "
-            f"committed. Pass checkpoint_dir={self.local_dir!r} (the hook's local_dir) to "
-            f"tf.compat.v1.train.MonitoredTrainingSession, or restore from "
-            f"tf.train.latest_checkpoint({self.local_dir!r}) with your Scaffold or Saver. To go back to an older "
-            f"step on purpose, point that state file at it first (tf.compat.v1.train.update_checkpoint_state); "
-            f"to start a new lineage, use a new checkpoint directory (or restore=False with an empty local_dir).")
+        local = self.local_dir
+        self._engine.check_start_step(
+            step, starts=f"The training session starts at global step {step}",
+            fix=f"Pass checkpoint_dir={local!r} (the hook's local_dir) to tf.compat.v1.train.MonitoredTrainingSession, "
+                f"or restore from tf.train.latest_checkpoint({local!r}) with your Scaffold or Saver. To go back to an "
+                f"older step on purpose, point that state file at it first "
+                f"(tf.compat.v1.train.update_checkpoint_state); to start a new lineage, use a new checkpoint "
+                f"directory (or restore=False with an empty local_dir).")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every checkpoint saved so far is committed or dropped.

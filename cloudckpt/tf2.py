@@ -79,6 +79,10 @@ class CheckpointManager:
       damaged, falling back past corrupt ones; then it registers as the
       directory's writer, which fences any older writer (``FencedError`` at its
       next save).
+    * a first ``save()`` whose ``tf.train.Checkpoint`` was not restored is refused
+      (``ConfigError``): it would write a step below the resume point (the newest
+      committed checkpoint, or a rollback's step), and committing it would supersede
+      that checkpoint (then deleted first by retention). Nothing is written.
     * each save is committed in the background (files create-only, a manifest,
       a commit-log entry as the commit point); ``save()`` never waits on the
       network; a failed commit raises ``UploadError`` at the next ``save()``
@@ -256,15 +260,27 @@ class CheckpointManager:
             The local path saved (``<local_dir>/<checkpoint_name>-<number>``), or None when
             ``checkpoint_interval`` says no checkpoint is due (TF's rule).
 
+        The first save of a manager before ``restore_or_initialize()`` (or a read of
+        ``latest_checkpoint`` / ``checkpoints``) first brings ``local_dir`` to the resume point
+        as they do. The first save is held to that resume point: the checkpoint it would write
+        (``checkpoint_number``, else ``checkpoint.save_counter + 1``) must not be below the step
+        ``local_dir``'s state file names (``CheckpointEngine.check_start_step``).
+
         Raises:
             UploadError: an earlier checkpoint failed to commit (``on_error="raise"``), or
                 ``FencedError``: a newer writer took over the directory (either setting). The
                 checkpoint of this call is saved and queued first.
-            ConfigError: the manager is closed.
+            ConfigError: the manager is closed; or, at the first save, the
+                ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
+                lower step, which would supersede the newest committed checkpoint): nothing is
+                written or committed; call ``restore_or_initialize()`` first.
+            IntegrityError / RemoteError: as ``restore_or_initialize()``, at the first save before it.
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
-        self._ensure_resumed(download=False)
+        self._ensure_resumed()
+        if self._last_saved_step is None:
+            self._check_restored(checkpoint_number)
         options = copy.copy(options) if options is not None else tf.train.CheckpointOptions()
         callbacks = list(options.experimental_write_callbacks or [])
         callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
@@ -443,12 +459,35 @@ class CheckpointManager:
         self._engine.close(timeout=timeout, reason=f"exception {exc_type.__name__}")
 
     # -- internals -----------------------------------------------------------------------------------
-    def _ensure_resumed(self, download: bool = True) -> None:
-        """Resume once per manager, before TF's view of ``local_dir`` is used (see ``latest_checkpoint``).
-        A ``save()`` before any restore starts from what ``local_dir`` holds, without downloading (the
-        engine logs a WARNING when that starts a new lineage over committed checkpoints)."""
+    def _ensure_resumed(self) -> None:
+        """Resume once per manager, before TF's view of ``local_dir`` is used (see ``latest_checkpoint``);
+        also before a ``save()`` that comes first, which ``_check_restored`` then holds to the resume point."""
         if not self._resumed:
-            self._resume(download=download)
+            self._resume(download=True)
+
+    def _check_restored(self, checkpoint_number: Any) -> None:
+        """Before this manager's first save reaches TF: refuse it when the checkpoint it would write is
+        below the resume point that ``local_dir``'s state file names (``CheckpointEngine.check_start_step``):
+        the ``tf.train.Checkpoint`` was not restored from it, and committing the save would supersede it.
+        TF's number, read without changing anything: ``checkpoint_number``, else ``save_counter + 1``.
+
+        Raises:
+            ConfigError: the checkpoint was not restored; TF has written nothing.
+        """
+        if checkpoint_number is not None:
+            number, how = checkpoint_number, "checkpoint_number"
+        else:
+            number, how = self._manager.checkpoint.save_counter + 1, "checkpoint.save_counter + 1"
+        step = int(number.numpy()) if hasattr(number, "numpy") else int(number)
+        url, local = self.directory, self.local_dir
+        self._engine.check_start_step(
+            step, starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how}) "
+                         "from its tf.train.Checkpoint",
+            fix="Restore before the first save(): call manager.restore_or_initialize(), or "
+                "checkpoint.restore(manager.latest_checkpoint). To go back to an older step on purpose, run "
+                f"`cloudckpt rollback {url} --step N` first (or point the state file in {local} at it with "
+                "tf.compat.v1.train.update_checkpoint_state), then restore; to start a new lineage, use a new "
+                "checkpoint directory.")
 
     def _resume(self, *, download: bool) -> None:
         """Multi-worker: a collective (every worker resumes in the same call, to the chief's step)."""

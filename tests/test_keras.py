@@ -221,6 +221,25 @@ def test_delete_checkpoint_after_success_uncommits_everything(s3_url, s3_options
     assert probe.epochs == [0] and probe.begin.iterations == 0
 
 
+def test_a_new_callback_always_restores_so_its_saves_never_go_below_the_head(s3_url, s3_options, tmp_path):
+    """Unlike the TF adapters, BackupAndRestore has no way to train without restoring: a new callback restores
+    the newest committed backup when training begins (same VM or fresh), so its first save is above it and
+    nothing is superseded, even with max_to_keep=1 (retention would delete a superseded head first)."""
+    def callback(vm):
+        return backup(s3_url, s3_options, tmp_path / vm, delete_checkpoint=False, max_to_keep=1)
+
+    fit(make_model(seed=1), [callback("vm1")], epochs=3)
+    rows = lambda: [(c.step, c.status) for c in cloudckpt.list_checkpoints(s3_url, s3_options,  # noqa: E731
+                                                                         include_superseded=True)]
+    assert rows() == [(12, "committed")]
+    for vm, epochs, head in (("vm1", 4, 12), ("vm2", 5, 16)):  # the VM that wrote it, then a fresh one
+        probe, cb = Probe(), callback(vm)
+        fit(make_model(seed=2), [cb, probe], epochs=epochs)  # a fresh model: iterations 0 before the restore
+        assert cb.restored is not None and cb.restored.step == head
+        assert probe.begin.iterations == head and probe.epochs == [epochs - 1]
+        assert rows() == [(head + STEPS_PER_EPOCH, "committed")]
+
+
 def test_a_newer_writer_fences_the_callback(s3_url, s3_options, tmp_path):
     cb = backup(s3_url, s3_options, tmp_path / "vm1")
 

@@ -25,6 +25,7 @@ from cloudckpt.remote import RemoteStore
 from cloudckpt.testing import assert_committed
 from support.checks import remote_fs, state_file
 from support.forkserver import FORK_SERVERS
+from test_engine import cloudckpt_threads
 
 TRAINER = Path(__file__).parent / "support" / "tf2_trainer.py"
 
@@ -319,13 +320,13 @@ def test_tfs_restore_latest_checkpoint_pattern_resumes_on_a_fresh_vm(tmp_path, m
         np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 3.0))
         assert fresh.save() == str(tmp_path / "vm2" / "ckpt-4")  # TF's numbering goes on from the restore
     assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [2, 3, 4]
-    # save() before any restore starts a new lineage over committed checkpoints: said, not silent
+    # save() before any restore does not start a new lineage over the committed ones: it is refused
+    # (test_a_first_save_that_did_not_restore_the_head_is_refused)
     w3, b3, ckpt3 = variables()
-    with caplog.at_level("WARNING", logger="cloudckpt"):
-        with cloudckpt.CheckpointManager(ckpt3, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm3")) as new:
+    with cloudckpt.CheckpointManager(ckpt3, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm3")) as new:
+        with pytest.raises(cloudckpt.ConfigError, match="did not restore checkpoint step 4"):
             new.save()
-    assert "starts a new lineage" in caplog.text and "restore_or_initialize()" in caplog.text
-    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [1]
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url, include_superseded=True)] == [2, 3, 4]
 
 
 def test_a_manager_left_open_commits_its_last_save_at_interpreter_exit(tmp_path):
@@ -348,3 +349,120 @@ for i in range(1, 4):
     assert [c.step for c in cloudckpt.list_checkpoints(url)] == [1, 2, 3]
     verified = cloudckpt.verify_checkpoints(url, all_steps=True)
     assert len(verified.reports) == 3 and not verified.failed
+
+
+# -- a first save() that did not restore the resume point is refused -----------------------------------
+
+def stepped() -> tuple[tf.Variable, tf.Variable, tf.train.Checkpoint]:
+    """The README's loop state: weights and a step counter that numbers the checkpoints."""
+    w, b, ckpt = variables()
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt.step = step
+    return w, step, ckpt
+
+
+def commit_steps(url, options, local_dir, steps, max_to_keep=2):
+    w, step, ckpt = stepped()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=max_to_keep, local_dir=str(local_dir),
+                                     storage_options=options, max_pending=10) as manager:
+        manager.restore_or_initialize()
+        for s in steps:
+            w.assign(tf.fill([4, 4], float(s)))
+            step.assign(s)
+            manager.save(checkpoint_number=step)
+
+
+def all_steps(url, options):
+    return [(c.step, c.status) for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)]
+
+
+def test_a_first_save_that_did_not_restore_the_head_is_refused(cloudckpt_s3, tmp_path):
+    """A new manager that saves without restore_or_initialize() (nor checkpoint.restore(manager.latest_checkpoint))
+    saves its tf.train.Checkpoint's initial state: step 5 while step 30 is committed. Before, on a fresh VM that
+    started a new lineage over 20 and 30 (a WARNING), and retention (max_to_keep=2) deleted both at the next
+    commits; on the VM that wrote them it continued 30 with 5 and 10, and retention deleted 20 and 30. Now the
+    first save downloads the resume point and is refused below it: nothing is saved or committed; restoring then
+    saving goes on from 30."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    commit_steps(url, options, tmp_path / "vm1", (10, 20, 30))
+    assert all_steps(url, options) == [(20, "committed"), (30, "committed")]
+
+    local = tmp_path / "vm2"  # a fresh VM
+    w, step, ckpt = stepped()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(local), storage_options=options,
+                                     max_pending=10) as manager:
+        step.assign(5)
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            manager.save(checkpoint_number=step)
+        message = str(info.value)
+        assert "would write checkpoint step 5 (checkpoint_number)" in message
+        assert f"did not restore checkpoint step 30 that cloudckpt downloaded from {url} into {local}" in message
+        assert "manager.restore_or_initialize()" in message and f"cloudckpt rollback {url} --step N" in message
+        assert not (local / "ckpt-5.index").exists() and int(ckpt.save_counter.numpy()) == 0  # TF wrote nothing
+        assert all_steps(url, options) == [(20, "committed"), (30, "committed")]
+        assert cloudckpt.latest_checkpoint(url, options).step == 30
+
+        assert manager.restore_or_initialize() == str(local / "ckpt-30")  # the fix the message names
+        assert int(step.numpy()) == 30
+        step.assign(35)
+        assert manager.save(checkpoint_number=step) == str(local / "ckpt-35")
+    assert all_steps(url, options) == [(30, "committed"), (35, "committed")]
+
+    # The VM that wrote them, a new process: local_dir holds 30 intact; TF's numbering (save_counter) says 1.
+    w, step, ckpt = stepped()
+    vm1 = tmp_path / "vm1"
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(vm1), storage_options=options) as again:
+        with pytest.raises(cloudckpt.ConfigError, match=r"would write checkpoint step 1 \(checkpoint.save_counter "
+                           r"\+ 1\) from its tf.train.Checkpoint: it did not restore checkpoint step 35 that cloudckpt "
+                           "downloaded"):
+            again.save()
+        assert tf.train.latest_checkpoint(str(vm1)) == str(vm1 / "ckpt-35")  # the local state file did not go back
+        assert not (vm1 / "ckpt-1.index").exists()
+    assert cloudckpt_threads() == []
+    assert all_steps(url, options) == [(30, "committed"), (35, "committed")]
+
+
+def test_a_first_save_in_place_that_did_not_restore_is_refused(tmp_path):
+    """In place, TF's save at the unrestored ckpt-1 would overwrite committed files (the commit was then refused,
+    but step 1 no longer verified): refused before TF writes."""
+    directory = str(tmp_path / "run")
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, directory, max_to_keep=3) as manager:
+        for i in range(1, 4):
+            w.assign(tf.fill([4, 4], float(i)))
+            manager.save()
+    w2, b2, ckpt2 = variables()
+    with cloudckpt.CheckpointManager(ckpt2, directory, max_to_keep=3) as manager:
+        with pytest.raises(cloudckpt.ConfigError, match=f"did not restore checkpoint step 3 that {directory} holds"):
+            manager.save()
+    assert all_steps(directory, None) == [(1, "committed"), (2, "committed"), (3, "committed")]
+    assert all(cloudckpt.verify(directory, s).ok for s in (1, 2, 3))
+    assert tf.train.latest_checkpoint(directory).endswith("ckpt-3")
+
+
+def test_rollbacks_on_purpose_still_save_from_the_older_step(cloudckpt_s3, tmp_path):
+    """`cloudckpt rollback` and the TF way (the local state file pointed back) make the older step the resume
+    point: the manager restores it, and a save above it passes the check; the newer steps become superseded."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    commit_steps(url, options, tmp_path / "vm1", (10, 20, 30), max_to_keep=None)
+    cloudckpt.rollback(url, 20, storage_options=options)
+    w, step, ckpt = stepped()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=None, local_dir=str(tmp_path / "vm2"),
+                                     storage_options=options) as manager:
+        manager.restore_or_initialize()
+        assert int(step.numpy()) == 20
+        step.assign(25)
+        manager.save(checkpoint_number=step)
+    assert all_steps(url, options) == [(10, "committed"), (20, "committed"), (25, "committed"),
+                                       (30, "superseded")]
+
+    vm2 = str(tmp_path / "vm2")  # holds 20 and 25 of the current lineage: point its state file back at 20
+    tf.compat.v1.train.update_checkpoint_state(vm2, os.path.join(vm2, "ckpt-20"))
+    w, step, ckpt = stepped()
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=None, local_dir=vm2, storage_options=options) as manager:
+        assert manager.restore_or_initialize() == os.path.join(vm2, "ckpt-20")
+        step.assign(22)
+        manager.save(checkpoint_number=step)
+    assert cloudckpt.latest_checkpoint(url, options).step == 22
+    assert all_steps(url, options) == [(10, "committed"), (20, "committed"), (22, "committed"),
+                                       (25, "superseded"), (30, "superseded")]
