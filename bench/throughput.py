@@ -343,6 +343,15 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
     if shares is not None:  # what each client left to training, against TransferManager
         sc.ratios["standin_cloudckpt/standin_transfer_manager"] = ratio(
             sc.figures["standin_cloudckpt"], sc.figures["standin_transfer_manager"])
+        # MiB/s per share of the core taken from training (1 - the stand-in's share: alone it has the core): how
+        # much each client moves for what it costs training, whatever priority it runs at.
+        for m in ("cloudckpt", "transfer_manager"):
+            sc.figures[f"per_core_taken_{m}"] = summarize(
+                [nbytes / MB / s / max(1e-3, 1 - share)
+                 for s, share in zip(seconds[m], shares[m][-len(seconds[m]):])],
+                "MiB/s per core", label=f"MiB/s per share of CPU 0 taken from the stand-in: {labels[m]}")
+        sc.ratios["per_core_taken_cloudckpt/per_core_taken_transfer_manager"] = ratio(
+            sc.figures["per_core_taken_cloudckpt"], sc.figures["per_core_taken_transfer_manager"])
 
 
 def _restore_checked(ctx: Context, method: str,

@@ -94,8 +94,8 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *, dow
             if lineage:
                 log.warning("Starting without restoring a checkpoint of %s although step %d is committed: this "
                             "run starts a new lineage; the committed checkpoints become superseded when it "
-                            "commits its first checkpoint. To resume instead, restore first (the hook's restore=True, "
-                            "CheckpointManager.restore_or_initialize()).",
+                            "commits its first checkpoint. To resume instead, restore first (the TF1 hook's "
+                            "restore=True, the default).",
                             store.url, head.step)  # type: ignore[union-attr]
             return None, None
         restored = _download_first(store, scan, list(reversed(lineage)), local_dir, local_step=None)
