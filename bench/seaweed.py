@@ -68,10 +68,6 @@ class SeaweedS3(ServerProcess):
         """fsspec/cloudckpt options to reach the server."""
         return {"endpoint_url": self.endpoint, "key": KEY, "secret": SECRET}
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def start(self, timeout: float = 90.0, attempts: int = 3) -> "SeaweedS3":
         """Spawn ``weed mini`` and wait until it stores and returns an object (all its servers are up).
 

@@ -26,6 +26,11 @@ class ServerProcess:
 
     _proc: "subprocess.Popen[bytes] | None"
 
+    @property
+    def pid(self) -> int | None:
+        """The server child's process id (``taskset`` execs it: the same process), None when not started."""
+        return self._proc.pid if self._proc is not None else None
+
     def client(self) -> Any:
         raise NotImplementedError
 

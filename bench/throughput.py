@@ -45,7 +45,8 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-from .common import GB, MB, Scenario, ratio, rotate, summarize, threads_pinned, timed_cpu, total_size
+from .common import (GB, MB, Scenario, process_cpu_seconds, ratio, rotate, summarize, threads_pinned, timed_cpu,
+                     total_size)
 from .context import Context
 
 UPLOAD_KEY, UPLOAD_TITLE = "upload", "3. Upload throughput"
@@ -219,12 +220,14 @@ def run_upload(ctx: Context, contended: bool = False) -> Scenario:
         upload(ctx, small, f"upload/warmup/{method}")
     ctx.clean_bucket()
     measured: dict[str, list[tuple[float, float]]] = {m: [] for m in uploads}
+    busy: dict[str, list[float]] = {m: [] for m in uploads}
     for rep in range(cfg.reps):
         for method in rotate(list(uploads), rep):
-            measured[method].append(uploads[method](ctx, files, f"upload/{method}/rep{rep}"))
+            measured[method].append(_server_timed(ctx, busy[method], uploads[method], ctx, files,
+                                                  f"upload/{method}/rep{rep}"))
             ctx.clean_bucket()  # moto holds objects in RAM
         ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
-    _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS, shares)
+    _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS, shares, busy)
     return sc
 
 
@@ -246,11 +249,13 @@ def run_restore(ctx: Context, contended: bool = False) -> Scenario:
     for method, restore in restores.items():  # warm-up: clients and connections
         _restore_checked(ctx, method, restore, "restore-warmup", small)
     measured: dict[str, list[tuple[float, float]]] = {m: [] for m in restores}
+    busy: dict[str, list[float]] = {m: [] for m in restores}
     for rep in range(cfg.reps):
         for method in rotate(list(restores), rep):
-            measured[method].append(_restore_checked(ctx, method, restores[method], prefix, files))
+            measured[method].append(_server_timed(ctx, busy[method], _restore_checked, ctx, method,
+                                                  restores[method], prefix, files))
         ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
-    _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS, shares)
+    _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS, shares, busy)
     ctx.clean_bucket()
     return sc
 
@@ -291,20 +296,25 @@ def contended_core(shares: list[float]) -> Iterator[None]:
             assert proc.stdout is not None
             if proc.stdout.readline() != b"ready\n":
                 raise RuntimeError(f"the training stand-in did not start ({proc.poll()})")
-            cpu0, started = _process_cpu(proc.pid), time.perf_counter()
+            cpu0, started = process_cpu_seconds(proc.pid), time.perf_counter()
             yield
-            shares.append((_process_cpu(proc.pid) - cpu0) / (time.perf_counter() - started))
+            shares.append((process_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - started))
         finally:
             if proc is not None:
                 proc.kill()
                 proc.wait()  # reaped here, outside any timed_cpu window: its CPU is never the client's
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _server_timed(ctx: Context, busy: list[float], fn: Callable[..., tuple[float, float]],
+                  *args: Any) -> tuple[float, float]:
+    """``fn(*args)`` -> (wall s, client CPU s); appends the server's CPU seconds over that call per wall second
+    to ``busy`` (about 1.0: the server's core was the limit; the server runs pinned to one core)."""
+    pid = ctx.server.pid
+    before = process_cpu_seconds(pid) if pid is not None else None
+    seconds, cpu = fn(*args)
+    if before is not None and pid is not None:
+        busy.append((process_cpu_seconds(pid) - before) / seconds)
+    return seconds, cpu
 
 
 def _progress(measured: dict[str, list[tuple[float, float]]], nbytes: int) -> str:
@@ -313,7 +323,8 @@ def _progress(measured: dict[str, list[tuple[float, float]]], nbytes: int) -> st
 
 
 def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, float]]], nbytes: int,
-                        labels: dict[str, str], shares: dict[str, list[float]] | None) -> None:
+                        labels: dict[str, str], shares: dict[str, list[float]] | None,
+                        busy: dict[str, list[float]] | None = None) -> None:
     """MiB/s and CPU-s/GiB per method; cloudckpt against each baseline, the best one and TransferManager's CPU;
     under contention (``shares``) also the stand-in's share of the core per method."""
     seconds = {m: [s for s, _ in v] for m, v in measured.items()}
@@ -323,6 +334,9 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
     for method, values in measured.items():
         sc.figures[f"cpu_{method}"] = summarize([c * GB / nbytes for _, c in values], "CPU-s/GiB",
                                                 label=f"client CPU per GiB: {labels[method]}")
+        if busy and busy.get(method):  # the server's core: ~1.0 = the server, not the client, was the limit
+            sc.figures[f"server_{method}"] = summarize(busy[method], "server core busy",
+                                                       label=f"server CPU-s per wall s (its one core): {labels[method]}")
         if shares is not None:  # the last reps calls: the first one was the warm-up
             sc.figures[f"standin_{method}"] = summarize(shares[method][-len(values):], "core share",
                                                         label=f"training stand-in's share of CPU 0: {labels[method]}")
