@@ -185,6 +185,8 @@ class CheckpointManager:
             preemption=preemption, preemption_deadline=preemption_deadline, transfer=transfer,
             summary_dir=summary_dir, task=self._role.name if self._role is not None else None)
         self._url = directory
+        if self._agreement is not None:
+            self._agreement.context = f"cloudckpt ({self._engine.url})"
         self._engine.open()
         self._last_saved_step: int | None = None
         self._saving_thread: int | None = None  # the thread inside save(), while it is
@@ -259,7 +261,8 @@ class CheckpointManager:
         Raises:
             UploadError: an earlier checkpoint failed to commit (``on_error="raise"``), or
                 ``FencedError``: a newer writer took over the directory (either setting). The
-                checkpoint of this call is saved and queued first.
+                checkpoint of this call is saved and queued first. Multi-worker, these are raised
+                by ``should_stop()`` instead, on every worker at the same call.
             ConfigError: the manager is closed.
         """
         if self._closed:
@@ -282,6 +285,8 @@ class CheckpointManager:
             parsed = split_prefix(os.path.basename(path))
             if parsed is not None:
                 self._last_saved_step = parsed[1]
+        if self._agreement is not None:
+            return path  # multi-worker: should_stop() raises a failure, on every worker at the same call
         self._engine.raise_if_failed()
         fenced = self._engine.fenced
         if fenced is not None:  # a fenced writer's saves are never committed again: say so at every one
@@ -311,7 +316,9 @@ class CheckpointManager:
             IntegrityError: checkpoints are committed but none verifies and there is no
                 local checkpoint (training must not silently start from scratch).
             RemoteError / FencedError: the store could not be read or written.
-            CloudCkptError: (multi-worker, not the chief) the chief failed to restore.
+            WorkerFailedError: (multi-worker) another worker failed to restore: the chief, or a
+                worker whose download of the chief's step failed (that worker raises its own error,
+                e.g. ``IntegrityError``); every worker raises in the same call.
         """
         self._manager.sync()
         self._resume(download=True)
@@ -354,7 +361,14 @@ class CheckpointManager:
         Multi-worker, a collective until it turns True: every worker calls it once per
         step (at the same points of the loop), and it turns True on all of them at the
         same call once a notice reached any one of them (an all-reduce of that flag,
-        run about once a second of training: ``WorkerAgreement.stop_agreed``).
+        run about once a second of training: ``WorkerAgreement.stop_agreed``). The same
+        all-reduce carries a failed commit of the chief: it raises on every worker at
+        that call, instead of ``save()`` raising on the chief alone.
+
+        Raises:
+            UploadError / FencedError: (multi-worker, the chief) a checkpoint failed to commit
+                (``on_error="raise"``; ``FencedError`` either way).
+            WorkerFailedError: (multi-worker, the other workers) the chief's commit failed.
         """
         if self._agreement is None:
             return self._engine.should_stop()
@@ -491,7 +505,8 @@ class CheckpointManager:
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> CheckpointInfo | None:
         """Every worker restores the step the chief restores; the chief's step reaches the others as an
-        all-reduce (-1: nothing to restore, -2: the chief failed, and raises)."""
+        all-reduce (-1: nothing to restore), then every worker says whether its download of that step
+        failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``)."""
         role = agreement.role
         step: int | None = None
         restored: CheckpointInfo | None = None
@@ -500,22 +515,21 @@ class CheckpointManager:
             try:
                 restored = self._engine.resume(download=True)
                 step = self._commit_local_head()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
                 failure = exc
-        agreed = agreement.from_chief(-2 if failure is not None else (-1 if step is None else step))
-        if failure is not None:
-            raise failure
-        if role.is_chief:
-            return restored
-        if agreed == -2:
-            raise CloudCkptError(f"The chief failed to restore from {self.directory}; this worker ({role.name}) "
-                                 "stops too: see the chief's log for the cause.")
+        agreed = agreement.from_chief(-1 if step is None else step, failure)
         if agreed < 0:
             return None
-        info = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
-        download_verified(self._engine.store, info, self.local_dir)
-        log.info("Restoring checkpoint step %d, as the chief does.", agreed)
-        return info
+        if not role.is_chief:
+            try:
+                restored = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
+                download_verified(self._engine.store, restored, self.local_dir)
+            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+                failure = exc
+        agreement.agree_on_failure(failure)
+        if not role.is_chief:
+            log.info("Restoring checkpoint step %d, as the chief does.", agreed)
+        return restored
 
     def _commit_local_head(self) -> int | None:
         """The chief's resume point (the step the local state file names); a local checkpoint newer than

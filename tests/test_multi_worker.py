@@ -75,12 +75,14 @@ def cluster():
         started.stop()
 
 
-def start_tf2_workers(cluster: Cluster, url: str, options: dict, root: Path, run: str, *flags: str,
+def start_tf2_workers(cluster: Cluster, url: str, options: dict | list[dict], root: Path, run: str, *flags: str,
                       env: dict | None = None) -> list[Task]:
+    """Two workers of ``TF2_TRAINER``; ``options``: the storage options of both, or of each."""
     spec = cluster_spec(2)
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
-    return [cluster.start(TF2_TRAINER, [url, json.dumps(options), str(root / f"{run}-local-{i}"), str(out), *flags],
+    each = options if isinstance(options, list) else [options, options]
+    return [cluster.start(TF2_TRAINER, [url, json.dumps(each[i]), str(root / f"{run}-local-{i}"), str(out), *flags],
                           task_env(spec, "worker", i, **(env or {}).get(i, {})))
             for i in range(2)]
 
@@ -169,6 +171,57 @@ def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tm
     stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
     assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
+
+
+# A worker whose cloudckpt call failed stays alive this long (a slow cleanup, a close() waiting on uploads):
+# without the failure agreement, the other workers would block in the job's next collective all that time.
+LINGER = 300
+# How long the other workers may take to raise (TF's collectives abort only once the failed process exits).
+AGREED_WITHIN = 90
+
+
+def failure_of(task: Task, timeout: float = AGREED_WITHIN) -> tuple[int, str, str]:
+    """``(step, error type, message)`` of a worker that ended with an error (exit 3), within ``timeout``."""
+    line = task.wait_for_line("ERROR ", timeout)
+    _, step, kind, message = line.split(" ", 3)
+    return int(step), kind, message
+
+
+def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, moto_server, s3_url, s3_options,
+                                                                       tmp_path):
+    """The chief's commit fails (its store goes away) while it stays alive: both workers raise at the same
+    step, the chief its UploadError, worker 1 a WorkerFailedError naming worker:0, instead of worker 1
+    blocking in the next collective until the chief exits. Then worker 1's verified download fails during
+    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone."""
+    from support.fault_proxy import FaultProxy
+
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxied = {**s3_options, "endpoint_url": proxy.url}
+        workers = start_tf2_workers(cluster, s3_url, [proxied, s3_options], tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--retry-attempts", "1", "--linger", str(LINGER))
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        proxy.start_outage()  # the chief's store is gone: its next commit fails
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None  # the chief lingers
+        assert chief_error == "UploadError" and error == "WorkerFailedError", (chief_error, message)
+        assert step == chief_step, (step, chief_step)
+        assert "worker:0 (UploadError)" in message and "[worker:0]" in message and "worker:1" in message, message
+        workers[0].stop()
+        committed = cloudckpt.latest_checkpoint(s3_url, s3_options).step
+
+        # Restore: worker 1's downloads of checkpoint data arrive with a flipped byte.
+        proxy.clear()
+        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.data-")
+        workers = start_tf2_workers(cluster, s3_url, [s3_options, proxied], tmp_path, "run2", "--retry-attempts",
+                                    "1", "--linger", str(LINGER))
+        _, error_1, _ = failure_of(workers[1], 300)
+        step, error, message = failure_of(workers[0])
+        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
+    assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+    assert step == -1 and f"worker:1 ({error_1})" in message, message  # in the restore, before any step
+    assert not workers[0].lines("FIRST_STEP") and not workers[1].lines("FIRST_STEP")
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
 
 
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:

@@ -26,7 +26,10 @@ Under ``MultiWorkerMirroredStrategy`` (tf-keras: ``TF_USE_LEGACY_KERAS=1``;
 the other workers save to a temporary directory that is removed, restore the
 backup the chief restores (its step sent as an all-reduce of the strategy),
 and a preemption notice on any worker stops all of them at the same batch
-(an all-reduce of "a notice reached me" after every batch).
+(an all-reduce of "a notice reached me", about once a second of batches).
+A failed commit of the chief, or a failed download on another worker during the
+restore, travels in the same all-reduces: every worker raises at the same batch
+(``WorkerFailedError`` on the workers that did not fail).
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             that does not fit the model.
         IntegrityError: when training begins, backups are committed but none verifies.
         UploadError / FencedError: during ``fit``, a backup could not be committed.
+        WorkerFailedError: multi-worker, another worker failed (a commit on the chief, a download
+            during the restore); raised on every worker at the same batch (or in the restore).
 
     Attributes:
         restored: the committed backup restored when training began (``CheckpointInfo``), or None.
@@ -202,6 +207,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if role is not None:
             self._engine.task = role.name
             name_task_in_logs(role.name)
+        if self._agreement is not None:
+            self._agreement.context = f"cloudckpt.keras.BackupAndRestore ({self.url})"
         self._open()
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
@@ -225,7 +232,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         """Raise a failed commit; save at a preemption notice or every ``save_freq`` batches."""
         if self._stopping:
             return
-        self._engine.raise_if_failed()
+        if self._agreement is None:
+            self._engine.raise_if_failed()  # multi-worker: raised by the stop agreement, on every worker
         if self._should_stop(collective=True):
             self._final_save(self._epoch, batch)
         elif self._should_save_on_batch(batch):
@@ -241,7 +249,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             return
         if self.save_freq == "epoch":
             self._save(epoch + 1, None)
-        self._engine.raise_if_failed()
+        if self._agreement is None:
+            self._engine.raise_if_failed()  # multi-worker: at the next batch's stop agreement, on every worker
 
     def on_train_end(self, logs: dict | None = None) -> None:
         """Wait for the backups to commit; then, after a normal end with ``delete_checkpoint``, delete them.
@@ -304,7 +313,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> int | None:
         """The chief restores as on one machine; its step reaches the other workers as an all-reduce (-1:
-        nothing, -2: the chief failed), and each downloads (verified) and restores that backup."""
+        nothing), and each downloads (verified) and restores that backup, then every worker says whether
+        that failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``:
+        ``WorkerFailedError`` on the others)."""
         role = agreement.role
         epoch: int | None = None
         failure: BaseException | None = None
@@ -315,24 +326,25 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             try:
                 self.restored = self._engine.resume()
                 epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
                 failure = exc
-            step = -2 if failure is not None else (-1 if self.restored is None else self.restored.step)
+            step = -1 if self.restored is None else self.restored.step
         else:
             step = None
             self._worker_temp = worker_temp_dir(role, self.local_dir)
-        agreed = agreement.from_chief(step)
-        if failure is not None:
-            raise failure
-        if role.is_chief or agreed == -1:
+        agreed = agreement.from_chief(step, failure)
+        if agreed == -1:
             return epoch
-        if agreed == -2:
-            raise ConfigError(f"The chief failed to restore from {self.url}; this worker ({role.name}) stops too: "
-                              "see the chief's log for the cause.")
-        store = self._engine.store
-        self.restored = select_checkpoint(store, scan_directory(store), agreed)
-        download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
-        return self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+        if not role.is_chief:
+            store = self._engine.store
+            try:
+                self.restored = select_checkpoint(store, scan_directory(store), agreed)
+                download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
+                epoch = self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+                failure = exc
+        agreement.agree_on_failure(failure)
+        return epoch
 
     def _build_optimizer(self) -> None:
         """Create the optimizer's variables if they do not exist yet."""
