@@ -375,6 +375,47 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
 
 
+def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, moto_server, s3_url,
+                                                                               s3_options, tmp_path):
+    """BackupAndRestore under MWMS: the chief's backup commit fails while it stays alive: both workers raise
+    in fit at the same batch (the chief UploadError, worker 1 WorkerFailedError naming worker:0); then
+    worker 1's verified download fails in the restore: the chief raises WorkerFailedError naming worker:1."""
+    from support.fault_proxy import FaultProxy
+
+    assert importlib.util.find_spec("tf_keras") is not None, "tf-keras is not installed: run scripts/test"
+
+    def start(run: str, options: list[dict], *flags: str) -> list[Task]:
+        spec = cluster_spec(2)
+        (tmp_path / run).mkdir()
+        return [cluster.start(KERAS_TRAINER, [s3_url, json.dumps(options[i]), str(tmp_path / f"{run}-local-{i}"),
+                                              str(tmp_path / run), "--retry-attempts", "1", "--linger", str(LINGER),
+                                              *flags], task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
+                for i in range(2)]
+
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxied = {**s3_options, "endpoint_url": proxy.url}
+        workers = start("run1", [proxied, s3_options], "--epochs", "40", "--steps", "6", "--batch-sleep", "0.1")
+        wait_for_commit(workers[0], s3_url, s3_options, 6)  # the backup of epoch 0
+        proxy.start_outage()  # the chief's store is gone: its next backup fails to commit
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None  # the chief lingers
+        assert chief_error == "UploadError" and error == "WorkerFailedError", (chief_error, message)
+        assert step == chief_step > 6, (step, chief_step)  # the same batch (optimizer.iterations)
+        assert "worker:0 (UploadError)" in message and "BackupAndRestore" in message, message
+        workers[0].stop()
+
+        proxy.clear()
+        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.weights\.h5")
+        workers = start("run2", [s3_options, proxied], "--epochs", "40", "--steps", "6")
+        _, error_1, _ = failure_of(workers[1], 300)
+        _, error, message = failure_of(workers[0])
+        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
+    assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+    assert f"worker:1 ({error_1})" in message, message
+    assert not workers[0].lines("START_EPOCH") and not workers[1].lines("START_EPOCH")
+
+
 # -- in-process: roles, TF_CONFIG, log records, misuse ------------------------------------------------------
 
 
