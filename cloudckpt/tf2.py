@@ -28,7 +28,9 @@ directory inside it, and each of their checkpoints is deleted once written
 (TF's multi-worker pattern). ``restore_or_initialize()`` makes every worker
 restore the step the chief restores (sent as an all-reduce); ``should_stop()``
 is an all-reduce of "a preemption notice reached me", so all workers stop at
-the same step.
+the same step. The same all-reduces (and one in ``close()``) carry "cloudckpt
+failed here", so a failure on one worker raises on all of them at the same call
+instead of leaving the others blocked in the next collective.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ class CheckpointManager:
       points of the loop (each may be a collective); only the chief commits, the others'
       saves go to a temporary directory and are deleted; every worker restores the step
       the chief restores; a notice on any worker makes ``should_stop()`` True on all of them
-      at the same call.
+      at the same call. A cloudckpt failure on one worker (a commit of the chief, a download
+      during the restore, the final commit) raises on every worker at the same call
+      (``should_stop()``, ``restore_or_initialize()``, ``close()``): the failed worker its own
+      error, the others ``WorkerFailedError`` naming it.
 
     Args:
         checkpoint: a ``tf.train.Checkpoint``.
@@ -407,29 +412,44 @@ class CheckpointManager:
         and the uploader, and no cloudckpt thread is left. After a preemption, a
         SIGTERM handler of yours that the watcher deferred is called now.
 
+        Multi-worker, a collective (every worker calls it, as TF's multi-worker loops do at the
+        end): the other workers return once the chief's final commit is done; if it failed, the
+        chief raises its error and every other worker ``WorkerFailedError``. (When the interpreter
+        exits with a manager not closed, the close at exit is not a collective.)
+
         Raises:
             UploadError: the last checkpoint saved could not be committed (also with
                 ``on_error="warn"``), or a newer writer took over (``FencedError``).
                 After a preemption notice a missed deadline is logged, not raised.
+            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed.
         """
+        self._close(agree=True)
+
+    def _close(self, *, agree: bool) -> None:
+        """``close()``; ``agree``: multi-worker, agree on a failure of the chief's final commit (a collective)."""
         if self._closed:
             return
         self._closed = True
+        failure: Exception | None = None
         if not self.is_chief:
             try:
                 self._manager.sync()
             finally:
                 self._close_worker()
-            if self._engine.preempted:
-                self._engine.call_replaced_sigterm_handler()
-            return
-        try:
-            self._manager.sync()
-            if self._last_saved_step is not None:
-                self._engine.prepare_final_save(self._last_saved_step)
-            self._engine.finish(self._last_saved_step)
-        finally:
-            self._engine.close(timeout=0, reason="close()")
+        else:
+            try:
+                self._manager.sync()
+                if self._last_saved_step is not None:
+                    self._engine.prepare_final_save(self._last_saved_step)
+                self._engine.finish(self._last_saved_step)
+            except Exception as exc:  # noqa: BLE001 - raised below, by the agreement when there is one
+                failure = exc
+            finally:
+                self._engine.close(timeout=0, reason="close()")
+        if self._agreement is not None and agree:
+            self._agreement.agree_on_failure(failure)
+        elif failure is not None:
+            raise failure
         if self._engine.preempted:
             self._engine.call_replaced_sigterm_handler()
 
@@ -600,7 +620,7 @@ def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
                 f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout})"
                 if pending else "")
     try:
-        manager.close()
+        manager._close(agree=False)  # the other workers may be gone, or not closing: no collective
     except CloudCkptError as error:
         log.error("%s", error)
 

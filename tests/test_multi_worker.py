@@ -8,6 +8,10 @@
   ``chief_only_hooks``): the chief commits complete checkpoints although the variables live on the PS,
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
 * tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
+* A cloudckpt failure on one worker (the chief's commits through a fault proxy in an outage; a flipped byte
+  in one worker's download during the restore) while that process stays alive (``--linger``): every worker
+  raises at the same step, the others ``WorkerFailedError`` naming it, within ``AGREED_WITHIN`` seconds
+  (without the agreement they block in the next collective: the test fails on that timeout).
 
 Workers are forked with TF imported (tests/support/forkserver.py); a parameter server runs in its own mount
 namespace, so it imports TF itself (5-10 s on the shared machine): the tests keep the number of processes small.
@@ -192,7 +196,8 @@ def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, 
     """The chief's commit fails (its store goes away) while it stays alive: both workers raise at the same
     step, the chief its UploadError, worker 1 a WorkerFailedError naming worker:0, instead of worker 1
     blocking in the next collective until the chief exits. Then worker 1's verified download fails during
-    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone."""
+    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone. Then the
+    chief's final commit in close() fails: worker 1's close() raises WorkerFailedError too."""
     from support.fault_proxy import FaultProxy
 
     with FaultProxy(moto_server.endpoint) as proxy:
@@ -218,10 +223,25 @@ def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, 
         _, error_1, _ = failure_of(workers[1], 300)
         step, error, message = failure_of(workers[0])
         assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
-    assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
-    assert step == -1 and f"worker:1 ({error_1})" in message, message  # in the restore, before any step
-    assert not workers[0].lines("FIRST_STEP") and not workers[1].lines("FIRST_STEP")
-    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
+        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+        assert step == -1 and f"worker:1 ({error_1})" in message, message  # in the restore, before any step
+        assert not workers[0].lines("FIRST_STEP") and not workers[1].lines("FIRST_STEP")
+        assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
+        workers[1].stop()
+
+        # The final commit in close() fails: worker 1 does not return from close() as if all were well.
+        proxy.clear()
+        last = committed + 10
+        workers = start_tf2_workers(cluster, s3_url, [proxied, s3_options], tmp_path, "run3", "--save-every", "1000",
+                                    "--last-step", str(last), "--step-sleep", "0.1", "--retry-attempts", "1",
+                                    "--linger", str(LINGER))
+        workers[0].wait_for_line("FIRST_STEP", 300)  # restored and registered through the proxy
+        proxy.start_outage()
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None
+    assert (chief_error, error) == ("UploadError", "WorkerFailedError") and step == chief_step == last, message
+    assert not workers[1].lines("DONE") and "worker:0 (UploadError)" in message, message
 
 
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
@@ -379,7 +399,8 @@ def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(c
                                                                                s3_options, tmp_path):
     """BackupAndRestore under MWMS: the chief's backup commit fails while it stays alive: both workers raise
     in fit at the same batch (the chief UploadError, worker 1 WorkerFailedError naming worker:0); then
-    worker 1's verified download fails in the restore: the chief raises WorkerFailedError naming worker:1."""
+    worker 1's verified download fails in the restore: the chief raises WorkerFailedError naming worker:1;
+    then the final backup's commit fails at the end of fit: worker 1's fit raises WorkerFailedError too."""
     from support.fault_proxy import FaultProxy
 
     assert importlib.util.find_spec("tf_keras") is not None, "tf-keras is not installed: run scripts/test"
@@ -411,9 +432,23 @@ def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(c
         _, error_1, _ = failure_of(workers[1], 300)
         _, error, message = failure_of(workers[0])
         assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
-    assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
-    assert f"worker:1 ({error_1})" in message, message
-    assert not workers[0].lines("START_EPOCH") and not workers[1].lines("START_EPOCH")
+        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+        assert f"worker:1 ({error_1})" in message, message
+        assert not workers[0].lines("START_EPOCH") and not workers[1].lines("START_EPOCH")
+        workers[1].stop()
+
+        # The final backup's commit fails at the end of fit (on_train_end): worker 1's fit raises too.
+        proxy.clear()
+        restored = cloudckpt.latest_checkpoint(s3_url, s3_options).step
+        epochs = restored // 6 + 1  # one epoch to run
+        workers = start("run3", [proxied, s3_options], "--epochs", str(epochs), "--steps", "6", "--batch-sleep", "0.2")
+        workers[0].wait_for_line("START_EPOCH", 300)  # restored and registered through the proxy
+        proxy.start_outage()
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None
+    assert (chief_error, error) == ("UploadError", "WorkerFailedError") and step == chief_step == restored + 6, message
+    assert not workers[1].lines("DONE") and "worker:0 (UploadError)" in message, message
 
 
 # -- in-process: roles, TF_CONFIG, log records, misuse ------------------------------------------------------

@@ -92,7 +92,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
       ``model.stop_training`` and wait for that backup to commit until the
       deadline; ``preempted`` is then True and the backup is kept.
     * **Honest errors.** A backup that cannot be committed raises ``UploadError``
-      in ``fit`` at the next batch (``FencedError`` when a newer writer took over).
+      in ``fit`` at the next batch (``FencedError`` when a newer writer took over);
+      multi-worker, at the next stop agreement (within about a second), on every worker.
     * **Multi-worker** (``MultiWorkerMirroredStrategy``, with tf-keras:
       ``TF_USE_LEGACY_KERAS=1``): only the chief commits; the other workers' saves go
       to a temporary directory that is removed; every worker restores the backup the
@@ -258,23 +259,35 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         After a preemption the wait ends at the deadline and is not raised past it
         (the previous committed backup stays the newest); the backups are kept.
 
+        Multi-worker, the other workers wait here for the chief's final commit; if it failed, the chief
+        raises its error and every other worker ``WorkerFailedError``.
+
         Raises:
             UploadError: a backup was not committed (``FencedError``: a newer writer took over).
+            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed.
         """
         try:
-            if not self._is_chief:
-                self.preempted = self._stopping
-            elif self._stopping:
-                self._engine.finish()
-                self.preempted = self._engine.preempted or self._stop_agreed
-            elif self.delete_checkpoint:
-                self._engine.wait(self._engine.upload_timeout)
-                self._engine.stop_uploads()
-                deleted = self._engine.delete_committed(debris=True)
-                log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).", len(deleted),
-                         self.url)
-            else:
-                self._engine.finish()
+            failure: Exception | None = None
+            try:
+                if not self._is_chief:
+                    self.preempted = self._stopping
+                elif self._stopping:
+                    self._engine.finish()
+                    self.preempted = self._engine.preempted or self._stop_agreed
+                elif self.delete_checkpoint:
+                    self._engine.wait(self._engine.upload_timeout)
+                    self._engine.stop_uploads()
+                    deleted = self._engine.delete_committed(debris=True)
+                    log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).",
+                             len(deleted), self.url)
+                else:
+                    self._engine.finish()
+            except Exception as exc:  # noqa: BLE001 - multi-worker: raised by the agreement, on every worker
+                if self._agreement is None:
+                    raise
+                failure = exc
+            if self._agreement is not None:
+                self._agreement.agree_on_failure(failure)
         finally:
             set_initial_epoch(self.model, None)  # a later fit() without this callback starts where it is told
             self.close()

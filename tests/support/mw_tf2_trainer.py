@@ -100,9 +100,9 @@ def main() -> int:
                 break
             if args.step_sleep:
                 time.sleep(args.step_sleep)
+        manager.close()  # every worker (a collective): the chief's final commit
     except cloudckpt.CloudCkptError as exc:
         return report_failure(exc, current, args.linger)
-    manager.close()
     dump(os.path.join(args.out_dir, f"last-{name}.npz"))
     print(f"{outcome} {current}", flush=True)
     stats = dataclasses.asdict(manager.stats())
