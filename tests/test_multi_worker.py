@@ -609,3 +609,29 @@ def test_stop_agreement_runs_about_once_a_second_not_every_step(memory_url, tmp_
         assert late <= 2 * STOP_CHECK_SECONDS / step_seconds, late
     finally:
         engine.close()
+
+
+def test_failure_agreement_raises_the_own_error_here_and_names_the_failed_worker_elsewhere(memory_url):
+    """On a real (one-worker) MWMS: no failure passes; a worker's own failure is re-raised as it is; a slot
+    set by another worker becomes a WorkerFailedError naming that task and its error type."""
+    import tensorflow as tf
+
+    from cloudckpt.distributed import TaskRole, WorkerAgreement
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    agreement = WorkerAgreement(strategy, TaskRole("worker", 0, True, 1, peers=("worker:0",)))
+    agreement.context = f"cloudckpt ({memory_url})"
+    assert agreement.from_chief(7) == 7
+    agreement.agree_on_failure(None)
+    own = cloudckpt.UploadError("step 5 was not committed", url=memory_url, step=5)
+    with pytest.raises(cloudckpt.UploadError) as raised:
+        agreement.from_chief(7, own)
+    assert raised.value is own
+    # What a worker without a failure of its own sees (the slots as the all-reduce sums them, 2 workers):
+    other = WorkerAgreement(strategy, TaskRole("worker", 1, False, 2, peers=("worker:0", "worker:1")))
+    other.context = agreement.context
+    with pytest.raises(cloudckpt.WorkerFailedError) as raised:
+        other._raise_failures(None, [2.0, 0.0])
+    assert raised.value.workers == ("worker:0",) and raised.value.errors == ("UploadError",)
+    assert str(raised.value).startswith(f"cloudckpt ({memory_url}) failed on worker:0 (UploadError); every worker")
+    assert "this one (worker:1)" in str(raised.value) and "[worker:0]" in str(raised.value)
