@@ -171,8 +171,8 @@ class WorkerAgreement:
     Every all-reduce also carries one slot per worker: the kind of the error
     cloudckpt failed with on that worker (0: none). When one is set, the call
     raises on every worker: the failed one raises its own error, the others
-    ``WorkerFailedError`` naming it; ``context`` (set by the adapter) says what
-    the job was doing, e.g. "committing checkpoints to s3://b/run".
+    ``WorkerFailedError`` naming it; ``context`` (set by the adapter) names what
+    failed, e.g. ``"cloudckpt (s3://b/run)"``.
 
     Args:
         strategy: a multi-worker ``tf.distribute`` strategy (``MultiWorkerMirroredStrategy``).
@@ -223,8 +223,9 @@ class WorkerAgreement:
                        for _, kind in failed)
         if failure is not None:
             others = [n for n in names if n != self.role.name]
-            log.error("%s failed (%s)%s: every worker of the job stops at this step.", self.context,
-                      type(failure).__name__, f"; so did {', '.join(others)}" if others else "")
+            log.error("%s failed on this worker (%s: %s); every worker of the job stops at this step%s.",
+                      self.context, type(failure).__name__, failure,
+                      f" (it failed on {', '.join(others)} too)" if others else "")
             raise failure
         described = ", ".join(f"{n} ({e})" for n, e in zip(names, errors))
         raise WorkerFailedError(

@@ -212,6 +212,8 @@ def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, 
         assert chief_error == "UploadError" and error == "WorkerFailedError", (chief_error, message)
         assert step == chief_step, (step, chief_step)
         assert "worker:0 (UploadError)" in message and "[worker:0]" in message and "worker:1" in message, message
+        # the log the message points at: the chief's cause, under its task name
+        assert "[worker:0] cloudckpt (" in workers[0].stderr and "every worker of the job stops" in workers[0].stderr
         workers[0].stop()
         committed = cloudckpt.latest_checkpoint(s3_url, s3_options).step
 
