@@ -16,7 +16,8 @@ from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints, latest_checkpoint
 from .engine import CheckpointEngine
 from .layout import PrefixLayout
-from .errors import CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError
+from .errors import (CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError, UploadError,
+                     WorkerFailedError)
 from .manifest import FileEntry, Manifest
 from .preemption import PreemptionNotice, PreemptionWatcher, was_preempted
 from .push import PushReport, PushResult, push_checkpoints
@@ -78,6 +79,7 @@ __all__ = [
     "UploadError",
     "FencedError",
     "IntegrityError",
+    "WorkerFailedError",
     "ManifestError",
 ]
 

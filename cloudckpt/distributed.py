@@ -6,6 +6,13 @@ reached one of us") travels as a collective of the job's own
 ``tf.distribute`` strategy (an all-reduce, like the gradients), so every
 worker learns it at the same call, in the same order.
 
+The same collectives carry "cloudckpt failed on this worker" (a commit failing
+on the chief, a verified download failing on another worker during the
+restore): a worker must not raise alone, or the others block in the job's next
+collective (until the failed process exits and TF aborts them). The failed
+worker raises its own error at the agreed call and every other worker raises
+``WorkerFailedError`` naming it, at the same call.
+
 Roles follow TF's rules (``tensorflow/python/distribute/multi_worker_util.py``,
 ``is_chief``): the ``chief`` task if the cluster has one, else ``worker`` 0.
 Only the chief commits to the checkpoint URL; the other workers save to a
@@ -28,10 +35,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import (CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError,
+                     UploadError, WorkerFailedError)
 
 __all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "role_from_cluster", "role_from_tf_config",
            "role_of_strategy"]
+
+log = logging.getLogger("cloudckpt")
 
 LOGGERS = ("cloudckpt", "cloudckpt.preemption")  # every logger cloudckpt logs to
 WORKER_JOBS = ("chief", "worker")  # jobs that run the training loop (TF's "workers" of a multi-worker job)
@@ -39,6 +49,8 @@ WORKER_JOBS = ("chief", "worker")  # jobs that run the training loop (TF's "work
 # training, at most this many calls apart.
 STOP_CHECK_SECONDS = 1.0
 _MAX_CALLS_BETWEEN_CHECKS = 1000
+# A failure travels as the index of its error type here, plus 1 (0: no failure); len + 1: another exception.
+_FAILURE_KINDS = (FencedError, UploadError, ManifestError, IntegrityError, RemoteError, ConfigError, CloudCkptError)
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ class TaskRole:
     """One task of a TF cluster: its job, index, whether it is the chief, and how many tasks train.
 
     ``workers`` counts the ``chief`` and ``worker`` tasks of the cluster (1 on a single machine),
-    ``parameter_servers`` its ``ps`` tasks.
+    ``parameter_servers`` its ``ps`` tasks; ``peers`` names those ``workers`` tasks, the chief first.
     """
 
     task_type: str
@@ -54,11 +66,17 @@ class TaskRole:
     is_chief: bool
     workers: int
     parameter_servers: int = 0
+    peers: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         """``"<job>:<index>"``, e.g. ``worker:1``: how logs and ``stats()`` name the task."""
         return f"{self.task_type}:{self.task_id}"
+
+    @property
+    def rank(self) -> int:
+        """This task's position in ``peers`` (its slot in the failure agreement); ``task_id`` without peers."""
+        return self.peers.index(self.name) if self.name in self.peers else min(self.task_id, self.workers - 1)
 
     @property
     def multi_worker(self) -> bool:
@@ -85,7 +103,15 @@ def role_from_cluster(cluster: Mapping[str, Any], task_type: str | None, task_id
         raise ConfigError(f"Task {task_type}:{task_id} is not in the cluster {sorted(cluster)} (TF_CONFIG).")
     workers = sum(len(cluster.get(job) or ()) for job in WORKER_JOBS)
     chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not cluster.get("chief"))
-    return TaskRole(task_type, task_id, chief, workers, len(cluster.get("ps") or ()))
+    peers = tuple(f"{job}:{i}" for job in WORKER_JOBS for i in _task_ids(cluster.get(job)))
+    return TaskRole(task_type, task_id, chief, workers, len(cluster.get("ps") or ()), peers)
+
+
+def _task_ids(tasks: Any) -> list[int]:
+    """The task indices of one job of a cluster spec (a list, or TF's sparse dict form)."""
+    if isinstance(tasks, dict):
+        return sorted(int(i) for i in tasks)
+    return list(range(len(tasks))) if isinstance(tasks, (list, tuple)) else []
 
 
 def role_from_tf_config(environ: Mapping[str, str] | None = None) -> TaskRole | None:
@@ -142,6 +168,12 @@ class WorkerAgreement:
     relative to the other collectives of the job (its training steps), or the
     job blocks as it would for a training step a worker skipped.
 
+    Every all-reduce also carries one slot per worker: the kind of the error
+    cloudckpt failed with on that worker (0: none). When one is set, the call
+    raises on every worker: the failed one raises its own error, the others
+    ``WorkerFailedError`` naming it; ``context`` (set by the adapter) names what
+    failed, e.g. ``"cloudckpt (s3://b/run)"``.
+
     Args:
         strategy: a multi-worker ``tf.distribute`` strategy (``MultiWorkerMirroredStrategy``).
         role: this process's role in it.
@@ -152,6 +184,8 @@ class WorkerAgreement:
 
         self.role = role
         self._strategy = strategy
+        self.context = "cloudckpt"
+        self._slots = max(role.workers, len(role.peers), role.rank + 1)
 
         @tf.function(autograph=False)
         def sum_over_workers(value: Any) -> Any:
@@ -168,17 +202,40 @@ class WorkerAgreement:
         self._interval = 1
         self._checked_at = time.monotonic()
 
-    def _total(self, value: float) -> float:
-        total = float(self._sum(self._tf.constant(value, self._tf.float64)).numpy())
-        return total / self._replicas_per_worker
+    def _totals(self, values: list[float], failure: BaseException | None = None) -> list[float]:
+        """The sums of ``values`` over the workers; raises when a worker passed a ``failure`` (this one: its
+        own, re-raised; the others: ``WorkerFailedError``)."""
+        slots = [0.0] * self._slots
+        if failure is not None:
+            slots[self.role.rank] = float(_failure_kind(failure))
+        totals = self._sum(self._tf.constant([*values, *slots], self._tf.float64)).numpy()
+        totals = [float(t) / self._replicas_per_worker for t in totals]
+        self._raise_failures(failure, totals[len(values):])
+        return totals[:len(values)]
 
-    def _totals(self, values: list[float]) -> list[float]:
-        totals = self._sum(self._tf.constant(values, self._tf.float64)).numpy()
-        return [float(t) / self._replicas_per_worker for t in totals]
+    def _raise_failures(self, failure: BaseException | None, slots: list[float]) -> None:
+        failed = [(rank, int(round(kind))) for rank, kind in enumerate(slots) if round(kind)]
+        if not failed:
+            return
+        peers = self.role.peers
+        names = tuple(peers[rank] if rank < len(peers) else f"task #{rank}" for rank, _ in failed)
+        errors = tuple(_FAILURE_KINDS[kind - 1].__name__ if kind <= len(_FAILURE_KINDS) else "an exception"
+                       for _, kind in failed)
+        if failure is not None:
+            others = [n for n in names if n != self.role.name]
+            log.error("%s failed on this worker (%s: %s); every worker of the job stops at this step%s.",
+                      self.context, type(failure).__name__, failure,
+                      f" (it failed on {', '.join(others)} too)" if others else "")
+            raise failure
+        described = ", ".join(f"{n} ({e})" for n, e in zip(names, errors))
+        raise WorkerFailedError(
+            f"{self.context} failed on {described}; every worker of the job stops at this step, this one "
+            f"({self.role.name}) with this error. The cause is in the log of {', '.join(names)} (its cloudckpt "
+            f"records start with [{names[0]}]).", workers=names, errors=errors)
 
-    def any(self, flag: bool) -> int:
-        """How many workers passed True (0: none); the same answer on every worker."""
-        return int(round(self._total(1.0 if flag else 0.0)))
+    def agree_on_failure(self, failure: BaseException | None) -> None:
+        """Raise on every worker if any passed a ``failure`` (see the class); returns on all of them if none did."""
+        self._totals([], failure)
 
     def stop_agreed(self, engine: Any) -> int:
         """Whether a preemption notice reached any worker (``engine.should_stop()`` here): how many got
@@ -192,6 +249,14 @@ class WorkerAgreement:
         per call), so the k-th call is a collective on every worker or on none. Between those calls this
         returns 0 without communicating: one all-reduce costs milliseconds even on one host, a training
         step can take less. A notice is therefore acted on up to about a second after it arrived.
+
+        The same all-reduce carries the engine's unreported commit failures (``engine.take_failure()``,
+        the chief's): when one failed, every worker raises at this call (see the class), about a second
+        after the failure at most, instead of the chief raising alone.
+
+        Raises:
+            UploadError / FencedError: (the chief) a checkpoint failed to commit.
+            WorkerFailedError: another worker failed.
         """
         self._calls_to_check -= 1
         if self._calls_to_check > 0:
@@ -200,7 +265,8 @@ class WorkerAgreement:
         now = time.monotonic()
         deadline_at = engine.preemption_deadline_at() if here else None
         left = max(0.0, deadline_at - now) if deadline_at is not None else 0.0
-        noticed_f, left_total, elapsed_total = self._totals([1.0 if here else 0.0, left, now - self._checked_at])
+        noticed_f, left_total, elapsed_total = self._totals([1.0 if here else 0.0, left, now - self._checked_at],
+                                                            engine.take_failure())
         noticed = int(round(noticed_f))
         per_call = elapsed_total / max(1, self.role.workers) / self._interval  # seconds, mean over workers
         self._interval = max(1, min(_MAX_CALLS_BETWEEN_CHECKS, int(STOP_CHECK_SECONDS / per_call)
@@ -214,9 +280,19 @@ class WorkerAgreement:
             watcher.trigger("peer", f"a preemption notice on {noticed} other worker(s) of the job", left_total / noticed)
         return noticed
 
-    def from_chief(self, value: int | None) -> int:
-        """The chief's ``value`` (an int, ``|value| < 2**52``), on every worker; the others pass anything."""
-        return int(round(self._total(float(value) if self.role.is_chief and value is not None else 0.0)))
+    def from_chief(self, value: int | None, failure: BaseException | None = None) -> int:
+        """The chief's ``value`` (an int, ``|value| < 2**52``), on every worker; the others pass anything.
+
+        Raises:
+            a worker's ``failure``, or ``WorkerFailedError``: a worker passed one (see the class).
+        """
+        chief_value = float(value) if self.role.is_chief and value is not None else 0.0
+        return int(round(self._totals([chief_value], failure)[0]))
+
+
+def _failure_kind(failure: BaseException) -> int:
+    """The index + 1 of ``failure``'s type in ``_FAILURE_KINDS`` (len + 1: another exception)."""
+    return next((i + 1 for i, kind in enumerate(_FAILURE_KINDS) if isinstance(failure, kind)), len(_FAILURE_KINDS) + 1)
 
 
 class _TaskFilter(logging.Filter):

@@ -20,6 +20,7 @@ __all__ = [
     "IntegrityError",
     "ManifestError",
     "RedactedError",
+    "WorkerFailedError",
 ]
 
 
@@ -88,6 +89,25 @@ class IntegrityError(CloudCkptError):
 
 class ManifestError(IntegrityError):
     """A manifest cannot be read: malformed JSON, wrong schema or a newer format version."""
+
+
+class WorkerFailedError(CloudCkptError):
+    """Another worker of a multi-worker job failed in cloudckpt; this worker stops too, at the same step.
+
+    Raised on every other worker at the call where the workers agreed on the failure
+    (``CheckpointManager.should_stop()``, ``restore_or_initialize()``; the batch end of
+    ``cloudckpt.keras.BackupAndRestore``), while the failed worker raises its own error
+    there (e.g. ``UploadError``). Its cause is in that worker's log.
+
+    Attributes:
+        workers: the failed tasks (``("worker:0",)``).
+        errors: the type name of each one's error (``("UploadError",)``), in the same order.
+    """
+
+    def __init__(self, message: str, *, workers: tuple[str, ...], errors: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.workers = workers
+        self.errors = errors
 
 
 class RedactedError(Exception):

@@ -28,7 +28,9 @@ directory inside it, and each of their checkpoints is deleted once written
 (TF's multi-worker pattern). ``restore_or_initialize()`` makes every worker
 restore the step the chief restores (sent as an all-reduce); ``should_stop()``
 is an all-reduce of "a preemption notice reached me", so all workers stop at
-the same step.
+the same step. The same all-reduces (and one in ``close()``) carry "cloudckpt
+failed here", so a failure on one worker raises on all of them at the same call
+instead of leaving the others blocked in the next collective.
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ class CheckpointManager:
       points of the loop (each may be a collective); only the chief commits, the others'
       saves go to a temporary directory and are deleted; every worker restores the step
       the chief restores; a notice on any worker makes ``should_stop()`` True on all of them
-      at the same call.
+      at the same call. A cloudckpt failure on one worker (a commit of the chief, a download
+      during the restore, the final commit) raises on every worker at the same call
+      (``should_stop()``, ``restore_or_initialize()``, ``close()``): the failed worker its own
+      error, the others ``WorkerFailedError`` naming it.
 
     Args:
         checkpoint: a ``tf.train.Checkpoint``.
@@ -189,6 +194,8 @@ class CheckpointManager:
             preemption=preemption, preemption_deadline=preemption_deadline, transfer=transfer,
             summary_dir=summary_dir, task=self._role.name if self._role is not None else None)
         self._url = directory
+        if self._agreement is not None:
+            self._agreement.context = f"cloudckpt ({self._engine.url})"
         self._engine.open()
         self._last_saved_step: int | None = None
         self._saving_thread: int | None = None  # the thread inside save(), while it is
@@ -269,7 +276,8 @@ class CheckpointManager:
         Raises:
             UploadError: an earlier checkpoint failed to commit (``on_error="raise"``), or
                 ``FencedError``: a newer writer took over the directory (either setting). The
-                checkpoint of this call is saved and queued first.
+                checkpoint of this call is saved and queued first. Multi-worker, these are raised
+                by ``should_stop()`` instead, on every worker at the same call.
             ConfigError: the manager is closed; or, at the first save, the
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
@@ -298,6 +306,8 @@ class CheckpointManager:
             parsed = split_prefix(os.path.basename(path))
             if parsed is not None:
                 self._last_saved_step = parsed[1]
+        if self._agreement is not None:
+            return path  # multi-worker: should_stop() raises a failure, on every worker at the same call
         self._engine.raise_if_failed()
         fenced = self._engine.fenced
         if fenced is not None:  # a fenced writer's saves are never committed again: say so at every one
@@ -327,7 +337,9 @@ class CheckpointManager:
             IntegrityError: checkpoints are committed but none verifies and there is no
                 local checkpoint (training must not silently start from scratch).
             RemoteError / FencedError: the store could not be read or written.
-            CloudCkptError: (multi-worker, not the chief) the chief failed to restore.
+            WorkerFailedError: (multi-worker) another worker failed to restore: the chief, or a
+                worker whose download of the chief's step failed (that worker raises its own error,
+                e.g. ``IntegrityError``); every worker raises in the same call.
         """
         self._manager.sync()
         self._resume(download=True)
@@ -370,7 +382,14 @@ class CheckpointManager:
         Multi-worker, a collective until it turns True: every worker calls it once per
         step (at the same points of the loop), and it turns True on all of them at the
         same call once a notice reached any one of them (an all-reduce of that flag,
-        run about once a second of training: ``WorkerAgreement.stop_agreed``).
+        run about once a second of training: ``WorkerAgreement.stop_agreed``). The same
+        all-reduce carries a failed commit of the chief: it raises on every worker at
+        that call, instead of ``save()`` raising on the chief alone.
+
+        Raises:
+            UploadError / FencedError: (multi-worker, the chief) a checkpoint failed to commit
+                (``on_error="raise"``; ``FencedError`` either way).
+            WorkerFailedError: (multi-worker, the other workers) the chief's commit failed.
         """
         if self._agreement is None:
             return self._engine.should_stop()
@@ -409,29 +428,44 @@ class CheckpointManager:
         and the uploader, and no cloudckpt thread is left. After a preemption, a
         SIGTERM handler of yours that the watcher deferred is called now.
 
+        Multi-worker, a collective (every worker calls it, as TF's multi-worker loops do at the
+        end): the other workers return once the chief's final commit is done; if it failed, the
+        chief raises its error and every other worker ``WorkerFailedError``. (When the interpreter
+        exits with a manager not closed, the close at exit is not a collective.)
+
         Raises:
             UploadError: the last checkpoint saved could not be committed (also with
                 ``on_error="warn"``), or a newer writer took over (``FencedError``).
                 After a preemption notice a missed deadline is logged, not raised.
+            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed.
         """
+        self._close(agree=True)
+
+    def _close(self, *, agree: bool) -> None:
+        """``close()``; ``agree``: multi-worker, agree on a failure of the chief's final commit (a collective)."""
         if self._closed:
             return
         self._closed = True
+        failure: Exception | None = None
         if not self.is_chief:
             try:
                 self._manager.sync()
             finally:
                 self._close_worker()
-            if self._engine.preempted:
-                self._engine.call_replaced_sigterm_handler()
-            return
-        try:
-            self._manager.sync()
-            if self._last_saved_step is not None:
-                self._engine.prepare_final_save(self._last_saved_step)
-            self._engine.finish(self._last_saved_step)
-        finally:
-            self._engine.close(timeout=0, reason="close()")
+        else:
+            try:
+                self._manager.sync()
+                if self._last_saved_step is not None:
+                    self._engine.prepare_final_save(self._last_saved_step)
+                self._engine.finish(self._last_saved_step)
+            except Exception as exc:  # noqa: BLE001 - raised below, by the agreement when there is one
+                failure = exc
+            finally:
+                self._engine.close(timeout=0, reason="close()")
+        if self._agreement is not None and agree:
+            self._agreement.agree_on_failure(failure)
+        elif failure is not None:
+            raise failure
         if self._engine.preempted:
             self._engine.call_replaced_sigterm_handler()
 
@@ -530,7 +564,8 @@ class CheckpointManager:
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> CheckpointInfo | None:
         """Every worker restores the step the chief restores; the chief's step reaches the others as an
-        all-reduce (-1: nothing to restore, -2: the chief failed, and raises)."""
+        all-reduce (-1: nothing to restore), then every worker says whether its download of that step
+        failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``)."""
         role = agreement.role
         step: int | None = None
         restored: CheckpointInfo | None = None
@@ -539,22 +574,21 @@ class CheckpointManager:
             try:
                 restored = self._engine.resume(download=True)
                 step = self._commit_local_head()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
                 failure = exc
-        agreed = agreement.from_chief(-2 if failure is not None else (-1 if step is None else step))
-        if failure is not None:
-            raise failure
-        if role.is_chief:
-            return restored
-        if agreed == -2:
-            raise CloudCkptError(f"The chief failed to restore from {self.directory}; this worker ({role.name}) "
-                                 "stops too: see the chief's log for the cause.")
+        agreed = agreement.from_chief(-1 if step is None else step, failure)
         if agreed < 0:
             return None
-        info = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
-        download_verified(self._engine.store, info, self.local_dir)
-        log.info("Restoring checkpoint step %d, as the chief does.", agreed)
-        return info
+        if not role.is_chief:
+            try:
+                restored = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
+                download_verified(self._engine.store, restored, self.local_dir)
+            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+                failure = exc
+        agreement.agree_on_failure(failure)
+        if not role.is_chief:
+            log.info("Restoring checkpoint step %d, as the chief does.", agreed)
+        return restored
 
     def _commit_local_head(self) -> int | None:
         """The chief's resume point (the step the local state file names); a local checkpoint newer than
@@ -625,7 +659,7 @@ def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
                 f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout})"
                 if pending else "")
     try:
-        manager.close()
+        manager._close(agree=False)  # the other workers may be gone, or not closing: no collective
     except CloudCkptError as error:
         log.error("%s", error)
 

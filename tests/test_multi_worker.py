@@ -8,6 +8,10 @@
   ``chief_only_hooks``): the chief commits complete checkpoints although the variables live on the PS,
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
 * tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
+* A cloudckpt failure on one worker (the chief's commits through a fault proxy in an outage; a flipped byte
+  in one worker's download during the restore) while that process stays alive (``--linger``): every worker
+  raises at the same step, the others ``WorkerFailedError`` naming it, within ``AGREED_WITHIN`` seconds
+  (without the agreement they block in the next collective: the test fails on that timeout).
 
 Workers are forked with TF imported (tests/support/forkserver.py); a parameter server runs in its own mount
 namespace, so it imports TF itself (5-10 s on the shared machine): the tests keep the number of processes small.
@@ -75,12 +79,14 @@ def cluster():
         started.stop()
 
 
-def start_tf2_workers(cluster: Cluster, url: str, options: dict, root: Path, run: str, *flags: str,
+def start_tf2_workers(cluster: Cluster, url: str, options: dict | list[dict], root: Path, run: str, *flags: str,
                       env: dict | None = None) -> list[Task]:
+    """Two workers of ``TF2_TRAINER``; ``options``: the storage options of both, or of each."""
     spec = cluster_spec(2)
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
-    return [cluster.start(TF2_TRAINER, [url, json.dumps(options), str(root / f"{run}-local-{i}"), str(out), *flags],
+    each = options if isinstance(options, list) else [options, options]
+    return [cluster.start(TF2_TRAINER, [url, json.dumps(each[i]), str(root / f"{run}-local-{i}"), str(out), *flags],
                           task_env(spec, "worker", i, **(env or {}).get(i, {})))
             for i in range(2)]
 
@@ -169,6 +175,75 @@ def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tm
     stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
     assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
+
+
+# A worker whose cloudckpt call failed stays alive this long (a slow cleanup, a close() waiting on uploads):
+# without the failure agreement, the other workers would block in the job's next collective all that time.
+LINGER = 300
+# How long the other workers may take to raise (TF's collectives abort only once the failed process exits).
+AGREED_WITHIN = 90
+
+
+def failure_of(task: Task, timeout: float = AGREED_WITHIN) -> tuple[int, str, str]:
+    """``(step, error type, message)`` of a worker that ended with an error (exit 3), within ``timeout``."""
+    line = task.wait_for_line("ERROR ", timeout)
+    _, step, kind, message = line.split(" ", 3)
+    return int(step), kind, message
+
+
+def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, moto_server, s3_url, s3_options,
+                                                                       tmp_path):
+    """The chief's commit fails (its store goes away) while it stays alive: both workers raise at the same
+    step, the chief its UploadError, worker 1 a WorkerFailedError naming worker:0, instead of worker 1
+    blocking in the next collective until the chief exits. Then worker 1's verified download fails during
+    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone. Then the
+    chief's final commit in close() fails: worker 1's close() raises WorkerFailedError too."""
+    from support.fault_proxy import FaultProxy
+
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxied = {**s3_options, "endpoint_url": proxy.url}
+        workers = start_tf2_workers(cluster, s3_url, [proxied, s3_options], tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--retry-attempts", "1", "--linger", str(LINGER))
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        proxy.start_outage()  # the chief's store is gone: its next commit fails
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None  # the chief lingers
+        assert chief_error == "UploadError" and error == "WorkerFailedError", (chief_error, message)
+        assert step == chief_step, (step, chief_step)
+        assert "worker:0 (UploadError)" in message and "[worker:0]" in message and "worker:1" in message, message
+        # the log the message points at: the chief's cause, under its task name
+        assert "[worker:0] cloudckpt (" in workers[0].stderr and "every worker of the job stops" in workers[0].stderr
+        workers[0].stop()
+        committed = cloudckpt.latest_checkpoint(s3_url, s3_options).step
+
+        # Restore: worker 1's downloads of checkpoint data arrive with a flipped byte.
+        proxy.clear()
+        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.data-")
+        workers = start_tf2_workers(cluster, s3_url, [s3_options, proxied], tmp_path, "run2", "--retry-attempts",
+                                    "1", "--linger", str(LINGER))
+        _, error_1, _ = failure_of(workers[1], 300)
+        step, error, message = failure_of(workers[0])
+        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
+        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+        assert step == -1 and f"worker:1 ({error_1})" in message, message  # in the restore, before any step
+        assert not workers[0].lines("FIRST_STEP") and not workers[1].lines("FIRST_STEP")
+        assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
+        workers[1].stop()
+
+        # The final commit in close() fails: worker 1 does not return from close() as if all were well.
+        proxy.clear()
+        last = committed + 10
+        workers = start_tf2_workers(cluster, s3_url, [proxied, s3_options], tmp_path, "run3", "--save-every", "1000",
+                                    "--last-step", str(last), "--step-sleep", "0.1", "--retry-attempts", "1",
+                                    "--linger", str(LINGER))
+        workers[0].wait_for_line("FIRST_STEP", 300)  # restored and registered through the proxy
+        proxy.start_outage()
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None
+    assert (chief_error, error) == ("UploadError", "WorkerFailedError") and step == chief_step == last, message
+    assert not workers[1].lines("DONE") and "worker:0 (UploadError)" in message, message
 
 
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
@@ -320,6 +395,62 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     assert_same(first[0], first[1])
     assert_same(first[0], load(tmp_path / "run1" / "last-worker-0.npz"))
     assert_same(load(tmp_path / "run2" / "last-worker-0.npz"), load(tmp_path / "run2" / "last-worker-1.npz"))
+
+
+def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, moto_server, s3_url,
+                                                                               s3_options, tmp_path):
+    """BackupAndRestore under MWMS: the chief's backup commit fails while it stays alive: both workers raise
+    in fit at the same batch (the chief UploadError, worker 1 WorkerFailedError naming worker:0); then
+    worker 1's verified download fails in the restore: the chief raises WorkerFailedError naming worker:1;
+    then the final backup's commit fails at the end of fit: worker 1's fit raises WorkerFailedError too."""
+    from support.fault_proxy import FaultProxy
+
+    assert importlib.util.find_spec("tf_keras") is not None, "tf-keras is not installed: run scripts/test"
+
+    def start(run: str, options: list[dict], *flags: str) -> list[Task]:
+        spec = cluster_spec(2)
+        (tmp_path / run).mkdir()
+        return [cluster.start(KERAS_TRAINER, [s3_url, json.dumps(options[i]), str(tmp_path / f"{run}-local-{i}"),
+                                              str(tmp_path / run), "--retry-attempts", "1", "--linger", str(LINGER),
+                                              *flags], task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
+                for i in range(2)]
+
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxied = {**s3_options, "endpoint_url": proxy.url}
+        workers = start("run1", [proxied, s3_options], "--epochs", "40", "--steps", "6", "--batch-sleep", "0.1")
+        wait_for_commit(workers[0], s3_url, s3_options, 6)  # the backup of epoch 0
+        proxy.start_outage()  # the chief's store is gone: its next backup fails to commit
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None  # the chief lingers
+        assert chief_error == "UploadError" and error == "WorkerFailedError", (chief_error, message)
+        assert step == chief_step > 6, (step, chief_step)  # the same batch (optimizer.iterations)
+        assert "worker:0 (UploadError)" in message and "BackupAndRestore" in message, message
+        workers[0].stop()
+
+        proxy.clear()
+        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.weights\.h5")
+        workers = start("run2", [s3_options, proxied], "--epochs", "40", "--steps", "6")
+        _, error_1, _ = failure_of(workers[1], 300)
+        _, error, message = failure_of(workers[0])
+        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
+        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
+        assert f"worker:1 ({error_1})" in message, message
+        assert not workers[0].lines("START_EPOCH") and not workers[1].lines("START_EPOCH")
+        workers[1].stop()
+
+        # The final backup's commit fails at the end of fit (on_train_end): worker 1's fit raises too.
+        proxy.clear()
+        restored = cloudckpt.latest_checkpoint(s3_url, s3_options).step
+        epochs = restored // 6 + 1  # one epoch to run
+        workers = start("run3", [proxied, s3_options], "--epochs", str(epochs), "--steps", "6", "--batch-sleep", "0.2")
+        workers[0].wait_for_line("START_EPOCH", 300)  # restored and registered through the proxy
+        proxy.start_outage()
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3 and workers[0].proc.poll() is None
+    assert (chief_error, error) == ("UploadError", "WorkerFailedError") and step == chief_step == restored + 6, message
+    assert not workers[1].lines("DONE") and "worker:0 (UploadError)" in message, message
 
 
 # -- in-process: roles, TF_CONFIG, log records, misuse ------------------------------------------------------
@@ -480,3 +611,29 @@ def test_stop_agreement_runs_about_once_a_second_not_every_step(memory_url, tmp_
         assert late <= 2 * STOP_CHECK_SECONDS / step_seconds, late
     finally:
         engine.close()
+
+
+def test_failure_agreement_raises_the_own_error_here_and_names_the_failed_worker_elsewhere(memory_url):
+    """On a real (one-worker) MWMS: no failure passes; a worker's own failure is re-raised as it is; a slot
+    set by another worker becomes a WorkerFailedError naming that task and its error type."""
+    import tensorflow as tf
+
+    from cloudckpt.distributed import TaskRole, WorkerAgreement
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    agreement = WorkerAgreement(strategy, TaskRole("worker", 0, True, 1, peers=("worker:0",)))
+    agreement.context = f"cloudckpt ({memory_url})"
+    assert agreement.from_chief(7) == 7
+    agreement.agree_on_failure(None)
+    own = cloudckpt.UploadError("step 5 was not committed", url=memory_url, step=5)
+    with pytest.raises(cloudckpt.UploadError) as raised:
+        agreement.from_chief(7, own)
+    assert raised.value is own
+    # What a worker without a failure of its own sees (the slots as the all-reduce sums them, 2 workers):
+    other = WorkerAgreement(strategy, TaskRole("worker", 1, False, 2, peers=("worker:0", "worker:1")))
+    other.context = agreement.context
+    with pytest.raises(cloudckpt.WorkerFailedError) as raised:
+        other._raise_failures(None, [2.0, 0.0])
+    assert raised.value.workers == ("worker:0",) and raised.value.errors == ("UploadError",)
+    assert str(raised.value).startswith(f"cloudckpt ({memory_url}) failed on worker:0 (UploadError); every worker")
+    assert "this one (worker:1)" in str(raised.value) and "[worker:0]" in str(raised.value)

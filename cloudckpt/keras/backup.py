@@ -26,7 +26,10 @@ Under ``MultiWorkerMirroredStrategy`` (tf-keras: ``TF_USE_LEGACY_KERAS=1``;
 the other workers save to a temporary directory that is removed, restore the
 backup the chief restores (its step sent as an all-reduce of the strategy),
 and a preemption notice on any worker stops all of them at the same batch
-(an all-reduce of "a notice reached me" after every batch).
+(an all-reduce of "a notice reached me", about once a second of batches).
+A failed commit of the chief, or a failed download on another worker during the
+restore, travels in the same all-reduces: every worker raises at the same batch
+(``WorkerFailedError`` on the workers that did not fail).
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
       ``model.stop_training`` and wait for that backup to commit until the
       deadline; ``preempted`` is then True and the backup is kept.
     * **Honest errors.** A backup that cannot be committed raises ``UploadError``
-      in ``fit`` at the next batch (``FencedError`` when a newer writer took over).
+      in ``fit`` at the next batch (``FencedError`` when a newer writer took over);
+      multi-worker, at the next stop agreement (within about a second), on every worker.
     * **Multi-worker** (``MultiWorkerMirroredStrategy``, with tf-keras:
       ``TF_USE_LEGACY_KERAS=1``): only the chief commits; the other workers' saves go
       to a temporary directory that is removed; every worker restores the backup the
@@ -133,6 +137,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             that does not fit the model.
         IntegrityError: when training begins, backups are committed but none verifies.
         UploadError / FencedError: during ``fit``, a backup could not be committed.
+        WorkerFailedError: multi-worker, another worker failed (a commit on the chief, a download
+            during the restore); raised on every worker at the same batch (or in the restore).
 
     Attributes:
         restored: the committed backup restored when training began (``CheckpointInfo``), or None.
@@ -202,6 +208,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if role is not None:
             self._engine.task = role.name
             name_task_in_logs(role.name)
+        if self._agreement is not None:
+            self._agreement.context = f"cloudckpt.keras.BackupAndRestore ({self.url})"
         self._open()
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
@@ -225,7 +233,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         """Raise a failed commit; save at a preemption notice or every ``save_freq`` batches."""
         if self._stopping:
             return
-        self._engine.raise_if_failed()
+        if self._agreement is None:
+            self._engine.raise_if_failed()  # multi-worker: raised by the stop agreement, on every worker
         if self._should_stop(collective=True):
             self._final_save(self._epoch, batch)
         elif self._should_save_on_batch(batch):
@@ -241,7 +250,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             return
         if self.save_freq == "epoch":
             self._save(epoch + 1, None)
-        self._engine.raise_if_failed()
+        if self._agreement is None:
+            self._engine.raise_if_failed()  # multi-worker: at the next batch's stop agreement, on every worker
 
     def on_train_end(self, logs: dict | None = None) -> None:
         """Wait for the backups to commit; then, after a normal end with ``delete_checkpoint``, delete them.
@@ -249,23 +259,35 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         After a preemption the wait ends at the deadline and is not raised past it
         (the previous committed backup stays the newest); the backups are kept.
 
+        Multi-worker, the other workers wait here for the chief's final commit; if it failed, the chief
+        raises its error and every other worker ``WorkerFailedError``.
+
         Raises:
             UploadError: a backup was not committed (``FencedError``: a newer writer took over).
+            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed.
         """
         try:
-            if not self._is_chief:
-                self.preempted = self._stopping
-            elif self._stopping:
-                self._engine.finish()
-                self.preempted = self._engine.preempted or self._stop_agreed
-            elif self.delete_checkpoint:
-                self._engine.wait(self._engine.upload_timeout)
-                self._engine.stop_uploads()
-                deleted = self._engine.delete_committed(debris=True)
-                log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).", len(deleted),
-                         self.url)
-            else:
-                self._engine.finish()
+            failure: Exception | None = None
+            try:
+                if not self._is_chief:
+                    self.preempted = self._stopping
+                elif self._stopping:
+                    self._engine.finish()
+                    self.preempted = self._engine.preempted or self._stop_agreed
+                elif self.delete_checkpoint:
+                    self._engine.wait(self._engine.upload_timeout)
+                    self._engine.stop_uploads()
+                    deleted = self._engine.delete_committed(debris=True)
+                    log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).",
+                             len(deleted), self.url)
+                else:
+                    self._engine.finish()
+            except Exception as exc:  # noqa: BLE001 - multi-worker: raised by the agreement, on every worker
+                if self._agreement is None:
+                    raise
+                failure = exc
+            if self._agreement is not None:
+                self._agreement.agree_on_failure(failure)
         finally:
             set_initial_epoch(self.model, None)  # a later fit() without this callback starts where it is told
             self.close()
@@ -304,7 +326,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> int | None:
         """The chief restores as on one machine; its step reaches the other workers as an all-reduce (-1:
-        nothing, -2: the chief failed), and each downloads (verified) and restores that backup."""
+        nothing), and each downloads (verified) and restores that backup, then every worker says whether
+        that failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``:
+        ``WorkerFailedError`` on the others)."""
         role = agreement.role
         epoch: int | None = None
         failure: BaseException | None = None
@@ -315,24 +339,25 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             try:
                 self.restored = self._engine.resume()
                 epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
                 failure = exc
-            step = -2 if failure is not None else (-1 if self.restored is None else self.restored.step)
+            step = -1 if self.restored is None else self.restored.step
         else:
             step = None
             self._worker_temp = worker_temp_dir(role, self.local_dir)
-        agreed = agreement.from_chief(step)
-        if failure is not None:
-            raise failure
-        if role.is_chief or agreed == -1:
+        agreed = agreement.from_chief(step, failure)
+        if agreed == -1:
             return epoch
-        if agreed == -2:
-            raise ConfigError(f"The chief failed to restore from {self.url}; this worker ({role.name}) stops too: "
-                              "see the chief's log for the cause.")
-        store = self._engine.store
-        self.restored = select_checkpoint(store, scan_directory(store), agreed)
-        download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
-        return self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+        if not role.is_chief:
+            store = self._engine.store
+            try:
+                self.restored = select_checkpoint(store, scan_directory(store), agreed)
+                download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
+                epoch = self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+                failure = exc
+        agreement.agree_on_failure(failure)
+        return epoch
 
     def _build_optimizer(self) -> None:
         """Create the optimizer's variables if they do not exist yet."""

@@ -2,13 +2,15 @@
 
 Usage: python mw_keras_trainer.py URL OPTIONS_JSON LOCAL_DIR OUT_DIR [--epochs N] [--steps N]
                                   [--preemption none|sigterm] [--batch-sleep SECONDS]
+                                  [--retry-attempts N] [--linger SECONDS]
 
 Runs with ``TF_USE_LEGACY_KERAS=1`` (tf-keras: Keras 3's ``fit`` does not run under this strategy,
 keras-team/keras#20585); ``TF_CONFIG`` names the cluster and this task. Every worker reads the same
 batches. Prints ``RESTORED <step|None>`` and ``START_EPOCH <e>`` when training begins, ``BATCH <e> <b>``
 after each batch, and ``DONE preempted=<bool> iterations=<n>``, then ``STATS <json>``. Writes
 ``OUT_DIR/first-<task>.npz`` (weights and optimizer variables after the restore) and
-``OUT_DIR/last-<task>.npz``.
+``OUT_DIR/last-<task>.npz``. An exception from cloudckpt ends ``fit`` with ``ERROR <iterations> <type>
+<message>``; the process stays alive ``--linger`` seconds, then exits with 3.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 import cloudckpt.keras  # noqa: E402
-from task_script import FitProgress, task_arguments, this_task  # noqa: E402
+from task_script import (FitProgress, add_failure_arguments, report_failure, retry_policy,  # noqa: E402
+                         task_arguments, this_task)
 
 
 def state(model: keras.Model) -> dict:
@@ -52,6 +55,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--batch-sleep", type=float, default=0.0)
+    add_failure_arguments(parser)
     args = parser.parse_args()
     name, _ = this_task()
 
@@ -69,15 +73,18 @@ def main() -> int:
 
     backup = cloudckpt.keras.BackupAndRestore(
         args.url, delete_checkpoint=False, local_dir=args.local_dir, storage_options=json.loads(args.options),
-        preemption=None if args.preemption == "none" else args.preemption)
+        preemption=None if args.preemption == "none" else args.preemption, retry=retry_policy(args))
     report = Report(args.out_dir, name, args.batch_sleep)
 
     class Restored(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             print(f"RESTORED {backup.restored.step if backup.restored is not None else None}", flush=True)
 
-    model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0,
-              callbacks=[backup, Restored(), report])
+    try:
+        model.fit(dataset, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0,
+                  callbacks=[backup, Restored(), report])
+    except cloudckpt.CloudCkptError as exc:
+        return report_failure(exc, int(model.optimizer.iterations.numpy()), args.linger)
     np.savez(os.path.join(args.out_dir, f"last-{name}.npz"), **state(model))
     iterations = int(model.optimizer.iterations.numpy())
     print(f"DONE preempted={backup.preempted} iterations={iterations}", flush=True)

@@ -2,6 +2,7 @@
 
 Usage: python mw_tf2_trainer.py URL OPTIONS_JSON LOCAL_DIR OUT_DIR [--save-every N] [--last-step N]
                                 [--preemption none|sigterm|auto] [--step-sleep SECONDS]
+                                [--retry-attempts N] [--linger SECONDS]
 
 ``TF_CONFIG`` names the cluster and this task. The model is plain ``tf.Variable`` state created in
 the strategy's scope (weights, a momentum slot, the step counter), updated with MEAN aggregation, so
@@ -10,7 +11,9 @@ all workers hold the same values after each step while each trains on its own da
 Saves every ``--save-every`` steps, at ``--last-step`` and when ``should_stop()`` turns True.
 Prints ``FIRST_STEP <n>`` after ``restore_or_initialize()``, ``STEP <n>`` after each step, and at the
 end ``PREEMPTED <step>`` (``should_stop()`` turned True) or ``DONE <step>``, then
-``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``). Writes
+``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``). An exception from cloudckpt
+ends training with ``ERROR <step> <type> <message>``; the process stays alive ``--linger`` seconds, then
+exits with 3. Writes
 ``OUT_DIR/first-<task>.npz`` (the variables right after the restore) and ``OUT_DIR/last-<task>.npz``
 (at the end).
 """
@@ -29,7 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import cloudckpt  # noqa: E402
-from task_script import task_arguments, this_task  # noqa: E402
+from task_script import add_failure_arguments, report_failure, retry_policy, task_arguments, this_task  # noqa: E402
 
 
 def main() -> int:
@@ -39,6 +42,7 @@ def main() -> int:
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--summary-dir", default=None)
+    add_failure_arguments(parser)
     args = parser.parse_args()
     name, index = this_task()
 
@@ -52,7 +56,8 @@ def main() -> int:
         checkpoint = tf.train.Checkpoint(w=w, b=b, momentum=momentum, step=step)
         manager = cloudckpt.CheckpointManager(
             checkpoint, args.url, max_to_keep=3, local_dir=args.local_dir, storage_options=json.loads(args.options),
-            preemption=None if args.preemption == "none" else args.preemption, summary_dir=args.summary_dir)
+            preemption=None if args.preemption == "none" else args.preemption, summary_dir=args.summary_dir,
+            retry=retry_policy(args))
     rng = np.random.default_rng(index)  # every worker its own data
     x = tf.constant(rng.normal(size=(32, 8)), tf.float32)
     y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
@@ -73,26 +78,31 @@ def main() -> int:
     def dump(path: str) -> None:
         np.savez(path, w=w.numpy(), b=b.numpy(), momentum=momentum.numpy(), step=step.numpy())
 
-    manager.restore_or_initialize()
-    print(f"FIRST_STEP {int(step.numpy())}", flush=True)
-    dump(os.path.join(args.out_dir, f"first-{name}.npz"))
-    outcome = "DONE"
-    while True:
-        train_step()
+    current = -1
+    try:
+        manager.restore_or_initialize()
         current = int(step.numpy())
-        stop = manager.should_stop()  # every worker, once per step: a collective
-        last = args.last_step is not None and current >= args.last_step
-        if current % args.save_every == 0 or stop or last:
-            manager.save(checkpoint_number=current)
-        print(f"STEP {current}", flush=True)
-        if stop:
-            outcome = "PREEMPTED"
-            break
-        if last:
-            break
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
-    manager.close()
+        print(f"FIRST_STEP {current}", flush=True)
+        dump(os.path.join(args.out_dir, f"first-{name}.npz"))
+        outcome = "DONE"
+        while True:
+            train_step()
+            current = int(step.numpy())
+            stop = manager.should_stop()  # every worker, once per step: a collective
+            last = args.last_step is not None and current >= args.last_step
+            if current % args.save_every == 0 or stop or last:
+                manager.save(checkpoint_number=current)
+            print(f"STEP {current}", flush=True)
+            if stop:
+                outcome = "PREEMPTED"
+                break
+            if last:
+                break
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+        manager.close()  # every worker (a collective): the chief's final commit
+    except cloudckpt.CloudCkptError as exc:
+        return report_failure(exc, current, args.linger)
     dump(os.path.join(args.out_dir, f"last-{name}.npz"))
     print(f"{outcome} {current}", flush=True)
     stats = dataclasses.asdict(manager.stats())

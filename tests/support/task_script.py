@@ -18,6 +18,31 @@ def task_arguments(*positionals: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_failure_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--retry-attempts N`` (``RetryPolicy(max_attempts=N)``: a failing store fails fast) and
+    ``--linger SECONDS`` (see ``report_failure``)."""
+    parser.add_argument("--retry-attempts", type=int, default=None)
+    parser.add_argument("--linger", type=float, default=0.0)
+
+
+def retry_policy(args: argparse.Namespace):
+    """The ``RetryPolicy`` of ``--retry-attempts`` (None: cloudckpt's default)."""
+    import cloudckpt  # noqa: PLC0415
+
+    return None if args.retry_attempts is None else cloudckpt.RetryPolicy(max_attempts=args.retry_attempts)
+
+
+def report_failure(exc: BaseException, step: int, linger: float) -> int:
+    """Print ``ERROR <step> <type> <message>`` for an exception that ended training; if it is this worker's own
+    failure (not ``WorkerFailedError``: another's), stay alive ``linger`` seconds (a process cleaning up
+    slowly, or waiting on uploads). Returns 3, the exit status."""
+    message = " ".join(str(exc).split())
+    print(f"ERROR {step} {type(exc).__name__} {message}", flush=True)
+    if type(exc).__name__ != "WorkerFailedError":  # this worker's own failure
+        time.sleep(linger)
+    return 3
+
+
 def this_task() -> tuple[str, int]:
     """This task's name ``<type>-<index>`` (``worker-1``) and index, from ``TF_CONFIG``."""
     task = json.loads(os.environ["TF_CONFIG"])["task"]
