@@ -85,9 +85,12 @@ READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloa
 # Bytes per os.pwrite of a download. Measured (restore of 8 x 128 MiB from SeaweedFS or moto on CPU 1, client on
 # CPU 0, Linux 6.18, ext4; interleaved runs): 1 MiB writes took 1.3-3.3 CPU-s/GiB, nearly all system time, and
 # 230-500 MiB/s; the same 1 MiB socket reads written in 256 KiB slices 0.45-0.55 CPU-s/GiB and 760-1000 MiB/s
-# (128-512 KiB alike). Likely cause: ext4 caches regular files in large folios since Linux 6.16, sized by the
-# write, and each 1 MiB folio is a high-order allocation for the kernel to find.
-WRITE_SLICE = 256 << 10
+# (128-512 KiB alike) in a fresh process. In the bench's long-lived process (python -m bench --only restore,
+# SeaweedFS, 4-6 repetitions) 256 KiB writes still grew to 1.5-2.9 CPU-s/GiB over the repetitions (median
+# ~490 MiB/s), 64 KiB writes stayed at 0.6-1.4 (median ~650; s5cmd in the same runs
+# ~790). Likely cause: ext4 caches regular files in large folios since Linux 6.16, sized by the write, and a
+# large folio is a high-order allocation, dearer as memory fragments.
+WRITE_SLICE = 64 << 10
 _MAX_RANGE_FACTOR = 4  # a download's ranges grow up to this many x range_size (see get_file_crc32c)
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
 _MAX_PARTS = 10_000
