@@ -277,7 +277,8 @@ class CheckpointManager:
             UploadError: an earlier checkpoint failed to commit (``on_error="raise"``), or
                 ``FencedError``: a newer writer took over the directory (either setting). The
                 checkpoint of this call is saved and queued first. Multi-worker, these are raised
-                by ``should_stop()`` instead, on every worker at the same call.
+                on every worker at the same call (``WorkerFailedError`` on the others): here when
+                this call wrote a checkpoint, or by ``should_stop()``.
             ConfigError: the manager is closed; or, at the first save, the
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
@@ -307,7 +308,13 @@ class CheckpointManager:
             if parsed is not None:
                 self._last_saved_step = parsed[1]
         if self._agreement is not None:
-            return path  # multi-worker: should_stop() raises a failure, on every worker at the same call
+            # Multi-worker: a failure (the chief's commits) is raised on every worker at the same call, by
+            # should_stop() or by the next save() that writes a checkpoint (TF's decision to write one is the
+            # same on every worker: the step counter is mirrored), so a loop without should_stop() learns it
+            # at its next checkpoint too, not only at close().
+            if path is not None:
+                self._agreement.agree_on_failure(self._engine.take_failure() if self.is_chief else None)
+            return path
         self._engine.raise_if_failed()
         fenced = self._engine.fenced
         if fenced is not None:  # a fenced writer's saves are never committed again: say so at every one

@@ -246,6 +246,27 @@ def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, 
     assert not workers[1].lines("DONE") and "worker:0 (UploadError)" in message, message
 
 
+def test_mwms_a_loop_without_should_stop_learns_a_failed_commit_at_the_next_save(cluster, moto_server, s3_url,
+                                                                                s3_options, tmp_path):
+    """A loop that never calls should_stop(): the chief's failed commit is raised on both workers by the same
+    save() (the next one that writes a checkpoint), not hours later in close()."""
+    from support.fault_proxy import FaultProxy
+
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxied = {**s3_options, "endpoint_url": proxy.url}
+        workers = start_tf2_workers(cluster, s3_url, [proxied, s3_options], tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--retry-attempts", "1", "--linger", str(LINGER),
+                                    "--no-should-stop")
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        proxy.start_outage()  # the chief's store is gone: its next commit fails
+        chief_step, chief_error, _ = failure_of(workers[0], 300)
+        step, error, message = failure_of(workers[1])
+        assert workers[1].finish(30) == 3
+    assert (chief_error, error) == ("UploadError", "WorkerFailedError"), message
+    assert step == chief_step and step % 5 == 0, (step, chief_step)  # at a save, the same one on both
+    assert "worker:0 (UploadError)" in message, message
+
+
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
     """Let training go on until a checkpoint of ``step`` or later is committed."""
     end = time.monotonic() + timeout

@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--summary-dir", default=None)
+    parser.add_argument("--no-should-stop", action="store_true", help="a loop that never calls should_stop()")
     add_failure_arguments(parser)
     args = parser.parse_args()
     name, index = this_task()
@@ -88,7 +89,7 @@ def main() -> int:
         while True:
             train_step()
             current = int(step.numpy())
-            stop = manager.should_stop()  # every worker, once per step: a collective
+            stop = False if args.no_should_stop else manager.should_stop()  # every worker, once per step
             last = args.last_step is not None and current >= args.last_step
             if current % args.save_every == 0 or stop or last:
                 manager.save(checkpoint_number=current)
