@@ -278,7 +278,7 @@ class CheckpointEngine:
                                                download=download and not self._in_place, layout=self._layout)
         return self._downloaded
 
-    def check_start_step(self, step: int, *, starts: str, fix: str) -> None:
+    def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False) -> None:
         """Refuse to save at ``step`` below the checkpoint ``local_dir``'s TF state file names: the
         framework's training state did not restore it.
 
@@ -298,6 +298,8 @@ class CheckpointEngine:
             starts: what is at ``step``, first words of the message
                 (``"The training session starts at global step 0"``).
             fix: how to restore it (and to go back or start over on purpose), last words of the message.
+            restored: the framework did restore that checkpoint, but numbers this save below it (TF2's
+                ``save_counter`` after checkpoints numbered by step): the message says so.
 
         Raises:
             ConfigError: ``step`` is below the step of the checkpoint the state file names;
@@ -312,8 +314,10 @@ class CheckpointEngine:
         source = (f"that cloudckpt downloaded from {self.url} into {self._local_dir}"
                   if downloaded is not None and downloaded.step == held
                   else f"that {self._local_dir} holds (its TF checkpoint state file names {prefix!r})")
+        what = (f"below checkpoint step {held} {source}, which it restored" if restored
+                else f"it did not restore checkpoint step {held} {source}")
         raise ConfigError(
-            f"{starts}: it did not restore checkpoint step {held} {source}. Committing step {step} now would "
+            f"{starts}: {what}. Committing step {step} now would "
             f"continue {self.url} from step {step} instead: step {held} would become superseded (never restored "
             f"again, deleted first by retention), so nothing was saved or committed. {fix}")
 

@@ -521,6 +521,17 @@ class CheckpointManager:
             number, how = self._manager.checkpoint.save_counter + 1, "checkpoint.save_counter + 1"
         step = int(number.numpy()) if hasattr(number, "numpy") else int(number)
         url, local = self.directory, self.local_dir
+        if checkpoint_number is None and step > 1:
+            # save_counter came back from a checkpoint: it was restored, but this run numbers by save count
+            # where the directory's checkpoints are numbered otherwise (checkpoint_number=step in earlier runs).
+            self._engine.check_start_step(
+                step, restored=True,
+                starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how})",
+                fix="Number this run's checkpoints as the earlier ones were: pass checkpoint_number= (e.g. your "
+                    "step counter) to save(); save_counter counts saves, not steps. To go back to an older step on "
+                    f"purpose, run `cloudckpt rollback {url} --step N` first; to start a new lineage, use a new "
+                    "checkpoint directory.")
+            return
         self._engine.check_start_step(
             step, starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how}) "
                          "from its tf.train.Checkpoint",

@@ -422,6 +422,28 @@ def test_a_first_save_that_did_not_restore_the_head_is_refused(cloudckpt_s3, tmp
     assert all_steps(url, options) == [(30, "committed"), (35, "committed")]
 
 
+def test_a_restored_manager_numbering_by_save_count_below_the_head_is_told_so(cloudckpt_s3, tmp_path):
+    """Earlier runs numbered checkpoints by step (checkpoint_number=); this one restores (save_counter comes back
+    as 3) and then saves by TF's default numbering, ckpt-4, below step 30: refused, and the message says the
+    checkpoint was restored and names the fix (checkpoint_number=), not restore_or_initialize() again."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    commit_steps(url, options, tmp_path / "vm1", (10, 20, 30))
+    w, step, ckpt = stepped()
+    local = tmp_path / "vm2"
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(local), storage_options=options) as manager:
+        assert manager.restore_or_initialize() == str(local / "ckpt-30") and int(ckpt.save_counter.numpy()) == 3
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            manager.save()
+        message = str(info.value)
+        assert "would write checkpoint step 4 (checkpoint.save_counter + 1): below checkpoint step 30" in message
+        assert "which it restored" in message and "pass checkpoint_number=" in message, message
+        assert "did not restore" not in message and "restore_or_initialize" not in message, message
+        assert not (local / "ckpt-4.index").exists()
+        step.assign(31)
+        assert manager.save(checkpoint_number=step) == str(local / "ckpt-31")  # the fix the message names
+    assert all_steps(url, options) == [(30, "committed"), (31, "committed")]
+
+
 def test_a_first_save_in_place_that_did_not_restore_is_refused(tmp_path):
     """In place, TF's save at the unrestored ckpt-1 would overwrite committed files (the commit was then refused,
     but step 1 no longer verified): refused before TF writes."""
