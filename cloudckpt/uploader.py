@@ -249,10 +249,10 @@ class Uploader:
             return fenced  # the one that matters: nothing more will be committed
         if len(failures) <= 1:
             return failures[0] if failures else None
-        steps = [f.step for f in failures]
-        combined = UploadError(f"{len(failures)} checkpoints (steps {steps}) were not committed to "
+        steps = sorted({f.step for f in failures if f.step is not None})  # a final step retried fails twice
+        combined = UploadError(f"{len(steps) or len(failures)} checkpoints (steps {steps}) were not committed to "
                                f"{self.store.url}; the first failure: {failures[0]}", url=self.store.url,
-                               step=steps[-1])
+                               step=steps[-1] if steps else None)
         combined.__cause__ = failures[0]
         return combined
 

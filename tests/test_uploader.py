@@ -120,3 +120,21 @@ def test_recommit_heals_missing_objects_and_never_overwrites(tmp_path, caplog):
     assert different.already_committed and different.manifest == first.manifest  # the committed one stays
     assert any("different tensor data" in r.getMessage() for r in caplog.records)
     assert set(assert_all_committed_intact(store.url)) == {3}
+
+
+def test_failures_are_reported_once_per_step(tmp_path):
+    """A step that failed twice (a final checkpoint submitted once more) counts once in the combined error."""
+    store = RemoteStore(f"memory://c-{uuid.uuid4().hex[:8]}/run", retry=RetryPolicy(max_attempts=1))
+    uploader = Uploader(store, max_pending=5)
+    uploader.start()
+    for i, step in enumerate((5, 9, 9)):
+        directory = tmp_path / f"save{i}"
+        directory.mkdir()
+        ckpt = fake_checkpoint(directory, step)
+        (directory / f"model.ckpt-{step}.index").unlink()  # the snapshot vanished: the upload cannot succeed
+        uploader.submit(UploadJob(ckpt))
+        assert uploader.wait(10)
+    failure = uploader.take_failure()
+    assert isinstance(failure, UploadError) and failure.step == 9
+    assert str(failure).startswith("2 checkpoints (steps [5, 9]) were not committed"), str(failure)
+    assert uploader.stats().failed == 3  # each attempt is counted in stats; the error names each step once
