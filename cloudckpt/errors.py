@@ -11,6 +11,8 @@ stands in for it. Every URL in a message is in its display form
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CloudCkptError",
     "ConfigError",
@@ -25,7 +27,22 @@ __all__ = [
 
 
 class CloudCkptError(Exception):
-    """Base class of every error raised by cloudckpt."""
+    """Base class of every error raised by cloudckpt.
+
+    Every one pickles with its attributes (``multiprocessing``, Ray), although some take keyword-only
+    arguments, which ``Exception``'s own pickling (the positional ``args`` only) cannot rebuild.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[CloudCkptError], args: tuple[Any, ...], state: dict[str, Any]) -> CloudCkptError:
+    """An unpickled ``CloudCkptError``: its ``args`` and attributes as pickled, without calling its ``__init__``."""
+    error = cls.__new__(cls, *args)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(CloudCkptError, ValueError):

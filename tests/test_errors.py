@@ -184,3 +184,20 @@ def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
     fs.pipe_file(f"{root}/model.ckpt-5.manifest.json", zero)  # the committed name now describes step 0
     with pytest.raises(cloudckpt.ManifestError, match="not the checkpoint its name says"):
         cloudckpt.list_checkpoints(url)
+
+
+@pytest.mark.parametrize("error", [
+    cloudckpt.ConfigError("bad"),
+    cloudckpt.RemoteError("gone", url="s3://b/run", transient=True),
+    cloudckpt.UploadError("not committed", url="s3://b/run", step=5),
+    cloudckpt.FencedError("fenced", url="s3://b/run", step=6, newer_writer="w2"),
+    cloudckpt.IntegrityError("crc"),
+    cloudckpt.WorkerFailedError("worker:1 failed", workers=("worker:1",), errors=("UploadError",)),
+], ids=lambda e: type(e).__name__)
+def test_errors_pickle_with_their_attributes(error):
+    """multiprocessing and Ray send exceptions pickled: keyword-only constructors must not break that."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and back.args == error.args
+    assert vars(back) == vars(error)
