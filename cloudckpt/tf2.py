@@ -52,7 +52,7 @@ from .catalog import CheckpointInfo, scan_directory
 from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, role_from_tf_config, role_of_strategy,
                           worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
-from .errors import CloudCkptError, ConfigError
+from .errors import CloudCkptError, ConfigError, WorkerFailedError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .remote import is_local_path
 from .restore import download_verified, select_checkpoint
@@ -444,7 +444,9 @@ class CheckpointManager:
             UploadError: the last checkpoint saved could not be committed (also with
                 ``on_error="warn"``), or a newer writer took over (``FencedError``).
                 After a preemption notice a missed deadline is logged, not raised.
-            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed.
+            WorkerFailedError: (multi-worker, not the chief) the chief's final commit failed; or
+                (any worker) TF's collective failed: another worker exited or stopped without
+                calling ``close()``.
         """
         self._close(agree=True)
 
@@ -470,7 +472,16 @@ class CheckpointManager:
             finally:
                 self._engine.close(timeout=0, reason="close()")
         if self._agreement is not None and agree:
-            self._agreement.agree_on_failure(failure)
+            try:
+                self._agreement.agree_on_failure(failure)
+            except tf.errors.OpError as exc:  # TF's collective itself: a worker left without its close()
+                done = "was committed" if failure is None else f"failed ({type(failure).__name__}: {failure})"
+                raise WorkerFailedError(
+                    f"close() of the CheckpointManager for {self.directory} on {self.task} could not agree with "
+                    f"the other workers: TF's collective failed ({type(exc).__name__}), so another worker exited "
+                    f"or stopped without calling close(). close() is a collective: call it on every worker, at "
+                    f"the end of the loop. This worker's final checkpoint {done}.",
+                    workers=(), errors=(type(exc).__name__,)) from exc
         elif failure is not None:
             raise failure
         if self._engine.preempted:

@@ -267,6 +267,19 @@ def test_mwms_a_loop_without_should_stop_learns_a_failed_commit_at_the_next_save
     assert "worker:0 (UploadError)" in message, message
 
 
+def test_mwms_close_on_the_chief_alone_is_a_clear_error(cluster, s3_url, s3_options, tmp_path):
+    """close() is a collective: worker 1 leaves without calling it; the chief's close() commits its final
+    checkpoint and then raises WorkerFailedError saying to call close() on every worker, not TF's bare
+    'Collective ops is aborted'."""
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                "--last-step", "12", env={1: {"CLOUDCKPT_TEST_SKIP_CLOSE": "1"}})
+    assert workers[1].finish(300) == 0 and workers[1].lines("SKIPPED_CLOSE 12")
+    step, error, message = failure_of(workers[0], 300)
+    assert error == "WorkerFailedError" and step == 12, message
+    assert "call it on every worker" in message and "final checkpoint was committed" in message, message
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 12
+
+
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
     """Let training go on until a checkpoint of ``step`` or later is committed."""
     end = time.monotonic() + timeout

@@ -101,6 +101,9 @@ def main() -> int:
                 break
             if args.step_sleep:
                 time.sleep(args.step_sleep)
+        if os.environ.get("CLOUDCKPT_TEST_SKIP_CLOSE"):  # a worker that leaves without close() (a mistake)
+            print(f"SKIPPED_CLOSE {current}", flush=True)
+            return 0
         manager.close()  # every worker (a collective): the chief's final commit
     except cloudckpt.CloudCkptError as exc:
         return report_failure(exc, current, args.linger)
