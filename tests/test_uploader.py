@@ -83,6 +83,7 @@ def test_failure_is_kept_for_the_training_thread(tmp_path):
     assert uploader.take_failure() is None
     assert uploader.stats().failed == 1
     assert store.list_objects() == [] or not any(o.name.endswith(".manifest.json") for o in store.list_objects())
+    uploader.close()
 
 
 def test_warn_mode_logs_and_counts(tmp_path, caplog):
@@ -96,6 +97,7 @@ def test_warn_mode_logs_and_counts(tmp_path, caplog):
     assert uploader.take_failure() is None
     assert uploader.stats().failed == 1
     assert any("step 7" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    uploader.close()
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
@@ -138,3 +140,4 @@ def test_failures_are_reported_once_per_step(tmp_path):
     assert isinstance(failure, UploadError) and failure.step == 9
     assert str(failure).startswith("2 checkpoints (steps [5, 9]) were not committed"), str(failure)
     assert uploader.stats().failed == 3  # each attempt is counted in stats; the error names each step once
+    uploader.close()
