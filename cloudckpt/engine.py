@@ -278,7 +278,8 @@ class CheckpointEngine:
                                                download=download and not self._in_place, layout=self._layout)
         return self._downloaded
 
-    def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False) -> None:
+    def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False,
+                         source: str | None = None) -> None:
         """Refuse to save at ``step`` below the checkpoint ``local_dir``'s TF state file names: the
         framework's training state did not restore it.
 
@@ -300,6 +301,8 @@ class CheckpointEngine:
             fix: how to restore it (and to go back or start over on purpose), last words of the message.
             restored: the framework did restore that checkpoint, but numbers this save below it (TF2's
                 ``save_counter`` after checkpoints numbered by step): the message says so.
+            source: where that checkpoint came from, for the message (default: ``local_dir``, or the
+                download into it); e.g. a multi-worker job's non-chief, whose ``local_dir`` is temporary.
 
         Raises:
             ConfigError: ``step`` is below the step of the checkpoint the state file names;
@@ -311,9 +314,10 @@ class CheckpointEngine:
             return
         held = parsed[1]
         downloaded = self._downloaded
-        source = (f"that cloudckpt downloaded from {self.url} into {self._local_dir}"
-                  if downloaded is not None and downloaded.step == held
-                  else f"that {self._local_dir} holds (its TF checkpoint state file names {prefix!r})")
+        if source is None:
+            source = (f"that cloudckpt downloaded from {self.url} into {self._local_dir}"
+                      if downloaded is not None and downloaded.step == held
+                      else f"that {self._local_dir} holds (its TF checkpoint state file names {prefix!r})")
         what = (f"below checkpoint step {held} {source}, which it restored" if restored
                 else f"it did not restore checkpoint step {held} {source}")
         raise ConfigError(

@@ -543,14 +543,18 @@ class CheckpointManager:
                     f"purpose, run `cloudckpt rollback {url} --step N` first; to start a new lineage, use a new "
                     "checkpoint directory.")
             return
+        # A non-chief worker's local_dir is a temporary copy of the chief's resume point: name the job's.
+        temporary = self._agreement is not None and not self.is_chief
         self._engine.check_start_step(
             step, starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how}) "
                          "from its tf.train.Checkpoint",
+            source=f"that every worker of the job resumes from (the chief's, from {url})" if temporary else None,
             fix="Restore before the first save(): call manager.restore_or_initialize(), or "
-                "checkpoint.restore(manager.latest_checkpoint). To go back to an older step on purpose, run "
-                f"`cloudckpt rollback {url} --step N` first (or point the state file in {local} at it with "
-                "tf.compat.v1.train.update_checkpoint_state), then restore; to start a new lineage, use a new "
-                "checkpoint directory.")
+                "checkpoint.restore(manager.latest_checkpoint), on every worker. To go back to an older step on "
+                f"purpose, run `cloudckpt rollback {url} --step N` first"
+                + ("" if temporary else f" (or point the state file in {local} at it with "
+                   "tf.compat.v1.train.update_checkpoint_state)")
+                + ", then restore; to start a new lineage, use a new checkpoint directory.")
 
     def _resume(self, *, download: bool) -> None:
         """Multi-worker: a collective (every worker resumes in the same call, to the chief's step)."""

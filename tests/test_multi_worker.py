@@ -280,6 +280,24 @@ def test_mwms_close_on_the_chief_alone_is_a_clear_error(cluster, s3_url, s3_opti
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 12
 
 
+def test_mwms_a_job_that_did_not_restore_is_refused_on_every_worker(cluster, s3_url, s3_options, tmp_path):
+    """Step 10 is committed; a new job forgets restore_or_initialize() and saves step 5: every worker refuses the
+    same save (no worker left in a collective), each message naming the job's resume point and the fix, not a
+    worker's temporary directory."""
+    first = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5", "--last-step",
+                              "10")
+    assert [finished(w)["task"] for w in first] == ["worker:0", "worker:1"]
+    workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run2", "--save-every", "5", "--no-restore")
+    failures = [failure_of(w, 300) for w in workers]
+    assert [w.finish(30) for w in workers] == [3, 3]
+    for (step, error, message), local in zip(failures, ("run2-local-0", "run2-local-1")):
+        assert (step, error) == (5, "ConfigError"), message
+        assert "did not restore checkpoint step 10" in message and "restore_or_initialize()" in message, message
+    assert str(tmp_path / "run2-local-1") not in failures[1][2], failures[1][2]
+    assert "every worker of the job resumes from" in failures[1][2], failures[1][2]
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)][-1] == 10  # nothing committed
+
+
 def wait_for_commit(chief: Task, url: str, options: dict, step: int, timeout: float = 300) -> None:
     """Let training go on until a checkpoint of ``step`` or later is committed."""
     end = time.monotonic() + timeout

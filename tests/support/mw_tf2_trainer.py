@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--summary-dir", default=None)
     parser.add_argument("--no-should-stop", action="store_true", help="a loop that never calls should_stop()")
+    parser.add_argument("--no-restore", action="store_true", help="a loop that forgets restore_or_initialize()")
     add_failure_arguments(parser)
     args = parser.parse_args()
     name, index = this_task()
@@ -81,7 +82,8 @@ def main() -> int:
 
     current = -1
     try:
-        manager.restore_or_initialize()
+        if not args.no_restore:
+            manager.restore_or_initialize()
         current = int(step.numpy())
         print(f"FIRST_STEP {current}", flush=True)
         dump(os.path.join(args.out_dir, f"first-{name}.npz"))
