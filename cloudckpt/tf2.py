@@ -532,6 +532,12 @@ class CheckpointManager:
             number, how = self._manager.checkpoint.save_counter + 1, "checkpoint.save_counter + 1"
         step = int(number.numpy()) if hasattr(number, "numpy") else int(number)
         url, local = self.directory, self.local_dir
+        # A non-chief worker's local_dir is a temporary copy of the chief's resume point: name the job's.
+        temporary = self._agreement is not None and not self.is_chief
+        back = f"To go back to an older step on purpose, run `cloudckpt rollback {url} --step N` first" + (
+            "" if temporary else f" (or point the state file in {local} at it with "
+                                 "tf.compat.v1.train.update_checkpoint_state)")
+        new_lineage = "to start a new lineage, use a new checkpoint directory."
         if checkpoint_number is None and step > 1:
             # save_counter came back from a checkpoint: it was restored, but this run numbers by save count
             # where the directory's checkpoints are numbered otherwise (checkpoint_number=step in earlier runs).
@@ -539,22 +545,14 @@ class CheckpointManager:
                 step, restored=True,
                 starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how})",
                 fix="Number this run's checkpoints as the earlier ones were: pass checkpoint_number= (e.g. your "
-                    "step counter) to save(); save_counter counts saves, not steps. To go back to an older step on "
-                    f"purpose, run `cloudckpt rollback {url} --step N` first; to start a new lineage, use a new "
-                    "checkpoint directory.")
+                    f"step counter) to save(); save_counter counts saves, not steps. {back}; {new_lineage}")
             return
-        # A non-chief worker's local_dir is a temporary copy of the chief's resume point: name the job's.
-        temporary = self._agreement is not None and not self.is_chief
         self._engine.check_start_step(
             step, starts=f"The first save() of this CheckpointManager would write checkpoint step {step} ({how}) "
                          "from its tf.train.Checkpoint",
             source=f"that every worker of the job resumes from (the chief's, from {url})" if temporary else None,
             fix="Restore before the first save(): call manager.restore_or_initialize(), or "
-                "checkpoint.restore(manager.latest_checkpoint), on every worker. To go back to an older step on "
-                f"purpose, run `cloudckpt rollback {url} --step N` first"
-                + ("" if temporary else f" (or point the state file in {local} at it with "
-                   "tf.compat.v1.train.update_checkpoint_state)")
-                + ", then restore; to start a new lineage, use a new checkpoint directory.")
+                f"checkpoint.restore(manager.latest_checkpoint), on every worker. {back}, then restore; {new_lineage}")
 
     def _resume(self, *, download: bool) -> None:
         """Multi-worker: a collective (every worker resumes in the same call, to the chief's step)."""
