@@ -5,7 +5,8 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 1. read the commit log (a newer writer: ``FencedError``, nothing is done);
 2. look at the objects already under the checkpoint's names: a checkpoint committed in this
    writer's lineage is kept (identical: "already committed"; missing or truncated objects
-   re-uploaded: "healed"; different tensors: "refused"); a committed checkpoint of another lineage
+   re-uploaded: "healed"; different tensors: "refused", unless the save asks to replace it,
+   ``replace_committed``, see below); a committed checkpoint of another lineage
    (superseded) is retired, and debris of uploads that never committed is deleted, both announced
    in the log first. When no live commit names the checkpoint (the common case) this step is skipped
    and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
@@ -24,6 +25,14 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 
 Readers trust a checkpoint only when a log commit entry names its manifest's commit id and the
 manifest exists, so they never see a half-written checkpoint, nor one of a fenced writer.
+
+**Replacing a committed checkpoint** (``replace_committed=True``; only Keras' ``ModelCheckpoint``
+asks for it, as Keras overwrites a file saved again under the same name): in step 2 a checkpoint of
+this writer's lineage at the same name with different tensors is retired like a superseded one (a
+``delete`` entry un-commits it, then its manifest and files are deleted), and the save goes on from
+step 3 under the same name. Readers see the old checkpoint, then none, then the new one, never a
+half-written one; a crash between the retirement and step 6 leaves **neither** committed for that
+name. Without it (every other adapter) such a save is refused: the committed checkpoint stays.
 """
 
 from __future__ import annotations
@@ -111,6 +120,8 @@ class CommitResult:
         housekeeping_error: what failed after the commit point, if anything (the commit stands).
         objects: for a new commit, the directory's listing taken after the upload (with the new
             manifest added): what retention plans from, so a commit lists the directory once.
+        replaced: for a new commit made with ``replace_committed``, the commit ids of the committed
+            checkpoints of the same name (other tensors) it replaced; empty otherwise.
     """
 
     manifest: Manifest
@@ -120,6 +131,7 @@ class CommitResult:
     housekeeping_error: str = ""  # a follow-up step (the TF state file) failed after the commit
     objects: tuple[RemoteObject, ...] | None = None
     bytes_copied: int = 0
+    replaced: tuple[str, ...] = ()
 
     @property
     def already_committed(self) -> bool:
@@ -169,6 +181,7 @@ def commit_checkpoint(
     executor: Mapper | None = None,
     manifest: Manifest | None = None,
     writer: Writer | None = None,
+    replace_committed: bool = False,
 ) -> CommitResult:
     """Upload ``ckpt`` to ``store`` and commit it (see module docstring); one of four outcomes.
 
@@ -179,6 +192,10 @@ def commit_checkpoint(
         manifest: a precomputed manifest for ``ckpt`` (computed here if None).
         writer: the registered writer committing; None registers a new one that
             continues the directory's current head (what ``cloudckpt push`` does).
+        replace_committed: a checkpoint of the same name committed in the writer's lineage with
+            other tensors is un-committed and deleted, then ``ckpt`` is committed in its place
+            (``uploaded``, ``CommitResult.replaced``); a crash in between leaves neither. False
+            (default): such a save is ``refused`` and the committed checkpoint stays.
 
     Raises:
         FencedError: a newer writer registered on the directory; nothing was committed.
@@ -194,7 +211,7 @@ def commit_checkpoint(
             register_continuing(writer)
         manifest = manifest or build_manifest(ckpt, pool)
         try:
-            result = _commit(writer, ckpt, manifest, pool)
+            result = _commit(writer, ckpt, manifest, pool, replace_committed)
         except (IntegrityError, RemoteError, UploadError) as exc:
             if not isinstance(exc, FencedError):
                 _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
@@ -265,11 +282,13 @@ def committed_at(store: RemoteStore, state: LogState, prefix: str,
     return found
 
 
-def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper) -> CommitResult:
+def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
+            replace_committed: bool = False) -> CommitResult:
     store = writer.store
     names = [*sorted(ckpt.files), mine.name]
     extras_done = False
     look_first: bool | None = None
+    replaced: tuple[str, ...] = ()  # commits of this lineage retired to make room for this save
     for _ in range(MAX_ROUNDS):
         state = writer.state(step=ckpt.step)
         if not extras_done:  # not part of the checkpoint (graph.pbtxt): uploaded when it changed, once we
@@ -288,11 +307,19 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
         sizes = {o.name: o.size for o in store.list_objects()}
         owners = committed_at(store, state, ckpt.prefix, set(sizes))
         mine_lineage = set(state.ancestry(writer.head))
-        for record, existing in owners:
-            if existing is not None and record.commit_id in mine_lineage:
+        ours = [(record, existing) for record, existing in owners
+                if existing is not None and record.commit_id in mine_lineage]
+        for record, existing in ours:
+            if not replace_committed or existing.same_tensors(mine):
                 return _keep_committed(writer, ckpt, mine, record, existing, sizes, state, pool)
+        if ours:
+            replaced = tuple(dict.fromkeys([*replaced, *(record.commit_id for record, _ in ours)]))
+            log.info("Step %d: %s is committed in %s with different content (commit %s); replacing it "
+                     "(replace_committed): it is un-committed and deleted before this save is uploaded.",
+                     ckpt.step, ckpt.prefix, store.url, ", ".join(record.commit_id for record, _ in ours))
         # Everything else at these names is retired (a superseded checkpoint of another lineage, an
-        # unreadable manifest) or debris of an upload that never committed: it goes first.
+        # unreadable manifest, with replace_committed one of this lineage) or debris of an upload that
+        # never committed: it goes first.
         retire = tuple(record.commit_id for record, _ in owners)
         doomed = [record.manifest for record, _ in owners]
         doomed += [f.name for _, existing in owners if existing is not None for f in existing.files
@@ -300,15 +327,15 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper)
         doomed += [n for n in names if n in sizes and not _in_place(store, ckpt, n)]
         doomed = list(dict.fromkeys(doomed))
         if doomed or retire:
-            what = f"superseded commit(s) {list(retire)} and " if retire else ""
+            what = f"{'replaced' if ours else 'superseded'} commit(s) {list(retire)} and " if retire else ""
             log.info("Step %d: removing %sobjects %s in %s before uploading.", ckpt.step, what, doomed, store.url)
-            if not writer.delete(doomed, retire=retire, reason="replace superseded" if retire else "debris",
-                                 planned_at=state.last_index, step=ckpt.step):
+            reason = "replace committed" if ours else "replace superseded" if retire else "debris"
+            if not writer.delete(doomed, retire=retire, reason=reason, planned_at=state.last_index, step=ckpt.step):
                 continue
             state = writer.state(step=ckpt.step)
         result = _upload_and_commit(writer, ckpt, mine, names, state, pool)
         if result is not None:
-            return result
+            return replace(result, replaced=replaced) if replaced else result
     raise UploadError(f"Checkpoint step {ckpt.step} was not committed to {store.url}: another party kept "
                       f"creating or deleting objects named {names} ({MAX_ROUNDS} attempts).", url=store.url,
                       step=ckpt.step)

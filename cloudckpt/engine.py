@@ -441,6 +441,7 @@ class CheckpointEngine:
         saved_at: float | None = None,
         required: bool | None = None,
         on_committed: Callable[[CommitResult], None] | None = None,
+        replace_committed: bool = False,
     ) -> None:
         """Queue the checkpoint of ``step`` for commit; returns without touching the network.
 
@@ -464,6 +465,14 @@ class CheckpointEngine:
                 announced by ``prepare_final_save``.
             on_committed: called in the uploader thread after the commit (not for a
                 refused save), before retention.
+            replace_committed: if a checkpoint of the same name (prefix) is already committed
+                in this writer's lineage with other tensors, replace it, in the uploader thread
+                in order with the other commits: it is un-committed through the commit log and
+                its objects deleted, then this one is uploaded and committed under the same
+                name (a crash in between leaves neither committed for that name). Default
+                False: such a save is refused (``stats().refused``) and the committed one stays,
+                which is right wherever a save at a committed step means a conflict (TF
+                adapters, ``BackupAndRestore``). Identical content is "already committed" either way.
 
         Raises:
             ConfigError: the files are not one checkpoint of ``layout`` with step ``step``.
@@ -472,7 +481,7 @@ class CheckpointEngine:
         Upload failures are never raised here: see ``raise_if_failed``.
         """
         ckpt = self._local_checkpoint(step, files, extras, saved_at)
-        self._submit(ckpt, required=required, on_committed=on_committed)
+        self._submit(ckpt, required=required, on_committed=on_committed, replace_committed=replace_committed)
 
     def find_saved(self, step: int) -> LocalCheckpoint | None:
         """The checkpoint of ``step`` in ``local_dir`` per ``layout`` (TF: the state file's checkpoint if it
@@ -586,11 +595,12 @@ class CheckpointEngine:
             raise failure
 
     def stats(self) -> UploadStats:
-        """Counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
-        last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes
-        (uploaded: sent over the network; copied: server-side by incremental commits),
-        retries by cause, last committed step and the last commit's duration (seconds); ``task`` names the
-        TF cluster task (``worker:1``) when the engine was given one."""
+        """Counters: each save's outcome (committed = uploaded, of which replaced = in the place of a
+        committed checkpoint of the same name; healed, already_committed, refused with last_refusal),
+        dropped, failed, housekeeping failures with the last error, fenced_by, bytes (uploaded: sent over
+        the network; copied: server-side by incremental commits), retries by cause, last committed step and
+        the last commit's duration (seconds); ``task`` names the TF cluster task (``worker:1``) when the
+        engine was given one."""
         stats = self._uploader.stats()
         stats.task = self.task
         return stats
@@ -658,7 +668,7 @@ class CheckpointEngine:
                                layout=self._layout.name, saved_at=time.time() if saved_at is None else saved_at)
 
     def _submit(self, ckpt: LocalCheckpoint, *, required: bool | None,
-                on_committed: Callable[[CommitResult], None] | None) -> None:
+                on_committed: Callable[[CommitResult], None] | None, replace_committed: bool = False) -> None:
         if ckpt.saved_at is None:
             ckpt = LocalCheckpoint(ckpt.step, ckpt.prefix, ckpt.files, ckpt.extras, ckpt.layout, time.time())
         if required is None:
@@ -677,13 +687,14 @@ class CheckpointEngine:
                 self._retire_deleted(self._scan_after(result))
             # From the uploader thread too: checksums and the directory scan stay off the training thread.
             self._uploader.start()
-            self._uploader.submit(UploadJob(ckpt, on_committed=committed, required=required, may_vanish=True))
+            self._uploader.submit(UploadJob(ckpt, on_committed=committed, required=required, may_vanish=True,
+                                            replace_committed=replace_committed))
             return
         self._uploader.start()
-        self._uploader.submit(self._snapshot(ckpt, required, on_committed))
+        self._uploader.submit(self._snapshot(ckpt, required, on_committed, replace_committed))
 
-    def _snapshot(self, ckpt: LocalCheckpoint, required: bool,
-                  on_committed: Callable[[CommitResult], None] | None) -> UploadJob:
+    def _snapshot(self, ckpt: LocalCheckpoint, required: bool, on_committed: Callable[[CommitResult], None] | None,
+                  replace_committed: bool = False) -> UploadJob:
         """Hard-link the checkpoint's files into a private directory; where that fails, open them (an open
         file stays readable after the framework deletes it) and let the uploader thread copy them."""
         staging = os.path.join(self._local_dir, STAGING_DIR, f"{ckpt.prefix}-{uuid.uuid4().hex[:8]}")
@@ -710,7 +721,7 @@ class CheckpointEngine:
 
         snapshot = LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras, ckpt.layout, ckpt.saved_at)
         return UploadJob(snapshot, release=release, on_committed=committed, required=required,
-                         prepare=held.copy_out if held else None)
+                         prepare=held.copy_out if held else None, replace_committed=replace_committed)
 
     def _link_or_hold(self, src: str, dst: str, held: "_HeldFiles") -> str:
         if self._hard_links is not False:

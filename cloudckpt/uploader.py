@@ -45,7 +45,8 @@ def lower_thread_priority() -> None:
 class UploadStats:
     """Counters of an uploader (a snapshot; see ``Uploader.stats``).
 
-    Each save ends as one outcome: ``committed`` (uploaded: a new commit),
+    Each save ends as one outcome: ``committed`` (uploaded: a new commit; ``replaced`` of
+    them took the place of a committed checkpoint of the same name, ``UploadJob.replace_committed``),
     ``healed`` (already committed; missing or truncated objects re-uploaded),
     ``already_committed`` (identical; nothing uploaded), ``refused`` (see
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
@@ -84,6 +85,7 @@ class UploadStats:
     last_upload_bytes: int = 0  # bytes the last commit sent (0 when nothing needed uploading)
     bytes_copied: int = 0  # bytes of committed checkpoints the store copied server-side (incremental commits)
     last_copied_bytes: int = 0  # of those, the last commit's
+    replaced: int = 0  # commits that replaced a committed checkpoint of the same name (replace_committed)
 
     @property
     def last_upload_mib_per_second(self) -> float | None:
@@ -101,7 +103,8 @@ class UploadJob:
     kept for ``take_failure`` even with ``on_error="warn"``. ``prepare`` runs in the uploader thread
     before the commit (a snapshot finishing its copies off the training thread). ``may_vanish``: the
     files are the framework's own (committed in place): if they are deleted before they are committed
-    (the Saver's ``max_to_keep``), the save is dropped, not failed.
+    (the Saver's ``max_to_keep``), the save is dropped, not failed. ``replace_committed``: a checkpoint
+    of the same name already committed with other tensors is replaced, not kept (``commit_checkpoint``).
     """
 
     checkpoint: LocalCheckpoint
@@ -110,6 +113,7 @@ class UploadJob:
     required: bool = False
     prepare: Callable[[], None] | None = None
     may_vanish: bool = False
+    replace_committed: bool = False
 
 
 class Uploader:
@@ -345,7 +349,8 @@ class Uploader:
         try:
             if job.prepare is not None:
                 job.prepare()
-            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool, writer=self.writer)
+            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool, writer=self.writer,
+                                       replace_committed=job.replace_committed)
         except FencedError as exc:
             self._record_fenced(exc, step)
             return
@@ -385,6 +390,7 @@ class Uploader:
                 self._stats.bytes_copied += result.bytes_copied
             if result.outcome == UPLOADED:
                 self._stats.committed += 1
+                self._stats.replaced += bool(result.replaced)
                 self._stats.bytes_uploaded += result.bytes_uploaded
             elif result.outcome == HEALED:
                 self._stats.healed += 1
@@ -419,8 +425,10 @@ class Uploader:
             log.warning("Checkpoint step %d is committed, but follow-up housekeeping failed: %s", step, exc)
         if result.outcome == UPLOADED:
             log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.1f MB of it copied server-side, "
-                     "%.2fs).", step, self.store.url, len(result.manifest.files), result.manifest.total_size / 1e6,
-                     result.bytes_copied / 1e6, seconds)
+                     "%.2fs)%s.", step, self.store.url, len(result.manifest.files), result.manifest.total_size / 1e6,
+                     result.bytes_copied / 1e6, seconds,
+                     f", replacing {result.manifest.prefix} of commit {', '.join(result.replaced)}"
+                     if result.replaced else "")
         elif result.outcome == HEALED:
             log.info("Healed committed checkpoint step %d in %s (%.1f MB re-uploaded, %.2fs).", step, self.store.url,
                      result.bytes_uploaded / 1e6, seconds)

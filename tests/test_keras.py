@@ -9,6 +9,7 @@ model, on an empty local disk, holds after the callback restored it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -359,3 +360,70 @@ def test_model_checkpoint_a_name_saved_again_replaces_the_older_file(cloudckpt_s
     assert [(c.step, [f.name for f in c.files]) for c in cloudckpt.list_checkpoints(url, options)] == [
         (8, ["best-8.keras"])]
     assert objects_outside_log(url, options) == ["best-8.keras", "best-8.manifest.json"]  # no TF state file
+
+
+def test_model_checkpoint_fit_again_from_scratch_replaces_every_name_it_saves_again(cloudckpt_s3, tmp_path, caplog):
+    """A notebook cell run again (a job restarted without BackupAndRestore): ``fit`` from scratch with a fresh
+    model and callbacks saves the same stored names at the same steps (``model-01-4.keras``) with other bytes.
+    Keras overwrites those files; so does ModelCheckpoint: afterwards every name the second run saved resolves
+    to its file (nothing refused, no WARNING), and the first run's file of a name it did not save stays."""
+    models, best = cloudckpt_s3.url("rerun/models"), cloudckpt_s3.url("rerun/best")
+    options = cloudckpt_s3.storage_options
+
+    def run(seed, scores, epochs):
+        probe = Probe()
+        callbacks = [cloudckpt.keras.ModelCheckpoint(models + "/model-{epoch:02d}.keras", storage_options=options),
+                     cloudckpt.keras.ModelCheckpoint(best + "/best.keras", monitor="score", mode="min",
+                                                     save_best_only=True, storage_options=options)]
+        fit(make_model(seed=seed), [Score(scores), *callbacks, probe], epochs=epochs)
+        return probe, callbacks
+
+    first, _ = run(1, [3.0, 4.0, 5.0], epochs=3)  # best.keras: epoch 1, step 4
+    before = {c.name: c.commit_id for c in cloudckpt.list_checkpoints(models, options)}
+    assert sorted(before) == ["model-01-4", "model-02-8", "model-03-12"]
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        second, (every_epoch, best_only) = run(2, [9.0, 10.0], epochs=2)  # best.keras: epoch 1 again, step 4
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], "a WARNING was logged"
+    for cb, replaced in ((every_epoch, 2), (best_only, 1)):
+        stats = cb.stats()
+        assert (stats.committed, stats.replaced, stats.refused, stats.failed, stats.dropped) == (replaced, replaced,
+                                                                                                0, 0, 0)
+
+    # Nothing superseded or hidden: the second run's files and the first run's model-03, by step.
+    def rows(url):
+        return sorted((c.step, [f.name for f in c.files], c.status)
+                      for c in cloudckpt.list_checkpoints(url, options, include_superseded=True))
+    assert rows(models) == [(4, ["model-01-4.keras"], "committed"), (8, ["model-02-8.keras"], "committed"),
+                            (12, ["model-03-12.keras"], "committed")]
+    assert rows(best) == [(4, ["best-4.keras"], "committed")]
+    after = {c.name: c.commit_id for c in cloudckpt.list_checkpoints(models, options)}
+    assert after["model-03-12"] == before["model-03-12"]
+    assert after["model-01-4"] != before["model-01-4"] and after["model-02-8"] != before["model-02-8"]
+    retired = {cid for e in log_entries(models, options) if e["type"] == "delete" for cid in e.get("retire", ())}
+    assert {before["model-01-4"], before["model-02-8"]} <= retired  # un-committed before their files went
+    assert objects_outside_log(models, options) == sorted(  # no debris, no manifest of a replaced file
+        f"model-{n}{ext}" for n in ("01-4", "02-8", "03-12") for ext in (".keras", ".manifest.json"))
+
+    listing = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", models, "--json",
+                              "-o", f"endpoint_url={options['endpoint_url']}"], capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert [(r["step"], r["status"], r["latest"]) for r in json.loads(listing.stdout)] == [
+        (4, "committed", False), (8, "committed", True), (12, "committed", False)]  # latest: the last save
+
+    def pulled(url, step, name):
+        directory = tmp_path / f"pull-{name}"
+        cloudckpt.download_checkpoint(url, str(directory), step=step, storage_options=options)
+        return keras.models.load_model(str(directory / name))
+
+    def assert_weights(model, state):
+        assert int(model.optimizer.iterations) == state.iterations
+        for a, b in zip(model.get_weights(), state.weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    assert_weights(pulled(models, 4, "model-01-4.keras"), second.at_epoch_end[0])
+    assert_weights(pulled(models, 8, "model-02-8.keras"), second.at_epoch_end[1])
+    assert_weights(pulled(models, 12, "model-03-12.keras"), first.at_epoch_end[2])  # Keras leaves model-03 too
+    cli_pull = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "pull", best, str(tmp_path / "best"),
+                               "-o", f"endpoint_url={options['endpoint_url']}"], capture_output=True, text=True)
+    assert cli_pull.returncode == 0, cli_pull.stderr
+    assert_weights(keras.models.load_model(str(tmp_path / "best" / "best-4.keras")), second.at_epoch_end[0])

@@ -88,6 +88,36 @@ def test_refused_save_is_counted_with_its_reason_and_not_logged_committed(tmp_pa
     assert uploader.take_failure() is None  # a refusal is an outcome, not an error
 
 
+def test_replace_committed_replaces_a_different_save_and_only_when_asked(tmp_path, caplog):
+    """``replace_committed`` (what Keras' ModelCheckpoint asks for): a save of a committed step with other tensors
+    replaces it, identical bytes stay "already committed"; without it (every other adapter, the default) the same
+    save is still refused and the committed checkpoint stays."""
+    url = f"memory://outcomes-{uuid.uuid4().hex[:8]}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    uploader = Uploader(RemoteStore(url))
+    uploader.start()
+
+    def save(payload, **kwargs):
+        uploader.submit(UploadJob(fake(tmp_path, 3, payload), **kwargs))
+        assert uploader.wait(30)
+        return fs.cat_file(f"{root}/model.ckpt-3.data-00000-of-00001")
+
+    assert save(b"a" * 100) == b"a" * 100
+    commit_a = cloudckpt.latest_checkpoint(url).commit_id
+    with caplog.at_level(logging.WARNING, logger="cloudckpt"):
+        assert save(b"a" * 100, replace_committed=True) == b"a" * 100  # identical: nothing uploaded
+        assert save(b"b" * 100, replace_committed=True) == b"b" * 100
+    assert not caplog.records
+    assert save(b"c" * 100) == b"b" * 100  # the default: refused, the committed checkpoint stays
+    uploader.close()
+    stats = uploader.stats()
+    assert (stats.committed, stats.replaced, stats.already_committed, stats.refused, stats.failed) == (2, 1, 1, 1, 0)
+    assert "different tensor data" in stats.last_refusal
+    committed = cloudckpt.list_checkpoints(url, include_superseded=True)
+    assert [c.step for c in committed] == [3] and committed[0].commit_id != commit_a
+    assert set(assert_all_committed_intact(url)) == {3}
+
+
 class NoDataDeletes(MemoryFileSystem):
     """In-memory store where deleting checkpoint data is denied (a bucket policy without DeleteObject)."""
 

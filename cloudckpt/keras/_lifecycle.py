@@ -82,8 +82,9 @@ class EngineLifecycle:
         self._engine.wait(timeout)
 
     def stats(self) -> UploadStats:
-        """Commit counters: each save's outcome (committed, healed, already_committed, refused), dropped,
-        failed, housekeeping failures, bytes uploaded, retries by cause, the last committed step."""
+        """Commit counters: each save's outcome (committed, of which replaced; healed, already_committed,
+        refused), dropped, failed, housekeeping failures, bytes uploaded, retries by cause, the last committed
+        step."""
         return self._engine.stats()
 
     def close(self) -> None:

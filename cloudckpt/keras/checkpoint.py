@@ -19,6 +19,22 @@ formatted again), the new save is committed first and then the older ones
 of that name are deleted through the commit log (un-committed before their
 files go), so one committed file per formatted name remains.
 
+**Runs again into the same directory.** ``fit`` run again from scratch (a
+fresh model: a notebook cell run again, a job restarted without
+``BackupAndRestore``) saves the same stored name at the same step
+(``model-01-4.keras``) with other contents. Keras overwrites the file, and so
+does this class: the save is committed with ``replace_committed``
+(``commit.py``), so in the uploader thread, in order with the other commits,
+the committed file of that name is un-committed through the commit log and
+deleted, then the new one is uploaded and committed under the same name.
+Readers never see a half-written file, but **between that deletion and the
+new commit the name has no committed file: a crash (or a failed upload) in
+that window leaves neither the old file nor the new one** for that name; the
+other names are untouched. Identical contents stay "already committed"
+(nothing uploaded). Files of the earlier run whose names the new run does not
+save stay, as Keras leaves them. (The TF adapters and ``BackupAndRestore``
+keep refusing a different save at a committed step: there it is a conflict.)
+
 Source of the semantics: ``keras.callbacks.ModelCheckpoint`` (Keras 3,
 https://keras.io/api/callbacks/model_checkpoint/ and
 ``keras/src/callbacks/model_checkpoint.py``).
@@ -198,7 +214,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         self._stems.add(stem)
         try:
             self._engine.submit(step, [path], on_committed=(lambda result: self._replace_older(stem, result))
-                                if replaces else None)
+                                if replaces else None, replace_committed=True)  # Keras overwrites it
         finally:
             try:
                 os.remove(path)  # the engine snapshotted it (a hard link)
