@@ -33,13 +33,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
+from .catalog import CheckpointInfo, scan_directory
 from .errors import (CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError,
                      UploadError, WorkerFailedError)
+from .remote import RemoteStore
+from .restore import download_verified, select_checkpoint
 
-__all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "role_from_cluster", "role_from_tf_config",
-           "role_of_strategy"]
+__all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "restore_as_the_chief_does", "role_from_cluster",
+           "role_from_tf_config", "role_of_strategy"]
 
 log = logging.getLogger("cloudckpt")
 
@@ -288,6 +291,64 @@ class WorkerAgreement:
         """
         chief_value = float(value) if self.role.is_chief and value is not None else 0.0
         return int(round(self._totals([chief_value], failure)[0]))
+
+
+R = TypeVar("R")
+
+
+def restore_as_the_chief_does(agreement: WorkerAgreement, store: RemoteStore, directory: str,
+                              chief: Callable[[], tuple[int | None, R]],
+                              worker: Callable[[CheckpointInfo], R]) -> R | None:
+    """Multi-worker restore: every worker restores the checkpoint the chief restores, or none restores.
+
+    The adapters' framework-specific parts are the two callables; what each worker does, in order:
+
+    1. The chief calls ``chief()``: it restores as on one machine and returns the step every other worker
+       must restore (None: nothing to restore) and its result. An exception from it (any
+       ``BaseException``) is held for the first collective.
+    2. Every worker calls ``agreement.from_chief`` (collective 1: an all-reduce of the chief's step, -1 for
+       None, and of the failure slots). When the agreed step is -1, every worker returns None (the chief's
+       result is dropped), after this collective only.
+    3. Each non-chief worker selects the agreed step (``select_checkpoint`` on a new ``scan_directory`` of
+       ``store``), downloads it verified into ``directory`` (``download_verified``), and calls
+       ``worker(info)`` for its result. An exception from any of these (``Exception``) is held for the
+       second collective. The chief does nothing here (``directory`` is not used on the chief).
+    4. Every worker calls ``agreement.agree_on_failure`` (collective 2: an all-reduce of the failure slots).
+
+    The collectives are ``from_chief`` then, unless the agreed step is -1, ``agree_on_failure``: the same
+    calls in the same order on every worker, whatever failed where.
+
+    Returns:
+        the chief's result on the chief, ``worker(info)``'s on another worker; None on every worker when the
+        chief had nothing to restore.
+
+    Raises (on every worker at the same collective, ``WorkerAgreement``):
+        the failed worker's own exception: at collective 1 from ``chief()``; at collective 2 from the
+            selection (``CheckpointNotFoundError``, ``ManifestError``), the download (``IntegrityError``,
+            ``RemoteError``) or ``worker(info)``;
+        WorkerFailedError: on every other worker, naming the failed one(s) and their error types.
+    """
+    role = agreement.role
+    step: int | None = None
+    result: R | None = None
+    failure: BaseException | None = None
+    if role.is_chief:
+        try:
+            step, result = chief()
+        except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+            failure = exc
+    agreed = agreement.from_chief(-1 if step is None else step, failure)
+    if agreed < 0:
+        return None
+    if not role.is_chief:
+        try:
+            info = select_checkpoint(store, scan_directory(store), agreed)
+            download_verified(store, info, directory)
+            result = worker(info)
+        except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
+            failure = exc
+    agreement.agree_on_failure(failure)
+    return result
 
 
 def _failure_kind(failure: BaseException) -> int:

@@ -49,13 +49,12 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from .catalog import CheckpointInfo, scan_directory
-from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, role_from_tf_config, role_of_strategy,
-                          worker_temp_dir)
+from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_as_the_chief_does, role_from_tf_config,
+                          role_of_strategy, worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError, WorkerFailedError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .remote import is_local_path
-from .restore import download_verified, select_checkpoint
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
@@ -594,32 +593,18 @@ class CheckpointManager:
         self._engine.submit(ckpt.step, ckpt.files, saved_at=saved_at)
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> CheckpointInfo | None:
-        """Every worker restores the step the chief restores; the chief's step reaches the others as an
-        all-reduce (-1: nothing to restore), then every worker says whether its download of that step
-        failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``)."""
-        role = agreement.role
-        step: int | None = None
-        restored: CheckpointInfo | None = None
-        failure: BaseException | None = None
-        if role.is_chief:
-            try:
-                restored = self._engine.resume(download=True)
-                step = self._commit_local_head()
-            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
-                failure = exc
-        agreed = agreement.from_chief(-1 if step is None else step, failure)
-        if agreed < 0:
-            return None
-        if not role.is_chief:
-            try:
-                restored = select_checkpoint(self._engine.store, scan_directory(self._engine.store), agreed)
-                download_verified(self._engine.store, restored, self.local_dir)
-            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
-                failure = exc
-        agreement.agree_on_failure(failure)
-        if not role.is_chief:
-            log.info("Restoring checkpoint step %d, as the chief does.", agreed)
+        """Every worker restores the step the chief restores (``restore_as_the_chief_does``, all-reduces;
+        a failure on any worker raises on all of them). The chief's step is its local head, committed first."""
+        restored = restore_as_the_chief_does(agreement, self._engine.store, self.local_dir, self._restore_chief,
+                                             lambda info: info)
+        if restored is not None and not agreement.role.is_chief:
+            log.info("Restoring checkpoint step %d, as the chief does.", restored.step)
         return restored
+
+    def _restore_chief(self) -> tuple[int | None, CheckpointInfo | None]:
+        """The chief's part of the restore: as on one machine; then the step the other workers restore."""
+        restored = self._engine.resume(download=True)
+        return self._commit_local_head(), restored
 
     def _commit_local_head(self) -> int | None:
         """The chief's resume point (the step the local state file names); a local checkpoint newer than

@@ -9,9 +9,10 @@
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
 * tf-keras ``model.fit`` + ``cloudckpt.keras.BackupAndRestore`` under MWMS (tests/support/mw_keras_trainer.py).
 * A cloudckpt failure on one worker (the chief's commits through a fault proxy in an outage; a flipped byte
-  in one worker's download during the restore) while that process stays alive (``--linger``): every worker
-  raises at the same step, the others ``WorkerFailedError`` naming it, within ``AGREED_WITHIN`` seconds
-  (without the agreement they block in the next collective: the test fails on that timeout).
+  in the chief's or another worker's download during the restore) while that process stays alive
+  (``--linger``): every worker raises at the same step, the others ``WorkerFailedError`` naming it, within
+  ``AGREED_WITHIN`` seconds (without the agreement they block in the next collective: the test fails on
+  that timeout).
 
 Workers are forked with TF imported (tests/support/forkserver.py); a parameter server runs in its own mount
 namespace, so it imports TF itself (5-10 s on the shared machine): the tests keep the number of processes small.
@@ -191,13 +192,30 @@ def failure_of(task: Task, timeout: float = AGREED_WITHIN) -> tuple[int, str, st
     return int(step), kind, message
 
 
+def restore_failed_on(bad: int, workers: list[Task], first_line: str) -> tuple[int, str]:
+    """Worker ``bad`` (of two) raised IntegrityError in the restore and stays alive; the other raised
+    WorkerFailedError naming it within ``AGREED_WITHIN`` seconds and exited; neither printed ``first_line``
+    (training began). Stops worker ``bad``; returns the other's ``(step, message)``."""
+    failed, other = workers[bad], workers[1 - bad]
+    _, failed_error, _ = failure_of(failed, 300)
+    step, error, message = failure_of(other)
+    assert other.finish(30) == 3 and failed.proc.poll() is None
+    assert (failed_error, error) == ("IntegrityError", "WorkerFailedError"), (failed_error, message)
+    assert f"worker:{bad} (IntegrityError)" in message, message
+    assert not workers[0].lines(first_line) and not workers[1].lines(first_line)
+    failed.stop()
+    return step, message
+
+
 def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, moto_server, s3_url, s3_options,
                                                                        tmp_path):
     """The chief's commit fails (its store goes away) while it stays alive: both workers raise at the same
     step, the chief its UploadError, worker 1 a WorkerFailedError naming worker:0, instead of worker 1
     blocking in the next collective until the chief exits. Then worker 1's verified download fails during
-    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone. Then the
-    chief's final commit in close() fails: worker 1's close() raises WorkerFailedError too."""
+    the restore: the chief raises WorkerFailedError naming worker:1 instead of training on alone; then the
+    chief's own download fails: worker 1 raises WorkerFailedError naming worker:0 instead of waiting for the
+    chief's step. Then the chief's final commit in close() fails: worker 1's close() raises WorkerFailedError
+    too."""
     from support.fault_proxy import FaultProxy
 
     with FaultProxy(moto_server.endpoint) as proxy:
@@ -217,19 +235,15 @@ def test_mwms_a_failure_on_one_worker_stops_every_worker_with_its_name(cluster, 
         workers[0].stop()
         committed = cloudckpt.latest_checkpoint(s3_url, s3_options).step
 
-        # Restore: worker 1's downloads of checkpoint data arrive with a flipped byte.
-        proxy.clear()
-        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.data-")
-        workers = start_tf2_workers(cluster, s3_url, [s3_options, proxied], tmp_path, "run2", "--retry-attempts",
-                                    "1", "--linger", str(LINGER))
-        _, error_1, _ = failure_of(workers[1], 300)
-        step, error, message = failure_of(workers[0])
-        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
-        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
-        assert step == -1 and f"worker:1 ({error_1})" in message, message  # in the restore, before any step
-        assert not workers[0].lines("FIRST_STEP") and not workers[1].lines("FIRST_STEP")
-        assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
-        workers[1].stop()
+        # Restore: worker 1's downloads of checkpoint data arrive with a flipped byte, then the chief's.
+        for bad, run in ((1, "run2"), (0, "run2b")):
+            proxy.clear()
+            proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.data-")
+            workers = start_tf2_workers(cluster, s3_url, [proxied if i == bad else s3_options for i in range(2)],
+                                        tmp_path, run, "--retry-attempts", "1", "--linger", str(LINGER))
+            step, message = restore_failed_on(bad, workers, "FIRST_STEP")
+            assert step == -1, message  # in the restore, before any step
+            assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == committed
 
         # The final commit in close() fails: worker 1 does not return from close() as if all were well.
         proxy.clear()
@@ -454,7 +468,8 @@ def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(c
     """BackupAndRestore under MWMS: the chief's backup commit fails while it stays alive: both workers raise
     in fit at the same batch (the chief UploadError, worker 1 WorkerFailedError naming worker:0); then
     worker 1's verified download fails in the restore: the chief raises WorkerFailedError naming worker:1;
-    then the final backup's commit fails at the end of fit: worker 1's fit raises WorkerFailedError too."""
+    then the chief's own download fails: worker 1 raises WorkerFailedError naming worker:0; then the final
+    backup's commit fails at the end of fit: worker 1's fit raises WorkerFailedError too."""
     from support.fault_proxy import FaultProxy
 
     assert importlib.util.find_spec("tf_keras") is not None, "tf-keras is not installed: run scripts/test"
@@ -480,16 +495,15 @@ def test_tf_keras_fit_a_failure_on_one_worker_stops_every_worker_with_its_name(c
         assert "worker:0 (UploadError)" in message and "BackupAndRestore" in message, message
         workers[0].stop()
 
-        proxy.clear()
-        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.weights\.h5")
-        workers = start("run2", [s3_options, proxied], "--epochs", "40", "--steps", "6")
-        _, error_1, _ = failure_of(workers[1], 300)
-        _, error, message = failure_of(workers[0])
-        assert workers[0].finish(30) == 3 and workers[1].proc.poll() is None
-        assert error_1 == "IntegrityError" and error == "WorkerFailedError", (error_1, message)
-        assert f"worker:1 ({error_1})" in message, message
-        assert not workers[0].lines("START_EPOCH") and not workers[1].lines("START_EPOCH")
-        workers[1].stop()
+        # Restore: worker 1's downloads of the weights arrive with a flipped byte, then the chief's.
+        for bad, run in ((1, "run2"), (0, "run2b")):
+            proxy.clear()
+            proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",),
+                             path_filter=r"\.weights\.h5")
+            workers = start(run, [proxied if i == bad else s3_options for i in range(2)], "--epochs", "40",
+                            "--steps", "6")
+            _, message = restore_failed_on(bad, workers, "START_EPOCH")
+            assert "BackupAndRestore" in message, message
 
         # The final backup's commit fails at the end of fit (on_train_end): worker 1's fit raises too.
         proxy.clear()

@@ -40,13 +40,13 @@ import os
 import shutil
 from typing import Any, Mapping
 
-from ..catalog import CheckpointInfo, scan_directory
-from ..distributed import TaskRole, WorkerAgreement, name_task_in_logs, role_of_strategy, worker_temp_dir
+from ..catalog import CheckpointInfo
+from ..distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_as_the_chief_does, role_of_strategy,
+                           worker_temp_dir)
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError, IntegrityError
 from ..layout import KERAS_BACKUP
 from ..preemption import PreemptionWatcher
-from ..restore import download_verified, select_checkpoint
 from ..retention import RetentionPolicy
 from ..retry import RetryPolicy
 from ..transfer import TransferOptions
@@ -214,8 +214,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
             if self._agreement is None:
-                self.restored = self._engine.resume()
-                epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
+                _, epoch = self._restore_newest()
             else:
                 epoch = self._restore_multi_worker(self._agreement)
         except BaseException:
@@ -325,39 +324,30 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         return self._stop_agreed
 
     def _restore_multi_worker(self, agreement: WorkerAgreement) -> int | None:
-        """The chief restores as on one machine; its step reaches the other workers as an all-reduce (-1:
-        nothing), and each downloads (verified) and restores that backup, then every worker says whether
-        that failed (a second all-reduce). A failure on any worker raises on all of them (``WorkerAgreement``:
-        ``WorkerFailedError`` on the others)."""
-        role = agreement.role
-        epoch: int | None = None
-        failure: BaseException | None = None
+        """The chief restores as on one machine; each other worker downloads and restores the backup of the
+        chief's step (``restore_as_the_chief_does``, all-reduces; a failure on any worker raises on all
+        of them, ``WorkerFailedError`` on the others). Returns the epoch to resume at (None: nothing restored)."""
         # Creating variables under the strategy is a collective (their initial values are broadcast): every
         # worker builds the optimizer now, before the agreement, not only those that restore.
         self._build_optimizer()
-        if role.is_chief:
-            try:
-                self.restored = self._engine.resume()
-                epoch = self._restore(self.restored, self.local_dir) if self.restored is not None else None
-            except BaseException as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
-                failure = exc
-            step = -1 if self.restored is None else self.restored.step
-        else:
-            step = None
-            self._worker_temp = worker_temp_dir(role, self.local_dir)
-        agreed = agreement.from_chief(step, failure)
-        if agreed == -1:
-            return epoch
-        if not role.is_chief:
-            store = self._engine.store
-            try:
-                self.restored = select_checkpoint(store, scan_directory(store), agreed)
-                download_verified(store, self.restored, self._worker_temp)  # type: ignore[arg-type]
-                epoch = self._restore(self.restored, self._worker_temp)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001 - raised by the agreement, once the others are told
-                failure = exc
-        agreement.agree_on_failure(failure)
-        return epoch
+        directory = self.local_dir
+        if not agreement.role.is_chief:
+            directory = self._worker_temp = worker_temp_dir(agreement.role, self.local_dir)
+        return restore_as_the_chief_does(agreement, self._engine.store, directory, self._restore_newest,
+                                         lambda info: self._restore_downloaded(info, directory))
+
+    def _restore_newest(self) -> tuple[int | None, int | None]:
+        """Restore the newest verified committed backup, as on one machine (multi-worker: the chief's part of
+        the restore): its step and the epoch to resume at, (None, None) when there is none."""
+        self.restored = self._engine.resume()
+        if self.restored is None:
+            return None, None
+        return self.restored.step, self._restore(self.restored, self.local_dir)
+
+    def _restore_downloaded(self, info: CheckpointInfo, directory: str) -> int:
+        """A non-chief worker's part: the chief's backup ``info``, downloaded into ``directory``, is restored."""
+        self.restored = info
+        return self._restore(info, directory)
 
     def _build_optimizer(self) -> None:
         """Create the optimizer's variables if they do not exist yet."""
