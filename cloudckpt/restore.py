@@ -30,6 +30,11 @@ OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch"
 # 8 files, SeaweedFS, 2 cores): 8 streams moved more MiB/s at ~half the CPU per GiB of 32 (8 files x 4 ranges),
 # whose threads mostly wait for each other's GIL.
 _DOWNLOAD_STREAMS = 8
+# Downloads of a file whose bytes do not match its manifest (size or crc32c), in all, before the checkpoint is
+# declared corrupt. A byte corrupted on the way (a NIC, a proxy, memory) is not there the next time; rot in the
+# store is: only the latter may make a restore fall back to an older checkpoint, which a newer save then
+# supersedes (and retention deletes).
+_DOWNLOADS_ON_MISMATCH = 3
 DOWNLOAD_STAGING_PREFIX = ".cloudckpt-download-"
 
 
@@ -203,14 +208,18 @@ def _check(entry: FileEntry, size: int | None, crc: str | None, parts: tuple[str
     return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc, bad, entry.part_size if bad else None)
 
 
+def _mismatch(check: FileCheck) -> str:
+    """What differs between a file and its manifest entry, in words."""
+    if check.status == MISSING:
+        return "the manifest names it but it does not exist"
+    if check.status == SIZE_MISMATCH:
+        return f"expected {check.expected_size} bytes, found {check.found_size}"
+    return f"expected crc32c {check.expected_crc32c}, found {check.found_crc32c}"
+
+
 def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck) -> IntegrityError:
     url = store.url_of(check.name)
-    if check.status == MISSING:
-        detail = "the manifest names it but it does not exist"
-    elif check.status == SIZE_MISMATCH:
-        detail = f"expected {check.expected_size} bytes, found {check.found_size}"
-    else:
-        detail = f"expected crc32c {check.expected_crc32c}, found {check.found_crc32c}"
+    detail = _mismatch(check)
     return IntegrityError(f"Checkpoint step {info.step} in {store.url} is corrupt: {url}: {detail}. "
                           "Restore an older step (cloudckpt ls) or re-upload this one.")
 
@@ -354,9 +363,13 @@ def download_checkpoint(
     Returns the local checkpoint prefix (e.g. ``/data/ckpt/model.ckpt-30``);
     afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it.
 
+    A file whose size or crc32c differs from the manifest is downloaded again, up to
+    ``_DOWNLOADS_ON_MISMATCH`` (3) downloads in all, each logged at WARNING: bytes
+    corrupted on the way differ the next time, bytes rotten in the store do not.
+
     Raises:
-        IntegrityError: a file is missing or its size / crc32c differs from the manifest
-            (nothing is changed in ``local_dir``).
+        IntegrityError: a file is missing, or its size / crc32c differs from the manifest in
+            every download (nothing is changed in ``local_dir``).
         ManifestError: the manifest of ``step`` cannot be read, or (latest) a manifest newer than every
             readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
             it and says so).
@@ -427,12 +440,26 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     try:
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
-            crc = store.get_file(entry.name, path, progress, streams=per_file)  # of the bytes it wrote
-            if crc is None:
-                size, crc = crc32c_of_file(path)
-            else:
-                size = os.path.getsize(path)
-            return _check(entry, size, crc)
+            for attempt in range(1, _DOWNLOADS_ON_MISMATCH + 1):
+                crc = store.get_file(entry.name, path, progress, streams=per_file)  # of the bytes it wrote
+                if crc is None:
+                    size, crc = crc32c_of_file(path)
+                else:
+                    size = os.path.getsize(path)
+                check = _check(entry, size, crc)
+                if check.status == OK or attempt == _DOWNLOADS_ON_MISMATCH:
+                    if attempt > 1:
+                        log.warning("%s of checkpoint step %d: download %d of %d %s.", store.url_of(entry.name),
+                                    info.step, attempt, _DOWNLOADS_ON_MISMATCH,
+                                    "matches its manifest: the earlier ones were corrupted on the way"
+                                    if check.status == OK else "does not match its manifest either")
+                    return check
+                log.warning("%s of checkpoint step %d does not match its manifest (%s); downloading it again: "
+                            "bytes corrupted on the way differ the next time, bytes rotten in the store do not.",
+                            store.url_of(entry.name), info.step, _mismatch(check))
+                if progress is not None:
+                    progress(-size)  # counted again by the next download
+            raise AssertionError("unreachable")
 
         files_at_once = max(1, min(_DOWNLOAD_STREAMS, len(info.files)))
         per_file = max(1, _DOWNLOAD_STREAMS // files_at_once)

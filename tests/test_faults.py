@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
@@ -142,3 +143,36 @@ def test_outage_past_retry_deadline(on_error, proxied, tmp_path, caplog):
     assert stats.failed >= 1 and sum(stats.failures_by_cause.values()) == stats.failed
     assert any("on_error='warn'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert cloudckpt.latest_checkpoint(url, direct).step == result.last_step == 200  # later saves recovered
+
+
+def test_a_byte_corrupted_on_the_way_never_makes_a_resume_fall_back(proxied, tmp_path, caplog):
+    """A fresh VM resumes while one GET of the newest checkpoint's data arrives with a byte flipped (the stored
+    object is intact): the file is downloaded again and the newest checkpoint restored, not the older one, so
+    the next save continues it instead of superseding it (which retention would then delete). Reviewer's repro."""
+    url, proxy, options, direct = proxied
+    value = tf.Variable(tf.random.uniform([1 << 20], seed=3))
+    step = tf.Variable(0, dtype=tf.int64)
+    ckpt = tf.train.Checkpoint(value=value, step=step)
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(tmp_path / "vm1"),
+                                     storage_options=direct) as manager:
+        manager.restore_or_initialize()
+        for n in (100, 200):
+            step.assign(n)
+            value.assign_add(tf.ones_like(value))
+            manager.save(checkpoint_number=n)
+    saved = value.numpy().copy()
+    value.assign(tf.zeros_like(value))
+    step.assign(0)
+    proxy.set_faults(only_methods=("GET",), path_filter=r"ckpt-200\.data")
+    proxy.fail_next("flip_response")
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(tmp_path / "vm2"), retry=FAST_RETRY,
+                                     storage_options=options) as manager:
+        manager.restore_or_initialize()
+        assert proxy.stats.get("flip_response") == 1
+        assert int(step) == 200 and manager.restored is not None and manager.restored.step == 200
+        assert (value.numpy() == saved).all()
+        step.assign(300)
+        manager.save(checkpoint_number=300)
+    proxy.clear()
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [200, 300]
+    assert not any(r.levelno >= logging.ERROR and r.name == "cloudckpt" for r in caplog.records)

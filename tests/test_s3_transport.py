@@ -8,6 +8,7 @@ the fault proxy flipping one byte of an upload body on its way.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -218,9 +219,11 @@ def test_corrupted_upload_body_is_rejected_and_resent(seaweed_server, seaweed_bu
 
 
 def test_a_corrupted_download_is_caught_by_the_checksum_of_the_bytes_written(seaweed_server, seaweed_bucket,
-                                                                           tmp_path):
+                                                                           tmp_path, caplog):
     """The proxy inverts one byte of one ranged GET's body: the crc32c the transport returns is that of the file
-    as written (so no read-back is needed), and a restore refuses the checkpoint (IntegrityError)."""
+    as written (so no read-back is needed). A restore downloads a file that does not match its manifest again
+    (a byte corrupted on the way is not there the next time: the restore succeeds, with a WARNING) and refuses
+    the checkpoint (IntegrityError) only when every download differs (rot in the store)."""
     files = {"model.ckpt-4.index": write(tmp_path / "i", 100),
              "model.ckpt-4.data-00000-of-00001": write(tmp_path / "d", 7 * MiB + 5)}
     url = f"s3://{seaweed_bucket}/run"
@@ -237,9 +240,16 @@ def test_a_corrupted_download_is_caught_by_the_checksum_of_the_bytes_written(sea
         assert proxy.stats.get("flip_response") == 1
         assert size == expected[0] and crc != expected[1] and crc32c_of_file(back) == (size, crc)
         proxy.fail_next("flip_response")
+        with caplog.at_level(logging.WARNING, logger="cloudckpt"):
+            cloudckpt.download_checkpoint(url, str(tmp_path / "once"), storage_options=options)
+        assert proxy.stats.get("flip_response") == 2
+        assert (tmp_path / "once" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("downloading it again" in m for m in warned) and any("download 2 of 3 matches" in m for m in warned)
+        proxy.set_faults(error_rate=1.0, kinds=("flip_response",), only_methods=("GET",), path_filter=r"\.data-00000")
         with pytest.raises(cloudckpt.IntegrityError, match="checksum|crc32c"):
             cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=options)
-        assert proxy.stats.get("flip_response") == 2
+        assert proxy.stats.get("flip_response") >= 2 + 3  # three downloads of the file, each corrupted
     assert not (tmp_path / "restored" / "model.ckpt-4.index").exists()
     cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=seaweed_server.storage_options)
     assert (tmp_path / "restored" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
