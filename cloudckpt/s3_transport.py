@@ -11,7 +11,9 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   a transient error, so the caller's retry policy re-sends it). Multipart
   uploads use S3's full-object CRC32C (``x-amz-checksum-type: FULL_OBJECT``):
   the stored checksum is the file's own crc32c, the manifest's, which
-  ``stored_crc32c`` reads back for ``verify``.
+  ``stored_crc32c`` reads back for ``verify``. A store that refuses the checksum headers
+  (``NotImplemented``...) gets ``Content-MD5`` instead, S3's original body check (one more read
+  of the bytes, on such stores only).
 * Create-only writes (``create=True``) carry ``If-None-Match: *`` on the
   PutObject or the CompleteMultipartUpload: the store refuses to replace an
   existing object (``FileExistsError``).
@@ -233,6 +235,23 @@ def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
         checksum.update(chunk)
         offset += len(chunk)
     return int.from_bytes(checksum.digest(), "big")
+
+
+def _content_md5(body: bytes | None, send: tuple[Any, int, int] | None) -> str:
+    """The base64 MD5 of a request body: ``body``, or ``send=(file, offset, count)`` read in READ_BUFFER chunks."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    if body is not None:
+        md5.update(body)
+    elif send is not None:
+        f, offset, count = send
+        end = offset + count
+        while offset < end:
+            chunk = os.pread(f.fileno(), min(READ_BUFFER, end - offset), offset)
+            if not chunk:
+                raise OSError(errno.EIO, "local file shrank while uploading")
+            md5.update(chunk)
+            offset += len(chunk)
+    return base64.b64encode(md5.digest()).decode()
 
 
 class LocalFileChanged(ValueError):
@@ -866,6 +885,10 @@ class S3Transport:
             scheme, host, path = self._address(bucket, key)
             wanted = {k: v for k, v in (headers or {}).items()
                       if self._checksums or not k.lower().startswith("x-amz-checksum")}
+            if not self._checksums and (body or send is not None and send[2] > 0):
+                # A store without additional checksums: S3's original check, which S3-compatible stores
+                # implement (the body's MD5, refused with BadDigest on a mismatch); one more read of the bytes.
+                wanted["Content-MD5"] = _content_md5(body, send)
             all_headers = self._signed_headers(method, bucket, host, path, query, wanted)
             if body is not None:
                 all_headers["Content-Length"] = str(len(body))

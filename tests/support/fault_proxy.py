@@ -120,6 +120,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                             copy="x-amz-copy-source" in self.headers)
         time.sleep(latency)
         body = self._body()
+        if self.proxy._refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers.keys()):
+            for _ in body:  # drain, so the keep-alive connection stays usable
+                pass
+            with self.proxy._lock:
+                self.proxy._stats["refused_checksums"] += 1
+            return self._send_error(501, "Not Implemented", "NotImplemented",
+                                    "A header you provided implies functionality that is not implemented")
         rewrite = self.proxy._rewrite_etags
         if rewrite and self.command == "POST" and "uploadId=" in self.path:  # CompleteMultipartUpload
             body = iter([_etags_shifted(b"".join(body))])  # the store's own ETags again (same length)
@@ -285,6 +292,7 @@ class FaultProxy:
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
         self._rewrite_etags = False
+        self._refuse_checksums = False
         self.set_faults()
 
     @property
@@ -352,6 +360,12 @@ class FaultProxy:
         CompleteMultipartUpload names are shifted back before it reaches the store (which checks them)."""
         with self._lock:
             self._rewrite_etags = on
+
+    def refuse_checksums(self, on: bool = True) -> None:
+        """Be a store without S3's additional checksums: a request carrying any ``x-amz-checksum-*`` header
+        is answered 501 NotImplemented (not forwarded), as such S3-compatible stores answer."""
+        with self._lock:
+            self._refuse_checksums = on
 
     def outage(self, seconds: float) -> None:
         """Reset every new connection and every request for ``seconds``."""
