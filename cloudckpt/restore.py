@@ -217,9 +217,12 @@ def _mismatch(check: FileCheck) -> str:
     return f"expected crc32c {check.expected_crc32c}, found {check.found_crc32c}"
 
 
-def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck) -> IntegrityError:
+def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck, *,
+                     downloads: int = 0) -> IntegrityError:
     url = store.url_of(check.name)
     detail = _mismatch(check)
+    if downloads > 1 and check.status in (SIZE_MISMATCH, CHECKSUM_MISMATCH):
+        detail += f" (in each of {downloads} downloads: the store holds other bytes)"
     return IntegrityError(f"Checkpoint step {info.step} in {store.url} is corrupt: {url}: {detail}. "
                           "Restore an older step (cloudckpt ls) or re-upload this one.")
 
@@ -364,8 +367,8 @@ def download_checkpoint(
     afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it.
 
     A file whose size or crc32c differs from the manifest is downloaded again, up to
-    ``_DOWNLOADS_ON_MISMATCH`` (3) downloads in all, each logged at WARNING: bytes
-    corrupted on the way differ the next time, bytes rotten in the store do not.
+    ``_DOWNLOADS_ON_MISMATCH`` (3) downloads in all (INFO; a later download that matches:
+    WARNING): bytes corrupted on the way differ the next time, bytes rotten in the store do not.
 
     Raises:
         IntegrityError: a file is missing, or its size / crc32c differs from the manifest in
@@ -440,6 +443,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     try:
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
+            first = ""  # how the first download differed
             for attempt in range(1, _DOWNLOADS_ON_MISMATCH + 1):
                 crc = store.get_file(entry.name, path, progress, streams=per_file)  # of the bytes it wrote
                 if crc is None:
@@ -447,16 +451,16 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                 else:
                     size = os.path.getsize(path)
                 check = _check(entry, size, crc)
+                if check.status == OK and attempt > 1:
+                    log.warning("%s of checkpoint step %d: download %d of %d matches its manifest; the earlier "
+                                "one(s) did not (%s): bytes corrupted on the way, not in the store.",
+                                store.url_of(entry.name), info.step, attempt, _DOWNLOADS_ON_MISMATCH, first)
                 if check.status == OK or attempt == _DOWNLOADS_ON_MISMATCH:
-                    if attempt > 1:
-                        log.warning("%s of checkpoint step %d: download %d of %d %s.", store.url_of(entry.name),
-                                    info.step, attempt, _DOWNLOADS_ON_MISMATCH,
-                                    "matches its manifest: the earlier ones were corrupted on the way"
-                                    if check.status == OK else "does not match its manifest either")
-                    return check
-                log.warning("%s of checkpoint step %d does not match its manifest (%s); downloading it again: "
-                            "bytes corrupted on the way differ the next time, bytes rotten in the store do not.",
-                            store.url_of(entry.name), info.step, _mismatch(check))
+                    return check  # every download differed: the IntegrityError says so
+                first = first if attempt > 1 else _mismatch(check)
+                log.info("%s of checkpoint step %d does not match its manifest (%s); downloading it again: "
+                         "bytes corrupted on the way differ the next time, bytes rotten in the store do not.",
+                         store.url_of(entry.name), info.step, _mismatch(check))
                 if progress is not None:
                     progress(-size)  # counted again by the next download
             raise AssertionError("unreachable")
@@ -467,7 +471,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
             checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
         for check in checks:
             if check.status != OK:
-                raise _integrity_error(store, info, check)
+                raise _integrity_error(store, info, check, downloads=_DOWNLOADS_ON_MISMATCH)
         # The marker (TF: the .index) goes last: a checkpoint counts as present locally once it is there.
         layout = get_layout(info.layout)
         for entry in sorted(info.files, key=lambda f: layout.is_marker(f.name)):
