@@ -327,11 +327,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     before moving it into place; afterwards tf.train.latest_checkpoint(DIR) returns it. A failed pull
     leaves DIR as it was."""
     from .restore import pull_checkpoint
+    from .transfer import TransferOptions
 
+    transfer = TransferOptions(max_download_streams=args.streams) if args.streams is not None else None
     with _ByteProgress("pull") as bars:
         result = pull_checkpoint(args.url, args.dir, args.step,
                                  storage_options=build_storage_options(args.storage_option), retry=_retry(args),
-                                 progress=bars.update)
+                                 progress=bars.update, transfer=transfer)
     info = result.checkpoint
     if result.passed_over:
         _err(f"warning: newer step(s) {list(result.passed_over)} have unreadable manifests (see cloudckpt ls); "
@@ -550,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("dir", metavar="DIR", help="local directory to download into (created if missing)")
     pull.add_argument("--step", type=_non_negative_int, metavar="N",
                       help="pull the checkpoint at global step N (default: the newest committed)")
+    pull.add_argument("--streams", type=_positive_int, metavar="N",
+                      help="connections of the download, files x ranged GETs per file, 1 to 64 (default: 8, "
+                           "TransferOptions.max_download_streams; more may help on a VM with many cores and a "
+                           "fast network)")
 
     push = add("push", cmd_push, "upload and commit an existing local TF checkpoint directory", [common, remote])
     push.add_argument("dir", metavar="DIR",

@@ -75,7 +75,8 @@ class RemoteStore:
             (``endpoint_url``, ``key``/``secret``, ``token``...). Never logged.
         retry: how transient errors are retried.
         on_retry: called with a short cause label before every retry (for stats).
-        transfer: part size and parts in flight of uploads (``TransferOptions``; default: its defaults).
+        transfer: part size and parts in flight of uploads, streams of restores (``TransferOptions``;
+            default: its defaults).
 
     Attributes:
         url: the display form of the URL (credentials masked): use it in any message.
@@ -655,7 +656,7 @@ class RemoteStore:
 
 
 def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *, retry: RetryPolicy | None = None,
-                   create: bool = False) -> RemoteStore:
+                   create: bool = False, transfer: TransferOptions | None = None) -> RemoteStore:
     """The checkpoint directory at ``url``, which must exist (what the CLI and the library's commands act on).
 
     A remote prefix that is empty or absent in an existing bucket is an empty
@@ -667,7 +668,7 @@ def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *
             ``storage_options`` are unusable (unknown scheme, backend not installed...).
         RemoteError: the store cannot be reached or rejects the credentials.
     """
-    store = RemoteStore(url, storage_options, retry=retry)
+    store = RemoteStore(url, storage_options, retry=retry, transfer=transfer)
     if store.is_local:
         if os.path.isdir(store.root):
             return store

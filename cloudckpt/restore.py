@@ -22,14 +22,11 @@ from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name,
 from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, crc32c_parts_of_stream
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 
 log = logging.getLogger("cloudckpt")
 
 OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch", "checksum mismatch"
-# Connections of one restore (files at once x ranged GETs per file). Measured by bench scenario 4 (1 GiB in
-# 8 files, SeaweedFS, 2 cores): 8 streams moved more MiB/s at ~half the CPU per GiB of 32 (8 files x 4 ranges),
-# whose threads mostly wait for each other's GIL.
-_DOWNLOAD_STREAMS = 8
 # Downloads of a file whose bytes do not match its manifest (size or crc32c), in all, before the checkpoint is
 # declared corrupt. A byte corrupted on the way (a NIC, a proxy, memory) is not there the next time; rot in the
 # store is: only the latter may make a restore fall back to an older checkpoint, which a newer save then
@@ -257,7 +254,8 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         return _check(entry, size, crc, parts)
 
-    with ThreadPoolExecutor(max_workers=_DOWNLOAD_STREAMS, thread_name_prefix="cloudckpt-verify") as pool:
+    with ThreadPoolExecutor(max_workers=store.transfer.max_download_streams,
+                            thread_name_prefix="cloudckpt-verify") as pool:
         checks = tuple(pool.map(check, info.files))
     return VerifyReport(url=info.prefix, step=info.step, files=checks)
 
@@ -360,11 +358,13 @@ def download_checkpoint(
     step: int | None = None,
     *,
     storage_options: Mapping[str, Any] | None = None,
+    transfer: TransferOptions | None = None,
 ) -> str:
     """Download the committed checkpoint (latest, or ``step``) into ``local_dir`` and verify it.
 
     Returns the local checkpoint prefix (e.g. ``/data/ckpt/model.ckpt-30``);
-    afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it.
+    afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it. ``transfer``:
+    ``TransferOptions.max_download_streams`` connections (default 8).
 
     A file whose size or crc32c differs from the manifest is downloaded again, up to
     ``_DOWNLOADS_ON_MISMATCH`` (3) downloads in all (INFO; a later download that matches:
@@ -378,7 +378,7 @@ def download_checkpoint(
             it and says so).
         CheckpointNotFoundError: nothing committed (at ``step``).
     """
-    store = RemoteStore(url, storage_options)
+    store = RemoteStore(url, storage_options, transfer=transfer)
     return download_verified(store, _select(store, step), local_dir)
 
 
@@ -390,6 +390,7 @@ def pull_checkpoint(
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     progress: Progress | None = None,
+    transfer: TransferOptions | None = None,
 ) -> PullResult:
     """Download a committed checkpoint into ``local_dir`` and verify it (``cloudckpt pull``).
 
@@ -400,7 +401,8 @@ def pull_checkpoint(
     Every file is checked (size, crc32c) before it is moved into place and the
     local ``checkpoint`` state file is written last, so a failed pull leaves
     ``local_dir`` as it was. ``progress(checkpoint, bytes)`` is called as bytes
-    arrive (from several threads).
+    arrive (from several threads). ``transfer``: ``TransferOptions.max_download_streams``
+    connections (default 8).
 
     Raises:
         CheckpointNotFoundError: nothing committed (at ``step``); ``step`` is superseded (see ``rollback``).
@@ -411,7 +413,7 @@ def pull_checkpoint(
     """
     if os.path.exists(local_dir) and not os.path.isdir(local_dir):
         raise ConfigError(f"{local_dir!r} is a file, not a directory.")
-    store = open_directory(url, storage_options, retry=retry)
+    store = open_directory(url, storage_options, retry=retry, transfer=transfer)
     scan = scan_directory(store)
     passed_over: tuple[int, ...] = ()
     if step is None:
@@ -465,8 +467,9 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                     progress(-size)  # counted again by the next download
             raise AssertionError("unreachable")
 
-        files_at_once = max(1, min(_DOWNLOAD_STREAMS, len(info.files)))
-        per_file = max(1, _DOWNLOAD_STREAMS // files_at_once)
+        streams = store.transfer.max_download_streams
+        files_at_once = max(1, min(streams, len(info.files)))
+        per_file = max(1, streams // files_at_once)
         with ThreadPoolExecutor(max_workers=files_at_once, thread_name_prefix="cloudckpt-get") as pool:
             checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
         for check in checks:

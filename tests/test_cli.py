@@ -535,3 +535,12 @@ def test_demo(demo_run):
     assert re.findall(r"^\s+(\d+)\s+\d{4}-\d\d-\d\dT", text, re.M) == ["0", "3", "6", "9"]
     assert "The new VM restored step 6 from the bucket and trained to step 9." in text
     assert "Traceback" not in text
+
+
+def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys):
+    """``pull --streams`` is TransferOptions.max_download_streams: out of range, a one-line error naming the range,
+    nothing downloaded."""
+    assert cli.main(["pull", "memory://x/run", str(tmp_path / "dest"), "--streams", "65"]) == 2
+    err = capsys.readouterr().err
+    assert "max_download_streams must be an integer in [1, 64]" in one_error_line(err), err
+    assert not (tmp_path / "dest").exists()

@@ -174,3 +174,31 @@ def test_newest_unreadable_manifest_is_never_skipped_silently(memory_url, tmp_pa
     with pytest.raises(cloudckpt.ManifestError):
         cloudckpt.download_checkpoint(memory_url, str(tmp_path / "b"))
     assert cloudckpt.verify(memory_url, 5).ok  # an explicit older step is still checkable
+
+
+def test_a_restore_opens_as_many_connections_as_its_download_streams(s3, tmp_path):
+    """``TransferOptions.max_download_streams`` (``cloudckpt pull --streams``) bounds a restore's concurrent GETs:
+    1 stream fetches one file at a time; 4 fetch the 5 files 4 at a time (each GET held 0.5 s by the proxy)."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+    from cloudckpt.remote import RemoteStore
+    from support.fault_proxy import FaultProxy
+
+    url, options, _, _ = s3
+    files = {}
+    for name in ["model.ckpt-7.index", *(f"model.ckpt-7.data-0000{i}-of-00004" for i in range(4))]:
+        files[name] = str(tmp_path / name)
+        (tmp_path / name).write_bytes(np.random.default_rng(len(files)).bytes(256 << 10))
+    commit_checkpoint(RemoteStore(url, options), LocalCheckpoint(7, "model.ckpt-7", files))
+    with FaultProxy(options["endpoint_url"]) as proxy:
+        proxied = {**options, "endpoint_url": proxy.url}
+        proxy.set_faults(latency=0.5, only_methods=("GET",), path_filter=r"model\.ckpt-7\.(index|data)")
+        most = {}
+        for streams in (1, 4):  # 1 first: the proxy's count is the most at once over its life
+            cloudckpt.download_checkpoint(url, str(tmp_path / f"back{streams}"), storage_options=proxied,
+                                          transfer=cloudckpt.TransferOptions(max_download_streams=streams))
+            most[streams] = proxy.most_in_flight.get("GET", 0)
+            for name, path in files.items():
+                assert (tmp_path / f"back{streams}" / name).read_bytes() == open(path, "rb").read()
+    assert most[1] == 1 and 2 <= most[4] <= 4, most
+    with pytest.raises(cloudckpt.ConfigError, match="max_download_streams"):
+        cloudckpt.TransferOptions(max_download_streams=0)

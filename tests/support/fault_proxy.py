@@ -80,12 +80,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _dispatch(self):
+        self.proxy._in_flight(self.command, +1)
         try:
             self._serve()
         except _Reset:
             self._rst()
         except (OSError, ValueError, http.client.HTTPException):
             self.close_connection = True  # client or upstream went away
+        finally:
+            self.proxy._in_flight(self.command, -1)
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -292,6 +295,8 @@ class FaultProxy:
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
         self._rewrite_etags = False
+        self._serving = Counter()  # method -> requests being served now
+        self._most = Counter()  # method -> the most served at once
         self._refuse_checksums = False
         self.set_faults()
 
@@ -403,6 +408,18 @@ class FaultProxy:
                 self._stats["outage"] += 1
                 return True
             return False
+
+    def _in_flight(self, method, delta):
+        """Count ``method`` requests being served (``most_in_flight`` keeps the most at once)."""
+        with self._lock:
+            self._serving[method] += delta
+            self._most[method] = max(self._most[method], self._serving[method])
+
+    @property
+    def most_in_flight(self) -> dict:
+        """Method -> the most requests of it served at once so far."""
+        with self._lock:
+            return dict(self._most)
 
     def _decide(self, method, path, length=0, copy=False):
         """(kind or None, latency) for one request; the lock fixes the arrival order."""
