@@ -18,6 +18,7 @@ An outage resets every connection and request until it ends.
 
 ``rewrite_part_etags()`` makes the store look like one whose part ETags are not
 the MD5 of the part and that reports no part checksums (see there).
+``refuse_conditional_writes()`` makes it a store without conditional writes (see there).
 
 Determinism: one ``random.Random(seed)`` decides for every eligible request, in
 arrival order. A sequential client sees the same faults on every run; concurrent
@@ -116,6 +117,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         if self.proxy._in_outage():  # keep-alive connection reused during an outage
             raise _Reset
+        if "If-None-Match" in self.headers and self.proxy._refused_conditional():
+            for _ in self._body():  # drain, so the keep-alive connection stays usable
+                pass
+            return self._send_error(501, "Not Implemented", "NotImplemented",
+                                    "A header you provided implies functionality that is not implemented")
         fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0),
                                             copy="x-amz-copy-source" in self.headers)
         time.sleep(latency)
@@ -285,6 +291,7 @@ class FaultProxy:
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
         self._rewrite_etags = False
+        self._refuse_conditional = False
         self.set_faults()
 
     @property
@@ -353,6 +360,13 @@ class FaultProxy:
         with self._lock:
             self._rewrite_etags = on
 
+    def refuse_conditional_writes(self, on: bool = True) -> None:
+        """Be a store without conditional writes: every request carrying ``If-None-Match`` (a create-only
+        PutObject or CompleteMultipartUpload) is answered 501 NotImplemented, as AWS answers a header it does
+        not implement, without reaching the store; counted in ``stats["refused-conditional"]``."""
+        with self._lock:
+            self._refuse_conditional = on
+
     def outage(self, seconds: float) -> None:
         """Reset every new connection and every request for ``seconds``."""
         with self._lock:
@@ -383,6 +397,12 @@ class FaultProxy:
             return list(self._events)
 
     # -- called from the handler threads --
+    def _refused_conditional(self) -> bool:
+        with self._lock:
+            if self._refuse_conditional:
+                self._stats["refused-conditional"] += 1
+            return self._refuse_conditional
+
     def _in_outage(self) -> bool:
         with self._lock:
             if time.monotonic() < self._outage_until:
