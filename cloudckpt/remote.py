@@ -599,8 +599,13 @@ class RemoteStore:
 
     def _raise_if_no_bucket(self, exc: BaseException) -> None:
         """Raise ``ConfigError`` if ``exc`` (a FileNotFoundError of a listing or read) says the bucket itself
-        is missing (S3 ``NoSuchBucket``), not just the object or prefix: every entry point says so alike."""
-        if not (self.is_local or self._is_memory) and _no_such_bucket(exc):
+        is missing, not just the object or prefix: every entry point says so alike. S3: ``NoSuchBucket``;
+        gcsfs: a 404 of the objects listing (a bucket's listing answers 404 only if there is no bucket),
+        which it raises as ``FileNotFoundError("b/<bucket>/o")``."""
+        if self.is_local or self._is_memory:
+            return
+        bucket = self.root.split("/", 1)[0]
+        if _no_such_bucket(exc) or self._location.scheme in _GCS_PROTOCOLS and str(exc) == f"b/{bucket}/o":
             raise self._no_bucket_error() from None
 
     def _exists(self, bucket: str) -> bool:
