@@ -17,6 +17,7 @@ import datetime as _dt
 import logging
 import os
 import posixpath
+import re
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import ConfigError, RemoteError
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
-from .retry import RetryPolicy, describe_cause, is_transient
+from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
 from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
@@ -107,6 +108,7 @@ class RemoteStore:
         self.transfer = TransferOptions.of(transfer)
         self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
         self._retries_seen = 0
+        self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -214,7 +216,8 @@ class RemoteStore:
         """Fail early and clearly if the directory cannot hold checkpoints.
 
         Raises ``ConfigError`` if the URL names a file or its bucket does not
-        exist, ``RemoteError`` if the store rejects the credentials.
+        exist, ``RemoteError`` if the store rejects the credentials or they may
+        not list the bucket (never "does not exist" for a bucket it cannot see).
         """
         def probe() -> None:
             if self.is_local or self._is_memory:
@@ -225,12 +228,12 @@ class RemoteStore:
             try:
                 self.fs.invalidate_cache(self.root)
                 self.fs.ls(self.root, detail=False)
-            except FileNotFoundError:  # an empty prefix, or no bucket at all
+            except FileNotFoundError as exc:  # an empty prefix, or no bucket at all
+                self._raise_if_no_bucket(exc)
                 bucket = self.root.split("/", 1)[0]
-                if bucket == self.root or not self._exists(bucket):
-                    raise ConfigError(
-                        f"Bucket {bucket!r} of checkpoint URL {self.url!r} does not exist: create it "
-                        "(see terraform/) or fix the URL.") from None
+                # S3 answers a listing of a missing bucket NoSuchBucket: the listing found the bucket
+                if self._location.scheme not in _S3_PROTOCOLS and (bucket == self.root or not self._exists(bucket)):
+                    raise self._no_bucket_error() from None
                 return
             if self.fs.isfile(self.root):
                 raise ConfigError(
@@ -249,7 +252,8 @@ class RemoteStore:
             try:
                 entries = self.fs.ls(self.root, detail=True, refresh=True) if not self.is_local \
                     else self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc)
                 return []
             out = []
             for e in entries:
@@ -304,7 +308,8 @@ class RemoteStore:
             self.fs.invalidate_cache(path)
             try:
                 return int(self.fs.info(path)["size"])
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc)
                 return None
         return self._run("stat", self.url_of(name), info)
 
@@ -329,7 +334,8 @@ class RemoteStore:
             self.fs.invalidate_cache(self.root)
             try:
                 entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc)
                 return {}
             found = {}
             for e in entries:
@@ -345,7 +351,8 @@ class RemoteStore:
             self.fs.invalidate_cache(self.path(name))  # s3fs sizes the read from a cached listing
             try:
                 return self.fs.cat_file(self.path(name))
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._raise_if_no_bucket(exc)
                 return None
         return self._run("read", self.url_of(name), cat)
 
@@ -521,7 +528,8 @@ class RemoteStore:
             try:
                 entries = self.fs.ls(path, detail=True, refresh=True) if not self.is_local \
                     else self.fs.ls(path, detail=True)
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                self._raise_if_no_bucket(exc)
                 return []
             return [RemoteObject(posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0),
                                  _modified_time(e)) for e in entries if (e.get("type") == "directory") == directories]
@@ -585,6 +593,22 @@ class RemoteStore:
     def _is_memory(self) -> bool:
         return isinstance(self.fs, MemoryFileSystem)
 
+    def _no_bucket_error(self) -> ConfigError:
+        bucket = self.root.split("/", 1)[0]
+        return ConfigError(f"Bucket {bucket!r} of checkpoint URL {self.url!r} does not exist: create it "
+                           "(see terraform/) or fix the URL.")
+
+    def _raise_if_no_bucket(self, exc: BaseException) -> None:
+        """Raise ``ConfigError`` if ``exc`` (a FileNotFoundError of a listing or read) says the bucket itself
+        is missing, not just the object or prefix: every entry point says so alike. S3: ``NoSuchBucket``;
+        gcsfs: a 404 of the objects listing (a bucket's listing answers 404 only if there is no bucket),
+        which it raises as ``FileNotFoundError("b/<bucket>/o")``."""
+        if self.is_local or self._is_memory:
+            return
+        bucket = self.root.split("/", 1)[0]
+        if _no_such_bucket(exc) or self._location.scheme in _GCS_PROTOCOLS and str(exc) == f"b/{bucket}/o":
+            raise self._no_bucket_error() from None
+
     def _exists(self, bucket: str) -> bool:
         # Not fs.info(): that is a HeadBucket, which a prefix-restricted IAM policy (terraform/) denies.
         self.fs.invalidate_cache(bucket)
@@ -616,29 +640,38 @@ class RemoteStore:
         if moto_mock_active():  # this store's transport was made before mock_aws started: never reach AWS
             raise bypassed_mock_error(self.fs, self.url) or ConfigError(f"{self.url}: moto's mock is active.")
         bucket, _, key = self.path(name).partition("/")
-        call = lambda request: self.retry.call(request, on_retry=self._retry_reporter(op, url),  # noqa: E731
-                                               cancel=self.cancel)
-        return self._run(op, url, lambda: fn(call, bucket, key), retried=False)
+        retries = [0]
+        call = lambda request: self.retry.call(  # noqa: E731
+            request, on_retry=self._retry_reporter(op, url, retries), cancel=self.cancel)
+        return self._run(op, url, lambda: fn(call, bucket, key), retried=False, retries=retries)
 
-    def _retry_reporter(self, op: str, url: str) -> Callable[[int, BaseException, float], None]:
+    def _retry_reporter(self, op: str, url: str, retries: list[int] | None = None
+                        ) -> Callable[[int, BaseException, float], None]:
+        """``on_retry`` for the policy: logs, counts (``retries[0]`` too, if given) and reports the cause."""
         def on_retry(attempt: int, exc: BaseException, delay: float) -> None:
             self._retries_seen += 1
+            if retries is not None:
+                retries[0] += 1
             cause = describe_cause(exc)
             log.info("Retrying %s of %s after %s (attempt %d, waiting %.2fs).", op, url, cause, attempt, delay)
             if self._on_retry is not None:
                 self._on_retry(cause)
         return on_retry
 
-    def _run(self, op: str, url: str, fn: Callable[[], T], *, retried: bool = True) -> T:
-        """Run ``fn`` with retries (unless ``retried`` is False: ``fn`` retries its own requests); wrap
-        whatever escapes in a RemoteError naming ``op`` and ``url`` (display form).
+    def _run(self, op: str, url: str, fn: Callable[[], T], *, retried: bool = True,
+             retries: list[int] | None = None) -> T:
+        """Run ``fn`` with retries (unless ``retried`` is False: ``fn`` retries its own requests, counting
+        them in ``retries[0]``); wrap whatever escapes in a RemoteError naming ``op`` and ``url`` (display
+        form), and for a transient failure how often and how long it was retried.
 
         The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
         """
+        started = time.monotonic()
+        retries = [0] if retries is None else retries
         try:
             if not retried:
                 return fn()
-            return self.retry.call(fn, on_retry=self._retry_reporter(op, url), cancel=self.cancel)
+            return self.retry.call(fn, on_retry=self._retry_reporter(op, url, retries), cancel=self.cancel)
         except (ConfigError, RemoteError):
             raise
         except TypeError as exc:
@@ -649,7 +682,8 @@ class RemoteStore:
                 error = remote_error(op, url, exc, secrets=self._secrets)
             cause = sanitized_cause(exc, self._secrets)
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
-            error = remote_error(op, url, exc, secrets=self._secrets)
+            error = remote_error(op, url, exc, secrets=self._secrets, retried=(retries[0], time.monotonic() - started),
+                                 endpoint=self._endpoint, directory=self.url)
             cause = sanitized_cause(exc, self._secrets)
         error = bypassed_mock_error(self.fs, self.url) or error  # an s3fs store opened before mock_aws started
         raise error from cause  # outside the handler: the raw exception does not ride along as __context__
@@ -797,27 +831,70 @@ def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] |
     return options
 
 
-def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, ...] = ()) -> RemoteError:
+def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, ...] = (),
+                 retried: tuple[int, float] | None = None, endpoint: str | None = None,
+                 directory: str | None = None) -> RemoteError:
     """Build a RemoteError that says what failed, where, why and what to do.
 
     ``url`` and the backend's text are redacted (``cloudckpt.urls.redact``, plus the literal ``secrets``);
-    the caller chains the cause through ``sanitized_cause``.
+    the caller chains the cause through ``sanitized_cause``. ``retried``: (retries, seconds) the operation
+    spent, said for a transient failure; ``endpoint``: the store's endpoint_url (display form), named when
+    it could not be reached; ``directory``: the checkpoint directory, named when permission is missing.
     """
     transient = is_transient(exc)
     cause = describe_cause(exc)
-    text = redact(_first_line(exc), secrets) if str(exc).strip() else cause
+    text = _ERRNO_PREFIX.sub("", redact(_first_line(exc), secrets)) if str(exc).strip() else cause
     url = redact(url, secrets)
-    if cause in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "HTTP 401",
-                 "HTTP 403") or isinstance(exc, PermissionError) or text.startswith("Forbidden"):
-        hint = ("the store rejected the credentials or they lack permission for this prefix; check the "
-                "environment credentials or storage_options")
+    where = redact(directory, secrets) if directory else url
+    if cause in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "HTTP 401"):
+        hint = ("the store rejected the credentials; check the environment credentials or the key, secret "
+                "or token in storage_options")
+    elif cause in ("AccessDenied", "HTTP 403") or isinstance(exc, PermissionError) or text.startswith("Forbidden"):
+        permission = _PERMISSION_OF.get(op, "access")
+        if url.startswith(("s3://", "s3a://")):
+            permission = _S3_ACTION_OF.get(op, permission)
+        hint = (f"the credentials lack {permission} permission on {where}, or the store rejected them: grant "
+                "it (see terraform/) or use credentials that have it")
     elif cause == "NoSuchBucket":
         hint = "the bucket does not exist; create it or fix the URL"
+    elif cause == "NotImplemented":
+        hint = ("the store does not implement this request" + (
+            ": a create-only write needs conditional writes (If-None-Match), which cloudckpt's commit "
+            "protocol relies on; use a store that supports them" if op in ("create", "upload") else ""))
     elif transient:
-        hint = "the store is unreachable or throttling, and retries were exhausted"
+        spent = "" if retried is None else f"; retried {retried[0]} times over {retried[1]:.0f} s"
+        if is_connection_failure(exc):
+            hint = (f"the store could not be reached{f' at {endpoint}' if endpoint else ''}{spent}: check "
+                    "endpoint_url (storage_options) and that the store is running and reachable")
+        else:
+            hint = (f"the store kept failing or throttling{spent}: try again later, or give the RetryPolicy "
+                    "more attempts or a longer deadline")
     else:
         hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
-    return RemoteError(f"{op} {url} failed: {cause}: {text} ({hint}).", url=url, transient=transient)
+    lead = text if text.startswith(cause) else f"{cause}: {text}"
+    return RemoteError(f"{op} {url} failed: {lead} ({hint}).", url=url, transient=transient)
+
+
+_ERRNO_PREFIX = re.compile(r"^(?:\[Errno -?\d+\] )+")  # OSError's text, once per wrapping layer
+# What each operation of RemoteStore needs, generally and as the S3 IAM action.
+_PERMISSION_OF = {"access": "list", "list": "list", "read": "read", "download": "read", "stat": "read",
+                  "open": "read", "create": "write", "upload": "write", "write": "write", "delete": "delete"}
+_S3_ACTION_OF = {"access": "s3:ListBucket", "list": "s3:ListBucket", "read": "s3:GetObject",
+                 "download": "s3:GetObject", "stat": "s3:GetObject", "open": "s3:GetObject",
+                 "create": "s3:PutObject", "upload": "s3:PutObject", "write": "s3:PutObject",
+                 "delete": "s3:DeleteObject"}
+
+
+def _no_such_bucket(exc: BaseException) -> bool:
+    """True if a backend error says that the bucket does not exist (S3's NoSuchBucket, in the cause chain)."""
+    return describe_cause(exc) == "NoSuchBucket"
+
+
+def _endpoint_of(storage_options: Mapping[str, Any] | None, secrets: tuple[str, ...]) -> str | None:
+    """The endpoint URL ``storage_options`` name (s3fs: ``endpoint_url`` or ``client_kwargs``), display form."""
+    options = storage_options or {}
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    return redact(display_url(endpoint), secrets) if isinstance(endpoint, str) and endpoint else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -32,6 +32,8 @@ _TRANSIENT_ERRNO = frozenset({
     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH,
     errno.EAGAIN,
 })
+_UNREACHED_ERRNO = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                              errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE})
 # Exceptions whose meaning is unambiguous and permanent.
 _FATAL_TYPES = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError,
                 NotADirectoryError, ValueError, TypeError)
@@ -74,9 +76,10 @@ def _is_connection_error(exc: BaseException) -> bool:
 def is_transient(exc: BaseException) -> bool:
     """True if retrying the operation that raised ``exc`` may succeed.
 
-    Throttling (S3 ``SlowDown``, HTTP 429), server errors (5xx), timeouts and
-    connection resets are transient. Access denied, missing buckets, bad
-    credentials and programming errors are not.
+    Throttling (S3 ``SlowDown``, HTTP 429), server errors (5xx, but 501 Not
+    Implemented), timeouts and connection resets are transient. Access denied,
+    missing buckets, bad credentials, features the store lacks and programming
+    errors are not.
     """
     chain = list(_chain(exc))
     for e in chain:
@@ -88,7 +91,8 @@ def is_transient(exc: BaseException) -> bool:
             status, code = status_code
             if code in _TRANSIENT_S3_CODES:
                 return True
-            return status is not None and (status >= 500 or status in _TRANSIENT_HTTP)
+            # 501 Not Implemented: the store lacks the feature asked for, and will on every attempt
+            return status is not None and (status >= 500 and status != 501 or status in _TRANSIENT_HTTP)
     if any("SlowDown" in str(e) or "reduce your request rate" in str(e) for e in chain):
         return True
     for e in chain:
@@ -99,6 +103,16 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
             return True
     return False
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True if ``exc`` is a failure to reach the store (refused, reset, timed out, unreachable): no answer
+    from it at all, as opposed to an error it answered with."""
+    chain = list(_chain(exc))
+    if any(_http_status_and_code(e) is not None for e in chain):
+        return False
+    return any(_is_connection_error(e) or isinstance(e, OSError) and e.errno in _UNREACHED_ERRNO
+               for e in chain)
 
 
 def describe_cause(exc: BaseException) -> str:

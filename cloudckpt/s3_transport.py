@@ -16,7 +16,9 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   of the bytes, on such stores only).
 * Create-only writes (``create=True``) carry ``If-None-Match: *`` on the
   PutObject or the CompleteMultipartUpload: the store refuses to replace an
-  existing object (``FileExistsError``).
+  existing object (``FileExistsError``). A store that refuses the header itself (``NotImplemented``:
+  no conditional writes, which the commit protocol needs) raises ``ConfigError`` at once, not retried;
+  one that refuses the checksum headers alongside it is told apart by one attempt without them.
 * Downloads issue ranged GETs in parallel (as many ranges as streams, up to
   ``4 x range_size`` each) and write each range at its offset (``os.pwrite``)
   in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
@@ -167,11 +169,11 @@ def unquoted_etag(value: str | None) -> str | None:
 def _translated(err: S3ResponseError) -> OSError:
     """The builtin s3fs raises for the same answer (the S3 error becomes its cause)."""
     if err.status == 404 or err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchUpload"):
-        return FileNotFoundError(errno.ENOENT, str(err))
+        return FileNotFoundError(errno.ENOENT, err.strerror)
     if err.status == 403 or err.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return PermissionError(errno.EACCES, str(err))
+        return PermissionError(errno.EACCES, err.strerror)
     if err.status == 412 or err.code == "PreconditionFailed":
-        return FileExistsError(errno.EEXIST, str(err))
+        return FileExistsError(errno.EEXIST, err.strerror)
     return err
 
 
@@ -881,13 +883,18 @@ class S3Transport:
         ``into(response)`` consumes a successful response's body instead of reading it.
         """
         query = dict(query or {})
+        conditional = any(k.lower() == "if-none-match" for k in headers or {})
+        # The code of a refusal that sent this attempt without checksum headers, to learn which header the
+        # store refused (If-None-Match or the checksums); None: not such an attempt.
+        trial: str | None = None
         for _ in range(3):  # again only with a learnt region, or without checksums
             scheme, host, path = self._address(bucket, key)
             wanted = {k: v for k, v in (headers or {}).items()
-                      if self._checksums or not k.lower().startswith("x-amz-checksum")}
-            if not self._checksums and (body or send is not None and send[2] > 0):
-                # A store without additional checksums: S3's original check, which S3-compatible stores
-                # implement (the body's MD5, refused with BadDigest on a mismatch); one more read of the bytes.
+                      if self._checksums and trial is None or not k.lower().startswith("x-amz-checksum")}
+            if not (self._checksums and trial is None) and (body or send is not None and send[2] > 0):
+                # No checksum headers (a store without additional checksums, or the attempt telling its
+                # refusals apart): S3's original check, which S3-compatible stores implement (the body's MD5,
+                # refused with BadDigest on a mismatch); one more read of the bytes.
                 wanted["Content-MD5"] = _content_md5(body, send)
             all_headers = self._signed_headers(method, bucket, host, path, query, wanted)
             if body is not None:
@@ -926,24 +933,48 @@ class S3Transport:
                     pool.put((conn, time.monotonic()))
                 else:
                     conn.close()
+            code, message = _xml_error(data) if status >= 300 or method == "POST" else (None, "")
+            if trial is not None and not (_refusal(status, code) or status in (408, 429) or status >= 500):
+                self._checksums_refused(trial)  # without them the store took (or judged) the request
             if status < 300 and not (method == "POST" and data.lstrip()[:200].find(b"<Error>") >= 0):
                 return status, answer, data
-            code, message = _xml_error(data)
             region = answer.get("x-amz-bucket-region")
             if self._endpoint is None and region and region != self._bucket_regions.get(bucket, self.region) \
                     and status in (301, 400, 403):
                 self._bucket_regions[bucket] = region  # AWS told us where the bucket lives: ask there
                 continue
-            if self._checksums and status in (400, 501) and code in _UNSUPPORTED_CODES \
-                    and any(k.lower().startswith("x-amz-checksum") for k in wanted):
-                self._checksums = False  # an S3-compatible store without additional checksums: carry on without
-                log.info("%r refused S3 checksum headers (%s): uploads to it carry none; the manifest's crc32c "
-                         "still verifies every file.", self, code)
-                continue
+            if _refusal(status, code):
+                named = (_xml_text(data, "Header") or "").lower() + " " + message.lower()
+                checksummed = any(k.lower().startswith("x-amz-checksum") for k in wanted)
+                if conditional and ("if-none-match" in named or code == "NotImplemented" and not checksummed):
+                    raise self._no_conditional_writes(bucket, key, status, code, message)
+                if checksummed and conditional and "x-amz-checksum" not in named:
+                    trial = code or "HTTP"  # either header may be the one refused: try once without the checksums
+                    continue
+                if checksummed:
+                    self._checksums_refused(code)
+                    continue
             if method == "HEAD" and status == 404:
                 code = "NoSuchKey"
             _raise(S3ResponseError(status if status >= 300 else 500, code, message, f"{bucket}/{key}"))
         raise AssertionError("unreachable")
+
+    def _checksums_refused(self, code: str | None) -> None:
+        if self._checksums:
+            self._checksums = False  # an S3-compatible store without additional checksums: carry on without
+            log.info("%r refused S3 checksum headers (%s): uploads to it carry none; the manifest's crc32c "
+                     "still verifies every file.", self, code)
+
+    def _no_conditional_writes(self, bucket: str, key: str, status: int, code: str | None,
+                               message: str) -> ConfigError:
+        """The error for a store that refuses ``If-None-Match: *`` (answered ``status`` ``code``)."""
+        where = f"{self._endpoint[0]}://{self._endpoint[1].rpartition('@')[2]}" if self._endpoint else "AWS S3"
+        return ConfigError(
+            f"The S3 store at {where} does not support conditional writes: it refused a create-only write of "
+            f"s3://{bucket}/{key} (If-None-Match: *) with {code or 'HTTP'} ({status}): {message or 'no message'}. "
+            "cloudckpt's commit protocol needs them (If-None-Match: * on PutObject and CompleteMultipartUpload) "
+            "so that no writer replaces another's committed objects. Use a store or version that supports "
+            "them (AWS S3 does), or a gs:// or local directory.")
 
     def _get_range(self, bucket: str, key: str, span: tuple[int, int], size: int, fd: int,
                    progress: Callable[[int], None] | None, reported: list[int]) -> int:
@@ -1035,6 +1066,11 @@ def _xml_text(data: bytes, tag: str) -> str | None:
         if element.tag == tag or element.tag.endswith("}" + tag):
             return element.text
     return None
+
+
+def _refusal(status: int, code: str | None) -> bool:
+    """An answer by which a store says it does not implement something the request asked for."""
+    return status in (400, 501) and code in _UNSUPPORTED_CODES
 
 
 def _xml_error(data: bytes) -> tuple[str | None, str]:

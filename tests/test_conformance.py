@@ -85,6 +85,31 @@ def test_restore_on_empty_dir(target, tmp_path):
     assert cloudckpt.latest_checkpoint(target.url, target.options).step == 30
 
 
+@pytest.mark.parametrize("backend", ["s3", "seaweedfs", "gs", "fake-gcs"])
+def test_a_missing_bucket_is_said_and_an_empty_prefix_is_empty(backend, request, tmp_path):
+    """Reads say a missing bucket as CheckpointManager and the CLI do (ConfigError), on every bucket store;
+    an empty prefix in an existing bucket stays an empty directory."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    if backend in ("s3", "seaweedfs"):
+        server = request.getfixturevalue("moto_server" if backend == "s3" else "seaweed_server")
+        scheme, options = "s3", server.storage_options
+        server.create_bucket(bucket)
+    else:
+        emulator = request.getfixturevalue("gcs_emulator" if backend == "gs" else "fake_gcs_server")
+        scheme, options = "gs", emulator.storage_options()
+        emulator.make_bucket(bucket)
+    missing = f"{scheme}://no-such-{bucket}/run"
+    for call in (lambda: cloudckpt.list_checkpoints(missing, options),
+                 lambda: cloudckpt.download_checkpoint(missing, str(tmp_path / "d"), storage_options=options),
+                 lambda: cloudckpt.verify(missing, storage_options=options)):
+        with pytest.raises(cloudckpt.ConfigError, match=f"Bucket 'no-such-{bucket}' .* does not exist"):
+            call()
+    empty = f"{scheme}://{bucket}/run"
+    assert cloudckpt.list_checkpoints(empty, options) == []
+    with pytest.raises(cloudckpt.CheckpointNotFoundError):
+        cloudckpt.download_checkpoint(empty, str(tmp_path / "e"), storage_options=options)
+
+
 def test_corrupt_and_detect(target, tmp_path, caplog):
     run(target, tmp_path / "vm1", 20)
     target.flip_byte("model.ckpt-20.data-00000-of-00001")

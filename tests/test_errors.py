@@ -10,7 +10,9 @@ import uuid
 import pytest
 
 import cloudckpt
-from cloudckpt.embedded import EmbeddedS3
+from cloudckpt.embedded import EmbeddedS3, free_port
+from cloudckpt.remote import RemoteStore, open_directory
+from support.moto_iam import IamMoto
 from support.checks import manifests
 from support.tf_model import train
 
@@ -201,3 +203,68 @@ def test_errors_pickle_with_their_attributes(error):
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is type(error) and str(back) == str(error) and back.args == error.args
     assert vars(back) == vars(error)
+
+
+# -- review 16, items 7 and 8: a missing bucket, missing permissions, an unreachable endpoint -----------------
+def test_a_missing_bucket_is_said_by_every_entry_point(moto_server, tmp_path):
+    """Reads too: not "no committed checkpoint" nor an empty list, as CheckpointManager and the CLI say it."""
+    bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    url, options = f"s3://{bucket}/run", moto_server.storage_options
+    calls = {"download_checkpoint": lambda: cloudckpt.download_checkpoint(url, str(tmp_path / "d"),
+                                                                          storage_options=options),
+             "list_checkpoints": lambda: cloudckpt.list_checkpoints(url, options),
+             "latest_checkpoint": lambda: cloudckpt.latest_checkpoint(url, options),
+             "verify": lambda: cloudckpt.verify(url, storage_options=options),
+             "pull_checkpoint": lambda: cloudckpt.pull_checkpoint(url, str(tmp_path / "p"), storage_options=options)}
+    for name, call in calls.items():
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            call()
+        assert f"Bucket '{bucket}' of checkpoint URL '{url}' does not exist" in str(info.value), name
+
+
+def test_missing_permissions_are_named_never_a_missing_bucket(tmp_path):
+    """A read-only user (s3:GetObject and s3:ListBucket) may open a new prefix of the bucket; its first write
+    fails naming s3:PutObject and the directory, the S3 error said once. A user without any permission is told
+    s3:ListBucket. Neither hears that the bucket does not exist (s3fs's bucket probe answers False on a 403)."""
+    import boto3
+
+    with IamMoto() as aws:
+        iam = boto3.client("iam", endpoint_url=aws.endpoint, region_name="us-east-1",
+                           aws_access_key_id=aws.admin_options["key"],
+                           aws_secret_access_key=aws.admin_options["secret"])
+        users = {}
+        for user, actions in (("reader", ["s3:GetObject", "s3:ListBucket"]), ("nobody", None)):
+            iam.create_user(UserName=user)
+            if actions:
+                iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": [
+                        f"arn:aws:s3:::{aws.bucket}", f"arn:aws:s3:::{aws.bucket}/*"]}]}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            users[user] = {"endpoint_url": aws.endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+        url = f"s3://{aws.bucket}/runs/new"
+        store = open_directory(url, users["reader"])  # the bucket is there: no ConfigError
+        with pytest.raises(cloudckpt.RemoteError) as info:
+            store.write_if_absent("entry.json", b"{}")
+        with pytest.raises(cloudckpt.RemoteError) as denied:
+            cloudckpt.list_checkpoints(url, users["nobody"])
+    message = str(info.value)
+    assert f"s3:PutObject permission on {url}" in message and "does not exist" not in message
+    assert message.count("AccessDenied") == 1 and "Errno" not in message and not info.value.transient
+    assert f"s3:ListBucket permission on {url}" in str(denied.value)
+    assert "does not exist" not in str(denied.value)
+
+
+def test_an_unreachable_endpoint_says_what_was_retried_and_what_to_check(tmp_path):
+    """Connection refused: retried (a store restarting is real), then said with the endpoint, the retries
+    and what to check; on the listing path (s3fs) and the data path (cloudckpt's transport) alike."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+    retry = cloudckpt.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+    with pytest.raises(cloudckpt.RemoteError) as listing:
+        open_directory("s3://bucket/run", options, retry=retry)
+    with pytest.raises(cloudckpt.RemoteError) as download:
+        RemoteStore("s3://bucket/run", options, retry=retry).get_file("model.ckpt-1.index", str(tmp_path / "x"))
+    for error in (listing.value, download.value):
+        message = str(error)
+        assert error.transient and "s3://bucket/run" in message and f"could not be reached at {endpoint}" in message
+        assert "retried 2 times over" in message and "check endpoint_url" in message

@@ -8,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from cloudckpt.errors import ConfigError, RemoteError
-from cloudckpt.retry import RetryPolicy, describe_cause, is_transient
+from cloudckpt.retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 
 
 def client_error(code: str, status: int) -> ClientError:
@@ -43,6 +43,7 @@ def gcs_error(code: int) -> Exception:
     (translated("RequestTimeout", 400), True, "RequestTimeout"),
     (translated("AccessDenied", 403, PermissionError), False, "AccessDenied"),
     (translated("NoSuchBucket", 404, FileNotFoundError), False, "NoSuchBucket"),
+    (translated("NotImplemented", 501), False, "NotImplemented"),  # a feature the store lacks: every time
     (translated("InvalidAccessKeyId", 403, PermissionError), False, "InvalidAccessKeyId"),
     (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True, "EndpointConnectionError"),
     (ConnectionClosedError(endpoint_url="http://127.0.0.1:1"), True, "ConnectionClosedError"),
@@ -59,6 +60,21 @@ def gcs_error(code: int) -> Exception:
 def test_classification(exc, transient, cause):
     assert is_transient(exc) is transient
     assert describe_cause(exc) == cause
+
+
+@pytest.mark.parametrize("exc, unreached", [
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), True),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), True),
+    (TimeoutError("timed out"), True),
+    (translated("SlowDown", 503), False),  # the store answered
+    (translated("InternalError", 500), False),
+    (gcs_error(503), False),
+    (translated("AccessDenied", 403, PermissionError), False),
+])
+def test_connection_failures_are_told_from_answers(exc, unreached):
+    """What ``remote_error`` says to check: the endpoint (nothing answered), or the store's own answer."""
+    assert is_connection_failure(exc) is unreached
 
 
 def test_aiohttp_payload_error_is_transient():

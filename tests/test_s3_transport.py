@@ -385,6 +385,50 @@ def test_a_store_without_checksums_gets_none_after_refusing_them():
     assert with_checksum == [True, False, False]
 
 
+def test_a_store_refusing_checksums_on_a_create_only_write_gets_it_without_them():
+    """Refused with both If-None-Match and checksum headers, one attempt without the checksums tells which the
+    store refused: here the checksums (the write goes through), so they stay off."""
+    server = _Scripted(refuse_checksums=True)
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
+        t.put_bytes(b"abc", "bucket", "a", create=True)
+        t.put_bytes(b"def", "bucket", "b", create=True)
+    finally:
+        server.close()
+    sent = [("x-amz-checksum-crc32c" in h, h.get("if-none-match")) for h in server.seen]
+    assert sent == [(True, "*"), (False, "*"), (False, "*")]
+
+
+def test_a_store_without_conditional_writes_is_refused_at_once(seaweed_server, seaweed_bucket, tmp_path):
+    """A store answering 501 NotImplemented to If-None-Match (review 16, item 6): a ConfigError at the first
+    create-only write (PutObject or CompleteMultipartUpload), not retried, naming the store, the object and
+    what cloudckpt needs; the checksum headers were not what it refused, so they stay on."""
+    bucket = seaweed_bucket
+    causes: list[str] = []
+    with FaultProxy(seaweed_server.endpoint) as proxy:
+        proxy.refuse_conditional_writes()
+        endpoint = proxy.url
+        options = {**seaweed_server.storage_options, "endpoint_url": endpoint}
+        store = RemoteStore(f"s3://{bucket}/run", options, retry=RetryPolicy(seed=0), on_retry=causes.append,
+                            transfer=cloudckpt.TransferOptions(part_size=5 * MiB))
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            store.write_if_absent("entry.json", b"{}")
+        assert proxy.stats["refused-conditional"] == 2  # with the checksum headers, then once without
+        with pytest.raises(cloudckpt.ConfigError) as multipart:
+            store.put_file_if_absent(write(tmp_path / "big", 6 * MiB), "big")
+        store.write_atomic("plain.json", b"{}")  # no If-None-Match: written, with its crc32c
+    assert causes == []
+    message = str(info.value)
+    assert "does not support conditional writes" in message and "If-None-Match" in message
+    assert endpoint in message and f"s3://{bucket}/run/entry.json" in message
+    assert f"s3://{bucket}/run/big" in str(multipart.value)
+    direct = transport_for(seaweed_server.storage_options)
+    assert direct.head(bucket, "run/plain.json")["crc32c"] == f"{google_crc32c.value(b'{}'):08x}"
+    assert not seaweed_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")  # aborted
+    listed = RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options).list_objects()
+    assert [o.name for o in listed] == ["plain.json"]
+
+
 def test_a_stale_kept_alive_connection_is_replaced_without_a_retry():
     import time
 

@@ -18,6 +18,7 @@ An outage resets every connection and request until it ends.
 
 ``rewrite_part_etags()`` makes the store look like one whose part ETags are not
 the MD5 of the part and that reports no part checksums (see there).
+``refuse_conditional_writes()`` makes it a store without conditional writes (see there).
 
 Determinism: one ``random.Random(seed)`` decides for every eligible request, in
 arrival order. A sequential client sees the same faults on every run; concurrent
@@ -119,6 +120,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _serve(self):
         if self.proxy._in_outage():  # keep-alive connection reused during an outage
             raise _Reset
+        if "If-None-Match" in self.headers and self.proxy._refused_conditional():
+            for _ in self._body():  # drain, so the keep-alive connection stays usable
+                pass
+            return self._send_error(501, "Not Implemented", "NotImplemented",
+                                    "A header you provided implies functionality that is not implemented")
         fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0),
                                             copy="x-amz-copy-source" in self.headers)
         time.sleep(latency)
@@ -298,6 +304,7 @@ class FaultProxy:
         self._serving = Counter()  # method -> requests being served now
         self._most = Counter()  # method -> the most served at once
         self._refuse_checksums = False
+        self._refuse_conditional = False
         self.set_faults()
 
     @property
@@ -372,6 +379,13 @@ class FaultProxy:
         with self._lock:
             self._refuse_checksums = on
 
+    def refuse_conditional_writes(self, on: bool = True) -> None:
+        """Be a store without conditional writes: every request carrying ``If-None-Match`` (a create-only
+        PutObject or CompleteMultipartUpload) is answered 501 NotImplemented, as AWS answers a header it does
+        not implement, without reaching the store; counted in ``stats["refused-conditional"]``."""
+        with self._lock:
+            self._refuse_conditional = on
+
     def outage(self, seconds: float) -> None:
         """Reset every new connection and every request for ``seconds``."""
         with self._lock:
@@ -402,6 +416,12 @@ class FaultProxy:
             return list(self._events)
 
     # -- called from the handler threads --
+    def _refused_conditional(self) -> bool:
+        with self._lock:
+            if self._refuse_conditional:
+                self._stats["refused-conditional"] += 1
+            return self._refuse_conditional
+
     def _in_outage(self) -> bool:
         with self._lock:
             if time.monotonic() < self._outage_until:
