@@ -219,3 +219,34 @@ def test_abandoning_a_background_upload_aborts_it(cloudckpt_s3, moto_server, tmp
     assert uploader.take_failure() is None  # abandoned on purpose: logged, not an error to raise
     assert released == [7]
     assert cloudckpt.list_checkpoints(cloudckpt_s3.url("run"), storage_options=cloudckpt_s3.storage_options) == []
+
+
+MANAGER_CHILD = """
+import os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf, cloudckpt
+v = tf.Variable(tf.zeros([64 << 20]))  # 256 MiB: one data file of 16 parts
+ck = tf.train.Checkpoint(v=v)
+opts = {"endpoint_url": sys.argv[2]}
+with cloudckpt.CheckpointManager(ck, sys.argv[1], max_to_keep=2, local_dir=sys.argv[3], storage_options=opts) as m:
+    m.restore_or_initialize()
+    m.save(checkpoint_number=1)
+    print("SAVED", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_ctrl_c_in_a_tf2_loop_aborts_the_upload_in_flight(cloudckpt_s3, moto_server, tmp_path):
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    proc = subprocess.Popen([sys.executable, "-c", MANAGER_CHILD, url, moto_server.endpoint, str(tmp_path / "local")],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "the checkpoint's multipart upload started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
+    assert data_objects(client, cloudckpt_s3.name) == []  # before: the parts queued were sent, at exit
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
