@@ -236,6 +236,7 @@ class CheckpointEngine:
             ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory).
             RemoteError: the store could not be reached after retries.
         """
+        self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
         self._store.check_usable()
         self._reset_final_save()
         shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
