@@ -12,8 +12,15 @@ Subcommands::
 
 Exit codes: 0 ok, 1 a check failed (corrupt or missing checkpoint, storage
 error), 2 usage or configuration error (bad arguments, unknown URL scheme,
-missing bucket or directory). Errors are one line on stderr; ``--debug``
+missing bucket or directory), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM: a shutdown, ``docker stop``, ``kill``). Errors are one line on stderr; ``--debug``
 shows the traceback and cloudckpt's debug log.
+
+Ctrl-C and SIGTERM end a command the same way: transfers in flight are
+cancelled (on ``s3://``, within about 1 MiB of each request; multipart
+uploads started are aborted), a ``pull`` removes its staging directory, and
+nothing half-transferred is committed or moved into place. A second SIGTERM
+during that cleanup terminates the process at once (exit 143 from the kill).
 
 Only ``demo`` imports TensorFlow; the other subcommands stay fast to start.
 """
@@ -25,6 +32,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import threading
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports for them
 DEFAULT_MAX_ATTEMPTS = 3
 
 STORAGE_OPTIONS_HELP = """\
@@ -611,8 +620,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = _terminate_like_ctrl_c()
     try:
         return func(args)
+    except Terminated:
+        _err("terminated")
+        return EXIT_TERMINATED
     except ConfigError as exc:
         _traceback_if(args.debug)
         _err(f"error: {_one_line(exc)}")
@@ -623,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
         _err("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `cloudckpt ls URL | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -636,6 +649,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _traceback_if(args.debug)
         _err(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)")
         return EXIT_CHECK_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread of the ``cloudckpt`` command: it unwinds like Ctrl-C (transfers
+    cancelled, staging directories removed), then the command exits 143."""
+
+
+def _terminate_like_ctrl_c() -> Any:
+    """Make SIGTERM raise ``Terminated`` in the main thread (once: a second SIGTERM gets the disposition
+    this replaced, by default terminating at once). Returns that disposition to restore, or None when
+    no handler could be installed (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        raise Terminated()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous if previous is not None else signal.SIG_DFL
 
 
 if __name__ == "__main__":

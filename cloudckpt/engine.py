@@ -53,7 +53,6 @@ Typical use by an adapter::
 from __future__ import annotations
 
 import atexit
-import glob
 import hashlib
 import logging
 import os
@@ -72,10 +71,10 @@ from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_f
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .remote import RemoteStore, is_local_path
-from .restore import DOWNLOAD_STAGING_PREFIX
 from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
+from .staging import remove_stale_staging
 from .summaries import CommitSummaryWriter
 from .transfer import TransferOptions
 from .uploader import Uploader, UploadJob, UploadStats
@@ -237,12 +236,11 @@ class CheckpointEngine:
             ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory).
             RemoteError: the store could not be reached after retries.
         """
+        self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
         self._store.check_usable()
         self._reset_final_save()
-        leftovers = [STAGING_DIR, *(os.path.basename(p) for p in glob.glob(
-            os.path.join(glob.escape(self._local_dir), DOWNLOAD_STAGING_PREFIX + "*")))]
-        for leftover in leftovers:
-            shutil.rmtree(os.path.join(self._local_dir, leftover), ignore_errors=True)
+        shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
+        remove_stale_staging(self._local_dir)  # not the staging directory of a download running meanwhile
         if not self._in_place:
             self._hard_links = supports_hard_links(self._local_dir)
             if not self._hard_links:

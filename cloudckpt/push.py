@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from .commit import (ALREADY_COMMITTED, GRAPH_FILE, HEALED, REFUSED, UPLOADED, commit_checkpoint,
                      find_local_checkpoint, local_checkpoint_prefixes, register_continuing)
 from .errors import ConfigError
+from .interrupt import cancelling_pool
 from .layout import step_of
 from .remote import open_directory
 from .retry import RetryPolicy
@@ -120,7 +121,9 @@ def push_checkpoints(
     graph = os.path.join(local_dir, GRAPH_FILE)
     graph_uploaded = not os.path.isfile(graph)
     reports: list[PushReport] = []
-    with ThreadPoolExecutor(max_workers=_FILES_IN_FLIGHT, thread_name_prefix="cloudckpt-push") as pool:
+    # Ctrl-C: the files in flight stop and their multipart uploads are aborted (interrupt.py); nothing is committed
+    with cancelling_pool(store, ThreadPoolExecutor(max_workers=_FILES_IN_FLIGHT,
+                                                   thread_name_prefix="cloudckpt-push")) as pool:
         for prefix in prefixes:
             ckpt = find_local_checkpoint(local_dir, prefix)
             if ckpt is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -18,11 +17,13 @@ from typing import Any, Callable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
+from .interrupt import cancelling_pool
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, crc32c_parts_of_stream
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
 from .transfer import TransferOptions
+from .staging import DownloadStaging
 
 log = logging.getLogger("cloudckpt")
 
@@ -32,7 +33,6 @@ OK, MISSING, SIZE_MISMATCH, CHECKSUM_MISMATCH = "ok", "missing", "size mismatch"
 # store is: only the latter may make a restore fall back to an older checkpoint, which a newer save then
 # supersedes (and retention deletes).
 _DOWNLOADS_ON_MISMATCH = 3
-DOWNLOAD_STAGING_PREFIX = ".cloudckpt-download-"
 
 
 class CheckpointNotFoundError(CloudCkptError, LookupError):
@@ -440,8 +440,8 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     for entry in info.files:
         if entry.name not in present:
             raise _integrity_error(store, info, _check(entry, None, None))
-    staging = os.path.join(local_dir, f"{DOWNLOAD_STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
+    staged = DownloadStaging(local_dir)  # removes what interrupted downloads left, unless one is running
+    staging = staged.path
     try:
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
@@ -470,7 +470,8 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         streams = store.transfer.max_download_streams
         files_at_once = max(1, min(streams, len(info.files)))
         per_file = max(1, streams // files_at_once)
-        with ThreadPoolExecutor(max_workers=files_at_once, thread_name_prefix="cloudckpt-get") as pool:
+        with cancelling_pool(store, ThreadPoolExecutor(max_workers=files_at_once,
+                                                        thread_name_prefix="cloudckpt-get")) as pool:
             checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
         for check in checks:
             if check.status != OK:
@@ -482,7 +483,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         if info.layout == DEFAULT_LAYOUT:
             _point_state_file_at(local_dir, info.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staged.remove()
     log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
              store.url, local_dir, len(info.files), info.size / 1e6)
     return os.path.join(local_dir, info.name)

@@ -33,6 +33,12 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   the builtin s3fs raises for the same answer (``FileNotFoundError``,
   ``PermissionError``, ``FileExistsError``). Messages name the bucket and key,
   never a credential or a signed header.
+* Cancellation (``S3Transport.cancel`` set by the owner giving up: Ctrl-C,
+  an abandoned upload): no request starts any more, a request in flight
+  stops within ``SEND_SLICE`` bytes of its body (sent in slices) or one
+  ``READ_BUFFER`` chunk of a download (``TransferCancelled``), and a
+  multipart upload that stops so is aborted (that DELETE is the one request
+  still sent).
 
 Why not obstore 0.12.1 (Rust ``object_store``): by its API, its S3 checksums are
 SHA256/CRC64NVME only, and its create-only puts (``PutMode.create``) are
@@ -70,7 +76,7 @@ import google_crc32c
 
 from .errors import ConfigError
 
-__all__ = ["S3Transport", "S3ResponseError", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT",
+__all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT",
            "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE", "CopySource", "CopiedPartsRejected", "unquoted_etag"]
 
 log = logging.getLogger("cloudckpt")
@@ -86,6 +92,7 @@ RANGE_SIZE = 32 << 20  # bytes per ranged GET
 RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
 COPY_PART_SIZE = 64 << 20  # bytes per UploadPartCopy at most (consecutive unchanged chunks, one request)
 READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
+SEND_SLICE = 1 << 20  # bytes of a part per sendfile call: a cancelled upload stops within one slice
 # Bytes per os.pwrite of a download. Measured (restore of 8 x 128 MiB from SeaweedFS or moto on CPU 1, client on
 # CPU 0, Linux 6.18, ext4; interleaved runs): 1 MiB writes took 1.3-3.3 CPU-s/GiB, nearly all system time, and
 # 230-500 MiB/s; the same 1 MiB socket reads written in 256 KiB slices 0.45-0.55 CPU-s/GiB and 760-1000 MiB/s
@@ -128,6 +135,10 @@ class S3ResponseError(OSError):
         self.status = status
         self.code = code
         self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class TransferCancelled(Exception):
+    """The transport's owner cancelled its transfers (``S3Transport.cancel``); not retried."""
 
 
 class CopiedPartsRejected(Exception):
@@ -416,7 +427,9 @@ class S3Transport:
         self._pools_lock = threading.Lock()
         self._bucket_regions: dict[str, str] = {}
         self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
-        self.cancel: threading.Event | None = None  # set by the owner giving up: a failed copy is not uploaded
+        # set by the owner giving up: requests stop (TransferCancelled, see the module doc), a failed copy is not
+        # uploaded
+        self.cancel: threading.Event | None = None
         self.copies_off: str | None = None  # why server-side copies stopped (a failure, or no way to verify one)
         self._copies_lock = threading.Lock()
 
@@ -517,6 +530,8 @@ class S3Transport:
         where = f"s3://{source.bucket}/{source.key}"
         try:
             head = call(lambda: self.head(source.bucket, source.key))
+        except TransferCancelled:
+            raise
         except FileNotFoundError:
             log.info("Copy source %s is gone: uploading instead.", where)
             return None
@@ -796,14 +811,19 @@ class S3Transport:
         raise exc
 
     def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        try:
-            self._request("DELETE", bucket, key, query={"uploadId": upload_id})
+        try:  # also once cancelled: an aborted upload leaves no parts behind
+            self._request("DELETE", bucket, key, query={"uploadId": upload_id}, cancellable=False)
         except Exception as exc:  # noqa: BLE001 - best effort: the lifecycle rule cleans up
             log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(exc).__name__)
 
-    @staticmethod
-    def _run_all(fn: Callable[[Any], None], items: list[Any], workers: int) -> None:
-        """Run ``fn`` over ``items`` with up to ``workers`` threads; the first error cancels the rest."""
+    def _check_cancel(self, where: str) -> None:
+        """Raise ``TransferCancelled`` once ``cancel`` is set."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise TransferCancelled(f"transfer{' of ' + where if where else 's'} cancelled")
+
+    def _run_all(self, fn: Callable[[Any], None], items: list[Any], workers: int) -> None:
+        """Run ``fn`` over ``items`` with up to ``workers`` threads; the first error (or ``cancel``) stops the
+        rest from starting."""
         if len(items) == 1 or workers == 1:
             for item in items:
                 fn(item)
@@ -813,6 +833,7 @@ class S3Transport:
         def guarded(item: Any) -> None:
             if failed.is_set():
                 return
+            self._check_cancel("")
             try:
                 fn(item)
             except BaseException:
@@ -876,18 +897,23 @@ class S3Transport:
     def _request(self, method: str, bucket: str, key: str, *, query: Mapping[str, str] | None = None,
                  headers: Mapping[str, str] | None = None, body: bytes | None = None,
                  send: tuple[Any, int, int] | None = None,
-                 into: Callable[[http.client.HTTPResponse], None] | None = None) -> tuple[int, dict[str, str], bytes]:
+                 into: Callable[[http.client.HTTPResponse], None] | None = None,
+                 cancellable: bool = True) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request; returns (status, lower-cased headers, body). Errors raise (see module doc).
 
-        ``send=(file, offset, count)`` streams a file range as the body (sendfile);
-        ``into(response)`` consumes a successful response's body instead of reading it.
+        ``send=(file, offset, count)`` streams a file range as the body (sendfile, ``SEND_SLICE`` bytes
+        at a time); ``into(response)`` consumes a successful response's body instead of reading it.
+        ``cancellable``: ``TransferCancelled`` once ``cancel`` is set, before the request and between slices.
         """
         query = dict(query or {})
         conditional = any(k.lower() == "if-none-match" for k in headers or {})
         # The code of a refusal that sent this attempt without checksum headers, to learn which header the
         # store refused (If-None-Match or the checksums); None: not such an attempt.
         trial: str | None = None
+        where = f"{bucket}/{key}"
         for _ in range(3):  # again only with a learnt region, or without checksums
+            if cancellable:
+                self._check_cancel(where)
             scheme, host, path = self._address(bucket, key)
             wanted = {k: v for k, v in (headers or {}).items()
                       if self._checksums and trial is None or not k.lower().startswith("x-amz-checksum")}
@@ -915,7 +941,14 @@ class S3Transport:
                 elif send is not None and send[2] > 0:
                     conn.sock.settimeout(_READ_TIMEOUT)
                     f, offset, count = send
-                    sent = conn.sock.sendfile(f, offset, count)
+                    sent = 0
+                    while sent < count:
+                        if cancellable:
+                            self._check_cancel(where)
+                        n = conn.sock.sendfile(f, offset + sent, min(SEND_SLICE, count - sent))
+                        if n == 0:
+                            break
+                        sent += n
                     if sent != count:
                         raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
                 conn.sock.settimeout(_READ_TIMEOUT)
@@ -962,8 +995,8 @@ class S3Transport:
     def _checksums_refused(self, code: str | None) -> None:
         if self._checksums:
             self._checksums = False  # an S3-compatible store without additional checksums: carry on without
-            log.info("%r refused S3 checksum headers (%s): uploads to it carry none; the manifest's crc32c "
-                     "still verifies every file.", self, code)
+            log.info("%r refused S3 checksum headers (%s): uploads to it carry Content-MD5 instead; the "
+                     "manifest's crc32c still verifies every file.", self, code)
 
     def _no_conditional_writes(self, bucket: str, key: str, status: int, code: str | None,
                                message: str) -> ConfigError:
@@ -990,6 +1023,7 @@ class S3Transport:
             value = 0
             offset = start
             while offset < end:
+                self._check_cancel(f"{bucket}/{key}")
                 chunk = response.read(min(READ_BUFFER, end - offset))  # bytes: google_crc32c takes no memoryview
                 if not chunk:
                     raise http.client.IncompleteRead(b"", end - offset)

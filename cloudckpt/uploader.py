@@ -29,6 +29,9 @@ log = logging.getLogger("cloudckpt")
 
 ON_ERROR_CHOICES = ("raise", "warn")
 BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the training thread gets the CPU first
+# Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
+# (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
+ABANDON_GRACE = 2.0
 
 
 def lower_thread_priority() -> None:
@@ -269,9 +272,12 @@ class Uploader:
     def close(self, timeout: float | None = None) -> None:
         """Stop the worker once the queue drains; after ``timeout`` seconds, abandon what is left.
 
-        Abandoning cancels pending retries; an upload in flight may finish in
-        the background (daemon threads) but nothing waits for it. Otherwise the
-        worker and its file-upload threads have ended when this returns.
+        Abandoning cancels the store's transfers (``RemoteStore.cancel``): pending retries end, and on
+        ``s3://`` no request starts any more, each one in flight stops within ``SEND_SLICE`` (1 MiB) of
+        its body and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
+        seconds for that. Nothing abandoned is committed. Other backends stop between files: an upload in
+        flight there may finish in the background (daemon threads), uncommitted. Otherwise the worker
+        and its file-upload threads have ended when this returns.
         """
         with self._cond:
             self._closing = True
@@ -286,7 +292,9 @@ class Uploader:
                 if abandoned:
                     log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
                                 [j.checkpoint.step for j in abandoned], self.store.url)
-                return
+                thread.join(ABANDON_GRACE)
+                if thread.is_alive():
+                    return
         with self._cond:
             self._thread = None
             self._pool = None
@@ -355,6 +363,11 @@ class Uploader:
             self._record_fenced(exc, step)
             return
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
+            if self.store.cancel.is_set():  # close() abandoned it (Ctrl-C, upload_timeout): said there
+                with self._cond:
+                    self._stats.dropped += 1
+                log.info("Upload of checkpoint step %d stopped (abandoned): %s", step, exc)
+                return
             if job.may_vanish and not job.required and not all(
                     os.path.exists(p) for p in job.checkpoint.files.values()):
                 with self._cond:

@@ -260,8 +260,8 @@ def test_a_copy_that_keeps_failing_is_uploaded_instead(server, bucket_url, tmp_p
 
 
 def test_a_failing_copy_of_an_abandoned_upload_is_not_uploaded_instead(seaweed_server, tmp_path):
-    """The store's owner gave up (``cancel`` set, as an abandoned upload does): a failing copy ends the upload
-    (aborted, nothing committed) instead of sending its bytes."""
+    """The store's owner gave up (``cancel`` set, as an abandoned upload does) while a failing copy waited to be
+    retried: the copy ends the upload (aborted, nothing committed) instead of sending its bytes."""
     bucket = f"inc-{uuid.uuid4().hex[:10]}"
     url = seaweed_server.create_bucket(bucket) + "/run"
     saves = Saves(tmp_path, 3 * PART_SIZE)
@@ -270,8 +270,8 @@ def test_a_failing_copy_of_an_abandoned_upload_is_not_uploaded_instead(seaweed_s
     with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
         proxy.set_faults(only_methods=("PUT",), path_filter="partNumber=1&")
         proxy.fail_next("500", count=FAST_RETRY.max_attempts)
-        store = RemoteStore(url, {**seaweed_server.storage_options, "endpoint_url": proxy.url}, retry=FAST_RETRY)
-        store.cancel.set()
+        store = RemoteStore(url, {**seaweed_server.storage_options, "endpoint_url": proxy.url}, retry=FAST_RETRY,
+                            on_retry=lambda cause: store.cancel.set())
         with pytest.raises(RemoteError):
             commit_checkpoint(store, saves.save(2))
         assert proxy.stats["500"] == 1  # no retry, no upload of the copy's bytes

@@ -281,13 +281,16 @@ def test_transient_faults_are_retried_per_request(seaweed_server, seaweed_bucket
 
 def test_cancel_stops_retrying(seaweed_server, seaweed_bucket, tmp_path):
     with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
-        store = RemoteStore(f"s3://{seaweed_bucket}/run", {**seaweed_server.storage_options, "endpoint_url": proxy.url},
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        store = RemoteStore(f"s3://{seaweed_bucket}/run", options, on_retry=lambda cause: store.cancel.set(),
                             retry=RetryPolicy(max_attempts=50, initial_backoff=5, max_backoff=5, seed=0))
         proxy.set_faults(error_rate=1.0, kinds=("503",))
-        store.cancel.set()
-        with pytest.raises(RemoteError, match="SlowDown") as info:
+        with pytest.raises(RemoteError, match="SlowDown") as info:  # cancelled while waiting to retry
             store.put_file(write(tmp_path / "a", 100), "obj")
         assert info.value.transient and proxy.stats["503"] == 1
+        with pytest.raises(RemoteError, match="cancelled"):  # once cancelled, no request is sent
+            store.put_file(write(tmp_path / "a", 100), "obj")
+        assert proxy.stats["503"] == 1
 
 
 def test_moto_uses_the_transport_and_its_checksums_are_not_trusted_blindly(moto_server, tmp_path):

@@ -1,0 +1,252 @@
+"""Interrupted transfers: SIGTERM / SIGKILL / Ctrl-C during ``cloudckpt pull`` and ``push``, and an abandoned
+background upload (what Ctrl-C in a training loop does), against the moto server (real HTTP, real signals).
+
+What is asserted is state, never elapsed time: staging directories left or removed, exit statuses, whether
+the in-flight multipart uploads were aborted rather than completed, what is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import cloudckpt
+from cloudckpt.commit import LocalCheckpoint
+from cloudckpt.remote import RemoteStore
+from cloudckpt.staging import DOWNLOAD_STAGING_PREFIX, LOCK_FILE, DownloadStaging
+from cloudckpt.uploader import Uploader, UploadJob
+
+MiB = 1 << 20
+FILES = 4
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    env.pop("AWS_PROFILE", None)
+    env.pop("AWS_ENDPOINT_URL", None)
+    return env
+
+
+def write_checkpoint(directory: Path, file_size: int, step: int = 5) -> Path:
+    """A TF-named checkpoint of FILES data files of ``file_size`` bytes each (distinct bytes per file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(FILES):
+        with open(directory / f"model.ckpt-{step}.data-{i:05d}-of-{FILES:05d}", "wb") as f:
+            block = bytes([i + 1]) * MiB
+            for _ in range(file_size // MiB):
+                f.write(block)
+    (directory / f"model.ckpt-{step}.index").write_bytes(b"index" * 10)
+    (directory / "checkpoint").write_text(f'model_checkpoint_path: "model.ckpt-{step}"\n')
+    return directory
+
+
+def staging_dirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(DOWNLOAD_STAGING_PREFIX + "*")) if directory.exists() else []
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "", limit: float = 120) -> None:
+    """Poll ``predicate`` (a state, not a duration, is what the test needs); fail if ``proc`` ends first."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the process ended ({proc.returncode}) before {what}: {out} {err}")
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)
+
+
+def pull_process(url: str, dest: Path, endpoint: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "pull", url, str(dest), "-o",
+                             f"endpoint_url={endpoint}"], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+def downloading(dest: Path) -> bool:
+    """A pull into ``dest`` has started writing a file into its staging directory."""
+    return any(any(s.iterdir()) for s in staging_dirs(dest))
+
+
+@pytest.fixture
+def pushed(cloudckpt_s3, tmp_path) -> str:
+    """A committed 4 x 48 MiB checkpoint (step 5) on the moto server; its URL."""
+    url = cloudckpt_s3.url("run")
+    cloudckpt.push_checkpoints(str(write_checkpoint(tmp_path / "src", 48 * MiB)), url,
+                               storage_options=cloudckpt_s3.storage_options)
+    return url
+
+
+def test_sigterm_during_pull_exits_143_and_removes_its_staging(pushed, moto_server, tmp_path):
+    dest = tmp_path / "dest"
+    proc = pull_process(pushed, dest, moto_server.endpoint)
+    wait_for(lambda: downloading(dest), proc, "the download started")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    assert err.strip().splitlines()[-1] == "cloudckpt: terminated", err
+    assert "Traceback" not in err
+    assert staging_dirs(dest) == []  # the cleanup ran, as for Ctrl-C
+    assert not (dest / LOCK_FILE).exists()
+    assert not (dest / "checkpoint").exists()  # nothing half-downloaded was moved into place
+
+
+def test_pull_after_a_killed_pull_removes_its_staging(pushed, moto_server, tmp_path):
+    dest = tmp_path / "dest"
+    proc = pull_process(pushed, dest, moto_server.endpoint)
+    wait_for(lambda: downloading(dest), proc, "the download started")
+    proc.kill()  # no cleanup can run: what a second SIGTERM, an OOM kill or a power cut leave
+    proc.communicate(timeout=60)
+    left = staging_dirs(dest)
+    assert len(left) == 1 and any(left[0].iterdir())
+
+    again = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "pull", pushed, str(dest), "-o",
+                            f"endpoint_url={moto_server.endpoint}"], env=cli_env(), capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert staging_dirs(dest) == []
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["checkpoint", "model.ckpt-5.index"] + [f"model.ckpt-5.data-{i:05d}-of-{FILES:05d}" for i in range(FILES)])
+
+
+LIVE_DOWNLOAD = """
+import sys
+from cloudckpt.staging import DownloadStaging
+staging = DownloadStaging(sys.argv[1])
+open(staging.path + "/partial", "wb").write(b"x" * 1000)
+print(staging.path, flush=True)
+sys.stdin.readline()
+staging.remove()
+"""
+
+
+def test_staging_of_a_download_running_in_another_process_is_left_alone(cloudckpt_s3, tmp_path):
+    url = cloudckpt_s3.url("small")
+    cloudckpt.push_checkpoints(str(write_checkpoint(tmp_path / "src", MiB)), url,
+                               storage_options=cloudckpt_s3.storage_options)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", LIVE_DOWNLOAD, str(dest)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live_path = Path(live.stdout.readline().strip())
+        assert (live_path / "partial").exists()
+        stale = subprocess.Popen([sys.executable, "-c", LIVE_DOWNLOAD, str(dest)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        stale_path = Path(stale.stdout.readline().strip())
+        stale.kill()  # an interrupted download: its staging directory stays
+        stale.wait(30)
+        assert staging_dirs(dest) == sorted([stale_path, live_path])
+
+        # a download meanwhile: the live one's staging stays, and (the directory not being quiet) so does the stale
+        assert cloudckpt.download_checkpoint(url, str(dest), storage_options=cloudckpt_s3.storage_options) \
+            == str(dest / "model.ckpt-5")
+        assert (live_path / "partial").read_bytes() == b"x" * 1000
+        assert staging_dirs(dest) == sorted([stale_path, live_path])
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.wait(30) == 0
+    finally:
+        live.kill()
+    assert staging_dirs(dest) == [stale_path]
+
+    # the directory is quiet now: the next download removes the stale one, and leaves no lock file
+    cloudckpt.download_checkpoint(url, str(dest), storage_options=cloudckpt_s3.storage_options)
+    assert staging_dirs(dest) == []
+    assert not (dest / LOCK_FILE).exists()
+
+
+def test_lock_file_of_a_waiting_download_is_not_lost(tmp_path):
+    """Two downloads in one process (threads of a resume and a pull): neither removes the other's staging."""
+    first = DownloadStaging(str(tmp_path))
+    second = DownloadStaging(str(tmp_path))
+    assert staging_dirs(tmp_path) == sorted([Path(first.path), Path(second.path)])
+    first.remove()
+    assert staging_dirs(tmp_path) == [Path(second.path)] and (tmp_path / LOCK_FILE).exists()
+    second.remove()
+    assert staging_dirs(tmp_path) == [] and not (tmp_path / LOCK_FILE).exists()
+
+
+def data_objects(client, bucket: str) -> list[str]:
+    return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []) if ".data-" in o["Key"]]
+
+
+def open_uploads(client, bucket: str) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def test_ctrl_c_during_push_aborts_the_uploads_in_flight(cloudckpt_s3, moto_server, tmp_path):
+    src = write_checkpoint(tmp_path / "src", 128 * MiB)  # 8 parts of 16 MiB per file, 4 in flight
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "push", str(src), url, "-o",
+                             f"endpoint_url={moto_server.endpoint}"], env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "a multipart upload started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "cloudckpt: interrupted", err
+    # Before: every file started was finished (the executor waited for it), leaving 4 uncommitted objects.
+    assert len(data_objects(client, cloudckpt_s3.name)) < FILES
+    assert open_uploads(client, cloudckpt_s3.name) == []  # the ones in flight were aborted, not left open
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+def test_abandoning_a_background_upload_aborts_it(cloudckpt_s3, moto_server, tmp_path):
+    """What Ctrl-C in a training loop does (CheckpointManager / the hooks: close with timeout 0)."""
+    src = write_checkpoint(tmp_path / "src", 128 * MiB, step=7)
+    ckpt = LocalCheckpoint(step=7, prefix="model.ckpt-7",
+                           files={p.name: str(p) for p in src.iterdir() if p.name.startswith("model.ckpt-7")})
+    client = moto_server.client()
+    uploader = Uploader(RemoteStore(cloudckpt_s3.url("run"), cloudckpt_s3.storage_options))
+    released = []
+    uploader.submit(UploadJob(ckpt, release=lambda: released.append(7)))
+    uploader.start()
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), None, "a multipart upload started")
+    uploader.close(timeout=0)
+
+    assert uploader.pending_steps() == []  # the worker ended within the grace: nothing runs on
+    assert open_uploads(client, cloudckpt_s3.name) == []
+    assert len(data_objects(client, cloudckpt_s3.name)) < FILES
+    stats = uploader.stats()
+    assert (stats.committed, stats.failed, stats.dropped) == (0, 0, 1)
+    assert uploader.take_failure() is None  # abandoned on purpose: logged, not an error to raise
+    assert released == [7]
+    assert cloudckpt.list_checkpoints(cloudckpt_s3.url("run"), storage_options=cloudckpt_s3.storage_options) == []
+
+
+MANAGER_CHILD = """
+import os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf, cloudckpt
+v = tf.Variable(tf.zeros([64 << 20]))  # 256 MiB: one data file of 16 parts
+ck = tf.train.Checkpoint(v=v)
+opts = {"endpoint_url": sys.argv[2]}
+with cloudckpt.CheckpointManager(ck, sys.argv[1], max_to_keep=2, local_dir=sys.argv[3], storage_options=opts) as m:
+    m.restore_or_initialize()
+    m.save(checkpoint_number=1)
+    print("SAVED", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_ctrl_c_in_a_tf2_loop_aborts_the_upload_in_flight(cloudckpt_s3, moto_server, tmp_path):
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    proc = subprocess.Popen([sys.executable, "-c", MANAGER_CHILD, url, moto_server.endpoint, str(tmp_path / "local")],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "the checkpoint's multipart upload started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
+    assert data_objects(client, cloudckpt_s3.name) == []  # before: the parts queued were sent, at exit
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
