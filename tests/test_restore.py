@@ -196,7 +196,7 @@ def test_a_restore_opens_as_many_connections_as_its_download_streams(s3, tmp_pat
         for streams in (1, 4):  # 1 first: the proxy's count is the most at once over its life
             cloudckpt.download_checkpoint(url, str(tmp_path / f"back{streams}"), storage_options=proxied,
                                           transfer=cloudckpt.TransferOptions(max_download_streams=streams))
-            most[streams] = proxy.most_in_flight.get("GET", 0)
+            most[streams] = proxy.most_held.get("GET", 0)
             for name, path in files.items():
                 assert (tmp_path / f"back{streams}" / name).read_bytes() == open(path, "rb").read()
     assert most[1] == 1 and 2 <= most[4] <= 4, most

@@ -81,15 +81,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _dispatch(self):
-        self.proxy._in_flight(self.command, +1)
         try:
             self._serve()
         except _Reset:
             self._rst()
         except (OSError, ValueError, http.client.HTTPException):
             self.close_connection = True  # client or upstream went away
-        finally:
-            self.proxy._in_flight(self.command, -1)
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -127,7 +124,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                     "A header you provided implies functionality that is not implemented")
         fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0),
                                             copy="x-amz-copy-source" in self.headers)
-        time.sleep(latency)
+        if latency > 0:
+            self.proxy._held(self.command, +1)
+            try:
+                time.sleep(latency)
+            finally:
+                self.proxy._held(self.command, -1)
         body = self._body()
         if self.proxy._refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers.keys()):
             for _ in body:  # drain, so the keep-alive connection stays usable
@@ -301,8 +303,8 @@ class FaultProxy:
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
         self._rewrite_etags = False
-        self._serving = Counter()  # method -> requests being served now
-        self._most = Counter()  # method -> the most served at once
+        self._serving = Counter()  # method -> requests held in their latency now
+        self._most = Counter()  # method -> the most held at once
         self._refuse_checksums = False
         self._refuse_conditional = False
         self.set_faults()
@@ -429,15 +431,16 @@ class FaultProxy:
                 return True
             return False
 
-    def _in_flight(self, method, delta):
-        """Count ``method`` requests being served (``most_in_flight`` keeps the most at once)."""
+    def _held(self, method, delta):
+        """Count ``method`` requests held in their ``latency`` (``most_held`` keeps the most at once)."""
         with self._lock:
             self._serving[method] += delta
             self._most[method] = max(self._most[method], self._serving[method])
 
     @property
-    def most_in_flight(self) -> dict:
-        """Method -> the most requests of it served at once so far."""
+    def most_held(self) -> dict:
+        """Method -> the most requests of it held at once in the ``latency`` of ``set_faults`` so far: how
+        many the client had in flight (a request counts from its arrival for ``latency`` seconds)."""
         with self._lock:
             return dict(self._most)
 
