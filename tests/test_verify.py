@@ -193,8 +193,13 @@ def test_store_checksums_head_only_the_files_of_the_checkpoint_once_each(seaweed
         before = len(proxy.events)
         every = cloudckpt.verify_checkpoints(url, all_steps=True, storage_options=options, use_store_checksums=True)
         heads_all = data_heads(proxy.events[before:])
+        before = len(proxy.events)
+        code = cli.main(["verify", url, "--store-checksums",
+                         *(a for k, v in options.items() for a in ("-o", f"{k}={v}"))])
+        heads_cli = data_heads(proxy.events[before:])
         gets = [p for m, p, _ in proxy.events if m == "GET" and DATA in p]
-    assert one.ok and every.ok and len(every.reports) == 12
+    assert one.ok and every.ok and len(every.reports) == 12 and code == 0
+    assert heads_cli == [f"model.ckpt-12.{DATA}", "model.ckpt-12.index"]
     assert heads_one == [f"model.ckpt-7.{DATA}", "model.ckpt-7.index"]
     assert heads_all == sorted(f"model.ckpt-{s}.{x}" for s in range(1, 13) for x in (DATA, "index"))
     assert gets == []  # SeaweedFS keeps the CRC32C: nothing re-read
