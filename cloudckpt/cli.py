@@ -291,8 +291,8 @@ def _problem_text(check: Any) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read committed checkpoints from the store and check every file's size and crc32c against
-    the manifest. Checks the latest checkpoint by default (an unreadable newest manifest fails);
-    --all includes superseded ones."""
+    the manifest (--store-checksums: trust the store's own crc32c where it agrees). Checks the latest
+    checkpoint by default (an unreadable newest manifest fails); --all includes superseded ones."""
     from .restore import verify_checkpoints
 
     with _ByteProgress("verify") as bars:
@@ -302,7 +302,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         result = verify_checkpoints(args.url, args.step, all_steps=args.all,
                                     storage_options=build_storage_options(args.storage_option), retry=_retry(args),
-                                    use_store_checksums=False, progress=bars.update, on_report=render)
+                                    use_store_checksums=args.store_checksums, progress=bars.update,
+                                    on_report=render)
     failed = [r.step for r in result.failed]
     summary = f"{len(result.reports) - len(failed)} of {len(result.reports)} checkpoint(s) in {result.url} verified OK"
     if failed:
@@ -555,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--step", type=_non_negative_int, metavar="N",
                        help="verify the checkpoint at global step N (default: the newest)")
     which.add_argument("--all", action="store_true", help="verify every committed checkpoint")
+    verify.add_argument("--store-checksums", action="store_true",
+                        help="pass a file without reading its bytes when the crc32c the store keeps of it (S3: "
+                             "the full-object CRC32C cloudckpt's uploads send, one HEAD per file; GCS: from the "
+                             "listing) equals the manifest's; files without one are re-read. Faster, but it "
+                             "shows the object arrived intact, not that it still reads back (rot in the store "
+                             "after upload goes unseen). Default: re-read every byte, as a restore does")
 
     pull = add("pull", cmd_pull, "download and verify a checkpoint into a local directory", [common, remote])
     pull.add_argument("url", metavar="URL", help=url_help)

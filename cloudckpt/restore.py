@@ -19,7 +19,7 @@ from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_b
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
 from .interrupt import cancelling_pool
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
-from .manifest import FileEntry, crc32c_of_file, crc32c_of_stream, crc32c_parts_of_stream
+from .manifest import FileEntry, crc32c_of_file
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
 from .transfer import TransferOptions
@@ -229,35 +229,44 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
                       use_store_checksums: bool = False) -> VerifyReport:
     """Check every file of ``info`` against its manifest.
 
-    Files are re-read (streamed) and checksummed here, unless
-    ``use_store_checksums`` and the store reports its own crc32c of the stored
-    bytes (GCS): then no byte is downloaded. A re-read file whose manifest entry
-    records per-part checksums has each part checked too (``FileCheck.bad_parts``).
-    ``progress(delta_bytes)`` is called as bytes are read (from several threads).
+    A file missing from a fresh listing, or listed with another size than its
+    manifest entry's, fails without being read. The others are re-read and
+    checksummed here (``RemoteStore.read_crc32c``: the bytes are streamed and
+    discarded, memory stays bounded, transient errors are retried by the
+    store's ``RetryPolicy``); a file whose manifest entry records per-part
+    checksums has each part checked too (``FileCheck.bad_parts``). With
+    ``use_store_checksums``, a file whose crc32c as the store keeps it
+    (``RemoteStore.stored_crc32c``: S3 full-object CRC32C by HEAD, GCS's
+    crc32c) equals the manifest's is passed without reading it; a differing
+    or absent figure is settled by re-reading. ``progress(delta_bytes)`` is
+    called as bytes are read (from several threads).
+
+    Raises:
+        RemoteError: a file cannot be read (retries exhausted, access denied...).
     """
     sizes = {o.name: o.size for o in store.list_objects()}
-    stored = store.stored_crc32c() if use_store_checksums else {}
+    readable = [e for e in info.files if sizes.get(e.name) == e.size]
+    stored = store.stored_crc32c([e.name for e in readable]) if use_store_checksums and readable else {}
+    streams = store.transfer.max_download_streams  # the same connection budget as a download
+    files_at_once = max(1, min(streams, len(readable)))
+    per_file = max(1, streams // files_at_once)
 
     def check(entry: FileEntry) -> FileCheck:
-        if entry.name not in sizes:
-            return _check(entry, None, None)
+        size = sizes.get(entry.name)
+        if size != entry.size:  # missing or of another size: no byte needs reading
+            return _check(entry, size, None)
         if stored.get(entry.name) == entry.crc32c:  # a store's differing figure is confirmed by re-reading
-            return _check(entry, sizes[entry.name], stored[entry.name])
-        parts: tuple[str, ...] | None = None
-        try:
-            with store.open_read(entry.name) as f:
-                if entry.parts and entry.part_size:
-                    size, crc, parts = crc32c_parts_of_stream(f, entry.part_size, progress)
-                else:
-                    size, crc = crc32c_of_stream(f, progress)
-        except FileNotFoundError:  # deleted since the listing
+            return _check(entry, size, stored[entry.name])
+        per_part = bool(entry.parts and entry.part_size)
+        read = store.read_crc32c(entry.name, size, part_size=entry.part_size if per_part else None,
+                                 progress=progress, streams=per_file)
+        if read is None:  # deleted since the listing
             return _check(entry, None, None)
-        return _check(entry, size, crc, parts)
+        return _check(entry, read[0], read[1], read[2] if per_part else None)
 
-    with ThreadPoolExecutor(max_workers=store.transfer.max_download_streams,
-                            thread_name_prefix="cloudckpt-verify") as pool:
-        checks = tuple(pool.map(check, info.files))
-    return VerifyReport(url=info.prefix, step=info.step, files=checks)
+    with ThreadPoolExecutor(max_workers=files_at_once, thread_name_prefix="cloudckpt-verify") as pool:
+        by_name = {c.name: c for c in pool.map(check, sorted(info.files, key=lambda e: -e.size))}  # largest first
+    return VerifyReport(url=info.prefix, step=info.step, files=tuple(by_name[e.name] for e in info.files))
 
 
 def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None,
@@ -265,9 +274,20 @@ def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, A
     """Check the committed checkpoint at ``url`` (latest, or ``step``) against its manifest.
 
     Returns a report with one verdict per file (ok / missing / size mismatch /
-    checksum mismatch); it does not raise on a mismatch. Where the store keeps
-    its own crc32c of each object (GCS), that is compared without downloading;
-    pass ``use_store_checksums=False`` to re-read every byte.
+    checksum mismatch); it does not raise on a mismatch. Sizes come from a
+    listing. ``use_store_checksums`` (default): where the store keeps its own
+    crc32c of an object (S3 full-object CRC32C, which cloudckpt's uploads
+    send, read by one HEAD per file; GCS's crc32c, from the listing) and it
+    equals the manifest's, the file passes without its bytes being read: that
+    shows the object arrived intact, not that its bytes still read back (rot
+    in the store after upload goes unseen). A differing or absent figure is
+    settled by re-reading. ``use_store_checksums=False`` re-reads every byte
+    (``verify_checkpoint``), as a restore does. Transient errors are retried.
+
+    Raises:
+        CheckpointNotFoundError: nothing committed (at ``step``).
+        ManifestError: the manifest cannot be read.
+        RemoteError: the store cannot be read (retries exhausted, access denied...).
     """
     store = RemoteStore(url, storage_options)
     return verify_checkpoint(store, _select(store, step), use_store_checksums=use_store_checksums)
@@ -292,10 +312,13 @@ def verify_checkpoints(
     superseded one. ``all_steps``: every committed checkpoint, superseded ones
     and unreadable manifests included, by step.
 
-    Each checkpoint is re-read and checksummed (``use_store_checksums``: where
-    the store keeps its own crc32c of each object, GCS, that is compared
-    instead of downloading). A checkpoint that a running writer's retention
-    deletes while it is being read is reported ``retired``, not failed.
+    Each checkpoint is checked as ``verify`` does: by default
+    (``use_store_checksums``) a file whose crc32c as the store keeps it (S3 by
+    HEAD, GCS by listing) equals the manifest's passes unread; the others, and
+    every file with ``use_store_checksums=False`` (``cloudckpt verify``'s
+    default), are re-read in bounded memory with transient errors retried by
+    ``retry``. A checkpoint that a running writer's retention deletes while it
+    is being read is reported ``retired``, not failed.
     Problems are reported, not raised. ``progress(checkpoint, bytes)`` is
     called as bytes are read (from several threads); ``on_report(report)`` as
     each checkpoint is done.

@@ -25,7 +25,8 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   whatever the file size. Each chunk goes to the file in ``WRITE_SLICE`` writes
   (see there: on Linux >= 6.16's ext4, 1 MiB writes cost the kernel 3-6x more). Each chunk's crc32c is taken as it is written, so
   ``get_file_crc32c`` returns the checksum of the bytes in the file without
-  reading it back (a restore checks it against the manifest).
+  reading it back (a restore checks it against the manifest). ``crc32c_of_object``
+  makes the same ranged GETs for a re-reading ``verify`` and keeps no byte.
 * Every request goes through the ``call`` wrapper its caller passes (the
   store's ``RetryPolicy``: one retry layer, counted by cause, cancellable);
   HTTP errors become ``S3ResponseError`` (an ``OSError`` with botocore's
@@ -708,24 +709,52 @@ class S3Transport:
             if size == 0:
                 return 0, f"{0:08x}"
             os.ftruncate(fd, size)
-            streams = max(1, ranges_in_flight or self.ranges_in_flight)
-            # As many ranges as streams (no more requests than parallelism needs: each costs a round trip, and
-            # some stores, moto, read the whole object for every range), each in [range_size, 4 x range_size].
-            step = min(max(self.range_size, -(-size // streams)), _MAX_RANGE_FACTOR * self.range_size)
-            ranges = [(start, min(size, start + step)) for start in range(0, size, step)]
-            crcs: dict[int, int] = {}
+            pieces = self._read_ranges(bucket, key, size, fd, call, progress, ranges_in_flight, None)
+        return size, f"{_combined(pieces):08x}"
 
-            def fetch(span: tuple[int, int]) -> None:
-                reported = [0]
+    def crc32c_of_object(self, bucket: str, key: str, size: int, *, part_size: int | None = None,
+                         call: Call = _no_retry, progress: Callable[[int], None] | None = None,
+                         ranges_in_flight: int | None = None) -> tuple[str, tuple[str, ...]]:
+        """crc32c (8 hex digits) of the ``size`` bytes of ``bucket/key``, read with parallel ranged GETs and
+        discarded: memory stays at ranges in flight x ``READ_BUFFER``, nothing is written locally.
 
-                def attempt() -> None:
-                    if reported[0] and progress is not None:
-                        progress(-reported[0])
-                    reported[0] = 0
-                    crcs[span[0]] = self._get_range(bucket, key, span, size, fd, progress, reported)
-                call(attempt)
-            self._run_all(fetch, ranges, streams)
-        return size, f"{_combined([(start, end, crcs[start]) for start, end in ranges]):08x}"
+        Also returns the crc32c of each ``part_size``-byte part (empty when ``part_size`` is None), as a
+        manifest's per-part checksums record them. ``size``: the object's size as listed (no HEAD is sent);
+        an object whose size the store reports otherwise raises ``S3ResponseError`` (``ObjectChanged``).
+        ``progress`` and retries as in ``get_file_crc32c``. Raises ``FileNotFoundError`` if there is no
+        such object.
+        """
+        if size == 0:
+            return f"{0:08x}", ()
+        pieces = self._read_ranges(bucket, key, size, None, call, progress, ranges_in_flight, part_size)
+        return f"{_combined(pieces):08x}", tuple(f"{crc:08x}" for _, _, crc in pieces) if part_size else ()
+
+    def _read_ranges(self, bucket: str, key: str, size: int, fd: int | None, call: Call,
+                     progress: Callable[[int], None] | None, ranges_in_flight: int | None,
+                     part_size: int | None) -> list[tuple[int, int, int]]:
+        """GET an object of ``size`` bytes in parallel ranges (into ``fd`` if given): ``(start, end, crc32c)``
+        of its consecutive pieces, one per ``part_size``-byte part if given, else one per range."""
+        streams = max(1, ranges_in_flight or self.ranges_in_flight)
+        # As many ranges as streams (no more requests than parallelism needs: each costs a round trip, and
+        # some stores, moto, read the whole object for every range), each in [range_size, 4 x range_size],
+        # made of whole parts when the caller wants the parts' checksums.
+        step = min(max(self.range_size, -(-size // streams)), _MAX_RANGE_FACTOR * self.range_size)
+        if part_size:
+            step = -(-step // part_size) * part_size
+        ranges = [(start, min(size, start + step)) for start in range(0, size, step)]
+        found: dict[int, list[tuple[int, int, int]]] = {}
+
+        def fetch(span: tuple[int, int]) -> None:
+            reported = [0]
+
+            def attempt() -> None:
+                if reported[0] and progress is not None:
+                    progress(-reported[0])
+                reported[0] = 0
+                found[span[0]] = self._get_range(bucket, key, span, size, fd, progress, reported, part_size)
+            call(attempt)
+        self._run_all(fetch, ranges, streams)
+        return [piece for start, _ in ranges for piece in found[start]]
 
     def head(self, bucket: str, key: str) -> dict[str, Any]:
         """``size`` (bytes), ``crc32c`` (8 hex digits of the whole object, or None) and ``etag`` (without
@@ -1009,33 +1038,53 @@ class S3Transport:
             "so that no writer replaces another's committed objects. Use a store or version that supports "
             "them (AWS S3 does), or a gs:// or local directory.")
 
-    def _get_range(self, bucket: str, key: str, span: tuple[int, int], size: int, fd: int,
-                   progress: Callable[[int], None] | None, reported: list[int]) -> int:
-        """GET bytes ``span`` of an object of ``size`` bytes into ``fd`` at their offsets; their crc32c."""
+    def _get_range(self, bucket: str, key: str, span: tuple[int, int], size: int, fd: int | None,
+                   progress: Callable[[int], None] | None, reported: list[int],
+                   part_size: int | None = None) -> list[tuple[int, int, int]]:
+        """GET bytes ``span`` of an object of ``size`` bytes, into ``fd`` at their offsets if given;
+        ``(start, end, crc32c)`` of the span, or of each ``part_size``-byte part it covers."""
         start, end = span
-        crc = [0]
+        pieces: list[tuple[int, int, int]] = []
 
         def into(response: http.client.HTTPResponse) -> None:
             if response.status != 206 and not (start == 0 and end == size):
                 # a store that ignored Range sent the whole object: writing it at ``start`` would corrupt the file
                 raise S3ResponseError(500, "InvalidRange", f"HTTP {response.status} for bytes {start}-{end - 1}",
                                       f"{bucket}/{key}")
-            value = 0
+            total = _object_size(response)
+            if total is not None and total != size:  # replaced since it was listed (or HEAD): not what was asked
+                raise S3ResponseError(409, "ObjectChanged", f"the object has {total} bytes now, not {size}",
+                                      f"{bucket}/{key}")
+            pieces.clear()
             offset = start
             while offset < end:
-                self._check_cancel(f"{bucket}/{key}")
-                chunk = response.read(min(READ_BUFFER, end - offset))  # bytes: google_crc32c takes no memoryview
-                if not chunk:
-                    raise http.client.IncompleteRead(b"", end - offset)
-                value = google_crc32c.extend(value, chunk)
-                _pwrite_all(fd, chunk, offset)
-                offset += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-                    reported[0] += len(chunk)
-            crc[0] = value
+                piece_start, value = offset, 0
+                piece_end = min(end, (offset // part_size + 1) * part_size) if part_size else end
+                while offset < piece_end:
+                    self._check_cancel(f"{bucket}/{key}")
+                    chunk = response.read(min(READ_BUFFER, piece_end - offset))  # bytes: google_crc32c
+                    if not chunk:  # takes no memoryview
+                        raise http.client.IncompleteRead(b"", end - offset)
+                    value = google_crc32c.extend(value, chunk)
+                    if fd is not None:
+                        _pwrite_all(fd, chunk, offset)
+                    offset += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                        reported[0] += len(chunk)
+                pieces.append((piece_start, piece_end, value))
         self._request("GET", bucket, key, headers={"Range": f"bytes={start}-{end - 1}"}, into=into)
-        return crc[0]
+        return pieces
+
+
+def _object_size(response: http.client.HTTPResponse) -> int | None:
+    """The whole object's size an answer to a GET states (``Content-Range: bytes a-b/size``, or a 200's
+    ``Content-Length``), or None."""
+    if response.status == 206:
+        total = (response.getheader("content-range") or "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = response.getheader("content-length")
+    return int(length) if length and length.isdigit() else None
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
