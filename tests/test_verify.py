@@ -98,7 +98,7 @@ def test_errors_that_outlast_the_retries_name_the_object_and_are_not_a_verdict(s
         proxy.set_faults(only_methods=("GET",), path_filter=r"\.data-00000")
         proxy.fail_next("503", count=FAST_RETRY.max_attempts)
         options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
-        with pytest.raises(RemoteError, match=rf"verify {url}/model\.ckpt-5\.{DATA} failed: SlowDown.*retries"):
+        with pytest.raises(RemoteError, match=rf"verify {url}/model\.ckpt-5\.{DATA} failed: SlowDown.*retried \d+ times"):
             cloudckpt.verify_checkpoints(url, storage_options=options, retry=FAST_RETRY, use_store_checksums=False)
         assert proxy.stats.get("503") == FAST_RETRY.max_attempts
 
