@@ -108,7 +108,7 @@ class RemoteStore:
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.transfer = TransferOptions.of(transfer)
-        self.cancel = threading.Event()  # set to stop retrying (an abandoned upload)
+        self.cancel = threading.Event()  # set: retries end, and on s3:// requests stop (Ctrl-C, an abandoned upload)
         self._retries_seen = 0
         self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
