@@ -205,6 +205,13 @@ def _check(entry: FileEntry, size: int | None, crc: str | None, parts: tuple[str
     return FileCheck(entry.name, status, entry.size, size, entry.crc32c, crc, bad, entry.part_size if bad else None)
 
 
+def _streams_split(store: RemoteStore, files: int) -> tuple[int, int]:
+    """(files read at once, ranged GETs per file) of ``store.transfer.max_download_streams`` connections."""
+    streams = store.transfer.max_download_streams
+    files_at_once = max(1, min(streams, files))
+    return files_at_once, max(1, streams // files_at_once)
+
+
 def _mismatch(check: FileCheck) -> str:
     """What differs between a file and its manifest entry, in words."""
     if check.status == MISSING:
@@ -247,9 +254,7 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     sizes = {o.name: o.size for o in store.list_objects()}
     readable = [e for e in info.files if sizes.get(e.name) == e.size]
     stored = store.stored_crc32c([e.name for e in readable]) if use_store_checksums and readable else {}
-    streams = store.transfer.max_download_streams  # the same connection budget as a download
-    files_at_once = max(1, min(streams, len(readable)))
-    per_file = max(1, streams // files_at_once)
+    files_at_once, per_file = _streams_split(store, len(readable))  # the same connection budget as a download
 
     def check(entry: FileEntry) -> FileCheck:
         size = sizes.get(entry.name)
@@ -490,9 +495,7 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                     progress(-size)  # counted again by the next download
             raise AssertionError("unreachable")
 
-        streams = store.transfer.max_download_streams
-        files_at_once = max(1, min(streams, len(info.files)))
-        per_file = max(1, streams // files_at_once)
+        files_at_once, per_file = _streams_split(store, len(info.files))
         with cancelling_pool(store, ThreadPoolExecutor(max_workers=files_at_once,
                                                         thread_name_prefix="cloudckpt-get")) as pool:
             checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail

@@ -70,7 +70,7 @@ import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
 import google_crc32c
@@ -239,15 +239,24 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     return _gf2_times(_zeros_operator(len2), crc1) ^ crc2
 
 
-def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
-    checksum = google_crc32c.Checksum()
+def _range_chunks(fd: int, offset: int, count: int) -> Iterator[bytes]:
+    """``count`` bytes of ``fd`` from ``offset``, in ``READ_BUFFER`` chunks (``os.pread``: no shared position).
+
+    Raises OSError (EIO) if the file ends first (it shrank while being sent).
+    """
     end = offset + count
     while offset < end:
         chunk = os.pread(fd, min(READ_BUFFER, end - offset), offset)
         if not chunk:
-            raise OSError(errno.EIO, "local file shrank while uploading")
-        checksum.update(chunk)
+            raise OSError(errno.EIO, f"local file ended at byte {offset} of {end} (it shrank while uploading)")
+        yield chunk
         offset += len(chunk)
+
+
+def _crc32c_of_range(fd: int, offset: int, count: int) -> int:
+    checksum = google_crc32c.Checksum()
+    for chunk in _range_chunks(fd, offset, count):
+        checksum.update(chunk)
     return int.from_bytes(checksum.digest(), "big")
 
 
@@ -258,13 +267,8 @@ def _content_md5(body: bytes | None, send: tuple[Any, int, int] | None) -> str:
         md5.update(body)
     elif send is not None:
         f, offset, count = send
-        end = offset + count
-        while offset < end:
-            chunk = os.pread(f.fileno(), min(READ_BUFFER, end - offset), offset)
-            if not chunk:
-                raise OSError(errno.EIO, "local file shrank while uploading")
+        for chunk in _range_chunks(f.fileno(), offset, count):
             md5.update(chunk)
-            offset += len(chunk)
     return base64.b64encode(md5.digest()).decode()
 
 
@@ -296,13 +300,8 @@ def _checked(request: Callable[[], T], f: Any, start: int, end: int, crc: int | 
 def _md5_of_range(fd: int, offset: int, count: int) -> str:
     """Hex MD5 of ``count`` bytes of ``fd`` from ``offset`` (what S3 reports as an unencrypted part's ETag)."""
     digest = hashlib.md5(usedforsecurity=False)
-    end = offset + count
-    while offset < end:
-        chunk = os.pread(fd, min(READ_BUFFER, end - offset), offset)
-        if not chunk:
-            raise OSError(errno.EIO, f"file ended at byte {offset} of {end}")
+    for chunk in _range_chunks(fd, offset, count):
         digest.update(chunk)
-        offset += len(chunk)
     return digest.hexdigest()
 
 
