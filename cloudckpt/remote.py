@@ -86,7 +86,8 @@ class RemoteStore:
         root: the directory's path on the filesystem (``bucket/run``, ``/abs/dir``).
 
     Raises:
-        ConfigError: unknown scheme, backend not installed, a query string, bad storage_options.
+        ConfigError: unknown scheme, backend not installed, a query string, bad storage_options (an S3
+            ``endpoint_url`` holding ``user:password@``).
         RemoteError: the backend failed while connecting (sftp...).
     """
 
@@ -112,6 +113,14 @@ class RemoteStore:
         self._retries_seen = 0
         self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
+        endpoint = _raw_endpoint(storage_options)
+        if endpoint is not None and parse_url(endpoint).userinfo is not None:
+            self._secrets += parse_url(endpoint).secrets
+            if protocol in _S3_PROTOCOLS:  # never sent: the host name would carry the password (DNS, Host header)
+                raise ConfigError(
+                    f"storage_options endpoint_url {self._endpoint!r} for {self.url!r} holds credentials "
+                    "(user:password@): an S3 endpoint takes none. Pass them as key/secret (and token) in "
+                    "storage_options or through the environment, and give endpoint_url as http(s)://host:port.")
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._bulk_deletes = protocol in _S3_PROTOCOLS or protocol in _GCS_PROTOCOLS
@@ -962,11 +971,19 @@ def _no_such_bucket(exc: BaseException) -> bool:
     return describe_cause(exc) == "NoSuchBucket"
 
 
-def _endpoint_of(storage_options: Mapping[str, Any] | None, secrets: tuple[str, ...]) -> str | None:
-    """The endpoint URL ``storage_options`` name (s3fs: ``endpoint_url`` or ``client_kwargs``), display form."""
+def _raw_endpoint(storage_options: Mapping[str, Any] | None) -> str | None:
+    """The endpoint URL ``storage_options`` name (s3fs: ``endpoint_url`` or ``client_kwargs``), as given."""
     options = storage_options or {}
-    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
-    return redact(display_url(endpoint), secrets) if isinstance(endpoint, str) and endpoint else None
+    client_kwargs = options.get("client_kwargs")
+    endpoint = options.get("endpoint_url") or (client_kwargs.get("endpoint_url")
+                                               if isinstance(client_kwargs, Mapping) else None)
+    return endpoint if isinstance(endpoint, str) and endpoint else None
+
+
+def _endpoint_of(storage_options: Mapping[str, Any] | None, secrets: tuple[str, ...]) -> str | None:
+    """The endpoint URL ``storage_options`` name, display form (see ``_raw_endpoint``)."""
+    endpoint = _raw_endpoint(storage_options)
+    return None if endpoint is None else redact(display_url(endpoint), secrets)
 
 
 def _first_line(exc: BaseException) -> str:

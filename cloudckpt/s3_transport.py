@@ -416,6 +416,9 @@ class S3Transport:
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("S3 endpoint_url must be an http:// or https:// URL with a host.")
+            if "@" in parts.netloc:  # the Host header and the DNS lookup would carry the password
+                raise ConfigError("S3 endpoint_url must not hold credentials (user:password@): pass them as "
+                                  "key/secret in storage_options or through the environment.")
             self._endpoint = (parts.scheme, parts.netloc, parts.path.rstrip("/"))
         self._ssl: ssl.SSLContext | None = None
         if endpoint_url is None or self._endpoint is not None and self._endpoint[0] == "https":
