@@ -69,7 +69,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -331,9 +331,9 @@ def crc32c_hex_from_header(value: str | None) -> str | None:
 # -- signing ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Credentials:
-    key: str
-    secret: str
-    token: str | None = None
+    key: str = field(repr=False)  # never in a repr: a traceback or debugger printing locals shows none
+    secret: str = field(repr=False)
+    token: str | None = field(default=None, repr=False)
 
 
 def _sha256_hex(data: bytes) -> str:

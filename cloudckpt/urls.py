@@ -58,6 +58,9 @@ class CheckpointUrl:
     userinfo: str | None
     location: str
 
+    def __repr__(self) -> str:
+        return f"CheckpointUrl({self.display!r})"  # never the raw URL: it holds the credentials
+
     @property
     def is_local(self) -> bool:
         """True for a plain local path (no ``scheme://``)."""

@@ -113,6 +113,15 @@ def test_sanitized_cause_replaces_only_leaking_links():
     assert "raise PermissionError" in text  # the original traceback (code locations) is kept
 
 
+def test_reprs_of_parsed_urls_and_signing_credentials_hold_no_secret():
+    from cloudckpt.s3_transport import _Credentials
+
+    parsed = parse_url("s3://AKIDREPR:pw-repr-DO-NOT-LEAK@bucket/run")
+    assert repr(parsed) == "CheckpointUrl('s3://***@bucket/run')"
+    shown = repr(_Credentials("AKIDREPR", "pw-repr-DO-NOT-LEAK", "TOKEN-repr-DO-NOT-LEAK"))
+    assert "DO-NOT-LEAK" not in shown and "AKIDREPR" not in shown
+
+
 def test_credential_storage_options_are_scrubbed_too():
     options = {"key": "AKIAEXAMPLEKEYID", "secret": "wJalrXUtnFEMI/K7MDENG", "endpoint_url": "http://127.0.0.1:9",
                "client_kwargs": {"aws_session_token": "FwoGZXIvYXdzEXAMPLE"}, "sas_token": "short"}
