@@ -42,6 +42,7 @@ from .preemption import PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .transfer import TransferOptions
+from .urls import as_url
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
@@ -139,9 +140,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         summary_dir: str | None = None,
     ) -> None:
         _check_schedule(save_secs, save_steps)
+        if not isinstance(exit_on_preemption, int) or not 0 <= exit_on_preemption <= 255:  # bool is an int
+            raise ConfigError(f"exit_on_preemption must be True (exit code {PREEMPTED_EXIT_CODE}), False or an exit "
+                              f"code in [0, 255], got {exit_on_preemption!r}.")
         if saver is not None and scaffold is not None:
             raise ConfigError("At most one of saver or scaffold should be set.")
-        checkpoint_dir = os.fspath(checkpoint_dir)
+        checkpoint_dir = as_url(checkpoint_dir, "checkpoint_dir")
         local_dir = resolve_local_dir(checkpoint_dir, local_dir, storage_options, writer="the Saver")
         RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,

@@ -36,7 +36,7 @@ from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
-from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
+from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
                    sanitized_cause)
 
 __all__ = ["RemoteStore", "RemoteObject", "open_directory", "is_local_path", "redact", "remote_error"]
@@ -100,9 +100,11 @@ class RemoteStore:
         on_retry: Callable[[str], None] | None = None,
         transfer: TransferOptions | None = None,
     ) -> None:
-        url = os.fspath(url)
-        if not url or not isinstance(url, str):
-            raise ConfigError(f"checkpoint_dir must be a non-empty path or URL, got {url!r}.")
+        url = as_url(url)
+        check_storage_options(storage_options)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a cloudckpt.RetryPolicy or None, got a value of type {type(retry).__name__}.")
+        _check_bucket(parse_url(url))
         self._location: CheckpointUrl = parse_url(url.rstrip("/") or url)  # the raw URL: fsspec only
         self.url = self._location.display
         self._secrets = self._location.secrets + option_secrets(storage_options)
@@ -152,7 +154,7 @@ class RemoteStore:
                 "and an object key cannot hold '?' in a URL. Pass credentials in storage_options (s3: key/secret/"
                 "token, gs: token, az: sas_token or credential) or through the environment.")
         if location.is_local:
-            _refuse_mistyped_url(location.raw)
+            refuse_mistyped_url(location.raw)
         cause: BaseException | None = None
         try:
             # Under moto's in-process mock, s3:// goes through botocore, which the mock intercepts.
@@ -839,7 +841,24 @@ _BULK_DELETE_MAX = 1000  # S3 DeleteObjects' limit (gcsfs splits into batches of
 _STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hdfs", "sftp"})
 
 
-def _refuse_mistyped_url(path: str) -> None:
+_BOTOCORE_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # what botocore sends at all (legacy names included)
+
+
+def _check_bucket(location: CheckpointUrl) -> None:
+    """An s3:// or gs:// URL names a bucket, in characters the store's client can send (before any request)."""
+    if location.scheme not in (*_S3_PROTOCOLS, *_GCS_PROTOCOLS):
+        return
+    bucket = location.location.split("/", 1)[0]
+    if not bucket:
+        raise ConfigError(f"Checkpoint URL {location.display!r} names no bucket: write "
+                          f"{location.scheme}://<bucket>/<directory>.")
+    if location.scheme in _S3_PROTOCOLS and not bucket.startswith("arn:") and not _BOTOCORE_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"Bucket {bucket!r} of checkpoint URL {location.display!r} is not a valid S3 bucket name: "
+                          "use 3 to 63 lower-case letters, digits, '.' and '-' (a ':' ahead of the bucket is "
+                          "user:password@, which needs an '@').")
+
+
+def refuse_mistyped_url(path: str) -> None:
     """``s3:/bucket/run`` or ``gs:bucket/run`` is a URL with a slash missing, not a local directory to fill."""
     scheme, colon, rest = path.partition(":")
     if colon and scheme.lower() in _STORE_SCHEMES and not rest.startswith("//"):

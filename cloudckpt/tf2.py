@@ -55,6 +55,7 @@ from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError, WorkerFailedError
 from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
 from .remote import is_local_path
+from .urls import as_url
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
@@ -165,7 +166,7 @@ class CheckpointManager:
         transfer: TransferOptions | None = None,
         summary_dir: str | None = None,
     ) -> None:
-        directory = os.fspath(directory)
+        directory = as_url(directory, "directory")
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
         self._role, self._agreement = _worker_role(strategy, directory)
         self._worker_temp: str | None = None

@@ -52,7 +52,7 @@ from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
 from ..layout import KERAS_MODEL, basename_of
 from ..transfer import TransferOptions
-from ..urls import display_url
+from ..urls import as_url, display_url
 from ._backend import LEGACY, keras
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
@@ -130,7 +130,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             raise ImportError(f"cloudckpt.keras.ModelCheckpoint builds on keras.callbacks.ModelCheckpoint's {missing}, "
                               f"which Keras {keras.__version__} does not have; use Keras 3.5 to 3.15"
                               + (" (TF_USE_LEGACY_KERAS is set: tf-keras is not supported here)." if LEGACY else "."))
-        filepath = os.fspath(filepath)
+        filepath = as_url(filepath, "filepath")
         directory, _, name = filepath.rpartition("/")
         if not name or "{" in directory or "}" in directory:
             raise ConfigError(f"ModelCheckpoint filepath {display_url(filepath)!r} must be <directory URL>/<file name "
