@@ -75,7 +75,7 @@ from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
 from .staging import remove_stale_staging
-from .summaries import CommitSummaryWriter
+from .summaries import CommitSummaryWriter, check_summary_dir
 from .transfer import TransferOptions
 from .uploader import Uploader, UploadJob, UploadStats
 from .urls import as_url, check_storage_options, display_url
@@ -157,7 +157,7 @@ class CheckpointEngine:
         self._layout = layout
         self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry,
                                   transfer=transfer)
-        self._summary_dir = None if summary_dir is None else os.fspath(summary_dir)
+        self._summary_dir = None if summary_dir is None else check_summary_dir(summary_dir)
         self._summaries: CommitSummaryWriter | None = None
         self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,
                                   observer=self._record_summaries if summary_dir is not None else None)
@@ -233,7 +233,8 @@ class CheckpointEngine:
         ``finish``/``close``. The uploader thread starts with the first ``submit``.
 
         Raises:
-            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory).
+            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory);
+                ``summary_dir`` cannot be created.
             RemoteError: the store could not be reached after retries.
         """
         self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
