@@ -136,8 +136,9 @@ class CheckpointManager:
     Raises:
         ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
             without ``step_counter`` (TF's messages).
-        ConfigError: (a ``ValueError``) an unusable URL or ``local_dir``, a ``local_dir``
-            differing from a local-path ``directory``, or invalid cloudckpt options;
+        ConfigError: (a ``ValueError``) ``checkpoint`` not a ``tf.train.Checkpoint``, an unusable
+            URL or ``local_dir``, a ``local_dir`` differing from a local-path ``directory``, or
+            invalid cloudckpt options;
             ``TF_CONFIG`` names several workers (and no parameter servers) but no
             ``MultiWorkerMirroredStrategy`` is in scope or given.
         RemoteError: the store cannot be reached.
@@ -166,6 +167,10 @@ class CheckpointManager:
         transfer: TransferOptions | None = None,
         summary_dir: str | None = None,
     ) -> None:
+        if not isinstance(checkpoint, (tf.train.Checkpoint, tf.compat.v1.train.Checkpoint)):
+            # TF's manager takes anything and fails at the first save (or at exit, in our close)
+            raise ConfigError(f"checkpoint must be a tf.train.Checkpoint, got a value of type "
+                              f"{type(checkpoint).__name__}.")
         directory = as_url(directory, "directory")
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
         self._role, self._agreement = _worker_role(strategy, directory)

@@ -488,3 +488,13 @@ def test_rollbacks_on_purpose_still_save_from_the_older_step(cloudckpt_s3, tmp_p
     assert cloudckpt.latest_checkpoint(url, options).step == 22
     assert all_steps(url, options) == [(10, "committed"), (20, "committed"), (22, "committed"),
                                        (25, "superseded"), (30, "superseded")]
+
+
+@pytest.mark.parametrize("checkpoint", ["model.ckpt", None, tf.Variable(1.0)])
+def test_a_checkpoint_that_is_not_a_tf_checkpoint_is_refused_before_anything_starts(checkpoint, memory_url, tmp_path):
+    """TF's manager takes anything: the first save failed with an AttributeError from deep in TF, and the
+    manager's close at exit printed another traceback."""
+    local = tmp_path / "local"
+    with pytest.raises(cloudckpt.ConfigError, match="checkpoint must be a tf.train.Checkpoint, got a value of type"):
+        cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(local))
+    assert not local.exists()
