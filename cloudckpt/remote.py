@@ -36,8 +36,8 @@ from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
-from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
-                   sanitized_cause)
+from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
+                   option_secrets, parse_url, redact, sanitized_cause)
 
 __all__ = ["RemoteStore", "RemoteObject", "open_directory", "is_local_path", "redact", "remote_error"]
 
@@ -87,7 +87,7 @@ class RemoteStore:
 
     Raises:
         ConfigError: unknown scheme, backend not installed, a query string, bad storage_options (an S3
-            ``endpoint_url`` holding ``user:password@``).
+            ``endpoint_url`` holding ``user:password@``), a local path that is a file.
         RemoteError: the backend failed while connecting (sftp...).
     """
 
@@ -103,7 +103,8 @@ class RemoteStore:
         url = as_url(url)
         check_storage_options(storage_options)
         if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigError(f"retry must be a cloudckpt.RetryPolicy or None, got a value of type {type(retry).__name__}.")
+            raise ConfigError(f"retry must be a cloudckpt.RetryPolicy or None, got a value of type "
+                              f"{type(retry).__name__}.")
         _check_bucket(parse_url(url))
         self._location: CheckpointUrl = parse_url(url.rstrip("/") or url)  # the raw URL: fsspec only
         self.url = self._location.display
@@ -125,6 +126,8 @@ class RemoteStore:
                     "storage_options or through the environment, and give endpoint_url as http(s)://host:port.")
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local and os.path.isfile(self.root):  # listing a file would find no checkpoint: say why
+            raise ConfigError(f"{self.url!r} is a file, not a directory: point the URL at a checkpoint directory.")
         self._bulk_deletes = protocol in _S3_PROTOCOLS or protocol in _GCS_PROTOCOLS
         # s3:// file data goes through cloudckpt's own transport (sendfile uploads with crc32c, ranged GETs);
         # listings and small objects stay on s3fs. Not under moto's in-process mock (moto_mock.py).
@@ -784,8 +787,6 @@ def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *
     if store.is_local:
         if os.path.isdir(store.root):
             return store
-        if os.path.exists(store.root):
-            raise ConfigError(f"{store.url!r} is a file, not a checkpoint directory.")
         if not create:
             raise ConfigError(f"Local directory {store.url!r} does not exist.")
     store.check_usable()

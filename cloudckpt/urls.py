@@ -168,7 +168,8 @@ def check_storage_options(storage_options: Any) -> None:
     """
     if storage_options is not None and not isinstance(storage_options, Mapping):
         raise ConfigError(f"storage_options must be a dict of the filesystem's options (s3: endpoint_url, key, "
-                          f"secret...; gs: token, project...) or None, got a value of type {type(storage_options).__name__}.")
+                          f"secret...; gs: token, project...) or None, got a value of type "
+                          f"{type(storage_options).__name__}.")
 
 
 def option_secrets(storage_options: Mapping[str, Any] | None) -> tuple[str, ...]:

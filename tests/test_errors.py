@@ -349,3 +349,18 @@ def test_downloads_into_a_file_or_no_path_are_refused_and_the_file_kept(committe
         with pytest.raises(cloudckpt.ConfigError, match="local_dir must be a non-empty"):
             call(url, None)  # was stat()'s TypeError
     assert target.read_bytes() == b"keep me"
+
+
+def test_a_local_file_as_the_directory_of_a_read_is_named(tmp_path):
+    """list_checkpoints / latest_checkpoint / verify on a file: was an empty list, None, 'No committed checkpoint'."""
+    path = tmp_path / "model.ckpt-5.index"
+    path.write_bytes(b"not a directory")
+    calls = {"list_checkpoints": lambda: cloudckpt.list_checkpoints(str(path)),
+             "latest_checkpoint": lambda: cloudckpt.latest_checkpoint(str(path)),
+             "verify": lambda: cloudckpt.verify(str(path)),
+             "download_checkpoint": lambda: cloudckpt.download_checkpoint(str(path), str(tmp_path / "d"))}
+    for name, call in calls.items():
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            call()
+        assert f"{str(path)!r} is a file, not a directory" in str(info.value), name
+    assert path.read_bytes() == b"not a directory"
