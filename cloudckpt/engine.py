@@ -70,15 +70,15 @@ from .errors import ConfigError, FencedError, UploadError
 from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_file_prefix
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
-from .remote import RemoteStore, is_local_path
+from .remote import RemoteStore, is_local_path, refuse_mistyped_url
 from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from .retry import RetryPolicy
 from .staging import remove_stale_staging
-from .summaries import CommitSummaryWriter
+from .summaries import CommitSummaryWriter, check_summary_dir
 from .transfer import TransferOptions
 from .uploader import Uploader, UploadJob, UploadStats
-from .urls import display_url
+from .urls import as_url, check_storage_options, display_url
 from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
@@ -157,7 +157,7 @@ class CheckpointEngine:
         self._layout = layout
         self._store = RemoteStore(os.fspath(url), storage_options, retry=retry, on_retry=self._count_retry,
                                   transfer=transfer)
-        self._summary_dir = None if summary_dir is None else os.fspath(summary_dir)
+        self._summary_dir = None if summary_dir is None else check_summary_dir(summary_dir)
         self._summaries: CommitSummaryWriter | None = None
         self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,
                                   observer=self._record_summaries if summary_dir is not None else None)
@@ -233,7 +233,8 @@ class CheckpointEngine:
         ``finish``/``close``. The uploader thread starts with the first ``submit``.
 
         Raises:
-            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory).
+            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory);
+                ``summary_dir`` cannot be created.
             RemoteError: the store could not be reached after retries.
         """
         self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
@@ -811,6 +812,7 @@ def default_local_dir(url: str, storage_options: Mapping[str, Any] | None = None
     """
     base = os.environ.get("CLOUDCKPT_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cloudckpt")
+    check_storage_options(storage_options)
     options = dict(storage_options or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") or ""
     # The display form: a hash of a password (weak ones can be guessed from it) never names a directory,
@@ -831,7 +833,9 @@ def resolve_local_dir(url: str, local_dir: str | None, storage_options: Mapping[
     Raises:
         ConfigError: ``url`` is a local path to a file, or ``local_dir`` differs from a local path ``url``.
     """
+    url = as_url(url, url_arg)
     if is_local_path(url):
+        refuse_mistyped_url(url)  # s3:/bucket/run: not a local directory to fill
         if os.path.isfile(url):
             raise ConfigError(f"{url_arg} {url!r} is a file, not a directory: point it at a directory.")
         if local_dir is not None and os.path.abspath(local_dir) != os.path.abspath(url):

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
 from .errors import ConfigError
+from .layout import check_basename
 from .catalog import CheckpointInfo
 from .distributed import TaskRole, name_task_in_logs, role_from_tf_config
 from .listener import UploadListener
@@ -42,6 +43,7 @@ from .preemption import PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
 from .transfer import TransferOptions
+from .urls import as_url
 from .uploader import UploadStats
 
 log = logging.getLogger("cloudckpt")
@@ -105,7 +107,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     Raises:
         ValueError: "One of save_steps or save_secs should be set." /
             "At most one of saver or scaffold should be set." / non-positive schedule.
-        ConfigError: unusable URL or ``local_dir``; in ``begin()``, a Saver (``saver=``,
+        ConfigError: unusable URL or ``local_dir``, a ``checkpoint_basename`` that is no plain file
+            name; in ``begin()``, a Saver (``saver=``,
             ``scaffold=`` or the graph's ``SAVERS`` collection) that would write part of
             the checkpoint on another task (a sharded Saver with variables on parameter
             servers); in ``after_create_session()``, a session that did not restore the
@@ -139,9 +142,13 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         summary_dir: str | None = None,
     ) -> None:
         _check_schedule(save_secs, save_steps)
+        check_basename(checkpoint_basename, "checkpoint_basename")
+        if not isinstance(exit_on_preemption, int) or not 0 <= exit_on_preemption <= 255:  # bool is an int
+            raise ConfigError(f"exit_on_preemption must be True (exit code {PREEMPTED_EXIT_CODE}), False or an exit "
+                              f"code in [0, 255], got {exit_on_preemption!r}.")
         if saver is not None and scaffold is not None:
             raise ConfigError("At most one of saver or scaffold should be set.")
-        checkpoint_dir = os.fspath(checkpoint_dir)
+        checkpoint_dir = as_url(checkpoint_dir, "checkpoint_dir")
         local_dir = resolve_local_dir(checkpoint_dir, local_dir, storage_options, writer="the Saver")
         RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,

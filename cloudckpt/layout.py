@@ -53,6 +53,19 @@ _MANIFEST_NAME = re.compile(r"(?P<prefix>.+)" + re.escape(MANIFEST_SUFFIX), re.D
 _STATE_PATH = re.compile(r'^model_checkpoint_path:\s*"(?P<path>(?:[^"\\]|\\.)*)"\s*$', re.M)
 
 
+def check_basename(name: object, argument: str) -> str:
+    """``name``, a checkpoint basename: objects are flat files ``<basename>-<step>.<suffix>`` in the directory.
+
+    Raises:
+        ConfigError: not a str, empty, ``.`` / ``..`` or holding a path separator (TF would save outside
+            ``local_dir`` or fail at the first save, and nothing would be committed).
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"{argument} must be a plain file name (no '/', not empty), got {name!r}: checkpoints are "
+                          f"the flat files <{argument}>-<step>.* of the checkpoint directory.")
+    return name
+
+
 def split_prefix(prefix: str) -> tuple[str, int] | None:
     """``model.ckpt-30`` -> (``model.ckpt``, 30); None when the prefix does not end in ``-<step>``."""
     m = _PREFIX.fullmatch(prefix)

@@ -36,8 +36,8 @@ from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
-from .urls import (CheckpointUrl, display_url, install_backstop, is_local_path, option_secrets, parse_url, redact,
-                   sanitized_cause)
+from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
+                   option_secrets, parse_url, redact, sanitized_cause)
 
 __all__ = ["RemoteStore", "RemoteObject", "open_directory", "is_local_path", "redact", "remote_error"]
 
@@ -86,7 +86,8 @@ class RemoteStore:
         root: the directory's path on the filesystem (``bucket/run``, ``/abs/dir``).
 
     Raises:
-        ConfigError: unknown scheme, backend not installed, a query string, bad storage_options.
+        ConfigError: unknown scheme, backend not installed, a query string, bad storage_options (an S3
+            ``endpoint_url`` holding ``user:password@``), a local path that is a file.
         RemoteError: the backend failed while connecting (sftp...).
     """
 
@@ -99,9 +100,12 @@ class RemoteStore:
         on_retry: Callable[[str], None] | None = None,
         transfer: TransferOptions | None = None,
     ) -> None:
-        url = os.fspath(url)
-        if not url or not isinstance(url, str):
-            raise ConfigError(f"checkpoint_dir must be a non-empty path or URL, got {url!r}.")
+        url = as_url(url)
+        check_storage_options(storage_options)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a cloudckpt.RetryPolicy or None, got a value of type "
+                              f"{type(retry).__name__}.")
+        _check_bucket(parse_url(url))
         self._location: CheckpointUrl = parse_url(url.rstrip("/") or url)  # the raw URL: fsspec only
         self.url = self._location.display
         self._secrets = self._location.secrets + option_secrets(storage_options)
@@ -112,8 +116,18 @@ class RemoteStore:
         self._retries_seen = 0
         self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
+        endpoint = _raw_endpoint(storage_options)
+        if endpoint is not None and parse_url(endpoint).userinfo is not None:
+            self._secrets += parse_url(endpoint).secrets
+            if protocol in _S3_PROTOCOLS:  # never sent: the host name would carry the password (DNS, Host header)
+                raise ConfigError(
+                    f"storage_options endpoint_url {self._endpoint!r} for {self.url!r} holds credentials "
+                    "(user:password@): an S3 endpoint takes none. Pass them as key/secret (and token) in "
+                    "storage_options or through the environment, and give endpoint_url as http(s)://host:port.")
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local and os.path.isfile(self.root):  # listing a file would find no checkpoint: say why
+            raise ConfigError(f"{self.url!r} is a file, not a directory: point the URL at a checkpoint directory.")
         self._bulk_deletes = protocol in _S3_PROTOCOLS or protocol in _GCS_PROTOCOLS
         # s3:// file data goes through cloudckpt's own transport (sendfile uploads with crc32c, ranged GETs);
         # listings and small objects stay on s3fs. Not under moto's in-process mock (moto_mock.py).
@@ -143,7 +157,7 @@ class RemoteStore:
                 "and an object key cannot hold '?' in a URL. Pass credentials in storage_options (s3: key/secret/"
                 "token, gs: token, az: sas_token or credential) or through the environment.")
         if location.is_local:
-            _refuse_mistyped_url(location.raw)
+            refuse_mistyped_url(location.raw)
         cause: BaseException | None = None
         try:
             # Under moto's in-process mock, s3:// goes through botocore, which the mock intercepts.
@@ -773,8 +787,6 @@ def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *
     if store.is_local:
         if os.path.isdir(store.root):
             return store
-        if os.path.exists(store.root):
-            raise ConfigError(f"{store.url!r} is a file, not a checkpoint directory.")
         if not create:
             raise ConfigError(f"Local directory {store.url!r} does not exist.")
     store.check_usable()
@@ -830,7 +842,24 @@ _BULK_DELETE_MAX = 1000  # S3 DeleteObjects' limit (gcsfs splits into batches of
 _STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "hdfs", "sftp"})
 
 
-def _refuse_mistyped_url(path: str) -> None:
+_BOTOCORE_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # what botocore sends at all (legacy names included)
+
+
+def _check_bucket(location: CheckpointUrl) -> None:
+    """An s3:// or gs:// URL names a bucket, in characters the store's client can send (before any request)."""
+    if location.scheme not in (*_S3_PROTOCOLS, *_GCS_PROTOCOLS):
+        return
+    bucket = location.location.split("/", 1)[0]
+    if not bucket:
+        raise ConfigError(f"Checkpoint URL {location.display!r} names no bucket: write "
+                          f"{location.scheme}://<bucket>/<directory>.")
+    if location.scheme in _S3_PROTOCOLS and not bucket.startswith("arn:") and not _BOTOCORE_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"Bucket {bucket!r} of checkpoint URL {location.display!r} is not a valid S3 bucket name: "
+                          "use 3 to 63 lower-case letters, digits, '.' and '-' (a ':' ahead of the bucket is "
+                          "user:password@, which needs an '@').")
+
+
+def refuse_mistyped_url(path: str) -> None:
     """``s3:/bucket/run`` or ``gs:bucket/run`` is a URL with a slash missing, not a local directory to fill."""
     scheme, colon, rest = path.partition(":")
     if colon and scheme.lower() in _STORE_SCHEMES and not rest.startswith("//"):
@@ -962,11 +991,19 @@ def _no_such_bucket(exc: BaseException) -> bool:
     return describe_cause(exc) == "NoSuchBucket"
 
 
-def _endpoint_of(storage_options: Mapping[str, Any] | None, secrets: tuple[str, ...]) -> str | None:
-    """The endpoint URL ``storage_options`` name (s3fs: ``endpoint_url`` or ``client_kwargs``), display form."""
+def _raw_endpoint(storage_options: Mapping[str, Any] | None) -> str | None:
+    """The endpoint URL ``storage_options`` name (s3fs: ``endpoint_url`` or ``client_kwargs``), as given."""
     options = storage_options or {}
-    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
-    return redact(display_url(endpoint), secrets) if isinstance(endpoint, str) and endpoint else None
+    client_kwargs = options.get("client_kwargs")
+    endpoint = options.get("endpoint_url") or (client_kwargs.get("endpoint_url")
+                                               if isinstance(client_kwargs, Mapping) else None)
+    return endpoint if isinstance(endpoint, str) and endpoint else None
+
+
+def _endpoint_of(storage_options: Mapping[str, Any] | None, secrets: tuple[str, ...]) -> str | None:
+    """The endpoint URL ``storage_options`` name, display form (see ``_raw_endpoint``)."""
+    endpoint = _raw_endpoint(storage_options)
+    return None if endpoint is None else redact(display_url(endpoint), secrets)
 
 
 def _first_line(exc: BaseException) -> str:

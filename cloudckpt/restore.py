@@ -21,6 +21,7 @@ from .interrupt import cancelling_pool
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
 from .remote import RemoteStore, open_directory
+from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
 from .staging import DownloadStaging
@@ -405,9 +406,19 @@ def download_checkpoint(
             readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
             it and says so).
         CheckpointNotFoundError: nothing committed (at ``step``).
+        ConfigError: ``local_dir`` is a file or not a path; an unusable URL or ``storage_options``.
     """
+    local_dir = _local_target(local_dir)
     store = RemoteStore(url, storage_options, transfer=transfer)
     return download_verified(store, _select(store, step), local_dir)
+
+
+def _local_target(local_dir: "str | os.PathLike[str]") -> str:
+    """The directory a download goes to, checked before anything is read: a path, not a file."""
+    local_dir = as_url(local_dir, "local_dir")
+    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
+        raise ConfigError(f"local_dir {local_dir!r} is a file, not a directory: pass a directory to download into.")
+    return local_dir
 
 
 def pull_checkpoint(
@@ -439,8 +450,7 @@ def pull_checkpoint(
         ConfigError: ``local_dir`` is a file; the bucket or remote local directory does not exist.
         RemoteError: the store cannot be read.
     """
-    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
-        raise ConfigError(f"{local_dir!r} is a file, not a directory.")
+    local_dir = _local_target(local_dir)
     store = open_directory(url, storage_options, retry=retry, transfer=transfer)
     scan = scan_directory(store)
     passed_over: tuple[int, ...] = ()

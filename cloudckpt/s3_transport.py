@@ -69,7 +69,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -331,9 +331,9 @@ def crc32c_hex_from_header(value: str | None) -> str | None:
 # -- signing ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Credentials:
-    key: str
-    secret: str
-    token: str | None = None
+    key: str = field(repr=False)  # never in a repr: a traceback or debugger printing locals shows none
+    secret: str = field(repr=False)
+    token: str | None = field(default=None, repr=False)
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -416,6 +416,9 @@ class S3Transport:
             parts = urlsplit(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError("S3 endpoint_url must be an http:// or https:// URL with a host.")
+            if "@" in parts.netloc:  # the Host header and the DNS lookup would carry the password
+                raise ConfigError("S3 endpoint_url must not hold credentials (user:password@): pass them as "
+                                  "key/secret in storage_options or through the environment.")
             self._endpoint = (parts.scheme, parts.netloc, parts.path.rstrip("/"))
         self._ssl: ssl.SSLContext | None = None
         if endpoint_url is None or self._endpoint is not None and self._endpoint[0] == "https":

@@ -27,12 +27,28 @@ import time
 from typing import Any, Mapping
 
 from ._frameworks import import_framework
+from .errors import ConfigError
+from .urls import as_url, display_url, parse_url, redact, sanitized_cause
 
 log = logging.getLogger("cloudckpt")
 
 __all__ = ["CommitSummaryWriter", "TAG_PREFIX"]
 
 TAG_PREFIX = "cloudckpt/"
+
+
+def check_summary_dir(directory: "str | os.PathLike[str]") -> str:
+    """``directory`` as a str, checked before anything is written (see ``CommitSummaryWriter``).
+
+    Raises:
+        ConfigError: not a path or URL string, or a URL with credentials (userinfo or a query).
+    """
+    directory = as_url(directory, "summary_dir")
+    location = parse_url(directory)
+    if location.userinfo is not None or location.query is not None:
+        raise ConfigError(f"summary_dir {location.display!r} holds credentials: TensorFlow's file systems take "
+                          "none in the URL (they use the environment's); pass the directory without them.")
+    return directory
 
 
 class CommitSummaryWriter:
@@ -48,14 +64,25 @@ class CommitSummaryWriter:
 
     Raises:
         ModuleNotFoundError: TensorFlow is not installed (the message names the pip command).
-        tf.errors.OpError: the directory cannot be created (raised here, not mid-run; a failure to create
-            the event file later is logged by the uploader, and the commit goes on).
+        ConfigError: the directory cannot be created (a file, a scheme TensorFlow does not open, a URL
+            with credentials: TensorFlow's file systems take them from the environment); raised here, not
+            mid-run; a failure to create the event file later is logged by the uploader, and the commit
+            goes on. The message shows the directory in display form; TensorFlow's error is the cause.
     """
 
     def __init__(self, directory: str) -> None:
         self._tf = import_framework("tensorflow", "summary_dir= (TensorBoard summaries)")
-        self.directory = os.fspath(directory)
-        self._tf.io.gfile.makedirs(self.directory)
+        self.directory = check_summary_dir(directory)
+        shown = display_url(self.directory)
+        failure: str | None = None
+        try:
+            self._tf.io.gfile.makedirs(self.directory)
+        except self._tf.errors.OpError as exc:
+            failure = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            cause = sanitized_cause(exc)
+        if failure is not None:  # raised outside the handler: TF's text rides along only as the cause
+            raise ConfigError(f"summary_dir {shown!r} cannot be used for TensorBoard summaries: {failure}. Pass a "
+                              "writable local directory or a URL TensorFlow opens (gs://...).") from cause
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.cloudckpt"
         self.path = os.path.join(self.directory, name) if "://" not in self.directory else f"{self.directory}/{name}"
         self._lock = threading.Lock()

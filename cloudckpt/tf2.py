@@ -53,8 +53,9 @@ from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_
                           role_of_strategy, worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError, WorkerFailedError
-from .layout import STATE_FILE, TF, render_state_file, split_prefix, state_file_prefix
+from .layout import STATE_FILE, TF, check_basename, render_state_file, split_prefix, state_file_prefix
 from .remote import is_local_path
+from .urls import as_url
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
@@ -135,8 +136,10 @@ class CheckpointManager:
     Raises:
         ValueError: ``max_to_keep`` not a positive integer or None; ``checkpoint_interval``
             without ``step_counter`` (TF's messages).
-        ConfigError: (a ``ValueError``) an unusable URL or ``local_dir``, a ``local_dir``
-            differing from a local-path ``directory``, or invalid cloudckpt options;
+        ConfigError: (a ``ValueError``) ``checkpoint`` not a ``tf.train.Checkpoint``, a
+            ``checkpoint_name`` that is no plain file name, an unusable
+            URL or ``local_dir``, a ``local_dir`` differing from a local-path ``directory``, or
+            invalid cloudckpt options;
             ``TF_CONFIG`` names several workers (and no parameter servers) but no
             ``MultiWorkerMirroredStrategy`` is in scope or given.
         RemoteError: the store cannot be reached.
@@ -165,7 +168,12 @@ class CheckpointManager:
         transfer: TransferOptions | None = None,
         summary_dir: str | None = None,
     ) -> None:
-        directory = os.fspath(directory)
+        if not isinstance(checkpoint, (tf.train.Checkpoint, tf.compat.v1.train.Checkpoint)):
+            # TF's manager takes anything and fails at the first save (or at exit, in our close)
+            raise ConfigError(f"checkpoint must be a tf.train.Checkpoint, got a value of type "
+                              f"{type(checkpoint).__name__}.")
+        check_basename(checkpoint_name, "checkpoint_name")
+        directory = as_url(directory, "directory")
         local_dir = resolve_local_dir(directory, local_dir, storage_options, url_arg="directory", writer="TF")
         self._role, self._agreement = _worker_role(strategy, directory)
         self._worker_temp: str | None = None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import unquote
 
-from .errors import RedactedError
+from .errors import ConfigError, RedactedError
 
 MASK = "***"
 
@@ -57,6 +57,9 @@ class CheckpointUrl:
     scheme: str | None
     userinfo: str | None
     location: str
+
+    def __repr__(self) -> str:
+        return f"CheckpointUrl({self.display!r})"  # never the raw URL: it holds the credentials
 
     @property
     def is_local(self) -> bool:
@@ -140,6 +143,33 @@ def is_local_path(url: "str | os.PathLike[str]") -> bool:
 def display_url(url: str) -> str:
     """The display form of a URL or local path (see the module docstring)."""
     return parse_url(url).display
+
+
+def as_url(value: "str | os.PathLike[str]", argument: str = "checkpoint_dir") -> str:
+    """``value`` (a URL, a local path or an ``os.PathLike``) as a ``str``, checked first thing by every entry point.
+
+    Raises:
+        ConfigError: (a ``ValueError``) not a str or ``os.PathLike`` of one (bytes, None, a number), or empty;
+            the message names ``argument``.
+    """
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text:
+        got = repr(text) if isinstance(text, str) else f"a value of type {type(text).__name__}"
+        raise ConfigError(f"{argument} must be a non-empty local path or URL string (s3://bucket/dir, gs://..., "
+                          f"/local/dir), got {got}.")
+    return text
+
+
+def check_storage_options(storage_options: Any) -> None:
+    """Refuse ``storage_options`` that are not a mapping of option names (never shown: values hold credentials).
+
+    Raises:
+        ConfigError: a list, string or other non-mapping.
+    """
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ConfigError(f"storage_options must be a dict of the filesystem's options (s3: endpoint_url, key, "
+                          f"secret...; gs: token, project...) or None, got a value of type "
+                          f"{type(storage_options).__name__}.")
 
 
 def option_secrets(storage_options: Mapping[str, Any] | None) -> tuple[str, ...]:

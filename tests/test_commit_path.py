@@ -320,6 +320,29 @@ def test_summary_dir_gets_an_event_file_only_with_the_first_commit(cloudckpt_s3,
     assert versions == ["brain.Event:2"]  # TensorBoard's header record comes first
 
 
+def test_an_unusable_summary_dir_is_a_config_error_without_the_credentials(memory_url, tmp_path):
+    """Was TensorFlow's OpError, quoting the raw URL: "File system scheme 's3' not implemented (file:
+    's3://AKID:secret@...')". A URL with credentials is refused at construction (TF's file systems take none);
+    a file, or a scheme TF does not open, at open(), with the display form."""
+    import traceback
+
+    secret = "summary-secret-DO-NOT-LEAK"
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        CheckpointEngine(memory_url, str(tmp_path / "l"), summary_dir=f"s3://AKIDSUMMARY:{secret}@bucket/tb")
+    assert "summary_dir 's3://***@bucket/tb' holds credentials" in str(info.value)
+    assert secret not in "".join(traceback.format_exception(info.value))
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"keep")
+    for directory, fragment in ((str(a_file), "is not a directory"), ("memory://x/tb", "not implemented")):
+        with CheckpointEngine(memory_url, str(tmp_path / "l"), summary_dir=directory) as engine:
+            with pytest.raises(cloudckpt.ConfigError) as info:
+                engine.open()
+        message = str(info.value)
+        assert f"summary_dir {directory!r} cannot be used for TensorBoard summaries" in message and fragment in message
+        assert isinstance(info.value.__cause__, tf.errors.OpError)
+    assert a_file.read_bytes() == b"keep"
+
+
 def test_summary_dir_records_commit_scalars_from_training(cloudckpt_s3, tmp_path):
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
     summaries = tmp_path / "tb"

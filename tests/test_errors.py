@@ -268,3 +268,99 @@ def test_an_unreachable_endpoint_says_what_was_retried_and_what_to_check(tmp_pat
         message = str(error)
         assert error.transient and "s3://bucket/run" in message and f"could not be reached at {endpoint}" in message
         assert "retried 2 times over" in message and "check endpoint_url" in message
+
+
+# -- helper audit: wrong types and malformed URLs are ConfigErrors naming the argument, before any request ---------
+
+def _entry_points(url, options, tmp_path, **hook_kwargs):
+    """Every public way in to a checkpoint directory, each called with ``url`` and ``options``."""
+    import tensorflow as tf
+
+    return {
+        "CheckpointSaverHook": lambda: cloudckpt.CheckpointSaverHook(url, save_steps=5, storage_options=options,
+                                                                     local_dir=str(tmp_path / "h"), **hook_kwargs),
+        "CheckpointManager": lambda: cloudckpt.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), url,
+                                                                 max_to_keep=1, storage_options=options,
+                                                                 local_dir=str(tmp_path / "m")),
+        "list_checkpoints": lambda: cloudckpt.list_checkpoints(url, options),
+        "download_checkpoint": lambda: cloudckpt.download_checkpoint(url, str(tmp_path / "d"),
+                                                                     storage_options=options),
+        "pull_checkpoint": lambda: cloudckpt.pull_checkpoint(url, str(tmp_path / "p"), storage_options=options),
+        "verify": lambda: cloudckpt.verify(url, storage_options=options),
+    }
+
+
+@pytest.mark.parametrize("url, fragment", [
+    (None, "must be a non-empty local path or URL string"),  # was a TypeError from os.fspath, naming nothing
+    (5, "got a value of type int"),
+    (b"s3://bucket/run", "got a value of type bytes"),  # was "cannot use a string pattern on a bytes-like object"
+    ("s3://", "names no bucket"),  # was "written with a slash missing"
+    ("s3:///run", "names no bucket"),  # was "Bucket '' ... does not exist", after a request
+    ("gs://", "names no bucket"),
+    ("s3://my bucket/run", "is not a valid S3 bucket name"),  # was botocore's "Parameter validation failed:"
+])
+def test_unusable_checkpoint_urls_are_config_errors_before_any_request(url, fragment, moto_server, tmp_path):
+    for name, call in _entry_points(url, moto_server.storage_options, tmp_path).items():
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            call()
+        assert fragment in str(info.value), name
+        if not isinstance(url, str):
+            assert ("directory" if name == "CheckpointManager" else "checkpoint_dir") in str(info.value), name
+
+
+@pytest.mark.parametrize("options", [["endpoint_url=http://127.0.0.1:9"], "endpoint_url=http://127.0.0.1:9"])
+def test_storage_options_that_are_not_a_mapping(options, tmp_path):
+    """Was an AttributeError ('list' object has no attribute 'items') or dict()'s ValueError; the values are
+    never shown (they may be credentials)."""
+    for name, call in _entry_points("s3://bucket/run", options, tmp_path).items():
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            call()
+        assert "storage_options must be a dict" in str(info.value), name
+        assert "127.0.0.1" not in str(info.value), name
+    with pytest.raises(cloudckpt.ConfigError, match="storage_options must be a dict"):
+        cloudckpt.CheckpointSaverHook("s3://bucket/run", save_steps=5, storage_options=options)  # default local_dir
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"retry": 3}, "retry must be a cloudckpt.RetryPolicy or None, got a value of type int"),  # was accepted
+    ({"exit_on_preemption": "yes"}, "exit_on_preemption must be True"),  # was int()'s "invalid literal"
+    ({"exit_on_preemption": 300}, "exit code in [0, 255], got 300"),
+])
+def test_hook_arguments_of_the_wrong_kind(kwargs, fragment, memory_url, tmp_path):
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        cloudckpt.CheckpointSaverHook(memory_url, save_steps=5, local_dir=str(tmp_path / "l"), **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_mistyped_url_with_local_dir_is_named_as_a_mistyped_url(tmp_path):
+    """'s3:/bucket/run' with local_dir: was "local_dir was given but checkpoint_dir ... is a local path"."""
+    with pytest.raises(cloudckpt.ConfigError, match="written with a slash missing"):
+        cloudckpt.CheckpointSaverHook("s3:/bucket/run", save_steps=5, local_dir=str(tmp_path / "l"))
+    assert not os.path.exists("s3:")
+
+
+def test_downloads_into_a_file_or_no_path_are_refused_and_the_file_kept(committed_dir, tmp_path):
+    url, _, _ = committed_dir
+    target = tmp_path / "a-file"
+    target.write_bytes(b"keep me")
+    for call in (cloudckpt.download_checkpoint, cloudckpt.pull_checkpoint):
+        with pytest.raises(cloudckpt.ConfigError, match="is a file, not a directory"):
+            call(url, str(target))
+        with pytest.raises(cloudckpt.ConfigError, match="local_dir must be a non-empty"):
+            call(url, None)  # was stat()'s TypeError
+    assert target.read_bytes() == b"keep me"
+
+
+def test_a_local_file_as_the_directory_of_a_read_is_named(tmp_path):
+    """list_checkpoints / latest_checkpoint / verify on a file: was an empty list, None, 'No committed checkpoint'."""
+    path = tmp_path / "model.ckpt-5.index"
+    path.write_bytes(b"not a directory")
+    calls = {"list_checkpoints": lambda: cloudckpt.list_checkpoints(str(path)),
+             "latest_checkpoint": lambda: cloudckpt.latest_checkpoint(str(path)),
+             "verify": lambda: cloudckpt.verify(str(path)),
+             "download_checkpoint": lambda: cloudckpt.download_checkpoint(str(path), str(tmp_path / "d"))}
+    for name, call in calls.items():
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            call()
+        assert f"{str(path)!r} is a file, not a directory" in str(info.value), name
+    assert path.read_bytes() == b"not a directory"

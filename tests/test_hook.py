@@ -289,3 +289,13 @@ def test_a_session_that_did_not_restore_in_place_is_refused(tmp_path):
     assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir, include_superseded=True)] == [0, 5, 10]
     assert tf.train.latest_checkpoint(ckpt_dir).endswith("model.ckpt-10")
     assert train(in_place, last_step=12).first_step == 10
+
+
+@pytest.mark.parametrize("basename", ["", "../model.ckpt", "sub/model.ckpt", ".."])
+def test_a_checkpoint_basename_that_is_no_plain_file_name_is_refused(basename, memory_url, tmp_path):
+    """Was: '' and '../model.ckpt' trained and committed nothing, silently ('../' saved outside local_dir);
+    'sub/model.ckpt' failed at the first save with TF's "Parent directory ... doesn't exist"."""
+    with pytest.raises(cloudckpt.ConfigError, match="checkpoint_basename must be a plain file name"):
+        cloudckpt.CheckpointSaverHook(memory_url, save_steps=2, checkpoint_basename=basename,
+                                      local_dir=str(tmp_path / "l"))
+    assert not (tmp_path / "l").exists()

@@ -427,3 +427,22 @@ def test_model_checkpoint_fit_again_from_scratch_replaces_every_name_it_saves_ag
                                "-o", f"endpoint_url={options['endpoint_url']}"], capture_output=True, text=True)
     assert cli_pull.returncode == 0, cli_pull.stderr
     assert_weights(keras.models.load_model(str(tmp_path / "best" / "best-4.keras")), second.at_epoch_end[0])
+
+
+def test_model_checkpoint_an_unknown_format_field_is_a_config_error_without_the_credentials(cloudckpt_s3, tmp_path):
+    """A typo in a metric of the file name template is found at the first save. Keras' own KeyError quotes the
+    raw filepath, and a URL's userinfo with it: the error says the display form, the field and the metrics."""
+    import traceback
+
+    secret = "Sk-keras-DO-NOT-LEAK"
+    url = cloudckpt_s3.url("typo").replace("s3://", f"s3://AKIDKERAS:{secret}@")
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/model-{val_acc:.2f}.keras", monitor="loss",
+                                         storage_options={"endpoint_url": cloudckpt_s3.storage_options["endpoint_url"]})
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        fit(make_model(seed=1), [cb], epochs=1)
+    text = "".join(traceback.format_exception(info.value))
+    chain = [info.value.__cause__, info.value.__context__]
+    assert secret not in text and all(c is None or secret not in str(c) for c in chain)
+    message = str(info.value)
+    assert "'val_acc'" in message and "loss" in message and url.replace(f"AKIDKERAS:{secret}", "***") in message
+    assert cloudckpt.list_checkpoints(url, {"endpoint_url": cloudckpt_s3.storage_options["endpoint_url"]}) == []

@@ -113,6 +113,15 @@ def test_sanitized_cause_replaces_only_leaking_links():
     assert "raise PermissionError" in text  # the original traceback (code locations) is kept
 
 
+def test_reprs_of_parsed_urls_and_signing_credentials_hold_no_secret():
+    from cloudckpt.s3_transport import _Credentials
+
+    parsed = parse_url("s3://AKIDREPR:pw-repr-DO-NOT-LEAK@bucket/run")
+    assert repr(parsed) == "CheckpointUrl('s3://***@bucket/run')"
+    shown = repr(_Credentials("AKIDREPR", "pw-repr-DO-NOT-LEAK", "TOKEN-repr-DO-NOT-LEAK"))
+    assert "DO-NOT-LEAK" not in shown and "AKIDREPR" not in shown
+
+
 def test_credential_storage_options_are_scrubbed_too():
     options = {"key": "AKIAEXAMPLEKEYID", "secret": "wJalrXUtnFEMI/K7MDENG", "endpoint_url": "http://127.0.0.1:9",
                "client_kwargs": {"aws_session_token": "FwoGZXIvYXdzEXAMPLE"}, "sas_token": "short"}
@@ -362,3 +371,38 @@ def test_signed_query_string_on_the_cli():
         assert_secret_free(secret, proc.stdout, proc.stderr)
     assert plain.returncode == 2 and "has a query string" in plain.stderr and "X-Amz-Signature=***" in plain.stderr
     assert "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+# -- an S3 endpoint_url with userinfo: refused before any request -----------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    {"endpoint_url": "http://AKIDEP:pw-endpoint-DO-NOT-LEAK@127.0.0.1:{port}"},
+    {"client_kwargs": {"endpoint_url": "http://AKIDEP:pw-endpoint-DO-NOT-LEAK@127.0.0.1:{port}"}},
+])
+def test_s3_endpoint_url_with_credentials_is_refused_before_any_request(options, tmp_path):
+    """Before: s3fs failed after its retries ("Cannot combine AUTHORIZATION header..."), and cloudckpt's
+    transport took "user:password@127.0.0.1" for the host: the password went to the resolver (a DNS lookup),
+    into the Host header and into repr(S3Transport). Now a ConfigError, naming endpoint_url in display form."""
+    import socket
+
+    from cloudckpt.s3_transport import transport_for
+
+    with socket.socket() as listener:  # a server that would see any request
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        port = listener.getsockname()[1]
+        options = json.loads(json.dumps(options).replace("{port}", str(port)))
+        secret = "pw-endpoint-DO-NOT-LEAK"
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            RemoteStore("s3://bucket/run", {**options, "key": "AKIDEP", "secret": "s3-secret-value"})
+        with pytest.raises(cloudckpt.ConfigError) as listing:
+            cloudckpt.list_checkpoints("s3://bucket/run", options)
+        with pytest.raises(cloudckpt.ConfigError) as transport:
+            transport_for({**options, "key": "AKIDEP", "secret": "s3-secret-value"})
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    for error in (info.value, listing.value, transport.value):
+        assert_secret_free(secret, str(error), full_traceback(error))
+        assert "endpoint_url" in str(error) and "key/secret" in str(error)
+    assert f"'http://***@127.0.0.1:{port}' for 's3://bucket/run'" in str(info.value)

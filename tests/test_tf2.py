@@ -488,3 +488,23 @@ def test_rollbacks_on_purpose_still_save_from_the_older_step(cloudckpt_s3, tmp_p
     assert cloudckpt.latest_checkpoint(url, options).step == 22
     assert all_steps(url, options) == [(10, "committed"), (20, "committed"), (22, "committed"),
                                        (25, "superseded"), (30, "superseded")]
+
+
+@pytest.mark.parametrize("checkpoint", ["model.ckpt", None, tf.Variable(1.0)])
+def test_a_checkpoint_that_is_not_a_tf_checkpoint_is_refused_before_anything_starts(checkpoint, memory_url, tmp_path):
+    """TF's manager takes anything: the first save failed with an AttributeError from deep in TF, and the
+    manager's close at exit printed another traceback."""
+    local = tmp_path / "local"
+    with pytest.raises(cloudckpt.ConfigError, match="checkpoint must be a tf.train.Checkpoint, got a value of type"):
+        cloudckpt.CheckpointManager(checkpoint, memory_url, max_to_keep=1, local_dir=str(local))
+    assert not local.exists()
+
+
+@pytest.mark.parametrize("name", ["", "../ckpt", "sub/ckpt"])
+def test_a_checkpoint_name_that_is_no_plain_file_name_is_refused(name, memory_url, tmp_path):
+    """Was: every save went unnoticed: nothing committed and no error ('../ckpt' saved outside local_dir)."""
+    local = tmp_path / "local"
+    with pytest.raises(cloudckpt.ConfigError, match="checkpoint_name must be a plain file name"):
+        cloudckpt.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), memory_url, max_to_keep=1,
+                                    checkpoint_name=name, local_dir=str(local))
+    assert not local.exists()

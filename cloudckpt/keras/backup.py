@@ -50,7 +50,7 @@ from ..preemption import PreemptionWatcher
 from ..retention import RetentionPolicy
 from ..retry import RetryPolicy
 from ..transfer import TransferOptions
-from ..urls import is_local_path
+from ..urls import as_url, is_local_path
 from ._backend import keras, optimizer_built, set_initial_epoch
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
@@ -166,7 +166,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if not backup_dir:
             raise ConfigError("Empty backup_dir: pass the URL of a directory for this run's backups.")
         check_positive_int_or_epoch("save_freq", save_freq)
-        self.backup_dir = os.fspath(backup_dir)
+        self.backup_dir = as_url(backup_dir, "backup_dir")
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
         local = os.path.abspath(local_dir if local_dir is not None

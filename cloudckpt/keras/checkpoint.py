@@ -52,7 +52,7 @@ from ..engine import CheckpointEngine, default_local_dir, ensure_writable
 from ..errors import ConfigError
 from ..layout import KERAS_MODEL, basename_of
 from ..transfer import TransferOptions
-from ..urls import display_url
+from ..urls import as_url, display_url
 from ._backend import LEGACY, keras
 from ._lifecycle import EngineLifecycle, check_positive_int_or_epoch, iterations
 
@@ -101,7 +101,8 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
     Raises:
         ConfigError: (a ``ValueError``) a wrong extension, format fields in the
             directory part, an invalid ``save_freq``, an unusable URL; when training
-            begins: a missing bucket.
+            begins: a missing bucket; at a save: a format field of the file name that
+            is not a logged metric (Keras' own ``KeyError`` would quote the raw URL).
         UploadError / FencedError: during ``fit``, a file could not be committed
             (raised at the next batch or epoch end, or in ``on_train_end``).
         ImportError: this Keras' ModelCheckpoint lacks the methods this class builds on.
@@ -129,7 +130,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             raise ImportError(f"cloudckpt.keras.ModelCheckpoint builds on keras.callbacks.ModelCheckpoint's {missing}, "
                               f"which Keras {keras.__version__} does not have; use Keras 3.5 to 3.15"
                               + (" (TF_USE_LEGACY_KERAS is set: tf-keras is not supported here)." if LEGACY else "."))
-        filepath = os.fspath(filepath)
+        filepath = as_url(filepath, "filepath")
         directory, _, name = filepath.rpartition("/")
         if not name or "{" in directory or "}" in directory:
             raise ConfigError(f"ModelCheckpoint filepath {display_url(filepath)!r} must be <directory URL>/<file name "
@@ -196,11 +197,21 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         """Keras decides (``_should_save_model``: ``save_best_only``, ``monitor``...); the file is written to
         ``local_dir`` under its stored name and queued for commit."""
         logs = logs or {}
-        url = self._get_file_path(epoch, batch, logs)
+        missing: str | None = None
+        try:
+            url = self._get_file_path(epoch, batch, logs)
+        except KeyError as exc:  # Keras' message quotes the raw filepath, credentials and all: not kept
+            missing = str(exc.__context__ if isinstance(exc.__context__, KeyError) else exc)
+        if missing is not None:  # raised outside the handler: Keras' KeyError rides along as no __context__
+            raise ConfigError(
+                f"ModelCheckpoint filepath {display_url(self.filepath)!r} names a format field that is not a "
+                f"logged metric ({missing}); fields available: epoch, batch, {', '.join(sorted(logs)) or 'none'}. "
+                "Fix the file name template (e.g. monitor 'val_' metrics only with validation data).")
         name = url[len(self.directory) + 1:] if url.startswith(self.directory + "/") else url
         if "/" in name or not name:
-            raise ConfigError(f"ModelCheckpoint file name {name!r} (formatted from {self.filepath!r}) is not a plain "
-                              "file name: a checkpoint directory is flat.")
+            raise ConfigError(f"ModelCheckpoint file name {display_url(name)!r} (formatted from "
+                              f"{display_url(self.filepath)!r}) is not a plain file name: a checkpoint directory "
+                              "is flat.")
         if not self._should_save_model(epoch, batch, logs, display_url(url)):
             return
         stem, ext = _split_extension(name)
