@@ -131,8 +131,8 @@ class S3ResponseError(OSError):
     """
 
     def __init__(self, status: int, code: str | None, message: str, where: str) -> None:
-        label = code or f"HTTP {status}"
-        super().__init__(errno.EIO, f"{label} ({status}) for {where}: {message}".rstrip(": "))
+        label = f"{code} ({status})" if code else f"HTTP {status}"  # a HEAD's answer has no body: no code
+        super().__init__(errno.EIO, f"{label} for {where}: {message}".rstrip(": "))
         self.status = status
         self.code = code
         self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
