@@ -142,9 +142,9 @@ def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer |
     manifest = info.manifest_url.rsplit("/", 1)[-1]
     if writer is None and info.writer_id is not None:  # a version 2 commit: announced in its log
         writer = Writer(store, role="maintenance")
-    if writer is None:
+    if writer is None:  # the manifest first (un-committed), then its files: in bulk where the store can
         store.delete([manifest])
-        store.delete([f.name for f in info.files])
+        store.delete_before([f.name for f in info.files], deadline=float("inf"))
         return True
     return writer.delete([manifest, *(f.name for f in info.files)], retire=(info.commit_id or "",),
                          reason=f"retention of step {info.step} ({info.status})", planned_at=planned_at)
@@ -174,7 +174,7 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
             if not writer.delete(names, reason=f"debris of step {inc.step}", planned_at=planned_at):
                 continue
         else:
-            store.delete(names)
+            store.delete_before(names, deadline=float("inf"))  # in bulk where the store can
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
     if any(c.layout == DEFAULT_LAYOUT for c in plan.delete):  # TF's state file names TF checkpoints only
         write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
