@@ -602,6 +602,11 @@ class RemoteStore:
         return self._run("upload", self.url_of(name), create_remote)
 
     @property
+    def deletes_in_bulk(self) -> bool:
+        """True when ``delete_before`` deletes many objects a request (S3 DeleteObjects, GCS batches)."""
+        return self._bulk_deletes
+
+    @property
     def copies_parts(self) -> bool:
         """True when uploads copy byte ranges of existing objects server-side (``s3://`` through
         cloudckpt's transport: ``UploadPartCopy``; unless ``TransferOptions.incremental`` is False);

@@ -172,6 +172,18 @@ def test_requests_at_50_checkpoints_do_not_grow_per_checkpoint_beyond_one_get(co
         assert counts["HEAD"] == 0, (command, counts)
         assert counts["GET"] == n + entries + data_gets and counts["GET_MANIFEST"] == n, (command, counts)
         assert counts["LIST"] <= 4, (command, counts)  # verify --all listed once per checkpoint
+
+    # (d) `cloudckpt gc --keep 5`: 45 checkpoints retired by one log entry, their objects gone in one request
+    # (was a log listing, a log entry and a bulk delete per checkpoint).
+    start = len(proxy.events)
+    assert cli.main(["gc", url, "--keep", "5", "-o", f"endpoint_url={proxy.url}"]) == 0, capsys.readouterr()
+    counts = by_operation(proxy, start)
+    assert counts["BULK_DELETE"] == 1 and counts["DELETE"] == 0 and counts["HEAD"] == 0, counts
+    assert counts["PUT"] <= 2 and counts["LIST"] <= 5, counts  # the delete entry and the state file
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == list(range(n - 3, n + 2))
+    assert_all_committed_intact(url, direct)
+    remaining = {o.name.split(".")[0] for o in RemoteStore(url, direct).list_objects()}
+    assert not remaining & {f"ckpt-{step}" for step in range(2, n - 3)}, sorted(remaining)
     capsys.readouterr()
 
 
