@@ -155,7 +155,8 @@ class ManifestCache:
 def scan_directory(store: RemoteStore, *, objects: list[RemoteObject] | None = None,
                    state: LogState | None = None) -> DirectoryScan:
     """Read the commit log (cached), then list the directory once and read every committed manifest
-    (version 2 manifests this store read or wrote before come from ``ManifestCache``).
+    (at once, ``RemoteStore.read_many``; version 2 manifests this store read or wrote before come from
+    ``ManifestCache``).
 
     The log is read first: a commit it names has its manifest in place already,
     so the listing cannot miss it (while the log gains entries during a listing).
@@ -198,7 +199,7 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
     records = [record for record in state.live() if record.manifest in present]
     cache = ManifestCache.of(store)
     # Manifests not cached (a process that starts reads them all): one concurrent read, one GET each.
-    read = store.read_many([r.manifest for r in records
+    read = store.read_many([manifest_name(r.prefix) for r in records
                             if cache.get(r.manifest, None if r.legacy else r.commit_id, sizes.get(r.manifest)) is None])
     for record in records:
         try:
