@@ -155,15 +155,18 @@ class ManifestCache:
 def scan_directory(store: RemoteStore, *, objects: list[RemoteObject] | None = None,
                    state: LogState | None = None) -> DirectoryScan:
     """Read the commit log (cached), then list the directory once and read every committed manifest
-    (version 2 manifests this store read or wrote before come from ``ManifestCache``).
+    (at once, ``RemoteStore.read_many``; version 2 manifests this store read or wrote before come from
+    ``ManifestCache``).
 
     The log is read first: a commit it names has its manifest in place already,
     so the listing cannot miss it (while the log gains entries during a listing).
     A writer that has just listed the directory and appended to the log passes
     both (``objects``, ``state``): nothing more is listed (one scan per commit).
+    A writer that has just read the log (a non-empty one) passes ``state``: only
+    the directory is listed.
     """
-    if state is not None and objects is not None:
-        return _scan_logged(store, objects, state)
+    if state is not None:
+        return _scan_logged(store, store.list_objects() if objects is None else objects, state)
     entries = CommitLog.of(store).refresh()
     objects = store.list_objects() if objects is None else objects
     if entries:
@@ -171,9 +174,10 @@ def scan_directory(store: RemoteStore, *, objects: list[RemoteObject] | None = N
     committed: list[CheckpointInfo] = []
     unreadable: dict[str, ManifestError] = {}
     manifest_prefixes = committed_prefixes([o.name for o in objects])
+    read = store.read_many([manifest_name(prefix) for prefix, _ in manifest_prefixes])
     for prefix, step in manifest_prefixes:
         try:
-            manifest = _read_checked(store, prefix, step)
+            manifest = _checked(store, prefix, step, read[manifest_name(prefix)])
         except ManifestError as exc:
             unreadable[manifest_name(prefix)] = exc
             continue
@@ -192,11 +196,14 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
     superseded: list[CheckpointInfo] = []
     unreadable: dict[str, ManifestError] = {}
     claimed: set[str] = set()
-    for record in state.live():
-        if record.manifest not in present:
-            continue
+    records = [record for record in state.live() if record.manifest in present]
+    cache = ManifestCache.of(store)
+    # Manifests not cached (a process that starts reads them all): one concurrent read, one GET each.
+    read = store.read_many([manifest_name(r.prefix) for r in records
+                            if cache.get(r.manifest, None if r.legacy else r.commit_id, sizes.get(r.manifest)) is None])
+    for record in records:
         try:
-            manifest = read_committed_manifest(store, record, sizes.get(record.manifest))
+            manifest = read_committed_manifest(store, record, sizes.get(record.manifest), read)
         except ManifestError as exc:
             unreadable[record.manifest] = exc
             claimed.add(record.prefix)
@@ -213,10 +220,12 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
     return DirectoryScan(committed, _debris(store, objects, claimed), unreadable, objects, superseded, state)
 
 
-def read_committed_manifest(store: RemoteStore, record: CommitRecord, size: int | None) -> Manifest | None:
+def read_committed_manifest(store: RemoteStore, record: CommitRecord, size: int | None,
+                            read: Mapping[str, bytes | None] | None = None) -> Manifest | None:
     """The manifest a live commit ``record`` names (``size``: its listed size), from ``ManifestCache``
     when it holds that commit's manifest, else read (and checked against its name) and remembered.
-    None if it vanished since the listing.
+    None if it vanished since the listing. ``read``: bytes already read by name (``RemoteStore.read_many``),
+    used instead of reading it again.
 
     Raises:
         ManifestError: it cannot be parsed, or describes another checkpoint than its name says.
@@ -224,13 +233,15 @@ def read_committed_manifest(store: RemoteStore, record: CommitRecord, size: int 
     cached = ManifestCache.of(store).get(record.manifest, None if record.legacy else record.commit_id, size)
     if cached is not None:
         return cached
-    return _read_checked(store, record.prefix, record.step)
+    name = manifest_name(record.prefix)
+    data = read[name] if read is not None and name in read else store.read_bytes(name)
+    return _checked(store, record.prefix, record.step, data)
 
 
-def _read_checked(store: RemoteStore, prefix: str, step: int) -> Manifest | None:
-    """The manifest of ``prefix`` (None if it vanished since the listing), checked against its name."""
+def _checked(store: RemoteStore, prefix: str, step: int, data: bytes | None) -> Manifest | None:
+    """The manifest of ``prefix`` parsed from ``data`` (None: it vanished since the listing), checked
+    against its name."""
     name = manifest_name(prefix)
-    data = store.read_bytes(name)
     if data is None:
         return None
     manifest = parse_manifest(data, url=store.url_of(name))

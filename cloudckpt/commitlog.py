@@ -27,7 +27,6 @@ import socket
 import threading
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,6 @@ ENTRY_KINDS = ("writer", "commit", "delete")
 PARTITION = 100  # entries per log partition (directory)
 _ENTRY_NAME = re.compile(r"^(\d{20})\.json$")
 _PARTITION_NAME = re.compile(r"^\d{10}$")
-_READ_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -173,14 +171,10 @@ class CommitLog:
 
     # -- internals -------------------------------------------------------------------------------
     def _read_many(self, indices: list[int], listed: dict[int, RemoteObject]) -> None:
-        if len(indices) > 1:  # a store opened fresh reads a whole partition: in parallel
-            with ThreadPoolExecutor(max_workers=min(_READ_CONCURRENCY, len(indices)),
-                                    thread_name_prefix="cloudckpt-log") as pool:
-                read = list(pool.map(lambda i: self._read(i, listed[i]), indices))
-        else:
-            read = [self._read(i, listed[i]) for i in indices]
-        for entry in read:
-            self._remember(entry)
+        # A store opened fresh reads a whole partition: one concurrent read (RemoteStore.read_many).
+        data = self.store.read_many([entry_name(i) for i in indices])
+        for i in indices:
+            self._remember(self._parse(i, data[entry_name(i)], listed[i]))
 
     def _write_snapshot(self, last: int) -> None:
         """Best effort: every entry up to ``last`` into the next partition's snapshot (create-only)."""
@@ -221,9 +215,15 @@ class CommitLog:
                 self._entries[entry.index] = entry
 
     def _read(self, index: int, listed: RemoteObject | None) -> LogEntry:
-        name = entry_name(index)
-        data = self.store.read_bytes(name)
-        url = self.store.url_of(name)
+        return self._parse(index, self.store.read_bytes(entry_name(index)), listed)
+
+    def _parse(self, index: int, data: bytes | None, listed: RemoteObject | None) -> LogEntry:
+        """Entry ``index`` from its object's bytes (None: missing).
+
+        Raises:
+            ManifestError: missing, or not a readable log document of a version this cloudckpt reads.
+        """
+        url = self.store.url_of(entry_name(index))
         if data is None:
             raise ManifestError(f"Commit log entry {url} was listed but cannot be read; entries are never deleted.")
         try:

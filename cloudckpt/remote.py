@@ -138,6 +138,10 @@ class RemoteStore:
             self._transport = self._s3_transport(storage_options, sizes)
             if self._transport is not None:
                 self._transport.cancel = self.cancel
+        # s3fs's cat_file HEADs an object to size a concurrent ranged read unless max_concurrency is 1:
+        # manifests and log entries are small, one GET each.
+        self._cat_options: dict[str, Any] = {"max_concurrency": 1} if protocol in _S3_PROTOCOLS and \
+            "max_concurrency" in _parameters(getattr(self.fs, "_cat_file", None)) else {}
         if protocol in _S3_PROTOCOLS and "retries" not in (storage_options or {}).get("config_kwargs", {}):
             self.fs.retries = 1  # s3fs's own retry loop: a class attribute, so set on our private instance
         # fsspec paths (s3fs fallback, gcsfs): part / chunk sizes bound the memory of a file in flight (part
@@ -427,15 +431,56 @@ class RemoteStore:
         return self._run("verify", self.url_of(name), attempt)
 
     def read_bytes(self, name: str) -> bytes | None:
-        """Whole content of a small object (manifest, state file), or None if it does not exist."""
+        """Whole content of a small object (manifest, state file), or None if it does not exist.
+
+        One request on S3 (a GET; s3fs would HEAD first to size a concurrent read)."""
         def cat() -> bytes | None:
             self.fs.invalidate_cache(self.path(name))  # s3fs sizes the read from a cached listing
             try:
-                return self.fs.cat_file(self.path(name))
+                return self.fs.cat_file(self.path(name), **self._cat_options)
             except FileNotFoundError as exc:
                 self._raise_if_no_bucket(exc)
                 return None
         return self._run("read", self.url_of(name), cat)
+
+    def read_many(self, names: Sequence[str]) -> dict[str, bytes | None]:
+        """``read_bytes`` of each of ``names`` (small objects: manifests, log entries), by name.
+
+        On an asynchronous backend (s3fs, gcsfs) the reads go out at once in one
+        ``cat`` (up to ``_READS_AT_ONCE`` in flight, one GET each); a read that
+        fails there, other than a missing object, is read again by ``read_bytes``
+        (retried by the policy, its error naming the object). Elsewhere, and for
+        names fsspec would expand as glob patterns, one ``read_bytes`` each.
+
+        Raises:
+            RemoteError / ConfigError: as ``read_bytes``, for the first object that cannot be read.
+        """
+        wanted = list(dict.fromkeys(names))
+        batch = [n for n in wanted if not _GLOB_CHARS.intersection(n)] \
+            if getattr(self.fs, "async_impl", False) and len(wanted) > 1 else []
+        found: dict[str, bytes | None] = {}
+        if len(batch) > 1:
+            paths = {self.path(n): n for n in batch}
+            try:
+                for path in paths:
+                    self.fs.invalidate_cache(path)
+                out = self.fs.cat(list(paths), on_error="return", batch_size=_READS_AT_ONCE, **self._cat_options)
+            except Exception as exc:  # noqa: BLE001 - each object is read again below, with retries
+                log.debug("Concurrent read of %d objects in %s failed (%s); reading them one by one.",
+                          len(paths), self.url, describe_cause(exc))
+                out = {}
+            for path, data in (out.items() if isinstance(out, dict) else ()):
+                name = paths.get(path)
+                if name is None:
+                    continue
+                if isinstance(data, (bytes, bytearray)):
+                    found[name] = bytes(data)
+                elif isinstance(data, FileNotFoundError) and not _no_such_bucket(data):
+                    found[name] = None
+        for name in wanted:
+            if name not in found:
+                found[name] = self.read_bytes(name)
+        return {name: found[name] for name in wanted}
 
     def open_read(self, name: str):  # noqa: ANN201 - fsspec file-like
         """Open ``name`` for streaming reads (caller closes)."""
@@ -569,6 +614,11 @@ class RemoteStore:
                 return False
             return True
         return self._run("upload", self.url_of(name), create_remote)
+
+    @property
+    def deletes_in_bulk(self) -> bool:
+        """True when ``delete_before`` deletes many objects a request (S3 DeleteObjects, GCS batches)."""
+        return self._bulk_deletes
 
     @property
     def copies_parts(self) -> bool:
@@ -830,6 +880,7 @@ def _unlink_quietly(path: str) -> None:
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _HEADS_AT_ONCE = 8  # concurrent HEADs of stored_crc32c
+_READS_AT_ONCE = 32  # concurrent GETs of small objects in read_many (the client's connection pool may queue them)
 # Read-ahead block of read_crc32c's fsspec reads: each request fetches one read (manifest._READ_CHUNK, 1 MiB)
 # plus one block. s3fs's default block (50 MiB) cost ~110-150 MiB of RSS per file read at once; measured on
 # SeaweedFS, s3fs, 3 files of 96 MiB at once, peak RSS growth: 1 MiB blocks 27 MiB, 2 MiB 32, 4 MiB 51.
@@ -896,6 +947,16 @@ def _check_s3fs_options(cls: type, options: Mapping[str, Any]) -> None:
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown s3fs option(s) {', '.join(unknown)} (see s3fs.S3FileSystem's arguments)")
+
+
+def _parameters(fn: Any) -> frozenset[str]:
+    """The parameter names of ``fn`` (empty when it is None or has no signature)."""
+    import inspect  # noqa: PLC0415
+
+    try:
+        return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def _shared_aiobotocore_session() -> Any:

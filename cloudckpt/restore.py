@@ -13,14 +13,14 @@ import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
 from .interrupt import cancelling_pool
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
-from .remote import RemoteStore, open_directory
+from .remote import RemoteObject, RemoteStore, open_directory
 from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
@@ -234,7 +234,8 @@ def _integrity_error(store: RemoteStore, info: CheckpointInfo, check: FileCheck,
 
 def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
                       progress: Callable[[int], None] | None = None, *,
-                      use_store_checksums: bool = False) -> VerifyReport:
+                      use_store_checksums: bool = False,
+                      objects: Iterable[RemoteObject] | None = None) -> VerifyReport:
     """Check every file of ``info`` against its manifest.
 
     A file missing from a fresh listing, or listed with another size than its
@@ -247,12 +248,14 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     (``RemoteStore.stored_crc32c``: S3 full-object CRC32C by HEAD, GCS's
     crc32c) equals the manifest's is passed without reading it; a differing
     or absent figure is settled by re-reading. ``progress(delta_bytes)`` is
-    called as bytes are read (from several threads).
+    called as bytes are read (from several threads). ``objects``: a listing of the
+    directory just made (``DirectoryScan.objects``), used instead of listing it again
+    (a file deleted since is read as missing).
 
     Raises:
         RemoteError: a file cannot be read (retries exhausted, access denied...).
     """
-    sizes = {o.name: o.size for o in store.list_objects()}
+    sizes = {o.name: o.size for o in (store.list_objects() if objects is None else objects)}
     readable = [e for e in info.files if sizes.get(e.name) == e.size]
     stored = store.stored_crc32c([e.name for e in readable]) if use_store_checksums and readable else {}
     files_at_once, per_file = _streams_split(store, len(readable))  # the same connection budget as a download
@@ -342,7 +345,9 @@ def verify_checkpoints(
     for target in _verify_targets(store, scan, step, all_steps):
         if isinstance(target, CheckpointInfo):
             count = (lambda n, info=target: progress(info, n)) if progress is not None else None
-            report = verify_checkpoint(store, target, count, use_store_checksums=use_store_checksums)
+            # The scan's listing serves every checkpoint (a retired one is told apart below).
+            report = verify_checkpoint(store, target, count, use_store_checksums=use_store_checksums,
+                                       objects=scan.objects)
             if not report.ok and _retired_since(store, target):
                 report = replace(report, retired=True)
         else:
@@ -462,19 +467,21 @@ def pull_checkpoint(
     else:
         info = select_checkpoint(store, scan, step)
     count = (lambda n: progress(info, n)) if progress is not None else None
-    local_prefix = download_verified(store, info, local_dir, progress=count)
+    local_prefix = download_verified(store, info, local_dir, progress=count, objects=scan.objects)
     return PullResult(url=store.url, checkpoint=info, local_prefix=local_prefix, passed_over=passed_over)
 
 
 def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
-                      progress: Callable[[int], None] | None = None) -> str:
+                      progress: Callable[[int], None] | None = None, *,
+                      objects: Iterable[RemoteObject] | None = None) -> str:
     """Download ``info`` into ``local_dir`` through a temporary directory; see ``download_checkpoint``.
 
-    ``progress(delta_bytes)`` is called as bytes arrive (from several threads).
+    ``progress(delta_bytes)`` is called as bytes arrive (from several threads). ``objects``: a listing
+    of the directory just made (``DirectoryScan.objects``), used instead of listing it again.
     """
     local_dir = os.path.abspath(local_dir)
     os.makedirs(local_dir, exist_ok=True)
-    present = {o.name for o in store.list_objects()}
+    present = {o.name for o in (store.list_objects() if objects is None else objects)}
     for entry in info.files:
         if entry.name not in present:
             raise _integrity_error(store, info, _check(entry, None, None))

@@ -29,6 +29,7 @@ from typing import Sequence
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .errors import IntegrityError
 from .layout import TF, PrefixLayout, parse_manifest_name, state_file_prefix, step_of
+from .lineage import LogState
 from .manifest import crc32c_of_file
 from .remote import RemoteStore
 from .restore import download_verified
@@ -55,8 +56,9 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
     """
     outcome: dict[str, object] = {}
 
-    def decide(_state: object) -> str | None:
-        scan = scan_directory(store)
+    def decide(state: LogState) -> str | None:
+        # The writer has just read the log (``state``): the scan lists the directory, not the log again.
+        scan = scan_directory(store, state=state if state.last_index else None)
         outcome["scan"] = scan
         restored, resumed = resume_point(store, scan, local_dir, download=download, layout=layout)
         outcome["restored"] = restored
@@ -209,7 +211,7 @@ def _download_first(store: RemoteStore, scan: DirectoryScan, candidates: Sequenc
         try:
             if isinstance(item, Exception):
                 raise item
-            download_verified(store, item, local_dir)
+            download_verified(store, item, local_dir, objects=scan.objects)
         except IntegrityError as exc:
             failed.append(f"step {step}: {exc}")
             log.error("Committed checkpoint step %d failed verification: %s Falling back to the next older "

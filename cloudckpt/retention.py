@@ -142,12 +142,23 @@ def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer |
     manifest = info.manifest_url.rsplit("/", 1)[-1]
     if writer is None and info.writer_id is not None:  # a version 2 commit: announced in its log
         writer = Writer(store, role="maintenance")
-    if writer is None:
+    if writer is None:  # the manifest first (un-committed), then its files: in bulk where the store can
         store.delete([manifest])
-        store.delete([f.name for f in info.files])
+        store.delete_before([f.name for f in info.files], deadline=float("inf"))
         return True
-    return writer.delete([manifest, *(f.name for f in info.files)], retire=(info.commit_id or "",),
-                         reason=f"retention of step {info.step} ({info.status})", planned_at=planned_at)
+    return _retire_and_delete([info], writer, planned_at)
+
+
+def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at: int | None) -> bool:
+    """Retire the commits of ``doomed`` with one ``delete`` log entry, then delete their manifests and
+    files (manifests first; in bulk where the store can: one request per 1000 names). False if the log
+    gained commits or writers after ``planned_at`` (nothing was deleted: plan again), or the deletion
+    window closed first (what is left is uncommitted debris)."""
+    names = [c.manifest_url.rsplit("/", 1)[-1] for c in doomed] + [f.name for c in doomed for f in c.files]
+    reason = (f"retention of step {doomed[0].step} ({doomed[0].status})" if len(doomed) == 1
+              else f"retention of steps {', '.join(f'{c.step} ({c.status})' for c in doomed)}")
+    return writer.delete(names, retire=tuple(c.commit_id or "" for c in doomed), reason=reason,
+                         planned_at=planned_at)
 
 
 def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None) -> None:
@@ -163,18 +174,25 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
     else:
         writer = writer or Writer(store, role="maintenance")
         planned_at = plan.log.last_index
-    for info in plan.delete:
-        if not delete_checkpoint(store, info, writer, planned_at=planned_at):
+    # With a log on a store that deletes in bulk, all of them at once: one delete entry, then one request per
+    # 1000 objects (not a log append and a request per checkpoint). Elsewhere (a request per object anyway)
+    # checkpoint by checkpoint, so that a crash midway leaves the newer ones of the plan committed.
+    together = writer is not None and store.deletes_in_bulk and plan.delete
+    for batch in ([list(plan.delete)] if together else [[c] for c in plan.delete]):
+        done = _retire_and_delete(batch, writer, planned_at) if writer is not None \
+            else delete_checkpoint(store, batch[0])
+        if not done:
             log.info("Retention: %s changed while deleting; the rest waits for the next pass.", store.url)
             break
-        log.info("Retention: deleted checkpoint step %d (%s) from %s.", info.step, info.status, store.url)
+        for info in batch:
+            log.info("Retention: deleted checkpoint step %d (%s) from %s.", info.step, info.status, store.url)
     for inc in plan.debris:
         names = [o.name for o in inc.objects]
         if writer is not None:
             if not writer.delete(names, reason=f"debris of step {inc.step}", planned_at=planned_at):
                 continue
         else:
-            store.delete(names)
+            store.delete_before(names, deadline=float("inf"))  # in bulk where the store can
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
     if any(c.layout == DEFAULT_LAYOUT for c in plan.delete):  # TF's state file names TF checkpoints only
         write_state_file(store, fold(writer.log.cached()) if writer is not None else None)

@@ -21,6 +21,7 @@ from cloudckpt import CheckpointEngine, TransferOptions
 from cloudckpt.engine import STAGING_DIR
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retention import RetentionPolicy
+from cloudckpt.retry import RetryPolicy
 from cloudckpt.s3_transport import PART_SIZE, PARTS_IN_FLIGHT
 from cloudckpt.testing import assert_committed
 from support.checks import assert_all_committed_intact, read_scalars
@@ -94,6 +95,118 @@ def test_one_directory_listing_per_commit_and_manifests_read_once_per_process(co
         assert (counts["dir_listings"], counts["manifest_gets"], counts["bulk_deletes"]) == (1, 0, 1), (step, counts)
     engine.close()
     assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [7, 8]
+
+
+def by_operation(proxy: FaultProxy, start: int) -> dict[str, int]:
+    """Requests after event ``start`` by S3 operation: HEAD, GET (objects), LIST, PUT, DELETE (one key),
+    BULK_DELETE (DeleteObjects), and HEAD_JSON / GET_MANIFEST / GET_LOG (small objects, by kind)."""
+    counts = dict.fromkeys(("HEAD", "GET", "LIST", "PUT", "DELETE", "BULK_DELETE", "HEAD_JSON", "GET_MANIFEST",
+                            "GET_LOG"), 0)
+    for method, path, _ in proxy.events[start:]:
+        parts = urlsplit(path)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if method == "GET" and "list-type" in query:
+            counts["LIST"] += 1
+        elif method == "POST" and "delete" in query:
+            counts["BULK_DELETE"] += 1
+        elif method in counts:
+            counts[method] += 1
+            if method == "HEAD" and parts.path.endswith(".json"):
+                counts["HEAD_JSON"] += 1
+            elif method == "GET" and parts.path.endswith(".manifest.json"):
+                counts["GET_MANIFEST"] += 1
+            elif method == "GET" and "/.cloudckpt/log/" in parts.path:
+                counts["GET_LOG"] += 1
+    return counts
+
+
+def test_requests_at_50_checkpoints_do_not_grow_per_checkpoint_beyond_one_get(counted, tmp_path, capsys):
+    """At 50 committed checkpoints: a process that resumes reads each manifest and log entry with one GET
+    (no HEAD first) and lists a constant number of times; a commit with retention lists once and deletes in
+    bulk; `cloudckpt ls` and `verify --all` list the directory once, not once per checkpoint."""
+    url, proxy, options, direct = counted
+    n = 50
+    engine = CheckpointEngine(url, str(tmp_path / "a"), storage_options=direct,
+                              retention=RetentionPolicy(max_to_keep=n))
+    engine.open()
+    engine.resume()
+    for step in range(1, n + 1):
+        engine.submit(step, write_checkpoint(tmp_path / "a", step))
+        engine.wait(120)
+    engine.close()
+    entries = len(RemoteStore(url, direct).list_under(".cloudckpt/log/0000000000"))  # < 100: one partition
+
+    # (a) A new process: begin, resume (restore the newest).
+    start = len(proxy.events)
+    engine = CheckpointEngine(url, str(tmp_path / "b"), storage_options=options,
+                              retention=RetentionPolicy(max_to_keep=n))
+    engine.open()
+    restored = engine.resume()
+    assert restored is not None and restored.step == n
+    counts = by_operation(proxy, start)
+    files = len(restored.files)
+    assert counts["HEAD_JSON"] == 0 and counts["HEAD"] <= files, counts  # was one HEAD per manifest and entry
+    assert counts["GET_MANIFEST"] == n and counts["GET_LOG"] == entries, counts
+    assert counts["GET"] == n + entries + files, counts
+    assert counts["LIST"] <= 4, counts  # the bucket check, the log (partitions, entries), the directory
+    assert counts["PUT"] == 1 and counts["DELETE"] == counts["BULK_DELETE"] == 0, counts  # the writer entry
+
+    # (b) One more commit; retention deletes the oldest.
+    start = len(proxy.events)
+    engine.submit(n + 1, write_checkpoint(tmp_path / "b", n + 1))
+    engine.wait(120)
+    engine.close()
+    counts = by_operation(proxy, start)
+    assert counts["GET"] == counts["HEAD"] == 0, counts  # manifests cached, the log read since resume
+    assert counts["LIST"] <= 4 and counts["BULK_DELETE"] == 1 and counts["DELETE"] == 0, counts
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == list(range(2, n + 2))
+
+    # (c) The CLI: every manifest and log entry once, the directory listed once (plus the bucket check).
+    from cloudckpt import cli
+
+    entries = len(RemoteStore(url, direct).list_under(".cloudckpt/log/0000000000"))
+    for command, data_gets in ((["ls"], 0), (["verify", "--all"], 2 * n)):
+        start = len(proxy.events)
+        assert cli.main([*command, url, "-o", f"endpoint_url={proxy.url}"]) == 0, capsys.readouterr()
+        counts = by_operation(proxy, start)
+        assert counts["HEAD"] == 0, (command, counts)
+        assert counts["GET"] == n + entries + data_gets and counts["GET_MANIFEST"] == n, (command, counts)
+        assert counts["LIST"] <= 4, (command, counts)  # verify --all listed once per checkpoint
+
+    # (d) `cloudckpt gc --keep 5`: 45 checkpoints retired by one log entry, their objects gone in one request
+    # (was a log listing, a log entry and a bulk delete per checkpoint).
+    start = len(proxy.events)
+    assert cli.main(["gc", url, "--keep", "5", "-o", f"endpoint_url={proxy.url}"]) == 0, capsys.readouterr()
+    counts = by_operation(proxy, start)
+    assert counts["BULK_DELETE"] == 1 and counts["DELETE"] == 0 and counts["HEAD"] == 0, counts
+    assert counts["PUT"] <= 2 and counts["LIST"] <= 5, counts  # the delete entry and the state file
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == list(range(n - 3, n + 2))
+    assert_all_committed_intact(url, direct)
+    remaining = {o.name.split(".")[0] for o in RemoteStore(url, direct).list_objects()}
+    assert not remaining & {f"ckpt-{step}" for step in range(2, n - 3)}, sorted(remaining)
+    capsys.readouterr()
+
+
+def test_read_many_is_one_get_each_and_keeps_retries_and_errors(counted):
+    """RemoteStore.read_many: one GET per object (no HEAD), a missing object is None, a read that fails in
+    the concurrent batch is read again with the retry policy, and a lasting failure names its object."""
+    url, proxy, options, _ = counted
+    store = RemoteStore(url, storage_options=options, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01))
+    names = [f"obj-{i}.json" for i in range(6)]
+    for name in names:
+        store.write_atomic(name, name.encode())
+    start = len(proxy.events)
+    assert store.read_many([*names, "absent.json"]) == {**{n: n.encode() for n in names}, "absent.json": None}
+    methods = [method for method, _, _ in proxy.events[start:]]
+    assert methods == ["GET"] * 7, methods
+
+    proxy.set_faults(only_methods=["GET"], path_filter=r"obj-3\.json")
+    proxy.fail_next("503", 2)  # the batch's read, then the first retry: the third attempt reads it
+    assert store.read_many(names)["obj-3.json"] == b"obj-3.json"
+    proxy.fail_next("500", 10)
+    with pytest.raises(cloudckpt.RemoteError, match=r"read .*/obj-3\.json failed: InternalError"):
+        store.read_many(names)
+    proxy.set_faults()
 
 
 def test_keys_a_bulk_delete_refused_are_an_error_not_a_deletion(counted, tmp_path):
