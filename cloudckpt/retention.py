@@ -155,8 +155,10 @@ def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at:
     gained commits or writers after ``planned_at`` (nothing was deleted: plan again), or the deletion
     window closed first (what is left is uncommitted debris)."""
     names = [c.manifest_url.rsplit("/", 1)[-1] for c in doomed] + [f.name for c in doomed for f in c.files]
-    reason = (f"retention of step {doomed[0].step} ({doomed[0].status})" if len(doomed) == 1
-              else f"retention of steps {', '.join(f'{c.step} ({c.status})' for c in doomed)}")
+    steps = [f"{c.step} ({c.status})" for c in doomed]
+    if len(steps) > 8:  # a log entry stays small whatever a gc removes
+        steps = [*steps[:4], f"... {len(steps) - 8} more ...", *steps[-4:]]
+    reason = f"retention of step {steps[0]}" if len(doomed) == 1 else f"retention of steps {', '.join(steps)}"
     return writer.delete(names, retire=tuple(c.commit_id or "" for c in doomed), reason=reason,
                          planned_at=planned_at)
 
