@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 from .errors import ConfigError, RemoteError
+from .shutdown import EXECUTORS_SHUT_DOWN
 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
@@ -79,12 +80,15 @@ def is_transient(exc: BaseException) -> bool:
     Throttling (S3 ``SlowDown``, HTTP 429), server errors (5xx, but 501 Not
     Implemented), timeouts and connection resets are transient. Access denied,
     missing buckets, bad credentials, features the store lacks and programming
-    errors are not.
+    errors are not; nor is a call made while the interpreter exits, after executors were shut down
+    (``shutdown.EXECUTORS_SHUT_DOWN``: asyncio's default executor resolves host names for aiobotocore).
     """
     chain = list(_chain(exc))
     for e in chain:
         if isinstance(e, RemoteError):
             return e.transient
+    if any(EXECUTORS_SHUT_DOWN in str(e) for e in chain):  # the interpreter is exiting: no retry can succeed
+        return False
     for e in chain:  # the service's own answer is the most precise signal
         status_code = _http_status_and_code(e)
         if status_code is not None:

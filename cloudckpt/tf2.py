@@ -35,7 +35,6 @@ instead of leaving the others blocked in the next collective.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import logging
 import os
@@ -59,6 +58,7 @@ from .urls import as_url
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
+from .shutdown import call_at_exit
 from .transfer import TransferOptions
 from .uploader import UploadStats
 
@@ -212,7 +212,7 @@ class CheckpointManager:
         self._stop_agreed = False  # multi-worker: the workers agreed to stop (a notice reached one of them)
         self.restored: CheckpointInfo | None = None
         self._engine.start_watching()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        call_at_exit(_close_at_exit, weakref.ref(self))
 
     # -- tf.train.CheckpointManager's API ---------------------------------------------------------
     @property

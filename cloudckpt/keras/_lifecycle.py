@@ -3,20 +3,20 @@
 Keras tells callbacks when training begins and ends normally, never that
 ``fit`` raised. So a callback that is not closed by ``on_train_end`` is
 closed by ``close()`` (also ``with callback:``) or, at the latest, at
-interpreter exit (``atexit``): the backups still uploading then get up to
+interpreter exit (``shutdown.call_at_exit``): the backups still uploading then get up to
 ``upload_timeout`` seconds to commit, the preemption watcher's SIGTERM
 handler is removed and no cloudckpt thread is left.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import weakref
 from typing import Any
 
 from ..engine import CheckpointEngine
 from ..errors import ConfigError
+from ..shutdown import call_at_exit
 from ..uploader import UploadStats
 from ._backend import to_int
 
@@ -56,7 +56,7 @@ class EngineLifecycle:
     def _init_lifecycle(self, engine: CheckpointEngine) -> None:
         self._engine = engine
         self._running = False  # between on_train_begin and on_train_end / close()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        call_at_exit(_close_at_exit, weakref.ref(self))
 
     # -- public ------------------------------------------------------------------------------------------
     @property
