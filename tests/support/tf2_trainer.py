@@ -83,7 +83,8 @@ def train(args: argparse.Namespace, options: dict) -> int:
         while True:
             train_step()
             current = int(step.numpy())
-            if current % args.save_every == 0 or manager.should_stop():
+            stop = manager.should_stop()  # once per step: a notice between two calls would skip the final save
+            if current % args.save_every == 0 or stop:
                 save_npz(os.path.join(args.expect_dir, f"expected-{current}.npz"), values(model, optimizer, step))
                 manager.save(checkpoint_number=current, options=save_options)
             print(f"STEP {current}", flush=True)
@@ -91,7 +92,7 @@ def train(args: argparse.Namespace, options: dict) -> int:
             if last is not None and last != committed:
                 committed = last
                 print(f"COMMITTED {last}", flush=True)
-            if manager.should_stop():
+            if stop:
                 manager.close()
                 print(f"PREEMPTED {current} {manager.stats().last_committed_step}", flush=True)
                 return 0
