@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "Inspect, verify, fetch, upload and clean TensorFlow checkpoints in object stores (S3, GCS or any "
             "fsspec URL). A checkpoint counts as committed only when its manifest (<prefix>.manifest.json, "
-            "listing every file's size and crc32c) is present.", 79),
+            "listing every file's size and crc32c) is written and the directory's commit log "
+            "(.cloudckpt/log) records its commit.", 79),
         epilog="Run 'cloudckpt COMMAND --help' for a command's options.\n\n" + STORAGE_OPTIONS_HELP)
     parser.add_argument("--version", action="version", version=f"cloudckpt {__version__}",
                         help="print the version and exit")

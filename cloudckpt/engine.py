@@ -233,9 +233,10 @@ class CheckpointEngine:
         ``finish``/``close``. The uploader thread starts with the first ``submit``.
 
         Raises:
-            ConfigError: the store cannot be used (no such bucket, rejected credentials, a file as directory);
-                ``summary_dir`` cannot be created.
-            RemoteError: the store could not be reached after retries.
+            ConfigError: the store cannot be used (no such bucket, a file as directory); ``summary_dir``
+                cannot be created.
+            RemoteError: the store rejected the credentials or may not be listed with them (not retried),
+                or could not be reached after retries.
         """
         self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
         self._store.check_usable()

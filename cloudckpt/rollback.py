@@ -80,6 +80,6 @@ def rollback(url: str, step: int, *, storage_options: Mapping[str, Any] | None =
     write_state_file(store)
     after = scan_directory(store)
     latest = after.committed[-1] if after.committed else target
-    log.warning("Rolled back %s to step %d; %d newer checkpoint(s) are superseded; running writers are fenced.",
+    log.info("Rolled back %s to step %d; %d newer checkpoint(s) are superseded; running writers are fenced.",
                 store.url, step, len([c for c in after.superseded if c.step > step]))
     return RollbackResult(latest=latest, superseded=after.superseded, writer_id=writer.writer_id)

@@ -544,3 +544,17 @@ def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "max_download_streams must be an integer in [1, 64]" in one_error_line(err), err
     assert not (tmp_path / "dest").exists()
+
+
+def test_python_dash_m_cloudckpt_is_the_cli(tmp_path):
+    """``python -m cloudckpt`` runs the same command line as the console script (a checkout without it
+    installed); its exit codes too."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shown = subprocess.run([sys.executable, "-m", "cloudckpt", "ls", str(empty), "--json"], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == []
+    missing = subprocess.run([sys.executable, "-m", "cloudckpt", "verify", str(empty)], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == cli.EXIT_CHECK_FAILED and "No committed checkpoint" in missing.stderr, missing.stderr

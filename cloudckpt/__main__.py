@@ -1,0 +1,5 @@
+"""``python -m cloudckpt``: the ``cloudckpt`` command line (``cloudckpt.cli``)."""
+
+from .cli import main
+
+raise SystemExit(main())
