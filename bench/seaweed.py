@@ -15,6 +15,7 @@ missing, ``start`` raises.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -118,6 +119,7 @@ class SeaweedS3(ServerProcess):
                     if client.get_object(Bucket=probe, Key="probe")["Body"].read() == b"ok":
                         client.delete_object(Bucket=probe, Key="probe")
                         client.delete_bucket(Bucket=probe)
+                        atexit.register(self.stop)  # a caller that raises before stop(): no orphan weed
                         return self
                 except Exception as exc:  # noqa: BLE001 - not up yet
                     last = exc
