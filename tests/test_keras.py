@@ -299,6 +299,13 @@ def test_a_backup_of_another_model_is_refused(s3_url, s3_options, tmp_path):
         fit(other, [backup(s3_url, s3_options, tmp_path / "vm2")], epochs=2)
     assert s3_url in str(info.value) and "step 4" in str(info.value)
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4  # nothing was deleted or overwritten
+    # What failed, short: not Keras' whole text (~4 KB, dumping every value of the variable); that is chained
+    # (__cause__; Keras' traceback filtering in fit() re-raises it "from None", which leaves it as __context__).
+    message = str(info.value)
+    keras_error = info.value.__cause__ or info.value.__context__
+    assert len(message) < 1000 and "value=[" not in message and "value=[" in str(keras_error), message
+    assert "shape (4, 3) in the model, (4, 8) in the backup" in message
+    assert "could not be loaded" in message and "not loaded: dense" in message
 
 
 def test_import_cloudckpt_imports_neither_keras_nor_tensorflow():
