@@ -577,6 +577,25 @@ class CheckpointEngine:
         """Steps uploading or waiting, oldest first."""
         return self._uploader.pending_steps()
 
+    def closing_note(self, timeout: float | None) -> str:
+        """What ``close(timeout)`` does with the pending checkpoints, as the end of a message announcing it
+        (``"Training ended with X; closing cloudckpt" + note + "."``): "" when none is pending; abandoned
+        (``timeout`` 0: not committed); not committed (this writer is fenced, its uploads are skipped); else
+        committed, waiting up to ``timeout`` seconds (None: until done)."""
+        pending = self.pending_steps()
+        if not pending:
+            return ""
+        last = self._uploader.stats().last_committed_step
+        stays = f"; the latest committed checkpoint of {self.url} stays step {last}" if last is not None else ""
+        fenced = self.fenced
+        if fenced is not None:
+            return (f": checkpoint step(s) {pending} will not be committed (this writer is fenced by a newer "
+                    f"{fenced.newer_writer or 'writer'}){stays}")
+        if timeout == 0:
+            return f": abandoning the upload of checkpoint step(s) {pending} (not committed){stays}"
+        wait = "until done" if timeout is None else f"up to {timeout:g} s"
+        return f": waiting for checkpoint step(s) {pending} to commit ({wait}: upload_timeout={timeout})"
+
     def take_failure(self) -> UploadError | None:
         """The upload failures not yet reported, as one error (None if none); they are then cleared."""
         return self._uploader.take_failure()

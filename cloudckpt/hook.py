@@ -393,11 +393,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                         self._upload.stats().last_committed_step)
             self._close(timeout=0, reason="interrupted")
             return
-        pending = self._upload.pending_steps()
         log.warning("The training session ended with %s; closing cloudckpt%s.",
                     f"an exception ({type(error).__name__})" if error is not None else "no end() call",
-                    f" after checkpoint step(s) {pending} commit (upload_timeout={self._upload_timeout})"
-                    if pending else "")
+                    self._engine.closing_note(self._upload_timeout))
         self._close(timeout=self._upload_timeout, reason="session ended without end()")
 
     def _close(self, *, timeout: float | None, reason: str) -> None:

@@ -504,14 +504,14 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
-        log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
-                    f" after checkpoint step(s) {self._engine.pending_steps()} commit (upload_timeout="
-                    f"{self._engine.upload_timeout})" if self._engine.pending_steps() else "")
         try:
             self._manager.sync()
         except Exception as sync_error:  # noqa: BLE001 - the exception in flight is the one to report
             log.error("TF's async checkpoint write failed while closing: %s", sync_error)
         timeout = 0 if issubclass(exc_type, KeyboardInterrupt) else self._engine.upload_timeout
+        # What close() does with the pending checkpoints: abandoned (KeyboardInterrupt), skipped (fenced), committed.
+        log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
+                    self._engine.closing_note(timeout) if self.is_chief else "")
         if not self.is_chief:
             self._close_worker()
             return
