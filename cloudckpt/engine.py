@@ -250,7 +250,7 @@ class CheckpointEngine:
         if self._summary_dir is not None and self._summaries is None:
             self._summaries = CommitSummaryWriter(self._summary_dir)
 
-    def resume(self, *, download: bool = True) -> CheckpointInfo | None:
+    def resume(self, *, download: bool = True, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
 
         With ``download``, ``local_dir`` is first brought to the resume point: the
@@ -260,7 +260,8 @@ class CheckpointEngine:
         TF state file was pointed back on purpose. Local copies are checked against
         their manifests (sizes and crc32c). Registering fences every older writer of
         the directory. Call it again for a new run of the same engine: it registers
-        anew.
+        anew. ``check()`` (an adapter's, e.g. ``check_resume_name``) runs once ``local_dir`` holds the
+        resume point, before registering: what it raises propagates, and no writer is fenced.
 
         Returns:
             The committed checkpoint downloaded into ``local_dir``, or None if the
@@ -274,7 +275,8 @@ class CheckpointEngine:
         if self._uploader.writer.registered:
             self._uploader.writer = Writer(self._store)
         self._downloaded = resume_and_register(self._store, self._uploader.writer, self._local_dir,
-                                               download=download and not self._in_place, layout=self._layout)
+                                               download=download and not self._in_place, layout=self._layout,
+                                               check=check)
         return self._downloaded
 
     def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False,
