@@ -251,7 +251,7 @@ class CheckpointEngine:
         if self._summary_dir is not None and self._summaries is None:
             self._summaries = CommitSummaryWriter(self._summary_dir)
 
-    def resume(self, *, download: bool = True) -> CheckpointInfo | None:
+    def resume(self, *, download: bool = True, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
 
         With ``download``, ``local_dir`` is first brought to the resume point: the
@@ -261,7 +261,8 @@ class CheckpointEngine:
         TF state file was pointed back on purpose. Local copies are checked against
         their manifests (sizes and crc32c). Registering fences every older writer of
         the directory. Call it again for a new run of the same engine: it registers
-        anew.
+        anew. ``check()`` (an adapter's, e.g. ``check_resume_name``) runs once ``local_dir`` holds the
+        resume point, before registering: what it raises propagates, and no writer is fenced.
 
         Returns:
             The committed checkpoint downloaded into ``local_dir``, or None if the
@@ -275,7 +276,8 @@ class CheckpointEngine:
         if self._uploader.writer.registered:
             self._uploader.writer = Writer(self._store)
         self._downloaded = resume_and_register(self._store, self._uploader.writer, self._local_dir,
-                                               download=download and not self._in_place, layout=self._layout)
+                                               download=download and not self._in_place, layout=self._layout,
+                                               check=check)
         return self._downloaded
 
     def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False,
@@ -577,6 +579,25 @@ class CheckpointEngine:
     def pending_steps(self) -> list[int]:
         """Steps uploading or waiting, oldest first."""
         return self._uploader.pending_steps()
+
+    def closing_note(self, timeout: float | None) -> str:
+        """What ``close(timeout)`` does with the pending checkpoints, as the end of a message announcing it
+        (``"Training ended with X; closing cloudckpt" + note + "."``): "" when none is pending; abandoned
+        (``timeout`` 0: not committed); not committed (this writer is fenced, its uploads are skipped); else
+        committed, waiting up to ``timeout`` seconds (None: until done)."""
+        pending = self.pending_steps()
+        if not pending:
+            return ""
+        last = self._uploader.stats().last_committed_step
+        stays = f"; the latest committed checkpoint of {self.url} stays step {last}" if last is not None else ""
+        fenced = self.fenced
+        if fenced is not None:
+            return (f": checkpoint step(s) {pending} will not be committed (this writer is fenced by a newer "
+                    f"{fenced.newer_writer or 'writer'}){stays}")
+        if timeout == 0:
+            return f": abandoning the upload of checkpoint step(s) {pending} (not committed){stays}"
+        wait = "until done" if timeout is None else f"up to {timeout:g} s"
+        return f": waiting for checkpoint step(s) {pending} to commit ({wait}: upload_timeout={timeout})"
 
     def take_failure(self) -> UploadError | None:
         """The upload failures not yet reported, as one error (None if none); they are then cleared."""

@@ -36,6 +36,7 @@ import tensorflow as tf
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
 from .errors import ConfigError
 from .layout import check_basename
+from ._tfnames import check_resume_name
 from .catalog import CheckpointInfo
 from .distributed import TaskRole, name_task_in_logs, role_from_tf_config
 from .listener import UploadListener
@@ -108,7 +109,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         ValueError: "One of save_steps or save_secs should be set." /
             "At most one of saver or scaffold should be set." / non-positive schedule.
         ConfigError: unusable URL or ``local_dir``, a ``checkpoint_basename`` that is no plain file
-            name; in ``begin()``, a Saver (``saver=``,
+            name; in ``begin()``, a resume point of another checkpoint name (another program's
+            directory, e.g. a TF2 ``CheckpointManager``'s ``ckpt-*``), a Saver (``saver=``,
             ``scaffold=`` or the graph's ``SAVERS`` collection) that would write part of
             the checkpoint on another task (a sharded Saver with variables on parameter
             servers); in ``after_create_session()``, a session that did not restore the
@@ -167,6 +169,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                          checkpoint_basename=checkpoint_basename, scaffold=scaffold,
                          listeners=[*(listeners or []), self._upload], save_graph_def=save_graph_def)
         self._restore = restore
+        self._basename = checkpoint_basename
         self._retention_args = (remote_max_to_keep, keep_checkpoint_every_n_hours)
         self._watcher = self._engine.watcher
         self._exit_code = (PREEMPTED_EXIT_CODE if exit_on_preemption is True
@@ -188,6 +191,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         older writer still running (``FencedError`` at its next commit). Runs
         before the session is created, so ``MonitoredTrainingSession``
         restores from ``local_dir`` and the global step continues.
+
+        Raises:
+            ConfigError: the resume point is not a ``<checkpoint_basename>-<step>`` checkpoint (a TF2
+                ``tf.train.CheckpointManager``'s ``ckpt-*``, which the session's Saver could not restore):
+                checked before registering, so no writer of the directory is fenced; or a Saver that
+                would write on another task (see the class docstring).
         """
         # Watch during the restore too: a notice then is kept, and training stops at its first step.
         # Nothing keeps running after begin(): TF tells hooks nothing when creating the session fails
@@ -206,10 +215,18 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             self._watcher.start()
         try:
             super().begin()
-            self.restored = self._upload.resume(download=self._restore and not self._upload.in_place)
+            self.restored = self._upload.resume(download=self._restore and not self._upload.in_place,
+                                                check=self._check_resume_name)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
+
+    def _check_resume_name(self) -> None:
+        """In ``begin()``, before registering: refuse a resume point that is not ``<checkpoint_basename>-<step>``
+        (``check_resume_name``: e.g. ``ckpt-*`` of a TF2 ``tf.train.Checkpoint``, which the session's Saver
+        would fail to restore with a bare ``NotFoundError``)."""
+        check_resume_name(self.local_dir, self._basename, argument="checkpoint_basename", url=self.checkpoint_url,
+                          owner="cloudckpt.CheckpointSaverHook")
 
     @property
     def task(self) -> str | None:
@@ -393,11 +410,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                         self._upload.stats().last_committed_step)
             self._close(timeout=0, reason="interrupted")
             return
-        pending = self._upload.pending_steps()
         log.warning("The training session ended with %s; closing cloudckpt%s.",
                     f"an exception ({type(error).__name__})" if error is not None else "no end() call",
-                    f" after checkpoint step(s) {pending} commit (upload_timeout={self._upload_timeout})"
-                    if pending else "")
+                    self._engine.closing_note(self._upload_timeout))
         self._close(timeout=self._upload_timeout, reason="session ended without end()")
 
     def _close(self, *, timeout: float | None, reason: str) -> None:

@@ -183,16 +183,17 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._engine.stop_uploads(timeout=timeout)
 
     # -- public helpers ----------------------------------------------------------------------------
-    def resume(self, *, download: bool) -> CheckpointInfo | None:
+    def resume(self, *, download: bool, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (``CheckpointEngine.resume``).
 
         With ``download``, ``local_dir`` is first brought to the resume point:
         the head of the directory's lineage, unless the local state file was
         pointed back on purpose; local copies are checked against their
-        manifests. Registering fences every older writer of the directory.
-        Returns the checkpoint downloaded, if any.
+        manifests. ``check()`` runs then, before registering (what it raises
+        propagates, nobody is fenced). Registering fences every older writer of
+        the directory. Returns the checkpoint downloaded, if any.
         """
-        return self._engine.resume(download=download)
+        return self._engine.resume(download=download, check=check)
 
     def check_session_step(self, step: int) -> None:
         """Refuse a session that starts at global step ``step`` below the checkpoint ``local_dir`` holds.

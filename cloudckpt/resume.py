@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .errors import IntegrityError
@@ -41,10 +41,11 @@ log = logging.getLogger("cloudckpt")
 
 
 def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool,
-                        layout: PrefixLayout = TF) -> CheckpointInfo | None:
+                        layout: PrefixLayout = TF, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
     """Bring ``local_dir`` to the resume point (downloading only if ``download``) and register ``writer``.
 
-    ``layout`` names the local checkpoints (TF's by default).
+    ``layout`` names the local checkpoints (TF's by default). ``check()`` runs once ``local_dir`` holds
+    the resume point, before ``writer`` registers: what it raises propagates, and no older writer is fenced.
 
     Returns:
         The committed checkpoint downloaded, or None if the local directory was used as it is.
@@ -62,6 +63,8 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
         outcome["scan"] = scan
         restored, resumed = resume_point(store, scan, local_dir, download=download, layout=layout)
         outcome["restored"] = restored
+        if check is not None:
+            check()
         return resumed
 
     def legacy() -> list[tuple[str, int]]:

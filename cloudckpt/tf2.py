@@ -53,6 +53,7 @@ from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError, WorkerFailedError
 from .layout import STATE_FILE, TF, check_basename, render_state_file, split_prefix, state_file_prefix
+from ._tfnames import check_resume_name, checkpoint_kind
 from .remote import is_local_path
 from .urls import as_url
 from .preemption import PreemptionNotice, PreemptionWatcher
@@ -80,7 +81,9 @@ class CheckpointManager:
       manifest), when it is newer than the local one or the local copy is
       damaged, falling back past corrupt ones; then it registers as the
       directory's writer, which fences any older writer (``FencedError`` at its
-      next save).
+      next save). A resume point that is not ``<checkpoint_name>-<step>`` (a TF1 Saver's
+      ``model.ckpt-*``) is refused first (``ConfigError``): TF would restore it by
+      variable names, silently restoring nothing that does not match.
     * a first ``save()`` whose ``tf.train.Checkpoint`` was not restored is refused
       (``ConfigError``): it would write a step below the resume point (the newest
       committed checkpoint, or a rollback's step), and committing it would supersede
@@ -246,7 +249,8 @@ class CheckpointManager:
         pattern ``ckpt.restore(manager.latest_checkpoint)`` resumes on a fresh VM too.
 
         Raises:
-            IntegrityError / RemoteError / FencedError: as ``restore_or_initialize()``, on that first read.
+            IntegrityError / RemoteError / FencedError / ConfigError: as ``restore_or_initialize()``, on
+                that first read (ConfigError: the resume point is another ``checkpoint_name``'s).
         """
         self._ensure_resumed()
         return self._manager.latest_checkpoint
@@ -290,7 +294,8 @@ class CheckpointManager:
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
                 written or committed; call ``restore_or_initialize()`` first.
-            IntegrityError / RemoteError: as ``restore_or_initialize()``, at the first save before it.
+            IntegrityError / RemoteError: as ``restore_or_initialize()``, at the first save before it;
+                ``ConfigError`` too, for a resume point of another ``checkpoint_name``.
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
@@ -339,6 +344,14 @@ class CheckpointManager:
         writer (fencing older ones), and TF's ``restore_or_initialize`` runs on
         ``local_dir``.
 
+        A resume point named otherwise than ``checkpoint_name`` is refused before it is
+        restored and before registering (no writer is fenced): ``model.ckpt-60`` of a TF1
+        ``CheckpointSaverHook``/Saver, which TF would restore into a ``tf.train.Checkpoint``
+        by variable names only, silently restoring nothing that does not match (the first
+        ``save()`` would then start over), or this program's own checkpoints under an earlier
+        ``checkpoint_name``. Pass the directory's name as ``checkpoint_name``, or use a new
+        directory.
+
         Returns:
             The local path restored, or None (``init_fn`` was called, if given).
 
@@ -350,6 +363,8 @@ class CheckpointManager:
         Raises:
             IntegrityError: checkpoints are committed but none verifies and there is no
                 local checkpoint (training must not silently start from scratch).
+            ConfigError: the resume point is not a ``<checkpoint_name>-<step>`` checkpoint (see
+                above); nothing was restored, no writer registered.
             RemoteError / FencedError: the store could not be read or written.
             WorkerFailedError: (multi-worker) another worker failed to restore: the chief, or a
                 worker whose download of the chief's step failed (that worker raises its own error,
@@ -504,14 +519,14 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
-        log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
-                    f" after checkpoint step(s) {self._engine.pending_steps()} commit (upload_timeout="
-                    f"{self._engine.upload_timeout})" if self._engine.pending_steps() else "")
         try:
             self._manager.sync()
         except Exception as sync_error:  # noqa: BLE001 - the exception in flight is the one to report
             log.error("TF's async checkpoint write failed while closing: %s", sync_error)
         timeout = 0 if issubclass(exc_type, KeyboardInterrupt) else self._engine.upload_timeout
+        # What close() does with the pending checkpoints: abandoned (KeyboardInterrupt), skipped (fenced), committed.
+        log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
+                    self._engine.closing_note(timeout) if self.is_chief else "")
         if not self.is_chief:
             self._close_worker()
             return
@@ -545,6 +560,13 @@ class CheckpointManager:
             "" if temporary else f" (or point the state file in {local} at it with "
                                  "tf.compat.v1.train.update_checkpoint_state)")
         new_lineage = "to start a new lineage, use a new checkpoint directory."
+        pointed = state_file_prefix(local)
+        if pointed is not None and checkpoint_kind(os.path.join(local, pointed)) == "name-based":
+            # A TF1 Saver's checkpoint of this checkpoint_name: TF restored it by variable names, matching none.
+            back = (f"{pointed!r} is a TF1 tf.compat.v1.train.Saver checkpoint (name-based): TF restores it into a "
+                    "tf.train.Checkpoint by global variable names only, and silently restores nothing that does "
+                    "not match, so restore_or_initialize() may have restored nothing; it continues only "
+                    f"with a program whose variables have the same names. {back}")
         if checkpoint_number is None and step > 1:
             # save_counter came back from a checkpoint: it was restored, but this run numbers by save count
             # where the directory's checkpoints are numbered otherwise (checkpoint_number=step in earlier runs).
@@ -562,16 +584,31 @@ class CheckpointManager:
                 f"checkpoint.restore(manager.latest_checkpoint), on every worker. {back}, then restore; {new_lineage}")
 
     def _resume(self, *, download: bool) -> None:
-        """Multi-worker: a collective (every worker resumes in the same call, to the chief's step)."""
+        """Multi-worker: a collective (every worker resumes in the same call, to the chief's step).
+
+        Raises:
+            ConfigError: the resume point is another checkpoint name's (``_check_resume_name``); the next
+                ``restore_or_initialize()``, ``latest_checkpoint`` or ``save()`` tries again.
+        """
         self._resumed = True
-        if self._agreement is None:
-            self.restored = self._engine.resume(download=download)
-        else:
-            self.restored = self._restore_multi_worker(self._agreement)
+        try:
+            if self._agreement is None:
+                self.restored = self._engine.resume(download=download, check=self._check_resume_name)
+            else:
+                self.restored = self._restore_multi_worker(self._agreement)
+        except ConfigError:
+            self._resumed = False
+            raise
         if self.restored is not None:
             _write_local_state(self.local_dir)
         # TF reads the state file when the manager is created: a new one sees what was fetched.
         self._manager = tf.train.CheckpointManager(**self._tf_args)
+
+    def _check_resume_name(self) -> None:
+        """Before registering: refuse a resume point that is not ``<checkpoint_name>-<step>`` (``check_resume_name``:
+        a TF1 Saver's ``model.ckpt-*``, restored by variable names, would silently restore nothing)."""
+        check_resume_name(self.local_dir, self._tf_args["checkpoint_name"], argument="checkpoint_name",
+                          url=self.directory, owner="cloudckpt.CheckpointManager")
 
     def _written(self, save_path: str) -> None:
         """TF's write callback: the files of ``save_path`` are complete on disk.
@@ -611,7 +648,7 @@ class CheckpointManager:
 
     def _restore_chief(self) -> tuple[int | None, CheckpointInfo | None]:
         """The chief's part of the restore: as on one machine; then the step the other workers restore."""
-        restored = self._engine.resume(download=True)
+        restored = self._engine.resume(download=True, check=self._check_resume_name)
         return self._commit_local_head(), restored
 
     def _commit_local_head(self) -> int | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from typing import Any, Callable
@@ -249,9 +250,24 @@ class Writer:
         newest = state.newest_writer
         if newest is not None and newest.epoch != self.epoch:
             self.fenced_by = newest
-            raise FencedError(
-                f"Writer {self.writer_id} (epoch {self.epoch}) of {self.store.url} is fenced: a newer "
-                f"{newest.describe()} registered on the directory, and the newest writer wins. This writer commits "
-                f"nothing more{f' (step {step} was not committed)' if step is not None else ''}; stop this process, "
-                "or make sure one job trains into one checkpoint directory.",
-                url=self.store.url, step=step, newer_writer=newest.describe())
+            lost = f"nothing more{f' (step {step} was not committed)' if step is not None else ''}"
+            if _this_process(newest):
+                message = (
+                    f"Writer {self.writer_id} (epoch {self.epoch}) of {self.store.url} is fenced by a newer "
+                    f"{newest.describe()}: this same process. Two cloudckpt objects of this process write into one "
+                    "checkpoint directory (e.g. cloudckpt.keras.BackupAndRestore(url) and cloudckpt.keras."
+                    "ModelCheckpoint(url + '/model-{epoch}.keras'), or two CheckpointManagers or hooks on one URL), "
+                    f"and the newest writer wins: this one commits {lost}. Give each of them its own checkpoint "
+                    "directory (e.g. url + '/backup' and url + '/models').")
+            else:
+                message = (
+                    f"Writer {self.writer_id} (epoch {self.epoch}) of {self.store.url} is fenced: a newer "
+                    f"{newest.describe()} registered on the directory, and the newest writer wins. This writer "
+                    f"commits {lost}; stop this process, or make sure one job trains into one checkpoint directory.")
+            raise FencedError(message, url=self.store.url, step=step, newer_writer=newest.describe())
+
+
+def _this_process(record: WriterRecord) -> bool:
+    """True when ``record``'s writer registered from this process (same pid and host; not a rollback, which is
+    ``cloudckpt rollback``, a command of its own even when run in-process)."""
+    return record.pid == os.getpid() and record.host == socket.gethostname() and record.reason != "rollback"

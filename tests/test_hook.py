@@ -299,3 +299,33 @@ def test_a_checkpoint_basename_that_is_no_plain_file_name_is_refused(basename, m
         cloudckpt.CheckpointSaverHook(memory_url, save_steps=2, checkpoint_basename=basename,
                                       local_dir=str(tmp_path / "l"))
     assert not (tmp_path / "l").exists()
+
+
+def test_a_directory_of_a_tf2_checkpoint_manager_is_refused_before_the_hook_registers(cloudckpt_s3, tmp_path):
+    """A TF1 job pointed at the directory a TF2 CheckpointManager is writing: the session's Saver died with TF's
+    bare 'NotFoundError: Key w not found in checkpoint' after the hook had registered as the directory's writer,
+    fencing the healthy TF2 job. Now begin() refuses the resume point ckpt-3 (not model.ckpt-*) with a
+    ConfigError naming both names, before registering: the TF2 job goes on committing."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    v = tf.Variable(tf.zeros([4]))
+    with cloudckpt.CheckpointManager(tf.train.Checkpoint(v=v), url, max_to_keep=2, local_dir=str(tmp_path / "tf2"),
+                                     storage_options=options) as manager:
+        manager.restore_or_initialize()
+        manager.save(checkpoint_number=3)
+        manager.wait()
+
+        def tf1_hook(scaffold):
+            return cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "tf1"),
+                                                 storage_options=options)
+
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            train(tf1_hook, last_step=10)
+        message = str(info.value)
+        assert f"{url} resumes from checkpoint 'ckpt-3' (step 3, a TF2 tf.train.Checkpoint checkpoint" in message
+        assert "saves 'model.ckpt-<step>' checkpoints (checkpoint_basename='model.ckpt')" in message
+        assert "pass checkpoint_basename='ckpt'" in message and "use a new checkpoint directory" in message
+        assert not os.path.exists(tmp_path / "tf1" / "model.ckpt-0.index")  # no session, nothing saved
+        manager.save(checkpoint_number=4)  # not fenced: it commits
+        manager.wait()
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [3, 4]
+    assert cloudckpt_threads() == []

@@ -247,6 +247,11 @@ def test_ctrl_c_in_a_tf2_loop_aborts_the_upload_in_flight(cloudckpt_s3, moto_ser
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
+    # The warning says what happens: before, "closing cloudckpt after checkpoint step(s) [1] commit
+    # (upload_timeout=None)", followed at once by "Abandoning upload".
+    assert "Training ended with KeyboardInterrupt; closing cloudckpt: abandoning the upload of checkpoint step(s) " \
+           "[1] (not committed)." in err, err
+    assert "commit (upload_timeout" not in err
     assert data_objects(client, cloudckpt_s3.name) == []  # before: the parts queued were sent, at exit
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []

@@ -257,6 +257,22 @@ def test_a_newer_writer_fences_the_callback(s3_url, s3_options, tmp_path):
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4
 
 
+def test_two_callbacks_of_one_process_on_one_directory_are_told_so_when_fenced(s3_url, s3_options, tmp_path):
+    """BackupAndRestore(url) and ModelCheckpoint(url + '/m-...') in one fit(): the second registered on the
+    directory fenced the first, whose FencedError said 'make sure one job trains into one checkpoint directory',
+    although one job was training. Now it names this process as the newer writer and two objects of it."""
+    cb = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)
+    models = cloudckpt.keras.ModelCheckpoint(s3_url + "/m-{epoch:02d}.keras", storage_options=s3_options)
+    with pytest.raises(cloudckpt.FencedError) as info:
+        fit(make_model(seed=1), [cb, models], epochs=3)
+    cb.close()
+    models.close()
+    message = str(info.value)
+    assert f"(pid {os.getpid()}," in message and "this same process" in message
+    assert "Two cloudckpt objects of this process write into one checkpoint directory" in message
+    assert "its own checkpoint directory" in message and "one job trains" not in message
+
+
 def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
     with pytest.raises(cloudckpt.ConfigError, match="save_freq"):
         cloudckpt.keras.BackupAndRestore(s3_url, save_freq=0)
@@ -283,6 +299,13 @@ def test_a_backup_of_another_model_is_refused(s3_url, s3_options, tmp_path):
         fit(other, [backup(s3_url, s3_options, tmp_path / "vm2")], epochs=2)
     assert s3_url in str(info.value) and "step 4" in str(info.value)
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4  # nothing was deleted or overwritten
+    # What failed, short: not Keras' whole text (~4 KB, dumping every value of the variable); that is chained
+    # (__cause__; Keras' traceback filtering in fit() re-raises it "from None", which leaves it as __context__).
+    message = str(info.value)
+    keras_error = info.value.__cause__ or info.value.__context__
+    assert len(message) < 1000 and "value=[" not in message and "value=[" in str(keras_error), message
+    assert "shape (4, 3) in the model, (4, 8) in the backup" in message
+    assert "could not be loaded" in message and "not loaded: dense" in message
 
 
 def test_import_cloudckpt_imports_neither_keras_nor_tensorflow():

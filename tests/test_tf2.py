@@ -508,3 +508,55 @@ def test_a_checkpoint_name_that_is_no_plain_file_name_is_refused(name, memory_ur
         cloudckpt.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), memory_url, max_to_keep=1,
                                     checkpoint_name=name, local_dir=str(local))
     assert not local.exists()
+
+
+def newest_writer_id(url, options) -> str:
+    from cloudckpt.writers import Writer
+    return Writer(RemoteStore(url, options)).state().newest_writer.writer_id
+
+
+def test_a_directory_of_tf1_saver_checkpoints_is_refused_at_restore_naming_both_checkpoint_names(cloudckpt_s3,
+                                                                                                 tmp_path):
+    """Was: restore_or_initialize() 'succeeded' on the TF1 hook's model.ckpt-10 (TF's name-based restore matched
+    none of the tf.train.Checkpoint's variables), registered as the writer (fencing the TF1 job), and the first
+    save() then said 'call manager.restore_or_initialize()', which the user had just done. Now the restore says
+    that the directory holds model.ckpt-* (a TF1 Saver's) while this manager uses checkpoint_name='ckpt', before
+    anything is restored or registered; with checkpoint_name='model.ckpt' the first save's refusal says why the
+    restore restored nothing."""
+    from support.tf_model import train
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    hooks = []
+
+    def tf1_hook(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "tf1"),
+                                                   storage_options=options))
+        return hooks[-1]
+
+    train(tf1_hook, last_step=10)
+    v = tf.Variable(tf.zeros([4]))
+    ckpt = tf.train.Checkpoint(v=v)
+    local = tmp_path / "tf2"
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, local_dir=str(local),
+                                     storage_options=options) as manager:
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            manager.restore_or_initialize()
+        message = str(info.value)
+        assert f"{url} resumes from checkpoint 'model.ckpt-10' (step 10, a TF1 tf.compat.v1.train.Saver" in message
+        assert "saves 'ckpt-<step>' checkpoints (checkpoint_name='ckpt')" in message
+        assert "pass checkpoint_name='model.ckpt'" in message and "use a new checkpoint directory" in message
+        assert "did not register as the directory's writer" in message
+        assert newest_writer_id(url, options) == hooks[-1].writer_id  # the TF1 job is not fenced
+        with pytest.raises(cloudckpt.ConfigError, match="resumes from checkpoint 'model.ckpt-10'"):
+            manager.save()  # its first save resumes first: refused the same way, nothing written
+        assert not (local / "ckpt-1.index").exists()
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [0, 5, 10]
+
+    with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, checkpoint_name="model.ckpt", local_dir=str(local),
+                                     storage_options=options) as named:
+        named.restore_or_initialize()  # TF restores by variable names: nothing matches
+        assert v.numpy().tolist() == [0.0] * 4
+        with pytest.raises(cloudckpt.ConfigError) as info:
+            named.save()
+        assert "'model.ckpt-10' is a TF1 tf.compat.v1.train.Saver checkpoint (name-based)" in str(info.value)
+    assert cloudckpt.latest_checkpoint(url, options).step == 10
+    assert cloudckpt_threads() == []

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Mapping
 
@@ -421,7 +422,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                 self.model.load_weights(weights)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(
-                    f"Backup step {info.step} in {self.url} does not fit this model ({exc}). A backup restores "
+                    f"Backup step {info.step} in {self.url} does not fit this model ({_load_failure(exc)}; "
+                    "Keras' full error is chained to this one). A backup restores "
                     "only into the model (and optimizer) that wrote it: fix the model, or use a new backup_dir "
                     "to start over.") from exc
             restored_iterations = iterations(self.model)
@@ -450,6 +452,29 @@ def _workers_of(model: Any) -> tuple[TaskRole | None, WorkerAgreement | None]:
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return role, None
     return role, WorkerAgreement(strategy, role)
+
+
+def _load_failure(exc: BaseException, limit: int = 400) -> str:
+    """What of Keras' ``load_weights`` error to put in a message: its first sentence, the first variable
+    whose shape differs (``sequential/dense/kernel: (8, 32) in the model, (8, 16) in the backup``) and the
+    objects that could not be loaded, at most ``limit`` characters. Keras' whole text also dumps every
+    value of the variable (kilobytes); it stays the cause."""
+    text = str(exc)
+    first = text.strip().split("\n", 1)[0]
+    first = first.split(" Example error message", 1)[0].strip()
+    parts = [first]
+    variable = re.search(r"Target variable: <Variable path=([^,>\s]+), shape=(\([^)]*\))", text)
+    value = re.search(r"value\.shape=(\([^)]*\))", text)
+    if variable is not None and value is not None:
+        parts.append(f"e.g. {variable.group(1)}: shape {variable.group(2)} in the model, {value.group(1)} in the "
+                     "backup")
+    listed = re.search(r"List of objects that could not be loaded:\s*\[(.*)\]", text, re.S)
+    if listed is not None:
+        names = [name or kind for kind, name in re.findall(r"<(?:[\w.]+\.)?(\w+)(?: name=([^,>\s]+))?", listed.group(1))]
+        if names:
+            parts.append("not loaded: " + ", ".join(names))
+    summary = "; ".join(p.rstrip(".") for p in parts if p)
+    return summary if len(summary) <= limit else summary[:limit - 3].rstrip() + "..."
 
 
 def _read_state(path: str, url: str) -> dict:
