@@ -405,9 +405,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             return
         error = sys.exc_info()[1]
         if isinstance(error, KeyboardInterrupt):
-            log.warning("Interrupted: abandoning checkpoint upload(s) %s; the latest committed checkpoint in %s "
-                        "is step %s.", self._upload.pending_steps(), self.checkpoint_url,
-                        self._upload.stats().last_committed_step)
+            # what close(timeout=0) does; the latest committed step only when this run knows it (never "None")
+            log.warning("Interrupted; closing cloudckpt%s.", self._engine.closing_note(0))
             self._close(timeout=0, reason="interrupted")
             return
         log.warning("The training session ended with %s; closing cloudckpt%s.",
