@@ -659,14 +659,19 @@ class CheckpointEngine:
                 if summaries is not None:  # open() starts a new event file
                     summaries.close()
             finally:
-                claim, self._claim = self._claim, None
-                if claim is not None:  # after the uploads stopped: no snapshot of this engine is left there
-                    claim.release()
+                self.release_local_dir()  # after the uploads stopped: no snapshot of this engine is left there
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)
             log.debug("cloudckpt engine closed (%s); abandoned step(s): %s", reason,
                       [s for s in pending if s in self._uploader.pending_steps()])
+
+    def release_local_dir(self) -> None:
+        """Let go of ``local_dir`` (held since ``open()``; ``close()`` does this): once no engine of this
+        process holds it, another process may write it. Call it with no upload pending; idempotent."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
 
     def __enter__(self) -> "CheckpointEngine":
         return self

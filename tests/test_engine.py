@@ -303,13 +303,18 @@ def test_engines_of_one_process_share_its_local_dir_and_hold_it_until_the_last_c
     second.open()  # a Keras callback reopened, a second manager: re-entrant within the process
     first.open()  # opening again holds it once
     first.close()
-    code = ("import json, sys; from cloudckpt.engine import CheckpointEngine\n"
-            "CheckpointEngine(sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3])).open()")
-    args = [sys.executable, "-c", code, url, str(local), json.dumps(options)]
-    refused = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    refused = open_in_another_process(url, local, options)
     assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr, refused.stderr
     second.close()
-    subprocess.run(args, check=True, timeout=120)  # released by the last one
+    assert open_in_another_process(url, local, options).returncode == 0  # released by the last one
+
+
+def open_in_another_process(url: str, local, options: dict | None = None) -> subprocess.CompletedProcess:
+    """``CheckpointEngine.open()`` on ``local`` in a new process (its ConfigError on stderr)."""
+    code = ("import json, sys; from cloudckpt.engine import CheckpointEngine\n"
+            "CheckpointEngine(sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3])).open()")
+    return subprocess.run([sys.executable, "-c", code, url, str(local), json.dumps(options)],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_a_local_dir_belongs_to_one_url(tmp_path, memory_url):
