@@ -64,6 +64,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
+from . import localdir
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, FencedError, UploadError
@@ -162,6 +163,7 @@ class CheckpointEngine:
         self._uploader = Uploader(self._store, max_pending=max_pending, on_error=on_error,
                                   observer=self._record_summaries if summary_dir is not None else None)
         self._hard_links: bool | None = None  # probed in open()
+        self._claim: localdir.LocalDirClaim | None = None  # local_dir held from open() to close()
         self._downloaded: CheckpointInfo | None = None  # what the last resume() downloaded into local_dir
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
@@ -227,29 +229,52 @@ class CheckpointEngine:
         return self._ending
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def open(self) -> None:
-        """Check the store is usable and clear what a crashed run left in ``local_dir`` (snapshots,
-        half-finished downloads). Resets the final-save state, so an engine can be opened again after
-        ``finish``/``close``. The uploader thread starts with the first ``submit``.
+    def open(self, *, writes_local_dir: bool = True) -> None:
+        """Check the store is usable, hold ``local_dir`` for this process and clear what a crashed run left
+        there (snapshots, half-finished downloads). Resets the final-save state, so an engine can be opened
+        again after ``finish``/``close``. The uploader thread starts with the first ``submit``.
+
+        Holding ``local_dir`` (``localdir.py``, until ``close()``): an exclusive lock on
+        ``<local_dir>/.cloudckpt-lock`` (re-entrant within this process; a killed holder's lock goes with
+        it) and the checkpoint URL recorded in ``<local_dir>/.cloudckpt-url``. ``writes_local_dir=False``:
+        this engine never writes or resumes into ``local_dir`` (a multi-worker job's non-chief, whose
+        saves go to a temporary directory): nothing there is held, checked or cleared.
 
         Raises:
-            ConfigError: the store cannot be used (no such bucket, a file as directory); ``summary_dir``
-                cannot be created.
+            ConfigError: the store cannot be used (no such bucket, a file as directory); another process is
+                writing ``local_dir`` (the message names its pid); ``local_dir`` holds the local checkpoints of
+                another URL; ``summary_dir`` cannot be created.
             RemoteError: the store rejected the credentials or may not be listed with them (not retried),
                 or could not be reached after retries.
         """
         self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
         self._store.check_usable()
         self._reset_final_save()
-        shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
-        remove_stale_staging(self._local_dir)  # not the staging directory of a download running meanwhile
-        if not self._in_place:
+        if writes_local_dir:
+            self._hold_local_dir()
+        if not self._in_place and writes_local_dir:
             self._hard_links = supports_hard_links(self._local_dir)
             if not self._hard_links:
                 log.info("%s does not support hard links: snapshots hold the checkpoint files open and the "
                          "uploader thread copies them.", self._local_dir)
         if self._summary_dir is not None and self._summaries is None:
             self._summaries = CommitSummaryWriter(self._summary_dir)
+
+    def _hold_local_dir(self) -> None:
+        """Claim ``local_dir`` (once per open), check the URL recorded there; then, the only holder in this
+        process, clear the snapshots and download staging a crashed run left."""
+        claim = self._claim
+        if claim is None:
+            claim = localdir.claim(self._local_dir)
+            try:
+                localdir.check_url(self._local_dir, self.url, in_place=self._in_place)
+            except BaseException:
+                claim.release()
+                raise
+            self._claim = claim
+        if claim.sole():  # another engine of this process may have snapshots there
+            shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
+            remove_stale_staging(self._local_dir)  # not the staging directory of a download running meanwhile
 
     def resume(self, *, download: bool = True, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
@@ -650,15 +675,25 @@ class CheckpointEngine:
             self.stop_watching()
         finally:
             pending = self._uploader.pending_steps()
-            self.stop_uploads(timeout=timeout)
-            summaries, self._summaries = self._summaries, None
-            if summaries is not None:  # open() starts a new event file
-                summaries.close()
+            try:
+                self.stop_uploads(timeout=timeout)
+                summaries, self._summaries = self._summaries, None
+                if summaries is not None:  # open() starts a new event file
+                    summaries.close()
+            finally:
+                self.release_local_dir()  # after the uploads stopped: no snapshot of this engine is left there
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)
             log.debug("cloudckpt engine closed (%s); abandoned step(s): %s", reason,
                       [s for s in pending if s in self._uploader.pending_steps()])
+
+    def release_local_dir(self) -> None:
+        """Let go of ``local_dir`` (held since ``open()``; ``close()`` does this): once no engine of this
+        process holds it, another process may write it. Call it with no upload pending; idempotent."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
 
     def __enter__(self) -> "CheckpointEngine":
         return self

@@ -179,8 +179,12 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
     def close(self, timeout: float | None = None) -> None:
         """Stop the background uploader; checkpoints still uploading get ``timeout`` seconds
         (None: until done), then they are abandoned (the previous committed checkpoint stays the
-        latest). Idempotent; ``begin()`` starts it again."""
-        self._engine.stop_uploads(timeout=timeout)
+        latest); then let go of ``local_dir`` (another process may write it). Idempotent; ``begin()``
+        starts it again."""
+        try:
+            self._engine.stop_uploads(timeout=timeout)
+        finally:
+            self._engine.release_local_dir()
 
     # -- public helpers ----------------------------------------------------------------------------
     def resume(self, *, download: bool, check: Callable[[], None] | None = None) -> CheckpointInfo | None:

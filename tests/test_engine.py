@@ -3,6 +3,7 @@ resume + fencing, preemption, layouts. Against moto's S3 server on 127.0.0.1 and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import cloudckpt
 from cloudckpt.engine import STAGING_DIR, CheckpointEngine
 from cloudckpt.layout import PrefixLayout, register_layout
+from cloudckpt.localdir import LOCK_FILE, URL_FILE
 from cloudckpt.retention import RetentionPolicy
 from cloudckpt.testing import assert_committed
 from support.checks import remote_fs
@@ -151,7 +153,8 @@ def test_resume_downloads_the_newest_committed_checkpoint_and_fences_the_old_wri
     new.open()
     restored = new.resume()
     assert restored is not None and restored.step == 20
-    assert sorted(os.listdir(tmp_path / "vm2")) == ["checkpoint", "ckpt-20.data-00000-of-00001", "ckpt-20.index"]
+    assert sorted(set(os.listdir(tmp_path / "vm2")) - {LOCK_FILE, URL_FILE}) == [
+        "checkpoint", "ckpt-20.data-00000-of-00001", "ckpt-20.index"]
     assert new.find_saved(20) is not None
 
     old.submit(30, write_checkpoint(tmp_path / "vm1", 30))
@@ -227,3 +230,132 @@ def test_a_local_path_is_committed_in_place(tmp_path):
     engine.finish()
     assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [2]  # no manifest vouches for gone files
     assert not (directory / STAGING_DIR).exists()
+
+
+HOLDER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[4])
+from test_engine import write_checkpoint
+from cloudckpt.engine import CheckpointEngine
+engine = CheckpointEngine(sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3]))
+engine.open()
+print("OPEN", os.getpid(), flush=True)
+for line in sys.stdin:
+    step = int(line)
+    engine.submit(step, write_checkpoint(sys.argv[2], step))
+    engine.wait(120)
+    print("COMMITTED", step, flush=True)
+"""
+
+
+def start_holder(url: str, local, options: dict) -> subprocess.Popen:
+    """A process training with ``local`` as its local_dir: commits the step of each line it reads."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(local), json.dumps(options), tests],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    line = holder.stdout.readline()
+    assert line.startswith("OPEN "), line
+    return holder
+
+
+def holder_commits(holder: subprocess.Popen, step: int) -> None:
+    holder.stdin.write(f"{step}\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == f"COMMITTED {step}\n"
+
+
+def test_a_second_process_on_the_same_local_dir_is_refused_until_the_first_is_gone(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    local = tmp_path / "local"
+    holder = start_holder(url, local, options)
+    try:
+        holder_commits(holder, 1)
+        pending = local / STAGING_DIR / "ckpt-2-snapshot"  # as if the holder had a snapshot uploading
+        pending.mkdir(parents=True)
+        second = CheckpointEngine(url, str(local), storage_options=options)
+        with pytest.raises(cloudckpt.ConfigError) as refused:
+            second.open()
+        message = str(refused.value)
+        assert f"pid {holder.pid}" in message and str(local) in message and "local_dir=" in message, message
+        assert pending.is_dir()  # the refused process removed nothing
+        second.close()
+        holder_commits(holder, 2)  # the first one's commits continue
+        assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 2]
+    finally:
+        holder.kill()  # SIGKILL: no close(), the lock goes with the process
+        holder.wait(60)
+    with CheckpointEngine(url, str(local), storage_options=options) as relaunched:
+        relaunched.open()
+        assert not pending.exists()  # what the killed run left is cleared, now under the lock
+        assert relaunched.resume().step == 2  # resumes where the killed run left off
+        relaunched.submit(3, write_checkpoint(local, 3))
+        relaunched.wait(120)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 2, 3]
+
+
+def test_engines_of_one_process_share_its_local_dir_and_hold_it_until_the_last_closes(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    local = tmp_path / "local"
+    first = CheckpointEngine(url, str(local), storage_options=options)
+    second = CheckpointEngine(url, str(local), storage_options=options)
+    first.open()
+    second.open()  # a Keras callback reopened, a second manager: re-entrant within the process
+    first.open()  # opening again holds it once
+    first.close()
+    refused = open_in_another_process(url, local, options)
+    assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr, refused.stderr
+    second.close()
+    assert open_in_another_process(url, local, options).returncode == 0  # released by the last one
+
+
+def open_in_another_process(url: str, local, options: dict | None = None) -> subprocess.CompletedProcess:
+    """``CheckpointEngine.open()`` on ``local`` in a new process (its ConfigError on stderr)."""
+    code = ("import json, sys; from cloudckpt.engine import CheckpointEngine\n"
+            "CheckpointEngine(sys.argv[1], sys.argv[2], storage_options=json.loads(sys.argv[3])).open()")
+    return subprocess.run([sys.executable, "-c", code, url, str(local), json.dumps(options)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_local_dir_belongs_to_one_url(tmp_path, memory_url):
+    local = tmp_path / "local"
+    with CheckpointEngine(memory_url, str(local)) as engine:
+        engine.open()
+        engine.submit(30, write_checkpoint(local, 30))
+        engine.wait(60)
+    other = memory_url + "-other"
+    engine = CheckpointEngine(other, str(local))
+    with pytest.raises(cloudckpt.ConfigError) as refused:
+        engine.open()
+    message = str(refused.value)
+    assert memory_url in message and other in message and "local_dir=" in message, message
+    engine.close()
+    with CheckpointEngine(memory_url, str(local)) as engine:  # the same URL again: fine
+        engine.open()
+        assert engine.resume().step == 30
+    # A local_dir of an older version (nothing recorded) is used as it is, and gets the record.
+    os.remove(local / URL_FILE)
+    with CheckpointEngine(memory_url, str(local)) as engine:
+        engine.open()
+    with pytest.raises(cloudckpt.ConfigError):
+        CheckpointEngine(other, str(local)).open()
+    # Neither file is a checkpoint file: never uploaded, listed or retained.
+    names = [o.name for o in CheckpointEngine(memory_url, str(local)).store.list_objects()]
+    assert not [n for n in names if n.startswith(".cloudckpt")], names
+
+
+def test_an_in_place_directory_records_nothing_and_lists_only_checkpoints(tmp_path, memory_url):
+    directory = tmp_path / "run"
+    with CheckpointEngine(str(directory), str(directory)) as engine:
+        engine.open()
+        engine.submit(1, write_checkpoint(directory, 1))
+        engine.wait(60)
+        assert (directory / LOCK_FILE).exists() and not (directory / URL_FILE).exists()
+        assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [1]
+        scan = cloudckpt.verify(str(directory))
+        assert scan.ok, scan
+    with CheckpointEngine(memory_url, str(tmp_path / "cache")) as engine:
+        engine.open()  # a local_dir of memory_url...
+    cache = str(tmp_path / "cache")
+    with pytest.raises(cloudckpt.ConfigError, match="local directory"):
+        CheckpointEngine(cache, cache).open()  # ... is not a checkpoint directory of its own

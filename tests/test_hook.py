@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import cloudckpt
 from support.checks import assert_all_committed_intact, manifests, state_file
 from support.tf_model import train
-from test_engine import cloudckpt_threads
+from test_engine import cloudckpt_threads, open_in_another_process
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -329,3 +329,18 @@ def test_a_directory_of_a_tf2_checkpoint_manager_is_refused_before_the_hook_regi
         manager.wait()
     assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [3, 4]
     assert cloudckpt_threads() == []
+
+
+def test_tf_stock_hook_with_upload_listener_holds_local_dir_until_closed(moto_server, tmp_path):
+    """The listener's process holds local_dir from begin() on; a second process is refused (naming the
+    pid) until UploadListener.close()."""
+    url, options = moto_server.create_bucket(f"hold-{uuid.uuid4().hex[:10]}") + "/run", moto_server.storage_options
+    local = str(tmp_path / "local")
+    listener = cloudckpt.UploadListener(url, local, storage_options=options)
+    train(lambda scaffold: tf.compat.v1.train.CheckpointSaverHook(local, save_steps=5, listeners=[listener]),
+          last_step=5)
+    refused = open_in_another_process(url, local, options)
+    assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr, refused.stderr
+    listener.close()
+    assert open_in_another_process(url, local, options).returncode == 0
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [0, 5]

@@ -110,3 +110,18 @@ def test_local_checkpoint_newer_than_anything_committed_is_kept(s3, tmp_path, ca
     assert again.first_step == 13
     assert any("newer than anything committed" in r.getMessage() for r in caplog.records)
     assert [c.step for c in cloudckpt.list_checkpoints(url, options)][-2:] == [13, 15]
+
+
+def test_a_local_dir_of_one_url_is_refused_for_another(s3, tmp_path):
+    """Two experiments, one explicit local_dir: the second would silently start from the first's weights."""
+    url, options, _, _ = s3
+    vm = tmp_path / "vm"
+    run(url, options, vm, 10)
+    other = url.rsplit("/", 1)[0] + "/exp2"
+    with pytest.raises(cloudckpt.ConfigError) as refused:
+        run(other, options, vm, 10)
+    message = str(refused.value)
+    assert url in message and other in message and "local_dir=" in message, message
+    assert cloudckpt.list_checkpoints(other, options) == []
+    assert run(other, options, tmp_path / "vm2", 5).first_step == 0  # its own local_dir: a fresh start
+    assert run(url, options, vm, 12).first_step == 10  # the same URL again resumes as before

@@ -427,11 +427,12 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
         "tf-keras is not installed: run scripts/test (it installs tf-keras matching TensorFlow, --no-deps)")
     options = json.dumps(s3_options)
 
-    def start(run: str, *flags: str) -> list[Task]:
+    def start(run: str, *flags: str, shared: bool = False) -> list[Task]:
         spec = cluster_spec(2)
         (tmp_path / run).mkdir()
-        return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{i}"), str(tmp_path / run),
-                                              *flags], task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
+        return [cluster.start(KERAS_TRAINER, [s3_url, options, str(tmp_path / f"{run}-local-{0 if shared else i}"),
+                                              str(tmp_path / run), *flags],
+                              task_env(spec, "worker", i, TF_USE_LEGACY_KERAS="1"))
                 for i in range(2)]
 
     # Long enough that only the notice ends run 1, however slow the machine (the notice comes after epoch 0).
@@ -451,7 +452,8 @@ def test_tf_keras_fit_backup_and_restore_under_mwms(cluster, s3_url, s3_options,
     assert [s["task"] for s in stats] == ["worker:0", "worker:1"] and stats[1]["committed"] == 0
 
     epochs = epoch + 2  # run 2 finishes the interrupted epoch and one more
-    restarted = start("run2", "--epochs", str(epochs), "--steps", "6")
+    # Both workers on one VM with one local_dir: only the chief writes (and locks) it.
+    restarted = start("run2", "--epochs", str(epochs), "--steps", "6", shared=True)
     for w in restarted:
         assert w.finish() == 0, w.stderr
         assert w.lines("RESTORED") == [f"RESTORED {stopped_at}"]

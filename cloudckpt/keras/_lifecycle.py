@@ -98,17 +98,19 @@ class EngineLifecycle:
         self._running = False
         self._engine.close()
 
-    def _open(self) -> None:
+    def _open(self, *, writes_local_dir: bool = True) -> None:
         """When training begins: a callback still open from a ``fit`` that raised is closed first (its
-        backups get ``upload_timeout`` to commit), then the store is checked and the engine opened.
+        backups get ``upload_timeout`` to commit), then the store is checked and the engine opened
+        (``writes_local_dir``: see ``CheckpointEngine.open``).
 
         Raises:
-            ConfigError / RemoteError: the store cannot be used.
+            ConfigError / RemoteError: the store cannot be used; another process writes ``local_dir``, or
+                it holds another URL's checkpoints.
         """
         if self._running:
             log.info("A previous fit() with this callback did not end normally; closing it first.")
             self.close()
-        self._engine.open()
+        self._engine.open(writes_local_dir=writes_local_dir)
         self._running = True
 
     def __enter__(self) -> Any:

@@ -211,7 +211,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             name_task_in_logs(role.name)
         if self._agreement is not None:
             self._agreement.context = f"cloudckpt.keras.BackupAndRestore ({self.url})"
-        self._open()
+        self._open(writes_local_dir=self._is_chief)  # a non-chief worker writes its temporary directory only
         try:
             self._engine.start_watching()  # a notice during the restore is kept: training stops at batch 1
             if self._agreement is None:

@@ -1,0 +1,201 @@
+"""Who writes a local directory: one training process at a time, for one checkpoint URL.
+
+``local_dir`` (where the framework writes checkpoints before they are committed) holds a
+process's uncommitted checkpoints and its snapshots (``.cloudckpt-staging``). Two processes
+writing one local directory would overwrite each other's TF files, remove each other's
+snapshots (``CheckpointEngine.open`` clears what a crashed run left) and resume from each
+other's uncommitted steps; a local directory reused for another URL would start that run
+from the first run's weights. So ``CheckpointEngine.open()`` (``claim``):
+
+* takes an exclusive ``flock`` on ``<local_dir>/.cloudckpt-lock`` (non-blocking) and writes
+  its pid there; ``close()`` releases it. Another process gets ``ConfigError`` naming the
+  directory and that pid. A killed holder's lock goes with its process (the kernel releases
+  it), so a relaunch after a crash proceeds. Within one process the lock is re-entrant
+  (several engines on one directory, one after another or at once: a registry keeps one
+  descriptor per directory and counts its holders), and only the first holder clears stale
+  snapshots. A file system that refuses ``flock`` gets no lock (logged at INFO).
+* records the checkpoint URL (display form: no credentials) in ``<local_dir>/.cloudckpt-url``;
+  a directory recorded for another URL is refused with ``ConfigError`` naming both. A
+  directory without the record (older versions) is used as it is and gets it. Committed in
+  place (the URL is the directory) nothing is recorded; a record there means the directory
+  is another URL's local copy, refused the same way.
+
+Neither file matches a checkpoint layout, so neither is uploaded, listed or retained.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+
+from .errors import ConfigError
+
+log = logging.getLogger("cloudckpt")
+
+LOCK_FILE = ".cloudckpt-lock"
+URL_FILE = ".cloudckpt-url"
+
+__all__ = ["LOCK_FILE", "URL_FILE", "LocalDirClaim", "claim"]
+
+_registry_lock = threading.Lock()
+_held: dict[str, list[int]] = {}  # directory -> [descriptor holding the flock (-1: unlocked), holders]
+
+
+def _forget_in_child() -> None:
+    """A forked child does not write its parent's directories: it closes its copies of the descriptors
+    (the parent's lock stays: a flock belongs to the open file, which the parent keeps)."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for fd, _ in _held.values():
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class LocalDirClaim:
+    """This process's hold on a local directory (``claim``); ``release()`` once, when done writing it."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._released = False
+
+    def sole(self) -> bool:
+        """True while this is the only holder of the directory in this process."""
+        with _registry_lock:
+            entry = _held.get(self.directory)
+            return not self._released and entry is not None and entry[1] == 1
+
+    def release(self) -> None:
+        """Let go of the directory; the lock is released when this process's last holder lets go. Idempotent."""
+        if self._released:
+            return
+        self._released = True
+        with _registry_lock:
+            entry = _held.get(self.directory)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _held[self.directory]
+            fd = entry[0]
+        if fd >= 0:
+            try:
+                os.ftruncate(fd, 0)  # no pid names a process that no longer holds it
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(200).strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def _lock(directory: str) -> int:
+    """A descriptor of the directory's lock file holding its exclusive flock (-1: the file system refuses
+    flock). Raises ConfigError when another process holds it."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create {path!r} ({exc.strerror or exc}): local_dir must be a writable "
+                          "directory; pass local_dir= another one.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"local_dir {directory!r} is in use by another process training with cloudckpt ({_holder(path)}, "
+            f"recorded in {LOCK_FILE}; a process of another host if the directory is on a network file system): "
+            "two processes writing one local directory overwrite and remove each other's checkpoints. Stop that "
+            "process, or pass this one a different local_dir=.") from None
+    except OSError as exc:
+        os.close(fd)
+        log.info("%s cannot be locked (%s): another process writing the same local_dir would not be noticed.",
+                 path, exc.strerror or exc)
+        return -1
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock holds; only the message of a refused process lacks the pid
+    return fd
+
+
+def claim(directory: str) -> LocalDirClaim:
+    """Hold ``directory`` (created if missing) for this process: its exclusive lock, re-entrant in this process.
+
+    Raises:
+        ConfigError: another process holds it (the message names its pid and what to do), or it cannot be
+            created.
+    """
+    directory = os.path.realpath(directory)  # one lock per directory, however it is named
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create local_dir {directory!r} ({exc.strerror or exc}); pass local_dir= a "
+                          "writable directory.") from None
+    with _registry_lock:
+        entry = _held.get(directory)
+        if entry is not None:
+            entry[1] += 1
+            return LocalDirClaim(directory)
+        _held[directory] = [_lock(directory), 1]
+        return LocalDirClaim(directory)
+
+
+def recorded_url(directory: str) -> str | None:
+    """The checkpoint URL recorded in ``directory`` (None: none, or an unreadable record)."""
+    try:
+        with open(os.path.join(directory, URL_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    url = data.get("url") if isinstance(data, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def check_url(directory: str, url: str, *, in_place: bool) -> None:
+    """Refuse ``directory`` when it is recorded as the local directory of a URL other than ``url`` (display
+    form); record ``url`` in it when nothing is recorded (not when committed in place: the directory is the
+    store). Call it holding the directory (``claim``).
+
+    Raises:
+        ConfigError: another URL is recorded (the message names both and what to do).
+    """
+    recorded = recorded_url(directory)
+    if recorded is not None and (in_place or recorded.rstrip("/") != url.rstrip("/")):
+        if in_place:
+            raise ConfigError(
+                f"Checkpoint directory {directory!r} is the local directory (local_dir) of {recorded} (recorded in "
+                f"{URL_FILE}): committing in place there would mix the two. Point the checkpoint directory "
+                "elsewhere, or empty that directory if its checkpoints are no longer needed.")
+        raise ConfigError(
+            f"local_dir {directory!r} holds the local checkpoints of {recorded} (recorded in {URL_FILE}), not of "
+            f"{url}: training would resume from the other run's checkpoints. Pass a different local_dir= (or none: "
+            "each URL gets its own by default), or empty that directory if its checkpoints are no longer needed.")
+    if recorded is None and not in_place:
+        path = os.path.join(directory, URL_FILE)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump({"url": url}, f)
+                f.write("\n")
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.info("Could not record the checkpoint URL in %s (%s).", path, exc.strerror or exc)
