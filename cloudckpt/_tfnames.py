@@ -27,6 +27,8 @@ _KINDS = {
                     "CheckpointManager write)",
 }
 
+_SHORT = {"name-based": "TF1 Saver (name-based)", "object-based": "tf.train.Checkpoint (object-based)"}
+
 
 def checkpoint_kind(path_prefix: str) -> str | None:
     """``"object-based"`` (a ``tf.train.Checkpoint``'s, with an object graph), ``"name-based"`` (a TF1 Saver's),
@@ -44,8 +46,8 @@ def describe_kind(path_prefix: str) -> str:
     return f", {_KINDS[kind]}" if kind is not None else ""
 
 
-def check_resume_name(local_dir: str, basename: str, *, argument: str, url: str, owner: str) -> None:
-    """Refuse a resume point whose checkpoint name is not ``basename``.
+def check_resume_name(local_dir: str, basename: str, *, argument: str, url: str, owner: str, kind: str) -> None:
+    """Refuse a resume point whose checkpoint name is not ``basename``, or whose kind is not ``kind``.
 
     ``local_dir``'s TF state file names the checkpoint TF restores (the resume point, after
     ``CheckpointEngine.resume``'s download). A name other than the adapter's own means the directory
@@ -59,21 +61,40 @@ def check_resume_name(local_dir: str, basename: str, *, argument: str, url: str,
         argument: that argument's name, for the message.
         url: the checkpoint directory (display form), for the message.
         owner: the adapter, for the message (``"cloudckpt.CheckpointManager"``).
+        kind: the checkpoints the adapter writes and restores: ``"object-based"`` (``tf.train.Checkpoint``)
+            or ``"name-based"`` (a TF1 Saver's). A resume point of the other kind is refused whatever its
+            name: TF restores it by variable names only (the TF1 -> TF2 migration path, which belongs in a
+            program of its own that then saves into a new directory), and following a "pass {argument}=..."
+            hint would register this adapter as the writer, fencing the job that writes there, and then
+            restore nothing.
 
     Raises:
-        ConfigError: the resume point is ``<other name>-<step>``; nothing was restored.
+        ConfigError: the resume point is ``<other name>-<step>`` or of the other kind; the files were
+            downloaded into ``local_dir``, nothing was restored into the model, no writer registered.
     """
     prefix = state_file_prefix(local_dir)
     parsed = split_prefix(prefix) if prefix is not None else None
-    if parsed is None or parsed[0] == basename or prefix not in TF.local_prefixes(local_dir):
+    if parsed is None or prefix not in TF.local_prefixes(local_dir):
         return
     name, step = parsed
+    found = checkpoint_kind(os.path.join(local_dir, prefix))
+    other_kind = found is not None and found != kind
+    if name == basename and not other_kind:
+        return
+    if other_kind:
+        mismatch = (f"but this {owner} continues {_SHORT[kind]} checkpoints only: the directory holds another "
+                    "kind of program's checkpoints")
+        fix = ("Continue them with the kind of program that wrote them, or migrate them in a program of your own "
+               "(restore by variable names, save) into a new checkpoint directory; to start anew, use a new "
+               "checkpoint directory")
+    else:
+        mismatch = (f"but this {owner} saves '{basename}-<step>' checkpoints ({argument}={basename!r}): the "
+                    f"directory holds checkpoints of another program, or of another {argument}")
+        fix = f"To continue them, pass {argument}={name!r}; otherwise use a new checkpoint directory"
     raise ConfigError(
         f"{url} resumes from checkpoint {prefix!r} (step {step}{describe_kind(os.path.join(local_dir, prefix))}), "
-        f"but this {owner} saves '{basename}-<step>' checkpoints ({argument}={basename!r}): the directory holds "
-        f"checkpoints of another program, or of another {argument}. TF would restore {prefix!r} by variable names "
-        "only (a tf.train.Checkpoint silently restores nothing that does not match, a TF1 Saver fails with "
-        f"NotFoundError), and training starting over would supersede step {step}. Nothing was restored, and this "
-        f"{owner} did not register as the directory's writer (a job writing there goes on). To continue these "
-        f"checkpoints with a program that restores them, pass {argument}={name!r}; otherwise use a new checkpoint "
-        "directory.")
+        f"{mismatch}. TF would restore {prefix!r} by variable names only (a tf.train.Checkpoint silently restores "
+        "nothing that does not match, a TF1 Saver fails with NotFoundError), and training starting over would "
+        f"supersede step {step}. Its files were downloaded into {local_dir}, nothing was restored into the model, "
+        f"and this {owner} did not register as the directory's writer (a job writing there goes on). {fix} "
+        f"(with another local_dir: {local_dir} now holds these files).")

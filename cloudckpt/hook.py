@@ -226,7 +226,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         (``check_resume_name``: e.g. ``ckpt-*`` of a TF2 ``tf.train.Checkpoint``, which the session's Saver
         would fail to restore with a bare ``NotFoundError``)."""
         check_resume_name(self.local_dir, self._basename, argument="checkpoint_basename", url=self.checkpoint_url,
-                          owner="cloudckpt.CheckpointSaverHook")
+                          owner="cloudckpt.CheckpointSaverHook", kind="name-based")
 
     @property
     def task(self) -> str | None:

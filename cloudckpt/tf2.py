@@ -608,7 +608,7 @@ class CheckpointManager:
         """Before registering: refuse a resume point that is not ``<checkpoint_name>-<step>`` (``check_resume_name``:
         a TF1 Saver's ``model.ckpt-*``, restored by variable names, would silently restore nothing)."""
         check_resume_name(self.local_dir, self._tf_args["checkpoint_name"], argument="checkpoint_name",
-                          url=self.directory, owner="cloudckpt.CheckpointManager")
+                          url=self.directory, owner="cloudckpt.CheckpointManager", kind="object-based")
 
     def _written(self, save_path: str) -> None:
         """TF's write callback: the files of ``save_path`` are complete on disk.

@@ -321,9 +321,13 @@ def test_a_directory_of_a_tf2_checkpoint_manager_is_refused_before_the_hook_regi
         with pytest.raises(cloudckpt.ConfigError) as info:
             train(tf1_hook, last_step=10)
         message = str(info.value)
+        with pytest.raises(cloudckpt.ConfigError, match="continues TF1 Saver"):  # named alike: still refused
+            train(lambda scaffold: cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / "tf1b"),
+                                                                 storage_options=options, checkpoint_basename="ckpt"),
+                  last_step=10)
         assert f"{url} resumes from checkpoint 'ckpt-3' (step 3, a TF2 tf.train.Checkpoint checkpoint" in message
-        assert "saves 'model.ckpt-<step>' checkpoints (checkpoint_basename='model.ckpt')" in message
-        assert "pass checkpoint_basename='ckpt'" in message and "use a new checkpoint directory" in message
+        assert "continues TF1 Saver (name-based) checkpoints only" in message
+        assert "use a new checkpoint directory" in message and "pass checkpoint_basename=" not in message
         assert not os.path.exists(tmp_path / "tf1" / "model.ckpt-0.index")  # no session, nothing saved
         manager.save(checkpoint_number=4)  # not fenced: it commits
         manager.wait()

@@ -521,8 +521,7 @@ def test_a_directory_of_tf1_saver_checkpoints_is_refused_at_restore_naming_both_
     none of the tf.train.Checkpoint's variables), registered as the writer (fencing the TF1 job), and the first
     save() then said 'call manager.restore_or_initialize()', which the user had just done. Now the restore says
     that the directory holds model.ckpt-* (a TF1 Saver's) while this manager uses checkpoint_name='ckpt', before
-    anything is restored or registered; with checkpoint_name='model.ckpt' the first save's refusal says why the
-    restore restored nothing."""
+    anything is restored or registered; with checkpoint_name='model.ckpt' too (the kind differs)."""
     from support.tf_model import train
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
     hooks = []
@@ -542,8 +541,8 @@ def test_a_directory_of_tf1_saver_checkpoints_is_refused_at_restore_naming_both_
             manager.restore_or_initialize()
         message = str(info.value)
         assert f"{url} resumes from checkpoint 'model.ckpt-10' (step 10, a TF1 tf.compat.v1.train.Saver" in message
-        assert "saves 'ckpt-<step>' checkpoints (checkpoint_name='ckpt')" in message
-        assert "pass checkpoint_name='model.ckpt'" in message and "use a new checkpoint directory" in message
+        assert "continues tf.train.Checkpoint (object-based) checkpoints only" in message
+        assert "use a new checkpoint directory" in message and "pass checkpoint_name=" not in message
         assert "did not register as the directory's writer" in message
         assert newest_writer_id(url, options) == hooks[-1].writer_id  # the TF1 job is not fenced
         with pytest.raises(cloudckpt.ConfigError, match="resumes from checkpoint 'model.ckpt-10'"):
@@ -551,12 +550,30 @@ def test_a_directory_of_tf1_saver_checkpoints_is_refused_at_restore_naming_both_
         assert not (local / "ckpt-1.index").exists()
     assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [0, 5, 10]
 
+    # Naming it alike changes nothing (a re-check found the earlier hint 'pass checkpoint_name=' fenced the TF1
+    # job, then restored nothing): the kind is refused, before registering.
     with cloudckpt.CheckpointManager(ckpt, url, max_to_keep=2, checkpoint_name="model.ckpt", local_dir=str(local),
                                      storage_options=options) as named:
-        named.restore_or_initialize()  # TF restores by variable names: nothing matches
-        assert v.numpy().tolist() == [0.0] * 4
-        with pytest.raises(cloudckpt.ConfigError) as info:
-            named.save()
-        assert "'model.ckpt-10' is a TF1 tf.compat.v1.train.Saver checkpoint (name-based)" in str(info.value)
+        with pytest.raises(cloudckpt.ConfigError, match="continues tf.train.Checkpoint"):
+            named.restore_or_initialize()
+        assert newest_writer_id(url, options) == hooks[-1].writer_id
     assert cloudckpt.latest_checkpoint(url, options).step == 10
     assert cloudckpt_threads() == []
+
+
+def test_a_checkpoint_name_other_than_the_directorys_is_refused_with_the_name_to_pass(memory_url, tmp_path):
+    """Same kind (tf.train.Checkpoint), another checkpoint_name: the message names the one to pass, and with it
+    the manager resumes the directory's newest checkpoint."""
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=3, local_dir=str(tmp_path / "a")) as manager:
+        manager.restore_or_initialize()
+        w.assign(tf.fill([4, 4], 7.0))
+        manager.save(checkpoint_number=5)
+    w2, b2, ckpt2 = variables()
+    with cloudckpt.CheckpointManager(ckpt2, memory_url, max_to_keep=3, checkpoint_name="model",
+                                     local_dir=str(tmp_path / "b")) as renamed:
+        with pytest.raises(cloudckpt.ConfigError, match="pass checkpoint_name='ckpt'"):
+            renamed.restore_or_initialize()
+    with cloudckpt.CheckpointManager(ckpt2, memory_url, max_to_keep=3, local_dir=str(tmp_path / "b")) as same:
+        assert same.restore_or_initialize() == str(tmp_path / "b" / "ckpt-5")
+        np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 7.0))
