@@ -61,7 +61,13 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
         # The writer has just read the log (``state``): the scan lists the directory, not the log again.
         scan = scan_directory(store, state=state if state.last_index else None)
         outcome["scan"] = scan
-        restored, resumed = resume_point(store, scan, local_dir, download=download, layout=layout)
+        # decide() runs again when another writer appended to the log meanwhile: what the previous attempt
+        # downloaded is this run's own, not a state file pointing back on purpose.
+        earlier = outcome.get("restored")
+        restored, resumed = resume_point(store, scan, local_dir, download=download, layout=layout,
+                                         downloaded=earlier.name if isinstance(earlier, CheckpointInfo) else None)
+        if restored is None and isinstance(earlier, CheckpointInfo) and earlier.commit_id == resumed:
+            restored = earlier  # the previous attempt's download is still what this resume restored
         outcome["restored"] = restored
         if check is not None:
             check()
@@ -78,8 +84,9 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
 
 
 def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *, download: bool,
-                 layout: PrefixLayout = TF) -> tuple[CheckpointInfo | None, str | None]:
-    """(checkpoint downloaded or None, commit id resumed from or None): see the module docstring."""
+                 layout: PrefixLayout = TF, downloaded: str | None = None) -> tuple[CheckpointInfo | None, str | None]:
+    """(checkpoint downloaded or None, commit id resumed from or None): see the module docstring.
+    ``downloaded``: the prefix an earlier attempt of this resume downloaded (the state file points at it)."""
     lineage = scan.committed
     known = {c.name: c for c in [*scan.superseded, *lineage]}  # the current lineage wins a shared prefix
     local = layout.local_prefixes(local_dir)
@@ -121,6 +128,10 @@ def resume_point(store: RemoteStore, scan: DirectoryScan, local_dir: str, *, dow
         if download and head is not None and head.step > step:
             newer = [c for c in reversed(lineage) if c.step > step]
             restored = _download_first(store, scan, newer, local_dir, local_step=step)
+            if restored is not None and chosen == downloaded:  # committed by the writer still at work there
+                log.info("%s committed step %d while this run resumed from step %d; resuming from step %d.",
+                         store.url, restored.step, step, restored.step)
+                return restored, restored.commit_id
             if restored is not None:
                 log.warning("The local state file of %s points at committed step %d, but %s has newer committed "
                             "checkpoints of the same lineage: resuming from step %d. To go back to step %d on "

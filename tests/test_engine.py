@@ -4,6 +4,7 @@ resume + fencing, preemption, layouts. Against moto's S3 server on 127.0.0.1 and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -359,3 +360,31 @@ def test_an_in_place_directory_records_nothing_and_lists_only_checkpoints(tmp_pa
     cache = str(tmp_path / "cache")
     with pytest.raises(cloudckpt.ConfigError, match="local directory"):
         CheckpointEngine(cache, cache).open()  # ... is not a checkpoint directory of its own
+
+
+def test_a_commit_landing_while_resuming_is_resumed_from_without_a_rollback_warning(memory_url, tmp_path, caplog):
+    """Another writer commits while this one resumes: registering decides again, and the local state file then
+    names the checkpoint the first attempt downloaded. Was: a WARNING that the state file 'points at committed
+    step 1 ... To go back to step 1 on purpose, run cloudckpt rollback' -- about this run's own download."""
+    a_local, b_local = tmp_path / "a", tmp_path / "b"
+    attempts = []
+    with CheckpointEngine(memory_url, str(a_local)) as a:
+        a.open()
+        a.resume()
+        a.submit(1, write_checkpoint(a_local, 1))
+        a.wait(60)
+
+        def commit_meanwhile() -> None:  # runs in each decision of b's resume, before b registers
+            attempts.append(len(attempts))
+            if len(attempts) == 1:
+                a.submit(2, write_checkpoint(a_local, 2))
+                a.wait(60)
+
+        with CheckpointEngine(memory_url, str(b_local)) as b:
+            b.open()
+            with caplog.at_level(logging.INFO, logger="cloudckpt"):
+                restored = b.resume(check=commit_meanwhile)
+    assert len(attempts) == 2 and restored is not None and restored.step == 2
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert not [m for level, m in messages if level >= logging.WARNING and "on purpose" in m], messages
+    assert any("committed step 2 while this run resumed from step 1" in m for _, m in messages), messages
