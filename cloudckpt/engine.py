@@ -276,7 +276,8 @@ class CheckpointEngine:
             shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
             remove_stale_staging(self._local_dir)  # not the staging directory of a download running meanwhile
 
-    def resume(self, *, download: bool = True, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
+    def resume(self, *, download: bool = True,
+               check: Callable[[CheckpointInfo | None], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (see ``resume.py``).
 
         With ``download``, ``local_dir`` is first brought to the resume point: the
@@ -286,8 +287,9 @@ class CheckpointEngine:
         TF state file was pointed back on purpose. Local copies are checked against
         their manifests (sizes and crc32c). Registering fences every older writer of
         the directory. Call it again for a new run of the same engine: it registers
-        anew. ``check()`` (an adapter's, e.g. ``check_resume_name``) runs once ``local_dir`` holds the
-        resume point, before registering: what it raises propagates, and no writer is fenced.
+        anew. ``check(downloaded)`` (an adapter's: ``check_resume_name``, the Keras backup's load) runs
+        once ``local_dir`` holds the resume point, before registering: what it raises propagates, and no
+        writer is fenced; it runs again if registering decides again (another writer appended meanwhile).
 
         Returns:
             The committed checkpoint downloaded into ``local_dir``, or None if the

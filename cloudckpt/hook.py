@@ -221,7 +221,7 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             if self._watcher is not None:
                 self._watcher.stop()
 
-    def _check_resume_name(self) -> None:
+    def _check_resume_name(self, downloaded: CheckpointInfo | None = None) -> None:
         """In ``begin()``, before registering: refuse a resume point that is not ``<checkpoint_basename>-<step>``
         (``check_resume_name``: e.g. ``ckpt-*`` of a TF2 ``tf.train.Checkpoint``, which the session's Saver
         would fail to restore with a bare ``NotFoundError``)."""

@@ -187,13 +187,14 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
             self._engine.release_local_dir()
 
     # -- public helpers ----------------------------------------------------------------------------
-    def resume(self, *, download: bool, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
+    def resume(self, *, download: bool,
+               check: Callable[[CheckpointInfo | None], None] | None = None) -> CheckpointInfo | None:
         """Become the directory's writer, resuming from what ``local_dir`` holds (``CheckpointEngine.resume``).
 
         With ``download``, ``local_dir`` is first brought to the resume point:
         the head of the directory's lineage, unless the local state file was
         pointed back on purpose; local copies are checked against their
-        manifests. ``check()`` runs then, before registering (what it raises
+        manifests. ``check(downloaded)`` runs then, before registering (what it raises
         propagates, nobody is fenced). Registering fences every older writer of
         the directory. Returns the checkpoint downloaded, if any.
         """

@@ -41,11 +41,13 @@ log = logging.getLogger("cloudckpt")
 
 
 def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool,
-                        layout: PrefixLayout = TF, check: Callable[[], None] | None = None) -> CheckpointInfo | None:
+                        layout: PrefixLayout = TF,
+                        check: Callable[[CheckpointInfo | None], None] | None = None) -> CheckpointInfo | None:
     """Bring ``local_dir`` to the resume point (downloading only if ``download``) and register ``writer``.
 
-    ``layout`` names the local checkpoints (TF's by default). ``check()`` runs once ``local_dir`` holds
-    the resume point, before ``writer`` registers: what it raises propagates, and no older writer is fenced.
+    ``layout`` names the local checkpoints (TF's by default). ``check(downloaded)`` runs once ``local_dir``
+    holds the resume point (``downloaded``: the checkpoint brought there, or None), before ``writer``
+    registers, and again at each new decision: what it raises propagates, and no older writer is fenced.
 
     Returns:
         The committed checkpoint downloaded, or None if the local directory was used as it is.
@@ -70,7 +72,7 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
             restored = earlier  # the previous attempt's download is still what this resume restored
         outcome["restored"] = restored
         if check is not None:
-            check()
+            check(restored)
         return resumed
 
     def legacy() -> list[tuple[str, int]]:

@@ -604,7 +604,7 @@ class CheckpointManager:
         # TF reads the state file when the manager is created: a new one sees what was fetched.
         self._manager = tf.train.CheckpointManager(**self._tf_args)
 
-    def _check_resume_name(self) -> None:
+    def _check_resume_name(self, downloaded: CheckpointInfo | None = None) -> None:
         """Before registering: refuse a resume point that is not ``<checkpoint_name>-<step>`` (``check_resume_name``:
         a TF1 Saver's ``model.ckpt-*``, restored by variable names, would silently restore nothing)."""
         check_resume_name(self.local_dir, self._tf_args["checkpoint_name"], argument="checkpoint_name",

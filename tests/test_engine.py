@@ -374,7 +374,7 @@ def test_a_commit_landing_while_resuming_is_resumed_from_without_a_rollback_warn
         a.submit(1, write_checkpoint(a_local, 1))
         a.wait(60)
 
-        def commit_meanwhile() -> None:  # runs in each decision of b's resume, before b registers
+        def commit_meanwhile(downloaded) -> None:  # runs in each decision of b's resume, before b registers
             attempts.append(len(attempts))
             if len(attempts) == 1:
                 a.submit(2, write_checkpoint(a_local, 2))

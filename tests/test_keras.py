@@ -23,7 +23,7 @@ import pytest
 
 import cloudckpt
 import cloudckpt.keras
-from support.checks import log_entries, remote_fs
+from support.checks import log_entries, newest_writer_id, remote_fs
 from support.keras_model import BATCH_SIZE, Probe, RaiseAtEpoch, State, data, make_model
 from support.trainer_process import TrainerProcess
 
@@ -293,12 +293,14 @@ def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
 
 def test_a_backup_of_another_model_is_refused(s3_url, s3_options, tmp_path):
     fit(make_model(seed=1), [backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)], epochs=1)
+    writer = newest_writer_id(s3_url, s3_options)
     other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
     other.compile(keras.optimizers.Adam(0.01), loss="mse", run_eagerly=True)
     with pytest.raises(cloudckpt.ConfigError, match="does not fit this model") as info:
         fit(other, [backup(s3_url, s3_options, tmp_path / "vm2")], epochs=2)
     assert s3_url in str(info.value) and "step 4" in str(info.value)
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == 4  # nothing was deleted or overwritten
+    assert newest_writer_id(s3_url, s3_options) == writer  # refused before registering: a job there is not fenced
     # What failed, short: not Keras' whole text (~4 KB, dumping every value of the variable); that is chained
     # (__cause__; Keras' traceback filtering in fit() re-raises it "from None", which leaves it as __context__).
     message = str(info.value)

@@ -197,7 +197,8 @@ def test_stop_waits_for_the_poller_request_in_flight():
         assert wait_until(lambda: gce.arrivals > len(gce.requests), timeout=10)  # arrived, not answered yet
         in_flight = gce.arrivals
         w.stop()
-        assert set(threading.enumerate()) - before == set()  # stop() joined the poller
+        # stop() joined the poller; the fake server's own request thread may still be finishing its answer
+        assert {t for t in set(threading.enumerate()) - before if "process_request_thread" not in t.name} == set()
         assert cloudckpt_threads() == []
         assert len(gce.requests) >= in_flight  # the request in flight was answered before stop() returned
         assert not w.running and w.active_sources == ()

@@ -23,7 +23,7 @@ import tensorflow as tf
 import cloudckpt
 from cloudckpt.remote import RemoteStore
 from cloudckpt.testing import assert_committed
-from support.checks import remote_fs, state_file
+from support.checks import newest_writer_id, remote_fs, state_file
 from support.forkserver import FORK_SERVERS
 from test_engine import cloudckpt_threads
 
@@ -508,11 +508,6 @@ def test_a_checkpoint_name_that_is_no_plain_file_name_is_refused(name, memory_ur
         cloudckpt.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), memory_url, max_to_keep=1,
                                     checkpoint_name=name, local_dir=str(local))
     assert not local.exists()
-
-
-def newest_writer_id(url, options) -> str:
-    from cloudckpt.writers import Writer
-    return Writer(RemoteStore(url, options)).state().newest_writer.writer_id
 
 
 def test_a_directory_of_tf1_saver_checkpoints_is_refused_at_restore_naming_both_checkpoint_names(cloudckpt_s3,

@@ -340,10 +340,17 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
     def _restore_newest(self) -> tuple[int | None, int | None]:
         """Restore the newest verified committed backup, as on one machine (multi-worker: the chief's part of
         the restore): its step and the epoch to resume at, (None, None) when there is none."""
-        self.restored = self._engine.resume()
+        epochs: dict[str, int] = {}
+
+        def load(downloaded: CheckpointInfo | None) -> None:
+            # Before registering: a backup that does not fit this model (ConfigError) fences no job writing there.
+            epochs.pop("epoch", None)
+            if downloaded is not None:
+                epochs["epoch"] = self._restore(downloaded, self.local_dir)
+        self.restored = self._engine.resume(check=load)
         if self.restored is None:
             return None, None
-        return self.restored.step, self._restore(self.restored, self.local_dir)
+        return self.restored.step, epochs["epoch"]
 
     def _restore_downloaded(self, info: CheckpointInfo, directory: str) -> int:
         """A non-chief worker's part: the chief's backup ``info``, downloaded into ``directory``, is restored."""

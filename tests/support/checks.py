@@ -37,6 +37,14 @@ def log_entries(url: str, options: dict | None = None) -> list[dict]:
     return [_ENTRIES[(url, p)] for p in paths]
 
 
+def newest_writer_id(url: str, options: dict | None = None) -> str:
+    """The writer id of the directory's newest registered writer (its commit log)."""
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.writers import Writer
+
+    return Writer(RemoteStore(url, options)).state().newest_writer.writer_id
+
+
 def committed_manifest_names(url: str, options: dict | None = None) -> dict[str, str | None] | None:
     """With a commit log: manifest name -> commit id (None for adopted version 1 ones) of every commit that is
     not retired, counting only commits of the newest writer at their position; None without a log."""
