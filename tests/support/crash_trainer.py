@@ -44,11 +44,10 @@ class Report(tf.compat.v1.train.SessionRunHook):
         print(f"WRITER {self._hook.writer_id}", flush=True)
         print(f"FIRST_STEP {int(session.run(self._step))}", flush=True)
 
-    def before_run(self, run_context):
-        return tf.compat.v1.train.SessionRunArgs(self._step)
-
     def after_run(self, run_context, run_values):
-        print(f"STEP {int(run_values.results) + 1}", flush=True)
+        # Read after the step: a fetch of the global step in the train op's own run sees it before or after
+        # the increment (no ordering between them), which made STEP off by one now and then.
+        print(f"STEP {int(run_context.session.run(self._step))}", flush=True)
         if self._sleep:
             time.sleep(self._sleep)
 
