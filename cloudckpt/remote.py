@@ -134,7 +134,8 @@ class RemoteStore:
         self._transport: S3Transport | None = None
         if protocol in _S3_PROTOCOLS and type(self.fs).__module__.startswith("s3fs"):
             # TransferOptions' defaults are the transport's measured ones (bench/): transfer=None is TransferOptions().
-            sizes = {"part_size": self.transfer.part_size, "parts_in_flight": self.transfer.max_parts_in_flight}
+            sizes = {"part_size": self.transfer.part_size, "parts_in_flight": self.transfer.max_parts_in_flight,
+                     "multipart_threshold": self.transfer.multipart_threshold}
             self._transport = self._s3_transport(storage_options, sizes)
             if self._transport is not None:
                 self._transport.cancel = self.cancel

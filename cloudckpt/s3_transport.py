@@ -4,7 +4,9 @@
 client CPU and memory as the job allows, and nothing else: listing, small
 objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
 
-* Uploads send each part's bytes with ``socket.sendfile`` (the kernel copies
+* A file smaller than ``multipart_threshold`` (200 MiB) goes in one PutObject,
+  a larger one in a multipart upload of ``part_size`` parts.
+  Uploads send each part's bytes with ``socket.sendfile`` (the kernel copies
   page cache to the socket; no Python buffer holds the part) with the part's
   crc32c (combined from the manifest's, or one streaming pass). Every request carries
   ``x-amz-checksum-crc32c``: the store rejects a corrupted body (``BadDigest``,
@@ -77,7 +79,7 @@ import google_crc32c
 
 from .errors import ConfigError
 
-__all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT",
+__all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD",
            "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE", "CopySource", "CopiedPartsRejected", "unquoted_etag"]
 
 log = logging.getLogger("cloudckpt")
@@ -87,7 +89,15 @@ T = TypeVar("T")
 # sent from the file, ranges written through a READ_BUFFER). 16 MiB parts: as fast as 32 MiB on SeaweedFS and
 # ~15 % faster on moto (py-spy: moto spends its time copying each part into a spooled temporary file and back,
 # and more per byte for 32 MiB parts; why is not established), for ~0.1 client CPU-s/GiB more.
-PART_SIZE = 16 << 20  # bytes per multipart part (and the single-PUT threshold)
+PART_SIZE = 16 << 20  # bytes per multipart part
+# Files smaller than this go in one PutObject, larger ones in a multipart upload (boto3's ``multipart_threshold``;
+# rclone's S3 ``upload_cutoff`` is 200 MiB too). Measured by ``python -m bench --only upload`` (1 GiB in 8 files
+# of 128 MiB, server pinned to its own core, 2026-12-01): moto spent 5.5-5.9 CPU-s per GiB stored by single
+# PUTs against 8.9 for 16 MiB parts (a CompleteMultipartUpload re-reads and re-writes every part), 176-183 MiB/s
+# against 112; SeaweedFS alike both ways (100 vs 99 MiB/s). A checkpoint of several files keeps
+# ``max_files_in_flight`` single PUTs going; a single large file still gets parallel parts.
+MULTIPART_THRESHOLD = 200 << 20
+_MAX_PUT = 5 << 30  # S3's largest PutObject
 PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
 RANGE_SIZE = 32 << 20  # bytes per ranged GET
 RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
@@ -383,7 +393,9 @@ class S3Transport:
             credentials stay fresh), or None for unsigned (anonymous) requests.
         verify: TLS verification: True, False, or a CA bundle path.
         requester_pays: send ``x-amz-request-payer: requester``.
-        part_size: bytes per multipart part, >= 5 MiB; files up to it go in one PUT.
+        part_size: bytes per multipart part, >= 5 MiB.
+        multipart_threshold: files of at least this many bytes (and larger than ``part_size``) go in a
+            multipart upload, smaller ones in one PUT; in [5 MiB, 5 GiB].
         parts_in_flight: parts of one file uploading concurrently (>= 1).
         range_size: bytes per ranged GET (>= 1 MiB).
         ranges_in_flight: ranges of one file downloading concurrently (>= 1).
@@ -396,9 +408,13 @@ class S3Transport:
                  credentials: Callable[[], tuple[str, str, str | None]] | None, *,
                  verify: bool | str = True, requester_pays: bool = False,
                  part_size: int = PART_SIZE, parts_in_flight: int = PARTS_IN_FLIGHT,
-                 range_size: int = RANGE_SIZE, ranges_in_flight: int = RANGES_IN_FLIGHT) -> None:
+                 multipart_threshold: int = MULTIPART_THRESHOLD, range_size: int = RANGE_SIZE, ranges_in_flight: int = RANGES_IN_FLIGHT) -> None:
         if not isinstance(part_size, int) or part_size < _MIN_PART:
             raise ConfigError(f"S3 part_size must be an integer >= {_MIN_PART} bytes (5 MiB), got {part_size!r}.")
+        if isinstance(multipart_threshold, bool) or not isinstance(multipart_threshold, int) \
+                or not _MIN_PART <= multipart_threshold <= _MAX_PUT:
+            raise ConfigError("S3 multipart_threshold must be an integer in [5 MiB, 5 GiB] (bytes), "
+                              f"got {multipart_threshold!r}.")
         if not isinstance(range_size, int) or range_size < READ_BUFFER:
             raise ConfigError(f"S3 range_size must be an integer >= {READ_BUFFER} bytes, got {range_size!r}.")
         for name, value in (("parts_in_flight", parts_in_flight), ("ranges_in_flight", ranges_in_flight)):
@@ -406,6 +422,7 @@ class S3Transport:
                 raise ConfigError(f"S3 {name} must be an integer >= 1, got {value!r}.")
         self.region = region
         self.part_size = part_size
+        self.multipart_threshold = multipart_threshold
         self.parts_in_flight = parts_in_flight
         self.range_size = range_size
         self.ranges_in_flight = ranges_in_flight
@@ -462,7 +479,7 @@ class S3Transport:
             size = os.fstat(fd).st_size
             if checksums is not None:
                 _check_cover([(a, b) for a, b, _ in checksums], size, f"{bucket}/{key}")
-            if size <= self.part_size:
+            if size < self.multipart_threshold or size <= self.part_size:
                 crc = _crc32c_of_range(fd, 0, size) if checksums is None else _combined(checksums)
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(size)}
                 if create:

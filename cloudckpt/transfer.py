@@ -30,13 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .s3_transport import PART_SIZE, PARTS_IN_FLIGHT
+from .s3_transport import MULTIPART_THRESHOLD, PART_SIZE, PARTS_IN_FLIGHT
 
 __all__ = ["TransferOptions", "MiB"]
 
 MiB = 1 << 20
 MIN_PART_SIZE = 5 * MiB  # S3's smallest multipart part (all but the last)
 MAX_PART_SIZE = 5 << 30  # S3's largest part
+MAX_PUT_SIZE = 5 << 30  # S3's largest PutObject
 PART_ALIGNMENT = 256 << 10  # GCS resumable uploads send chunks in multiples of 256 KiB
 MAX_IN_FLIGHT = 64
 # Connections of one restore (files at once x ranged GETs per file). Measured by bench scenario 4 (1 GiB in
@@ -53,6 +54,14 @@ class TransferOptions:
         part_size: bytes per multipart part (S3) / resumable chunk (GCS): an
             integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Default 16 MiB
             (``s3_transport.PART_SIZE``).
+        multipart_threshold: on ``s3://`` through cloudckpt's transport, files of at
+            least this many bytes (and larger than ``part_size``) go in a multipart upload,
+            smaller ones in one PutObject (boto3's ``TransferConfig.multipart_threshold``):
+            an integer in [5 MiB, 5 GiB]. Default 200 MiB
+            (``s3_transport.MULTIPART_THRESHOLD``, rclone's S3 ``upload_cutoff``): a
+            CompleteMultipartUpload costs a store work per byte (measured on moto by the
+            bench); a checkpoint of several files keeps ``max_files_in_flight`` PUTs going.
+            The s3fs fallback decides on its own (one PutObject below 2 x ``part_size``).
         max_files_in_flight: files of one checkpoint uploaded (and checksummed)
             concurrently, in [1, 64]. Default 4.
         max_parts_in_flight: parts of one file sent concurrently, in [1, 64].
@@ -80,6 +89,7 @@ class TransferOptions:
     max_parts_in_flight: int = PARTS_IN_FLIGHT
     incremental: bool = True
     max_download_streams: int = DOWNLOAD_STREAMS
+    multipart_threshold: int = MULTIPART_THRESHOLD
 
     def __post_init__(self) -> None:
         if not isinstance(self.incremental, bool):
@@ -88,6 +98,8 @@ class TransferOptions:
         if self.part_size % PART_ALIGNMENT:
             raise ConfigError(f"TransferOptions.part_size must be a multiple of 256 KiB ({PART_ALIGNMENT} bytes), "
                               f"got {self.part_size!r}.")
+        _check_int("multipart_threshold", self.multipart_threshold, MIN_PART_SIZE, MAX_PUT_SIZE,
+                   " bytes (5 MiB to 5 GiB)")
         _check_int("max_files_in_flight", self.max_files_in_flight, 1, MAX_IN_FLIGHT)
         _check_int("max_parts_in_flight", self.max_parts_in_flight, 1, MAX_IN_FLIGHT)
         _check_int("max_download_streams", self.max_download_streams, 1, MAX_IN_FLIGHT)

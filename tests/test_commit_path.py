@@ -22,7 +22,7 @@ from cloudckpt.engine import STAGING_DIR
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retention import RetentionPolicy
 from cloudckpt.retry import RetryPolicy
-from cloudckpt.s3_transport import PART_SIZE, PARTS_IN_FLIGHT
+from cloudckpt.s3_transport import MULTIPART_THRESHOLD, PART_SIZE, PARTS_IN_FLIGHT
 from cloudckpt.testing import assert_committed
 from support.checks import assert_all_committed_intact, read_scalars
 from support.fault_proxy import FaultProxy
@@ -338,6 +338,8 @@ def test_in_place_after_save_only_queues(tmp_path, caplog):
     ("max_files_in_flight", 0, "[1, 64]"),
     ("max_parts_in_flight", 65, "[1, 64]"),
     ("max_parts_in_flight", True, "[1, 64]"),
+    ("multipart_threshold", 6 << 30, "[5242880, 5368709120]"),
+    ("multipart_threshold", 1 << 20, "[5242880, 5368709120]"),
 ])
 def test_transfer_options_are_validated(field, value, allowed):
     with pytest.raises(cloudckpt.ConfigError, match=rf"TransferOptions\.{field} must be .*{re.escape(allowed)}"):
@@ -348,7 +350,8 @@ def test_transfer_options_reach_the_store(counted, tmp_path):
     url, proxy, options, direct = counted
     with pytest.raises(cloudckpt.ConfigError, match="transfer must be a cloudckpt.TransferOptions"):
         CheckpointEngine(url, str(tmp_path), storage_options=options, transfer={"part_size": 5 << 20})
-    transfer = TransferOptions(part_size=5 << 20, max_files_in_flight=1, max_parts_in_flight=1)
+    transfer = TransferOptions(part_size=5 << 20, max_files_in_flight=1, max_parts_in_flight=1,
+                               multipart_threshold=5 << 20)
     with CheckpointEngine(url, str(tmp_path), storage_options=options, transfer=transfer) as engine:
         assert engine.transfer is transfer and engine.store.transfer is transfer
         engine.open()
@@ -362,12 +365,14 @@ def test_transfer_options_reach_the_store(counted, tmp_path):
 
 def test_transfer_options_defaults_are_the_defaults_without_one(counted, tmp_path):
     """``TransferOptions(incremental=False)`` changes copying only: its uploads use the same parts as
-    ``transfer=None`` (the transport's measured 16 MiB x 4), and so does the s3fs fallback's fsspec path."""
+    ``transfer=None`` (the transport's measured 16 MiB x 4, and one PutObject below its 200 MiB multipart
+    threshold), and the s3fs fallback's fsspec path takes the same part size."""
     url, proxy, options, direct = counted
     defaults = TransferOptions()
     assert (defaults.part_size, defaults.max_parts_in_flight) == (PART_SIZE, PARTS_IN_FLIGHT) == (16 << 20, 4)
     assert defaults.max_buffer_bytes == 4 * 4 * (16 << 20)
-    size = 40 << 20  # (+ a few bytes) 16 + 16 + 8 MiB: 3 parts; 8 MiB parts would make 6
+    assert defaults.multipart_threshold == MULTIPART_THRESHOLD == 200 << 20
+    size = 40 << 20  # (+ a few bytes) s3fs: 16 + 16 + 8 MiB, 3 parts (8 MiB parts would make 6); the transport: one PUT
     fallback = {**options, "s3_additional_kwargs": {"StorageClass": "STANDARD"}}  # keeps the data path on s3fs
     cases = {"none": (None, options), "not-incremental": (TransferOptions(incremental=False), options),
              "s3fs": (None, fallback)}
@@ -380,16 +385,17 @@ def test_transfer_options_defaults_are_the_defaults_without_one(counted, tmp_pat
             if name == "s3fs":
                 assert transport is None
             else:
-                assert (transport.part_size, transport.parts_in_flight) == (PART_SIZE, PARTS_IN_FLIGHT)
+                assert (transport.part_size, transport.parts_in_flight, transport.multipart_threshold) == \
+                    (PART_SIZE, PARTS_IN_FLIGHT, MULTIPART_THRESHOLD)
             engine.open()
             start = len(proxy.events)
             engine.submit(1, write_checkpoint(local, 1, size=size))
             engine.wait(120)
             assert engine.stats().last_committed_step == 1
-        parts[name] = sum(1 for m, p, _ in proxy.events[start:]
-                          if m == "PUT" and "partNumber=" in p and f"/{name}/" in p and ".data-" in p)
+        puts = [p for m, p, _ in proxy.events[start:] if m == "PUT" and f"/{name}/" in p and ".data-" in p]
+        parts[name] = (sum("partNumber=" in p for p in puts), len(puts))
         assert_committed(f"{url}/{name}", step=1, storage_options=direct)
-    assert parts == {"none": 3, "not-incremental": 3, "s3fs": 3}
+    assert parts == {"none": (0, 1), "not-incremental": (0, 1), "s3fs": (3, 3)}
 
 
 def test_stats_report_commit_lag_and_queue_depth(cloudckpt_s3, tmp_path):

@@ -20,6 +20,7 @@ import cloudckpt
 from cloudckpt.commit import LocalCheckpoint, commit_checkpoint, register_continuing
 from cloudckpt.commitlog import CommitLog, new_entry
 from cloudckpt.remote import RemoteStore
+from cloudckpt.transfer import TransferOptions
 from cloudckpt.writers import Writer
 from support.checks import assert_all_committed_intact, state_file
 from support.fault_proxy import FaultProxy
@@ -228,7 +229,8 @@ def test_put_file_if_absent_large_upload(target, tmp_path, request):
     first, second = tmp_path / "first.bin", tmp_path / "second.bin"
     first.write_bytes(np.random.default_rng(1).bytes(17 << 20))
     second.write_bytes(np.random.default_rng(2).bytes(17 << 20))
-    store = RemoteStore(target.url, target.options)
+    # S3: multipart from 16 MiB (the 200 MiB default would make it one PutObject, as test_write_if_absent)
+    store = RemoteStore(target.url, target.options, transfer=TransferOptions(multipart_threshold=16 << 20))
     assert store.put_file_if_absent(str(first), "model.ckpt-1.data-00000-of-00001") is True
     assert store.put_file_if_absent(str(second), "model.ckpt-1.data-00000-of-00001") is False
     fs, root = target.raw()
@@ -240,6 +242,8 @@ def test_put_file_if_absent_large_upload(target, tmp_path, request):
 
         client = boto3.client("s3", endpoint_url=target.options["endpoint_url"], region_name="us-east-1")
         assert client.list_multipart_uploads(Bucket=root.split("/", 1)[0]).get("Uploads") in (None, [])
+        bucket, key = f"{root}/model.ckpt-1.data-00000-of-00001".split("/", 1)
+        assert client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-2")  # it was multipart
 
 
 # -- exclusive commit and fencing -------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_a_source_re_uploaded_with_the_same_bytes_is_still_copied(seaweed_server
     writer = Writer(store)
     first = commit_checkpoint(store, saves.save(1), writer=writer)
     small_parts = RemoteStore(url, seaweed_server.storage_options)._transport
-    small_parts.part_size = 5 * MiB
+    small_parts.part_size = small_parts.multipart_threshold = 5 * MiB
     small_parts.put_file(str(tmp_path / f"model.ckpt-1.{DATA}"), bucket, f"run/model.ckpt-1.{DATA}")
     recorded = next(f.etag for f in first.manifest.files if f.name.endswith(DATA))
     assert small_parts.head(bucket, f"run/model.ckpt-1.{DATA}")["etag"] != recorded

@@ -181,7 +181,8 @@ def open_uploads(client, bucket: str) -> list[str]:
 
 
 def test_ctrl_c_during_push_aborts_the_uploads_in_flight(cloudckpt_s3, moto_server, tmp_path):
-    src = write_checkpoint(tmp_path / "src", 128 * MiB)  # 8 parts of 16 MiB per file, 4 in flight
+    # above the 200 MiB multipart threshold: 13 parts of 16 MiB per file, 4 in flight
+    src = write_checkpoint(tmp_path / "src", 208 * MiB)
     client = moto_server.client()
     url = cloudckpt_s3.url("run")
     proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "push", str(src), url, "-o",
@@ -204,7 +205,8 @@ def test_abandoning_a_background_upload_aborts_it(cloudckpt_s3, moto_server, tmp
     ckpt = LocalCheckpoint(step=7, prefix="model.ckpt-7",
                            files={p.name: str(p) for p in src.iterdir() if p.name.startswith("model.ckpt-7")})
     client = moto_server.client()
-    uploader = Uploader(RemoteStore(cloudckpt_s3.url("run"), cloudckpt_s3.storage_options))
+    multipart = cloudckpt.TransferOptions(multipart_threshold=16 * MiB)  # 8 parts of 16 MiB per file
+    uploader = Uploader(RemoteStore(cloudckpt_s3.url("run"), cloudckpt_s3.storage_options, transfer=multipart))
     released = []
     uploader.submit(UploadJob(ckpt, release=lambda: released.append(7)))
     uploader.start()

@@ -38,7 +38,8 @@ def seaweed_bucket(seaweed_server):
 
 @pytest.fixture
 def transport(seaweed_server) -> S3Transport:
-    t = transport_for(seaweed_server.storage_options, part_size=5 * MiB, range_size=3 * MiB)
+    t = transport_for(seaweed_server.storage_options, part_size=5 * MiB, multipart_threshold=5 * MiB,
+                      range_size=3 * MiB)
     assert t is not None
     yield t
     t.close()
@@ -85,7 +86,8 @@ def test_no_credentials_anywhere_leaves_s3fs_in_charge(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"part_size": 1 << 20}, {"parts_in_flight": 0}, {"range_size": 10},
-                                    {"ranges_in_flight": "4"}])
+                                    {"ranges_in_flight": "4"}, {"multipart_threshold": 1 << 20},
+                                    {"multipart_threshold": 6 << 30}, {"multipart_threshold": True}])
 def test_sizes_are_validated(kwargs):
     with pytest.raises(cloudckpt.ConfigError):
         transport_for({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"}, **kwargs)
@@ -119,7 +121,7 @@ def test_uploads_send_the_manifest_checksums_without_reading_the_file_again(seaw
     size the ranges do not make up (5 MiB) is honoured: those parts are read."""
     import cloudckpt.s3_transport as s3_transport
 
-    transport = transport_for(seaweed_server.storage_options, part_size=16 * MiB)
+    transport = transport_for(seaweed_server.storage_options, part_size=16 * MiB, multipart_threshold=16 * MiB)
     src = write(tmp_path / "src", size, seed=3)
     ranges = _manifest_ranges(src) if size > 8 * MiB else [(0, size, google_crc32c.value(open(src, "rb").read()))]
     reads: list[int] = []
@@ -140,12 +142,37 @@ def test_uploads_send_the_manifest_checksums_without_reading_the_file_again(seaw
     with pytest.raises(ValueError):
         transport.put_file(src, seaweed_bucket, "obj3", checksums=ranges[:-1])  # not covering the file
     if size > 16 * MiB:
-        small = transport_for(seaweed_server.storage_options, part_size=5 * MiB)
+        small = transport_for(seaweed_server.storage_options, part_size=5 * MiB, multipart_threshold=5 * MiB)
         reads.clear()
         small.put_file(src, seaweed_bucket, "obj4", create=True, checksums=ranges)
         assert len(reads) == 5 and transport.head(seaweed_bucket, "obj4")["crc32c"] == crc32c_of_file(src)[1]
         small.close()
     transport.close()
+
+
+def test_files_below_the_multipart_threshold_go_in_one_put(seaweed_server, seaweed_bucket, tmp_path):
+    """A file smaller than ``multipart_threshold`` is one PutObject even when it spans several parts (the
+    store's ETag is an MD5, no ``-N``); one of at least that size is a multipart upload of ``part_size`` parts
+    (boto3's ``multipart_threshold`` semantics). Both keep the file's own crc32c as the stored checksum."""
+    src = write(tmp_path / "src", 12 * MiB + 7, seed=5)
+    crc = crc32c_of_file(src)[1]
+    with FaultProxy(seaweed_server.endpoint) as proxy:
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        for threshold, key, parts in ((13 * MiB, "below", 0), (12 * MiB + 7, "at", 3), (5 * MiB, "above", 3)):
+            transport = transport_for(options, part_size=5 * MiB, multipart_threshold=threshold)
+            start = len(proxy.events)
+            transport.put_file(src, seaweed_bucket, key, create=True)
+            puts = [p for m, p, _ in proxy.events[start:] if m == "PUT"]
+            assert len([p for p in puts if "partNumber=" in p]) == parts, (key, puts)
+            assert len(puts) == max(parts, 1)
+            head = transport.head(seaweed_bucket, key)
+            assert head["crc32c"] == crc and head["size"] == 12 * MiB + 7
+            assert head["etag"].endswith("-3") is bool(parts), head["etag"]
+            transport.close()
+    direct = transport_for(seaweed_server.storage_options)
+    assert direct.get_file(seaweed_bucket, "below", str(tmp_path / "back")) == 12 * MiB + 7
+    assert (tmp_path / "back").read_bytes() == (tmp_path / "src").read_bytes()
+    direct.close()
 
 
 @pytest.mark.parametrize("size", [1000, 12 * MiB])
@@ -212,7 +239,8 @@ def test_corrupted_upload_body_is_rejected_and_resent(seaweed_server, seaweed_bu
         options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
         url = f"s3://{seaweed_bucket}/run"
         causes: list[str] = []
-        store = RemoteStore(url, options, retry=FAST_RETRY, on_retry=causes.append)
+        store = RemoteStore(url, options, retry=FAST_RETRY, on_retry=causes.append,
+                            transfer=cloudckpt.TransferOptions(part_size=5 * MiB, multipart_threshold=5 * MiB))
         files = {"model.ckpt-3.index": write(tmp_path / "i", 100),
                  "model.ckpt-3.data-00000-of-00001": write(tmp_path / "d", size)}
         assert commit_checkpoint(store, LocalCheckpoint(3, "model.ckpt-3", files)).outcome == "uploaded"
@@ -413,7 +441,7 @@ def test_a_store_without_conditional_writes_is_refused_at_once(seaweed_server, s
         endpoint = proxy.url
         options = {**seaweed_server.storage_options, "endpoint_url": endpoint}
         store = RemoteStore(f"s3://{bucket}/run", options, retry=RetryPolicy(seed=0), on_retry=causes.append,
-                            transfer=cloudckpt.TransferOptions(part_size=5 * MiB))
+                            transfer=cloudckpt.TransferOptions(part_size=5 * MiB, multipart_threshold=5 * MiB))
         with pytest.raises(cloudckpt.ConfigError) as info:
             store.write_if_absent("entry.json", b"{}")
         assert proxy.stats["refused-conditional"] == 2  # with the checksum headers, then once without
