@@ -12,7 +12,7 @@ import tensorflow as tf
 from fsspec.implementations.memory import MemoryFileSystem
 
 import cloudckpt
-from support.checks import assert_all_committed_intact, manifests, state_file
+from support.checks import assert_all_committed_intact, state_file
 from support.tf_model import train
 from test_engine import cloudckpt_threads, open_in_another_process
 

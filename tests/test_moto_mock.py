@@ -138,7 +138,7 @@ def test_restore_latest_verify_and_download(mocked_bucket, tmp_path, guard):
     np.testing.assert_array_equal(second.first_weights, first.last_weights)
     assert committed_intact(client, bucket) == [0, 10, 20, 30]
 
-    key = f"run/model.ckpt-30.data-00000-of-00001"  # corrupt one byte: verify must see it
+    key = "run/model.ckpt-30.data-00000-of-00001"  # corrupt one byte: verify must see it
     body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0xFF
     client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
