@@ -340,9 +340,13 @@ class CheckpointManager:
         the newest committed checkpoint that verifies is downloaded unless the
         local one is the same and intact (sizes and crc32c), newer (its upload
         never finished) or pointed back on purpose; corrupt committed ones are
-        skipped (logged at ERROR). Then this manager registers as the directory's
-        writer (fencing older ones), and TF's ``restore_or_initialize`` runs on
-        ``local_dir``.
+        skipped (logged at ERROR). TF restores it from ``local_dir`` (its
+        ``restore_or_initialize``); then this manager registers as the directory's
+        writer (fencing older ones), and ``init_fn`` runs when there was nothing to
+        restore. A checkpoint TF cannot restore into this ``tf.train.Checkpoint`` (a
+        variable of another shape: another model under the same ``checkpoint_name``)
+        raises ``ConfigError`` before registering, so a job still writing there is not
+        fenced.
 
         A resume point named otherwise than ``checkpoint_name`` is refused before it is
         restored and before registering (no writer is fenced): ``model.ckpt-60`` of a TF1
@@ -364,15 +368,50 @@ class CheckpointManager:
             IntegrityError: checkpoints are committed but none verifies and there is no
                 local checkpoint (training must not silently start from scratch).
             ConfigError: the resume point is not a ``<checkpoint_name>-<step>`` checkpoint (see
-                above); nothing was restored, no writer registered.
+                above), or TF could not restore it into this checkpoint's objects (TF's
+                ``ValueError`` chained); no writer registered.
             RemoteError / FencedError: the store could not be read or written.
             WorkerFailedError: (multi-worker) another worker failed to restore: the chief, or a
                 worker whose download of the chief's step failed (that worker raises its own error,
                 e.g. ``IntegrityError``); every worker raises in the same call.
         """
         self._manager.sync()
-        self._resume(download=True)
-        return self._manager.restore_or_initialize()
+        if self._agreement is not None:
+            self._resume(download=True)
+            return self._manager.restore_or_initialize()
+        restored: dict[str, Any] = {}
+
+        def restore(downloaded: CheckpointInfo | None) -> None:
+            # Before registering (CheckpointEngine.resume's check): a checkpoint this model cannot take
+            # must not fence the job that wrote it.
+            self._check_resume_name(downloaded)
+            if downloaded is not None:
+                _write_local_state(self.local_dir)
+            manager = tf.train.CheckpointManager(**self._tf_args)
+            restored.clear()
+            if manager.latest_checkpoint:
+                try:
+                    restored.update(manager=manager, path=manager.restore_or_initialize())
+                except (ValueError, tf.errors.OpError) as exc:
+                    raise self._not_restorable(manager.latest_checkpoint, downloaded, exc) from exc
+
+        self._resume(download=True, check=restore)
+        if restored:  # TF's manager that restored it (its interval bookkeeping): no second read
+            self._manager = restored["manager"]
+            return restored["path"]
+        return self._manager.restore_or_initialize()  # nothing to restore: init_fn
+
+    def _not_restorable(self, path: str, downloaded: CheckpointInfo | None, exc: BaseException) -> ConfigError:
+        """The error for a checkpoint TF refused to restore into this manager's checkpoint."""
+        what = (f"Checkpoint step {downloaded.step} of {self.directory} (downloaded into {self.local_dir})"
+                if downloaded is not None else f"Checkpoint {path} (in local_dir, resuming {self.directory})")
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        return ConfigError(
+            f"{what} could not be restored into this tf.train.Checkpoint: {detail} It was written by another "
+            f"model under the same checkpoint_name. Nothing was registered: a job writing to {self.directory} is "
+            "not fenced. Restore it with the model that wrote it, or use a new directory.")
 
     def sync(self) -> None:
         """Wait for TF's async checkpoint write (``tf.train.CheckpointManager.sync``); uploads go on."""
@@ -583,7 +622,7 @@ class CheckpointManager:
             fix="Restore before the first save(): call manager.restore_or_initialize(), or "
                 f"checkpoint.restore(manager.latest_checkpoint), on every worker. {back}, then restore; {new_lineage}")
 
-    def _resume(self, *, download: bool) -> None:
+    def _resume(self, *, download: bool, check: Callable[[CheckpointInfo | None], None] | None = None) -> None:
         """Multi-worker: a collective (every worker resumes in the same call, to the chief's step).
 
         Raises:
@@ -593,7 +632,7 @@ class CheckpointManager:
         self._resumed = True
         try:
             if self._agreement is None:
-                self.restored = self._engine.resume(download=download, check=self._check_resume_name)
+                self.restored = self._engine.resume(download=download, check=check or self._check_resume_name)
             else:
                 self.restored = self._restore_multi_worker(self._agreement)
         except ConfigError:

@@ -255,6 +255,32 @@ def test_a_second_manager_on_the_url_fences_the_first(cloudckpt_s3, tmp_path):
     assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 3]
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_registering(cloudckpt_s3, tmp_path):
+    """A second job with another model (a variable of another shape) under the same checkpoint_name: TF
+    refuses the restore, and that happens before registering, so the job writing there is not fenced
+    (before, the new manager registered first and the healthy job's next commit was fenced)."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    w, b, ckpt = variables()
+    first = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "vm1"),
+                                        storage_options=options)
+    first.restore_or_initialize()
+    first.save(checkpoint_number=1)
+    first.wait()
+    writer = newest_writer_id(url, options)
+    other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([3, 3])), b=tf.Variable(tf.zeros([3])))
+    with cloudckpt.CheckpointManager(other, url, max_to_keep=3, local_dir=str(tmp_path / "vm2"),
+                                     storage_options=options) as second:
+        with pytest.raises(cloudckpt.ConfigError, match="could not be restored into this tf.train.Checkpoint") as info:
+            second.restore_or_initialize()
+    message = str(info.value)
+    assert "step 1" in message and url in message and "not fenced" in message and "incompatible" in message
+    assert isinstance(info.value.__cause__, ValueError)
+    assert newest_writer_id(url, options) == writer
+    first.save(checkpoint_number=2)  # the healthy job goes on committing
+    first.close()
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [1, 2]
+
+
 def test_restore_falls_back_past_a_corrupt_committed_checkpoint(cloudckpt_s3, tmp_path):
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
     w, b, ckpt = variables()
