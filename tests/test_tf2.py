@@ -230,14 +230,19 @@ def test_sigterm_stops_a_custom_loop_which_commits_its_final_checkpoint(cloudckp
     assert cloudckpt.latest_checkpoint(url, options).step == final
 
 
+def job_with_step_1_committed(url: str, options: dict, local_dir: Path) -> cloudckpt.CheckpointManager:
+    """A running job's manager (``variables()``) that has committed checkpoint 1 to ``url``."""
+    ckpt = variables()[2]
+    manager = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(local_dir), storage_options=options)
+    manager.restore_or_initialize()
+    manager.save(checkpoint_number=1)
+    manager.wait()
+    return manager
+
+
 def test_a_second_manager_on_the_url_fences_the_first(cloudckpt_s3, tmp_path):
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
-    w, b, ckpt = variables()
-    first = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "vm1"),
-                                        storage_options=options)
-    first.restore_or_initialize()
-    first.save(checkpoint_number=1)
-    first.wait()
+    first = job_with_step_1_committed(url, options, tmp_path / "vm1")
     w2, b2, ckpt2 = variables()
     with cloudckpt.CheckpointManager(ckpt2, url, max_to_keep=3, local_dir=str(tmp_path / "vm2"),
                                      storage_options=options) as second:
@@ -260,12 +265,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_registering(cloudckpt_s
     refuses the restore, and that happens before registering, so the job writing there is not fenced
     (before, the new manager registered first and the healthy job's next commit was fenced)."""
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
-    w, b, ckpt = variables()
-    first = cloudckpt.CheckpointManager(ckpt, url, max_to_keep=3, local_dir=str(tmp_path / "vm1"),
-                                        storage_options=options)
-    first.restore_or_initialize()
-    first.save(checkpoint_number=1)
-    first.wait()
+    first = job_with_step_1_committed(url, options, tmp_path / "vm1")
     writer = newest_writer_id(url, options)
     other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([3, 3])), b=tf.Variable(tf.zeros([3])))
     with cloudckpt.CheckpointManager(other, url, max_to_keep=3, local_dir=str(tmp_path / "vm2"),
