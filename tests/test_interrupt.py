@@ -257,3 +257,23 @@ def test_ctrl_c_in_a_tf2_loop_aborts_the_upload_in_flight(cloudckpt_s3, moto_ser
     assert data_objects(client, cloudckpt_s3.name) == []  # before: the parts queued were sent, at exit
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+def test_ctrl_c_during_push_cuts_single_puts(cloudckpt_s3, moto_server, tmp_path):
+    """Files below the multipart threshold (one PutObject each): Ctrl-C cuts them, nothing is committed."""
+    from support.fault_proxy import FaultProxy
+    src = write_checkpoint(tmp_path / "src", 128 * MiB)
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "push", str(src), url, "-o",
+                                 f"endpoint_url={proxy.url}"], env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: any(m == "PUT" and ".data-" in p for m, p, _ in proxy.events), proc, "a data PUT started")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+        puts = [p for m, p, _ in proxy.events if m == "PUT" and ".data-" in p]
+    assert proc.returncode == 130, (out, err)
+    assert all("partNumber=" not in p for p in puts)
+    assert len(data_objects(client, cloudckpt_s3.name)) < FILES
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
