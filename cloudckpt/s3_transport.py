@@ -4,8 +4,9 @@
 client CPU and memory as the job allows, and nothing else: listing, small
 objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
 
-* A file smaller than ``multipart_threshold`` (200 MiB) goes in one PutObject,
-  a larger one in a multipart upload of ``part_size`` parts.
+* A file smaller than ``multipart_threshold`` (200 MiB), or no larger than
+  ``part_size``, goes in one PutObject; a larger one in a multipart upload of
+  ``part_size`` parts (as does a file some of whose parts are copied, ``put_file_copying``).
   Uploads send each part's bytes with ``socket.sendfile`` (the kernel copies
   page cache to the socket; no Python buffer holds the part) with the part's
   crc32c (combined from the manifest's, or one streaming pass). Every request carries
@@ -90,8 +91,9 @@ T = TypeVar("T")
 # ~15 % faster on moto (py-spy: moto spends its time copying each part into a spooled temporary file and back,
 # and more per byte for 32 MiB parts; why is not established), for ~0.1 client CPU-s/GiB more.
 PART_SIZE = 16 << 20  # bytes per multipart part
-# Files smaller than this go in one PutObject, larger ones in a multipart upload (boto3's ``multipart_threshold``;
-# rclone's S3 ``upload_cutoff`` is 200 MiB too). Measured by ``python -m bench --only upload`` (1 GiB in 8 files
+# Files smaller than this go in one PutObject, ones of at least this size (and larger than a part) in a multipart
+# upload: boto3's ``multipart_threshold`` names the knob (its default is 8 MiB); the value is rclone's S3
+# ``upload_cutoff``. The bench's 128 MiB files cannot tell 129 MiB from 5 GiB apart. Measured by ``python -m bench --only upload`` (1 GiB in 8 files
 # of 128 MiB, server pinned to its own core, 2026-12-01): moto spent 5.5-5.9 CPU-s per GiB stored by single
 # PUTs against 8.9 for 16 MiB parts (a CompleteMultipartUpload re-reads and re-writes every part), 176-183 MiB/s
 # against 112; SeaweedFS alike both ways (100 vs 99 MiB/s). A checkpoint of several files keeps
@@ -287,22 +289,26 @@ class LocalFileChanged(ValueError):
     (not retried: the checkpoint's files must not change once saved)."""
 
 
-def _checked(request: Callable[[], T], f: Any, start: int, end: int, crc: int | None) -> Callable[[], T]:
-    """``request`` (an upload of bytes [start, end) of ``f`` declaring crc32c ``crc``, taken earlier for the
-    manifest, or None), raising ``LocalFileChanged`` instead of the store's checksum refusal when the
-    bytes in the file no longer have that crc32c."""
+def _checked(request: Callable[[], T], f: Any, ranges: Sequence[tuple[int, int, int]] | None) -> Callable[[], T]:
+    """``request`` (an upload of ``f``'s bytes covered by ``ranges``, ``(start, end, crc32c)`` taken earlier for
+    the manifest, whose combination the request declares; None: read as sent), raising ``LocalFileChanged``
+    instead of the store's checksum refusal when the bytes in the file no longer have those crc32c. It names
+    the first range that differs (the manifest's 8 MiB parts for a file sent in one PUT)."""
     def run() -> T:
         try:
             return request()
         except S3ResponseError as exc:
-            if crc is None or exc.code not in _CHECKSUM_REFUSALS:
+            if not ranges or exc.code not in _CHECKSUM_REFUSALS:
                 raise
-            now = _crc32c_of_range(f.fileno(), start, end - start)
-            if now == crc:
+            changed = [(a, b, now, crc) for a, b, crc in ranges
+                       if (now := _crc32c_of_range(f.fileno(), a, b - a)) != crc]
+            if not changed:
                 raise  # the bytes were corrupted on the way: sent again
+            start, end, now, crc = changed[0]
+            more = f" ({len(changed)} of the {len(ranges)} checksummed ranges sent differ)" if len(ranges) > 1 else ""
             raise LocalFileChanged(f"{f.name} changed after its checksum was taken for the manifest: bytes "
-                                   f"{start}-{end - 1} have crc32c {now:08x}, the manifest {crc:08x}. It is not "
-                                   "committed: a checkpoint's files must not change once saved (a second "
+                                   f"{start}-{end - 1} have crc32c {now:08x}, the manifest {crc:08x}{more}. It is "
+                                   "not committed: a checkpoint's files must not change once saved (a second "
                                    "writer in the same local directory?).") from exc
     return run
 
@@ -393,7 +399,7 @@ class S3Transport:
             credentials stay fresh), or None for unsigned (anonymous) requests.
         verify: TLS verification: True, False, or a CA bundle path.
         requester_pays: send ``x-amz-request-payer: requester``.
-        part_size: bytes per multipart part, >= 5 MiB.
+        part_size: bytes per multipart part, in [5 MiB, 5 GiB].
         multipart_threshold: files of at least this many bytes (and larger than ``part_size``) go in a
             multipart upload, smaller ones in one PUT; in [5 MiB, 5 GiB].
         parts_in_flight: parts of one file uploading concurrently (>= 1).
@@ -408,9 +414,10 @@ class S3Transport:
                  credentials: Callable[[], tuple[str, str, str | None]] | None, *,
                  verify: bool | str = True, requester_pays: bool = False,
                  part_size: int = PART_SIZE, parts_in_flight: int = PARTS_IN_FLIGHT,
-                 multipart_threshold: int = MULTIPART_THRESHOLD, range_size: int = RANGE_SIZE, ranges_in_flight: int = RANGES_IN_FLIGHT) -> None:
-        if not isinstance(part_size, int) or part_size < _MIN_PART:
-            raise ConfigError(f"S3 part_size must be an integer >= {_MIN_PART} bytes (5 MiB), got {part_size!r}.")
+                 multipart_threshold: int = MULTIPART_THRESHOLD, range_size: int = RANGE_SIZE,
+                 ranges_in_flight: int = RANGES_IN_FLIGHT) -> None:
+        if isinstance(part_size, bool) or not isinstance(part_size, int) or not _MIN_PART <= part_size <= _MAX_PUT:
+            raise ConfigError(f"S3 part_size must be an integer in [5 MiB, 5 GiB] (bytes), got {part_size!r}.")
         if isinstance(multipart_threshold, bool) or not isinstance(multipart_threshold, int) \
                 or not _MIN_PART <= multipart_threshold <= _MAX_PUT:
             raise ConfigError("S3 multipart_threshold must be an integer in [5 MiB, 5 GiB] (bytes), "
@@ -485,7 +492,7 @@ class S3Transport:
                 if create:
                     headers["If-None-Match"] = "*"
                 call(_checked(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)),
-                              f, 0, size, crc if checksums is not None else None))
+                              f, checksums))
                 return
             part_size = max(self.part_size, -(-size // _MAX_PARTS))
             spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
@@ -584,9 +591,10 @@ class S3Transport:
             def upload(number: int, start: int, end: int, given: int | None) -> None:
                 crc = _crc32c_of_range(f.fileno(), start, end - start) if given is None else given
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(end - start)}
+                declared = None if given is None else [(start, end, given)]
                 _, answer, _ = call(_checked(lambda: self._request(
                     "PUT", bucket, key, query={"partNumber": str(number), "uploadId": upload_id},
-                    headers=headers, send=(f, start, end - start)), f, start, end, given))
+                    headers=headers, send=(f, start, end - start)), f, declared))
                 done[number] = (answer.get("etag", ""), crc)
 
             def send(item: tuple[int, tuple[int, int, int | None, bool]]) -> None:

@@ -4,12 +4,13 @@ flight, download streams).
 One validated, immutable object instead of module constants. Every adapter
 (``CheckpointSaverHook``, ``UploadListener``, ``CheckpointManager``, the Keras
 callbacks) and ``CheckpointEngine`` take it as ``transfer=``; the store's
-transport reads ``part_size`` and ``max_parts_in_flight``, the uploader
+transport reads ``part_size``, ``max_parts_in_flight`` and ``multipart_threshold``, the uploader
 ``max_files_in_flight``, a restore ``max_download_streams``.
 
 One set of defaults, the ones ``python -m bench`` measured for cloudckpt's own
 S3 transport (``s3_transport.PART_SIZE`` = 16 MiB parts, ``PARTS_IN_FLIGHT`` =
-4 parts in flight; README, scenarios 3/4), 4 files in flight. ``TransferOptions()``
+4 parts in flight, ``MULTIPART_THRESHOLD`` = one PUT below 200 MiB; README, scenarios 3/4), 4 files in
+flight. ``TransferOptions()``
 and ``transfer=None`` are the same thing on every store: turning one field
 (say ``incremental=False``) changes only that field.
 

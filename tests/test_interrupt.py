@@ -21,6 +21,7 @@ from cloudckpt.commit import LocalCheckpoint
 from cloudckpt.remote import RemoteStore
 from cloudckpt.staging import DOWNLOAD_STAGING_PREFIX, LOCK_FILE, DownloadStaging
 from cloudckpt.uploader import Uploader, UploadJob
+from support.fault_proxy import FaultProxy
 
 MiB = 1 << 20
 FILES = 4
@@ -261,7 +262,6 @@ def test_ctrl_c_in_a_tf2_loop_aborts_the_upload_in_flight(cloudckpt_s3, moto_ser
 
 def test_ctrl_c_during_push_cuts_single_puts(cloudckpt_s3, moto_server, tmp_path):
     """Files below the multipart threshold (one PutObject each): Ctrl-C cuts them, nothing is committed."""
-    from support.fault_proxy import FaultProxy
     src = write_checkpoint(tmp_path / "src", 128 * MiB)
     client = moto_server.client()
     url = cloudckpt_s3.url("run")

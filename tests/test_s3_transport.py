@@ -87,7 +87,8 @@ def test_no_credentials_anywhere_leaves_s3fs_in_charge(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kwargs", [{"part_size": 1 << 20}, {"parts_in_flight": 0}, {"range_size": 10},
                                     {"ranges_in_flight": "4"}, {"multipart_threshold": 1 << 20},
-                                    {"multipart_threshold": 6 << 30}, {"multipart_threshold": True}])
+                                    {"multipart_threshold": 6 << 30}, {"multipart_threshold": True},
+                                    {"part_size": 6 << 30}, {"part_size": True}])
 def test_sizes_are_validated(kwargs):
     with pytest.raises(cloudckpt.ConfigError):
         transport_for({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9"}, **kwargs)
@@ -147,6 +148,25 @@ def test_uploads_send_the_manifest_checksums_without_reading_the_file_again(seaw
         small.put_file(src, seaweed_bucket, "obj4", create=True, checksums=ranges)
         assert len(reads) == 5 and transport.head(seaweed_bucket, "obj4")["crc32c"] == crc32c_of_file(src)[1]
         small.close()
+    transport.close()
+
+
+def test_a_file_changed_after_its_manifest_names_the_part_that_changed(seaweed_server, seaweed_bucket, tmp_path):
+    """A file sent in one PUT (under the multipart threshold) whose bytes changed after the manifest took
+    their checksums: the store refuses it, and ``LocalFileChanged`` names the manifest's 8 MiB part that
+    differs, not the whole file (a review's finding)."""
+    src = write(tmp_path / "src", 20 * MiB + 3, seed=6)
+    ranges = _manifest_ranges(src)
+    data = bytearray((tmp_path / "src").read_bytes())
+    data[12 * MiB] ^= 1
+    (tmp_path / "src").write_bytes(bytes(data))
+    transport = transport_for(seaweed_server.storage_options)
+    with pytest.raises(LocalFileChanged) as info:
+        transport.put_file(src, seaweed_bucket, "obj", create=True, checksums=ranges)
+    assert f"bytes {8 * MiB}-{16 * MiB - 1} have crc32c" in str(info.value)
+    assert "(1 of the 3 checksummed ranges sent differ)" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        transport.head(seaweed_bucket, "obj")
     transport.close()
 
 
