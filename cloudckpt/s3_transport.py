@@ -80,8 +80,8 @@ import google_crc32c
 
 from .errors import ConfigError
 
-__all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE", "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD",
-           "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE", "CopySource", "CopiedPartsRejected", "unquoted_etag"]
+__all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE",
+           "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD", "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE", "CopySource", "CopiedPartsRejected", "unquoted_etag"]
 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
@@ -93,11 +93,11 @@ T = TypeVar("T")
 PART_SIZE = 16 << 20  # bytes per multipart part
 # Files smaller than this go in one PutObject, ones of at least this size (and larger than a part) in a multipart
 # upload: boto3's ``multipart_threshold`` names the knob (its default is 8 MiB); the value is rclone's S3
-# ``upload_cutoff``. The bench's 128 MiB files cannot tell 129 MiB from 5 GiB apart. Measured by ``python -m bench --only upload`` (1 GiB in 8 files
-# of 128 MiB, server pinned to its own core, 2026-12-01): moto spent 5.5-5.9 CPU-s per GiB stored by single
-# PUTs against 8.9 for 16 MiB parts (a CompleteMultipartUpload re-reads and re-writes every part), 176-183 MiB/s
-# against 112; SeaweedFS alike both ways (100 vs 99 MiB/s). A checkpoint of several files keeps
-# ``max_files_in_flight`` single PUTs going; a single large file still gets parallel parts.
+# ``upload_cutoff``. Measured (1 GiB in 8 files of 128 MiB, the server pinned to its own core, 2026-12-01): moto
+# spent 5.5-5.9 CPU-s per GiB stored by single PUTs against 8.9 for 16 MiB parts (a CompleteMultipartUpload
+# re-reads and re-writes every part), 176-183 MiB/s against 112 (TransferManager 130); SeaweedFS alike both ways
+# (100 vs 99 MiB/s). The bench's 128 MiB files cannot tell 129 MiB from 5 GiB apart. A checkpoint of several
+# files keeps ``max_files_in_flight`` single PUTs going; a single large file still gets parallel parts.
 MULTIPART_THRESHOLD = 200 << 20
 _MAX_PUT = 5 << 30  # S3's largest PutObject
 PARTS_IN_FLIGHT = 4  # parts of one file uploading at once

@@ -409,9 +409,9 @@ class CheckpointManager:
         if len(detail) > 300:
             detail = detail[:300] + "..."
         return ConfigError(
-            f"{what} could not be restored into this tf.train.Checkpoint: {detail} It was written by another "
-            f"model under the same checkpoint_name. Nothing was registered: a job writing to {self.directory} is "
-            "not fenced. Restore it with the model that wrote it, or use a new directory.")
+            f"{what} could not be restored into this tf.train.Checkpoint: {detail} (another model's checkpoint "
+            f"under the same checkpoint_name?). Nothing was registered: a job writing to {self.directory} is not "
+            "fenced. Restore it with the model that wrote it, or use a new directory.")
 
     def sync(self) -> None:
         """Wait for TF's async checkpoint write (``tf.train.CheckpointManager.sync``); uploads go on."""
