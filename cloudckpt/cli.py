@@ -481,7 +481,10 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -570,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--step", type=_non_negative_int, metavar="N",
                       help="pull the checkpoint at global step N (default: the newest committed)")
     pull.add_argument("--streams", type=_positive_int, metavar="N",
-                      help="connections of the download, files x ranged GETs per file, 1 to 64 (default: 8, "
+                      help="connections of the download (on s3://, ranged GETs of all its files from one "
+                           "queue), 1 to 64 (default: 8, "
                            "TransferOptions.max_download_streams; more may help on a VM with many cores and a "
                            "fast network)")
 

@@ -35,7 +35,8 @@ from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
-from .s3_transport import CopySource, S3Transport, crc32c_hex_from_header, transport_for, unquoted_etag
+from .s3_transport import (CopySource, DownloadFailed, S3Transport, crc32c_hex_from_header, transport_for,
+                           unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 
@@ -298,29 +299,94 @@ class RemoteStore:
                       lambda: self.fs.put_file(local_path, self.path(name), **self._put_options))
 
     def get_file(self, name: str, local_path: str, progress: Callable[[int], None] | None = None, *,
-                 streams: int | None = None) -> str | None:
+                 streams: int | None = None, size: int | None = None) -> str | None:
         """Download ``name`` to ``local_path`` (streamed by the backend).
 
         ``progress(delta_bytes)`` is called as bytes arrive; a retried attempt
         first takes back what the failed one reported. ``streams``: concurrent
-        ranged GETs for this file (S3 transport; default: its own). Returns the
+        ranged GETs for this file (S3 transport; default: its own). ``size``: its size in bytes as just
+        listed, if known (the S3 transport then sends no HEAD first). Returns the
         crc32c (8 hex digits) of the bytes written to ``local_path`` when the
         backend computed it while writing them (the S3 transport), else None
         (read the file back to check it).
         """
         if self._transport is not None:
             return self._transfer("download", name, lambda call, bucket, key: self._transport.get_file_crc32c(
-                bucket, key, local_path, call=call, progress=progress, ranges_in_flight=streams))[1]
+                bucket, key, local_path, call=call, progress=progress, ranges_in_flight=streams, size=size))[1]
 
         def attempt() -> None:
             callback = _ProgressCallback(progress)
             try:
                 self.fs.get_file(self.path(name), local_path, callback=callback)
+                callback.finish(os.path.getsize(local_path))
             except BaseException:
                 callback.take_back()
                 raise
         self._run("download", self.url_of(name), attempt)
         return None
+
+    def get_files(self, files: Sequence[tuple[str, str, int]], progress: Callable[[int], None] | None = None,
+                  *, streams: int) -> dict[str, str]:
+        """Download several files (name, local path, size in bytes as just listed) with one pool of ``streams``
+        connections (``S3Transport.get_files_crc32c``: every file's ranges in one queue, largest file first).
+
+        Returns the crc32c (8 hex digits) of the bytes written for each file downloaded. A file the store
+        holds at another size than given (replaced since the listing), or every file on a store without
+        the S3 transport (the result is then {}), is left out: download it with ``get_file``.
+        ``progress`` as in ``get_file``. Raises ``RemoteError`` naming the first file that failed.
+        """
+        if self._transport is None or not files:
+            return {}
+        transport = self._transport
+
+        def download(bucket: str, keys: list[str], call: Callable[[str], Any]) -> list[tuple[int, str] | None]:
+            return transport.get_files_crc32c(bucket, [(key, path, size) for key, (_, path, size) in zip(keys, files)],
+                                              streams=streams, call=call, progress=progress)
+        got = self._pooled("download", [name for name, _, _ in files], download)
+        return {name: result[1] for (name, _, _), result in zip(files, got) if result is not None}
+
+    def read_files_crc32c(self, files: Sequence[tuple[str, int, int | None]],
+                          progress: Callable[[int], None] | None = None, *,
+                          streams: int) -> dict[str, tuple[int, str, tuple[str, ...]] | None]:
+        """``read_crc32c`` of several files (name, size in bytes as listed, part size or None) with one pool of
+        ``streams`` connections (``S3Transport.crc32c_of_objects``), keeping no byte: per file, (bytes read,
+        crc32c, per-part crc32c or ``()``), or None for a file deleted since the listing. {} on a store
+        without the S3 transport: read each with ``read_crc32c``.
+
+        Raises:
+            RemoteError: a file cannot be read, or the store holds it at another size than given, naming it.
+        """
+        if self._transport is None or not files:
+            return {}
+        transport = self._transport
+
+        def read(bucket: str, keys: list[str], call: Callable[[str], Any]) -> list[tuple[str, tuple[str, ...]] | None]:
+            return transport.crc32c_of_objects(bucket, [(key, size, part) for key, (_, size, part) in zip(keys, files)],
+                                               streams=streams, call=call, progress=progress)
+        got = self._pooled("verify", [name for name, _, _ in files], read)
+        return {name: None if result is None else (size, *result) for (name, size, _), result in zip(files, got)}
+
+    def _pooled(self, op: str, names: Sequence[str], run: Callable[[str, list[str], Callable[[str], Any]], T]) -> T:
+        """``run(bucket, keys, call)``: one transport operation over the objects ``names`` (one bucket), each
+        object's requests retried by the policy through ``call(key)``, counted per object; a
+        ``DownloadFailed`` becomes the ``RemoteError`` naming that object (as ``_run`` words it), a cancel
+        one naming the directory."""
+        self._refuse_under_mock()
+        bucket = self.path(names[0]).partition("/")[0]
+        keys = [self.path(name).partition("/")[2] for name in names]
+        by_key = dict(zip(keys, names))
+        retries = {key: [0] for key in keys}
+        started = time.monotonic()
+        try:
+            return run(bucket, keys, lambda key: self._policy_call(op, self.url_of(by_key[key]), retries[key]))
+        except DownloadFailed as exc:  # worded by _run, naming the object
+            url, cause, counted = self.url_of(by_key[exc.key]), exc.__cause__ or exc, retries[exc.key]
+        except Exception as exc:  # noqa: BLE001 - cancelled: no object to name, the directory is named
+            url, cause, counted = self.url, exc, [sum(r[0] for r in retries.values())]
+
+        def reraise() -> T:
+            raise cause
+        return self._run(op, url, reraise, retried=False, retries=counted, started=started)
 
     def size(self, name: str) -> int | None:
         """Size of ``name`` in bytes, or None if it does not exist."""
@@ -769,13 +835,21 @@ class RemoteStore:
         """Run a transport operation on object ``name``: each of its requests is retried by the policy
         (``fn(call, bucket, key)`` wraps them in ``call``); what escapes becomes a RemoteError."""
         url = self.url_of(name)
-        if moto_mock_active():  # this store's transport was made before mock_aws started: never reach AWS
-            raise bypassed_mock_error(self.fs, self.url) or ConfigError(f"{self.url}: moto's mock is active.")
+        self._refuse_under_mock()
         bucket, _, key = self.path(name).partition("/")
         retries = [0]
-        call = lambda request: self.retry.call(  # noqa: E731
-            request, on_retry=self._retry_reporter(op, url, retries), cancel=self.cancel)
+        call = self._policy_call(op, url, retries)
         return self._run(op, url, lambda: fn(call, bucket, key), retried=False, retries=retries)
+
+    def _refuse_under_mock(self) -> None:
+        if moto_mock_active():  # this store's transport was made before mock_aws started: never reach AWS
+            raise bypassed_mock_error(self.fs, self.url) or ConfigError(f"{self.url}: moto's mock is active.")
+
+    def _policy_call(self, op: str, url: str, retries: list[int]) -> Callable[[Callable[[], T]], T]:
+        """``call(request)``: ``request`` retried by the policy, its retries logged, counted in ``retries[0]``
+        and reported for ``op`` on ``url``; cancellable."""
+        on_retry = self._retry_reporter(op, url, retries)
+        return lambda request: self.retry.call(request, on_retry=on_retry, cancel=self.cancel)
 
     def _retry_reporter(self, op: str, url: str, retries: list[int] | None = None
                         ) -> Callable[[int, BaseException, float], None]:
@@ -791,14 +865,15 @@ class RemoteStore:
         return on_retry
 
     def _run(self, op: str, url: str, fn: Callable[[], T], *, retried: bool = True,
-             retries: list[int] | None = None) -> T:
+             retries: list[int] | None = None, started: float | None = None) -> T:
         """Run ``fn`` with retries (unless ``retried`` is False: ``fn`` retries its own requests, counting
         them in ``retries[0]``); wrap whatever escapes in a RemoteError naming ``op`` and ``url`` (display
-        form), and for a transient failure how often and how long it was retried.
+        form), and for a transient failure how often and how long (since ``started``, ``time.monotonic()``;
+        default: now) it was retried.
 
         The backend's exception is kept as ``__cause__`` (a redacted stand-in if its text holds a credential).
         """
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         retries = [0] if retries is None else retries
         try:
             if not retried:
@@ -1086,6 +1161,13 @@ class _ProgressCallback(fsspec.callbacks.Callback):
         if delta > 0 and self._report is not None:
             self._reported += delta
             self._report(delta)
+
+    def finish(self, size: int) -> None:
+        """The transfer is done: report what the backend did not (fsspec's local ``get_file`` calls no
+        callback at all) up to ``size`` bytes."""
+        if size > self._reported and self._report is not None:
+            self._report(size - self._reported)
+            self._reported = size
 
     def take_back(self) -> None:
         if self._reported and self._report is not None:

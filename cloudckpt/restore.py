@@ -207,7 +207,9 @@ def _check(entry: FileEntry, size: int | None, crc: str | None, parts: tuple[str
 
 
 def _streams_split(store: RemoteStore, files: int) -> tuple[int, int]:
-    """(files read at once, ranged GETs per file) of ``store.transfer.max_download_streams`` connections."""
+    """(files read at once, ranged GETs per file) of ``store.transfer.max_download_streams`` connections: the
+    per-file split of stores without a pool (``RemoteStore.get_files`` returns {} there) and of a file
+    downloaded again after a mismatch."""
     streams = store.transfer.max_download_streams
     files_at_once = max(1, min(streams, files))
     return files_at_once, max(1, streams // files_at_once)
@@ -259,6 +261,11 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     readable = [e for e in info.files if sizes.get(e.name) == e.size]
     stored = store.stored_crc32c([e.name for e in readable]) if use_store_checksums and readable else {}
     files_at_once, per_file = _streams_split(store, len(readable))  # the same connection budget as a download
+    # Read at once through one pool of connections (the S3 transport: every file's ranges in one queue, as a
+    # download); elsewhere one by one below.
+    to_read = [(e.name, e.size, e.part_size if e.parts and e.part_size else None)
+               for e in readable if stored.get(e.name) != e.crc32c]
+    pooled = store.read_files_crc32c(to_read, progress, streams=store.transfer.max_download_streams)
 
     def check(entry: FileEntry) -> FileCheck:
         size = sizes.get(entry.name)
@@ -267,8 +274,8 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
         if stored.get(entry.name) == entry.crc32c:  # a store's differing figure is confirmed by re-reading
             return _check(entry, size, stored[entry.name])
         per_part = bool(entry.parts and entry.part_size)
-        read = store.read_crc32c(entry.name, size, part_size=entry.part_size if per_part else None,
-                                 progress=progress, streams=per_file)
+        read = pooled[entry.name] if entry.name in pooled else store.read_crc32c(
+            entry.name, size, part_size=entry.part_size if per_part else None, progress=progress, streams=per_file)
         if read is None:  # deleted since the listing
             return _check(entry, None, None)
         return _check(entry, read[0], read[1], read[2] if per_part else None)
@@ -415,7 +422,8 @@ def download_checkpoint(
     """
     local_dir = _local_target(local_dir)
     store = RemoteStore(url, storage_options, transfer=transfer)
-    return download_verified(store, _select(store, step), local_dir)
+    scan = scan_directory(store)
+    return download_verified(store, select_checkpoint(store, scan, step), local_dir, objects=scan.objects)
 
 
 def _local_target(local_dir: "str | os.PathLike[str]") -> str:
@@ -481,18 +489,24 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     """
     local_dir = os.path.abspath(local_dir)
     os.makedirs(local_dir, exist_ok=True)
-    present = {o.name for o in (store.list_objects() if objects is None else objects)}
+    listed = {o.name: o.size for o in (store.list_objects() if objects is None else objects)}
     for entry in info.files:
-        if entry.name not in present:
+        if entry.name not in listed:
             raise _integrity_error(store, info, _check(entry, None, None))
     staged = DownloadStaging(local_dir)  # removes what interrupted downloads left, unless one is running
     staging = staged.path
     try:
+        pooled: dict[str, str] = {}  # the crc32c of each file downloaded by ``get_files``
+
         def fetch(entry: FileEntry) -> FileCheck:
             path = os.path.join(staging, entry.name)
             first = ""  # how the first download differed
             for attempt in range(1, _DOWNLOADS_ON_MISMATCH + 1):
-                crc = store.get_file(entry.name, path, progress, streams=per_file)  # of the bytes it wrote
+                if attempt == 1 and entry.name in pooled:
+                    crc: str | None = pooled[entry.name]
+                else:  # listed at the manifest's size: no HEAD to size it (another size is found by the GETs)
+                    known = entry.size if listed[entry.name] == entry.size else None
+                    crc = store.get_file(entry.name, path, progress, streams=per_file, size=known)  # of what it wrote
                 if crc is None:
                     size, crc = crc32c_of_file(path)
                 else:
@@ -513,8 +527,13 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
             raise AssertionError("unreachable")
 
         files_at_once, per_file = _streams_split(store, len(info.files))
+        # Files listed at their manifest's size go all at once through one pool of connections (the S3
+        # transport: every file's ranges in one queue); the rest, and every later download, one by one.
+        at_size = [(e.name, os.path.join(staging, e.name), e.size) for e in info.files if listed[e.name] == e.size]
         with cancelling_pool(store, ThreadPoolExecutor(max_workers=files_at_once,
                                                         thread_name_prefix="cloudckpt-get")) as pool:
+            pooled.update(pool.submit(store.get_files, at_size, progress,
+                                      streams=store.transfer.max_download_streams).result())
             checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
         for check in checks:
             if check.status != OK:

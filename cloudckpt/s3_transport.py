@@ -23,7 +23,9 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   no conditional writes, which the commit protocol needs) raises ``ConfigError`` at once, not retried;
   one that refuses the checksum headers alongside it is told apart by one attempt without them.
 * Downloads issue ranged GETs in parallel (as many ranges as streams, up to
-  ``4 x range_size`` each) and write each range at its offset (``os.pwrite``)
+  ``4 x range_size`` each; for several files, ``get_files_crc32c``, one queue of
+  every file's ranges, largest file first, and no HEAD: the sizes are the listing's)
+  and write each range at its offset (``os.pwrite``)
   in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
   whatever the file size. Each chunk goes to the file in ``WRITE_SLICE`` writes
   (see there: on Linux >= 6.16's ext4, 1 MiB writes cost the kernel 3-6x more). Each chunk's crc32c is taken as it is written, so
@@ -81,7 +83,8 @@ import google_crc32c
 from .errors import ConfigError
 
 __all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE",
-           "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD", "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE", "CopySource", "CopiedPartsRejected", "unquoted_etag"]
+           "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD", "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE",
+           "CopySource", "CopiedPartsRejected", "unquoted_etag", "DownloadFailed"]
 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
@@ -152,6 +155,15 @@ class S3ResponseError(OSError):
 
 class TransferCancelled(Exception):
     """The transport's owner cancelled its transfers (``S3Transport.cancel``); not retried."""
+
+
+class DownloadFailed(Exception):
+    """One object of a several-object read (``S3Transport.get_files_crc32c``, ``crc32c_of_objects``) failed (the
+    error is the ``__cause__``): ``key`` names it. Its text is the cause's (bucket and key, never a credential)."""
+
+    def __init__(self, key: str, cause: BaseException) -> None:
+        super().__init__(f"{key}: {cause}")
+        self.key = key
 
 
 class CopiedPartsRejected(Exception):
@@ -718,11 +730,14 @@ class S3Transport:
 
     def get_file_crc32c(self, bucket: str, key: str, local_path: str, *, call: Call = _no_retry,
                         progress: Callable[[int], None] | None = None,
-                        ranges_in_flight: int | None = None) -> tuple[int, str]:
+                        ranges_in_flight: int | None = None, size: int | None = None) -> tuple[int, str]:
         """``get_file``, returning (size in bytes, crc32c as 8 hex digits of the bytes written to ``local_path``).
 
         ``ranges_in_flight``: this download's concurrent ranged GETs (default: the transport's), for a caller
-        that downloads several files at once within one connection budget.
+        that downloads several files at once within one connection budget. ``size``: the object's size in
+        bytes as just listed, if known: no HEAD is sent first (one round trip less per file, and the file's
+        ranges start with the others'); an object the store answers with another size (replaced since the
+        listing) is then sized by a HEAD and downloaded as it is now.
 
         The crc32c is computed from each chunk as it is handed to ``os.pwrite``
         (per range, combined in file order with ``crc32c_combine``; a retried
@@ -730,7 +745,26 @@ class S3Transport:
         what the file holds without reading it back. Raises ``FileNotFoundError``
         if there is no such object.
         """
+        if size is not None:
+            counted = [0]
+
+            def count(delta: int) -> None:
+                counted[0] += delta
+                if progress is not None:
+                    progress(delta)
+            try:
+                return self._download(bucket, key, local_path, size, call, count, ranges_in_flight)
+            except S3ResponseError as exc:  # another size, or none at all (416: the object is empty now)
+                if exc.code != "ObjectChanged" and exc.status != 416:
+                    raise
+                if progress is not None and counted[0]:
+                    progress(-counted[0])  # counted again by the download of the object as it is now
         size = call(lambda: self.head(bucket, key)["size"])
+        return self._download(bucket, key, local_path, size, call, progress, ranges_in_flight)
+
+    def _download(self, bucket: str, key: str, local_path: str, size: int, call: Call,
+                  progress: Callable[[int], None] | None, ranges_in_flight: int | None) -> tuple[int, str]:
+        """``size`` bytes of ``bucket/key`` into ``local_path`` (created or truncated): (size, crc32c hex)."""
         with open(local_path, "wb") as f:
             fd = f.fileno()
             if size == 0:
@@ -738,6 +772,113 @@ class S3Transport:
             os.ftruncate(fd, size)
             pieces = self._read_ranges(bucket, key, size, fd, call, progress, ranges_in_flight, None)
         return size, f"{_combined(pieces):08x}"
+
+    def get_files_crc32c(self, bucket: str, files: Sequence[tuple[str, str, int]], *, streams: int,
+                         call: Callable[[str], Call] | None = None,
+                         progress: Callable[[int], None] | None = None) -> list[tuple[int, str] | None]:
+        """Download several objects into local files (created or truncated) with one pool of ``streams``
+        ranged GETs; per file, (size in bytes, crc32c as 8 hex digits of the bytes written), as
+        ``get_file_crc32c``.
+
+        ``files``: (key, local path, size in bytes as listed: no HEAD is sent). Every file's ranges wait in
+        one queue, largest file first, each range ``total / streams`` bytes within [``range_size``,
+        ``4 x range_size``]: a connection that finishes early takes the next range of any file. So a
+        checkpoint's one large data file (TF writes one shard by default, next to a small ``.index`` and
+        ``.meta``) gets every connection, not its share of per-file ones, and no connection idles while
+        another file's last range ends alone. ``call(key)``: the retry wrapper for that object's requests
+        (default: none). ``progress`` as in ``get_file_crc32c``.
+
+        An object the store answers with another size than given (replaced since the listing; 416 when it
+        is empty now) gets None, its bytes and progress taken back: download it with ``get_file_crc32c``,
+        which HEADs it. Any other error stops every range not yet started and raises ``DownloadFailed``
+        naming the object (of several failed, the first in the queue's order: largest file first). A
+        retried object's retry count is that of all its ranges.
+        """
+        for _, path, size in files:
+            with open(path, "wb") as f:
+                os.ftruncate(f.fileno(), size)
+        read = self._read_files(bucket, [(key, path, size, None) for key, path, size in files], streams, call,
+                                progress, changed_ok=True, missing_ok=False)
+        return [None if pieces is None else (size, f"{_combined(pieces):08x}")
+                for (_, _, size), pieces in zip(files, read)]
+
+    def crc32c_of_objects(self, bucket: str, objects: Sequence[tuple[str, int, int | None]], *, streams: int,
+                          call: Callable[[str], Call] | None = None, progress: Callable[[int], None] | None = None
+                          ) -> list[tuple[str, tuple[str, ...]] | None]:
+        """``crc32c_of_object`` of several objects with one pool of ``streams`` ranged GETs, ranges as in
+        ``get_files_crc32c``: per object (key, size in bytes as listed, part size or None), its crc32c
+        (8 hex digits) and those of its parts (empty without a part size), or None for an object deleted
+        since the listing. No byte is kept. An object of another size than given, or any other error,
+        stops every range not yet started and raises ``DownloadFailed`` naming the object."""
+        read = self._read_files(bucket, [(key, None, size, part) for key, size, part in objects], streams, call,
+                                progress, changed_ok=False, missing_ok=True)
+        return [None if pieces is None else
+                (f"{_combined(pieces):08x}", tuple(f"{crc:08x}" for _, _, crc in pieces) if part else ())
+                for (_, _, part), pieces in zip(objects, read)]
+
+    def _read_files(self, bucket: str, files: Sequence[tuple[str, str | None, int, int | None]], streams: int,
+                    call: Callable[[str], Call] | None, progress: Callable[[int], None] | None, *,
+                    changed_ok: bool, missing_ok: bool) -> list[list[tuple[int, int, int]] | None]:
+        """GET the objects ``files`` (key, local path to write into at each offset or None, size as listed,
+        part size or None) in ranges from one queue served by ``streams`` connections (see
+        ``get_files_crc32c``); per object, ``(start, end, crc32c)`` of its consecutive pieces (one per part
+        with a part size, else per range), or None: with ``changed_ok``, an object of another size than
+        given (its progress taken back); with ``missing_ok``, one that no longer exists."""
+        calls = call or (lambda _key: _no_retry)
+        total = sum(size for _, _, size, _ in files)
+        step = min(max(self.range_size, -(-total // max(1, streams))), _MAX_RANGE_FACTOR * self.range_size)
+        steps = [-(-step // part) * part if part else step for _, _, _, part in files]
+        order = sorted(range(len(files)), key=lambda i: -files[i][2])
+        tasks = [(i, start, min(files[i][2], start + steps[i])) for i in order
+                 for start in range(0, files[i][2], steps[i])]
+        found: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        counted = [0] * len(files)
+        skipped: set[int] = set()
+        lock = threading.Lock()
+
+        def fetch(task: tuple[int, int, int]) -> None:
+            i, start, end = task
+            key, path, size, part = files[i]
+            if i in skipped:
+                return
+            reported = [0]
+
+            def counting(delta: int) -> None:
+                with lock:
+                    counted[i] += delta
+                if progress is not None:
+                    progress(delta)
+
+            def attempt() -> None:
+                if reported[0]:
+                    counting(-reported[0])
+                reported[0] = 0
+                fd = os.open(path, os.O_WRONLY) if path is not None else None
+                try:
+                    found[(i, start)] = self._get_range(bucket, key, (start, end), size, fd, counting, reported, part)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+            try:
+                calls(key)(attempt)
+            except TransferCancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - named for the caller, kept as the cause
+                changed = isinstance(exc, S3ResponseError) and (exc.code == "ObjectChanged" or exc.status == 416)
+                if not (changed and changed_ok or isinstance(exc, FileNotFoundError) and missing_ok):
+                    raise DownloadFailed(key, exc) from exc
+                with lock:
+                    skipped.add(i)
+        self._run_all(fetch, tasks, streams)
+        results: list[list[tuple[int, int, int]] | None] = []
+        for i, (_, _, size, _) in enumerate(files):
+            if i in skipped:
+                if progress is not None and counted[i]:
+                    progress(-counted[i])  # counted again by the download of the object as it is now
+                results.append(None)
+                continue
+            results.append([piece for start in range(0, size, steps[i]) for piece in found[(i, start)]])
+        return results
 
     def crc32c_of_object(self, bucket: str, key: str, size: int, *, part_size: int | None = None,
                          call: Call = _no_retry, progress: Callable[[int], None] | None = None,

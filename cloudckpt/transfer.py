@@ -41,7 +41,8 @@ MAX_PART_SIZE = 5 << 30  # S3's largest part
 MAX_PUT_SIZE = 5 << 30  # S3's largest PutObject
 PART_ALIGNMENT = 256 << 10  # GCS resumable uploads send chunks in multiples of 256 KiB
 MAX_IN_FLIGHT = 64
-# Connections of one restore (files at once x ranged GETs per file). Measured by bench scenario 4 (1 GiB in
+# Connections of one restore (on s3://, ranged GETs in flight from one queue of every file's ranges; elsewhere
+# files at once). Measured by bench scenario 4 (1 GiB in
 # 8 files, SeaweedFS, 2 cores): 8 streams moved more MiB/s at ~half the CPU per GiB of 32 (8 files x 4 ranges),
 # whose threads mostly wait for each other's GIL; 16 measured alike (8-rep runs, 2026-12-01).
 DOWNLOAD_STREAMS = 8
@@ -67,8 +68,10 @@ class TransferOptions:
             concurrently, in [1, 64]. Default 4.
         max_parts_in_flight: parts of one file sent concurrently, in [1, 64].
             Default 4 (``s3_transport.PARTS_IN_FLIGHT``).
-        max_download_streams: connections of one restore (files downloaded at once x ranged
-            GETs per file; a file gets at least one, ranges are 32-128 MiB), in [1, 64].
+        max_download_streams: connections of one restore or re-reading verify, in [1, 64]: on
+            ``s3://`` the ranged GETs in flight, taken from one queue of every file's ranges
+            (largest file first, ranges of 32-128 MiB), so one large file gets them all;
+            elsewhere files read at once.
             Default 8 (measured on 2 cores; a VM with more cores and a faster network may
             restore faster with more).
         incremental: on ``s3://`` through cloudckpt's transport, copy the parts of a

@@ -202,3 +202,49 @@ def test_a_restore_opens_as_many_connections_as_its_download_streams(s3, tmp_pat
     assert most[1] == 1 and 2 <= most[4] <= 4, most
     with pytest.raises(cloudckpt.ConfigError, match="max_download_streams"):
         cloudckpt.TransferOptions(max_download_streams=0)
+
+
+def test_one_large_data_file_downloads_over_every_stream(s3, tmp_path):
+    """TF writes one data shard by default, next to a small ``.index`` and ``.meta``. A restore's ranged GETs of
+    every file share one pool of ``max_download_streams`` connections, so the data file's three 32 MiB ranges
+    download at once, not one at a time on its share of per-file streams (4 // 3 files = 1)."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+    from cloudckpt.remote import RemoteStore
+    from support.fault_proxy import FaultProxy
+
+    url, options, _, _ = s3
+    sizes = {"model.ckpt-3.index": 1000, "model.ckpt-3.meta": 3000, "model.ckpt-3.data-00000-of-00001": (66 << 20) + 5}
+    files = {}
+    for i, (name, size) in enumerate(sizes.items()):
+        files[name] = str(tmp_path / name)
+        (tmp_path / name).write_bytes(np.random.default_rng(i).bytes(size))
+    commit_checkpoint(RemoteStore(url, options), LocalCheckpoint(3, "model.ckpt-3", files))
+    with FaultProxy(options["endpoint_url"]) as proxy:
+        proxied = {**options, "endpoint_url": proxy.url}
+        proxy.set_faults(latency=0.5, only_methods=("GET",), path_filter=r"model\.ckpt-3\.data")
+        cloudckpt.download_checkpoint(url, str(tmp_path / "back"), storage_options=proxied,
+                                      transfer=cloudckpt.TransferOptions(max_download_streams=4))
+        assert proxy.most_held.get("GET") == 3, proxy.most_held
+    for name, path in files.items():
+        assert (tmp_path / "back" / name).read_bytes() == open(path, "rb").read()
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_pull_progress_adds_up_to_the_checkpoint_on_fsspec_stores(tmp_path, scheme):
+    """``pull_checkpoint``'s progress counts every byte on stores read through fsspec too (its local ``get_file``
+    calls no callback: what it did not report is reported when the file is written)."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+    from cloudckpt.remote import RemoteStore
+
+    url = f"file://{tmp_path}/remote" if scheme == "file" else f"memory://pp-{uuid.uuid4().hex[:8]}/run"
+    sizes = {"model.ckpt-3.index": 100, "model.ckpt-3.data-00000-of-00001": (3 << 20) + 7}
+    files = {}
+    for i, (name, size) in enumerate(sizes.items()):
+        files[name] = str(tmp_path / name)
+        (tmp_path / name).write_bytes(np.random.default_rng(i).bytes(size))
+    commit_checkpoint(RemoteStore(url), LocalCheckpoint(3, "model.ckpt-3", files))
+    seen: list[int] = []
+    cloudckpt.pull_checkpoint(url, str(tmp_path / "back"), progress=lambda _info, n: seen.append(n))
+    assert sum(seen) == sum(sizes.values()), seen
+    for name, path in files.items():
+        assert (tmp_path / "back" / name).read_bytes() == open(path, "rb").read()

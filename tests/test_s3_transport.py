@@ -308,6 +308,60 @@ def test_a_corrupted_download_is_caught_by_the_checksum_of_the_bytes_written(sea
     assert (tmp_path / "restored" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
 
 
+def test_a_restore_sizes_files_by_the_listing_and_follows_an_object_replaced_since(seaweed_server, seaweed_bucket,
+                                                                                   tmp_path):
+    """``download_checkpoint`` sends no HEAD: a file listed at its manifest's size is downloaded by ranged GETs
+    at once. Given a size the store's object no longer has (replaced after the listing: larger, smaller or
+    empty), the transport HEADs it and downloads it as it is now, its progress counted once."""
+    files = {"model.ckpt-4.index": write(tmp_path / "i", 100),
+             "model.ckpt-4.data-00000-of-00001": write(tmp_path / "d", 7 * MiB + 5)}
+    url = f"s3://{seaweed_bucket}/run"
+    commit_checkpoint(RemoteStore(url, seaweed_server.storage_options), LocalCheckpoint(4, "model.ckpt-4", files))
+    with FaultProxy(seaweed_server.endpoint) as proxy:
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=options)
+        requests = [(m, p) for m, p, _ in proxy.events if "/run/model.ckpt-4." in p]
+    assert not [r for r in requests if r[0] == "HEAD"], requests
+    assert len([r for r in requests if r[0] == "GET"]) >= 2, requests
+    assert (tmp_path / "restored" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
+    transport = transport_for(seaweed_server.storage_options, range_size=2 * MiB)
+    for size in (5 * MiB + 3, 9 * MiB, 0):
+        now = write(tmp_path / f"now-{size}", size, seed=size % 97)
+        transport.put_file(now, seaweed_bucket, f"replaced-{size}")
+        progress: list[int] = []
+        back = tmp_path / f"back-{size}"
+        got = transport.get_file_crc32c(seaweed_bucket, f"replaced-{size}", str(back), size=7 * MiB + 5,
+                                        progress=progress.append)
+        assert got == crc32c_of_file(now), size
+        assert back.read_bytes() == (tmp_path / f"now-{size}").read_bytes() and sum(progress) == size
+    transport.close()
+
+
+def test_pooled_reads_name_the_object_that_failed_and_pass_over_one_deleted(seaweed_server, seaweed_bucket, tmp_path):
+    """``crc32c_of_objects`` (a verify's re-read): per-part crc32c as ``crc32c_of_object``, None for an object
+    deleted since the listing; an object of another size than listed raises ``DownloadFailed`` naming it, as
+    does one missing from a download (``get_files_crc32c``)."""
+    from cloudckpt.manifest import crc32c_parts_of_stream
+    from cloudckpt.s3_transport import DownloadFailed
+
+    a, b = write(tmp_path / "a", 3 * MiB + 1, seed=1), write(tmp_path / "b", 100, seed=2)
+    transport = transport_for(seaweed_server.storage_options, range_size=1 * MiB)
+    transport.put_file(a, seaweed_bucket, "a")
+    transport.put_file(b, seaweed_bucket, "b")
+    with open(a, "rb") as f:
+        _, crc_a, parts_a = crc32c_parts_of_stream(f, 1 * MiB)
+    got = transport.crc32c_of_objects(seaweed_bucket, [("a", 3 * MiB + 1, 1 * MiB), ("gone", 5, None), ("b", 100, None)],
+                                      streams=3)
+    assert got == [(crc_a, tuple(parts_a)), None, (crc32c_of_file(b)[1], ())]
+    with pytest.raises(DownloadFailed) as failed:
+        transport.crc32c_of_objects(seaweed_bucket, [("b", 100, None), ("a", 3 * MiB + 2, None)], streams=2)
+    assert failed.value.key == "a" and "ObjectChanged" in str(failed.value.__cause__)
+    with pytest.raises(DownloadFailed) as failed:
+        transport.get_files_crc32c(seaweed_bucket, [("gone", str(tmp_path / "gone"), 5)], streams=2)
+    assert failed.value.key == "gone" and isinstance(failed.value.__cause__, FileNotFoundError)
+    transport.close()
+
+
 def test_transient_faults_are_retried_per_request(seaweed_server, seaweed_bucket, tmp_path):
     """503s on ranged GETs and a reset mid-part: each request is retried, counted by cause, the file is whole."""
     src = write(tmp_path / "src", 13 * MiB)

@@ -103,6 +103,22 @@ def test_errors_that_outlast_the_retries_name_the_object_and_are_not_a_verdict(s
         assert proxy.stats.get("503") == FAST_RETRY.max_attempts
 
 
+def test_a_re_reading_verify_reads_one_large_data_file_over_every_stream(seaweed_server, bucket, tmp_path):
+    """As a restore: the ranges of every file re-read share one pool of connections (8 by default), so the one
+    data file of TF's default layout is read three 32 MiB ranges at once (2 with per-file streams: 8 // 3
+    files), each checked per part as its manifest records them."""
+    url = f"s3://{bucket}/run"
+    commit(seaweed_server, url, tmp_path, 6, {DATA: 66 * MiB + 5, "index": 100, "meta": 3000})
+    with FaultProxy(seaweed_server.endpoint) as proxy:
+        proxy.set_faults(latency=0.5, only_methods=("GET",), path_filter=r"\.data-00000")
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        result = cloudckpt.verify_checkpoints(url, storage_options=options, use_store_checksums=False)
+        assert proxy.most_held.get("GET") == 3, proxy.most_held
+    assert result.ok and [r.status for r in result.reports] == ["ok"], result.reports
+    assert {c.name: c.status for c in result.reports[0].files} == {
+        f"model.ckpt-6.{s}": "ok" for s in (DATA, "index", "meta")}
+
+
 @pytest.mark.parametrize("part_size", [2 * MiB, 3 * MiB])
 def test_ranged_crc32c_of_an_object_matches_the_bytes_per_part(seaweed_server, bucket, tmp_path, part_size):
     """Several ranges (3 MiB range size), aligned to parts that do or do not divide it: the whole crc32c and
