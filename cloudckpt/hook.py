@@ -35,7 +35,8 @@ import tensorflow as tf
 
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
 from .errors import ConfigError
-from .layout import check_basename
+from .layout import TF, check_basename, split_prefix, state_file_prefix
+from ._saver_check import Mismatch, restore_mismatches, restoring_var_list
 from ._tfnames import check_resume_name
 from .catalog import CheckpointInfo
 from .distributed import TaskRole, name_task_in_logs, role_from_tf_config
@@ -50,6 +51,7 @@ from .uploader import UploadStats
 log = logging.getLogger("cloudckpt")
 
 PREEMPTED_EXIT_CODE = 42  # what TF's failure handling exits with for a terminated worker
+_MAX_LISTED = 5  # mismatched variables named in the error of a resume point the Saver cannot restore
 
 
 def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
@@ -110,7 +112,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             "At most one of saver or scaffold should be set." / non-positive schedule.
         ConfigError: unusable URL or ``local_dir``, a ``checkpoint_basename`` that is no plain file
             name; in ``begin()``, a resume point of another checkpoint name (another program's
-            directory, e.g. a TF2 ``CheckpointManager``'s ``ckpt-*``), a Saver (``saver=``,
+            directory, e.g. a TF2 ``CheckpointManager``'s ``ckpt-*``) or one the session's Saver
+            cannot restore (a variable it lacks or holds with another shape or dtype: another model's
+            checkpoint), both before registering as the directory's writer; a Saver (``saver=``,
             ``scaffold=`` or the graph's ``SAVERS`` collection) that would write part of
             the checkpoint on another task (a sharded Saver with variables on parameter
             servers); in ``after_create_session()``, a session that did not restore the
@@ -192,11 +196,20 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         before the session is created, so ``MonitoredTrainingSession``
         restores from ``local_dir`` and the global step continues.
 
+        Before registering, the resume point is checked against the Saver the session will restore
+        it with (``saver=``, the scaffold's, the graph's ``SAVERS``, else the default one): every
+        variable that Saver restores must be in the checkpoint with the same dtype and shape
+        (compared with the checkpoint's index, no value read). A graph the checkpoint does not fit
+        -- typically another model pointed at the same ``checkpoint_dir`` -- would otherwise fail in
+        TF's restore only after this hook had fenced the job writing the directory.
+
         Raises:
             ConfigError: the resume point is not a ``<checkpoint_basename>-<step>`` checkpoint (a TF2
-                ``tf.train.CheckpointManager``'s ``ckpt-*``, which the session's Saver could not restore):
-                checked before registering, so no writer of the directory is fenced; or a Saver that
-                would write on another task (see the class docstring).
+                ``tf.train.CheckpointManager``'s ``ckpt-*``, which the session's Saver could not restore),
+                or the session's Saver cannot restore it (variables it lacks, or holds with another shape
+                or dtype: named, graph vs checkpoint); both checked before registering, so no writer of the
+                directory is fenced; its files stay in ``local_dir``. Or a Saver that would write on
+                another task (see the class docstring).
         """
         # Watch during the restore too: a notice then is kept, and training stops at its first step.
         # Nothing keeps running after begin(): TF tells hooks nothing when creating the session fails
@@ -216,17 +229,89 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         try:
             super().begin()
             self.restored = self._upload.resume(download=self._restore and not self._upload.in_place,
-                                                check=self._check_resume_name)
+                                                check=self._check_resume_point)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
 
-    def _check_resume_name(self, downloaded: CheckpointInfo | None = None) -> None:
-        """In ``begin()``, before registering: refuse a resume point that is not ``<checkpoint_basename>-<step>``
-        (``check_resume_name``: e.g. ``ckpt-*`` of a TF2 ``tf.train.Checkpoint``, which the session's Saver
-        would fail to restore with a bare ``NotFoundError``)."""
+    def _check_resume_point(self, downloaded: CheckpointInfo | None = None) -> None:
+        """In ``begin()``, once ``local_dir`` holds the resume point and before registering: refuse one
+        the session's Saver would fail to restore, so that a job writing the directory is not fenced.
+
+        First its name (``check_resume_name``: e.g. ``ckpt-*`` of a TF2 ``tf.train.Checkpoint``, which
+        the Saver would fail to restore with a bare ``NotFoundError``), then its variables against the
+        Saver's (``_check_saver_fits``).
+        """
         check_resume_name(self.local_dir, self._basename, argument="checkpoint_basename", url=self.checkpoint_url,
                           owner="cloudckpt.CheckpointSaverHook", kind="name-based")
+        self._check_saver_fits(downloaded)
+
+    def _check_saver_fits(self, downloaded: CheckpointInfo | None) -> None:
+        """Refuse a resume point the session's Saver cannot restore: a variable it restores that the
+        checkpoint lacks, or holds with another dtype or shape (``restore_mismatches``; the ``.index``
+        file only, no value read).
+
+        The Saver is the one the session restores with: ``saver=``, the scaffold's, the graph's
+        ``SAVERS`` collection, else the default one ``Scaffold.finalize`` builds (global variables and
+        ``SAVEABLE_OBJECTS`` as they are now; variables created later, e.g. by a hook after this one,
+        are not checked). With ``saver=`` and no ``scaffold=``, the session's own Scaffold (which this
+        hook cannot see) may restore with another Saver: when the default one would not fit, a WARNING
+        says so (the session's Scaffold may have a saver of its own: not refused). Nothing is checked for a Saver made from a ``SaverDef`` (its variables are
+        not known), for several Savers in ``SAVERS`` (TF refuses them itself), or when the checkpoint's
+        index cannot be read (logged; TF's restore reports it).
+
+        Raises:
+            ConfigError: names the mismatched variables (at most ``_MAX_LISTED``), graph vs checkpoint.
+        """
+        prefix = state_file_prefix(self.local_dir)
+        if prefix is None or prefix not in TF.local_prefixes(self.local_dir):
+            return
+        graph = tf.compat.v1.get_default_graph()
+        path = os.path.join(self.local_dir, prefix)
+        # The Saver a session restores with: its Scaffold's, else the graph's SAVERS one, else (None) the
+        # default one Scaffold.finalize builds; several in SAVERS: unknown (TF refuses them itself).
+        restoring = self._scaffold.saver if self._scaffold is not None else None
+        savers = graph.get_collection(tf.compat.v1.GraphKeys.SAVERS) if restoring is None else []
+        known = len(savers) <= 1
+        restoring = restoring or (savers[0] if len(savers) == 1 else None)
+        if self._saver is None and not known:
+            return
+        mismatches = _mismatches(self._saver or restoring, graph, path)
+        if not mismatches:
+            if mismatches is not None and self._saver is not None and self._saver is not restoring and known:
+                # The session restores with its Scaffold's Saver, which this hook cannot see: the default
+                # one unless the session was given a Scaffold with ``saver=``. Said, not refused.
+                others = _mismatches(restoring, graph, path)
+                if others:
+                    log.warning(
+                        "Checkpoint %s fits this hook's saver=, but not the Saver a session restores with by "
+                        "default (%s%s): unless the session's Scaffold has that saver, TF's restore will fail "
+                        "after this hook registered as the writer of %s (fencing a job writing there). Pass the "
+                        "session's Scaffold to the hook too (scaffold=) so the Saver it restores with is checked.",
+                        path, "; ".join(str(m) for m in others[:_MAX_LISTED]),
+                        f"; and {len(others) - _MAX_LISTED} more" if len(others) > _MAX_LISTED else "",
+                        self.checkpoint_url)
+            return
+        parsed = split_prefix(prefix)
+        what = (f"Checkpoint step {downloaded.step} of {self.checkpoint_url} (downloaded into {self.local_dir})"
+                if downloaded is not None else
+                f"Checkpoint {prefix!r} in {self.local_dir} (the resume point of {self.checkpoint_url}"
+                + (f", step {parsed[1]})" if parsed is not None else ")"))
+        listed = "; ".join(str(m) for m in mismatches[:_MAX_LISTED])
+        if len(mismatches) > _MAX_LISTED:
+            listed += f"; and {len(mismatches) - _MAX_LISTED} more"
+        raise ConfigError(
+            f"{what} cannot be restored by this session's Saver: {listed}. TF's restore would fail "
+            "(NotFoundError / InvalidArgumentError) or, for a resource variable of another shape, give it a value "
+            "of that shape. Another model's checkpoint in this checkpoint_dir, or this model changed? Nothing was "
+            "restored, and this cloudckpt.CheckpointSaverHook did not register as the directory's writer: a job "
+            f"writing to {self.checkpoint_url} is not fenced. Continue these checkpoints with the graph that wrote "
+            "them, or train this model in a checkpoint_dir of its own (to start it from these weights, warm-start "
+            "it there: tf.compat.v1.train.init_from_checkpoint)."
+            + (" If this model only added variables (e.g. another optimizer's slots), restore the ones the "
+               "checkpoint has with a Saver of those (a Scaffold(saver=tf.compat.v1.train.Saver(var_list=...)) "
+               "given to the session and to this hook) and initialize the new ones in the Scaffold's "
+               "local_init_op." if all(m.checkpoint is None for m in mismatches) else ""))
 
     @property
     def task(self) -> str | None:
@@ -459,3 +544,19 @@ class _SessionCloseProbe:
         if on_close is not None:
             on_close()
         return False
+
+
+def _mismatches(saver: Any, graph: tf.Graph, path: str) -> list[Mismatch] | None:
+    """What checkpoint ``path`` lacks or holds otherwise of what ``saver`` (None: the default Saver) restores
+    (``restore_mismatches``); None when that is not known (``restoring_var_list``) or the checkpoint's index
+    cannot be read (logged: TF's restore reports it)."""
+    restoring = restoring_var_list(saver, graph)
+    if restoring is None:
+        log.debug("Not checking %s against the session's Saver: its variables are not known.", path)
+        return None
+    var_list, reshape = restoring
+    try:
+        return restore_mismatches(var_list, path, reshape=reshape)
+    except (tf.errors.OpError, ValueError, TypeError) as exc:  # TF's Saver reports its own errors
+        log.warning("Could not check checkpoint %s against the session's Saver before restoring it: %s", path, exc)
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -12,7 +13,8 @@ import tensorflow as tf
 from fsspec.implementations.memory import MemoryFileSystem
 
 import cloudckpt
-from support.checks import assert_all_committed_intact, state_file
+from cloudckpt._saver_check import restore_mismatches, restoring_var_list
+from support.checks import assert_all_committed_intact, newest_writer_id, state_file
 from support.tf_model import train
 from test_engine import cloudckpt_threads, open_in_another_process
 
@@ -348,3 +350,195 @@ def test_tf_stock_hook_with_upload_listener_holds_local_dir_until_closed(moto_se
     listener.close()
     assert open_in_another_process(url, local, options).returncode == 0
     assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [0, 5]
+
+
+def partitioned(rows: int = 8, dtype: tf.DType = tf.float32):
+    """``extra_variables`` for ``train``: a variable ``p`` [rows, 2] in two partitions (saved as one tensor)."""
+    def make():
+        tf.compat.v1.get_variable("p", shape=[rows, 2], dtype=dtype, initializer=tf.compat.v1.zeros_initializer(),
+                                  partitioner=tf.compat.v1.fixed_size_partitioner(2))
+    return make
+
+
+def variable_b(dtype: tf.DType = tf.float32):
+    """``extra_variables`` for ``train``: a variable ``b`` [3]."""
+    return lambda: tf.compat.v1.get_variable("b", shape=[3], dtype=dtype)
+
+
+@pytest.mark.parametrize("first, second, mismatch", [
+    ({}, {"size": 32}, "'w' is float32 [32] in the graph, float32 [64] in the checkpoint"),
+    ({}, {"extra_variables": variable_b()}, "'b' (float32 [3]) is not in the checkpoint"),
+    ({"extra_variables": variable_b()}, {"extra_variables": variable_b(tf.float64)},
+     "'b' is float64 [3] in the graph, float32 [3] in the checkpoint"),
+    ({"extra_variables": partitioned()}, {"extra_variables": partitioned(rows=6)},
+     "'p' is float32 [6, 2] in the graph, float32 [8, 2] in the checkpoint"),
+], ids=["shape", "missing", "dtype", "partitioned-shape"])
+def test_a_graph_the_checkpoint_does_not_fit_is_refused_before_the_hook_registers(first, second, mismatch,
+                                                                                  cloudckpt_s3, tmp_path):
+    """Job B, another model pointed at the directory job A is writing: before, B's hook registered in begin()
+    and TF's Saver then failed in the session (NotFoundError, InvalidArgumentError), or restored a resource
+    variable of another shape silently and the first step failed; either way A was fenced at its next commit.
+    Now begin() compares B's Saver's variables with the checkpoint's index before registering: ConfigError
+    naming the variable, and A goes on committing."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    hooks, refusals = [], []
+
+    def make_hook(local):
+        def make(scaffold):
+            hooks.append(cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / local),
+                                                       storage_options=options, max_pending=100))
+            return hooks[-1]
+        return make
+
+    def job_b(step):  # runs once in job A's training loop, with step 5 committed
+        if step < 6 or refusals:  # the step read with the training op may be the one before or after it
+            return
+        hooks[0].wait()
+        assert cloudckpt.latest_checkpoint(url, options).step == 5
+        writer = newest_writer_id(url, options)
+        try:
+            train(make_hook("vm2"), last_step=20, **second)
+        except Exception as exc:  # noqa: BLE001 (checked below, once the writer is)
+            refusals.append(exc)
+        else:
+            refusals.append(None)
+        assert newest_writer_id(url, options) == writer, "job B registered: job A is fenced"
+
+    assert train(make_hook("vm1"), last_step=10, step_callback=job_b, **first).last_step == 10
+    assert len(refusals) == 1 and isinstance(refusals[0], cloudckpt.ConfigError), refusals
+    message = str(refusals[0])
+    assert mismatch in message, message
+    assert f"Checkpoint step 5 of {url} (downloaded into {tmp_path / 'vm2'})" in message
+    assert "did not register as the directory's writer" in message and "not fenced" in message
+    assert "checkpoint_dir of its own" in message
+    assert ("only added variables" in message) == mismatch.endswith("is not in the checkpoint"), message
+    assert hooks[0].stats().fenced_by is None
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options, include_superseded=True)] == [0, 5, 10]
+    assert cloudckpt_threads() == []
+
+
+def test_many_mismatched_variables_are_listed_up_to_five(cloudckpt_s3, tmp_path):
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+
+    def make_hook(local):
+        return lambda scaffold: cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / local),
+                                                              storage_options=options)
+
+    def seven():
+        for i in range(7):
+            tf.compat.v1.get_variable(f"v{i}", shape=[2])
+
+    train(make_hook("vm1"), last_step=2)
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(make_hook("vm2"), last_step=4, extra_variables=seven)
+    message = str(info.value)
+    assert all(f"'v{i}' (float32 [2]) is not in the checkpoint" in message for i in range(5))
+    assert "'v5'" not in message and "and 2 more" in message
+    assert "Checkpoint step 2 of" in message
+
+
+def test_a_hook_saver_that_fits_while_the_default_saver_does_not_is_warned_about(cloudckpt_s3, tmp_path, caplog):
+    """The hook saves with ``saver=Saver([w, global_step])``; the session restores with its own Scaffold's
+    Saver, which the hook cannot see: the default one (Adam's new slots included) fails in TF's restore. The
+    hook's Saver fits, so begin() goes on (the session's Scaffold may hold that Saver), but says that a
+    session restoring by default will fail after it registered (a review's case)."""
+    tf1 = tf.compat.v1
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+
+    def run(local: str, last: int, adam: bool, subset: bool) -> None:
+        with tf.Graph().as_default():
+            step = tf1.train.get_or_create_global_step()
+            w = tf1.get_variable("w", [3, 2], initializer=tf1.ones_initializer())
+            loss = tf.reduce_sum(tf.matmul(tf1.random_normal([4, 3], seed=1), w) ** 2)
+            optimizer = tf1.train.AdamOptimizer(0.01) if adam else tf1.train.GradientDescentOptimizer(0.01)
+            train_op = optimizer.minimize(loss, global_step=step)
+            hook = cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / local),
+                                                 storage_options=options,
+                                                 saver=tf1.train.Saver(var_list=[w, step]) if subset else None)
+            with tf1.train.MonitoredTrainingSession(checkpoint_dir=hook.local_dir, hooks=[hook],
+                                                    save_checkpoint_secs=None, save_summaries_steps=None,
+                                                    save_summaries_secs=None, log_step_count_steps=None) as session:
+                while not session.should_stop() and session.run(step) < last:
+                    session.run(train_op)
+
+    run("vm1", 5, adam=False, subset=False)
+    with caplog.at_level(logging.WARNING, logger="cloudckpt"), pytest.raises(tf.errors.NotFoundError):
+        run("vm2", 10, adam=True, subset=True)
+    warned = [r.getMessage() for r in caplog.records if "fits this hook's saver=" in r.getMessage()]
+    assert len(warned) == 1 and "beta1_power" in warned[0] and "scaffold=" in warned[0], warned
+
+
+def test_a_partitioned_variable_resumes(cloudckpt_s3, tmp_path):
+    """The check names a partitioned variable as TF's Saver does (its full name and shape): it resumes."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+
+    def make_hook(local):
+        return lambda scaffold: cloudckpt.CheckpointSaverHook(url, save_steps=5, local_dir=str(tmp_path / local),
+                                                              storage_options=options)
+
+    train(make_hook("vm1"), last_step=5, extra_variables=partitioned())
+    resumed = train(make_hook("vm2"), last_step=8, extra_variables=partitioned())
+    assert resumed.first_step == 5 and resumed.last_step == 8
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [0, 5, 8]
+
+
+def test_the_scaffold_saver_is_checked_and_in_place_the_local_resume_point(tmp_path):
+    """The Saver of the scaffold (``train(max_to_keep=...)``) is the one checked; in place (a local
+    checkpoint_dir) the resume point is the directory's own checkpoint, named as such."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        assert scaffold is not None and scaffold.saver is not None
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, scaffold=scaffold)
+
+    train(in_place, last_step=5, max_to_keep=3)
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        train(in_place, last_step=8, max_to_keep=3, size=16)
+    message = str(info.value)
+    assert f"Checkpoint 'model.ckpt-5' in {ckpt_dir} (the resume point of {ckpt_dir}, step 5) cannot be restored " \
+        "by this session's Saver: 'w' is float32 [16] in the graph, float32 [64] in the checkpoint." in message
+    assert train(in_place, last_step=8, max_to_keep=3).first_step == 5
+
+
+def saved_checkpoint(directory, make) -> str:
+    """Save the variables ``make()`` creates (in a graph of their own) with a default Saver; the prefix."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        make()
+        saver = tf.compat.v1.train.Saver()
+        session.run(tf.compat.v1.global_variables_initializer())
+        return saver.save(session, os.path.join(directory, "model.ckpt"), global_step=1)
+
+
+def test_only_what_the_saver_restores_is_compared(tmp_path):
+    """A Saver with a var_list restores those variables only: others the checkpoint lacks are not refused
+    (TF's restore would not fail); reshape=True restores another shape of as many elements, as TF does."""
+    prefix = saved_checkpoint(str(tmp_path), lambda: tf.compat.v1.get_variable("w", shape=[4, 2]))
+    with tf.Graph().as_default() as graph:
+        w = tf.compat.v1.get_variable("w", shape=[4, 2])
+        tf.compat.v1.get_variable("new", shape=[3])
+        var_list, reshape = restoring_var_list(tf.compat.v1.train.Saver(var_list=[w]), graph)
+        assert restore_mismatches(var_list, prefix, reshape=reshape) == []
+        var_list, reshape = restoring_var_list(None, graph)  # the default Saver: every global variable
+        assert [str(m) for m in restore_mismatches(var_list, prefix, reshape=reshape)] == \
+            ["'new' (float32 [3]) is not in the checkpoint"]
+    def sliced_and_ref(rows, ref_shape):
+        def make():
+            partitioned(rows=rows)()
+            tf.compat.v1.get_variable("r", shape=ref_shape, use_resource=False)  # a reference variable
+        return make
+
+    sliced = saved_checkpoint(str(tmp_path / "p"), sliced_and_ref(8, [3]))
+    with tf.Graph().as_default() as graph:
+        sliced_and_ref(6, [2])()
+        saver = tf.compat.v1.train.Saver()
+        ops = len(graph.get_operations())
+        var_list, reshape = restoring_var_list(saver, graph)
+        assert [str(m) for m in restore_mismatches(var_list, sliced, reshape=reshape)] == \
+            ["'p' is float32 [6, 2] in the graph, float32 [8, 2] in the checkpoint",
+             "'r' is float32 [2] in the graph, float32 [3] in the checkpoint"]
+        assert len(graph.get_operations()) == ops  # the check adds nothing to the graph
+    for shape, fits in (([8], True), ([9], False)):
+        with tf.Graph().as_default() as graph:
+            tf.compat.v1.get_variable("w", shape=shape)
+            var_list, reshape = restoring_var_list(tf.compat.v1.train.Saver(reshape=True), graph)
+            assert reshape and (restore_mismatches(var_list, prefix, reshape=reshape) == []) == fits

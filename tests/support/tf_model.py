@@ -47,6 +47,7 @@ def train(
     step_callback: Callable[[int], None] | None = None,
     learning_rate: float = 0.01,
     restore: bool = True,
+    extra_variables: Callable[[], Any] | None = None,
 ) -> TrainResult:
     """Train ``w`` (``size`` floats) with SGD until global step ``last_step``.
 
@@ -54,7 +55,8 @@ def train(
     is None unless ``max_to_keep`` asks for a custom Saver). The loss pulls
     ``w`` towards 1..size, so every step changes it deterministically.
     ``restore=False``: the session is created without ``checkpoint_dir`` (a user who forgot it), so it
-    restores nothing.
+    restores nothing. ``extra_variables()`` runs in the graph before the hook is made: more variables,
+    which the Saver saves and restores (another model, a partitioned variable).
     """
     with tf.Graph().as_default():
         global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -64,6 +66,8 @@ def train(
         target = tf.cast(tf.range(1, size + 1), tf.float32)
         loss = tf.reduce_sum(tf.square(w - target))
         train_op = tf.compat.v1.train.GradientDescentOptimizer(learning_rate).minimize(loss, global_step=global_step)
+        if extra_variables is not None:
+            extra_variables()
         scaffold = None
         if max_to_keep is not None:
             scaffold = tf.compat.v1.train.Scaffold(saver=tf.compat.v1.train.Saver(max_to_keep=max_to_keep))
