@@ -30,7 +30,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 from . import (background_step, deadline, incremental, integrity, memory, stall, step_overhead, tf2_async,  # noqa: E402
                throughput)
-from .common import CONFIGS, machine, versions  # noqa: E402
+from .common import CONFIGS, GB, Config, machine, versions  # noqa: E402
 from .context import Context  # noqa: E402
 from .report import render_table  # noqa: E402
 from .server import S3Server, ServerProcess  # noqa: E402
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     workdir = args.workdir or tempfile.mkdtemp(prefix="cloudckpt-bench-")
     own_workdir = args.workdir is None
+    os.makedirs(workdir, exist_ok=True)
+    _warn_if_disk_is_short(cfg, args.servers, workdir)
     started = time.monotonic()
     doc = {
         "benchmark": {"command": "python -m bench" + ("" if cfg.mode == "full" else f" --{cfg.mode}"),
@@ -155,6 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(doc))
     print(f"\nwrote {args.out} ({doc['benchmark']['seconds']:.0f}s)")
     return 1 if failed else 0
+
+
+def _warn_if_disk_is_short(cfg: Config, servers: str, workdir: str) -> None:
+    """Warn when the disk may not hold what the run writes. SeaweedFS keeps the bytes of deleted objects
+    in its volume files until the bucket is deleted (between scenarios): an upload scenario writes every
+    method's checkpoint in each of its warm-up and timed rounds into one bucket. With ~27 GiB free, a
+    full run ran out of disk ("No space left on device") in its SeaweedFS memory scenario."""
+    rounds = cfg.warmup_reps + cfg.reps + 1  # + the 1 MiB warm-ups and checks, rounded up to one more round
+    need = rounds * 4 * cfg.upload_bytes + 2 * cfg.memory_bytes + cfg.upload_bytes if "seaweedfs" in servers \
+        else 2 * cfg.memory_bytes + cfg.upload_bytes
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        print(f"warning: {free / GB:.0f} GiB free on the disk of {workdir}; this run may write ~{need / GB:.0f} GiB "
+              "(SeaweedFS keeps deleted objects' bytes until a scenario ends): free some, or run fewer --reps.",
+              file=sys.stderr)
 
 
 def _server(name: str, cpus: str | None) -> ServerProcess:

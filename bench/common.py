@@ -37,7 +37,7 @@ class Config:
     # 5. memory: the checkpoint uploaded while RSS is watched
     memory_bytes: int
     memory_shards: int
-    warmup_reps: int = 1      # discarded repetitions before the timed ones (1, 2; 3-6 warm up with small files)
+    warmup_reps: int = 1      # discarded repetitions before the timed ones (1, 2, 3/4/11/12 after a 1 MiB warm-up)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +47,7 @@ CONFIGS = {
     # For tests/test_bench.py: exercises every code path in seconds; the numbers mean nothing.
     "tiny": Config(mode="tiny", reps=2, overhead_steps=40, overhead_warmup=10, mlp_width=64, mlp_layers=2,
                    mlp_batch=16, stall_bytes=4 * MB, stall_saves=1, stall_save_steps=5,
-                   upload_bytes=8 * MB, shards=2, memory_bytes=8 * MB, memory_shards=2, warmup_reps=0),
+                   upload_bytes=8 * MB, shards=2, memory_bytes=8 * MB, memory_shards=2, warmup_reps=1),
     # < 3 minutes on 2 quiet cores.
     "quick": Config(mode="quick", reps=5, overhead_steps=200, overhead_warmup=30, mlp_width=256, mlp_layers=3,
                     mlp_batch=64, stall_bytes=32 * MB, stall_saves=3, stall_save_steps=10,

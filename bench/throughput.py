@@ -1,7 +1,14 @@
 """Scenarios 3 and 4: upload and restore throughput of a multi-file checkpoint.
 
 Upload (3), same files, same server, each repetition runs every method in a
-rotating order, after one discarded warm-up repetition:
+rotating order, after a 1 MiB warm-up of each method (clients, connections)
+and ``warmup_reps`` (1) discarded full-size rounds. Before every call, untimed,
+``os.sync()`` writes the dirty pages of the machine to disk, so no call runs
+while the kernel flushes what the call before it (or the set-up) wrote. Without
+both, the first call of the first repetition, always cloudckpt's, came right
+after the set-up stored the checkpoint: cloudckpt's first restore on SeaweedFS
+was its slowest in 3 runs of 3 (327, 357, 482 MiB/s; its other 11: 425-855);
+with both, its 5 restores spread 673-861 (s5cmd's 779-883).
 
 * ``cloudckpt``: the hook's ``Uploader`` (checksums, uploads, size check,
   manifest, state file): the whole commit, timed from submit to committed
@@ -240,12 +247,16 @@ def run_upload(ctx: Context, contended: bool = False) -> Scenario:
     ctx.clean_bucket()
     measured: dict[str, list[tuple[float, float]]] = {m: [] for m in uploads}
     busy: dict[str, list[float]] = {m: [] for m in uploads}
-    for rep in range(cfg.reps):
+    for rep in range(-cfg.warmup_reps, cfg.reps):  # negative: full-size warm-up rounds, discarded
         for method in rotate(list(uploads), rep):
-            measured[method].append(_server_timed(ctx, busy[method], uploads[method], ctx, files,
-                                                  f"upload/{method}/rep{rep}"))
+            _settled()
+            got = _server_timed(ctx, busy[method] if rep >= 0 else [], uploads[method], ctx, files,
+                                f"upload/{method}/rep{rep}")
+            if rep >= 0:
+                measured[method].append(got)
             ctx.clean_bucket()  # moto holds objects in RAM
-        ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
+        if rep >= 0:
+            ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
     _figures_and_ratios(sc, measured, nbytes, UPLOAD_LABELS, shares, busy)
     return sc
 
@@ -269,11 +280,15 @@ def run_restore(ctx: Context, contended: bool = False) -> Scenario:
         _restore_checked(ctx, method, restore, "restore-warmup", small)
     measured: dict[str, list[tuple[float, float]]] = {m: [] for m in restores}
     busy: dict[str, list[float]] = {m: [] for m in restores}
-    for rep in range(cfg.reps):
+    for rep in range(-cfg.warmup_reps, cfg.reps):  # negative: full-size warm-up rounds, discarded
         for method in rotate(list(restores), rep):
-            measured[method].append(_server_timed(ctx, busy[method], _restore_checked, ctx, method,
-                                                  restores[method], prefix, files))
-        ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
+            _settled()
+            got = _server_timed(ctx, busy[method] if rep >= 0 else [], _restore_checked, ctx, method,
+                                restores[method], prefix, files)
+            if rep >= 0:
+                measured[method].append(got)
+        if rep >= 0:
+            ctx.log(f"{sc.key} rep {rep + 1}/{cfg.reps}: " + _progress(measured, nbytes))
     _figures_and_ratios(sc, measured, nbytes, RESTORE_LABELS, shares, busy)
     ctx.clean_bucket()
     return sc
@@ -324,6 +339,13 @@ def contended_core(shares: list[float]) -> Iterator[None]:
                 proc.wait()  # reaped here, outside any timed_cpu window: its CPU is never the client's
 
 
+def _settled() -> None:
+    """Write every dirty page of the machine to disk (``os.sync``), untimed: the bytes a call wrote (the
+    server's objects, a restore's files: up to a GiB) are then flushed before the next call, not during it,
+    whichever method comes next."""
+    os.sync()
+
+
 def _server_timed(ctx: Context, busy: list[float], fn: Callable[..., tuple[float, float]],
                   *args: Any) -> tuple[float, float]:
     """``fn(*args)`` -> (wall s, client CPU s); appends the server's CPU seconds over that call per wall second
@@ -356,7 +378,7 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
         if busy and busy.get(method):  # the server's core: ~1.0 = the server, not the client, was the limit
             sc.figures[f"server_{method}"] = summarize(busy[method], "server core busy",
                                                        label=f"server CPU-s per wall s (its one core): {labels[method]}")
-        if shares is not None:  # the last reps calls: the first one was the warm-up
+        if shares is not None:  # the last reps calls: the ones before were warm-ups
             sc.figures[f"standin_{method}"] = summarize(shares[method][-len(values):], "core share",
                                                         label=f"training stand-in's share of CPU 0: {labels[method]}")
     baselines = [m for m in measured if m != "cloudckpt"]
@@ -405,7 +427,8 @@ def _restore_checked(ctx: Context, method: str,
 def _params(ctx: Context, files: dict[str, str], nbytes: int, contended: bool) -> dict[str, Any]:
     params = {"checkpoint_mib": round(nbytes / MB, 1), "files": len(files), "server": ctx.server_name,
               "file_mib": sorted((round(os.path.getsize(p) / MB, 2) for p in files.values()), reverse=True),
-              "warmup": "each method first moves a 1 MiB checkpoint, untimed",
+              "warmup": f"each method first moves a 1 MiB checkpoint, then {ctx.cfg.warmup_reps} full-size "
+                        "round(s), untimed; os.sync() before every call",
               "figure": "MiB/s = checkpoint bytes / wall time"}
     if contended:
         params["contention"] = (f"every method call runs with all bench threads (and s5cmd) pinned to CPU "
