@@ -9,7 +9,6 @@ TensorFlow nor need it installed. Without TensorFlow, those names raise a
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -34,7 +33,9 @@ if TYPE_CHECKING:
     from .listener import UploadListener
     from .tf2 import CheckpointManager
 
-logging.getLogger("cloudckpt").addHandler(logging.NullHandler())
+# No NullHandler on "cloudckpt": with no logging configured, Python's last-resort handler prints WARNING and
+# above to stderr (a failed intermediate commit with on_error="warn", a preemption stop, uploads abandoned
+# at Ctrl-C), as TF's and absl's loggers do; configured logging (the root's handlers) takes them instead.
 
 _LAZY = {"CheckpointSaverHook": "hook", "UploadListener": "listener", "CheckpointManager": "tf2"}
 

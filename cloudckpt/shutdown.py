@@ -13,16 +13,22 @@ exit hook, after ``concurrent.futures``' own, so it runs before it.
 
 ``threading._register_atexit`` is CPython's (3.9+) and private; where it is
 missing, or registering is refused because the exit has begun, ``atexit``.
+
+A program ended by Ctrl-C is not waited for: ``interrupted_exit`` tells the
+exit hooks so (the interpreter prints the uncaught ``KeyboardInterrupt`` and
+keeps it as ``sys.last_exc`` / ``sys.last_value`` before any exit hook runs),
+and they abandon what is still uploading, as ``with`` blocks do on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import sys
 import threading
 from typing import Any, Callable
 
-__all__ = ["call_at_exit", "EXECUTORS_SHUT_DOWN"]
+__all__ = ["call_at_exit", "interrupted_exit", "EXECUTORS_SHUT_DOWN"]
 
 importlib.import_module("concurrent.futures.thread")  # its exit hook registers first, so ours run before it
 
@@ -44,3 +50,16 @@ def call_at_exit(fn: Callable[..., Any], *args: Any) -> None:
         except RuntimeError:  # "can't register atexit after shutdown": atexit still runs
             pass
     atexit.register(fn, *args)
+
+
+def interrupted_exit() -> BaseException | None:
+    """At interpreter exit: the ``KeyboardInterrupt`` (Ctrl-C) that ended the program, else None.
+
+    The interpreter keeps the exception that ended the main program (``sys.last_exc``, 3.12+;
+    ``sys.last_value`` before) when it prints its traceback, before threading's and ``atexit``'s hooks
+    run (Python docs: ``sys.last_exc``). Call it from an exit hook only. In an interactive session it is
+    the last traceback printed, even when later statements ran: exiting such a session after a Ctrl-C
+    abandons the uploads still pending too.
+    """
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return exc if isinstance(exc, KeyboardInterrupt) else None

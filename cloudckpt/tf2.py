@@ -59,7 +59,7 @@ from .urls import as_url
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .retention import RetentionPolicy
 from .retry import RetryPolicy
-from .shutdown import call_at_exit
+from .shutdown import call_at_exit, interrupted_exit
 from .transfer import TransferOptions
 from .uploader import UploadStats
 
@@ -749,19 +749,31 @@ def _remove(path: str) -> None:
 
 def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
     """At interpreter exit, close a manager the program did not close: its last save is committed
-    (waiting up to ``upload_timeout``), or the failure logged at ERROR; no cloudckpt thread is left."""
+    (waiting up to ``upload_timeout``), or the failure logged at ERROR; no cloudckpt thread is left.
+    After Ctrl-C (``shutdown.interrupted_exit``), or at a second one while waiting, what is still
+    uploading is abandoned instead, as ``with`` does."""
     manager = ref()
     if manager is None or manager._closed:
+        return
+    interrupt = interrupted_exit()
+    if interrupt is not None:  # Ctrl-C ended the program: not waited for, as in a `with` block
+        manager.__exit__(type(interrupt), interrupt, None)
         return
     pending = manager._engine.pending_steps()
     log.warning("Interpreter exit with an open cloudckpt.CheckpointManager for %s: closing it%s. Call close() "
                 "(or use `with CheckpointManager(...)`) when training ends.", manager.directory,
-                f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout})"
-                if pending else "")
+                f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout}; "
+                "Ctrl-C abandons them)" if pending else "")
     try:
         manager._close(agree=False)  # the other workers may be gone, or not closing: no collective
     except CloudCkptError as error:
         log.error("%s", error)
+    except KeyboardInterrupt:  # raised in the wait, whose close(timeout=0) abandoned the upload
+        manager._engine.close(timeout=0, reason="KeyboardInterrupt at exit")  # idempotent
+        last = manager._engine.stats().last_committed_step
+        lost = [step for step in pending if last is None or step > last]
+        log.warning("KeyboardInterrupt while waiting at interpreter exit: cloudckpt closed without waiting%s.",
+                    f"; the upload of checkpoint step(s) {lost} was abandoned (not committed)" if lost else "")
 
 
 def _write_local_state(local_dir: str) -> None:

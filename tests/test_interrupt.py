@@ -277,3 +277,83 @@ def test_ctrl_c_during_push_cuts_single_puts(cloudckpt_s3, moto_server, tmp_path
     assert all("partNumber=" not in p for p in puts)
     assert len(data_objects(client, cloudckpt_s3.name)) < FILES
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+KERAS_CHILD = """
+import os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np, keras, cloudckpt.keras
+url, opts, local = sys.argv[1], {{"endpoint_url": sys.argv[2]}}, sys.argv[3]
+model = keras.Sequential([keras.Input((4096,)), keras.layers.Dense(16384, use_bias=False)])  # 256 MiB of weights
+model.compile(keras.optimizers.SGD(1e-3), loss="mse")
+class GoesOn(keras.callbacks.Callback):  # training goes on after the first save, until Ctrl-C
+    def on_epoch_end(self, epoch, logs=None):
+        while True:
+            time.sleep(0.05)
+callback = {make}
+x, y = np.zeros((8, 4096), "float32"), np.zeros((8, 16384), "float32")
+{fit}
+"""
+PLAIN_FIT = "model.fit(x, y, epochs=3, callbacks=[callback, GoesOn()], verbose=0)  # no close(), no `with`"
+WITH_FIT = "with callback:\n    model.fit(x, y, epochs=3, callbacks=[callback, GoesOn()], verbose=0)"
+OPEN_MANAGER_CHILD = MANAGER_CHILD.replace("with cloudckpt.CheckpointManager(", "m = cloudckpt.CheckpointManager(") \
+    .replace(") as m:\n    m.restore", ")\nif True:\n    m.restore")  # the program never closes it
+
+CTRL_C_CASES = {
+    # what the exit hook does with a callback fit() left open (Keras never reports that fit raised)
+    "BackupAndRestore, left open": (
+        KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",
+                           fit=PLAIN_FIT), "Interpreter exit after KeyboardInterrupt", "weights.h5"),
+    "ModelCheckpoint, with": (
+        KERAS_CHILD.format(make='cloudckpt.keras.ModelCheckpoint(url + "/m-{epoch:02d}.keras", storage_options=opts)',
+                           fit=WITH_FIT), "Training ended with KeyboardInterrupt", ".keras"),
+    "CheckpointManager, left open": (OPEN_MANAGER_CHILD, "Training ended with KeyboardInterrupt", ".data-"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CTRL_C_CASES))
+def test_ctrl_c_abandons_what_a_keras_callback_or_an_unclosed_manager_is_uploading(case, cloudckpt_s3, moto_server,
+                                                                                 tmp_path):
+    """Ctrl-C during training is not waited for: before, the exit hook committed what was pending, waiting up to
+    ``upload_timeout`` (default: until done) after Ctrl-C; a 256 MiB file's multipart upload is aborted."""
+    script, said, file = CTRL_C_CASES[case]
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    proc = subprocess.Popen([sys.executable, "-c", script, url, moto_server.endpoint, str(tmp_path / "local")],
+                            env=dict(cli_env(), CLOUDCKPT_CACHE_DIR=str(tmp_path / "cache")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)  # no logging configured
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "the save's multipart upload started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
+    assert f"{said}; closing cloudckpt: abandoning the upload of checkpoint step(s) [" in err, err
+    assert "Interpreter exit while training" not in err and "Interpreter exit with an open" not in err, err
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=cloudckpt_s3.name).get("Contents", [])]
+    assert [k for k in keys if file in k] == []  # nothing of the save was completed
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert not any("manifest" in k for k in keys), keys
+
+
+def test_ctrl_c_while_the_exit_waits_for_an_unclosed_manager_abandons_its_upload(cloudckpt_s3, moto_server, tmp_path):
+    """A program that ends without close(): the exit waits for its save to commit (upload_timeout=None), and says
+    Ctrl-C abandons it; Ctrl-C then does (the multipart upload aborted), instead of a traceback from the exit hook
+    with the upload left open."""
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    script = OPEN_MANAGER_CHILD.replace("    while True:\n        time.sleep(0.05)\n", "")  # the program ends
+    stderr = tmp_path / "stderr"
+    with FaultProxy(moto_server.endpoint) as proxy, open(stderr, "w") as err_file:
+        proxy.set_faults(latency=1.0, only_methods=["PUT"])  # 16 parts, 4 at a time: the exit waits for seconds
+        proc = subprocess.Popen([sys.executable, "-c", script, url, proxy.url, str(tmp_path / "local")],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL,
+                                text=True)
+        wait_for(lambda: "Ctrl-C abandons them" in stderr.read_text(), proc, "the exit hook waits for the upload")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    err = stderr.read_text()
+    assert "KeyboardInterrupt while waiting at interpreter exit: cloudckpt closed without waiting; the upload of " \
+           "checkpoint step(s) [1] was abandoned (not committed)." in err, err
+    assert "Traceback" not in err, err
+    assert data_objects(client, cloudckpt_s3.name) == []
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []

@@ -5,7 +5,11 @@ Keras tells callbacks when training begins and ends normally, never that
 closed by ``close()`` (also ``with callback:``) or, at the latest, at
 interpreter exit (``shutdown.call_at_exit``): the backups still uploading then get up to
 ``upload_timeout`` seconds to commit, the preemption watcher's SIGTERM
-handler is removed and no cloudckpt thread is left.
+handler is removed and no cloudckpt thread is left. Ctrl-C is not waited
+for: a ``with callback:`` block left by ``KeyboardInterrupt``, or an exit
+after one (``shutdown.interrupted_exit``), abandons the backups still
+uploading (none is committed; the previous committed one stays the latest),
+as does a second Ctrl-C while the exit waits.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from ..engine import CheckpointEngine
 from ..errors import ConfigError
-from ..shutdown import call_at_exit
+from ..shutdown import call_at_exit, interrupted_exit
 from ..uploader import UploadStats
 from ._backend import to_int
 
@@ -116,9 +120,18 @@ class EngineLifecycle:
     def __enter__(self) -> Any:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._abandon(f"Training ended with {exc_type.__name__}")
         self.close()
 
+    def _abandon(self, why: str) -> None:
+        """Stop at once (Ctrl-C): what is still uploading is abandoned, not committed, and ``why`` says so
+        in a warning (``why + "; closing cloudckpt: abandoning ..."``); ``close()`` follows."""
+        note = self._engine.closing_note(0)
+        if note:
+            log.warning("%s; closing cloudckpt%s.", why, note)
+        self._engine.close(timeout=0, reason=why)
 
 
 def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
@@ -126,9 +139,18 @@ def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
     callback = ref()
     if callback is None or not callback._running:
         return
+    interrupt = interrupted_exit()
+    if interrupt is not None:
+        callback._abandon(f"Interpreter exit after {type(interrupt).__name__}")
+        callback.close()
+        return
     engine = callback._engine
     pending = engine.pending_steps()
     if pending:
         log.warning("Interpreter exit while training with cloudckpt: waiting for step(s) %s to commit to %s "
-                    "(upload_timeout=%s).", pending, engine.url, engine.upload_timeout)
-    callback.close()
+                    "(upload_timeout=%s; Ctrl-C abandons them).", pending, engine.url, engine.upload_timeout)
+    try:
+        callback.close()
+    except KeyboardInterrupt:
+        callback._abandon("KeyboardInterrupt while waiting at interpreter exit")
+        callback.close()
