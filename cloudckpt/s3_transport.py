@@ -24,7 +24,7 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   one that refuses the checksum headers alongside it is told apart by one attempt without them.
 * Downloads issue ranged GETs in parallel (as many ranges as streams, up to
   ``4 x range_size`` each; for several files, ``get_files_crc32c``, one queue of
-  every file's ranges, two per stream, largest file first, and no HEAD: the sizes are the listing's)
+  every file's ranges, largest file first, and no HEAD: the sizes are the listing's)
   and write each range at its offset (``os.pwrite``)
   in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
   whatever the file size. Each chunk goes to the file in ``WRITE_SLICE`` writes
@@ -119,11 +119,6 @@ SEND_SLICE = 1 << 20  # bytes of a part per sendfile call: a cancelled upload st
 # large folio is a high-order allocation, dearer as memory fragments.
 WRITE_SLICE = 64 << 10
 _MAX_RANGE_FACTOR = 4  # a download's ranges grow up to this many x range_size (see get_file_crc32c)
-# Ranges per connection of a several-file download (get_files_crc32c): two, so that a connection that ends early
-# takes over part of a slower one's share instead of idling while it finishes. Restoring 1 GiB in 8 files from
-# SeaweedFS (server pinned to its own core, 2026-12-02, three runs of 4-8 repetitions): 8 connections moved a
-# median 444/499/474 MiB/s with one 128 MiB range each, 557/540/554 with two of 64 MiB (s5cmd: 423/461/496).
-_RANGES_PER_STREAM = 2
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
 _MAX_PARTS = 10_000
 _CONNECT_TIMEOUT = 10.0
@@ -786,7 +781,7 @@ class S3Transport:
         ``get_file_crc32c``.
 
         ``files``: (key, local path, size in bytes as listed: no HEAD is sent). Every file's ranges wait in
-        one queue, largest file first, each range ``total / (2 x streams)`` bytes within [``range_size``,
+        one queue, largest file first, each range ``total / streams`` bytes within [``range_size``,
         ``4 x range_size``]: a connection that finishes early takes the next range of any file. So a
         checkpoint's one large data file (TF writes one shard by default, next to a small ``.index`` and
         ``.meta``) gets every connection, not its share of per-file ones, and no connection idles while
@@ -831,8 +826,7 @@ class S3Transport:
         given (its progress taken back); with ``missing_ok``, one that no longer exists."""
         calls = call or (lambda _key: _no_retry)
         total = sum(size for _, _, size, _ in files)
-        step = min(max(self.range_size, -(-total // (_RANGES_PER_STREAM * max(1, streams)))),
-                   _MAX_RANGE_FACTOR * self.range_size)
+        step = min(max(self.range_size, -(-total // max(1, streams))), _MAX_RANGE_FACTOR * self.range_size)
         steps = [-(-step // part) * part if part else step for _, _, _, part in files]
         order = sorted(range(len(files)), key=lambda i: -files[i][2])
         tasks = [(i, start, min(files[i][2], start + steps[i])) for i in order

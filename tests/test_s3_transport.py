@@ -551,25 +551,3 @@ def test_a_stale_kept_alive_connection_is_replaced_without_a_retry():
     finally:
         server.close()
     assert len(server.seen) == 2 and len(calls) == 2
-
-
-def test_a_several_file_download_queues_two_ranges_per_connection(seaweed_server, seaweed_bucket, tmp_path):
-    """``get_files_crc32c``: the checkpoint's bytes in ``2 x streams`` ranges (within [range_size, 4 x
-    range_size]), largest file first, so a connection that ends early takes over part of a slower one's share:
-    8 MiB over 2 streams is 4 ranges of 2 MiB (one range per stream would be 4 MiB each), 2 in flight."""
-    a, b = write(tmp_path / "a", 6 * MiB, seed=3), write(tmp_path / "b", 2 * MiB, seed=4)
-    plain = transport_for(seaweed_server.storage_options)
-    plain.put_file(a, seaweed_bucket, "q/a")
-    plain.put_file(b, seaweed_bucket, "q/b")
-    plain.close()
-    with FaultProxy(seaweed_server.endpoint) as proxy:
-        proxy.set_faults(latency=0.2, only_methods=("GET",), path_filter="/q/")  # held: in flight together
-        transport = transport_for({**seaweed_server.storage_options, "endpoint_url": proxy.url}, range_size=1 * MiB)
-        got = transport.get_files_crc32c(seaweed_bucket, [("q/b", str(tmp_path / "b2"), 2 * MiB),
-                                                          ("q/a", str(tmp_path / "a2"), 6 * MiB)], streams=2)
-        transport.close()
-        gets = [p for m, p, _ in proxy.events if m == "GET" and "/q/" in p]
-    assert got == [crc32c_of_file(b), crc32c_of_file(a)]
-    assert sorted(gets) == sorted([f"/{seaweed_bucket}/q/a"] * 3 + [f"/{seaweed_bucket}/q/b"]), gets
-    assert gets[:2] == [f"/{seaweed_bucket}/q/a"] * 2  # the largest file's ranges first
-    assert proxy.most_held.get("GET") == 2
