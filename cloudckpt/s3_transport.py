@@ -952,12 +952,10 @@ class S3Transport:
 
     # -- multipart --------------------------------------------------------------------------------
     def _create_upload(self, bucket: str, key: str, call: Call) -> str:
-        """CreateMultipartUpload with a FULL_OBJECT CRC32C; the upload id. Once sent, not cut by a cancel
-        (``abort_requests``): the store may have created the upload, which only its id can abort."""
-        self._check_cancel(f"{bucket}/{key}")
+        """CreateMultipartUpload with a FULL_OBJECT CRC32C; the upload id."""
         _, _, body = call(lambda: self._request(
             "POST", bucket, key, query={"uploads": ""},
-            headers={"x-amz-checksum-algorithm": "CRC32C", "x-amz-checksum-type": "FULL_OBJECT"}, cancellable=False))
+            headers={"x-amz-checksum-algorithm": "CRC32C", "x-amz-checksum-type": "FULL_OBJECT"}))
         upload_id = _xml_text(body, "UploadId")
         if not upload_id:
             raise S3ResponseError(500, "InternalError", "CreateMultipartUpload returned no UploadId", f"{bucket}/{key}")
