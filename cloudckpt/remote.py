@@ -229,14 +229,6 @@ class RemoteStore:
         """The fsspec path of object ``name`` in this directory."""
         return posixpath.join(self.root, name)
 
-    def cancel_transfers(self) -> None:
-        """Set ``cancel``: retries end and no request starts; on ``s3://`` the requests in flight stop too, at
-        once on a stalled connection (``S3Transport.abort_requests``). ``cancel.clear()`` undoes it for what
-        follows."""
-        self.cancel.set()
-        if self._transport is not None:
-            self._transport.abort_requests()
-
     def url_of(self, name: str) -> str:
         """The user-facing URL of object ``name`` (used in messages and CheckpointInfo)."""
         return f"{self.url}/{name}"

@@ -288,7 +288,7 @@ class Uploader:
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():
-                self.store.cancel_transfers()
+                self.store.cancel.set()
                 with self._cond:
                     abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
                 if abandoned:

@@ -6,11 +6,10 @@ closed by ``close()`` (also ``with callback:``) or, at the latest, at
 interpreter exit (``shutdown.call_at_exit``): the backups still uploading then get up to
 ``upload_timeout`` seconds to commit, the preemption watcher's SIGTERM
 handler is removed and no cloudckpt thread is left. Ctrl-C is not waited
-for: a ``with callback:`` block left by ``KeyboardInterrupt``, an exit
-after one (``shutdown.interrupted_exit``), or Ctrl-C while ``on_train_end``,
-``close()`` or the exit waits abandons the backups still uploading (none is
-committed; the previous committed one stays the latest), and a request the
-store stalls is not waited for beyond ``uploader.ABANDON_GRACE``.
+for: a ``with callback:`` block left by ``KeyboardInterrupt``, or an exit
+after one (``shutdown.interrupted_exit``), abandons the backups still
+uploading (none is committed; the previous committed one stays the latest),
+as does a second Ctrl-C while the exit waits.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class EngineLifecycle:
         try:
             self._engine.close()
         except KeyboardInterrupt:  # Ctrl-C while waiting for the uploads: abandon them, as `with` does
-            self._abandon("KeyboardInterrupt while waiting for the uploads to commit")
+            self._abandon("KeyboardInterrupt while closing")
             raise
 
     def _open(self, *, writes_local_dir: bool = True) -> None:
@@ -156,5 +155,6 @@ def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
                     "(upload_timeout=%s; Ctrl-C abandons them).", pending, engine.url, engine.upload_timeout)
     try:
         callback.close()
-    except KeyboardInterrupt:  # close() abandoned the uploads and said so; the exit goes on
-        pass
+    except KeyboardInterrupt:
+        callback._abandon("KeyboardInterrupt while waiting at interpreter exit")
+        callback.close()
