@@ -283,8 +283,6 @@ class Uploader:
             self._closing = True
             self._cond.notify_all()
             thread, pool = self._thread, self._pool
-        if thread is not None and self.store.cancel.is_set() and thread.is_alive():
-            return  # abandoned by an earlier close() and still stopping: nothing of it will commit, no wait again
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():

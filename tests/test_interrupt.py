@@ -357,24 +357,3 @@ def test_ctrl_c_while_the_exit_waits_for_an_unclosed_manager_abandons_its_upload
     assert data_objects(client, cloudckpt_s3.name) == []
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
-
-
-def test_ctrl_c_while_fit_waits_for_its_last_backup_abandons_it(cloudckpt_s3, moto_server, tmp_path):
-    """BackupAndRestore (delete_checkpoint=True): fit() ends, on_train_end waits for the last backup; Ctrl-C there
-    abandons it (multipart aborted) at once, instead of close() waiting upload_timeout (None: until done) again,
-    silently, and a second Ctrl-C leaving the multipart upload open."""
-    client = moto_server.client()
-    url = cloudckpt_s3.url("run")
-    script = KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",
-                                fit="model.fit(x, y, epochs=1, callbacks=[callback], verbose=0)")
-    proc = subprocess.Popen([sys.executable, "-c", script, url, moto_server.endpoint, str(tmp_path / "local")],
-                            env=dict(cli_env(), CLOUDCKPT_CACHE_DIR=str(tmp_path / "cache")), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "the last backup's multipart upload started")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
-    assert "Training ended with KeyboardInterrupt; closing cloudckpt: abandoning the upload of checkpoint step(s) [" \
-        in err, err
-    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
-    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []

@@ -100,11 +100,7 @@ class EngineLifecycle:
         Failures not yet reported are logged at ERROR, not raised.
         """
         self._running = False
-        try:
-            self._engine.close()
-        except KeyboardInterrupt:  # Ctrl-C while waiting for the uploads: abandon them, as `with` does
-            self._abandon("KeyboardInterrupt while closing")
-            raise
+        self._engine.close()
 
     def _open(self, *, writes_local_dir: bool = True) -> None:
         """When training begins: a callback still open from a ``fit`` that raised is closed first (its
