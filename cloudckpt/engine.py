@@ -247,7 +247,7 @@ class CheckpointEngine:
             RemoteError: the store rejected the credentials or may not be listed with them (not retried),
                 or could not be reached after retries.
         """
-        self._store.cancel.clear()  # a close() that abandoned uploads cancelled the store's transfers
+        self._uploader.resume_transfers()  # a close() that abandoned uploads cancelled the store's transfers
         self._store.check_usable()
         self._reset_final_save()
         if writes_local_dir:

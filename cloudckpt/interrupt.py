@@ -29,7 +29,7 @@ def cancelling_pool(store: RemoteStore, pool: ThreadPoolExecutor) -> Iterator[Th
         yield pool
     except BaseException as exc:
         if not isinstance(exc, Exception):
-            store.cancel.set()
+            store.cancel_transfers()
             try:
                 pool.shutdown(wait=True, cancel_futures=True)
             finally:

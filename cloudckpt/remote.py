@@ -35,8 +35,8 @@ from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
-from .s3_transport import (CopySource, DownloadFailed, S3Transport, crc32c_hex_from_header, transport_for,
-                           unquoted_etag)
+from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, crc32c_hex_from_header,
+                           transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 
@@ -113,7 +113,7 @@ class RemoteStore:
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.transfer = TransferOptions.of(transfer)
-        self.cancel = threading.Event()  # set: retries end, and on s3:// requests stop (Ctrl-C, an abandoned upload)
+        self.cancel = threading.Event()  # set: retries end, no request starts, on s3:// requests in flight stop
         self._retries_seen = 0
         self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
@@ -228,6 +228,14 @@ class RemoteStore:
     def path(self, name: str) -> str:
         """The fsspec path of object ``name`` in this directory."""
         return posixpath.join(self.root, name)
+
+    def cancel_transfers(self) -> None:
+        """Set ``cancel``: retries end and no request starts; on ``s3://`` the requests in flight stop too, at
+        once on a stalled connection (``S3Transport.abort_requests``). ``cancel.clear()`` undoes it for what
+        follows."""
+        self.cancel.set()
+        if self._transport is not None:
+            self._transport.abort_requests()
 
     def url_of(self, name: str) -> str:
         """The user-facing URL of object ``name`` (used in messages and CheckpointInfo)."""
@@ -876,6 +884,8 @@ class RemoteStore:
         started = time.monotonic() if started is None else started
         retries = [0] if retries is None else retries
         try:
+            if self.cancel.is_set():  # given up (Ctrl-C, an abandoned upload): no request starts, on any backend
+                raise TransferCancelled(f"{op} of {url} cancelled")
             if not retried:
                 return fn()
             return self.retry.call(fn, on_retry=self._retry_reporter(op, url, retries), cancel=self.cancel)

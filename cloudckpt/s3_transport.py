@@ -28,10 +28,11 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   and write each range at its offset (``os.pwrite``)
   in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
   whatever the file size. Each chunk goes to the file in ``WRITE_SLICE`` writes
-  (see there: on Linux >= 6.16's ext4, 1 MiB writes cost the kernel 3-6x more). Each chunk's crc32c is taken as it is written, so
-  ``get_file_crc32c`` returns the checksum of the bytes in the file without
-  reading it back (a restore checks it against the manifest). ``crc32c_of_object``
-  makes the same ranged GETs for a re-reading ``verify`` and keeps no byte.
+  (see there: on Linux >= 6.16's ext4, 1 MiB writes cost the kernel 3-6x more).
+  Each chunk's crc32c is taken as it is written, so ``get_file_crc32c``
+  returns the checksum of the bytes in the file without reading it back (a
+  restore checks it against the manifest). ``crc32c_of_object`` makes the same
+  ranged GETs for a re-reading ``verify`` and keeps no byte.
 * Every request goes through the ``call`` wrapper its caller passes (the
   store's ``RetryPolicy``: one retry layer, counted by cause, cancellable);
   HTTP errors become ``S3ResponseError`` (an ``OSError`` with botocore's
@@ -42,7 +43,8 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
 * Cancellation (``S3Transport.cancel`` set by the owner giving up: Ctrl-C,
   an abandoned upload): no request starts any more, a request in flight
   stops within ``SEND_SLICE`` bytes of its body (sent in slices) or one
-  ``READ_BUFFER`` chunk of a download (``TransferCancelled``), and a
+  ``READ_BUFFER`` chunk of a download (``TransferCancelled``), at once when
+  its connection is stalled (``abort_requests`` shuts its socket), and a
   multipart upload that stops so is aborted (that DELETE is the one request
   still sent).
 
@@ -69,6 +71,7 @@ import os
 import queue
 import re
 import select
+import socket
 import ssl
 import threading
 import time
@@ -469,6 +472,7 @@ class S3Transport:
         # set by the owner giving up: requests stop (TransferCancelled, see the module doc), a failed copy is not
         # uploaded
         self.cancel: threading.Event | None = None
+        self._in_flight: set[http.client.HTTPConnection] = set()  # connections of cancellable requests (abort_requests)
         self.copies_off: str | None = None  # why server-side copies stopped (a failure, or no way to verify one)
         self._copies_lock = threading.Lock()
 
@@ -948,10 +952,12 @@ class S3Transport:
 
     # -- multipart --------------------------------------------------------------------------------
     def _create_upload(self, bucket: str, key: str, call: Call) -> str:
-        """CreateMultipartUpload with a FULL_OBJECT CRC32C; the upload id."""
+        """CreateMultipartUpload with a FULL_OBJECT CRC32C; the upload id. Once sent, not cut by a cancel
+        (``abort_requests``): the store may have created the upload, which only its id can abort."""
+        self._check_cancel(f"{bucket}/{key}")
         _, _, body = call(lambda: self._request(
             "POST", bucket, key, query={"uploads": ""},
-            headers={"x-amz-checksum-algorithm": "CRC32C", "x-amz-checksum-type": "FULL_OBJECT"}))
+            headers={"x-amz-checksum-algorithm": "CRC32C", "x-amz-checksum-type": "FULL_OBJECT"}, cancellable=False))
         upload_id = _xml_text(body, "UploadId")
         if not upload_id:
             raise S3ResponseError(500, "InternalError", "CreateMultipartUpload returned no UploadId", f"{bucket}/{key}")
@@ -1012,6 +1018,22 @@ class S3Transport:
             self._request("DELETE", bucket, key, query={"uploadId": upload_id}, cancellable=False)
         except Exception as exc:  # noqa: BLE001 - best effort: the lifecycle rule cleans up
             log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(exc).__name__)
+
+    def abort_requests(self) -> None:
+        """Shut the sockets of the cancellable requests in flight; call it after setting ``cancel``. A request
+        blocked on a stalled connection (a send the store does not read, a read it sends nothing for) then
+        stops at once with ``TransferCancelled`` instead of after ``_READ_TIMEOUT`` or the store's late answer,
+        so an abandoned upload does not outlive its owner (interpreter exit joins the part threads). The
+        DELETE aborting a multipart upload is not cancellable and goes on."""
+        with self._pools_lock:
+            connections = list(self._in_flight)
+        for conn in connections:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
 
     def _check_cancel(self, where: str) -> None:
         """Raise ``TransferCancelled`` once ``cancel`` is set."""
@@ -1128,6 +1150,9 @@ class S3Transport:
                                             for k, v in sorted(query.items())) if query else "")
             conn, pool = self._connection(scheme, host)
             reusable = False
+            if cancellable:
+                with self._pools_lock:
+                    self._in_flight.add(conn)
             try:
                 conn.putrequest(method, target, skip_accept_encoding=True)
                 for name, value in all_headers.items():
@@ -1158,7 +1183,15 @@ class S3Transport:
                 else:
                     data = response.read()  # (a HEAD's is empty; reading it frees the connection)
                 reusable = not response.will_close and response.isclosed()
+            except (OSError, http.client.HTTPException) as exc:
+                if cancellable and self.cancel is not None and self.cancel.is_set():  # abort_requests shut it
+                    reusable = False
+                    raise TransferCancelled(f"transfer of {where} cancelled") from exc
+                raise
             finally:
+                if cancellable:
+                    with self._pools_lock:
+                        self._in_flight.discard(conn)
                 if reusable:
                     pool.put((conn, time.monotonic()))
                 else:

@@ -57,9 +57,11 @@ def interrupted_exit() -> BaseException | None:
 
     The interpreter keeps the exception that ended the main program (``sys.last_exc``, 3.12+;
     ``sys.last_value`` before) when it prints its traceback, before threading's and ``atexit``'s hooks
-    run (Python docs: ``sys.last_exc``). Call it from an exit hook only. In an interactive session it is
-    the last traceback printed, even when later statements ran: exiting such a session after a Ctrl-C
-    abandons the uploads still pending too.
+    run (Python docs: ``sys.last_exc``). Call it from an exit hook only. Always None in an interactive
+    session (``sys.ps1`` set, or ``python -i``): a Ctrl-C there, even at the prompt, ends a statement,
+    not the session, and is kept all the same.
     """
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return None
     exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
     return exc if isinstance(exc, KeyboardInterrupt) else None

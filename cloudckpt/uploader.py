@@ -32,6 +32,7 @@ BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the train
 # Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
 # (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
 ABANDON_GRACE = 2.0
+RESTART_WAIT = 60.0  # seconds start() waits for an abandoned worker still stopping
 
 
 def lower_thread_priority() -> None:
@@ -152,6 +153,7 @@ class Uploader:
         self._failures: list[UploadError] = []
         self._stats = UploadStats()
         self._closing = False
+        self._abandoned = False  # close() gave up on the worker (cancel set); start() waits for it to end
         self._thread: threading.Thread | None = None
         self._pool: ThreadPool | None = None
         self.writer = Writer(store)  # registers at the first commit unless registered before (the hook does)
@@ -159,17 +161,38 @@ class Uploader:
 
     # -- called from the training thread ------------------------------------------------------
     def start(self) -> None:
-        """Start the worker thread (idempotent; restarts after ``close``)."""
+        """Start the worker thread (idempotent; restarts after ``close``, see ``resume_transfers``)."""
         with self._cond:
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None and self._thread.is_alive() and not self._abandoned:
+                return
+        self.resume_transfers()
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive() and not self._abandoned:
                 return
             self._closing = False
+            self._abandoned = False
             self.store.cancel.clear()
             # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
             # interpreter exit (concurrent.futures joins its workers at exit).
             self._pool = ThreadPool(self._concurrency, initializer=lower_thread_priority)
             self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
             self._thread.start()
+
+    def resume_transfers(self) -> None:
+        """Let the store's transfers run again after ``close`` abandoned them (clears ``store.cancel``).
+
+        An abandoned worker still stopping (on a backend that stops between files) is waited for first,
+        up to ``RESTART_WAIT`` seconds: cleared under it, the cancel would let it go on with the requests
+        it was told to stop. Past that it is left to end on its own (warned about), and ends at its next
+        checkpoint boundary without taking another one from the queue."""
+        with self._cond:
+            previous, abandoned = self._thread, self._abandoned
+        if previous is not None and abandoned and previous.is_alive():
+            previous.join(RESTART_WAIT)
+            if previous.is_alive():
+                log.warning("The abandoned upload to %s is still stopping after %.0fs; going on beside it.",
+                            self.store.url, RESTART_WAIT)
+        self.store.cancel.clear()
 
     def submit(self, job: UploadJob) -> None:
         """Queue a checkpoint for commit. Never blocks on the network."""
@@ -276,25 +299,33 @@ class Uploader:
         ``s3://`` no request starts any more, each one in flight stops within ``SEND_SLICE`` (1 MiB) of
         its body and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
         seconds for that. Nothing abandoned is committed. Other backends stop between files: an upload in
-        flight there may finish in the background (daemon threads), uncommitted. Otherwise the worker
-        and its file-upload threads have ended when this returns.
+        flight there may finish in the background (daemon threads), uncommitted, and starts no further
+        file. Otherwise the worker and its file-upload threads have ended when this returns. A later
+        ``close`` waits ``ABANDON_GRACE`` again at most, not ``timeout``; a later ``start`` waits up to
+        ``RESTART_WAIT`` seconds for the abandoned worker to end before the store's transfers resume.
         """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
             thread, pool = self._thread, self._pool
+            already_abandoned = self._abandoned
         if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                self.store.cancel.set()
+            # abandoned by an earlier close() and still stopping: nothing of it commits, not waited for again
+            thread.join(ABANDON_GRACE if already_abandoned else timeout)
+            if thread.is_alive() and not already_abandoned:
+                with self._cond:
+                    self._abandoned = True
+                self.store.cancel_transfers()
                 with self._cond:
                     abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
                 if abandoned:
                     log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
                                 [j.checkpoint.step for j in abandoned], self.store.url)
                 thread.join(ABANDON_GRACE)
-                if thread.is_alive():
-                    return
+            if thread.is_alive():
+                if pool is not None:
+                    pool.close()  # the worker starts no further file: what it still submits fails (abandoned)
+                return
         with self._cond:
             self._thread = None
             self._pool = None
@@ -329,18 +360,20 @@ class Uploader:
     # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
         lower_thread_priority()
+        me = threading.current_thread()
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and self._thread is me:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue or self._thread is not me:  # drained, or abandoned and replaced by start()
                     return
                 job = self._in_flight = self._queue.popleft()
             try:
                 self.commit_now(job, background=True)
             finally:
                 with self._cond:
-                    self._in_flight = None
+                    if self._in_flight is job:
+                        self._in_flight = None
                     self._cond.notify_all()
 
     def _commit(self, job: UploadJob) -> None:

@@ -186,12 +186,15 @@ def test_ctrl_c_during_push_aborts_the_uploads_in_flight(cloudckpt_s3, moto_serv
     src = write_checkpoint(tmp_path / "src", 208 * MiB)
     client = moto_server.client()
     url = cloudckpt_s3.url("run")
-    proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "push", str(src), url, "-o",
-                             f"endpoint_url={moto_server.endpoint}"], env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "a multipart upload started")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    with FaultProxy(moto_server.endpoint) as proxy:
+        # parts answered 1 s late: on a loaded machine every file had sometimes been sent before the SIGINT
+        proxy.set_faults(latency=1.0, only_methods=["PUT"], path_filter="partNumber=")
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "push", str(src), url, "-o",
+                                 f"endpoint_url={proxy.url}"], env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "a multipart upload started")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "cloudckpt: interrupted", err
     # Before: every file started was finished (the executor waited for it), leaving 4 uncommitted objects.
@@ -356,4 +359,52 @@ def test_ctrl_c_while_the_exit_waits_for_an_unclosed_manager_abandons_its_upload
     assert "Traceback" not in err, err
     assert data_objects(client, cloudckpt_s3.name) == []
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+def test_ctrl_c_while_fit_waits_for_its_last_backup_abandons_it(cloudckpt_s3, moto_server, tmp_path):
+    """BackupAndRestore (delete_checkpoint=True): fit() ends, on_train_end waits for the last backup; Ctrl-C there
+    abandons it (multipart aborted) at once, instead of close() waiting upload_timeout (None: until done) again,
+    silently, and a second Ctrl-C leaving the multipart upload open."""
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    script = KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",
+                                fit="model.fit(x, y, epochs=1, callbacks=[callback], verbose=0)")
+    proc = subprocess.Popen([sys.executable, "-c", script, url, moto_server.endpoint, str(tmp_path / "local")],
+                            env=dict(cli_env(), CLOUDCKPT_CACHE_DIR=str(tmp_path / "cache")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    wait_for(lambda: open_uploads(client, cloudckpt_s3.name), proc, "the last backup's multipart upload started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in err, (out, err)
+    assert "Training ended with KeyboardInterrupt; closing cloudckpt: abandoning the upload of checkpoint step(s) [" \
+        in err, err
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+@pytest.mark.parametrize("fit", [PLAIN_FIT, WITH_FIT], ids=["left open", "with"])
+def test_ctrl_c_does_not_wait_for_a_stalled_request_of_a_keras_callback(fit, cloudckpt_s3, moto_server, tmp_path):
+    """A part PUT the store holds for two minutes: after Ctrl-C the callback's uploads are abandoned and the process
+    ends within ``ABANDON_GRACE`` of it. Before, the close() that follows the abandon joined the stalled worker
+    without limit (upload_timeout=None), the process outliving the request."""
+    url = cloudckpt_s3.url("run")
+    script = KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",
+                                fit=fit)
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxy.set_faults(latency=120.0, only_methods=["PUT"], path_filter="partNumber=")
+        proc = subprocess.Popen([sys.executable, "-c", script, url, proxy.url, str(tmp_path / "local")],
+                                env=dict(cli_env(), CLOUDCKPT_CACHE_DIR=str(tmp_path / "cache")),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: any("partNumber=" in p for m, p, _ in proxy.events if m == "PUT"), proc,
+                 "a part PUT is held by the store")
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)  # the held PUT is answered after 120 s
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the process waited for the stalled request after Ctrl-C: {err[-3000:]}")
+    assert proc.returncode == -signal.SIGINT, (out, err)
+    assert "closing cloudckpt: abandoning the upload of checkpoint step(s) [" in err, err
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []

@@ -114,7 +114,7 @@ def test_training_commits_every_save_and_retention_deletes(mocked_bucket, tmp_pa
     names = objects(client, bucket)
     assert {n.split(".")[1] for n in names if n.startswith("model.ckpt-")} == {"ckpt-45", "ckpt-55"}, sorted(names)
     assert b'model_checkpoint_path: "model.ckpt-55"' in names["checkpoint"]
-    assert guard.connections == []  # the mock path opens no socket at all
+    assert guard.connections == [], "\n".join(guard.origins)  # the mock path opens no socket at all
 
 
 def test_restore_latest_verify_and_download(mocked_bucket, tmp_path, guard):
@@ -144,7 +144,7 @@ def test_restore_latest_verify_and_download(mocked_bucket, tmp_path, guard):
     client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
     bad = cloudckpt.verify(url, use_store_checksums=False)
     assert [(p.name, p.status) for p in bad.problems] == [("model.ckpt-30.data-00000-of-00001", "checksum mismatch")]
-    assert guard.connections == []
+    assert guard.connections == [], "\n".join(guard.origins)
 
 
 def test_cli_in_process(mocked_bucket, tmp_path, capsys):
@@ -249,7 +249,7 @@ def test_store_built_under_the_mock_sends_nothing_after_it_ends(guard, no_s3fs):
         store.write_atomic("a", b"1")
     with pytest.raises(cloudckpt.ConfigError, match="mock_aws\\(\\) ended"):
         store.read_bytes("a")
-    assert guard.connections == []
+    assert guard.connections == [], "\n".join(guard.origins)
 
 
 def test_the_guard_refuses_and_records_other_hosts(guard):
@@ -270,7 +270,7 @@ def test_preemption_auto_under_the_mock_stays_off_the_network(guard):
             assert watcher.active_sources == ("sigterm",)
         finally:
             watcher.stop()
-    assert guard.connections == []
+    assert guard.connections == [], "\n".join(guard.origins)
 
 
 def test_non_aws_endpoint_under_the_mock_is_a_config_error(guard):
@@ -278,4 +278,4 @@ def test_non_aws_endpoint_under_the_mock_is_a_config_error(guard):
         with pytest.raises(cloudckpt.ConfigError, match="answers only for AWS endpoints"):
             cloudckpt.list_checkpoints("s3://ci-bucket/run",
                                        storage_options={"endpoint_url": "http://minio.example.internal:9000"})
-    assert guard.connections == []
+    assert guard.connections == [], "\n".join(guard.origins)

@@ -82,3 +82,22 @@ def test_a_call_made_after_executors_shut_down_is_not_retried():
     except HTTPClientError as exc:
         assert not is_transient(exc)
     assert is_transient(HTTPClientError(error=ConnectionResetError("reset by peer")))
+
+
+def test_an_interrupt_ends_a_program_but_not_an_interactive_session(monkeypatch):
+    """``interrupted_exit``: the KeyboardInterrupt the interpreter kept (``sys.last_value``; ``last_exc`` on 3.12+)
+    when it ended a script; None for any other exception, and in an interactive session, where Ctrl-C (even at
+    the prompt, which keeps one too) ends a statement only."""
+    from cloudckpt.shutdown import interrupted_exit
+
+    interrupt = KeyboardInterrupt()
+    for name in ("last_exc", "last_value"):
+        monkeypatch.delattr(sys, name, raising=False)
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    assert interrupted_exit() is None
+    monkeypatch.setattr(sys, "last_value", RuntimeError("boom"), raising=False)
+    assert interrupted_exit() is None
+    monkeypatch.setattr(sys, "last_value", interrupt, raising=False)
+    assert interrupted_exit() is interrupt
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert interrupted_exit() is None

@@ -141,3 +141,42 @@ def test_failures_are_reported_once_per_step(tmp_path):
     assert str(failure).startswith("2 checkpoints (steps [5, 9]) were not committed"), str(failure)
     assert uploader.stats().failed == 3  # each attempt is counted in stats; the error names each step once
     uploader.close()
+
+
+def test_an_abandoned_upload_on_a_backend_that_stops_between_files(tmp_path, monkeypatch):
+    """An fsspec backend cannot cut a file in flight: ``close`` gives up on it after ``ABANDON_GRACE``. A second
+    ``close`` does not wait again (before: it joined the worker without limit); the abandoned checkpoint is not
+    committed when its file finishes later; ``start`` waits for that worker before the store's transfers resume,
+    and the next checkpoint commits as usual."""
+    from cloudckpt import uploader as uploader_module
+
+    monkeypatch.setattr(uploader_module, "ABANDON_GRACE", 0.2)
+    GatedMemoryFileSystem.gate.clear()
+    GatedMemoryFileSystem.started.clear()
+    url = f"gatedmemory://a-{uuid.uuid4().hex[:8]}/run"
+    uploader = Uploader(RemoteStore(url), max_pending=2, concurrency=1)
+    uploader.submit(UploadJob(fake_checkpoint(tmp_path, 10)))
+    uploader.start()
+    assert GatedMemoryFileSystem.started.wait(10)
+    uploader.close(timeout=0)  # abandoned: the file in flight is held by the store
+    assert uploader.pending_steps() == [10]
+
+    second = threading.Thread(target=uploader.close)  # timeout=None: "until done" had meant until the gate opens
+    second.start()
+    second.join(10)
+    assert not second.is_alive(), "a second close() waited for the abandoned upload"
+
+    restarted = threading.Thread(target=uploader.start)
+    restarted.start()
+    restarted.join(0.5)
+    assert restarted.is_alive(), "start() did not wait for the abandoned worker"
+    GatedMemoryFileSystem.gate.set()  # the held file finishes: nothing of step 10 may be committed
+    restarted.join(30)
+    assert not restarted.is_alive()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped) == (0, 1)
+    uploader.submit(UploadJob(fake_checkpoint(tmp_path, 20)))
+    assert uploader.wait(30)
+    uploader.close()
+    assert uploader.stats().committed == 1
+    assert set(assert_all_committed_intact(url.replace("gatedmemory://", "memory://"))) == {20}

@@ -6,10 +6,11 @@ closed by ``close()`` (also ``with callback:``) or, at the latest, at
 interpreter exit (``shutdown.call_at_exit``): the backups still uploading then get up to
 ``upload_timeout`` seconds to commit, the preemption watcher's SIGTERM
 handler is removed and no cloudckpt thread is left. Ctrl-C is not waited
-for: a ``with callback:`` block left by ``KeyboardInterrupt``, or an exit
-after one (``shutdown.interrupted_exit``), abandons the backups still
-uploading (none is committed; the previous committed one stays the latest),
-as does a second Ctrl-C while the exit waits.
+for: a ``with callback:`` block left by ``KeyboardInterrupt``, an exit
+after one (``shutdown.interrupted_exit``), or Ctrl-C while ``on_train_end``,
+``close()`` or the exit waits abandons the backups still uploading (none is
+committed; the previous committed one stays the latest), and a request the
+store stalls is not waited for beyond ``uploader.ABANDON_GRACE``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ class EngineLifecycle:
         Failures not yet reported are logged at ERROR, not raised.
         """
         self._running = False
-        self._engine.close()
+        try:
+            self._engine.close()
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the uploads: abandon them, as `with` does
+            self._abandon("KeyboardInterrupt while waiting for the uploads to commit")
+            raise
 
     def _open(self, *, writes_local_dir: bool = True) -> None:
         """When training begins: a callback still open from a ``fit`` that raised is closed first (its
@@ -151,6 +156,5 @@ def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
                     "(upload_timeout=%s; Ctrl-C abandons them).", pending, engine.url, engine.upload_timeout)
     try:
         callback.close()
-    except KeyboardInterrupt:
-        callback._abandon("KeyboardInterrupt while waiting at interpreter exit")
-        callback.close()
+    except KeyboardInterrupt:  # close() abandoned the uploads and said so; the exit goes on
+        pass

@@ -288,6 +288,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                 failure = exc
             if self._agreement is not None:
                 self._agreement.agree_on_failure(failure)
+        except KeyboardInterrupt:  # Ctrl-C while fit() waits for the last backup: not waited for again in close()
+            self._abandon("Training ended with KeyboardInterrupt")
+            raise
         finally:
             set_initial_epoch(self.model, None)  # a later fit() without this callback starts where it is told
             self.close()

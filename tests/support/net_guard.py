@@ -10,6 +10,8 @@ retried the error.
 from __future__ import annotations
 
 import socket
+import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +26,12 @@ class NetGuard:
 
     connections: list[Any] = field(default_factory=list)
     violations: list[Any] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)  # per connection: the thread and the code that made it
 
     def check(self, sock: socket.socket, address: Any) -> None:
         self.connections.append(address)
+        frames = "".join(traceback.format_stack(limit=12)[:-2])
+        self.origins.append(f"{address!r} from thread {threading.current_thread().name}:\n{frames}")
         if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
             self.violations.append(address)
             raise ConnectionRefusedError(f"test network guard: connection to {address!r} refused (only "
