@@ -285,6 +285,24 @@ def test_outage_refuses_then_recovers(proxy):
     assert raw(proxy, "GET", f"/{BUCKET}")[0] == 200
 
 
+def test_a_request_held_when_the_proxy_stops_is_reset_not_forwarded(moto_url):
+    """A request held in its latency (a stalled store) must not reach the upstream after the proxy stopped (its test
+    ended): it would land in a later test (a moto-mock test's socket guard saw such connections)."""
+    with FaultProxy(moto_url) as p:
+        p.set_faults(latency=1.5, only_methods=["PUT"])
+        held = connect(p)
+        held.request("PUT", f"/{BUCKET}/held-after-stop", body=b"x")
+        deadline = time.monotonic() + 10
+        while not p.most_held.get("PUT") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.most_held.get("PUT") == 1
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        held.getresponse()
+    time.sleep(2.5)  # past the latency: a handler thread left sleeping would forward the request now
+    assert boto3.client("s3", endpoint_url=moto_url).list_objects_v2(Bucket=BUCKET, Prefix="held-after-stop")[
+        "KeyCount"] == 0
+
+
 def test_stop_closes_the_port_and_idle_connections(moto_url):
     with FaultProxy(moto_url) as p:
         port = int(p.url.rsplit(":", 1)[1])

@@ -127,9 +127,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if latency > 0:
             self.proxy._held(self.command, +1)
             try:
-                time.sleep(latency)
+                stopped = self.proxy._stopped.wait(latency)
             finally:
                 self.proxy._held(self.command, -1)
+            if stopped:  # the proxy stopped meanwhile: a held request is never sent upstream after its test
+                raise _Reset
         body = self._body()
         if self.proxy._refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers.keys()):
             for _ in body:  # drain, so the keep-alive connection stays usable
@@ -303,6 +305,7 @@ class FaultProxy:
         self._stats, self._events, self._scripted = Counter(), [], []
         self._outage_until = 0.0
         self._rewrite_etags = False
+        self._stopped = threading.Event()  # set by stop(): requests held in their latency are reset
         self._serving = Counter()  # method -> requests held in their latency now
         self._most = Counter()  # method -> the most held at once
         self._refuse_checksums = False
@@ -316,6 +319,7 @@ class FaultProxy:
         return "http://127.0.0.1:%d" % self._server.server_address[1]
 
     def start(self) -> "FaultProxy":
+        self._stopped.clear()
         self._server = _Server(self)
         # A short poll interval: stop() waits for it, once per test.
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
@@ -326,6 +330,7 @@ class FaultProxy:
     def stop(self) -> None:
         if self._server is None:
             return
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
         for sock in self._server.open_sockets.copy():
