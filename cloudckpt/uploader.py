@@ -32,7 +32,6 @@ BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the train
 # Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
 # (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
 ABANDON_GRACE = 2.0
-RESTART_WAIT = 60.0  # seconds start() waits for an abandoned worker still stopping
 
 
 def lower_thread_priority() -> None:
@@ -155,6 +154,7 @@ class Uploader:
         self._closing = False
         self._abandoned = False  # close() gave up on the worker (cancel set); start() waits for it to end
         self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None  # set when the current worker has ended
         self._pool: ThreadPool | None = None
         self.writer = Writer(store)  # registers at the first commit unless registered before (the hook does)
         self._fenced: FencedError | None = None
@@ -163,36 +163,55 @@ class Uploader:
     def start(self) -> None:
         """Start the worker thread (idempotent; restarts after ``close``, see ``resume_transfers``)."""
         with self._cond:
-            if self._thread is not None and self._thread.is_alive() and not self._abandoned:
+            if self._worker_running() and not self._abandoned:
                 return
         self.resume_transfers()
         with self._cond:
-            if self._thread is not None and self._thread.is_alive() and not self._abandoned:
+            if self._worker_running():
                 return
             self._closing = False
-            self._abandoned = False
             self.store.cancel.clear()
             # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
             # interpreter exit (concurrent.futures joins its workers at exit).
             self._pool = ThreadPool(self._concurrency, initializer=lower_thread_priority)
-            self._thread = threading.Thread(target=self._run, name="cloudckpt-uploader", daemon=True)
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(self._done,), name="cloudckpt-uploader",
+                                            daemon=True)
             self._thread.start()
 
     def resume_transfers(self) -> None:
         """Let the store's transfers run again after ``close`` abandoned them (clears ``store.cancel``).
 
-        An abandoned worker still stopping (on a backend that stops between files) is waited for first,
-        up to ``RESTART_WAIT`` seconds: cleared under it, the cancel would let it go on with the requests
-        it was told to stop. Past that it is left to end on its own (warned about), and ends at its next
-        checkpoint boundary without taking another one from the queue."""
+        An abandoned worker still stopping is waited for first, without limit (a WARNING after 1 s):
+        cleared under it, the cancel would let it go on with the requests it was told to stop, and commit
+        what was abandoned. On ``s3://`` it stops at once (requests are cut); another backend finishes the file in
+        flight first, and a CreateMultipartUpload or an abort already sent is answered or times out.
+        """
         with self._cond:
-            previous, abandoned = self._thread, self._abandoned
-        if previous is not None and abandoned and previous.is_alive():
-            previous.join(RESTART_WAIT)
-            if previous.is_alive():
-                log.warning("The abandoned upload to %s is still stopping after %.0fs; going on beside it.",
-                            self.store.url, RESTART_WAIT)
-        self.store.cancel.clear()
+            waiting = self._abandoned and self._worker_running()
+            done = self._done
+        if waiting and done is not None and not done.wait(1.0):
+            log.warning("Waiting for the abandoned upload to %s to stop before uploading again.", self.store.url)
+            done.wait()
+        with self._cond:
+            self._abandoned = False
+            self.store.cancel.clear()
+
+    def _worker_running(self) -> bool:
+        """The worker has not ended. Its own event, not ``Thread.is_alive``: on CPython 3.11-3.12 a
+        KeyboardInterrupt in ``Thread.join`` can mark a running thread as ended (CPython gh-90882, bpo-46726)."""
+        return self._done is not None and not self._done.is_set()
+
+    def _abandon_worker(self) -> None:
+        """Cancel the store's transfers (the worker's retries end, requests stop), then say what is given up."""
+        self.store.cancel_transfers()
+        with self._cond:
+            first = not self._abandoned
+            self._abandoned = True
+            abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
+        if first and abandoned:
+            log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
+                        [j.checkpoint.step for j in abandoned], self.store.url)
 
     def submit(self, job: UploadJob) -> None:
         """Queue a checkpoint for commit. Never blocks on the network."""
@@ -255,7 +274,7 @@ class Uploader:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._in_flight is not None:
-                if self._thread is None or not self._thread.is_alive():
+                if not self._worker_running():
                     return not self._queue and self._in_flight is None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -293,36 +312,33 @@ class Uploader:
             return [j.checkpoint.step for j in jobs]
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the worker once the queue drains; after ``timeout`` seconds, abandon what is left.
+        """Stop the worker once the queue drains; after ``timeout`` seconds, or on a Ctrl-C while waiting
+        (the ``KeyboardInterrupt`` is re-raised), abandon what is left.
 
-        Abandoning cancels the store's transfers (``RemoteStore.cancel``): pending retries end, and on
-        ``s3://`` no request starts any more, each one in flight stops within ``SEND_SLICE`` (1 MiB) of
-        its body and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
-        seconds for that. Nothing abandoned is committed. Other backends stop between files: an upload in
-        flight there may finish in the background (daemon threads), uncommitted, and starts no further
-        file. Otherwise the worker and its file-upload threads have ended when this returns. A later
-        ``close`` waits ``ABANDON_GRACE`` again at most, not ``timeout``; a later ``start`` waits up to
-        ``RESTART_WAIT`` seconds for the abandoned worker to end before the store's transfers resume.
+        Abandoning cancels the store's transfers (``RemoteStore.cancel_transfers``): pending retries end, no
+        request starts any more (so nothing abandoned is committed, on any backend), on ``s3://`` each
+        request in flight stops within ``SEND_SLICE`` (1 MiB) of its body, at once on a stalled
+        connection, and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
+        seconds for that. Other backends stop between files: a file in flight there may finish in the
+        background (daemon threads), uncommitted. Otherwise the worker and its file-upload threads have
+        ended when this returns. A later ``close`` waits ``ABANDON_GRACE`` at most, not ``timeout``; a
+        later ``start`` waits for the abandoned worker to end (``resume_transfers``).
         """
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            thread, pool = self._thread, self._pool
+            thread, pool, done = self._thread, self._pool, self._done
             already_abandoned = self._abandoned
-        if thread is not None:
-            # abandoned by an earlier close() and still stopping: nothing of it commits, not waited for again
-            thread.join(ABANDON_GRACE if already_abandoned else timeout)
-            if thread.is_alive() and not already_abandoned:
-                with self._cond:
-                    self._abandoned = True
-                self.store.cancel_transfers()
-                with self._cond:
-                    abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
-                if abandoned:
-                    log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
-                                [j.checkpoint.step for j in abandoned], self.store.url)
-                thread.join(ABANDON_GRACE)
-            if thread.is_alive():
+        if thread is not None and done is not None:
+            try:
+                finished = done.wait(ABANDON_GRACE if already_abandoned else timeout)
+            except BaseException:  # Ctrl-C while waiting: give up on the uploads, as a timeout does
+                self._abandon_worker()
+                raise
+            if not finished and not already_abandoned:
+                self._abandon_worker()
+                finished = done.wait(ABANDON_GRACE)
+            if not finished:
                 if pool is not None:
                     pool.close()  # the worker starts no further file: what it still submits fails (abandoned)
                 return
@@ -358,22 +374,26 @@ class Uploader:
             self._newest_submitted = step
 
     # -- the worker --------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, done: threading.Event) -> None:
+        try:
+            self._work()
+        finally:
+            done.set()
+
+    def _work(self) -> None:
         lower_thread_priority()
-        me = threading.current_thread()
         while True:
             with self._cond:
-                while not self._queue and not self._closing and self._thread is me:
+                while not self._queue and not self._closing:
                     self._cond.wait()
-                if not self._queue or self._thread is not me:  # drained, or abandoned and replaced by start()
+                if not self._queue:
                     return
                 job = self._in_flight = self._queue.popleft()
             try:
                 self.commit_now(job, background=True)
             finally:
                 with self._cond:
-                    if self._in_flight is job:
-                        self._in_flight = None
+                    self._in_flight = None
                     self._cond.notify_all()
 
     def _commit(self, job: UploadJob) -> None:

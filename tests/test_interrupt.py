@@ -408,3 +408,39 @@ def test_ctrl_c_does_not_wait_for_a_stalled_request_of_a_keras_callback(fit, clo
     assert proc.returncode == -signal.SIGINT, (out, err)
     assert "closing cloudckpt: abandoning the upload of checkpoint step(s) [" in err, err
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_keras_callback_abandons_its_stalled_upload(cloudckpt_s3, moto_server,
+                                                                                     tmp_path):
+    """fit() raised, so the exit waits for the callback's backup; its part PUTs are held by the store. Ctrl-C there
+    abandons it at once. Before: the Ctrl-C landed in ``Thread.join``, which on CPython 3.11-3.12 marks the still
+    running worker as ended (gh-90882), so nothing was cancelled and the exit waited for the held parts."""
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    fails = ("class Fails(keras.callbacks.Callback):\n    def on_epoch_end(self, epoch, logs=None):\n"
+             "        raise RuntimeError('the input pipeline broke')\n"
+             "model.fit(x, y, epochs=3, callbacks=[callback, Fails()], verbose=0)")
+    script = KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",
+                                fit=fails)
+    stderr = tmp_path / "stderr"
+    with FaultProxy(moto_server.endpoint) as proxy, open(stderr, "w") as err_file:
+        proxy.set_faults(latency=120.0, only_methods=["PUT"], path_filter="partNumber=")
+        proc = subprocess.Popen([sys.executable, "-c", script, url, proxy.url, str(tmp_path / "local")],
+                                env=dict(cli_env(), CLOUDCKPT_CACHE_DIR=str(tmp_path / "cache")),
+                                stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: "Ctrl-C abandons them" in stderr.read_text(), proc, "the exit hook waits for the backup")
+        wait_for(lambda: any("partNumber=" in p for m, p, _ in proxy.events if m == "PUT"), proc,
+                 "a part PUT is held by the store")
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)  # the held PUTs are answered after 120 s
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"the exit waited for the stalled upload after Ctrl-C: {stderr.read_text()[-3000:]}")
+    err = stderr.read_text()
+    assert proc.returncode == 1 and "RuntimeError: the input pipeline broke" in err, err
+    assert "KeyboardInterrupt while waiting for the uploads to commit; closing cloudckpt: abandoning the upload of " \
+           "checkpoint step(s) [" in err, err
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
