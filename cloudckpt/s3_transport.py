@@ -110,6 +110,7 @@ PARTS_IN_FLIGHT = 4  # parts of one file uploading at once
 RANGE_SIZE = 32 << 20  # bytes per ranged GET
 RANGES_IN_FLIGHT = 4  # ranges of one file downloading at once
 COPY_PART_SIZE = 64 << 20  # bytes per UploadPartCopy at most (consecutive unchanged chunks, one request)
+_ABORT_RETRY_DELAYS = (0.2, 0.5)  # seconds before the 2nd and 3rd AbortMultipartUpload (see _abort_upload)
 READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
 SEND_SLICE = 1 << 20  # bytes of a part per sendfile call: a cancelled upload stops within one slice
 # Bytes per os.pwrite of a download. Measured (restore of 8 x 128 MiB from SeaweedFS or moto on CPU 1, client on
@@ -1014,10 +1015,25 @@ class S3Transport:
         raise exc
 
     def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        try:  # also once cancelled: an aborted upload leaves no parts behind
-            self._request("DELETE", bucket, key, query={"uploadId": upload_id}, cancellable=False)
-        except Exception as exc:  # noqa: BLE001 - best effort: the lifecycle rule cleans up
-            log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(exc).__name__)
+        """AbortMultipartUpload, also once cancelled (an aborted upload leaves no parts behind); best effort.
+
+        Tried again after ``_ABORT_RETRY_DELAYS`` when it fails: a part the store is still taking in when
+        the abort arrives (a cancel cuts parts mid-body) may fail it -- moto answers 500 -- and "it might be
+        necessary to abort a given multipart upload multiple times" (AWS API reference,
+        AbortMultipartUpload). NoSuchUpload (404) means it is gone. What is left open then is the bucket's
+        lifecycle rule's to remove (``AbortIncompleteMultipartUpload``)."""
+        for delay in (0.0, *_ABORT_RETRY_DELAYS):
+            time.sleep(delay)
+            try:
+                self._request("DELETE", bucket, key, query={"uploadId": upload_id}, cancellable=False)
+                return
+            except S3ResponseError as exc:
+                if exc.status == 404:
+                    return
+                failure: Exception = exc
+            except Exception as exc:  # noqa: BLE001 - best effort: the lifecycle rule cleans up
+                failure = exc
+        log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(failure).__name__)
 
     def abort_requests(self) -> None:
         """Shut the sockets of the cancellable requests in flight; call it after setting ``cancel``. A request

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 
 import google_crc32c
@@ -393,6 +394,35 @@ def test_cancel_stops_retrying(seaweed_server, seaweed_bucket, tmp_path):
         with pytest.raises(RemoteError, match="cancelled"):  # once cancelled, no request is sent
             store.put_file(write(tmp_path / "a", 100), "obj")
         assert proxy.stats["503"] == 1
+
+
+def test_a_cancelled_multipart_upload_is_aborted_even_when_the_first_abort_fails(seaweed_server, seaweed_bucket,
+                                                                                 tmp_path):
+    """Cancel cuts a part mid-body; the store, still taking a part in, fails the abort (moto answered 500 so in a CI
+    run, leaving the upload open): the abort is sent again, and no multipart upload is left."""
+    src = write(tmp_path / "src", 24 * MiB)
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        options = {**seaweed_server.storage_options, "endpoint_url": proxy.url}
+        store = RemoteStore(f"s3://{seaweed_bucket}/run", options, retry=FAST_RETRY,
+                            transfer=cloudckpt.TransferOptions(multipart_threshold=8 * MiB, part_size=8 * MiB))
+        proxy.set_faults(latency=30.0, only_methods=("PUT",), path_filter="partNumber=")
+
+        def cancel_once_a_part_is_held() -> None:
+            while not proxy.most_held.get("PUT"):
+                threading.Event().wait(0.01)
+            proxy.set_faults(only_methods=("DELETE",))
+            proxy.fail_next("500")  # the first abort
+            store.cancel_transfers()
+
+        canceller = threading.Thread(target=cancel_once_a_part_is_held, daemon=True)
+        canceller.start()
+        with pytest.raises(RemoteError, match="cancelled"):
+            store.put_file_if_absent(src, "big")
+        canceller.join(10)
+        deletes = [fault for method, _, fault in proxy.events if method == "DELETE"]
+    assert deletes == ["500", None], proxy.events  # failed, then sent again
+    client = seaweed_server.client()
+    assert client.list_multipart_uploads(Bucket=seaweed_bucket).get("Uploads", []) == []
 
 
 def test_moto_uses_the_transport_and_its_checksums_are_not_trusted_blindly(moto_server, tmp_path):
