@@ -75,6 +75,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                        struct.pack("ii", 1, 0))
+        except OSError:  # already shut (stop() ends held requests so)
+            pass
         finally:
             self.rfile.close()  # it holds a socket reference: no close without it
             self.connection.close()
