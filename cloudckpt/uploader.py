@@ -153,7 +153,8 @@ class Uploader:
         self._stats = UploadStats()
         self._closing = False
         self._abandoned = False  # close() gave up on the worker (cancel set); start() waits for it to end
-        self._done: threading.Event | None = None  # the worker thread's: set when it has ended
+        self._thread: threading.Thread | None = None
+        self._done: threading.Event | None = None  # set when the current worker has ended
         self._pool: ThreadPool | None = None
         self.writer = Writer(store)  # registers at the first commit unless registered before (the hook does)
         self._fenced: FencedError | None = None
@@ -169,19 +170,22 @@ class Uploader:
             if self._worker_running():
                 return
             self._closing = False
+            self.store.cancel.clear()
             # multiprocessing's ThreadPool has daemon threads: an abandoned upload never holds up
             # interpreter exit (concurrent.futures joins its workers at exit).
             self._pool = ThreadPool(self._concurrency, initializer=lower_thread_priority)
             self._done = threading.Event()
-            threading.Thread(target=self._run, args=(self._done,), name="cloudckpt-uploader", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, args=(self._done,), name="cloudckpt-uploader",
+                                            daemon=True)
+            self._thread.start()
 
     def resume_transfers(self) -> None:
         """Let the store's transfers run again after ``close`` abandoned them (clears ``store.cancel``).
 
         An abandoned worker still stopping is waited for first, without limit (a WARNING after 1 s):
         cleared under it, the cancel would let it go on with the requests it was told to stop, and commit
-        what was abandoned. On ``s3://`` it stops at once (requests are cut); another backend finishes the
-        file in flight first, and a CreateMultipartUpload or an abort already sent is answered or times out.
+        what was abandoned. On ``s3://`` it stops at once (requests are cut); another backend finishes the file in
+        flight first, and a CreateMultipartUpload or an abort already sent is answered or times out.
         """
         with self._cond:
             waiting = self._abandoned and self._worker_running()
@@ -323,9 +327,9 @@ class Uploader:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            pool, done = self._pool, self._done
+            thread, pool, done = self._thread, self._pool, self._done
             already_abandoned = self._abandoned
-        if done is not None:
+        if thread is not None and done is not None:
             try:
                 finished = done.wait(ABANDON_GRACE if already_abandoned else timeout)
             except BaseException:  # Ctrl-C while waiting: give up on the uploads, as a timeout does
@@ -339,6 +343,7 @@ class Uploader:
                     pool.close()  # the worker starts no further file: what it still submits fails (abandoned)
                 return
         with self._cond:
+            self._thread = None
             self._pool = None
         if pool is not None:
             pool.close()
