@@ -666,6 +666,8 @@ class CheckpointEngine:
         ``upload_timeout``; after a preemption notice at most until the deadline),
         then they are abandoned; afterwards no cloudckpt thread is left. Failures
         not yet reported are logged at ERROR, not raised (``finish`` raises).
+        A Ctrl-C while the watcher stops or the uploads are waited for is not
+        waited for: the uploads are abandoned and the ``KeyboardInterrupt`` propagates.
         """
         if timeout is UPLOAD_TIMEOUT:
             timeout = self._upload_timeout
@@ -675,6 +677,10 @@ class CheckpointEngine:
             timeout = left if timeout is None else min(timeout, left)
         try:
             self.stop_watching()
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C while the watcher stops (its poller is joined): not waited
+                timeout = 0  # for, as in the uploads' wait (the uploader abandons them, the interrupt propagates)
+            raise
         finally:
             pending = self._uploader.pending_steps()
             try:

@@ -760,15 +760,15 @@ def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
         manager.__exit__(type(interrupt), interrupt, None)
         return
     pending = manager._engine.pending_steps()
-    log.warning("Interpreter exit with an open cloudckpt.CheckpointManager for %s: closing it%s. Call close() "
-                "(or use `with CheckpointManager(...)`) when training ends.", manager.directory,
-                f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout}; "
-                "Ctrl-C abandons them)" if pending else "")
-    try:
+    try:  # the warning too: a Ctrl-C right after it is written (still in logging) is not lost either
+        log.warning("Interpreter exit with an open cloudckpt.CheckpointManager for %s: closing it%s. Call close() "
+                    "(or use `with CheckpointManager(...)`) when training ends.", manager.directory,
+                    f" after checkpoint step(s) {pending} commit (upload_timeout={manager._engine.upload_timeout}; "
+                    "Ctrl-C abandons them)" if pending else "")
         manager._close(agree=False)  # the other workers may be gone, or not closing: no collective
     except CloudCkptError as error:
         log.error("%s", error)
-    except KeyboardInterrupt:  # raised in the wait, whose close(timeout=0) abandoned the upload
+    except KeyboardInterrupt:  # raised in the wait (whose close(timeout=0) abandoned the upload), or before it
         manager._engine.close(timeout=0, reason="KeyboardInterrupt at exit")  # idempotent
         last = manager._engine.stats().last_committed_step
         lost = [step for step in pending if last is None or step > last]

@@ -61,6 +61,7 @@ class EngineLifecycle:
     def _init_lifecycle(self, engine: CheckpointEngine) -> None:
         self._engine = engine
         self._running = False  # between on_train_begin and on_train_end / close()
+        self._abandoned = False  # _abandon() ran since on_train_begin: the uploads were given up and it said so
         call_at_exit(_close_at_exit, weakref.ref(self))
 
     # -- public ------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class EngineLifecycle:
             log.info("A previous fit() with this callback did not end normally; closing it first.")
             self.close()
         self._engine.open(writes_local_dir=writes_local_dir)
+        self._abandoned = False
         self._running = True
 
     def __enter__(self) -> Any:
@@ -133,6 +135,7 @@ class EngineLifecycle:
     def _abandon(self, why: str) -> None:
         """Stop at once (Ctrl-C): what is still uploading is abandoned, not committed, and ``why`` says so
         in a warning (``why + "; closing cloudckpt: abandoning ..."``); ``close()`` follows."""
+        self._abandoned = True
         note = self._engine.closing_note(0)
         if note:
             log.warning("%s; closing cloudckpt%s.", why, note)
@@ -150,11 +153,15 @@ def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
         callback.close()
         return
     engine = callback._engine
-    pending = engine.pending_steps()
-    if pending:
-        log.warning("Interpreter exit while training with cloudckpt: waiting for step(s) %s to commit to %s "
-                    "(upload_timeout=%s; Ctrl-C abandons them).", pending, engine.url, engine.upload_timeout)
     try:
+        pending = engine.pending_steps()
+        if pending:
+            log.warning("Interpreter exit while training with cloudckpt: waiting for step(s) %s to commit to %s "
+                        "(upload_timeout=%s; Ctrl-C abandons them).", pending, engine.url, engine.upload_timeout)
         callback.close()
-    except KeyboardInterrupt:  # close() abandoned the uploads and said so; the exit goes on
-        pass
+    except KeyboardInterrupt:  # Ctrl-C once the warning is out: the uploads are abandoned; the exit goes on
+        # Raised in close()'s wait, close() abandoned them and said so. Raised before (while the warning was written,
+        # as close() began: outside its handler) nothing did: swallowed, the exit would wait for the uploads' threads.
+        if not callback._abandoned:
+            callback._abandon("KeyboardInterrupt while waiting for the uploads to commit")
+            callback.close()
