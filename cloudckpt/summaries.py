@@ -43,7 +43,13 @@ def check_summary_dir(directory: "str | os.PathLike[str]") -> str:
     Raises:
         ConfigError: not a path or URL string, or a URL with credentials (userinfo or a query).
     """
-    directory = as_url(directory, "summary_dir")
+    text = os.fspath(directory) if isinstance(directory, os.PathLike) else directory
+    if not isinstance(text, str) or not text:
+        got = repr(text) if isinstance(text, str) else f"a value of type {type(text).__name__}"
+        # Not as_url's message, which offers s3://: TensorFlow (2.21) opens no s3:// file system.
+        raise ConfigError(f"summary_dir must be a local directory path or a URL TensorFlow's file systems open "
+                          f"(gs://bucket/tb), got {got}.")
+    directory = as_url(text, "summary_dir")
     location = parse_url(directory)
     if location.userinfo is not None or location.query is not None:
         raise ConfigError(f"summary_dir {location.display!r} holds credentials: TensorFlow's file systems take "

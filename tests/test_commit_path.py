@@ -462,6 +462,17 @@ def test_an_unusable_summary_dir_is_a_config_error_without_the_credentials(memor
     assert a_file.read_bytes() == b"keep"
 
 
+@pytest.mark.parametrize("directory", [123, b"/tmp/tb", ""])
+def test_a_summary_dir_of_the_wrong_type_names_what_tensorflow_opens(directory, memory_url, tmp_path):
+    """Was the checkpoint URL's message, "must be a non-empty local path or URL string (s3://bucket/dir, ...)":
+    an s3:// summary_dir then fails at open() (TensorFlow 2.21 has no s3 file system), so it is not offered."""
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        CheckpointEngine(memory_url, str(tmp_path / "l"), summary_dir=directory)
+    message = str(info.value)
+    assert message.startswith("summary_dir must be") and "s3://" not in message, message
+    assert "local directory" in message and "gs://" in message, message
+
+
 def test_summary_dir_records_commit_scalars_from_training(cloudckpt_s3, tmp_path):
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
     summaries = tmp_path / "tb"
