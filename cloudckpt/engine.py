@@ -474,9 +474,11 @@ class CheckpointEngine:
     ) -> None:
         """Queue the checkpoint of ``step`` for commit; returns without touching the network.
 
-        The files are hard-linked into a private snapshot first, so the caller may
-        delete or overwrite them as soon as this returns. In place (``in_place``)
-        the checkpoint is committed now, in the calling thread.
+        The files are hard-linked into a private snapshot first (where ``local_dir`` has no
+        hard links, held open and copied by the uploader thread), so the caller may
+        delete or overwrite them as soon as this returns. In place (``in_place``) the
+        files are not snapshotted: they are checksummed and committed in the uploader
+        thread too (a checkpoint the framework deletes first is dropped, not failed).
 
         Args:
             step: the checkpoint's step (>= 0).

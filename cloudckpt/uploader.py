@@ -249,7 +249,7 @@ class Uploader:
             return bool(jobs)
 
     def commit_now(self, job: UploadJob, *, background: bool = False) -> None:
-        """Commit ``job`` in the calling thread (used when the files are already in place).
+        """Commit ``job`` in the calling thread (the worker's, ``background=True``; else a caller's own).
 
         Failures are recorded exactly as for background commits.
         """
