@@ -1142,7 +1142,8 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
             ": a create-only write needs conditional writes (If-None-Match), which cloudckpt's commit "
             "protocol relies on; use a store that supports them" if op in ("create", "upload") else ""))
     elif transient:
-        spent = "" if retried is None else f"; retried {retried[0]} times over {retried[1]:.0f} s"
+        spent = "" if retried is None else \
+            f"; retried {retried[0]} time{'s' if retried[0] != 1 else ''} over {retried[1]:.0f} s"
         if is_connection_failure(exc):
             hint = (f"the store could not be reached{f' at {endpoint}' if endpoint else ''}{spent}: check "
                     "endpoint_url (storage_options) and that the store is running and reachable")

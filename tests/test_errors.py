@@ -177,6 +177,15 @@ def test_credentials_in_urls_and_tokens_are_redacted():
     assert "hunter2" not in str(error) and "ya29.SECRET" not in str(error) and ":pw@" not in str(error)
 
 
+@pytest.mark.parametrize("retries, said", [(1, "retried 1 time over 3 s"), (4, "retried 4 times over 3 s")])
+def test_a_transient_failure_says_how_often_it_was_retried(retries, said):
+    from cloudckpt.remote import remote_error
+
+    error = remote_error("list", "s3://bucket/run", ConnectionRefusedError(111, "Connection refused"),
+                         retried=(retries, 3.2), endpoint="http://127.0.0.1:9")
+    assert said in str(error), str(error)
+
+
 def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
     url, fs, root = committed_dir
     doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
