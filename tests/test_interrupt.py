@@ -63,6 +63,15 @@ def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "", li
         time.sleep(0.01)
 
 
+def stacks_then_kill(proc: subprocess.Popen) -> tuple[str, str]:
+    """Kill a child that did not end, first having it print every thread's stack to its stderr (a child
+    script that registered ``faulthandler`` on SIGUSR1): a failure then says where it waited. Its output."""
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+    proc.kill()
+    return proc.communicate()
+
+
 def pull_process(url: str, dest: Path, endpoint: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "pull", url, str(dest), "-o",
                              f"endpoint_url={endpoint}"], env=cli_env(), stdout=subprocess.PIPE,
@@ -283,7 +292,8 @@ def test_ctrl_c_during_push_cuts_single_puts(cloudckpt_s3, moto_server, tmp_path
 
 
 KERAS_CHILD = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks_then_kill: where a child that hung waits
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np, keras, cloudckpt.keras
 url, opts, local = sys.argv[1], {{"endpoint_url": sys.argv[2]}}, sys.argv[3]
@@ -402,9 +412,8 @@ def test_ctrl_c_does_not_wait_for_a_stalled_request_of_a_keras_callback(fit, clo
         try:
             out, err = proc.communicate(timeout=60)  # the held PUT is answered after 120 s
         except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"the process waited for the stalled request after Ctrl-C: {err[-3000:]}")
+            out, err = stacks_then_kill(proc)
+            pytest.fail(f"the process waited for the stalled request after Ctrl-C: {err[-12000:]}")
     assert proc.returncode == -signal.SIGINT, (out, err)
     assert "closing cloudckpt: abandoning the upload of checkpoint step(s) [" in err, err
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
@@ -472,9 +481,8 @@ def test_ctrl_c_while_the_exit_waits_for_a_keras_callback_abandons_its_stalled_u
         try:
             proc.communicate(timeout=60)  # the held PUTs are answered after 120 s
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            pytest.fail(f"the exit waited for the stalled upload after Ctrl-C: {stderr.read_text()[-3000:]}")
+            stacks_then_kill(proc)
+            pytest.fail(f"the exit waited for the stalled upload after Ctrl-C: {stderr.read_text()[-12000:]}")
     err = stderr.read_text()
     assert proc.returncode == 1 and "RuntimeError: the input pipeline broke" in err, err
     assert "Exception ignored" not in err, err  # the exit's other hooks ran
