@@ -125,6 +125,8 @@ class RemoteStore:
                     f"storage_options endpoint_url {self._endpoint!r} for {self.url!r} holds credentials "
                     "(user:password@): an S3 endpoint takes none. Pass them as key/secret (and token) in "
                     "storage_options or through the environment, and give endpoint_url as http(s)://host:port.")
+        if protocol in _S3_PROTOCOLS and self._location.userinfo is None:
+            _check_s3_key_pair(storage_options, self.url)
         self.fs, self.root = self._open(protocol, storage_options)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local and os.path.isfile(self.root):  # listing a file would find no checkpoint: say why
@@ -1062,6 +1064,24 @@ def _shared_aiobotocore_session() -> Any:
 
             _AIO_SESSION.append(aiobotocore.session.AioSession())
         return _AIO_SESSION[0]
+
+
+def _check_s3_key_pair(storage_options: Mapping[str, Any] | None, url: str) -> None:
+    """Refuse an S3 access key without its secret, or a secret without its key (``key``/``secret``,
+    ``username``/``password`` or ``client_kwargs`` ``aws_access_key_id``/``aws_secret_access_key``):
+    botocore would fail only at the first request (``PartialCredentialsError``), as a store error.
+
+    Raises:
+        ConfigError: naming which of the two is missing (never a value).
+    """
+    options = storage_options or {}
+    client = options.get("client_kwargs") or {}
+    key = options.get("key") or options.get("username") or client.get("aws_access_key_id")
+    secret = options.get("secret") or options.get("password") or client.get("aws_secret_access_key")
+    if bool(key) != bool(secret):
+        have, missing = ("an access key (key)", "secret") if key else ("a secret", "access key (key)")
+        raise ConfigError(f"storage_options for {url!r} give {have} without its {missing}: pass both (and token "
+                          "for temporary credentials), or neither to use the environment's credentials.")
 
 
 def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:

@@ -186,6 +186,19 @@ def test_a_transient_failure_says_how_often_it_was_retried(retries, said):
     assert said in str(error), str(error)
 
 
+@pytest.mark.parametrize("options, missing", [({"key": "AKIAEXAMPLEKEY"}, "without its secret"),
+                                             ({"secret": "example-secret-value"}, "without its access key"),
+                                             ({"client_kwargs": {"aws_access_key_id": "AKIAEXAMPLEKEY"}},
+                                              "without its secret")])
+def test_an_s3_key_without_its_secret_is_a_config_error_at_once(options, missing):
+    """Was a RemoteError at the first request (botocore's PartialCredentialsError; CLI exit 1, not 2)."""
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        RemoteStore("s3://bucket/run", {"endpoint_url": "http://127.0.0.1:9", **options})
+    message = str(info.value)
+    assert missing in message and "s3://bucket/run" in message, message
+    assert "AKIAEXAMPLEKEY" not in message and "example-secret-value" not in message, message
+
+
 def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
     url, fs, root = committed_dir
     doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
