@@ -370,8 +370,8 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
     listed.append(RemoteObject(manifest.name, len(data), None))
     bytes_copied = sum(c or 0 for c in copied)
-    return CommitResult(manifest, sum(os.path.getsize(p) for p in ckpt.files.values()) - bytes_copied, UPLOADED,
-                        objects=tuple(listed), bytes_copied=bytes_copied)
+    sent = sum(os.path.getsize(p) for n, p in ckpt.files.items() if not _in_place(store, ckpt, n))  # in place: none
+    return CommitResult(manifest, sent - bytes_copied, UPLOADED, objects=tuple(listed), bytes_copied=bytes_copied)
 
 
 class _Redo(Exception):
