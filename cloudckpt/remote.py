@@ -902,8 +902,14 @@ class RemoteStore:
                 error = remote_error(op, url, exc, secrets=self._secrets)
             cause = sanitized_cause(exc, self._secrets)
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
-            error = remote_error(op, url, exc, secrets=self._secrets, retried=(retries[0], time.monotonic() - started),
-                                 endpoint=self._endpoint, directory=self.url)
+            if type(exc).__name__ in _BOTOCORE_CONFIG_ERRORS:  # botocore checks these options only when used
+                error = ConfigError(f"Invalid storage_options for {self.url}: "
+                                    f"{self._redact(_first_line(exc)).rstrip('.')} (check endpoint_url, "
+                                    "region_name, key and secret).")
+            else:
+                error = remote_error(op, url, exc, secrets=self._secrets,
+                                     retried=(retries[0], time.monotonic() - started), endpoint=self._endpoint,
+                                     directory=self.url)
             cause = sanitized_cause(exc, self._secrets)
         error = bypassed_mock_error(self.fs, self.url) or error  # an s3fs store opened before mock_aws started
         raise error from cause  # outside the handler: the raw exception does not ride along as __context__
@@ -1010,6 +1016,11 @@ def refuse_mistyped_url(path: str) -> None:
             "path with './'.")
 
 
+# botocore's errors for options it cannot use (raised at the first request, not when s3fs is created): the
+# user's configuration, so ConfigError (CLI exit 2), not a store failure.
+_BOTOCORE_CONFIG_ERRORS = frozenset({"InvalidRegionError", "NoRegionError", "EndpointResolutionError",
+                                     "PartialCredentialsError", "InvalidEndpointConfigurationError",
+                                     "InvalidS3AddressingStyleError", "InvalidConfigError"})
 _AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
 _AIO_SESSION_LOCK = threading.Lock()
 _S3FS: dict[str, Any] = {}  # s3fs filesystems by their options' token, this process's (see _shared_s3fs)

@@ -199,6 +199,20 @@ def test_an_s3_key_without_its_secret_is_a_config_error_at_once(options, missing
     assert "AKIAEXAMPLEKEY" not in message and "example-secret-value" not in message, message
 
 
+@pytest.mark.parametrize("options, said", [
+    ({"endpoint_url": "http://127.0.0.1:abc"}, "was not a valid URI"),
+    ({"endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"region_name": "not a region"}}, "region_name")])
+def test_options_botocore_refuses_at_the_first_request_are_a_config_error(options, said):
+    """botocore checks a region's or an endpoint's form only when a client is made (the first request): that is
+    the user's configuration, a ConfigError (CLI exit 2), no longer a RemoteError (exit 1) like a store failure."""
+    store = RemoteStore("s3://bucket/run", {"key": "AKIAEXAMPLEKEY", "secret": "example-secret-value", **options})
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        store.list_objects()
+    message = str(info.value)
+    assert message.startswith("Invalid storage_options for s3://bucket/run: ") and said in message, message
+    assert "example-secret-value" not in message, message
+
+
 def test_manifest_that_names_another_checkpoint_is_not_trusted(committed_dir):
     url, fs, root = committed_dir
     doc = json.loads(fs.cat_file(f"{root}/model.ckpt-5.manifest.json"))
