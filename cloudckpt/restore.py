@@ -25,6 +25,7 @@ from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
 from .staging import DownloadStaging
+from .waits import result_of
 
 log = logging.getLogger("cloudckpt")
 
@@ -532,9 +533,10 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         at_size = [(e.name, os.path.join(staging, e.name), e.size) for e in info.files if listed[e.name] == e.size]
         with cancelling_pool(store, ThreadPoolExecutor(max_workers=files_at_once,
                                                         thread_name_prefix="cloudckpt-get")) as pool:
-            pooled.update(pool.submit(store.get_files, at_size, progress,
-                                      streams=store.transfer.max_download_streams).result())
-            checks = list(pool.map(fetch, sorted(info.files, key=lambda e: -e.size)))  # largest first: no long tail
+            pooled.update(result_of(pool.submit(store.get_files, at_size, progress,
+                                                streams=store.transfer.max_download_streams)))
+            checks = [result_of(f) for f in [pool.submit(fetch, e) for e in  # largest first: no long tail
+                                             sorted(info.files, key=lambda e: -e.size)]]
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check, downloads=_DOWNLOADS_ON_MISMATCH)

@@ -84,6 +84,7 @@ from urllib.parse import quote, urlsplit
 import google_crc32c
 
 from .errors import ConfigError
+from .waits import result_of
 
 __all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE",
            "PARTS_IN_FLIGHT", "MULTIPART_THRESHOLD", "RANGE_SIZE", "RANGES_IN_FLIGHT", "COPY_PART_SIZE",
@@ -1077,7 +1078,7 @@ class S3Transport:
         with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="cloudckpt-s3") as pool:
             futures = [pool.submit(guarded, item) for item in items]
             for future in futures:
-                future.result()
+                result_of(future)  # a Ctrl-C is raised within SIGNAL_SLICE, however long the request
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _address(self, bucket: str, key: str) -> tuple[str, str, str]:

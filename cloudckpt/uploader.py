@@ -23,6 +23,7 @@ from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, 
 from .errors import ConfigError, FencedError, UploadError
 from .remote import RemoteStore
 from .retry import describe_cause
+from .waits import SIGNAL_SLICE, wait_event
 from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
@@ -190,9 +191,9 @@ class Uploader:
         with self._cond:
             waiting = self._abandoned and self._worker_running()
             done = self._done
-        if waiting and done is not None and not done.wait(1.0):
+        if waiting and done is not None and not wait_event(done, 1.0):
             log.warning("Waiting for the abandoned upload to %s to stop before uploading again.", self.store.url)
-            done.wait()
+            wait_event(done)
         with self._cond:
             self._abandoned = False
             self.store.cancel.clear()
@@ -279,7 +280,7 @@ class Uploader:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                self._cond.wait(min(remaining, SIGNAL_SLICE) if remaining is not None else SIGNAL_SLICE)
             return True
 
     @property
@@ -331,13 +332,13 @@ class Uploader:
             already_abandoned = self._abandoned
         if thread is not None and done is not None:
             try:
-                finished = done.wait(ABANDON_GRACE if already_abandoned else timeout)
+                finished = wait_event(done, ABANDON_GRACE if already_abandoned else timeout)
             except BaseException:  # Ctrl-C while waiting: give up on the uploads, as a timeout does
                 self._abandon_worker()
                 raise
             if not finished and not already_abandoned:
                 self._abandon_worker()
-                finished = done.wait(ABANDON_GRACE)
+                finished = wait_event(done, ABANDON_GRACE)
             if not finished:
                 if pool is not None:
                     pool.close()  # the worker starts no further file: what it still submits fails (abandoned)

@@ -7,6 +7,7 @@ the in-flight multipart uploads were aborted rather than completed, what is comm
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -236,6 +237,60 @@ def test_abandoning_a_background_upload_aborts_it(cloudckpt_s3, moto_server, tmp
     assert cloudckpt.list_checkpoints(cloudckpt_s3.url("run"), storage_options=cloudckpt_s3.storage_options) == []
 
 
+CLOSE_CHILD = """
+import faulthandler, json, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+import cloudckpt
+from cloudckpt.commit import LocalCheckpoint
+from cloudckpt.remote import RemoteStore
+from cloudckpt.uploader import Uploader, UploadJob
+url, options, files = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+store = RemoteStore(url, options, transfer=cloudckpt.TransferOptions(multipart_threshold=16 << 20))
+uploader = Uploader(store)
+uploader.submit(UploadJob(LocalCheckpoint(step=7, prefix="model.ckpt-7", files=files)))
+uploader.start()
+# From here the kernel delivers SIGINT to one of the uploader's threads, never to this one: its C handler records
+# it, and this thread's wait is not interrupted by it (what a SIGINT landing just before a wait starts amounts to).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+print("closing", flush=True)
+try:
+    uploader.close()  # upload_timeout None: until committed; the store holds every part PUT
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    uploader.close(timeout=0)  # as the engine does after a Ctrl-C: the grace for the aborts
+"""
+
+
+def test_a_ctrl_c_the_wait_does_not_see_arrive_still_abandons_the_upload(cloudckpt_s3, moto_server, tmp_path):
+    """``Uploader.close()`` waits for a stalled upload; the SIGINT reaches another thread (or, the same for the
+    waiting thread, lands just before its wait began): Python records it, and the wait must come back to raise it.
+    Before, ``Event.wait()`` without a timeout never did: the process waited for the held part PUTs (120 s). A CI
+    run under load lost a Ctrl-C so in ``test_ctrl_c_while_the_exit_waits_for_a_keras_callback_abandons_...``."""
+    src = write_checkpoint(tmp_path / "src", 48 * MiB, step=7)
+    files = {p.name: str(p) for p in src.iterdir() if p.name.startswith("model.ckpt-7")}
+    client = moto_server.client()
+    url = cloudckpt_s3.url("run")
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxy.set_faults(latency=120.0, only_methods=["PUT"], path_filter="partNumber=")
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        proc = subprocess.Popen([sys.executable, "-c", CLOSE_CHILD, url, json.dumps(options), json.dumps(files)],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: any("partNumber=" in p for m, p, _ in proxy.events if m == "PUT"), proc,
+                 "a part PUT is held by the store")
+        time.sleep(0.5)  # the child is in close()'s wait
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            out, err = stacks_then_kill(proc)
+            pytest.fail(f"close() did not see the Ctrl-C: {err[-6000:]}")
+    assert out.split() == ["closing", "interrupted"], (out, err)
+    assert "Abandoning upload of checkpoint step(s) [7]" in err, err
+    assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
+    assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
 MANAGER_CHILD = """
 import os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -425,6 +480,9 @@ def test_ctrl_c_does_not_wait_for_a_stalled_request_of_a_keras_callback(fit, clo
 # exit hook, which went on to wait for the held part PUTs' threads; one while the preemption watcher stopped left
 # close() waiting for the uploads (upload_timeout); one in logging, after the warning was written, ended the exit's
 # other hooks ("Exception ignored in: <module 'threading'>"), the multipart upload left open.
+# Lingering is many short sleeps: a SIGINT that lands just before a sleep starts is handled at the next one, not
+# after it (see cloudckpt.waits; one long sleep made the test wait for it).
+LINGER = "def linger():\n    for _ in range(2000):\n        time.sleep(0.05)\n"
 THE_EXIT_LINGERS = {
     "in the uploads' wait": "",
     "in logging, after the warning is written": """
@@ -433,13 +491,13 @@ class Lingers(logging.StreamHandler):
     def emit(self, record):
         super().emit(record)
         if "Ctrl-C abandons them" in record.getMessage():
-            time.sleep(100)
+            linger()
 logging.getLogger("cloudckpt").addHandler(Lingers())""",
     "as close() begins": """
 close = type(callback).close
 def lingering_close(self):
     type(callback).close = close  # once
-    time.sleep(100)
+    linger()
     close(self)
 type(callback).close = lingering_close""",
     "while the preemption watcher stops": """
@@ -447,7 +505,7 @@ import cloudckpt.engine
 stop_watching = cloudckpt.engine.CheckpointEngine.stop_watching
 def lingering_stop_watching(self):  # as a join of the metadata poller can, once
     cloudckpt.engine.CheckpointEngine.stop_watching = stop_watching
-    time.sleep(100)
+    linger()
     stop_watching(self)
 cloudckpt.engine.CheckpointEngine.stop_watching = lingering_stop_watching""",
 }
@@ -463,7 +521,7 @@ def test_ctrl_c_while_the_exit_waits_for_a_keras_callback_abandons_its_stalled_u
     client = moto_server.client()
     url = cloudckpt_s3.url("run")
     linger = THE_EXIT_LINGERS[where].replace("\n", "\n        ")
-    fails = ("class Fails(keras.callbacks.Callback):\n    def on_epoch_end(self, epoch, logs=None):"
+    fails = LINGER + ("class Fails(keras.callbacks.Callback):\n    def on_epoch_end(self, epoch, logs=None):"
              f"{linger}\n        raise RuntimeError('the input pipeline broke')\n"
              "model.fit(x, y, epochs=3, callbacks=[callback, Fails()], verbose=0)")
     script = KERAS_CHILD.format(make="cloudckpt.keras.BackupAndRestore(url, storage_options=opts, local_dir=local)",

@@ -1,0 +1,48 @@
+"""Blocking waits of the main thread that a Ctrl-C always interrupts.
+
+CPython runs a signal's Python handler (``KeyboardInterrupt`` for SIGINT) in
+the main thread, between bytecodes; the C-level handler only records the
+signal, and interrupts a blocking call only when the kernel delivers the
+signal to the main thread while it is inside that call (``EINTR``). A SIGINT
+that arrives just before a wait starts (after the last check, the thread
+preempted on a busy machine), or that the kernel hands to another thread, is
+therefore seen only when the wait returns: ``Event.wait()`` without a timeout
+on a stalled upload, or ``Future.result()`` on a hung request, never does. A
+CI run under load hit this (``test_interrupt``: no reaction to a SIGINT for
+60 s while the exit waited for a held upload). These waits block at most
+``SIGNAL_SLICE`` seconds at a time, so a recorded signal is raised within
+that. The Python docs' signal module page ("Execution of Python signal
+handlers") describes the handler model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import TypeVar
+
+__all__ = ["SIGNAL_SLICE", "wait_event", "result_of"]
+
+T = TypeVar("T")
+
+SIGNAL_SLICE = 0.25  # seconds a main-thread wait blocks at most in one go
+
+
+def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)`` (``timeout`` in seconds, None: until set), in slices of ``SIGNAL_SLICE``:
+    a Ctrl-C recorded meanwhile raises ``KeyboardInterrupt`` within a slice. True once set, False on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = SIGNAL_SLICE if deadline is None else min(SIGNAL_SLICE, deadline - time.monotonic())
+        if remaining <= 0:
+            return event.is_set()
+        if event.wait(remaining):
+            return True
+
+
+def result_of(future: "concurrent.futures.Future[T]") -> T:
+    """``future.result()`` (its value, or its exception raised), waiting in slices of ``SIGNAL_SLICE``."""
+    while not future.done():
+        concurrent.futures.wait([future], timeout=SIGNAL_SLICE)
+    return future.result()
