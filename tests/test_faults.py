@@ -87,17 +87,23 @@ def test_outage_never_blocks_training_and_commits_after(proxied, tmp_path):
                 log_step_count_steps=None, hooks=[hook, StepClock(0.01)]) as sess:
             step = 0
             outage_started_at = None
+            ended_at: int | None = None  # the first step seen after the outage ended
             while True:
                 during = outage.is_set()
                 start = time.monotonic()
                 step = int(sess.run([train_op, global_step])[1])
                 step_times.append((step, time.monotonic() - start, during))
                 pending_max = max(pending_max, len(hook._upload.pending_steps()))
-                if step == 100:
+                # ">=" and a crossed save boundary, not "== 100" and "% save_steps == 1": the global_step fetched in
+                # the same run as train_op is read before or after its increment, so a step can be skipped (a CI
+                # run never saw step 100 and trained on for 300 s).
+                if outage_started_at is None and step >= 100:
                     begin_outage()
                     outage_started_at = time.monotonic()
-                if outage_started_at and not outage.is_set() and step % save_steps == 1:
-                    break  # the outage is over; one more save below at end()
+                if outage_started_at and not outage.is_set():
+                    ended_at = step if ended_at is None else ended_at
+                    if step // save_steps > ended_at // save_steps:
+                        break  # the outage is over and a save followed; one more save below at end()
             last = int(sess.run(global_step))
     during_outage = [t for s, t, d in step_times if d and s % save_steps]
     before = [t for s, t, d in step_times if s < 100 and s % save_steps]
