@@ -278,14 +278,14 @@ def test_a_ctrl_c_the_wait_does_not_see_arrive_still_abandons_the_upload(cloudck
                                 stdin=subprocess.DEVNULL, text=True)
         wait_for(lambda: any("partNumber=" in p for m, p, _ in proxy.events if m == "PUT"), proc,
                  "a part PUT is held by the store")
-        time.sleep(0.5)  # the child is in close()'s wait
+        first = proc.stdout.readline()  # SIGINT blocked in the closing thread: before or in close()'s wait alike
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             out, err = stacks_then_kill(proc)
             pytest.fail(f"close() did not see the Ctrl-C: {err[-6000:]}")
-    assert out.split() == ["closing", "interrupted"], (out, err)
+    assert (first + out).split() == ["closing", "interrupted"], (first, out, err)
     assert "Abandoning upload of checkpoint step(s) [7]" in err, err
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
