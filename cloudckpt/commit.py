@@ -370,7 +370,8 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
     listed.append(RemoteObject(manifest.name, len(data), None))
     bytes_copied = sum(c or 0 for c in copied)
-    sent = sum(os.path.getsize(p) for n, p in ckpt.files.items() if not _in_place(store, ckpt, n))  # in place: none
+    sent = sum(f.size for f in mine.files if not _in_place(store, ckpt, f.name))  # in place: none; the manifest's
+    # sizes, not the files': a Saver may delete them once the commit is appended (``cloudckpt push`` next to one)
     return CommitResult(manifest, sent - bytes_copied, UPLOADED, objects=tuple(listed), bytes_copied=bytes_copied)
 
 

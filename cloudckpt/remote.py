@@ -902,7 +902,9 @@ class RemoteStore:
                 error = remote_error(op, url, exc, secrets=self._secrets)
             cause = sanitized_cause(exc, self._secrets)
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
-            if type(exc).__name__ in _BOTOCORE_CONFIG_ERRORS:  # botocore checks these options only when used
+            if describe_cause(exc) in _CREDENTIAL_FAILURES or type(exc).__name__ in _CREDENTIAL_FAILURES:
+                _forget_s3fs(self.fs)  # the next store builds a client that resolves credentials again
+            if type(exc).__name__ in _BOTOCORE_CONFIG_ERRORS and type(exc).__module__.startswith("botocore"):
                 error = ConfigError(f"Invalid storage_options for {self.url}: "
                                     f"{self._redact(_first_line(exc)).rstrip('.')} (check endpoint_url, "
                                     "region_name, key and secret).")
@@ -1021,10 +1023,11 @@ def refuse_mistyped_url(path: str) -> None:
 _BOTOCORE_CONFIG_ERRORS = frozenset({"InvalidRegionError", "NoRegionError", "EndpointResolutionError",
                                      "PartialCredentialsError", "InvalidEndpointConfigurationError",
                                      "InvalidS3AddressingStyleError", "InvalidConfigError"})
+_CREDENTIAL_FAILURES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "NoCredentialsError",
+                                  "HTTP 401"})
 _AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
 _AIO_SESSION_LOCK = threading.Lock()
 _S3FS: dict[str, Any] = {}  # s3fs filesystems by their options' token, this process's (see _shared_s3fs)
-_S3FS_PID = [os.getpid()]
 _S3FS_KEPT = 16  # distinct options kept (endpoints, credentials): a program uses one or two
 
 
@@ -1103,17 +1106,17 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     A new s3fs instance builds its aiobotocore client on its first request: 30-50 ms (bench machine,
     SeaweedFS on 127.0.0.1), a third of what ``download_checkpoint`` of a small checkpoint took when each
     store had an instance of its own, against ~2 ms for a listing on a used one. Keyed by fsspec's token
-    of the class and options (a hash: no credential is kept in a key); the ``_S3FS_KEPT`` most recently
-    used are kept; cleared in a forked child, whose copy of the parent's client cannot be used (as
-    fsspec's own instance cache does).
+    of the class and options and by the ``AWS_*`` environment (endpoint, region, credentials: a change
+    gives new stores a new instance), hashed: no credential is kept in a key. The ``_S3FS_KEPT`` most
+    recently used are kept; an instance whose request failed for want of valid credentials is dropped
+    (``_forget_s3fs``: its client keeps what it resolved, or not, at its first request); cleared in a
+    forked child, whose copy of the parent's client cannot be used (as fsspec's own instance cache does).
     """
     from fsspec.utils import tokenize
 
-    key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), env)
     with _AIO_SESSION_LOCK:
-        if _S3FS_PID[0] != os.getpid():
-            _S3FS.clear()
-            _S3FS_PID[0] = os.getpid()
         fs = _S3FS.pop(key, None)
         if fs is None:
             fs = cls(**options)
@@ -1121,6 +1124,23 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
                 _S3FS.pop(next(iter(_S3FS)))
         _S3FS[key] = fs  # the most recently used last
         return fs
+
+
+def _forget_s3fs(fs: Any) -> None:
+    """Stop handing ``fs`` to new stores (see ``_shared_s3fs``); stores using it keep it."""
+    with _AIO_SESSION_LOCK:
+        for key in [k for k, v in _S3FS.items() if v is fs]:
+            del _S3FS[key]
+
+
+def _reset_in_child() -> None:  # a fork while another thread held the lock: a fresh one, and no parent's client
+    global _AIO_SESSION_LOCK
+    _AIO_SESSION_LOCK = threading.Lock()
+    _S3FS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -535,8 +535,13 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                                                         thread_name_prefix="cloudckpt-get")) as pool:
             pooled.update(result_of(pool.submit(store.get_files, at_size, progress,
                                                 streams=store.transfer.max_download_streams)))
-            checks = [result_of(f) for f in [pool.submit(fetch, e) for e in  # largest first: no long tail
-                                             sorted(info.files, key=lambda e: -e.size)]]
+            futures = [pool.submit(fetch, e) for e in sorted(info.files, key=lambda e: -e.size)]  # largest first
+            try:
+                checks = [result_of(f) for f in futures]
+            except BaseException:  # as Executor.map: the first failure cancels the files not started
+                for future in futures:
+                    future.cancel()
+                raise
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check, downloads=_DOWNLOADS_ON_MISMATCH)

@@ -1077,8 +1077,14 @@ class S3Transport:
                 raise
         with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="cloudckpt-s3") as pool:
             futures = [pool.submit(guarded, item) for item in items]
-            for future in futures:
-                result_of(future)  # a Ctrl-C is raised within SIGNAL_SLICE, however long the request
+            try:
+                for future in futures:
+                    result_of(future)  # a Ctrl-C is raised within SIGNAL_SLICE, however long the request
+            except BaseException:  # (a failed item set ``failed`` itself) Ctrl-C: start no further item
+                failed.set()
+                for future in futures:
+                    future.cancel()
+                raise
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _address(self, bucket: str, key: str) -> tuple[str, str, str]:
@@ -1398,6 +1404,16 @@ _SESSIONS: dict[str, Any] = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
+def _reset_sessions_in_child() -> None:  # a fork while another thread held the lock: a fresh one
+    global _SESSIONS_LOCK
+    _SESSIONS_LOCK = threading.Lock()
+    _SESSIONS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_sessions_in_child)
+
+
 def _botocore_session(profile: str | None) -> Any:
     """A botocore session for ``profile`` (region and the credential chain), shared by every transport of
     this process while the ``AWS_*`` environment variables stay the same (a change gives a new session, so
@@ -1406,7 +1422,7 @@ def _botocore_session(profile: str | None) -> Any:
     import botocore.session
 
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-    key = hashlib.sha256(repr((profile, os.getpid(), env)).encode()).hexdigest()
+    key = hashlib.sha256(repr((profile, env)).encode()).hexdigest()
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:

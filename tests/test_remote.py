@@ -3,6 +3,11 @@ backend): here, the s3fs instances stores share."""
 
 from __future__ import annotations
 
+import uuid
+
+import pytest
+
+import cloudckpt
 from cloudckpt.remote import RemoteStore
 
 
@@ -23,3 +28,20 @@ def test_stores_with_the_same_options_share_one_s3fs_client(cloudckpt_s3):
     assert [o.name for o in RemoteStore(cloudckpt_s3.url("a"), cloudckpt_s3.storage_options).list_objects()] == ["x"]
     other = RemoteStore(cloudckpt_s3.url("a"), {**cloudckpt_s3.storage_options, "secret": "another"})
     assert other.fs is not first.fs
+
+
+def test_a_store_whose_credentials_fail_is_not_shared_again(seaweed_server, monkeypatch):
+    """A shared s3fs client keeps the credentials it resolved at its first request: after a request fails for want
+    of valid ones, new stores get a new client (as each store had before), and a change of the AWS_* environment
+    gives them another too."""
+    bucket = "cred-" + uuid.uuid4().hex[:8]
+    seaweed_server.create_bucket(bucket)
+    wrong = {**seaweed_server.storage_options, "secret": "not-the-secret"}
+    first = RemoteStore(f"s3://{bucket}/run", wrong)
+    assert RemoteStore(f"s3://{bucket}/other", wrong).fs is first.fs
+    with pytest.raises(cloudckpt.RemoteError):
+        first.list_objects()
+    assert RemoteStore(f"s3://{bucket}/run", wrong).fs is not first.fs
+    right = RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    assert RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options).fs is not right.fs
