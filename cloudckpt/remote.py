@@ -35,8 +35,8 @@ from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
-from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, crc32c_hex_from_header,
-                           transport_for, unquoted_etag)
+from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, aws_environment,
+                           crc32c_hex_from_header, transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 
@@ -902,7 +902,7 @@ class RemoteStore:
                 error = remote_error(op, url, exc, secrets=self._secrets)
             cause = sanitized_cause(exc, self._secrets)
         except Exception as exc:  # noqa: BLE001 - translated for the user, cause kept
-            if describe_cause(exc) in _CREDENTIAL_FAILURES or type(exc).__name__ in _CREDENTIAL_FAILURES:
+            if describe_cause(exc) in _REJECTED_CREDENTIALS or type(exc).__name__ == "NoCredentialsError":
                 _forget_s3fs(self.fs)  # the next store builds a client that resolves credentials again
             if type(exc).__name__ in _BOTOCORE_CONFIG_ERRORS and type(exc).__module__.startswith("botocore"):
                 error = ConfigError(f"Invalid storage_options for {self.url}: "
@@ -1023,8 +1023,10 @@ def refuse_mistyped_url(path: str) -> None:
 _BOTOCORE_CONFIG_ERRORS = frozenset({"InvalidRegionError", "NoRegionError", "EndpointResolutionError",
                                      "PartialCredentialsError", "InvalidEndpointConfigurationError",
                                      "InvalidS3AddressingStyleError", "InvalidConfigError"})
-_CREDENTIAL_FAILURES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "NoCredentialsError",
-                                  "HTTP 401"})
+# Answers of a store that rejected the credentials (``describe_cause``): remote_error's hint, and a shared s3fs
+# client no longer handed out (``_forget_s3fs``).
+_REJECTED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                                   "HTTP 401"})
 _AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
 _AIO_SESSION_LOCK = threading.Lock()
 _S3FS: dict[str, Any] = {}  # s3fs filesystems by their options' token, this process's (see _shared_s3fs)
@@ -1114,8 +1116,7 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     """
     from fsspec.utils import tokenize
 
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-    key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), env)
+    key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), aws_environment())
     with _AIO_SESSION_LOCK:
         fs = _S3FS.pop(key, None)
         if fs is None:
@@ -1177,7 +1178,7 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
     text = _ERRNO_PREFIX.sub("", redact(_first_line(exc), secrets)) if str(exc).strip() else cause
     url = redact(url, secrets)
     where = redact(directory, secrets) if directory else url
-    if cause in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "HTTP 401"):
+    if cause in _REJECTED_CREDENTIALS:
         hint = ("the store rejected the credentials; check the environment credentials or the key, secret "
                 "or token in storage_options")
     elif cause in ("AccessDenied", "HTTP 403") or isinstance(exc, PermissionError) or text.startswith("Forbidden"):

@@ -1414,6 +1414,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_sessions_in_child)
 
 
+def aws_environment() -> list[tuple[str, str]]:
+    """The ``AWS_*`` environment variables, sorted: what a cached client or session depends on (endpoint,
+    region, credentials, profile and config file names). Holds secrets: hash it before keeping it."""
+    return sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+
+
 def _botocore_session(profile: str | None) -> Any:
     """A botocore session for ``profile`` (region and the credential chain), shared by every transport of
     this process while the ``AWS_*`` environment variables stay the same (a change gives a new session, so
@@ -1421,8 +1427,7 @@ def _botocore_session(profile: str | None) -> Any:
     per ``RemoteStore`` before. Keyed by a hash: no credential is kept in a key."""
     import botocore.session
 
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-    key = hashlib.sha256(repr((profile, env)).encode()).hexdigest()
+    key = hashlib.sha256(repr((profile, aws_environment())).encode()).hexdigest()
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:
