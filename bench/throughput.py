@@ -378,6 +378,11 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
         if busy and busy.get(method):  # the server's core: ~1.0 = the server, not the client, was the limit
             sc.figures[f"server_{method}"] = summarize(busy[method], "server core busy",
                                                        label=f"server CPU-s per wall s (its one core): {labels[method]}")
+            # What the server spent per GiB this client moved: where the server is the limit, the client that
+            # costs it less per byte is the faster one, whatever the spread of a run's throughput.
+            sc.figures[f"server_cpu_{method}"] = summarize(
+                [b * s * GB / nbytes for b, s in zip(busy[method], seconds[method])], "server CPU-s/GiB",
+                label=f"server CPU per GiB moved: {labels[method]}")
         if shares is not None:  # the last reps calls: the ones before were warm-ups
             sc.figures[f"standin_{method}"] = summarize(shares[method][-len(values):], "core share",
                                                         label=f"training stand-in's share of CPU 0: {labels[method]}")
@@ -395,6 +400,11 @@ def _figures_and_ratios(sc: Scenario, measured: dict[str, list[tuple[float, floa
         sc.figures["cpu_cloudckpt"], sc.figures["cpu_transfer_manager"], target="<= 0.8",
         paired=[c / t for (_, c), (_, t) in zip(measured["cloudckpt"], measured["transfer_manager"]) if t > 0]
         or None)
+    if "server_cpu_cloudckpt" in sc.figures and "server_cpu_transfer_manager" in sc.figures:
+        sc.ratios["server_cpu_cloudckpt/server_cpu_transfer_manager"] = ratio(
+            sc.figures["server_cpu_cloudckpt"], sc.figures["server_cpu_transfer_manager"],
+            paired=[a / b for a, b in zip(sc.figures["server_cpu_cloudckpt"]["samples"],
+                                          sc.figures["server_cpu_transfer_manager"]["samples"]) if b > 0] or None)
     if shares is not None:  # what each client left to training, against TransferManager
         sc.ratios["standin_cloudckpt/standin_transfer_manager"] = ratio(
             sc.figures["standin_cloudckpt"], sc.figures["standin_transfer_manager"])

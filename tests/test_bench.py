@@ -21,12 +21,14 @@ SCENARIOS = {
     "step_overhead": ({"stock", "cloudckpt"}, {"cloudckpt/stock"}),
     "stall": ({"stock_local", "stock_sync_upload", "cloudckpt"},
               {"cloudckpt/stock_local", "cloudckpt/stock_sync_upload"}),
-    "upload": ({"cloudckpt", "transfer_manager", "fs_put", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager"},
+    "upload": ({"cloudckpt", "transfer_manager", "fs_put", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager",
+                "server_cpu_cloudckpt", "server_cpu_transfer_manager"},
                {"cloudckpt/transfer_manager", "cloudckpt/fs_put", "cloudckpt/s5cmd", "cloudckpt/best_baseline",
-                "cpu_cloudckpt/cpu_transfer_manager"}),
-    "restore": ({"cloudckpt", "transfer_manager", "fs_get", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager"},
+                "cpu_cloudckpt/cpu_transfer_manager", "server_cpu_cloudckpt/server_cpu_transfer_manager"}),
+    "restore": ({"cloudckpt", "transfer_manager", "fs_get", "s5cmd", "cpu_cloudckpt", "cpu_transfer_manager",
+                 "server_cpu_cloudckpt", "server_cpu_transfer_manager"},
                 {"cloudckpt/transfer_manager", "cloudckpt/fs_get", "cloudckpt/s5cmd", "cloudckpt/best_baseline",
-                 "cpu_cloudckpt/cpu_transfer_manager"}),
+                 "cpu_cloudckpt/cpu_transfer_manager", "server_cpu_cloudckpt/server_cpu_transfer_manager"}),
     "memory": ({"cloudckpt", "transfer_manager", "cloudckpt_restore", "transfer_manager_restore"},
                {"cloudckpt/transfer_manager", "cloudckpt/target_256MiB", "cloudckpt_restore/target_256MiB"}),
     "integrity": ({"crc_pass", "upload_with_crc", "upload_without_crc"},
@@ -135,6 +137,11 @@ def test_repetitions_and_sizes(results: tuple[dict, str]) -> None:
             nbytes_mib = sc[key]["params"]["checkpoint_mib"]
             for mibps, s in zip(fig["samples"], fig["seconds"]["samples"]):
                 assert mibps * s == pytest.approx(nbytes_mib, rel=0.01)
+        for m in ("cloudckpt", "transfer_manager"):  # the server's CPU per GiB = its busy share x seconds / GiB
+            busy, fig = sc[key]["figures"][f"server_{m}"], sc[key]["figures"][m]
+            for got, b, s in zip(sc[key]["figures"][f"server_cpu_{m}"]["samples"], busy["samples"],
+                                 fig["seconds"]["samples"]):
+                assert got == pytest.approx(b * s * 1024 / sc[key]["params"]["checkpoint_mib"], rel=0.05), key
         if "contended" in key:  # the stand-in's share of CPU 0 during every timed call of every method
             methods = {m for m, fig in sc[key]["figures"].items() if fig["unit"] == "MiB/s"}
             assert {f"standin_{m}" for m in methods} <= set(sc[key]["figures"]), key
