@@ -33,6 +33,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .errors import ConfigError, RemoteError
 from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
+from .process_cache import ProcessCache
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, aws_environment,
@@ -1027,10 +1028,10 @@ _BOTOCORE_CONFIG_ERRORS = frozenset({"InvalidRegionError", "NoRegionError", "End
 # client no longer handed out (``_forget_s3fs``).
 _REJECTED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                                    "HTTP 401"})
-_AIO_SESSION: list[Any] = []  # one aiobotocore session per process (see _shared_aiobotocore_session)
-_AIO_SESSION_LOCK = threading.Lock()
-_S3FS: dict[str, Any] = {}  # s3fs filesystems by their options' token, this process's (see _shared_s3fs)
-_S3FS_KEPT = 16  # distinct options kept (endpoints, credentials): a program uses one or two
+_AIO_SESSION: ProcessCache[Any] = ProcessCache(1)  # one aiobotocore session (see _shared_aiobotocore_session)
+# s3fs filesystems by their options' token (see _shared_s3fs); 16 distinct options (endpoints, credentials)
+# kept: a program uses one or two.
+_S3FS: ProcessCache[Any] = ProcessCache(16)
 
 
 # fsspec's own keyword arguments, accepted by every filesystem class (``AbstractFileSystem``).
@@ -1074,12 +1075,9 @@ def _shared_aiobotocore_session() -> Any:
     store on the bench machine, paid by every ``download_checkpoint``; a shared one parses it once. It
     carries no credentials of its own beyond the default chain's, which s3fs passes per client anyway.
     """
-    with _AIO_SESSION_LOCK:
-        if not _AIO_SESSION:
-            import aiobotocore.session
+    import aiobotocore.session
 
-            _AIO_SESSION.append(aiobotocore.session.AioSession())
-        return _AIO_SESSION[0]
+    return _AIO_SESSION.get("session", aiobotocore.session.AioSession)
 
 
 def _check_s3_key_pair(storage_options: Mapping[str, Any] | None, url: str) -> None:
@@ -1109,7 +1107,7 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     SeaweedFS on 127.0.0.1), a third of what ``download_checkpoint`` of a small checkpoint took when each
     store had an instance of its own, against ~2 ms for a listing on a used one. Keyed by fsspec's token
     of the class and options and by the ``AWS_*`` environment (endpoint, region, credentials: a change
-    gives new stores a new instance), hashed: no credential is kept in a key. The ``_S3FS_KEPT`` most
+    gives new stores a new instance), hashed: no credential is kept in a key. The 16 most
     recently used are kept; an instance whose request failed for want of valid credentials is dropped
     (``_forget_s3fs``: its client keeps what it resolved, or not, at its first request); cleared in a
     forked child, whose copy of the parent's client cannot be used (as fsspec's own instance cache does).
@@ -1117,31 +1115,12 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     from fsspec.utils import tokenize
 
     key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), aws_environment())
-    with _AIO_SESSION_LOCK:
-        fs = _S3FS.pop(key, None)
-        if fs is None:
-            fs = cls(**options)
-            if len(_S3FS) >= _S3FS_KEPT:  # the least recently used goes (a store using it keeps it alive)
-                _S3FS.pop(next(iter(_S3FS)))
-        _S3FS[key] = fs  # the most recently used last
-        return fs
+    return _S3FS.get(key, lambda: cls(**options))
 
 
 def _forget_s3fs(fs: Any) -> None:
     """Stop handing ``fs`` to new stores (see ``_shared_s3fs``); stores using it keep it."""
-    with _AIO_SESSION_LOCK:
-        for key in [k for k, v in _S3FS.items() if v is fs]:
-            del _S3FS[key]
-
-
-def _reset_in_child() -> None:  # a fork while another thread held the lock: a fresh one, and no parent's client
-    global _AIO_SESSION_LOCK
-    _AIO_SESSION_LOCK = threading.Lock()
-    _S3FS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
+    _S3FS.forget(fs)
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -84,6 +84,7 @@ from urllib.parse import quote, urlsplit
 import google_crc32c
 
 from .errors import ConfigError
+from .process_cache import ProcessCache
 from .waits import result_of
 
 __all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE",
@@ -1400,18 +1401,7 @@ _CLIENT_KWARGS = frozenset({"endpoint_url", "region_name", "verify", "aws_access
                             "aws_session_token", "use_ssl"})
 
 
-_SESSIONS: dict[str, Any] = {}
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _reset_sessions_in_child() -> None:  # a fork while another thread held the lock: a fresh one
-    global _SESSIONS_LOCK
-    _SESSIONS_LOCK = threading.Lock()
-    _SESSIONS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_sessions_in_child)
+_SESSIONS: ProcessCache[Any] = ProcessCache(16)  # environments come and go (tests): keep the newest few
 
 
 def aws_environment() -> list[tuple[str, str]]:
@@ -1428,13 +1418,7 @@ def _botocore_session(profile: str | None) -> Any:
     import botocore.session
 
     key = hashlib.sha256(repr((profile, aws_environment())).encode()).hexdigest()
-    with _SESSIONS_LOCK:
-        session = _SESSIONS.get(key)
-        if session is None:
-            if len(_SESSIONS) >= 16:  # environments come and go (tests): keep the newest few
-                _SESSIONS.pop(next(iter(_SESSIONS)))
-            session = _SESSIONS[key] = botocore.session.Session(profile=profile)
-        return session
+    return _SESSIONS.get(key, lambda: botocore.session.Session(profile=profile))
 
 
 def transport_for(storage_options: Mapping[str, Any] | None, **sizes: int) -> S3Transport | None:

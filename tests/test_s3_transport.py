@@ -104,7 +104,7 @@ def test_environment_credentials_are_read_again_when_the_environment_changes(mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated-secret")
     assert transport_for({"endpoint_url": "http://127.0.0.1:9"})._credentials()[:2] == ("rotated-key",
                                                                                           "rotated-secret")
-    assert not any("rotated" in key for key in s3_transport._SESSIONS)  # keys are hashes
+    assert not any("rotated" in key for key in s3_transport._SESSIONS.keys())  # keys are hashes
 
 
 @pytest.mark.parametrize("kwargs", [{"part_size": 1 << 20}, {"parts_in_flight": 0}, {"range_size": 10},
