@@ -490,6 +490,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]; 0 and 65 for [1, 64] get the same error, naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {value}")
+        return value
+    return parse
+
+
 def _float(minimum: float, strict: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -504,6 +517,8 @@ def _float(minimum: float, strict: bool) -> Callable[[str], float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from .transfer import DOWNLOAD_STREAMS, MAX_IN_FLIGHT
+
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="cloudckpt", formatter_class=fmt,
@@ -572,9 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("dir", metavar="DIR", help="local directory to download into (created if missing)")
     pull.add_argument("--step", type=_non_negative_int, metavar="N",
                       help="pull the checkpoint at global step N (default: the newest committed)")
-    pull.add_argument("--streams", type=_positive_int, metavar="N",
+    pull.add_argument("--streams", type=_int_in(1, MAX_IN_FLIGHT), metavar="N",
                       help="connections of the download (on s3://, ranged GETs of all its files from one "
-                           "queue), 1 to 64 (default: 8, "
+                           f"queue), 1 to {MAX_IN_FLIGHT} (default: {DOWNLOAD_STREAMS}, "
                            "TransferOptions.max_download_streams; more may help on a VM with many cores and a "
                            "fast network)")
 

@@ -42,6 +42,7 @@ import logging
 import os
 import sys
 import uuid
+from concurrent.futures import Executor
 from multiprocessing.pool import ThreadPool
 from typing import Any, Callable, Iterable, Protocol
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,7 @@ from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
 from .manifest import Manifest, entry_for, parse_manifest
 from .remote import RemoteObject, RemoteStore
+from .waits import map_all
 from .writers import Writer
 
 log = logging.getLogger("cloudckpt")
@@ -64,6 +66,16 @@ class Mapper(Protocol):
     """A thread pool's ``map`` (concurrent.futures' lazy one or multiprocessing's eager one)."""
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any]) -> Iterable[Any]: ...
+
+
+def _map(pool: Mapper, func: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``list(pool.map(func, items))``. On a ``concurrent.futures`` executor (``cloudckpt push``'s, waited on by
+    the main thread) the results are waited for in slices (``waits.map_all``: a Ctrl-C is raised at once, and
+    cancels the files not started, as ``Executor.map``); the uploader's ``multiprocessing`` pool is waited on
+    by its own thread, which no Ctrl-C interrupts."""
+    if isinstance(pool, Executor):
+        return map_all(pool, func, items)
+    return list(pool.map(func, items))
 
 
 GRAPH_FILE = "graph.pbtxt"  # TF1's graph, uploaded next to the checkpoints when it changes
@@ -168,7 +180,7 @@ def build_manifest(ckpt: LocalCheckpoint, executor: Mapper | None = None) -> Man
     if executor is None:
         entries = [entry_for(n, ckpt.files[n]) for n in names]
     else:
-        entries = list(executor.map(lambda n: entry_for(n, ckpt.files[n]), names))
+        entries = _map(executor, lambda n: entry_for(n, ckpt.files[n]), names)
     return Manifest(step=ckpt.step, prefix=ckpt.prefix, files=tuple(entries),
                     tensorflow=tensorflow_version() if ckpt.layout == DEFAULT_LAYOUT else "", cloudckpt=__version__,
                     layout=ckpt.layout)
@@ -349,8 +361,8 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     writer.wait_for_deletes(set(names), state)
     source = copy_source(writer, state, ckpt.prefix)  # incremental: unchanged parts are copied server-side
     entries = {f.name: f for f in mine.files}
-    copied = list(pool.map(lambda item: upload_file(store, item[0], item[1], entries.get(item[0]), source,
-                                                    ckpt.prefix), sorted(ckpt.files.items())))
+    copied = _map(pool, lambda item: upload_file(store, item[0], item[1], entries.get(item[0]), source, ckpt.prefix),
+                  sorted(ckpt.files.items()))
     if any(c is None for c in copied):
         return None  # another party created one of the names meanwhile: look again
     objects = _check_sizes(store, mine)
@@ -457,8 +469,7 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
                           f"{store.url}: the directory changed meanwhile; the next save tries again.",
                           url=store.url, step=ckpt.step)
     writer.wait_for_deletes(set(broken), writer.state(step=ckpt.step))
-    list(pool.map(lambda name: store.put_file_if_absent(ckpt.files[name], name, ours[name].checksummed_ranges()),
-                  broken))
+    _map(pool, lambda name: store.put_file_if_absent(ckpt.files[name], name, ours[name].checksummed_ranges()), broken)
     return CommitResult(existing, sum(ours[n].size for n in broken), HEALED)
 
 

@@ -11,6 +11,7 @@ stands in for it. Every URL in a message is in its display form
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 __all__ = [
@@ -51,6 +52,21 @@ class ConfigError(CloudCkptError, ValueError):
     Also a ``ValueError``, so code written against TensorFlow's hook that
     catches ``ValueError`` for bad arguments keeps working.
     """
+
+
+def integer_option(value: object) -> int | None:
+    """``value`` as a plain ``int`` when it is an integer other than a bool (anything ``operator.index``
+    takes: an ``int``, a numpy integer...), else None (a float, a bool, a string...).
+
+    How the options objects validate their integer fields (``TransferOptions``, ``RetentionPolicy``,
+    ``RetryPolicy``): they store the plain ``int``, so a numpy integer never reaches JSON or ``random``.
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(operator.index(value))  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 class RemoteError(CloudCkptError):

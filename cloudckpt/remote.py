@@ -40,6 +40,7 @@ from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCanc
                            crc32c_hex_from_header, transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
+from .waits import map_all
 
 __all__ = ["RemoteStore", "RemoteObject", "open_directory", "is_local_path", "redact", "remote_error"]
 
@@ -437,7 +438,7 @@ class RemoteStore:
             else:
                 with ThreadPoolExecutor(max_workers=min(_HEADS_AT_ONCE, len(wanted)),
                                         thread_name_prefix="cloudckpt-head") as pool:
-                    found = list(pool.map(head, wanted))
+                    found = map_all(pool, head, wanted)  # waited in slices: a Ctrl-C is seen at once
             return {name: crc for name, crc in found if crc is not None}
 
         only = set(names) if names is not None else None

@@ -25,7 +25,7 @@ from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
 from .staging import DownloadStaging
-from .waits import result_of
+from .waits import map_all, result_of
 
 log = logging.getLogger("cloudckpt")
 
@@ -260,13 +260,9 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     """
     sizes = {o.name: o.size for o in (store.list_objects() if objects is None else objects)}
     readable = [e for e in info.files if sizes.get(e.name) == e.size]
-    stored = store.stored_crc32c([e.name for e in readable]) if use_store_checksums and readable else {}
     files_at_once, per_file = _streams_split(store, len(readable))  # the same connection budget as a download
-    # Read at once through one pool of connections (the S3 transport: every file's ranges in one queue, as a
-    # download); elsewhere one by one below.
-    to_read = [(e.name, e.size, e.part_size if e.parts and e.part_size else None)
-               for e in readable if stored.get(e.name) != e.crc32c]
-    pooled = store.read_files_crc32c(to_read, progress, streams=store.transfer.max_download_streams)
+    stored: dict[str, str] = {}
+    pooled: dict[str, tuple[int, str, tuple[str, ...]] | None] = {}
 
     def check(entry: FileEntry) -> FileCheck:
         size = sizes.get(entry.name)
@@ -281,8 +277,19 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
             return _check(entry, None, None)
         return _check(entry, read[0], read[1], read[2] if per_part else None)
 
-    with ThreadPoolExecutor(max_workers=files_at_once, thread_name_prefix="cloudckpt-verify") as pool:
-        by_name = {c.name: c for c in pool.map(check, sorted(info.files, key=lambda e: -e.size))}  # largest first
+    # As a download: the main thread waits in slices (waits.py) and a Ctrl-C cuts the requests in flight
+    # (interrupt.py); the store's HEADs and reads run in the pool, not in the main thread.
+    with cancelling_pool(store, ThreadPoolExecutor(max_workers=files_at_once,
+                                                    thread_name_prefix="cloudckpt-verify")) as pool:
+        if use_store_checksums and readable:
+            stored.update(result_of(pool.submit(store.stored_crc32c, [e.name for e in readable])))
+        # Read at once through one pool of connections (the S3 transport: every file's ranges in one queue, as a
+        # download); elsewhere one by one in check().
+        to_read = [(e.name, e.size, e.part_size if e.parts and e.part_size else None)
+                   for e in readable if stored.get(e.name) != e.crc32c]
+        pooled.update(result_of(pool.submit(store.read_files_crc32c, to_read, progress,
+                                            streams=store.transfer.max_download_streams)))
+        by_name = {c.name: c for c in map_all(pool, check, sorted(info.files, key=lambda e: -e.size))}  # largest first
     return VerifyReport(url=info.prefix, step=info.step, files=tuple(by_name[e.name] for e in info.files))
 
 
@@ -535,13 +542,8 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                                                         thread_name_prefix="cloudckpt-get")) as pool:
             pooled.update(result_of(pool.submit(store.get_files, at_size, progress,
                                                 streams=store.transfer.max_download_streams)))
-            futures = [pool.submit(fetch, e) for e in sorted(info.files, key=lambda e: -e.size)]  # largest first
-            try:
-                checks = [result_of(f) for f in futures]
-            except BaseException:  # as Executor.map: the first failure cancels the files not started
-                for future in futures:
-                    future.cancel()
-                raise
+            # largest first; as Executor.map: the first failure cancels the files not started
+            checks = map_all(pool, fetch, sorted(info.files, key=lambda e: -e.size))
         for check in checks:
             if check.status != OK:
                 raise _integrity_error(store, info, check, downloads=_DOWNLOADS_ON_MISMATCH)

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory, unreadable_by_step
 from .commit import write_state_file
-from .errors import ConfigError, ManifestError
+from .errors import ConfigError, ManifestError, integer_option
 from .layout import DEFAULT_LAYOUT, basename_of
 from .lineage import LogState, fold
 from .remote import RemoteStore, open_directory
@@ -53,9 +53,11 @@ class RetentionPolicy:
     debris_grace_seconds: float = DEFAULT_DEBRIS_GRACE_SECONDS
 
     def __post_init__(self) -> None:
-        if self.max_to_keep is not None and (not isinstance(self.max_to_keep, int) or isinstance(
-                self.max_to_keep, bool) or self.max_to_keep < 0):
-            raise ConfigError(f"max_to_keep must be an integer >= 0 or None, got {self.max_to_keep!r}.")
+        if self.max_to_keep is not None:
+            keep = integer_option(self.max_to_keep)
+            if keep is None or keep < 0:
+                raise ConfigError(f"max_to_keep must be an integer >= 0 or None, got {self.max_to_keep!r}.")
+            object.__setattr__(self, "max_to_keep", keep)  # a numpy integer stored as the int
         hours = self.keep_checkpoint_every_n_hours
         if hours is not None and (not isinstance(hours, (int, float)) or isinstance(hours, bool) or hours <= 0):
             raise ConfigError(f"keep_checkpoint_every_n_hours must be a number > 0 or None, got {hours!r}.")

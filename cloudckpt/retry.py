@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
-from .errors import ConfigError, RemoteError
+from .errors import ConfigError, RemoteError, integer_option
 from .shutdown import EXECUTORS_SHUT_DOWN
 
 log = logging.getLogger("cloudckpt")
@@ -158,14 +158,19 @@ class RetryPolicy:
     _rng: random.Random = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        attempts = integer_option(self.max_attempts)
+        if attempts is None or attempts < 1:
             raise ConfigError(f"RetryPolicy max_attempts must be an integer >= 1, got {self.max_attempts!r}.")
+        object.__setattr__(self, "max_attempts", attempts)  # a numpy integer stored as the int
         if self.initial_backoff < 0 or self.max_backoff < 0:
             raise ConfigError(
                 f"RetryPolicy backoffs must be >= 0, got initial_backoff={self.initial_backoff!r}, "
                 f"max_backoff={self.max_backoff!r}.")
         if self.deadline is not None and self.deadline <= 0:
             raise ConfigError(f"RetryPolicy deadline must be > 0 seconds or None, got {self.deadline!r}.")
+        seed = integer_option(self.seed)
+        if seed is not None:  # random.Random takes no numpy integer
+            object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "_rng", random.Random(self.seed))
 
     def backoff(self, retry: int) -> float:

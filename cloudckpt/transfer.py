@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, integer_option
 from .s3_transport import MULTIPART_THRESHOLD, PART_SIZE, PARTS_IN_FLIGHT
 
 __all__ = ["TransferOptions", "MiB"]
@@ -54,7 +54,8 @@ class TransferOptions:
 
     Attributes:
         part_size: bytes per multipart part (S3) / resumable chunk (GCS): an
-            integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Default 16 MiB
+            integer in [5 MiB, 5 GiB], a multiple of 256 KiB. Every integer field takes
+            any integer but a bool (a numpy integer too: stored as the ``int``). Default 16 MiB
             (``s3_transport.PART_SIZE``).
         multipart_threshold: on ``s3://`` through cloudckpt's transport, files of at
             least this many bytes (and larger than ``part_size``) go in a multipart upload,
@@ -98,15 +99,14 @@ class TransferOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.incremental, bool):
             raise ConfigError(f"TransferOptions.incremental must be True or False, got {self.incremental!r}.")
-        _check_int("part_size", self.part_size, MIN_PART_SIZE, MAX_PART_SIZE, " bytes (5 MiB to 5 GiB)")
+        _check_int(self, "part_size", MIN_PART_SIZE, MAX_PART_SIZE, " bytes (5 MiB to 5 GiB)")
         if self.part_size % PART_ALIGNMENT:
             raise ConfigError(f"TransferOptions.part_size must be a multiple of 256 KiB ({PART_ALIGNMENT} bytes), "
                               f"got {self.part_size!r}.")
-        _check_int("multipart_threshold", self.multipart_threshold, MIN_PART_SIZE, MAX_PUT_SIZE,
-                   " bytes (5 MiB to 5 GiB)")
-        _check_int("max_files_in_flight", self.max_files_in_flight, 1, MAX_IN_FLIGHT)
-        _check_int("max_parts_in_flight", self.max_parts_in_flight, 1, MAX_IN_FLIGHT)
-        _check_int("max_download_streams", self.max_download_streams, 1, MAX_IN_FLIGHT)
+        _check_int(self, "multipart_threshold", MIN_PART_SIZE, MAX_PUT_SIZE, " bytes (5 MiB to 5 GiB)")
+        _check_int(self, "max_files_in_flight", 1, MAX_IN_FLIGHT)
+        _check_int(self, "max_parts_in_flight", 1, MAX_IN_FLIGHT)
+        _check_int(self, "max_download_streams", 1, MAX_IN_FLIGHT)
 
     @property
     def max_buffer_bytes(self) -> int:
@@ -130,6 +130,10 @@ class TransferOptions:
         return value
 
 
-def _check_int(name: str, value: object, low: int, high: int, unit: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+def _check_int(options: TransferOptions, name: str, low: int, high: int, unit: str = "") -> None:
+    """Refuse field ``name`` unless an integer in [low, high]; store it as a plain ``int`` (a numpy integer...)."""
+    value = getattr(options, name)
+    number = integer_option(value)
+    if number is None or not low <= number <= high:
         raise ConfigError(f"TransferOptions.{name} must be an integer in [{low}, {high}]{unit}, got {value!r}.")
+    object.__setattr__(options, name, number)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import TypeVar
+from typing import Callable, Iterable, TypeVar
 
-__all__ = ["SIGNAL_SLICE", "wait_event", "result_of"]
+__all__ = ["SIGNAL_SLICE", "wait_event", "result_of", "map_all"]
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 SIGNAL_SLICE = 0.25  # seconds a main-thread wait blocks at most in one go
 
@@ -46,3 +47,16 @@ def result_of(future: "concurrent.futures.Future[T]") -> T:
     while not future.done():
         concurrent.futures.wait([future], timeout=SIGNAL_SLICE)
     return future.result()
+
+
+def map_all(pool: concurrent.futures.Executor, fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
+    """``list(pool.map(fn, items))``, each result waited for with ``result_of``: the results in the order of
+    ``items``; the first failure (or a Ctrl-C) cancels the items not started yet, as ``Executor.map`` does,
+    and is raised. Items already running go on: a pool that must stop them is a ``cancelling_pool``."""
+    futures = [pool.submit(fn, item) for item in items]
+    try:
+        return [result_of(future) for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise

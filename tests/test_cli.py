@@ -537,12 +537,17 @@ def test_demo(demo_run):
     assert "Traceback" not in text
 
 
-def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys):
-    """``pull --streams`` is TransferOptions.max_download_streams: out of range, a one-line error naming the range,
-    nothing downloaded."""
-    assert cli.main(["pull", "memory://x/run", str(tmp_path / "dest"), "--streams", "65"]) == 2
+@pytest.mark.parametrize("streams", ["0", "65", "-3"])
+def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys, streams):
+    """``pull --streams`` is TransferOptions.max_download_streams: out of range at either end, the same usage
+    error naming the flag and the range (exit 2), nothing downloaded."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["pull", "memory://x/run", str(tmp_path / "dest"), "--streams", streams])
+    assert exited.value.code == cli.EXIT_USAGE
     err = capsys.readouterr().err
-    assert "max_download_streams must be an integer in [1, 64]" in one_error_line(err), err
+    assert err.splitlines()[-1] == f"cloudckpt pull: error: argument --streams: must be an integer in [1, 64], " \
+                                   f"got {streams}", err
+    assert "max_download_streams" not in err and "Traceback" not in err
     assert not (tmp_path / "dest").exists()
 
 

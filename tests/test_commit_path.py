@@ -13,6 +13,7 @@ import threading
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -338,12 +339,28 @@ def test_in_place_after_save_only_queues(tmp_path, caplog):
     ("max_files_in_flight", 0, "[1, 64]"),
     ("max_parts_in_flight", 65, "[1, 64]"),
     ("max_parts_in_flight", True, "[1, 64]"),
+    ("max_download_streams", np.True_, "[1, 64]"),
+    ("part_size", float(16 << 20), "[5242880, 5368709120]"),
+    ("max_files_in_flight", np.float64(4), "[1, 64]"),
+    ("max_download_streams", np.int64(65), "[1, 64]"),
     ("multipart_threshold", 6 << 30, "[5242880, 5368709120]"),
     ("multipart_threshold", 1 << 20, "[5242880, 5368709120]"),
 ])
 def test_transfer_options_are_validated(field, value, allowed):
     with pytest.raises(cloudckpt.ConfigError, match=rf"TransferOptions\.{field} must be .*{re.escape(allowed)}"):
         TransferOptions(**{field: value})
+
+
+def test_transfer_options_take_numpy_integers_as_ints():
+    """An integer computed with numpy (``np.int64(16 << 20)``) is an integer: stored as the plain int."""
+    options = TransferOptions(part_size=np.int64(16 << 20), multipart_threshold=np.uint64(100 << 20),
+                              max_files_in_flight=np.int32(2), max_parts_in_flight=np.uint8(3),
+                              max_download_streams=np.array(8))
+    fields = (options.part_size, options.multipart_threshold, options.max_files_in_flight,
+              options.max_parts_in_flight, options.max_download_streams)
+    assert fields == (16 << 20, 100 << 20, 2, 3, 8) and {type(f) for f in fields} == {int}
+    assert options == TransferOptions(part_size=16 << 20, multipart_threshold=100 << 20, max_files_in_flight=2,
+                                      max_parts_in_flight=3, max_download_streams=8)
 
 
 def test_transfer_options_reach_the_store(counted, tmp_path):

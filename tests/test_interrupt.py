@@ -291,6 +291,51 @@ def test_a_ctrl_c_the_wait_does_not_see_arrive_still_abandons_the_upload(cloudck
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
 
 
+CLI_CHILD = """
+import faulthandler, signal, sys, threading, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+from cloudckpt import cli
+# The kernel delivers SIGINT to this thread, never to the main thread nor to the pools' threads (they inherit the
+# main thread's mask): its C handler records it, and no wait of the main thread is interrupted by it (what a SIGINT
+# landing just before an untimed wait starts amounts to).
+threading.Thread(target=time.sleep, args=(3600,), name="takes-sigint", daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["push", "verify"])
+def test_a_ctrl_c_the_main_thread_does_not_see_arrive_still_stops_push_and_verify(command, cloudckpt_s3, moto_server,
+                                                                                 tmp_path):
+    """``cloudckpt push`` / ``verify`` wait in the main thread for their files' stalled requests (the store holds
+    every data PUT / GET); the SIGINT reaches another thread: the wait must come back to raise it, and the
+    requests in flight be cut. Before, push waited in ``Executor.map``'s untimed ``Future.result()`` and verify
+    in its pools' exits, for the held requests (120 s)."""
+    src = write_checkpoint(tmp_path / "src", MiB)
+    url = cloudckpt_s3.url("run")
+    if command == "verify":
+        cloudckpt.push_checkpoints(str(src), url, storage_options=cloudckpt_s3.storage_options)
+    method = "PUT" if command == "push" else "GET"
+    with FaultProxy(moto_server.endpoint) as proxy:
+        proxy.set_faults(latency=120.0, only_methods=[method], path_filter=r"\.data-")
+        args = [command, str(src), url] if command == "push" else [command, url]
+        proc = subprocess.Popen([sys.executable, "-c", CLI_CHILD, *args, "-o", f"endpoint_url={proxy.url}"],
+                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        wait_for(lambda: proxy.most_held.get(method, 0) > 0, proc, f"a data {method} is held by the store")
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = stacks_then_kill(proc)
+            pytest.fail(f"{command} did not see the Ctrl-C: {err[-6000:]}")
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == "cloudckpt: interrupted", err
+    if command == "push":
+        assert data_objects(moto_server.client(), cloudckpt_s3.name) == []  # every held PUT was cut
+        assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
+
+
 MANAGER_CHILD = """
 import os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import fsspec
+import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -122,10 +123,17 @@ def test_debris_respects_grace_and_foreign_files():
 
 
 @pytest.mark.parametrize("kwargs", [{"max_to_keep": -1}, {"keep_checkpoint_every_n_hours": 0},
-                                    {"debris_grace_seconds": -5}])
+                                    {"debris_grace_seconds": -5}, {"max_to_keep": 2.0}, {"max_to_keep": True},
+                                    {"max_to_keep": np.True_}, {"max_to_keep": "2"}, {"max_to_keep": np.int64(-1)}])
 def test_policy_validation(kwargs):
     with pytest.raises(cloudckpt.ConfigError):
         RetentionPolicy(**kwargs)
+
+
+def test_policy_takes_a_numpy_integer_as_the_int():
+    policy = RetentionPolicy(max_to_keep=np.int64(3))
+    assert policy.max_to_keep == 3 and type(policy.max_to_keep) is int
+    assert policy == RetentionPolicy(max_to_keep=3)
 
 
 def test_plan_never_deletes_a_protected_step():

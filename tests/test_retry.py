@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
@@ -134,7 +135,16 @@ def test_call_gives_up_after_max_attempts_and_deadline():
     assert len(calls) < 100
 
 
-@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0}])
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0},
+                                    {"max_attempts": 3.0}, {"max_attempts": True}, {"max_attempts": np.True_},
+                                    {"max_attempts": "3"}, {"max_attempts": np.int64(0)}])
 def test_policy_validation(kwargs):
     with pytest.raises(ConfigError):
         RetryPolicy(**kwargs)
+
+
+def test_policy_takes_numpy_integers_as_ints():
+    policy = RetryPolicy(max_attempts=np.int64(3), seed=np.int64(7))
+    assert (policy.max_attempts, policy.seed) == (3, 7) and type(policy.max_attempts) is type(policy.seed) is int
+    same = RetryPolicy(max_attempts=3, seed=7)
+    assert policy == same and [policy.backoff(1) for _ in range(3)] == [same.backoff(1) for _ in range(3)]
