@@ -69,6 +69,19 @@ def integer_option(value: object) -> int | None:
         return None
 
 
+def number_option(value: object) -> float | None:
+    """``value`` as a ``float`` when it is a real number other than a bool or NaN (an ``int``, a ``float``,
+    a numpy scalar...), else None (a string, a bool, None...). How the options objects validate their
+    seconds and hours fields (``RetryPolicy``, ``RetentionPolicy``)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
 class RemoteError(CloudCkptError):
     """A storage operation failed.
 

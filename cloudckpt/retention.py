@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory, unreadable_by_step
 from .commit import write_state_file
-from .errors import ConfigError, ManifestError, integer_option
+from .errors import ConfigError, ManifestError, integer_option, number_option
 from .layout import DEFAULT_LAYOUT, basename_of
 from .lineage import LogState, fold
 from .remote import RemoteStore, open_directory
@@ -58,11 +58,17 @@ class RetentionPolicy:
             if keep is None or keep < 0:
                 raise ConfigError(f"max_to_keep must be an integer >= 0 or None, got {self.max_to_keep!r}.")
             object.__setattr__(self, "max_to_keep", keep)  # a numpy integer stored as the int
-        hours = self.keep_checkpoint_every_n_hours
-        if hours is not None and (not isinstance(hours, (int, float)) or isinstance(hours, bool) or hours <= 0):
-            raise ConfigError(f"keep_checkpoint_every_n_hours must be a number > 0 or None, got {hours!r}.")
-        if not isinstance(self.debris_grace_seconds, (int, float)) or self.debris_grace_seconds < 0:
-            raise ConfigError(f"debris grace period must be >= 0 seconds, got {self.debris_grace_seconds!r}.")
+        if self.keep_checkpoint_every_n_hours is not None:
+            hours = number_option(self.keep_checkpoint_every_n_hours)
+            if hours is None or hours <= 0:
+                raise ConfigError(f"keep_checkpoint_every_n_hours must be a number > 0 or None, "
+                                  f"got {self.keep_checkpoint_every_n_hours!r}.")
+            object.__setattr__(self, "keep_checkpoint_every_n_hours", hours)
+        grace = number_option(self.debris_grace_seconds)
+        if grace is None or grace < 0:
+            raise ConfigError(f"debris_grace_seconds must be a number of seconds >= 0, "
+                              f"got {self.debris_grace_seconds!r}.")
+        object.__setattr__(self, "debris_grace_seconds", grace)
 
 
     @property

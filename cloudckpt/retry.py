@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
-from .errors import ConfigError, RemoteError, integer_option
+from .errors import ConfigError, RemoteError, integer_option, number_option
 from .shutdown import EXECUTORS_SHUT_DOWN
 
 log = logging.getLogger("cloudckpt")
@@ -162,12 +162,16 @@ class RetryPolicy:
         if attempts is None or attempts < 1:
             raise ConfigError(f"RetryPolicy max_attempts must be an integer >= 1, got {self.max_attempts!r}.")
         object.__setattr__(self, "max_attempts", attempts)  # a numpy integer stored as the int
-        if self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ConfigError(
-                f"RetryPolicy backoffs must be >= 0, got initial_backoff={self.initial_backoff!r}, "
-                f"max_backoff={self.max_backoff!r}.")
-        if self.deadline is not None and self.deadline <= 0:
-            raise ConfigError(f"RetryPolicy deadline must be > 0 seconds or None, got {self.deadline!r}.")
+        for name in ("initial_backoff", "max_backoff"):
+            seconds = number_option(getattr(self, name))
+            if seconds is None or seconds < 0:
+                raise ConfigError(f"RetryPolicy {name} must be a number of seconds >= 0, got {getattr(self, name)!r}.")
+            object.__setattr__(self, name, seconds)
+        if self.deadline is not None:
+            deadline = number_option(self.deadline)
+            if deadline is None or deadline <= 0:
+                raise ConfigError(f"RetryPolicy deadline must be > 0 seconds or None, got {self.deadline!r}.")
+            object.__setattr__(self, "deadline", deadline)
         seed = integer_option(self.seed)
         if seed is not None:  # random.Random takes no numpy integer
             object.__setattr__(self, "seed", seed)

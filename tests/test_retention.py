@@ -124,7 +124,9 @@ def test_debris_respects_grace_and_foreign_files():
 
 @pytest.mark.parametrize("kwargs", [{"max_to_keep": -1}, {"keep_checkpoint_every_n_hours": 0},
                                     {"debris_grace_seconds": -5}, {"max_to_keep": 2.0}, {"max_to_keep": True},
-                                    {"max_to_keep": np.True_}, {"max_to_keep": "2"}, {"max_to_keep": np.int64(-1)}])
+                                    {"max_to_keep": np.True_}, {"max_to_keep": "2"}, {"max_to_keep": np.int64(-1)},
+                                    {"debris_grace_seconds": True}, {"debris_grace_seconds": "60"},
+                                    {"keep_checkpoint_every_n_hours": float("nan")}])
 def test_policy_validation(kwargs):
     with pytest.raises(cloudckpt.ConfigError):
         RetentionPolicy(**kwargs)
@@ -134,6 +136,8 @@ def test_policy_takes_a_numpy_integer_as_the_int():
     policy = RetentionPolicy(max_to_keep=np.int64(3))
     assert policy.max_to_keep == 3 and type(policy.max_to_keep) is int
     assert policy == RetentionPolicy(max_to_keep=3)
+    hours = RetentionPolicy(keep_checkpoint_every_n_hours=np.float32(0.5), debris_grace_seconds=np.int64(60))
+    assert (hours.keep_checkpoint_every_n_hours, hours.debris_grace_seconds) == (0.5, 60.0)
 
 
 def test_plan_never_deletes_a_protected_step():

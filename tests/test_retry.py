@@ -137,7 +137,9 @@ def test_call_gives_up_after_max_attempts_and_deadline():
 
 @pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0},
                                     {"max_attempts": 3.0}, {"max_attempts": True}, {"max_attempts": np.True_},
-                                    {"max_attempts": "3"}, {"max_attempts": np.int64(0)}])
+                                    {"max_attempts": "3"}, {"max_attempts": np.int64(0)}, {"deadline": "x"},
+                                    {"initial_backoff": "1"}, {"max_backoff": None}, {"deadline": float("nan")},
+                                    {"max_backoff": True}])
 def test_policy_validation(kwargs):
     with pytest.raises(ConfigError):
         RetryPolicy(**kwargs)
@@ -148,3 +150,9 @@ def test_policy_takes_numpy_integers_as_ints():
     assert (policy.max_attempts, policy.seed) == (3, 7) and type(policy.max_attempts) is type(policy.seed) is int
     same = RetryPolicy(max_attempts=3, seed=7)
     assert policy == same and [policy.backoff(1) for _ in range(3)] == [same.backoff(1) for _ in range(3)]
+
+
+def test_policy_takes_numpy_seconds_as_floats():
+    policy = RetryPolicy(initial_backoff=np.float32(0.25), max_backoff=np.int64(4), deadline=np.float64(30))
+    assert (policy.initial_backoff, policy.max_backoff, policy.deadline) == (0.25, 4.0, 30.0)
+    assert {type(policy.initial_backoff), type(policy.max_backoff), type(policy.deadline)} == {float}
