@@ -67,7 +67,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import localdir
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
-from .errors import ConfigError, FencedError, UploadError
+from .errors import ConfigError, FencedError, UploadError, integer_option
 from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_file_prefix
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
@@ -721,8 +721,10 @@ class CheckpointEngine:
 
     def _local_checkpoint(self, step: int, files: Mapping[str, str] | Iterable[str],
                           extras: Mapping[str, str] | None, saved_at: float | None) -> LocalCheckpoint:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        number = integer_option(step)
+        if number is None or number < 0:
             raise ConfigError(f"step must be an integer >= 0, got {step!r}.")
+        step = number  # a numpy integer as the int: it goes into the manifest's JSON
         if isinstance(files, Mapping):
             mapping = {str(name): os.fspath(path) for name, path in files.items()}
         else:

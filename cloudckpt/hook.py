@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import tensorflow as tf
 
 from .engine import default_local_dir, ensure_writable, resolve_local_dir  # noqa: F401 (re-exported)
-from .errors import ConfigError
+from .errors import ConfigError, integer_option, number_option
 from .layout import TF, check_basename, split_prefix, state_file_prefix
 from ._saver_check import Mismatch, restore_mismatches, restoring_var_list
 from ._tfnames import check_resume_name
@@ -58,10 +58,9 @@ def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
     # ConfigError is a ValueError: TF's messages and exception type, in cloudckpt's hierarchy.
     if (save_secs is None) == (save_steps is None):
         raise ConfigError("One of save_steps or save_secs should be set.")
-    if save_steps is not None and (isinstance(save_steps, bool) or not isinstance(save_steps, int) or save_steps <= 0):
+    if save_steps is not None and ((steps := integer_option(save_steps)) is None or steps <= 0):
         raise ConfigError(f"save_steps must be a positive integer, got {save_steps!r}.")
-    if save_secs is not None and (isinstance(save_secs, bool) or not isinstance(save_secs, (int, float))
-                                  or save_secs <= 0):
+    if save_secs is not None and ((secs := number_option(save_secs)) is None or secs <= 0):
         raise ConfigError(f"save_secs must be a positive number of seconds, got {save_secs!r}.")
 
 

@@ -51,7 +51,7 @@ from .catalog import CheckpointInfo, scan_directory
 from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_as_the_chief_does, role_from_tf_config,
                           role_of_strategy, worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
-from .errors import CloudCkptError, ConfigError, WorkerFailedError
+from .errors import CloudCkptError, ConfigError, WorkerFailedError, integer_option
 from .layout import STATE_FILE, TF, check_basename, render_state_file, split_prefix, state_file_prefix
 from ._tfnames import check_resume_name, checkpoint_kind
 from .remote import is_local_path
@@ -189,8 +189,11 @@ class CheckpointManager:
             if parent is not None:
                 ensure_writable(parent)
             local_dir = self._worker_temp = worker_temp_dir(self._role, parent)  # type: ignore[arg-type]
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)):
-            raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
+        if max_to_keep is not None:
+            keep = integer_option(max_to_keep)
+            if keep is None:
+                raise ConfigError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
+            max_to_keep = keep  # a numpy integer as the int
         ensure_writable(local_dir)
         self._tf_args = dict(checkpoint=checkpoint, directory=local_dir, max_to_keep=max_to_keep,
                              keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
-from .errors import ConfigError, FencedError, UploadError
+from .errors import ConfigError, FencedError, UploadError, integer_option
 from .remote import RemoteStore
 from .retry import describe_cause
 from .waits import SIGNAL_SLICE, wait_event
@@ -137,8 +137,10 @@ class Uploader:
 
     def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int | None = None,
                  on_error: str = "raise", observer: Callable[[int, UploadStats], None] | None = None) -> None:
-        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+        pending = integer_option(max_pending)
+        if pending is None or pending < 1:
             raise ConfigError(f"max_pending must be an integer >= 1, got {max_pending!r}.")
+        max_pending = pending
         if on_error not in ON_ERROR_CHOICES:
             raise ConfigError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
         self.store = store

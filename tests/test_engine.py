@@ -64,6 +64,22 @@ def test_submit_snapshots_and_commits_in_the_background(cloudckpt_s3, tmp_path):
     assert not cloudckpt_threads()
 
 
+def test_numpy_integers_are_taken_as_ints(tmp_path, memory_url):
+    """A step or option computed with numpy (np.int64) is an integer: taken, and the manifest's JSON gets the int."""
+    import numpy as np
+
+    local = tmp_path / "local"
+    with CheckpointEngine(memory_url, str(local), max_pending=np.int64(2)) as engine:
+        engine.open()
+        engine.submit(np.int64(7), write_checkpoint(local, 7))
+        engine.wait(60)
+        assert engine.stats().committed == 1
+    (info,) = cloudckpt.list_checkpoints(memory_url)
+    assert info.step == 7 and type(info.step) is int
+    with pytest.raises(cloudckpt.ConfigError, match="max_pending"):
+        CheckpointEngine(memory_url, str(tmp_path / "other"), max_pending=np.float64(2))
+
+
 def test_submit_rejects_files_that_are_not_one_checkpoint(tmp_path, memory_url):
     engine = CheckpointEngine(memory_url, str(tmp_path))
     files = write_checkpoint(tmp_path, 4)

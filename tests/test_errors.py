@@ -101,6 +101,16 @@ def test_non_positive_schedule(kwargs, fragment, memory_url, tmp_path):
         cloudckpt.CheckpointSaverHook(memory_url, local_dir=str(tmp_path), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"save_steps": "np.int64(5)"}, {"save_secs": "np.float32(2.5)"},
+                                    {"save_secs": "np.int64(3)"}])
+def test_a_numpy_schedule_is_taken(kwargs, memory_url, tmp_path):
+    import numpy as np
+
+    hook = cloudckpt.CheckpointSaverHook(memory_url, local_dir=str(tmp_path),
+                                         **{k: eval(v, {"np": np}) for k, v in kwargs.items()})
+    assert hook.checkpoint_url == memory_url
+
+
 @pytest.fixture
 def committed_dir(tmp_path):
     url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/run"

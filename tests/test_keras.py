@@ -273,6 +273,13 @@ def test_two_callbacks_of_one_process_on_one_directory_are_told_so_when_fenced(s
     assert "its own checkpoint directory" in message and "one job trains" not in message
 
 
+def test_numpy_integers_are_taken_as_ints(s3_url, s3_options, tmp_path):
+    backup = cloudckpt.keras.BackupAndRestore(s3_url, save_freq=np.int64(3), max_to_keep=np.int64(2),
+                                              storage_options=s3_options, local_dir=str(tmp_path / "b"))
+    assert backup.save_freq == 3 and type(backup.save_freq) is int
+    backup.close()
+
+
 def test_bad_arguments_fail_before_training(s3_url, s3_options, tmp_path):
     with pytest.raises(cloudckpt.ConfigError, match="save_freq"):
         cloudckpt.keras.BackupAndRestore(s3_url, save_freq=0)

@@ -331,6 +331,18 @@ def test_checkpoint_interval_skips_like_tf(tmp_path, memory_url):
     assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [0, 10, 20]
 
 
+def test_numpy_integers_are_taken_as_ints(tmp_path, memory_url):
+    """max_to_keep, max_pending and checkpoint_number computed with numpy: taken as the ints they are."""
+    import numpy as np
+
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=np.int64(1), local_dir=str(tmp_path),
+                                     max_pending=np.int64(3)) as manager:
+        for number in (np.int64(4), np.int64(8)):
+            manager.save(checkpoint_number=number)
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [8]  # max_to_keep=1 kept the newest
+
+
 def test_tfs_restore_latest_checkpoint_pattern_resumes_on_a_fresh_vm(tmp_path, memory_url, caplog):
     """TF's tutorial pattern, ``ckpt.restore(manager.latest_checkpoint)`` without restore_or_initialize():
     the first read of latest_checkpoint fetches the newest committed checkpoint to an empty local_dir."""

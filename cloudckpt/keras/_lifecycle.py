@@ -20,7 +20,7 @@ import weakref
 from typing import Any
 
 from ..engine import CheckpointEngine
-from ..errors import ConfigError
+from ..errors import ConfigError, integer_option
 from ..shutdown import call_at_exit, interrupted_exit
 from ..uploader import UploadStats
 from ._backend import to_int
@@ -41,16 +41,19 @@ def iterations(model: Any) -> int:
     return to_int(optimizer.iterations)
 
 
-def check_positive_int_or_epoch(name: str, value: Any) -> None:
-    """``save_freq``-style arguments: ``"epoch"`` or an int >= 1.
+def check_positive_int_or_epoch(name: str, value: Any) -> str | int:
+    """``save_freq``-style arguments: ``"epoch"`` or an int >= 1 (a numpy integer too); returns ``"epoch"``
+    or the plain ``int``.
 
     Raises:
         ConfigError: anything else (a ``ValueError``, as Keras raises).
     """
-    if value == "epoch" and isinstance(value, str):
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, str) and value == "epoch":
+        return value
+    number = integer_option(value)
+    if number is None or number < 1:
         raise ConfigError(f"{name} must be 'epoch' or an integer >= 1 (batches), got {value!r}.")
+    return number
 
 
 class EngineLifecycle:

@@ -45,7 +45,7 @@ from ..catalog import CheckpointInfo
 from ..distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_as_the_chief_does, role_of_strategy,
                            worker_temp_dir)
 from ..engine import CheckpointEngine, default_local_dir, ensure_writable
-from ..errors import ConfigError, IntegrityError
+from ..errors import ConfigError, IntegrityError, integer_option
 from ..layout import KERAS_BACKUP
 from ..preemption import PreemptionWatcher
 from ..retention import RetentionPolicy
@@ -166,7 +166,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         super().__init__()
         if not backup_dir:
             raise ConfigError("Empty backup_dir: pass the URL of a directory for this run's backups.")
-        check_positive_int_or_epoch("save_freq", save_freq)
+        save_freq = check_positive_int_or_epoch("save_freq", save_freq)
         self.backup_dir = as_url(backup_dir, "backup_dir")
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
@@ -175,8 +175,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         if is_local_path(self.backup_dir) and os.path.abspath(self.backup_dir) == local:
             raise ConfigError(f"local_dir {local!r} is backup_dir itself: backups are written to local_dir and "
                               "then committed to backup_dir; pass another local_dir (or none).")
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-                                        or max_to_keep < 1):
+        if max_to_keep is not None and ((keep := integer_option(max_to_keep)) is None or keep < 1):
             raise ConfigError(f"max_to_keep must be an integer >= 1 or None (keep every backup), got {max_to_keep!r}.")
         ensure_writable(local)
         self._init_lifecycle(CheckpointEngine(

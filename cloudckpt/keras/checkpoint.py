@@ -141,7 +141,7 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         if not save_weights_only and not name.endswith(_MODEL_EXTS):
             raise ConfigError(f"The ModelCheckpoint filepath must end in '.keras' (Keras model format) or '.h5', got "
                               f"{display_url(filepath)!r}.")
-        check_positive_int_or_epoch("save_freq", save_freq)
+        save_freq = check_positive_int_or_epoch("save_freq", save_freq)
         super().__init__(filepath, monitor=monitor, verbose=verbose, save_best_only=save_best_only,
                          save_weights_only=save_weights_only, mode=mode, save_freq=save_freq,
                          initial_value_threshold=initial_value_threshold)
