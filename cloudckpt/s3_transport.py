@@ -1405,9 +1405,20 @@ _SESSIONS: ProcessCache[Any] = ProcessCache(16)  # environments come and go (tes
 
 
 def aws_environment() -> list[tuple[str, str]]:
-    """The ``AWS_*`` environment variables, sorted: what a cached client or session depends on (endpoint,
-    region, credentials, profile and config file names). Holds secrets: hash it before keeping it."""
-    return sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    """What a cached client or session depends on besides its options: the ``AWS_*`` environment variables,
+    sorted (endpoint, region, credentials, profile and config file names), and the modification time and
+    size of the shared config and credentials files (``~/.aws/config``, ``~/.aws/credentials`` or the
+    files those variables name), so keys rotated in a file give new stores a new session. Holds secrets:
+    hash it before keeping it."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    for name, default in (("AWS_CONFIG_FILE", "~/.aws/config"), ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")):
+        path = os.path.expanduser(os.environ.get(name) or default)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        env.append((f"file:{path}", f"{stat.st_mtime_ns}:{stat.st_size}"))
+    return env
 
 
 def _botocore_session(profile: str | None) -> Any:

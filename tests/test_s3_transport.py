@@ -107,6 +107,25 @@ def test_environment_credentials_are_read_again_when_the_environment_changes(mon
     assert not any("rotated" in key for key in s3_transport._SESSIONS.keys())  # keys are hashes
 
 
+def test_keys_rotated_in_the_credentials_file_are_read_again(monkeypatch, tmp_path):
+    """A credentials file rewritten (a sidecar rotating keys) gives the next transport a new session, which
+    reads the new keys: the shared session is keyed by the file's modification time and size too."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "HTTP_PROXY",
+                 "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    credentials = tmp_path / "credentials"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    credentials.write_text("[default]\naws_access_key_id = first-key\naws_secret_access_key = first-secret\n")
+    assert transport_for({"endpoint_url": "http://127.0.0.1:9"})._credentials()[:2] == ("first-key", "first-secret")
+    credentials.write_text("[default]\naws_access_key_id = rotated-key-2\naws_secret_access_key = rotated-secret\n")
+    stat = credentials.stat()
+    os.utime(credentials, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a coarse clock: still newer
+    assert transport_for({"endpoint_url": "http://127.0.0.1:9"})._credentials()[:2] == ("rotated-key-2",
+                                                                                          "rotated-secret")
+
+
 @pytest.mark.parametrize("kwargs", [{"part_size": 1 << 20}, {"parts_in_flight": 0}, {"range_size": 10},
                                     {"ranges_in_flight": "4"}, {"multipart_threshold": 1 << 20},
                                     {"multipart_threshold": 6 << 30}, {"multipart_threshold": True},
