@@ -1112,11 +1112,28 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     recently used are kept; an instance whose request failed for want of valid credentials is dropped
     (``_forget_s3fs``: its client keeps what it resolved, or not, at its first request); cleared in a
     forked child, whose copy of the parent's client cannot be used (as fsspec's own instance cache does).
+    Options holding anything but plain data (an event ``loop``, a ``session``, a callable) are not shared:
+    a token is made of their text, and two event loops print alike.
     """
     from fsspec.utils import tokenize
 
+    shared_session = _shared_aiobotocore_session()  # cloudckpt's own: one per process, the same for every store
+    if not _plain_data({k: v for k, v in options.items() if not (k == "session" and v is shared_session)}):
+        return cls(**options)
     key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), aws_environment())
     return _S3FS.get(key, lambda: cls(**options))
+
+
+def _plain_data(value: Any) -> bool:
+    """True for None, bools, numbers, strings, bytes and dicts, lists and tuples of them: what a token made
+    of the text (fsspec's ``tokenize``) tells apart."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    return False
 
 
 def _forget_s3fs(fs: Any) -> None:

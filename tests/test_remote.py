@@ -30,6 +30,21 @@ def test_stores_with_the_same_options_share_one_s3fs_client(cloudckpt_s3):
     assert other.fs is not first.fs
 
 
+def test_stores_given_their_own_event_loop_do_not_share_a_client(cloudckpt_s3):
+    """Options are told apart by their text: two event loops print alike, so options holding objects (a loop, a
+    session) are never shared; a store would otherwise run its requests on another store's loop."""
+    import asyncio
+
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    try:
+        a, b = (RemoteStore(cloudckpt_s3.url("a"), {**cloudckpt_s3.storage_options, "loop": loop}) for loop in loops)
+        assert a.fs is not b.fs
+        assert (a.fs.loop, b.fs.loop) == (loops[0], loops[1])
+    finally:
+        for loop in loops:
+            loop.close()
+
+
 def test_a_store_whose_credentials_fail_is_not_shared_again(seaweed_server, monkeypatch):
     """A shared s3fs client keeps the credentials it resolved at its first request: after a request fails for want
     of valid ones, new stores get a new client (as each store had before), and a change of the AWS_* environment
