@@ -1029,7 +1029,10 @@ _BOTOCORE_CONFIG_ERRORS = frozenset({"InvalidRegionError", "NoRegionError", "End
 # client no longer handed out (``_forget_s3fs``).
 _REJECTED_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                                    "HTTP 401"})
-_AIO_SESSION: ProcessCache[Any] = ProcessCache(1)  # one aiobotocore session (see _shared_aiobotocore_session)
+# aiobotocore sessions by the hash of what their default credential chain reads (see _shared_aiobotocore_session),
+# and the one loader of botocore's service models they share (by AWS_DATA_PATH, where it looks for them).
+_AIO_SESSION: ProcessCache[Any] = ProcessCache(4)
+_AIO_LOADER: ProcessCache[Any] = ProcessCache(1)
 # s3fs filesystems by their options' token (see _shared_s3fs); 16 distinct options (endpoints, credentials)
 # kept: a program uses one or two.
 _S3FS: ProcessCache[Any] = ProcessCache(16)
@@ -1070,15 +1073,27 @@ def _parameters(fn: Any) -> frozenset[str]:
 
 
 def _shared_aiobotocore_session() -> Any:
-    """The aiobotocore session every s3fs store of this process shares (unless given a profile or session).
+    """The aiobotocore session the s3fs stores of this process share (unless given a profile or session) while
+    the ``AWS_*`` environment and the shared config and credentials files stay the same (``aws_environment``).
 
     A fresh session parses botocore's S3 service model again for its first client: 0.2-0.5 CPU-seconds per
-    store on the bench machine, paid by every ``download_checkpoint``; a shared one parses it once. It
-    carries no credentials of its own beyond the default chain's, which s3fs passes per client anyway.
+    store on the bench machine, paid by every ``download_checkpoint``; sessions here share one loader, which
+    parses it once. A session keeps the default chain's credentials once resolved (its first client without
+    keys of its own): a session per environment, so keys rotated in the environment or the files reach new
+    stores, and one whose credentials were refused is forgotten with its client (``_forget_s3fs``).
     """
+    import hashlib
+
     import aiobotocore.session
 
-    return _AIO_SESSION.get("session", aiobotocore.session.AioSession)
+    def build() -> Any:
+        session = aiobotocore.session.AioSession()
+        loader = _AIO_LOADER.get(hashlib.sha256(repr(os.environ.get("AWS_DATA_PATH")).encode()).hexdigest(),
+                                 lambda: session.get_component("data_loader"))
+        session.register_component("data_loader", loader)
+        return session
+
+    return _AIO_SESSION.get(hashlib.sha256(repr(aws_environment()).encode()).hexdigest(), build)
 
 
 def _check_s3_key_pair(storage_options: Mapping[str, Any] | None, url: str) -> None:
@@ -1137,8 +1152,12 @@ def _plain_data(value: Any) -> bool:
 
 
 def _forget_s3fs(fs: Any) -> None:
-    """Stop handing ``fs`` to new stores (see ``_shared_s3fs``); stores using it keep it."""
+    """Stop handing ``fs`` to new stores (see ``_shared_s3fs``), nor its aiobotocore session, which keeps the
+    credentials it resolved; stores using them keep them."""
     _S3FS.forget(fs)
+    session = getattr(fs, "session", None)
+    if session is not None:
+        _AIO_SESSION.forget(session)
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ backend): here, the s3fs instances stores share."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 
 import pytest
@@ -60,3 +61,66 @@ def test_a_store_whose_credentials_fail_is_not_shared_again(seaweed_server, monk
     right = RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
     assert RemoteStore(f"s3://{bucket}/run", seaweed_server.storage_options).fs is not right.fs
+
+
+# -- the default credential chain on the s3fs path (no server: a client is built, never used) -------------------
+def _default_chain_only(monkeypatch, tmp_path, config: str = "") -> None:
+    """No credential but what the test sets: no metadata service, no profile, empty config files."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config").write_text(config)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+
+
+def _s3fs_signs_with(store: RemoteStore) -> str:
+    """The access key the store's s3fs client signs with (building the client: no request is sent)."""
+    store.fs.connect()
+    return store.fs.s3._request_signer._credentials.access_key
+
+
+def test_a_store_made_after_environment_keys_rotate_lists_with_the_new_keys(monkeypatch, tmp_path):
+    """Listings, small objects and deletes go through s3fs; a new store's s3fs client must sign with the AWS_*
+    environment of now, not with what the process's first client resolved (the shared aiobotocore session
+    keeps the default chain's credentials once resolved)."""
+    _default_chain_only(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "first-secret")
+    options = {"endpoint_url": "http://127.0.0.1:9"}
+    first = RemoteStore("s3://bucket/run", options)
+    assert _s3fs_signs_with(first) == "first-key"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated-secret")
+    store = RemoteStore("s3://bucket/run", options)
+    assert store._transport is not None and store._transport._credentials()[0] == "rotated-key"
+    assert _s3fs_signs_with(store) == "rotated-key"  # was first-key: the two halves of one store disagreed
+    # a session of its own, but not a second parse of botocore's S3 model (0.2-0.5 CPU-s): one loader
+    assert store.fs.session is not first.fs.session
+    assert store.fs.session.get_component("data_loader") is first.fs.session.get_component("data_loader")
+
+
+def test_a_store_made_after_a_credential_failure_resolves_the_credentials_again(monkeypatch, tmp_path):
+    """After a request is refused for its credentials the shared client is dropped (``_forget_s3fs``) so that
+    the next store "builds a client that resolves credentials again": with credentials from the default chain
+    (here a credential_process handing out a new key at each call) it must really resolve them again."""
+    counter = tmp_path / "calls"
+    script = tmp_path / "creds.py"
+    script.write_text(
+        "import json, pathlib\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': f'key-{n}', 'SecretAccessKey': 's'}))\n")
+    _default_chain_only(monkeypatch, tmp_path, f"[default]\ncredential_process = {sys.executable} {script}\n")
+    options = {"endpoint_url": "http://127.0.0.1:9"}
+    first = RemoteStore("s3://bucket/run", options)
+    signed = _s3fs_signs_with(first)
+    assert signed.startswith("key-")  # (the transport of a store resolves them too: not necessarily key-1)
+    from cloudckpt.remote import _forget_s3fs
+
+    _forget_s3fs(first.fs)  # what RemoteStore._run does on InvalidAccessKeyId, ExpiredToken...
+    again = RemoteStore("s3://bucket/run", options)
+    assert again.fs is not first.fs
+    assert _s3fs_signs_with(again) != signed  # was the same: the shared session kept what it first resolved
