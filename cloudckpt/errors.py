@@ -78,7 +78,10 @@ def number_option(value: object) -> float | None:
 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a float's range
+        return None
     return None if math.isnan(number) else number
 
 

@@ -60,6 +60,11 @@ class ProcessCache(Generic[V]):
             for key in [k for k, v in self._values.items() if v is value]:
                 del self._values[key]
 
+    def clear(self) -> None:
+        """Stop handing out every value; whoever holds one keeps it."""
+        with self._lock:
+            self._values.clear()
+
     def keys(self) -> list[str]:
         """The keys held, least recently used first."""
         with self._lock:

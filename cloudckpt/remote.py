@@ -37,7 +37,7 @@ from .process_cache import ProcessCache
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, aws_environment,
-                           crc32c_hex_from_header, transport_for, unquoted_etag)
+                           crc32c_hex_from_header, forget_sessions, transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 from .waits import map_all
@@ -1158,6 +1158,7 @@ def _forget_s3fs(fs: Any) -> None:
     session = getattr(fs, "session", None)
     if session is not None:
         _AIO_SESSION.forget(session)
+    forget_sessions()  # the transports' botocore sessions keep what they resolved too
 
 
 def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -1404,6 +1404,12 @@ _CLIENT_KWARGS = frozenset({"endpoint_url", "region_name", "verify", "aws_access
 _SESSIONS: ProcessCache[Any] = ProcessCache(16)  # environments come and go (tests): keep the newest few
 
 
+def forget_sessions() -> None:
+    """New transports get a new botocore session: one resolves the default chain's credentials once and keeps
+    them (called when a store refused them, see ``remote._forget_s3fs``)."""
+    _SESSIONS.clear()
+
+
 def aws_environment() -> list[tuple[str, str]]:
     """What a cached client or session depends on besides its options: the ``AWS_*`` environment variables,
     sorted (endpoint, region, credentials, profile and config file names), and the modification time and

@@ -124,3 +124,5 @@ def test_a_store_made_after_a_credential_failure_resolves_the_credentials_again(
     again = RemoteStore("s3://bucket/run", options)
     assert again.fs is not first.fs
     assert _s3fs_signs_with(again) != signed  # was the same: the shared session kept what it first resolved
+    assert again._transport is not None and first._transport is not None
+    assert again._transport._credentials()[0] != first._transport._credentials()[0]  # the transport's session too

@@ -139,7 +139,7 @@ def test_call_gives_up_after_max_attempts_and_deadline():
                                     {"max_attempts": 3.0}, {"max_attempts": True}, {"max_attempts": np.True_},
                                     {"max_attempts": "3"}, {"max_attempts": np.int64(0)}, {"deadline": "x"},
                                     {"initial_backoff": "1"}, {"max_backoff": None}, {"deadline": float("nan")},
-                                    {"max_backoff": True}])
+                                    {"max_backoff": True}, {"deadline": 10**400}])
 def test_policy_validation(kwargs):
     with pytest.raises(ConfigError):
         RetryPolicy(**kwargs)
