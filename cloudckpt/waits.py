@@ -50,12 +50,22 @@ def result_of(future: "concurrent.futures.Future[T]") -> T:
 
 
 def map_all(pool: concurrent.futures.Executor, fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
-    """``list(pool.map(fn, items))``, each result waited for with ``result_of``: the results in the order of
-    ``items``; the first failure (or a Ctrl-C) cancels the items not started yet, as ``Executor.map`` does,
-    and is raised. Items already running go on: a pool that must stop them is a ``cancelling_pool``."""
-    futures = [pool.submit(fn, item) for item in items]
+    """``list(pool.map(fn, items))`` waited for in slices of ``SIGNAL_SLICE``: the results in the order of
+    ``items``. A failure is raised as soon as it happens, whatever item it is (``Executor.map`` raises it only
+    once the items before it end; a verify reads the largest file first), and it, or a Ctrl-C, cancels the
+    items not started yet. Items already running go on: a pool that must stop them is a ``cancelling_pool``."""
+    futures: list[concurrent.futures.Future[T]] = []
     try:
-        return [result_of(future) for future in futures]
+        for item in items:
+            futures.append(pool.submit(fn, item))
+        pending: set[concurrent.futures.Future[T]] = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=SIGNAL_SLICE,
+                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
+            for future in done:
+                if future.cancelled() or future.exception() is not None:
+                    future.result()  # raises it
+        return [future.result() for future in futures]
     except BaseException:
         for future in futures:
             future.cancel()

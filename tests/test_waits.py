@@ -63,6 +63,33 @@ def test_map_all_returns_the_results_in_order_and_a_failure_cancels_the_items_no
     assert ran in ([3], [3, 4])  # as Executor.map: the items not started (5 at least) were cancelled
 
 
+def test_map_all_raises_a_failure_while_an_earlier_item_still_runs():
+    """A verify reads the largest file first: a small file that fails meanwhile is raised at once (Executor.map
+    raised it only once every item before it had ended)."""
+    release = threading.Event()
+    ran: list[int] = []
+    ended: list[int] = []
+
+    def work(item: int) -> int:
+        ran.append(item)
+        if item == 0:
+            release.wait(10)  # a large file still downloading
+            ended.append(item)
+        if item == 1:
+            raise ValueError("item 1 failed")
+        return item
+
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            with pytest.raises(ValueError, match="item 1 failed"):
+                map_all(pool, work, [0, 1, 2, 3])
+            ended_when_raised = list(ended)
+        finally:
+            release.set()
+    assert ended_when_raised == []  # raised while item 0 was still running
+    assert ran[:2] in ([0, 1], [1, 0])
+
+
 def test_map_all_raises_a_ctrl_c_recorded_by_another_thread_while_a_future_never_completes():
     """The SIGINT reaches another thread (the main thread blocks it), as when it lands just before an untimed wait
     starts: Python records it, and the main thread's wait must come back to raise it. ``list(pool.map(...))``
