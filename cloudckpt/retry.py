@@ -192,7 +192,9 @@ class RetryPolicy:
         """Run ``fn`` until it succeeds, a fatal error occurs, or the policy gives up.
 
         ``on_retry(attempt, exc, delay)`` is called before each wait. Setting
-        ``cancel`` ends the wait early and re-raises the last error.
+        ``cancel`` ends the wait early and re-raises the last error; a failure once it is set is
+        re-raised at once, not reported as a retry (a Ctrl-C cuts the requests in flight: their
+        connection errors are no store trouble).
         """
         start = time.monotonic()
         attempt = 1
@@ -201,6 +203,8 @@ class RetryPolicy:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
                 if not is_transient(exc) or attempt >= self.max_attempts:
+                    raise
+                if cancel is not None and cancel.is_set():  # given up (Ctrl-C, an abandon): no retry to report
                     raise
                 delay = self.backoff(attempt)
                 if self.deadline is not None and time.monotonic() - start + delay > self.deadline:

@@ -135,6 +135,25 @@ def test_call_gives_up_after_max_attempts_and_deadline():
     assert len(calls) < 100
 
 
+def test_call_does_not_report_a_retry_once_cancelled():
+    """A Ctrl-C shuts the sockets of the requests in flight: their connection errors are transient by
+    type, but once ``cancel`` is set they are re-raised, not logged and counted as retries ("Retrying
+    upload ... after TransferCancelled" in the log and the retries_by_cause of an abandoned upload)."""
+    import threading
+
+    cancel, calls, seen = threading.Event(), [], []
+
+    def cut():
+        calls.append(1)
+        cancel.set()  # given up while this request was in flight
+        raise ConnectionResetError(errno.ECONNRESET, "shut by abort_requests")
+
+    with pytest.raises(ConnectionResetError):
+        RetryPolicy(max_attempts=5, initial_backoff=0.0).call(
+            cut, on_retry=lambda attempt, exc, delay: seen.append(attempt), cancel=cancel)
+    assert calls == [1] and seen == []
+
+
 @pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0},
                                     {"max_attempts": 3.0}, {"max_attempts": True}, {"max_attempts": np.True_},
                                     {"max_attempts": "3"}, {"max_attempts": np.int64(0)}, {"deadline": "x"},
