@@ -68,6 +68,19 @@ log = logging.getLogger("cloudckpt")
 __all__ = ["CheckpointManager"]
 
 
+def _refuse_a_negative_number(checkpoint_number: Any) -> None:
+    """Raise ConfigError for a negative integer ``checkpoint_number`` (an int, a numpy integer, a tensor or
+    variable holding one), before TF writes: TF saves ``-2`` as ``<checkpoint_name>--2``, whose name reads as
+    step 2 of the basename ``<checkpoint_name>-``; it was committed as a second checkpoint of step 2."""
+    if checkpoint_number is None:
+        return
+    value = checkpoint_number.numpy() if hasattr(checkpoint_number, "numpy") else checkpoint_number
+    number = integer_option(value)
+    if number is not None and number < 0:
+        raise ConfigError(f"checkpoint_number must be an integer >= 0 (the checkpoint's step), got {number}; "
+                          "nothing was saved.")
+
+
 class CheckpointManager:
     """``tf.train.CheckpointManager`` for a URL: every save is committed in the background.
 
@@ -293,7 +306,8 @@ class CheckpointManager:
                 checkpoint of this call is saved and queued first. Multi-worker, these are raised
                 on every worker at the same call (``WorkerFailedError`` on the others): here when
                 this call wrote a checkpoint, or by ``should_stop()``.
-            ConfigError: the manager is closed; or, at the first save, the
+            ConfigError: the manager is closed; ``checkpoint_number`` is negative (nothing is
+                written: TF's ``ckpt--2`` would read as step 2); or, at the first save, the
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
                 written or committed; call ``restore_or_initialize()`` first.
@@ -302,6 +316,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
+        _refuse_a_negative_number(checkpoint_number)
         self._ensure_resumed()
         if self._last_saved_step is None:
             self._check_restored(checkpoint_number)

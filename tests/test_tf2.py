@@ -343,6 +343,22 @@ def test_numpy_integers_are_taken_as_ints(tmp_path, memory_url):
     assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [8]  # max_to_keep=1 kept the newest
 
 
+
+def test_a_negative_checkpoint_number_is_refused_before_tf_writes(tmp_path, memory_url):
+    """TF saves checkpoint_number=-2 as ``ckpt--2``, a name that reads as step 2: it was committed as a
+    second checkpoint of step 2 next to ``ckpt-2``. Refused now (an int, a numpy integer, a tensor), with
+    nothing written locally or committed."""
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=5, local_dir=str(tmp_path)) as manager:
+        manager.save(checkpoint_number=2)
+        for number in (-2, np.int64(-2), tf.constant(-2, tf.int64)):
+            with pytest.raises(cloudckpt.ConfigError, match="checkpoint_number must be an integer >= 0"):
+                manager.save(checkpoint_number=number)
+        manager.save(checkpoint_number=np.int64(3))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("ckpt--")]
+    assert [(c.step, c.prefix.rsplit("/", 1)[-1]) for c in cloudckpt.list_checkpoints(memory_url)] == [
+        (2, "ckpt-2"), (3, "ckpt-3")]
+
 def test_tfs_restore_latest_checkpoint_pattern_resumes_on_a_fresh_vm(tmp_path, memory_url, caplog):
     """TF's tutorial pattern, ``ckpt.restore(manager.latest_checkpoint)`` without restore_or_initialize():
     the first read of latest_checkpoint fetches the newest committed checkpoint to an empty local_dir."""
