@@ -155,7 +155,10 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             raise ConfigError("At most one of saver or scaffold should be set.")
         checkpoint_dir = as_url(checkpoint_dir, "checkpoint_dir")
         local_dir = resolve_local_dir(checkpoint_dir, local_dir, storage_options, writer="the Saver")
-        RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)  # validate now, not mid-run
+        try:  # validate now, not mid-run
+            RetentionPolicy(remote_max_to_keep, keep_checkpoint_every_n_hours)
+        except ConfigError as exc:  # the hook's argument is remote_max_to_keep
+            raise ConfigError(str(exc).replace("max_to_keep", "remote_max_to_keep", 1)) from None
         self._upload = UploadListener(checkpoint_dir, local_dir, storage_options=storage_options,
                                       max_pending=max_pending, retry=retry, on_error=on_error,
                                       upload_timeout=upload_timeout, preemption=preemption,

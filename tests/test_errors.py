@@ -101,6 +101,11 @@ def test_non_positive_schedule(kwargs, fragment, memory_url, tmp_path):
         cloudckpt.CheckpointSaverHook(memory_url, local_dir=str(tmp_path), **kwargs)
 
 
+def test_a_bad_remote_max_to_keep_is_named_as_the_hooks_argument(memory_url, tmp_path):
+    with pytest.raises(cloudckpt.ConfigError, match="remote_max_to_keep must be an integer >= 0"):
+        cloudckpt.CheckpointSaverHook(memory_url, local_dir=str(tmp_path), save_steps=5, remote_max_to_keep=2.0)
+
+
 @pytest.mark.parametrize("kwargs", [{"save_steps": "np.int64(5)"}, {"save_secs": "np.float32(2.5)"},
                                     {"save_secs": "np.int64(3)"}])
 def test_a_numpy_schedule_is_taken(kwargs, memory_url, tmp_path):
