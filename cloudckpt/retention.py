@@ -120,9 +120,11 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
         keep_ids.add(id(current[-1]))
     keep_ids |= {id(c) for c in current if c.step in protect}
     if policy.keep_checkpoint_every_n_hours and current:
+        # As TF's managers: the first checkpoint kept is one N hours after training began (here: after the
+        # directory's first checkpoint, which TF does not keep for this), then one N hours after the last kept.
         period = policy.keep_checkpoint_every_n_hours * 3600
         by_time = sorted(current, key=lambda c: c.step)
-        next_keep = _created(by_time[0])
+        next_keep = _created(by_time[0]) + period
         for c in by_time:
             if _created(c) >= next_keep:
                 keep_ids.add(id(c))

@@ -104,8 +104,9 @@ def test_plan_keeps_newest_and_one_per_period():
     scan = DirectoryScan(committed=[info(s, s / 10) for s in range(0, 100, 10)], incomplete=[], unreadable={},
                          objects=[])
     plan = plan_retention(scan, RetentionPolicy(max_to_keep=2, keep_checkpoint_every_n_hours=3))
-    assert [c.step for c in plan.keep] == [0, 30, 60, 80, 90]
-    assert [c.step for c in plan.delete] == [10, 20, 40, 50, 70]
+    # as TF: one kept 3 hours after the first checkpoint (step 30), then every 3 hours; not the first itself
+    assert [c.step for c in plan.keep] == [30, 60, 80, 90]
+    assert [c.step for c in plan.delete] == [0, 10, 20, 40, 50, 70]
     everything = plan_retention(scan, RetentionPolicy(max_to_keep=None))
     assert everything.delete == []
 
