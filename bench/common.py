@@ -66,11 +66,14 @@ def summarize(samples: Sequence[float], unit: str, **extra: Any) -> dict[str, An
     xs = sorted(float(x) for x in samples)
     if not xs:
         raise ValueError("no samples")
+    median = statistics.median(xs)
     if len(xs) >= 2:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+        # interpolating between samples equal but for the last bit can land a quartile past the median
+        q1, q3 = min(max(q1, xs[0]), median), max(min(q3, xs[-1]), median)
     else:
         q1 = q3 = xs[0]
-    return {"unit": unit, "median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3,
+    return {"unit": unit, "median": median, "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3,
             "n": len(xs), "samples": [float(x) for x in samples], **extra}
 
 

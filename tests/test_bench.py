@@ -182,3 +182,14 @@ def test_environment_and_table(results: tuple[dict, str]) -> None:
     for key in SCENARIOS:
         assert doc["scenarios"][key]["title"] in stdout
     assert "ratio cloudckpt/transfer_manager" in stdout
+
+
+def test_quartiles_stay_between_min_and_max_for_samples_equal_but_for_the_last_bit():
+    """statistics.quantiles interpolates: for two samples one bit apart its q1 came out above the median (a CI
+    run's server CPU per GiB: equal CPU ticks over nearly equal seconds)."""
+    from bench.common import summarize
+
+    for samples in ([3.7736660268713207, 3.7736660268713202], [1.0000000000000002, 1.0, 1.0000000000000002],
+                    [0.1 + 0.2, 0.3, 0.30000000000000004, 0.3]):
+        fig = summarize(samples, "x")
+        assert fig["min"] <= fig["q1"] <= fig["median"] <= fig["q3"] <= fig["max"], samples
