@@ -196,11 +196,12 @@ class RemoteStore:
                 options.update(_with_single_retry_layer(protocol, storage_options))
                 if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs"):
                     _check_s3fs_options(cls, options)
-                if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs") \
-                        and not {"session", "profile"} & set(options):
+                own_session = protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs") \
+                    and not {"session", "profile"} & set(options)
+                if own_session:
                     options["session"] = _shared_aiobotocore_session()
                 root = cls._strip_protocol(path_url)
-                fs = _shared_s3fs(cls, options) if cls.__module__.startswith("s3fs") else cls(**options)
+                fs = _shared_s3fs(cls, options, own_session) if cls.__module__.startswith("s3fs") else cls(**options)
                 return fs, (root.rstrip("/") or root)
             except (TypeError, KeyError, ValueError) as exc:
                 error = ConfigError(f"Invalid storage_options or URL credentials for {self.url!r}: "
@@ -1114,7 +1115,7 @@ def _check_s3_key_pair(storage_options: Mapping[str, Any] | None, url: str) -> N
                           "for temporary credentials), or neither to use the environment's credentials.")
 
 
-def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
+def _shared_s3fs(cls: type, options: Mapping[str, Any], own_session: bool = False) -> Any:
     """The s3fs filesystem for ``options`` that every ``RemoteStore`` of this process with the same options
     shares (``options`` keep ``skip_instance_cache``: cloudckpt's instances are never fsspec's shared ones,
     whose settings it would change, see ``_with_single_retry_layer``).
@@ -1127,13 +1128,13 @@ def _shared_s3fs(cls: type, options: Mapping[str, Any]) -> Any:
     recently used are kept; an instance whose request failed for want of valid credentials is dropped
     (``_forget_s3fs``: its client keeps what it resolved, or not, at its first request); cleared in a
     forked child, whose copy of the parent's client cannot be used (as fsspec's own instance cache does).
-    Options holding anything but plain data (an event ``loop``, a ``session``, a callable) are not shared:
-    a token is made of their text, and two event loops print alike.
+    Options holding anything but plain data (an event ``loop``, a user's ``session``, a callable) are not
+    shared: a token is made of their text, and two event loops print alike. ``own_session``: the ``session``
+    option is cloudckpt's (``_shared_aiobotocore_session``), not the user's.
     """
     from fsspec.utils import tokenize
 
-    shared_session = _shared_aiobotocore_session()  # cloudckpt's own: one per process, the same for every store
-    if not _plain_data({k: v for k, v in options.items() if not (k == "session" and v is shared_session)}):
+    if not _plain_data({k: v for k, v in options.items() if not (own_session and k == "session")}):
         return cls(**options)
     key = tokenize(cls, sorted(options.items(), key=lambda kv: kv[0]), aws_environment())
     return _S3FS.get(key, lambda: cls(**options))

@@ -73,6 +73,16 @@ def stacks_then_kill(proc: subprocess.Popen) -> tuple[str, str]:
     return proc.communicate()
 
 
+def communicate_or_fail(proc: subprocess.Popen, timeout: float, what: str, tail: int = 6000) -> tuple[str, str]:
+    """The child's (stdout, stderr) once it ends within ``timeout`` seconds; else fail with ``what`` and the end
+    of its stderr, every thread's stack included (``stacks_then_kill``)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _, err = stacks_then_kill(proc)
+        pytest.fail(f"{what}: {err[-tail:]}")
+
+
 def pull_process(url: str, dest: Path, endpoint: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", "pull", url, str(dest), "-o",
                              f"endpoint_url={endpoint}"], env=cli_env(), stdout=subprocess.PIPE,
@@ -280,11 +290,7 @@ def test_a_ctrl_c_the_wait_does_not_see_arrive_still_abandons_the_upload(cloudck
                  "a part PUT is held by the store")
         first = proc.stdout.readline()  # SIGINT blocked in the closing thread: before or in close()'s wait alike
         proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            out, err = stacks_then_kill(proc)
-            pytest.fail(f"close() did not see the Ctrl-C: {err[-6000:]}")
+        out, err = communicate_or_fail(proc, 60, "close() did not see the Ctrl-C")
     assert (first + out).split() == ["closing", "interrupted"], (first, out, err)
     assert "Abandoning upload of checkpoint step(s) [7]" in err, err
     assert open_uploads(client, cloudckpt_s3.name) == []  # aborted
@@ -324,11 +330,7 @@ def test_a_ctrl_c_the_main_thread_does_not_see_arrive_still_stops_push_and_verif
                                 stdin=subprocess.DEVNULL, text=True)
         wait_for(lambda: proxy.most_held.get(method, 0) > 0, proc, f"a data {method} is held by the store")
         proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            out, err = stacks_then_kill(proc)
-            pytest.fail(f"{command} did not see the Ctrl-C: {err[-6000:]}")
+        out, err = communicate_or_fail(proc, 30, f"{command} did not see the Ctrl-C")
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines()[-1] == "cloudckpt: interrupted", err
     if command == "push":
@@ -509,11 +511,8 @@ def test_ctrl_c_does_not_wait_for_a_stalled_request_of_a_keras_callback(fit, clo
         wait_for(lambda: any("partNumber=" in p for m, p, _ in proxy.events if m == "PUT"), proc,
                  "a part PUT is held by the store")
         proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)  # the held PUT is answered after 120 s
-        except subprocess.TimeoutExpired:
-            out, err = stacks_then_kill(proc)
-            pytest.fail(f"the process waited for the stalled request after Ctrl-C: {err[-12000:]}")
+        # the held PUT is answered after 120 s
+        out, err = communicate_or_fail(proc, 60, "the process waited for the stalled request after Ctrl-C", tail=12000)
     assert proc.returncode == -signal.SIGINT, (out, err)
     assert "closing cloudckpt: abandoning the upload of checkpoint step(s) [" in err, err
     assert cloudckpt.list_checkpoints(url, storage_options=cloudckpt_s3.storage_options) == []
