@@ -31,7 +31,9 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -470,37 +472,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # what a user types; int() also takes "1_0" and "١٠"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a decimal integer in [low, high] (no upper bound when ``high`` is None); out of
+    range at either end, the same error naming the range."""
+    bounds = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
 
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]; 0 and 65 for [1, 64] get the same error, naming the range."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {value}")
+        if not _DECIMAL_INTEGER.fullmatch(text):
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}")
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     return parse
+
+
+_non_negative_int = _int_in(0)
+_positive_int = _int_in(1)
 
 
 def _float(minimum: float, strict: bool) -> Callable[[str], float]:
@@ -508,8 +499,10 @@ def _float(minimum: float, strict: bool) -> Callable[[str], float]:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value != value or (value <= minimum if strict else value < minimum):
+            value = math.nan
+        if "_" in text or not math.isfinite(value):  # float() also takes "1_0", "inf" and "nan"
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if value <= minimum if strict else value < minimum:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
         return value
     return parse

@@ -69,6 +69,16 @@ def integer_option(value: object) -> int | None:
         return None
 
 
+def bool_option(value: object) -> bool | None:
+    """``value`` as a plain ``bool`` when it is one or a numpy bool (``np.True_``, what a comparison of numpy
+    values gives), else None (an int, a string, None...)."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # numpy 2 and 1
+        return bool(value)
+    return None
+
+
 def number_option(value: object) -> float | None:
     """``value`` as a ``float`` when it is a real number other than a bool or NaN (an ``int``, a ``float``,
     a numpy scalar...), else None (a string, a bool, None...). How the options objects validate their

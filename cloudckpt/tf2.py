@@ -68,12 +68,19 @@ log = logging.getLogger("cloudckpt")
 __all__ = ["CheckpointManager"]
 
 
-def _refuse_a_negative_number(checkpoint_number: Any) -> None:
-    """Raise ConfigError for a negative integer ``checkpoint_number`` (an int, a numpy integer, a tensor or
-    variable holding one), before TF writes: TF saves ``-2`` as ``<checkpoint_name>--2``, whose name reads as
-    step 2 of the basename ``<checkpoint_name>-``; it was committed as a second checkpoint of step 2."""
+def _refuse_a_bad_number(checkpoint_number: Any) -> None:
+    """Raise ConfigError, before TF writes, for a ``checkpoint_number`` that is not an integer (an int, a
+    numpy integer, a bool, or a tensor or variable; TF itself fails on a Python or numpy float or a string
+    with ``AttributeError: 'float' object has no attribute 'numpy'``), or is a negative one: TF saves ``-2``
+    as ``<checkpoint_name>--2``, whose name reads as step 2 of the basename ``<checkpoint_name>-``; it was
+    committed as a second checkpoint of step 2."""
     if checkpoint_number is None:
         return
+    if not hasattr(checkpoint_number, "numpy") and not isinstance(checkpoint_number, bool) \
+            and integer_option(checkpoint_number) is None:
+        raise ConfigError(f"checkpoint_number must be an integer >= 0 (the checkpoint's step) or a tensor "
+                          f"holding one, got {checkpoint_number!r} ({type(checkpoint_number).__name__}); "
+                          "nothing was saved.")
     value = checkpoint_number.numpy() if hasattr(checkpoint_number, "numpy") else checkpoint_number
     number = integer_option(value)
     if number is not None and number < 0:
@@ -307,7 +314,8 @@ class CheckpointManager:
                 on every worker at the same call (``WorkerFailedError`` on the others): here when
                 this call wrote a checkpoint, or by ``should_stop()``.
             ConfigError: the manager is closed; ``checkpoint_number`` is negative (nothing is
-                written: TF's ``ckpt--2`` would read as step 2); or, at the first save, the
+                written: TF's ``ckpt--2`` would read as step 2) or not an integer (a float or a
+                string: TF fails with AttributeError); or, at the first save, the
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
                 written or committed; call ``restore_or_initialize()`` first.
@@ -316,7 +324,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
-        _refuse_a_negative_number(checkpoint_number)
+        _refuse_a_bad_number(checkpoint_number)
         self._ensure_resumed()
         if self._last_saved_step is None:
             self._check_restored(checkpoint_number)

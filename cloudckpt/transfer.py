@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError, integer_option
+from .errors import ConfigError, bool_option, integer_option
 from .s3_transport import MULTIPART_THRESHOLD, PART_SIZE, PARTS_IN_FLIGHT
 
 __all__ = ["TransferOptions", "MiB"]
@@ -97,8 +97,10 @@ class TransferOptions:
     multipart_threshold: int = MULTIPART_THRESHOLD
 
     def __post_init__(self) -> None:
-        if not isinstance(self.incremental, bool):
+        incremental = bool_option(self.incremental)
+        if incremental is None:
             raise ConfigError(f"TransferOptions.incremental must be True or False, got {self.incremental!r}.")
+        object.__setattr__(self, "incremental", incremental)  # a numpy bool stored as the bool
         _check_int(self, "part_size", MIN_PART_SIZE, MAX_PART_SIZE, " bytes (5 MiB to 5 GiB)")
         if self.part_size % PART_ALIGNMENT:
             raise ConfigError(f"TransferOptions.part_size must be a multiple of 256 KiB ({PART_ALIGNMENT} bytes), "

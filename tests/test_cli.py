@@ -487,7 +487,7 @@ def test_errors_are_one_line_with_documented_exit_codes(moto_server, bucket):
     assert missing.returncode == 2  # configuration: the bucket does not exist
     assert "does not exist" in one_error_line(missing.stderr)
     assert unknown.returncode == 2 and "Unknown protocol" in one_error_line(unknown.stderr)
-    assert negative.returncode == 2 and "--keep: must be >= 0" in negative.stderr
+    assert negative.returncode == 2 and "--keep: must be an integer >= 0, got -1" in negative.stderr
     assert bad_option.returncode == 2
     assert "not_a_real_option" in one_error_line(bad_option.stderr)
     assert conflict.returncode == 2 and "client_kwargs" in one_error_line(conflict.stderr)
@@ -535,6 +535,31 @@ def test_demo(demo_run):
     assert re.findall(r"^\s+(\d+)\s+\d{4}-\d\d-\d\dT", text, re.M) == ["0", "3", "6", "9"]
     assert "The new VM restored step 6 from the bucket and trained to step 9." in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["pull", "memory://x/run", "DEST", "--streams", "1_0"], "argument --streams: expected an integer in [1, 64], "
+                                                              "got '1_0'"),
+    (["gc", "memory://x/run", "--keep", "1_0"], "argument --keep: expected an integer >= 0, got '1_0'"),
+    (["gc", "memory://x/run", "--keep", "\u0661"], "argument --keep: expected an integer >= 0, got '\u0661'"),
+    (["gc", "memory://x/run", "--keep", "2.0"], "argument --keep: expected an integer >= 0, got '2.0'"),
+    (["gc", "memory://x/run", "--keep", "1", "--keep-every-hours", "inf"],
+     "argument --keep-every-hours: expected a number, got 'inf'"),
+    (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "nan"],
+     "argument --grace-hours: expected a number, got 'nan'"),
+    (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "1_5"],
+     "argument --grace-hours: expected a number, got '1_5'"),
+])
+def test_numbers_python_parses_but_a_user_would_not_type_are_usage_errors(tmp_path, capsys, argv, error):
+    """``int()`` and ``float()`` take "1_0" (10), Arabic-Indic digits, "inf" and "nan": none of them is a count
+    or a number of hours a user means; each is the flag's usage error (exit 2), nothing done."""
+    argv = [str(tmp_path / "dest") if a == "DEST" else a for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"cloudckpt {argv[0]}: error: {error}", err
+    assert not (tmp_path / "dest").exists()
 
 
 @pytest.mark.parametrize("streams", ["0", "65", "-3"])

@@ -352,7 +352,8 @@ def test_transfer_options_are_validated(field, value, allowed):
 
 
 def test_transfer_options_take_numpy_integers_as_ints():
-    """An integer computed with numpy (``np.int64(16 << 20)``) is an integer: stored as the plain int."""
+    """An integer computed with numpy (``np.int64(16 << 20)``) is an integer: stored as the plain int; a numpy
+    bool is a bool (``incremental=np.False_`` was refused)."""
     options = TransferOptions(part_size=np.int64(16 << 20), multipart_threshold=np.uint64(100 << 20),
                               max_files_in_flight=np.int32(2), max_parts_in_flight=np.uint8(3),
                               max_download_streams=np.array(8))
@@ -361,6 +362,10 @@ def test_transfer_options_take_numpy_integers_as_ints():
     assert fields == (16 << 20, 100 << 20, 2, 3, 8) and {type(f) for f in fields} == {int}
     assert options == TransferOptions(part_size=16 << 20, multipart_threshold=100 << 20, max_files_in_flight=2,
                                       max_parts_in_flight=3, max_download_streams=8)
+    flag = np.arange(3).sum() > 5  # a numpy bool (np.False_), what a comparison of numpy values gives
+    assert TransferOptions(incremental=flag).incremental is False
+    with pytest.raises(cloudckpt.ConfigError, match=r"TransferOptions\.incremental must be True or False"):
+        TransferOptions(incremental=np.int64(0))
 
 
 def test_transfer_options_reach_the_store(counted, tmp_path):

@@ -25,7 +25,7 @@ from cloudckpt.remote import RemoteStore
 from cloudckpt.restore import verify_checkpoint
 from cloudckpt.retry import is_transient
 from cloudckpt.writers import Writer
-from support.checks import assert_all_committed_intact, log_entries
+from support.checks import assert_all_committed_intact, committed_manifest_names, log_entries, remote_fs
 from support.trainer_process import TrainerProcess
 
 
@@ -257,7 +257,12 @@ def writer_trials(moto_server, tmp_path, trials: int, seed: int) -> list[tuple[i
                 assert report.ok or info.commit_id not in {c.commit_id for c in scan_directory(store).committed
                                                            + scan_directory(store).superseded}, \
                     f"trial {trial}: committed step {info.step} does not verify: {report.problems}"
-            assert assert_all_committed_intact(url, options)
+            assert assert_all_committed_intact(url, options), (
+                f"trial {trial}: no committed manifest found; cloudckpt's scan: "
+                f"{[(c.step, c.commit_id, c.writer_id) for c in scan_directory(store).committed]}; "
+                f"log: {[(e['type'], e.get('epoch'), e.get('commit_id'), e.get('manifest'), e.get('retire')) for e in log_entries(url, options)]}; "
+                f"committed names: {committed_manifest_names(url, options)}; "
+                f"listing: {sorted(p.rsplit('/', 1)[-1] for p in remote_fs(url, options)[0].ls(url, detail=False))}")
             results.append((newer.first_step, older.step))
             current = newer
     finally:

@@ -344,16 +344,18 @@ def test_numpy_integers_are_taken_as_ints(tmp_path, memory_url):
 
 
 
-def test_a_negative_checkpoint_number_is_refused_before_tf_writes(tmp_path, memory_url):
+def test_a_negative_or_non_integer_checkpoint_number_is_refused_before_tf_writes(tmp_path, memory_url):
     """TF saves checkpoint_number=-2 as ``ckpt--2``, a name that reads as step 2: it was committed as a
     second checkpoint of step 2 next to ``ckpt-2``. Refused now (an int, a numpy integer, a tensor), with
-    nothing written locally or committed."""
+    nothing written locally or committed; so is a float or a string, where TF fails with
+    ``AttributeError: 'float' object has no attribute 'numpy'``."""
     w, b, ckpt = variables()
     with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=5, local_dir=str(tmp_path)) as manager:
         manager.save(checkpoint_number=2)
-        for number in (-2, np.int64(-2), tf.constant(-2, tf.int64)):
-            with pytest.raises(cloudckpt.ConfigError, match="checkpoint_number must be an integer >= 0"):
+        for number in (-2, np.int64(-2), tf.constant(-2, tf.int64), 3.0, np.float64(3.0), "3"):
+            with pytest.raises(cloudckpt.ConfigError, match="checkpoint_number must be an integer >= 0") as info:
                 manager.save(checkpoint_number=number)
+            assert "nothing was saved" in str(info.value)
         manager.save(checkpoint_number=np.int64(3))
     assert not [name for name in os.listdir(tmp_path) if name.startswith("ckpt--")]
     assert [(c.step, c.prefix.rsplit("/", 1)[-1]) for c in cloudckpt.list_checkpoints(memory_url)] == [
