@@ -68,22 +68,30 @@ def committed_manifest_names(url: str, options: dict | None = None) -> dict[str,
 
 def manifests(url: str, options: dict | None = None) -> dict[int, dict]:
     """step -> parsed manifest JSON for every committed manifest in the directory (with a commit log:
-    named by a live commit entry with the same commit id; without: every manifest)."""
+    named by a live commit entry with the same commit id; without: every manifest).
+
+    On a live directory (a writer committing and retiring meanwhile) the log is read before the listing and
+    again after the manifests: a manifest counts when the commit it names is live in either reading, so one
+    committed while the manifests are read counts, and one whose name was retired and committed again (a
+    new commit id) is matched against the newer reading."""
     fs, root = remote_fs(url, options)
-    committed = committed_manifest_names(url, options)
-    out = {}
+    before = committed_manifest_names(url, options)
+    found = {}
     for path in fs.ls(root, detail=False):
         m = re.match(r".*-(\d+)\.manifest\.json$", path)
         if not m:
             continue
         try:
-            doc = json.loads(fs.cat_file(path))
+            found[path] = (int(m.group(1)), json.loads(fs.cat_file(path)))
         except FileNotFoundError:  # retired and deleted since the listing (a live directory)
             continue
+    after = committed_manifest_names(url, options) if before is not None else None
+    out = {}
+    for path, (step, doc) in found.items():
         name = path.rsplit("/", 1)[-1]
-        if committed is not None and (name not in committed or doc.get("commit_id") != committed[name]):
+        if before is not None and doc.get("commit_id") not in (before.get(name, False), after.get(name, False)):
             continue  # debris: an upload (or a fenced writer's manifest) that never committed
-        out[int(m.group(1))] = doc
+        out[step] = doc
     return out
 
 
