@@ -1,7 +1,9 @@
 """An in-process S3 server (moto's server mode) for the demo, tests and benchmarks.
 
 Real HTTP on 127.0.0.1, so the s3fs/botocore code path is exactly the one
-used against AWS. Needs the ``demo`` extra: ``pip install 'cloudckpt[demo]'``.
+used against AWS; conditional writes are decided atomically, as S3 does
+(``moto_mock.serialize_conditional_writes``). Needs the ``demo`` extra:
+``pip install 'cloudckpt[demo]'``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 from typing import Any
 
 from .errors import ConfigError
+from .moto_mock import serialize_conditional_writes
 
 # moto accepts any credentials; these only keep botocore from looking for real ones.
 _FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -41,6 +44,7 @@ class EmbeddedS3:
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+        serialize_conditional_writes()  # create-only writes decided atomically, as S3 does
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
 
     @property

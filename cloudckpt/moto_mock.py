@@ -21,12 +21,24 @@ can be active.
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from .errors import ConfigError
 
-__all__ = ["moto_mock_active", "mock_transport", "bypassed_mock_error", "MOCK_FIX"]
+__all__ = ["moto_mock_active", "mock_transport", "bypassed_mock_error", "serialize_conditional_writes", "MOCK_FIX"]
+
+log = logging.getLogger("cloudckpt")
+# one of these is held by a conditional write for its check and store: the one its object's name hashes to
+# (concurrent conditional writes of other objects rarely wait for each other)
+_CONDITIONAL_WRITES = tuple(threading.Lock() for _ in range(64))
+_PATCHING = threading.Lock()
+# moto's handlers that check a write's condition (If-None-Match / If-Match) and then store: PutObject, and
+# CompleteMultipartUpload (a POST on the key)
+_CONDITIONAL_HANDLERS = ("put_object", "_key_response_post")
 
 S3_PROTOCOLS = ("s3", "s3a")
 # What to tell a user whose test cannot run under the in-process mock.
@@ -49,6 +61,8 @@ def mock_transport(protocol: str) -> type | None:
     if protocol in S3_PROTOCOLS and moto_mock_active():
         from .s3_botocore import BotocoreS3FileSystem
 
+        serialize_conditional_writes()
+
         return BotocoreS3FileSystem
     return None
 
@@ -64,3 +78,42 @@ def bypassed_mock_error(fs: Any, url: str) -> ConfigError | None:
     return ConfigError(
         f"{url} was opened before moto's mock_aws() started, so its S3 client (s3fs) is not one the mock can "
         f"intercept. Create the hook (or call cloudckpt) inside the mock, {MOCK_FIX}.")
+
+
+def serialize_conditional_writes() -> None:
+    """Make moto decide conditional writes atomically, as S3 does (idempotent; for the whole process).
+
+    moto (5.x, ``moto.s3.responses.S3Response``) checks ``If-None-Match: *`` / ``If-Match`` and stores the
+    object afterwards with no lock in between, so two concurrent create-only writes of one key can both be
+    answered 200, the later overwriting the earlier, whose writer then believes it appended: the commit log's
+    "exactly one party wins an index" (``commitlog.py``) and create-only checkpoint uploads rest on S3's
+    atomic decision (S3 User Guide, "Conditional writes"). Here a conditional request's check and store
+    run under a lock chosen by the object's bucket and path (unconditional requests are untouched). Called by ``EmbeddedS3`` and, while
+    ``mock_aws`` is active, by ``mock_transport``. A moto without these handlers is left as it is.
+    """
+    try:
+        from moto.s3.responses import S3Response
+    except ImportError:
+        return
+    with _PATCHING:
+        if getattr(S3Response, "_cloudckpt_conditional_writes_serialized", False):
+            return
+        for name in _CONDITIONAL_HANDLERS:
+            handler = getattr(S3Response, name, None)
+            if handler is None:
+                log.debug("moto's S3Response has no %s: its conditional writes are left as they are", name)
+                continue
+            setattr(S3Response, name, _serialized(handler))
+        S3Response._cloudckpt_conditional_writes_serialized = True  # type: ignore[attr-defined]
+
+
+def _serialized(handler: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handler)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        headers = getattr(self, "headers", None) or {}
+        if headers.get("If-None-Match") is None and headers.get("If-Match") is None:
+            return handler(self, *args, **kwargs)
+        target = (getattr(self, "bucket_name", None), getattr(self, "path", None), headers.get("Host"))
+        with _CONDITIONAL_WRITES[hash(target) % len(_CONDITIONAL_WRITES)]:
+            return handler(self, *args, **kwargs)
+    return run

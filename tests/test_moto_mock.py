@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import uuid
 
 import aiobotocore.session
@@ -279,3 +280,50 @@ def test_non_aws_endpoint_under_the_mock_is_a_config_error(guard):
             cloudckpt.list_checkpoints("s3://ci-bucket/run",
                                        storage_options={"endpoint_url": "http://minio.example.internal:9000"})
     assert guard.connections == [], "\n".join(guard.origins)
+
+
+# -- conditional writes decided atomically (moto_mock.serialize_conditional_writes) ------------------------
+
+def _two_racing_creates(url: str, options: dict | None, monkeypatch) -> list[bool]:
+    """Two threads write one new object create-only (``RemoteStore.write_if_absent``: how a commit log entry
+    is appended) while moto's store step waits until both requests are past its If-None-Match check, unless
+    the server decides atomically (then the second waits for the first, and the barrier gives up after 2 s)."""
+    from moto.s3.models import S3Backend
+
+    name = f"race-{uuid.uuid4().hex}.json"
+    both_checked = threading.Barrier(2, timeout=2)
+    store_object = S3Backend.put_object
+
+    def put_object(self, bucket_name, key_name, *args, **kwargs):
+        if key_name.endswith(name):
+            try:
+                both_checked.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return store_object(self, bucket_name, key_name, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "put_object", put_object)
+    store = RemoteStore(url, options)
+    created: list[bool] = []
+    threads = [threading.Thread(target=lambda i=i: created.append(store.write_if_absent(name, b"writer %d" % i)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return created
+
+
+def test_create_only_writes_have_one_winner_on_the_embedded_server(moto_server, monkeypatch):
+    """moto checks If-None-Match and stores afterwards, unlocked: two concurrent create-only writes of one key
+    were both answered 200 (the later overwrote the earlier, whose writer believed it had appended a log
+    entry). The embedded server decides them atomically, as S3 does."""
+    url = moto_server.create_bucket(f"cond-{uuid.uuid4().hex[:10]}") + "/run"
+    assert sorted(_two_racing_creates(url, moto_server.storage_options, monkeypatch)) == [False, True]
+
+
+def test_create_only_writes_have_one_winner_under_mock_aws(mocked_bucket, monkeypatch):
+    """The same inside moto's in-process mock_aws (a user's CI): cloudckpt's transport for it serializes
+    moto's conditional writes too."""
+    client, bucket = mocked_bucket
+    assert sorted(_two_racing_creates(f"s3://{bucket}/run", None, monkeypatch)) == [False, True]
