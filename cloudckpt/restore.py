@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
 from .interrupt import cancelling_pool
+from .localdir import check_download_target
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
 from .remote import RemoteObject, RemoteStore, open_directory
@@ -426,10 +427,13 @@ def download_checkpoint(
             readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
             it and says so).
         CheckpointNotFoundError: nothing committed (at ``step``).
-        ConfigError: ``local_dir`` is a file or not a path; an unusable URL or ``storage_options``.
+        ConfigError: ``local_dir`` is a file or not a path, or a download there would mix runs (the local
+            directory of another URL, a checkpoint directory committed in place, one a training process
+            holds); an unusable URL or ``storage_options``.
     """
     local_dir = _local_target(local_dir)
     store = RemoteStore(url, storage_options, transfer=transfer)
+    _check_target(local_dir, store)
     scan = scan_directory(store)
     return download_verified(store, select_checkpoint(store, scan, step), local_dir, objects=scan.objects)
 
@@ -440,6 +444,11 @@ def _local_target(local_dir: "str | os.PathLike[str]") -> str:
     if os.path.exists(local_dir) and not os.path.isdir(local_dir):
         raise ConfigError(f"local_dir {local_dir!r} is a file, not a directory: pass a directory to download into.")
     return local_dir
+
+
+def _check_target(local_dir: str, store: RemoteStore) -> None:
+    """Refuse a ``local_dir`` where a checkpoint of ``store`` would mix runs (``localdir.check_download_target``)."""
+    check_download_target(local_dir, store.url, source=store.root if store.is_local else None)
 
 
 def pull_checkpoint(
@@ -468,11 +477,13 @@ def pull_checkpoint(
         CheckpointNotFoundError: nothing committed (at ``step``); ``step`` is superseded (see ``rollback``).
         IntegrityError: a file is missing or differs from the manifest (``ManifestError``: the manifest of
             ``step`` cannot be read).
-        ConfigError: ``local_dir`` is a file; the bucket or remote local directory does not exist.
+        ConfigError: ``local_dir`` is a file or a download there would mix runs (as ``download_checkpoint``);
+            the bucket or remote local directory does not exist.
         RemoteError: the store cannot be read.
     """
     local_dir = _local_target(local_dir)
     store = open_directory(url, storage_options, retry=retry, transfer=transfer)
+    _check_target(local_dir, store)
     scan = scan_directory(store)
     passed_over: tuple[int, ...] = ()
     if step is None:
