@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
-from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
+from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError
 from .interrupt import cancelling_pool
 from .localdir import check_download_target
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
-from .remote import RemoteObject, RemoteStore, open_directory
+from .remote import _LOCAL_DISK_HINTS, RemoteObject, RemoteStore, _local_disk_errno, open_directory
 from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
@@ -507,6 +507,34 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     of the directory just made (``DirectoryScan.objects``), used instead of listing it again.
     """
     local_dir = os.path.abspath(local_dir)
+    created = []  # the directories this download creates, deepest first: removed again if it fails
+    missing = local_dir
+    while not os.path.exists(missing) and os.path.dirname(missing) != missing:
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    try:
+        return _download_verified(store, info, local_dir, progress, objects)
+    except BaseException as exc:
+        for directory in created:  # local_dir as it was: not there
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # not empty (another download into it), or never made
+        code = _local_disk_errno(exc) if isinstance(exc, (RemoteError, OSError)) else None
+        if code is None:
+            raise
+        raise RemoteError(  # this machine's disk, not the store: say which directory and how much it needs
+            f"Downloading checkpoint step {info.step} of {store.url} into {local_dir} failed: {os.strerror(code)} "
+            f"({_LOCAL_DISK_HINTS[code]}; the checkpoint takes {_megabytes(info.size)}).",
+            url=store.url, transient=False) from exc
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} KB"
+
+
+def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
+                       progress: Callable[[int], None] | None, objects: Iterable[RemoteObject] | None) -> str:
     os.makedirs(local_dir, exist_ok=True)
     listed = {o.name: o.size for o in (store.list_objects() if objects is None else objects)}
     for entry in info.files:

@@ -412,6 +412,44 @@ def test_a_pull_into_another_runs_directory_is_refused(tmp_path, memory_url):
         os.close(fd)
 
 
+def test_a_pull_onto_a_full_or_read_only_disk_names_the_local_directory(tmp_path, memory_url, monkeypatch):
+    """A full disk under `cloudckpt pull` said "download s3://.../ckpt-550.data-... failed: OSError: No space left
+    on device (cause: OSError; rerun with logging at DEBUG for details)": the store's object, not the directory
+    being filled, and no way out; a read-only one "[Errno 30] Read-only file system: '<dir>/.cloudckpt-download-…'";
+    and the directory pull had created stayed behind, empty (fresh-user trial). Now the error names the local
+    directory, the cause and the fix, and a directory the pull created is removed again."""
+    import errno
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from cloudckpt.remote import remote_error
+
+    local = tmp_path / "vm"
+    with CheckpointEngine(memory_url, str(local)) as engine:
+        engine.open()
+        engine.submit(30, write_checkpoint(local, 30))
+        engine.wait(60)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(MemoryFileSystem, "get_file", full)
+    target = tmp_path / "new" / "pulled"
+    with pytest.raises(cloudckpt.RemoteError) as failed:
+        cloudckpt.pull_checkpoint(memory_url, str(target))
+    message = str(failed.value)
+    assert str(target) in message and "disk is full" in message and "step 30" in message, message
+    assert "rerun with logging" not in message, message
+    assert not (tmp_path / "new").exists()  # as it was: not there
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(cloudckpt.RemoteError, match="disk is full"):
+        cloudckpt.download_checkpoint(memory_url, str(existing))
+    assert existing.is_dir() and os.listdir(existing) == []  # there before: kept, and left as it was
+    # Elsewhere (a gc or rollback writing a read-only local directory's log) the hint says the same.
+    error = remote_error("create", str(tmp_path / "run"), OSError(errno.EROFS, "Read-only file system"))
+    assert "file system is read-only" in str(error) and "rerun with logging" not in str(error), str(error)
+
+
 def test_an_in_place_directory_records_nothing_and_lists_only_checkpoints(tmp_path, memory_url):
     directory = tmp_path / "run"
     with CheckpointEngine(str(directory), str(directory)) as engine:
