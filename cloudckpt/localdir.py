@@ -38,7 +38,7 @@ log = logging.getLogger("cloudckpt")
 LOCK_FILE = ".cloudckpt-lock"
 URL_FILE = ".cloudckpt-url"
 
-__all__ = ["LOCK_FILE", "URL_FILE", "LocalDirClaim", "claim"]
+__all__ = ["LOCK_FILE", "URL_FILE", "LocalDirClaim", "check_download_target", "claim"]
 
 _registry_lock = threading.Lock()
 _held: dict[str, list[int]] = {}  # directory -> [descriptor holding the flock (-1: unlocked), holders]
@@ -199,3 +199,51 @@ def check_url(directory: str, url: str, *, in_place: bool) -> None:
             os.replace(temporary, path)
         except OSError as exc:
             log.info("Could not record the checkpoint URL in %s (%s).", path, exc.strerror or exc)
+
+
+def check_download_target(directory: str, url: str, *, source: str | None = None) -> None:
+    """Refuse to download a checkpoint of ``url`` (display form) into ``directory`` where it would mix two runs
+    (``pull_checkpoint``, ``download_checkpoint``): the next resume there takes the newest local checkpoint,
+    so a checkpoint of another URL put into a run's local directory would become that run's resume point.
+    ``source``: the directory of ``url`` when it is local (downloading a directory into itself is allowed).
+
+    Raises:
+        ConfigError: ``directory`` is recorded as the local directory of another URL, is a checkpoint
+            directory committed in place (its own commit log) other than ``url``'s, or another process is
+            training in it (holds its lock). The message names both and what to do.
+    """
+    if not os.path.isdir(directory):
+        return
+    where = os.path.realpath(directory)
+    if source is not None and os.path.isdir(source) and os.path.samefile(source, directory):
+        return
+    recorded = recorded_url(directory)
+    if recorded is not None and recorded.rstrip("/") != url.rstrip("/"):
+        raise ConfigError(
+            f"{directory!r} is the local directory (local_dir) of {recorded} (recorded in {URL_FILE}), not of {url}: "
+            f"a checkpoint of {url} put there would become the resume point of {recorded}'s next run. Download "
+            "into another directory, or empty that one if its checkpoints are no longer needed.")
+    if os.path.isdir(os.path.join(directory, ".cloudckpt", "log")):
+        raise ConfigError(
+            f"{directory!r} is a checkpoint directory committed in place (it has its own commit log, .cloudckpt/), "
+            f"not {url}: a checkpoint of {url} put there would become the resume point of that directory's next "
+            "run. Download into another directory.")
+    with _registry_lock:
+        if where in _held:
+            return  # this process trains there (a download by hand next to it)
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody trains there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"{directory!r} is the local directory of a process training with cloudckpt ({_holder(path)}, recorded "
+            f"in {LOCK_FILE}): downloading into it would change the checkpoints it resumes from under it. Download "
+            "into another directory, or wait until that process ends.") from None
+    except OSError:
+        pass  # a file system without flock: nothing to tell
+    finally:
+        os.close(fd)

@@ -16,11 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
-from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError
+from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError
 from .interrupt import cancelling_pool
+from .localdir import check_download_target
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
-from .remote import RemoteObject, RemoteStore, open_directory
+from .remote import _LOCAL_DISK_HINTS, RemoteObject, RemoteStore, _local_disk_errno, open_directory
 from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
@@ -426,10 +427,13 @@ def download_checkpoint(
             readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
             it and says so).
         CheckpointNotFoundError: nothing committed (at ``step``).
-        ConfigError: ``local_dir`` is a file or not a path; an unusable URL or ``storage_options``.
+        ConfigError: ``local_dir`` is a file or not a path, or a download there would mix runs (the local
+            directory of another URL, a checkpoint directory committed in place, one a training process
+            holds); an unusable URL or ``storage_options``.
     """
     local_dir = _local_target(local_dir)
     store = RemoteStore(url, storage_options, transfer=transfer)
+    _check_target(local_dir, store)
     scan = scan_directory(store)
     return download_verified(store, select_checkpoint(store, scan, step), local_dir, objects=scan.objects)
 
@@ -440,6 +444,11 @@ def _local_target(local_dir: "str | os.PathLike[str]") -> str:
     if os.path.exists(local_dir) and not os.path.isdir(local_dir):
         raise ConfigError(f"local_dir {local_dir!r} is a file, not a directory: pass a directory to download into.")
     return local_dir
+
+
+def _check_target(local_dir: str, store: RemoteStore) -> None:
+    """Refuse a ``local_dir`` where a checkpoint of ``store`` would mix runs (``localdir.check_download_target``)."""
+    check_download_target(local_dir, store.url, source=store.root if store.is_local else None)
 
 
 def pull_checkpoint(
@@ -468,11 +477,13 @@ def pull_checkpoint(
         CheckpointNotFoundError: nothing committed (at ``step``); ``step`` is superseded (see ``rollback``).
         IntegrityError: a file is missing or differs from the manifest (``ManifestError``: the manifest of
             ``step`` cannot be read).
-        ConfigError: ``local_dir`` is a file; the bucket or remote local directory does not exist.
+        ConfigError: ``local_dir`` is a file or a download there would mix runs (as ``download_checkpoint``);
+            the bucket or remote local directory does not exist.
         RemoteError: the store cannot be read.
     """
     local_dir = _local_target(local_dir)
     store = open_directory(url, storage_options, retry=retry, transfer=transfer)
+    _check_target(local_dir, store)
     scan = scan_directory(store)
     passed_over: tuple[int, ...] = ()
     if step is None:
@@ -496,6 +507,34 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     of the directory just made (``DirectoryScan.objects``), used instead of listing it again.
     """
     local_dir = os.path.abspath(local_dir)
+    created = []  # the directories this download creates, deepest first: removed again if it fails
+    missing = local_dir
+    while not os.path.exists(missing) and os.path.dirname(missing) != missing:
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    try:
+        return _download_verified(store, info, local_dir, progress, objects)
+    except BaseException as exc:
+        for directory in created:  # local_dir as it was: not there
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # not empty (another download into it), or never made
+        code = _local_disk_errno(exc) if isinstance(exc, (RemoteError, OSError)) else None
+        if code is None:
+            raise
+        raise RemoteError(  # this machine's disk, not the store: say which directory and how much it needs
+            f"Downloading checkpoint step {info.step} of {store.url} into {local_dir} failed: {os.strerror(code)} "
+            f"({_LOCAL_DISK_HINTS[code]}; the checkpoint takes {_megabytes(info.size)}).",
+            url=store.url, transient=False) from exc
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} KB"
+
+
+def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
+                       progress: Callable[[int], None] | None, objects: Iterable[RemoteObject] | None) -> str:
     os.makedirs(local_dir, exist_ok=True)
     listed = {o.name: o.size for o in (store.list_objects() if objects is None else objects)}
     for entry in info.files:

@@ -363,6 +363,93 @@ def test_a_local_dir_belongs_to_one_url(tmp_path, memory_url):
     assert not [n for n in names if n.startswith(".cloudckpt")], names
 
 
+def test_a_pull_into_another_runs_directory_is_refused(tmp_path, memory_url):
+    """A checkpoint of URL B pulled into the local directory of URL A (or into A's directory committed in place)
+    was taken by A's next resume as its newest local checkpoint: run A continued from run B's weights and
+    committed them (fresh-user trial: `cloudckpt pull s3://b/run ~/.cache/cloudckpt/<A>`). Refused, like a
+    local_dir reused for another URL; a download into a run's own directory stays allowed."""
+    import fcntl
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    with CheckpointEngine(memory_url, str(ours)) as engine:
+        engine.open()
+        engine.submit(30, write_checkpoint(ours, 30))
+        engine.wait(60)
+    other = memory_url + "-other"
+    with CheckpointEngine(other, str(theirs)) as engine:
+        engine.open()
+        engine.submit(60, write_checkpoint(theirs, 60))
+        engine.wait(60)
+    in_place = tmp_path / "in-place"
+    with CheckpointEngine(str(in_place), str(in_place)) as engine:
+        engine.open()
+        engine.submit(10, write_checkpoint(in_place, 10))
+        engine.wait(60)
+    before = {d: sorted(os.listdir(d)) for d in (ours, in_place)}
+    for download in (cloudckpt.pull_checkpoint, cloudckpt.download_checkpoint):
+        with pytest.raises(cloudckpt.ConfigError) as refused:
+            download(other, str(ours))
+        message = str(refused.value)
+        assert memory_url in message and other in message and URL_FILE in message, message
+        with pytest.raises(cloudckpt.ConfigError, match="committed in place") as refused:
+            download(other, str(in_place))
+        assert other in str(refused.value) and str(in_place) in str(refused.value)
+    assert {d: sorted(os.listdir(d)) for d in (ours, in_place)} == before  # nothing written
+    with CheckpointEngine(memory_url, str(ours)) as engine:  # so A still resumes from its own step
+        engine.open()
+        assert engine.resume().step == 30
+    # Its own URL, a directory into itself, a fresh directory: as before.
+    assert cloudckpt.pull_checkpoint(memory_url, str(ours)).checkpoint.step == 30
+    assert cloudckpt.pull_checkpoint(str(in_place), str(in_place)).checkpoint.step == 10
+    assert cloudckpt.pull_checkpoint(other, str(tmp_path / "fresh")).checkpoint.step == 60
+    # A directory another process trains in (holds its lock), even for the same URL.
+    fd = os.open(ours / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process's engine does
+        with pytest.raises(cloudckpt.ConfigError, match="training with cloudckpt"):
+            cloudckpt.pull_checkpoint(memory_url, str(ours))
+    finally:
+        os.close(fd)
+
+
+def test_a_pull_onto_a_full_or_read_only_disk_names_the_local_directory(tmp_path, memory_url, monkeypatch):
+    """A full disk under `cloudckpt pull` said "download s3://.../ckpt-550.data-... failed: OSError: No space left
+    on device (cause: OSError; rerun with logging at DEBUG for details)": the store's object, not the directory
+    being filled, and no way out; a read-only one "[Errno 30] Read-only file system: '<dir>/.cloudckpt-download-…'";
+    and the directory pull had created stayed behind, empty (fresh-user trial). Now the error names the local
+    directory, the cause and the fix, and a directory the pull created is removed again."""
+    import errno
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from cloudckpt.remote import remote_error
+
+    local = tmp_path / "vm"
+    with CheckpointEngine(memory_url, str(local)) as engine:
+        engine.open()
+        engine.submit(30, write_checkpoint(local, 30))
+        engine.wait(60)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(MemoryFileSystem, "get_file", full)
+    target = tmp_path / "new" / "pulled"
+    with pytest.raises(cloudckpt.RemoteError) as failed:
+        cloudckpt.pull_checkpoint(memory_url, str(target))
+    message = str(failed.value)
+    assert str(target) in message and "disk is full" in message and "step 30" in message, message
+    assert "rerun with logging" not in message, message
+    assert not (tmp_path / "new").exists()  # as it was: not there
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(cloudckpt.RemoteError, match="disk is full"):
+        cloudckpt.download_checkpoint(memory_url, str(existing))
+    assert existing.is_dir() and os.listdir(existing) == []  # there before: kept, and left as it was
+    # Elsewhere (a gc or rollback writing a read-only local directory's log) the hint says the same.
+    error = remote_error("create", str(tmp_path / "run"), OSError(errno.EROFS, "Read-only file system"))
+    assert "file system is read-only" in str(error) and "rerun with logging" not in str(error), str(error)
+
+
 def test_an_in_place_directory_records_nothing_and_lists_only_checkpoints(tmp_path, memory_url):
     directory = tmp_path / "run"
     with CheckpointEngine(str(directory), str(directory)) as engine:
