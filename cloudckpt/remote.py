@@ -1197,9 +1197,9 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
     text = _ERRNO_PREFIX.sub("", redact(_first_line(exc), secrets)) if str(exc).strip() else cause
     url = redact(url, secrets)
     where = redact(directory, secrets) if directory else url
-    local = _local_disk_errno(exc)
+    local = local_disk_errno(exc)
     if local is not None:  # this machine's disk, not the store: no permission or retry would help
-        hint = _LOCAL_DISK_HINTS[local]
+        hint = LOCAL_DISK_HINTS[local]
     elif cause in _REJECTED_CREDENTIALS:
         hint = ("the store rejected the credentials; check the environment credentials or the key, secret "
                 "or token in storage_options")
@@ -1230,20 +1230,20 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
     return RemoteError(f"{op} {url} failed: {lead} ({hint}).", url=url, transient=transient)
 
 
-_LOCAL_DISK_HINTS = {
+LOCAL_DISK_HINTS = {
     errno.ENOSPC: "the local disk is full: free space on it, or use a directory on a disk with room",
     errno.EDQUOT: "this user's disk quota is exhausted: free space, or use a directory with room",
     errno.EROFS: "the local file system is read-only: use a directory on a writable file system",
 }
 
 
-def _local_disk_errno(exc: BaseException) -> int | None:
+def local_disk_errno(exc: BaseException) -> int | None:
     """The errno of a local disk failure (full, over quota, read-only) in ``exc`` or its causes, else None."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _LOCAL_DISK_HINTS:
+        if isinstance(current, OSError) and current.errno in LOCAL_DISK_HINTS:
             return current.errno
         current = current.__cause__ or current.__context__
     return None

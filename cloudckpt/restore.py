@@ -21,7 +21,7 @@ from .interrupt import cancelling_pool
 from .localdir import check_download_target
 from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
 from .manifest import FileEntry, crc32c_of_file
-from .remote import _LOCAL_DISK_HINTS, RemoteObject, RemoteStore, _local_disk_errno, open_directory
+from .remote import LOCAL_DISK_HINTS, RemoteObject, RemoteStore, local_disk_errno, open_directory
 from .urls import as_url
 from .retry import RetryPolicy
 from .transfer import TransferOptions
@@ -520,12 +520,12 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
                 os.rmdir(directory)
             except OSError:
                 break  # not empty (another download into it), or never made
-        code = _local_disk_errno(exc) if isinstance(exc, (RemoteError, OSError)) else None
+        code = local_disk_errno(exc) if isinstance(exc, (RemoteError, OSError)) else None
         if code is None:
             raise
         raise RemoteError(  # this machine's disk, not the store: say which directory and how much it needs
             f"Downloading checkpoint step {info.step} of {store.url} into {local_dir} failed: {os.strerror(code)} "
-            f"({_LOCAL_DISK_HINTS[code]}; the checkpoint takes {_megabytes(info.size)}).",
+            f"({LOCAL_DISK_HINTS[code]}; the checkpoint takes {_megabytes(info.size)}).",
             url=store.url, transient=False) from exc
 
 
