@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports for them
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
 DEFAULT_MAX_ATTEMPTS = 3
 
 STORAGE_OPTIONS_HELP = """\
@@ -657,10 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `cloudckpt ls URL | head`
+    except BrokenPipeError:  # e.g. `cloudckpt ls URL | head`: not a failed check (1); as `yes | head` ends
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_CHECK_FAILED
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's docs, "Note on SIGPIPE": no error at exit's flush)
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # local disk trouble: permissions, disk full...
         _traceback_if(args.debug)
         _err(f"error: {_one_line(exc)}")

@@ -295,6 +295,20 @@ def test_ls_json_schema_table_and_incomplete(committed):
         assert cli._human_size(r["size"]) in row and r["created_at"] in row and row.split()[-2] == str(r["files"])
 
 
+def test_output_whose_reader_went_away_exits_141_not_a_failed_check(committed):
+    """``cloudckpt ls URL | head -1`` and ``verify --all | head -1`` exited 1, documented as "a check failed",
+    though every checkpoint verified (fresh-user trial). A reader going away is what a shell reports as 141
+    (128 + SIGPIPE, as ``yes | head``), with nothing on stderr."""
+    url, name, client, endpoint = committed
+    for args in (["ls", url], ["verify", url, "--all"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args, "-o", endpoint], env=cli_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(120) == cli.EXIT_BROKEN_PIPE == 141, (args, proc.returncode, err)
+        assert err == "", (args, err)
+
+
 def test_ls_reports_unreadable_manifest_and_empty_directory(committed):
     url, name, client, endpoint = committed
     client.put_object(Bucket=name, Key="runs/exp1/model.ckpt-20.manifest.json", Body=b"{not json")
