@@ -366,10 +366,10 @@ class CheckpointEngine:
         register_continuing(self._uploader.writer)
 
     def delete_committed(self, select: Callable[[CheckpointInfo], bool] | None = None, *,
-                         debris: bool = False) -> list[CheckpointInfo]:
+                         debris: bool = False, reason: str = "Deleting") -> list[CheckpointInfo]:
         """Delete, as this engine's registered writer, the committed checkpoints of this engine's layout
         (current or superseded) that ``select`` picks (all when None); with ``debris``, also the files of
-        this layout's uploads that never committed.
+        this layout's uploads that never committed. ``reason`` starts each INFO line about a deletion.
 
         Each checkpoint is un-committed first (a ``delete`` entry in the commit log retires it, then its
         manifest goes), then its files: a crash in between leaves uncommitted debris, never a manifest
@@ -398,7 +398,8 @@ class CheckpointEngine:
                 for o in inc.objects)] if debris else []
             if not doomed and not junk:
                 return list(seen.values())
-            apply_retention(self._store, RetentionPlan(keep=[], delete=doomed, debris=junk, log=scan.log), writer)
+            apply_retention(self._store, RetentionPlan(keep=[], delete=doomed, debris=junk, log=scan.log), writer,
+                            reason=reason)
         raise UploadError(f"Could not delete checkpoints {sorted(c.step for c in seen.values())} from {self.url}: "
                           f"the directory kept changing ({MAX_DELETE_ROUNDS} attempts).", url=self.url)
 
@@ -828,7 +829,7 @@ class CheckpointEngine:
         gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
         if gone:
             apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
-                            self._uploader.writer)
+                            self._uploader.writer, reason="Retention (max_to_keep, in place)")
 
     def _wait_until(self, deadline: Callable[[], float | None]) -> None:
         """Wait until every upload is done or ``deadline()`` (a ``time.monotonic()`` time, None for no

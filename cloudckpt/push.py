@@ -109,7 +109,8 @@ def push_checkpoints(
         UploadError / RemoteError: a checkpoint cannot be committed.
     """
     if not os.path.isdir(local_dir):
-        raise ConfigError(f"Local directory {local_dir!r} does not exist." if not os.path.exists(local_dir)
+        raise ConfigError(f"Local directory {local_dir!r} does not exist: pass the directory your Saver or "
+                          "CheckpointManager wrote (its local_dir)." if not os.path.exists(local_dir)
                           else f"{local_dir!r} is a file, not a checkpoint directory.")
     prefixes = local_checkpoint_prefixes(local_dir)
     if not prefixes:

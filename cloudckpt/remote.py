@@ -939,7 +939,9 @@ def open_directory(url: str, storage_options: Mapping[str, Any] | None = None, *
         if os.path.isdir(store.root):
             return store
         if not create:
-            raise ConfigError(f"Local directory {store.url!r} does not exist.")
+            raise ConfigError(f"Local directory {store.url!r} does not exist: check the path (a local path or "
+                              "file:// URL is a checkpoint directory on this machine; a bucket needs its scheme, "
+                              "e.g. s3://).")
     store.check_usable()
     return store
 

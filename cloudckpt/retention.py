@@ -173,12 +173,14 @@ def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at:
                          planned_at=planned_at)
 
 
-def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None) -> None:
+def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None, *,
+                    reason: str = "Retention") -> None:
     """Carry out ``plan``: un-commit and delete old checkpoints, remove debris, rewrite the state file.
 
     In a directory with a commit log, deletions are announced by ``writer``
     (a hook's registered writer, fenced by newer ones), or by a maintenance
-    party (``cloudckpt gc``) when None.
+    party (``cloudckpt gc``) when None. ``reason`` starts each INFO line about a deletion (what the
+    deletion is: ``Retention``, ``delete_checkpoint=True``...).
     """
     planned_at = None
     if plan.log is None:
@@ -194,10 +196,10 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
         done = _retire_and_delete(batch, writer, planned_at) if writer is not None \
             else delete_checkpoint(store, batch[0])
         if not done:
-            log.info("Retention: %s changed while deleting; the rest waits for the next pass.", store.url)
+            log.info("%s: %s changed while deleting; the rest waits for the next pass.", reason, store.url)
             break
         for info in batch:
-            log.info("Retention: deleted checkpoint step %d (%s) from %s.", info.step, info.status, store.url)
+            log.info("%s: deleted checkpoint step %d (%s) from %s.", reason, info.step, info.status, store.url)
     for inc in plan.debris:
         names = [o.name for o in inc.objects]
         if writer is not None:

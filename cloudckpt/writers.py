@@ -139,7 +139,8 @@ class Writer:
                 self.epoch = entry.index
                 after = fold(self.log.cached())
                 self.head = after.head_of(self.epoch)  # not after.head: a fresh start has no parent
-                log.info("Registered as the writer of %s (epoch %d, resuming from %s).", self.store.url, self.epoch,
+                log.info("Registered as the writer of %s (writer epoch %d: its commit log index; resuming from "
+                         "%s).", self.store.url, self.epoch,
                          self.head or "nothing")
                 return after
         raise UploadError(f"Could not register a writer on {self.store.url}: the commit log kept changing "

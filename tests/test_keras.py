@@ -200,7 +200,7 @@ def kill_trials(moto_server, tmp_path, trials: int, seed: int) -> None:
         probe.begin.assert_equal(State.load(str(dump / f"iter-{latest.step}.npz")))
 
 
-def test_delete_checkpoint_after_success_uncommits_everything(s3_url, s3_options, tmp_path):
+def test_delete_checkpoint_after_success_uncommits_everything(s3_url, s3_options, tmp_path, caplog):
     cb = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)
     fit(make_model(seed=1), [cb], epochs=2)
     assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [4, 8]
@@ -208,8 +208,18 @@ def test_delete_checkpoint_after_success_uncommits_everything(s3_url, s3_options
     # A second run resumes at epoch 2, trains 2 more epochs and, having finished, deletes the backup.
     probe = Probe()
     cb = backup(s3_url, s3_options, tmp_path / "vm1")
-    fit(make_model(seed=2), [cb, probe], epochs=4)
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        fit(make_model(seed=2), [cb, probe], epochs=4)
     assert probe.epochs == [2, 3]
+    # each deletion's log line says what it is: max_to_keep's during fit, delete_checkpoint's at its end (all
+    # were "Retention:", fresh-user trial)
+    deletions = [r.getMessage().split(": deleted checkpoint step ") for r in caplog.records
+                 if ": deleted checkpoint step " in r.getMessage()]
+    by_reason: dict[str, set[int]] = {}
+    for why, rest in deletions:
+        by_reason.setdefault(why, set()).add(int(rest.split()[0]))
+    assert set(by_reason) == {"Retention", "Training finished (delete_checkpoint=True)"}, deletions
+    assert {12, 16} <= by_reason["Training finished (delete_checkpoint=True)"] and by_reason["Retention"] <= {4, 8}
     assert cloudckpt.list_checkpoints(s3_url, s3_options, include_superseded=True) == []
     assert objects_outside_log(s3_url, s3_options) == []  # no manifest vouching for missing files, no debris
     retired = {cid for e in log_entries(s3_url, s3_options) if e["type"] == "delete" for cid in e.get("retire", ())}

@@ -276,7 +276,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                 elif self.delete_checkpoint:
                     self._engine.wait(self._engine.upload_timeout)
                     self._engine.stop_uploads()
-                    deleted = self._engine.delete_committed(debris=True)
+                    deleted = self._engine.delete_committed(
+                        debris=True, reason="Training finished (delete_checkpoint=True)")
                     log.info("Training finished: deleted %d backup(s) from %s (delete_checkpoint=True).",
                              len(deleted), self.url)
                 else:

@@ -238,7 +238,8 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         the older committed files of that name (in the uploader thread; a failure is a housekeeping one)."""
         newest = result.manifest.prefix
         older = self._engine.delete_committed(
-            select=lambda info: basename_of(info.name) == stem and info.name != newest)
+            select=lambda info: basename_of(info.name) == stem and info.name != newest,
+            reason=f"Replaced by {newest} (a file saved again under its name)")
         if older:
             log.info("Deleted %s from %s: %s replaces them.", [c.name for c in older], self.url, newest)
 
