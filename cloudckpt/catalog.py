@@ -303,3 +303,35 @@ def latest_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None
     """The latest committed checkpoint at ``url`` (the head of the current lineage), or None if there is none."""
     checkpoints = list_checkpoints(url, storage_options)
     return checkpoints[-1] if checkpoints else None
+
+
+SUBDIRECTORIES_LOOKED_AT = 16  # subdirectories a "nothing committed here" hint looks into, in name order
+
+
+def checkpoint_subdirectories(store: RemoteStore) -> list[str]:
+    """Names of ``store``'s immediate subdirectories that hold committed checkpoints (a manifest), for a
+    "nothing committed here" message: a user gave a run's parent (``s3://b/k6`` for ``s3://b/k6/backup``).
+
+    Looks at the first ``SUBDIRECTORIES_LOOKED_AT`` subdirectories by name (one listing each, plus one of the
+    directory); [] when the store cannot be listed: a hint, never a new error.
+    """
+    try:
+        subdirectories = sorted(o.name for o in store.list_under("", directories=True)
+                                if not o.name.startswith("."))[:SUBDIRECTORIES_LOOKED_AT]
+        return [name for name in subdirectories
+                if any(parse_manifest_name(o.name) is not None for o in store.list_under(name))]
+    except Exception as exc:  # noqa: BLE001 - a hint only
+        log.debug("Could not look for checkpoints in the subdirectories of %s: %s", store.url, exc)
+        return []
+
+
+def subdirectories_hint(store: RemoteStore) -> str:
+    """`` Its subdirectories backup/ and models/ hold checkpoints: pass one (e.g. URL/backup).`` when
+    ``checkpoint_subdirectories`` finds some, else ``""``: appended to a "nothing committed in URL" message."""
+    found = checkpoint_subdirectories(store)
+    if not found:
+        return ""
+    names = [f"{name}/" for name in found]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return (f" Its subdirector{'y' if len(found) == 1 else 'ies'} {listed} hold{'s' if len(found) == 1 else ''} "
+            f"checkpoints: pass {'it' if len(found) == 1 else 'one'} ({store.url.rstrip('/')}/{found[0]}).")

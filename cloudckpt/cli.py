@@ -268,7 +268,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print(f"No checkpoints in {store.url}.")
+        from .catalog import subdirectories_hint
+
+        print(f"No checkpoints in {store.url}.{subdirectories_hint(store)}")
     else:
         print(f"{'step':>8}  {'created (UTC)':<20}  {'size':>9}  {'files':>5}  status")
         for r in rows:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from .catalog import CheckpointInfo, DirectoryScan, scan_directory, unreadable_by_step
+from .catalog import CheckpointInfo, DirectoryScan, scan_directory, subdirectories_hint, unreadable_by_step
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError
 from .interrupt import cancelling_pool
 from .localdir import check_download_target
@@ -177,7 +177,7 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
         if unreadable and unreadable[-1][0] > newest:  # the newest checkpoint is not silently skipped
             raise unreadable[-1][1]
         if not scan.committed:
-            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.")
+            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.{subdirectories_hint(store)}")
         return scan.committed[-1]
     for info in scan.committed:
         if info.step == step:
@@ -392,7 +392,8 @@ def _verify_targets(store: RemoteStore, scan: DirectoryScan, step: int | None,
     else:
         targets = current[-1:]
     if not targets:
-        raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify.")
+        raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to verify."
+                                      f"{subdirectories_hint(store)}")
     return [target for _, target in targets]
 
 
@@ -488,7 +489,8 @@ def pull_checkpoint(
     passed_over: tuple[int, ...] = ()
     if step is None:
         if not scan.committed:
-            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull.")
+            raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull."
+                                          f"{subdirectories_hint(store)}")
         info = scan.committed[-1]
         passed_over = tuple(s for s, _, _ in unreadable_by_step(scan) if s > info.step)
     else:

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 
+import fsspec
 import pytest
 
 import cloudckpt
+from cloudckpt import cli
 from cloudckpt.engine import STAGING_DIR, CheckpointEngine
 from cloudckpt.layout import PrefixLayout, register_layout
 from cloudckpt.localdir import LOCK_FILE, URL_FILE
@@ -493,3 +495,30 @@ def test_a_commit_landing_while_resuming_is_resumed_from_without_a_rollback_warn
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert not [m for level, m in messages if level >= logging.WARNING and "on purpose" in m], messages
     assert any("committed step 2 while this run resumed from step 1" in m for _, m in messages), messages
+
+
+def test_nothing_committed_in_a_runs_parent_names_the_subdirectories_that_hold_checkpoints(tmp_path, memory_url,
+                                                                                           capsys):
+    """On a parent such as s3://b/k6 whose backup/ and models/ hold checkpoints, `ls` said "No checkpoints in
+    ..." and verify / pull "No committed checkpoint in ...", none naming where they are (fresh-user trial)."""
+    for sub, step in (("backup", 30), ("models", 60)):
+        with CheckpointEngine(f"{memory_url}/{sub}", str(tmp_path / sub)) as engine:
+            engine.open()
+            engine.submit(step, write_checkpoint(tmp_path / sub, step))
+            engine.wait(60)
+    fsspec.filesystem("memory").pipe(f"{memory_url}/notes/readme.txt".removeprefix("memory://"), b"no checkpoints")
+    hint = f"Its subdirectories backup/ and models/ hold checkpoints: pass one ({memory_url}/backup)."
+    for attempt in (lambda: cloudckpt.pull_checkpoint(memory_url, str(tmp_path / "dest")),
+                    lambda: cloudckpt.download_checkpoint(memory_url, str(tmp_path / "dest")),
+                    lambda: cloudckpt.verify_checkpoints(memory_url)):
+        with pytest.raises(cloudckpt.CheckpointNotFoundError) as missing:
+            attempt()
+        assert str(missing.value).startswith(f"No committed checkpoint in {memory_url}") \
+            and str(missing.value).endswith(hint), str(missing.value)
+    assert cli.main(["ls", memory_url]) == cli.EXIT_OK
+    assert capsys.readouterr().out == f"No checkpoints in {memory_url}. {hint}\n"
+    assert cli.main(["ls", f"{memory_url}/notes"]) == cli.EXIT_OK  # nothing below either: the plain message
+    assert capsys.readouterr().out == f"No checkpoints in {memory_url}/notes.\n"
+    with pytest.raises(cloudckpt.CheckpointNotFoundError) as missing:
+        cloudckpt.verify_checkpoints(f"{memory_url}/backup/nothing-here")
+    assert "subdirector" not in str(missing.value)
