@@ -109,3 +109,34 @@ class EmbeddedS3:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cloudckpt.embedded [--port N]``: serve until Ctrl-C or SIGTERM, for training runs in other
+    processes to stop and resume against (one line on stdout: the endpoint and the storage options)."""
+    import argparse
+    import json
+    import signal
+    import sys
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m cloudckpt.embedded",
+                                     description="An S3 server (moto) on 127.0.0.1 until Ctrl-C.")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedS3(args.port) as server:
+        sys.stdout.write(f"S3 server at {server.endpoint}; storage_options="
+                         f"{json.dumps(server.storage_options)}; Ctrl-C stops it.\n")
+        sys.stdout.flush()
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
