@@ -352,3 +352,24 @@ def state_file_prefix(local_dir: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
     return os.path.basename(found.group("path")) if found else None
+
+
+def write_local_state_file(local_dir: str, latest: str | None = None) -> None:
+    """Rewrite ``local_dir``'s TF ``checkpoint`` state file (atomically) listing every local checkpoint, with
+    ``latest`` (a basename; default: the one the file points at now) last, and ``tf.train.CheckpointManager``'s
+    and the Saver's timestamps: each checkpoint's ``.index`` mtime (what TF's ``get_checkpoint_mtimes`` reads),
+    ``last_preserved_timestamp`` one second before the oldest, so TF keeps managing every listed checkpoint
+    (``max_to_keep``, ``keep_checkpoint_every_n_hours``). Nothing is written without a local checkpoint."""
+    import uuid
+
+    pointed = latest or state_file_prefix(local_dir)
+    prefixes = [p for p in TF.local_prefixes(local_dir) if p != pointed] + ([pointed] if pointed else [])
+    markers = [(p, m) for p in prefixes if (m := TF.marker_path(local_dir, p)) is not None]
+    if not markers:
+        return
+    times = [os.path.getmtime(m) for _, m in markers]
+    data = render_state_file([p for p, _ in markers], timestamps=times, last_preserved=min(times) - 1.0)
+    tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(local_dir, STATE_FILE))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
@@ -19,7 +18,7 @@ from .catalog import CheckpointInfo, DirectoryScan, scan_directory, subdirectori
 from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError
 from .interrupt import cancelling_pool
 from .localdir import check_download_target
-from .layout import DEFAULT_LAYOUT, STATE_FILE, get_layout, parse_manifest_name, render_state_file
+from .layout import DEFAULT_LAYOUT, get_layout, parse_manifest_name, write_local_state_file
 from .manifest import FileEntry, crc32c_of_file
 from .remote import LOCAL_DISK_HINTS, RemoteObject, RemoteStore, local_disk_errno, open_directory
 from .urls import as_url
@@ -593,7 +592,7 @@ def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
         for entry in sorted(info.files, key=lambda f: layout.is_marker(f.name)):
             os.replace(os.path.join(staging, entry.name), os.path.join(local_dir, entry.name))
         if info.layout == DEFAULT_LAYOUT:
-            _point_state_file_at(local_dir, info.name)
+            write_local_state_file(local_dir, info.name)  # the latest; the other local ones listed too
     finally:
         staged.remove()
     log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
@@ -601,10 +600,3 @@ def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
     return os.path.join(local_dir, info.name)
 
 
-def _point_state_file_at(local_dir: str, prefix: str) -> None:
-    """Make ``prefix`` the latest checkpoint of ``local_dir``, keeping the other local ones listed."""
-    others = [p for p in get_layout(DEFAULT_LAYOUT).local_prefixes(local_dir) if p != prefix]
-    tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(render_state_file([*others, prefix]))
-    os.replace(tmp, os.path.join(local_dir, STATE_FILE))

@@ -41,7 +41,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 import weakref
 from typing import Any, Callable, Mapping
 
@@ -52,7 +51,7 @@ from .distributed import (TaskRole, WorkerAgreement, name_task_in_logs, restore_
                           role_of_strategy, worker_temp_dir)
 from .engine import CheckpointEngine, ensure_writable, resolve_local_dir
 from .errors import CloudCkptError, ConfigError, WorkerFailedError, integer_option
-from .layout import STATE_FILE, TF, check_basename, render_state_file, split_prefix, state_file_prefix
+from .layout import TF, check_basename, split_prefix, state_file_prefix, write_local_state_file
 from ._tfnames import check_resume_name, checkpoint_kind
 from .remote import is_local_path
 from .urls import as_url
@@ -803,17 +802,6 @@ def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
 
 
 def _write_local_state(local_dir: str) -> None:
-    """After a download, rewrite the local state file with ``tf.train.CheckpointManager``'s timestamps
-    (each checkpoint's ``.index`` mtime, as TF's ``get_checkpoint_mtimes`` does for a Saver), so the
-    manager keeps managing (and sweeping) every local checkpoint."""
-    pointed = state_file_prefix(local_dir)
-    prefixes = [p for p in TF.local_prefixes(local_dir) if p != pointed] + ([pointed] if pointed else [])
-    markers = [(p, m) for p in prefixes if (m := TF.marker_path(local_dir, p)) is not None]
-    if not markers:
-        return
-    times = [os.path.getmtime(m) for _, m in markers]
-    data = render_state_file([p for p, _ in markers], timestamps=times, last_preserved=min(times) - 1.0)
-    tmp = os.path.join(local_dir, f".{STATE_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, os.path.join(local_dir, STATE_FILE))
+    """After a download, rewrite the local state file with ``tf.train.CheckpointManager``'s timestamps, so the
+    manager keeps managing (and sweeping) every local checkpoint (``layout.write_local_state_file``)."""
+    write_local_state_file(local_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
 
@@ -248,3 +249,27 @@ def test_pull_progress_adds_up_to_the_checkpoint_on_fsspec_stores(tmp_path, sche
     assert sum(seen) == sum(sizes.values()), seen
     for name, path in files.items():
         assert (tmp_path / "back" / name).read_bytes() == open(path, "rb").read()
+
+
+def test_a_pull_into_a_tf_directory_keeps_tfs_manager_managing_every_checkpoint(tmp_path, memory_url):
+    """A pull into a directory of TF's own CheckpointManager rewrote its state file without
+    ``all_model_checkpoint_timestamps`` / ``last_preserved_timestamp``: TF's manager (zip of paths and
+    timestamps) then forgot every listed checkpoint, so max_to_keep swept none of them (fresh-user trial:
+    five kept with max_to_keep=3). The timestamps are each checkpoint's .index mtime, as after a resume."""
+    v = tf.Variable(1.0)
+    ckpt = tf.train.Checkpoint(v=v)
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=3, local_dir=str(tmp_path / "vm")) as manager:
+        manager.save(checkpoint_number=5)
+    plain = tmp_path / "plain"
+    stock = tf.train.CheckpointManager(ckpt, str(plain), max_to_keep=3)
+    for number in (1, 2):
+        stock.save(checkpoint_number=number)
+    cloudckpt.pull_checkpoint(memory_url, str(plain))
+    state = tf.train.get_checkpoint_state(str(plain))
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-1", "ckpt-2", "ckpt-5"]
+    assert len(state.all_model_checkpoint_timestamps) == 3 and state.last_preserved_timestamp > 0
+    again = tf.train.CheckpointManager(ckpt, str(plain), max_to_keep=3)
+    assert [os.path.basename(p) for p in again.checkpoints] == ["ckpt-1", "ckpt-2", "ckpt-5"]
+    again.save(checkpoint_number=6)  # max_to_keep=3 sweeps the oldest, as TF would have
+    assert not tf.io.gfile.glob(str(plain / "ckpt-1.*"))
+    assert [os.path.basename(p) for p in again.checkpoints] == ["ckpt-2", "ckpt-5", "ckpt-6"]
