@@ -645,7 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     previous = _terminate_like_ctrl_c()
     try:
-        return func(args)
+        code = func(args)
+        # a reader gone (`cloudckpt ls URL | head -1`): BrokenPipeError here, not at exit's flush of a block-
+        # buffered stdout (a pipe, without PYTHONUNBUFFERED), which exits 120 with "Exception ignored" on stderr
+        sys.stdout.flush()
+        return code
     except Terminated:
         _err("terminated")
         return EXIT_TERMINATED

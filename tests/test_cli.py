@@ -300,8 +300,9 @@ def test_output_whose_reader_went_away_exits_141_not_a_failed_check(committed):
     though every checkpoint verified (fresh-user trial). A reader going away is what a shell reports as 141
     (128 + SIGPIPE, as ``yes | head``), with nothing on stderr."""
     url, name, client, endpoint = committed
-    for args in (["ls", url], ["verify", url, "--all"]):
-        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args, "-o", endpoint], env=cli_env(),
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}  # a user's shell: stdout block-buffered
+    for args in (["ls", url], ["ls", url, "--json"], ["verify", url, "--all"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args, "-o", endpoint], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         proc.stdout.close()  # the reader is gone before the first line
         err = proc.stderr.read().decode()
