@@ -503,7 +503,8 @@ def _float(minimum: float, strict: bool) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             value = math.nan
-        if "_" in text or not math.isfinite(value):  # float() also takes "1_0", "inf" and "nan"
+        if "_" in text or not text.isascii() or not math.isfinite(value):  # float() also takes "1_0", "inf",
+            # "nan" and other scripts' digits ("١", "１２"), which _int_in refuses
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
         if value <= minimum if strict else value < minimum:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")

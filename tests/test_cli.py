@@ -564,6 +564,10 @@ def test_demo(demo_run):
      "argument --grace-hours: expected a number, got 'nan'"),
     (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "1_5"],
      "argument --grace-hours: expected a number, got '1_5'"),
+    (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "\u0661"],
+     "argument --grace-hours: expected a number, got '\u0661'"),
+    (["gc", "memory://x/run", "--keep", "1", "--keep-every-hours", "\uff11\uff12"],
+     "argument --keep-every-hours: expected a number, got '\uff11\uff12'"),
 ])
 def test_numbers_python_parses_but_a_user_would_not_type_are_usage_errors(tmp_path, capsys, argv, error):
     """``int()`` and ``float()`` take "1_0" (10), Arabic-Indic digits, "inf" and "nan": none of them is a count
