@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 from .errors import ConfigError
 from .urls import parse_url
@@ -40,6 +41,10 @@ LOCK_FILE = ".cloudckpt-lock"
 URL_FILE = ".cloudckpt-url"
 
 __all__ = ["LOCK_FILE", "URL_FILE", "LocalDirClaim", "check_download_target", "claim"]
+
+# Waits before each retry of a refused exclusive lock (None: give up): a process training there holds it for
+# good, a pull's check_download_target (LOCK_SH) for an instant, which must not refuse a training start.
+_PROBE_WAITS = (0.01, 0.05, 0.2, None)
 
 _registry_lock = threading.Lock()
 _held: dict[str, list[int]] = {}  # directory -> [descriptor holding the flock (-1: unlocked), holders]
@@ -117,7 +122,14 @@ def _lock(directory: str) -> int:
         raise ConfigError(f"Cannot create {path!r} ({exc.strerror or exc}): local_dir must be a writable "
                           "directory; pass local_dir= another one.") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for wait in _PROBE_WAITS:  # a download's check_download_target holds a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None:
+                    raise
+                time.sleep(wait)
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(

@@ -441,6 +441,27 @@ def test_a_pull_into_a_runs_directory_takes_its_url_however_spelled(tmp_path, mo
             check_download_target(str(recorded), other)
 
 
+def test_a_pulls_look_at_the_lock_does_not_refuse_a_training_start(tmp_path):
+    """check_download_target takes the lock file's shared flock for an instant to see whether a process trains
+    there; a training process starting at that instant (its exclusive flock, non-blocking) was refused with
+    "in use by another process training with cloudckpt". A lock held that briefly is waited for."""
+    import fcntl
+
+    from cloudckpt import localdir
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / LOCK_FILE).write_text("")
+    fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as a pull's check does, in another process
+    timer = threading.Timer(0.03, os.close, (fd,))
+    timer.start()
+    try:
+        localdir.claim(str(directory)).release()
+    finally:
+        timer.join()
+
+
 def test_a_pull_onto_a_full_or_read_only_disk_names_the_local_directory(tmp_path, memory_url, monkeypatch):
     """A full disk under `cloudckpt pull` said "download s3://.../ckpt-550.data-... failed: OSError: No space left
     on device (cause: OSError; rerun with logging at DEBUG for details)": the store's object, not the directory
