@@ -503,7 +503,8 @@ def _float(minimum: float, strict: bool) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             value = math.nan
-        if "_" in text or not math.isfinite(value):  # float() also takes "1_0", "inf" and "nan"
+        if "_" in text or not text.isascii() or not math.isfinite(value):  # float() also takes "1_0", "inf",
+            # "nan" and other scripts' digits ("١", "１２"), which _int_in refuses
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
         if value <= minimum if strict else value < minimum:
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
@@ -645,7 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     previous = _terminate_like_ctrl_c()
     try:
-        return func(args)
+        code = func(args)
+        # a reader gone (`cloudckpt ls URL | head -1`): BrokenPipeError here, not at exit's flush of a block-
+        # buffered stdout (a pipe, without PYTHONUNBUFFERED), which exits 120 with "Exception ignored" on stderr
+        sys.stdout.flush()
+        return code
     except Terminated:
         _err("terminated")
         return EXIT_TERMINATED

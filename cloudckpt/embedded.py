@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _check_port_free(port: int) -> None:
+    """Raise ConfigError when 127.0.0.1:``port`` cannot be listened on: moto's ThreadedMotoServer.start()
+    would wait forever for a server whose thread died of "Address already in use"."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's socket: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError as exc:
+            raise ConfigError(f"Cannot serve S3 on 127.0.0.1:{port}: {exc.strerror or exc} (another program "
+                              "listens there?); pick another port, or none for a free one.") from None
+
+
 class EmbeddedS3:
     """A moto S3 server on 127.0.0.1 with helpers to create buckets.
 
@@ -59,7 +72,11 @@ class EmbeddedS3:
         While it serves, ``AWS_DEFAULT_REGION`` (moto creates buckets in the region botocore reports; it
         must be a plain region) and fake credentials are set in ``os.environ`` where unset, so clients
         that only read the environment reach it too; ``stop`` removes what it set.
+
+        Raises:
+            ConfigError: the port is in use (moto's own start would wait forever).
         """
+        _check_port_free(self.port)
         defaults = {"AWS_DEFAULT_REGION": "us-east-1", **_FAKE_CREDENTIALS}
         self._environ_set = [key for key in defaults if key not in os.environ]
         os.environ.update({key: defaults[key] for key in self._environ_set})
@@ -126,15 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with EmbeddedS3(args.port) as server:
+    try:
+        server = EmbeddedS3(args.port).start()
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    try:
         sys.stdout.write(f"S3 server at {server.endpoint}; storage_options="
                          f"{json.dumps(server.storage_options)}; Ctrl-C stops it.\n")
         sys.stdout.flush()
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        while not stop.wait(0.5):
             pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0
 
 

@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import threading
+import time
 
 from .errors import ConfigError
+from .urls import parse_url
 
 log = logging.getLogger("cloudckpt")
 
@@ -39,6 +41,10 @@ LOCK_FILE = ".cloudckpt-lock"
 URL_FILE = ".cloudckpt-url"
 
 __all__ = ["LOCK_FILE", "URL_FILE", "LocalDirClaim", "check_download_target", "claim"]
+
+# Waits before each retry of a refused exclusive lock (None: give up): a process training there holds it for
+# good, a pull's check_download_target (LOCK_SH) for an instant, which must not refuse a training start.
+_PROBE_WAITS = (0.01, 0.05, 0.2, None)
 
 _registry_lock = threading.Lock()
 _held: dict[str, list[int]] = {}  # directory -> [descriptor holding the flock (-1: unlocked), holders]
@@ -116,7 +122,14 @@ def _lock(directory: str) -> int:
         raise ConfigError(f"Cannot create {path!r} ({exc.strerror or exc}): local_dir must be a writable "
                           "directory; pass local_dir= another one.") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for wait in _PROBE_WAITS:  # a download's check_download_target holds a shared lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None:
+                    raise
+                time.sleep(wait)
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(
@@ -170,6 +183,27 @@ def recorded_url(directory: str) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
+_SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs"}  # one store, two spellings (remote._S3_PROTOCOLS, _GCS_PROTOCOLS)
+
+
+def _comparable(url: str) -> str:
+    """``url`` (display form) as compared with a recorded one: no trailing slash, the scheme lower-case and
+    its alias resolved (``s3a://`` is ``s3://``, ``gcs://`` is ``gs://``), a local path and its ``file://``
+    URL as one resolved absolute path (relative to the working directory, symlinks followed)."""
+    parsed = parse_url(url.rstrip("/") or url)
+    if parsed.is_local:
+        return "file://" + os.path.realpath(parsed.location)
+    if parsed.scheme == "file" and parsed.location.startswith("/"):
+        return "file://" + os.path.realpath(parsed.location)
+    scheme = _SCHEME_ALIASES.get(parsed.scheme or "", parsed.scheme)
+    return f"{scheme}://{'***@' if parsed.userinfo is not None else ''}{parsed.location}"
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether checkpoint URLs ``a`` and ``b`` (display forms) name one directory, however spelled (``_comparable``)."""
+    return a == b or _comparable(a) == _comparable(b)
+
+
 def check_url(directory: str, url: str, *, in_place: bool) -> None:
     """Refuse ``directory`` when it is recorded as the local directory of a URL other than ``url`` (display
     form); record ``url`` in it when nothing is recorded (not when committed in place: the directory is the
@@ -179,7 +213,7 @@ def check_url(directory: str, url: str, *, in_place: bool) -> None:
         ConfigError: another URL is recorded (the message names both and what to do).
     """
     recorded = recorded_url(directory)
-    if recorded is not None and (in_place or recorded.rstrip("/") != url.rstrip("/")):
+    if recorded is not None and (in_place or not same_url(recorded, url)):
         if in_place:
             raise ConfigError(
                 f"Checkpoint directory {directory!r} is the local directory (local_dir) of {recorded} (recorded in "
@@ -218,7 +252,7 @@ def check_download_target(directory: str, url: str, *, source: str | None = None
     if source is not None and os.path.isdir(source) and os.path.samefile(source, directory):
         return
     recorded = recorded_url(directory)
-    if recorded is not None and recorded.rstrip("/") != url.rstrip("/"):
+    if recorded is not None and not same_url(recorded, url):
         raise ConfigError(
             f"{directory!r} is the local directory (local_dir) of {recorded} (recorded in {URL_FILE}), not of {url}: "
             f"a checkpoint of {url} put there would become the resume point of {recorded}'s next run. Download "

@@ -67,24 +67,32 @@ log = logging.getLogger("cloudckpt")
 __all__ = ["CheckpointManager"]
 
 
-def _refuse_a_bad_number(checkpoint_number: Any) -> None:
-    """Raise ConfigError, before TF writes, for a ``checkpoint_number`` that is not an integer (an int, a
-    numpy integer, a bool, or a tensor or variable; TF itself fails on a Python or numpy float or a string
-    with ``AttributeError: 'float' object has no attribute 'numpy'``), or is a negative one: TF saves ``-2``
-    as ``<checkpoint_name>--2``, whose name reads as step 2 of the basename ``<checkpoint_name>-``; it was
-    committed as a second checkpoint of step 2."""
-    if checkpoint_number is None:
-        return
-    if not hasattr(checkpoint_number, "numpy") and not isinstance(checkpoint_number, bool) \
-            and integer_option(checkpoint_number) is None:
-        raise ConfigError(f"checkpoint_number must be an integer >= 0 (the checkpoint's step) or a tensor "
+def _checked_number(checkpoint_number: Any) -> Any:
+    """``checkpoint_number`` as passed to TF, after raising ConfigError, before TF writes, for one that is not an
+    integer or an integer-dtype tensor or variable (TF's contract; it truncates a float tensor, 3.7 written as
+    ``ckpt-3``, and fails on a Python or numpy float, a string or a 0-d numpy array with ``AttributeError:
+    'float' object has no attribute 'numpy'``), or is a negative one: TF saves ``-2`` (or a float tensor's
+    ``-1.5``) as ``<checkpoint_name>--2``, whose name reads as step 2 of the basename ``<checkpoint_name>-``;
+    it was committed as a second checkpoint of step 2. A Python bool passes as TF takes it (``True``: 1).
+    Returns a plain ``int`` for an integer that is not a tensor (a numpy integer or 0-d array), else the
+    tensor or variable itself."""
+    if checkpoint_number is None or isinstance(checkpoint_number, bool):
+        return checkpoint_number
+    tensor = hasattr(checkpoint_number, "numpy")
+    value = checkpoint_number.numpy() if tensor else checkpoint_number
+    number = None
+    if tensor and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u") and getattr(value, "size", 0) == 1:
+        number = int(value.reshape(()))  # an integer-dtype tensor (TF also takes shape [1])
+    elif not tensor:
+        number = integer_option(value)
+    if number is None:
+        raise ConfigError(f"checkpoint_number must be an integer >= 0 (the checkpoint's step) or an integer tensor "
                           f"holding one, got {checkpoint_number!r} ({type(checkpoint_number).__name__}); "
                           "nothing was saved.")
-    value = checkpoint_number.numpy() if hasattr(checkpoint_number, "numpy") else checkpoint_number
-    number = integer_option(value)
-    if number is not None and number < 0:
+    if number < 0:
         raise ConfigError(f"checkpoint_number must be an integer >= 0 (the checkpoint's step), got {number}; "
                           "nothing was saved.")
+    return checkpoint_number if tensor else number
 
 
 class CheckpointManager:
@@ -313,8 +321,9 @@ class CheckpointManager:
                 on every worker at the same call (``WorkerFailedError`` on the others): here when
                 this call wrote a checkpoint, or by ``should_stop()``.
             ConfigError: the manager is closed; ``checkpoint_number`` is negative (nothing is
-                written: TF's ``ckpt--2`` would read as step 2) or not an integer (a float or a
-                string: TF fails with AttributeError); or, at the first save, the
+                written: TF's ``ckpt--2`` would read as step 2) or not an integer or an integer
+                tensor (a float or a string: TF fails with AttributeError; a float tensor: TF
+                truncates it); or, at the first save, the
                 ``tf.train.Checkpoint`` was not restored from the resume point (it would write a
                 lower step, which would supersede the newest committed checkpoint): nothing is
                 written or committed; call ``restore_or_initialize()`` first.
@@ -323,7 +332,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise ConfigError(f"CheckpointManager for {self.directory} is closed; create a new one to save.")
-        _refuse_a_bad_number(checkpoint_number)
+        checkpoint_number = _checked_number(checkpoint_number)
         self._ensure_resumed()
         if self._last_saved_step is None:
             self._check_restored(checkpoint_number)

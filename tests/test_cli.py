@@ -300,8 +300,9 @@ def test_output_whose_reader_went_away_exits_141_not_a_failed_check(committed):
     though every checkpoint verified (fresh-user trial). A reader going away is what a shell reports as 141
     (128 + SIGPIPE, as ``yes | head``), with nothing on stderr."""
     url, name, client, endpoint = committed
-    for args in (["ls", url], ["verify", url, "--all"]):
-        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args, "-o", endpoint], env=cli_env(),
+    env = {k: v for k, v in cli_env().items() if k != "PYTHONUNBUFFERED"}  # a user's shell: stdout block-buffered
+    for args in (["ls", url], ["ls", url, "--json"], ["verify", url, "--all"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cloudckpt.cli", *args, "-o", endpoint], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         proc.stdout.close()  # the reader is gone before the first line
         err = proc.stderr.read().decode()
@@ -563,6 +564,10 @@ def test_demo(demo_run):
      "argument --grace-hours: expected a number, got 'nan'"),
     (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "1_5"],
      "argument --grace-hours: expected a number, got '1_5'"),
+    (["gc", "memory://x/run", "--keep", "1", "--grace-hours", "\u0661"],
+     "argument --grace-hours: expected a number, got '\u0661'"),
+    (["gc", "memory://x/run", "--keep", "1", "--keep-every-hours", "\uff11\uff12"],
+     "argument --keep-every-hours: expected a number, got '\uff11\uff12'"),
 ])
 def test_numbers_python_parses_but_a_user_would_not_type_are_usage_errors(tmp_path, capsys, argv, error):
     """``int()`` and ``float()`` take "1_0" (10), Arabic-Indic digits, "inf" and "nan": none of them is a count

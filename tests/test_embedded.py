@@ -41,3 +41,28 @@ def test_python_m_cloudckpt_embedded_serves_other_processes_until_sigterm(tmp_pa
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_port_in_use_is_an_error_not_a_hang():
+    """moto's ThreadedMotoServer.start() waits forever when its server thread dies of "Address already in
+    use": `python -m cloudckpt.embedded --port 5000` on a machine where 5000 is taken (macOS's AirPlay
+    receiver) hung without a word on stdout, and so did EmbeddedS3(port).start()."""
+    import socket
+
+    import pytest
+
+    from cloudckpt.embedded import EmbeddedS3
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        try:
+            done = subprocess.run([sys.executable, "-m", "cloudckpt.embedded", "--port", str(port)], env=env,
+                                  capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired as hung:
+            raise AssertionError(f"still waiting after 60 s: {hung.stderr!r}") from None
+        assert done.returncode == 2 and f"127.0.0.1:{port}" in done.stderr and done.stdout == "", done
+        with pytest.raises(cloudckpt.ConfigError, match=f"127.0.0.1:{port}"):
+            EmbeddedS3(port).start()

@@ -414,6 +414,54 @@ def test_a_pull_into_another_runs_directory_is_refused(tmp_path, memory_url):
         os.close(fd)
 
 
+def test_a_pull_into_a_runs_directory_takes_its_url_however_spelled(tmp_path, monkeypatch):
+    """The URL recorded in a local_dir and the one a pull names are compared as locations, not strings: a
+    run on file:///nfs/run with local_dir /scratch pulled again as /nfs/run, nfs/run (relative), a symlink
+    to it or file:///nfs/run/ was refused as "the local directory of file:///nfs/run, not of /nfs/run"; so
+    was s3a:// for s3:// and gcs:// for gs://. Another directory stays refused."""
+    from cloudckpt.localdir import check_download_target
+
+    store, scratch = tmp_path / "nfs" / "run", tmp_path / "scratch"
+    with CheckpointEngine(f"file://{store}", str(scratch)) as engine:
+        engine.open()
+        engine.submit(30, write_checkpoint(scratch, 30))
+        engine.wait(60)
+    (tmp_path / "link").symlink_to(store)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f"file://{store}/", str(store), f"{store}/", "nfs/run", str(tmp_path / "link")):
+        assert cloudckpt.pull_checkpoint(spelling, str(scratch)).checkpoint.step == 30, spelling
+    with pytest.raises(cloudckpt.ConfigError, match="is the local directory"):
+        cloudckpt.pull_checkpoint(str(tmp_path / "nfs"), str(scratch))
+    recorded = tmp_path / "recorded"
+    for url, same, other in (("s3://b/run", "s3a://b/run/", "s3://b/run2"), ("gs://b/run", "gcs://b/run", "gs://c/run")):
+        recorded.mkdir(exist_ok=True)
+        (recorded / URL_FILE).write_text(json.dumps({"url": url}))
+        check_download_target(str(recorded), same)
+        with pytest.raises(cloudckpt.ConfigError, match="is the local directory"):
+            check_download_target(str(recorded), other)
+
+
+def test_a_pulls_look_at_the_lock_does_not_refuse_a_training_start(tmp_path):
+    """check_download_target takes the lock file's shared flock for an instant to see whether a process trains
+    there; a training process starting at that instant (its exclusive flock, non-blocking) was refused with
+    "in use by another process training with cloudckpt". A lock held that briefly is waited for."""
+    import fcntl
+
+    from cloudckpt import localdir
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / LOCK_FILE).write_text("")
+    fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as a pull's check does, in another process
+    timer = threading.Timer(0.03, os.close, (fd,))
+    timer.start()
+    try:
+        localdir.claim(str(directory)).release()
+    finally:
+        timer.join()
+
+
 def test_a_pull_onto_a_full_or_read_only_disk_names_the_local_directory(tmp_path, memory_url, monkeypatch):
     """A full disk under `cloudckpt pull` said "download s3://.../ckpt-550.data-... failed: OSError: No space left
     on device (cause: OSError; rerun with logging at DEBUG for details)": the store's object, not the directory
