@@ -113,7 +113,10 @@ def _serialized(handler: Callable[..., Any]) -> Callable[..., Any]:
         headers = getattr(self, "headers", None) or {}
         if headers.get("If-None-Match") is None and headers.get("If-Match") is None:
             return handler(self, *args, **kwargs)
-        target = (getattr(self, "bucket_name", None), getattr(self, "path", None), headers.get("Host"))
+        try:  # the object, however addressed (path- or virtual-host-style)
+            target: Any = (self.bucket_name, self.parse_key_name())
+        except Exception:  # noqa: BLE001 - another moto: one lock per request path then
+            target = (getattr(self, "path", None), headers.get("Host"))
         with _CONDITIONAL_WRITES[hash(target) % len(_CONDITIONAL_WRITES)]:
             return handler(self, *args, **kwargs)
     return run

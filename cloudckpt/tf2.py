@@ -68,21 +68,27 @@ __all__ = ["CheckpointManager"]
 
 
 def _checked_number(checkpoint_number: Any) -> Any:
-    """``checkpoint_number`` as passed to TF, after raising ConfigError, before TF writes, for one that is not an
-    integer or an integer-dtype tensor or variable (TF's contract; it truncates a float tensor, 3.7 written as
-    ``ckpt-3``, and fails on a Python or numpy float, a string or a 0-d numpy array with ``AttributeError:
-    'float' object has no attribute 'numpy'``), or is a negative one: TF saves ``-2`` (or a float tensor's
-    ``-1.5``) as ``<checkpoint_name>--2``, whose name reads as step 2 of the basename ``<checkpoint_name>-``;
-    it was committed as a second checkpoint of step 2. A Python bool passes as TF takes it (``True``: 1).
-    Returns a plain ``int`` for an integer that is not a tensor (a numpy integer or 0-d array), else the
-    tensor or variable itself."""
+    """``checkpoint_number`` as passed to TF, after raising ConfigError (before TF writes) for:
+
+    * one that is not an integer, nor a tensor or variable holding one (TF's contract): TF fails on a Python
+      or numpy float, a string or a 0-d numpy array (``AttributeError: 'float' object has no attribute
+      'numpy'``) and truncates a float tensor (3.7 written as ``ckpt-3``); a float tensor holding a whole
+      number passes (TF writes it exactly);
+    * a negative one: TF saves ``-2`` as ``<checkpoint_name>--2``, whose name reads as step 2 of the basename
+      ``<checkpoint_name>-``; it was committed as a second checkpoint of step 2.
+
+    A Python bool passes as TF takes it (``True``: 1). Returns a plain ``int`` for an integer that is not a
+    tensor (a numpy integer or 0-d array), else the tensor or variable itself."""
     if checkpoint_number is None or isinstance(checkpoint_number, bool):
         return checkpoint_number
     tensor = hasattr(checkpoint_number, "numpy")
     value = checkpoint_number.numpy() if tensor else checkpoint_number
     number = None
-    if tensor and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u") and getattr(value, "size", 0) == 1:
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if tensor and kind in ("i", "u") and getattr(value, "size", 0) == 1:
         number = int(value.reshape(()))  # an integer-dtype tensor (TF also takes shape [1])
+    elif tensor and kind == "f" and getattr(value, "size", 0) == 1 and float(value.reshape(())).is_integer():
+        number = int(value.reshape(()))  # a float step variable holding a whole number: TF writes it exactly
     elif not tensor:
         number = integer_option(value)
     if number is None:

@@ -259,10 +259,11 @@ def writer_trials(moto_server, tmp_path, trials: int, seed: int) -> list[tuple[i
                     f"trial {trial}: committed step {info.step} does not verify: {report.problems}"
             # every committed manifest's files are intact; a live directory: the writer may commit and retire
             # all it had committed while the check reads (at least 5 commits: slow only on a loaded machine)
-            for _ in range(3):
+            for attempt in range(3):
                 found = assert_all_committed_intact(url, options)
                 if found:
                     break
+                time.sleep(0.5 * (attempt + 1))  # the writer's next commit
             assert found, (
                 f"trial {trial}: no committed manifest found; cloudckpt's scan: "
                 f"{[(c.step, c.commit_id, c.writer_id) for c in scan_directory(store).committed]}; "
