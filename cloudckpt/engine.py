@@ -852,9 +852,17 @@ class CheckpointEngine:
         self.raise_if_failed()
         steps = self._uploader.pending_steps()
         if steps:
+            deadline = self.preemption_deadline_at()
+            if deadline is not None and deadline <= time.monotonic():
+                # the preemption deadline ended the wait: raising upload_timeout would change nothing
+                hint = ("The preemption deadline passed first (preemption_deadline, else the platform's hard "
+                        "stop after the notice): the store took longer than that for the final checkpoint; "
+                        "check the store's throughput or make checkpoints smaller.")
+            else:
+                hint = "Raise upload_timeout or check the store's throughput."
             raise UploadError(
                 f"Timed out after {waited:.1f}s waiting for checkpoint step(s) {steps} to commit to {self.url}; "
-                "the latest committed checkpoint is older. Raise upload_timeout or check the store's throughput.",
+                f"the latest committed checkpoint is older. {hint}",
                 url=self.url, step=steps[-1])
 
     def _count_retry(self, cause: str) -> None:

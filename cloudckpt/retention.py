@@ -99,6 +99,39 @@ def _created(info: CheckpointInfo) -> float:
         return 0.0
 
 
+def _kept_per_period(current: list[CheckpointInfo], log: LogState | None, period: float) -> set[Any]:
+    """The checkpoints ``keep_checkpoint_every_n_hours`` keeps: commit ids (``id()`` of a checkpoint without one).
+
+    As TF's managers: the first checkpoint kept is one N hours after training began (here: after the
+    lineage's first checkpoint, which TF does not keep for this), then one N hours after the last kept.
+    Counted over the whole lineage of the commit log, retired commits included (each at its recorded save
+    time): retention runs after every commit, when the older checkpoints are gone, and counting from the
+    oldest one left would move the start at every pass and keep none while ``max_to_keep`` saves span less
+    than a period. Without a log (a version 1 directory), over the checkpoints there.
+    """
+    present = {c.commit_id: c for c in current if c.commit_id is not None}
+    history: list[tuple[float, Any]] = []
+    seen: set[str] = set()
+    for record in (log.lineage() if log is not None else []):
+        when = record.saved_at
+        if when is None and record.commit_id in present:
+            when = _created(present[record.commit_id])
+        if when is not None:
+            history.append((when, record.commit_id))
+            seen.add(record.commit_id)
+    history += [(_created(c), c.commit_id if c.commit_id is not None else id(c))
+                for c in current if c.commit_id is None or c.commit_id not in seen]
+    history.sort(key=lambda item: item[0])
+    kept: set[Any] = set()
+    if history:
+        next_keep = history[0][0] + period
+        for when, key in history:
+            if when >= next_keep:
+                kept.add(key)
+                next_keep = when + period
+    return kept
+
+
 def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: set[str] | None = None,
                    protect: set[int] = frozenset(), debris: bool = True,  # type: ignore[assignment]
                    now: float | None = None) -> RetentionPlan:
@@ -120,15 +153,8 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
         keep_ids.add(id(current[-1]))
     keep_ids |= {id(c) for c in current if c.step in protect}
     if policy.keep_checkpoint_every_n_hours and current:
-        # As TF's managers: the first checkpoint kept is one N hours after training began (here: after the
-        # directory's first checkpoint, which TF does not keep for this), then one N hours after the last kept.
-        period = policy.keep_checkpoint_every_n_hours * 3600
-        by_time = sorted(current, key=lambda c: c.step)
-        next_keep = _created(by_time[0]) + period
-        for c in by_time:
-            if _created(c) >= next_keep:
-                keep_ids.add(id(c))
-                next_keep = _created(c) + period
+        preserved = _kept_per_period(current, scan.log, policy.keep_checkpoint_every_n_hours * 3600)
+        keep_ids |= {id(c) for c in current if c.commit_id in preserved or id(c) in preserved}
     everything = sorted(current + superseded, key=lambda c: (c.step, c.status))
     keep = [c for c in everything if id(c) in keep_ids]
     delete = [c for c in reversed(ranked) if id(c) not in keep_ids]

@@ -72,6 +72,9 @@ def test_deadline_too_short_keeps_previous_checkpoint(moto_server, bucket_url, t
     assert cloudckpt.latest_checkpoint(bucket_url, options).step == 0  # the previous periodic one
     assert f"final checkpoint (step {trainer.step}) was not committed" in trainer.stderr
     assert "the latest committed checkpoint is step 0" in trainer.stderr
+    # the deadline ended the wait, not upload_timeout (None): no advice to raise that (spot-VM trial)
+    assert "The preemption deadline passed first" in trainer.stderr, trainer.stderr[-3000:]
+    assert "Raise upload_timeout" not in trainer.stderr
     assert_everything_verifies(bucket_url, options)
     assert_restart_resumes(moto_server, bucket_url, tmp_path, 0, *size)
 

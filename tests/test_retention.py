@@ -111,6 +111,33 @@ def test_plan_keeps_newest_and_one_per_period():
     assert everything.delete == []
 
 
+def test_one_per_period_is_kept_when_retention_runs_after_every_commit():
+    """Retention runs after each commit, when the oldest checkpoints are already gone: the periods are
+    counted from the lineage's first checkpoint in the commit log (retired ones included), not from the
+    oldest one still there, which moved on at every pass and kept none once max_to_keep saves spanned
+    less than a period (spot-VM trial: keep_checkpoint_every_n_hours kept nothing remotely)."""
+    from cloudckpt.lineage import CommitRecord, LogState
+    epoch = 1_767_225_600.0  # 2026-01-01T00:00:00Z, as info()'s created_at
+    commits: dict[str, CommitRecord] = {}
+    present: list[CheckpointInfo] = []
+    parent = None
+    for index, step in enumerate(range(0, 100, 10), start=2):
+        cid = f"c{step}"
+        commits[cid] = CommitRecord(cid, index, step, f"model.ckpt-{step}", f"model.ckpt-{step}.manifest.json",
+                                    parent, 1, "w", saved_at=epoch + step / 10 * 3600)
+        parent = cid
+        c = info(step, step / 10)
+        present.append(CheckpointInfo(c.step, c.prefix, c.files, c.created_at, c.manifest_url, commit_id=cid,
+                                      writer_id="w"))
+        scan = DirectoryScan(committed=list(present), incomplete=[], unreadable={}, objects=[],
+                             log=LogState(last_index=index, commits=dict(commits), head=cid))
+        plan = plan_retention(scan, RetentionPolicy(max_to_keep=2, keep_checkpoint_every_n_hours=3))
+        doomed = {c.step for c in plan.delete}
+        present = [c for c in present if c.step not in doomed]
+    # what TF's manager keeps locally, and what one pass over all of them keeps (the test above)
+    assert [c.step for c in present] == [30, 60, 80, 90]
+
+
 def test_debris_respects_grace_and_foreign_files():
     now = 1_000_000.0
     scan = DirectoryScan(committed=[info(10, 1)], objects=[], unreadable={}, incomplete=[
