@@ -30,6 +30,9 @@ log = logging.getLogger("cloudckpt")
 
 ON_ERROR_CHOICES = ("raise", "warn")
 BACKGROUND_NICENESS = 10  # added to the uploader threads' nice value: the training thread gets the CPU first
+# A store slower than the save interval drops a checkpoint at every save: one WARNING per this many seconds
+# (with the count since the last), the others at INFO.
+DROP_WARNING_INTERVAL = 300.0
 # Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
 # (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
 ABANDON_GRACE = 2.0
@@ -154,6 +157,9 @@ class Uploader:
         self._in_flight: UploadJob | None = None
         self._failures: list[UploadError] = []
         self._stats = UploadStats()
+        self._drop_warned_at: float | None = None  # time.monotonic() of the last WARNING about a drop
+        self._drops_not_warned = 0  # drops logged at INFO since
+        self._drop_log_lock = threading.Lock()
         self._closing = False
         self._abandoned = False  # close() gave up on the worker (cancel set); start() waits for it to end
         self._thread: threading.Thread | None = None
@@ -224,10 +230,9 @@ class Uploader:
             while len(self._queue) > self.max_pending:
                 dropped = self._queue.popleft()
                 self._stats.dropped += 1
-                log.warning(
-                    "Dropping checkpoint step %d: %d newer checkpoint(s) are waiting for upload to %s "
-                    "(max_pending=%d). The store is slower than the save interval.",
-                    dropped.checkpoint.step, len(self._queue), self.store.url, self.max_pending)
+                self._log_drop("Dropping checkpoint step %d: %d newer checkpoint(s) are waiting for upload to %s "
+                               "(max_pending=%d). The store is slower than the save interval.",
+                               dropped.checkpoint.step, len(self._queue), self.store.url, self.max_pending)
                 dropped.release()
             self._cond.notify_all()
 
@@ -238,8 +243,23 @@ class Uploader:
             self._queue = collections.deque(j for j in self._queue if j.checkpoint.step >= older_than)
             self._stats.dropped += len(dropped)
         for job in dropped:
-            log.warning("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)
+            self._log_drop("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)
             job.release()
+
+    def _log_drop(self, message: str, *args: object) -> None:
+        """Log a dropped checkpoint: a WARNING at most every ``DROP_WARNING_INTERVAL`` seconds (saying how many
+        were dropped since the last one), INFO otherwise; ``stats().dropped`` counts them all."""
+        with self._drop_log_lock:  # the training thread and the worker both drop
+            now = time.monotonic()
+            warn = self._drop_warned_at is None or now - self._drop_warned_at >= DROP_WARNING_INTERVAL
+            if warn:
+                if self._drops_not_warned:
+                    message += (f" ({self._drops_not_warned} more dropped since the last such warning, "
+                                "logged at INFO.)")
+                self._drop_warned_at, self._drops_not_warned = now, 0
+            else:
+                self._drops_not_warned += 1
+        log.log(logging.WARNING if warn else logging.INFO, message, *args)
 
     def require(self, step: int) -> bool:
         """Mark the checkpoint of ``step`` waiting or in flight as required (see ``UploadJob``);
@@ -428,8 +448,8 @@ class Uploader:
                     os.path.exists(p) for p in job.checkpoint.files.values()):
                 with self._cond:
                     self._stats.dropped += 1
-                log.warning("Dropping checkpoint step %d: its files were deleted (max_to_keep) before it was "
-                            "committed; the store is slower than the save interval.", step)
+                self._log_drop("Dropping checkpoint step %d: its files were deleted (max_to_keep) before it was "
+                               "committed; the store is slower than the save interval.", step)
                 return
             cause = describe_cause(exc)
             error = UploadError(

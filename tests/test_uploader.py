@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import logging
 import uuid
 
 import fsspec
@@ -180,3 +181,31 @@ def test_an_abandoned_upload_on_a_backend_that_stops_between_files(tmp_path, mon
     uploader.close()
     assert uploader.stats().committed == 1
     assert set(assert_all_committed_intact(url.replace("gatedmemory://", "memory://"))) == {20}
+
+
+def test_a_store_slower_than_every_save_warns_of_drops_once_per_interval(tmp_path, caplog, monkeypatch):
+    """A store slower than the save interval drops a checkpoint at every save: each drop was its own WARNING
+    (spot-VM trial: noisy). One WARNING per DROP_WARNING_INTERVAL, the rest at INFO, and the next WARNING
+    says how many were dropped since; stats().dropped counts them all."""
+    import cloudckpt.uploader as uploader_module
+
+    GatedMemoryFileSystem.gate.clear()
+    GatedMemoryFileSystem.started.clear()
+    uploader = Uploader(RemoteStore(f"gatedmemory://q-{uuid.uuid4().hex[:8]}/run"), max_pending=1)
+    uploader.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="cloudckpt"):
+            for step in range(10, 70, 10):  # 10 in flight; 20..40 each dropped by the next save
+                uploader.submit(UploadJob(fake_checkpoint(tmp_path, step)))
+                if step == 10:
+                    assert GatedMemoryFileSystem.started.wait(10)
+            monkeypatch.setattr(uploader_module, "DROP_WARNING_INTERVAL", 0.0)  # the interval has passed
+            uploader.submit(UploadJob(fake_checkpoint(tmp_path, 70)))
+        drops = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("Dropping")]
+        assert [level for level, _ in drops] == [logging.WARNING] + [logging.INFO] * 3 + [logging.WARNING], drops
+        assert "(3 more dropped since the last such warning, logged at INFO.)" in drops[-1][1], drops[-1]
+        assert uploader.stats().dropped == 5
+    finally:
+        GatedMemoryFileSystem.gate.set()
+        uploader.wait(30)
+        uploader.close()
