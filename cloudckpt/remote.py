@@ -1226,6 +1226,8 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
         else:
             hint = (f"the store kept failing or throttling{spent}: try again later, or give the RetryPolicy "
                     "more attempts or a longer deadline")
+    elif type(exc).__name__ == "TransferCancelled":  # s3_transport's: its transfers were cancelled on purpose
+        hint = "cancelled on purpose: an interrupt, a close or a preemption deadline abandoned the transfer"
     else:
         hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
     lead = text if text.startswith(cause) else f"{cause}: {text}"

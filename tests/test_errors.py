@@ -201,6 +201,16 @@ def test_a_transient_failure_says_how_often_it_was_retried(retries, said):
     assert said in str(error), str(error)
 
 
+def test_a_transfer_cancelled_on_purpose_says_so_not_to_rerun_at_debug():
+    """An abandoned upload (Ctrl-C, close, a preemption deadline) logged "cause: TransferCancelled; rerun with
+    logging at DEBUG for details", pointless for a deliberate abandon (spot-VM trial)."""
+    from cloudckpt.remote import remote_error
+    from cloudckpt.s3_transport import TransferCancelled
+
+    message = str(remote_error("upload", "s3://bucket/run/model.ckpt-5.index", TransferCancelled("cancelled")))
+    assert "cancelled on purpose" in message and "rerun with logging" not in message, message
+
+
 @pytest.mark.parametrize("options, missing", [({"key": "AKIAEXAMPLEKEY"}, "without its secret"),
                                              ({"secret": "example-secret-value"}, "without its access key"),
                                              ({"client_kwargs": {"aws_access_key_id": "AKIAEXAMPLEKEY"}},
