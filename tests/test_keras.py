@@ -488,3 +488,16 @@ def test_model_checkpoint_an_unknown_format_field_is_a_config_error_without_the_
     message = str(info.value)
     assert "'val_acc'" in message and "loss" in message and url.replace(f"AKIDKERAS:{secret}", "***") in message
     assert cloudckpt.list_checkpoints(url, {"endpoint_url": cloudckpt_s3.storage_options["endpoint_url"]}) == []
+
+
+def test_model_checkpoint_batch_field_with_save_freq_epoch_says_it_needs_an_integer_save_freq(cloudckpt_s3):
+    """Keras formats ``{batch}`` only for saves within an epoch: with ``save_freq="epoch"`` the error must not list
+    ``batch`` among the fields available (it did: "not a logged metric ('batch'); fields available: epoch, batch")
+    and must say what to change."""
+    url, options = cloudckpt_s3.url("batchfield"), cloudckpt_s3.storage_options
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/m-{epoch}-{batch}.keras", storage_options=options)
+    with pytest.raises(cloudckpt.ConfigError) as info:
+        fit(make_model(seed=1), [cb], epochs=1)
+    message = str(info.value)
+    assert "('batch')" in message and "integer save_freq" in message, message
+    assert "fields available at this save: epoch, loss." in message, message

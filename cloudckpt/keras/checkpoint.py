@@ -203,10 +203,16 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
         except KeyError as exc:  # Keras' message quotes the raw filepath, credentials and all: not kept
             missing = str(exc.__context__ if isinstance(exc.__context__, KeyError) else exc)
         if missing is not None:  # raised outside the handler: Keras' KeyError rides along as no __context__
+            # Keras formats {batch} only for a save within an epoch (an integer save_freq), never at an epoch's end.
+            fields = ["epoch"] + (["batch"] if batch is not None and "batch" not in logs else []) + sorted(logs)
+            if missing == "'batch'" and batch is None:
+                hint = ("{batch} is only set with an integer save_freq (a save every N batches); with "
+                        "save_freq='epoch' remove it from the file name template")
+            else:
+                hint = "Fix the file name template (e.g. monitor 'val_' metrics only with validation data)"
             raise ConfigError(
                 f"ModelCheckpoint filepath {display_url(self.filepath)!r} names a format field that is not a "
-                f"logged metric ({missing}); fields available: epoch, batch, {', '.join(sorted(logs)) or 'none'}. "
-                "Fix the file name template (e.g. monitor 'val_' metrics only with validation data).")
+                f"logged metric ({missing}); fields available at this save: {', '.join(fields)}. {hint}.")
         name = url[len(self.directory) + 1:] if url.startswith(self.directory + "/") else url
         if "/" in name or not name:
             raise ConfigError(f"ModelCheckpoint file name {display_url(name)!r} (formatted from "
