@@ -501,3 +501,14 @@ def test_model_checkpoint_batch_field_with_save_freq_epoch_says_it_needs_an_inte
     message = str(info.value)
     assert "('batch')" in message and "integer save_freq" in message, message
     assert "fields available at this save: epoch, loss." in message, message
+
+
+def test_backup_accepts_keras_3s_double_checkpoint(s3_url, s3_options, tmp_path):
+    """Keras 3's BackupAndRestore(backup_dir, save_freq, double_checkpoint, delete_checkpoint): a drop-in given
+    ``double_checkpoint=True`` got TypeError. Backups here always keep a fallback (max_to_keep=2); with
+    max_to_keep=1 there is none, which is refused."""
+    cb = backup(s3_url, s3_options, tmp_path / "a", double_checkpoint=True, delete_checkpoint=False)
+    fit(make_model(seed=1), [cb], epochs=3)
+    assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [8, 12]  # the fallback is kept
+    with pytest.raises(cloudckpt.ConfigError, match="max_to_keep"):
+        backup(s3_url, s3_options, tmp_path / "b", double_checkpoint=True, max_to_keep=1)

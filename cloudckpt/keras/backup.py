@@ -106,6 +106,10 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
             any fsspec URL, or a local path). Use it for this run's backups only.
         save_freq: ``"epoch"`` (after every epoch) or an integer N >= 1: after every N
             batches (counting ``steps_per_execution``, as Keras does).
+        double_checkpoint: Keras 3's argument, accepted by keyword (here the third positional argument is
+            ``delete_checkpoint``, as in tf-keras): the previous backup is always kept as the fallback of a
+            newest one that fails verification while ``max_to_keep`` >= 2 (the default); True with
+            ``max_to_keep=1`` is refused (``ConfigError``).
         delete_checkpoint: when ``fit`` ends normally (not preempted, not raising),
             delete every backup: each is un-committed first (a ``delete`` entry in
             the commit log, then its manifest), then its files, so no manifest ever
@@ -152,6 +156,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         save_freq: str | int = "epoch",
         delete_checkpoint: bool = True,
         *,
+        double_checkpoint: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         local_dir: str | None = None,
         max_to_keep: int | None = 2,
@@ -177,6 +182,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                               "then committed to backup_dir; pass another local_dir (or none).")
         if max_to_keep is not None and ((keep := integer_option(max_to_keep)) is None or keep < 1):
             raise ConfigError(f"max_to_keep must be an integer >= 1 or None (keep every backup), got {max_to_keep!r}.")
+        if double_checkpoint and max_to_keep is not None and max_to_keep < 2:
+            raise ConfigError(f"double_checkpoint=True keeps the previous backup as a fallback, but max_to_keep="
+                              f"{max_to_keep!r} keeps only the newest: pass max_to_keep >= 2 (the default) or None.")
         ensure_writable(local)
         self._init_lifecycle(CheckpointEngine(
             self.backup_dir, local, layout=KERAS_BACKUP, storage_options=storage_options, max_pending=max_pending,
