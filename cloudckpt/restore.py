@@ -178,8 +178,8 @@ def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None)
         if not scan.committed:
             raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}.{subdirectories_hint(store)}")
         return scan.committed[-1]
-    for info in scan.committed:
-        if info.step == step:
+    for info in reversed(scan.committed):  # two names at one step (a Keras template with a metric, fit again
+        if info.step == step:                 # from scratch): the newer commit, as the newest overall is taken
             return info
     for name, error in scan.unreadable.items():
         if (parse_manifest_name(name) or ("", -1))[1] == step:

@@ -570,3 +570,18 @@ def test_nothing_committed_in_a_runs_parent_names_the_subdirectories_that_hold_c
     with pytest.raises(cloudckpt.CheckpointNotFoundError) as missing:
         cloudckpt.verify_checkpoints(f"{memory_url}/backup/nothing-here")
     assert "subdirector" not in str(missing.value)
+
+
+def test_a_step_committed_under_two_names_selects_the_newer(tmp_path, memory_url):
+    """A Keras template with a metric (model-{epoch}-{val_loss}) fit again from scratch commits a second
+    checkpoint at a step under another name: `pull --step 6` / download_checkpoint(step=6) took the older
+    one, from the first run, silently (fresh-user trial). The newer commit is taken, as for the newest."""
+    with CheckpointEngine(memory_url, str(tmp_path / "vm")) as engine:
+        engine.open()
+        for basename in ("first", "second"):
+            engine.submit(6, write_checkpoint(tmp_path / "vm", 6, basename=basename))
+            engine.wait(60)
+    assert [c.name for c in cloudckpt.list_checkpoints(memory_url) if c.step == 6] == ["first-6", "second-6"]
+    pulled = cloudckpt.pull_checkpoint(memory_url, str(tmp_path / "dest"), step=6)
+    assert pulled.checkpoint.name == "second-6"
+    assert cloudckpt.download_checkpoint(memory_url, str(tmp_path / "other"), step=6).endswith("second-6")
