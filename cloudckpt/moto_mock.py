@@ -88,8 +88,9 @@ def serialize_conditional_writes() -> None:
     answered 200, the later overwriting the earlier, whose writer then believes it appended: the commit log's
     "exactly one party wins an index" (``commitlog.py``) and create-only checkpoint uploads rest on S3's
     atomic decision (S3 User Guide, "Conditional writes"). Here a conditional request's check and store
-    run under a lock chosen by the object's bucket and path (unconditional requests are untouched). Called by ``EmbeddedS3`` and, while
-    ``mock_aws`` is active, by ``mock_transport``. A moto without these handlers is left as it is.
+    run under a lock chosen by the object's bucket and key (unconditional requests are untouched). Called by
+    ``EmbeddedS3`` and, while ``mock_aws`` is active, by ``mock_transport``. A moto without these handlers
+    is left as it is.
     """
     try:
         from moto.s3.responses import S3Response
