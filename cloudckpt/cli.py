@@ -41,7 +41,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import CloudCkptError, ConfigError
+from .errors import CloudCkptError, ConfigError, human_size
 
 if TYPE_CHECKING:
     from .catalog import CheckpointInfo, DirectoryScan
@@ -78,14 +78,6 @@ exit codes:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} B"
-
 
 def _iso(ts: float | None) -> str:
     if ts is None:
@@ -274,7 +266,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     else:
         print(f"{'step':>8}  {'created (UTC)':<20}  {'size':>9}  {'files':>5}  status")
         for r in rows:
-            print(f"{r['step']:>8}  {r['created_at']:<20}  {_human_size(r['size']):>9}  {r['files']:>5}  "
+            print(f"{r['step']:>8}  {r['created_at']:<20}  {human_size(r['size']):>9}  {r['files']:>5}  "
                   f"{r['status']}")
     for r in rows:
         if r["status"] == "unreadable":
@@ -327,7 +319,7 @@ def _print_verified(report: "VerifyReport") -> None:
         print(f"GONE    step {report.step}: {report.name} was retired (retention) while it was being verified",
               flush=True)
     elif report.ok:
-        print(f"OK      step {report.step}: {report.name} ({len(report.files)} files, {_human_size(report.size)})",
+        print(f"OK      step {report.step}: {report.name} ({len(report.files)} files, {human_size(report.size)})",
               flush=True)
     else:
         print(f"FAILED  step {report.step}: {report.name} ({len(report.problems)} of {len(report.files)} files bad)")
@@ -353,7 +345,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if result.passed_over:
         _err(f"warning: newer step(s) {list(result.passed_over)} have unreadable manifests (see cloudckpt ls); "
              f"pulled step {info.step}.")
-    print(f"Pulled step {info.step} ({len(info.files)} files, {_human_size(info.size)}, verified) "
+    print(f"Pulled step {info.step} ({len(info.files)} files, {human_size(info.size)}, verified) "
           f"into {result.local_prefix}")
     return EXIT_OK
 
@@ -385,10 +377,10 @@ def _print_pushed(report: "PushReport") -> None:
         print(f"step {report.step}: {report.name} already committed with identical content, skipped", flush=True)
     elif report.outcome == HEALED:
         print(f"step {report.step}: {report.name} already committed; re-uploaded missing or truncated objects "
-              f"({_human_size(report.bytes_uploaded)})", flush=True)
+              f"({human_size(report.bytes_uploaded)})", flush=True)
     else:
-        copied = f", {_human_size(report.bytes_copied)} of it copied server-side" if report.bytes_copied else ""
-        print(f"step {report.step}: committed {report.name} ({report.files} files, {_human_size(report.size)}"
+        copied = f", {human_size(report.bytes_copied)} of it copied server-side" if report.bytes_copied else ""
+        print(f"step {report.step}: committed {report.name} ({report.files} files, {human_size(report.size)}"
               f"{copied})", flush=True)
 
 
@@ -428,16 +420,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "delete"
     for c in plan.delete:
         what = "superseded, " if c.status == "superseded" else ""
-        print(f"{verb} step {c.step}: {c.name} ({what}{len(c.files) + 1} objects, {_human_size(c.size)})")
+        print(f"{verb} step {c.step}: {c.name} ({what}{len(c.files) + 1} objects, {human_size(c.size)})")
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
-              f"{len(d.objects)} objects, {_human_size(d.size)})")
+              f"{len(d.objects)} objects, {human_size(d.size)})")
     kept = ", ".join(str(c.step) for c in plan.keep) or "none"
     if args.dry_run:
-        print(f"Dry run: would free {_human_size(plan.bytes_freed)} in {result.url}; nothing was deleted. "
+        print(f"Dry run: would free {human_size(plan.bytes_freed)} in {result.url}; nothing was deleted. "
               f"Keeping step(s): {kept}.")
     else:
-        print(f"Freed {_human_size(plan.bytes_freed)} in {result.url}. Kept step(s): {kept}.")
+        print(f"Freed {human_size(plan.bytes_freed)} in {result.url}. Kept step(s): {kept}.")
     return EXIT_OK
 
 
@@ -462,10 +454,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nCommitted checkpoints in {result.url}:")
     print(f"  {'step':>6}  {'created (UTC)':<20}  {'size':>9}  files")
     for c in result.checkpoints:
-        print(f"  {c.step:>6}  {c.created_at:<20}  {_human_size(c.size):>9}  {len(c.files)}")
+        print(f"  {c.step:>6}  {c.created_at:<20}  {human_size(c.size):>9}  {len(c.files)}")
     s = result.stats
     print(f"\nUploader of the new VM: {s.committed} committed, {s.dropped} dropped, {s.failed} failed, "
-          f"{_human_size(s.bytes_uploaded)} uploaded, {s.retries} retries; "
+          f"{human_size(s.bytes_uploaded)} uploaded, {s.retries} retries; "
           f"latest committed step {s.last_committed_step}.")
     ok = (bool(result.checkpoints) and result.checkpoints[-1].step == result.last_step
           and result.resumed_from == args.steps)

@@ -95,6 +95,17 @@ def number_option(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
+def human_size(n: int) -> str:
+    """``n`` bytes in decimal units for messages and CLI output: ``"512 B"``, ``"1.5 KB"``, ``"2.1 GB"`` (1 KB =
+    1000 bytes, as ``du --si``; TB is the largest unit)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
 class RemoteError(CloudCkptError):
     """A storage operation failed.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory, subdirectories_hint, unreadable_by_step
-from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError
+from .errors import CloudCkptError, ConfigError, IntegrityError, ManifestError, RemoteError, human_size
 from .interrupt import cancelling_pool
 from .localdir import check_download_target
 from .layout import DEFAULT_LAYOUT, get_layout, parse_manifest_name, write_local_state_file
@@ -526,12 +526,8 @@ def download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
             raise
         raise RemoteError(  # this machine's disk, not the store: say which directory and how much it needs
             f"Downloading checkpoint step {info.step} of {store.url} into {local_dir} failed: {os.strerror(code)} "
-            f"({LOCAL_DISK_HINTS[code]}; the checkpoint takes {_megabytes(info.size)}).",
+            f"({LOCAL_DISK_HINTS[code]}; the checkpoint takes {human_size(info.size)}).",
             url=store.url, transient=False) from exc
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} KB"
 
 
 def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,

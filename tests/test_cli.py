@@ -26,7 +26,7 @@ import pytest
 
 from cloudckpt import cli
 from cloudckpt.commit import commit_checkpoint, find_local_checkpoint
-from cloudckpt.errors import ConfigError
+from cloudckpt.errors import ConfigError, human_size
 from cloudckpt.remote import RemoteStore
 from support.checks import assert_all_committed_intact, log_entries, manifests, state_file
 
@@ -292,7 +292,7 @@ def test_ls_json_schema_table_and_incomplete(committed):
     assert [(row.split()[0], row.split()[-1]) for row in body] == \
         [(str(s), "committed") for s in STEPS] + [("40", "incomplete")]
     for row, r in zip(body, rows):  # human sizes and the same timestamps as the JSON
-        assert cli._human_size(r["size"]) in row and r["created_at"] in row and row.split()[-2] == str(r["files"])
+        assert human_size(r["size"]) in row and r["created_at"] in row and row.split()[-2] == str(r["files"])
 
 
 def test_output_whose_reader_went_away_exits_141_not_a_failed_check(committed):
@@ -420,12 +420,12 @@ def test_gc_dry_run_deletes_nothing_then_gc_keeps_newest(committed, moto_server)
     assert "nothing was deleted" in dry.stdout and "Keeping step(s): 20, 30" in dry.stdout
     size = sum(json.loads(client.get_object(Bucket=name, Key=f"runs/exp1/model.ckpt-{s}.manifest.json")["Body"]
                           .read())["files"][i]["size"] for s in (0, 10) for i in range(3))
-    assert cli._human_size(size) in dry.stdout
+    assert human_size(size) in dry.stdout
 
     real = run_cli("gc", url, "--keep", "2", "-o", endpoint)
     assert real.returncode == 0, real.stderr
     assert re.findall(r"^delete step (\d+)", real.stdout, re.M) == ["0", "10"]
-    assert f"Freed {cli._human_size(size)}" in real.stdout
+    assert f"Freed {human_size(size)}" in real.stdout
     left = keys(client, name)
     assert not [k for k in left if k.startswith(("model.ckpt-0.", "model.ckpt-10."))]
     assert "model.ckpt-40.index" in left  # younger than the grace period

@@ -425,3 +425,12 @@ def test_a_local_file_as_the_directory_of_a_read_is_named(tmp_path):
             call()
         assert f"{str(path)!r} is a file, not a directory" in str(info.value), name
     assert path.read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1_536_000, "1.5 MB"),
+                                     (2_100_000_000, "2.1 GB"), (999_949_999_999, "999.9 GB"),
+                                     (3 * 10**15, "3000.0 TB")])
+def test_human_size_counts_decimal_units(n, text):
+    from cloudckpt.errors import human_size
+
+    assert human_size(n) == text
