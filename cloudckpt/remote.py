@@ -19,8 +19,10 @@ import logging
 import os
 import posixpath
 import re
+import sys
 import threading
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,7 +196,7 @@ class RemoteStore:
                     options["username"] = location.username
                     if location.password is not None:
                         options["password"] = location.password
-                options.update(_with_single_retry_layer(protocol, storage_options))
+                options.update(_with_single_retry_layer(protocol, storage_options, cls))
                 if protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs"):
                     _check_s3fs_options(cls, options)
                 own_session = protocol in _S3_PROTOCOLS and cls.__module__.startswith("s3fs") \
@@ -202,7 +204,8 @@ class RemoteStore:
                 if own_session:
                     options["session"] = _shared_aiobotocore_session()
                 root = cls._strip_protocol(path_url)
-                fs = _shared_s3fs(cls, options, own_session) if cls.__module__.startswith("s3fs") else cls(**options)
+                fs = _shared_s3fs(cls, options, own_session) if cls.__module__.startswith("s3fs") \
+                    else _single_attempt_gcsfs(cls)(**options)
                 return fs, (root.rstrip("/") or root)
             except (TypeError, KeyError, ValueError) as exc:
                 error = ConfigError(f"Invalid storage_options or URL credentials for {self.url!r}: "
@@ -1165,23 +1168,113 @@ def _forget_s3fs(fs: Any) -> None:
     forget_sessions()  # the transports' botocore sessions keep what they resolved too
 
 
-def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """fsspec options with cloudckpt's RetryPolicy as the only retry layer for S3.
+def _with_single_retry_layer(protocol: str, storage_options: Mapping[str, Any] | None, cls: type) -> dict[str, Any]:
+    """fsspec options with cloudckpt's RetryPolicy as the only retry layer for S3 and GCS, and requests that
+    end when the store stops answering.
 
     botocore (5 attempts) and s3fs (5 more, for some errors) would otherwise
     retry underneath our policy, multiplying waits, hiding retries from the
     stats and stretching deadlines. A user who sets ``config_kwargs.retries``
     keeps theirs. The instance is private (not fsspec's shared cache) because
     we change its settings.
+
+    gcsfs (``cls``) takes no option for the retry loop of its requests (``_single_attempt_gcsfs`` removes
+    it); what it takes: ``requests_timeout``, the per-request timeout it hands aiohttp, whose default (None)
+    is no timeout at all (a store that accepts the connection and never answers holds the request, and the
+    training's commit, forever): here ``_CONNECT_TIMEOUT`` to connect and ``_READ_TIMEOUT`` between bytes
+    of an answer, as botocore's for S3 (a number given is aiohttp's ``total`` per request). Its
+    ``ExtendedGcsFileSystem`` (gcsfs's default unless ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``) also
+    probes each bucket's layout over gRPC, retried for 60 s (``retry_timeout``) before it falls back to
+    the JSON API: one attempt here (``retry_timeout=0``; not cached when it fails, the next operation
+    probes again). A user's own ``requests_timeout`` / ``retry_timeout`` is kept.
     """
     options = dict(storage_options or {})
     if protocol in _S3_PROTOCOLS:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("retries", {"total_max_attempts": 1})
-        config.setdefault("connect_timeout", 10)
+        config.setdefault("connect_timeout", _CONNECT_TIMEOUT)
         options["config_kwargs"] = config
         options.setdefault("skip_instance_cache", True)
+    elif protocol in _GCS_PROTOCOLS and _gcsfs_class(cls) is not None:
+        import aiohttp  # noqa: PLC0415 - gcsfs's own dependency
+
+        options.setdefault("requests_timeout", aiohttp.ClientTimeout(sock_connect=_CONNECT_TIMEOUT,
+                                                                     sock_read=_READ_TIMEOUT))
+        extended = sys.modules.get("gcsfs.extended_gcsfs")
+        if extended is not None and issubclass(cls, extended.ExtendedGcsFileSystem):
+            options.setdefault("retry_timeout", 0)
+        options.setdefault("skip_instance_cache", True)
     return options
+
+
+# Seconds to open a connection to the store, and to wait for its next bytes once a request is sent (botocore's
+# connect_timeout, set for s3fs, and its default read_timeout; aiohttp's sock_connect and sock_read for gcsfs).
+_CONNECT_TIMEOUT = 10
+_READ_TIMEOUT = 60
+# gcsfs's coroutines wrapped in its retry loop (``@retry_request(retries=6)``, gcsfs 2024-2026.x).
+_GCSFS_RETRIED = ("_request", "_get_file_request", "_get_file_concurrent")
+
+
+def _gcsfs_class(cls: type) -> type | None:
+    """gcsfs's ``GCSFileSystem`` (core) if ``cls`` is it or a subclass of it, else None."""
+    core = sys.modules.get("gcsfs.core")
+    base = getattr(core, "GCSFileSystem", None)
+    return base if isinstance(base, type) and issubclass(cls, base) else None
+
+
+_SINGLE_ATTEMPT_GCSFS: dict[type, type] = {}
+_SINGLE_ATTEMPT_GCSFS_LOCK = threading.Lock()
+
+
+def _single_attempt_gcsfs(cls: type) -> type:
+    """``cls`` (a gcsfs filesystem class) with each request sent once: cloudckpt's ``RetryPolicy`` is the one
+    retry layer on ``gs://``, as on ``s3://``; any other class as it is.
+
+    gcsfs wraps its requests (``_request``, under every JSON API call, and downloads' ``_get_file_request``
+    and ``_get_file_concurrent``, the latter around the former) in ``gcsfs.retry.retry_request``: 6 attempts
+    with 1, 2, 4, 8, 16 s (+ jitter) between them, ~35 s per failing request (x6 more for a download),
+    and each failed request logged with its traceback at ERROR. Under the policy's attempts an unreachable
+    store took ~5 minutes to fail (the policy's deadline) and logged a traceback per attempt; the policy's
+    counts by cause and its cancellation never saw gcsfs's retries. gcsfs has no option for it: the count
+    is bound when the class is defined (``@retry_request(retries=retries)``), so neither a constructor
+    argument nor ``fs.retries`` changes it.
+
+    So cloudckpt's instances are of a subclass whose three methods are gcsfs's own undecorated coroutines
+    (``__wrapped__``, kept by the ``decorator`` package gcsfs uses): the same requests, sent once, their
+    errors raised as they are, for the policy to retry what gcsfs's ``is_retriable`` did (``retry.py``:
+    5xx, 408, 429, connection errors and timeouts, a download's ``ChecksumError``, google-auth errors marked
+    retryable), but 501 and a 401, which are final. Not a patch of gcsfs's class (other users of gcsfs in
+    the process keep its retries) nor of an instance: gcsfs's ``ExtendedGcsFileSystem`` overrides the
+    download methods and calls the core ones through ``super()``, which an instance attribute would not
+    reach, so for a subclass of the core class the single-attempt methods go between it and the core class
+    in the MRO. A gcsfs whose methods carry no ``__wrapped__`` (no retry loop, or another one) is used as
+    it is. The classes are made once per gcsfs class.
+    """
+    base = _gcsfs_class(cls)
+    if base is None:
+        return cls
+    with _SINGLE_ATTEMPT_GCSFS_LOCK:
+        if cls in _SINGLE_ATTEMPT_GCSFS:
+            return _SINGLE_ATTEMPT_GCSFS[cls]
+        undecorated = {name: getattr(base.__dict__.get(name), "__wrapped__", None) for name in _GCSFS_RETRIED}
+        if any(fn is None for fn in undecorated.values()):
+            log.debug("gcsfs %s: no retry loop found around its requests; its filesystem is used as it is.",
+                      getattr(sys.modules.get("gcsfs"), "__version__", "?"))
+            single = cls
+        else:
+            single = _subclass(base, (base,), undecorated)
+            if cls is not base:  # MRO: cls, ..., SingleAttemptGCSFileSystem, GCSFileSystem
+                single = _subclass(cls, (cls, single), {})
+        _SINGLE_ATTEMPT_GCSFS[cls] = single
+        return single
+
+
+def _subclass(of: type, bases: tuple[type, ...], methods: Mapping[str, Any]) -> type:
+    """``SingleAttempt<of's name>``, of ``bases``, with ``methods``: made by ``types.new_class``, so that
+    fsspec's metaclass (``_Cached``: its instance cache) initialises it as for a class statement."""
+    name = f"SingleAttempt{of.__name__}"
+    return types.new_class(name, bases, exec_body=lambda namespace: namespace.update(
+        methods, __module__=__name__, __qualname__=name, __doc__=of.__doc__))
 
 
 def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, ...] = (),

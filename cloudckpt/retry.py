@@ -74,6 +74,17 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _retryable_by_its_library(exc: BaseException) -> bool:
+    """True for errors their library marks as worth another attempt, which gcsfs's own retry loop (off under
+    cloudckpt's, see ``remote._single_attempt_gcsfs``) retried: gcsfs's ``ChecksumError`` (downloaded bytes
+    that do not match the store's checksum, with a ``consistency`` option) and google-auth errors flagged
+    ``retryable`` (a token endpoint or metadata server answering 5xx or throttling)."""
+    mod = type(exc).__module__ or ""
+    if mod.startswith("gcsfs") and type(exc).__name__ == "ChecksumError":
+        return True
+    return mod.startswith(("google.auth", "google.oauth2")) and getattr(exc, "retryable", False) is True
+
+
 def is_transient(exc: BaseException) -> bool:
     """True if retrying the operation that raised ``exc`` may succeed.
 
@@ -100,7 +111,7 @@ def is_transient(exc: BaseException) -> bool:
     if any("SlowDown" in str(e) or "reduce your request rate" in str(e) for e in chain):
         return True
     for e in chain:
-        if _is_connection_error(e):
+        if _is_connection_error(e) or _retryable_by_its_library(e):
             return True
         if isinstance(e, _FATAL_TYPES):
             return False

@@ -1,15 +1,21 @@
 """cloudckpt.remote.RemoteStore: what is not a backend's conformance (test_conformance.py runs that on every
-backend): here, the s3fs instances stores share."""
+backend): here, the s3fs instances stores share, and gcsfs under cloudckpt's retry layer."""
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
+import threading
 import uuid
 
 import pytest
 
 import cloudckpt
+from cloudckpt.embedded import free_port
 from cloudckpt.remote import RemoteStore
+from support.fault_proxy import FaultProxy
+from support.gcs_emulator import record_gcsfs_backoff
 
 
 def test_stores_with_the_same_options_share_one_s3fs_client(cloudckpt_s3):
@@ -126,3 +132,208 @@ def test_a_store_made_after_a_credential_failure_resolves_the_credentials_again(
     assert _s3fs_signs_with(again) != signed  # was the same: the shared session kept what it first resolved
     assert again._transport is not None and first._transport is not None
     assert again._transport._credentials()[0] != first._transport._credentials()[0]  # the transport's session too
+
+
+# -- gs://: cloudckpt's RetryPolicy is the one retry layer (gcsfs's own is off), requests end ----------------------
+# gcsfs retried each request 6 times (1+2+4+8+16 s of backoff, ~35 s) inside each of the policy's attempts, and
+# logged a traceback at ERROR for each: an unreachable gs:// store took ~5 minutes (the policy's deadline) to fail.
+# record_gcsfs_backoff: gcsfs's backoff sleeps, if it still slept, are recorded, not slept (a failure is quick).
+
+FAST = cloudckpt.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+
+
+def _request_counter():
+    """An aiohttp TraceConfig (gcsfs's ``session_kwargs``) and the list of the URLs of the requests it saw start."""
+    import aiohttp
+
+    started: list[str] = []
+
+    async def on_request_start(session, context, params):
+        started.append(str(params.url))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    return trace, started
+
+
+def _backend_noise(caplog) -> list[str]:
+    return [f"{r.name} {r.levelname}: {r.getMessage()[:100]}" for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.split(".")[0] in ("gcsfs", "aiohttp", "fsspec")]
+
+
+def test_an_unreachable_gs_store_is_sent_one_request_per_policy_attempt(monkeypatch, caplog, tmp_path):
+    """Connection refused on 127.0.0.1: each operation sends its requests once per policy attempt (was 6 times,
+    72 for a download's 2: gcsfs's download retry loop around its request retry loop), gcsfs never backs off, nothing
+    is logged by gcsfs or aiohttp, and the error is a RemoteError naming the URL, the endpoint, the retries
+    and what to check."""
+    backoff = record_gcsfs_backoff(monkeypatch)
+    trace, started = _request_counter()
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    store = RemoteStore("gs://bucket/run", {"endpoint_url": endpoint, "token": "anon",
+                                            "session_kwargs": {"trace_configs": [trace]}}, retry=FAST)
+    operations = {  # operation: (call, requests an attempt sends)
+        "list": (store.list_objects, 1),
+        "read": (lambda: store.read_bytes("model.ckpt-1.manifest.json"), 1),
+        "write": (lambda: store.write_atomic("checkpoint", b"x"), 1),
+        # gcsfs's download asks for the object's metadata first: GETs of the object and of its "directory" at once
+        "download": (lambda: store.get_file("model.ckpt-1.index", str(tmp_path / "x")), 2)}
+    caplog.set_level(logging.DEBUG)
+    for op, (call, requests) in operations.items():
+        started.clear()
+        with pytest.raises(cloudckpt.RemoteError) as info:
+            call()
+        assert len(started) == requests * FAST.max_attempts, (op, len(started))
+        message = str(info.value)
+        assert info.value.transient and "gs://bucket/run" in message, message
+        assert f"could not be reached at {endpoint}; retried 2 times over" in message, message
+        assert "check endpoint_url" in message
+    assert backoff == []
+    assert _backend_noise(caplog) == []
+    said = [r for r in caplog.records if r.name == "cloudckpt" and r.getMessage().startswith("Retrying")]
+    assert len(said) == len(operations) * (FAST.max_attempts - 1)  # what is retried is said by cloudckpt, once
+
+
+class _Stall:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers; ``accepted`` counts them."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.05)  # accept() wakes up to see close()
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def accepted(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._server.accept()
+            except OSError:  # socket.timeout included
+                continue
+            self._held.append(connection)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
+        self._server.close()
+        for connection in self._held:
+            connection.close()
+
+
+def test_a_gs_store_that_never_answers_times_out_once_per_policy_attempt(monkeypatch, caplog):
+    """A store that accepts the connection and never answers: with a small requests_timeout (gcsfs's per-request
+    timeout), one connection per policy attempt, then a RemoteError naming the URL. Without one given, cloudckpt
+    sets aiohttp's sock_connect / sock_read (10 s / 60 s, as botocore's for s3://): gcsfs's default was no
+    timeout at all, a stalled store held the request, and the checkpoint commit, forever."""
+    import aiohttp
+
+    backoff = record_gcsfs_backoff(monkeypatch)
+    stall = _Stall()
+    caplog.set_level(logging.DEBUG)
+    try:
+        timeout = aiohttp.ClientTimeout(sock_connect=1, sock_read=0.3)
+        store = RemoteStore("gs://bucket/run", {"endpoint_url": stall.endpoint, "token": "anon",
+                                                "requests_timeout": timeout}, retry=FAST)
+        with pytest.raises(cloudckpt.RemoteError) as info:
+            store.list_objects()
+        assert stall.accepted == FAST.max_attempts
+        default = RemoteStore("gs://bucket/run", {"endpoint_url": stall.endpoint, "token": "anon"}, retry=FAST)
+        assert default.fs.requests_timeout == aiohttp.ClientTimeout(sock_connect=10, sock_read=60)
+    finally:
+        stall.close()
+    message = str(info.value)
+    assert info.value.transient and "list gs://bucket/run failed" in message and stall.endpoint in message, message
+    assert backoff == [] and _backend_noise(caplog) == []
+
+
+@pytest.mark.parametrize("server", ["fake_gcs_server", "gcs_emulator"])
+def test_a_503_once_on_gs_is_retried_by_the_policy_and_succeeds(server, request, monkeypatch, tmp_path):
+    """gcsfs's retries are off, not the resilience: one 503 (fault proxy in front of the GCS server) on a listing,
+    an upload, a read and a download is retried by the policy, counted by cause (``on_retry``: what the hook's
+    stats count), and the operation succeeds. gcsfs absorbed it before, unseen by the policy."""
+    gcs = request.getfixturevalue(server)
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)  # were gcsfs still retrying, it would not wait 1-2 s for it
+    causes: list[str] = []
+    with FaultProxy(gcs.endpoint, seed=0) as proxy:
+        store = RemoteStore(f"gs://{bucket}/run", {**gcs.storage_options(), "endpoint_url": proxy.url}, retry=FAST,
+                            on_retry=causes.append)
+        data = uuid.uuid4().bytes * 1000
+        (tmp_path / "up").write_bytes(data)
+        operations = {
+            "upload": (r"/upload/", lambda: store.put_file_if_absent(str(tmp_path / "up"), "a.index"), True),
+            "list": (r"/b/[^/]+/o\?", lambda: [o.name for o in store.list_objects()], ["a.index"]),
+            "read": (r"alt=media", lambda: store.read_bytes("a.index"), data),
+            "download": (r"alt=media", lambda: (store.get_file("a.index", str(tmp_path / "down")),
+                                                 (tmp_path / "down").read_bytes())[1], data)}
+        for op, (path, call, expected) in operations.items():
+            causes.clear()
+            proxy.set_faults(path_filter=path)
+            proxy.fail_next("503")
+            before = proxy.stats.get("503", 0)
+            assert call() == expected, op
+            assert proxy.stats.get("503", 0) == before + 1, op
+            assert causes == ["HTTP 503"], (op, causes)
+
+
+_EXTENDED_GCSFS_SCRIPT = r"""
+import json, logging, sys, time
+import aiohttp
+import cloudckpt
+from cloudckpt.remote import RemoteStore
+
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append((record.name, record.levelname, record.exc_info is not None))
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.DEBUG)
+started = []
+async def on_request_start(session, context, params):
+    started.append(str(params.url))
+trace = aiohttp.TraceConfig()
+trace.on_request_start.append(on_request_start)
+store = RemoteStore("gs://bucket/run", {"endpoint_url": sys.argv[1], "token": "anon",
+                                        "session_kwargs": {"trace_configs": [trace]}},
+                    retry=cloudckpt.RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01))
+out = {"classes": [c.__name__ for c in type(store.fs).__mro__]}
+for op, call in (("list", store.list_objects), ("download", lambda: store.get_file("a.index", sys.argv[2]))):
+    started.clear()
+    began = time.monotonic()
+    try:
+        call()
+    except cloudckpt.RemoteError as exc:
+        out[op] = {"error": str(exc), "requests": len(started), "seconds": time.monotonic() - began}
+out["noise"] = [r for r in records if r[0].split(".")[0] in ("gcsfs", "aiohttp") and (r[1] == "ERROR" or r[2])]
+print(json.dumps(out))
+"""
+
+
+def test_gcsfs_extended_filesystem_probes_once_and_sends_one_request_per_attempt(tmp_path):
+    """gcsfs's default filesystem (unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, read when gcsfs is imported:
+    a process of its own) probes each bucket's layout over gRPC, retried for 60 s before it falls back to the
+    JSON API, on every operation (a failed probe is not cached): an unreachable store took 60 s per attempt. Now
+    one probe; and its downloads, which call the core class's through super(), send their requests once too."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("gcsfs.extended_gcsfs")
+    env = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    run = subprocess.run([sys.executable, "-c", _EXTENDED_GCSFS_SCRIPT, endpoint, str(tmp_path / "x")], env=env,
+                         capture_output=True, text=True, timeout=60)  # main: > 2 minutes (60 s a probe)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert "ExtendedGcsFileSystem" in out["classes"]
+    for op in ("list", "download"):  # one request an attempt (the download's metadata GET: its first request)
+        assert out[op]["requests"] == 2, (op, out[op])  # were 6 and 42 an attempt (after the 60 s probe)
+        assert f"could not be reached at {endpoint}; retried 1 time" in out[op]["error"]
+        assert out[op]["seconds"] < 20, out[op]  # a probe's retries alone took 60 s
+    assert out["noise"] == []

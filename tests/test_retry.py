@@ -84,6 +84,17 @@ def test_aiohttp_payload_error_is_transient():
     assert is_transient(aiohttp.ServerDisconnectedError())
 
 
+def test_what_gcsfs_retried_itself_is_transient():
+    """gcsfs's retry loop is off under cloudckpt's policy (remote._single_attempt_gcsfs): what it retried beyond
+    5xx/429/connection errors stays retried, by the policy: a download whose bytes do not match the store's
+    checksum, and google-auth failures their library marks retryable (a token endpoint's 5xx); not a refusal."""
+    gcsfs_retry = pytest.importorskip("gcsfs.retry")
+    auth = pytest.importorskip("google.auth.exceptions")
+    assert is_transient(gcsfs_retry.ChecksumError("md5 mismatch"))
+    assert is_transient(auth.RefreshError("temporarily unavailable", retryable=True))
+    assert not is_transient(auth.RefreshError("invalid_grant: Bad Request", retryable=False))
+
+
 def test_backoff_is_full_jitter_and_capped():
     policy = RetryPolicy(initial_backoff=1.0, max_backoff=5.0, seed=3)
     for retry in range(1, 10):
