@@ -21,6 +21,9 @@ cancelled (on ``s3://``, within about 1 MiB of each request; multipart
 uploads started are aborted), a ``pull`` removes its staging directory, and
 nothing half-transferred is committed or moved into place. A second SIGTERM
 during that cleanup terminates the process at once (exit 143 from the kill).
+A Ctrl-C while the command starts (its modules loading: ``import cloudckpt``
+loads its public names at first use, so they load inside ``main``) exits 130
+with the same one line.
 
 Only ``demo`` imports TensorFlow; the other subcommands stay fast to start.
 """
@@ -631,7 +634,15 @@ def _configure_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cloudckpt`` console script."""
+    """Entry point of the ``cloudckpt`` console script (and of ``python -m cloudckpt``)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command runs: while its modules load (argparse's exits are SystemExit)
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.debug)

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -593,6 +594,65 @@ def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys, streams):
                                    f"got {streams}", err
     assert "max_download_streams" not in err and "Traceback" not in err
     assert not (tmp_path / "dest").exists()
+
+
+SLOW_IMPORT = Path(__file__).resolve().parent / "support" / "slow_import"  # its sitecustomize holds up an import
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m cloudckpt", "python -m cloudckpt.cli"])
+def test_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(tmp_path, entry):
+    """A Ctrl-C while ``import cloudckpt`` loaded its modules (storage, fsspec: about 0.4 s of a command's
+    start) printed a Python traceback and ended the process by SIGINT; the rest of the CLI says
+    "interrupted" in one line and exits 130. The SIGINT is sent while the child is held inside the import
+    of cloudckpt.remote (support/slow_import/sitecustomize.py), so it lands there, not by timing luck."""
+    script = Path(sys.executable).parent / "cloudckpt"
+    command = {"console script": [str(script)], "python -m cloudckpt": [sys.executable, "-m", "cloudckpt"],
+               "python -m cloudckpt.cli": [sys.executable, "-m", "cloudckpt.cli"]}[entry]
+    if entry == "console script" and not script.exists():
+        pytest.skip(f"no console script at {script} (cloudckpt not installed in this environment)")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SLOW_IMPORT), env.get("PYTHONPATH")) if p)
+    env["CLOUDCKPT_SLOW_IMPORT"] = "cloudckpt.remote"
+    proc = subprocess.Popen([*command, "ls", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        held = proc.stderr.readline()
+        assert held == "importing cloudckpt.remote\n", (held, proc.stderr.read())
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == cli.EXIT_INTERRUPTED == 130, (proc.returncode, err)
+    assert err == "cloudckpt: interrupted\n" and out == ""
+
+
+def test_import_cloudckpt_loads_its_public_names_at_first_use():
+    """What keeps the command's start (before its Ctrl-C handling) short: ``import cloudckpt`` loads no
+    storage stack; each public name loads its module at first use; ``cloudckpt.rollback`` stays the function
+    after its module is imported (``import cloudckpt.rollback``), as when every name was imported at once."""
+    code = """if True:
+        import sys, cloudckpt
+        assert not {"fsspec", "cloudckpt.remote", "cloudckpt.catalog"} & set(sys.modules), sorted(sys.modules)
+        from cloudckpt.rollback import RollbackResult
+        import cloudckpt.rollback
+        assert cloudckpt.rollback is sys.modules["cloudckpt.rollback"].rollback and callable(cloudckpt.rollback)
+        assert cloudckpt.RollbackResult is RollbackResult
+        adapters = {"CheckpointSaverHook", "UploadListener", "CheckpointManager"}  # TensorFlow: not loaded here
+        for name in set(cloudckpt.__all__) - adapters:
+            value = getattr(cloudckpt, name)
+            assert getattr(value, "__name__", name) == name, (name, value)
+        assert set(cloudckpt.__all__) <= set(dir(cloudckpt))
+        assert "tensorflow" not in sys.modules
+        try:
+            cloudckpt.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("no AttributeError")
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=cli_env())
 
 
 def test_python_dash_m_cloudckpt_is_the_cli(tmp_path):
