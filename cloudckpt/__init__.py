@@ -12,6 +12,7 @@ first use as well (``cloudckpt.list_checkpoints`` loads ``cloudckpt.catalog`` an
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
         globals()[name] = value
         return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # cloudckpt.catalog... after `import cloudckpt`
     raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")
 
 

@@ -733,6 +733,7 @@ def test_import_cloudckpt_loads_its_public_names_at_first_use():
     code = """if True:
         import sys, cloudckpt
         assert not {"fsspec", "cloudckpt.remote", "cloudckpt.catalog"} & set(sys.modules), sorted(sys.modules)
+        assert callable(cloudckpt.catalog.scan_directory) and cloudckpt.preemption.signals  # submodules, as before
         from cloudckpt.rollback import RollbackResult
         import cloudckpt.rollback
         assert cloudckpt.rollback is sys.modules["cloudckpt.rollback"].rollback and callable(cloudckpt.rollback)
