@@ -306,6 +306,7 @@ def latest_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None
 
 
 SUBDIRECTORIES_LOOKED_AT = 16  # subdirectories a "nothing committed here" hint looks into, in name order
+SUBDIRECTORIES_NAMED = 3  # of those holding checkpoints, the ones the hint names; the others are counted
 
 
 def checkpoint_subdirectories(store: RemoteStore) -> list[str]:
@@ -315,23 +316,39 @@ def checkpoint_subdirectories(store: RemoteStore) -> list[str]:
     Looks at the first ``SUBDIRECTORIES_LOOKED_AT`` subdirectories by name (one listing each, plus one of the
     directory); [] when the store cannot be listed: a hint, never a new error.
     """
+    return _checkpoint_subdirectories(store)[0]
+
+
+def _checkpoint_subdirectories(store: RemoteStore) -> tuple[list[str], int]:
+    """(``checkpoint_subdirectories``, how many subdirectories there are in all, looked at or not)."""
     try:
-        subdirectories = sorted(o.name for o in store.list_under("", directories=True)
-                                if not o.name.startswith("."))[:SUBDIRECTORIES_LOOKED_AT]
-        return [name for name in subdirectories
-                if any(parse_manifest_name(o.name) is not None for o in store.list_under(name))]
+        subdirectories = sorted(o.name for o in store.list_under("", directories=True) if not o.name.startswith("."))
+        found = [name for name in subdirectories[:SUBDIRECTORIES_LOOKED_AT]
+                 if any(parse_manifest_name(o.name) is not None for o in store.list_under(name))]
+        return found, len(subdirectories)
     except Exception as exc:  # noqa: BLE001 - a hint only
         log.debug("Could not look for checkpoints in the subdirectories of %s: %s", store.url, exc)
-        return []
+        return [], 0
 
 
 def subdirectories_hint(store: RemoteStore) -> str:
     """`` Its subdirectories backup/ and models/ hold checkpoints: pass one (e.g. URL/backup).`` when
-    ``checkpoint_subdirectories`` finds some, else ``""``: appended to a "nothing committed in URL" message."""
-    found = checkpoint_subdirectories(store)
+    ``checkpoint_subdirectories`` finds some, else ``""``: appended to a "nothing committed in URL" message.
+
+    Names the first ``SUBDIRECTORIES_NAMED`` and counts the others (``a/, b/, c/ and 13 more``); when the
+    directory has more subdirectories than were looked at, says so (``of the first 16 of 40 by name``).
+    """
+    found, total = _checkpoint_subdirectories(store)
     if not found:
         return ""
-    names = [f"{name}/" for name in found]
-    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    return (f" Its subdirector{'y' if len(found) == 1 else 'ies'} {listed} hold{'s' if len(found) == 1 else ''} "
-            f"checkpoints: pass {'it' if len(found) == 1 else 'one'} ({store.url.rstrip('/')}/{found[0]}).")
+    names = [f"{name}/" for name in found[:SUBDIRECTORIES_NAMED]]
+    more = len(found) - len(names)
+    if more:
+        listed = f"{', '.join(names)} and {more} more"
+    else:
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    if total > SUBDIRECTORIES_LOOKED_AT:
+        listed += f" (of the first {SUBDIRECTORIES_LOOKED_AT} of {total} subdirectories by name)"
+    one = len(found) == 1
+    return (f" Its subdirector{'y' if one else 'ies'} {listed} hold{'s' if one else ''} "
+            f"checkpoints: pass {'it' if one else 'one'} ({store.url.rstrip('/')}/{found[0]}).")

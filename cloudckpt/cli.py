@@ -2,13 +2,14 @@
 
 Subcommands::
 
-    cloudckpt ls URL [--json]                       committed and incomplete checkpoints
-    cloudckpt verify URL [--step N | --all]         re-read and check size + crc32c
-    cloudckpt pull URL DIR [--step N]               download + verify; tf.train.latest_checkpoint(DIR) works
-    cloudckpt push DIR URL                          upload and commit an existing local TF checkpoint directory
-    cloudckpt rollback URL --step N                 make step N the latest again (newer ones: superseded)
+    cloudckpt ls URL [--json]                         committed and incomplete checkpoints, by step and name
+    cloudckpt verify URL [--step N | --name NAME | --all]
+                                                      re-read and check size + crc32c
+    cloudckpt pull URL DIR [--step N | --name NAME]   download + verify; tf.train.latest_checkpoint(DIR) works
+    cloudckpt push DIR URL                            upload and commit an existing local TF checkpoint directory
+    cloudckpt rollback URL (--step N | --name NAME)   make it the latest again (newer ones: superseded)
     cloudckpt gc URL --keep N [--keep-every-hours H] [--grace-hours H] [--dry-run]
-    cloudckpt demo                                  train a small model against an embedded S3 server
+    cloudckpt demo                                    train a small model against an embedded S3 server
 
 Exit codes: 0 ok, 1 a check failed (corrupt or missing checkpoint, storage
 error), 2 usage or configuration error (bad arguments, unknown URL scheme,
@@ -21,6 +22,9 @@ cancelled (on ``s3://``, within about 1 MiB of each request; multipart
 uploads started are aborted), a ``pull`` removes its staging directory, and
 nothing half-transferred is committed or moved into place. A second SIGTERM
 during that cleanup terminates the process at once (exit 143 from the kill).
+A Ctrl-C while the command starts (its modules loading: ``import cloudckpt``
+loads its public names at first use, so they load inside ``main``) exits 130
+with the same one line.
 
 Only ``demo`` imports TensorFlow; the other subcommands stay fast to start.
 """
@@ -225,6 +229,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) if text else type(exc).__name__
 
 
+def _steps(checkpoints: Sequence["CheckpointInfo"], also_named: set[int] | frozenset[int] = frozenset()) -> str:
+    """``"3, 6 (ckpt-2-0.52-6), 6 (ckpt-2-0.47-6)"``: the steps of ``checkpoints``, each with its name where
+    its step is there more than once or in ``also_named`` (two names committed at one step)."""
+    counts: dict[int, int] = {}
+    for c in checkpoints:
+        counts[c.step] = counts.get(c.step, 0) + 1
+    return ", ".join(f"{c.step} ({c.name})" if counts[c.step] > 1 or c.step in also_named else str(c.step)
+                     for c in checkpoints)
+
+
+def _checkpoint_name(text: str) -> str:
+    """argparse type of ``--name``: a checkpoint's name as ``cloudckpt ls`` shows it (no directory part)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a checkpoint name as cloudckpt ls shows it, e.g. model.ckpt-30")
+    if "/" in text:
+        raise argparse.ArgumentTypeError(f"expected a checkpoint name as cloudckpt ls shows it (e.g. "
+                                         f"{text.rstrip('/').rsplit('/', 1)[-1] or 'model.ckpt-30'}), without "
+                                         f"its directory, got {text!r}")
+    return text
+
+
 # -- ls ------------------------------------------------------------------------------------------
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -238,24 +263,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
     scan = _scan(store)
     rows: list[dict[str, Any]] = []
     latest = scan.committed[-1] if scan.committed else None
-    for c in scan.committed + scan.superseded:
-        rows.append({"step": c.step, "status": c.status, "created_at": c.created_at, "size": c.size,
-                     "files": len(c.files), "prefix": c.prefix, "latest": c is latest,
-                     "commit_id": c.commit_id, "writer_id": c.writer_id})
+    commit_order: dict[str, int] = {}  # prefix -> place in its list (the current lineage: oldest commit first)
+    for checkpoints in (scan.committed, scan.superseded):
+        for i, c in enumerate(checkpoints):
+            commit_order[c.prefix] = i
+            rows.append({"step": c.step, "status": c.status, "created_at": c.created_at, "size": c.size,
+                         "files": len(c.files), "name": c.name, "prefix": c.prefix, "latest": c is latest,
+                         "commit_id": c.commit_id, "writer_id": c.writer_id})
     for inc in scan.incomplete:
         newest = max((o.modified for o in inc.objects if o.modified is not None), default=None)
         rows.append({"step": inc.step, "status": "incomplete", "created_at": _iso(newest), "size": inc.size,
-                     "files": len(inc.objects), "prefix": inc.prefix})
+                     "files": len(inc.objects), "name": inc.prefix.rsplit("/", 1)[-1], "prefix": inc.prefix})
     modified = {o.name: o.modified for o in scan.objects}
     for name, error in scan.unreadable.items():
         prefix = (parse_manifest_name(name) or (name, -1))[0]
         objs = [o for o in scan.objects if (p := parse_object_name(o.name)) and p[0] == prefix
                 and o.name != name]
         rows.append({"step": _manifest_step(name), "status": "unreadable", "created_at": _iso(modified.get(name)),
-                     "size": sum(o.size for o in objs), "files": len(objs), "prefix": store.url_of(prefix),
-                     "error": _one_line(error)})
+                     "size": sum(o.size for o in objs), "files": len(objs), "name": prefix,
+                     "prefix": store.url_of(prefix), "error": _one_line(error)})
     order = {"committed": 0, "superseded": 1, "unreadable": 2, "incomplete": 3}
-    rows.sort(key=lambda r: (r["step"], order[r["status"]], r["prefix"]))
+    # By step; at one step (two names: a Keras template with a metric, fit again from scratch) the older commit
+    # first, so the last committed row of a step is the one `--step` picks.
+    rows.sort(key=lambda r: (r["step"], order[r["status"]], commit_order.get(r["prefix"], 0), r["prefix"]))
 
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -264,10 +294,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
         print(f"No checkpoints in {store.url}.{subdirectories_hint(store)}")
     else:
-        print(f"{'step':>8}  {'created (UTC)':<20}  {'size':>9}  {'files':>5}  status")
+        print(f"{'step':>8}  {'created (UTC)':<20}  {'size':>9}  {'files':>5}  {'status':<10}  name")
         for r in rows:
             print(f"{r['step']:>8}  {r['created_at']:<20}  {human_size(r['size']):>9}  {r['files']:>5}  "
-                  f"{r['status']}")
+                  f"{r['status']:<10}  {r['name']}")
     for r in rows:
         if r["status"] == "unreadable":
             _err(f"error: step {r['step']}: {r['error']}")
@@ -289,7 +319,8 @@ def _problem_text(check: Any) -> str:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read committed checkpoints from the store and check every file's size and crc32c against
     the manifest (--store-checksums: trust the store's own crc32c where it agrees). Checks the latest
-    checkpoint by default (an unreadable newest manifest fails); --all includes superseded ones."""
+    checkpoint by default (an unreadable newest manifest fails), the one(s) at --step N, the one named
+    --name NAME (as cloudckpt ls shows it); --all includes superseded ones."""
     from .restore import verify_checkpoints
 
     with _ByteProgress("verify") as bars:
@@ -297,7 +328,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bars.close()
             _print_verified(report)
 
-        result = verify_checkpoints(args.url, args.step, all_steps=args.all,
+        result = verify_checkpoints(args.url, args.step, all_steps=args.all, name=args.name,
                                     storage_options=build_storage_options(args.storage_option), retry=_retry(args),
                                     use_store_checksums=args.store_checksums, progress=bars.update,
                                     on_report=render)
@@ -330,15 +361,15 @@ def _print_verified(report: "VerifyReport") -> None:
 # -- pull ----------------------------------------------------------------------------------------
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    """Download a committed checkpoint (newest by default) into a local directory and verify every file
-    before moving it into place; afterwards tf.train.latest_checkpoint(DIR) returns it. A failed pull
-    leaves DIR as it was."""
+    """Download a committed checkpoint (newest by default; --step N, --name NAME as cloudckpt ls shows it)
+    into a local directory and verify every file before moving it into place; afterwards
+    tf.train.latest_checkpoint(DIR) returns it. A failed pull leaves DIR as it was."""
     from .restore import pull_checkpoint
     from .transfer import TransferOptions
 
     transfer = TransferOptions(max_download_streams=args.streams) if args.streams is not None else None
     with _ByteProgress("pull") as bars:
-        result = pull_checkpoint(args.url, args.dir, args.step,
+        result = pull_checkpoint(args.url, args.dir, args.step, name=args.name,
                                  storage_options=build_storage_options(args.storage_option), retry=_retry(args),
                                  progress=bars.update, transfer=transfer)
     info = result.checkpoint
@@ -387,19 +418,20 @@ def _print_pushed(report: "PushReport") -> None:
 # -- rollback ------------------------------------------------------------------------------------
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Make the committed checkpoint at --step N the latest again, on purpose: newer checkpoints become
-    superseded (kept and listed, never restored, deleted first by retention and gc), any writer still
-    running on URL is fenced (it stops with FencedError at its next commit), and the next run resumes
-    from step N. Nothing is deleted. The checkpoint is verified first."""
+    """Make the committed checkpoint at --step N (or named --name NAME) the latest again, on purpose:
+    newer checkpoints become superseded (kept and listed, never restored, deleted first by retention and
+    gc), any writer still running on URL is fenced (it stops with FencedError at its next commit), and the
+    next run resumes from it. Nothing is deleted. The checkpoint is verified first."""
     from .rollback import rollback
 
-    result = rollback(args.url, args.step, storage_options=build_storage_options(args.storage_option),
-                      retry=_retry(args))
-    newer = [c.step for c in result.superseded if c.step > args.step]
-    print(f"Rolled back {result.latest.prefix.rsplit('/', 1)[0]} to step {result.latest.step} "
-          f"({result.latest.name}, commit {result.latest.commit_id}).")
-    print(f"Superseded now: {', '.join(map(str, newer)) or 'none'}. Running writers of this directory are fenced; "
-          f"the next run resumes from step {result.latest.step}.")
+    result = rollback(args.url, args.step, name=args.name,
+                      storage_options=build_storage_options(args.storage_option), retry=_retry(args))
+    latest = result.latest
+    newer = [c for c in result.superseded if c.step >= latest.step and c.commit_id != latest.commit_id]
+    print(f"Rolled back {latest.prefix.rsplit('/', 1)[0]} to step {latest.step} "
+          f"({latest.name}, commit {latest.commit_id}).")
+    print(f"Superseded now: {_steps(newer, also_named={latest.step}) or 'none'}. Running writers of this directory "
+          f"are fenced; the next run resumes from step {latest.step}.")
     return EXIT_OK
 
 
@@ -424,7 +456,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
               f"{len(d.objects)} objects, {human_size(d.size)})")
-    kept = ", ".join(str(c.step) for c in plan.keep) or "none"
+    kept = _steps(plan.keep) or "none"
     if args.dry_run:
         print(f"Dry run: would free {human_size(plan.bytes_freed)} in {result.url}; nothing was deleted. "
               f"Keeping step(s): {kept}.")
@@ -554,15 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true",
                     help="print a JSON list of objects with step (int), status (committed | superseded | "
                          "incomplete | unreadable), created_at (ISO-8601 UTC), size (bytes), files (count), "
-                         "prefix (URL); for committed and superseded ones latest (bool), commit_id and "
-                         "writer_id; for unreadable manifests, error; instead of the table")
+                         "name (what --name of verify, pull and rollback takes), prefix (URL); for committed "
+                         "and superseded ones latest (bool), commit_id and writer_id; for unreadable manifests, "
+                         "error; instead of the table")
 
     verify = add("verify", cmd_verify, "re-read checkpoints and check every file's size and crc32c",
                  [common, remote])
     verify.add_argument("url", metavar="URL", help=url_help)
     which = verify.add_mutually_exclusive_group()
     which.add_argument("--step", type=_non_negative_int, metavar="N",
-                       help="verify the checkpoint at global step N (default: the newest)")
+                       help="verify the checkpoint at global step N, each one if several names were committed "
+                            "at N (default: the newest)")
+    which.add_argument("--name", type=_checkpoint_name, metavar="NAME",
+                       help="verify the checkpoint named NAME, as cloudckpt ls shows it (e.g. model.ckpt-30)")
     which.add_argument("--all", action="store_true", help="verify every committed checkpoint")
     verify.add_argument("--store-checksums", action="store_true",
                         help="pass a file without reading its bytes when the crc32c the store keeps of it (S3: "
@@ -574,8 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull = add("pull", cmd_pull, "download and verify a checkpoint into a local directory", [common, remote])
     pull.add_argument("url", metavar="URL", help=url_help)
     pull.add_argument("dir", metavar="DIR", help="local directory to download into (created if missing)")
-    pull.add_argument("--step", type=_non_negative_int, metavar="N",
-                      help="pull the checkpoint at global step N (default: the newest committed)")
+    chosen = pull.add_mutually_exclusive_group()
+    chosen.add_argument("--step", type=_non_negative_int, metavar="N",
+                        help="pull the checkpoint at global step N; of two names committed at N (a Keras "
+                             "template with a metric, fit again from scratch), the newer commit (default: the "
+                             "newest committed)")
+    chosen.add_argument("--name", type=_checkpoint_name, metavar="NAME",
+                        help="pull the checkpoint named NAME, as cloudckpt ls shows it (e.g. model.ckpt-30)")
     pull.add_argument("--streams", type=_int_in(1, MAX_IN_FLIGHT), metavar="N",
                       help="connections of the download (on s3://, ranged GETs of all its files from one "
                            f"queue), 1 to {MAX_IN_FLIGHT} (default: {DOWNLOAD_STREAMS}, "
@@ -591,14 +632,20 @@ def build_parser() -> argparse.ArgumentParser:
     back = add("rollback", cmd_rollback, "make an older committed checkpoint the latest (newer ones: superseded)",
                [common, remote])
     back.add_argument("url", metavar="URL", help=url_help)
-    back.add_argument("--step", type=_non_negative_int, metavar="N", required=True,
-                      help="the committed checkpoint to resume from (see cloudckpt ls)")
+    target = back.add_mutually_exclusive_group(required=True)
+    target.add_argument("--step", type=_non_negative_int, metavar="N",
+                        help="the committed checkpoint to resume from, by step (see cloudckpt ls); of two names "
+                             "committed at N, the newer commit")
+    target.add_argument("--name", type=_checkpoint_name, metavar="NAME",
+                        help="the committed checkpoint to resume from, by name as cloudckpt ls shows it (e.g. "
+                             "model.ckpt-30)")
 
     gc = add("gc", cmd_gc, "delete old checkpoints and debris of interrupted uploads", [common, remote])
     gc.add_argument("url", metavar="URL", help=url_help)
     gc.add_argument("--keep", type=_non_negative_int, metavar="N", required=True,
                     help="keep the newest N committed checkpoints (0 keeps all of them and only removes "
-                         "debris); the newest is always kept")
+                         "debris); the newest is always kept. N counts checkpoints, not steps, as TF's "
+                         "max_to_keep: two names committed at one step count as two")
     gc.add_argument("--keep-every-hours", type=_float(0.0, strict=True), metavar="H",
                     help="also keep one checkpoint per H hours of run time, like TF's "
                          "keep_checkpoint_every_n_hours (default: off)")
@@ -631,7 +678,15 @@ def _configure_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cloudckpt`` console script."""
+    """Entry point of the ``cloudckpt`` console script (and of ``python -m cloudckpt``)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command runs: while its modules load (argparse's exits are SystemExit)
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.debug)

@@ -157,18 +157,69 @@ class PullResult:
     passed_over: tuple[int, ...] = ()
 
 
-def _select(store: RemoteStore, step: int | None) -> CheckpointInfo:
-    return select_checkpoint(store, scan_directory(store), step)
+def _select(store: RemoteStore, step: int | None, name: str | None) -> CheckpointInfo:
+    return select_checkpoint(store, scan_directory(store), step, name=name)
 
 
-def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None) -> CheckpointInfo:
-    """The committed checkpoint at ``step`` (the newest if None) in ``scan``.
+NAMES_LISTED = 5  # committed names an unknown ``name=`` error lists, newest first
+
+
+def _step_or_name(step: int | None, name: str | None) -> None:
+    """Refuse ``step`` and ``name`` together: each picks one checkpoint."""
+    if step is not None and name is not None:
+        raise ConfigError(f"Pass step ({step}) or name ({name!r}), not both: each picks one checkpoint.")
+
+
+def no_checkpoint_named(store: RemoteStore, name: str, candidates: Iterable[CheckpointInfo],
+                        kind: str = "committed") -> CheckpointNotFoundError:
+    """The error for a ``name=`` that no checkpoint of ``candidates`` has: it names a few that exist (by step,
+    newest first; at one step, the later in ``candidates``, the newer commit of a lineage, first), or says that
+    nothing is committed (with ``subdirectories_hint``)."""
+    ranked = sorted(enumerate(candidates), key=lambda item: (item[1].step, item[0]), reverse=True)
+    names = [c.name for _, c in ranked]
+    if not names:
+        return CheckpointNotFoundError(f"No committed checkpoint named {name!r} in {store.url}: nothing is "
+                                       f"committed there.{subdirectories_hint(store)}")
+    listed = ", ".join(names[:NAMES_LISTED]) + (f" and {len(names) - NAMES_LISTED} more"
+                                                 if len(names) > NAMES_LISTED else "")
+    return CheckpointNotFoundError(f"No committed checkpoint named {name!r} in {store.url} ({kind}: {listed}; "
+                                   f"`cloudckpt ls {store.url}` lists them with their steps).")
+
+
+def _unreadable_named(scan: DirectoryScan, name: str) -> ManifestError | None:
+    """Why the manifest of the checkpoint named ``name`` cannot be read, if it is in ``scan`` and cannot."""
+    return next((error for _, prefix, error in unreadable_by_step(scan) if prefix == name), None)
+
+
+def select_checkpoint(store: RemoteStore, scan: DirectoryScan, step: int | None, *,
+                      name: str | None = None) -> CheckpointInfo:
+    """The committed checkpoint at ``step`` (the newest if None), or the one named ``name``, in ``scan``.
+
+    Two checkpoints can share a step under different names (a Keras template
+    with a metric, fit again from scratch): ``step`` takes the newer commit;
+    ``name`` (``CheckpointInfo.name``, as ``cloudckpt ls`` shows it, e.g.
+    ``model.ckpt-30``) picks either.
 
     Raises:
-        CheckpointNotFoundError: nothing committed (at that step).
-        ManifestError: the manifest of ``step`` (or, for the newest, a manifest newer than every
+        CheckpointNotFoundError: nothing committed (at that step, of that name); a superseded one (see
+            ``rollback``).
+        ManifestError: the manifest of ``step`` / ``name`` (or, for the newest, a manifest newer than every
             readable one) exists but cannot be read.
+        ConfigError: both ``step`` and ``name``.
     """
+    _step_or_name(step, name)
+    if name is not None:
+        found = next((info for info in scan.committed if info.name == name), None)
+        if found is not None:
+            return found
+        error = _unreadable_named(scan, name)
+        if error is not None:
+            raise error
+        if any(c.name == name for c in scan.superseded):
+            raise CheckpointNotFoundError(
+                f"Checkpoint {name} in {store.url} is superseded (committed in an abandoned lineage), so it is "
+                f"not restored; `cloudckpt rollback {store.url} --name {name}` makes it the latest on purpose.")
+        raise no_checkpoint_named(store, name, scan.committed)
     if step is None:
         newest = scan.committed[-1].step if scan.committed else -1
         unreadable = sorted((((parse_manifest_name(n) or ("", -1))[1], e) for n, e in scan.unreadable.items()),
@@ -293,9 +344,10 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
     return VerifyReport(url=info.prefix, step=info.step, files=tuple(by_name[e.name] for e in info.files))
 
 
-def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, Any] | None = None,
-           use_store_checksums: bool = True) -> VerifyReport:
-    """Check the committed checkpoint at ``url`` (latest, or ``step``) against its manifest.
+def verify(url: str, step: int | None = None, *, name: str | None = None,
+           storage_options: Mapping[str, Any] | None = None, use_store_checksums: bool = True) -> VerifyReport:
+    """Check the committed checkpoint at ``url`` (latest, or ``step``, or the one named ``name``) against its
+    manifest; which one as ``download_checkpoint`` picks it.
 
     Returns a report with one verdict per file (ok / missing / size mismatch /
     checksum mismatch); it does not raise on a mismatch. Sizes come from a
@@ -309,12 +361,14 @@ def verify(url: str, step: int | None = None, *, storage_options: Mapping[str, A
     (``verify_checkpoint``), as a restore does. Transient errors are retried.
 
     Raises:
-        CheckpointNotFoundError: nothing committed (at ``step``).
+        CheckpointNotFoundError: nothing committed (at ``step``, of that ``name``).
         ManifestError: the manifest cannot be read.
+        ConfigError: both ``step`` and ``name``.
         RemoteError: the store cannot be read (retries exhausted, access denied...).
     """
+    _step_or_name(step, name)
     store = RemoteStore(url, storage_options)
-    return verify_checkpoint(store, _select(store, step), use_store_checksums=use_store_checksums)
+    return verify_checkpoint(store, _select(store, step, name), use_store_checksums=use_store_checksums)
 
 
 def verify_checkpoints(
@@ -322,6 +376,7 @@ def verify_checkpoints(
     step: int | None = None,
     *,
     all_steps: bool = False,
+    name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     use_store_checksums: bool = True,
@@ -332,8 +387,10 @@ def verify_checkpoints(
 
     Which checkpoints: by default the newest step of the current lineage; if
     a newer manifest cannot be read, that one (reported ``unreadable``).
-    ``step``: the checkpoint at that step, of the current lineage or else a
-    superseded one. ``all_steps``: every committed checkpoint, superseded ones
+    ``step``: the checkpoint(s) at that step (each name committed at it), of
+    the current lineage or else superseded ones. ``name``: the checkpoint of
+    that name (``CheckpointInfo.name``, e.g. ``model.ckpt-30``), current or
+    superseded. ``all_steps``: every committed checkpoint, superseded ones
     and unreadable manifests included, by step.
 
     Each checkpoint is checked as ``verify`` does: by default
@@ -348,16 +405,20 @@ def verify_checkpoints(
     each checkpoint is done.
 
     Raises:
-        CheckpointNotFoundError: nothing committed (at ``step``) to verify.
-        ConfigError: ``step`` together with ``all_steps``; the bucket or local directory does not exist.
+        CheckpointNotFoundError: nothing committed (at ``step``, of that ``name``) to verify.
+        ConfigError: more than one of ``step``, ``name`` and ``all_steps``; the bucket or local directory does
+            not exist.
         RemoteError: the store cannot be read.
     """
     if step is not None and all_steps:
         raise ConfigError(f"Pass step ({step}) or all_steps, not both.")
+    if name is not None and all_steps:
+        raise ConfigError(f"Pass name ({name!r}) or all_steps, not both.")
+    _step_or_name(step, name)
     store = open_directory(url, storage_options, retry=retry)
     scan = scan_directory(store)
     reports: list[VerifyReport] = []
-    for target in _verify_targets(store, scan, step, all_steps):
+    for target in _verify_targets(store, scan, step, all_steps, name):
         if isinstance(target, CheckpointInfo):
             count = (lambda n, info=target: progress(info, n)) if progress is not None else None
             # The scan's listing serves every checkpoint (a retired one is told apart below).
@@ -373,9 +434,16 @@ def verify_checkpoints(
     return VerifyResult(url=store.url, reports=tuple(reports))
 
 
-def _verify_targets(store: RemoteStore, scan: DirectoryScan, step: int | None,
-                    all_steps: bool) -> list[CheckpointInfo | VerifyReport]:
+def _verify_targets(store: RemoteStore, scan: DirectoryScan, step: int | None, all_steps: bool,
+                    name: str | None = None) -> list[CheckpointInfo | VerifyReport]:
     """What ``verify_checkpoints`` checks: committed checkpoints, and unreadable manifests as failed reports."""
+    if name is not None:
+        named: list[CheckpointInfo | VerifyReport] = [c for c in scan.committed + scan.superseded if c.name == name]
+        named += [VerifyReport(store.url_of(prefix), s, (), error=error) for s, prefix, error in
+                  unreadable_by_step(scan) if prefix == name]
+        if not named:
+            raise no_checkpoint_named(store, name, scan.committed + scan.superseded)
+        return named
     current: list[tuple[int, CheckpointInfo | VerifyReport]] = [(c.step, c) for c in scan.committed]
     current += [(s, VerifyReport(store.url_of(prefix), s, (), error=error)) for s, prefix, error in
                 unreadable_by_step(scan)]
@@ -407,14 +475,21 @@ def download_checkpoint(
     local_dir: str,
     step: int | None = None,
     *,
+    name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     transfer: TransferOptions | None = None,
 ) -> str:
-    """Download the committed checkpoint (latest, or ``step``) into ``local_dir`` and verify it.
+    """Download the committed checkpoint (latest, or ``step``, or the one named ``name``) into ``local_dir``
+    and verify it.
 
     Returns the local checkpoint prefix (e.g. ``/data/ckpt/model.ckpt-30``);
     afterwards ``tf.train.latest_checkpoint(local_dir)`` returns it. ``transfer``:
     ``TransferOptions.max_download_streams`` connections (default 8).
+
+    Two checkpoints can share a step under different names (a Keras template
+    with a metric, fit again from scratch): ``step`` takes the newer commit;
+    ``name`` (``CheckpointInfo.name``, as ``cloudckpt ls`` shows it, e.g.
+    ``model.ckpt-30``) picks one of the current lineage.
 
     A file whose size or crc32c differs from the manifest is downloaded again, up to
     ``_DOWNLOADS_ON_MISMATCH`` (3) downloads in all (INFO; a later download that matches:
@@ -426,16 +501,18 @@ def download_checkpoint(
         ManifestError: the manifest of ``step`` cannot be read, or (latest) a manifest newer than every
             readable one: the newest checkpoint is never skipped silently (``pull_checkpoint`` passes over
             it and says so).
-        CheckpointNotFoundError: nothing committed (at ``step``).
+        CheckpointNotFoundError: nothing committed (at ``step``, of that ``name``); a superseded one.
         ConfigError: ``local_dir`` is a file or not a path, or a download there would mix runs (the local
             directory of another URL, a checkpoint directory committed in place, one a training process
-            holds); an unusable URL or ``storage_options``.
+            holds); an unusable URL or ``storage_options``; both ``step`` and ``name``.
     """
+    _step_or_name(step, name)
     local_dir = _local_target(local_dir)
     store = RemoteStore(url, storage_options, transfer=transfer)
     _check_target(local_dir, store)
     scan = scan_directory(store)
-    return download_verified(store, select_checkpoint(store, scan, step), local_dir, objects=scan.objects)
+    return download_verified(store, select_checkpoint(store, scan, step, name=name), local_dir,
+                             objects=scan.objects)
 
 
 def _local_target(local_dir: "str | os.PathLike[str]") -> str:
@@ -456,6 +533,7 @@ def pull_checkpoint(
     local_dir: str,
     step: int | None = None,
     *,
+    name: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     progress: Progress | None = None,
@@ -463,8 +541,9 @@ def pull_checkpoint(
 ) -> PullResult:
     """Download a committed checkpoint into ``local_dir`` and verify it (``cloudckpt pull``).
 
-    Which checkpoint: ``step``, or by default the latest committed one (the
-    head of the current lineage). Unlike ``download_checkpoint``, newer
+    Which checkpoint: ``step`` (the newer commit when two names share it),
+    ``name`` (``CheckpointInfo.name``, e.g. ``model.ckpt-30``), or by default
+    the latest committed one (the head of the current lineage). Unlike ``download_checkpoint``, newer
     checkpoints whose manifests cannot be read do not stop a pull of the
     latest readable one: they are named in ``PullResult.passed_over``.
     Every file is checked (size, crc32c) before it is moved into place and the
@@ -474,26 +553,28 @@ def pull_checkpoint(
     connections (default 8).
 
     Raises:
-        CheckpointNotFoundError: nothing committed (at ``step``); ``step`` is superseded (see ``rollback``).
+        CheckpointNotFoundError: nothing committed (at ``step``, of that ``name``); ``step`` / ``name`` is
+            superseded (see ``rollback``).
         IntegrityError: a file is missing or differs from the manifest (``ManifestError``: the manifest of
             ``step`` cannot be read).
         ConfigError: ``local_dir`` is a file or a download there would mix runs (as ``download_checkpoint``);
-            the bucket or remote local directory does not exist.
+            the bucket or remote local directory does not exist; both ``step`` and ``name``.
         RemoteError: the store cannot be read.
     """
+    _step_or_name(step, name)
     local_dir = _local_target(local_dir)
     store = open_directory(url, storage_options, retry=retry, transfer=transfer)
     _check_target(local_dir, store)
     scan = scan_directory(store)
     passed_over: tuple[int, ...] = ()
-    if step is None:
+    if step is None and name is None:
         if not scan.committed:
             raise CheckpointNotFoundError(f"No committed checkpoint in {store.url}: nothing to pull."
                                           f"{subdirectories_hint(store)}")
         info = scan.committed[-1]
         passed_over = tuple(s for s, _, _ in unreadable_by_step(scan) if s > info.step)
     else:
-        info = select_checkpoint(store, scan, step)
+        info = select_checkpoint(store, scan, step, name=name)
     count = (lambda n: progress(info, n)) if progress is not None else None
     local_prefix = download_verified(store, info, local_dir, progress=count, objects=scan.objects)
     return PullResult(url=store.url, checkpoint=info, local_prefix=local_prefix, passed_over=passed_over)

@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -288,11 +289,109 @@ def test_ls_json_schema_table_and_incomplete(committed):
     table = run_cli("ls", url, "-o", endpoint)
     assert table.returncode == 0 and table.stderr == ""
     header, *body = table.stdout.splitlines()
-    assert header.split() == ["step", "created", "(UTC)", "size", "files", "status"]
-    assert [(row.split()[0], row.split()[-1]) for row in body] == \
-        [(str(s), "committed") for s in STEPS] + [("40", "incomplete")]
+    assert header.split() == ["step", "created", "(UTC)", "size", "files", "status", "name"]
+    assert [(row.split()[0], row.split()[-2], row.split()[-1]) for row in body] == \
+        [(str(s), "committed", f"model.ckpt-{s}") for s in STEPS] + [("40", "incomplete", "model.ckpt-40")]
     for row, r in zip(body, rows):  # human sizes and the same timestamps as the JSON
-        assert human_size(r["size"]) in row and r["created_at"] in row and row.split()[-2] == str(r["files"])
+        assert human_size(r["size"]) in row and r["created_at"] in row and row.split()[-3] == str(r["files"])
+
+
+# A Keras ModelCheckpoint template with a metric (ckpt-{epoch}-{val_loss:.2f}), fit run twice from scratch: each
+# run commits steps 3 and 6 under its own names.
+FIRST_RUN, SECOND_RUN = ["ckpt-1-0.61-3", "ckpt-2-0.52-6"], ["ckpt-1-0.58-3", "ckpt-2-0.47-6"]
+
+
+@pytest.fixture
+def two_runs(bucket, moto_server, tmp_path):
+    """``bucket`` with FIRST_RUN then SECOND_RUN committed (plain files in TF's naming); returns (bucket, the
+    bytes of each checkpoint's .index by name)."""
+    from cloudckpt.engine import CheckpointEngine
+
+    index: dict[str, bytes] = {}
+    local = tmp_path / "vm"
+    with CheckpointEngine(bucket[0], str(local), storage_options=moto_server.storage_options) as engine:
+        engine.open()
+        for run, names in enumerate((FIRST_RUN, SECOND_RUN), 1):
+            for name in names:
+                files = []
+                for suffix in (".index", ".data-00000-of-00001"):
+                    path = local / f"{name}{suffix}"
+                    path.write_bytes(f"{name} of run {run}{suffix}".encode() * 50)
+                    files.append(str(path))
+                index[name] = (local / f"{name}.index").read_bytes()
+                engine.submit(int(name.rsplit("-", 1)[1]), files)
+                engine.wait(60)
+    return bucket, index
+
+
+def test_ls_names_each_checkpoint_and_name_picks_one_where_a_step_is_taken(two_runs, tmp_path):
+    """Two checkpoints at one step under different names: `ls` showed two rows alike but for their times (no
+    name column), and `pull --step 6` takes the newer with no way to get the older one. `ls` names each
+    (the older commit of a step first); `--name` picks one in pull, verify and rollback; gc's --keep counts
+    checkpoints, and its summary names the ones of a shared step."""
+    (url, name, client, endpoint), index = two_runs
+    table, listing, older, checked, unknown, both, slash = run_cli_many(
+        ["ls", url, "-o", endpoint], ["ls", url, "--json", "-o", endpoint],
+        ["pull", url, str(tmp_path / "older"), "--name", FIRST_RUN[1], "-o", endpoint],
+        ["verify", url, "--name", FIRST_RUN[1], "-o", endpoint],
+        ["pull", url, str(tmp_path / "none"), "--name", "ckpt-3-0.40-9", "-o", endpoint],
+        ["pull", url, str(tmp_path / "none"), "--step", "6", "--name", FIRST_RUN[1], "-o", endpoint],
+        ["verify", url, "--name", f"{url}/{FIRST_RUN[1]}", "-o", endpoint])
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["step", "created", "(UTC)", "size", "files", "status", "name"]
+    assert [(r.split()[0], r.split()[-2], r.split()[-1]) for r in rows] == [
+        ("3", "committed", FIRST_RUN[0]), ("3", "committed", SECOND_RUN[0]),
+        ("6", "committed", FIRST_RUN[1]), ("6", "committed", SECOND_RUN[1])]
+    assert [(r["step"], r["name"], r["prefix"]) for r in json.loads(listing.stdout)] == \
+        [(int(n.rsplit("-", 1)[1]), n, f"{url}/{n}") for n in (FIRST_RUN[0], SECOND_RUN[0], FIRST_RUN[1], SECOND_RUN[1])]
+
+    assert older.returncode == 0, older.stderr
+    assert older.stdout.startswith("Pulled step 6 (2 files") and older.stdout.rstrip().endswith(f"/older/{FIRST_RUN[1]}")
+    assert (tmp_path / "older" / f"{FIRST_RUN[1]}.index").read_bytes() == index[FIRST_RUN[1]]
+    assert not (tmp_path / "older" / f"{SECOND_RUN[1]}.index").exists()
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.splitlines()[0].startswith(f"OK      step 6: {FIRST_RUN[1]} (2 files")
+    assert "1 of 1 checkpoint(s)" in checked.stdout
+
+    assert unknown.returncode == 1
+    assert one_error_line(unknown.stderr) == (
+        f"cloudckpt: error: No committed checkpoint named 'ckpt-3-0.40-9' in {url} (committed: {SECOND_RUN[1]}, "
+        f"{FIRST_RUN[1]}, {SECOND_RUN[0]}, {FIRST_RUN[0]}; `cloudckpt ls {url}` lists them with their steps).")
+    assert both.returncode == 2 and "argument --name: not allowed with argument --step" in both.stderr
+    assert slash.returncode == 2 and f"(e.g. {FIRST_RUN[1]}), without its directory" in slash.stderr
+    assert not (tmp_path / "none").exists()
+
+    dry = run_cli("gc", url, "--keep", "3", "--dry-run", "-o", endpoint)  # 3 checkpoints, not 3 steps
+    assert dry.returncode == 0, dry.stderr
+    assert re.findall(r"^would delete step (\d+): (\S+)", dry.stdout, re.M) == [("3", FIRST_RUN[0])]
+    assert f"Keeping step(s): 3, 6 ({FIRST_RUN[1]}), 6 ({SECOND_RUN[1]})." in dry.stdout
+
+    back = run_cli("rollback", url, "--name", FIRST_RUN[1], "-o", endpoint)
+    assert back.returncode == 0, back.stderr
+    assert f"to step 6 ({FIRST_RUN[1]}, commit" in back.stdout
+    assert f"Superseded now: 6 ({SECOND_RUN[1]})." in back.stdout
+    rows = json.loads(run_cli("ls", url, "--json", "-o", endpoint).stdout)
+    assert [(r["name"], r["status"]) for r in rows if r.get("latest")] == [(FIRST_RUN[1], "committed")]
+
+
+def test_download_checkpoint_takes_a_name(two_runs, moto_server, tmp_path):
+    """The library calls behind the commands take name= where they take step= (keyword-only, one of the two)."""
+    import cloudckpt
+
+    (url, *_), index = two_runs
+    options = moto_server.storage_options
+    local = cloudckpt.download_checkpoint(url, str(tmp_path / "a"), name=FIRST_RUN[1], storage_options=options)
+    assert local == str(tmp_path / "a" / FIRST_RUN[1]) and Path(local + ".index").read_bytes() == index[FIRST_RUN[1]]
+    assert cloudckpt.download_checkpoint(url, str(tmp_path / "b"), step=6, storage_options=options).endswith(
+        SECOND_RUN[1])
+    assert cloudckpt.verify(url, name=FIRST_RUN[0], storage_options=options).name == FIRST_RUN[0]
+    with pytest.raises(ConfigError, match="not both"):
+        cloudckpt.download_checkpoint(url, str(tmp_path / "c"), 6, name=FIRST_RUN[1], storage_options=options)
+    with pytest.raises(cloudckpt.CheckpointNotFoundError, match=f"named 'nope' in {re.escape(url)} "
+                                                                f"\\(committed: {SECOND_RUN[1]}, "):
+        cloudckpt.pull_checkpoint(url, str(tmp_path / "c"), name="nope", storage_options=options)
+    assert not (tmp_path / "c").exists()
 
 
 def test_output_whose_reader_went_away_exits_141_not_a_failed_check(committed):
@@ -593,6 +692,66 @@ def test_pull_streams_out_of_range_is_a_clear_error(tmp_path, capsys, streams):
                                    f"got {streams}", err
     assert "max_download_streams" not in err and "Traceback" not in err
     assert not (tmp_path / "dest").exists()
+
+
+SLOW_IMPORT = Path(__file__).resolve().parent / "support" / "slow_import"  # its sitecustomize holds up an import
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m cloudckpt", "python -m cloudckpt.cli"])
+def test_ctrl_c_while_the_cli_starts_exits_130_without_a_traceback(tmp_path, entry):
+    """A Ctrl-C while ``import cloudckpt`` loaded its modules (storage, fsspec: about 0.4 s of a command's
+    start) printed a Python traceback and ended the process by SIGINT; the rest of the CLI says
+    "interrupted" in one line and exits 130. The SIGINT is sent while the child is held inside the import
+    of cloudckpt.remote (support/slow_import/sitecustomize.py), so it lands there, not by timing luck."""
+    script = Path(sys.executable).parent / "cloudckpt"
+    command = {"console script": [str(script)], "python -m cloudckpt": [sys.executable, "-m", "cloudckpt"],
+               "python -m cloudckpt.cli": [sys.executable, "-m", "cloudckpt.cli"]}[entry]
+    if entry == "console script" and not script.exists():
+        pytest.skip(f"no console script at {script} (cloudckpt not installed in this environment)")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SLOW_IMPORT), env.get("PYTHONPATH")) if p)
+    env["CLOUDCKPT_SLOW_IMPORT"] = "cloudckpt.remote"
+    proc = subprocess.Popen([*command, "ls", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        held = proc.stderr.readline()
+        assert held == "importing cloudckpt.remote\n", (held, proc.stderr.read())
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == cli.EXIT_INTERRUPTED == 130, (proc.returncode, err)
+    assert err == "cloudckpt: interrupted\n" and out == ""
+
+
+def test_import_cloudckpt_loads_its_public_names_at_first_use():
+    """What keeps the command's start (before its Ctrl-C handling) short: ``import cloudckpt`` loads no
+    storage stack; each public name loads its module at first use; ``cloudckpt.rollback`` stays the function
+    after its module is imported (``import cloudckpt.rollback``), as when every name was imported at once."""
+    code = """if True:
+        import sys, cloudckpt
+        assert not {"fsspec", "cloudckpt.remote", "cloudckpt.catalog"} & set(sys.modules), sorted(sys.modules)
+        assert callable(cloudckpt.catalog.scan_directory) and cloudckpt.preemption.signals  # submodules, as before
+        from cloudckpt.rollback import RollbackResult
+        import cloudckpt.rollback
+        assert cloudckpt.rollback is sys.modules["cloudckpt.rollback"].rollback and callable(cloudckpt.rollback)
+        assert cloudckpt.RollbackResult is RollbackResult
+        adapters = {"CheckpointSaverHook", "UploadListener", "CheckpointManager"}  # TensorFlow: not loaded here
+        for name in set(cloudckpt.__all__) - adapters:
+            value = getattr(cloudckpt, name)
+            assert getattr(value, "__name__", name) == name, (name, value)
+        assert set(cloudckpt.__all__) <= set(dir(cloudckpt))
+        assert "tensorflow" not in sys.modules
+        try:
+            cloudckpt.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("no AttributeError")
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=cli_env())
 
 
 def test_python_dash_m_cloudckpt_is_the_cli(tmp_path):

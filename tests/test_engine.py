@@ -585,3 +585,31 @@ def test_a_step_committed_under_two_names_selects_the_newer(tmp_path, memory_url
     pulled = cloudckpt.pull_checkpoint(memory_url, str(tmp_path / "dest"), step=6)
     assert pulled.checkpoint.name == "second-6"
     assert cloudckpt.download_checkpoint(memory_url, str(tmp_path / "other"), step=6).endswith("second-6")
+
+
+def test_the_subdirectories_hint_names_a_few_and_counts_the_others(tmp_path, memory_url, capsys):
+    """A parent of 16 runs holding checkpoints: the "nothing committed here" hint of `ls` / verify / pull
+    named all 16 (one long line); it names the first three and counts the others, and says when the
+    directory has more subdirectories than it looked at."""
+    runs = [f"run-{i:02d}" for i in range(16)]
+    for sub in runs:
+        with CheckpointEngine(f"{memory_url}/{sub}", str(tmp_path / sub)) as engine:
+            engine.open()
+            engine.submit(1, write_checkpoint(tmp_path / sub, 1))
+            engine.wait(60)
+    hint = f"Its subdirectories run-00/, run-01/, run-02/ and 13 more hold checkpoints: pass one ({memory_url}/run-00)."
+    with pytest.raises(cloudckpt.CheckpointNotFoundError) as missing:
+        cloudckpt.verify_checkpoints(memory_url)
+    assert str(missing.value).endswith(f"nothing to verify. {hint}"), str(missing.value)
+    assert "run-03" not in str(missing.value)
+    assert cli.main(["ls", memory_url]) == cli.EXIT_OK
+    assert capsys.readouterr().out == f"No checkpoints in {memory_url}. {hint}\n"
+
+    memory = fsspec.filesystem("memory")
+    for i in range(4):  # not looked at (after the first 16 by name): the count says of how many
+        memory.pipe(f"{memory_url}/zz-{i}/readme.txt".removeprefix("memory://"), b"no checkpoints")
+    with pytest.raises(cloudckpt.CheckpointNotFoundError) as missing:
+        cloudckpt.pull_checkpoint(memory_url, str(tmp_path / "dest"))
+    assert str(missing.value).endswith(
+        "Its subdirectories run-00/, run-01/, run-02/ and 13 more (of the first 16 of 20 subdirectories by name) "
+        f"hold checkpoints: pass one ({memory_url}/run-00)."), str(missing.value)

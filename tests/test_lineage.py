@@ -147,6 +147,33 @@ def test_rollback_refuses_unknown_or_corrupt_steps(tmp_path):
     assert cloudckpt.latest_checkpoint(url).step == 2
 
 
+def test_rollback_to_a_step_committed_under_two_names_takes_the_newer_or_the_named(tmp_path):
+    """A Keras template with a metric, fit again from scratch, commits step 6 under two names: `rollback
+    --step 6` made the older one (the first run's) the latest, while pull / download_checkpoint take the
+    newer; it takes the newer too, and name= (`--name`) picks either."""
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    store = RemoteStore(url)
+    writer = Writer(store)
+    for name in ("first-3", "first-6", "second-3", "second-6", "second-9"):
+        step = int(name.rsplit("-", 1)[1])
+        files = {}
+        for suffix in (".index", ".data-00000-of-00001"):
+            (tmp_path / f"{name}{suffix}").write_bytes(f"{name}{suffix}".encode() * 20)
+            files[f"{name}{suffix}"] = str(tmp_path / f"{name}{suffix}")
+        commit_checkpoint(store, LocalCheckpoint(step, name, files), writer=writer)
+    assert cloudckpt.rollback(url, 6).latest.name == "second-6"
+    result = cloudckpt.rollback(url, name="first-6")
+    assert result.latest.name == "first-6" and cloudckpt.latest_checkpoint(url).name == "first-6"
+    assert [c.name for c in result.superseded] == ["second-3", "second-6", "second-9"]
+    assert cloudckpt.rollback(url, name="second-9").latest.name == "second-9"  # a superseded one, by name
+    with pytest.raises(cloudckpt.CheckpointNotFoundError, match=r"named 'first-9' .*\(committed: second-9, "):
+        cloudckpt.rollback(url, name="first-9")
+    with pytest.raises(cloudckpt.ConfigError, match="not both"):
+        cloudckpt.rollback(url, 6, name="first-6")
+    with pytest.raises(cloudckpt.ConfigError, match="step or name"):
+        cloudckpt.rollback(url)
+
+
 def test_restore_false_on_a_used_directory_starts_a_new_lineage(tmp_path, caplog):
     url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
     run(url, None, tmp_path / "vm1", 10)
