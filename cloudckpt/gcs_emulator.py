@@ -6,8 +6,10 @@ gcsfs at it with anonymous credentials. If ``STORAGE_EMULATOR_HOST`` is set
 (e.g. CI runs fake-gcs-server or gcp-storage-emulator in a container), no
 server is started and that endpoint is used instead. The embedded server also
 enforces ``ifGenerationMatch`` on uploads like real GCS (so fsspec's
-``mode="create"`` behaves as in production), can answer with injected faults
-and records every request. The ``cloudckpt_gcs`` pytest fixture
+``mode="create"`` behaves as in production), answers a resumable upload
+session's status check, completion and cancel as GCS does (what resuming an
+interrupted upload relies on), can answer with injected faults and records
+every request. The ``cloudckpt_gcs`` pytest fixture
 (``cloudckpt.testing``) is built on it.
 
 Import order: gcsfs >= 2026.x by default (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT``
@@ -190,23 +192,106 @@ def _make_handler_class():
             if not self._maybe_fault("GET"):
                 super().do_GET()
 
+        def _upload_id(self) -> Optional[str]:
+            """The resumable upload session a request is sent to (its session URI's ``upload_id``), or None."""
+            url = urlparse(self.path)
+            if not _UPLOAD_PATH.fullmatch(url.path):
+                return None
+            return parse_qs(url.query).get("upload_id", [None])[0]
+
+        def _session_answered(self, upload_id: str) -> bool:
+            """Answer what the stock emulator gets wrong about a session, as GCS does
+            (https://cloud.google.com/storage/docs/performing-resumable-uploads): a status check
+            (``Content-Range: bytes */TOTAL`` or ``*/*``, no body) of a session holding no bytes
+            is answered 308 without ``Range`` (stock: ``bytes=0-0``, one byte it does not have), and
+            a request to a completed session with the object's resource (stock: 404)."""
+            storage = self.storage
+            finished = self._emulator._finished_uploads.get(upload_id)
+            if finished is not None:
+                self._drain()
+                self._send_json(200, finished)
+                return True
+            status_check = re.fullmatch(r"bytes \*/(\d+|\*)", (self.headers.get("Content-Range") or "").strip())
+            if status_check is None or status_check.group(1) == "0" or int(self.headers.get("Content-Length") or 0):
+                return False
+            try:
+                storage.get_resumable_file_obj(upload_id)
+            except Exception:  # NotFound: the stock answer (404)
+                return False
+            if storage.get_resumable_byte_count(upload_id):
+                return False
+            self.send_response(308)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
+        def _session_request(self, serve) -> None:
+            """Serve a request to a resumable upload session; remember the object a completed one made."""
+            upload_id = self._upload_id()
+            if upload_id is None:
+                return serve()
+            if self._session_answered(upload_id):
+                return None
+            obj = self.storage.resumable.get(upload_id)
+            serve()
+            if obj is not None and upload_id not in self.storage.resumable:  # this request completed it
+                made = self.storage.objects.get(obj["bucket"], {}).get(obj["name"])
+                if made is not None:
+                    self._emulator._finished_uploads[upload_id] = dict(made)
+            return None
+
+        def _cancel_session(self) -> bool:
+            """A DELETE of a session URI cancels the upload: answered 499, as GCS does (stock: 501)."""
+            upload_id = self._upload_id()
+            if upload_id is None:
+                return False
+            try:
+                self.storage.delete_resumable_file_obj(upload_id)
+            except Exception:  # NotFound
+                self._send_error_json(404, "No such upload session.")
+                return True
+            try:
+                self.storage._delete_file("_resumable", self.storage.safe_id(upload_id))
+            except Exception:  # no bytes received yet
+                pass
+            self.send_response(499, "Client Closed Request")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
+        def _drain(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 20))
+                if not chunk:
+                    break
+                length -= len(chunk)
+
+        def _send_json(self, status: int, document: dict) -> None:
+            body = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_POST(self):
             if self._maybe_fault("POST"):
                 return
             if self._emulator.enforce_preconditions and self._precondition_failed():
                 return
-            super().do_POST()
+            self._session_request(super().do_POST)
 
         def do_PUT(self):
             if not self._maybe_fault("PUT"):
-                super().do_PUT()
+                self._session_request(super().do_PUT)
 
         def do_PATCH(self):
             if not self._maybe_fault("PATCH"):
                 super().do_PATCH()
 
         def do_DELETE(self):
-            if not self._maybe_fault("DELETE"):
+            if not self._maybe_fault("DELETE") and not self._cancel_session():
                 super().do_DELETE()
 
     return _FaultInjectingHandler
@@ -269,6 +354,8 @@ class GcsEmulator:
         self._endpoint: Optional[str] = None
         self._lock = threading.Lock()
         self._faults: List[_Fault] = []
+        # upload_id -> the object resource its completed resumable upload made (GCS answers it to the session)
+        self._finished_uploads: Dict[str, dict] = {}
         #: (method, path) of every request the embedded server received.
         self.requests: List[Tuple[str, str]] = []
 

@@ -34,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from .errors import ConfigError, RemoteError
+from .gcs_resumable import ChunkRetries, resuming_chunks, retrying_chunks
 from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .process_cache import ProcessCache
@@ -133,6 +134,7 @@ class RemoteStore:
         if protocol in _S3_PROTOCOLS and self._location.userinfo is None:
             _check_s3_key_pair(storage_options, self.url)
         self.fs, self.root = self._open(protocol, storage_options)
+        self._resumes_chunks = type(self.fs) in _RESUMING_GCSFS  # gcsfs: failed upload chunks are resumed
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local and os.path.isfile(self.root):  # listing a file would find no checkpoint: say why
             raise ConfigError(f"{self.url!r} is a file, not a directory: point the URL at a checkpoint directory.")
@@ -898,7 +900,14 @@ class RemoteStore:
                 raise TransferCancelled(f"{op} of {url} cancelled")
             if not retried:
                 return fn()
-            return self.retry.call(fn, on_retry=self._retry_reporter(op, url, retries), cancel=self.cancel)
+            on_retry = self._retry_reporter(op, url, retries)
+            if not self._resumes_chunks:
+                return self.retry.call(fn, on_retry=on_retry, cancel=self.cancel)
+            # gcsfs: a failed chunk of a resumable upload is resumed under the policy (gcs_resumable.py); one whose
+            # retries the policy gave up on ends the operation (no new upload of the whole file)
+            with retrying_chunks(ChunkRetries(self.retry, self.cancel, on_retry)) as chunks:
+                return self.retry.call(fn, on_retry=on_retry, cancel=self.cancel,
+                                       retry_if=lambda _: not chunks.gave_up)
         except (ConfigError, RemoteError):
             raise
         except TypeError as exc:
@@ -1223,6 +1232,7 @@ def _gcsfs_class(cls: type) -> type | None:
 
 
 _SINGLE_ATTEMPT_GCSFS: dict[type, type] = {}
+_RESUMING_GCSFS: set[type] = set()  # the classes _single_attempt_gcsfs made (their chunks are resumed)
 _SINGLE_ATTEMPT_GCSFS_LOCK = threading.Lock()
 
 
@@ -1249,6 +1259,10 @@ def _single_attempt_gcsfs(cls: type) -> type:
     reach, so for a subclass of the core class the single-attempt methods go between it and the core class
     in the MRO. A gcsfs whose methods carry no ``__wrapped__`` (no retry loop, or another one) is used as
     it is. The classes are made once per gcsfs class.
+
+    One request is retried, by the policy, on its own: a chunk of a resumable upload, resumed where the
+    session stands (``gcs_resumable.resuming_chunks``), so that a 503 in the middle of a large file re-sends
+    one chunk, not the file; the session's initiation, like every other request, is sent once.
     """
     base = _gcsfs_class(cls)
     if base is None:
@@ -1262,9 +1276,11 @@ def _single_attempt_gcsfs(cls: type) -> type:
                       getattr(sys.modules.get("gcsfs"), "__version__", "?"))
             single = cls
         else:
+            undecorated["_request"] = resuming_chunks(undecorated["_request"])
             single = _subclass(base, (base,), undecorated)
             if cls is not base:  # MRO: cls, ..., SingleAttemptGCSFileSystem, GCSFileSystem
                 single = _subclass(cls, (cls, single), {})
+            _RESUMING_GCSFS.add(single)
         _SINGLE_ATTEMPT_GCSFS[cls] = single
         return single
 

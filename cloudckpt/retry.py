@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 from .errors import ConfigError, RemoteError, integer_option, number_option
 from .shutdown import EXECUTORS_SHUT_DOWN
@@ -199,13 +199,15 @@ class RetryPolicy:
         *,
         on_retry: Callable[[int, BaseException, float], None] | None = None,
         cancel: threading.Event | None = None,
+        retry_if: Callable[[BaseException], bool] | None = None,
     ) -> T:
         """Run ``fn`` until it succeeds, a fatal error occurs, or the policy gives up.
 
         ``on_retry(attempt, exc, delay)`` is called before each wait. Setting
         ``cancel`` ends the wait early and re-raises the last error; a failure once it is set is
         re-raised at once, not reported as a retry (a Ctrl-C cuts the requests in flight: their
-        connection errors are no store trouble).
+        connection errors are no store trouble). ``retry_if(exc)``, if given, must also be True for
+        a transient error to be retried (False: re-raised at once).
         """
         start = time.monotonic()
         attempt = 1
@@ -213,12 +215,8 @@ class RetryPolicy:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
-                if not is_transient(exc) or attempt >= self.max_attempts:
-                    raise
-                if cancel is not None and cancel.is_set():  # given up (Ctrl-C, an abandon): no retry to report
-                    raise
-                delay = self.backoff(attempt)
-                if self.deadline is not None and time.monotonic() - start + delay > self.deadline:
+                delay = self._delay_before_retry(exc, attempt, start, cancel, retry_if)
+                if delay is None:
                     raise
                 if on_retry is not None:
                     on_retry(attempt, exc, delay)
@@ -229,3 +227,60 @@ class RetryPolicy:
                     time.sleep(delay)
                 attempt += 1
 
+    async def acall(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> T:
+        """``call`` for a coroutine function, on an event loop (gcsfs's requests run on fsspec's loop thread):
+        the same attempts, backoff, deadline and ``on_retry``; a wait is an ``asyncio.sleep`` (the loop serves
+        its other tasks meanwhile) that ends early, re-raising the last error, when ``cancel`` is set
+        (looked at every ``_CANCEL_POLL`` seconds: a ``threading.Event`` cannot be awaited)."""
+        start = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
+                delay = self._delay_before_retry(exc, attempt, start, cancel, None)
+                if delay is None:
+                    raise
+                if on_retry is not None:
+                    on_retry(attempt, exc, delay)
+                if await _cancelled_while_waiting(delay, cancel):
+                    raise
+                attempt += 1
+
+    def _delay_before_retry(self, exc: Exception, attempt: int, start: float, cancel: threading.Event | None,
+                            retry_if: Callable[[BaseException], bool] | None) -> float | None:
+        """Seconds to wait before retrying after ``exc`` ended attempt ``attempt`` of an operation begun at
+        ``start`` (``time.monotonic()``); None to give up: ``exc`` is fatal, the attempts are spent, the wait
+        would pass the deadline, or ``cancel`` is set (given up: Ctrl-C, an abandon; no retry to report)."""
+        if not is_transient(exc) or attempt >= self.max_attempts or (retry_if is not None and not retry_if(exc)):
+            return None
+        if cancel is not None and cancel.is_set():
+            return None
+        delay = self.backoff(attempt)
+        if self.deadline is not None and time.monotonic() - start + delay > self.deadline:
+            return None
+        return delay
+
+
+# Seconds between looks at ``cancel`` during ``RetryPolicy.acall``'s waits.
+_CANCEL_POLL = 0.05
+
+
+async def _cancelled_while_waiting(delay: float, cancel: threading.Event | None) -> bool:
+    """Wait ``delay`` seconds on the running loop; True, as soon as seen, if ``cancel`` is set meanwhile."""
+    if cancel is None:
+        await asyncio.sleep(delay)
+        return False
+    end = time.monotonic() + delay
+    while not cancel.is_set():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, _CANCEL_POLL))
+    return True

@@ -243,6 +243,20 @@ def test_seed_makes_faults_reproducible(moto_url):
     assert {"200", "500", "503", "reset"} <= set(first)  # all kinds occur at 50 %
 
 
+def test_lose_response_executes_the_request_and_counts_received_bytes(proxy):
+    """"lose_response": the request reaches the store whole and is executed, its answer never reaches the
+    client (a reset where the status line would be); ``received_bytes`` counts request bodies read from
+    clients, faulted or not."""
+    proxy.fail_next("lose_response")
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        raw(proxy, "PUT", f"/{BUCKET}/lost", body=b"x" * 1000, headers=PUBLIC)
+    assert raw(proxy, "GET", f"/{BUCKET}/lost")[2] == b"x" * 1000  # it was stored
+    proxy.fail_next("503")
+    assert raw(proxy, "PUT", f"/{BUCKET}/refused", body=b"y" * 500)[0] == 503
+    assert proxy.received_bytes == 1500
+    assert proxy.stats == {"requests": 3, "forwarded": 1, "lose_response": 1, "503": 1}
+
+
 def test_filters_restrict_faults(proxy):
     proxy.set_faults(error_rate=1.0, kinds=("503",), only_methods=("PUT",), path_filter=r"/ckpt/")
     assert raw(proxy, "GET", f"/{BUCKET}?list-type=2")[0] == 200  # wrong method

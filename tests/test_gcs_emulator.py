@@ -169,6 +169,48 @@ def test_create_mode_is_exclusive(embedded, fs, bucket, tmp_path):
     assert fs.cat(key) == b"v1"
 
 
+def test_resumable_session_status_completion_and_cancel_answer_as_gcs(embedded, bucket):
+    """What resuming an interrupted upload relies on, answered as GCS documents
+    (https://cloud.google.com/storage/docs/performing-resumable-uploads): a status check
+    (``Content-Range: bytes */TOTAL``, no body) is answered 308 with ``Range: bytes=0-LAST``, and
+    without ``Range`` while the session holds nothing (the stock emulator said ``bytes=0-0``: one
+    byte it did not have); a completed session answers with its object (stock: 404); a DELETE of the
+    session URI cancels it, answered 499 (stock: 501, not implemented)."""
+    start = requests.post(
+        f"{embedded.endpoint}/upload/storage/v1/b/{bucket}/o",
+        params={"uploadType": "resumable", "name": "r"},
+        json={"name": "r"},
+        timeout=10,
+    )
+    session = start.headers["Location"]
+    part = 256 << 10
+
+    def put(body: bytes, content_range: str) -> requests.Response:
+        return requests.put(session, data=body, headers={"Content-Range": content_range}, timeout=10)
+
+    status = put(b"", f"bytes */{2 * part}")
+    assert status.status_code == 308 and "Range" not in status.headers
+    assert put(b"a" * part, f"bytes 0-{part - 1}/{2 * part}").headers["Range"] == f"bytes=0-{part - 1}"
+    status = put(b"", f"bytes */{2 * part}")
+    assert status.status_code == 308 and status.headers["Range"] == f"bytes=0-{part - 1}"
+    done = put(b"b" * part, f"bytes {part}-{2 * part - 1}/{2 * part}")
+    assert done.status_code == 200
+    status = put(b"", f"bytes */{2 * part}")
+    assert status.status_code == 200 and status.json()["generation"] == done.json()["generation"]
+    assert status.json()["size"] == str(2 * part)
+
+    cancelled = requests.post(
+        f"{embedded.endpoint}/upload/storage/v1/b/{bucket}/o",
+        params={"uploadType": "resumable", "name": "c"},
+        json={"name": "c"},
+        timeout=10,
+    ).headers["Location"]
+    requests.put(cancelled, data=b"c" * part, headers={"Content-Range": f"bytes 0-{part - 1}/*"}, timeout=10)
+    assert requests.delete(cancelled, timeout=10).status_code == 499
+    assert requests.put(cancelled, headers={"Content-Range": "bytes */*"}, timeout=10).status_code == 404
+    assert requests.delete(cancelled, timeout=10).status_code == 404
+
+
 def test_stock_emulator_ignores_if_generation_match():
     with GcsEmulator(external=False, enforce_preconditions=False) as emu:
         emu.make_bucket("b")

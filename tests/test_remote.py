@@ -337,3 +337,214 @@ def test_gcsfs_extended_filesystem_probes_once_and_sends_one_request_per_attempt
         assert f"could not be reached at {endpoint}; retried 1 time" in out[op]["error"]
         assert out[op]["seconds"] < 20, out[op]  # a probe's retries alone took 60 s
     assert out["noise"] == []
+
+
+# -- gs:// resumable uploads: a failed chunk is resumed where the session stands, not the file restarted ---------
+# gcsfs sends a file of >= 5 MiB as a resumable upload session in chunks (part_size). With one retry layer (above),
+# the policy retried a failed chunk by uploading the whole file again, from byte 0 in a new session: a GiB re-sent
+# for one 503 in a multi-GiB shard. Now the chunk is retried on its own: the session is asked what it holds
+# (308 + Range) and the chunk's missing bytes follow (cloudckpt/gcs_resumable.py).
+
+CHUNK = 5 << 20  # TransferOptions' smallest part_size: gcsfs's chunk
+SIZE = 3 * CHUNK + (1 << 20)  # four chunks: 5, 5, 5 and 1 MiB
+DATA_FILE = "model.ckpt-1.data-00000-of-00001"
+
+
+def _gs_via(proxy: FaultProxy, gcs, bucket: str, **kwargs) -> RemoteStore:
+    return RemoteStore(f"gs://{bucket}/run", {**gcs.storage_options(), "endpoint_url": proxy.url}, retry=FAST,
+                       transfer=cloudckpt.TransferOptions(part_size=CHUNK), **kwargs)
+
+
+def _chunk_requests(*numbers: int):
+    """A proxy path filter matching the chunk requests (with set_faults' only_methods=("POST",), min_body=1: gcsfs
+    POSTs its chunks to the session URI, which carries upload_id) numbered ``numbers``, counting from 0 in the
+    order they arrive, retries included."""
+    seen = [0]
+
+    def match(path: str) -> bool:
+        if "upload_id=" not in path:
+            return False
+        seen[0] += 1
+        return seen[0] - 1 in numbers
+    return match
+
+
+def _session_requests(events) -> dict[str, int]:
+    """How many resumable upload sessions were opened, status queries (PUT to a session URI) and cancels sent."""
+    return {"opened": sum(m == "POST" and "uploadType=resumable" in p and "upload_id=" not in p for m, p, _ in events),
+            "status queries": sum(m == "PUT" and "upload_id=" in p for m, p, _ in events),
+            "cancelled": sum(m == "DELETE" and "upload_id=" in p for m, p, _ in events)}
+
+
+def _upload_file(tmp_path, seed: int = 0) -> tuple[str, bytes]:
+    import numpy as np
+
+    data = np.random.default_rng(seed).bytes(SIZE)
+    (tmp_path / DATA_FILE).write_bytes(data)
+    return str(tmp_path / DATA_FILE), data
+
+
+@pytest.mark.parametrize("kind, chunk, resent", [
+    ("503", 1, CHUNK),  # the proxy answers 503 (the chunk never reaches the store): the chunk is sent again
+    ("503", 0, CHUNK),  # the first: the session holds nothing yet (308 without Range)
+    ("503", 3, 1 << 20),  # the last (1 MiB), whose answer is the object
+    ("reset", 1, CHUNK // 2),  # the connection dropped after half the chunk: the chunk is sent again
+    ("lose_response", 1, 0),  # the chunk arrived, its 308 was lost: the session holds it, nothing is sent again
+    ("lose_response", 3, 0),  # the last chunk arrived, its answer (the object) was lost: the session says done
+])
+def test_a_failed_chunk_of_a_gs_upload_is_resumed_not_the_file(kind, chunk, resent, gcs_emulator, monkeypatch,
+                                                               tmp_path):
+    """A multi-chunk upload (16 MiB in 5 MiB chunks) with one chunk failing: the upload completes in its one
+    session, resumed from the offset the store reports, re-sending at most that chunk (bytes counted at the
+    proxy); the retry is the policy's, counted by cause once. Before: a new session and the whole file again."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, data = _upload_file(tmp_path)
+    causes: list[str] = []
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket, on_retry=causes.append)
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(chunk), min_body=1)
+        proxy.fail_next(kind)
+        assert store.put_file_if_absent(local, DATA_FILE) is True
+        assert proxy.stats.get(kind) == 1
+        sent, events = proxy.received_bytes, proxy.events
+        assert store.read_bytes(DATA_FILE) == data
+    assert _session_requests(events) == {"opened": 1, "status queries": 1, "cancelled": 0}
+    extra = sent - SIZE  # beyond the file once: the session's opening (its JSON, < 100 bytes) and what was resent
+    assert resent <= extra < resent + (64 << 10) + 100, (extra, resent)  # a reset happens after a 64 KiB piece
+    assert causes == (["HTTP 503"] if kind == "503" else ["ClientOSError"])
+
+
+def test_a_gs_chunk_that_keeps_failing_ends_the_upload_without_starting_it_again(gcs_emulator, monkeypatch,
+                                                                                 tmp_path):
+    """Every request to the session fails: the chunk gets the policy's attempts (the first, then status queries),
+    each counted; then the upload fails with a RemoteError saying how often it was retried, and its session is
+    cancelled. The file is not uploaded again from byte 0 (the store failed max_attempts times in a row, as a
+    part's exhausted retries end an s3:// upload); before: a new session per policy attempt."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, _ = _upload_file(tmp_path)
+    causes: list[str] = []
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket, on_retry=causes.append)
+        proxy.set_faults(error_rate=1.0, kinds=("503",), only_methods=("POST", "PUT"), path_filter=r"upload_id=")
+        with pytest.raises(cloudckpt.RemoteError) as info:
+            store.put_file_if_absent(local, DATA_FILE)
+        events = proxy.events
+    assert _session_requests(events) == {"opened": 1, "status queries": FAST.max_attempts - 1, "cancelled": 1}
+    assert causes == ["HTTP 503"] * (FAST.max_attempts - 1)
+    assert info.value.transient and f"retried {FAST.max_attempts - 1} times" in str(info.value), str(info.value)
+
+
+def test_cancel_ends_a_gs_chunk_retry_between_attempts(gcs_emulator, monkeypatch, tmp_path):
+    """store.cancel_transfers() (Ctrl-C, an abandoned upload) while a chunk waits for its next attempt: the wait
+    ends, no status query follows, the session is cancelled and the upload fails; a chunk retried before it
+    had been resumed in the same session."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, _ = _upload_file(tmp_path)
+    causes: list[str] = []
+
+    def on_retry(cause: str) -> None:
+        causes.append(cause)
+        if len(causes) == 2:  # before the second chunk's wait: what a Ctrl-C during it does
+            store.cancel_transfers()
+
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket, on_retry=on_retry)
+        # chunk requests: 0, 1 (503), 1 again, 2 (503)
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(1, 3), min_body=1)
+        proxy.fail_next("503", 2)
+        with pytest.raises(cloudckpt.RemoteError):
+            store.put_file_if_absent(local, DATA_FILE)
+        events = proxy.events
+    assert causes == ["HTTP 503", "HTTP 503"]
+    assert _session_requests(events) == {"opened": 1, "status queries": 1, "cancelled": 1}
+
+
+def test_a_gs_upload_whose_session_is_gone_starts_again(gcs_emulator, monkeypatch, tmp_path):
+    """The session cannot be resumed (here cancelled behind the client's back; on GCS also an expired one): the
+    status query's 404 makes the chunk's first error (503) the upload's, and the policy uploads the file again
+    in a new session, as for any failed operation; both retries are counted."""
+    import urllib.error
+    import urllib.request
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, data = _upload_file(tmp_path)
+    causes: list[str] = []
+
+    def on_retry(cause: str) -> None:
+        causes.append(cause)
+        if len(causes) == 1:  # the session is cancelled at the store before the chunk is resumed
+            session = next(p for m, p, _ in reversed(proxy.events) if "upload_id=" in p)
+            with pytest.raises(urllib.error.HTTPError, match="499"):  # GCS's answer to a cancel
+                urllib.request.urlopen(urllib.request.Request(gcs_emulator.endpoint + session, method="DELETE"))
+
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket, on_retry=on_retry)
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(1), min_body=1)
+        proxy.fail_next("503")
+        assert store.put_file_if_absent(local, DATA_FILE) is True
+        events = proxy.events
+        assert store.read_bytes(DATA_FILE) == data
+    assert causes == ["HTTP 503", "HTTP 503"]  # the chunk's retry (the status query), then the file's
+    assert _session_requests(events) == {"opened": 2, "status queries": 1, "cancelled": 1}
+
+
+def test_a_byte_corrupted_in_a_resumed_gs_chunk_is_not_committed(gcs_emulator, monkeypatch, tmp_path):
+    """The bytes of a resumed upload are checked as any: GCS computes the object's crc32c from what it holds, the
+    commit compares it with the manifest's, so a resumed chunk whose bytes were damaged on the way (fault proxy)
+    is caught before the commit point."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, _ = _upload_file(tmp_path)
+    (tmp_path / "model.ckpt-1.index").write_bytes(b"index")
+    files = {DATA_FILE: local, "model.ckpt-1.index": str(tmp_path / "model.ckpt-1.index")}
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket)
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(1, 2), min_body=1)
+        proxy.fail_next("503")  # chunk 1; then its resumed send has a byte flipped
+        proxy.fail_next("flip")
+        with pytest.raises(cloudckpt.IntegrityError, match="crc32c .* expected .*corrupted on the way"):
+            commit_checkpoint(store, LocalCheckpoint(1, "model.ckpt-1", files))
+        events = proxy.events
+    assert _session_requests(events)["opened"] == 1
+    assert cloudckpt.list_checkpoints(f"gs://{bucket}/run", gcs_emulator.storage_options()) == []
+
+
+def test_fake_gcs_server_finalises_at_a_status_query_so_gs_uploads_start_again(fake_gcs_server, monkeypatch,
+                                                                                 tmp_path):
+    """fake-gcs-server does not implement a session's status query: it answers 200 with the object made of the
+    bytes it holds (finalised short). That answer is not taken as the upload's end (the object's size is not the
+    upload's): the upload starts again, from byte 0, and the committed checkpoint is intact (the crc32c the store
+    computed agrees with the manifest's)."""
+    from cloudckpt.commit import LocalCheckpoint, commit_checkpoint
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    fake_gcs_server.make_bucket(bucket)
+    record_gcsfs_backoff(monkeypatch)
+    local, data = _upload_file(tmp_path)
+    (tmp_path / "model.ckpt-1.index").write_bytes(b"index")
+    files = {DATA_FILE: local, "model.ckpt-1.index": str(tmp_path / "model.ckpt-1.index")}
+    causes: list[str] = []
+    with FaultProxy(fake_gcs_server.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, fake_gcs_server, bucket, on_retry=causes.append)
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(1), min_body=1)
+        proxy.fail_next("503")
+        commit_checkpoint(store, LocalCheckpoint(1, "model.ckpt-1", files))
+        events = proxy.events
+    assert causes == ["HTTP 503", "HTTP 503"]  # the chunk's retry (the status query), then the file's
+    assert _session_requests(events)["opened"] == 2
+    [committed] = cloudckpt.list_checkpoints(f"gs://{bucket}/run", fake_gcs_server.storage_options())
+    direct = RemoteStore(f"gs://{bucket}/run", fake_gcs_server.storage_options())
+    assert direct.read_bytes(DATA_FILE) == data
+    stored = direct.stored_crc32c()
+    assert all(stored[f.name] == f.crc32c for f in committed.files)

@@ -165,6 +165,81 @@ def test_call_does_not_report_a_retry_once_cancelled():
     assert calls == [1] and seen == []
 
 
+def test_call_retries_only_what_retry_if_accepts():
+    """``retry_if``: a transient error it refuses is re-raised at once (a gs:// upload whose chunk's own retries
+    ran out is not started again as a whole: remote.RemoteStore._run)."""
+    calls, seen = [], []
+
+    def down():
+        calls.append(1)
+        raise ConnectionResetError()
+
+    with pytest.raises(ConnectionResetError):
+        RetryPolicy(max_attempts=5, initial_backoff=0.0).call(
+            down, on_retry=lambda attempt, exc, delay: seen.append(attempt), retry_if=lambda exc: len(calls) < 2)
+    assert len(calls) == 2 and seen == [1]
+
+
+def test_acall_retries_a_coroutine_on_the_loop_as_call_does():
+    """``acall`` (gcsfs's requests run on fsspec's event loop thread): the same attempts, backoff and ``on_retry``;
+    the waits are asyncio sleeps, so other tasks of the loop run meanwhile; fatal errors are not retried."""
+    import asyncio
+
+    calls, seen, ticks = [], [], []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError()
+        return "done"
+
+    async def ticker():
+        for _ in range(5):
+            ticks.append(1)
+            await asyncio.sleep(0.01)
+
+    async def both():
+        tick = asyncio.ensure_future(ticker())
+        result = await RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=0.05, seed=1).acall(
+            flaky, on_retry=lambda attempt, exc, delay: seen.append((attempt, type(exc).__name__)))
+        await tick
+        return result
+
+    assert asyncio.run(both()) == "done"
+    assert len(calls) == 3 and seen == [(1, "ConnectionResetError"), (2, "ConnectionResetError")]
+    assert len(ticks) == 5
+
+    async def denied():
+        calls.append(1)
+        raise PermissionError("denied")
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        asyncio.run(RetryPolicy(max_attempts=5, initial_backoff=0.0).acall(denied))
+    assert len(calls) == 1
+
+
+def test_acall_ends_its_wait_when_cancelled():
+    """Setting ``cancel`` (another thread: ``RemoteStore.cancel_transfers``) during ``acall``'s wait ends it within
+    ~``_CANCEL_POLL`` and re-raises the last error; no attempt follows."""
+    import asyncio
+    import threading
+    import time
+
+    cancel, calls = threading.Event(), []
+
+    async def down():
+        calls.append(1)
+        raise ConnectionResetError()
+
+    threading.Timer(0.2, cancel.set).start()
+    began = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(RetryPolicy(max_attempts=5, initial_backoff=30.0, max_backoff=30.0, seed=1).acall(
+            down, cancel=cancel))
+    assert calls == [1] and time.monotonic() - began < 5  # the wait drawn was up to 30 s
+
+
 @pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"deadline": 0},
                                     {"max_attempts": 3.0}, {"max_attempts": True}, {"max_attempts": np.True_},
                                     {"max_attempts": "3"}, {"max_attempts": np.int64(0)}, {"deadline": "x"},

@@ -14,6 +14,9 @@ Fault kinds:
           body, after half of the upstream response body (or, if that is empty,
           before the status line): then the upstream HAS executed the request,
           exactly the ambiguity a real network failure leaves.
+  "lose_response" the request is forwarded whole (the upstream executes it) and its answer is
+          read, then a TCP RST instead of the status line: a request that arrived, whose answer
+          the network lost. Only drawn when asked for.
 An outage resets every connection and request until it ends.
 
 ``rewrite_part_etags()`` makes the store look like one whose part ETags are not
@@ -39,7 +42,7 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset")  # the default mix
-ALL_KINDS = KINDS + ("flip", "refuse-keys", "flip_response")
+ALL_KINDS = KINDS + ("flip", "refuse-keys", "flip_response", "lose_response")
 _ERRORS = {  # kind -> (reason phrase, S3 error code, message), as real S3 sends them
     "500": ("Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
@@ -112,6 +115,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_exact(self, n):
         data = self.rfile.read(n)
+        self.proxy._received(len(data))
         if len(data) != n:
             raise ConnectionError("client closed mid-body")
         return data
@@ -162,7 +166,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "flip":
             body = _flipped(body, length // 2)
         self._forward(body, reset=fault == "reset", flip=fault == "flip_response",
-                      rewrite=rewrite and self.command == "PUT" and "partNumber=" in self.path)
+                      rewrite=rewrite and self.command == "PUT" and "partNumber=" in self.path,
+                      lose=fault == "lose_response")
 
     def _refuse_keys(self, body):
         errors = "".join(f"<Error><Key>{key.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied"
@@ -189,7 +194,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(xml)
 
-    def _forward(self, body, reset, flip=False, rewrite=False):
+    def _forward(self, body, reset, flip=False, rewrite=False, lose=False):
         # A fresh upstream connection per request: simpler than pooling and cheap
         # on loopback; the client side still gets keep-alive. Host is forwarded
         # untouched: it is part of the SigV4 signature.
@@ -210,7 +215,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 up.send(b"%X\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 up.send(b"0\r\n\r\n")
-            self._relay(up.getresponse(), reset, flip, rewrite)
+            response = up.getresponse()
+            if lose:  # the upstream has answered: the client never hears it
+                response.read()
+                raise _Reset
+            self._relay(response, reset, flip, rewrite)
         finally:
             up.close()
 
@@ -296,6 +305,7 @@ class FaultProxy:
     injected kind, ``outage`` (connections/requests reset by an outage), ``copies``
     (requests with ``x-amz-copy-source``: CopyObject, UploadPartCopy).
     ``events``: ``(method, path, kind or None)`` for every decided request.
+    ``received_bytes``: bytes of request bodies read from clients (forwarded or not).
     """
 
     def __init__(self, upstream: str, *, seed: int = 0):
@@ -312,6 +322,7 @@ class FaultProxy:
         self._most = Counter()  # method -> the most held at once
         self._refuse_checksums = False
         self._refuse_conditional = False
+        self._received_bytes = 0
         self.set_faults()
 
     @property
@@ -424,7 +435,17 @@ class FaultProxy:
         with self._lock:
             return list(self._events)
 
+    @property
+    def received_bytes(self) -> int:
+        """Bytes of request bodies read from clients so far: what they sent, forwarded or not."""
+        with self._lock:
+            return self._received_bytes
+
     # -- called from the handler threads --
+    def _received(self, count: int) -> None:
+        with self._lock:
+            self._received_bytes += count
+
     def _refused_conditional(self) -> bool:
         with self._lock:
             if self._refuse_conditional:
