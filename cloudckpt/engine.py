@@ -170,6 +170,8 @@ class CheckpointEngine:
         self.retention = retention
         self._watcher = PreemptionWatcher.from_spec(preemption)
         self._preemption_deadline = preemption_deadline
+        if self._watcher is not None and preemption_deadline is not None:
+            self._watcher.deadline = float(preemption_deadline)  # the notice's log line quotes the one in use
         self.task = task
         self._watching = False
         self._replaced_handler_called = False
@@ -537,7 +539,12 @@ class CheckpointEngine:
         ``time.monotonic()`` time or None) bounds ``finish``'s wait besides
         ``upload_timeout``; default: ``preemption_deadline_at`` (re-read while
         waiting, so a notice arriving later sets or tightens it). During a
-        preemption, checkpoints of older steps still waiting are dropped now.
+        preemption, checkpoints of older steps still waiting are dropped now,
+        and while ``finish`` waits, an older checkpoint whose upload is in
+        flight is abandoned when only the final one can be committed by the
+        deadline, from the measured throughput and sizes (``Uploader.favour_final``,
+        ``uploader.plan_final_upload``); when even the final one alone would not
+        make it, the older one is let finish.
         """
         self._ending = True
         self._final_step = int(step)
@@ -571,8 +578,13 @@ class CheckpointEngine:
         timeout_at = self._upload_timeout_at if self._ending else (
             None if self._upload_timeout is None else time.monotonic() + self._upload_timeout)
         end_deadline = self._end_deadline
+
+        def favour_final(at: float | None) -> None:
+            # a preemption is under way: an older upload in flight may have to make way for the final checkpoint
+            if final is not None and at is not None and end_deadline() is not None:
+                self._uploader.favour_final(final, at)
         try:
-            self._wait_until(lambda: _min(timeout_at, end_deadline()))
+            self._wait_until(lambda: _min(timeout_at, end_deadline()), each=favour_final)
         except UploadError as exc:
             notice = self.notice
             if notice is None:
@@ -770,6 +782,7 @@ class CheckpointEngine:
         os.makedirs(staging)
         held = _HeldFiles()
         try:
+            size = sum(os.path.getsize(path) for path in ckpt.files.values())  # (held files are copied later)
             files = {name: self._link_or_hold(path, os.path.join(staging, name), held)
                      for name, path in ckpt.files.items()}
             extras = {name: self._link_or_hold(path, os.path.join(staging, name), held)
@@ -790,7 +803,7 @@ class CheckpointEngine:
 
         snapshot = LocalCheckpoint(ckpt.step, ckpt.prefix, files, extras, ckpt.layout, ckpt.saved_at)
         return UploadJob(snapshot, release=release, on_committed=committed, required=required,
-                         prepare=held.copy_out if held else None, replace_committed=replace_committed)
+                         prepare=held.copy_out if held else None, replace_committed=replace_committed, size=size)
 
     def _link_or_hold(self, src: str, dst: str, held: "_HeldFiles") -> str:
         if self._hard_links is not False:
@@ -831,9 +844,11 @@ class CheckpointEngine:
             apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
                             self._uploader.writer, reason="Retention (max_to_keep, in place)")
 
-    def _wait_until(self, deadline: Callable[[], float | None]) -> None:
+    def _wait_until(self, deadline: Callable[[], float | None],
+                    each: Callable[[float | None], None] | None = None) -> None:
         """Wait until every upload is done or ``deadline()`` (a ``time.monotonic()`` time, None for no
-        limit) passes; the deadline is re-read every half second, so a later notice can move it.
+        limit) passes; the deadline is re-read every half second, so a later notice can move it, and
+        ``each(deadline)`` is called then.
 
         Raises:
             UploadError: a checkpoint failed, or some were still uploading at the deadline.
@@ -844,6 +859,8 @@ class CheckpointEngine:
             remaining = None if at is None else at - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
+            if each is not None:
+                each(at)
             if self._uploader.wait(0.5 if remaining is None else min(0.5, remaining)):
                 break
         self._raise_unless_done(time.monotonic() - started)

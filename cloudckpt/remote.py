@@ -13,6 +13,7 @@ filesystem's ``username`` / ``password`` options, never part of a path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import logging
@@ -33,6 +34,7 @@ import fsspec.callbacks
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from .cancel import CancelSignal, TransferScope
 from .errors import ConfigError, RemoteError
 from .gcs_resumable import ChunkRetries, resuming_chunks, retrying_chunks
 from .manifest import crc32c_of_stream, crc32c_parts_of_stream
@@ -119,7 +121,8 @@ class RemoteStore:
         self.retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self.transfer = TransferOptions.of(transfer)
-        self.cancel = threading.Event()  # set: retries end, no request starts, on s3:// requests in flight stop
+        # set: retries end, no request starts, on s3:// requests in flight stop; per unit of work: transfer_scope
+        self.cancel = CancelSignal()
         self._retries_seen = 0
         self._endpoint = _endpoint_of(storage_options, self._secrets)  # display form, for messages
         protocol = self._location.scheme or "file"
@@ -241,13 +244,42 @@ class RemoteStore:
         """The fsspec path of object ``name`` in this directory."""
         return posixpath.join(self.root, name)
 
-    def cancel_transfers(self) -> None:
+    def cancel_transfers(self, scope: TransferScope | None = None) -> None:
         """Set ``cancel``: retries end and no request starts; on ``s3://`` the requests in flight stop too, at
         once on a stalled connection (``S3Transport.abort_requests``). ``cancel.clear()`` undoes it for what
-        follows."""
-        self.cancel.set()
+        follows.
+
+        ``scope`` (from ``transfer_scope``): cancel only that scope's transfers, for good; the store's other
+        transfers, and later scopes, go on. Other backends than ``s3://`` stop between requests: a file
+        upload in flight there ends first.
+        """
+        if scope is not None:
+            scope.cancel()
+        else:
+            self.cancel.set()
         if self._transport is not None:
-            self._transport.abort_requests()
+            self._transport.abort_requests(scope)
+
+    def transfer_scope(self) -> contextlib.AbstractContextManager[TransferScope]:
+        """``with store.transfer_scope() as scope:`` -- the transfers of the block (and of the threads it
+        hands work to through ``cancel.in_context``) can be cancelled on their own
+        (``cancel_transfers(scope)``); ``scope`` counts the file bytes they send (``TransferScope``)."""
+        return self.cancel.scope()
+
+    def measure(self, scope: TransferScope) -> None:
+        """Bring ``scope``'s figures up to date (``TransferScope.bytes_sent``: on ``s3://`` what the send queues
+        of its requests in flight still hold is not delivered yet); cheap, no request."""
+        if self._transport is not None:
+            self._transport.measure(scope)
+
+    def _note_sent(self, local_path: str) -> None:
+        """Count a file sent by an fsspec backend (the S3 transport counts as it sends) in the current scope."""
+        scope = self.cancel.current()
+        if scope is not None:
+            try:
+                scope.note_sent(os.path.getsize(local_path))
+            except OSError:
+                pass
 
     def url_of(self, name: str) -> str:
         """The user-facing URL of object ``name`` (used in messages and CheckpointInfo)."""
@@ -317,6 +349,8 @@ class RemoteStore:
         else:
             self._run("upload", self.url_of(name),
                       lambda: self.fs.put_file(local_path, self.path(name), **self._put_options))
+        if self._transport is None:
+            self._note_sent(local_path)
 
     def get_file(self, name: str, local_path: str, progress: Callable[[int], None] | None = None, *,
                  streams: int | None = None, size: int | None = None) -> str | None:
@@ -664,10 +698,16 @@ class RemoteStore:
         (the local file already is the object) this is True.
         """
         target = self.path(name)
-        if self.is_local:
-            if os.path.abspath(local_path) == os.path.abspath(target):
-                return True  # in-place mode: the Saver wrote straight into the checkpoint directory
+        if self.is_local and os.path.abspath(local_path) == os.path.abspath(target):
+            return True  # in-place mode: the Saver wrote straight into the checkpoint directory
+        created = self._put_file_if_absent(local_path, name, target, checksums)
+        if created and self._transport is None:  # (the transport counts the bytes as it sends them)
+            self._note_sent(local_path)
+        return created
 
+    def _put_file_if_absent(self, local_path: str, name: str, target: str,
+                            checksums: Sequence[tuple[int, int, int]] | None) -> bool:
+        if self.is_local:
             return self._run("upload", self.url_of(name),
                              lambda: _create_by_link(target, lambda tmp: self.fs.put_file(local_path, tmp)))
         if self._is_memory:
@@ -1326,6 +1366,10 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
         hint = ("the store does not implement this request" + (
             ": a create-only write needs conditional writes (If-None-Match), which cloudckpt's commit "
             "protocol relies on; use a store that supports them" if op in ("create", "upload") else ""))
+    elif type(exc).__name__ == "TransferCancelled":  # s3_transport's: its transfers were cancelled on purpose
+        # (before "transient": a request cut by the cancel carries the socket's error as its cause)
+        hint = ("cancelled on purpose: an interrupt, a close, a preemption deadline or a preemption's final "
+                "checkpoint abandoned the transfer")
     elif transient:
         spent = "" if retried is None else \
             f"; retried {retried[0]} time{'s' if retried[0] != 1 else ''} over {retried[1]:.0f} s"
@@ -1335,8 +1379,6 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
         else:
             hint = (f"the store kept failing or throttling{spent}: try again later, or give the RetryPolicy "
                     "more attempts or a longer deadline")
-    elif type(exc).__name__ == "TransferCancelled":  # s3_transport's: its transfers were cancelled on purpose
-        hint = "cancelled on purpose: an interrupt, a close or a preemption deadline abandoned the transfer"
     else:
         hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
     lead = text if text.startswith(cause) else f"{cause}: {text}"

@@ -73,6 +73,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -81,8 +82,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
+try:  # _unsent (Linux; elsewhere the ioctl fails on a socket and nothing is known to be queued)
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    fcntl = termios = None  # type: ignore[assignment]
+
 import google_crc32c
 
+from .cancel import CancelSignal, TransferScope, in_context
 from .errors import ConfigError
 from .process_cache import ProcessCache
 from .waits import result_of
@@ -130,6 +138,8 @@ _MAX_PARTS = 10_000
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 60.0
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)  # a socket's send queue fill (_unsent)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection, dropping unsent bytes
 _IDLE_S = 20.0  # a kept-alive connection idle longer is closed rather than reused (servers time them out)
 # Answers of S3-compatible stores that do not implement additional checksums (or FULL_OBJECT ones).
 _CHECKSUM_REFUSALS = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
@@ -142,6 +152,17 @@ Call = Callable[[Callable[[], T]], T]
 
 def _no_retry(fn: Callable[[], T]) -> T:
     return fn()
+
+
+def _unsent(sock: socket.socket | None) -> int:
+    """Bytes in ``sock``'s send queue that the peer has not acknowledged yet (Linux's ``TIOCOUTQ``: unsent and
+    unacknowledged); 0 where the platform does not say, or the socket is closed."""
+    if sock is None or _TIOCOUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed (fileno -1), or not a TCP socket
+        return 0
 
 
 class S3ResponseError(OSError):
@@ -473,9 +494,10 @@ class S3Transport:
         self._bucket_regions: dict[str, str] = {}
         self._checksums = True  # off once the store refuses x-amz-checksum-* headers (see _request)
         # set by the owner giving up: requests stop (TransferCancelled, see the module doc), a failed copy is not
-        # uploaded
-        self.cancel: threading.Event | None = None
-        self._in_flight: set[http.client.HTTPConnection] = set()  # connections of cancellable requests (abort_requests)
+        # uploaded; the whole store's, or the calling context's scope (cancel.py)
+        self.cancel: CancelSignal | None = None
+        # connections of cancellable requests (abort_requests), with the transfer scope each belongs to
+        self._in_flight: dict[http.client.HTTPConnection, TransferScope | None] = {}
         self.copies_off: str | None = None  # why server-side copies stopped (a failure, or no way to verify one)
         self._copies_lock = threading.Lock()
 
@@ -1037,21 +1059,33 @@ class S3Transport:
                 failure = exc
         log.debug("Aborting multipart upload of %s/%s failed: %s", bucket, key, type(failure).__name__)
 
-    def abort_requests(self) -> None:
-        """Shut the sockets of the cancellable requests in flight; call it after setting ``cancel``. A request
-        blocked on a stalled connection (a send the store does not read, a read it sends nothing for) then
-        stops at once with ``TransferCancelled`` instead of after ``_READ_TIMEOUT`` or the store's late answer,
-        so an abandoned upload does not outlive its owner (interpreter exit joins the part threads). The
-        DELETE aborting a multipart upload is not cancellable and goes on."""
+    def abort_requests(self, scope: TransferScope | None = None) -> None:
+        """Shut the sockets of the cancellable requests in flight (``scope``: of that transfer scope only); call
+        it after setting ``cancel`` (cancelling ``scope``). A request blocked on a stalled connection (a send
+        the store does not read, a read it sends nothing for) then stops at once with ``TransferCancelled``
+        instead of after ``_READ_TIMEOUT`` or the store's late answer, so an abandoned upload does not outlive
+        its owner (interpreter exit joins the part threads). The DELETE aborting a multipart upload is not
+        cancellable and goes on."""
         with self._pools_lock:
-            connections = list(self._in_flight)
+            connections = [conn for conn, owner in self._in_flight.items() if scope is None or owner is scope]
         for conn in connections:
             sock = conn.sock
             if sock is not None:
                 try:
+                    # closed by its request thread next: a reset, so the bytes still queued in the socket (up to
+                    # its send buffer, megabytes) are dropped, not sent on the link the next upload needs
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:  # already closed
                     pass
+
+    def measure(self, scope: TransferScope) -> None:
+        """Bring ``scope``'s delivered bytes up to date: what the send queues of its requests in flight still
+        hold (``TransferScope.note_unsent``)."""
+        with self._pools_lock:  # a request that ends meanwhile waits: what it leaves is not counted again
+            for conn, owner in self._in_flight.items():
+                if owner is scope and conn.sock is not None:
+                    scope.note_unsent(id(conn), _unsent(conn.sock))
 
     def _check_cancel(self, where: str) -> None:
         """Raise ``TransferCancelled`` once ``cancel`` is set."""
@@ -1077,7 +1111,7 @@ class S3Transport:
                 failed.set()
                 raise
         with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="cloudckpt-s3") as pool:
-            futures = [pool.submit(guarded, item) for item in items]
+            futures = [pool.submit(in_context(guarded), item) for item in items]  # in the caller's transfer scope
             try:
                 for future in futures:
                     result_of(future)  # a Ctrl-C is raised within SIGNAL_SLICE, however long the request
@@ -1173,10 +1207,11 @@ class S3Transport:
             target = path + ("?" + "&".join(f"{_uri_encode(k)}={_uri_encode(v)}" if v else _uri_encode(k)
                                             for k, v in sorted(query.items())) if query else "")
             conn, pool = self._connection(scheme, host)
-            reusable = False
+            reusable = answered = False
+            scope = self.cancel.current() if self.cancel is not None else None
             if cancellable:
                 with self._pools_lock:
-                    self._in_flight.add(conn)
+                    self._in_flight[conn] = scope
             try:
                 conn.putrequest(method, target, skip_accept_encoding=True)
                 for name, value in all_headers.items():
@@ -1195,10 +1230,13 @@ class S3Transport:
                         if n == 0:
                             break
                         sent += n
+                        if scope is not None:
+                            scope.note_sent(n, connection=id(conn), unsent=_unsent(conn.sock))
                     if sent != count:
                         raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
                 conn.sock.settimeout(_READ_TIMEOUT)
                 response = conn.getresponse()
+                answered = True
                 answer = {k.lower(): v for k, v in response.getheaders()}
                 status = response.status
                 if status < 300 and into is not None:
@@ -1213,9 +1251,11 @@ class S3Transport:
                     raise TransferCancelled(f"transfer of {where} cancelled") from exc
                 raise
             finally:
-                if cancellable:
-                    with self._pools_lock:
-                        self._in_flight.discard(conn)
+                if cancellable or scope is not None:
+                    with self._pools_lock:  # (as measure looks: a request it sees has not ended)
+                        self._in_flight.pop(conn, None)
+                        if scope is not None:  # the send queue was delivered, or is gone with the connection
+                            scope.note_unsent(id(conn), 0, lost=not answered)
                 if reusable:
                     pool.put((conn, time.monotonic()))
                 else:

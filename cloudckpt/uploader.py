@@ -19,6 +19,7 @@ from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .cancel import ContextPool, TransferScope
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
 from .errors import ConfigError, FencedError, UploadError, integer_option
 from .remote import RemoteStore
@@ -36,6 +37,14 @@ DROP_WARNING_INTERVAL = 300.0
 # Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
 # (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
 ABANDON_GRACE = 2.0
+# The final checkpoint of a preemption (``plan_final_upload``): upload time estimates are stretched by
+# FINAL_MARGIN (the throughput measured over the last seconds varies, and a machine shutting down has other
+# traffic on the link), and each commit costs COMMIT_OVERHEAD seconds besides its file bodies (the commit
+# log read, the listing, the manifest, the log entry, the TF state file, retention: about ten small requests,
+# tens of milliseconds each on S3 or GCS).
+FINAL_MARGIN = 1.25
+COMMIT_OVERHEAD = 1.0
+ABANDON, KEEP = "abandon", "keep"
 
 
 def lower_thread_priority() -> None:
@@ -121,6 +130,103 @@ class UploadJob:
     prepare: Callable[[], None] | None = None
     may_vanish: bool = False
     replace_committed: bool = False
+    size: int | None = None  # bytes of the checkpoint's files, if known at submit (default: their size on disk)
+
+    def nbytes(self) -> int | None:
+        """Bytes of the checkpoint's files: ``size``, else their size on disk; None if unknown."""
+        if self.size is not None:
+            return self.size
+        try:
+            return self.checkpoint.total_size
+        except OSError:  # not copied into the snapshot yet, or deleted (may_vanish)
+            return None
+
+
+@dataclass(frozen=True)
+class FinalPlan:
+    """What ``plan_final_upload`` decided.
+
+    Attributes:
+        action: ``"abandon"`` the older upload in flight, or ``"keep"`` it going.
+        case: ``"both fit"``, ``"final alone fits"``, ``"final cannot fit"``, ``"older is committing"``,
+            ``"no figure"`` or ``"deadline passed"``.
+        reason: why, in words, for the log (estimates in seconds, sizes in MiB, throughput in MiB/s).
+        both_seconds / final_seconds: the estimated seconds to commit the older one's rest and then the final
+            one / the final one alone; None without a throughput figure.
+    """
+
+    action: str
+    case: str
+    reason: str
+    both_seconds: float | None = None
+    final_seconds: float | None = None
+
+
+def plan_final_upload(*, older_left: int, final_size: int, bytes_per_second: float | None,
+                      seconds_left: float) -> FinalPlan:
+    """During a preemption, with the final checkpoint waiting behind an older one whose upload is in flight:
+    abandon the older upload (the final one starts at once), or let it finish (the final one starts after)?
+
+    What matters is that the newest possible checkpoint is committed before the deadline; the previous
+    committed checkpoint stays the latest until then either way (an abandoned upload commits nothing).
+
+    Args:
+        older_left: bytes the older upload still has to send.
+        final_size: bytes of the final checkpoint's files.
+        bytes_per_second: the measured upload throughput; None when there is no figure yet.
+        seconds_left: seconds until the deadline.
+
+    A commit is estimated at ``bytes / throughput x FINAL_MARGIN + COMMIT_OVERHEAD`` seconds:
+
+    * both fit (the older one's rest, then the final one): keep (nothing is lost);
+    * else, the final one alone fits: abandon the older one, the final is newer and only it can make it;
+    * else, even the final one alone would not fit: keep, the older one is the better bet (nearer its commit
+      than the final one could get);
+    * the older one has nothing left to send (it is committing: a few small requests): keep; cut at its
+      commit point it might be committed anyway, and finishing it costs less than a commit's overhead.
+
+    No throughput figure (no upload of this uploader has sent for longer than ``cancel.RATE_WINDOW`` yet, or
+    nothing was delivered over that window: a stalled link): abandon the older one only when it has at least
+    as many bytes left to send as the final checkpoint has. Then, whatever the throughput, the final one
+    needs no more time than the older one's rest (both pay one commit's overhead), so it is at least as
+    likely to make the deadline, and it is newer; without a figure the older upload has also barely started,
+    so abandoning it wastes little. When the older one is nearer done than that, it is kept: it is the
+    likelier of the two to be committed. The caller decides again as figures come in
+    (``Uploader.favour_final``).
+    """
+    mib = float(1 << 20)
+    if seconds_left <= 0:
+        return FinalPlan(KEEP, "deadline passed", "the deadline has passed")
+    if older_left <= 0:
+        return FinalPlan(KEEP, "older is committing",
+                         "it has sent its files and is committing (a few small requests)")
+    if bytes_per_second is None or bytes_per_second <= 0:
+        why = "no upload throughput measured yet" if bytes_per_second is None else \
+            "nothing was delivered over the last seconds (a stalled link): no throughput figure"
+        if older_left >= final_size:
+            return FinalPlan(ABANDON, "no figure",
+                             f"{why}; it still has {older_left / mib:.1f} MiB to send, no less than the final "
+                             f"checkpoint's {final_size / mib:.1f} MiB: the final one needs no more time than its "
+                             "rest, and it is newer")
+        return FinalPlan(KEEP, "no figure",
+                         f"{why}; it has {older_left / mib:.1f} MiB left to send, less than the final checkpoint's "
+                         f"{final_size / mib:.1f} MiB: it is the likelier to commit")
+
+    def seconds(nbytes: int) -> float:
+        return nbytes / bytes_per_second * FINAL_MARGIN + COMMIT_OVERHEAD
+
+    older, final = seconds(older_left), seconds(final_size)
+    both = older + final
+    figures = (f"at {bytes_per_second / mib:.1f} MiB/s its {older_left / mib:.1f} MiB left and then the final "
+               f"checkpoint's {final_size / mib:.1f} MiB need about {both:.1f} s, the final one alone about "
+               f"{final:.1f} s, and {seconds_left:.1f} s are left")
+    if both <= seconds_left:
+        return FinalPlan(KEEP, "both fit", figures, both, final)
+    if final <= seconds_left:
+        return FinalPlan(ABANDON, "final alone fits", figures, both, final)
+    return FinalPlan(KEEP, "final cannot fit",
+                     f"{figures}: even the final one alone would not make the deadline, and the older one "
+                     f"(about {older:.1f} s) is the better bet", both, final)
 
 
 class Uploader:
@@ -155,6 +261,10 @@ class Uploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[UploadJob] = collections.deque()
         self._in_flight: UploadJob | None = None
+        # the transfer scope of the in-flight job while it uploads (cancellable alone: favour_final); None after
+        self._in_flight_scope: TransferScope | None = None
+        self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
+        self._last_send_rate: float | None = None  # bytes/s an upload measured when it ended (TransferScope)
         self._failures: list[UploadError] = []
         self._stats = UploadStats()
         self._drop_warned_at: float | None = None  # time.monotonic() of the last WARNING about a drop
@@ -271,6 +381,61 @@ class Uploader:
                 job.required = True
             return bool(jobs)
 
+    def favour_final(self, step: int, deadline_at: float) -> FinalPlan | None:
+        """During a preemption, with the final checkpoint (``step``) waiting behind an older one whose upload is
+        in flight: abandon that upload when only the final checkpoint can be committed by ``deadline_at``
+        (``time.monotonic()``), else let it finish; the decision is ``plan_final_upload``'s.
+
+        Its figures: the bytes the older upload still has to send (its files' size less what it sent), the final
+        checkpoint's size, the throughput the older upload measured over its last ``cancel.RATE_WINDOW`` seconds
+        (else the one an earlier upload measured so when it ended; not ``UploadStats.last_upload_mib_per_second``,
+        which a small checkpoint's round trips dominate), and the seconds left. Call it
+        again while waiting: the figures firm up as the older upload goes on. Each decision is logged once per
+        upload (an abandon at WARNING, with its figures; "even the final one alone would not fit" at WARNING
+        too); an abandon is final.
+
+        Abandoning cancels the older upload's transfers alone (its ``TransferScope``): on ``s3://`` its requests
+        stop within ``SEND_SLICE`` and its multipart uploads are aborted; other backends stop after the file in
+        flight. Nothing of it is committed (the previous committed checkpoint stays the latest until the final
+        one commits), it counts as ``dropped``, and the worker goes on with the final checkpoint at once, in a
+        scope of its own.
+
+        Returns:
+            The plan, or None when there was nothing to decide (no older upload in flight, the final checkpoint
+            not waiting, sizes unknown, or the older upload already abandoned).
+        """
+        with self._cond:
+            job, scope = self._in_flight, self._in_flight_scope
+            final = next((j for j in self._queue if j.checkpoint.step == step), None)
+            if job is None or scope is None or final is None or scope.cancelled or job.required \
+                    or job.checkpoint.step >= step:
+                return None
+            last_rate, last_committed = self._last_send_rate, self._stats.last_committed_step
+        older_size, final_size = job.nbytes(), final.nbytes()
+        if older_size is None or final_size is None:
+            return None
+        self.store.measure(scope)
+        rate = scope.bytes_per_second()
+        plan = plan_final_upload(older_left=max(0, older_size - scope.bytes_sent), final_size=final_size,
+                                 bytes_per_second=rate if rate is not None else last_rate,
+                                 seconds_left=deadline_at - time.monotonic())
+        older = job.checkpoint.step
+        if plan.action == ABANDON:
+            with self._cond:
+                if self._in_flight is not job or self._in_flight_scope is not scope:
+                    return None  # it ended meanwhile: the final checkpoint is next anyway
+                self.store.cancel_transfers(scope)
+            log.warning("Preemption: abandoning the upload of checkpoint step %d to %s so that the final checkpoint "
+                        "(step %d) starts now: %s. Nothing of step %d is committed; the latest committed checkpoint "
+                        "stays %s until the final one commits.", older, self.store.url, step, plan.reason, older,
+                        f"step {last_committed}" if last_committed is not None else "none")
+        elif (older, plan.case) not in self._plans_logged:
+            self._plans_logged.add((older, plan.case))
+            level = logging.WARNING if plan.case == "final cannot fit" else logging.INFO
+            log.log(level, "Preemption: letting the upload of checkpoint step %d finish before the final checkpoint "
+                    "(step %d) starts: %s.", older, step, plan.reason)
+        return plan
+
     def commit_now(self, job: UploadJob, *, background: bool = False) -> None:
         """Commit ``job`` in the calling thread (the worker's, ``background=True``; else a caller's own).
 
@@ -280,7 +445,7 @@ class Uploader:
             with self._cond:
                 self._note_submitted(job.checkpoint.step)
         try:
-            self._commit(job)
+            self._commit(job, in_flight=background)
         finally:
             job.release()
         if self._observer is not None:
@@ -419,7 +584,9 @@ class Uploader:
                     self._in_flight = None
                     self._cond.notify_all()
 
-    def _commit(self, job: UploadJob) -> None:
+    def _commit(self, job: UploadJob, *, in_flight: bool = False) -> None:
+        """Commit ``job`` and record its outcome; ``in_flight``: it is the worker's job (``favour_final`` may
+        abandon its upload)."""
         step = job.checkpoint.step
         started = time.monotonic()
         if self._fenced is not None:  # a fenced writer commits nothing more
@@ -430,43 +597,86 @@ class Uploader:
             log.warning("Not uploading checkpoint step %d: this writer is fenced (%s).", step,
                         self._fenced.newer_writer)
             return
+        # The commit's transfers in a scope of their own: favour_final can cancel them alone (the next job's
+        # scope is a fresh one); the pool's tasks run in it too (ContextPool).
+        with self.store.transfer_scope() as scope:
+            try:
+                result = self._upload(job, scope, in_flight)
+            except FencedError as exc:
+                self._record_fenced(exc, step)
+                return
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
+                if scope.cancelled:  # favour_final abandoned it for the final checkpoint: said there
+                    with self._cond:
+                        self._stats.dropped += 1
+                    log.info("Upload of checkpoint step %d stopped (abandoned for the final checkpoint); nothing of "
+                             "it was committed: %s", step, exc)
+                    return
+                self._record_failure(job, exc)
+                return
+            finally:
+                self._note_send_rate(scope)
+        if scope.cancelled:  # its commit point came before the cancel did
+            log.info("Checkpoint step %d was committed before abandoning its upload took effect.", step)
+        self._record_outcome(job, result, time.monotonic() - started)
+
+    def _note_send_rate(self, scope: TransferScope) -> None:
+        """Keep the throughput ``scope`` measured over its last seconds of sending, if it sent long enough."""
+        last = scope.last_sent_at
+        rate = scope.bytes_per_second(last) if last is not None else None
+        if rate is not None:
+            with self._cond:
+                self._last_send_rate = rate
+
+    def _upload(self, job: UploadJob, scope: TransferScope, in_flight: bool) -> CommitResult:
+        """``prepare`` and ``commit_checkpoint`` of ``job`` in ``scope`` (the in-flight job's while it runs)."""
+        if in_flight:
+            with self._cond:
+                self._in_flight_scope = scope
         try:
             if job.prepare is not None:
                 job.prepare()
-            result = commit_checkpoint(self.store, job.checkpoint, executor=self._pool, writer=self.writer,
-                                       replace_committed=job.replace_committed)
-        except FencedError as exc:
-            self._record_fenced(exc, step)
-            return
-        except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
-            if self.store.cancel.is_set():  # close() abandoned it (Ctrl-C, upload_timeout): said there
+            pool = ContextPool(self._pool) if self._pool is not None else None
+            return commit_checkpoint(self.store, job.checkpoint, executor=pool, writer=self.writer,
+                                     replace_committed=job.replace_committed)
+        finally:
+            if in_flight:
                 with self._cond:
-                    self._stats.dropped += 1
-                log.info("Upload of checkpoint step %d stopped (abandoned): %s", step, exc)
-                return
-            if job.may_vanish and not job.required and not all(
-                    os.path.exists(p) for p in job.checkpoint.files.values()):
-                with self._cond:
-                    self._stats.dropped += 1
-                self._log_drop("Dropping checkpoint step %d: its files were deleted (max_to_keep) before it was "
-                               "committed; the store is slower than the save interval.", step)
-                return
-            cause = describe_cause(exc)
-            error = UploadError(
-                f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
-            error.__cause__ = exc
-            keep = self.on_error == "raise" or job.required
+                    self._in_flight_scope = None
+
+    def _record_failure(self, job: UploadJob, exc: Exception) -> None:
+        """Count and report the failed commit of ``job`` (abandoned by ``close``: dropped)."""
+        step = job.checkpoint.step
+        if self.store.cancel.is_set():  # close() abandoned it (Ctrl-C, upload_timeout): said there
             with self._cond:
-                self._stats.failed += 1
-                self._stats.failures_by_cause[cause] = self._stats.failures_by_cause.get(cause, 0) + 1
-                if keep:
-                    self._failures.append(error)
-            if keep:
-                log.error("%s", error)
-            else:
-                log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
+                self._stats.dropped += 1
+            log.info("Upload of checkpoint step %d stopped (abandoned): %s", step, exc)
             return
-        seconds = time.monotonic() - started
+        if job.may_vanish and not job.required and not all(
+                os.path.exists(p) for p in job.checkpoint.files.values()):
+            with self._cond:
+                self._stats.dropped += 1
+            self._log_drop("Dropping checkpoint step %d: its files were deleted (max_to_keep) before it was "
+                           "committed; the store is slower than the save interval.", step)
+            return
+        cause = describe_cause(exc)
+        error = UploadError(
+            f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
+        error.__cause__ = exc
+        keep = self.on_error == "raise" or job.required
+        with self._cond:
+            self._stats.failed += 1
+            self._stats.failures_by_cause[cause] = self._stats.failures_by_cause.get(cause, 0) + 1
+            if keep:
+                self._failures.append(error)
+        if keep:
+            log.error("%s", error)
+        else:
+            log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
+
+    def _record_outcome(self, job: UploadJob, result: CommitResult, seconds: float) -> None:
+        """Count and log the outcome of ``job``'s commit (``seconds`` it took), then run its ``on_committed``."""
+        step = job.checkpoint.step
         with self._cond:
             if result.outcome != REFUSED and (self._stats.last_committed_step is None
                                               or step >= self._stats.last_committed_step):

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable, Iterable, TypeVar
 
+from .cancel import in_context
+
 __all__ = ["SIGNAL_SLICE", "wait_event", "result_of", "map_all"]
 
 T = TypeVar("T")
@@ -57,7 +59,7 @@ def map_all(pool: concurrent.futures.Executor, fn: Callable[[A], T], items: Iter
     futures: list[concurrent.futures.Future[T]] = []
     try:
         for item in items:
-            futures.append(pool.submit(fn, item))
+            futures.append(pool.submit(in_context(fn), item))  # in the caller's transfer scope (cancel.py)
         pending: set[concurrent.futures.Future[T]] = set(futures)
         while pending:
             done, pending = concurrent.futures.wait(pending, timeout=SIGNAL_SLICE,

@@ -211,6 +211,25 @@ def test_a_transfer_cancelled_on_purpose_says_so_not_to_rerun_at_debug():
     assert "cancelled on purpose" in message and "rerun with logging" not in message, message
 
 
+def test_a_request_cut_by_a_cancel_says_cancelled_not_unreachable():
+    """A request in flight is cut by shutting its socket: its TransferCancelled carries the socket's error as
+    cause. The message said "the store could not be reached ... check endpoint_url" (a preemption's abandoned
+    upload, spot-VM trial): it was cancelled on purpose."""
+    from cloudckpt.remote import remote_error
+    from cloudckpt.s3_transport import TransferCancelled
+
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError as exc:
+            raise TransferCancelled("transfer of bucket/run/model.ckpt-5.index cancelled") from exc
+    except TransferCancelled as exc:
+        cut = exc
+    message = str(remote_error("upload", "s3://bucket/run/model.ckpt-5.index", cut, retried=(0, 3.0),
+                               endpoint="http://127.0.0.1:9"))
+    assert "cancelled on purpose" in message and "could not be reached" not in message, message
+
+
 @pytest.mark.parametrize("options, missing", [({"key": "AKIAEXAMPLEKEY"}, "without its secret"),
                                              ({"secret": "example-secret-value"}, "without its access key"),
                                              ({"client_kwargs": {"aws_access_key_id": "AKIAEXAMPLEKEY"}},

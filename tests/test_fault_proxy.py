@@ -8,6 +8,7 @@ import errno
 import http.client
 import os
 import socket
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -276,6 +277,27 @@ def test_latency(proxy):
     start = time.monotonic()
     assert raw(proxy, "GET", f"/{BUCKET}?list-type=2")[0] == 200
     assert time.monotonic() - start >= 0.3
+
+
+def test_bandwidth_is_shared_by_concurrent_uploads(proxy):
+    """set_bandwidth makes a slow link: two 256 KiB bodies sent at once take (together) 512 KiB / bandwidth."""
+    proxy.set_bandwidth(1 << 20)  # 1 MiB/s
+    body = b"b" * (256 << 10)
+    statuses = []
+    start = time.monotonic()
+    threads = [threading.Thread(target=lambda key=key: statuses.append(raw(proxy, "PUT", f"/{BUCKET}/{key}", body)[0]))
+               for key in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200, 200]
+    assert 0.45 <= time.monotonic() - start < 5
+    assert proxy.received_bytes == 2 * len(body)
+    proxy.set_bandwidth(None)
+    start = time.monotonic()
+    assert raw(proxy, "PUT", f"/{BUCKET}/c", body)[0] == 200
+    assert time.monotonic() - start < 0.4
 
 
 def test_outage_refuses_then_recovers(proxy):

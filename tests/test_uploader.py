@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import logging
 import uuid
 
@@ -209,3 +210,62 @@ def test_a_store_slower_than_every_save_warns_of_drops_once_per_interval(tmp_pat
         GatedMemoryFileSystem.gate.set()
         uploader.wait(30)
         uploader.close()
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("older_left, final_size, rate, left, action, case", [
+    (8 * MiB, 8 * MiB, 4 * MiB, 10.0, "keep", "both fit"),  # 2.5 + 1 + 2.5 + 1 = 7 s <= 10 s
+    (28 * MiB, 8 * MiB, 4 * MiB, 6.0, "abandon", "final alone fits"),  # 9.75 + 3.5 s > 6 s; 3.5 s alone fits
+    (12 * MiB, 40 * MiB, 4 * MiB, 6.0, "keep", "final cannot fit"),  # the final alone: 13.5 s
+    (0, 8 * MiB, 4 * MiB, 3.0, "keep", "older is committing"),  # sent its files: a few small requests left
+    (8 * MiB, 8 * MiB, None, 6.0, "abandon", "no figure"),  # as many bytes left as the final has: the final
+    (2 * MiB, 8 * MiB, None, 6.0, "keep", "no figure"),  # nearer done than the final could be: keep
+    (8 * MiB, 8 * MiB, 0.0, 6.0, "abandon", "no figure"),  # nothing delivered for a while: no figure either
+    (28 * MiB, 1, 4 * MiB, 0.0, "keep", "deadline passed"),
+])
+def test_plan_final_upload(older_left, final_size, rate, left, action, case):
+    """The preemption policy for an older upload in flight, from its figures (see plan_final_upload)."""
+    from cloudckpt.uploader import plan_final_upload
+
+    plan = plan_final_upload(older_left=older_left, final_size=final_size, bytes_per_second=rate,
+                             seconds_left=left)
+    assert (plan.action, plan.case) == (action, case), plan
+    if case in ("both fit", "final alone fits", "final cannot fit"):
+        assert f"at {rate / MiB:.1f} MiB/s" in plan.reason and f"{left:.1f} s are left" in plan.reason
+
+
+def test_favour_final_without_a_throughput_figure_abandons_an_older_upload_that_has_as_much_left(tmp_path, caplog):
+    """No throughput measured (an fsspec store counts a file once it is stored, and none is yet): the older
+    upload in flight has as many bytes left as the final checkpoint has, so it is abandoned for the final
+    one. The backend cannot cut the file in flight: the older commit stops at its next request, nothing of
+    it committed, counted as dropped; the final one is committed."""
+    GatedMemoryFileSystem.gate.clear()
+    GatedMemoryFileSystem.started.clear()
+    url = f"gatedmemory://p-{uuid.uuid4().hex[:8]}/run"
+    uploader = Uploader(RemoteStore(url), max_pending=2)
+    uploader.start()
+    try:
+        older, final = tmp_path / "older", tmp_path / "final"
+        older.mkdir()
+        final.mkdir()
+        uploader.submit(UploadJob(fake_checkpoint(older, 10, payload=b"o" * 2000)))
+        assert GatedMemoryFileSystem.started.wait(10)  # step 10 is in flight, held by the store
+        uploader.submit(UploadJob(fake_checkpoint(final, 20, payload=b"f" * 2000), required=True))
+        assert uploader.favour_final(30, time.monotonic() + 30) is None  # no checkpoint of step 30 is waiting
+        with caplog.at_level(logging.INFO, logger="cloudckpt"):
+            plan = uploader.favour_final(20, time.monotonic() + 30)
+        assert (plan.action, plan.case) == ("abandon", "no figure"), plan
+        assert uploader.favour_final(20, time.monotonic() + 30) is None  # abandoned already: nothing to decide
+        GatedMemoryFileSystem.gate.set()
+        assert uploader.wait(30)
+    finally:
+        GatedMemoryFileSystem.gate.set()
+        uploader.close()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (1, 1, 0, 20)
+    assert set(assert_all_committed_intact(url.replace("gatedmemory://", "memory://"))) == {20}
+    (line,) = [r.getMessage() for r in caplog.records
+               if "abandoning the upload of checkpoint step 10" in r.getMessage()]
+    assert "no upload throughput measured yet" in line and "final checkpoint (step 20)" in line, line

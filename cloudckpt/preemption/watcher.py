@@ -75,6 +75,12 @@ class PreemptionWatcher:
     A stopped watcher can be started again; its notices are kept, and so is
     its SIGTERM count.  Usable as a context manager (``start()`` on enter,
     ``stop()`` on exit).
+
+    Attributes:
+        deadline: seconds after the first notice by which the work it announces
+            must be done, when the user set them (``CheckpointEngine``'s
+            ``preemption_deadline`` sets it); ``None`` (default): the platform's.
+            The notice's log line quotes it; :attr:`hard_stop_at` stays the platform's.
     """
 
     def __init__(
@@ -118,6 +124,10 @@ class PreemptionWatcher:
         # Acquired by the first SIGTERM any of this watcher's handlers receives (see signals.py).
         self._first_sigterm = threading.Lock()
         self._callbacks: list[Callable[[PreemptionNotice], None]] = []
+        # Seconds after the first notice by which the work it announces must be done, when the user set them
+        # (``CheckpointEngine(preemption_deadline=)`` sets this); None: the platform's, the notice's ``deadline``.
+        # The notice's log line quotes the deadline in use; ``hard_stop_at`` stays the platform's.
+        self.deadline: float | None = None
 
         self._lifecycle = threading.Lock()  # never taken from the signal handler
         self._running = False
@@ -255,8 +265,12 @@ class PreemptionWatcher:
         self._notices.append(notice)
         _record_first_notice(notice)
         self._gate.release()
-        logger.warning("Preemption notice from %s: %s (about %.0f s before hard stop)",
-                       source, detail, notice.deadline)
+        if self.deadline is None:
+            logger.warning("Preemption notice from %s: %s (about %.0f s before hard stop)",
+                           source, detail, notice.deadline)
+        else:  # the deadline in use is the user's: quote it, and the platform's hard stop beside it
+            logger.warning("Preemption notice from %s: %s (deadline %g s: preemption_deadline; the platform's hard "
+                           "stop is about %.0f s away)", source, detail, self.deadline, notice.deadline)
         self._run_callbacks(notice)
 
     def _record_later(self, notice: PreemptionNotice) -> None:

@@ -18,6 +18,8 @@ Fault kinds:
           read, then a TCP RST instead of the status line: a request that arrived, whose answer
           the network lost. Only drawn when asked for.
 An outage resets every connection and request until it ends.
+``set_bandwidth()`` makes the proxy a slow link: request bodies are read at most so
+many bytes per second, all requests together (they share the link).
 
 ``rewrite_part_etags()`` makes the store look like one whose part ETags are not
 the MD5 of the part and that reports no part checksums (see there).
@@ -109,6 +111,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             left = int(self.headers.get("Content-Length") or 0)
             while left:
+                self.proxy._throttle(min(left, _PIECE))
                 piece = self._read_exact(min(left, _PIECE))
                 left -= len(piece)
                 yield piece
@@ -323,6 +326,8 @@ class FaultProxy:
         self._refuse_checksums = False
         self._refuse_conditional = False
         self._received_bytes = 0
+        self._bandwidth = None  # bytes/s of request bodies, all requests together (set_bandwidth)
+        self._link_free_at = 0.0  # time.monotonic() when the throttled link has sent what it was given
         self.set_faults()
 
     @property
@@ -406,6 +411,14 @@ class FaultProxy:
         with self._lock:
             self._refuse_conditional = on
 
+    def set_bandwidth(self, bytes_per_second=None) -> None:
+        """Read request bodies at most ``bytes_per_second`` (all requests together, as one slow link; None:
+        unlimited), in 64 KiB pieces: a client's upload takes size / bandwidth seconds and its socket
+        sends block meanwhile (``received_bytes`` counts what was read)."""
+        with self._lock:
+            self._bandwidth = bytes_per_second
+            self._link_free_at = time.monotonic()
+
     def outage(self, seconds: float) -> None:
         """Reset every new connection and every request for ``seconds``."""
         with self._lock:
@@ -445,6 +458,18 @@ class FaultProxy:
     def _received(self, count: int) -> None:
         with self._lock:
             self._received_bytes += count
+
+    def _throttle(self, count):
+        """Wait until the link has room for ``count`` more body bytes (``set_bandwidth``)."""
+        with self._lock:
+            if not self._bandwidth:
+                return
+            now = time.monotonic()
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + count / self._bandwidth
+            delay = self._link_free_at - now
+        if self._stopped.wait(delay):
+            raise _Reset
 
     def _refused_conditional(self) -> bool:
         with self._lock:

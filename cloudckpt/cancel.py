@@ -1,0 +1,199 @@
+"""Cancelling a store's transfers: all of them, or one unit of work's (a ``TransferScope``).
+
+``RemoteStore.cancel`` is a ``CancelSignal``. Set, it stops every transfer of the store: retries end,
+no request starts, on ``s3://`` requests in flight stop (a Ctrl-C, a ``close`` abandoning uploads).
+
+A unit of work -- the uploader's commit of one checkpoint -- runs its transfers inside
+``signal.scope()``. Cancelling that scope (``RemoteStore.cancel_transfers(scope)``) stops them alone:
+the store's other transfers, and those of the next unit of work (its own, fresh scope), never see it.
+So a preemption can abandon an older checkpoint in flight and commit the final one at once
+(``uploader.plan_final_upload``). A scope also counts the bytes its transfers sent and measures
+their throughput (``TransferScope.bytes_per_second``).
+
+The current scope is a ``contextvars.ContextVar``: a thread that runs part of a scope's work runs it in
+a copy of the submitting thread's context (``in_context``; ``s3_transport``'s part threads,
+``waits.map_all``, the uploader's pool). Work running outside any scope sees only the store-wide signal.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+__all__ = ["CancelSignal", "TransferScope", "ContextPool", "in_context", "RATE_WINDOW"]
+
+T = TypeVar("T")
+
+# Throughput is measured over the newest RATE_WINDOW seconds, once a scope has been sending for longer than
+# that. Bytes count when delivered (acknowledged by the peer), not when handed to a socket: a send queue holds
+# up to a few MiB a connection (Linux's tcp_wmem), filled at memory speed when an upload starts.
+RATE_WINDOW = 2.0
+
+_CURRENT: contextvars.ContextVar["TransferScope | None"] = contextvars.ContextVar("cloudckpt_transfer_scope",
+                                                                                  default=None)
+
+
+class TransferScope:
+    """The transfers of one unit of work on one store: cancelled on their own, their bytes counted.
+
+    Attributes:
+        cancelled: this scope alone was cancelled (``cancel``); the store-wide signal is not reflected here.
+    """
+
+    def __init__(self, signal: "CancelSignal") -> None:
+        self.signal = signal
+        self.cancelled = False
+        self._wake = threading.Event()  # set while this scope or the whole signal is cancelled (waits end)
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes so far)
+        self._first_sent_at: float | None = None
+        self._unsent: dict[int, int] = {}  # connection key -> bytes in its send queue (note_unsent)
+
+    def cancel(self) -> None:
+        """Cancel this scope's transfers (``RemoteStore.cancel_transfers(scope)`` also stops its requests in
+        flight). Idempotent; never undone."""
+        self.cancelled = True
+        self._wake.set()
+
+    def note_sent(self, count: int, *, connection: int | None = None, unsent: int = 0) -> None:
+        """Record ``count`` bytes of file data handed to the network by one of this scope's transfers
+        (thread-safe); ``unsent``: bytes its ``connection`` (any key) still holds undelivered (``note_unsent``)."""
+        with self._lock:
+            self._sent += count
+            if connection is not None:
+                self._unsent[connection] = unsent
+            self._sample()
+
+    def note_unsent(self, connection: int, unsent: int, *, lost: bool = False) -> None:
+        """Record that ``connection`` (any key) holds ``unsent`` bytes not yet delivered to the store (a socket's
+        send queue: sent bytes stay there until the peer acknowledges them); 0 once its request is answered.
+        ``lost``: the connection ended without an answer; what it still held was never delivered."""
+        with self._lock:
+            held = self._unsent.pop(connection, None)
+            if lost and held:
+                self._sent -= held
+            if unsent:
+                self._unsent[connection] = unsent
+            elif held is None:
+                return
+            self._sample()
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        if self._first_sent_at is None:
+            self._first_sent_at = now
+        self._samples.append((now, self._sent - sum(self._unsent.values())))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - RATE_WINDOW:
+            self._samples.popleft()
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of file data this scope's transfers delivered so far: sent less what is still in the send
+        queues of its requests in flight (the S3 transport; as of its last look, ``RemoteStore.measure``), or
+        whole files stored (other backends). A retried request's bytes count again."""
+        with self._lock:
+            return self._sent - sum(self._unsent.values())
+
+    @property
+    def last_sent_at(self) -> float | None:
+        """``time.monotonic()`` of the last bytes counted, None before any."""
+        with self._lock:
+            return self._samples[-1][0] if self._samples else None
+
+    def bytes_per_second(self, now: float | None = None) -> float | None:
+        """Throughput of this scope's transfers over the ``RATE_WINDOW`` seconds before ``now`` (default: now;
+        a stall lowers it), in bytes/s; None until the scope has been sending for longer than ``RATE_WINDOW``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._first_sent_at is None or now - self._first_sent_at <= RATE_WINDOW:
+                return None
+            base_at, base = self._samples[0]
+            for at, delivered in self._samples:  # the newest sample at or before the window's start
+                if at > now - RATE_WINDOW:
+                    break
+                base_at, base = at, delivered
+            delivered = self._samples[-1][1]
+        return max(0.0, delivered - base) / (now - base_at) if now > base_at else None
+
+
+class CancelSignal:
+    """A store's cancel: ``set``/``clear``/``is_set``/``wait`` as a ``threading.Event`` for the whole store,
+    plus the calling context's ``TransferScope`` (``scope``): ``is_set`` and ``wait`` see both."""
+
+    def __init__(self) -> None:
+        self._all = threading.Event()
+        self._lock = threading.Lock()
+        self._scopes: set[TransferScope] = set()
+
+    def set(self) -> None:
+        """Cancel every transfer of the store, in any scope or none."""
+        with self._lock:
+            self._all.set()
+            for scope in self._scopes:
+                scope._wake.set()
+
+    def clear(self) -> None:
+        """Let the store's transfers run again (a cancelled scope stays cancelled)."""
+        with self._lock:
+            self._all.clear()
+            for scope in self._scopes:
+                if not scope.cancelled:
+                    scope._wake.clear()
+
+    def is_set(self) -> bool:
+        """True when the whole store, or the calling context's scope, is cancelled."""
+        if self._all.is_set():
+            return True
+        scope = self.current()
+        return scope is not None and scope.cancelled
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block up to ``timeout`` seconds until ``is_set``; its value then (a retry's backoff ends early)."""
+        scope = self.current()
+        (scope._wake if scope is not None else self._all).wait(timeout)
+        return self.is_set()
+
+    def current(self) -> TransferScope | None:
+        """The calling context's scope of this signal, if any."""
+        scope = _CURRENT.get()
+        return scope if scope is not None and scope.signal is self else None
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[TransferScope]:
+        """``with signal.scope() as scope:`` -- the transfers of the block (and of the threads it hands work
+        to through ``in_context``) belong to ``scope``."""
+        scope = TransferScope(self)
+        with self._lock:
+            self._scopes.add(scope)
+            if self._all.is_set():
+                scope._wake.set()
+        token = _CURRENT.set(scope)
+        try:
+            yield scope
+        finally:
+            _CURRENT.reset(token)
+            with self._lock:
+                self._scopes.discard(scope)
+
+
+def in_context(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` bound to a copy of the calling thread's context: call it in another thread and it runs in
+    the caller's transfer scope. Make one per task (a context cannot run in two threads at once)."""
+    context = contextvars.copy_context()
+    return lambda *args, **kwargs: context.run(fn, *args, **kwargs)
+
+
+class ContextPool:
+    """A pool's ``map`` whose tasks run in the submitting thread's context (its transfer scope)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def map(self, func: Callable[[Any], T], iterable: Iterable[Any]) -> list[T]:
+        tasks = [(in_context(func), item) for item in iterable]
+        return list(self._pool.map(lambda task: task[0](task[1]), tasks))
