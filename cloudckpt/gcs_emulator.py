@@ -123,13 +123,7 @@ def _make_handler_class():
             fault = self._emulator._take_fault(method, self.path)
             if fault is None:
                 return False
-            # Drain the request body so the client sees our status, not EPIPE.
-            length = int(self.headers.get("Content-Length") or 0)
-            while length > 0:
-                chunk = self.rfile.read(min(length, 1 << 20))
-                if not chunk:
-                    break
-                length -= len(chunk)
+            self._drain()  # the request body, so the client sees our status, not EPIPE
             if fault.status == 0:  # simulate a dropped connection
                 self.close_connection = True
                 return True
