@@ -71,6 +71,7 @@ from .errors import ConfigError, FencedError, UploadError, integer_option
 from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_file_prefix
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
+from .preemption.notice import deadline_at
 from .remote import RemoteStore, is_local_path, refuse_mistyped_url
 from .resume import resume_and_register
 from .retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
@@ -119,6 +120,9 @@ class CheckpointEngine:
         preemption_deadline: seconds from the first notice by which the final
             checkpoint must be committed; default: the platform's hard stop
             (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice).
+            Capped by the hard stop a GCE or AWS metadata notice announces
+            (logged once when it does); not by SIGTERM's 25 s, only a guess
+            (a longer Kubernetes grace period, say): this value wins there.
         task: the TF cluster task this engine runs in (``worker:1``), named by ``stats().task``.
         transfer: part size, files and parts in flight (``TransferOptions``; default: its defaults).
         summary_dir: write commit lag, throughput, queue depth, retries, drops and
@@ -444,14 +448,14 @@ class CheckpointEngine:
 
     def preemption_deadline_at(self) -> float | None:
         """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
-        after the first notice if given, else the platform's hard stop (the earliest over all notices);
-        None before any notice."""
-        notice = self.notice
-        if notice is None:
+        after the first notice if given, capped by the earliest hard stop a ``"gce"`` / ``"aws"`` notice
+        announced (not by a ``"sigterm"`` notice's 25 s, a guess), else the platform's hard stop (the
+        earliest over all notices); None before any notice. The same as the watcher's ``deadline_at``,
+        which the notice's log line quotes."""
+        watcher = self._watcher
+        if watcher is None or watcher.notice is None:
             return None
-        if self._preemption_deadline is not None:
-            return notice.received_at + self._preemption_deadline
-        return self._watcher.hard_stop_at  # type: ignore[union-attr]
+        return deadline_at(watcher.notices, self._preemption_deadline)
 
     def call_replaced_sigterm_handler(self) -> None:
         """Call, once, the Python SIGTERM handler the watcher replaced and did not call for the SIGTERM
@@ -872,9 +876,10 @@ class CheckpointEngine:
             deadline = self.preemption_deadline_at()
             if deadline is not None and deadline <= time.monotonic():
                 # the preemption deadline ended the wait: raising upload_timeout would change nothing
-                hint = ("The preemption deadline passed first (preemption_deadline, else the platform's hard "
-                        "stop after the notice): the store took longer than that for the final checkpoint; "
-                        "check the store's throughput or make checkpoints smaller.")
+                hint = ("The preemption deadline passed first (preemption_deadline, capped by a hard stop the "
+                        "platform announced; else the platform's hard stop after the notice): the store took "
+                        "longer than that for the final checkpoint; check the store's throughput or make "
+                        "checkpoints smaller.")
             else:
                 hint = "Raise upload_timeout or check the store's throughput."
             raise UploadError(

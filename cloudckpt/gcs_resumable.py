@@ -27,6 +27,14 @@ the store failed ``max_attempts`` times in a row or past the deadline, so the fi
 commit compares the crc32c GCS computed from the bytes it holds with the manifest's
 (``commit._check_sizes``): an object assembled wrongly is never committed.
 
+A cancelled operation (the store's ``cancel``: ``RemoteStore.cancel_transfers``, for the whole store or the
+operation's ``TransferScope``) sends no further chunk: before each chunk request, and before each attempt to
+resume one, the cancel is looked at and ``TransferCancelled`` raised (the error the ``s3://`` transport raises
+before a part: "cancelled on purpose"), as ``s3_transport`` looks before each part and slice. gcsfs then cancels
+the session (its ``DELETE``, sent still: the store drops the bytes it holds; a failure of that ``DELETE`` does
+not hide the cancel). The chunk in flight when the cancel comes is not cut: it ends first (at most one chunk,
+``TransferOptions.part_size``, is sent after the cancel).
+
 The operation's retry settings reach gcsfs's coroutine through a ``ContextVar`` (``retrying_chunks``):
 fsspec's ``sync`` runs the coroutine as a task made from the calling thread's context. Without one (a
 request made outside ``RemoteStore``'s operations), a chunk is sent once, as every other request.
@@ -44,7 +52,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
 
+from .cancel import CancelSignal
 from .retry import RetryPolicy, describe_cause, is_transient
+from .s3_transport import TransferCancelled
 
 log = logging.getLogger("cloudckpt")
 
@@ -62,13 +72,20 @@ _NOT_RESUMABLE = frozenset({400, 404, 410})
 @dataclass
 class ChunkRetries:
     """How the chunk requests of one operation's resumable uploads are retried: the store's ``policy`` and
-    ``cancel``, ``on_retry`` of the operation (``RemoteStore._retry_reporter``: logs, counts, reports the
-    cause). ``gave_up`` is set when the policy gave up on a chunk: the operation is not retried as a whole."""
+    ``cancel`` (set, or the operation's scope cancelled: no further chunk is sent, ``TransferCancelled``),
+    ``on_retry`` of the operation (``RemoteStore._retry_reporter``: logs, counts, reports the cause).
+    ``gave_up`` is set when the policy gave up on a chunk: the operation is not retried as a whole."""
 
     policy: RetryPolicy
-    cancel: threading.Event
+    cancel: CancelSignal | threading.Event
     on_retry: Callable[[int, BaseException, float], None]
     gave_up: bool = False
+
+    def check_cancel(self, what: str) -> None:
+        """Raise ``TransferCancelled`` (naming ``what`` was not sent) once ``cancel`` is set: in the calling
+        context, gcsfs's coroutine, that is also the operation's ``TransferScope`` cancelled on its own."""
+        if self.cancel.is_set():
+            raise TransferCancelled(f"resumable upload cancelled before {what}")
 
 
 _RETRIES: ContextVar[ChunkRetries | None] = ContextVar("cloudckpt_gcs_chunk_retries", default=None)
@@ -100,9 +117,18 @@ def resuming_chunks(single: Request) -> Request:
                 return await single(self, method, path, headers=headers, data=data, **kwargs)
             except FileNotFoundError:  # gone already (what made the chunk unresumable): nothing to cancel; the
                 return 404, {}, None, b""  # upload's own error is raised, not this one, and the file restarted
+            except Exception as exc:
+                if not retries.cancel.is_set():
+                    raise
+                # the upload was cancelled: its TransferCancelled is the error to raise, not the cancel's failure
+                log.debug("Cancelling the resumable upload session of a cancelled upload failed: %s",
+                          describe_cause(exc))
+                return 499, {}, None, b""
         chunk = _Chunk.of(method, headers, data)
         if chunk is None:
+            retries.check_cancel("its next request")
             return await single(self, method, path, headers=headers, data=data, **kwargs)
+        retries.check_cancel(f"bytes {chunk.start}-{chunk.end}")
         return await chunk.send(lambda m, h, d: single(self, m, path, headers=h, data=d, **kwargs), retries)
 
     _request.__doc__ = single.__doc__
@@ -171,12 +197,15 @@ class _Chunk:
                 except Exception as exc:
                     first.append(exc)
                     raise
+            retries.check_cancel(f"resuming bytes {self.start}-{self.end}")
             return await self._resume(request)
 
         try:
             return await retries.policy.acall(attempt, on_retry=retries.on_retry, cancel=retries.cancel)
         except _CannotResume as cannot:
             why = str(cannot)
+        except TransferCancelled:
+            raise
         except Exception:
             retries.gave_up = True
             raise

@@ -100,6 +100,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             and ``end()`` saves and commits a final checkpoint within the deadline.
         preemption_deadline: seconds from the notice to get the final
             checkpoint committed; default: the platform's (25 s GCE, 100 s AWS).
+            A hard stop announced by a GCE / AWS metadata notice caps it (not
+            SIGTERM's 25 s, a guess); see ``CheckpointEngine``.
         exit_on_preemption: after a preemption stop, exit the process with
             TF's code for a terminated worker (42), or with the given int.
         transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).

@@ -6,7 +6,8 @@ block (or interpreter exit) waits for every file already started. Here the
 store's ``cancel`` is set first: on ``s3://`` each request in flight stops
 within ``s3_transport.SEND_SLICE`` bytes (uploads) or one ``READ_BUFFER`` chunk
 (downloads), multipart uploads started are aborted, and files not yet started
-never start. Other backends (fsspec) stop between files.
+never start. On ``gs://`` a resumable upload (a file from 5 MiB) stops before
+its next chunk (``gcs_resumable``). Other backends (fsspec) stop between files.
 """
 
 from __future__ import annotations

@@ -251,7 +251,8 @@ class RemoteStore:
 
         ``scope`` (from ``transfer_scope``): cancel only that scope's transfers, for good; the store's other
         transfers, and later scopes, go on. Other backends than ``s3://`` stop between requests: a file
-        upload in flight there ends first.
+        upload in flight there ends first, but on ``gs://`` a resumable upload (a file from 5 MiB) stops
+        before its next chunk (``TransferCancelled``; gcsfs cancels its session: ``gcs_resumable``).
         """
         if scope is not None:
             scope.cancel()

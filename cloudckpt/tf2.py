@@ -162,6 +162,8 @@ class CheckpointManager:
             ``PreemptionWatcher``; watched from construction to ``close()``.
         preemption_deadline: seconds from the notice to commit the final checkpoint;
             default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS).
+            A hard stop announced by a GCE / AWS metadata notice caps it (not
+            SIGTERM's 25 s, a guess); see ``CheckpointEngine``.
         strategy: the ``tf.distribute`` strategy training runs under (default: the one in
             scope when the manager is created). A ``MultiWorkerMirroredStrategy`` whose
             cluster has several workers turns on the chief-only rule above.

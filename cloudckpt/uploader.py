@@ -507,8 +507,9 @@ class Uploader:
         request starts any more (so nothing abandoned is committed, on any backend), on ``s3://`` each
         request in flight stops within ``SEND_SLICE`` (1 MiB) of its body, at once on a stalled
         connection, and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
-        seconds for that. Other backends stop between files: a file in flight there may finish in the
-        background (daemon threads), uncommitted. Otherwise the worker and its file-upload threads have
+        seconds for that. On ``gs://`` a resumable upload (a file from 5 MiB) stops before its next chunk.
+        Other backends stop between files: a file in flight there may finish in the background (daemon
+        threads), uncommitted. Otherwise the worker and its file-upload threads have
         ended when this returns. A later ``close`` waits ``ABANDON_GRACE`` at most, not ``timeout``; a
         later ``start`` waits for the abandoned worker to end (``resume_transfers``).
         """

@@ -190,7 +190,7 @@ def test_resume_downloads_the_newest_committed_checkpoint_and_fences_the_old_wri
 
 def test_preemption_notice_stops_and_bounds_the_final_commit(tmp_path, memory_url):
     watcher = cloudckpt.PreemptionWatcher(("gce",), gce_metadata_url="http://127.0.0.1:9", poll_interval=60)
-    engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=30)
+    engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=20)
     engine.open()
     engine.start_watching()
     assert watcher.running and not engine.should_stop() and engine.preemption_deadline_at() is None
@@ -198,13 +198,50 @@ def test_preemption_notice_stops_and_bounds_the_final_commit(tmp_path, memory_ur
     watcher.trigger("gce", "test notice", 25)
     assert engine.should_stop()
     deadline = engine.preemption_deadline_at()
-    assert deadline == pytest.approx(engine.notice.received_at + 30)  # preemption_deadline, not the platform's
+    assert deadline == pytest.approx(engine.notice.received_at + 20)  # preemption_deadline, not the platform's
     engine.prepare_final_save(2)
     engine.submit(2, write_checkpoint(tmp_path, 2))
     engine.finish()
     engine.close()
     assert engine.preempted and watcher.active_sources == ()  # polling ended
     assert cloudckpt.latest_checkpoint(memory_url).step == 2
+
+
+@pytest.mark.parametrize("source, platform", [("gce", 25.0), ("aws", 100.0)])
+def test_a_hard_stop_the_platform_announced_caps_preemption_deadline(tmp_path, memory_url, caplog, source, platform):
+    """A GCE / AWS notice announces the real hard stop: preemption_deadline=200 after it would plan the final
+    commit (close()'s wait, favour_final, the multi-worker agreement) for time the VM does not have. Before,
+    preemption_deadline_at() was received_at + 200 and close() waited that long for a stuck upload."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    watcher = cloudckpt.PreemptionWatcher((source,), gce_metadata_url="http://127.0.0.1:9",
+                                          aws_metadata_url="http://127.0.0.1:9", poll_interval=60)
+    engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=200)
+    try:
+        engine.open()
+        engine.start_watching()
+        watcher.trigger(source, "test notice", platform)
+        notice = engine.notice
+        assert engine.preemption_deadline_at() == notice.received_at + platform  # not + 200
+        assert watcher.deadline_at == engine.preemption_deadline_at()  # what the notice's log line quotes
+    finally:
+        engine.close()
+    lines = [r.getMessage() for r in caplog.records if "before preemption_deadline" in r.getMessage()]
+    assert len(lines) == 1 and f"deadline {platform:g} s" in lines[0] and "preemption_deadline=200 s" in lines[0]
+
+
+def test_a_sigterm_notice_leaves_preemption_deadline_as_given_until_a_metadata_notice_caps_it(tmp_path, memory_url):
+    """SIGTERM's 25 s is only a guess (Kubernetes' terminationGracePeriodSeconds may be 120 s): the user's 90 s
+    is the deadline then. An AWS notice that follows, announcing a hard stop before those 90 s, caps it."""
+    watcher = cloudckpt.PreemptionWatcher(("sigterm", "aws"), aws_metadata_url="http://127.0.0.1:9", poll_interval=60)
+    engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=90)
+    try:
+        watcher.trigger("sigterm", "SIGTERM", 25.0)
+        first = engine.notice
+        assert engine.preemption_deadline_at() == first.received_at + 90 > watcher.hard_stop_at
+        watcher.trigger("aws", "spot instance-action: terminate", 40.0)
+        assert engine.preemption_deadline_at() == watcher.notices[1].received_at + 40 < first.received_at + 90
+    finally:
+        engine.close()
 
 
 def test_a_layout_for_keras_files(tmp_path, memory_url):

@@ -515,6 +515,59 @@ def test_later_notices_tighten_hard_stop_at_and_are_logged_once_each(caplog):
     assert len(infos) == 1 and "Later preemption notice from gce" in infos[0] and "still" in infos[0]
 
 
+def cap_lines(caplog) -> list[str]:
+    """The log lines saying that a hard stop the platform announced caps the user's deadline."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("cloudckpt")
+            and r.levelno >= logging.INFO and "before preemption_deadline" in r.getMessage()]
+
+
+@pytest.mark.parametrize("source, platform, user", [("gce", 25.0, 60.0), ("aws", 100.0, 150.0)])
+def test_a_metadata_notice_caps_a_longer_user_deadline(make_watcher, gce, aws, caplog, source, platform, user):
+    """GCE's instance/preempted and AWS's instance-action announce the real hard stop: a preemption_deadline
+    ending later is capped to it (before: the deadline in use was the user's 60 s / 150 s, time the VM does
+    not have), and the notice's WARNING says so once, with both figures."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    server = gce if source == "gce" else aws
+    w = make_watcher(source, gce_metadata_url=gce.url, aws_metadata_url=aws.url)
+    w.deadline = user  # what CheckpointEngine(preemption_deadline=user) sets
+    w.start()
+    assert server.wait_for_requests(lambda r: r.path in (GCE_PREEMPTED, AWS_ACTION), count=2)
+    server.preempt()
+    assert w.wait(timeout=2)
+    n = w.notice
+    assert (n.source, n.deadline) == (source, platform)
+    assert wait_until(lambda: cap_lines(caplog))  # the poller logs just after wait() is woken
+    (line,) = cap_lines(caplog)
+    assert line.startswith(f"Preemption notice from {source}")
+    assert f"deadline {platform:g} s: the platform's announced hard stop" in line and f"={user:g} s" in line, line
+    assert w.deadline_at == n.received_at + platform == w.hard_stop_at  # not n.received_at + user
+    w.trigger("sigterm", "SIGTERM", 25.0)  # the shutdown's SIGTERM: no second cap line
+    assert len(cap_lines(caplog)) == 1
+
+
+def test_a_sigterm_notice_does_not_cap_the_user_deadline_but_a_later_aws_notice_does(make_watcher, caplog):
+    """SIGTERM's 25 s is a guess (a Kubernetes grace period may be longer): the user's 60 s stays the deadline
+    in use. An AWS notice arriving after it, whose hard stop comes before those 60 s, caps it (logged once)."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    w = make_watcher("sigterm")
+    w.deadline = 60.0
+    w.start()
+    send_sigterm()
+    assert w.wait(timeout=2)
+    first = w.notice
+    assert first.source == "sigterm" and w.hard_stop_at == first.received_at + 25.0
+    assert w.deadline_at == first.received_at + 60.0  # the user's value wins over SIGTERM's guess
+    assert cap_lines(caplog) == []
+    w.trigger("aws", "spot instance-action: terminate", 30.0)
+    aws_notice = w.notices[1]
+    assert w.deadline_at == aws_notice.received_at + 30.0 < first.received_at + 60.0
+    (line,) = cap_lines(caplog)
+    assert "hard stop aws announced" in line and "preemption_deadline=60 s" in line, line
+    w.trigger("aws", "spot instance-action: terminate", 20.0)  # closer still: in use, not logged again
+    assert w.deadline_at == w.notices[2].received_at + 20.0 and len(cap_lines(caplog)) == 1
+
+
 def test_package_keeps_the_public_names():
     import cloudckpt
 

@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -463,6 +464,65 @@ def test_cancel_ends_a_gs_chunk_retry_between_attempts(gcs_emulator, monkeypatch
         events = proxy.events
     assert causes == ["HTTP 503", "HTTP 503"]
     assert _session_requests(events) == {"opened": 1, "status queries": 1, "cancelled": 1}
+
+
+@pytest.mark.parametrize("whole_store, delete_fails", [(False, False), (True, False), (False, True)],
+                         ids=["scope", "store", "scope-cancel-503"])
+def test_a_cancelled_gs_upload_sends_no_further_chunk(whole_store, delete_fails, gcs_emulator, tmp_path):
+    """A gs:// upload cancelled in the middle of its second chunk (its TransferScope, as a preemption abandoning
+    an older checkpoint does, or the whole store, as a Ctrl-C or close does) ends that chunk and sends no other:
+    no byte beyond it reaches the store, the session is cancelled (DELETE) and the upload fails with the error
+    an s3:// upload cancelled so raises ("cancelled on purpose"), also when that DELETE fails (503); nothing is
+    stored. A scope's cancel leaves the store's next upload alone. Before: the upload went on chunk after chunk
+    to the file's end, and committed."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    local, data = _upload_file(tmp_path)
+    outcome: dict[str, object] = {}
+    started = threading.Event()
+
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = _gs_via(proxy, gcs_emulator, bucket)
+
+        def upload() -> None:
+            with store.transfer_scope() as scope:
+                outcome["scope"] = scope
+                started.set()
+                try:
+                    outcome["created"] = store.put_file_if_absent(local, DATA_FILE)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    outcome["error"] = exc
+
+        if delete_fails:
+            proxy.set_faults(error_rate=1.0, kinds=("503",), only_methods=("DELETE",), path_filter=r"upload_id=")
+        proxy.set_bandwidth(CHUNK)  # a slow link: 1 s a chunk, 3.2 s the file
+        thread = threading.Thread(target=upload, name="test-gs-upload")
+        thread.start()
+        assert started.wait(10)
+        deadline = time.monotonic() + 30
+        while proxy.received_bytes < CHUNK + CHUNK // 2:  # half of the second chunk is through
+            assert time.monotonic() < deadline and thread.is_alive(), "the upload did not get to its second chunk"
+            time.sleep(0.005)
+        store.cancel_transfers(None if whole_store else outcome["scope"])
+        at_cancel = proxy.received_bytes
+        thread.join(60)
+        assert not thread.is_alive()
+        received, events = proxy.received_bytes, proxy.events
+        chunks = [p for m, p, _ in events if m == "POST" and "upload_id=" in p]
+        # the chunk in flight (the second, unless this test was slow to cancel) ended; no other was sent
+        assert len(chunks) <= at_cancel // CHUNK + 1 and received < SIZE, (len(chunks), at_cancel, received)
+        assert received - at_cancel <= CHUNK, (received, at_cancel)  # within one chunk of the cancel
+        proxy.set_bandwidth(None)
+        proxy.clear()
+        store.cancel.clear()  # (the whole store's cancel is undone for what follows; a scope's stays with it)
+        assert store.list_objects() == []  # nothing stored: no object assembled from part of the file
+        assert store.put_file_if_absent(local, DATA_FILE) is True  # the store's next upload is not cancelled
+        assert store.read_bytes(DATA_FILE) == data
+
+    error = outcome.get("error")
+    assert "created" not in outcome and isinstance(error, cloudckpt.RemoteError), outcome
+    assert "cancelled on purpose" in str(error) and not error.transient, str(error)
+    assert _session_requests(events) == {"opened": 1, "status queries": 0, "cancelled": 1}
 
 
 def test_a_gs_upload_whose_session_is_gone_starts_again(gcs_emulator, monkeypatch, tmp_path):

@@ -130,7 +130,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         preemption: None, ``"sigterm"``, ``"auto"`` or a ``cloudckpt.PreemptionWatcher``.
         preemption_deadline: seconds after the first notice by which the final
             backup must be committed (default: the platform's hard stop: 25 s after
-            SIGTERM or a GCE notice, 100 s after an AWS notice).
+            SIGTERM or a GCE notice, 100 s after an AWS notice); capped by a hard
+            stop a GCE / AWS metadata notice announces (not SIGTERM's 25 s, a guess).
         transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
         summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
             as TensorBoard scalars there after each commit (None: off).

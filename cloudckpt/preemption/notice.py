@@ -15,6 +15,11 @@ reclaimed, with the seconds the platform grants before the hard stop
 The defaults keep a margin below those figures (25 s of GCE's 30 s, 100 s of
 AWS's 120 s) for the work that follows the save: upload, process exit.
 
+Notices from the metadata sources (:data:`ANNOUNCING_SOURCES`: ``"gce"``,
+``"aws"``) announce the platform's own hard stop; a ``SIGTERM``'s 25 s is only a
+guess (a Kubernetes pod's ``terminationGracePeriodSeconds``, a shutdown script
+may grant more).  :func:`deadline_at` caps a user's deadline by the former only.
+
 :func:`was_preempted` / :func:`last_notice` answer "did any watcher in this
 process receive a notice?", so code far from the watcher (an ``atexit``
 handler, a training loop's ``finally``) can decide on its exit status.
@@ -23,9 +28,11 @@ handler, a training loop's ``finally``) can decide on its exit status.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_DEADLINES", "SOURCES", "PreemptionNotice", "last_notice", "was_preempted"]
+__all__ = ["ANNOUNCING_SOURCES", "DEFAULT_DEADLINES", "SOURCES", "PreemptionNotice", "announced_hard_stop_at",
+           "deadline_at", "last_notice", "was_preempted"]
 
 #: All notice sources understood by :class:`~cloudckpt.preemption.PreemptionWatcher`.
 SOURCES: tuple[str, ...] = ("sigterm", "gce", "aws")
@@ -33,6 +40,11 @@ SOURCES: tuple[str, ...] = ("sigterm", "gce", "aws")
 #: Seconds the platform gives between the notice and the hard stop, per source.
 #: ``sigterm`` uses the GCE soft-off figure (SIGTERM, hard stop ~30 s later).
 DEFAULT_DEADLINES: dict[str, float] = {"sigterm": 25.0, "gce": 25.0, "aws": 100.0}
+
+#: Sources whose notice announces the platform's real hard stop (a metadata server saying the machine is
+#: reclaimed): a user's deadline ending later than it is capped (:func:`deadline_at`).  Not ``"sigterm"``:
+#: its 25 s is a guess (Kubernetes' ``terminationGracePeriodSeconds``, a shutdown script may grant more).
+ANNOUNCING_SOURCES: tuple[str, ...] = ("gce", "aws")
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,35 @@ class PreemptionNotice:
         if now is None:
             now = time.monotonic()
         return self.hard_stop_at - now
+
+
+def announced_hard_stop_at(notices: Sequence[PreemptionNotice]) -> float | None:
+    """The earliest :attr:`~PreemptionNotice.hard_stop_at` (``time.monotonic()`` seconds) of the ``notices``
+    from :data:`ANNOUNCING_SOURCES`; ``None`` if none of them is from one."""
+    stops = [n.hard_stop_at for n in notices if n.source in ANNOUNCING_SOURCES]
+    return min(stops) if stops else None
+
+
+def deadline_at(notices: Sequence[PreemptionNotice], deadline: float | None) -> float | None:
+    """When the work the first of ``notices`` announces must be done (``time.monotonic()`` seconds).
+
+    Args:
+        notices: A watcher's notices in arrival order (the first is the one ``deadline`` counts from).
+        deadline: Seconds after the first notice the user allows (``preemption_deadline``), or ``None``.
+
+    Returns:
+        ``None`` without notices.  With ``deadline``: ``first.received_at + deadline``, capped by the
+        earliest hard stop announced by the platform (notices from :data:`ANNOUNCING_SOURCES`, see
+        :func:`announced_hard_stop_at`; a ``"sigterm"`` notice's guess does not cap it).  Without: the
+        earliest hard stop over all notices.
+    """
+    if not notices:
+        return None
+    if deadline is None:
+        return min(n.hard_stop_at for n in notices)
+    wanted = notices[0].received_at + float(deadline)
+    announced = announced_hard_stop_at(notices)
+    return wanted if announced is None else min(wanted, announced)
 
 
 _last_notice: PreemptionNotice | None = None

@@ -12,7 +12,11 @@ one daemon thread, and records :class:`~.notice.PreemptionNotice` objects:
   are kept in :attr:`~PreemptionWatcher.notices` and only tighten
   :attr:`~PreemptionWatcher.hard_stop_at`, the earliest ``received_at +
   deadline`` of all; each is logged once (WARNING when it brings the hard stop
-  closer, INFO otherwise).
+  closer, INFO otherwise);
+* the **deadline in use**, :attr:`~PreemptionWatcher.deadline_at`, is the user's
+  :attr:`~PreemptionWatcher.deadline` after the first notice, capped by a hard
+  stop a ``"gce"`` / ``"aws"`` notice announced (not by a ``"sigterm"`` one's
+  guess), else :attr:`~PreemptionWatcher.hard_stop_at`.
 
 Metadata polling stops after the first notice: each source announces once,
 and the notice that can follow on GCE, the ACPI soft-off, arrives as SIGTERM.
@@ -29,7 +33,14 @@ from typing import Any, Iterable
 from ..errors import ConfigError
 from . import metadata, signals
 from ..moto_mock import moto_mock_active
-from .notice import DEFAULT_DEADLINES, SOURCES, PreemptionNotice, _record_first_notice
+from .notice import (
+    ANNOUNCING_SOURCES,
+    DEFAULT_DEADLINES,
+    SOURCES,
+    PreemptionNotice,
+    _record_first_notice,
+)
+from .notice import deadline_at as notice_deadline_at
 
 __all__ = ["PreemptionWatcher"]
 
@@ -80,7 +91,11 @@ class PreemptionWatcher:
         deadline: seconds after the first notice by which the work it announces
             must be done, when the user set them (``CheckpointEngine``'s
             ``preemption_deadline`` sets it); ``None`` (default): the platform's.
-            The notice's log line quotes it; :attr:`hard_stop_at` stays the platform's.
+            A hard stop announced by a ``"gce"`` / ``"aws"`` notice caps it (a
+            ``"sigterm"`` notice's 25 s is a guess and does not): see
+            :attr:`deadline_at`, the deadline in use, which the notice's log
+            line quotes (with the platform's figure, and a WARNING once when
+            the cap applies); :attr:`hard_stop_at` stays the platform's.
     """
 
     def __init__(
@@ -126,8 +141,11 @@ class PreemptionWatcher:
         self._callbacks: list[Callable[[PreemptionNotice], None]] = []
         # Seconds after the first notice by which the work it announces must be done, when the user set them
         # (``CheckpointEngine(preemption_deadline=)`` sets this); None: the platform's, the notice's ``deadline``.
-        # The notice's log line quotes the deadline in use; ``hard_stop_at`` stays the platform's.
+        # A gce/aws notice's hard stop caps it (``deadline_at``, the one in use, quoted by the notice's log line);
+        # ``hard_stop_at`` stays the platform's.
         self.deadline: float | None = None
+        # Acquired (non-blocking, so signal-safe) by whoever logs that the platform's hard stop caps ``deadline``.
+        self._cap_logged = threading.Lock()
 
         self._lifecycle = threading.Lock()  # never taken from the signal handler
         self._running = False
@@ -219,6 +237,19 @@ class PreemptionWatcher:
         notices = tuple(self._notices)
         return min(n.hard_stop_at for n in notices) if notices else None
 
+    @property
+    def deadline_at(self) -> float | None:
+        """The deadline in use (``time.monotonic()`` seconds), or ``None`` before any notice.
+
+        Without :attr:`deadline`: :attr:`hard_stop_at`.  With it: ``deadline``
+        seconds after the first notice, capped by the earliest hard stop that a
+        ``"gce"`` or ``"aws"`` notice announced (the platform's own figure; not
+        by a ``"sigterm"`` notice, whose 25 s is only a guess: Kubernetes'
+        ``terminationGracePeriodSeconds`` may be longer, and the user's value
+        wins there).  See :func:`cloudckpt.preemption.notice.deadline_at`.
+        """
+        return notice_deadline_at(tuple(self._notices), self.deadline)
+
     def is_preempted(self) -> bool:
         """Return ``True`` once a notice has been received."""
         return self._notice is not None
@@ -265,12 +296,19 @@ class PreemptionWatcher:
         self._notices.append(notice)
         _record_first_notice(notice)
         self._gate.release()
-        if self.deadline is None:
+        user_deadline = self.deadline
+        if user_deadline is None:
             logger.warning("Preemption notice from %s: %s (about %.0f s before hard stop)",
                            source, detail, notice.deadline)
+        elif source in ANNOUNCING_SOURCES and notice.deadline < user_deadline:
+            # the platform announced its hard stop, before the user's deadline would end: that is the one in use
+            self._cap_logged.acquire(blocking=False)
+            logger.warning("Preemption notice from %s: %s (deadline %g s: the platform's announced hard stop, which "
+                           "comes before preemption_deadline=%g s would end; the final checkpoint cannot use more)",
+                           source, detail, notice.deadline, user_deadline)
         else:  # the deadline in use is the user's: quote it, and the platform's hard stop beside it
             logger.warning("Preemption notice from %s: %s (deadline %g s: preemption_deadline; the platform's hard "
-                           "stop is about %.0f s away)", source, detail, self.deadline, notice.deadline)
+                           "stop is about %.0f s away)", source, detail, user_deadline, notice.deadline)
         self._run_callbacks(notice)
 
     def _record_later(self, notice: PreemptionNotice) -> None:
@@ -282,6 +320,14 @@ class PreemptionWatcher:
         else:
             logger.info("Later preemption notice from %s: %s; hard stop still expected in %.0f s",
                         notice.source, notice.detail, before - notice.received_at)
+        user_deadline, first = self.deadline, self._notices[0]
+        if (user_deadline is not None and notice.source in ANNOUNCING_SOURCES
+                and notice.hard_stop_at < first.received_at + user_deadline
+                and self._cap_logged.acquire(blocking=False)):
+            logger.warning("The hard stop %s announced comes before preemption_deadline=%g s (after the first "
+                           "notice) would end: the deadline in use is now %.0f s after the first notice "
+                           "(%.0f s from now)", notice.source, user_deadline,
+                           notice.hard_stop_at - first.received_at, notice.deadline)
 
     def add_callback(self, fn: Callable[[PreemptionNotice], None]) -> None:
         """Register ``fn(notice)`` to be called once, on the first notice.
