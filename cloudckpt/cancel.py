@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-__all__ = ["CancelSignal", "TransferScope", "ContextPool", "in_context", "RATE_WINDOW"]
+__all__ = ["CancelSignal", "TransferCancelled", "TransferScope", "ContextPool", "in_context", "RATE_WINDOW"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,12 @@ RATE_WINDOW = 2.0
 
 _CURRENT: contextvars.ContextVar["TransferScope | None"] = contextvars.ContextVar("cloudckpt_transfer_scope",
                                                                                   default=None)
+
+
+class TransferCancelled(Exception):
+    """A transfer stopped because its owner cancelled it (the store's ``CancelSignal`` or its
+    ``TransferScope``): raised by ``s3_transport`` before a part or slice, by ``gcs_resumable`` before a
+    chunk, by ``RemoteStore`` between files; never retried."""
 
 
 class TransferScope:

@@ -52,9 +52,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from .cancel import CancelSignal
+from .cancel import CancelSignal, TransferCancelled
 from .retry import RetryPolicy, describe_cause, is_transient
-from .s3_transport import TransferCancelled
 
 log = logging.getLogger("cloudckpt")
 

@@ -34,7 +34,7 @@ import fsspec.callbacks
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from .cancel import CancelSignal, TransferScope
+from .cancel import CancelSignal, TransferCancelled, TransferScope
 from .errors import ConfigError, RemoteError
 from .gcs_resumable import ChunkRetries, resuming_chunks, retrying_chunks
 from .manifest import crc32c_of_stream, crc32c_parts_of_stream
@@ -42,7 +42,7 @@ from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .process_cache import ProcessCache
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
-from .s3_transport import (CopySource, DownloadFailed, S3Transport, TransferCancelled, aws_environment,
+from .s3_transport import (CopySource, DownloadFailed, S3Transport, aws_environment,
                            crc32c_hex_from_header, forget_sessions, transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)

@@ -90,7 +90,7 @@ except ImportError:  # pragma: no cover - Windows
 
 import google_crc32c
 
-from .cancel import CancelSignal, TransferScope, in_context
+from .cancel import CancelSignal, TransferCancelled, TransferScope, in_context
 from .errors import ConfigError
 from .process_cache import ProcessCache
 from .waits import result_of
@@ -178,10 +178,6 @@ class S3ResponseError(OSError):
         self.status = status
         self.code = code
         self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
-
-
-class TransferCancelled(Exception):
-    """The transport's owner cancelled its transfers (``S3Transport.cancel``); not retried."""
 
 
 class DownloadFailed(Exception):

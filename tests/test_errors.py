@@ -205,7 +205,7 @@ def test_a_transfer_cancelled_on_purpose_says_so_not_to_rerun_at_debug():
     """An abandoned upload (Ctrl-C, close, a preemption deadline) logged "cause: TransferCancelled; rerun with
     logging at DEBUG for details", pointless for a deliberate abandon (spot-VM trial)."""
     from cloudckpt.remote import remote_error
-    from cloudckpt.s3_transport import TransferCancelled
+    from cloudckpt.cancel import TransferCancelled
 
     message = str(remote_error("upload", "s3://bucket/run/model.ckpt-5.index", TransferCancelled("cancelled")))
     assert "cancelled on purpose" in message and "rerun with logging" not in message, message
@@ -216,7 +216,7 @@ def test_a_request_cut_by_a_cancel_says_cancelled_not_unreachable():
     cause. The message said "the store could not be reached ... check endpoint_url" (a preemption's abandoned
     upload, spot-VM trial): it was cancelled on purpose."""
     from cloudckpt.remote import remote_error
-    from cloudckpt.s3_transport import TransferCancelled
+    from cloudckpt.cancel import TransferCancelled
 
     try:
         try:

@@ -161,7 +161,7 @@ def test_cancelling_one_transfer_scope_leaves_the_others_going(slow_link, tmp_pa
     cancelling scope A stops A's requests (its multipart upload aborted, no object) and nothing else. B, and
     an upload started afterwards outside any scope, complete; A's scope counted what it delivered."""
     from cloudckpt.remote import RemoteStore
-    from cloudckpt.s3_transport import TransferCancelled
+    from cloudckpt.cancel import TransferCancelled
 
     url, proxy, options, direct, bucket = slow_link
     store = RemoteStore(url, options, transfer=TRANSFER)
