@@ -10,6 +10,14 @@ So a preemption can abandon an older checkpoint in flight and commit the final o
 (``uploader.plan_final_upload``). A scope also counts the bytes its transfers sent and measures
 their throughput (``TransferScope.bytes_per_second``).
 
+A scope has a **point of no return** (``TransferScope.enter_commit_point``): a commit passes it once its data
+is uploaded, just before it writes its commit point (the manifest, then the commit-log entry). From then on
+nothing cancels the scope -- neither ``cancel_transfers(scope)`` (refused: ``cancel`` returns False) nor the
+store-wide signal (its requests are neither refused nor cut) -- so a commit point is never cut half-way, where
+the store may have applied a request the client saw fail: what is reported as committed is what the store holds.
+That costs a few small requests (milliseconds). Passing it is refused once the scope (or the store) is
+cancelled: the cancel and the point of no return are one decision, taken under one lock.
+
 The current scope is a ``contextvars.ContextVar``: a thread that runs part of a scope's work runs it in
 a copy of the submitting thread's context (``in_context``; ``s3_transport``'s part threads,
 ``waits.map_all``, the uploader's pool). Work running outside any scope sees only the store-wide signal.
@@ -48,11 +56,13 @@ class TransferScope:
 
     Attributes:
         cancelled: this scope alone was cancelled (``cancel``); the store-wide signal is not reflected here.
+        committing: the scope is past its point of no return (``enter_commit_point``): it cannot be cancelled.
     """
 
     def __init__(self, signal: "CancelSignal") -> None:
         self.signal = signal
         self.cancelled = False
+        self.committing = False
         self._wake = threading.Event()  # set while this scope or the whole signal is cancelled (waits end)
         self._lock = threading.Lock()
         self._sent = 0
@@ -60,11 +70,43 @@ class TransferScope:
         self._first_sent_at: float | None = None
         self._unsent: dict[int, int] = {}  # connection key -> bytes in its send queue (note_unsent)
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """Cancel this scope's transfers (``RemoteStore.cancel_transfers(scope)`` also stops its requests in
-        flight). Idempotent; never undone."""
-        self.cancelled = True
-        self._wake.set()
+        flight). Idempotent; never undone.
+
+        Returns:
+            True when the scope is cancelled; False, and nothing is done, when it is past its point of no
+            return (``committing``: its commit point is being written, or was).
+        """
+        with self.signal._lock:
+            if self.committing:
+                return False
+            self.cancelled = True
+            self._wake.set()
+            return True
+
+    def enter_commit_point(self) -> bool:
+        """Pass the scope's point of no return (a commit about to write its commit point): from now on neither
+        ``cancel`` nor the store-wide signal stops its transfers (``CancelSignal.is_set`` is False in it).
+
+        Returns:
+            True when passed; False, and nothing changes, when the scope or the whole store was cancelled first
+            (the caller must then not write its commit point).
+        """
+        with self.signal._lock:
+            if self.cancelled or self.signal._all.is_set():
+                return False
+            self.committing = True
+            return True
+
+    def leave_commit_point(self) -> None:
+        """Back before the point of no return, when the commit point was not written after all (a commit that
+        starts a round again, its data to upload anew): the scope can be cancelled again, and a store-wide
+        cancel set meanwhile applies to it from now on."""
+        with self.signal._lock:
+            self.committing = False
+            if self.signal._all.is_set():
+                self._wake.set()
 
     def note_sent(self, count: int, *, connection: int | None = None, unsent: int = 0) -> None:
         """Record ``count`` bytes of file data handed to the network by one of this scope's transfers
@@ -137,11 +179,13 @@ class CancelSignal:
         self._scopes: set[TransferScope] = set()
 
     def set(self) -> None:
-        """Cancel every transfer of the store, in any scope or none."""
+        """Cancel every transfer of the store, in any scope or none, except those of a scope past its point of
+        no return (``TransferScope.enter_commit_point``)."""
         with self._lock:
             self._all.set()
             for scope in self._scopes:
-                scope._wake.set()
+                if not scope.committing:
+                    scope._wake.set()
 
     def clear(self) -> None:
         """Let the store's transfers run again (a cancelled scope stays cancelled)."""
@@ -152,11 +196,16 @@ class CancelSignal:
                     scope._wake.clear()
 
     def is_set(self) -> bool:
-        """True when the whole store, or the calling context's scope, is cancelled."""
-        if self._all.is_set():
-            return True
+        """True when the whole store, or the calling context's scope, is cancelled; False in a scope past its
+        point of no return (``TransferScope.committing``)."""
         scope = self.current()
-        return scope is not None and scope.cancelled
+        if scope is not None and scope.committing:
+            return False
+        return self._all.is_set() or scope is not None and scope.cancelled
+
+    def all_set(self) -> bool:
+        """True when the whole store is cancelled (``set``), whatever the calling context's scope."""
+        return self._all.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block up to ``timeout`` seconds until ``is_set``; its value then (a retry's backoff ends early)."""

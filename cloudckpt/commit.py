@@ -23,6 +23,14 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
    file (the current lineage, relative paths).
 
+Steps 5 and 6 run past the commit's **point of no return** when it runs in a transfer scope (the uploader's
+commits, ``cancel.TransferScope.enter_commit_point``): once its data is uploaded and checked, no cancel (an
+older upload abandoned for a preemption's final checkpoint, a ``close`` giving up) cuts them, nor what follows in
+the scope (7): a request cut there may still have been applied by the store, a checkpoint committed while its
+uploader reported it abandoned. They are a few small requests. A cancel that came first stops the commit
+before 5 (``UploadError``, caused by a ``TransferCancelled``); a round started again from 2 (its objects were
+deleted meanwhile, its manifest's name taken) can be cancelled again.
+
 Readers trust a checkpoint only when a log commit entry names its manifest's commit id and the
 manifest exists, so they never see a half-written checkpoint, nor one of a fenced writer.
 
@@ -48,6 +56,7 @@ from typing import Any, Callable, Iterable, Protocol
 from dataclasses import dataclass, field, replace
 
 from ._version import __version__
+from .cancel import TransferCancelled, TransferScope
 from .catalog import ManifestCache, legacy_checkpoints
 from .commitlog import CommitLog
 from .errors import FencedError, IntegrityError, ManifestError, RemoteError, UploadError
@@ -56,6 +65,7 @@ from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
 from .manifest import Manifest, entry_for, parse_manifest
 from .remote import RemoteObject, RemoteStore
+
 from .waits import map_all
 from .writers import Writer
 
@@ -371,13 +381,16 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
                        commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
                        writer_epoch=writer.epoch, parent=writer.head)
     data = manifest.to_json()
+    scope = _enter_commit_point(store, ckpt.step)  # no cancel from here on: the commit point is written whole
     if not store.write_if_absent(manifest.name, data):
+        _leave_commit_point(scope)
         return None
     ManifestCache.of(store).put(manifest.name, manifest, len(data))
     intact = _IntactCheck(writer, ckpt, manifest, names, state.last_index)
     try:
         writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
-    except _Redo:
+    except _Redo:  # nothing committed: the data goes up again, cancellable again
+        _leave_commit_point(scope)
         return None
     listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
     listed.append(RemoteObject(manifest.name, len(data), None))
@@ -385,6 +398,31 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     sent = sum(f.size for f in mine.files if not _in_place(store, ckpt, f.name))  # in place: none; the manifest's
     # sizes, not the files': a Saver may delete them once the commit is appended (``cloudckpt push`` next to one)
     return CommitResult(manifest, sent - bytes_copied, UPLOADED, objects=tuple(listed), bytes_copied=bytes_copied)
+
+
+def _enter_commit_point(store: RemoteStore, step: int) -> TransferScope | None:
+    """Pass the point of no return of the calling context's transfer scope, if it has one (the uploader's
+    commits; ``cancel.TransferScope.enter_commit_point``): the manifest and the commit-log entry are then written
+    whole, whatever cancel comes (a request cut there may have been applied by the store, leaving a checkpoint
+    committed that its uploader reported abandoned). The scope; None without one.
+
+    Raises:
+        UploadError: the scope (or the store) was cancelled first: the commit point is not written (the cause is
+            a ``TransferCancelled``).
+    """
+    scope = store.cancel.current()
+    if scope is not None and not scope.enter_commit_point():
+        error = UploadError(f"Checkpoint step {step} was not committed to {store.url}: its upload was cancelled "
+                            "before its commit point.", url=store.url, step=step)
+        error.__cause__ = TransferCancelled(f"commit of step {step} to {store.url} cancelled")
+        raise error
+    return scope
+
+
+def _leave_commit_point(scope: TransferScope | None) -> None:
+    """The commit point was not written after all (a round starts again): ``scope`` can be cancelled again."""
+    if scope is not None:
+        scope.leave_commit_point()
 
 
 class _Redo(Exception):

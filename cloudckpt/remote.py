@@ -244,7 +244,7 @@ class RemoteStore:
         """The fsspec path of object ``name`` in this directory."""
         return posixpath.join(self.root, name)
 
-    def cancel_transfers(self, scope: TransferScope | None = None) -> None:
+    def cancel_transfers(self, scope: TransferScope | None = None) -> bool:
         """Set ``cancel``: retries end and no request starts; on ``s3://`` the requests in flight stop too, at
         once on a stalled connection (``S3Transport.abort_requests``). ``cancel.clear()`` undoes it for what
         follows.
@@ -253,13 +253,21 @@ class RemoteStore:
         transfers, and later scopes, go on. Other backends than ``s3://`` stop between requests: a file
         upload in flight there ends first, but on ``gs://`` a resumable upload (a file from 5 MiB) stops
         before its next chunk (``TransferCancelled``; gcsfs cancels its session: ``gcs_resumable``).
+
+        A scope past its point of no return (``TransferScope.enter_commit_point``: a commit writing its commit
+        point) is cancelled by neither: its requests go on.
+
+        Returns:
+            False when ``scope`` is past its point of no return (nothing was cancelled), else True.
         """
         if scope is not None:
-            scope.cancel()
+            if not scope.cancel():
+                return False
         else:
             self.cancel.set()
         if self._transport is not None:
             self._transport.abort_requests(scope)
+        return True
 
     def transfer_scope(self) -> contextlib.AbstractContextManager[TransferScope]:
         """``with store.transfer_scope() as scope:`` -- the transfers of the block (and of the threads it

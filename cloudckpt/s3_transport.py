@@ -1061,9 +1061,11 @@ class S3Transport:
         the store does not read, a read it sends nothing for) then stops at once with ``TransferCancelled``
         instead of after ``_READ_TIMEOUT`` or the store's late answer, so an abandoned upload does not outlive
         its owner (interpreter exit joins the part threads). The DELETE aborting a multipart upload is not
-        cancellable and goes on."""
+        cancellable and goes on, and so do the requests of a scope past its point of no return
+        (``TransferScope.committing``: a commit point being written)."""
         with self._pools_lock:
-            connections = [conn for conn, owner in self._in_flight.items() if scope is None or owner is scope]
+            connections = [conn for conn, owner in self._in_flight.items()
+                           if (scope is None or owner is scope) and not (owner is not None and owner.committing)]
         for conn in connections:
             sock = conn.sock
             if sock is not None:

@@ -327,10 +327,17 @@ class Uploader:
         with self._cond:
             first = not self._abandoned
             self._abandoned = True
-            abandoned = ([self._in_flight] if self._in_flight else []) + list(self._queue)
+            scope = self._in_flight_scope
+            # past its point of no return (it passed it before the cancel: passing is refused after it)
+            committing = self._in_flight if self._in_flight and scope is not None and scope.committing else None
+            abandoned = ([self._in_flight] if self._in_flight and not committing else []) + list(self._queue)
         if first and abandoned:
             log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
                         [j.checkpoint.step for j in abandoned], self.store.url)
+        if first and committing is not None:
+            log.warning("Not abandoning checkpoint step %d: it is writing its commit point to %s, which no cancel "
+                        "may cut (a few small requests); it is committed when they end.", committing.checkpoint.step,
+                        self.store.url)
 
     def submit(self, job: UploadJob) -> None:
         """Queue a checkpoint for commit. Never blocks on the network."""
@@ -400,6 +407,13 @@ class Uploader:
         one commits), it counts as ``dropped``, and the worker goes on with the final checkpoint at once, in a
         scope of its own.
 
+        An older upload past its point of no return -- its files uploaded, its commit point being written
+        (``TransferScope.enter_commit_point``) -- cannot be abandoned, whatever the figures (which can call for
+        it: bytes an incremental commit copies server-side are never sent, so they look left to send): it is
+        let finish (a few small requests) and committed as usual, and the plan says so (``"keep"``, ``"older is
+        committing"``, "could not abandon it: it is committing ...; the figures called for it: ..."; logged once,
+        at WARNING). Cut there, a commit point may have been applied by the store regardless.
+
         Returns:
             The plan, or None when there was nothing to decide (no older upload in flight, the final checkpoint
             not waiting, sizes unknown, or the older upload already abandoned).
@@ -411,6 +425,7 @@ class Uploader:
                     or job.checkpoint.step >= step:
                 return None
             last_rate, last_committed = self._last_send_rate, self._stats.last_committed_step
+        older = job.checkpoint.step
         older_size, final_size = job.nbytes(), final.nbytes()
         if older_size is None or final_size is None:
             return None
@@ -419,12 +434,13 @@ class Uploader:
         plan = plan_final_upload(older_left=max(0, older_size - scope.bytes_sent), final_size=final_size,
                                  bytes_per_second=rate if rate is not None else last_rate,
                                  seconds_left=deadline_at - time.monotonic())
-        older = job.checkpoint.step
         if plan.action == ABANDON:
             with self._cond:
                 if self._in_flight is not job or self._in_flight_scope is not scope:
                     return None  # it ended meanwhile: the final checkpoint is next anyway
-                self.store.cancel_transfers(scope)
+                abandoned = self.store.cancel_transfers(scope)
+            if not abandoned:  # past its point of no return: its commit point is being written
+                return self._keep_committing(older, step, plan)
             log.warning("Preemption: abandoning the upload of checkpoint step %d to %s so that the final checkpoint "
                         "(step %d) starts now: %s. Nothing of step %d is committed; the latest committed checkpoint "
                         "stays %s until the final one commits.", older, self.store.url, step, plan.reason, older,
@@ -434,6 +450,20 @@ class Uploader:
             level = logging.WARNING if plan.case == "final cannot fit" else logging.INFO
             log.log(level, "Preemption: letting the upload of checkpoint step %d finish before the final checkpoint "
                     "(step %d) starts: %s.", older, step, plan.reason)
+        return plan
+
+    def _keep_committing(self, older: int, step: int, planned: FinalPlan) -> FinalPlan:
+        """The plan for an older upload whose abandon (``planned``) was refused: it is past its point of no
+        return (its commit point is being written, or was; ``TransferScope.enter_commit_point``) and is let
+        finish, which takes a few small requests. Logged once per upload, at WARNING."""
+        reason = ("could not abandon it: it is committing (its files are uploaded and its commit point is being "
+                  f"written, which no cancel may cut: a few small requests); the figures called for it: "
+                  f"{planned.reason}")
+        plan = FinalPlan(KEEP, "older is committing", reason, planned.both_seconds, planned.final_seconds)
+        if (older, "could not abandon") not in self._plans_logged:
+            self._plans_logged.add((older, "could not abandon"))
+            log.warning("Preemption: letting the upload of checkpoint step %d finish before the final checkpoint "
+                        "(step %d) starts: %s.", older, step, reason)
         return plan
 
     def commit_now(self, job: UploadJob, *, background: bool = False) -> None:
@@ -508,8 +538,11 @@ class Uploader:
         request in flight stops within ``SEND_SLICE`` (1 MiB) of its body, at once on a stalled
         connection, and the multipart uploads started are aborted; close waits up to ``ABANDON_GRACE``
         seconds for that. On ``gs://`` a resumable upload (a file from 5 MiB) stops before its next chunk.
-        Other backends stop between files: a file in flight there may finish in the background (daemon
-        threads), uncommitted. Otherwise the worker and its file-upload threads have
+        Except a checkpoint already writing its commit point (past its point of no return,
+        ``TransferScope.enter_commit_point``): it is not abandoned but finishes within that wait (a few small
+        requests), and is counted and logged as committed; cut there, the store might have applied its commit
+        point while it was reported abandoned. Other backends stop between files: a file in flight there may
+        finish in the background (daemon threads), uncommitted. Otherwise the worker and its file-upload threads have
         ended when this returns. A later ``close`` waits ``ABANDON_GRACE`` at most, not ``timeout``; a
         later ``start`` waits for the abandoned worker to end (``resume_transfers``).
         """
@@ -607,18 +640,20 @@ class Uploader:
                 self._record_fenced(exc, step)
                 return
             except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
+                # Cancelled (favour_final): the scope was not past its point of no return then (a cancel is
+                # refused there), nor after (passing it is refused once cancelled): nothing of it was committed.
                 if scope.cancelled:  # favour_final abandoned it for the final checkpoint: said there
                     with self._cond:
                         self._stats.dropped += 1
                     log.info("Upload of checkpoint step %d stopped (abandoned for the final checkpoint); nothing of "
                              "it was committed: %s", step, exc)
                     return
-                self._record_failure(job, exc)
+                self._record_failure(job, exc, scope)
                 return
             finally:
                 self._note_send_rate(scope)
-        if scope.cancelled:  # its commit point came before the cancel did
-            log.info("Checkpoint step %d was committed before abandoning its upload took effect.", step)
+        if scope.cancelled:  # a commit without a commit point of its own (already committed, healed, refused)
+            log.info("Checkpoint step %d: its commit ended before abandoning its upload took effect.", step)
         self._record_outcome(job, result, time.monotonic() - started)
 
     def _note_send_rate(self, scope: TransferScope) -> None:
@@ -645,10 +680,14 @@ class Uploader:
                 with self._cond:
                     self._in_flight_scope = None
 
-    def _record_failure(self, job: UploadJob, exc: Exception) -> None:
-        """Count and report the failed commit of ``job`` (abandoned by ``close``: dropped)."""
+    def _record_failure(self, job: UploadJob, exc: Exception, scope: TransferScope | None = None) -> None:
+        """Count and report the failed commit of ``job`` in ``scope`` (abandoned by ``close``: dropped).
+
+        A commit past its point of no return (``scope.committing``) is not stopped by ``close``'s cancel: its
+        failure is a failure (its commit point could not be written), never "abandoned"."""
         step = job.checkpoint.step
-        if self.store.cancel.is_set():  # close() abandoned it (Ctrl-C, upload_timeout): said there
+        if self.store.cancel.all_set() and not (scope is not None and scope.committing):
+            # close() abandoned it (Ctrl-C, upload_timeout) before its commit point: said there
             with self._cond:
                 self._stats.dropped += 1
             log.info("Upload of checkpoint step %d stopped (abandoned): %s", step, exc)

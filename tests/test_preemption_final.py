@@ -211,3 +211,167 @@ def test_the_notice_log_line_quotes_the_deadline_in_use(tmp_path, memory_url, wa
     engine.close()
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Preemption notice from gce")]
     assert "deadline 12 s: preemption_deadline" in line and "hard stop is about 25 s away" in line, line
+
+
+# -- the commit point: the point of no return of an upload --------------------------------------------------------
+HOLD = 1.0  # seconds the proxy holds the request under test before forwarding it to the store
+TARGETS = {  # what the proxy holds: a create-only PUT of step 150's commit point
+    "manifest": r"/ckpt-150\.manifest\.json$",
+    "commit entry": r"/\.cloudckpt/log/\d+/\d+\.json$",  # the first log entry written after arming: 150's commit
+    "data": r"/ckpt-150\.index$",  # one of its data files (the other is copied server-side)
+}
+
+
+class HoldOnce:
+    """A ``FaultProxy`` path filter: the first request whose path matches ``pattern`` (once armed), no other."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+        self.held: list[str] = []
+
+    def __call__(self, path: str) -> bool:
+        if self.held or not self.pattern.search(path.split("?")[0]):
+            return False
+        self.held.append(path)
+        return True
+
+
+def checkpoint_of(directory, step: int, data: bytes, index_size: int = 1000):
+    """A ``LocalCheckpoint`` of step ``step``: a data file of ``data`` and a random index."""
+    from cloudckpt.commit import LocalCheckpoint
+
+    os.makedirs(directory, exist_ok=True)
+    files = {}
+    for suffix, content in (("data-00000-of-00001", data), ("index", os.urandom(index_size))):
+        name = f"ckpt-{step}.{suffix}"
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(content)
+        files[name] = os.path.join(directory, name)
+    return LocalCheckpoint(step=step, prefix=f"ckpt-{step}", files=files)
+
+
+def hold_step_150(slow_link, tmp_path, target: str, hold: float = HOLD):
+    """An uploader through the proxy that committed step 1 (16 MiB of data), then submitted step 150 with the
+    same data (copied server-side: an incremental commit sends only its index); returns (uploader, proxy, url,
+    direct options) once the proxy holds step 150's request of ``target`` (``TARGETS``) for ``hold`` s."""
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.uploader import Uploader, UploadJob
+
+    url, proxy, options, direct, bucket = slow_link
+    uploader = Uploader(RemoteStore(url, options, transfer=TRANSFER), max_pending=2)
+    uploader.start()
+    data = os.urandom(16 * MiB)
+    uploader.submit(UploadJob(checkpoint_of(tmp_path / "local", 1, data)))
+    assert uploader.wait(60) and uploader.stats().committed == 1
+    hold_once = HoldOnce(TARGETS[target])
+    proxy.set_faults(latency=hold, only_methods=("PUT",), path_filter=hold_once)
+    uploader.submit(UploadJob(checkpoint_of(tmp_path / "local", 150, data)))
+    wait_for(lambda: proxy.most_held.get("PUT", 0) >= 1, 60, f"the proxy to hold step 150's {target}")
+    return uploader, proxy, url, direct
+
+
+@pytest.mark.parametrize("target", ["manifest", "commit entry"])
+def test_an_older_upload_writing_its_commit_point_cannot_be_abandoned(slow_link, tmp_path, caplog, target):
+    """Step 150 (an incremental commit: 16 MiB copied server-side, 1 KB sent) is writing its commit point, held
+    by the store for 1 s, when the final step 175 is queued with 2 s left. Its figures call for an abandon (no
+    throughput figure; copied bytes are never "sent", so 16 MiB look left to send, more than the final's 2 KB),
+    but it is past its point of no return: not abandoned, the plan says "could not abandon it: it is
+    committing"; it commits and is counted and logged committed, then step 175 commits.
+
+    Before: the abandon cut the request in flight. The store applied it nonetheless (the proxy forwards what
+    it holds, as a PUT that arrived before the client dropped the connection): with the commit entry, step
+    150 was committed in the bucket while the uploader counted it dropped and logged "nothing of it was
+    committed"."""
+    from cloudckpt.uploader import UploadJob
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    uploader, proxy, url, direct = hold_step_150(slow_link, tmp_path, target)
+    try:
+        uploader.submit(UploadJob(checkpoint_of(tmp_path / "final", 175, os.urandom(1000)), required=True))
+        plan = uploader.favour_final(175, time.monotonic() + 2.0)
+        assert (plan.action, plan.case) == ("keep", "older is committing"), plan
+        assert plan.reason.startswith("could not abandon it: it is committing"), plan.reason
+        assert "the figures called for it: no upload throughput measured yet" in plan.reason, plan.reason
+        assert uploader.favour_final(175, time.monotonic() + 2.0).case == "older is committing"  # logged once
+        assert uploader.wait(60)
+    finally:
+        uploader.close()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (3, 0, 0, 175), stats
+    assert stats.bytes_copied >= 16 * MiB  # step 150's data was copied, never sent: why its figures misled
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [1, 150, 175]
+    assert sorted(assert_all_committed_intact(url, direct)) == [1, 150, 175]
+    messages = [r.getMessage() for r in caplog.records]
+    (line,) = [m for m in messages if "letting the upload of checkpoint step 150 finish" in m]
+    assert "could not abandon it: it is committing" in line, line
+    assert not [m for m in messages if "abandoning the upload" in m or "nothing of it was committed" in m], messages
+    assert any(m.startswith("Committed checkpoint step 150 ") for m in messages), messages
+
+
+def test_an_older_upload_still_sending_its_data_is_abandoned(slow_link, tmp_path, caplog):
+    """The same, with step 150's data still on its way (its index held by the store) when the final step 175 is
+    queued: abandoned for the final one (its point of no return not reached, and never reached after the cancel:
+    its manifest is never written), counted as dropped; step 175 commits."""
+    from cloudckpt.uploader import UploadJob
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    uploader, proxy, url, direct = hold_step_150(slow_link, tmp_path, "data")
+    try:
+        uploader.submit(UploadJob(checkpoint_of(tmp_path / "final", 175, os.urandom(1000)), required=True))
+        plan = uploader.favour_final(175, time.monotonic() + 2.0)
+        assert (plan.action, plan.case) == ("abandon", "no figure"), plan
+        assert uploader.wait(60)
+        time.sleep(HOLD)  # the held index reaches the store (debris): still nothing of step 150 is committed
+    finally:
+        uploader.close()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (2, 1, 0, 175), stats
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [1, 175]
+    from cloudckpt.remote import RemoteStore
+    assert "ckpt-150.manifest.json" not in {o.name for o in RemoteStore(url, direct).list_objects()}
+    assert "Upload of checkpoint step 150 stopped (abandoned for the final checkpoint)" in caplog.text
+
+
+def test_close_does_not_cut_a_commit_point_in_flight(slow_link, tmp_path, caplog):
+    """``close(timeout=0)`` (a Ctrl-C, the deadline of a final wait) while step 150 writes its commit-log entry,
+    the commit point, held by the store for 0.5 s: it is not abandoned but finishes within close's grace, and is
+    counted, logged and in the bucket as committed. Before: close cut the request; the store applied it anyway,
+    so step 150 was committed in the bucket while the uploader counted it dropped ("stopped (abandoned)")."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    uploader, proxy, url, direct = hold_step_150(slow_link, tmp_path, "commit entry", hold=0.5)
+    started = time.monotonic()
+    uploader.close(timeout=0)
+    took = time.monotonic() - started
+    assert uploader.pending_steps() == [], "close returned with the commit still going"
+    time.sleep(0.5)  # (before the fix: the held entry reaches the store after close returned)
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (2, 0, 0, 150), stats
+    assert took < 2.0
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [1, 150]
+    assert "Not abandoning checkpoint step 150: it is writing its commit point" in caplog.text
+    assert "stopped (abandoned)" not in caplog.text and "Abandoning upload" not in caplog.text
+
+
+def test_the_point_of_no_return_of_a_transfer_scope(memory_url):
+    """A scope's cancel and its point of no return exclude each other: passed, neither ``cancel_transfers(scope)``
+    nor the store-wide cancel reaches its transfers (a retry's wait is not cut short either); refused once either
+    cancel came first; left (a commit round starting again), the scope can be cancelled, and a store-wide cancel
+    set meanwhile applies to it."""
+    from cloudckpt.remote import RemoteStore
+
+    store = RemoteStore(memory_url)
+    with store.transfer_scope() as scope:
+        assert scope.enter_commit_point() and scope.committing
+        assert store.cancel_transfers(scope) is False and not scope.cancelled
+        assert store.cancel_transfers() is True  # the store-wide one: set, but not in this scope
+        assert store.cancel.all_set() and not store.cancel.is_set()
+        assert store.cancel.wait(0.05) is False
+        store.write_if_absent("x", b"1")  # requests go on
+        scope.leave_commit_point()
+        assert store.cancel.is_set() and store.cancel.wait(0) is True
+        assert not scope.enter_commit_point()  # the store is cancelled: refused
+    store.cancel.clear()
+    with store.transfer_scope() as scope:
+        assert store.cancel_transfers(scope) is True
+        assert not scope.enter_commit_point() and not scope.committing
+    assert store.read_bytes("x") == b"1"
