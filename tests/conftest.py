@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import uuid
 
 # Before anything imports gcsfs or TF (see cloudckpt/gcs_emulator.py).
@@ -18,6 +20,16 @@ from cloudckpt.embedded import EmbeddedS3  # noqa: E402
 
 # The fixtures users get (cloudckpt_s3, cloudckpt_gcs...); the servers below are the plugin's.
 pytest_plugins = ["cloudckpt.testing"]
+
+# Seconds a pytest process (an xdist worker, the controller) may take to exit after its tests ended.
+EXIT_WATCHDOG_S = 120
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Past its tests, a process that has not exited within ``EXIT_WATCHDOG_S`` dumps every thread's stack to
+    stderr and exits (status 1): a hang at interpreter exit (a thread joined there, an ``atexit`` handler) is
+    outside pytest-timeout's reach, and one CI run hung at ~99 % until its job was killed, naming nothing."""
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True, file=sys.__stderr__)
 
 
 @pytest.fixture(autouse=True)
