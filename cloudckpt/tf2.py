@@ -421,7 +421,9 @@ class CheckpointManager:
         if self._agreement is not None:
             self._resume(download=True)
             return self._manager.restore_or_initialize()
-        restored: dict[str, Any] = {}
+        # The last check's (it runs again when registering decides again): TF's manager over local_dir at the
+        # resume point, and the path it restored (absent: nothing to restore).
+        resumed: dict[str, Any] = {}
 
         def restore(downloaded: CheckpointInfo | None) -> None:
             # Before registering (CheckpointEngine.resume's check): a checkpoint this model cannot take
@@ -429,18 +431,21 @@ class CheckpointManager:
             self._check_resume_name(downloaded)
             if downloaded is not None:
                 _write_local_state(self.local_dir)
-            manager = tf.train.CheckpointManager(**self._tf_args)
-            restored.clear()
+            manager = tf.train.CheckpointManager(**self._tf_args)  # reads the state file at the resume point
+            resumed.clear()
+            resumed["manager"] = manager
             if manager.latest_checkpoint:
                 try:
-                    restored.update(manager=manager, path=manager.restore_or_initialize())
+                    resumed["path"] = manager.restore_or_initialize()
                 except (ValueError, tf.errors.OpError) as exc:
                     raise self._not_restorable(manager.latest_checkpoint, downloaded, exc) from exc
 
-        self._resume(download=True, check=restore)
-        if restored:  # TF's manager that restored it (its interval bookkeeping): no second read
-            self._manager = restored["manager"]
-            return restored["path"]
+        self._resume_local_dir(download=True, check=restore)
+        # Registering changes nothing in local_dir: the check's manager is TF's view of it (its interval
+        # bookkeeping too, when it restored), so TF's manager is built once here, not again.
+        self._manager = resumed["manager"] if "manager" in resumed else tf.train.CheckpointManager(**self._tf_args)
+        if "path" in resumed:
+            return resumed["path"]
         return self._manager.restore_or_initialize()  # nothing to restore: init_fn
 
     def _not_restorable(self, path: str, downloaded: CheckpointInfo | None, exc: BaseException) -> ConfigError:
@@ -665,7 +670,21 @@ class CheckpointManager:
                 f"checkpoint.restore(manager.latest_checkpoint), on every worker. {back}, then restore; {new_lineage}")
 
     def _resume(self, *, download: bool, check: Callable[[CheckpointInfo | None], None] | None = None) -> None:
-        """Multi-worker: a collective (every worker resumes in the same call, to the chief's step).
+        """``_resume_local_dir``, then a new ``tf.train.CheckpointManager`` over ``local_dir``.
+
+        Raises:
+            ConfigError: as ``_resume_local_dir``.
+        """
+        self._resume_local_dir(download=download, check=check)
+        # TF reads the state file when the manager is created: a new one sees what was fetched.
+        self._manager = tf.train.CheckpointManager(**self._tf_args)
+
+    def _resume_local_dir(self, *, download: bool,
+                          check: Callable[[CheckpointInfo | None], None] | None = None) -> None:
+        """Bring ``local_dir`` to the resume point and register (``CheckpointEngine.resume``; ``check`` runs
+        before registering, default ``_check_resume_name``); ``self._manager`` is left as it was (the caller
+        points it at a TF manager that has read the state file since). Multi-worker: a collective (every
+        worker resumes in the same call, to the chief's step).
 
         Raises:
             ConfigError: the resume point is another checkpoint name's (``_check_resume_name``); the next
@@ -682,8 +701,6 @@ class CheckpointManager:
             raise
         if self.restored is not None:
             _write_local_state(self.local_dir)
-        # TF reads the state file when the manager is created: a new one sees what was fetched.
-        self._manager = tf.train.CheckpointManager(**self._tf_args)
 
     def _check_resume_name(self, downloaded: CheckpointInfo | None = None) -> None:
         """Before registering: refuse a resume point that is not ``<checkpoint_name>-<step>`` (``check_resume_name``:

@@ -271,7 +271,10 @@ class Uploader:
         self._drops_not_warned = 0  # drops logged at INFO since
         self._drop_log_lock = threading.Lock()
         self._closing = False
-        self._abandoned = False  # close() gave up on the worker (cancel set); start() waits for it to end
+        # close() gave up on the worker (_abandon_worker: the store's transfers cancelled, what was left logged once);
+        # start() / resume_transfers() wait for that worker to end, then clear it and the cancel. Not the Keras
+        # callbacks' EngineLifecycle._abandon_ran (their own Ctrl-C close-down, one layer up).
+        self._worker_abandoned = False
         self._thread: threading.Thread | None = None
         self._done: threading.Event | None = None  # set when the current worker has ended
         self._pool: ThreadPool | None = None
@@ -282,7 +285,7 @@ class Uploader:
     def start(self) -> None:
         """Start the worker thread (idempotent; restarts after ``close``, see ``resume_transfers``)."""
         with self._cond:
-            if self._worker_running() and not self._abandoned:
+            if self._worker_running() and not self._worker_abandoned:
                 return
         self.resume_transfers()
         with self._cond:
@@ -307,13 +310,13 @@ class Uploader:
         flight first, and a CreateMultipartUpload or an abort already sent is answered or times out.
         """
         with self._cond:
-            waiting = self._abandoned and self._worker_running()
+            waiting = self._worker_abandoned and self._worker_running()
             done = self._done
         if waiting and done is not None and not wait_event(done, 1.0):
             log.warning("Waiting for the abandoned upload to %s to stop before uploading again.", self.store.url)
             wait_event(done)
         with self._cond:
-            self._abandoned = False
+            self._worker_abandoned = False
             self.store.cancel.clear()
 
     def _worker_running(self) -> bool:
@@ -325,8 +328,8 @@ class Uploader:
         """Cancel the store's transfers (the worker's retries end, requests stop), then say what is given up."""
         self.store.cancel_transfers()
         with self._cond:
-            first = not self._abandoned
-            self._abandoned = True
+            first = not self._worker_abandoned
+            self._worker_abandoned = True
             scope = self._in_flight_scope
             # past its point of no return (it passed it before the cancel: passing is refused after it)
             committing = self._in_flight if self._in_flight and scope is not None and scope.committing else None
@@ -550,7 +553,7 @@ class Uploader:
             self._closing = True
             self._cond.notify_all()
             thread, pool, done = self._thread, self._pool, self._done
-            already_abandoned = self._abandoned
+            already_abandoned = self._worker_abandoned
         if thread is not None and done is not None:
             try:
                 finished = wait_event(done, ABANDON_GRACE if already_abandoned else timeout)

@@ -7,6 +7,7 @@ a custom training loop (tf.function, Keras Adam) in a subprocess (tests/support/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import signal
@@ -300,6 +301,41 @@ def test_restore_falls_back_past_a_corrupt_committed_checkpoint(cloudckpt_s3, tm
         assert manager.restore_or_initialize() == str(tmp_path / "vm2" / "ckpt-1")
         assert manager.restored is not None and manager.restored.step == 1
     np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 1.0))
+
+
+def test_restore_or_initialize_has_tf_read_the_state_file_once(tmp_path, memory_url, caplog):
+    """TF's manager reads ``local_dir``'s state file when it is created (with a clock behind the file's
+    ``last_preserved_timestamp`` it warns at each read: "time.time() returned a value ... behind"). Resuming
+    from the local checkpoint, restore_or_initialize() built one to restore and then another one it threw
+    away: two reads, two warnings. One now, and the manager that restored is the one that keeps saving."""
+    local = tmp_path / "vm1"
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, memory_url, max_to_keep=3, local_dir=str(local)) as manager:
+        for step in (1, 2):
+            w.assign(tf.fill([4, 4], float(step)))
+            manager.save(checkpoint_number=step)
+    state = tf.train.get_checkpoint_state(str(local))
+    tf.compat.v1.train.update_checkpoint_state(  # the clock went back an hour since (a VM restored from an image)
+        str(local), state.model_checkpoint_path, all_model_checkpoint_paths=list(state.all_model_checkpoint_paths),
+        all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps),
+        last_preserved_timestamp=time.time() + 3600)
+
+    def reads() -> int:
+        return sum("behind the last preserved checkpoint timestamp" in r.getMessage() for r in caplog.records
+                   if r.name == "tensorflow")
+
+    w2, b2, ckpt2 = variables()
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        with cloudckpt.CheckpointManager(ckpt2, memory_url, max_to_keep=3, local_dir=str(local)) as manager:
+            assert reads() == 1  # the constructor's manager (TF validates its arguments)
+            caplog.clear()
+            assert manager.restore_or_initialize() == str(local / "ckpt-2")
+            assert reads() == 1
+            assert manager.restored is None  # the local copy of the head: nothing downloaded
+            np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 2.0))
+            assert manager.save(checkpoint_number=3) == str(local / "ckpt-3")
+            assert reads() == 1
+    assert [c.step for c in cloudckpt.list_checkpoints(memory_url)] == [1, 2, 3]
 
 
 def test_init_fn_runs_when_nothing_is_committed_and_a_local_path_commits_in_place(tmp_path):

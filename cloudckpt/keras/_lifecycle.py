@@ -64,7 +64,10 @@ class EngineLifecycle:
     def _init_lifecycle(self, engine: CheckpointEngine) -> None:
         self._engine = engine
         self._running = False  # between on_train_begin and on_train_end / close()
-        self._abandoned = False  # _abandon() ran since on_train_begin: the uploads were given up and it said so
+        # _abandon() ran since on_train_begin (Ctrl-C): it said what it gave up and closed the engine at once, so
+        # _close_at_exit does not do it again. Not the Uploader's _worker_abandoned (its worker's transfers were
+        # cancelled, set on a timeout too and cleared by a restart): this is the callback's own close-down.
+        self._abandon_ran = False
         call_at_exit(_close_at_exit, weakref.ref(self))
 
     # -- public ------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class EngineLifecycle:
             log.info("A previous fit() with this callback did not end normally; closing it first.")
             self.close()
         self._engine.open(writes_local_dir=writes_local_dir)
-        self._abandoned = False
+        self._abandon_ran = False
         self._running = True
 
     def __enter__(self) -> Any:
@@ -138,7 +141,7 @@ class EngineLifecycle:
     def _abandon(self, why: str) -> None:
         """Stop at once (Ctrl-C): what is still uploading is abandoned, not committed, and ``why`` says so
         in a warning (``why + "; closing cloudckpt: abandoning ..."``); ``close()`` follows."""
-        self._abandoned = True
+        self._abandon_ran = True
         note = self._engine.closing_note(0)
         if note:
             log.warning("%s; closing cloudckpt%s.", why, note)
@@ -165,6 +168,6 @@ def _close_at_exit(ref: "weakref.ref[EngineLifecycle]") -> None:
     except KeyboardInterrupt:  # Ctrl-C once the warning is out: the uploads are abandoned; the exit goes on
         # Raised in close()'s wait, close() abandoned them and said so. Raised before (while the warning was written,
         # as close() began: outside its handler) nothing did: swallowed, the exit would wait for the uploads' threads.
-        if not callback._abandoned:
+        if not callback._abandon_ran:
             callback._abandon("KeyboardInterrupt while waiting for the uploads to commit")
             callback.close()
