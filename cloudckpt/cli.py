@@ -6,7 +6,8 @@ Subcommands::
     cloudckpt verify URL [--step N | --name NAME | --all]
                                                       re-read and check size + crc32c
     cloudckpt pull URL DIR [--step N | --name NAME]   download + verify; tf.train.latest_checkpoint(DIR) works
-    cloudckpt push DIR URL                            upload and commit an existing local TF checkpoint directory
+    cloudckpt push DIR URL [--part-size SIZE] [--multipart-threshold SIZE] [--files-in-flight N]
+                   [--parts-in-flight N]              upload and commit an existing local TF checkpoint directory
     cloudckpt rollback URL (--step N | --name NAME)   make it the latest again (newer ones: superseded)
     cloudckpt gc URL --keep N [--keep-every-hours H] [--grace-hours H] [--dry-run]
     cloudckpt demo                                    train a small model against an embedded S3 server
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from .remote import RemoteStore
     from .restore import VerifyReport
     from .retry import RetryPolicy
+    from .transfer import TransferOptions
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports for them
@@ -390,11 +392,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .push import push_checkpoints
 
     result = push_checkpoints(args.dir, args.url, storage_options=build_storage_options(args.storage_option),
-                              retry=_retry(args), on_report=_print_pushed)
+                              retry=_retry(args), on_report=_print_pushed, transfer=_push_transfer(args))
     skipped = len(result.already_there)
     print(f"Pushed {len(result.uploaded)} checkpoint(s) to {result.url}"
           + (f" ({skipped} already there)" if skipped else "") + f"; latest step {result.newest_step}.")
     return EXIT_OK
+
+
+def _push_transfer(args: argparse.Namespace) -> "TransferOptions | None":
+    """The ``TransferOptions`` of ``push``'s flags (each unset one the default); None when none is set.
+
+    Raises:
+        ConfigError: a combination ``TransferOptions`` refuses (each flag's own range is checked by argparse).
+    """
+    from .transfer import TransferOptions
+
+    given = {field: value for field, value in (("part_size", args.part_size),
+                                               ("multipart_threshold", args.multipart_threshold),
+                                               ("max_files_in_flight", args.files_in_flight),
+                                               ("max_parts_in_flight", args.parts_in_flight)) if value is not None}
+    return TransferOptions(**given) if given else None
 
 
 def _print_pushed(report: "PushReport") -> None:
@@ -520,6 +537,47 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 _non_negative_int = _int_in(0)
 _positive_int = _int_in(1)
 
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30,
+               "gib": 1 << 30}  # binary, as rclone's sizes (16M = 16 MiB); 16MB (decimal or not?) is refused
+
+
+def _size_text(size: int) -> str:
+    """``16MiB`` for a whole number of GiB, MiB or KiB, else the bytes."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _size_in(low: int, high: int, multiple_of: int = 1) -> Callable[[str], int]:
+    """An argparse type: a number of bytes, plain (``16777216``) or with a binary unit (``16MiB``, ``16M``,
+    ``512KiB``, ``1.5GiB``; case-insensitive), in [low, high] and a multiple of ``multiple_of``; the error
+    names the range."""
+    bounds = f"{_size_text(low)} to {_size_text(high)} ({low} to {high} bytes)"
+    multiple = f", a multiple of {_size_text(multiple_of)} ({multiple_of} bytes)" if multiple_of > 1 else ""
+
+    def parse(text: str) -> int:
+        match = _SIZE.fullmatch(text)
+        factor = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+        if match is not None and factor is None and match.group(2).lower() in ("kb", "mb", "gb"):
+            unit = match.group(2)
+            raise argparse.ArgumentTypeError(f"{unit} is ambiguous (powers of 1000 or 1024?): write "
+                                             f"{match.group(1)}{unit[0].upper()}iB (powers of 1024), got {text!r}")
+        if match is None or factor is None:
+            raise argparse.ArgumentTypeError(f"expected bytes or a size such as 16MiB (units B, KiB, MiB, GiB, "
+                                             f"or K, M, G alike: powers of 1024), got {text!r}")
+        whole, _, fraction = match.group(1).partition(".")
+        numerator = int(whole + fraction) * factor
+        scale = 10 ** len(fraction)
+        if numerator % scale:
+            raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}")
+        value = numerator // scale
+        if not low <= value <= high or value % multiple_of:
+            raise argparse.ArgumentTypeError(f"must be {bounds}{multiple}, got {text.strip()}")
+        return value
+    return parse
+
 
 def _float(minimum: float, strict: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
@@ -538,7 +596,10 @@ def _float(minimum: float, strict: bool) -> Callable[[str], float]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from .transfer import DOWNLOAD_STREAMS, MAX_IN_FLIGHT
+    from .transfer import (DOWNLOAD_STREAMS, MAX_IN_FLIGHT, MAX_PART_SIZE, MAX_PUT_SIZE, MIN_PART_SIZE,
+                           PART_ALIGNMENT, TransferOptions)
+
+    defaults = TransferOptions()
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -628,6 +689,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local TF checkpoint directory (files such as model.ckpt-1000.index, "
                            ".data-00000-of-00001, .meta)")
     push.add_argument("url", metavar="URL", help=url_help)
+    push.add_argument("--part-size", type=_size_in(MIN_PART_SIZE, MAX_PART_SIZE, PART_ALIGNMENT), metavar="SIZE",
+                      help="bytes per multipart part (S3) or resumable chunk (GCS): bytes or a size such as 16MiB, "
+                           f"{_size_text(MIN_PART_SIZE)} to {_size_text(MAX_PART_SIZE)}, a multiple of "
+                           f"{_size_text(PART_ALIGNMENT)} (default: {_size_text(defaults.part_size)}, "
+                           "TransferOptions.part_size)")
+    push.add_argument("--multipart-threshold", type=_size_in(MIN_PART_SIZE, MAX_PUT_SIZE), metavar="SIZE",
+                      help="on s3://, files of at least SIZE (and larger than one part) go in a multipart upload "
+                           f"of --part-size parts, smaller ones in one PUT; {_size_text(MIN_PART_SIZE)} to "
+                           f"{_size_text(MAX_PUT_SIZE)} (default: {_size_text(defaults.multipart_threshold)}, "
+                           "TransferOptions.multipart_threshold)")
+    push.add_argument("--files-in-flight", type=_int_in(1, MAX_IN_FLIGHT), metavar="N",
+                      help=f"files of a checkpoint checksummed and uploaded at once, 1 to {MAX_IN_FLIGHT} "
+                           f"(default: {defaults.max_files_in_flight}, TransferOptions.max_files_in_flight)")
+    push.add_argument("--parts-in-flight", type=_int_in(1, MAX_IN_FLIGHT), metavar="N",
+                      help=f"parts of one file sent at once, 1 to {MAX_IN_FLIGHT} (default: "
+                           f"{defaults.max_parts_in_flight}, TransferOptions.max_parts_in_flight)")
 
     back = add("rollback", cmd_rollback, "make an older committed checkpoint the latest (newer ones: superseded)",
                [common, remote])

@@ -837,16 +837,23 @@ class CheckpointEngine:
         apply_retention(self._store, plan, self._uploader.writer)
 
     def _retire_deleted(self, scan: DirectoryScan | None = None) -> None:
-        """In place, the framework deletes old checkpoints itself (``max_to_keep``): retire their manifests
-        too, so that no manifest vouches for files that are gone. Runs after each in-place commit (TF1's
-        Saver has deleted by then; TF2's manager sweeps after its write callbacks, so what it deletes is
-        retired at the next commit) and in ``finish``. ``scan``: the directory as the commit left it."""
+        """In place, the framework deletes old checkpoints itself (``max_to_keep``): retire their commits
+        and remove their manifests too, so that no manifest vouches for files that are gone. Runs after each
+        in-place commit (TF1's Saver has deleted by then; TF2's manager sweeps after its write callbacks, so
+        what it deletes is retired at the next commit) and in ``finish``. ``scan``: the directory as the
+        commit left it.
+
+        The checkpoint's files are left to the framework, the one deleter of the directory's checkpoint files:
+        a checkpoint with some files gone is one it is deleting right now, file after file, from the training
+        thread (TF's Saver: ``.meta``, ``.index``, then ``.data-*``), while this runs in the uploader thread.
+        Deleting the rest here raced it (TF logged "Hit NotFoundError when deleting ..., possibly because
+        another process/thread is also deleting" for files this thread had removed first)."""
         scan = scan or scan_directory(self._store)
         present = {o.name for o in scan.objects}
         gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
         if gone:
             apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
-                            self._uploader.writer, reason="Retention (max_to_keep, in place)")
+                            self._uploader.writer, reason="Retention (max_to_keep, in place)", delete_files=False)
 
     def _wait_until(self, deadline: Callable[[], float | None],
                     each: Callable[[float | None], None] | None = None) -> None:

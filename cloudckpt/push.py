@@ -23,13 +23,13 @@ from .interrupt import cancelling_pool
 from .layout import step_of
 from .remote import open_directory
 from .retry import RetryPolicy
+from .transfer import TransferOptions
 from .writers import Writer
 
 __all__ = ["push_checkpoints", "PushResult", "PushReport", "UPLOADED", "ALREADY_COMMITTED", "HEALED", "REFUSED",
            "VANISHED"]
 
 VANISHED = "vanished"
-_FILES_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,21 @@ def push_checkpoints(
     storage_options: Mapping[str, Any] | None = None,
     retry: RetryPolicy | None = None,
     on_report: Callable[[PushReport], None] | None = None,
+    transfer: TransferOptions | None = None,
 ) -> PushResult:
     """Commit every checkpoint of the local TF checkpoint directory ``local_dir`` to ``url``, oldest first.
 
     ``graph.pbtxt`` is uploaded with the first checkpoint committed. A missing
     local directory at ``url`` is created. ``on_report(report)`` is called as
-    each checkpoint is done.
+    each checkpoint is done. ``transfer``: how the bytes move, as for the hook
+    (``TransferOptions``: ``part_size`` bytes per multipart part / GCS chunk,
+    ``multipart_threshold``, ``max_parts_in_flight`` per file, ``max_files_in_flight`` files
+    of a checkpoint checksummed and uploaded at once, ``incremental``); None means
+    ``TransferOptions()``.
 
     Raises:
         ConfigError: ``local_dir`` does not exist, is a file or holds no TF checkpoint (an ``.index``
-            file); the bucket of ``url`` does not exist.
+            file); the bucket of ``url`` does not exist; ``transfer`` is not a ``TransferOptions``.
         FencedError: a newer writer registered on ``url`` while pushing.
         UploadError / RemoteError: a checkpoint cannot be committed.
     """
@@ -116,14 +121,14 @@ def push_checkpoints(
     if not prefixes:
         raise ConfigError(f"No TensorFlow checkpoint in {local_dir!r} (expected files such as "
                           "model.ckpt-1000.index): nothing to push.")
-    store = open_directory(url, storage_options, retry=retry, create=True)
+    store = open_directory(url, storage_options, retry=retry, create=True, transfer=transfer)
     writer = Writer(store)
     register_continuing(writer)
     graph = os.path.join(local_dir, GRAPH_FILE)
     graph_uploaded = not os.path.isfile(graph)
     reports: list[PushReport] = []
     # Ctrl-C: the files in flight stop and their multipart uploads are aborted (interrupt.py); nothing is committed
-    with cancelling_pool(store, ThreadPoolExecutor(max_workers=_FILES_IN_FLIGHT,
+    with cancelling_pool(store, ThreadPoolExecutor(max_workers=store.transfer.max_files_in_flight,
                                                    thread_name_prefix="cloudckpt-push")) as pool:
         for prefix in prefixes:
             ckpt = find_local_checkpoint(local_dir, prefix)

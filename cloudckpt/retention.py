@@ -171,26 +171,30 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
 
 
 def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer | None = None, *,
-                      planned_at: int | None = None) -> bool:
+                      planned_at: int | None = None, delete_files: bool = True) -> bool:
     """Delete one committed checkpoint: un-commit it (with a log: a ``delete`` entry retiring it, by
-    ``writer``), then its manifest, then its files. False if the log gained commits or writers after
-    index ``planned_at`` (plan again)."""
+    ``writer``), then its manifest, then its files (``delete_files=False``: not its files, see
+    ``apply_retention``). False if the log gained commits or writers after index ``planned_at`` (plan again)."""
     manifest = info.manifest_url.rsplit("/", 1)[-1]
     if writer is None and info.writer_id is not None:  # a version 2 commit: announced in its log
         writer = Writer(store, role="maintenance")
     if writer is None:  # the manifest first (un-committed), then its files: in bulk where the store can
         store.delete([manifest])
-        store.delete_before([f.name for f in info.files], deadline=float("inf"))
+        if delete_files:
+            store.delete_before([f.name for f in info.files], deadline=float("inf"))
         return True
-    return _retire_and_delete([info], writer, planned_at)
+    return _retire_and_delete([info], writer, planned_at, delete_files)
 
 
-def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at: int | None) -> bool:
+def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at: int | None,
+                       delete_files: bool = True) -> bool:
     """Retire the commits of ``doomed`` with one ``delete`` log entry, then delete their manifests and
-    files (manifests first; in bulk where the store can: one request per 1000 names). False if the log
-    gained commits or writers after ``planned_at`` (nothing was deleted: plan again), or the deletion
-    window closed first (what is left is uncommitted debris)."""
-    names = [c.manifest_url.rsplit("/", 1)[-1] for c in doomed] + [f.name for c in doomed for f in c.files]
+    files (manifests first; in bulk where the store can: one request per 1000 names; ``delete_files=False``:
+    the manifests only). False if the log gained commits or writers after ``planned_at`` (nothing was
+    deleted: plan again), or the deletion window closed first (what is left is uncommitted debris)."""
+    names = [c.manifest_url.rsplit("/", 1)[-1] for c in doomed]
+    if delete_files:
+        names += [f.name for c in doomed for f in c.files]
     steps = [f"{c.step} ({c.status})" for c in doomed]
     if len(steps) > 8:  # a log entry stays small whatever a gc removes
         steps = [*steps[:4], f"... {len(steps) - 8} more ...", *steps[-4:]]
@@ -200,13 +204,19 @@ def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at:
 
 
 def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None, *,
-                    reason: str = "Retention") -> None:
+                    reason: str = "Retention", delete_files: bool = True) -> None:
     """Carry out ``plan``: un-commit and delete old checkpoints, remove debris, rewrite the state file.
 
     In a directory with a commit log, deletions are announced by ``writer``
     (a hook's registered writer, fenced by newer ones), or by a maintenance
     party (``cloudckpt gc``) when None. ``reason`` starts each INFO line about a deletion (what the
     deletion is: ``Retention``, ``delete_checkpoint=True``...).
+
+    ``delete_files=False``: the checkpoints of ``plan.delete`` are un-committed (retired, then their
+    manifests removed) but their files are left alone: someone else deletes them. Committed in place,
+    that is the framework's own ``max_to_keep`` (TF's Saver, ``tf.train.CheckpointManager``), which
+    deletes a checkpoint's files one after the other: a second deleter racing it makes TF log
+    "Hit NotFoundError when deleting". A file nobody deletes stays as uncommitted debris (``gc``).
     """
     planned_at = None
     if plan.log is None:
@@ -219,13 +229,14 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
     # checkpoint by checkpoint, so that a crash midway leaves the newer ones of the plan committed.
     together = writer is not None and store.deletes_in_bulk and plan.delete
     for batch in ([list(plan.delete)] if together else [[c] for c in plan.delete]):
-        done = _retire_and_delete(batch, writer, planned_at) if writer is not None \
-            else delete_checkpoint(store, batch[0])
+        done = _retire_and_delete(batch, writer, planned_at, delete_files) if writer is not None \
+            else delete_checkpoint(store, batch[0], delete_files=delete_files)
         if not done:
             log.info("%s: %s changed while deleting; the rest waits for the next pass.", reason, store.url)
             break
         for info in batch:
-            log.info("%s: deleted checkpoint step %d (%s) from %s.", reason, info.step, info.status, store.url)
+            log.info("%s: %s checkpoint step %d (%s) from %s.", reason,
+                     "deleted" if delete_files else "retired", info.step, info.status, store.url)
     for inc in plan.debris:
         names = [o.name for o in inc.objects]
         if writer is not None:

@@ -3,9 +3,10 @@ flight, download streams).
 
 One validated, immutable object instead of module constants. Every adapter
 (``CheckpointSaverHook``, ``UploadListener``, ``CheckpointManager``, the Keras
-callbacks) and ``CheckpointEngine`` take it as ``transfer=``; the store's
-transport reads ``part_size``, ``max_parts_in_flight`` and ``multipart_threshold``, the uploader
-``max_files_in_flight``, a restore ``max_download_streams``.
+callbacks), ``CheckpointEngine``, ``push_checkpoints`` (``cloudckpt push``'s flags) and the restores
+(``download_checkpoint``, ``pull_checkpoint``) take it as ``transfer=``; the store's
+transport reads ``part_size``, ``max_parts_in_flight`` and ``multipart_threshold``, the uploader (and
+``push_checkpoints``) ``max_files_in_flight``, a restore ``max_download_streams``.
 
 One set of defaults, the ones ``python -m bench`` measured for cloudckpt's own
 S3 transport (``s3_transport.PART_SIZE`` = 16 MiB parts, ``PARTS_IN_FLIGHT`` =

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import uuid
 from pathlib import Path
 
@@ -265,6 +266,101 @@ def test_push_without_checkpoints_is_a_usage_error(bucket, tmp_path):
     assert "No TensorFlow checkpoint" in one_error_line(proc.stderr)
     assert missing.returncode == 2 and "does not exist" in one_error_line(missing.stderr)
     assert keys(client, name) == []
+
+
+@pytest.fixture(scope="module")
+def large_dir(tmp_path_factory) -> Path:
+    """A TF checkpoint directory (a Saver's, step 1) whose data file is about 12.2 MiB: 3 parts of 5 MiB, 2 of
+    8 MiB, one PUT by default (below the 200 MiB multipart threshold)."""
+    import tensorflow as tf
+
+    directory = tmp_path_factory.mktemp("large")
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        tf.compat.v1.get_variable("big", shape=[3_200_000], initializer=tf.compat.v1.random_uniform_initializer())
+        session.run(tf.compat.v1.global_variables_initializer())
+        tf.compat.v1.train.Saver().save(session, str(directory / "model.ckpt"), global_step=1)
+    assert (directory / LARGE_DATA).stat().st_size > 12 << 20
+    return directory
+
+
+LARGE_DATA = "model.ckpt-1.data-00000-of-00001"
+
+
+def test_push_takes_transfer_options(bucket, large_dir, moto_server):
+    """``cloudckpt push --part-size/--multipart-threshold/--files-in-flight/--parts-in-flight`` and
+    ``push_checkpoints(transfer=)``, as every other entry point that moves bytes takes them: the part size shows
+    in the multipart ETag's part count (``-N``) of the ~12.2 MiB data file, files in flight in the push's threads."""
+    import cloudckpt
+
+    url, name, client, endpoint = bucket
+    options = moto_server.storage_options
+
+    def parts(run: str) -> str:
+        etag = client.head_object(Bucket=name, Key=f"{run}/{LARGE_DATA}")["ETag"].strip('"')
+        return etag.rpartition("-")[2] if "-" in etag else "one PUT"
+
+    proc = run_cli("push", str(large_dir), f"{url}/cli", "-o", endpoint, "--part-size", "5MiB",
+                   "--multipart-threshold", "5MiB", "--files-in-flight", "2", "--parts-in-flight", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "step 1: committed model.ckpt-1" in proc.stdout
+    assert parts("runs/exp1/cli") == "3"
+
+    threads: list[int] = []
+    result = cloudckpt.push_checkpoints(
+        str(large_dir), f"{url}/lib", storage_options=options,
+        transfer=cloudckpt.TransferOptions(part_size=8 << 20, multipart_threshold=5 << 20, max_files_in_flight=1),
+        on_report=lambda report: threads.append(
+            sum(t.name.startswith("cloudckpt-push") for t in threading.enumerate())))
+    assert [(r.step, r.outcome) for r in result.reports] == [(1, "uploaded")]
+    assert parts("runs/exp1/lib") == "2" and threads == [1]  # one file at a time: one pool thread
+
+    default = cloudckpt.push_checkpoints(str(large_dir), f"{url}/default", storage_options=options,
+                                         on_report=lambda report: threads.append(
+                                             sum(t.name.startswith("cloudckpt-push") for t in threading.enumerate())))
+    assert default.uploaded and parts("runs/exp1/default") == "one PUT" and threads[-1] > 1
+    for run in ("cli", "lib", "default"):
+        assert sorted(assert_all_committed_intact(f"{url}/{run}", options)) == [1]
+    with pytest.raises(ConfigError, match="TransferOptions"):
+        cloudckpt.push_checkpoints(str(large_dir), f"{url}/bad", storage_options=options, transfer={"part_size": 1})
+
+
+@pytest.mark.parametrize("flag, value, error", [
+    ("--part-size", "1MiB", "must be 5MiB to 5GiB (5242880 to 5368709120 bytes), a multiple of 256KiB (262144 "
+                            "bytes), got 1MiB"),
+    ("--part-size", "6GiB", "must be 5MiB to 5GiB (5242880 to 5368709120 bytes), a multiple of 256KiB (262144 "
+                            "bytes), got 6GiB"),
+    ("--part-size", "5000000", "must be 5MiB to 5GiB (5242880 to 5368709120 bytes), a multiple of 256KiB "
+                               "(262144 bytes), got 5000000"),
+    ("--part-size", "16MB", "MB is ambiguous (powers of 1000 or 1024?): write 16MiB (powers of 1024), got '16MB'"),
+    ("--part-size", "lots", "expected bytes or a size such as 16MiB (units B, KiB, MiB, GiB, or K, M, G alike: "
+                            "powers of 1024), got 'lots'"),
+    ("--multipart-threshold", "4MiB", "must be 5MiB to 5GiB (5242880 to 5368709120 bytes), got 4MiB"),
+    ("--files-in-flight", "0", "must be an integer in [1, 64], got 0"),
+    ("--parts-in-flight", "65", "must be an integer in [1, 64], got 65"),
+    ("--parts-in-flight", "1_0", "expected an integer in [1, 64], got '1_0'"),
+])
+def test_push_transfer_flags_out_of_range_are_usage_errors(tmp_path, capsys, flag, value, error):
+    """Each of push's transfer flags is checked like pull's --streams: the usage error names the flag and its
+    allowed range (TransferOptions' ranges), exit 2, nothing pushed."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "model.ckpt-1.index").write_bytes(b"")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["push", str(source), str(tmp_path / "dest"), f"{flag}={value}"])
+    assert exited.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"cloudckpt push: error: argument {flag}: {error}", err
+    assert not (tmp_path / "dest").exists()
+
+
+def test_push_transfer_flags_parse_sizes():
+    parser = cli.build_parser()
+    for text, size in (("16MiB", 16 << 20), ("16m", 16 << 20), ("5242880", 5 << 20), ("1.5GiB", 3 << 29),
+                       (" 8 MiB ", 8 << 20), ("20480KiB", 20 << 20)):
+        args = parser.parse_args(["push", "d", "memory://x", "--part-size", text, "--multipart-threshold", text])
+        assert args.part_size == args.multipart_threshold == size, text
+        assert cli._push_transfer(args).part_size == size
+    assert cli._push_transfer(parser.parse_args(["push", "d", "memory://x"])) is None  # the defaults: transfer=None
 
 
 # -- ls ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 import cloudckpt
 from cloudckpt._saver_check import restore_mismatches, restoring_var_list
-from support.checks import assert_all_committed_intact, newest_writer_id, state_file
+from support.checks import assert_all_committed_intact, log_entries, newest_writer_id, state_file
 from support.tf_model import train
 from test_engine import cloudckpt_threads, open_in_another_process
 
@@ -542,3 +542,66 @@ def test_only_what_the_saver_restores_is_compared(tmp_path):
             tf.compat.v1.get_variable("w", shape=shape)
             var_list, reshape = restoring_var_list(tf.compat.v1.train.Saver(reshape=True), graph)
             assert reshape and (restore_mismatches(var_list, prefix, reshape=reshape) == []) == fits
+
+
+def test_in_place_the_savers_max_to_keep_is_the_only_deleter_of_its_files(tmp_path, monkeypatch):
+    """In place (a local checkpoint_dir) TF's Saver deletes its old checkpoints (``max_to_keep``) file after file
+    (``.meta``, ``.index``, then the ``.data-*`` it globbed) in the training thread; cloudckpt retires the commit
+    of a checkpoint whose files are going, from the uploader thread. It deleted the checkpoint's remaining files
+    too, so TF, deleting a file it had just globbed, logged "Hit NotFoundError when deleting '...data-...',
+    possibly because another process/thread is also deleting/moving the same file" (about 1 run in 4 with
+    ~100 MiB checkpoints). Made deterministic: each commit is slowed by 0.3 s (so one is in flight while TF
+    deletes) and TF, having globbed the data files it is deleting, waits for cloudckpt's uploader to finish;
+    cloudckpt now un-commits such a checkpoint (its manifest goes) and leaves every file of it to TF."""
+    from tensorflow.python.lib.io import file_io
+
+    import cloudckpt.commit
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    hooks: list[cloudckpt.CheckpointSaverHook] = []
+    overlaps = []  # checkpoints whose commit cloudckpt retired while TF was deleting their files
+
+    def slow_build_manifest(*args, _build=cloudckpt.commit.build_manifest, **kwargs):
+        time.sleep(0.3)
+        return _build(*args, **kwargs)
+
+    def glob_then_let_cloudckpt_catch_up(pattern, _glob=file_io.get_matching_files):
+        found = _glob(pattern)
+        if found and pattern.endswith(".data-?????-of-?????") and hooks:
+            prefix = pattern[:-len(".data-?????-of-?????")]
+            committed = os.path.exists(f"{prefix}.manifest.json")
+            hooks[0].wait(timeout=30)  # the commit in flight and its retirement of what TF is deleting
+            if committed and not os.path.exists(f"{prefix}.manifest.json"):
+                overlaps.append(os.path.basename(prefix))
+        return found
+
+    monkeypatch.setattr(cloudckpt.commit, "build_manifest", slow_build_manifest)
+    monkeypatch.setattr(file_io, "get_matching_files", glob_then_let_cloudckpt_catch_up)
+    tf_warnings: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                tf_warnings.append(record.getMessage())
+
+    capture = Capture()
+    logging.getLogger("tensorflow").addHandler(capture)
+    try:
+        def in_place(scaffold):
+            hooks.append(cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=1, scaffold=scaffold, max_pending=100))
+            return hooks[-1]
+
+        train(in_place, last_step=8, max_to_keep=2)
+    finally:
+        logging.getLogger("tensorflow").removeHandler(capture)
+
+    assert len(overlaps) >= 3, overlaps  # the race was run: retired while TF was deleting its files
+    assert not [m for m in tf_warnings if "NotFoundError" in m], tf_warnings
+    assert tf.train.get_checkpoint_state(ckpt_dir).all_model_checkpoint_paths == \
+        [os.path.join(ckpt_dir, f"model.ckpt-{s}") for s in (7, 8)]
+    assert sorted(n for n in os.listdir(ckpt_dir) if n.startswith("model.ckpt-")) == sorted(
+        f"model.ckpt-{s}{x}" for s in (7, 8) for x in (".index", ".data-00000-of-00001", ".meta", ".manifest.json"))
+    assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [7, 8]  # what TF keeps is committed, intact
+    deletions = [e for e in log_entries(ckpt_dir) if e["type"] == "delete"]
+    assert deletions and all(e["retire"] for e in deletions)
+    assert [n for e in deletions for n in e["names"] if not n.endswith(".manifest.json")] == []  # no TF file
