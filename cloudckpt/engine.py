@@ -230,6 +230,36 @@ class CheckpointEngine:
         return self._hard_links
 
     @property
+    def step_source(self) -> Callable[[], int | None] | None:
+        """The training step now, for the commit lag in steps (``stats().last_commit_lag_steps``, the
+        ``commit_lag_steps`` summary): a call returning the step training has reached, in the unit of the
+        checkpoints' steps, or None when it does not know.
+
+        It is called in the uploader thread as each checkpoint's commit completes, and the lag is its value
+        minus the checkpoint's step (never below 0): the training steps run since the save, which a preemption
+        at that moment would lose. So it must be cheap and thread-safe and never wait long: the adapters hand
+        over an int the training thread stores anyway, or read a framework variable from the uploader thread.
+        None (the default), or a call returning None or raising (logged at DEBUG once): the newest step
+        submitted stands in, so the lag moves in whole save intervals and reads 0 while uploads keep up.
+
+        What the adapters set: ``CheckpointSaverHook``: the global step TF's hook fetches with every
+        ``session.run`` (as read during the run: exact, or up to that run's steps fewer); ``UploadListener``
+        alone (TF's stock hook): none; ``CheckpointManager``: its step variable when the checkpoints are
+        numbered by it (see its ``stats``); Keras callbacks: ``optimizer.iterations`` (batches), counted from
+        the batches ``fit`` reports.
+
+        Raises:
+            ConfigError: (setting it) neither None nor callable.
+        """
+        return self._uploader.step_source
+
+    @step_source.setter
+    def step_source(self, source: Callable[[], int | None] | None) -> None:
+        if source is not None and not callable(source):
+            raise ConfigError(f"step_source must be a callable returning an int (or None), got {source!r}.")
+        self._uploader.step_source = source
+
+    @property
     def ending(self) -> bool:
         """True between ``prepare_final_save()`` and the next ``open()``."""
         return self._ending

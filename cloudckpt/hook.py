@@ -188,6 +188,11 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         self._close_lock = threading.Lock()
         self.preempted = False
         self.restored: CheckpointInfo | None = None
+        # The global step for the commit lag in steps (_training_step): the session's first, then the value TF's
+        # hook fetches with every run (after_run's run_values), stored as is.
+        self._session_step: int | None = None
+        self._run_step: Any = None
+        self._engine.step_source = self._training_step
 
     def begin(self) -> None:
         """Check the remote directory, bring ``local_dir`` to the resume point, and become its writer.
@@ -388,7 +393,9 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
                 with ``checkpoint_dir=hook.local_dir``. Nothing is saved or committed and nothing keeps
                 running (``UploadListener.check_session_step``).
         """
-        self._upload.check_session_step(int(session.run(self._global_step_tensor)))
+        step = int(session.run(self._global_step_tensor))
+        self._upload.check_session_step(step)
+        self._session_step, self._run_step = step, None
         max_to_keep, every_n_hours = self._retention_args
         saver_def = getattr(self._get_saver(), "saver_def", None)
         if max_to_keep is None and saver_def is not None:
@@ -403,7 +410,12 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
         super().after_create_session(session, coord)
 
     def after_run(self, run_context: Any, run_values: Any) -> None:
-        """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``."""
+        """Save when the timer says so (TF semantics), then re-raise any failed upload as ``UploadError``.
+
+        The global step TF's hook fetched with this run (``run_values.results``) is kept as it is, for the
+        commit lag in steps (``stats().last_commit_lag_steps``): nothing more is run or read per step.
+        """
+        self._run_step = run_values.results
         super().after_run(run_context, run_values)
         self._upload.raise_if_failed()
         notice = self._engine.notice
@@ -412,6 +424,14 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             log.warning("Preemption notice (%s: %s): stopping training to save and commit a final checkpoint.",
                         notice.source, notice.detail)
             run_context.request_stop()
+
+    def _training_step(self) -> int | None:
+        """The global step training has reached, for the commit lag in steps (``CheckpointEngine.step_source``;
+        called in the uploader thread): the value TF's hook fetched during the last ``session.run``, before the
+        first run the session's initial step; None before a session. The fetch runs alongside the run's train
+        op, so it reads the step before or after that run's increment: exact, or up to one run's steps fewer."""
+        fetched = self._run_step
+        return self._session_step if fetched is None else int(fetched)
 
     def _save(self, session: Any, step: int) -> bool:
         """TF's save, except that in place a step already on disk (TF saves the step it just restored
@@ -484,7 +504,10 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
     def stats(self) -> UploadStats:
         """Upload counters: each save's outcome (committed = uploaded, healed, already_committed, refused with
         last_refusal), dropped, failed, housekeeping failures with the last error, fenced_by, bytes, retries,
-        last step and duration."""
+        last step and duration. Commit lag of the newest committed checkpoint: ``last_commit_lag_seconds``
+        from its save to its commit, and ``last_commit_lag_steps`` the global steps training ran in between
+        (the global step TF's hook fetched with the last ``session.run`` before the commit completed, minus
+        the checkpoint's step: exact, or up to one run's steps fewer)."""
         return self._upload.stats()
 
     # -- internals ------------------------------------------------------------------------------

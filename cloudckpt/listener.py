@@ -255,7 +255,12 @@ class UploadListener(tf.compat.v1.train.CheckpointSaverListener):
         self._engine.raise_if_failed()
 
     def stats(self) -> UploadStats:
-        """Counters: committed, dropped, failed, bytes, retries (with causes), last step and duration."""
+        """Counters: committed, dropped, failed, bytes, retries (with causes), last step and duration.
+
+        A listener sees the global step only at saves, so on its own (with TF's stock hook) the commit lag in
+        steps (``last_commit_lag_steps``) is the newest step saved by the commit minus the committed one: whole
+        save intervals, 0 while uploads keep up. ``cloudckpt.CheckpointSaverHook`` reports the training steps
+        run in between (``CheckpointEngine.step_source``)."""
         return self._engine.stats()
 
 

@@ -10,7 +10,9 @@ thread, whatever the training thread's graph or eager mode.
 Scalars (tag ``cloudckpt/<name>``, at the committed checkpoint's step):
 
 * ``commit_lag_seconds``: from the save to the commit of that checkpoint;
-* ``commit_lag_steps``: steps saved after it by the time it committed;
+* ``commit_lag_steps``: training steps run between its save and its commit, in the unit of its step
+  (the training step when the commit completed minus its step; ``UploadStats``, and
+  ``CheckpointEngine.step_source`` for what each adapter counts);
 * ``throughput_mib_per_second``: bytes uploaded by that commit / its duration;
 * ``copied_mib``: MiB of that checkpoint the store copied server-side (incremental commits), not sent;
 * ``queue_depth``: checkpoints waiting or in flight after it;

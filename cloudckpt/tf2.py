@@ -36,6 +36,7 @@ instead of leaving the others blocked in the next collective.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ import time
 import weakref
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import tensorflow as tf
 
 from .catalog import CheckpointInfo, scan_directory
@@ -101,6 +103,20 @@ def _checked_number(checkpoint_number: Any) -> Any:
     return checkpoint_number if tensor else number
 
 
+def _step_variable(value: Any) -> bool:
+    """True for a variable (``tf.Variable``, a Keras variable) the uploader thread may read for the commit lag:
+    not one synchronized on read, whose read under a ``tf.distribute`` strategy may be a collective."""
+    return (callable(getattr(value, "assign", None)) and callable(getattr(value, "numpy", None))
+            and getattr(value, "synchronization", None) != tf.VariableSynchronization.ON_READ)
+
+
+def _read_step(value: Any) -> int:
+    """An int, or a variable or tensor holding one (a float holding a whole number too), as an int."""
+    if not hasattr(value, "numpy"):
+        return int(value)
+    return int(np.asarray(value.numpy()).reshape(()))
+
+
 class CheckpointManager:
     """``tf.train.CheckpointManager`` for a URL: every save is committed in the background.
 
@@ -148,7 +164,10 @@ class CheckpointManager:
             there directly, like ``tf.train.CheckpointManager``).
         max_to_keep, keep_checkpoint_every_n_hours, checkpoint_name, step_counter,
             checkpoint_interval, init_fn: as for ``tf.train.CheckpointManager``; the
-            first two apply locally (TF) and remotely (cloudckpt's retention).
+            first two apply locally (TF) and remotely (cloudckpt's retention). A
+            ``step_counter`` that numbers the checkpoints (``save(checkpoint_number=)`` of its
+            value), or a variable passed as ``checkpoint_number``, also gives the commit lag
+            in training steps (see ``stats``).
         local_dir: where TF writes before upload; default: a stable per-URL directory
             under ``~/.cache/cloudckpt`` (``$CLOUDCKPT_CACHE_DIR``).
         storage_options: fsspec options (``endpoint_url``, ``key``, ``token``...); never logged.
@@ -245,6 +264,7 @@ class CheckpointManager:
         if self._agreement is not None:
             self._agreement.context = f"cloudckpt ({self._engine.url})"
         self._engine.open()
+        self._step_variable: Any = None  # what the commit lag in steps reads (_track_steps)
         self._last_saved_step: int | None = None
         self._saving_thread: int | None = None  # the thread inside save(), while it is
         self._written_here: list[tuple[str, float]] = []
@@ -344,6 +364,7 @@ class CheckpointManager:
         self._ensure_resumed()
         if self._last_saved_step is None:
             self._check_restored(checkpoint_number)
+        self._track_steps(checkpoint_number)
         options = copy.copy(options) if options is not None else tf.train.CheckpointOptions()
         callbacks = list(options.experimental_write_callbacks or [])
         callbacks.append(self._written)  # TF appends its own bookkeeping after it, on its own copy
@@ -531,7 +552,17 @@ class CheckpointManager:
         self._engine.wait(timeout)
 
     def stats(self) -> UploadStats:
-        """Commit counters (``UploadStats``): outcomes, dropped, failed, bytes, retries by cause, last step."""
+        """Commit counters (``UploadStats``): outcomes, dropped, failed, bytes, retries by cause, last step.
+
+        The commit lag in steps (``last_commit_lag_steps``) of the newest committed checkpoint counts in the
+        unit of its number. When ``save()`` numbers checkpoints by a variable -- ``checkpoint_number`` is a
+        ``tf.Variable`` (or Keras variable), or equals the value of ``step_counter`` at the save -- that
+        variable is read (from the uploader thread) when the commit completes, and the lag is the steps it
+        advanced since the save: what a preemption at that moment would lose. Otherwise (numbering by
+        ``save_counter``: the lag counts saves; or a plain int ``checkpoint_number`` without a matching
+        ``step_counter``) the newest number saved by then stands in: whole save intervals, 0 while uploads
+        keep up. A variable synchronized on read (``tf.VariableSynchronization.ON_READ``) is never read there
+        (under a ``tf.distribute`` strategy the read could be a collective)."""
         return self._engine.stats()
 
     def close(self) -> None:
@@ -624,6 +655,27 @@ class CheckpointManager:
         also before a ``save()`` that comes first, which ``_check_restored`` then holds to the resume point."""
         if not self._resumed:
             self._resume(download=True)
+
+    def _track_steps(self, checkpoint_number: Any) -> None:
+        """Before a save numbered ``checkpoint_number`` (checked): give the engine the variable that numbers the
+        checkpoints, for the commit lag in steps (see ``stats``), or none. ``checkpoint_number`` itself when it
+        is a variable; else ``step_counter`` when it holds that number now (one read of it per save, on the
+        saving thread, as TF's ``checkpoint_interval`` does); else none: the engine's fallback."""
+        variable = None
+        if checkpoint_number is not None:
+            counter = self._tf_args["step_counter"]
+            if _step_variable(checkpoint_number):
+                variable = checkpoint_number
+            elif _step_variable(counter):
+                try:
+                    if _read_step(counter) == _read_step(checkpoint_number):
+                        variable = counter
+                except Exception as exc:  # noqa: BLE001 - a statistic never fails a save
+                    log.debug("Could not compare step_counter with checkpoint_number: %s", exc)
+        if variable is self._step_variable:
+            return
+        self._step_variable = variable
+        self._engine.step_source = None if variable is None else functools.partial(_read_step, variable)
 
     def _check_restored(self, checkpoint_number: Any) -> None:
         """Before this manager's first save reaches TF: refuse it when the checkpoint it would write is

@@ -68,9 +68,14 @@ class UploadStats:
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
     newest step this uploader saw committed (by any of the first three).
 
-    Commit lag, of the newest committed checkpoint: ``last_commit_lag_seconds``
-    from its save (``saved_at``) to its commit point, and
-    ``last_commit_lag_steps`` steps submitted after it by then.
+    Commit lag, of the newest committed checkpoint, measured when its commit completed:
+    ``last_commit_lag_seconds`` from its save (``saved_at``), and ``last_commit_lag_steps``
+    the training steps run since its save, in the unit of its step: the training step then
+    (``Uploader.step_source``) minus its step, >= 0 -- what a preemption at that moment
+    would lose when resuming from it. Without a step source (or when it has no value) the
+    newest step saved by then stands in for the training step: the figure then moves in
+    whole save intervals and reads 0 while uploads keep up. Which one each adapter uses:
+    ``CheckpointEngine.step_source``.
     ``queue_depth``: checkpoints in flight or waiting when the stats were taken.
 
     Bytes: ``bytes_uploaded`` counts checkpoint bytes sent over the network; ``bytes_copied``
@@ -242,6 +247,9 @@ class Uploader:
         observer: called in the uploader thread after each checkpoint's outcome
             (committed, refused or failed) with its step and the stats (a copy; ``queue_depth``:
             the checkpoints waiting behind it).
+
+    ``step_source`` (attribute, default None): the training step now, for ``last_commit_lag_steps``; see
+    ``CheckpointEngine.step_source``.
     """
 
     def __init__(self, store: RemoteStore, *, max_pending: int = 2, concurrency: int | None = None,
@@ -258,6 +266,8 @@ class Uploader:
         self._concurrency = concurrency or store.transfer.max_files_in_flight
         self._observer = observer
         self._newest_submitted: int | None = None
+        self.step_source: Callable[[], int | None] | None = None  # see CheckpointEngine.step_source
+        self._step_source_failed = False  # logged once
         self._cond = threading.Condition()
         self._queue: collections.deque[UploadJob] = collections.deque()
         self._in_flight: UploadJob | None = None
@@ -598,6 +608,26 @@ class Uploader:
         if self._newest_submitted is None or step > self._newest_submitted:
             self._newest_submitted = step
 
+    def _training_step(self, step: int) -> int:
+        """The training step now, for the commit lag of checkpoint ``step`` (never below it): ``step_source``'s
+        value, else (no source, it returned None or raised) the newest step submitted. Called without the lock
+        held: a source may read a framework variable."""
+        source = self.step_source
+        now: int | None = None
+        if source is not None:
+            try:
+                value = source()
+                now = None if value is None else int(value)
+            except Exception as exc:  # noqa: BLE001 - a statistic never fails a commit
+                if not self._step_source_failed:
+                    self._step_source_failed = True
+                    log.debug("Reading the training step for the commit lag failed (%s: %s); the newest saved step "
+                              "stands in for it.", type(exc).__name__, exc)
+        if now is None:
+            with self._cond:
+                now = self._newest_submitted
+        return step if now is None else max(step, now)
+
     # -- the worker --------------------------------------------------------------------------------
     def _run(self, done: threading.Event) -> None:
         try:
@@ -720,12 +750,15 @@ class Uploader:
     def _record_outcome(self, job: UploadJob, result: CommitResult, seconds: float) -> None:
         """Count and log the outcome of ``job``'s commit (``seconds`` it took), then run its ``on_committed``."""
         step = job.checkpoint.step
+        # The commit lag, measured now (the commit point is written); the training step is read without the lock.
+        committed_at = time.time()
+        training_step = self._training_step(step) if result.outcome != REFUSED else step
         with self._cond:
             if result.outcome != REFUSED and (self._stats.last_committed_step is None
                                               or step >= self._stats.last_committed_step):
                 saved_at = job.checkpoint.saved_at
-                self._stats.last_commit_lag_seconds = None if saved_at is None else max(0.0, time.time() - saved_at)
-                self._stats.last_commit_lag_steps = max(0, (self._newest_submitted or step) - step)
+                self._stats.last_commit_lag_seconds = None if saved_at is None else max(0.0, committed_at - saved_at)
+                self._stats.last_commit_lag_steps = training_step - step
             if result.outcome in (UPLOADED, HEALED):
                 self._stats.last_upload_bytes = result.bytes_uploaded
                 self._stats.last_copied_bytes = result.bytes_copied

@@ -10,6 +10,7 @@ import glob
 import os
 import re
 import threading
+import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -535,3 +536,233 @@ def test_tf2_manager_summary_dir_records_each_commit(memory_url, tmp_path):
     scalars = read_scalars(summaries)
     assert stats.committed == 3 and set(scalars["commit_lag_seconds"]) == {1, 2, 3}
     assert scalars["commit_lag_steps"][3] == 0 and scalars["failed"][3] == 0
+
+
+# -- commit lag in steps: the training steps run between a save and its commit ---------------------------------
+STEPS_HELD = 20  # training steps run while the proxy holds the checkpoint's manifest PUT (its commit waits)
+
+
+class HoldFirst:
+    """A ``FaultProxy`` path filter: the first request whose path matches ``pattern``, no other; the proxy holds
+    it until ``release`` is set (``set_faults(until=)``). ``held`` turns true when that request arrives."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = re.compile(pattern)
+        self.paths: list[str] = []
+        self.release = threading.Event()
+
+    def __call__(self, path: str) -> bool:
+        if self.paths or not self.pattern.search(path.split("?")[0]):
+            return False
+        self.paths.append(path)
+        return True
+
+    @property
+    def held(self) -> bool:
+        return bool(self.paths)
+
+    def arm(self, proxy: FaultProxy) -> None:
+        proxy.set_faults(only_methods=("PUT",), path_filter=self, until=self.release)
+
+
+class LagWatch:
+    """Drives and brackets a held commit from the training loop: once the loop sees the checkpoint's manifest
+    PUT held (``held_at``), ``STEPS_HELD`` more training steps run, then the hold is released (``released_at``:
+    the commit completes after it) and training goes on until the loop sees the commit (``seen_at``: it
+    completed before). The training step at the commit lies between ``released_at`` and ``seen_at``."""
+
+    def __init__(self, hold: HoldFirst, committed) -> None:
+        self.hold, self.committed = hold, committed
+        self.held_at: int | None = None
+        self.released_at: int | None = None
+        self.seen_at: int | None = None
+        self.stats = None  # what ``committed()`` returned when the commit was first seen
+
+    def observe(self, training_step: int) -> bool:
+        """After a training step (``training_step``: the step training has reached): True once the commit is seen."""
+        if self.held_at is None and self.hold.held:
+            self.held_at = training_step
+        if self.held_at is not None and self.released_at is None and training_step - self.held_at >= STEPS_HELD:
+            self.released_at = training_step
+            self.hold.release.set()
+        if self.released_at is not None and self.seen_at is None:
+            stats = self.committed()
+            if stats is not None:
+                self.seen_at, self.stats = training_step, stats
+        return self.seen_at is not None
+
+    def assert_lag(self, lag: int, checkpoint_step: int, slack: int = 0) -> None:
+        """``lag`` is the training steps between ``checkpoint_step``'s save and its commit (``slack`` fewer
+        allowed): at least the steps run until the hold was released, at most those run until it was seen."""
+        assert self.released_at is not None and self.seen_at is not None, (self.held_at, self.released_at)
+        assert self.released_at - checkpoint_step - slack <= lag <= self.seen_at - checkpoint_step, \
+            (lag, checkpoint_step, self.held_at, self.released_at, self.seen_at)
+        assert lag >= STEPS_HELD - slack
+
+
+def test_engine_step_source_sets_the_training_step_of_the_commit_lag(memory_url, tmp_path):
+    local = tmp_path / "local"
+    with CheckpointEngine(memory_url, str(local)) as engine:
+        engine.open()
+        engine.step_source = lambda: 7
+        engine.submit(1, write_checkpoint(local, 1))
+        engine.wait(60)
+        assert engine.stats().last_commit_lag_steps == 6
+        engine.step_source = lambda: None  # not known: the newest step submitted stands in
+        engine.submit(2, write_checkpoint(local, 2))
+        engine.wait(60)
+        assert engine.stats().last_commit_lag_steps == 0
+
+        def broken() -> int:
+            raise RuntimeError("no step here")
+
+        engine.step_source = broken  # a statistic never fails a commit
+        engine.submit(3, write_checkpoint(local, 3))
+        engine.wait(60)
+        assert engine.stats().committed == 3 and engine.stats().last_commit_lag_steps == 0
+        with pytest.raises(cloudckpt.ConfigError, match="step_source must be a callable"):
+            engine.step_source = 5  # type: ignore[assignment]
+
+
+def test_hook_commit_lag_counts_the_global_steps_run_until_the_commit(counted, tmp_path):
+    """Was: the newest step saved by the commit minus the committed one, so 0 here (no other save in between)
+    although training ran on while step 0's commit was held. Now: the global step TF's hook fetched with the
+    last run before the commit completed, minus 0 (the fetch may see the step before that run's increment: one
+    step fewer allowed). The TensorBoard scalar says the same."""
+    url, proxy, options, _ = counted
+    summaries = tmp_path / "tb"
+    hold = HoldFirst(r"/model\.ckpt-0\.manifest\.json$")
+    hold.arm(proxy)
+    with tf.Graph().as_default():
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        tf.compat.v1.get_variable("w", shape=[256])
+        train_op = tf.compat.v1.assign_add(global_step, 1)
+        hook = cloudckpt.CheckpointSaverHook(url, save_steps=100_000, local_dir=str(tmp_path / "local"),
+                                             storage_options=options, summary_dir=str(summaries))
+
+        def committed():
+            stats = hook.stats()
+            return stats if stats.last_committed_step == 0 else None
+
+        watch = LagWatch(hold, committed)
+        try:
+            with tf.compat.v1.train.MonitoredTrainingSession(
+                    checkpoint_dir=hook.local_dir, save_checkpoint_secs=None, save_checkpoint_steps=None,
+                    save_summaries_steps=None, save_summaries_secs=None, log_step_count_steps=None,
+                    hooks=[hook]) as sess:
+                deadline = time.monotonic() + 120
+                step = 0
+                while time.monotonic() < deadline:
+                    sess.run(train_op)
+                    step += 1  # the global step now: one increment per run
+                    if watch.observe(step):
+                        break
+                    time.sleep(0.002)
+        finally:
+            hold.release.set()
+    lag = watch.stats.last_commit_lag_steps
+    watch.assert_lag(lag, 0, slack=1)
+    assert read_scalars(summaries)["commit_lag_steps"][0] == lag
+
+
+@pytest.mark.parametrize("numbered_by", ["variable", "step_counter", "save_counter"])
+def test_tf2_manager_commit_lag_reads_the_step_variable_that_numbers_its_checkpoints(numbered_by, counted, tmp_path):
+    """``save(checkpoint_number=step)`` with the variable, or with its value when it is the ``step_counter``:
+    the variable is read when the commit completes, so the lag is the steps it advanced while step 5's commit was
+    held (was 0: the newest number saved minus 5). Numbered by ``save_counter`` the lag counts saves: 0 here, as
+    documented (no other save in between)."""
+    url, proxy, options, _ = counted
+    summaries = tmp_path / "tb"
+    step = tf.Variable(0, dtype=tf.int64)
+    w = tf.Variable(tf.zeros([256]))
+
+    @tf.function
+    def train_step():
+        w.assign_add(tf.ones([256]))
+        step.assign_add(1)
+
+    number = 5 if numbered_by != "save_counter" else 1
+    hold = HoldFirst(rf"/ckpt-{number}\.manifest\.json$")
+    try:
+        with cloudckpt.CheckpointManager(tf.train.Checkpoint(step=step, w=w), url, max_to_keep=3,
+                                         step_counter=step if numbered_by == "step_counter" else None,
+                                         local_dir=str(tmp_path / "local"), storage_options=options,
+                                         summary_dir=str(summaries)) as manager:
+            manager.restore_or_initialize()
+            for _ in range(5):
+                train_step()
+            hold.arm(proxy)
+            manager.save(checkpoint_number={"variable": step, "step_counter": int(step),
+                                            "save_counter": None}[numbered_by])
+
+            def committed():
+                stats = manager.stats()
+                return stats if stats.last_committed_step == number else None
+
+            watch = LagWatch(hold, committed)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                train_step()
+                if watch.observe(int(step)):
+                    break
+                time.sleep(0.002)
+            lag = watch.stats.last_commit_lag_steps
+    finally:
+        hold.release.set()
+    if numbered_by == "save_counter":
+        assert lag == 0 and watch.seen_at - watch.held_at >= STEPS_HELD
+    else:
+        watch.assert_lag(lag, 5)
+    assert read_scalars(summaries)["commit_lag_steps"][number] == lag
+
+
+@pytest.mark.parametrize("kind", ["BackupAndRestore", "ModelCheckpoint"])
+def test_keras_commit_lag_counts_the_batches_run_until_the_commit(kind, counted, tmp_path):
+    """A save's step is ``optimizer.iterations``; the lag is the batches ``fit`` ran between the save (end of
+    epoch 1, step 80) and its commit, held by the proxy (was 0: no other save in between; the next one, step 160,
+    comes after the commit)."""
+    import keras
+
+    import cloudckpt.keras
+    from support.keras_model import BATCH_SIZE, data, make_model
+
+    url, proxy, options, _ = counted
+    summaries = tmp_path / "tb"
+    x, y = data()
+    x, y = np.tile(x, (20, 1)), np.tile(y, (20, 1))  # 80 batches an epoch
+    if kind == "BackupAndRestore":
+        callback = cloudckpt.keras.BackupAndRestore(url, storage_options=options, local_dir=str(tmp_path / "local"),
+                                                    delete_checkpoint=False, summary_dir=str(summaries))
+    else:
+        callback = cloudckpt.keras.ModelCheckpoint(f"{url}/model-{{epoch:02d}}.keras", storage_options=options,
+                                                   summary_dir=str(summaries))
+    hold = HoldFirst(r"\.manifest\.json$")
+    hold.arm(proxy)
+
+    def committed():
+        stats = callback.stats()
+        return stats if stats.last_committed_step is not None else None
+
+    watch = LagWatch(hold, committed)
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            iterations = int(self.model.optimizer.iterations)
+            if iterations > 80 and not hold.held:  # step 80 is saved: training waits until its manifest is held
+                deadline = time.monotonic() + 60
+                while not hold.held and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            if watch.observe(iterations):
+                self.model.stop_training = True
+            elif watch.released_at is not None:
+                time.sleep(0.01)  # while the commit completes: far from the next save (step 160)
+
+    try:
+        make_model().fit(x, y, batch_size=BATCH_SIZE, epochs=50, verbose=0, callbacks=[callback, Probe()])
+    finally:
+        hold.release.set()
+        callback.close()
+    lag = read_scalars(summaries)["commit_lag_steps"][80]
+    watch.assert_lag(int(lag), 80)
+    if watch.stats.last_committed_step == 80:  # (not step 160's already: the uploader commits them in order)
+        assert watch.stats.last_commit_lag_steps == lag

@@ -279,6 +279,23 @@ def test_latency(proxy):
     assert time.monotonic() - start >= 0.3
 
 
+def test_until_holds_an_eligible_request_until_the_event_is_set(proxy):
+    release = threading.Event()
+    proxy.set_faults(only_methods=["PUT"], until=release)
+    assert raw(proxy, "GET", f"/{BUCKET}?list-type=2")[0] == 200  # not eligible: not held
+    statuses = []
+    put = threading.Thread(target=lambda: statuses.append(raw(proxy, "PUT", f"/{BUCKET}/held", b"x")[0]))
+    put.start()
+    deadline = time.monotonic() + 10
+    while not proxy.most_held.get("PUT") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert proxy.most_held.get("PUT") == 1 and statuses == []  # still held
+    release.set()
+    put.join(10)
+    assert statuses == [200]
+
+
 def test_bandwidth_is_shared_by_concurrent_uploads(proxy):
     """set_bandwidth makes a slow link: two 256 KiB bodies sent at once take (together) 512 KiB / bandwidth."""
     proxy.set_bandwidth(1 << 20)  # 1 MiB/s

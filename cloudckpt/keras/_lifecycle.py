@@ -68,6 +68,11 @@ class EngineLifecycle:
         # _close_at_exit does not do it again. Not the Uploader's _worker_abandoned (its worker's transfers were
         # cancelled, set on a timeout too and cleared by a restart): this is the callback's own close-down.
         self._abandon_ran = False
+        # optimizer.iterations as training goes, for the commit lag in steps: read at each epoch's beginning,
+        # then that plus the batches fit reports (_count_steps_from, _count_batch); None when not known.
+        self._steps_at_epoch_begin: int | None = None
+        self._steps_now: int | None = None
+        engine.step_source = self._training_step
         call_at_exit(_close_at_exit, weakref.ref(self))
 
     # -- public ------------------------------------------------------------------------------------------
@@ -96,7 +101,14 @@ class EngineLifecycle:
     def stats(self) -> UploadStats:
         """Commit counters: each save's outcome (committed, of which replaced; healed, already_committed,
         refused), dropped, failed, housekeeping failures, bytes uploaded, retries by cause, the last committed
-        step."""
+        step.
+
+        A save's step is ``optimizer.iterations`` (batches), so the commit lag in steps of the newest committed
+        save (``last_commit_lag_steps``) is the training batches run between that save and its commit:
+        ``optimizer.iterations`` at the epoch's beginning plus the batches ``fit`` reported since (its
+        ``on_train_batch_end``), minus the save's step -- exact, except that with ``steps_per_execution`` > 1
+        the last execution of an epoch, when shorter, counts as a whole one. Nothing is read from the
+        model per batch."""
         return self._engine.stats()
 
     def close(self) -> None:
@@ -113,6 +125,28 @@ class EngineLifecycle:
         except KeyboardInterrupt:  # Ctrl-C while waiting for the uploads: abandon them, as `with` does
             self._abandon("KeyboardInterrupt while waiting for the uploads to commit")
             raise
+
+    def _count_steps_from(self, model: Any) -> None:
+        """At an epoch's beginning: ``optimizer.iterations`` now (one read per epoch), the training step the
+        batches of the epoch count from, for the commit lag in steps."""
+        try:
+            self._steps_at_epoch_begin = iterations(model)
+        except Exception as exc:  # noqa: BLE001 - a statistic never fails training
+            log.debug("optimizer.iterations could not be read (%s); the commit lag in steps counts saves.", exc)
+            self._steps_at_epoch_begin = None
+        self._steps_now = self._steps_at_epoch_begin
+
+    def _count_batch(self, batch: int) -> None:
+        """After batch ``batch`` of the epoch (Keras' index, of the last batch of a ``steps_per_execution``):
+        the training step now, stored for the uploader thread (an addition; nothing is read from the model)."""
+        base = self._steps_at_epoch_begin
+        if base is not None:
+            self._steps_now = base + batch + 1
+
+    def _training_step(self) -> int | None:
+        """``CheckpointEngine.step_source``, in the uploader thread: ``optimizer.iterations`` as of the last
+        batch ``fit`` reported (None: not known)."""
+        return self._steps_now
 
     def _open(self, *, writes_local_dir: bool = True) -> None:
         """When training begins: a callback still open from a ``fit`` that raised is closed first (its

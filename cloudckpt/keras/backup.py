@@ -234,11 +234,13 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         set_initial_epoch(self.model, epoch)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        """Remember the epoch in progress (a save within it resumes at its start)."""
+        """Remember the epoch in progress (a save within it resumes at its start) and the step it begins at."""
         self._epoch = epoch
+        self._count_steps_from(self.model)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Raise a failed commit; save at a preemption notice or every ``save_freq`` batches."""
+        self._count_batch(batch)
         if self._stopping:
             return
         if self._agreement is None:

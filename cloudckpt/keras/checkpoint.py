@@ -171,8 +171,14 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             self.close()
             raise
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Keras' bookkeeping; the step the epoch begins at, for the commit lag in steps (``stats``)."""
+        super().on_epoch_begin(epoch, logs)
+        self._count_steps_from(self.model)
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Keras' batch-level saving, then raise a failed commit (``UploadError``)."""
+        self._count_batch(batch)
         super().on_train_batch_end(batch, logs)
         self._engine.raise_if_failed()
 

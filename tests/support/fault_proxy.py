@@ -131,12 +131,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass
             return self._send_error(501, "Not Implemented", "NotImplemented",
                                     "A header you provided implies functionality that is not implemented")
-        fault, latency = self.proxy._decide(self.command, self.path, int(self.headers.get("Content-Length") or 0),
-                                            copy="x-amz-copy-source" in self.headers)
-        if latency > 0:
+        fault, latency, until = self.proxy._decide(self.command, self.path,
+                                                   int(self.headers.get("Content-Length") or 0),
+                                                   copy="x-amz-copy-source" in self.headers)
+        if latency > 0 or until is not None:
             self.proxy._held(self.command, +1)
             try:
-                stopped = self.proxy._stopped.wait(latency)
+                stopped = self.proxy._stopped.wait(latency) if latency > 0 else False
+                while until is not None and not stopped and not until.wait(0.02):
+                    stopped = self.proxy._stopped.is_set()
             finally:
                 self.proxy._held(self.command, -1)
             if stopped:  # the proxy stopped meanwhile: a held request is never sent upstream after its test
@@ -366,10 +369,11 @@ class FaultProxy:
         self.stop()
 
     def set_faults(self, error_rate=0.0, kinds=KINDS, latency=0.0,
-                   only_methods=None, path_filter=None, min_body=0) -> None:
+                   only_methods=None, path_filter=None, min_body=0, until=None) -> None:
         """Replace the fault config. An eligible request gets a fault with
         probability ``error_rate``, of a kind drawn from ``kinds``, and first
-        sleeps ``latency`` seconds. Eligible: method in ``only_methods`` (default:
+        sleeps ``latency`` seconds, then, given ``until`` (a ``threading.Event``), waits
+        until it is set (a hold the test releases). Eligible: method in ``only_methods`` (default:
         all) and ``path_filter`` (regex searched in path+query, or a callable)
         matches, and the request body has at least ``min_body`` bytes (Content-Length). Filters gate
         ``fail_next`` too, but not outages."""
@@ -379,6 +383,7 @@ class FaultProxy:
             path_filter = re.compile(path_filter).search
         with self._lock:
             self._rate, self._kinds, self._latency = float(error_rate), tuple(kinds), latency
+            self._until = until
             self._methods = {m.upper() for m in only_methods} if only_methods else None
             self._path_filter = path_filter
             self._min_body = int(min_body)
@@ -498,19 +503,19 @@ class FaultProxy:
             return dict(self._most)
 
     def _decide(self, method, path, length=0, copy=False):
-        """(kind or None, latency) for one request; the lock fixes the arrival order."""
+        """(kind or None, latency, event to wait for or None) for one request; the lock fixes the arrival order."""
         with self._lock:
             self._stats["requests"] += 1
             if copy:
                 self._stats["copies"] += 1
-            fault, latency = None, 0.0
+            fault, latency, until = None, 0.0, None
             if ((self._methods is None or method in self._methods)
                     and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body):
-                latency = self._latency
+                latency, until = self._latency, self._until
                 if self._scripted:
                     fault = self._scripted.pop(0)
                 elif self._rate > 0 and self._rng.random() < self._rate:
                     fault = self._rng.choice(self._kinds)
             self._stats[fault or "forwarded"] += 1
             self._events.append((method, path, fault))
-            return fault, latency
+            return fault, latency, until
