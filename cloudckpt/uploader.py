@@ -78,7 +78,8 @@ class UploadStats:
     newest step saved by then stands in for the training step: the figure then moves in
     whole save intervals and reads 0 while uploads keep up. Which one each adapter uses:
     ``CheckpointEngine.step_source``.
-    ``queue_depth``: checkpoints in flight or waiting when the stats were taken.
+    ``queue_depth``: checkpoints not yet committed when the stats were taken: waiting, or in flight until
+    its outcome is recorded (the housekeeping after a commit -- retention, cleanup -- does not count).
 
     Bytes: ``bytes_uploaded`` counts checkpoint bytes sent over the network; ``bytes_copied``
     those an incremental commit had the store copy server-side from the previous checkpoint
@@ -273,6 +274,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[UploadJob] = collections.deque()
         self._in_flight: UploadJob | None = None
+        self._in_flight_settled = False  # its outcome is recorded: housekeeping after it (no longer queue_depth)
         # the transfer scope of the in-flight job while it uploads (cancellable alone: favour_final); None after
         self._in_flight_scope: TransferScope | None = None
         self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
@@ -502,6 +504,9 @@ class Uploader:
         try:
             self._commit(job, in_flight=background)
         finally:
+            with self._cond:
+                if self._in_flight is job:
+                    self._in_flight_settled = True
             job.release()
         if self._observer is not None:
             stats = self.stats()
@@ -600,7 +605,8 @@ class Uploader:
         """A copy of the counters."""
         with self._cond:
             stats = copy.deepcopy(self._stats)
-            stats.queue_depth = len(self._queue) + (self._in_flight is not None)
+            # not yet committed: waiting, or in flight until its outcome is recorded (then its housekeeping runs)
+            stats.queue_depth = len(self._queue) + (self._in_flight is not None and not self._in_flight_settled)
             return stats
 
     def count_housekeeping_failure(self, error: str) -> None:
@@ -656,6 +662,7 @@ class Uploader:
                 if not self._queue:
                     return
                 job = self._in_flight = self._queue.popleft()
+                self._in_flight_settled = False
             try:
                 self.commit_now(job, background=True)
             finally:
@@ -790,6 +797,8 @@ class Uploader:
         committed_at = time.time()
         training_step = self._training_step(step) if result.outcome != REFUSED else step
         with self._cond:
+            if self._in_flight is job:  # its housekeeping (on_committed: retention) is not queue_depth
+                self._in_flight_settled = True
             if result.outcome != REFUSED and (self._stats.last_committed_step is None
                                               or step >= self._stats.last_committed_step):
                 saved_at = job.checkpoint.saved_at
