@@ -57,12 +57,16 @@ class TransferScope:
     Attributes:
         cancelled: this scope alone was cancelled (``cancel``); the store-wide signal is not reflected here.
         committing: the scope is past its point of no return (``enter_commit_point``): it cannot be cancelled.
+        healing: its commit found its checkpoint committed already and only re-uploads objects of it that are
+            missing or truncated (a heal, ``commit._keep_committed``): cancelled, it leaves the checkpoint
+            committed (with those objects still missing), not uncommitted.
     """
 
     def __init__(self, signal: "CancelSignal") -> None:
         self.signal = signal
         self.cancelled = False
         self.committing = False
+        self.healing = False
         self._wake = threading.Event()  # set while this scope or the whole signal is cancelled (waits end)
         self._lock = threading.Lock()
         self._sent = 0

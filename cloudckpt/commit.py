@@ -501,6 +501,9 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
     if not broken:
         return CommitResult(existing, 0, ALREADY_COMMITTED)
     log.warning("Re-uploading %s of committed step %d: missing or truncated in the store.", broken, ckpt.step)
+    scope = store.cancel.current()
+    if scope is not None:  # the uploader's: a cancel from here on abandons a heal, not an uncommitted upload
+        scope.healing = True
     short = [n for n in broken if n in sizes]
     if short and not writer.delete(short, reason="heal", planned_at=state.last_index, step=ckpt.step):
         raise UploadError(f"Could not replace truncated objects {short} of committed step {ckpt.step} in "

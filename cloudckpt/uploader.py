@@ -63,7 +63,9 @@ class UploadStats:
 
     Each save ends as one outcome: ``committed`` (uploaded: a new commit; ``replaced`` of
     them took the place of a committed checkpoint of the same name, ``UploadJob.replace_committed``),
-    ``healed`` (already committed; missing or truncated objects re-uploaded),
+    ``healed`` (already committed; missing or truncated objects re-uploaded; a heal cut short by
+    a preemption's final checkpoint or ``close`` is neither: the step stays committed, and it counts
+    in ``housekeeping_failures``),
     ``already_committed`` (identical; nothing uploaded), ``refused`` (see
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
     newest step this uploader saw committed (by any of the first three).
@@ -76,7 +78,8 @@ class UploadStats:
     newest step saved by then stands in for the training step: the figure then moves in
     whole save intervals and reads 0 while uploads keep up. Which one each adapter uses:
     ``CheckpointEngine.step_source``.
-    ``queue_depth``: checkpoints in flight or waiting when the stats were taken.
+    ``queue_depth``: checkpoints not yet committed when the stats were taken: waiting, or in flight until
+    its outcome is recorded (the housekeeping after a commit -- retention, cleanup -- does not count).
 
     Bytes: ``bytes_uploaded`` counts checkpoint bytes sent over the network; ``bytes_copied``
     those an incremental commit had the store copy server-side from the previous checkpoint
@@ -96,7 +99,7 @@ class UploadStats:
     already_committed: int = 0
     refused: int = 0
     last_refusal: str | None = None
-    housekeeping_failures: int = 0  # retention / cleanup after a commit that failed
+    housekeeping_failures: int = 0  # retention / cleanup after a commit that failed, or an abandoned heal
     last_housekeeping_error: str | None = None
     fenced_by: str | None = None  # the newer writer, once this one is fenced
     task: str | None = None  # the TF cluster task that owns these counters (``worker:1``), if any
@@ -271,6 +274,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._queue: collections.deque[UploadJob] = collections.deque()
         self._in_flight: UploadJob | None = None
+        self._in_flight_settled = False  # its outcome is recorded: housekeeping after it (no longer queue_depth)
         # the transfer scope of the in-flight job while it uploads (cancellable alone: favour_final); None after
         self._in_flight_scope: TransferScope | None = None
         self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
@@ -418,7 +422,11 @@ class Uploader:
         stop within ``SEND_SLICE`` and its multipart uploads are aborted; other backends stop after the file in
         flight. Nothing of it is committed (the previous committed checkpoint stays the latest until the final
         one commits), it counts as ``dropped``, and the worker goes on with the final checkpoint at once, in a
-        scope of its own.
+        scope of its own. Except an older save of a step committed already whose commit is healing it
+        (re-uploading objects of it missing or truncated in the store, ``TransferScope.healing``): abandoned,
+        its step stays committed (those objects still missing), and it counts in ``housekeeping_failures``, not
+        ``dropped``. (Cut before its commit has found the step committed and started the heal, it is counted
+        and logged as any abandoned upload.)
 
         An older upload past its point of no return -- its files uploaded, its commit point being written
         (``TransferScope.enter_commit_point``) -- cannot be abandoned, whatever the figures (which can call for
@@ -454,6 +462,12 @@ class Uploader:
                 abandoned = self.store.cancel_transfers(scope)
             if not abandoned:  # past its point of no return: its commit point is being written
                 return self._keep_committing(older, step, plan)
+            if scope.healing:  # committed already: only the re-upload of its missing objects stops
+                log.warning("Preemption: abandoning the heal of committed checkpoint step %d in %s (re-uploading "
+                            "objects of it missing or truncated in the store) so that the final checkpoint (step %d) "
+                            "starts now: %s. Step %d stays committed, those objects still missing.", older,
+                            self.store.url, step, plan.reason, older)
+                return plan
             log.warning("Preemption: abandoning the upload of checkpoint step %d to %s so that the final checkpoint "
                         "(step %d) starts now: %s. Nothing of step %d is committed; the latest committed checkpoint "
                         "stays %s until the final one commits.", older, self.store.url, step, plan.reason, older,
@@ -490,6 +504,9 @@ class Uploader:
         try:
             self._commit(job, in_flight=background)
         finally:
+            with self._cond:
+                if self._in_flight is job:
+                    self._in_flight_settled = True
             job.release()
         if self._observer is not None:
             stats = self.stats()
@@ -588,7 +605,8 @@ class Uploader:
         """A copy of the counters."""
         with self._cond:
             stats = copy.deepcopy(self._stats)
-            stats.queue_depth = len(self._queue) + (self._in_flight is not None)
+            # not yet committed: waiting, or in flight until its outcome is recorded (then its housekeeping runs)
+            stats.queue_depth = len(self._queue) + (self._in_flight is not None and not self._in_flight_settled)
             return stats
 
     def count_housekeeping_failure(self, error: str) -> None:
@@ -644,6 +662,7 @@ class Uploader:
                 if not self._queue:
                     return
                 job = self._in_flight = self._queue.popleft()
+                self._in_flight_settled = False
             try:
                 self.commit_now(job, background=True)
             finally:
@@ -675,6 +694,9 @@ class Uploader:
             except Exception as exc:  # noqa: BLE001 - every failure is reported, none swallowed
                 # Cancelled (favour_final): the scope was not past its point of no return then (a cancel is
                 # refused there), nor after (passing it is refused once cancelled): nothing of it was committed.
+                if scope.cancelled and scope.healing:  # the step stays committed: only its heal was cut
+                    self._record_abandoned_heal(step, "abandoned for the final checkpoint", exc)
+                    return
                 if scope.cancelled:  # favour_final abandoned it for the final checkpoint: said there
                     with self._cond:
                         self._stats.dropped += 1
@@ -719,6 +741,10 @@ class Uploader:
         A commit past its point of no return (``scope.committing``) is not stopped by ``close``'s cancel: its
         failure is a failure (its commit point could not be written), never "abandoned"."""
         step = job.checkpoint.step
+        healing = scope is not None and scope.healing
+        if self.store.cancel.all_set() and healing:  # close() cut the heal of a committed checkpoint
+            self._record_abandoned_heal(step, "abandoned", exc)
+            return
         if self.store.cancel.all_set() and not (scope is not None and scope.committing):
             # close() abandoned it (Ctrl-C, upload_timeout) before its commit point: said there
             with self._cond:
@@ -733,8 +759,12 @@ class Uploader:
                            "committed; the store is slower than the save interval.", step)
             return
         cause = describe_cause(exc)
-        error = UploadError(
-            f"Checkpoint step {step} was not committed to {self.store.url}: {exc}", url=self.store.url, step=step)
+        if healing:  # committed before this save: it stays so, without the objects the heal was to re-upload
+            message = (f"Checkpoint step {step} stays committed in {self.store.url}, but healing it (re-uploading its "
+                       f"objects missing or truncated in the store) failed: {exc}")
+        else:
+            message = f"Checkpoint step {step} was not committed to {self.store.url}: {exc}"
+        error = UploadError(message, url=self.store.url, step=step)
         error.__cause__ = exc
         keep = self.on_error == "raise" or job.required
         with self._cond:
@@ -747,6 +777,19 @@ class Uploader:
         else:
             log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
 
+    def _record_abandoned_heal(self, step: int, why: str, exc: Exception) -> None:
+        """The heal of committed checkpoint ``step`` (its missing or truncated objects re-uploaded) was cut: ``why``
+        (by ``favour_final`` or ``close``). The step stays committed, without those objects, as before this save:
+        not a dropped save (nothing committed is lost, ``last_committed_step`` is left alone) but a
+        housekeeping failure (``housekeeping_failures``, ``last_housekeeping_error``), logged at INFO (the abandon
+        itself is logged at WARNING where it was decided; the missing objects were, when the heal started)."""
+        with self._cond:
+            self._stats.housekeeping_failures += 1
+            self._stats.last_housekeeping_error = (f"step {step}: its heal was {why}; objects of it are still missing "
+                                                   "or truncated in the store")
+        log.info("Checkpoint step %d stays committed in %s; its heal (re-uploading objects of it missing or truncated "
+                 "in the store) was %s, and those objects are still missing: %s", step, self.store.url, why, exc)
+
     def _record_outcome(self, job: UploadJob, result: CommitResult, seconds: float) -> None:
         """Count and log the outcome of ``job``'s commit (``seconds`` it took), then run its ``on_committed``."""
         step = job.checkpoint.step
@@ -754,6 +797,8 @@ class Uploader:
         committed_at = time.time()
         training_step = self._training_step(step) if result.outcome != REFUSED else step
         with self._cond:
+            if self._in_flight is job:  # its housekeeping (on_committed: retention) is not queue_depth
+                self._in_flight_settled = True
             if result.outcome != REFUSED and (self._stats.last_committed_step is None
                                               or step >= self._stats.last_committed_step):
                 saved_at = job.checkpoint.saved_at

@@ -324,6 +324,28 @@ def test_push_takes_transfer_options(bucket, large_dir, moto_server):
         cloudckpt.push_checkpoints(str(large_dir), f"{url}/bad", storage_options=options, transfer={"part_size": 1})
 
 
+
+def test_push_parts_in_flight_sets_the_concurrent_part_uploads(bucket, large_dir, moto_server):
+    """``cloudckpt push --parts-in-flight N`` is the number of parts of one file uploading at once: through a
+    proxy that holds every UploadPart 0.5 s, the ~12.2 MiB data file in 5 MiB parts (3 of them) has at most 1
+    part in flight with ``--parts-in-flight 1`` and 3 with ``--parts-in-flight 3`` (the default, 4, would also
+    give 3: the flag ignored fails the first run)."""
+    from support.fault_proxy import FaultProxy
+
+    url, name, client, endpoint = bucket
+    most = {}
+    for parts in ("1", "3"):
+        with FaultProxy(moto_server.endpoint) as proxy:
+            proxy.set_faults(latency=0.5, only_methods=("PUT",), path_filter=r"[?&]partNumber=")  # UploadPart
+            proc = run_cli("push", str(large_dir), f"{url}/parts-{parts}", "-o", f"endpoint_url={proxy.url}",
+                           "--part-size", "5MiB", "--multipart-threshold", "5MiB", "--parts-in-flight", parts)
+            assert proc.returncode == 0, proc.stderr
+            most[parts] = proxy.most_held.get("PUT", 0)
+            uploaded = sum(1 for method, path, _ in proxy.events if method == "PUT" and "partNumber=" in path)
+        assert uploaded == 3, uploaded  # 3 parts of 5 MiB: the multipart upload did go through the proxy
+        assert sorted(assert_all_committed_intact(f"{url}/parts-{parts}", moto_server.storage_options)) == [1]
+    assert most == {"1": 1, "3": 3}, most
+
 @pytest.mark.parametrize("flag, value, error", [
     ("--part-size", "1MiB", "must be 5MiB to 5GiB (5242880 to 5368709120 bytes), a multiple of 256KiB (262144 "
                             "bytes), got 1MiB"),

@@ -423,16 +423,19 @@ def test_transfer_options_defaults_are_the_defaults_without_one(counted, tmp_pat
 
 def test_stats_report_commit_lag_and_queue_depth(cloudckpt_s3, tmp_path):
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
-    release = threading.Event()
+    held, release = threading.Event(), threading.Event()
     summaries = tmp_path / "tb"
     with CheckpointEngine(url, str(tmp_path / "local"), storage_options=options, max_pending=3,
                           summary_dir=str(summaries)) as engine:
         engine.open()
         assert engine.stats().queue_depth == 0 and engine.stats().last_commit_lag_seconds is None
-        engine.submit(1, write_checkpoint(tmp_path / "local", 1), on_committed=lambda result: release.wait(120))
+        engine.submit(1, write_checkpoint(tmp_path / "local", 1),
+                      on_committed=lambda result: (held.set(), release.wait(120)))
         engine.submit(2, write_checkpoint(tmp_path / "local", 2))
         engine.submit(3, write_checkpoint(tmp_path / "local", 3))
-        assert engine.stats().queue_depth == 3  # step 1 in flight (held after its commit), 2 and 3 waiting
+        assert held.wait(120)
+        # step 1 is committed (its follow-up held): not counted; 2 and 3 waiting
+        assert engine.stats().queue_depth == 2 and engine.pending_steps() == [1, 2, 3]
         release.set()
         engine.wait(120)
         stats = engine.stats()

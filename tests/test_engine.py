@@ -66,6 +66,45 @@ def test_submit_snapshots_and_commits_in_the_background(cloudckpt_s3, tmp_path):
     assert not cloudckpt_threads()
 
 
+
+def test_stats_queue_depth_counts_no_checkpoint_while_retention_runs_after_its_commit(cloudckpt_s3, tmp_path):
+    """``stats().queue_depth`` counts checkpoints not yet committed (waiting or uploading): while retention runs
+    after step 2's commit (its DeleteObjects held by the proxy) it reads 0, although the uploader still runs that
+    housekeeping (``pending_steps`` names step 2), and 1 once step 3 waits behind it. Before: 1 with nothing
+    waiting or uploading (the housekeeping job was counted as in flight)."""
+    import time
+
+    from support.fault_proxy import FaultProxy
+
+    local, release = tmp_path / "local", threading.Event()
+    with FaultProxy(cloudckpt_s3.endpoint) as proxy:
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        url = cloudckpt_s3.url("run")
+        with CheckpointEngine(url, str(local), storage_options=options,
+                              retention=RetentionPolicy(max_to_keep=1)) as engine:
+            engine.open()
+            engine.submit(1, write_checkpoint(local, 1))
+            engine.wait(60)
+            proxy.set_faults(only_methods=("POST",), path_filter=r"[?&]delete", until=release)  # DeleteObjects
+            try:
+                engine.submit(2, write_checkpoint(local, 2))
+                deadline = time.monotonic() + 60
+                while proxy.most_held.get("POST", 0) < 1:
+                    assert time.monotonic() < deadline, "retention's DeleteObjects never came"
+                    time.sleep(0.02)
+                during, pending = engine.stats(), engine.pending_steps()
+                engine.submit(3, write_checkpoint(local, 3))
+                waiting = engine.stats()
+            finally:
+                release.set()
+            engine.wait(60)
+            after = engine.stats()
+    assert (during.committed, during.last_committed_step, pending) == (2, 2, [2]), during  # its retention runs
+    assert during.queue_depth == 0, during
+    assert waiting.queue_depth == 1, waiting  # step 3 waits (behind step 2's housekeeping)
+    assert (after.committed, after.failed, after.housekeeping_failures, after.queue_depth) == (3, 0, 0, 0), after
+    assert [c.step for c in cloudckpt.list_checkpoints(url, cloudckpt_s3.storage_options)] == [3]
+
 def test_numpy_integers_are_taken_as_ints(tmp_path, memory_url):
     """A step or option computed with numpy (np.int64) is an integer: taken, and the manifest's JSON gets the int."""
     import numpy as np
