@@ -114,13 +114,14 @@ class CheckpointEngine:
             pending; None waits until they are done.
         retention: which committed checkpoints to keep remotely, applied after each
             commit (None keeps everything); settable later (``engine.retention = ...``).
-        preemption: None (off), ``"sigterm"``, ``"auto"`` (SIGTERM, GCE and AWS
-            metadata) or a ``PreemptionWatcher``; watched between ``start_watching()``
+        preemption: None (off), ``"sigterm"``, ``"auto"`` (SIGTERM, GCE, AWS and
+            Azure metadata) or a ``PreemptionWatcher``; watched between ``start_watching()``
             and ``stop_watching()`` / ``close()``.
         preemption_deadline: seconds from the first notice by which the final
             checkpoint must be committed; default: the platform's hard stop
-            (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice).
-            Capped by the hard stop a GCE or AWS metadata notice announces
+            (25 s after SIGTERM or a GCE notice, 100 s after an AWS notice, an
+            Azure event's ``NotBefore`` less 5 s). Capped by the hard stop a GCE,
+            AWS or Azure metadata notice announces
             (logged once when it does); not by SIGTERM's 25 s, only a guess
             (a longer Kubernetes grace period, say): this value wins there.
         task: the TF cluster task this engine runs in (``worker:1``), named by ``stats().task``.
@@ -478,8 +479,8 @@ class CheckpointEngine:
 
     def preemption_deadline_at(self) -> float | None:
         """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
-        after the first notice if given, capped by the earliest hard stop a ``"gce"`` / ``"aws"`` notice
-        announced (not by a ``"sigterm"`` notice's 25 s, a guess), else the platform's hard stop (the
+        after the first notice if given, capped by the earliest hard stop a ``"gce"`` / ``"aws"`` / ``"azure"``
+        notice announced (not by a ``"sigterm"`` notice's 25 s, a guess), else the platform's hard stop (the
         earliest over all notices); None before any notice. The same as the watcher's ``deadline_at``,
         which the notice's log line quotes."""
         watcher = self._watcher

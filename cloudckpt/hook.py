@@ -95,12 +95,13 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             keeps what the local directory keeps; ``remote_max_to_keep=0``
             keeps everything. The latest committed checkpoint is never deleted.
         preemption: watch for a spot / preemptible shutdown notice: None (off),
-            ``"sigterm"``, ``"auto"`` (SIGTERM + GCE and AWS metadata) or a
+            ``"sigterm"``, ``"auto"`` (SIGTERM + GCE, AWS and Azure metadata) or a
             ``PreemptionWatcher``. On a notice, training stops at the next step
             and ``end()`` saves and commits a final checkpoint within the deadline.
         preemption_deadline: seconds from the notice to get the final
-            checkpoint committed; default: the platform's (25 s GCE, 100 s AWS).
-            A hard stop announced by a GCE / AWS metadata notice caps it (not
+            checkpoint committed; default: the platform's (25 s GCE, 100 s AWS,
+            Azure: until the event's ``NotBefore`` less 5 s). A hard stop
+            announced by a GCE / AWS / Azure metadata notice caps it (not
             SIGTERM's 25 s, a guess); see ``CheckpointEngine``.
         exit_on_preemption: after a preemption stop, exit the process with
             TF's code for a terminated worker (42), or with the given int.

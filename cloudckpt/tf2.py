@@ -177,11 +177,12 @@ class CheckpointManager:
         retry: ``RetryPolicy`` for transient storage errors.
         on_error: ``"raise"`` or ``"warn"`` (see above); the final checkpoint of
             ``close()`` and fencing raise either way.
-        preemption: None, ``"sigterm"``, ``"auto"`` (SIGTERM + GCE and AWS metadata) or a
+        preemption: None, ``"sigterm"``, ``"auto"`` (SIGTERM + GCE, AWS and Azure metadata) or a
             ``PreemptionWatcher``; watched from construction to ``close()``.
         preemption_deadline: seconds from the notice to commit the final checkpoint;
-            default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS).
-            A hard stop announced by a GCE / AWS metadata notice caps it (not
+            default: the platform's (25 s after SIGTERM or a GCE notice, 100 s on AWS,
+            on Azure until the event's ``NotBefore`` less 5 s). A hard stop announced
+            by a GCE / AWS / Azure metadata notice caps it (not
             SIGTERM's 25 s, a guess); see ``CheckpointEngine``.
         strategy: the ``tf.distribute`` strategy training runs under (default: the one in
             scope when the manager is created). A ``MultiWorkerMirroredStrategy`` whose

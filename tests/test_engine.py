@@ -246,14 +246,15 @@ def test_preemption_notice_stops_and_bounds_the_final_commit(tmp_path, memory_ur
     assert cloudckpt.latest_checkpoint(memory_url).step == 2
 
 
-@pytest.mark.parametrize("source, platform", [("gce", 25.0), ("aws", 100.0)])
+@pytest.mark.parametrize("source, platform", [("gce", 25.0), ("aws", 100.0), ("azure", 34.0)])
 def test_a_hard_stop_the_platform_announced_caps_preemption_deadline(tmp_path, memory_url, caplog, source, platform):
-    """A GCE / AWS notice announces the real hard stop: preemption_deadline=200 after it would plan the final
+    """A GCE / AWS / Azure notice announces the real hard stop: preemption_deadline=200 after it would plan the final
     commit (close()'s wait, favour_final, the multi-worker agreement) for time the VM does not have. Before,
     preemption_deadline_at() was received_at + 200 and close() waited that long for a stuck upload."""
     caplog.set_level(logging.INFO, logger="cloudckpt")
     watcher = cloudckpt.PreemptionWatcher((source,), gce_metadata_url="http://127.0.0.1:9",
-                                          aws_metadata_url="http://127.0.0.1:9", poll_interval=60)
+                                          aws_metadata_url="http://127.0.0.1:9",
+                                          azure_metadata_url="http://127.0.0.1:9", poll_interval=60)
     engine = CheckpointEngine(memory_url, str(tmp_path), preemption=watcher, preemption_deadline=200)
     try:
         engine.open()

@@ -167,7 +167,10 @@ def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tm
     from support.fake_metadata import FakeGceMetadata
 
     with FakeGceMetadata() as gce:
-        env = {0: {"CLOUDCKPT_GCE_METADATA_URL": gce.url}, 1: {"CLOUDCKPT_GCE_METADATA_URL": "http://127.0.0.1:9"}}
+        # "auto" polls AWS's and Azure's metadata too: at a closed local port, given up (not 169.254.169.254)
+        closed = {"CLOUDCKPT_AWS_METADATA_URL": "http://127.0.0.1:9", "CLOUDCKPT_AZURE_METADATA_URL": "http://127.0.0.1:9"}
+        env = {0: {"CLOUDCKPT_GCE_METADATA_URL": gce.url, **closed},
+               1: {"CLOUDCKPT_GCE_METADATA_URL": "http://127.0.0.1:9", **closed}}
         workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
                                     "--step-sleep", "0.05", "--preemption", "auto", env=env)
         wait_for_commit(workers[0], s3_url, s3_options, 5)

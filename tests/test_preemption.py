@@ -1,4 +1,4 @@
-"""Tests for cloudckpt.preemption (SIGTERM + GCE/AWS metadata polling)."""
+"""Tests for cloudckpt.preemption (SIGTERM + GCE/AWS/Azure metadata polling)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from cloudckpt import preemption
 from cloudckpt.preemption import PreemptionNotice, PreemptionWatcher, last_notice, was_preempted
-from support.fake_metadata import FakeAwsMetadata, FakeGceMetadata
+from support.fake_metadata import FakeAwsMetadata, FakeAzureMetadata, FakeGceMetadata
 
 FAST = 0.05  # poll interval used throughout
 GCE_PREEMPTED = FakeGceMetadata.PREEMPTED_PATH
 AWS_ACTION = FakeAwsMetadata.ACTION_PATH
 AWS_TOKEN = FakeAwsMetadata.TOKEN_PATH
+AZURE_EVENTS = FakeAzureMetadata.EVENTS_PATH
+AZURE_NAME = FakeAzureMetadata.NAME_PATH
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 3.0) -> bool:
@@ -39,6 +42,7 @@ def _isolation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Restore SIGTERM disposition and the process-wide notice after each test."""
     monkeypatch.delenv(preemption.GCE_METADATA_URL_ENV, raising=False)
     monkeypatch.delenv(preemption.AWS_METADATA_URL_ENV, raising=False)
+    monkeypatch.delenv(preemption.AZURE_METADATA_URL_ENV, raising=False)
     saved = signal.getsignal(signal.SIGTERM)
     preemption._reset_last_notice()
     yield
@@ -83,6 +87,12 @@ def gce() -> Iterator[FakeGceMetadata]:
 @pytest.fixture
 def aws() -> Iterator[FakeAwsMetadata]:
     with FakeAwsMetadata() as server:
+        yield server
+
+
+@pytest.fixture
+def azure() -> Iterator[FakeAzureMetadata]:
+    with FakeAzureMetadata() as server:
         yield server
 
 
@@ -341,22 +351,260 @@ def test_fake_aws_rejects_token_put_without_ttl(aws):
     assert err.value.code == 400
 
 
+# ------------------------------------------------------------------ Azure
+
+
+def rfc1123(when: datetime) -> str:
+    """``NotBefore`` as Azure writes it: ``Mon, 19 Sep 2016 18:29:47 GMT``."""
+    return when.astimezone(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def test_azure_preempt_for_this_vm_is_a_notice_with_the_deadline_from_not_before(make_watcher, azure):
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.start()
+    assert signal.getsignal(signal.SIGTERM) is not None  # untouched without "sigterm"
+    assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=3)
+    assert not w.is_preempted() and w.active_sources == ("azure",)
+    not_before = rfc1123(datetime.now(timezone.utc) + timedelta(seconds=40))
+    azure.preempt(not_before=not_before)
+    assert w.wait(timeout=2)
+    n = w.notice
+    assert n.source == "azure" and was_preempted() and last_notice() is n
+    assert n.detail == f"scheduled event Preempt (Scheduled) for vm-1, NotBefore {not_before}"
+    assert 33.0 <= n.deadline <= 35.0  # 40 s (less the second cut off by the format) minus the 5 s margin
+    assert w.hard_stop_at == n.received_at + n.deadline
+    # The name once (the presence probe), then the events; every request with "Metadata: true" and answered.
+    log = azure.requests
+    assert [r.path for r in log].count(AZURE_NAME) == 1 and log[0].path == AZURE_NAME
+    assert all(r.method == "GET" and r.header("Metadata") == "true" and r.status == 200 for r in log)
+    # Polling stops after the notice.
+    assert wait_until(lambda: w.active_sources == ())
+    count = len(azure.requests)
+    time.sleep(4 * FAST)
+    assert len(azure.requests) == count
+
+
+@pytest.mark.parametrize("event_type", ["Terminate", "Reboot", "Redeploy"])
+def test_azure_events_that_stop_the_vm_are_notices(make_watcher, azure, event_type):
+    azure.set_events([azure.event(event_type, resources=["vm-1"],
+                                  not_before=datetime.now(timezone.utc) + timedelta(minutes=15))])
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.start()
+    assert w.wait(timeout=2)
+    assert w.notice.detail.startswith(f"scheduled event {event_type} (Scheduled) for vm-1, NotBefore ")
+    assert 15 * 60 - 7 <= w.notice.deadline <= 15 * 60 - 5
+
+
+def test_azure_started_event_without_not_before_gets_the_default_deadline(make_watcher, azure):
+    azure.set_events([azure.event("Preempt", resources=["vm-1"], status="Started", not_before="")])
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.start()
+    assert w.wait(timeout=2)
+    n = w.notice
+    assert (n.source, n.detail, n.deadline) == ("azure", "scheduled event Preempt (Started) for vm-1", 25.0)
+
+
+def test_azure_not_before_in_the_past_leaves_no_time(make_watcher, azure):
+    azure.preempt(not_before=datetime.now(timezone.utc) - timedelta(seconds=3), status="Started")
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.start()
+    assert w.wait(timeout=2)
+    assert w.notice.deadline == 0.0  # never negative
+
+
+def test_azure_deadline_from_not_before():
+    deadline_until = preemption.metadata._deadline_until
+    now = datetime(2016, 9, 19, 18, 29, 7, tzinfo=timezone.utc)
+    assert deadline_until("Mon, 19 Sep 2016 18:29:47 GMT", now) == 35.0  # 40 s, 5 s margin
+    assert deadline_until("Mon, 19 Sep 2016 18:29:47 -0000", now) == 35.0  # RFC 2822's "UTC, unknown zone"
+    assert deadline_until("Mon, 19 Sep 2016 20:29:47 +0200", now) == 35.0
+    assert deadline_until("Mon, 19 Sep 2016 18:29:10 GMT", now) == 0.0
+    assert deadline_until("", now) == deadline_until("soon", now) == 25.0
+
+
+def test_azure_event_for_another_vm_is_not_a_notice(make_watcher, caplog):
+    """An availability set's / scale set's events list the VMs they affect: only this VM's count (its name
+    from instance/compute/name, compared case-insensitively)."""
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    with FakeAzureMetadata(vm_name="trainer-3") as azure:
+        azure.set_events([azure.event("Preempt", resources=["trainer-1", "trainer-2"]),
+                          azure.event("Terminate", resources=["trainer-30"])])
+        w = make_watcher("azure", azure_metadata_url=azure.url)
+        w.start()
+        assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=5)
+        assert not w.is_preempted() and w.active_sources == ("azure",)
+        azure.set_events([*azure.document["Events"], azure.event("Preempt", resources=["trainer-2", "TRAINER-3"])])
+        assert w.wait(timeout=2)
+    assert w.notice.detail.startswith("scheduled event Preempt (Scheduled) for trainer-3, NotBefore ")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Preemption notice" not in r.getMessage()]
+
+
+def test_azure_freeze_is_not_a_notice(make_watcher, azure, caplog):
+    """Freeze pauses the VM for seconds (memory-preserving maintenance, live migration): the process goes on,
+    as with GCE's MIGRATE_ON_HOST_MAINTENANCE. Logged once (INFO), not a notice."""
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    azure.set_events([azure.event("Freeze", resources=["vm-1"], duration=9)])
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.start()
+    assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=5)
+    assert not w.is_preempted() and w.active_sources == ("azure",)
+    freeze = [r.getMessage() for r in caplog.records if "Freeze" in r.getMessage()]
+    assert len(freeze) == 1 and "not a preemption" in freeze[0] and "about 9 s" in freeze[0], freeze
+    azure.preempt()  # the watcher still sees what follows
+    assert w.wait(timeout=2) and "Preempt" in w.notice.detail
+
+
+def test_azure_slow_first_scheduledevents_answer_does_not_disable_the_source(make_watcher, caplog):
+    """The first scheduledevents request enables the feature and may take up to two minutes: its timeouts
+    must neither give the source up ("not on Azure") nor warn of an outage; the VM's name answered, so this
+    is Azure. A notice posted meanwhile is seen once the events answer."""
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    with FakeAzureMetadata(enable_delay=3.0) as azure:
+        w = make_watcher("azure", azure_metadata_url=azure.url, request_timeout=0.2)
+        w.start()
+        # more timed-out event requests than it takes to give a source up
+        assert wait_until(lambda: azure.arrivals >= 1 + 4 and not azure.requests_to(AZURE_EVENTS), timeout=5)
+        assert w.active_sources == ("azure",) and not w.is_preempted()
+        azure.preempt()
+        assert w.wait(timeout=5)
+    assert w.notice.source == "azure"
+    records = [r for r in caplog.records if r.name.startswith("cloudckpt")]
+    assert not [r for r in records if r.levelno == logging.INFO or
+                (r.levelno >= logging.WARNING and "Preemption notice" not in r.getMessage())]
+    assert any("not answering yet" in r.getMessage() for r in records if r.levelno == logging.DEBUG)
+
+
+def test_azure_events_failing_after_the_enable_window_warn_once_and_keep_polling(make_watcher, caplog,
+                                                                                 monkeypatch):
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    monkeypatch.setattr(preemption.metadata, "_AZURE_ENABLE_SECONDS", 0.3)
+    with FakeAzureMetadata(enable_delay=30) as azure:  # never answers within the test
+        w = make_watcher("azure", azure_metadata_url=azure.url, request_timeout=0.1)
+        w.start()
+        assert wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records), timeout=5)
+        time.sleep(5 * FAST)
+        assert w.active_sources == ("azure",)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Azure metadata server" in warnings[0] and "still polling" in warnings[0]
+
+
+def test_fake_azure_requires_the_metadata_header(azure):
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for headers, code in [({}, 400), ({"Metadata": "false"}, 400)]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener.open(urllib.request.Request(azure.url + AZURE_EVENTS, headers=headers), timeout=2)
+        err.value.close()
+        assert err.value.code == code
+    with opener.open(urllib.request.Request(azure.url + AZURE_NAME, headers={"Metadata": "true"}), timeout=2) as r:
+        assert r.read() == b"vm-1"
+
+
+def test_a_cloud_s_poller_gives_up_on_the_others_metadata_servers(make_watcher, caplog):
+    """GCE's, AWS's and Azure's metadata servers share 169.254.169.254: on GCE or AWS the Azure poller is
+    refused (403 without Metadata-Flavor, 401 without an IMDSv2 token, 404 on IMDSv1) and gives up quietly;
+    on Azure the AWS poller's token PUT gets 405 (so IMDSv1), its GET 400 without "Metadata: true", and the
+    GCE poller 400: they give up quietly too."""
+    caplog.set_level(logging.DEBUG, logger="cloudckpt")
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws, FakeAwsMetadata(imdsv1=True) as v1, \
+            FakeAzureMetadata() as azure:
+        for server in (gce, aws, v1, azure):
+            server.preempt()  # a notice on every server: none may be taken for an Azure one, or vice versa
+        on_other_clouds = [make_watcher("azure", azure_metadata_url=s.url) for s in (gce, aws, v1)]
+        on_azure = make_watcher(("gce", "aws"), gce_metadata_url=azure.url, aws_metadata_url=azure.url)
+        for w in (*on_other_clouds, on_azure):
+            w.start()
+        assert wait_until(lambda: all(w.active_sources == () for w in (*on_other_clouds, on_azure)))
+        assert not any(w.is_preempted() for w in (*on_other_clouds, on_azure))
+        assert [r.status for r in gce.requests] == [403] * 3
+        assert [r.status for r in aws.requests] == [401] * 3
+        assert [r.status for r in v1.requests] == [404] * 3
+        aws_on_azure = [(r.method, r.status) for r in azure.requests if r.path.startswith("/latest/")]
+        assert aws_on_azure == [("PUT", 405), ("GET", 400)] * 3
+        assert [r.status for r in azure.requests if r.path.startswith("/computeMetadata/")] == [400] * 3
+    records = [r for r in caplog.records if r.name.startswith("cloudckpt")]
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    assert sorted(m.split("assuming ")[1].split(",")[0] for m in infos) == [
+        "not on AWS", "not on Azure", "not on Azure", "not on Azure", "not on GCE"]
+
+
+def test_an_azure_notice_caps_a_longer_user_deadline(make_watcher, azure, caplog):
+    """A Scheduled Event's NotBefore is the platform's hard stop: preemption_deadline=60 after it is capped."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    w = make_watcher("azure", azure_metadata_url=azure.url)
+    w.deadline = 60.0
+    w.start()
+    assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=2)
+    azure.preempt()  # NotBefore now + 30 s
+    assert w.wait(timeout=2)
+    n = w.notice
+    assert n.source == "azure" and 23.0 <= n.deadline <= 25.0
+    assert wait_until(lambda: cap_lines(caplog))
+    (line,) = cap_lines(caplog)
+    assert line.startswith("Preemption notice from azure")
+    assert f"deadline {n.deadline:g} s: the platform's announced hard stop" in line and "=60 s" in line, line
+    assert w.deadline_at == n.received_at + n.deadline == w.hard_stop_at  # not n.received_at + 60
+
+
+def test_metadata_requests_ignore_proxy_environment(gce, aws, azure):
+    """Metadata servers must be asked directly (Azure's IMDS requires it): an HTTP proxy set in the
+    environment of the process (a recording server here) is never used, by any of the three pollers."""
+    code = textwrap.dedent("""
+        from cloudckpt.preemption import PreemptionWatcher
+        watchers = [PreemptionWatcher(source, poll_interval=0.05) for source in ("gce", "aws", "azure")]
+        for w in watchers:
+            w.start()
+        print("ready", flush=True)
+        print(" ".join(w.notice.source if w.wait(timeout=10) else "none" for w in watchers), flush=True)
+        for w in watchers:
+            w.stop()
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with FakeGceMetadata() as proxy:
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "all_proxy")}
+        env.update(http_proxy=proxy.url, HTTP_PROXY=proxy.url, all_proxy=proxy.url, ALL_PROXY=proxy.url,
+                   CLOUDCKPT_GCE_METADATA_URL=gce.url, CLOUDCKPT_AWS_METADATA_URL=aws.url,
+                   CLOUDCKPT_AZURE_METADATA_URL=azure.url,
+                   PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, 1)
+            assert aws.wait_for_requests(lambda r: r.path == AWS_ACTION, 1)
+            assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, 1)
+            for server in (gce, aws, azure):
+                server.preempt()
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert out.strip() == "gce aws azure"
+        assert proxy.requests == []
+
+
 # ------------------------------------------------ unavailable endpoints
 
 
 def test_unreachable_endpoints_give_up_quietly(make_watcher, closed_url, caplog):
     caplog.set_level(logging.DEBUG, logger="cloudckpt")
-    w = make_watcher(("gce", "aws"), gce_metadata_url=closed_url, aws_metadata_url=closed_url)
+    w = make_watcher(("gce", "aws", "azure"), gce_metadata_url=closed_url, aws_metadata_url=closed_url,
+                     azure_metadata_url=closed_url)
     w.start()
     assert wait_until(lambda: w.active_sources == ())
     assert not w.is_preempted() and not was_preempted()
     records = [r for r in caplog.records if r.name.startswith("cloudckpt")]
     assert not [r for r in records if r.levelno >= logging.WARNING]
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
-    assert len(infos) == 2
-    assert any("not on GCE" in m for m in infos) and any("not on AWS" in m for m in infos)
+    assert len(infos) == 3
+    assert all(any(f"not on {cloud}" in m for m in infos) for cloud in ("GCE", "AWS", "Azure"))
     assert sum(r.levelno == logging.DEBUG and "poll failed" in r.getMessage()
-               for r in records) == 4  # failures 1 and 2 of each source
+               for r in records) == 6  # failures 1 and 2 of each source
     t0 = time.monotonic()
     w.stop()
     assert time.monotonic() - t0 < 1.0
@@ -416,31 +664,37 @@ def test_stop_ends_poller_promptly(make_watcher, gce):
 # ------------------------------------------------------------------ config
 
 
-def test_env_vars_configure_urls(make_watcher, gce, aws, monkeypatch):
+def test_env_vars_configure_urls(make_watcher, gce, aws, azure, monkeypatch):
     monkeypatch.setenv(preemption.GCE_METADATA_URL_ENV, gce.url + "/")
     monkeypatch.setenv(preemption.AWS_METADATA_URL_ENV, aws.url)
+    monkeypatch.setenv(preemption.AZURE_METADATA_URL_ENV, azure.url[len("http://"):])  # scheme added
     w = make_watcher(("gce", "aws"))
-    assert (w.gce_metadata_url, w.aws_metadata_url) == (gce.url, aws.url)
-    explicit = PreemptionWatcher(("gce",), gce_metadata_url="http://10.9.9.9:1")
-    assert explicit.gce_metadata_url == "http://10.9.9.9:1"
+    assert (w.gce_metadata_url, w.aws_metadata_url, w.azure_metadata_url) == (gce.url, aws.url, azure.url)
+    explicit = PreemptionWatcher(("gce",), gce_metadata_url="http://10.9.9.9:1", azure_metadata_url="http://10.9.9.8")
+    assert (explicit.gce_metadata_url, explicit.azure_metadata_url) == ("http://10.9.9.9:1", "http://10.9.9.8")
     auto = PreemptionWatcher.from_spec("auto")
-    assert (auto.gce_metadata_url, auto.aws_metadata_url) == (gce.url, aws.url)
+    assert (auto.gce_metadata_url, auto.aws_metadata_url, auto.azure_metadata_url) == (gce.url, aws.url, azure.url)
     w.start()
     aws.preempt()
     assert w.wait(timeout=2) and w.notice.source == "aws"
+    az = make_watcher("azure")
+    az.start()
+    azure.preempt()
+    assert az.wait(timeout=2) and az.notice.source == "azure"
 
 
 def test_default_urls():
     w = PreemptionWatcher()
     assert w.gce_metadata_url == "http://metadata.google.internal"
     assert w.aws_metadata_url == "http://169.254.169.254"
+    assert w.azure_metadata_url == "http://169.254.169.254"
     assert w.poll_interval == 5.0 and w.sources == ("sigterm",)
 
 
 def test_from_spec():
     assert PreemptionWatcher.from_spec(None) is None
     assert PreemptionWatcher.from_spec("sigterm").sources == ("sigterm",)
-    assert PreemptionWatcher.from_spec("auto").sources == ("sigterm", "gce", "aws")
+    assert PreemptionWatcher.from_spec("auto").sources == ("sigterm", "gce", "aws", "azure")
     w = PreemptionWatcher(("gce",))
     assert PreemptionWatcher.from_spec(w) is w
 
@@ -455,8 +709,9 @@ def test_from_spec_rejects(bad):
 
 
 def test_constructor_validation():
-    with pytest.raises(ValueError, match="'azure'"):
-        PreemptionWatcher(("sigterm", "azure"))
+    with pytest.raises(ValueError, match="'oracle'") as err:
+        PreemptionWatcher(("sigterm", "oracle"))
+    assert "sigterm, gce, aws, azure" in str(err.value)  # the allowed ones
     with pytest.raises(ValueError, match="poll_interval"):
         PreemptionWatcher(poll_interval=0)
     with pytest.raises(ValueError, match="request_timeout"):
@@ -572,13 +827,16 @@ def test_package_keeps_the_public_names():
     import cloudckpt
 
     names = ["PreemptionNotice", "PreemptionWatcher", "last_notice", "was_preempted", "_reset_last_notice",
-             "GCE_METADATA_URL_ENV", "AWS_METADATA_URL_ENV", "DEFAULT_GCE_METADATA_URL",
-             "DEFAULT_AWS_METADATA_URL", "DEFAULT_DEADLINES", "SOURCES"]
+             "GCE_METADATA_URL_ENV", "AWS_METADATA_URL_ENV", "AZURE_METADATA_URL_ENV", "DEFAULT_GCE_METADATA_URL",
+             "DEFAULT_AWS_METADATA_URL", "DEFAULT_AZURE_METADATA_URL", "DEFAULT_DEADLINES", "SOURCES"]
     assert [n for n in names if not hasattr(preemption, n)] == []
     assert set(preemption.__all__) <= set(names)
     assert cloudckpt.PreemptionWatcher is PreemptionWatcher and cloudckpt.was_preempted is was_preempted
     assert (preemption.SOURCES, preemption.DEFAULT_DEADLINES) == (
-        ("sigterm", "gce", "aws"), {"sigterm": 25.0, "gce": 25.0, "aws": 100.0})
+        ("sigterm", "gce", "aws", "azure"), {"sigterm": 25.0, "gce": 25.0, "aws": 100.0, "azure": 25.0})
+    assert preemption.notice.ANNOUNCING_SOURCES == ("gce", "aws", "azure")
+    assert (preemption.AZURE_METADATA_URL_ENV, preemption.DEFAULT_AZURE_METADATA_URL) == (
+        "CLOUDCKPT_AZURE_METADATA_URL", "http://169.254.169.254")
 
 
 def test_trigger_concurrent_records_exactly_once():
@@ -617,7 +875,7 @@ def test_was_preempted_process_wide():
 # -------------------------------------------------------------- subprocess
 
 
-def test_subprocess_auto_survives_sigterm(gce, aws):
+def test_subprocess_auto_survives_sigterm(gce, aws, azure):
     """End to end: a child using from_spec("auto") with env-configured URLs
     gets SIGTERM from outside, survives it and reports the notice."""
     code = textwrap.dedent("""
@@ -626,7 +884,7 @@ def test_subprocess_auto_survives_sigterm(gce, aws):
         w = PreemptionWatcher.from_spec("auto")
         w._poll_interval = 0.05
         w.start()
-        print("ready", w.gce_metadata_url, w.aws_metadata_url, flush=True)
+        print("ready", w.gce_metadata_url, w.aws_metadata_url, w.azure_metadata_url, flush=True)
         ok = w.wait(timeout=10)
         w.stop()
         print("notice", ok, was_preempted(), w.notice.source, w.notice.detail, flush=True)
@@ -634,14 +892,16 @@ def test_subprocess_auto_survives_sigterm(gce, aws):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ,
                CLOUDCKPT_GCE_METADATA_URL=gce.url, CLOUDCKPT_AWS_METADATA_URL=aws.url,
+               CLOUDCKPT_AZURE_METADATA_URL=azure.url,
                PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = proc.stdout.readline()
-        assert line.split() == ["ready", gce.url, aws.url], proc.stderr.read()
+        assert line.split() == ["ready", gce.url, aws.url, azure.url], proc.stderr.read()
         assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, 1)
         assert aws.wait_for_requests(lambda r: r.path == AWS_ACTION, 1)
+        assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, 1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     finally:

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import cloudckpt
-from support.fake_metadata import FakeAwsMetadata, FakeGceMetadata
+from support.fake_metadata import FakeAwsMetadata, FakeAzureMetadata, FakeGceMetadata
 from support.trainer_process import TrainerProcess
 
 
@@ -31,21 +31,41 @@ def assert_restart_resumes(moto_server, url, tmp_path, expected_step, *args):
     assert trainer.first_step == expected_step
 
 
-@pytest.mark.parametrize("source", ["sigterm", "gce", "aws"])
+def metadata_env(gce, aws, azure) -> dict[str, str]:
+    """The CLOUDCKPT_*_METADATA_URL variables pointing a trainer at the fake servers."""
+    return {"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url,
+            "CLOUDCKPT_AZURE_METADATA_URL": azure.url}
+
+
+@pytest.mark.parametrize("source", ["sigterm", "gce", "aws", "azure"])
 def test_notice_commits_the_step_it_stopped_at(source, moto_server, bucket_url, tmp_path):
+    """azure: preemption="auto" on a simulated Azure Spot VM: every metadata URL is Azure's instance metadata
+    service (the three clouds share 169.254.169.254), whose first Scheduled Events request takes 2 s (it
+    enables the feature); the GCE and AWS pollers are refused and give up, the Preempt event is the notice
+    (Azure sends no SIGTERM before an eviction)."""
     options = moto_server.storage_options
     stop_after = random.Random(source).randint(60, 140)  # not a multiple of the save interval, mostly
-    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws, FakeAzureMetadata(enable_delay=2.0) as azure:
+        env = metadata_env(azure, azure, azure) if source == "azure" else metadata_env(gce, aws, azure)
         trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "50",
-                                 "--preemption", source,
-                                 env={"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url})
+                                 "--preemption", "auto" if source == "azure" else source, env=env)
         trainer.wait_for_step(stop_after)
-        {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[source]()
+        if source == "azure":
+            assert azure.wait_for_requests(lambda r: r.path == FakeAzureMetadata.EVENTS_PATH, timeout=30)
+        {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt, "azure": azure.preempt}[source]()
         assert trainer.wait() == 0, trainer.stderr  # a clean exit, not a kill
         if source == "aws":  # the IMDSv2 dance: a token first, then the notice fetched with it
             assert aws.requests_to("/latest/api/token")
             assert all(r.header("X-aws-ec2-metadata-token") for r in
                        aws.requests_to("/latest/meta-data/spot/instance-action"))
+        if source == "azure":  # asked with "Metadata: true"; the GCE and AWS pollers were refused, at most 3 times
+            ours = [r for r in azure.requests if r.path.startswith("/metadata/")]
+            assert ours[0].path == FakeAzureMetadata.NAME_PATH and all(r.status == 200 for r in ours)
+            assert all(r.header("Metadata") == "true" for r in ours)
+            theirs = [r for r in azure.requests if not r.path.startswith("/metadata/")]
+            assert theirs and all(r.status in (400, 405) for r in theirs)
+            assert len([r for r in theirs if r.path.startswith("/computeMetadata/")]) <= 3
+            assert "Preemption notice from azure: scheduled event Preempt (Scheduled) for vm-1" in trainer.stderr
     stopped_at = trainer.step
     assert stopped_at > stop_after - 1
     assert trainer.done == f"DONE {stopped_at} preempted=True"
@@ -87,6 +107,8 @@ SEQUENCES = {
     "gce-then-sigterm-3s": ("sigterm,gce", [("gce", 0.0), ("sigterm", 3.0)], 0),
     "sigterm-then-gce": ("sigterm,gce", [("sigterm", 0.0), ("gce", 0.1)], 0),
     "aws-then-sigterm": ("sigterm,aws", [("aws", 0.0), ("sigterm", 0.5)], 0),
+    # Azure sends no SIGTERM before a Spot eviction, but a shutdown that follows it may
+    "azure-then-sigterm": ("sigterm,azure", [("azure", 0.0), ("sigterm", 0.5)], 0),
     # the second SIGTERM once the first was handled (sent earlier, two could merge into one pending signal
     # while the trainer waits for a core), while the final commit of a 32 MB checkpoint runs
     "two-sigterms": ("sigterm", [("sigterm", 0.0), ("sigterm", None)], -signal.SIGTERM),
@@ -101,10 +123,9 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
     options = moto_server.storage_options
     # 8 MB (32 MB with two SIGTERMs): the final commit takes a moment, so signals land during it
     size = ("--size", str(1 << 23 if name == "two-sigterms" else 1 << 21))
-    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws, FakeAzureMetadata() as azure:
         trainer = TrainerProcess(bucket_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "20",
-                                 "--preemption", sources, *size,
-                                 env={"CLOUDCKPT_GCE_METADATA_URL": gce.url, "CLOUDCKPT_AWS_METADATA_URL": aws.url})
+                                 "--preemption", sources, *size, env=metadata_env(gce, aws, azure))
         trainer.wait_for_step(25)
         deadline = time.monotonic() + 120
         while cloudckpt.latest_checkpoint(bucket_url, options) is None:  # a periodic commit to fall back on
@@ -115,7 +136,7 @@ def test_notice_sequences(name, moto_server, bucket_url, tmp_path):
                 trainer.wait_for_text("Preemption notice from", timeout=60)
             else:
                 time.sleep(delay)
-            {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt}[event]()
+            {"sigterm": trainer.terminate, "gce": gce.preempt, "aws": aws.preempt, "azure": azure.preempt}[event]()
         assert trainer.wait() == expected_rc, trainer.stderr
     assert_everything_verifies(bucket_url, options)
     latest = cloudckpt.latest_checkpoint(bucket_url, options)

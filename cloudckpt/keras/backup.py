@@ -88,8 +88,8 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
     * **One writer.** Training begins by registering as the directory's writer:
       any older writer still running (a VM being replaced, a job launched twice)
       is fenced and gets ``FencedError`` at its next commit.
-    * **Preemption.** With ``preemption``, a notice (SIGTERM, or GCE / AWS
-      metadata with ``"auto"``) makes the callback save at the current batch, set
+    * **Preemption.** With ``preemption``, a notice (SIGTERM, or GCE / AWS /
+      Azure metadata with ``"auto"``) makes the callback save at the current batch, set
       ``model.stop_training`` and wait for that backup to commit until the
       deadline; ``preempted`` is then True and the backup is kept.
     * **Honest errors.** A backup that cannot be committed raises ``UploadError``
@@ -130,8 +130,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         preemption: None, ``"sigterm"``, ``"auto"`` or a ``cloudckpt.PreemptionWatcher``.
         preemption_deadline: seconds after the first notice by which the final
             backup must be committed (default: the platform's hard stop: 25 s after
-            SIGTERM or a GCE notice, 100 s after an AWS notice); capped by a hard
-            stop a GCE / AWS metadata notice announces (not SIGTERM's 25 s, a guess).
+            SIGTERM or a GCE notice, 100 s after an AWS notice, an Azure event's
+            ``NotBefore`` less 5 s); capped by a hard stop a GCE / AWS / Azure
+            metadata notice announces (not SIGTERM's 25 s, a guess).
         transfer: part size, files and parts in flight (``cloudckpt.TransferOptions``).
         summary_dir: write commit lag, throughput, queue depth, retries, drops and failures
             as TensorBoard scalars there after each commit (None: off).

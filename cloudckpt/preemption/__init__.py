@@ -10,9 +10,15 @@ preemptible machine:
 * **AWS** posts a two-minute spot interruption notice on the instance metadata
   endpoint ``latest/meta-data/spot/instance-action`` (404 until then)
   (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html).
+* **Azure** sends no SIGTERM before evicting a Spot VM: the notice is a
+  Scheduled Event (``Preempt``, at least 30 s ahead; ``Terminate``, ``Reboot``,
+  ``Redeploy`` stop the VM too, ``Freeze`` only pauses it) for this VM on the
+  instance metadata service, ``/metadata/scheduledevents``
+  (https://learn.microsoft.com/en-us/azure/virtual-machines/linux/scheduled-events,
+  https://learn.microsoft.com/en-us/azure/virtual-machines/instance-metadata-service).
 
 :class:`PreemptionWatcher` watches any combination of these sources
-(``"sigterm"``, ``"gce"``, ``"aws"``); it only uses the standard library and
+(``"sigterm"``, ``"gce"``, ``"aws"``, ``"azure"``); it only uses the standard library and
 never imports TensorFlow.  The package has one module per concept:
 
 * :mod:`.notice` -- :class:`PreemptionNotice`, deadlines per source, and the
@@ -25,13 +31,14 @@ never imports TensorFlow.  The package has one module per concept:
   terminates by the signal, exit 143; ``SIG_IGN`` ignores; a callable is
   called); :meth:`PreemptionWatcher.stop` restores it, in any stop order of
   nested watchers; SIGINT is never touched;
-* :mod:`.metadata` -- the GCE and AWS pollers;
+* :mod:`.metadata` -- the GCE, AWS and Azure pollers;
 * :mod:`.watcher` -- :class:`PreemptionWatcher`: the first notice, later
   notices tightening :attr:`PreemptionWatcher.hard_stop_at`, callbacks,
   start/stop.
 
 Metadata base URLs can be given explicitly, or through the environment
-variables ``CLOUDCKPT_GCE_METADATA_URL`` and ``CLOUDCKPT_AWS_METADATA_URL``
+variables ``CLOUDCKPT_GCE_METADATA_URL``, ``CLOUDCKPT_AWS_METADATA_URL`` and
+``CLOUDCKPT_AZURE_METADATA_URL``
 (useful to point a subprocess at a local fake server).
 """
 
@@ -39,7 +46,9 @@ from __future__ import annotations
 
 from .metadata import (
     AWS_METADATA_URL_ENV,
+    AZURE_METADATA_URL_ENV,
     DEFAULT_AWS_METADATA_URL,
+    DEFAULT_AZURE_METADATA_URL,
     DEFAULT_GCE_METADATA_URL,
     GCE_METADATA_URL_ENV,
 )
@@ -48,7 +57,9 @@ from .watcher import PreemptionWatcher
 
 __all__ = [
     "AWS_METADATA_URL_ENV",
+    "AZURE_METADATA_URL_ENV",
     "DEFAULT_AWS_METADATA_URL",
+    "DEFAULT_AZURE_METADATA_URL",
     "DEFAULT_DEADLINES",
     "DEFAULT_GCE_METADATA_URL",
     "GCE_METADATA_URL_ENV",

@@ -11,12 +11,20 @@ reclaimed, with the seconds the platform grants before the hard stop
 * **AWS** spot instances get a two-minute interruption notice on the instance
   metadata endpoint ``latest/meta-data/spot/instance-action``
   (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html).
+* **Azure** sends no SIGTERM before a Spot VM's eviction: the only notice is a
+  Scheduled Event (``Preempt``, at least 30 s ahead; ``Reboot``, ``Redeploy``,
+  ``Terminate`` too) on the instance metadata service, whose ``NotBefore`` says
+  when the VM stops
+  (https://learn.microsoft.com/en-us/azure/virtual-machines/linux/scheduled-events).
+  The notice's deadline is the time until ``NotBefore`` minus 5 s; without a
+  ``NotBefore`` it is :data:`DEFAULT_DEADLINES` ``["azure"]``.
 
 The defaults keep a margin below those figures (25 s of GCE's 30 s, 100 s of
-AWS's 120 s) for the work that follows the save: upload, process exit.
+AWS's 120 s, 25 s of Azure's 30 s minimum) for the work that follows the save:
+upload, process exit.
 
 Notices from the metadata sources (:data:`ANNOUNCING_SOURCES`: ``"gce"``,
-``"aws"``) announce the platform's own hard stop; a ``SIGTERM``'s 25 s is only a
+``"aws"``, ``"azure"``) announce the platform's own hard stop; a ``SIGTERM``'s 25 s is only a
 guess (a Kubernetes pod's ``terminationGracePeriodSeconds``, a shutdown script
 may grant more).  :func:`deadline_at` caps a user's deadline by the former only.
 
@@ -35,16 +43,17 @@ __all__ = ["ANNOUNCING_SOURCES", "DEFAULT_DEADLINES", "SOURCES", "PreemptionNoti
            "deadline_at", "last_notice", "was_preempted"]
 
 #: All notice sources understood by :class:`~cloudckpt.preemption.PreemptionWatcher`.
-SOURCES: tuple[str, ...] = ("sigterm", "gce", "aws")
+SOURCES: tuple[str, ...] = ("sigterm", "gce", "aws", "azure")
 
 #: Seconds the platform gives between the notice and the hard stop, per source.
-#: ``sigterm`` uses the GCE soft-off figure (SIGTERM, hard stop ~30 s later).
-DEFAULT_DEADLINES: dict[str, float] = {"sigterm": 25.0, "gce": 25.0, "aws": 100.0}
+#: ``sigterm`` uses the GCE soft-off figure (SIGTERM, hard stop ~30 s later); ``azure`` is used for a
+#: Scheduled Event without a ``NotBefore`` (one that has ``Started``): 25 s of a ``Preempt``'s 30 s minimum.
+DEFAULT_DEADLINES: dict[str, float] = {"sigterm": 25.0, "gce": 25.0, "aws": 100.0, "azure": 25.0}
 
 #: Sources whose notice announces the platform's real hard stop (a metadata server saying the machine is
 #: reclaimed): a user's deadline ending later than it is capped (:func:`deadline_at`).  Not ``"sigterm"``:
 #: its 25 s is a guess (Kubernetes' ``terminationGracePeriodSeconds``, a shutdown script may grant more).
-ANNOUNCING_SOURCES: tuple[str, ...] = ("gce", "aws")
+ANNOUNCING_SOURCES: tuple[str, ...] = ("gce", "aws", "azure")
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,13 @@ class PreemptionNotice:
     """A preemption warning received from one of the watched sources.
 
     Attributes:
-        source: ``"sigterm"``, ``"gce"`` or ``"aws"`` (or any string passed to
+        source: ``"sigterm"``, ``"gce"``, ``"aws"`` or ``"azure"`` (or any string passed to
             :meth:`PreemptionWatcher.trigger`).
         received_at: ``time.monotonic()`` when the notice was recorded.
         detail: Human-readable description, e.g. ``"SIGTERM"``,
             ``"instance/preempted=TRUE"`` or
-            ``"spot instance-action: terminate at 2026-11-26T19:00:00Z"``.
+            ``"spot instance-action: terminate at 2026-11-26T19:00:00Z"`` or
+            ``"scheduled event Preempt (Scheduled) for vm-1, NotBefore Mon, 19 Sep 2016 18:29:47 GMT"``.
         deadline: Seconds the platform grants after the notice before the
             machine is hard-stopped.
     """

@@ -15,11 +15,12 @@ one daemon thread, and records :class:`~.notice.PreemptionNotice` objects:
   closer, INFO otherwise);
 * the **deadline in use**, :attr:`~PreemptionWatcher.deadline_at`, is the user's
   :attr:`~PreemptionWatcher.deadline` after the first notice, capped by a hard
-  stop a ``"gce"`` / ``"aws"`` notice announced (not by a ``"sigterm"`` one's
+  stop a ``"gce"`` / ``"aws"`` / ``"azure"`` notice announced (not by a ``"sigterm"`` one's
   guess), else :attr:`~PreemptionWatcher.hard_stop_at`.
 
 Metadata polling stops after the first notice: each source announces once,
-and the notice that can follow on GCE, the ACPI soft-off, arrives as SIGTERM.
+and the notice that can follow on GCE, the ACPI soft-off, arrives as SIGTERM
+(Azure sends none before a Spot eviction: its Scheduled Event is the notice).
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ class PreemptionWatcher:
     """Watch for spot / preemptible VM termination notices.
 
     Args:
-        sources: Any of ``"sigterm"``, ``"gce"``, ``"aws"``.  A single string
-            is accepted as a one-source shortcut.
+        sources: Any of ``"sigterm"``, ``"gce"``, ``"aws"``, ``"azure"``.  A single
+            string is accepted as a one-source shortcut.
         gce_metadata_url: Base URL of the GCE metadata server.  Defaults to
             ``$CLOUDCKPT_GCE_METADATA_URL`` or ``http://metadata.google.internal``.
         aws_metadata_url: Base URL of the AWS instance metadata service.
             Defaults to ``$CLOUDCKPT_AWS_METADATA_URL`` or ``http://169.254.169.254``.
+        azure_metadata_url: Base URL of the Azure instance metadata service (Scheduled
+            Events).  Defaults to ``$CLOUDCKPT_AZURE_METADATA_URL`` or ``http://169.254.169.254``.
         poll_interval: Seconds between metadata polls (default 5).
         request_timeout: Seconds for each socket operation of a metadata request.
 
@@ -73,7 +76,11 @@ class PreemptionWatcher:
     tighten :attr:`hard_stop_at`.  Metadata sources that cannot be reached
     (connection error, 404, ...) ``3`` times in a row before ever answering are
     assumed absent and no longer polled, so ``"auto"`` is cheap on machines
-    outside that cloud.  Polling stops once a notice has been received.
+    outside that cloud (AWS, Azure and GCE share ``169.254.169.254``; each
+    cloud's server refuses the other pollers' requests).  Azure counts as
+    present once its instance metadata answered the VM's name: the first
+    Scheduled Events request may take up to two minutes, and is waited out
+    quietly.  Polling stops once a notice has been received.
 
     SIGTERM (see :mod:`cloudckpt.preemption.signals`): the first SIGTERM the
     watcher's handler receives while running is a notice and does not
@@ -91,7 +98,7 @@ class PreemptionWatcher:
         deadline: seconds after the first notice by which the work it announces
             must be done, when the user set them (``CheckpointEngine``'s
             ``preemption_deadline`` sets it); ``None`` (default): the platform's.
-            A hard stop announced by a ``"gce"`` / ``"aws"`` notice caps it (a
+            A hard stop announced by a ``"gce"`` / ``"aws"`` / ``"azure"`` notice caps it (a
             ``"sigterm"`` notice's 25 s is a guess and does not): see
             :attr:`deadline_at`, the deadline in use, which the notice's log
             line quotes (with the platform's figure, and a WARNING once when
@@ -104,6 +111,7 @@ class PreemptionWatcher:
         *,
         gce_metadata_url: str | None = None,
         aws_metadata_url: str | None = None,
+        azure_metadata_url: str | None = None,
         poll_interval: float = 5.0,
         request_timeout: float = 1.0,
     ) -> None:
@@ -124,6 +132,8 @@ class PreemptionWatcher:
                                              metadata.DEFAULT_GCE_METADATA_URL)
         self._aws_url = metadata.resolve_url(aws_metadata_url, metadata.AWS_METADATA_URL_ENV,
                                              metadata.DEFAULT_AWS_METADATA_URL)
+        self._azure_url = metadata.resolve_url(azure_metadata_url, metadata.AZURE_METADATA_URL_ENV,
+                                               metadata.DEFAULT_AZURE_METADATA_URL)
         self._poll_interval = float(poll_interval)
         self._request_timeout = float(request_timeout)
 
@@ -141,7 +151,7 @@ class PreemptionWatcher:
         self._callbacks: list[Callable[[PreemptionNotice], None]] = []
         # Seconds after the first notice by which the work it announces must be done, when the user set them
         # (``CheckpointEngine(preemption_deadline=)`` sets this); None: the platform's, the notice's ``deadline``.
-        # A gce/aws notice's hard stop caps it (``deadline_at``, the one in use, quoted by the notice's log line);
+        # A gce/aws/azure notice's hard stop caps it (``deadline_at``, the one in use, quoted by the notice's log line);
         # ``hard_stop_at`` stays the platform's.
         self.deadline: float | None = None
         # Acquired (non-blocking, so signal-safe) by whoever logs that the platform's hard stop caps ``deadline``.
@@ -160,7 +170,8 @@ class PreemptionWatcher:
         """Build a watcher from the hook's ``preemption=`` argument.
 
         ``None`` -> ``None`` (off); ``"sigterm"`` -> SIGTERM only; ``"auto"`` ->
-        SIGTERM plus GCE and AWS metadata polling; a :class:`PreemptionWatcher`
+        SIGTERM plus GCE, AWS and Azure metadata polling (the clouds the machine
+        is not on are given up after a few requests); a :class:`PreemptionWatcher`
         is returned unchanged.
 
         Raises:
@@ -174,7 +185,7 @@ class PreemptionWatcher:
             if spec == "sigterm":
                 return cls(("sigterm",))
             if spec == "auto":
-                return cls(("sigterm", "gce", "aws"))
+                return cls(("sigterm", "gce", "aws", "azure"))
         raise ConfigError(f"invalid preemption spec {spec!r}; expected one of {', '.join(_SPECS)}")
 
     # ------------------------------------------------------------- properties
@@ -192,6 +203,11 @@ class PreemptionWatcher:
     def aws_metadata_url(self) -> str:
         """The resolved AWS instance metadata base URL."""
         return self._aws_url
+
+    @property
+    def azure_metadata_url(self) -> str:
+        """The resolved Azure instance metadata base URL."""
+        return self._azure_url
 
     @property
     def poll_interval(self) -> float:
@@ -243,7 +259,7 @@ class PreemptionWatcher:
 
         Without :attr:`deadline`: :attr:`hard_stop_at`.  With it: ``deadline``
         seconds after the first notice, capped by the earliest hard stop that a
-        ``"gce"`` or ``"aws"`` notice announced (the platform's own figure; not
+        ``"gce"``, ``"aws"`` or ``"azure"`` notice announced (the platform's own figure; not
         by a ``"sigterm"`` notice, whose 25 s is only a guess: Kubernetes'
         ``terminationGracePeriodSeconds`` may be longer, and the user's value
         wins there).  See :func:`cloudckpt.preemption.notice.deadline_at`.
@@ -283,7 +299,7 @@ class PreemptionWatcher:
         signal handler: it never blocks on a lock.
 
         Args:
-            source: Where the notice came from (``"sigterm"``, ``"gce"``, ``"aws"``).
+            source: Where the notice came from (``"sigterm"``, ``"gce"``, ``"aws"``, ``"azure"``).
             detail: Human-readable description.
             deadline: Seconds until the platform hard-stops the machine.
         """
@@ -369,12 +385,13 @@ class PreemptionWatcher:
             self._running = True
             if "sigterm" in self._sources:
                 self._sigterm_handler = signals.install_handler(self._on_sigterm, self._first_sigterm)
-            poll_sources = [s for s in self._sources if s in ("gce", "aws")]
+            poll_sources = [s for s in self._sources if s in ("gce", "aws", "azure")]
             if poll_sources and moto_mock_active():
                 # A test under moto's in-process mock must not reach the real cloud metadata addresses;
                 # fake servers (explicit or $CLOUDCKPT_*_METADATA_URL) are still polled.
                 real = {"gce": (self._gce_url, metadata.DEFAULT_GCE_METADATA_URL),
-                        "aws": (self._aws_url, metadata.DEFAULT_AWS_METADATA_URL)}
+                        "aws": (self._aws_url, metadata.DEFAULT_AWS_METADATA_URL),
+                        "azure": (self._azure_url, metadata.DEFAULT_AZURE_METADATA_URL)}
                 skipped = [s for s in poll_sources if real[s][0] == real[s][1]]
                 if skipped:
                     logger.info("moto's mock is active: not polling the real %s metadata server(s)",
@@ -383,12 +400,13 @@ class PreemptionWatcher:
             if poll_sources:
                 stop_event = threading.Event()
                 self._stop_event = stop_event
-                self._pollers = [
-                    metadata.GcePoller(self.trigger, self._gce_url, self._request_timeout, stop_event)
-                    if s == "gce" else
-                    metadata.AwsPoller(self.trigger, self._aws_url, self._request_timeout, stop_event)
-                    for s in poll_sources
-                ]
+                kinds: dict[str, tuple[type[metadata.Poller], str]] = {
+                    "gce": (metadata.GcePoller, self._gce_url),
+                    "aws": (metadata.AwsPoller, self._aws_url),
+                    "azure": (metadata.AzurePoller, self._azure_url),
+                }
+                self._pollers = [kinds[s][0](self.trigger, kinds[s][1], self._request_timeout, stop_event)
+                                 for s in poll_sources]
                 self._thread = threading.Thread(
                     target=metadata.poll_loop,
                     args=(list(self._pollers), stop_event, self._poll_interval, self.is_preempted),

@@ -1,9 +1,10 @@
 """Training process for crash and preemption tests: trains with cloudckpt's hook until stopped or killed.
 
 Usage: python crash_trainer.py URL ENDPOINT|- LOCAL_DIR [--save-steps N] [--last-step N]
-                               [--preemption none|SOURCE[,SOURCE...]] [--deadline SECONDS]
+                               [--preemption none|auto|SOURCE[,SOURCE...]] [--deadline SECONDS]
                                [--raise-at N] [--learning-rate LR] [--step-sleep SECONDS] [--start-when PATH]
-SOURCE is sigterm, gce or aws (metadata URLs from CLOUDCKPT_*_METADATA_URL, polled every 0.1 s).
+SOURCE is sigterm, gce, aws or azure (metadata URLs from CLOUDCKPT_*_METADATA_URL, polled every 0.1 s);
+``auto`` is the hook's ``preemption="auto"`` (SIGTERM and every metadata source, polled every 5 s).
 Prints ``WRITER <id>`` and ``FIRST_STEP <n>`` once the session is created (after any restore) and
 ``STEP <n>`` now and then, so the parent knows training (and uploading) is under way.
 With ``--raise-at N`` a hook raises RuntimeError at step N; the trainer catches it, prints
@@ -74,8 +75,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     options = {"endpoint_url": endpoint} if endpoint != "-" else None
     extra: dict = {"preemption_deadline": args.deadline}
-    if args.preemption == "sigterm":
-        extra["preemption"] = "sigterm"
+    if args.preemption in ("sigterm", "auto"):
+        extra["preemption"] = args.preemption
     elif args.preemption != "none":  # metadata URLs come from CLOUDCKPT_*_METADATA_URL
         extra["preemption"] = cloudckpt.PreemptionWatcher(tuple(args.preemption.split(",")), poll_interval=0.1)
     threads_before = set(threading.enumerate())

@@ -1,11 +1,13 @@
-"""Fake GCE and AWS instance-metadata servers for preemption tests.
+"""Fake GCE, AWS and Azure instance-metadata servers for preemption tests.
 
-    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws:
-        watcher = PreemptionWatcher(("gce", "aws"), gce_metadata_url=gce.url,
-                                    aws_metadata_url=aws.url, poll_interval=0.05)
+    with FakeGceMetadata() as gce, FakeAwsMetadata() as aws, FakeAzureMetadata() as azure:
+        watcher = PreemptionWatcher(("gce", "aws", "azure"), gce_metadata_url=gce.url,
+                                    aws_metadata_url=aws.url, azure_metadata_url=azure.url,
+                                    poll_interval=0.05)
         gce.preempt()                      # instance/preempted -> TRUE
         aws.preempt(action="terminate")    # spot/instance-action -> JSON notice
         aws.invalidate_tokens()            # next GET with the old token -> 401
+        azure.preempt()                    # a Preempt scheduled event for this VM, NotBefore now + 30 s
 
 Both serve on 127.0.0.1 (ephemeral port, ``.url``) from a daemon thread and
 keep a request log (``.requests``: :class:`Request` records, logged when answered).
@@ -21,6 +23,15 @@ AWS (IMDSv2): ``PUT /latest/api/token`` needs ``X-aws-ec2-metadata-token-ttl-sec
 ``GET /latest/meta-data/spot/instance-action`` needs a valid
 ``X-aws-ec2-metadata-token`` (else 401); 404 until :meth:`FakeAwsMetadata.preempt`.
 With ``imdsv1=True`` the PUT answers 405 and GETs need no token.
+
+Azure: ``GET /metadata/instance/compute/name?api-version=...&format=text`` (the
+VM's name, ``vm_name``) and ``GET /metadata/scheduledevents?api-version=...``
+(``{"DocumentIncarnation": n, "Events": [...]}``, what :meth:`FakeAzureMetadata.set_events`
+/ ``preempt`` set).  Other methods get 405 (checked first: an AWS poller's token PUT
+then falls back to IMDSv1), requests without ``Metadata: true`` 400, a missing
+``api-version`` 400, unknown paths 404.  ``enable_delay`` seconds: the first
+scheduledevents request enables the feature, and every scheduledevents request
+is held back until that many seconds after it (Azure: "up to two minutes").
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ import http.server
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import Message
+from email.utils import format_datetime
 from typing import Any
 
 
@@ -70,13 +83,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.fake._log(Request(self.command, self.path, dict(self.headers.items()),
                                       status))
         data = body.encode()
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            if "Content-Type" not in headers:
+                self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (its timeout): nothing to answer
 
     do_GET = _dispatch
     do_PUT = _dispatch
@@ -96,6 +113,7 @@ class _FakeMetadata:
         self._requests: list[Request] = []
         self._arrivals = 0
         self.delay = 0.0
+        self._closing = threading.Event()  # set by close(): requests held back (delay, enable_delay) are answered
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -143,7 +161,7 @@ class _FakeMetadata:
         with self._lock:
             self._arrivals += 1
         if self.delay:
-            time.sleep(self.delay)
+            self._closing.wait(self.delay)
 
     def _log(self, request: Request) -> None:
         with self._lock:
@@ -155,7 +173,8 @@ class _FakeMetadata:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop the server."""
+        """Stop the server (requests held back are answered at once: server_close() waits for them)."""
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -264,3 +283,85 @@ class FakeAwsMetadata(_FakeMetadata):
                 return 404, "Not Found", {}
             return 200, json.dumps(self._action), {}
         return 404, "Not Found", {}
+
+
+class FakeAzureMetadata(_FakeMetadata):
+    """Fake Azure instance metadata service: the VM's name and Scheduled Events (``Metadata: true`` required).
+
+    Args:
+        vm_name: What ``instance/compute/name`` answers (the name events must list in ``Resources``).
+        enable_delay: Seconds the first scheduledevents request takes (it "enables" the feature); requests
+            arriving meanwhile are answered when it is over.
+    """
+
+    NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
+    EVENTS_PATH = "/metadata/scheduledevents?api-version=2020-07-01"
+
+    def __init__(self, *, vm_name: str = "vm-1", enable_delay: float = 0.0) -> None:
+        self.vm_name = vm_name
+        self.enable_delay = enable_delay
+        self._enabled_at: float | None = None
+        self._events: list[dict[str, Any]] = []
+        self._incarnation = 1
+        super().__init__()
+
+    @staticmethod
+    def event(event_type: str = "Preempt", *, resources: list[str] | None = None, status: str = "Scheduled",
+              not_before: datetime | str | None = None, event_id: str | None = None,
+              source: str = "Platform", duration: int = -1) -> dict[str, Any]:
+        """One scheduled event as Azure lists it (``resources`` default ``["vm-1"]``; ``not_before`` a
+        datetime, an RFC 1123 string, or ``None`` for now + 30 s; ``""`` for none, as once Started)."""
+        if not_before is None:
+            not_before = datetime.now(timezone.utc) + timedelta(seconds=30)
+        if isinstance(not_before, datetime):
+            not_before = format_datetime(not_before.astimezone(timezone.utc), usegmt=True)
+        return {"EventId": event_id or str(uuid.uuid4()).upper(), "EventType": event_type,
+                "ResourceType": "VirtualMachine", "Resources": list(resources or ["vm-1"]),
+                "EventStatus": status, "NotBefore": not_before, "Description": f"{event_type} by the fake",
+                "EventSource": source, "DurationInSeconds": duration}
+
+    def set_events(self, events: list[dict[str, Any]]) -> None:
+        """Replace the scheduled events (``DocumentIncarnation`` goes up by one)."""
+        with self._lock:
+            self._events = [dict(e) for e in events]
+            self._incarnation += 1
+
+    def preempt(self, *, not_before: datetime | str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Schedule a ``Preempt`` (Spot eviction) of this VM, ``NotBefore`` now + 30 s by default; returns it."""
+        kwargs.setdefault("resources", [self.vm_name])
+        event = self.event("Preempt", not_before=not_before, **kwargs)
+        with self._lock:
+            self._events = [*self._events, event]
+            self._incarnation += 1
+        return event
+
+    @property
+    def document(self) -> dict[str, Any]:
+        """What scheduledevents answers now."""
+        with self._lock:
+            return {"DocumentIncarnation": self._incarnation, "Events": [dict(e) for e in self._events]}
+
+    def handle(self, method: str, path: str,
+               headers: Message) -> tuple[int, str, dict[str, str]]:
+        json_reply = {"Content-Type": "application/json; charset=utf-8"}
+        if method != "GET":
+            return 405, json.dumps({"error": f"Http method not allowed: Method = {method}"}), json_reply
+        if (headers.get("Metadata") or "").lower() != "true":
+            return 400, json.dumps({"error": "Bad request. Required metadata header not specified"}), json_reply
+        parts = urllib.parse.urlsplit(path)
+        query = urllib.parse.parse_qs(parts.query)
+        if parts.path not in ("/metadata/instance/compute/name", "/metadata/scheduledevents"):
+            return 404, json.dumps({"error": "Not found"}), json_reply
+        if not query.get("api-version"):
+            return 400, json.dumps({"error": "Bad request. api-version was not specified in the request"}), json_reply
+        if parts.path == "/metadata/instance/compute/name":
+            if query.get("format") != ["text"]:
+                return 400, json.dumps({"error": "Bad request. format=text is required for a leaf"}), json_reply
+            return 200, self.vm_name, {}
+        with self._lock:
+            if self._enabled_at is None:
+                self._enabled_at = time.monotonic() + self.enable_delay
+            wait = self._enabled_at - time.monotonic()
+        if wait > 0:
+            self._closing.wait(wait)
+        return 200, json.dumps(self.document), json_reply
