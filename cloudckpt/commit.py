@@ -21,7 +21,16 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
 6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
-   file (the current lineage, relative paths).
+   file (the current lineage, relative paths), unless the checkpoint is committed in place (below).
+
+**In place** (a plain local directory whose files are the checkpoint's objects themselves: the hook or
+``CheckpointManager`` with a local ``checkpoint_dir``, ``cloudckpt push DIR DIR``) the ``checkpoint`` state
+file is TF's: the Saver or ``tf.train.CheckpointManager`` that wrote the files rewrites it after every save
+(atomically, after the checkpoint's files), in the training thread. A commit does not touch it there: a second
+writer (a commit runs in the uploader thread) made the file flip between TF's view (every checkpoint kept,
+absolute paths for a TF1 Saver) and the committed lineage, for TF's readers (``tf.train.latest_checkpoint``,
+a new ``tf.train.CheckpointManager``'s bookkeeping) to see either. Commands that run with no Saver writing
+the directory (``cloudckpt rollback``, ``gc``) still rewrite it (``write_state_file``).
 
 Steps 5 and 6 run past the commit's **point of no return** when it runs in a transfer scope (the uploader's
 commits, ``cancel.TransferScope.enter_commit_point``): once its data is uploaded and checked, no cancel (an
@@ -92,7 +101,7 @@ GRAPH_FILE = "graph.pbtxt"  # TF1's graph, uploaded next to the checkpoints when
 
 __all__ = ["STATE_FILE", "GRAPH_FILE", "render_state_file", "LocalCheckpoint", "CommitResult", "commit_checkpoint",
            "find_local_checkpoint", "local_checkpoint_prefixes", "build_manifest", "register_continuing",
-           "write_state_file", "UPLOADED", "HEALED", "ALREADY_COMMITTED", "REFUSED"]
+           "write_state_file", "committed_in_place", "UPLOADED", "HEALED", "ALREADY_COMMITTED", "REFUSED"]
 
 
 @dataclass(frozen=True)
@@ -238,7 +247,8 @@ def commit_checkpoint(
             if not isinstance(exc, FencedError):
                 _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
             raise
-        if result.outcome != REFUSED and ckpt.layout == DEFAULT_LAYOUT:  # TF's state file names TF checkpoints
+        if result.outcome != REFUSED and ckpt.layout == DEFAULT_LAYOUT and not committed_in_place(store, ckpt):
+            # TF's state file names TF checkpoints; in place it is the Saver's (see the module docstring)
             try:
                 write_state_file(store, fold(writer.log.cached()))
             except Exception as exc:  # noqa: BLE001 - the checkpoint is committed; the state file is advisory
@@ -459,6 +469,13 @@ def _in_place(store: RemoteStore, ckpt: LocalCheckpoint, name: str) -> bool:
         os.path.abspath(ckpt.files[name]) == os.path.abspath(store.path(name))
 
 
+def committed_in_place(store: RemoteStore, ckpt: LocalCheckpoint) -> bool:
+    """True when every file of ``ckpt`` is the store's own object (a plain local directory committed in place,
+    no copy): the framework that wrote the files there keeps the directory's TF state file, which a commit
+    then leaves alone (see the module docstring)."""
+    return bool(ckpt.files) and all(_in_place(store, ckpt, name) for name in ckpt.files)
+
+
 def _check_sizes(store: RemoteStore, manifest: Manifest) -> list[RemoteObject]:
     """List the directory and check each uploaded file's size, and its crc32c where the listing carries the
     store's own (GCS computes it from the bytes it received; gcsfs cannot send one to be checked at write
@@ -531,6 +548,14 @@ def write_state_file(store: RemoteStore, state: LogState | None = None) -> None:
     log records get ``tf.train.CheckpointManager``'s timestamps (``layout.state_file_timestamps``).
 
     ``state``: the log as the caller just saw it (a writer after its own append); read otherwise.
+
+    Callers: a commit to a directory that is not the checkpoint's own (``commit_checkpoint``), retention
+    that deletes files (``retention.apply_retention``), ``rollback``. Never while a Saver writes the
+    directory in place (a commit in place, retention after TF's ``max_to_keep``): the state file is TF's
+    there, and a second writer would race it (module docstring). The write is atomic (``write_atomic``).
+
+    Raises:
+        RemoteError: the store could not be read or written.
     """
     if state is None:
         names = [o.name for o in store.list_objects()]

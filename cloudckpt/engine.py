@@ -878,13 +878,15 @@ class CheckpointEngine:
         a checkpoint with some files gone is one it is deleting right now, file after file, from the training
         thread (TF's Saver: ``.meta``, ``.index``, then ``.data-*``), while this runs in the uploader thread.
         Deleting the rest here raced it (TF logged "Hit NotFoundError when deleting ..., possibly because
-        another process/thread is also deleting" for files this thread had removed first)."""
+        another process/thread is also deleting" for files this thread had removed first). TF's ``checkpoint``
+        state file is the framework's too (it rewrites it after each save): not rewritten here either."""
         scan = scan or scan_directory(self._store)
         present = {o.name for o in scan.objects}
         gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
         if gone:
             apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
-                            self._uploader.writer, reason="Retention (max_to_keep, in place)", delete_files=False)
+                            self._uploader.writer, reason="Retention (max_to_keep, in place)", delete_files=False,
+                            state_file=False)
 
     def _wait_until(self, deadline: Callable[[], float | None],
                     each: Callable[[float | None], None] | None = None) -> None:

@@ -5,6 +5,9 @@ first (with a commit log: a ``delete`` entry retires it; then, as without a
 log, its manifest is removed), then its files go, then the state file is
 rewritten. A crash anywhere in between leaves, at worst, uncommitted files
 that ``gc`` removes later, never a committed checkpoint with missing files.
+Committed in place, retention after the framework's own ``max_to_keep``
+(``delete_files=False, state_file=False``) leaves the files and TF's state
+file to the framework, their one writer.
 
 Superseded checkpoints (committed in an abandoned lineage, ``lineage.py``) are
 deleted before any checkpoint of the current lineage: the ``max_to_keep``
@@ -204,7 +207,7 @@ def _retire_and_delete(doomed: list[CheckpointInfo], writer: Writer, planned_at:
 
 
 def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | None = None, *,
-                    reason: str = "Retention", delete_files: bool = True) -> None:
+                    reason: str = "Retention", delete_files: bool = True, state_file: bool = True) -> None:
     """Carry out ``plan``: un-commit and delete old checkpoints, remove debris, rewrite the state file.
 
     In a directory with a commit log, deletions are announced by ``writer``
@@ -217,6 +220,15 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
     that is the framework's own ``max_to_keep`` (TF's Saver, ``tf.train.CheckpointManager``), which
     deletes a checkpoint's files one after the other: a second deleter racing it makes TF log
     "Hit NotFoundError when deleting". A file nobody deletes stays as uncommitted debris (``gc``).
+
+    ``state_file=False``: TF's ``checkpoint`` state file is not rewritten. Committed in place, the Saver or
+    ``tf.train.CheckpointManager`` deleting the files rewrites it after each save, in the training thread;
+    a rewrite from here (the uploader thread) raced it (``commit.py``, in place). True (default): rewritten
+    when a TF checkpoint was deleted (``commit.write_state_file``).
+
+    Raises:
+        RemoteError: the store could not be read or written.
+        FencedError: ``writer`` was fenced by a newer writer.
     """
     planned_at = None
     if plan.log is None:
@@ -245,7 +257,7 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
         else:
             store.delete_before(names, deadline=float("inf"))  # in bulk where the store can
         log.info("Removed %d file(s) of uncommitted checkpoint step %d from %s.", len(names), inc.step, store.url)
-    if any(c.layout == DEFAULT_LAYOUT for c in plan.delete):  # TF's state file names TF checkpoints only
+    if state_file and any(c.layout == DEFAULT_LAYOUT for c in plan.delete):  # it names TF checkpoints only
         write_state_file(store, fold(writer.log.cached()) if writer is not None else None)
 
 

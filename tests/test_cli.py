@@ -656,6 +656,63 @@ def test_gc_dry_run_deletes_nothing_then_gc_keeps_newest(committed, moto_server)
     assert not [k for k in keys(client, name) if k.startswith("model.ckpt-40.")]
 
 
+# -- in place: rollback and gc rewrite TF's state file (no Saver is writing it then) ----------------
+
+def test_push_in_place_commits_and_leaves_tfs_state_file_alone(stock_dir, tmp_path):
+    """`cloudckpt push DIR DIR` commits TF's checkpoints where they are; the state file stays TF's (a Saver may
+    be writing the directory next to it). It was rewritten with the committed lineage, relative paths."""
+    import shutil
+
+    from cloudckpt.push import push_checkpoints
+
+    directory = tmp_path / "stock"
+    shutil.copytree(stock_dir, directory)
+    tfs = (directory / "checkpoint").read_bytes()
+    result = push_checkpoints(str(directory), str(directory))
+    assert [r.step for r in result.uploaded] == STEPS
+    assert sorted(assert_all_committed_intact(str(directory), None)) == STEPS
+    assert (directory / "checkpoint").read_bytes() == tfs
+
+
+def test_rollback_and_gc_in_place_rewrite_the_state_file_tf_resumes_from(tmp_path):
+    """In place the state file is TF's Saver's while it trains (cloudckpt's commits leave it alone), but
+    `cloudckpt rollback` and `cloudckpt gc`, run with no training writing the directory, still rewrite it
+    (the committed lineage, relative paths): TF restores the checkpoint rollback chose, and never one gc deleted."""
+    import tensorflow as tf
+
+    import cloudckpt
+    from support.tf_model import train
+
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=2, scaffold=scaffold, max_pending=100)
+
+    train(in_place, last_step=8)  # the Saver keeps (max_to_keep 5) and cloudckpt commits 0, 2, 4, 6, 8
+    assert tf.train.latest_checkpoint(ckpt_dir) == os.path.join(ckpt_dir, "model.ckpt-8")
+    assert state_file(ckpt_dir)["model_checkpoint_path"] == [os.path.join(ckpt_dir, "model.ckpt-8")]  # TF's
+
+    back = run_cli("rollback", ckpt_dir, "--step", "4")
+    assert back.returncode == 0, back.stderr
+    state = state_file(ckpt_dir)
+    assert state["model_checkpoint_path"] == ["model.ckpt-4"]
+    assert state["all_model_checkpoint_paths"] == ["model.ckpt-0", "model.ckpt-2", "model.ckpt-4"]
+    assert tf.train.latest_checkpoint(ckpt_dir) == os.path.join(ckpt_dir, "model.ckpt-4")
+    assert train(in_place, last_step=7).first_step == 4  # saves 4 (already committed) and 6 of the new branch, 7
+
+    gc = run_cli("gc", ckpt_dir, "--keep", "2")
+    assert gc.returncode == 0, gc.stderr
+    assert sorted(re.findall(r"^delete step (\d+)", gc.stdout, re.M)) == ["0", "2", "4", "8"], gc.stdout
+    state = state_file(ckpt_dir)
+    assert state["model_checkpoint_path"] == ["model.ckpt-7"]
+    assert state["all_model_checkpoint_paths"] == ["model.ckpt-6", "model.ckpt-7"]
+    assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [6, 7]
+    assert not [n for n in os.listdir(ckpt_dir) if n.startswith(("model.ckpt-0.", "model.ckpt-2.", "model.ckpt-4.",
+                                                                   "model.ckpt-8."))]
+    assert tf.train.latest_checkpoint(ckpt_dir) == os.path.join(ckpt_dir, "model.ckpt-7")
+    assert train(in_place, last_step=8).first_step == 7
+
+
 # -- the library calls behind the commands ----------------------------------------------------------
 
 def test_library_calls_behind_the_commands(bucket, stock_dir, moto_server, tmp_path):

@@ -47,9 +47,14 @@ def test_every_save_is_committed_intact(target, tmp_path):
     committed = assert_all_committed_intact(url, options)
     assert set(committed) == {0, 10, 20, 30, 35}
     state = state_file(url, options)
-    assert state["model_checkpoint_path"] == ["model.ckpt-35"]
-    assert state["all_model_checkpoint_paths"] == [f"model.ckpt-{s}" for s in (0, 10, 20, 30, 35)]
-    assert all("/" not in p for p in state["all_model_checkpoint_paths"])
+    if "://" in url:  # cloudckpt's state file: the committed lineage, relative paths
+        assert state["model_checkpoint_path"] == ["model.ckpt-35"]
+        assert state["all_model_checkpoint_paths"] == [f"model.ckpt-{s}" for s in (0, 10, 20, 30, 35)]
+        assert all("/" not in p for p in state["all_model_checkpoint_paths"])
+    else:  # in place the state file is the Saver's own (absolute paths: its save_relative_paths=False)
+        assert state["model_checkpoint_path"] == [os.path.join(url, "model.ckpt-35")]
+        assert state["all_model_checkpoint_paths"] == [os.path.join(url, f"model.ckpt-{s}")
+                                                       for s in (0, 10, 20, 30, 35)]
     latest = cloudckpt.latest_checkpoint(url, options)
     assert latest is not None and latest.step == result.last_step
     assert latest.prefix == url.rstrip("/") + "/model.ckpt-35"
@@ -605,3 +610,89 @@ def test_in_place_the_savers_max_to_keep_is_the_only_deleter_of_its_files(tmp_pa
     deletions = [e for e in log_entries(ckpt_dir) if e["type"] == "delete"]
     assert deletions and all(e["retire"] for e in deletions)
     assert [n for e in deletions for n in e["names"] if not n.endswith(".manifest.json")] == []  # no TF file
+
+
+class StateFileWatch(tf.compat.v1.train.CheckpointSaverListener):
+    """Reads the ``checkpoint`` state file (inode, mtime, bytes) right after each save, before cloudckpt's
+    listener (it comes after the user's) queues the save: what TF's Saver wrote. Before the next save, once
+    every commit and retirement of cloudckpt's has finished (``wait``), the file must be unchanged."""
+
+    def __init__(self, directory: str, hooks: list) -> None:
+        self.path = os.path.join(directory, "checkpoint")
+        self.hooks = hooks
+        self.after_save_seen: list[tuple[int, tuple[int, int, bytes]]] = []
+        self.changed: list[tuple[int, bytes, bytes]] = []  # (step of the save, TF's bytes, the file's later)
+
+    def read(self) -> tuple[int, int, bytes]:
+        with open(self.path, "rb") as f:
+            return os.fstat(f.fileno()).st_ino, os.fstat(f.fileno()).st_mtime_ns, f.read()
+
+    def after_save(self, session, step):
+        self.after_save_seen.append((int(step), self.read()))
+
+    def before_save(self, session, step):
+        if self.after_save_seen:
+            self.check()
+
+    def check(self) -> None:
+        self.hooks[0].wait(timeout=60)  # the previous save's commit, and its retirement of what TF deleted
+        step, seen = self.after_save_seen[-1]
+        now = self.read()
+        if now != seen:
+            self.changed.append((step, seen[2], now[2]))
+
+
+def test_in_place_the_saver_is_the_only_writer_of_the_state_file(tmp_path):
+    """In place, TF's Saver rewrites the ``checkpoint`` state file after each save (training thread), and
+    cloudckpt's uploader rewrote it too after each commit and retirement (the committed lineage, relative paths):
+    two writers racing, so readers (``tf.train.latest_checkpoint``, a new ``tf.train.CheckpointManager``) saw
+    either view. Now TF is its one writer there: between TF's saves, and after training ends, the file is the
+    one TF wrote (same inode, mtime and bytes); the commits and retirements still happen."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    hooks: list[cloudckpt.CheckpointSaverHook] = []
+    watch = StateFileWatch(ckpt_dir, hooks)
+
+    def in_place(scaffold):
+        hooks.append(cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=2, scaffold=scaffold, listeners=[watch],
+                                                   max_pending=100))
+        return hooks[-1]
+
+    train(in_place, last_step=9, max_to_keep=2)  # saves 0, 2, 4, 6, 8 and the final 9
+    watch.check()  # after end(): the final commit and the retirement at the end are done
+    assert [step for step, _ in watch.after_save_seen] == [0, 2, 4, 6, 8, 9]
+    assert watch.changed == []
+    last = watch.after_save_seen[-1][1][2].decode()
+    assert last.startswith(f'model_checkpoint_path: "{os.path.join(ckpt_dir, "model.ckpt-9")}"'), last  # TF's
+    assert tf.train.latest_checkpoint(ckpt_dir) == os.path.join(ckpt_dir, "model.ckpt-9")
+    assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [8, 9]  # committed; TF's deletions retired
+    stats = hooks[0].stats()
+    assert stats.committed == 6 and stats.failed == 0 and stats.housekeeping_failures == 0
+
+
+def test_in_place_a_crash_between_a_save_and_its_commit_resumes_from_that_save_as_plain_tf_does(tmp_path):
+    """The process dies after TF's Saver wrote checkpoint 13 and its state file, before cloudckpt committed it.
+    TF's state file names step 13, so plain TF (``tf.train.latest_checkpoint``) restores it; the commit log's
+    latest is step 10 (what ``cloudckpt pull`` / ``download_checkpoint`` take elsewhere). Resumed in place, the
+    hook goes on from the local checkpoint too (ahead of the store) and commits it with the session's first save."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, scaffold=scaffold, max_pending=100)
+
+    train(in_place, last_step=10)
+    with tf.Graph().as_default():  # the dying run's last save: TF wrote it, cloudckpt never saw it
+        step = tf.compat.v1.train.get_or_create_global_step()
+        w = tf.compat.v1.get_variable("w", shape=[64], initializer=tf.compat.v1.zeros_initializer())
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session() as session:
+            saver.restore(session, tf.train.latest_checkpoint(ckpt_dir))
+            session.run([step.assign(13), w.assign(tf.fill([64], 13.0))])
+            saver.save(session, os.path.join(ckpt_dir, "model.ckpt"), global_step=13)
+    assert tf.train.latest_checkpoint(ckpt_dir) == os.path.join(ckpt_dir, "model.ckpt-13")
+    assert cloudckpt.latest_checkpoint(ckpt_dir).step == 10
+
+    resumed = train(in_place, last_step=15)
+    assert resumed.first_step == 13
+    assert (resumed.first_weights == 13.0).all()
+    assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [0, 5, 10, 13, 15]
+    assert cloudckpt.latest_checkpoint(ckpt_dir).step == 15

@@ -79,7 +79,8 @@ def test_odd_local_path_is_committed_in_place(path, tmp_path, monkeypatch):
     assert {p.split(os.sep)[0] for p in tree(tmp_path)} == {top}  # nothing created anywhere else
     assert tree(os.environ["CLOUDCKPT_CACHE_DIR"]) == set()  # in place: no upload cache
     assert [c.step for c in cloudckpt.list_checkpoints(path)] == [0, 2, 3]
-    assert tf.train.latest_checkpoint(path) == os.path.join(path, "model.ckpt-3")
+    # the state file is the Saver's own in place: absolute paths (the hook's directory, made absolute)
+    assert tf.train.latest_checkpoint(path) == os.path.join(str(tmp_path), path, "model.ckpt-3")
     assert cloudckpt.verify(path).ok
 
 
@@ -172,7 +173,10 @@ def test_odd_basename_round_trips(backend, moto_server, tmp_path):
     assert set(committed) == {0, 2, 3} and committed[3]["prefix"] == f"{basename}-3"
     assert cloudckpt.latest_checkpoint(url, options).prefix == f"{url}/{basename}-3"
     copy = tmp_path / "copy"
-    copy_remote_directory(url, options, copy)  # the directory as stored, read back by TF itself
+    if backend == "local":  # in place the state file is the Saver's own (absolute paths): read where it is
+        copy = tmp_path / "ckpt dir"
+    else:
+        copy_remote_directory(url, options, copy)  # the directory as stored, read back by TF itself
     state = tf.compat.v1.train.get_checkpoint_state(str(copy))
     assert list(state.all_model_checkpoint_paths) == [os.path.join(str(copy), f"{basename}-{s}") for s in (0, 2, 3)]
     assert tf.train.latest_checkpoint(str(copy)) == os.path.join(str(copy), f"{basename}-3")

@@ -670,3 +670,39 @@ def test_a_checkpoint_name_other_than_the_directorys_is_refused_with_the_name_to
     with cloudckpt.CheckpointManager(ckpt2, memory_url, max_to_keep=3, local_dir=str(tmp_path / "b")) as same:
         assert same.restore_or_initialize() == str(tmp_path / "b" / "ckpt-5")
         np.testing.assert_array_equal(w2.numpy(), np.full([4, 4], 7.0))
+
+
+def test_in_place_tfs_manager_is_the_only_writer_of_the_state_file(tmp_path):
+    """In place, ``tf.train.CheckpointManager`` rewrites the ``checkpoint`` state file at each save (its
+    ``max_to_keep`` bookkeeping: paths and timestamps), and cloudckpt's uploader rewrote it too after each
+    commit and retirement (the committed lineage with cloudckpt's timestamps): two writers racing, and a new
+    TF manager (a resume) read whichever came last. Now TF is its one writer there: once the commits (and the
+    retirements of what TF swept) are done, the file is the one TF wrote at the save (inode, mtime, bytes)."""
+    directory = str(tmp_path / "run")
+    path = os.path.join(directory, "checkpoint")
+
+    def read() -> tuple[int, int, bytes]:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_ino, os.fstat(f.fileno()).st_mtime_ns, f.read()
+
+    w, step, ckpt = stepped()
+    changed = []
+    with cloudckpt.CheckpointManager(ckpt, directory, max_to_keep=2) as manager:
+        manager.restore_or_initialize()
+        for s in (1, 2, 3, 4, 5):
+            step.assign(s)
+            manager.save(checkpoint_number=step)
+            written = read()  # TF's (the commit of this save has only just been queued)
+            manager.wait(timeout=60)
+            if read() != written:
+                changed.append((s, written[2], read()[2]))
+        kept = manager.checkpoints
+    if read() != written:  # close(): the final retirement of what TF swept
+        changed.append(("close", written[2], read()[2]))
+    assert changed == []
+    assert kept == [os.path.join(directory, "ckpt-4"), os.path.join(directory, "ckpt-5")]
+    assert [c.step for c in cloudckpt.list_checkpoints(directory)] == [4, 5]  # TF's sweep retired 1, 2, 3
+    w2, step2, ckpt2 = stepped()
+    with cloudckpt.CheckpointManager(ckpt2, directory, max_to_keep=2) as resumed:
+        assert resumed.restore_or_initialize() == os.path.join(directory, "ckpt-5")
+        assert resumed.checkpoints == kept and int(step2.numpy()) == 5
