@@ -18,8 +18,11 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
 4. check each remote size against the local file (catches truncated uploads): the commit's one listing
    of the directory, which the state file and retention reuse (``CommitResult.objects``); its ETags go
    into the manifest (what the next commit's copies check their source by);
-5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit);
-6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot);
+5. write ``<prefix>.manifest.json`` create-only (version 2: commit id, writer, parent commit); a write whose
+   answer was lost (its retry finds the name taken, or fails) is this commit's when the object holds its
+   bytes (``_write_manifest``);
+6. append the ``commit`` entry to the log: THE commit point (fenced writers cannot); an append whose answer
+   was lost is recognised by the entry's nonce (``CommitLog.try_append``);
 7. upload ``graph.pbtxt`` if it changed; for a TF checkpoint, rewrite the remote ``checkpoint`` state
    file (the current lineage, relative paths), unless the checkpoint is committed in place (below).
 
@@ -392,7 +395,7 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
                        writer_epoch=writer.epoch, parent=writer.head)
     data = manifest.to_json()
     scope = _enter_commit_point(store, ckpt.step)  # no cancel from here on: the commit point is written whole
-    if not store.write_if_absent(manifest.name, data):
+    if not _write_manifest(store, manifest.name, data):
         _leave_commit_point(scope)
         return None
     ManifestCache.of(store).put(manifest.name, manifest, len(data))
@@ -408,6 +411,41 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     sent = sum(f.size for f in mine.files if not _in_place(store, ckpt, f.name))  # in place: none; the manifest's
     # sizes, not the files': a Saver may delete them once the commit is appended (``cloudckpt push`` next to one)
     return CommitResult(manifest, sent - bytes_copied, UPLOADED, objects=tuple(listed), bytes_copied=bytes_copied)
+
+
+def _write_manifest(store: RemoteStore, name: str, data: bytes) -> bool:
+    """Create manifest ``name`` with ``data``; False when another object holds the name (go round again).
+
+    A create whose answer was lost may have been applied all the same: a retried attempt then finds the
+    name taken, or the retries fail. The object is read back once: ``data`` itself (a fresh random commit
+    id is in it) is this commit's own manifest, and the commit goes on.
+
+    Raises:
+        RemoteError: the create failed and the object is not this manifest (or could not be read back).
+    """
+    try:
+        if store.write_if_absent(name, data):
+            return True
+    except RemoteError as exc:
+        if not _holds(store, name, data):
+            raise
+        log.info("Writing %s failed (%s), but the store holds this manifest: the answer to the write was lost.",
+                 store.url_of(name), exc)
+        return True
+    if _holds(store, name, data):
+        log.info("%s existed already with this commit's manifest: a retried write found its own first "
+                 "attempt.", store.url_of(name))
+        return True
+    return False
+
+
+def _holds(store: RemoteStore, name: str, data: bytes) -> bool:
+    """True when object ``name`` holds exactly ``data``; False when it does not, or cannot be read now."""
+    try:
+        return store.read_bytes(name) == data
+    except RemoteError as exc:
+        log.debug("Could not read back %s: %s", store.url_of(name), exc)
+        return False
 
 
 def _enter_commit_point(store: RemoteStore, step: int) -> TransferScope | None:

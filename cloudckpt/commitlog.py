@@ -30,7 +30,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ManifestError
+from .errors import ManifestError, RemoteError
 from .manifest import utc_now_iso
 from .remote import RemoteObject, RemoteStore
 
@@ -150,19 +150,34 @@ class CommitLog:
     def try_append(self, index: int, doc: dict[str, Any]) -> LogEntry | None:
         """Create entry ``index`` with ``doc`` unless it exists; the entry, or None if another party won.
 
-        An attempt retried after an ambiguous failure may find its own first
-        attempt: the entry's nonce tells, and it counts as appended.
+        A write whose answer was lost may have been applied all the same: a retried attempt then finds
+        its own first attempt (the store says the entry exists), or the retries fail and the write
+        raises. Either way the entry is read back once, and its nonce tells: ``doc``'s, and it counts as
+        appended; another party's, and this party lost the race (None).
+
+        Raises:
+            RemoteError: the write failed and the entry is not there (or could not be read back): the
+                write's own error.
+            ManifestError: the entry another party appended is not a readable log document.
         """
         data = (json.dumps(doc, sort_keys=True) + "\n").encode("utf-8")
-        if self.store.write_if_absent(entry_name(index), data):
-            entry = LogEntry(index, doc["type"], doc, None)
-            self._remember(entry)
-            if index % PARTITION == PARTITION - 1:
-                self._write_snapshot(index)
-            return entry
-        found = self._read(index, None)
+        try:
+            created = self.store.write_if_absent(entry_name(index), data)
+        except RemoteError as exc:
+            found = self._read_back(index, exc)
+            if found is None:
+                raise
+            log.info("Appending commit log entry %s failed (%s), but the store holds %s.",
+                     self.store.url_of(entry_name(index)), exc, "it: the answer to this write was lost"
+                     if found.doc.get("nonce") == doc["nonce"] else "another party's entry there")
+        else:
+            found = LogEntry(index, doc["type"], doc, None) if created else self._read(index, None)
         self._remember(found)
-        return found if found.doc.get("nonce") == doc["nonce"] else None
+        if found.doc.get("nonce") != doc["nonce"]:
+            return None
+        if index % PARTITION == PARTITION - 1:
+            self._write_snapshot(index)
+        return found
 
     def cached(self) -> list[LogEntry]:
         """The entries read so far, in order (no I/O)."""
@@ -213,6 +228,19 @@ class CommitLog:
             known = self._entries.get(entry.index)
             if known is None or (known.modified is None and entry.modified is not None):
                 self._entries[entry.index] = entry
+
+    def _read_back(self, index: int, failure: RemoteError) -> LogEntry | None:
+        """Entry ``index`` after its create failed with ``failure`` (the store may have applied it); None when
+        it is absent or cannot be read now."""
+        try:
+            data = self.store.read_bytes(entry_name(index))
+        except RemoteError as exc:
+            log.debug("Could not read back commit log entry %s after a failed append (%s): %s",
+                      self.store.url_of(entry_name(index)), failure, exc)
+            return None
+        if data is None:
+            return None
+        return self._parse(index, data, None)
 
     def _read(self, index: int, listed: RemoteObject | None) -> LogEntry:
         return self._parse(index, self.store.read_bytes(entry_name(index)), listed)

@@ -657,8 +657,9 @@ class RemoteStore:
         ``ifGenerationMatch=0``, a hard link on local disks, a lock in memory):
         of several writers racing for one name, exactly one gets True. Readers
         see the whole object or none. A retried attempt may find the object its
-        own lost first attempt created (False): callers that must know check the
-        content (see ``commitlog``).
+        own lost first attempt created (False), or fail after it (raises): callers
+        that must know read the content back (``commitlog.CommitLog.try_append``,
+        ``commit._write_manifest``).
         """
         if self.is_local:
             def fill(tmp: str) -> None:
@@ -704,7 +705,10 @@ class RemoteStore:
         CompleteMultipartUpload with ``If-None-Match: *``; GCS
         ``ifGenerationMatch=0``). A failed upload may leave nothing or a
         partial object of its own, never replaces an existing one. In place
-        (the local file already is the object) this is True.
+        (the local file already is the object) this is True. Through the S3
+        transport, a retried attempt that finds the object its own lost first
+        attempt created counts as created (``S3Transport._holds_ours``); on other
+        backends it is False.
         """
         target = self.path(name)
         if self.is_local and os.path.abspath(local_path) == os.path.abspath(target):

@@ -22,6 +22,10 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   existing object (``FileExistsError``). A store that refuses the header itself (``NotImplemented``:
   no conditional writes, which the commit protocol needs) raises ``ConfigError`` at once, not retried;
   one that refuses the checksum headers alongside it is told apart by one attempt without them.
+  A retried create-only PutObject or CompleteMultipartUpload that fails (412 or any error: the first
+  attempt may have gone through, its answer lost) is settled by one HEAD: the object is this upload's
+  when its size and the store's crc32c, or its ETag (the MD5 of the bytes; the ETag the parts' ETags make),
+  are this upload's.
 * Downloads issue ranged GETs in parallel (as many ranges as streams, up to
   ``4 x range_size`` each; for several files, ``get_files_crc32c``, one queue of
   every file's ranges, largest file first, and no HEAD: the sizes are the listing's)
@@ -528,8 +532,9 @@ class S3Transport:
                 headers = {"x-amz-checksum-crc32c": _b64(crc), "Content-Length": str(size)}
                 if create:
                     headers["If-None-Match"] = "*"
-                call(_checked(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)),
-                              f, checksums))
+                put = _checked(lambda: self._request("PUT", bucket, key, headers=headers, send=(f, 0, size)),
+                               f, checksums)
+                call(self._settling(put, f, bucket, key, size, crc) if create else put)
                 return
             part_size = max(self.part_size, -(-size // _MAX_PARTS))
             spans = [(start, min(size, start + part_size)) for start in range(0, size, part_size)]
@@ -652,7 +657,8 @@ class S3Transport:
                     self._settle_unvouched(*unvouched, done[number][0])
             self._run_all(send, list(enumerate(parts, 1)), self.parts_in_flight)
             full = _combined([(start, end, done[number][1]) for number, (start, end, _, _) in enumerate(parts, 1)])
-            self._complete_upload(bucket, key, upload_id, done, full, create, call, copied=bool(copied))
+            self._complete_upload(bucket, key, upload_id, done, full, create, call, copied=bool(copied),
+                                  size=parts[-1][1])
             upload_id = ""
             return sum(copied.values())
         finally:
@@ -985,12 +991,14 @@ class S3Transport:
         return upload_id
 
     def _complete_upload(self, bucket: str, key: str, upload_id: str, done: Mapping[int, tuple[str, int]],
-                         full: int, create: bool, call: Call, *, copied: bool = False) -> None:
-        """CompleteMultipartUpload of parts ``done`` (number -> (ETag, crc32c)) with the file's crc32c ``full``.
+                         full: int, create: bool, call: Call, *, copied: bool = False, size: int) -> None:
+        """CompleteMultipartUpload of parts ``done`` (number -> (ETag, crc32c)) with the file's crc32c ``full``
+        (``size`` bytes).
 
         ``create``: If-None-Match (``FileExistsError``). ``copied``: some parts were copied server-side, and a
         store refusing the parts' checksums (``BadDigest``, ``InvalidPart``) raises ``CopiedPartsRejected``
-        at once (not retried).
+        at once (not retried). A retried attempt that fails (the first one may have gone through: its answer
+        lost) is settled by what the key holds (``_settle_retried_complete``).
         """
         xml = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{_xml_escape(done[n][0])}</ETag>"
                       f"<ChecksumCRC32C>{_b64(done[n][1])}</ChecksumCRC32C></Part>" for n in sorted(done))
@@ -1000,6 +1008,7 @@ class S3Transport:
         if create:
             headers["If-None-Match"] = "*"
         attempts = [0]
+        etag = _multipart_etag([done[n][0] for n in sorted(done)])
 
         def complete() -> None:
             attempts[0] += 1
@@ -1011,21 +1020,21 @@ class S3Transport:
                                               f"({exc.code})") from None
                 if attempts[0] == 1:
                     raise
-                self._settle_retried_complete(bucket, key, full, create, exc)
+                self._settle_retried_complete(bucket, key, full, size, etag, create, exc)
             except Exception as exc:
-                if attempts[0] == 1 or isinstance(exc, FileExistsError):
+                if attempts[0] == 1:
                     raise
-                self._settle_retried_complete(bucket, key, full, create, exc)
+                self._settle_retried_complete(bucket, key, full, size, etag, create, exc)
         call(complete)
 
-    def _settle_retried_complete(self, bucket: str, key: str, full: int, create: bool, exc: Exception) -> None:
+    def _settle_retried_complete(self, bucket: str, key: str, full: int, size: int, etag: str | None, create: bool,
+                                 exc: Exception) -> None:
         """A retried Complete failed, whose first attempt may have gone through (the upload is gone:
-        NoSuchUpload; moto answers 500). Ours only if the store holds exactly our bytes; else raises."""
-        try:
-            ours = self.head(bucket, key)["crc32c"] == f"{full:08x}"
-        except FileNotFoundError:
-            raise exc from None
-        if ours:
+        NoSuchUpload; moto answers 500; the key exists: 412). Ours if the store holds our object
+        (``_holds_ours``: our bytes, or the ETag of our parts); else raises."""
+        if self._holds_ours(bucket, key, size, full, lambda: etag, exc):
+            log.info("%s/%s: a retried CompleteMultipartUpload failed (%s), but the store holds the object of this "
+                     "upload: the answer to an earlier attempt was lost.", bucket, key, _describe(exc))
             return
         gone = isinstance(exc.__cause__, S3ResponseError) and exc.__cause__.code == "NoSuchUpload"
         if create and (gone or isinstance(exc, S3ResponseError) and exc.status == 500):
@@ -1033,6 +1042,46 @@ class S3Transport:
             raise FileExistsError(errno.EEXIST, f"{bucket}/{key}: completed by an earlier attempt "
                                   "or another writer") from exc
         raise exc
+
+    def _settling(self, put: Callable[[], Any], f: Any, bucket: str, key: str, size: int,
+                  crc: int) -> Callable[[], Any]:
+        """``put`` (a create-only PutObject of file ``f``'s ``size`` bytes, crc32c ``crc``), whose retried
+        attempts that fail are settled by what the key holds: the first attempt may have gone through, its
+        answer lost (then the retry gets 412, or any error). Ours (``_holds_ours``; a store that reports no
+        crc32c of the object, moto, by its ETag, the MD5 of the bytes: read once more then): done; else the
+        attempt's error."""
+        attempts = [0]
+
+        def md5() -> str:
+            return _md5_of_range(f.fileno(), 0, size)
+
+        def run() -> Any:
+            attempts[0] += 1
+            try:
+                return put()
+            except (LocalFileChanged, TransferCancelled):
+                raise
+            except Exception as exc:
+                if attempts[0] == 1 or not self._holds_ours(bucket, key, size, crc, md5, exc):
+                    raise
+                log.info("%s/%s: a retried create-only upload failed (%s), but the store holds its bytes: the "
+                         "answer to an earlier attempt was lost.", bucket, key, _describe(exc))
+                return None  # (a PutObject's answer is not used)
+        return run
+
+    def _holds_ours(self, bucket: str, key: str, size: int, crc: int, etag: Callable[[], str | None],
+                    exc: Exception) -> bool:
+        """True when ``bucket/key`` holds the object an upload of ours created: ``size`` bytes, and the store's
+        crc32c of them is ``crc`` (S3 reports the full-object checksum it stored) or its ETag is ``etag()``
+        (asked only then: the MD5 of our bytes for a PutObject, the multipart ETag our parts' ETags make; None:
+        not known). One HEAD. Raises ``exc`` when there is no such key."""
+        try:
+            head = self.head(bucket, key)
+        except FileNotFoundError:
+            raise exc from None
+        if head["size"] != size:
+            return False
+        return head["crc32c"] == f"{crc:08x}" or head["etag"] is not None and head["etag"] == etag()
 
     def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
         """AbortMultipartUpload, also once cancelled (an aborted upload leaves no parts behind); best effort.
@@ -1401,6 +1450,16 @@ def _coalesced(chunks: Sequence[tuple[int, int, int, bool]], upload_size: int,
                 continue
         parts.append((start, end, crc, copy))
     return parts
+
+
+def _multipart_etag(part_etags: Sequence[str]) -> str | None:
+    """The ETag S3 gives an object completed from parts with these ETags (in order): the MD5 of their binary
+    MD5s, ``-<parts>``; None when a part's ETag is not 32 hex digits."""
+    digests = [unquoted_etag(etag) or "" for etag in part_etags]
+    if not digests or not all(_MD5_ETAG.fullmatch(d) for d in digests):
+        return None
+    return hashlib.md5(b"".join(bytes.fromhex(d) for d in digests), usedforsecurity=False).hexdigest() + \
+        f"-{len(digests)}"
 
 
 def _xml_text(data: bytes, tag: str) -> str | None:

@@ -20,11 +20,13 @@ import tensorflow as tf
 
 import cloudckpt
 from cloudckpt import CheckpointEngine, TransferOptions
+from cloudckpt.commitlog import CommitLog, new_entry
 from cloudckpt.engine import STAGING_DIR
 from cloudckpt.remote import RemoteStore
 from cloudckpt.retention import RetentionPolicy
 from cloudckpt.retry import RetryPolicy
 from cloudckpt.s3_transport import MULTIPART_THRESHOLD, PART_SIZE, PARTS_IN_FLIGHT
+from cloudckpt.writers import Writer
 from cloudckpt.testing import assert_committed
 from support.checks import assert_all_committed_intact, read_scalars
 from support.fault_proxy import FaultProxy
@@ -260,6 +262,165 @@ def test_debris_at_a_checkpoints_names_is_still_replaced(counted, tmp_path):
         engine.wait(120)
         assert engine.stats().committed == 1
     assert_committed(url, step=3, storage_options=direct)
+
+
+LOG_ENTRY = r"/\.cloudckpt/log/\d+/\d+\.json$"
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)  # 3 attempts, no long waits
+
+
+def commit_entries(url: str, options: dict) -> list[dict]:
+    """The documents of the commit log's ``commit`` entries, in log order (read by a fresh store)."""
+    return [e.doc for e in CommitLog(RemoteStore(url, options)).refresh() if e.kind == "commit"]
+
+
+def puts_of(proxy: FaultProxy, start: int, pattern: str) -> list[tuple[str, str | None]]:
+    """(method, fault) of the PUTs and POSTs after event ``start`` whose path matches ``pattern``."""
+    return [(method, kind) for method, path, kind in proxy.events[start:]
+            if method in ("PUT", "POST") and re.search(pattern, urlsplit(path).path)]
+
+
+@pytest.mark.parametrize("retries", ["412", "500"])
+def test_a_commit_entry_whose_answer_was_lost_is_recognised_as_committed(counted, tmp_path, retries):
+    """The commit entry's PUT reaches the store, its answer is lost; the retry is answered 412 (the first
+    attempt's object is there) or 500 until the retry policy gives up. The entry is this writer's (its nonce):
+    the checkpoint is committed once, reported committed, and the next commit names it as its parent. Was,
+    for 500s: the commit reported failed although its entry was in the log, and the next commit's parent the
+    checkpoint before it."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn") as engine:
+        engine.open()
+        engine.resume(download=False)
+        engine.submit(1, write_checkpoint(local, 1))
+        engine.wait(120)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=["PUT"], path_filter=LOG_ENTRY)
+        proxy.fail_next("lose_response")
+        if retries == "500":
+            proxy.fail_next("500", FAST_RETRY.max_attempts - 1)
+        engine.submit(2, write_checkpoint(local, 2))
+        engine.wait(120)
+        proxy.set_faults()
+        expected = [None] if retries == "412" else ["500"] * (FAST_RETRY.max_attempts - 1)
+        assert [kind for _, kind in puts_of(proxy, start, LOG_ENTRY)] == ["lose_response", *expected]
+        stats = engine.stats()
+        assert (stats.committed, stats.failed, stats.last_committed_step) == (2, 0, 2), stats
+        engine.submit(3, write_checkpoint(local, 3))
+        engine.wait(120)
+    commits = commit_entries(url, direct)
+    assert [c["step"] for c in commits] == [1, 2, 3]
+    assert commits[2]["parent"] == commits[1]["commit_id"] and commits[1]["parent"] == commits[0]["commit_id"]
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [1, 2, 3]
+    assert_all_committed_intact(url, direct)
+
+
+def test_a_commit_entry_that_failed_where_another_party_appended_is_appended_again(counted, tmp_path):
+    """The commit entry's PUT fails on every attempt (answered 500 by the proxy: it never reaches the store)
+    while another party (``cloudckpt gc``'s maintenance role) appends its own entry at that index. Read back,
+    the entry is not this writer's: it lost the race and appends at the next index. Was: the write's error
+    failed the commit."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    raced: list[int] = []
+
+    def race_first_commit_entry(path: str) -> bool:
+        if not re.search(LOG_ENTRY, urlsplit(path).path):
+            return False
+        if not raced:  # before the proxy answers our first attempt: another party takes the index
+            gc = Writer(RemoteStore(url, direct), role="maintenance")
+            raced.append(gc.append(new_entry("delete", names=[], retire=[], reason="test")).index)
+        return True
+
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn") as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=["PUT"], path_filter=race_first_commit_entry)
+        proxy.fail_next("500", FAST_RETRY.max_attempts)
+        engine.submit(6, write_checkpoint(local, 6))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    assert [kind for _, kind in puts_of(proxy, start, LOG_ENTRY)] == ["500"] * FAST_RETRY.max_attempts + [None]
+    entries = CommitLog(RemoteStore(url, direct)).refresh()
+    assert [(e.index, e.kind) for e in entries] == [(1, "writer"), (raced[0], "delete"), (raced[0] + 1, "commit")]
+    assert_committed(url, step=6, storage_options=direct)
+
+
+@pytest.mark.parametrize("retries", ["412", "500"])
+def test_a_manifest_whose_answer_was_lost_is_recognised_and_nothing_is_uploaded_again(counted, tmp_path, retries):
+    """The manifest's create-only PUT reaches the store, its answer is lost; the retry is answered 412 or 500
+    until the policy gives up. The object holds this commit's manifest (its bytes, with their fresh commit
+    id): the commit goes on. Each data file is sent once. Was: 412 sent the commit round again, which took its
+    own manifest for debris, deleted the checkpoint's objects and uploaded them all again; 500s failed it."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn") as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=["PUT"], path_filter=r"\.manifest\.json$")
+        proxy.fail_next("lose_response")
+        if retries == "500":
+            proxy.fail_next("500", FAST_RETRY.max_attempts - 1)
+        engine.submit(4, write_checkpoint(local, 4))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    expected = [None] if retries == "412" else ["500"] * (FAST_RETRY.max_attempts - 1)
+    assert [kind for _, kind in puts_of(proxy, start, r"\.manifest\.json$")] == ["lose_response", *expected]
+    for suffix in ("data-00000-of-00001", "index"):
+        assert puts_of(proxy, start, rf"/ckpt-4\.{suffix}$") == [("PUT", None)], suffix  # sent once
+    assert not any(method in ("DELETE", "POST") and "delete" in path for method, path, _ in proxy.events[start:])
+    assert [c["step"] for c in commit_entries(url, direct)] == [4]
+    assert_committed(url, step=4, storage_options=direct)
+
+
+@pytest.mark.parametrize("multipart", [False, True])
+@pytest.mark.parametrize("retries", ["412", "500"])
+def test_a_data_file_whose_final_request_lost_its_answer_is_not_uploaded_again(counted, tmp_path, multipart,
+                                                                                retries):
+    """The last request of a data file's create-only upload (its PutObject, or its CompleteMultipartUpload)
+    reaches the store, its answer is lost; the retry is answered 412 (the object exists) or 500. The object
+    holds the file's bytes (one HEAD: the store's crc32c of it, or its ETag, the MD5 of the bytes or the
+    multipart ETag of the upload's parts): it is this upload's, and the commit goes on; the file is sent once.
+    Was: the commit went round again (its own object taken for debris, deleted, the checkpoint uploaded again)
+    or failed. (moto answers a retried CompleteMultipartUpload 200, not 412: that case passed before.)"""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    mib = 1 << 20
+    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
+    final = ("POST", r"/ckpt-5\.data-00000-of-00001\?uploadId=") if multipart \
+        else ("PUT", r"/ckpt-5\.data-00000-of-00001$")
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn",
+                          transfer=transfer) as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=[final[0]], path_filter=final[1])
+        proxy.fail_next("lose_response")
+        if retries == "500":
+            proxy.fail_next("500", FAST_RETRY.max_attempts - 1)
+        engine.submit(5, write_checkpoint(local, 5, size=(6 if multipart else 1) * mib))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    events = proxy.events[start:]
+    faults = [kind for method, path, kind in events if method == final[0] and re.search(final[1], path)]
+    assert faults[0] == "lose_response", faults
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    data = [(method, urlsplit(path).query) for method, path, _ in events
+            if "/ckpt-5.data-00000-of-00001" in urlsplit(path).path and method in ("PUT", "POST")]
+    if multipart:  # one upload: created once, its two parts sent once
+        assert sum(1 for method, query in data if method == "POST" and query == "uploads") == 1, data
+        assert sum(1 for method, query in data if method == "PUT" and "partNumber" in query) == 2, data
+    else:
+        assert len(data) == len(faults), data  # the PUT and its retries only: never a new upload
+    assert not any("delete" in path for _, path, _ in events)
+    assert [c["step"] for c in commit_entries(url, direct)] == [5]
+    assert_committed(url, step=5, storage_options=direct)
 
 
 def test_no_hard_links_the_training_thread_copies_nothing(cloudckpt_s3, tmp_path, monkeypatch):
