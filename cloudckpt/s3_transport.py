@@ -1074,11 +1074,20 @@ class S3Transport:
         """True when ``bucket/key`` holds the object an upload of ours created: ``size`` bytes, and the store's
         crc32c of them is ``crc`` (S3 reports the full-object checksum it stored) or its ETag is ``etag()``
         (asked only then: the MD5 of our bytes for a PutObject, the multipart ETag our parts' ETags make; None:
-        not known). One HEAD. Raises ``exc`` when there is no such key."""
+        not known). One HEAD. Raises ``exc`` when there is no such key, or the HEAD fails.
+
+        ``exc`` is raised outside the HEAD's ``except``: raised inside, the HEAD's 404 became its ``__context__``,
+        and the retry layer, which reads the whole chain (``retry.is_transient``), took a reset for a fatal
+        NoSuchKey and gave up on the first retry."""
         try:
-            head = self.head(bucket, key)
+            head: dict[str, Any] | None = self.head(bucket, key)
         except FileNotFoundError:
-            raise exc from None
+            head = None
+        except Exception as failed:  # noqa: BLE001 - undecided: the attempt's own error is the one to report
+            log.debug("%s/%s: HEAD after a failed create-only upload failed: %s", bucket, key, _describe(failed))
+            head = None
+        if head is None:
+            raise exc
         if head["size"] != size:
             return False
         return head["crc32c"] == f"{crc:08x}" or head["etag"] is not None and head["etag"] == etag()

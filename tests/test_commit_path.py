@@ -423,6 +423,39 @@ def test_a_data_file_whose_final_request_lost_its_answer_is_not_uploaded_again(c
     assert_committed(url, step=5, storage_options=direct)
 
 
+@pytest.mark.parametrize("multipart", [False, True])
+def test_a_data_file_whose_attempts_never_arrived_is_retried_to_the_end(counted, tmp_path, multipart):
+    """The last request of a data file's create-only upload fails twice before the store executed it (a 500
+    from the proxy, never forwarded; then, for a PutObject, a reset half-way through its body); the retry
+    after the second finds no object (HEAD: 404) and the policy goes on: the third attempt commits. Was
+    (PutObject): the HEAD's 404 became the attempt's error's
+    ``__context__``, ``retry.is_transient`` read the chain, took the reset for a fatal NoSuchKey and gave up
+    (seen in the 20 %-failure soak: "upload ... failed: NoSuchKey: Connection reset by peer")."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    mib = 1 << 20
+    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
+    final = ("POST", r"/ckpt-6\.data-00000-of-00001\?uploadId=") if multipart \
+        else ("PUT", r"/ckpt-6\.data-00000-of-00001$")
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn",
+                          transfer=transfer) as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=[final[0]], path_filter=final[1])
+        proxy.fail_next("500")
+        proxy.fail_next("reset" if not multipart else "500")
+        engine.submit(6, write_checkpoint(local, 6, size=(6 if multipart else 1) * mib))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    faults = [kind for method, path, kind in proxy.events[start:] if method == final[0] and re.search(final[1], path)]
+    assert faults[:2] == ["500", "reset" if not multipart else "500"], faults
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    assert [c["step"] for c in commit_entries(url, direct)] == [6]
+    assert_committed(url, step=6, storage_options=direct)
+
+
 def test_no_hard_links_the_training_thread_copies_nothing(cloudckpt_s3, tmp_path, monkeypatch):
     """A local directory without hard links (gcsfuse, NFS): submit only holds the files open; the uploader
     thread copies them, and a file the framework deletes meanwhile is still committed as saved."""
