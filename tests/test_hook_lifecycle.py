@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -149,6 +150,10 @@ def test_ctrl_c_interrupts_promptly_and_leaves_nothing_half_written(moto_server,
     trainer = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "vm"), "--save-steps", "3",
                              "--preemption", "sigterm", *size)
     trainer.wait_for_step(20)
+    # Something committed first (under load the first commits can trail step 20): the restart below needs one
+    deadline = time.monotonic() + 60
+    while not cloudckpt.list_checkpoints(s3_url, options) and time.monotonic() < deadline:
+        time.sleep(0.2)
     trainer.proc.send_signal(signal.SIGINT)
     assert trainer.wait(60) == -signal.SIGINT, trainer.stderr  # Python's KeyboardInterrupt exit
     assert "KeyboardInterrupt" in trainer.stderr
