@@ -73,6 +73,9 @@ class TransferScope:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, bytes so far)
         self._first_sent_at: float | None = None
         self._unsent: dict[int, int] = {}  # connection key -> bytes in its send queue (note_unsent)
+        self._sending = 0  # requests carrying file data in flight (sending)
+        self._sending_since: float | None = None  # monotonic start of the current busy period
+        self._send_seconds = 0.0  # closed busy periods
 
     def cancel(self) -> bool:
         """Cancel this scope's transfers (``RemoteStore.cancel_transfers(scope)`` also stops its requests in
@@ -134,6 +137,35 @@ class TransferScope:
             elif held is None:
                 return
             self._sample()
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """``with scope.sending():`` around one request (or one whole-file upload on a backend that sends a
+        file in one call) carrying file data, from its start to its answer: ``send_seconds`` adds up the time
+        during which at least one such request was in flight. Requests without file data (server-side copies,
+        the commit point, listings) are not wrapped: their time is no sending time."""
+        with self._lock:
+            if self._sending == 0:
+                self._sending_since = time.monotonic()
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending -= 1
+                if self._sending == 0 and self._sending_since is not None:
+                    self._send_seconds += time.monotonic() - self._sending_since
+                    self._sending_since = None
+
+    @property
+    def send_seconds(self) -> float:
+        """Seconds during which at least one of this scope's requests carrying file data was in flight
+        (``sending``; concurrent requests count once), up to now: the time the scope spent sending, which
+        excludes what it spent on anything else (server-side copies of an incremental commit, reading
+        the commit log, writing the commit point)."""
+        with self._lock:
+            running = time.monotonic() - self._sending_since if self._sending_since is not None else 0.0
+            return self._send_seconds + running
 
     def _sample(self) -> None:
         now = time.monotonic()

@@ -126,9 +126,9 @@ class CheckpointEngine:
             (a longer Kubernetes grace period, say): this value wins there.
         task: the TF cluster task this engine runs in (``worker:1``), named by ``stats().task``.
         transfer: part size, files and parts in flight (``TransferOptions``; default: its defaults).
-        summary_dir: write commit lag, throughput, queue depth, retries, drops and
-            failures as TensorBoard scalars there after each commit
-            (``summaries.py``; needs TensorFlow); None (default): off.
+        summary_dir: write commit lag, throughput, what a preemption would lose, queue depth, retries,
+            drops and failures as TensorBoard scalars there after each checkpoint's outcome (committed,
+            failed or dropped) (``summaries.py``; needs TensorFlow); None (default): off.
 
     Raises:
         ConfigError: (a ``ValueError``) an invalid argument or an unusable URL
@@ -237,8 +237,10 @@ class CheckpointEngine:
         checkpoints' steps, or None when it does not know.
 
         It is called in the uploader thread as each checkpoint's commit completes, and the lag is its value
-        minus the checkpoint's step (never below 0): the training steps run since the save, which a preemption
-        at that moment would lose. So it must be cheap and thread-safe and never wait long: the adapters hand
+        minus the checkpoint's step (never below 0): the training steps run between the save and its commit.
+        ``stats()`` calls it too (in the caller's thread), for ``uncommitted_steps``: its value now minus the
+        newest committed step, what a preemption right now would lose. So it must be cheap and thread-safe and
+        never wait long: the adapters hand
         over an int the training thread stores anyway, or read a framework variable from the uploader thread.
         None (the default), or a call returning None or raising (logged at DEBUG once): the newest step
         submitted stands in, so the lag moves in whole save intervals and reads 0 while uploads keep up.
@@ -697,8 +699,10 @@ class CheckpointEngine:
         committed checkpoint of the same name; healed, already_committed, refused with last_refusal),
         dropped, failed, housekeeping failures with the last error, fenced_by, bytes (uploaded: sent over
         the network; copied: server-side by incremental commits), retries by cause, last committed step and
-        the last commit's duration (seconds); ``task`` names the TF cluster task (``worker:1``) when the
-        engine was given one."""
+        the last commit's duration (seconds) and send rate, the commit lag of the newest committed
+        checkpoint (measured at its commit), and what a preemption right now would lose
+        (``uncommitted_seconds`` / ``uncommitted_steps``, measured now: see ``UploadStats``); ``task`` names
+        the TF cluster task (``worker:1``) when the engine was given one."""
         stats = self._uploader.stats()
         stats.task = self.task
         return stats
@@ -931,7 +935,8 @@ class CheckpointEngine:
         self._uploader.count_retry(cause)
 
     def _record_summaries(self, step: int, stats: UploadStats) -> None:
-        """After each checkpoint's outcome, in the uploader thread: the scalars of ``summaries.py``."""
+        """After each checkpoint's outcome (in the uploader thread), and after each drop of a waiting one (in
+        the uploader's notifier thread): the scalars of ``summaries.py``, at that checkpoint's step."""
         if self._summaries is None:
             return
         committed = stats.last_committed_step == step
@@ -940,6 +945,7 @@ class CheckpointEngine:
             "commit_lag_steps": stats.last_commit_lag_steps if committed else None,
             "throughput_mib_per_second": stats.last_upload_mib_per_second if committed else None,
             "copied_mib": stats.last_copied_bytes / (1 << 20) if committed else None,
+            "uncommitted_seconds": stats.uncommitted_seconds, "uncommitted_steps": stats.uncommitted_steps,
             "queue_depth": stats.queue_depth, "retries": stats.retries, "dropped": stats.dropped,
             "failed": stats.failed})
 

@@ -281,6 +281,12 @@ class RemoteStore:
         if self._transport is not None:
             self._transport.measure(scope)
 
+    def _sending(self) -> contextlib.AbstractContextManager[None]:
+        """Around a whole-file upload of an fsspec backend (or a local copy): its time is sending time of the
+        current scope (``TransferScope.sending``). The S3 transport times its own data-carrying requests."""
+        scope = self.cancel.current() if self._transport is None else None
+        return scope.sending() if scope is not None else contextlib.nullcontext()
+
     def _note_sent(self, local_path: str) -> None:
         """Count a file sent by an fsspec backend (the S3 transport counts as it sends) in the current scope."""
         scope = self.cancel.current()
@@ -350,6 +356,10 @@ class RemoteStore:
 
     def put_file(self, local_path: str, name: str) -> None:
         """Upload a local file as ``name``. A failed upload may leave a partial object, never a manifest."""
+        with self._sending():
+            self._put_file(local_path, name)
+
+    def _put_file(self, local_path: str, name: str) -> None:
         if self.is_local:
             self._run("upload", self.url_of(name), lambda: self._local_atomic_copy(local_path, self.path(name)))
         elif self._transport is not None:
@@ -713,7 +723,8 @@ class RemoteStore:
         target = self.path(name)
         if self.is_local and os.path.abspath(local_path) == os.path.abspath(target):
             return True  # in-place mode: the Saver wrote straight into the checkpoint directory
-        created = self._put_file_if_absent(local_path, name, target, checksums)
+        with self._sending():
+            created = self._put_file_if_absent(local_path, name, target, checksums)
         if created and self._transport is None:  # (the transport counts the bytes as it sends them)
             self._note_sent(local_path)
         return created

@@ -7,6 +7,7 @@ lives here, so the uploader, restore and CLI agree on what deserves a retry.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import random
@@ -20,6 +21,31 @@ from .shutdown import EXECUTORS_SHUT_DOWN
 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
+
+# The least socket timeout an attempt gets from ``attempt_timeout`` however little of its deadline is left: an
+# attempt the policy started may still wait this long for a byte (so an operation can end up to this much past
+# its deadline).
+MIN_ATTEMPT_TIMEOUT = 1.0
+# time.monotonic() by which the innermost ``RetryPolicy.call`` running in this context must give up (its start
+# plus its deadline, or an enclosing call's sooner one); None outside any call with a deadline.
+_GIVE_UP_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("cloudckpt_retry_give_up_at",
+                                                                         default=None)
+
+
+def attempt_timeout(default: float) -> float:
+    """Seconds a request of the attempt running now may wait on its socket (to connect, or for the store's next
+    bytes): ``default``, bounded by the time left until the deadline of the ``RetryPolicy.call`` running it
+    (``RetryPolicy.deadline``; at least ``MIN_ATTEMPT_TIMEOUT``). Outside such a call: ``default``.
+
+    cloudckpt's own S3 transport (``s3_transport``) sets each request's socket timeouts with it, so a stalled
+    request (a store that accepts and never answers) ends by the deadline, not after the transport's
+    60 s read timeout. The fsspec backends (s3fs, gcsfs) set their timeouts once per file system
+    (``remote._with_single_retry_layer``): there the deadline bounds the retries only."""
+    give_up_at = _GIVE_UP_AT.get()
+    if give_up_at is None:
+        return default
+    return min(default, max(MIN_ATTEMPT_TIMEOUT, give_up_at - time.monotonic()))
+
 
 # S3 error codes that mean "try again later" (throttling, server trouble).
 _TRANSIENT_S3_CODES = frozenset({
@@ -157,7 +183,13 @@ class RetryPolicy:
         max_attempts: attempts in total, including the first (>= 1).
         initial_backoff: upper bound of the first wait, in seconds.
         max_backoff: cap on any single wait, in seconds.
-        deadline: total seconds one operation may spend retrying; None for no limit.
+        deadline: total seconds one operation may spend, from its first attempt; None for no limit. No retry
+            starts whose wait would pass it; and on cloudckpt's own ``s3://`` transport each attempt's socket
+            timeouts (to connect, and between the store's bytes) are bounded by the time it leaves
+            (``attempt_timeout``, at least ``MIN_ATTEMPT_TIMEOUT``), so a stalled request ends by then too. On
+            the fsspec backends (the s3fs fallback, gcsfs) a request in flight is bounded by their own timeouts
+            instead (``remote._with_single_retry_layer``: 10 s to connect, 60 s between bytes of an answer,
+            unless ``storage_options`` set others), which may take the operation up to that much past it.
         seed: seed for the jitter, for reproducible tests; None for a random one.
     """
 
@@ -210,6 +242,19 @@ class RetryPolicy:
         a transient error to be retried (False: re-raised at once).
         """
         start = time.monotonic()
+        token = None
+        if self.deadline is not None:  # the attempts' socket timeouts are bounded by it (attempt_timeout)
+            enclosing = _GIVE_UP_AT.get()
+            give_up_at = start + self.deadline
+            token = _GIVE_UP_AT.set(give_up_at if enclosing is None else min(enclosing, give_up_at))
+        try:
+            return self._call(fn, start, on_retry, cancel, retry_if)
+        finally:
+            if token is not None:
+                _GIVE_UP_AT.reset(token)
+
+    def _call(self, fn: Callable[[], T], start: float, on_retry: Callable[[int, BaseException, float], None] | None,
+              cancel: threading.Event | None, retry_if: Callable[[BaseException], bool] | None) -> T:
         attempt = 1
         while True:
             try:

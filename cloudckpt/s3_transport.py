@@ -64,6 +64,7 @@ returns None (the caller stays on s3fs) for options it cannot honour.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import errno
 import functools
@@ -97,6 +98,7 @@ import google_crc32c
 from .cancel import CancelSignal, TransferCancelled, TransferScope, in_context
 from .errors import ConfigError
 from .process_cache import ProcessCache
+from .retry import attempt_timeout
 from .waits import result_of
 
 __all__ = ["S3Transport", "S3ResponseError", "TransferCancelled", "transport_for", "crc32c_combine", "PART_SIZE",
@@ -1265,57 +1267,66 @@ class S3Transport:
             conn, pool = self._connection(scheme, host)
             reusable = answered = False
             scope = self.cancel.current() if self.cancel is not None else None
+            # Socket waits bounded by the time the RetryPolicy's deadline leaves this attempt (retry.attempt_timeout)
+            read_timeout = attempt_timeout(_READ_TIMEOUT)
+            if conn.sock is None:  # (connected by putrequest with conn.timeout)
+                conn.timeout = attempt_timeout(_CONNECT_TIMEOUT)
+            else:
+                conn.sock.settimeout(read_timeout)
+            carries_data = scope is not None and send is not None and send[2] > 0
+            sending = scope.sending() if carries_data else contextlib.nullcontext()
             if cancellable:
                 with self._pools_lock:
                     self._in_flight[conn] = scope
-            try:
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                for name, value in all_headers.items():
-                    conn.putheader(name, value)
-                conn.endheaders()
-                if body is not None:
-                    conn.send(body)
-                elif send is not None and send[2] > 0:
-                    conn.sock.settimeout(_READ_TIMEOUT)
-                    f, offset, count = send
-                    sent = 0
-                    while sent < count:
-                        if cancellable:
-                            self._check_cancel(where)
-                        n = conn.sock.sendfile(f, offset + sent, min(SEND_SLICE, count - sent))
-                        if n == 0:
-                            break
-                        sent += n
-                        if scope is not None:
-                            scope.note_sent(n, connection=id(conn), unsent=_unsent(conn.sock))
-                    if sent != count:
-                        raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
-                conn.sock.settimeout(_READ_TIMEOUT)
-                response = conn.getresponse()
-                answered = True
-                answer = {k.lower(): v for k, v in response.getheaders()}
-                status = response.status
-                if status < 300 and into is not None:
-                    into(response)
-                    data = b""
-                else:
-                    data = response.read()  # (a HEAD's is empty; reading it frees the connection)
-                reusable = not response.will_close and response.isclosed()
-            except (OSError, http.client.HTTPException) as exc:
-                if cancellable and self.cancel is not None and self.cancel.is_set():  # abort_requests shut it
-                    reusable = False
-                    raise TransferCancelled(f"transfer of {where} cancelled") from exc
-                raise
-            finally:
-                if cancellable or scope is not None:
-                    with self._pools_lock:  # (as measure looks: a request it sees has not ended)
-                        self._in_flight.pop(conn, None)
-                        if scope is not None:  # the send queue was delivered, or is gone with the connection
-                            scope.note_unsent(id(conn), 0, lost=not answered)
-                if reusable:
-                    pool.put((conn, time.monotonic()))
-                else:
-                    conn.close()
+            with sending:  # (the time this request carries file data: TransferScope.send_seconds)
+                try:
+                    conn.putrequest(method, target, skip_accept_encoding=True)
+                    for name, value in all_headers.items():
+                        conn.putheader(name, value)
+                    conn.endheaders()
+                    if body is not None:
+                        conn.send(body)
+                    elif send is not None and send[2] > 0:
+                        conn.sock.settimeout(read_timeout)
+                        f, offset, count = send
+                        sent = 0
+                        while sent < count:
+                            if cancellable:
+                                self._check_cancel(where)
+                            n = conn.sock.sendfile(f, offset + sent, min(SEND_SLICE, count - sent))
+                            if n == 0:
+                                break
+                            sent += n
+                            if scope is not None:
+                                scope.note_sent(n, connection=id(conn), unsent=_unsent(conn.sock))
+                        if sent != count:
+                            raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
+                    conn.sock.settimeout(read_timeout)
+                    response = conn.getresponse()
+                    answered = True
+                    answer = {k.lower(): v for k, v in response.getheaders()}
+                    status = response.status
+                    if status < 300 and into is not None:
+                        into(response)
+                        data = b""
+                    else:
+                        data = response.read()  # (a HEAD's is empty; reading it frees the connection)
+                    reusable = not response.will_close and response.isclosed()
+                except (OSError, http.client.HTTPException) as exc:
+                    if cancellable and self.cancel is not None and self.cancel.is_set():  # abort_requests shut it
+                        reusable = False
+                        raise TransferCancelled(f"transfer of {where} cancelled") from exc
+                    raise
+                finally:
+                    if cancellable or scope is not None:
+                        with self._pools_lock:  # (as measure looks: a request it sees has not ended)
+                            self._in_flight.pop(conn, None)
+                            if scope is not None:  # the send queue was delivered, or is gone with the connection
+                                scope.note_unsent(id(conn), 0, lost=not answered)
+                    if reusable:
+                        pool.put((conn, time.monotonic()))
+                    else:
+                        conn.close()
             code, message = _xml_error(data) if status >= 300 or method == "POST" else (None, "")
             if trial is not None and not (_refusal(status, code) or status in (408, 429) or status >= 500):
                 self._checksums_refused(trial)  # without them the store took (or judged) the request

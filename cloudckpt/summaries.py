@@ -7,14 +7,19 @@ as ``tf.compat.v1.Event`` records with ``simple_value`` scalars through
 TensorBoard and ``tf.compat.v1.train.summary_iterator`` -- from the uploader
 thread, whatever the training thread's graph or eager mode.
 
-Scalars (tag ``cloudckpt/<name>``, at the committed checkpoint's step):
+Scalars (tag ``cloudckpt/<name>``), written after each checkpoint's outcome (committed, failed, refused,
+dropped) at that checkpoint's step, so an outage shows as points too (failures and drops), not as a gap:
 
-* ``commit_lag_seconds``: from the save to the commit of that checkpoint;
+* ``commit_lag_seconds``: from the save to the commit of that checkpoint (committed ones only);
 * ``commit_lag_steps``: training steps run between its save and its commit, in the unit of its step
   (the training step when the commit completed minus its step; ``UploadStats``, and
-  ``CheckpointEngine.step_source`` for what each adapter counts);
-* ``throughput_mib_per_second``: bytes uploaded by that commit / its duration;
+  ``CheckpointEngine.step_source`` for what each adapter counts; committed ones only);
+* ``throughput_mib_per_second``: that commit's send rate: bytes it sent / the time it spent sending them
+  (``UploadStats.last_upload_mib_per_second``; server-side copies excluded; committed ones that sent bytes);
 * ``copied_mib``: MiB of that checkpoint the store copied server-side (incremental commits), not sent;
+* ``uncommitted_seconds``, ``uncommitted_steps``: what a preemption at that moment would lose: time since
+  the newest committed checkpoint was saved, and training steps run since it (``UploadStats``); they climb
+  during an outage;
 * ``queue_depth``: checkpoints waiting or in flight after it;
 * ``retries``, ``dropped``, ``failed``: the run's totals so far.
 """

@@ -13,6 +13,7 @@ import collections
 import copy
 import logging
 import os
+import queue
 import threading
 import time
 from multiprocessing.pool import ThreadPool
@@ -70,20 +71,31 @@ class UploadStats:
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
     newest step this uploader saw committed (by any of the first three).
 
-    Commit lag, of the newest committed checkpoint, measured when its commit completed:
-    ``last_commit_lag_seconds`` from its save (``saved_at``), and ``last_commit_lag_steps``
-    the training steps run since its save, in the unit of its step: the training step then
-    (``Uploader.step_source``) minus its step, >= 0 -- what a preemption at that moment
-    would lose when resuming from it. Without a step source (or when it has no value) the
-    newest step saved by then stands in for the training step: the figure then moves in
-    whole save intervals and reads 0 while uploads keep up. Which one each adapter uses:
-    ``CheckpointEngine.step_source``.
+    Commit lag, of the newest committed checkpoint, measured once, when its commit completed:
+    ``last_commit_lag_seconds`` from its save (``saved_at``) to its commit, and ``last_commit_lag_steps``
+    the training steps run between its save and its commit, in the unit of its step: the training step
+    then (``Uploader.step_source``) minus its step, >= 0. They describe how far behind training that
+    commit was; they do not move until the next commit (during an outage they keep the last commit's
+    figures while saves are dropped or failing).
+
+    What a preemption right now would lose, measured when the stats are taken (None before this
+    uploader saw any checkpoint committed): ``uncommitted_seconds``, seconds since the newest committed
+    checkpoint was saved (training time not in the store), and ``uncommitted_steps``, training steps
+    run since it, >= 0 (the training step now minus its step). They grow while commits fail or are
+    dropped. For both step figures, without a step source (or when it has no value) the newest step
+    saved stands in for the training step: the figure then moves in whole save intervals. Which one
+    each adapter uses: ``CheckpointEngine.step_source``.
     ``queue_depth``: checkpoints not yet committed when the stats were taken: waiting, or in flight until
     its outcome is recorded (the housekeeping after a commit -- retention, cleanup -- does not count).
 
     Bytes: ``bytes_uploaded`` counts checkpoint bytes sent over the network; ``bytes_copied``
     those an incremental commit had the store copy server-side from the previous checkpoint
     (``incremental.py``), never sent. ``last_upload_bytes`` / ``last_copied_bytes``: the last commit's.
+    ``last_upload_seconds`` is the last commit's whole duration (sending, server-side copies, the commit
+    point, retries); ``last_send_seconds`` only the time it spent sending: while at least one request
+    carrying file data was in flight (``TransferScope.send_seconds``). ``last_upload_mib_per_second``
+    divides the bytes sent by that send time: the rate the link delivered, not lowered by server-side
+    copies or a commit's small requests.
     """
 
     committed: int = 0
@@ -110,13 +122,18 @@ class UploadStats:
     bytes_copied: int = 0  # bytes of committed checkpoints the store copied server-side (incremental commits)
     last_copied_bytes: int = 0  # of those, the last commit's
     replaced: int = 0  # commits that replaced a committed checkpoint of the same name (replace_committed)
+    last_send_seconds: float | None = None  # of last_upload_seconds, the time spent sending file data
+    uncommitted_seconds: float | None = None  # since the newest committed checkpoint was saved (read-time)
+    uncommitted_steps: int | None = None  # training steps run since the newest committed checkpoint (read-time)
 
     @property
     def last_upload_mib_per_second(self) -> float | None:
-        """Throughput of the last commit (MiB/s), None before any or when it sent nothing."""
-        if not self.last_upload_bytes or not self.last_upload_seconds:
+        """Send rate of the last commit (MiB/s): the bytes it sent (``last_upload_bytes``) over the time it
+        spent sending them (``last_send_seconds``; server-side copies of an incremental commit and the commit
+        point excluded). None before any commit, or when it sent nothing."""
+        if not self.last_upload_bytes or not self.last_send_seconds:
             return None
-        return self.last_upload_bytes / (1 << 20) / self.last_upload_seconds
+        return self.last_upload_bytes / (1 << 20) / self.last_send_seconds
 
 
 @dataclass
@@ -248,8 +265,11 @@ class Uploader:
         on_error: ``"raise"`` keeps failures for ``take_failure`` (the hook
             re-raises them in the training thread); ``"warn"`` logs and counts them.
         observer: called in the uploader thread after each checkpoint's outcome
-            (committed, refused or failed) with its step and the stats (a copy; ``queue_depth``:
-            the checkpoints waiting behind it).
+            (committed, refused, failed, or dropped by the commit) with its step and the stats (a copy;
+            ``queue_depth``: the checkpoints waiting behind it); and, for checkpoints dropped while waiting
+            (``submit``'s full queue, ``drop_waiting``), with the dropped step and the stats then, from a
+            thread of its own (``cloudckpt-observer``: never the training thread, and not held up by a
+            commit in flight, which during an outage may retry for minutes).
 
     ``step_source`` (attribute, default None): the training step now, for ``last_commit_lag_steps``; see
     ``CheckpointEngine.step_source``.
@@ -280,7 +300,10 @@ class Uploader:
         self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
         self._last_send_rate: float | None = None  # bytes/s an upload measured when it ended (TransferScope)
         self._failures: list[UploadError] = []
+        self._drop_notices: queue.SimpleQueue[int] = queue.SimpleQueue()  # dropped steps for the observer
+        self._notifier: threading.Thread | None = None  # started at the first drop (with an observer)
         self._stats = UploadStats()
+        self._committed_saved_at: float | None = None  # saved_at of the newest committed checkpoint (uncommitted_*)
         self._drop_warned_at: float | None = None  # time.monotonic() of the last WARNING about a drop
         self._drops_not_warned = 0  # drops logged at INFO since
         self._drop_log_lock = threading.Lock()
@@ -368,6 +391,7 @@ class Uploader:
                                "(max_pending=%d). The store is slower than the save interval.",
                                dropped.checkpoint.step, len(self._queue), self.store.url, self.max_pending)
                 dropped.release()
+                self._notify_dropped(dropped.checkpoint.step)
             self._cond.notify_all()
 
     def drop_waiting(self, older_than: int, reason: str) -> None:
@@ -379,6 +403,31 @@ class Uploader:
         for job in dropped:
             self._log_drop("Dropping checkpoint step %d: %s.", job.checkpoint.step, reason)
             job.release()
+            self._notify_dropped(job.checkpoint.step)
+
+    def _notify_dropped(self, step: int) -> None:
+        """Have the observer called for dropped checkpoint ``step`` from the notifier thread (never here: the
+        caller may be the training thread). Does not block."""
+        if self._observer is None:
+            return
+        self._drop_notices.put(step)
+        with self._drop_log_lock:
+            if self._notifier is None or not self._notifier.is_alive():
+                self._notifier = threading.Thread(target=self._notify_loop, name="cloudckpt-observer", daemon=True)
+                self._notifier.start()
+
+    def _notify_loop(self) -> None:
+        """The notifier thread: calls the observer for each dropped step; ends after 1 s without one."""
+        while True:
+            try:
+                step = self._drop_notices.get(timeout=1.0)
+            except queue.Empty:
+                with self._drop_log_lock:
+                    if self._drop_notices.empty():
+                        self._notifier = None
+                        return
+                continue
+            self._observe(step)
 
     def _log_drop(self, message: str, *args: object) -> None:
         """Log a dropped checkpoint: a WARNING at most every ``DROP_WARNING_INTERVAL`` seconds (saying how many
@@ -509,13 +558,21 @@ class Uploader:
                     self._in_flight_settled = True
             job.release()
         if self._observer is not None:
-            stats = self.stats()
+            self._observe(job.checkpoint.step, behind=True)
+
+    def _observe(self, step: int, *, behind: bool = False) -> None:
+        """Call the observer with ``step`` and the stats now (``behind``: ``queue_depth`` counts only the
+        checkpoints waiting, the one just done not being in flight any more)."""
+        if self._observer is None:
+            return
+        stats = self.stats()
+        if behind:
             with self._cond:
                 stats.queue_depth = len(self._queue)  # waiting behind this one
-            try:
-                self._observer(job.checkpoint.step, stats)
-            except Exception as exc:  # noqa: BLE001 - observability never fails a commit
-                log.warning("Recording upload statistics failed: %s", exc)
+        try:
+            self._observer(step, stats)
+        except Exception as exc:  # noqa: BLE001 - observability never fails a commit
+            log.warning("Recording upload statistics failed: %s", exc)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted checkpoint is committed, dropped or failed; False on timeout."""
@@ -602,12 +659,17 @@ class Uploader:
             pool.join()
 
     def stats(self) -> UploadStats:
-        """A copy of the counters."""
+        """A copy of the counters, with the read-time figures (``uncommitted_seconds`` / ``uncommitted_steps``)
+        measured now; reads ``step_source`` (without the lock held)."""
         with self._cond:
             stats = copy.deepcopy(self._stats)
             # not yet committed: waiting, or in flight until its outcome is recorded (then its housekeeping runs)
             stats.queue_depth = len(self._queue) + (self._in_flight is not None and not self._in_flight_settled)
-            return stats
+            saved_at = self._committed_saved_at
+        if stats.last_committed_step is not None:
+            stats.uncommitted_steps = self._training_step(stats.last_committed_step) - stats.last_committed_step
+            stats.uncommitted_seconds = None if saved_at is None else max(0.0, time.time() - saved_at)
+        return stats
 
     def count_housekeeping_failure(self, error: str) -> None:
         """Record a failed housekeeping step outside a commit (``stats().housekeeping_failures``)."""
@@ -709,7 +771,7 @@ class Uploader:
                 self._note_send_rate(scope)
         if scope.cancelled:  # a commit without a commit point of its own (already committed, healed, refused)
             log.info("Checkpoint step %d: its commit ended before abandoning its upload took effect.", step)
-        self._record_outcome(job, result, time.monotonic() - started)
+        self._record_outcome(job, result, time.monotonic() - started, scope.send_seconds)
 
     def _note_send_rate(self, scope: TransferScope) -> None:
         """Keep the throughput ``scope`` measured over its last seconds of sending, if it sent long enough."""
@@ -790,8 +852,10 @@ class Uploader:
         log.info("Checkpoint step %d stays committed in %s; its heal (re-uploading objects of it missing or truncated "
                  "in the store) was %s, and those objects are still missing: %s", step, self.store.url, why, exc)
 
-    def _record_outcome(self, job: UploadJob, result: CommitResult, seconds: float) -> None:
-        """Count and log the outcome of ``job``'s commit (``seconds`` it took), then run its ``on_committed``."""
+    def _record_outcome(self, job: UploadJob, result: CommitResult, seconds: float,
+                        send_seconds: float | None = None) -> None:
+        """Count and log the outcome of ``job``'s commit (``seconds`` it took, ``send_seconds`` of them spent
+        sending file data), then run its ``on_committed``."""
         step = job.checkpoint.step
         # The commit lag, measured now (the commit point is written); the training step is read without the lock.
         committed_at = time.time()
@@ -804,6 +868,7 @@ class Uploader:
                 saved_at = job.checkpoint.saved_at
                 self._stats.last_commit_lag_seconds = None if saved_at is None else max(0.0, committed_at - saved_at)
                 self._stats.last_commit_lag_steps = training_step - step
+                self._committed_saved_at = saved_at
             if result.outcome in (UPLOADED, HEALED):
                 self._stats.last_upload_bytes = result.bytes_uploaded
                 self._stats.last_copied_bytes = result.bytes_copied
@@ -823,6 +888,7 @@ class Uploader:
             if result.outcome != REFUSED:
                 self._stats.last_committed_step = step
             self._stats.last_upload_seconds = seconds
+            self._stats.last_send_seconds = send_seconds
         if result.outcome == REFUSED:
             if job.required:  # the run's final checkpoint is not what the store holds for its step: say so
                 with self._cond:

@@ -690,3 +690,66 @@ def test_the_subdirectories_hint_names_a_few_and_counts_the_others(tmp_path, mem
     assert str(missing.value).endswith(
         "Its subdirectories run-00/, run-01/, run-02/ and 13 more (of the first 16 of 20 subdirectories by name) "
         f"hold checkpoints: pass one ({memory_url}/run-00)."), str(missing.value)
+
+
+def test_during_an_outage_stats_and_summaries_show_what_a_preemption_would_lose(cloudckpt_s3, tmp_path):
+    """The store goes down after step 10 committed: step 20's commit keeps retrying, step 30 waits and is dropped
+    for step 40. Meanwhile ``uncommitted_seconds`` / ``uncommitted_steps`` (read when ``stats()`` is called) grow
+    with the training step, while the commit lag (measured at step 10's commit) stays as it was; the drop writes
+    TensorBoard points at once (no commit needed). Before: no read-time figures, and no point until a commit."""
+    import time
+
+    pytest.importorskip("tensorflow")
+    from support.checks import read_scalars
+    from support.fault_proxy import FaultProxy
+
+    local, summaries = tmp_path / "local", tmp_path / "tb"
+    training = {"step": 10}
+    retry = cloudckpt.RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.1, deadline=120)
+    with FaultProxy(cloudckpt_s3.endpoint) as proxy:
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        with CheckpointEngine(cloudckpt_s3.url("run"), str(local), storage_options=options, max_pending=1,
+                              retry=retry, summary_dir=str(summaries)) as engine:
+            engine.step_source = lambda: training["step"]
+            engine.open()
+            assert (engine.stats().uncommitted_seconds, engine.stats().uncommitted_steps) == (None, None)
+            saved_10 = time.time()
+            engine.submit(10, write_checkpoint(local, 10))
+            engine.wait(60)
+            committed = engine.stats()
+            assert (committed.last_committed_step, committed.last_commit_lag_steps, committed.uncommitted_steps) \
+                == (10, 0, 0)
+            proxy.start_outage()
+            try:
+                training["step"] = 20
+                engine.submit(20, write_checkpoint(local, 20))
+                deadline = time.monotonic() + 30
+                while engine.stats().retries < 2:  # step 20 is in flight, retrying
+                    assert time.monotonic() < deadline, "no retry during the outage"
+                    time.sleep(0.02)
+                training["step"] = 30
+                engine.submit(30, write_checkpoint(local, 30))
+                training["step"] = 40
+                engine.submit(40, write_checkpoint(local, 40))  # step 30 is dropped
+                training["step"] = 45
+                time.sleep(0.5)
+                during = engine.stats()
+                while "dropped" not in read_scalars(summaries) or 30 not in read_scalars(summaries)["dropped"]:
+                    assert time.monotonic() < deadline, "no summary written for the drop during the outage"
+                    time.sleep(0.05)
+                scalars = read_scalars(summaries)
+            finally:
+                proxy.end_outage()
+            engine.wait(120)
+            after = engine.stats()
+    assert (during.last_committed_step, during.dropped, during.committed) == (10, 1, 1), during
+    # the commit lag is the one measured at step 10's commit; what a preemption now would lose is not
+    assert during.last_commit_lag_steps == 0 and during.last_commit_lag_seconds == committed.last_commit_lag_seconds
+    assert during.uncommitted_steps == 35
+    assert during.uncommitted_seconds >= 0.5 and during.uncommitted_seconds >= time.time() - saved_10 - 60
+    assert during.uncommitted_seconds > committed.last_commit_lag_seconds
+    assert scalars["dropped"][30] == 1.0 and scalars["uncommitted_steps"][30] >= 30  # 40 (or 45) - 10
+    assert scalars["uncommitted_seconds"][30] > 0
+    assert 30 not in scalars.get("commit_lag_seconds", {})
+    assert (after.last_committed_step, after.committed, after.failed) == (40, 3, 0), after
+    assert after.uncommitted_steps == 5 and after.uncommitted_seconds < during.uncommitted_seconds + 60

@@ -410,3 +410,41 @@ def test_a_copy_from_a_source_rewritten_after_the_check_is_refused_by_the_store(
             assert copy() is None
     finally:
         transport._abort_upload(bucket, "new", upload_id)
+
+
+def test_send_rate_of_an_incremental_commit_is_not_diluted_by_its_server_side_copy(moto_server, tmp_path):
+    """A commit that copies most of its data server-side (the copy held 2 s by the proxy, as a store copying a
+    large frozen variable takes its time) and sends one part: ``last_upload_mib_per_second`` is the bytes sent
+    over the time spent sending them (``last_send_seconds``), not over the whole commit. Before, it divided by
+    the whole commit time, copy included: a collapse of the figure with nothing wrong on the link."""
+    from cloudckpt.uploader import UploadJob, Uploader
+
+    url = moto_server.create_bucket(f"inc-{uuid.uuid4().hex[:10]}") + "/run"
+    saves = Saves(tmp_path, 3 * PART_SIZE)
+    with FaultProxy(moto_server.endpoint) as proxy:
+        store = RemoteStore(url, {**moto_server.storage_options, "endpoint_url": proxy.url})
+        assert store._transport is not None
+        uploader = Uploader(store)
+        uploader.start()
+        try:
+            uploader.submit(UploadJob(saves.save(1)))
+            assert uploader.wait(120)
+            full = uploader.stats()
+            saves.data[-1] ^= 1  # parts 0-1 copied server-side, part 2 sent
+            proxy.set_faults(latency=2.0, copies=True)
+            uploader.submit(UploadJob(saves.save(2)))
+            assert uploader.wait(120)
+            incremental = uploader.stats()
+        finally:
+            uploader.close(60)
+        assert proxy.stats["copies"] >= 1
+    assert uploader.take_failure() is None and incremental.committed == 2
+    assert full.last_copied_bytes == 0 and full.last_send_seconds > 0
+    assert full.last_upload_mib_per_second == pytest.approx(full.last_upload_bytes / MiB / full.last_send_seconds)
+    assert incremental.last_copied_bytes == 2 * PART_SIZE and incremental.last_upload_bytes == PART_SIZE + 64
+    assert incremental.last_upload_seconds >= 2.0  # the held copy
+    assert 0 < incremental.last_send_seconds < incremental.last_upload_seconds - 1.5, incremental
+    rate = incremental.last_upload_mib_per_second
+    assert rate == pytest.approx(incremental.last_upload_bytes / MiB / incremental.last_send_seconds)
+    # what the old figure read (bytes sent / the whole commit): at least 4x lower here
+    assert rate > 4 * incremental.last_upload_bytes / MiB / incremental.last_upload_seconds

@@ -261,3 +261,46 @@ def test_policy_takes_numpy_seconds_as_floats():
     policy = RetryPolicy(initial_backoff=np.float32(0.25), max_backoff=np.int64(4), deadline=np.float64(30))
     assert (policy.initial_backoff, policy.max_backoff, policy.deadline) == (0.25, 4.0, 30.0)
     assert {type(policy.initial_backoff), type(policy.max_backoff), type(policy.deadline)} == {float}
+
+
+def test_the_deadline_bounds_a_stalled_request_on_the_s3_transport(cloudckpt_s3, tmp_path):
+    """The store stops answering (the proxy holds every PUT, as a SIGSTOPped server would): with
+    ``deadline=3`` the upload fails after about 3 s (each attempt's socket timeout cut to what the deadline
+    leaves, at least ``MIN_ATTEMPT_TIMEOUT``), not after the transport's 60 s read timeout. Before: the first
+    attempt waited the whole read timeout ("retried 0 times over 60 s")."""
+    import threading
+    import time
+
+    from cloudckpt.errors import RemoteError
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.retry import MIN_ATTEMPT_TIMEOUT, attempt_timeout
+    from support.fault_proxy import FaultProxy
+
+    assert attempt_timeout(60.0) == 60.0  # outside any policy call
+    local = tmp_path / "f"
+    local.write_bytes(b"x" * 1000)
+    policy = RetryPolicy(max_attempts=4, initial_backoff=0.2, max_backoff=2, deadline=3)
+    release = threading.Event()
+    outcome: dict[str, object] = {}
+    with FaultProxy(cloudckpt_s3.endpoint) as proxy:
+        store = RemoteStore(cloudckpt_s3.url("run"), {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url},
+                            retry=policy)
+        assert store._transport is not None
+        proxy.set_faults(only_methods=("PUT",), until=release)
+
+        def upload() -> None:
+            started = time.monotonic()
+            try:
+                store.put_file(str(local), "object")
+            except RemoteError as exc:
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - started
+        thread = threading.Thread(target=upload, daemon=True)
+        thread.start()
+        thread.join(20)
+        release.set()
+        thread.join(60)
+    assert "seconds" in outcome, "the stalled upload outlived its deadline by far"
+    assert isinstance(outcome.get("error"), RemoteError), outcome
+    assert 3 - 0.5 <= outcome["seconds"] <= 3 + MIN_ATTEMPT_TIMEOUT + 2, outcome
+    assert outcome["error"].transient

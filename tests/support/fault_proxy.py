@@ -369,14 +369,15 @@ class FaultProxy:
         self.stop()
 
     def set_faults(self, error_rate=0.0, kinds=KINDS, latency=0.0,
-                   only_methods=None, path_filter=None, min_body=0, until=None) -> None:
+                   only_methods=None, path_filter=None, min_body=0, until=None, copies=None) -> None:
         """Replace the fault config. An eligible request gets a fault with
         probability ``error_rate``, of a kind drawn from ``kinds``, and first
         sleeps ``latency`` seconds, then, given ``until`` (a ``threading.Event``), waits
         until it is set (a hold the test releases). Eligible: method in ``only_methods`` (default:
         all) and ``path_filter`` (regex searched in path+query, or a callable)
-        matches, and the request body has at least ``min_body`` bytes (Content-Length). Filters gate
-        ``fail_next`` too, but not outages."""
+        matches, and the request body has at least ``min_body`` bytes (Content-Length); ``copies``: True, only
+        server-side copies (an ``x-amz-copy-source`` header) are eligible, False, only other requests (None:
+        both). Filters gate ``fail_next`` too, but not outages."""
         if set(kinds) - set(ALL_KINDS):
             raise ValueError(f"unknown fault kinds in {kinds!r}, expected {ALL_KINDS}")
         if isinstance(path_filter, str):
@@ -387,6 +388,7 @@ class FaultProxy:
             self._methods = {m.upper() for m in only_methods} if only_methods else None
             self._path_filter = path_filter
             self._min_body = int(min_body)
+            self._copies = copies
 
     def fail_next(self, kind: str, count: int = 1) -> None:
         """Inject ``kind`` into the next ``count`` eligible requests (before random faults)."""
@@ -510,7 +512,8 @@ class FaultProxy:
                 self._stats["copies"] += 1
             fault, latency, until = None, 0.0, None
             if ((self._methods is None or method in self._methods)
-                    and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body):
+                    and (self._path_filter is None or self._path_filter(path)) and length >= self._min_body
+                    and (self._copies is None or self._copies == copy)):
                 latency, until = self._latency, self._until
                 if self._scripted:
                     fault = self._scripted.pop(0)
