@@ -381,8 +381,11 @@ class Uploader:
             job.release()
 
     def _log_drop(self, message: str, *args: object) -> None:
-        """Log a dropped checkpoint: a WARNING at most every ``DROP_WARNING_INTERVAL`` seconds (saying how many
-        were dropped since the last one), INFO otherwise; ``stats().dropped`` counts them all."""
+        """Log a dropped checkpoint, rate-limited per uploader (one per hook or Keras callback): the first drop
+        is a WARNING; every further drop less than ``DROP_WARNING_INTERVAL`` seconds (300 s) after the last
+        WARNING is logged at INFO only; the first drop after that interval is a WARNING again and adds how many
+        drops were logged at INFO since the previous one. Drops at INFO after the last WARNING get no later
+        summary unless another drop comes; ``stats().dropped`` counts every drop, whatever its level."""
         with self._drop_log_lock:  # the training thread and the worker both drop
             now = time.monotonic()
             warn = self._drop_warned_at is None or now - self._drop_warned_at >= DROP_WARNING_INTERVAL
