@@ -191,6 +191,25 @@ def test_help_describes_every_option():
             assert "--storage-option" in text and "exit codes" in text
 
 
+
+def test_help_lists_every_exit_code():
+    """`--help` listed only 0/1/2 while the command also exits 130 (Ctrl-C), 141 (reader gone) and 143
+    (SIGTERM), as README says: every EXIT_* code of cli is in EXIT_CODES, and --help (the top level and a
+    subcommand) and README's CLI section list each of them."""
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    assert codes == {code for code, _ in cli.EXIT_CODES} == {0, 1, 2, 130, 141, 143}
+    for proc in run_cli_many(["--help"], ["verify", "--help"]):
+        assert proc.returncode == 0, proc.stderr
+        section = proc.stdout[proc.stdout.index("exit codes:"):]
+        listed = [int(m) for m in re.findall(r"^  (\d+) ", section, re.MULTILINE)]
+        assert listed == [code for code, _ in cli.EXIT_CODES], section
+        assert "interrupted (Ctrl-C)" in section and "terminated (SIGTERM" in section, section
+    readme = " ".join((Path(cli.__file__).parent.parent / "README.md").read_text().split())
+    sentence = readme[readme.index("Exit codes: 0 ok"):][:400]
+    for code, _ in cli.EXIT_CODES:
+        assert re.search(rf"\b{code} ", sentence), (code, sentence)
+
+
 def test_storage_option_parsing():
     parse = cli.storage_option
     pairs = [parse(t) for t in ("endpoint_url=http://h:9000", "anon=false", "use_ssl=TRUE", "n=3", "x=1.5",
