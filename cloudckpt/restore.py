@@ -672,8 +672,8 @@ def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
             write_local_state_file(local_dir, info.name)  # the latest; the other local ones listed too
     finally:
         staged.remove()
-    log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
-             store.url, local_dir, len(info.files), info.size / 1e6)
+    log.info("Restored checkpoint step %d from %s into %s (%d files, %s, verified).", info.step,
+             store.url, local_dir, len(info.files), human_size(info.size))
     return os.path.join(local_dir, info.name)
 
 
