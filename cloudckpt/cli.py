@@ -45,7 +45,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import CloudCkptError, ConfigError, human_size
+from .errors import DEBUG_HINT, CloudCkptError, ConfigError, human_size
 
 if TYPE_CHECKING:
     from .catalog import CheckpointInfo, DirectoryScan
@@ -59,6 +59,7 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports for them
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
 DEFAULT_MAX_ATTEMPTS = 3
+CLI_DEBUG_HINT = "rerun with --debug for details"  # in place of the library's errors.DEBUG_HINT
 # Every exit code of the command line and what it means: ``--help`` prints this list (README's matches it).
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_OK, "ok"),
@@ -243,7 +244,9 @@ def _manifest_step(name: str) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """``exc``'s message on one line, for the command's output; the library's "rerun with logging at DEBUG"
+    becomes the command's ``--debug``."""
+    text = str(exc).strip().replace(DEBUG_HINT, CLI_DEBUG_HINT)
     return " ".join(text.split()) if text else type(exc).__name__
 
 

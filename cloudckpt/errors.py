@@ -95,6 +95,11 @@ def number_option(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
+# The hint of an error whose cause has no specific advice (remote.storage_error): a library user configures
+# logging; the command line says "--debug" instead (cli.CLI_DEBUG_HINT replaces it in what it prints).
+DEBUG_HINT = "rerun with logging at DEBUG for details"
+
+
 def human_size(n: int) -> str:
     """``n`` bytes in binary units for messages and CLI output, as the options take sizes (``16MiB``):
     ``"307 B"`` below 1 KiB, else one decimal in the largest unit it reaches: ``"12.3 KiB"``, ``"262.1 MiB"``,

@@ -825,6 +825,29 @@ def test_unexpected_exception_is_one_line(monkeypatch, capsys):
     assert "Traceback (most recent call last)" in err and "RuntimeError: something odd" in err
 
 
+
+def test_an_error_without_specific_advice_points_to_debug(tmp_path):
+    """Missing credentials: the CLI said "rerun with logging at DEBUG for details", advice for library users
+    (who configure logging); the CLI's wording is --debug. The library keeps its own (errors.DEBUG_HINT)."""
+    from cloudckpt.errors import DEBUG_HINT
+
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "BOTO"))}
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_DEFAULT_REGION="us-east-1")
+    url, endpoint = "s3://bucket/run", "endpoint_url=http://127.0.0.1:9"  # never reached: no credentials
+    proc = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", url, "-o", endpoint], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "NoCredentialsError" in line and f"; {cli.CLI_DEBUG_HINT})." in line, line
+    assert "logging at DEBUG" not in line, line
+    library = subprocess.run(
+        [sys.executable, "-c", "import cloudckpt\ntry:\n    cloudckpt.list_checkpoints('s3://bucket/run', "
+         "{'endpoint_url': 'http://127.0.0.1:9'})\nexcept cloudckpt.RemoteError as exc:\n    print(exc)"],
+        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert "NoCredentialsError" in library.stdout and f"; {DEBUG_HINT})." in library.stdout, library
+
+
 def test_debug_keeps_the_exit_code_of_a_configuration_error(capsys, tmp_path):
     missing = str(tmp_path / "missing")
     assert cli.main(["ls", missing]) == 2
