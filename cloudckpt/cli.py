@@ -365,16 +365,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _print_verified(report: "VerifyReport") -> None:
     from .restore import RETIRED, UNREADABLE
 
+    superseded = "superseded, " if report.superseded else ""  # as `ls` and `gc` say it
     if report.status == UNREADABLE:
         print(f"FAILED  step {report.step}: unreadable manifest: {_one_line(report.error)}", flush=True)
     elif report.status == RETIRED:
         print(f"GONE    step {report.step}: {report.name} was retired (retention) while it was being verified",
               flush=True)
     elif report.ok:
-        print(f"OK      step {report.step}: {report.name} ({len(report.files)} files, {human_size(report.size)})",
-              flush=True)
+        print(f"OK      step {report.step}: {report.name} ({superseded}{len(report.files)} files, "
+              f"{human_size(report.size)})", flush=True)
     else:
-        print(f"FAILED  step {report.step}: {report.name} ({len(report.problems)} of {len(report.files)} files bad)")
+        print(f"FAILED  step {report.step}: {report.name} ({superseded}{len(report.problems)} of "
+              f"{len(report.files)} files bad)")
         for check in report.problems:
             print(f"          {check.name}: {_problem_text(check)}", flush=True)
 

@@ -587,6 +587,28 @@ def test_verify_exits_1_on_corrupted_object(committed, moto_server):
     assert "step(s) 10, 30" in one_error_line(every.stderr)
 
 
+
+def test_verify_says_superseded_as_ls_does(committed, moto_server):
+    """After a rollback to step 10, `verify --step 20` printed plain "OK step 20" for a checkpoint `ls` shows
+    superseded (never restored as the latest): it says superseded, as `ls` and `gc` do."""
+    import cloudckpt
+
+    url, name, client, endpoint = committed
+    cloudckpt.rollback(url, step=10, storage_options=moto_server.storage_options)
+    ls, one, every = run_cli_many(["ls", url, "--json", "-o", endpoint], ["verify", url, "--step", "20", "-o", endpoint],
+                                  ["verify", url, "--all", "-o", endpoint])
+    assert {r["step"]: r["status"] for r in json.loads(ls.stdout)} == {0: "committed", 10: "committed",
+                                                                       20: "superseded", 30: "superseded"}
+    assert one.returncode == 0, one.stderr
+    assert re.match(r"OK      step 20: model\.ckpt-20 \(superseded, 3 files, ", one.stdout), one.stdout
+    assert every.returncode == 0, every.stderr
+    marked = {int(m.group(1)): bool(m.group(2)) for m in
+              re.finditer(r"^OK\s+step (\d+): \S+ \((superseded, )?\d+ files", every.stdout, re.M)}
+    assert marked == {0: False, 10: False, 20: True, 30: True}, every.stdout
+    report = cloudckpt.verify_checkpoints(url, 20, storage_options=moto_server.storage_options).reports[0]
+    assert report.superseded and report.ok
+
+
 def test_verify_nothing_to_check(committed):
     url, name, client, endpoint = committed
     absent, empty, both = run_cli_many(["verify", url, "--step", "25", "-o", endpoint],
