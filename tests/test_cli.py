@@ -595,7 +595,8 @@ def test_verify_says_superseded_as_ls_does(committed, moto_server):
 
     url, name, client, endpoint = committed
     cloudckpt.rollback(url, step=10, storage_options=moto_server.storage_options)
-    ls, one, every = run_cli_many(["ls", url, "--json", "-o", endpoint], ["verify", url, "--step", "20", "-o", endpoint],
+    ls, one, every = run_cli_many(["ls", url, "--json", "-o", endpoint],
+                                  ["verify", url, "--step", "20", "-o", endpoint],
                                   ["verify", url, "--all", "-o", endpoint])
     assert {r["step"]: r["status"] for r in json.loads(ls.stdout)} == {0: "committed", 10: "committed",
                                                                        20: "superseded", 30: "superseded"}
