@@ -534,3 +534,20 @@ def test_backup_messages_number_epochs_as_keras_shows_them(epoch, batch, epochs,
     from cloudckpt.keras.backup import _position
 
     assert _position(epoch, batch, epochs) == text
+
+
+@pytest.mark.parametrize("name", ["BackupAndRestore", "ModelCheckpoint"])
+def test_readme_keras_signatures_list_every_parameter(name):
+    """README's Keras section left out ``transfer=`` and ``summary_dir=`` (the API table listed them and they
+    work): both of its signatures of each callback name every parameter, in order, as the code has them."""
+    import inspect
+    import re
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    params = [p for p in inspect.signature(getattr(cloudckpt.keras, name).__init__).parameters if p != "self"]
+    section = re.search(rf"\*\*{name}\*\*`\(([^`]*)\)`", readme)
+    table = re.search(rf"`keras\.{name}\(([^`]*)\)`", readme)
+    for found in (section, table):
+        assert found is not None, name
+        listed = [part.split("=")[0].strip() for part in found.group(1).split(",") if part.strip() != "*"]
+        assert listed == params, (name, listed)
