@@ -12,11 +12,10 @@ Subcommands::
     cloudckpt gc URL --keep N [--keep-every-hours H] [--grace-hours H] [--dry-run]
     cloudckpt demo                                    train a small model against an embedded S3 server
 
-Exit codes: 0 ok, 1 a check failed (corrupt or missing checkpoint, storage
-error), 2 usage or configuration error (bad arguments, unknown URL scheme,
-missing bucket or directory), 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM: a shutdown, ``docker stop``, ``kill``). Errors are one line on stderr; ``--debug``
-shows the traceback and cloudckpt's debug log.
+Exit codes: ``EXIT_CODES`` below, the one list of them (``--help`` prints it): 0 ok, 1 a check failed,
+2 usage or configuration error, 130 interrupted (Ctrl-C), 141 the output's reader went away (SIGPIPE),
+143 terminated (SIGTERM). Errors are one line on stderr; ``--debug`` shows the traceback and cloudckpt's
+debug log.
 
 Ctrl-C and SIGTERM end a command the same way: transfers in flight are
 cancelled (on ``s3://``, within about 1 MiB of each request; multipart
@@ -46,7 +45,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._version import __version__
-from .errors import CloudCkptError, ConfigError, human_size
+from .errors import DEBUG_HINT, CloudCkptError, ConfigError, human_size
 
 if TYPE_CHECKING:
     from .catalog import CheckpointInfo, DirectoryScan
@@ -60,6 +59,30 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM: what a shell reports for them
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
 DEFAULT_MAX_ATTEMPTS = 3
+CLI_DEBUG_HINT = "rerun with --debug for details"  # in place of the library's errors.DEBUG_HINT
+# Every exit code of the command line and what it means: ``--help`` prints this list (README's matches it).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "ok"),
+    (EXIT_CHECK_FAILED, "a check failed: corrupt, missing or unreadable checkpoint, nothing committed to verify "
+                        "or pull, or a storage error"),
+    (EXIT_USAGE, "usage or configuration error: bad arguments or storage options, unknown URL scheme, missing "
+                 "bucket or local directory"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C): transfers in flight cancelled, nothing half-transferred "
+                       "committed"),
+    (EXIT_BROKEN_PIPE, "the output's reader went away (cloudckpt ls URL | head -1), as a shell reports a "
+                       "command SIGPIPE ended"),
+    (EXIT_TERMINATED, "terminated (SIGTERM: a shutdown, docker stop, kill), cleaned up as after a Ctrl-C"),
+)
+
+
+def _exit_codes_help() -> str:
+    """``EXIT_CODES`` as an argparse epilog section: one code a paragraph, wrapped to 79 columns."""
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES:
+        lines.append(textwrap.fill(meaning, 79, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7,
+                                   break_on_hyphens=False))
+    return "\n".join(lines) + "\n"
+
 
 STORAGE_OPTIONS_HELP = """\
 storage options:
@@ -74,13 +97,7 @@ storage options:
   CREDENTIALS, instance metadata...).
   Example: cloudckpt ls s3://bucket/run --storage-option endpoint_url=http://127.0.0.1:9000
 
-exit codes:
-  0  ok
-  1  a check failed: corrupt, missing or unreadable checkpoint, nothing
-     committed to verify or pull, or a storage error
-  2  usage or configuration error: bad arguments or storage options, unknown
-     URL scheme, missing bucket or local directory
-"""
+""" + _exit_codes_help()
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -227,7 +244,9 @@ def _manifest_step(name: str) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """``exc``'s message on one line, for the command's output; the library's "rerun with logging at DEBUG"
+    becomes the command's ``--debug``."""
+    text = str(exc).strip().replace(DEBUG_HINT, CLI_DEBUG_HINT)
     return " ".join(text.split()) if text else type(exc).__name__
 
 
@@ -346,16 +365,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _print_verified(report: "VerifyReport") -> None:
     from .restore import RETIRED, UNREADABLE
 
+    superseded = "superseded, " if report.superseded else ""  # as `ls` and `gc` say it
     if report.status == UNREADABLE:
         print(f"FAILED  step {report.step}: unreadable manifest: {_one_line(report.error)}", flush=True)
     elif report.status == RETIRED:
         print(f"GONE    step {report.step}: {report.name} was retired (retention) while it was being verified",
               flush=True)
     elif report.ok:
-        print(f"OK      step {report.step}: {report.name} ({len(report.files)} files, {human_size(report.size)})",
-              flush=True)
+        print(f"OK      step {report.step}: {report.name} ({superseded}{len(report.files)} files, "
+              f"{human_size(report.size)})", flush=True)
     else:
-        print(f"FAILED  step {report.step}: {report.name} ({len(report.problems)} of {len(report.files)} files bad)")
+        print(f"FAILED  step {report.step}: {report.name} ({superseded}{len(report.problems)} of "
+              f"{len(report.files)} files bad)")
         for check in report.problems:
             print(f"          {check.name}: {_problem_text(check)}", flush=True)
 

@@ -95,15 +95,24 @@ def number_option(value: object) -> float | None:
     return None if math.isnan(number) else number
 
 
+# The hint of an error whose cause has no specific advice (remote.storage_error): a library user configures
+# logging; the command line says "--debug" instead (cli.CLI_DEBUG_HINT replaces it in what it prints).
+DEBUG_HINT = "rerun with logging at DEBUG for details"
+
+
 def human_size(n: int) -> str:
-    """``n`` bytes in decimal units for messages and CLI output: ``"512 B"``, ``"1.5 KB"``, ``"2.1 GB"`` (1 KB =
-    1000 bytes, as ``du --si``; TB is the largest unit)."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
+    """``n`` bytes in binary units for messages and CLI output, as the options take sizes (``16MiB``):
+    ``"307 B"`` below 1 KiB, else one decimal in the largest unit it reaches: ``"12.3 KiB"``, ``"262.1 MiB"``,
+    ``"2.0 GiB"`` (1 KiB = 1024 bytes; TiB is the largest unit). A value that would round to 1024.0 of a unit
+    is shown in the next one (``"1.0 MiB"``, not ``"1024.0 KiB"``)."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if round(value, 1) < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 class RemoteError(CloudCkptError):

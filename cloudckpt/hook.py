@@ -55,9 +55,15 @@ _MAX_LISTED = 5  # mismatched variables named in the error of a resume point the
 
 
 def _check_schedule(save_secs: float | None, save_steps: int | None) -> None:
-    # ConfigError is a ValueError: TF's messages and exception type, in cloudckpt's hierarchy.
-    if (save_secs is None) == (save_steps is None):
-        raise ConfigError("One of save_steps or save_secs should be set.")
+    # ConfigError is a ValueError: TF's exception type, in cloudckpt's hierarchy. TF's message ("One of
+    # save_steps or save_secs should be set.") reads as if neither was set when both were: it opens ours (code
+    # matching on it still matches), which then says exactly one must be set and which case this is.
+    if save_secs is None and save_steps is None:
+        raise ConfigError("One of save_steps or save_secs should be set: exactly one must be set, and neither "
+                          "was given.")
+    if save_secs is not None and save_steps is not None:
+        raise ConfigError(f"One of save_steps or save_secs should be set, not both: exactly one must be set, "
+                          f"but both were given (save_steps={save_steps!r}, save_secs={save_secs!r}).")
     if save_steps is not None and ((steps := integer_option(save_steps)) is None or steps <= 0):
         raise ConfigError(f"save_steps must be a positive integer, got {save_steps!r}.")
     if save_secs is not None and ((secs := number_option(save_secs)) is None or secs <= 0):
@@ -110,7 +116,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             as TensorBoard scalars there after each commit (None: off).
 
     Raises:
-        ValueError: "One of save_steps or save_secs should be set." /
+        ValueError: neither or both of ``save_steps`` and ``save_secs`` given (exactly one must be;
+            the message opens with TF's "One of save_steps or save_secs should be set") /
             "At most one of saver or scaffold should be set." / non-positive schedule.
         ConfigError: unusable URL or ``local_dir``, a ``checkpoint_basename`` that is no plain file
             name; in ``begin()``, a resume point of another checkpoint name (another program's

@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from .cancel import CancelSignal, TransferCancelled, TransferScope
-from .errors import ConfigError, RemoteError
+from .errors import DEBUG_HINT, ConfigError, RemoteError
 from .gcs_resumable import ChunkRetries, resuming_chunks, retrying_chunks
 from .manifest import crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
@@ -1404,7 +1404,7 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
             hint = (f"the store kept failing or throttling{spent}: try again later, or give the RetryPolicy "
                     "more attempts or a longer deadline")
     else:
-        hint = f"cause: {type(exc).__name__}; rerun with logging at DEBUG for details"
+        hint = f"cause: {type(exc).__name__}; {DEBUG_HINT}"
     lead = text if text.startswith(cause) else f"{cause}: {text}"
     return RemoteError(f"{op} {url} failed: {lead} ({hint}).", url=url, transient=transient)
 

@@ -77,6 +77,8 @@ class VerifyReport:
         files: one verdict per file the manifest lists (empty when the manifest cannot be read).
         error: why the manifest itself cannot be read (``verify_checkpoints`` reports it instead of raising).
         retired: a writer's retention deleted the checkpoint while it was being read (not a corruption).
+        superseded: committed in a lineage that is no longer the current one (``CheckpointInfo.status``, as
+            ``cloudckpt ls`` shows it): intact or not, never restored as the latest.
     """
 
     url: str
@@ -84,6 +86,7 @@ class VerifyReport:
     files: tuple[FileCheck, ...]
     error: ManifestError | None = None
     retired: bool = False
+    superseded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -341,7 +344,8 @@ def verify_checkpoint(store: RemoteStore, info: CheckpointInfo,
         pooled.update(result_of(pool.submit(store.read_files_crc32c, to_read, progress,
                                             streams=store.transfer.max_download_streams)))
         by_name = {c.name: c for c in map_all(pool, check, sorted(info.files, key=lambda e: -e.size))}  # largest first
-    return VerifyReport(url=info.prefix, step=info.step, files=tuple(by_name[e.name] for e in info.files))
+    return VerifyReport(url=info.prefix, step=info.step, files=tuple(by_name[e.name] for e in info.files),
+                        superseded=info.status == "superseded")
 
 
 def verify(url: str, step: int | None = None, *, name: str | None = None,
@@ -672,8 +676,8 @@ def _download_verified(store: RemoteStore, info: CheckpointInfo, local_dir: str,
             write_local_state_file(local_dir, info.name)  # the latest; the other local ones listed too
     finally:
         staged.remove()
-    log.info("Restored checkpoint step %d from %s into %s (%d files, %.1f MB, verified).", info.step,
-             store.url, local_dir, len(info.files), info.size / 1e6)
+    log.info("Restored checkpoint step %d from %s into %s (%d files, %s, verified).", info.step,
+             store.url, local_dir, len(info.files), human_size(info.size))
     return os.path.join(local_dir, info.name)
 
 

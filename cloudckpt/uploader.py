@@ -22,7 +22,7 @@ from typing import Callable
 
 from .cancel import ContextPool, TransferScope
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
-from .errors import ConfigError, FencedError, UploadError, integer_option
+from .errors import ConfigError, FencedError, UploadError, human_size, integer_option
 from .remote import RemoteStore
 from .retry import describe_cause
 from .waits import SIGNAL_SLICE, wait_event
@@ -175,7 +175,8 @@ class FinalPlan:
         action: ``"abandon"`` the older upload in flight, or ``"keep"`` it going.
         case: ``"both fit"``, ``"final alone fits"``, ``"final cannot fit"``, ``"older is committing"``,
             ``"no figure"`` or ``"deadline passed"``.
-        reason: why, in words, for the log (estimates in seconds, sizes in MiB, throughput in MiB/s).
+        reason: why, in words, for the log (estimates in seconds, sizes as ``errors.human_size`` prints them,
+            throughput in MiB/s).
         both_seconds / final_seconds: the estimated seconds to commit the older one's rest and then the final
             one / the final one alone; None without a throughput figure.
     """
@@ -230,20 +231,20 @@ def plan_final_upload(*, older_left: int, final_size: int, bytes_per_second: flo
             "nothing was delivered over the last seconds (a stalled link): no throughput figure"
         if older_left >= final_size:
             return FinalPlan(ABANDON, "no figure",
-                             f"{why}; it still has {older_left / mib:.1f} MiB to send, no less than the final "
-                             f"checkpoint's {final_size / mib:.1f} MiB: the final one needs no more time than its "
+                             f"{why}; it still has {human_size(older_left)} to send, no less than the final "
+                             f"checkpoint's {human_size(final_size)}: the final one needs no more time than its "
                              "rest, and it is newer")
         return FinalPlan(KEEP, "no figure",
-                         f"{why}; it has {older_left / mib:.1f} MiB left to send, less than the final checkpoint's "
-                         f"{final_size / mib:.1f} MiB: it is the likelier to commit")
+                         f"{why}; it has {human_size(older_left)} left to send, less than the final checkpoint's "
+                         f"{human_size(final_size)}: it is the likelier to commit")
 
     def seconds(nbytes: int) -> float:
         return nbytes / bytes_per_second * FINAL_MARGIN + COMMIT_OVERHEAD
 
     older, final = seconds(older_left), seconds(final_size)
     both = older + final
-    figures = (f"at {bytes_per_second / mib:.1f} MiB/s its {older_left / mib:.1f} MiB left and then the final "
-               f"checkpoint's {final_size / mib:.1f} MiB need about {both:.1f} s, the final one alone about "
+    figures = (f"at {bytes_per_second / mib:.1f} MiB/s its {human_size(older_left)} left and then the final "
+               f"checkpoint's {human_size(final_size)} need about {both:.1f} s, the final one alone about "
                f"{final:.1f} s, and {seconds_left:.1f} s are left")
     if both <= seconds_left:
         return FinalPlan(KEEP, "both fit", figures, both, final)
@@ -430,8 +431,11 @@ class Uploader:
             self._observe(step)
 
     def _log_drop(self, message: str, *args: object) -> None:
-        """Log a dropped checkpoint: a WARNING at most every ``DROP_WARNING_INTERVAL`` seconds (saying how many
-        were dropped since the last one), INFO otherwise; ``stats().dropped`` counts them all."""
+        """Log a dropped checkpoint, rate-limited per uploader (one per hook or Keras callback): the first drop
+        is a WARNING; every further drop less than ``DROP_WARNING_INTERVAL`` seconds (300 s) after the last
+        WARNING is logged at INFO only; the first drop after that interval is a WARNING again and adds how many
+        drops were logged at INFO since the previous one. Drops at INFO after the last WARNING get no later
+        summary unless another drop comes; ``stats().dropped`` counts every drop, whatever its level."""
         with self._drop_log_lock:  # the training thread and the worker both drop
             now = time.monotonic()
             warn = self._drop_warned_at is None or now - self._drop_warned_at >= DROP_WARNING_INTERVAL
@@ -910,14 +914,15 @@ class Uploader:
                 self._stats.last_housekeeping_error = f"step {step}: {type(exc).__name__}: {exc}"
             log.warning("Checkpoint step %d is committed, but follow-up housekeeping failed: %s", step, exc)
         if result.outcome == UPLOADED:
-            log.info("Committed checkpoint step %d to %s (%d files, %.1f MB, %.1f MB of it copied server-side, "
-                     "%.2fs)%s.", step, self.store.url, len(result.manifest.files), result.manifest.total_size / 1e6,
-                     result.bytes_copied / 1e6, seconds,
+            log.info("Committed checkpoint step %d to %s (%d files, %s%s, %.2fs)%s.", step, self.store.url,
+                     len(result.manifest.files), human_size(result.manifest.total_size),
+                     f", {human_size(result.bytes_copied)} of it copied server-side" if result.bytes_copied else "",
+                     seconds,
                      f", replacing {result.manifest.prefix} of commit {', '.join(result.replaced)}"
                      if result.replaced else "")
         elif result.outcome == HEALED:
-            log.info("Healed committed checkpoint step %d in %s (%.1f MB re-uploaded, %.2fs).", step, self.store.url,
-                     result.bytes_uploaded / 1e6, seconds)
+            log.info("Healed committed checkpoint step %d in %s (%s re-uploaded, %.2fs).", step, self.store.url,
+                     human_size(result.bytes_uploaded), seconds)
         else:
             log.info("Checkpoint step %d is already committed in %s with identical content; nothing uploaded.",
                      step, self.store.url)

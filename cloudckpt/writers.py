@@ -47,6 +47,16 @@ MAX_APPEND_ATTEMPTS = 50
 MAX_REDECISIONS = 1
 
 
+def _lineage_start(state: LogState, head: str | None) -> str:
+    """For the registration log line: the store's committed checkpoint a new writer's commits follow (its
+    parent; not what training resumed from locally, which ``resume.py`` logs), or that there is none."""
+    if head is None:
+        return "no checkpoint committed in the store precedes its commits: its first commit starts a new lineage"
+    record = state.commits.get(head)
+    which = f"{record.prefix} (step {record.step}, commit {head})" if record is not None else f"commit {head}"
+    return f"its commits follow {which}, the store's committed checkpoint it continues"
+
+
 class LogChanged(Exception):
     """The log gained commits or writers since a plan was made: plan again."""
 
@@ -139,9 +149,8 @@ class Writer:
                 self.epoch = entry.index
                 after = fold(self.log.cached())
                 self.head = after.head_of(self.epoch)  # not after.head: a fresh start has no parent
-                log.info("Registered as the writer of %s (writer epoch %d: its commit log index; resuming from "
-                         "%s).", self.store.url, self.epoch,
-                         self.head or "nothing")
+                log.info("Registered as the writer of %s (writer epoch %d: its commit log index); %s.",
+                         self.store.url, self.epoch, _lineage_start(after, self.head))
                 return after
         raise UploadError(f"Could not register a writer on {self.store.url}: the commit log kept changing "
                           f"({MAX_APPEND_ATTEMPTS} attempts).", url=self.store.url)

@@ -191,6 +191,25 @@ def test_help_describes_every_option():
             assert "--storage-option" in text and "exit codes" in text
 
 
+
+def test_help_lists_every_exit_code():
+    """`--help` listed only 0/1/2 while the command also exits 130 (Ctrl-C), 141 (reader gone) and 143
+    (SIGTERM), as README says: every EXIT_* code of cli is in EXIT_CODES, and --help (the top level and a
+    subcommand) and README's CLI section list each of them."""
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_") and isinstance(value, int)}
+    assert codes == {code for code, _ in cli.EXIT_CODES} == {0, 1, 2, 130, 141, 143}
+    for proc in run_cli_many(["--help"], ["verify", "--help"]):
+        assert proc.returncode == 0, proc.stderr
+        section = proc.stdout[proc.stdout.index("exit codes:"):]
+        listed = [int(m) for m in re.findall(r"^  (\d+) ", section, re.MULTILINE)]
+        assert listed == [code for code, _ in cli.EXIT_CODES], section
+        assert "interrupted (Ctrl-C)" in section and "terminated (SIGTERM" in section, section
+    readme = " ".join((Path(cli.__file__).parent.parent / "README.md").read_text().split())
+    sentence = readme[readme.index("Exit codes: 0 ok"):][:400]
+    for code, _ in cli.EXIT_CODES:
+        assert re.search(rf"\b{code} ", sentence), (code, sentence)
+
+
 def test_storage_option_parsing():
     parse = cli.storage_option
     pairs = [parse(t) for t in ("endpoint_url=http://h:9000", "anon=false", "use_ssl=TRUE", "n=3", "x=1.5",
@@ -568,6 +587,29 @@ def test_verify_exits_1_on_corrupted_object(committed, moto_server):
     assert "step(s) 10, 30" in one_error_line(every.stderr)
 
 
+
+def test_verify_says_superseded_as_ls_does(committed, moto_server):
+    """After a rollback to step 10, `verify --step 20` printed plain "OK step 20" for a checkpoint `ls` shows
+    superseded (never restored as the latest): it says superseded, as `ls` and `gc` do."""
+    import cloudckpt
+
+    url, name, client, endpoint = committed
+    cloudckpt.rollback(url, step=10, storage_options=moto_server.storage_options)
+    ls, one, every = run_cli_many(["ls", url, "--json", "-o", endpoint],
+                                  ["verify", url, "--step", "20", "-o", endpoint],
+                                  ["verify", url, "--all", "-o", endpoint])
+    assert {r["step"]: r["status"] for r in json.loads(ls.stdout)} == {0: "committed", 10: "committed",
+                                                                       20: "superseded", 30: "superseded"}
+    assert one.returncode == 0, one.stderr
+    assert re.match(r"OK      step 20: model\.ckpt-20 \(superseded, 3 files, ", one.stdout), one.stdout
+    assert every.returncode == 0, every.stderr
+    marked = {int(m.group(1)): bool(m.group(2)) for m in
+              re.finditer(r"^OK\s+step (\d+): \S+ \((superseded, )?\d+ files", every.stdout, re.M)}
+    assert marked == {0: False, 10: False, 20: True, 30: True}, every.stdout
+    report = cloudckpt.verify_checkpoints(url, 20, storage_options=moto_server.storage_options).reports[0]
+    assert report.superseded and report.ok
+
+
 def test_verify_nothing_to_check(committed):
     url, name, client, endpoint = committed
     absent, empty, both = run_cli_many(["verify", url, "--step", "25", "-o", endpoint],
@@ -804,6 +846,29 @@ def test_unexpected_exception_is_one_line(monkeypatch, capsys):
     assert cli.main(["ls", "memory://x", "--debug"]) == 1  # the documented exit code, plus the traceback
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "RuntimeError: something odd" in err
+
+
+
+def test_an_error_without_specific_advice_points_to_debug(tmp_path):
+    """Missing credentials: the CLI said "rerun with logging at DEBUG for details", advice for library users
+    (who configure logging); the CLI's wording is --debug. The library keeps its own (errors.DEBUG_HINT)."""
+    from cloudckpt.errors import DEBUG_HINT
+
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("AWS_", "BOTO"))}
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_DEFAULT_REGION="us-east-1")
+    url, endpoint = "s3://bucket/run", "endpoint_url=http://127.0.0.1:9"  # never reached: no credentials
+    proc = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", url, "-o", endpoint], env=env,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "NoCredentialsError" in line and f"; {cli.CLI_DEBUG_HINT})." in line, line
+    assert "logging at DEBUG" not in line, line
+    library = subprocess.run(
+        [sys.executable, "-c", "import cloudckpt\ntry:\n    cloudckpt.list_checkpoints('s3://bucket/run', "
+         "{'endpoint_url': 'http://127.0.0.1:9'})\nexcept cloudckpt.RemoteError as exc:\n    print(exc)"],
+        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert "NoCredentialsError" in library.stdout and f"; {DEBUG_HINT})." in library.stdout, library
 
 
 def test_debug_keeps_the_exit_code_of_a_configuration_error(capsys, tmp_path):

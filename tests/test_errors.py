@@ -446,10 +446,13 @@ def test_a_local_file_as_the_directory_of_a_read_is_named(tmp_path):
     assert path.read_bytes() == b"not a directory"
 
 
-@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1_536_000, "1.5 MB"),
-                                     (2_100_000_000, "2.1 GB"), (999_949_999_999, "999.9 GB"),
-                                     (3 * 10**15, "3000.0 TB")])
-def test_human_size_counts_decimal_units(n, text):
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (307, "307 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
+                                     (12_595, "12.3 KiB"), (1_048_524, "1023.9 KiB"), (1_048_575, "1.0 MiB"),
+                                     (274_827_674, "262.1 MiB"), (16 << 20, "16.0 MiB"),
+                                     (2 << 30, "2.0 GiB"), (3 << 40, "3.0 TiB"), (5000 << 40, "5000.0 TiB")])
+def test_human_size_counts_binary_units(n, text):
+    """Sizes print in the binary units the options take (16MiB), with a decimal below 1 MiB: a small
+    checkpoint was "0.0 MB" in decimal MB. A figure rounding to 1024.0 of a unit shows in the next unit."""
     from cloudckpt.errors import human_size
 
     assert human_size(n) == text

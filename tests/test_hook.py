@@ -74,14 +74,22 @@ def test_graph_is_uploaded_next_to_checkpoints(memory_url, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "One of save_steps or save_secs should be set."),
-    ({"save_steps": 10, "save_secs": 5}, "One of save_steps or save_secs should be set."),
+    ({}, "One of save_steps or save_secs should be set: exactly one must be set, and neither was given."),
+    ({"save_steps": 10, "save_secs": 10}, "One of save_steps or save_secs should be set, not both: exactly one must "
+                                          "be set, but both were given (save_steps=10, save_secs=10)."),
     ({"save_steps": 10, "saver": object(), "scaffold": object()}, "At most one of saver or scaffold should be set."),
 ])
 def test_seed_value_errors(kwargs, message, memory_url):
+    """TF's exception type (ValueError) and, opening the message, TF's wording (code matching on it still
+    matches); with both save_steps and save_secs TF's "One of ... should be set." read as if neither was
+    set: the message says exactly one must be, and which case this is."""
     with pytest.raises(ValueError) as info:
         cloudckpt.CheckpointSaverHook(memory_url, **kwargs)
     assert str(info.value) == message
+    if "save_steps" not in kwargs or "save_secs" in kwargs:
+        assert str(info.value).startswith("One of save_steps or save_secs should be set")
+        with pytest.raises(ValueError):  # TF's own hook refuses the same arguments with the same type
+            tf.compat.v1.train.CheckpointSaverHook("/nonexistent", **kwargs)
 
 
 def test_hook_is_a_tf_checkpoint_saver_hook(memory_url, tmp_path):

@@ -448,3 +448,34 @@ def test_send_rate_of_an_incremental_commit_is_not_diluted_by_its_server_side_co
     assert rate == pytest.approx(incremental.last_upload_bytes / MiB / incremental.last_send_seconds)
     # what the old figure read (bytes sent / the whole commit): at least 4x lower here
     assert rate > 4 * incremental.last_upload_bytes / MiB / incremental.last_upload_seconds
+
+
+def test_the_commit_log_line_names_copied_bytes_only_when_some_were_copied(moto_server, tmp_path, caplog):
+    """The uploader's commit line said "0.0 MB of it copied server-side" for every commit that copied
+    nothing, and sized a small checkpoint "0.0 MB": it names copied bytes only when there are some, and sizes
+    print in binary units (errors.human_size)."""
+    from cloudckpt.errors import human_size
+    from cloudckpt.uploader import Uploader, UploadJob
+
+    url = moto_server.create_bucket(f"inc-{uuid.uuid4().hex[:10]}") + "/run"
+    saves = Saves(tmp_path, 2 * PART_SIZE + 12345)
+    tiny = LocalCheckpoint(3, "model.ckpt-3", {"model.ckpt-3.index": str(tmp_path / "model.ckpt-3.index")})
+    (tmp_path / "model.ckpt-3.index").write_bytes(b"x" * 307)
+    uploader = Uploader(RemoteStore(url, moto_server.storage_options), max_pending=4)
+    uploader.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="cloudckpt"):
+            for checkpoint in (saves.save(1), saves.save(2), tiny):
+                uploader.submit(UploadJob(checkpoint))
+                assert uploader.wait(60)
+    finally:
+        uploader.close()
+    copied = 2 * PART_SIZE + 12345  # the data file, unchanged: copied whole
+    assert uploader.stats().committed == 3 and uploader.stats().bytes_copied == copied
+    lines = {int(m.split()[3]): m for m in (r.getMessage() for r in caplog.records)
+             if m.startswith("Committed checkpoint step")}
+    size = 2 * PART_SIZE + 12345 + 64
+    assert f"(2 files, {human_size(size)}, " in lines[1] and "copied" not in lines[1], lines[1]
+    assert f"(2 files, {human_size(size)}, {human_size(copied)} of it copied server-side, " in lines[2], lines[2]
+    assert human_size(copied) == "16.0 MiB"
+    assert "(1 files, 307 B, " in lines[3] and "copied" not in lines[3], lines[3]

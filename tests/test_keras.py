@@ -109,7 +109,9 @@ def test_integer_save_freq_resumes_in_the_epoch_it_saved(s3_url, s3_options, tmp
     assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [3, 6, 9, 12, 15, 18, 21]
 
 
-def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path):
+def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path, caplog):
+    """Also the messages: they number epochs and batches as Keras shows them (1-based: the 0-based epoch 3
+    is Keras' "Epoch 4/50"); they said "saving a backup at epoch 3, batch 1"."""
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
     dump = tmp_path / "dump"
     dump.mkdir()
@@ -130,11 +132,18 @@ def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, clo
     assert "EPOCH 4" not in "".join(trainer.output)
     latest = cloudckpt.latest_checkpoint(url, options)
     assert latest is not None and latest.step == iterations  # the batch it stopped at is committed
+    batch = iterations - 3 * STEPS_PER_EPOCH  # 1-based, in Keras' 4th epoch (0-based epoch 3)
+    assert f"saving a backup in epoch 4/50, after batch {batch} (step {iterations}) and stopping training" \
+        in trainer.stderr, trainer.stderr
 
     probe = Probe()
     model = make_model(seed=3)
-    fit(model, [backup(url, options, tmp_path / "vm2"), probe], epochs=5)
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        fit(model, [backup(url, options, tmp_path / "vm2"), probe], epochs=5)
     assert probe.epochs == [3, 4]  # resumes at epoch 3, the one it was preempted in
+    (restored,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Restored backup step")]
+    assert f"(saved in epoch 4/5, after batch {batch})" in restored, restored
+    assert "training resumes at epoch 4." in restored, restored
     probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
 
 
@@ -512,3 +521,33 @@ def test_backup_accepts_keras_3s_double_checkpoint(s3_url, s3_options, tmp_path)
     assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [8, 12]  # the fallback is kept
     with pytest.raises(cloudckpt.ConfigError, match="max_to_keep"):
         backup(s3_url, s3_options, tmp_path / "b", double_checkpoint=True, max_to_keep=1)
+
+
+@pytest.mark.parametrize("epoch, batch, epochs, text", [
+    (3, 1, 8, "in epoch 4/8, after batch 2"),  # the state file's 0-based epoch 3, batch 1: Keras' "Epoch 4/8"
+    (0, 0, None, "in epoch 1, after batch 1"),
+    (4, None, 8, "at the end of epoch 4/8"),  # saved at an epoch's end: 4 epochs completed
+])
+def test_backup_messages_number_epochs_as_keras_shows_them(epoch, batch, epochs, text):
+    """Messages said "epoch 3, batch 1" (0-based) for what Keras shows as "Epoch 4/8" and ModelCheckpoint
+    names model-04; the state file keeps its 0-based values."""
+    from cloudckpt.keras.backup import _position
+
+    assert _position(epoch, batch, epochs) == text
+
+
+@pytest.mark.parametrize("name", ["BackupAndRestore", "ModelCheckpoint"])
+def test_readme_keras_signatures_list_every_parameter(name):
+    """README's Keras section left out ``transfer=`` and ``summary_dir=`` (the API table listed them and they
+    work): both of its signatures of each callback name every parameter, in order, as the code has them."""
+    import inspect
+    import re
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    params = [p for p in inspect.signature(getattr(cloudckpt.keras, name).__init__).parameters if p != "self"]
+    section = re.search(rf"\*\*{name}\*\*`\(([^`]*)\)`", readme)
+    table = re.search(rf"`keras\.{name}\(([^`]*)\)`", readme)
+    for found in (section, table):
+        assert found is not None, name
+        listed = [part.split("=")[0].strip() for part in found.group(1).split(",") if part.strip() != "*"]
+        assert listed == params, (name, listed)

@@ -110,6 +110,28 @@ def test_local_checkpoint_newer_than_anything_committed_is_kept(s3, tmp_path, ca
     assert again.first_step == 13
     assert any("newer than anything committed" in r.getMessage() for r in caplog.records)
     assert [c.step for c in cloudckpt.list_checkpoints(url, options)][-2:] == [13, 15]
+    # the registration names the store's committed checkpoint the new commits follow, not a resume point
+    (registered,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Registered as")]
+    assert "its commits follow model.ckpt-10 (step 10, commit " in registered, registered
+    assert "resuming" not in registered, registered
+
+
+def test_a_local_checkpoint_with_nothing_committed_is_not_contradicted_by_the_registration(s3, tmp_path, caplog):
+    """Local step 20 (TF's own hook), nothing committed: "Local checkpoint step 20 ... resuming from it" was
+    followed by "Registered as the writer ... resuming from nothing". The registration line now says what it
+    means: no committed checkpoint of the store precedes this writer's commits (a new lineage)."""
+    url, options, _, _ = s3
+    vm = tmp_path / "vm"
+    train(lambda scaffold: tf.compat.v1.train.CheckpointSaverHook(str(vm), save_steps=100), last_step=20)
+    with caplog.at_level(logging.INFO, logger="cloudckpt"):
+        again = run(url, options, vm, 22)
+    assert again.first_step == 20
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Local checkpoint step 20 ") and "resuming from it" in m for m in messages), messages
+    (registered,) = [m for m in messages if m.startswith("Registered as")]
+    assert "no checkpoint committed in the store precedes its commits: its first commit starts a new lineage" \
+        in registered, registered
+    assert "resuming" not in registered, registered
 
 
 def test_a_local_dir_of_one_url_is_refused_for_another(s3, tmp_path):

@@ -212,6 +212,22 @@ def test_a_store_slower_than_every_save_warns_of_drops_once_per_interval(tmp_pat
         uploader.close()
 
 
+
+def test_readme_states_the_drop_warning_rate_limit():
+    """README once said "drops at WARNING" while most drops are logged at INFO (_log_drop's rate limit): it
+    states the limit, with DROP_WARNING_INTERVAL's figure, where it describes the drop log levels."""
+    from pathlib import Path
+
+    import cloudckpt.uploader as uploader_module
+
+    readme = " ".join((Path(uploader_module.__file__).parent.parent / "README.md").read_text().split())
+    seconds = f"{uploader_module.DROP_WARNING_INTERVAL:g} s"
+    logging_paragraph = readme[readme.index('Logging goes to `logging.getLogger("cloudckpt")`'):][:500]
+    assert "drops at WARNING rate-limited to one WARNING per " + seconds in logging_paragraph, logging_paragraph
+    assert "logged at INFO only" in logging_paragraph
+    assert f"further drops within {seconds} of the last WARNING go to INFO only" in readme
+
+
 MiB = 1 << 20
 
 

@@ -320,6 +320,11 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
                 self._worker_temp = None
 
     # -- internals --------------------------------------------------------------------------------------------
+    def _epochs(self) -> int | None:
+        """fit()'s ``epochs`` (Keras sets ``params`` on its callbacks), for messages; None when unknown."""
+        epochs = (getattr(self, "params", None) or {}).get("epochs")
+        return epochs if isinstance(epochs, int) else None
+
     @property
     def _is_chief(self) -> bool:
         return self._agreement is None or self._agreement.role.is_chief
@@ -403,9 +408,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         step = iterations(self.model)
         self._stopping = True
         self.model.stop_training = True
-        log.warning("Preemption notice (%s: %s): saving a backup at epoch %d%s (step %d) and stopping training.",
-                    notice.source if notice else "another worker", notice.detail if notice else "", epoch,
-                    "" if batch is None else f", batch {batch}", step)
+        log.warning("Preemption notice (%s: %s): saving a backup %s (step %d) and stopping training.",
+                    notice.source if notice else "another worker", notice.detail if notice else "",
+                    _position(epoch, batch, self._epochs()), step)
         self._engine.prepare_final_save(step)
         self._save(epoch, batch)
 
@@ -457,9 +462,20 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         finally:
             _remove(weights)
             _remove(state_path)
-        log.info("Restored backup step %d (epoch %d%s) from %s.", info.step, state["epoch"],
-                 "" if state["batch"] is None else f", batch {state['batch']}", self.url)
+        log.info("Restored backup step %d (saved %s) from %s; training resumes at epoch %d.", info.step,
+                 _position(int(state["epoch"]), state["batch"], self._epochs()), self.url, int(state["epoch"]) + 1)
         return int(state["epoch"])
+
+
+def _position(epoch: int, batch: int | None, epochs: int | None = None) -> str:
+    """Where a backup was saved, for messages, numbered as Keras shows it (1-based: "Epoch 4/8", batch "2/100";
+    ``ModelCheckpoint`` names epoch 4 ``model-04``). ``epoch`` and ``batch`` are as the state file stores
+    them (0-based): with a ``batch`` the epoch in progress; without, at an epoch's end, the number of epochs
+    completed. ``epochs``: fit()'s, shown as "epoch 4/8" when known."""
+    of = f"/{epochs}" if epochs else ""
+    if batch is None:
+        return f"at the end of epoch {epoch}{of}"
+    return f"in epoch {epoch + 1}{of}, after batch {batch + 1}"
 
 
 def _workers_of(model: Any) -> tuple[TaskRole | None, WorkerAgreement | None]:
