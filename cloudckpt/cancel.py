@@ -76,6 +76,7 @@ class TransferScope:
         self._sending = 0  # requests carrying file data in flight (sending)
         self._sending_since: float | None = None  # monotonic start of the current busy period
         self._send_seconds = 0.0  # closed busy periods
+        self._round: tuple[int, int] | None = None  # (bytes the current round sends, bytes_sent at its start)
 
     def cancel(self) -> bool:
         """Cancel this scope's transfers (``RemoteStore.cancel_transfers(scope)`` also stops its requests in
@@ -182,6 +183,25 @@ class TransferScope:
         whole files stored (other backends). A retried request's bytes count again."""
         with self._lock:
             return self._sent - sum(self._unsent.values())
+
+    def begin_round(self, nbytes: int) -> None:
+        """The scope's work has ``nbytes`` bytes of file data left to send from now on (a commit starting its
+        upload, or going round again after a name was taken: only the files it has not stored yet). Bytes sent
+        before do not count against it (``bytes_left``). Call again at each round."""
+        with self._lock:
+            self._round = (max(0, nbytes), self._sent - sum(self._unsent.values()))
+
+    def bytes_left(self, total: int) -> int:
+        """Bytes of file data the scope's work still has to send: what its current round announced
+        (``begin_round``) less what the scope delivered since; before any announcement, ``total`` (all of its
+        files, in bytes) less ``bytes_sent``. Never below 0 (a retried request's bytes count again), nor above
+        what the round announced."""
+        with self._lock:
+            delivered = self._sent - sum(self._unsent.values())
+            if self._round is None:
+                return max(0, total - delivered)
+            nbytes, start = self._round
+            return min(nbytes, max(0, nbytes - (delivered - start)))
 
     @property
     def last_sent_at(self) -> float | None:

@@ -12,7 +12,11 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
    and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
    round starts again with this step;
 3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
-   nothing points at them); a name someone else created meanwhile sends us back to 2. On ``s3://``
+   nothing points at them); a name someone else created meanwhile sends us back to 2. The objects this
+   commit created in an earlier round are its own: step 2 neither deletes them nor does 3 upload them again
+   (only names debris had taken are cleared and uploaded); they are still uncommitted, so one another party
+   deleted meanwhile (gc after its grace period) is uploaded again in a later round (step 4 or the check
+   before the commit entry finds it gone). On ``s3://``
    parts unchanged since the previous committed checkpoint of the writer's lineage are copied
    server-side instead of sent (``incremental.py``);
 4. check each remote size against the local file (catches truncated uploads): the commit's one listing
@@ -64,7 +68,7 @@ import sys
 import uuid
 from concurrent.futures import Executor
 from multiprocessing.pool import ThreadPool
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Collection, Iterable, Protocol
 from dataclasses import dataclass, field, replace
 
 from ._version import __version__
@@ -144,7 +148,9 @@ class CommitResult:
 
     Attributes:
         manifest: the committed manifest (for ``refused``: the one that stays committed).
-        bytes_uploaded: bytes of the checkpoint sent to the store over the network.
+        bytes_uploaded: bytes of the checkpoint sent to the store over the network, over all the rounds
+            of the commit: a create-only upload the store refused (its name taken by debris) counts in full,
+            its bytes were sent before the refusal.
         bytes_copied: bytes of the checkpoint the store copied server-side from the previous
             committed checkpoint (an incremental commit, ``incremental.py``); not sent.
         outcome: ``uploaded`` (a new commit), ``healed`` (already committed with the same
@@ -317,10 +323,49 @@ def committed_at(store: RemoteStore, state: LogState, prefix: str,
     return found
 
 
+class _Own:
+    """What one commit did over its rounds: the objects it created (its own, still uncommitted) and the
+    bytes it sent."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[int, int]] = {}  # name -> (size, log index of the round that created it)
+        self.sent = 0  # bytes sent over the network, all rounds (create-only uploads refused included)
+        self.copied = 0  # bytes the store copied server-side (incremental), all rounds
+
+    def since(self, default: int) -> int:
+        """The log index of the oldest round whose objects are kept (``default`` if none is kept)."""
+        return min([default, *(index for _, index in self.objects.values())])
+
+    def reconcile(self, store: RemoteStore, step: int, sizes: dict[str, int]) -> None:
+        """Forget the objects a listing (``sizes``) no longer shows as this commit created them (deleted by
+        another party meanwhile, or another object of another size at the name): they are uploaded again
+        (the latter cleared first, as debris)."""
+        gone = [name for name, (size, _) in self.objects.items() if sizes.get(name) != size]
+        if gone:
+            log.warning("Step %d: objects %s this commit uploaded in an earlier round are gone or changed in %s "
+                        "(deleted by another party before the commit); uploading them again.", step, gone, store.url)
+        for name in gone:
+            del self.objects[name]
+
+
+def _bytes_to_send(store: RemoteStore, ckpt: LocalCheckpoint, mine: Manifest, own: _Own) -> int:
+    """Bytes of the checkpoint's files the commit still has to upload (not its own yet; none in place)."""
+    return sum(f.size for f in mine.files if f.name not in own.objects and not _in_place(store, ckpt, f.name))
+
+
+def _begin_round(store: RemoteStore, nbytes: int) -> None:
+    """Tell the calling context's transfer scope (the uploader's commits) that the commit has ``nbytes`` left
+    to send from now on (``TransferScope.begin_round``: what ``Uploader.favour_final`` plans from)."""
+    scope = store.cancel.current()
+    if scope is not None:
+        scope.begin_round(nbytes)
+
+
 def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
             replace_committed: bool = False) -> CommitResult:
     store = writer.store
     names = [*sorted(ckpt.files), mine.name]
+    own = _Own()  # objects this commit created in earlier rounds: kept, not deleted nor uploaded again
     extras_done = False
     look_first: bool | None = None
     replaced: tuple[str, ...] = ()  # commits of this lineage retired to make room for this save
@@ -335,11 +380,13 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
             # The common case: no commit names this checkpoint. Upload create-only without listing first;
             # a name already taken (debris of a crashed upload) sends us round again, listing this time.
             look_first = True
-            result = _upload_and_commit(writer, ckpt, mine, names, state, pool)
+            result = _upload_and_commit(writer, ckpt, mine, names, state, pool, own)
             if result is not None:
                 return result
+            _begin_round(store, _bytes_to_send(store, ckpt, mine, own))  # what is left after this round
             continue
         sizes = {o.name: o.size for o in store.list_objects()}
+        own.reconcile(store, ckpt.step, sizes)
         owners = committed_at(store, state, ckpt.prefix, set(sizes))
         mine_lineage = set(state.ancestry(writer.head))
         ours = [(record, existing) for record, existing in owners
@@ -360,7 +407,9 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
         doomed += [f.name for _, existing in owners if existing is not None for f in existing.files
                    if not _in_place(store, ckpt, f.name)]  # in place, the name holds the Saver's new file
         doomed += [n for n in names if n in sizes and not _in_place(store, ckpt, n)]
-        doomed = list(dict.fromkeys(doomed))
+        # what this commit created in an earlier round is its own (created create-only: no one else's object
+        # was at the name then), not debris: kept, only the names debris took are cleared
+        doomed = [n for n in dict.fromkeys(doomed) if n not in own.objects]
         if doomed or retire:
             what = f"{'replaced' if ours else 'superseded'} commit(s) {list(retire)} and " if retire else ""
             log.info("Step %d: removing %sobjects %s in %s before uploading.", ckpt.step, what, doomed, store.url)
@@ -368,27 +417,41 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
             if not writer.delete(doomed, retire=retire, reason=reason, planned_at=state.last_index, step=ckpt.step):
                 continue
             state = writer.state(step=ckpt.step)
-        result = _upload_and_commit(writer, ckpt, mine, names, state, pool)
+        result = _upload_and_commit(writer, ckpt, mine, names, state, pool, own)
         if result is not None:
             return replace(result, replaced=replaced) if replaced else result
+        _begin_round(store, _bytes_to_send(store, ckpt, mine, own))
     raise UploadError(f"Checkpoint step {ckpt.step} was not committed to {store.url}: another party kept "
                       f"creating or deleting objects named {names} ({MAX_ROUNDS} attempts).", url=store.url,
                       step=ckpt.step)
 
 
 def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, names: list[str], state: LogState,
-                       pool: Mapper) -> CommitResult | None:
-    """Steps 3 to 6: upload create-only, check sizes (the commit's one listing), write the manifest, append
-    the commit entry. None when a name was taken or an object deleted meanwhile: go round again."""
+                       pool: Mapper, own: _Own) -> CommitResult | None:
+    """Steps 3 to 6: upload create-only the files not in ``own`` (the objects earlier rounds of this commit
+    created; what this round creates is added), check sizes (the commit's one listing), write the manifest,
+    append the commit entry. None when a name was taken or an object deleted meanwhile: go round again."""
     store = writer.store
     writer.wait_for_deletes(set(names), state)
     source = copy_source(writer, state, ckpt.prefix)  # incremental: unchanged parts are copied server-side
     entries = {f.name: f for f in mine.files}
+    earlier = set(own.objects)
+    todo = [(name, path) for name, path in sorted(ckpt.files.items()) if name not in earlier]
+    _begin_round(store, _bytes_to_send(store, ckpt, mine, own))
     copied = _map(pool, lambda item: upload_file(store, item[0], item[1], entries.get(item[0]), source, ckpt.prefix),
-                  sorted(ckpt.files.items()))
+                  todo)
+    for (name, _), done in zip(todo, copied):
+        size = entries[name].size if name in entries else os.path.getsize(ckpt.files[name])
+        if done is not None:
+            own.objects[name] = (size, state.last_index)
+            own.copied += done
+        if not _in_place(store, ckpt, name):  # in place: nothing is sent
+            own.sent += size - (done or 0)  # refused (the name taken): its bytes were sent all the same
     if any(c is None for c in copied):
         return None  # another party created one of the names meanwhile: look again
-    objects = _check_sizes(store, mine)
+    objects = _check_sizes(store, mine, earlier)
+    if objects is None:
+        return None  # an object of an earlier round was deleted meanwhile: look again
     etags = {o.name: o.etag for o in objects if o.etag}  # what the next commit's copies check their source by
     manifest = replace(mine, files=tuple(replace(f, etag=etags.get(f.name)) for f in mine.files),
                        commit_id=uuid.uuid4().hex[:16], writer_id=writer.writer_id,
@@ -399,7 +462,7 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
         _leave_commit_point(scope)
         return None
     ManifestCache.of(store).put(manifest.name, manifest, len(data))
-    intact = _IntactCheck(writer, ckpt, manifest, names, state.last_index)
+    intact = _IntactCheck(writer, ckpt, manifest, names, own.since(state.last_index))
     try:
         writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
     except _Redo:  # nothing committed: the data goes up again, cancellable again
@@ -407,10 +470,9 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
         return None
     listed = [o for o in (intact.objects or objects) if o.name != manifest.name]
     listed.append(RemoteObject(manifest.name, len(data), None))
-    bytes_copied = sum(c or 0 for c in copied)
-    sent = sum(f.size for f in mine.files if not _in_place(store, ckpt, f.name))  # in place: none; the manifest's
-    # sizes, not the files': a Saver may delete them once the commit is appended (``cloudckpt push`` next to one)
-    return CommitResult(manifest, sent - bytes_copied, UPLOADED, objects=tuple(listed), bytes_copied=bytes_copied)
+    # the manifest's sizes, not the files' (counted as each round uploads): a Saver may delete the files once the
+    # commit is appended (``cloudckpt push`` next to one)
+    return CommitResult(manifest, own.sent, UPLOADED, objects=tuple(listed), bytes_copied=own.copied)
 
 
 def _write_manifest(store: RemoteStore, name: str, data: bytes) -> bool:
@@ -514,14 +576,24 @@ def committed_in_place(store: RemoteStore, ckpt: LocalCheckpoint) -> bool:
     return bool(ckpt.files) and all(_in_place(store, ckpt, name) for name in ckpt.files)
 
 
-def _check_sizes(store: RemoteStore, manifest: Manifest) -> list[RemoteObject]:
+def _check_sizes(store: RemoteStore, manifest: Manifest,
+                 earlier: Collection[str] = ()) -> list[RemoteObject] | None:
     """List the directory and check each uploaded file's size, and its crc32c where the listing carries the
     store's own (GCS computes it from the bytes it received; gcsfs cannot send one to be checked at write
-    time); the listing."""
+    time); the listing. None when an object uploaded in an earlier round of the commit (``earlier``) is gone or
+    has another size: another party deleted it meanwhile (it was uncommitted), the commit goes round again.
+
+    Raises:
+        IntegrityError: an object uploaded in this round has the wrong size or crc32c.
+    """
     objects = store.list_objects()
     remote = {o.name: o for o in objects}
     for entry in manifest.files:
         found = remote.get(entry.name)
+        if entry.name in earlier and (found is None or found.size != entry.size):
+            log.warning("%s, uploaded by this commit in an earlier round, is %s; going round again.",
+                        store.url_of(entry.name), "gone" if found is None else f"{found.size} bytes")
+            return None
         if found is None or found.size != entry.size:
             raise IntegrityError(
                 f"Uploaded {store.url_of(entry.name)} has size {found and found.size}, expected {entry.size}; "
@@ -565,6 +637,7 @@ def _keep_committed(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, recor
                           f"{store.url}: the directory changed meanwhile; the next save tries again.",
                           url=store.url, step=ckpt.step)
     writer.wait_for_deletes(set(broken), writer.state(step=ckpt.step))
+    _begin_round(store, sum(ours[n].size for n in broken))  # what the heal sends, not the whole checkpoint
     _map(pool, lambda name: store.put_file_if_absent(ckpt.files[name], name, ours[name].checksummed_ranges()), broken)
     return CommitResult(existing, sum(ours[n].size for n in broken), HEALED)
 

@@ -225,7 +225,7 @@ def plan_final_upload(*, older_left: int, final_size: int, bytes_per_second: flo
         return FinalPlan(KEEP, "deadline passed", "the deadline has passed")
     if older_left <= 0:
         return FinalPlan(KEEP, "older is committing",
-                         "it has sent its files and is committing (a few small requests)")
+                         "it has sent what its commit has to send and is committing (a few small requests)")
     if bytes_per_second is None or bytes_per_second <= 0:
         why = "no upload throughput measured yet" if bytes_per_second is None else \
             "nothing was delivered over the last seconds (a stalled link): no throughput figure"
@@ -463,7 +463,9 @@ class Uploader:
         in flight: abandon that upload when only the final checkpoint can be committed by ``deadline_at``
         (``time.monotonic()``), else let it finish; the decision is ``plan_final_upload``'s.
 
-        Its figures: the bytes the older upload still has to send (its files' size less what it sent), the final
+        Its figures: the bytes the older upload still has to send (``TransferScope.bytes_left``: what its commit's
+        current round announced it sends -- the files it has not stored yet, after it went round again for debris
+        at its names the ones debris took; a heal the missing objects -- less what it delivered since), the final
         checkpoint's size, the throughput the older upload measured over its last ``cancel.RATE_WINDOW`` seconds
         (else the one an earlier upload measured so when it ended; not ``UploadStats.last_upload_mib_per_second``,
         which a small checkpoint's round trips dominate), and the seconds left. Call it
@@ -505,7 +507,7 @@ class Uploader:
             return None
         self.store.measure(scope)
         rate = scope.bytes_per_second()
-        plan = plan_final_upload(older_left=max(0, older_size - scope.bytes_sent), final_size=final_size,
+        plan = plan_final_upload(older_left=scope.bytes_left(older_size), final_size=final_size,
                                  bytes_per_second=rate if rate is not None else last_rate,
                                  seconds_left=deadline_at - time.monotonic())
         if plan.action == ABANDON:

@@ -264,6 +264,55 @@ def test_debris_at_a_checkpoints_names_is_still_replaced(counted, tmp_path):
     assert_committed(url, step=3, storage_options=direct)
 
 
+def file_requests(proxy: FaultProxy, start: int, name: str) -> list[tuple[str, str]]:
+    """(method, query) of the PUTs and POSTs after event ``start`` that upload object ``name``."""
+    return [(method, urlsplit(path).query) for method, path, _ in proxy.events[start:]
+            if method in ("PUT", "POST") and urlsplit(path).path.endswith(f"/{name}")]
+
+
+@pytest.mark.parametrize("debris, multipart", [("index", False), ("index", True), ("data-00000-of-00001", False)])
+def test_a_resumed_commit_keeps_what_it_uploaded_and_replaces_only_the_debris(counted, tmp_path, debris, multipart):
+    """A run killed while step 7 uploaded left one of its objects (``debris``) in the store, uncommitted. The
+    resumed run commits step 7 again: the create-only upload of that name is refused (the name is taken) while
+    the other file is stored; the commit lists, deletes the debris alone (announced) and uploads only that file
+    again. The other file is sent once (its parts once), never deleted; ``bytes_uploaded`` counts the bytes that
+    went over the wire (the refused create's too); the checkpoint commits and verifies. Was: every present name
+    was taken for debris -- the file this commit had just uploaded deleted and sent again (twice the bytes),
+    ``bytes_uploaded`` counting each file once."""
+    url, proxy, options, direct = counted
+    mib = 1 << 20
+    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
+    local = tmp_path / "local"
+    paths = write_checkpoint(local, 7, size=6 * mib if multipart else 200_000)
+    with open(paths[1], "wb") as f:  # the index: small (one PUT)
+        f.write(os.urandom(3000))
+    taken = f"ckpt-7.{debris}"
+    other = next(os.path.basename(p) for p in paths if os.path.basename(p) != taken)
+    RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
+    with CheckpointEngine(url, str(local), storage_options=options, transfer=transfer) as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        engine.submit(7, paths)
+        engine.wait(120)
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    sizes = {os.path.basename(p): os.path.getsize(p) for p in paths}
+    mine = file_requests(proxy, start, other)
+    if multipart:  # one multipart upload: created once, its two parts sent once, completed once
+        assert sorted(q.split("=")[0] for m, q in mine) == ["partNumber", "partNumber", "uploadId", "uploads"], mine
+    else:
+        assert mine == [("PUT", "")], mine  # sent once
+    assert file_requests(proxy, start, taken) == [("PUT", "")] * 2  # refused (the debris), then after its deletion
+    deletes = [e.doc for e in CommitLog(RemoteStore(url, direct)).refresh() if e.kind == "delete"]
+    assert [d["names"] for d in deletes] == [[taken]], deletes  # only the debris was deleted
+    assert stats.bytes_uploaded == sizes[other] + 2 * sizes[taken], stats  # the refused create's bytes were sent
+    assert [c["step"] for c in commit_entries(url, direct)] == [7]
+    assert_committed(url, step=7, storage_options=direct)
+    with open(os.path.join(local, taken), "rb") as f:
+        assert RemoteStore(url, direct).read_bytes(taken) == f.read()  # the debris was replaced
+
+
 LOG_ENTRY = r"/\.cloudckpt/log/\d+/\d+\.json$"
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)  # 3 attempts, no long waits
 

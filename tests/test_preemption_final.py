@@ -460,3 +460,75 @@ def test_a_heal_abandoned_by_close_leaves_its_step_committed_not_dropped(slow_li
     finally:
         release.set()
     assert_heal_abandoned(uploader, slow_link, [r.getMessage() for r in caplog.records], committed=1, last=150)
+
+
+def test_a_scope_counts_what_is_left_from_the_start_of_its_current_round(memory_url):
+    """``bytes_left``: before any round is announced, the files' total less what the scope sent; once a round
+    starts (``begin_round``: a commit going round again announces what it still has to send), that round's bytes
+    less what was sent since. Was: the total less everything sent, so after a round ~0 looked left."""
+    from cloudckpt.remote import RemoteStore
+
+    store = RemoteStore(memory_url)
+    with store.transfer_scope() as scope:
+        assert scope.bytes_left(10 * MiB) == 10 * MiB
+        scope.note_sent(10 * MiB)  # the first round sent every file; one name was taken (debris)
+        assert scope.bytes_left(10 * MiB) == 0
+        scope.begin_round(8 * MiB)  # the next round re-sends the file debris had taken
+        assert scope.bytes_left(10 * MiB) == 8 * MiB
+        scope.note_sent(3 * MiB)
+        assert scope.bytes_left(10 * MiB) == 5 * MiB
+        scope.note_sent(6 * MiB)  # a retry's bytes count again: never below 0
+        assert scope.bytes_left(10 * MiB) == 0
+
+
+class HoldSecondUpload:
+    """A ``FaultProxy`` path filter: the part uploads of ``name``'s second multipart upload (its first upload's
+    requests pass)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.first = name, None
+
+    def __call__(self, path: str) -> bool:
+        key, _, query = path.partition("?")
+        if not key.endswith("/" + self.name) or "partNumber=" not in query:
+            return False
+        upload = re.search(r"uploadId=([^&]+)", query).group(1)
+        self.first = self.first or upload
+        return upload != self.first
+
+
+def test_favour_final_counts_what_a_commit_gone_round_again_still_has_to_send(slow_link, tmp_path, caplog):
+    """A resumed run's step 150 (48 MiB of data) finds debris of a killed run at its data name: its first round
+    sends the data (refused at completion: the name is taken) and its index, then it goes round again, deletes the
+    debris and uploads the data again, whose parts the proxy holds. The final step 175 (2 KB) is queued with 1.5 s
+    left: the older upload still has its data to send (48 MiB less at most the 4 parts of 5 MiB in flight), which
+    the plan quotes, and is abandoned for the final one, which commits. Before: its figure was its files' size
+    less everything its scope ever sent, the first round's 48 MiB included: only what the send queues held
+    uncounted (~0: "it has sent its files and is committing", kept -- the final checkpoint lost; or a few MiB)."""
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.uploader import Uploader, UploadJob
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    url, proxy, options, direct, bucket = slow_link
+    data = "ckpt-150.data-00000-of-00001"
+    RemoteStore(url, direct).write_atomic(data, b"debris of a killed run")
+    release = threading.Event()
+    uploader = Uploader(RemoteStore(url, options, transfer=TRANSFER), max_pending=2)
+    try:
+        uploader.start()
+        proxy.set_faults(only_methods=("PUT",), path_filter=HoldSecondUpload(data), until=release)
+        uploader.submit(UploadJob(checkpoint_of(tmp_path / "local", 150, os.urandom(48 * MiB))))
+        wait_for(lambda: proxy.most_held.get("PUT", 0) >= 1, 60, "the proxy to hold step 150's second round")
+        uploader.submit(UploadJob(checkpoint_of(tmp_path / "final", 175, os.urandom(1000)), required=True))
+        plan = uploader.favour_final(175, time.monotonic() + 1.5)
+        assert plan.action == "abandon", plan
+        left = float(re.search(r"([\d.]+) MiB (?:left|to send)", plan.reason).group(1))
+        assert 28.0 <= left <= 48.0, plan.reason  # the current round's data (at most 4 parts of 5 MiB delivered)
+        assert uploader.wait(60)
+    finally:
+        uploader.close()
+        release.set()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (1, 1, 0, 175), stats
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [175]
+    assert "abandoning the upload of checkpoint step 150" in caplog.text
