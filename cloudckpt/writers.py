@@ -134,7 +134,11 @@ class Writer:
             # landed; a writer that keeps committing must not starve this one: its newer commits then
             # become superseded, as for any commit that lands after a newer writer decided.
             changed = [e.kind for e in self.log.cached() if e.index > decided_at]
-            if doc is None or "writer" in changed or ("commit" in changed and redecisions < MAX_REDECISIONS):
+            # And always if the commit it chose to continue was retired meanwhile (a running writer's retention
+            # deleting it): registered, it would continue a deleted checkpoint, and the directory would have
+            # no latest checkpoint at all (its next run starting from nothing).
+            retired = doc is not None and doc.get("resumed_from") in state.retired
+            if doc is None or "writer" in changed or retired or ("commit" in changed and redecisions < MAX_REDECISIONS):
                 redecisions += doc is not None
                 resumed = resume(state) if callable(resume) else resume
                 doc = new_entry("writer", writer_id=self.writer_id, pid=os.getpid(), resumed_from=resumed,

@@ -285,3 +285,36 @@ def test_rollback_the_tf_way_in_place(tmp_path):
         assert cloudckpt.verify(ckpt_dir, step).ok, step
     assert tf.train.latest_checkpoint(ckpt_dir).endswith("model.ckpt-18")
     assert train(in_place, last_step=19).first_step == 18
+
+
+def test_a_rollback_whose_target_a_running_writer_deletes_meanwhile_changes_nothing(tmp_path):
+    """The race a review hit rolling back to the oldest kept checkpoint while training ran: between the
+    rollback's decision and its ``writer`` entry, the running writer's retention retired the target (a
+    ``delete`` entry). ``register`` decided again only after ``writer`` or ``commit`` entries, so it
+    registered a writer continuing a deleted checkpoint: no latest checkpoint was left, the next run
+    started from nothing, and its retention deleted the old lineage. Now a retired choice is decided again:
+    the rollback's decision refuses (nothing changed), the running writer is not fenced."""
+    url = f"memory://lineage-{uuid.uuid4().hex[:8]}/run"
+    store = RemoteStore(url)
+    running = Writer(store)
+    for step in (1, 2, 3):
+        commit_checkpoint(store, fake(tmp_path, step, "a"), writer=running)
+    target = scan_directory(store).committed[0]
+    assert target.step == 1
+    decisions = []
+
+    def resume(state):  # what cloudckpt.rollback decides (rollback.py), with the race put in its window
+        decisions.append(state.last_index)
+        if target.commit_id in state.retired:
+            raise cloudckpt.CheckpointNotFoundError("deleted while rolling back; nothing was changed")
+        if len(decisions) == 1:  # the running writer's retention retires the target meanwhile
+            names = ["model.ckpt-1.manifest.json", *(f.name for f in target.files)]
+            assert running.delete(names, retire=(target.commit_id,), reason="retention")
+        return target.commit_id
+
+    with pytest.raises(cloudckpt.CheckpointNotFoundError, match="deleted while rolling back"):
+        Writer(store).register(resume, reason="rollback")
+    assert len(decisions) == 2
+    running.state()  # not fenced: no writer entry was appended
+    assert [c.step for c in cloudckpt.list_checkpoints(url)] == [2, 3]
+    assert cloudckpt.latest_checkpoint(url).step == 3
