@@ -147,6 +147,43 @@ def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, clo
     probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
 
 
+def test_save_freq_false_backs_up_only_at_the_preemption_notice(moto_server, cloudckpt_s3, tmp_path):
+    """Keras 3's ``save_freq=False`` ("only if using preemption checkpointing"): no backup at any epoch's end,
+    one at the SIGTERM; it restores. It used to raise ConfigError ("save_freq must be 'epoch' or ...")."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "vm1"), str(dump), "--epochs", "50",
+                             "--save-freq", "false", "--preemption", "sigterm", "--deadline", "60",
+                             "--batch-sleep", "0.05", script=KERAS_TRAINER)
+    try:
+        trainer.wait_for_line("BATCH 3 1")  # three epochs ended
+        trainer.terminate()
+        assert trainer.wait(120) == 0, trainer.stderr
+    finally:
+        if trainer.proc.poll() is None:
+            trainer.kill()
+    done = trainer.wait_for_line("DONE")
+    assert "preempted=True" in done, done
+    iterations = int(done.rsplit("=", 1)[1])
+    assert 3 * STEPS_PER_EPOCH + 2 <= iterations <= 4 * STEPS_PER_EPOCH
+    # Exactly the preemption's backup (with save_freq="epoch" the backups of steps 8 and 12 were there too).
+    assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [iterations]
+
+    probe = Probe()
+    model = make_model(seed=3)
+    fit(model, [backup(url, options, tmp_path / "vm2"), probe], epochs=5)
+    assert probe.epochs == [3, 4]
+    probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
+
+
+def test_save_freq_false_without_preemption_is_a_config_error(s3_url, s3_options, tmp_path):
+    with pytest.raises(cloudckpt.ConfigError, match=r"save_freq=False .* preemption is None"):
+        cloudckpt.keras.BackupAndRestore(s3_url, save_freq=False)
+    with pytest.raises(cloudckpt.ConfigError, match="save_freq must be"):
+        cloudckpt.keras.BackupAndRestore(s3_url, save_freq=True, preemption="sigterm")
+
+
 def test_corrupt_newest_backup_falls_back_to_the_previous_one(s3_url, s3_options, tmp_path):
     probe = Probe()
     first = backup(s3_url, s3_options, tmp_path / "vm1", delete_checkpoint=False)

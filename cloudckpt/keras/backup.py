@@ -104,8 +104,10 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
     Args:
         backup_dir: the backup directory URL (``s3://bucket/run/backup``, ``gs://``,
             any fsspec URL, or a local path). Use it for this run's backups only.
-        save_freq: ``"epoch"`` (after every epoch) or an integer N >= 1: after every N
-            batches (counting ``steps_per_execution``, as Keras does).
+        save_freq: ``"epoch"`` (after every epoch), an integer N >= 1: after every N
+            batches (counting ``steps_per_execution``, as Keras does), or ``False`` (Keras 3's
+            "only with preemption checkpointing"): no periodic backups, only the one saved when a
+            preemption notice comes; requires ``preemption`` (else ``ConfigError``).
         double_checkpoint: Keras 3's argument, accepted by keyword (here the third positional argument is
             ``delete_checkpoint``, as in tf-keras): the previous backup is always kept as the fallback of a
             newest one that fails verification while ``max_to_keep`` >= 2 (the default); True with
@@ -139,7 +141,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
 
     Raises:
         ConfigError: (a ``ValueError``) an empty ``backup_dir``, an invalid
-            ``save_freq`` or other argument, an unusable URL or ``local_dir``;
+            ``save_freq`` (``False`` without ``preemption``) or other argument, an unusable URL or ``local_dir``;
             when training begins: an unbuilt model, a missing bucket, or a backup
             that does not fit the model.
         IntegrityError: when training begins, backups are committed but none verifies.
@@ -155,7 +157,7 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
     def __init__(
         self,
         backup_dir: str,
-        save_freq: str | int = "epoch",
+        save_freq: str | int | bool = "epoch",
         delete_checkpoint: bool = True,
         *,
         double_checkpoint: bool = False,
@@ -173,7 +175,13 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         super().__init__()
         if not backup_dir:
             raise ConfigError("Empty backup_dir: pass the URL of a directory for this run's backups.")
-        save_freq = check_positive_int_or_epoch("save_freq", save_freq)
+        if save_freq is False:  # Keras 3's "only if using preemption checkpointing"
+            if preemption is None:
+                raise ConfigError("save_freq=False saves no periodic backups, only one when a preemption notice "
+                                  "comes, but preemption is None: pass preemption=\"sigterm\", \"auto\" or a "
+                                  "PreemptionWatcher, or a save_freq of 'epoch' or an integer >= 1.")
+        else:
+            save_freq = check_positive_int_or_epoch("save_freq", save_freq)
         self.backup_dir = as_url(backup_dir, "backup_dir")
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
@@ -391,8 +399,9 @@ class BackupAndRestore(EngineLifecycle, keras.callbacks.Callback):
         self._stopping = False
 
     def _should_save_on_batch(self, batch: int) -> bool:
-        """Keras' batch counting (``steps_per_execution`` aware): True every ``save_freq`` batches."""
-        if self.save_freq == "epoch":
+        """Keras' batch counting (``steps_per_execution`` aware): True every ``save_freq`` batches (never with
+        ``"epoch"`` or ``False``)."""
+        if self.save_freq == "epoch" or self.save_freq is False:
             return False
         added = batch + 1 if batch <= self._last_batch_seen else batch - self._last_batch_seen
         self._batches_seen_since_last_saving += added

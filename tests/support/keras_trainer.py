@@ -1,6 +1,6 @@
 """Training process for the Keras preemption and crash tests: ``model.fit`` with cloudckpt.keras.BackupAndRestore.
 
-Usage: python keras_trainer.py URL ENDPOINT LOCAL_DIR DUMP_DIR [--epochs N] [--save-freq epoch|N]
+Usage: python keras_trainer.py URL ENDPOINT LOCAL_DIR DUMP_DIR [--epochs N] [--save-freq epoch|N|false]
                                [--preemption none|sigterm] [--deadline SECONDS] [--batch-sleep SECONDS]
 
 Prints ``EPOCH <e>`` when epoch e
@@ -49,7 +49,9 @@ def main() -> int:
     parser.add_argument("--batch-sleep", type=float, default=0.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+    save_freq = {"epoch": "epoch", "false": False}.get(args.save_freq)
+    if save_freq is None:
+        save_freq = int(args.save_freq)
     backup = cloudckpt.keras.BackupAndRestore(
         args.url, save_freq=save_freq, local_dir=args.local_dir, storage_options={"endpoint_url": args.endpoint},
         preemption=None if args.preemption == "none" else args.preemption, preemption_deadline=args.deadline)
