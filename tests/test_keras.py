@@ -439,6 +439,23 @@ def test_model_checkpoint_weights_every_n_batches(cloudckpt_s3, tmp_path):
     State.of(model).assert_equal(probe.at_epoch_end[2])
 
 
+def test_model_checkpoint_verbose_names_the_stored_object(cloudckpt_s3, capsys):
+    """Keras' verbose "saving model to ..." used to name the template's file (m-1.keras), not what is stored."""
+    url, options = cloudckpt_s3.url("verbose"), cloudckpt_s3.storage_options
+    cb = cloudckpt.keras.ModelCheckpoint(url + "/m-{epoch}.keras", verbose=1, storage_options=options)
+    best = cloudckpt.keras.ModelCheckpoint(cloudckpt_s3.url("best") + "/best.keras", monitor="score", mode="min",
+                                           save_best_only=True, verbose=1, storage_options=options)
+    fit(make_model(seed=1), [Score([3.0, 2.0]), cb, best], epochs=2)
+    cb.close()
+    best.close()
+    out = capsys.readouterr().out
+    assert [c.name for c in cloudckpt.list_checkpoints(url, options)] == ["m-1-4", "m-2-8"]
+    assert f"Epoch 1: saving model to {url}/m-1-4.keras" in out, out
+    assert f"Epoch 2: saving model to {url}/m-2-8.keras" in out, out
+    assert f"improved from 3.00000 to 2.00000, saving model to {cloudckpt_s3.url('best')}/best-8.keras" in out, out
+    assert "m-1.keras" not in out and "best.keras" not in out, out
+
+
 def test_model_checkpoint_a_name_saved_again_replaces_the_older_file(cloudckpt_s3):
     url, options = cloudckpt_s3.url("one"), cloudckpt_s3.storage_options
     cb = cloudckpt.keras.ModelCheckpoint(url + "/best.keras", monitor="score", mode="min", save_best_only=True,

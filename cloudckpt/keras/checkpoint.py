@@ -224,11 +224,13 @@ class ModelCheckpoint(EngineLifecycle, keras.callbacks.ModelCheckpoint):
             raise ConfigError(f"ModelCheckpoint file name {display_url(name)!r} (formatted from "
                               f"{display_url(self.filepath)!r}) is not a plain file name: a checkpoint directory "
                               "is flat.")
-        if not self._should_save_model(epoch, batch, logs, display_url(url)):
-            return
         stem, ext = _split_extension(name)
         step = iterations(self.model)
-        path = os.path.join(self.local_dir, f"{stem}-{step}{ext}")
+        stored = f"{stem}-{step}{ext}"
+        # Keras' verbose message ("saving model to ...") names the object as stored: the name carries the step.
+        if not self._should_save_model(epoch, batch, logs, display_url(f"{self.directory}/{stored}")):
+            return
+        path = os.path.join(self.local_dir, stored)
         if self.save_weights_only:
             self.model.save_weights(path, overwrite=True)
         else:
