@@ -3,7 +3,10 @@
 With a commit log (``commitlog.py``, every directory a current cloudckpt has
 written to), a checkpoint is committed when a log ``commit`` entry names it,
 no ``delete`` entry has retired it, and its manifest exists and carries that
-commit's id. The head of the newest writer's lineage and its ancestors are
+commit's id; a commit made in place (its log entry says ``"in_place": true``) also
+needs all of its files listed: the framework that owns them (TF's ``max_to_keep``)
+deletes them inside its ``save()``, before the writer can retire the commit, and
+such a commit is *vanishing* (``DirectoryScan.vanishing``), not committed. The head of the newest writer's lineage and its ancestors are
 *current* (``DirectoryScan.committed``, what restores use); other committed
 checkpoints are *superseded*. Without a log (version 1 directories) a
 checkpoint with a readable manifest is committed. Files (and manifests) of no
@@ -88,6 +91,10 @@ class DirectoryScan:
     objects: list[RemoteObject]
     superseded: list[CheckpointInfo] = field(default_factory=list)  # committed, other lineages, by step
     log: LogState | None = None  # the folded commit log (None: a version 1 directory)
+    # Committed in place (a live ``in_place`` commit) with files missing from the listing: the framework's
+    # ``max_to_keep`` is deleting them (TF deletes inside ``save()``, before cloudckpt can retire the commit).
+    # Not committed for readers (never listed, restored or verified); the writer (or ``gc``) retires them.
+    vanishing: list[CheckpointInfo] = field(default_factory=list)
 
 
 def info_from_manifest(store: RemoteStore, manifest: Manifest, *, status: str = "committed",
@@ -194,6 +201,7 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
     current = {c: i for i, c in enumerate(reversed(state.ancestry(state.head)))}
     committed: list[CheckpointInfo] = []
     superseded: list[CheckpointInfo] = []
+    vanishing: list[CheckpointInfo] = []
     unreadable: dict[str, ManifestError] = {}
     claimed: set[str] = set()
     records = [record for record in state.live() if record.manifest in present]
@@ -213,11 +221,16 @@ def _scan_logged(store: RemoteStore, objects: list[RemoteObject], state: LogStat
             continue  # deleted meanwhile, or a manifest no commit entry names (debris)
         status = "committed" if record.commit_id in current else "superseded"
         info = info_from_manifest(store, manifest, status=status, commit_id=record.commit_id)
-        (committed if status == "committed" else superseded).append(info)
         claimed.add(record.prefix)
+        if record.in_place and any(f.name not in present for f in manifest.files):
+            vanishing.append(info)  # its files are the framework's, and it is deleting them: not committed
+            continue
+        (committed if status == "committed" else superseded).append(info)
     committed.sort(key=lambda c: current[c.commit_id or ""])
     superseded.sort(key=lambda c: c.step)
-    return DirectoryScan(committed, _debris(store, objects, claimed), unreadable, objects, superseded, state)
+    vanishing.sort(key=lambda c: c.step)
+    return DirectoryScan(committed, _debris(store, objects, claimed), unreadable, objects, superseded, state,
+                         vanishing)
 
 
 def read_committed_manifest(store: RemoteStore, record: CommitRecord, size: int | None,

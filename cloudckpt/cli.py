@@ -491,6 +491,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for c in plan.delete:
         what = "superseded, " if c.status == "superseded" else ""
         print(f"{verb} step {c.step}: {c.name} ({what}{len(c.files) + 1} objects, {human_size(c.size)})")
+    for c in plan.vanishing:
+        print(f"{verb} step {c.step}: {c.name} (being deleted by TF's max_to_keep in place; retired, "
+              f"what is left of its files deleted)")
     for d in plan.debris:
         print(f"{verb} step {d.step}: {d.prefix.rsplit('/', 1)[-1]} (uncommitted upload debris, "
               f"{len(d.objects)} objects, {human_size(d.size)})")

@@ -464,7 +464,8 @@ def _upload_and_commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, na
     ManifestCache.of(store).put(manifest.name, manifest, len(data))
     intact = _IntactCheck(writer, ckpt, manifest, names, own.since(state.last_index))
     try:
-        writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at)
+        writer.commit(manifest, validate=intact, saved_at=ckpt.saved_at,
+                      in_place=committed_in_place(store, ckpt))
     except _Redo:  # nothing committed: the data goes up again, cancellable again
         _leave_commit_point(scope)
         return None

@@ -886,7 +886,10 @@ class CheckpointEngine:
         state file is the framework's too (it rewrites it after each save): not rewritten here either."""
         scan = scan or scan_directory(self._store)
         present = {o.name for o in scan.objects}
-        gone = [c for c in scan.committed + scan.superseded if not all(f.name in present for f in c.files)]
+        # vanishing: in-place commits with files gone (readers no longer count them); the others: commits of
+        # logs written before commit entries said "in_place"
+        gone = scan.vanishing + [c for c in scan.committed + scan.superseded
+                                 if not all(f.name in present for f in c.files)]
         if gone:
             apply_retention(self._store, RetentionPlan(keep=[], delete=gone, debris=[], log=scan.log),
                             self._uploader.writer, reason="Retention (max_to_keep, in place)", delete_files=False,

@@ -51,6 +51,7 @@ STATE_FILE = "checkpoint"  # TF's state file: the latest checkpoint and the ones
 _PREFIX = re.compile(r"(?P<basename>.+)-(?P<step>[0-9]+)", re.DOTALL)
 _MANIFEST_NAME = re.compile(r"(?P<prefix>.+)" + re.escape(MANIFEST_SUFFIX), re.DOTALL)
 _STATE_PATH = re.compile(r'^model_checkpoint_path:\s*"(?P<path>(?:[^"\\]|\\.)*)"\s*$', re.M)
+_STATE_PATHS = re.compile(r'^(?:all_)?model_checkpoint_paths?:\s*"(?P<path>(?:[^"\\]|\\.)*)"\s*$', re.M)
 
 
 def check_basename(name: object, argument: str) -> str:
@@ -352,6 +353,18 @@ def state_file_prefix(local_dir: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
     return os.path.basename(found.group("path")) if found else None
+
+
+def state_file_prefixes(local_dir: str) -> set[str]:
+    """Every checkpoint the local TF ``checkpoint`` state file names (basenames): the latest and the ones
+    ``max_to_keep`` manages; empty without a readable state file. Escaped names are compared as written
+    (TF escapes only quotes, backslashes and control characters, which checkpoint names do not hold)."""
+    try:
+        with open(os.path.join(local_dir, STATE_FILE), encoding="utf-8") as f:
+            text = f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError):
+        return set()
+    return {os.path.basename(m.group("path")) for m in _STATE_PATHS.finditer(text)}
 
 
 def write_local_state_file(local_dir: str, latest: str | None = None) -> None:

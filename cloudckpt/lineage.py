@@ -68,6 +68,7 @@ class CommitRecord:
     epoch: int | None  # None for adopted version 1 checkpoints
     writer_id: str | None
     saved_at: float | None = None  # when the checkpoint was saved (seconds since the epoch), if recorded
+    in_place: bool = False  # committed in place: the framework (TF's max_to_keep) deletes its files itself
 
     @property
     def legacy(self) -> bool:
@@ -169,7 +170,8 @@ def fold(entries: Iterable[LogEntry]) -> LogState:
             commits[cid] = CommitRecord(cid, entry.index, int(doc["step"]), str(doc["prefix"]), str(doc["manifest"]),
                                         parent if parent in commits else None, newest.epoch, newest.writer_id,
                                         float(saved_at) if isinstance(saved_at, (int, float))
-                                        and not isinstance(saved_at, bool) else None)
+                                        and not isinstance(saved_at, bool) else None,
+                                        doc.get("in_place") is True)
         elif entry.kind == "delete":
             retire = tuple(str(c) for c in doc.get("retire") or ())
             retired.update(c for c in retire if c in commits)

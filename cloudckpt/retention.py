@@ -19,6 +19,7 @@ of a newer commit.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -28,7 +29,7 @@ from typing import Any, Mapping
 from .catalog import CheckpointInfo, DirectoryScan, IncompleteCheckpoint, scan_directory, unreadable_by_step
 from .commit import write_state_file
 from .errors import ConfigError, ManifestError, integer_option, number_option
-from .layout import DEFAULT_LAYOUT, basename_of
+from .layout import DEFAULT_LAYOUT, basename_of, state_file_prefixes
 from .lineage import LogState, fold
 from .remote import RemoteStore, open_directory
 from .retry import RetryPolicy
@@ -88,11 +89,15 @@ class RetentionPlan:
     delete: list[CheckpointInfo]  # in deletion order: superseded first, then the oldest current ones
     debris: list[IncompleteCheckpoint]
     log: LogState | None = None  # the log state the plan was made from (None: no commit log)
+    # In-place commits whose files the framework is deleting (``DirectoryScan.vanishing``): retired first,
+    # what is left of their files deleted (with ``delete_files``); TF's state file is not rewritten for them
+    # (the framework has already rewritten it without them).
+    vanishing: tuple[CheckpointInfo, ...] = ()
 
     @property
     def bytes_freed(self) -> int:
         """Bytes the plan deletes."""
-        return sum(c.size for c in self.delete) + sum(d.size for d in self.debris)
+        return sum(c.size for c in (*self.vanishing, *self.delete)) + sum(d.size for d in self.debris)
 
 
 def _created(info: CheckpointInfo) -> float:
@@ -170,7 +175,8 @@ def plan_retention(scan: DirectoryScan, policy: RetentionPolicy, *, basenames: s
         newest = max((o.modified or now for o in inc.objects), default=now)
         if basename in names and now - newest >= policy.debris_grace_seconds:
             found_debris.append(inc)
-    return RetentionPlan(keep=keep, delete=delete, debris=found_debris, log=scan.log)
+    return RetentionPlan(keep=keep, delete=delete, debris=found_debris, log=scan.log,
+                         vanishing=tuple(scan.vanishing))
 
 
 def delete_checkpoint(store: RemoteStore, info: CheckpointInfo, writer: Writer | None = None, *,
@@ -239,8 +245,9 @@ def apply_retention(store: RemoteStore, plan: RetentionPlan, writer: Writer | No
     # With a log on a store that deletes in bulk, all of them at once: one delete entry, then one request per
     # 1000 objects (not a log append and a request per checkpoint). Elsewhere (a request per object anyway)
     # checkpoint by checkpoint, so that a crash midway leaves the newer ones of the plan committed.
-    together = writer is not None and store.deletes_in_bulk and plan.delete
-    for batch in ([list(plan.delete)] if together else [[c] for c in plan.delete]):
+    together = writer is not None and store.deletes_in_bulk and (plan.delete or plan.vanishing)
+    doomed = [*plan.vanishing, *plan.delete]
+    for batch in ([doomed] if together else [[c] for c in doomed]):
         done = _retire_and_delete(batch, writer, planned_at, delete_files) if writer is not None \
             else delete_checkpoint(store, batch[0], delete_files=delete_files)
         if not done:
@@ -299,7 +306,12 @@ def gc(url: str, keep: int | None, *, keep_every_hours: float | None = None,
     store = open_directory(url, storage_options, retry=retry)
     scan = scan_directory(store)
     plan = plan_retention(scan, policy)
-    if not dry_run and (plan.delete or plan.debris):
+    if store.is_local and plan.debris:
+        # In place, TF's state file names the checkpoints TF resumes from and manages, committed or not
+        # (a crash between a save and its commit): never debris (the next run commits its resume point).
+        named = state_file_prefixes(store.root)
+        plan = dataclasses.replace(plan, debris=[d for d in plan.debris if d.prefix.rsplit("/", 1)[-1] not in named])
+    if not dry_run and (plan.delete or plan.debris or plan.vanishing):
         apply_retention(store, plan)
     left_alone = tuple((step, error) for step, _, error in unreadable_by_step(scan))
     return GcResult(url=store.url, plan=plan, left_alone=left_alone, dry_run=dry_run)

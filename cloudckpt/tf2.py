@@ -754,6 +754,30 @@ class CheckpointManager:
             raise
         if self.restored is not None:
             _write_local_state(self.local_dir)
+        if self._agreement is None and self._engine.in_place:
+            self._commit_resume_point()
+
+    def _commit_resume_point(self) -> None:
+        """In place, after resuming: queue the commit of the checkpoint TF's state file names when it is newer
+        than anything committed (a crash between its save and its commit; TF's manager resumes from it). The
+        TF1 hook commits it at its first save (TF saves the restored step again); TF2's manager does not save
+        it again, so without this it stayed uncommitted (``incomplete`` in ``cloudckpt ls``) while TF resumed
+        from it. Asynchronous, like a ``save()``'s commit; its parent is the committed head registered from."""
+        prefix = state_file_prefix(self.local_dir)
+        parsed = split_prefix(prefix) if prefix else None
+        if parsed is None:
+            return
+        step = parsed[1]
+        if any(c.step >= step for c in scan_directory(self._engine.store).committed):
+            return
+        ckpt = TF.find_local(self.local_dir, prefix)  # type: ignore[arg-type]
+        if ckpt is None:
+            return
+        marker = TF.marker_path(self.local_dir, prefix)  # type: ignore[arg-type]
+        saved_at = os.path.getmtime(marker) if marker is not None else None
+        log.info("Committing checkpoint step %d in %s: TF resumes from it, and it was never committed (a crash "
+                 "between its save and its commit).", step, self.directory)
+        self._engine.submit(step, ckpt.files, saved_at=saved_at)
 
     def _check_resume_name(self, downloaded: CheckpointInfo | None = None) -> None:
         """Before registering: refuse a resume point that is not ``<checkpoint_name>-<step>`` (``check_resume_name``:

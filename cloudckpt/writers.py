@@ -185,16 +185,21 @@ class Writer:
                           f"({MAX_APPEND_ATTEMPTS} attempts).", url=self.store.url, step=step)
 
     def commit(self, manifest: Manifest, *, validate: Callable[[LogState], None] | None = None,
-               saved_at: float | None = None) -> LogEntry:
+               saved_at: float | None = None, in_place: bool = False) -> LogEntry:
         """Append the ``commit`` entry of ``manifest`` (already written): THE commit point.
 
         ``saved_at``: when the checkpoint was saved (seconds since the epoch), if known; the remote TF
-        state file lists it as the checkpoint's timestamp.
+        state file lists it as the checkpoint's timestamp. ``in_place``: the checkpoint's files are the
+        framework's own (a plain local directory committed in place, ``commit.committed_in_place``): the
+        entry says so (``"in_place": true``), and readers take a commit whose files are gone for one the
+        framework's ``max_to_keep`` is deleting, not for a damaged one (``catalog.scan_directory``).
         """
         doc = new_entry("commit", writer_id=self.writer_id, commit_id=manifest.commit_id, step=manifest.step,
                         prefix=manifest.prefix, manifest=manifest.name, parent=manifest.parent)
         if saved_at is not None:
             doc["saved_at"] = float(saved_at)
+        if in_place:
+            doc["in_place"] = True
         entry = self.append(doc, step=manifest.step, validate=validate)
         self.head = manifest.commit_id
         return entry

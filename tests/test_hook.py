@@ -704,3 +704,34 @@ def test_in_place_a_crash_between_a_save_and_its_commit_resumes_from_that_save_a
     assert (resumed.first_weights == 13.0).all()
     assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [0, 5, 10, 13, 15]
     assert cloudckpt.latest_checkpoint(ckpt_dir).step == 15
+
+
+def test_in_place_a_checkpoint_the_saver_deleted_before_its_commit_was_retired_is_not_listed(tmp_path):
+    """TF's Saver deletes by max_to_keep inside save(); cloudckpt retires the commit only after the next
+    commit. The process dies in between (here: the dying run's save written by a plain Saver): readers must
+    not show the deleted step as committed, and every committed checkpoint verifies."""
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def in_place(scaffold):
+        return cloudckpt.CheckpointSaverHook(ckpt_dir, save_steps=5, scaffold=scaffold, max_pending=100)
+
+    train(in_place, last_step=10, max_to_keep=2)  # keeps 5 and 10, both committed
+    assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir)] == [5, 10]
+    with tf.Graph().as_default():
+        step = tf.compat.v1.train.get_or_create_global_step()
+        w = tf.compat.v1.get_variable("w", shape=[64], initializer=tf.compat.v1.zeros_initializer())
+        saver = tf.compat.v1.train.Saver(max_to_keep=2)
+        saver.recover_last_checkpoints(tf.train.get_checkpoint_state(ckpt_dir).all_model_checkpoint_paths)
+        with tf.compat.v1.Session() as session:
+            saver.restore(session, tf.train.latest_checkpoint(ckpt_dir))
+            session.run([step.assign(13), w.assign(tf.fill([64], 13.0))])
+            saver.save(session, os.path.join(ckpt_dir, "model.ckpt"), global_step=13)  # deletes model.ckpt-5
+    assert not os.path.exists(os.path.join(ckpt_dir, "model.ckpt-5.index"))
+    assert [c.step for c in cloudckpt.list_checkpoints(ckpt_dir, include_superseded=True)] == [10]
+    verified = cloudckpt.verify_checkpoints(ckpt_dir, all_steps=True)
+    assert [r.step for r in verified.reports] == [10] and not verified.failed
+
+    resumed = train(in_place, last_step=15, max_to_keep=2)  # commits 13 at its first save, retires step 5
+    assert resumed.first_step == 13
+    assert sorted(assert_all_committed_intact(ckpt_dir, None)) == [13, 15]
+    assert not os.path.exists(os.path.join(ckpt_dir, "model.ckpt-5.manifest.json"))

@@ -706,3 +706,81 @@ def test_in_place_tfs_manager_is_the_only_writer_of_the_state_file(tmp_path):
     with cloudckpt.CheckpointManager(ckpt2, directory, max_to_keep=2) as resumed:
         assert resumed.restore_or_initialize() == os.path.join(directory, "ckpt-5")
         assert resumed.checkpoints == kept and int(step2.numpy()) == 5
+
+
+# -- in place: TF deletes inside save(), before cloudckpt can retire the commit ------------------------
+
+def _kill_after_save_3(directory: Path) -> None:
+    """A subprocess: saves 1 and 2 committed in place (max_to_keep=2), saves 3 (TF deletes ckpt-1 inside
+    save()), then SIGKILL at once: step 3 uncommitted, step 1's commit not retired."""
+    script = f"""
+import os, signal, tensorflow as tf, cloudckpt
+w = tf.Variable(tf.zeros([1024, 1024]))
+manager = cloudckpt.CheckpointManager(tf.train.Checkpoint(w=w), {str(directory)!r}, max_to_keep=2)
+manager.restore_or_initialize()
+for i in (1, 2):
+    w.assign_add(tf.ones([1024, 1024]))
+    manager.save(checkpoint_number=i)
+manager.wait()
+manager.save(checkpoint_number=3)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+def test_in_place_a_checkpoint_tf_deleted_before_its_commit_was_retired_is_not_listed_as_committed(tmp_path):
+    """kill -9 right after a save() in which TF's max_to_keep deleted ckpt-1: readers never show step 1 as
+    committed (every committed checkpoint verifies); gc retires it and keeps TF's resume point."""
+    directory = tmp_path / "run"
+    _kill_after_save_3(directory)
+    assert not list(directory.glob("ckpt-1.index")) and not list(directory.glob("ckpt-1.data-*"))  # TF's max_to_keep
+    steps = [c.step for c in cloudckpt.list_checkpoints(str(directory), include_superseded=True)]
+    assert 1 not in steps and 2 in steps
+    verified = cloudckpt.verify_checkpoints(str(directory), all_steps=True)
+    assert not verified.failed and [r.step for r in verified.reports] == steps
+    listed = subprocess.run([sys.executable, "-m", "cloudckpt", "ls", str(directory)], capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert "ckpt-1 " not in listed.stdout and "ckpt-2" in listed.stdout
+    result = cloudckpt.gc(str(directory), None, grace_seconds=0.0)
+    assert [c.step for c in result.plan.vanishing] == [1]
+    assert not list(directory.glob("ckpt-1.*")) and list(directory.glob("ckpt-2.*"))
+    # TF's state file was not rewritten by gc: TF still resumes from the newest save
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-3")
+
+
+def test_in_place_a_checkpoint_the_manager_deleted_uncommitted_by_cloudckpt_is_not_listed(tmp_path):
+    """The same state without a race: cloudckpt committed 1 and 2 in place, then TF's own manager (a run
+    whose commit of 3 never happened) saved 3 and deleted ckpt-1."""
+    directory = tmp_path / "run"
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, str(directory), max_to_keep=2) as manager:
+        manager.restore_or_initialize()
+        for step in (1, 2):
+            manager.save(checkpoint_number=step)
+    tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=2).save(checkpoint_number=3)
+    assert not list(directory.glob("ckpt-1.index")) and not list(directory.glob("ckpt-1.data-*"))
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory), include_superseded=True)] == [2]
+    assert not cloudckpt.verify_checkpoints(str(directory), all_steps=True).failed
+
+
+def test_in_place_a_resume_point_newer_than_the_last_commit_is_committed_and_gc_keeps_it(tmp_path):
+    """A crash between a save and its commit: TF2's manager resumes from that save (its state file names it);
+    cloudckpt commits it at the resume, as the TF1 hook does at its first save, so gc never deletes it."""
+    directory = tmp_path / "run"
+    w, b, ckpt = variables()
+    with cloudckpt.CheckpointManager(ckpt, str(directory), max_to_keep=3) as manager:
+        manager.restore_or_initialize()
+        manager.save(checkpoint_number=1)
+    w.assign(tf.fill(w.shape, 7.0))
+    tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=3).save(checkpoint_number=2)  # never committed
+    w.assign(tf.zeros(w.shape))
+    with cloudckpt.CheckpointManager(ckpt, str(directory), max_to_keep=3) as manager:
+        assert manager.restore_or_initialize() == str(directory / "ckpt-2")
+    np.testing.assert_array_equal(w.numpy(), np.full(w.shape, 7.0))
+    assert [c.step for c in cloudckpt.list_checkpoints(str(directory))] == [1, 2]
+    assert not cloudckpt.verify_checkpoints(str(directory), all_steps=True).failed
+    cloudckpt.gc(str(directory), None, grace_seconds=0.0)
+    assert list(directory.glob("ckpt-2.*")) and tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-2")
