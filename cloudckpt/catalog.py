@@ -6,9 +6,10 @@ no ``delete`` entry has retired it, and its manifest exists and carries that
 commit's id; a commit made in place (its log entry says ``"in_place": true``) also
 needs all of its files listed: the framework that owns them (TF's ``max_to_keep``)
 deletes them inside its ``save()``, before the writer can retire the commit, and
-such a commit is *vanishing* (``DirectoryScan.vanishing``), not committed. The head of the newest writer's lineage and its ancestors are
-*current* (``DirectoryScan.committed``, what restores use); other committed
-checkpoints are *superseded*. Without a log (version 1 directories) a
+such a commit is *vanishing* (``DirectoryScan.vanishing``), not committed. The
+head of the newest writer's lineage and its ancestors are *current*
+(``DirectoryScan.committed``, what restores use); other committed checkpoints
+are *superseded*. Without a log (version 1 directories) a
 checkpoint with a readable manifest is committed. Files (and manifests) of no
 committed checkpoint, such as an upload cut short by a crash or by fencing,
 are reported as incomplete, never as checkpoints to restore.
