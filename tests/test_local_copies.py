@@ -105,6 +105,7 @@ def test_local_checkpoint_newer_than_anything_committed_is_kept(s3, tmp_path, ca
     run(url, options, vm, 10)
     # The VM trained on after its last commit (TF's own hook, nothing uploaded): step 13 is local only.
     train(lambda scaffold: tf.compat.v1.train.CheckpointSaverHook(str(vm), save_steps=100), last_step=13)
+    caplog.clear()  # the first run's records too are captured when the logger is at INFO already
     with caplog.at_level(logging.INFO, logger="cloudckpt"):
         again = run(url, options, vm, 15)
     assert again.first_step == 13
