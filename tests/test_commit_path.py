@@ -427,6 +427,31 @@ def test_a_manifest_whose_answer_was_lost_is_recognised_and_nothing_is_uploaded_
     assert_committed(url, step=4, storage_options=direct)
 
 
+def _commit_with_faults_on_final_request(counted, tmp_path, step, multipart, faults):
+    """Commit step ``step`` (one data file: 1 MiB, or 6 MiB in two 5 MiB parts) with ``faults`` (kind, count)
+    scripted on the last request of its data file's upload (its PutObject, or its CompleteMultipartUpload).
+    Returns (the engine's stats, the proxy's events since, that request's (method, path regex))."""
+    url, proxy, options, _ = counted
+    local = tmp_path / "local"
+    mib = 1 << 20
+    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
+    final = (("POST", rf"/ckpt-{step}\.data-00000-of-00001\?uploadId=") if multipart
+             else ("PUT", rf"/ckpt-{step}\.data-00000-of-00001$"))
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn",
+                          transfer=transfer) as engine:
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=[final[0]], path_filter=final[1])
+        for kind, count in faults:
+            proxy.fail_next(kind, count)
+        engine.submit(step, write_checkpoint(local, step, size=(6 if multipart else 1) * mib))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    return stats, proxy.events[start:], final
+
+
 @pytest.mark.parametrize("multipart", [False, True])
 @pytest.mark.parametrize("retries", ["412", "500"])
 def test_a_data_file_whose_final_request_lost_its_answer_is_not_uploaded_again(counted, tmp_path, multipart,
@@ -437,26 +462,9 @@ def test_a_data_file_whose_final_request_lost_its_answer_is_not_uploaded_again(c
     multipart ETag of the upload's parts): it is this upload's, and the commit goes on; the file is sent once.
     Was: the commit went round again (its own object taken for debris, deleted, the checkpoint uploaded again)
     or failed. (moto answers a retried CompleteMultipartUpload 200, not 412: that case passed before.)"""
-    url, proxy, options, direct = counted
-    local = tmp_path / "local"
-    mib = 1 << 20
-    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
-    final = ("POST", r"/ckpt-5\.data-00000-of-00001\?uploadId=") if multipart \
-        else ("PUT", r"/ckpt-5\.data-00000-of-00001$")
-    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn",
-                          transfer=transfer) as engine:
-        engine.open()
-        engine.resume(download=False)
-        start = len(proxy.events)
-        proxy.set_faults(only_methods=[final[0]], path_filter=final[1])
-        proxy.fail_next("lose_response")
-        if retries == "500":
-            proxy.fail_next("500", FAST_RETRY.max_attempts - 1)
-        engine.submit(5, write_checkpoint(local, 5, size=(6 if multipart else 1) * mib))
-        engine.wait(120)
-        proxy.set_faults()
-        stats = engine.stats()
-    events = proxy.events[start:]
+    url, _, _, direct = counted
+    faults = [("lose_response", 1)] + ([("500", FAST_RETRY.max_attempts - 1)] if retries == "500" else [])
+    stats, events, final = _commit_with_faults_on_final_request(counted, tmp_path, 5, multipart, faults)
     faults = [kind for method, path, kind in events if method == final[0] and re.search(final[1], path)]
     assert faults[0] == "lose_response", faults
     assert (stats.committed, stats.failed) == (1, 0), stats
@@ -480,25 +488,10 @@ def test_a_data_file_whose_attempts_never_arrived_is_retried_to_the_end(counted,
     (PutObject): the HEAD's 404 became the attempt's error's
     ``__context__``, ``retry.is_transient`` read the chain, took the reset for a fatal NoSuchKey and gave up
     (seen in the 20 %-failure soak: "upload ... failed: NoSuchKey: Connection reset by peer")."""
-    url, proxy, options, direct = counted
-    local = tmp_path / "local"
-    mib = 1 << 20
-    transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
-    final = ("POST", r"/ckpt-6\.data-00000-of-00001\?uploadId=") if multipart \
-        else ("PUT", r"/ckpt-6\.data-00000-of-00001$")
-    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn",
-                          transfer=transfer) as engine:
-        engine.open()
-        engine.resume(download=False)
-        start = len(proxy.events)
-        proxy.set_faults(only_methods=[final[0]], path_filter=final[1])
-        proxy.fail_next("500")
-        proxy.fail_next("reset" if not multipart else "500")
-        engine.submit(6, write_checkpoint(local, 6, size=(6 if multipart else 1) * mib))
-        engine.wait(120)
-        proxy.set_faults()
-        stats = engine.stats()
-    faults = [kind for method, path, kind in proxy.events[start:] if method == final[0] and re.search(final[1], path)]
+    url, _, _, direct = counted
+    stats, events, final = _commit_with_faults_on_final_request(
+        counted, tmp_path, 6, multipart, [("500", 1), ("reset" if not multipart else "500", 1)])
+    faults = [kind for method, path, kind in events if method == final[0] and re.search(final[1], path)]
     assert faults[:2] == ["500", "reset" if not multipart else "500"], faults
     assert (stats.committed, stats.failed) == (1, 0), stats
     assert [c["step"] for c in commit_entries(url, direct)] == [6]
