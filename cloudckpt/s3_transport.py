@@ -32,7 +32,7 @@ objects and deletes stay on fsspec (s3fs), which ``RemoteStore`` owns.
   and write each range at its offset (``os.pwrite``)
   in ``READ_BUFFER`` chunks: memory stays at ``ranges in flight x READ_BUFFER``
   whatever the file size. Each chunk goes to the file in ``WRITE_SLICE`` writes
-  (see there: on Linux >= 6.16's ext4, 1 MiB writes cost the kernel 3-6x more).
+  (see there: on Linux >= 6.16's ext4, larger writes cost the kernel up to 3-9x more).
   Each chunk's crc32c is taken as it is written, so ``get_file_crc32c``
   returns the checksum of the bytes in the file without reading it back (a
   restore checks it against the manifest). ``crc32c_of_object`` makes the same
@@ -129,15 +129,17 @@ COPY_PART_SIZE = 64 << 20  # bytes per UploadPartCopy at most (consecutive uncha
 _ABORT_RETRY_DELAYS = (0.2, 0.5)  # seconds before the 2nd and 3rd AbortMultipartUpload (see _abort_upload)
 READ_BUFFER = 1 << 20  # bytes read from disk (checksums) or the socket (downloads) at a time
 SEND_SLICE = 1 << 20  # bytes of a part per sendfile call: a cancelled upload stops within one slice
-# Bytes per os.pwrite of a download. Measured (restore of 8 x 128 MiB from SeaweedFS or moto on CPU 1, client on
-# CPU 0, Linux 6.18, ext4; interleaved runs): 1 MiB writes took 1.3-3.3 CPU-s/GiB, nearly all system time, and
-# 230-500 MiB/s; the same 1 MiB socket reads written in 256 KiB slices 0.45-0.55 CPU-s/GiB and 760-1000 MiB/s
-# (128-512 KiB alike) in a fresh process. In the bench's long-lived process (python -m bench --only restore,
-# SeaweedFS, 4-6 repetitions) 256 KiB writes still grew to 1.5-2.9 CPU-s/GiB over the repetitions (median
-# ~490 MiB/s), 64 KiB writes stayed at 0.6-1.4 (median ~650; s5cmd in the same runs
-# ~790). Likely cause: ext4 caches regular files in large folios since Linux 6.16, sized by the write, and a
-# large folio is a high-order allocation, dearer as memory fragments.
-WRITE_SLICE = 64 << 10
+# Bytes per os.pwrite of a download: 32 KiB, the largest write whose page-cache folio the kernel takes from its
+# per-CPU free lists. Since Linux 6.16 ext4 caches a file in large folios sized by the write; the per-CPU lists
+# hold pages up to order 3 (PAGE_ALLOC_COSTLY_ORDER, 32 KiB; mm/page_alloc.c pcp_allowed_order), so a larger
+# write's folio comes from the zone's buddy lists under its lock, dearer as memory fragments. Measured (restore
+# of 8 x 128 MiB from SeaweedFS on CPU 1, client unpinned, Linux 6.18, interleaved with s5cmd, 2026-12-03):
+# 64 KiB writes ran at 650-860 MiB/s and 0.5-0.7 CPU-s/GiB until memory fragmented (after s5cmd's files were
+# freed), then at 230-370 MiB/s and 3.5-5.8 CPU-s/GiB of system time; 32 KiB writes stayed at 750-860 MiB/s and
+# 0.6-0.7 CPU-s/GiB in every repetition (s5cmd 540-780 at 1.1-1.9), 16 KiB ones at 490-760 and 0.8-2.0. Earlier
+# (fresh processes): 1 MiB writes 1.3-3.3 CPU-s/GiB and 230-500 MiB/s, 256 KiB ones growing to 1.5-2.9 over a
+# long-lived process's repetitions. Details: bench/NOTES.md.
+WRITE_SLICE = 32 << 10
 _MAX_RANGE_FACTOR = 4  # a download's ranges grow up to this many x range_size (see get_file_crc32c)
 _MIN_PART = 5 << 20  # S3's minimum part size (all parts but the last)
 _MAX_PARTS = 10_000
