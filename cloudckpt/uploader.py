@@ -38,6 +38,9 @@ DROP_WARNING_INTERVAL = 300.0
 # Seconds ``close`` waits, after cancelling, for the uploads it abandons to stop and abort their multipart uploads
 # (on s3:// a request stops within s3_transport.SEND_SLICE bytes: normally milliseconds; this bounds a stalled one).
 ABANDON_GRACE = 2.0
+# Seconds ``close`` waits for the observer's notifier thread to deliver the drops still waiting (each a few
+# TensorBoard scalars: milliseconds).
+NOTIFIER_JOIN_TIMEOUT = 5.0
 # The final checkpoint of a preemption (``plan_final_upload``): upload time estimates are stretched by
 # FINAL_MARGIN (the throughput measured over the last seconds varies, and a machine shutting down has other
 # traffic on the link), and each commit costs COMMIT_OVERHEAD seconds besides its file bodies (the commit
@@ -301,7 +304,7 @@ class Uploader:
         self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
         self._last_send_rate: float | None = None  # bytes/s an upload measured when it ended (TransferScope)
         self._failures: list[UploadError] = []
-        self._drop_notices: queue.SimpleQueue[int] = queue.SimpleQueue()  # dropped steps for the observer
+        self._drop_notices: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # dropped steps for the observer
         self._notifier: threading.Thread | None = None  # started at the first drop (with an observer)
         self._stats = UploadStats()
         self._committed_saved_at: float | None = None  # saved_at of the newest committed checkpoint (uncommitted_*)
@@ -421,14 +424,27 @@ class Uploader:
         """The notifier thread: calls the observer for each dropped step; ends after 1 s without one."""
         while True:
             try:
-                step = self._drop_notices.get(timeout=1.0)
+                step: int | None = self._drop_notices.get(timeout=1.0)
             except queue.Empty:
+                step = None
+            if step is None:  # idle for 1 s, or close() (_end_notifier): ends once nothing waits
                 with self._drop_log_lock:
                     if self._drop_notices.empty():
                         self._notifier = None
                         return
                 continue
             self._observe(step)
+
+    def _end_notifier(self) -> None:
+        """close(): let the notifier thread deliver the drops still waiting and end (at most
+        ``NOTIFIER_JOIN_TIMEOUT`` seconds), so the observer (the TensorBoard writer) sees them before it closes
+        and no cloudckpt thread outlives ``close``."""
+        with self._drop_log_lock:
+            notifier = self._notifier
+            if notifier is None or notifier is threading.current_thread():  # an observer closing its uploader
+                return
+            self._drop_notices.put(None)
+        notifier.join(NOTIFIER_JOIN_TIMEOUT)
 
     def _log_drop(self, message: str, *args: object) -> None:
         """Log a dropped checkpoint, rate-limited per uploader (one per hook or Keras callback): the first drop
@@ -656,6 +672,7 @@ class Uploader:
             if not finished:
                 if pool is not None:
                     pool.close()  # the worker starts no further file: what it still submits fails (abandoned)
+                self._end_notifier()
                 return
         with self._cond:
             self._thread = None
@@ -663,6 +680,7 @@ class Uploader:
         if pool is not None:
             pool.close()
             pool.join()
+        self._end_notifier()
 
     def stats(self) -> UploadStats:
         """A copy of the counters, with the read-time figures (``uncommitted_seconds`` / ``uncommitted_steps``)

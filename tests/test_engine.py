@@ -753,3 +753,38 @@ def test_during_an_outage_stats_and_summaries_show_what_a_preemption_would_lose(
     assert 30 not in scalars.get("commit_lag_seconds", {})
     assert (after.last_committed_step, after.committed, after.failed) == (40, 3, 0), after
     assert after.uncommitted_steps == 5 and after.uncommitted_seconds < during.uncommitted_seconds + 60
+
+
+def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_thread(cloudckpt_s3, tmp_path):
+    """A checkpoint dropped just before close() (store down, max_pending=1) still gets its TensorBoard point, and
+    the thread that delivers drops to the observer has ended when close() returns. Before: it lived on up to 1 s
+    after close (one more cloudckpt thread left running) and could write after the summary writer closed."""
+    import time
+
+    pytest.importorskip("tensorflow")
+    from support.checks import read_scalars
+    from support.fault_proxy import FaultProxy
+
+    local, summaries = tmp_path / "local", tmp_path / "tb"
+    retry = cloudckpt.RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.1, deadline=120)
+    with FaultProxy(cloudckpt_s3.endpoint) as proxy:
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        engine = CheckpointEngine(cloudckpt_s3.url("run"), str(local), storage_options=options, max_pending=1,
+                                  retry=retry, summary_dir=str(summaries))
+        try:
+            engine.open()
+            proxy.start_outage()
+            engine.submit(20, write_checkpoint(local, 20))
+            deadline = time.monotonic() + 30
+            while engine.stats().retries < 1:  # step 20 is in flight, retrying
+                assert time.monotonic() < deadline, "no retry during the outage"
+                time.sleep(0.02)
+            engine.submit(30, write_checkpoint(local, 30))
+            engine.submit(40, write_checkpoint(local, 40))  # step 30 is dropped
+            assert engine.stats().dropped == 1
+        finally:
+            engine.close(timeout=0)
+            observers = [t.name for t in threading.enumerate() if t.name == "cloudckpt-observer"]
+            proxy.end_outage()
+    assert observers == [], observers
+    assert read_scalars(summaries)["dropped"][30] == 1.0
