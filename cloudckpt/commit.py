@@ -8,15 +8,19 @@ A registered writer (``writers.py``) commits a checkpoint in this order:
    re-uploaded: "healed"; different tensors: "refused", unless the save asks to replace it,
    ``replace_committed``, see below); a committed checkpoint of another lineage
    (superseded) is retired, and debris of uploads that never committed is deleted, both announced
-   in the log first. When no live commit names the checkpoint (the common case) this step is skipped
-   and nothing is listed: a name someone already holds makes the create-only upload of 3 fail, and the
-   round starts again with this step;
+   in the log first. When no live commit names the checkpoint and the commit is a fresh save (the common
+   case) this step is skipped and nothing is listed: a name someone already holds makes the create-only
+   upload of 3 fail (after its whole body was sent), and the round starts again with this step. A commit
+   taken up again (``resumed``: the engine found debris of an earlier attempt at the checkpoint, or a
+   crashed run's snapshot of it, or this process's commit of it failed) does this step first: the debris is
+   cleared before its names' files are sent, once;
 3. upload every file **create-only** (an object is never overwritten; partial objects are harmless:
    nothing points at them); a name someone else created meanwhile sends us back to 2. The objects this
    commit created in an earlier round are its own: step 2 neither deletes them nor does 3 upload them again
    (only names debris had taken are cleared and uploaded); they are still uncommitted, so one another party
-   deleted meanwhile (gc after its grace period) is uploaded again in a later round (step 4 or the check
-   before the commit entry finds it gone). On ``s3://``
+   deleted (gc after its grace period) or replaced meanwhile is uploaded again in a later round (step 2 finds
+   it by size and, where the store tells, its checksum: ``_Own.reconcile``; step 4 or the check before the
+   commit entry finds it gone). On ``s3://``
    parts unchanged since the previous committed checkpoint of the writer's lineage are copied
    server-side instead of sent (``incremental.py``);
 4. check each remote size against the local file (catches truncated uploads): the commit's one listing
@@ -61,6 +65,7 @@ name. Without it (every other adapter) such a save is refused: the committed che
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -222,6 +227,7 @@ def commit_checkpoint(
     manifest: Manifest | None = None,
     writer: Writer | None = None,
     replace_committed: bool = False,
+    resumed: bool = False,
 ) -> CommitResult:
     """Upload ``ckpt`` to ``store`` and commit it (see module docstring); one of four outcomes.
 
@@ -236,6 +242,11 @@ def commit_checkpoint(
             other tensors is un-committed and deleted, then ``ckpt`` is committed in its place
             (``uploaded``, ``CommitResult.replaced``); a crash in between leaves neither. False
             (default): such a save is ``refused`` and the committed checkpoint stays.
+        resumed: the commit takes up an earlier attempt at ``ckpt`` (of a previous process, or one of this
+            process that failed or was abandoned): the store may hold its debris. The directory is listed
+            before anything is uploaded (the round's one listing), so a name debris holds is cleared before its
+            file is sent, once. False (a fresh save): nothing is listed first unless a commit names the
+            checkpoint; a name found taken costs its file sent twice (the refused create-only upload's body).
 
     Raises:
         FencedError: a newer writer registered on the directory; nothing was committed.
@@ -251,7 +262,7 @@ def commit_checkpoint(
             register_continuing(writer)
         manifest = manifest or build_manifest(ckpt, pool)
         try:
-            result = _commit(writer, ckpt, manifest, pool, replace_committed)
+            result = _commit(writer, ckpt, manifest, pool, replace_committed, resumed)
         except (IntegrityError, RemoteError, UploadError) as exc:
             if not isinstance(exc, FencedError):
                 _raise_if_fenced(writer, ckpt.step)  # a newer writer removing our uncommitted upload: say so
@@ -336,16 +347,58 @@ class _Own:
         """The log index of the oldest round whose objects are kept (``default`` if none is kept)."""
         return min([default, *(index for _, index in self.objects.values())])
 
-    def reconcile(self, store: RemoteStore, step: int, sizes: dict[str, int]) -> None:
-        """Forget the objects a listing (``sizes``) no longer shows as this commit created them (deleted by
-        another party meanwhile, or another object of another size at the name): they are uploaded again
-        (the latter cleared first, as debris)."""
-        gone = [name for name, (size, _) in self.objects.items() if sizes.get(name) != size]
-        if gone:
+    def reconcile(self, store: RemoteStore, step: int, objects: list[RemoteObject], crc32c: dict[str, str],
+                  files: dict[str, str]) -> None:
+        """Forget the objects a listing (``objects``) no longer shows as this commit created them (deleted by
+        another party meanwhile, or another object at the name): they are uploaded again (the latter cleared
+        first, as debris).
+
+        An object is recognised by its size and, where the store tells more of its bytes, by that:
+
+        * the listing's crc32c (GCS computes it from the bytes it holds) against the manifest's (``crc32c``:
+          name -> 8 hex digits);
+        * on ``s3://`` (cloudckpt's transport), one HEAD per own object of the listed size (only rounds after
+          the first have own objects): the full-object CRC32C the store keeps against the manifest's -- a
+          differing figure is confirmed by reading the object's bytes, as ``verify`` does (some S3-compatible
+          stores, moto among them, report a wrong one for multipart uploads); where the store keeps none (moto,
+          stores that refuse checksum headers), a single-part object's ETag (the MD5 of its bytes) against the
+          MD5 of the local file (``files``: name -> local path; read locally).
+
+        Elsewhere (fsspec stores other than GCS), and for a multipart object whose store keeps no crc32c of it,
+        the size alone decides: an object of the same size written at the name after ours was deleted is then
+        kept as ours.
+        """
+        listed = {o.name: o for o in objects}
+        gone = [name for name, (size, _) in self.objects.items()
+                if (found := listed.get(name)) is None or found.size != size]
+        kept = [name for name in self.objects if name not in gone and name in crc32c]
+        changed = [name for name in kept if listed[name].crc32c is not None and listed[name].crc32c != crc32c[name]]
+        headed = [name for name in kept if listed[name].crc32c is None]
+        if headed and store.heads_crc32c:
+            heads = store.heads(headed)
+            changed += [name for name in headed if name not in heads]  # deleted since the listing
+            differing = [name for name, head in heads.items() if head["crc32c"] not in (None, crc32c[name])]
+            changed += [name for name, head in heads.items() if head["crc32c"] is None and head["etag"]
+                        and "-" not in head["etag"] and name in files and _md5_of(files[name]) != head["etag"]]
+            if differing:  # the store's figure alone is not trusted: read the bytes
+                read = store.read_files_crc32c([(name, self.objects[name][0], None) for name in differing],
+                                               streams=store.transfer.max_download_streams)
+                changed += [name for name in differing if (got := read.get(name)) is None or got[1] != crc32c[name]]
+        if gone or changed:
             log.warning("Step %d: objects %s this commit uploaded in an earlier round are gone or changed in %s "
-                        "(deleted by another party before the commit); uploading them again.", step, gone, store.url)
-        for name in gone:
+                        "(deleted, or replaced, by another party before the commit); uploading them again.", step,
+                        [*gone, *changed], store.url)
+        for name in [*gone, *changed]:
             del self.objects[name]
+
+
+def _md5_of(path: str) -> str:
+    """The MD5 (hex) of local file ``path``'s bytes: a single-part S3 object's ETag when it holds them."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _bytes_to_send(store: RemoteStore, ckpt: LocalCheckpoint, mine: Manifest, own: _Own) -> int:
@@ -362,7 +415,7 @@ def _begin_round(store: RemoteStore, nbytes: int) -> None:
 
 
 def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
-            replace_committed: bool = False) -> CommitResult:
+            replace_committed: bool = False, resumed: bool = False) -> CommitResult:
     store = writer.store
     names = [*sorted(ckpt.files), mine.name]
     own = _Own()  # objects this commit created in earlier rounds: kept, not deleted nor uploaded again
@@ -375,9 +428,10 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
             _upload_changed_extras(store, ckpt.extras)  # know this writer is not fenced
             extras_done = True
         if look_first is None:
-            look_first = any(record.prefix == ckpt.prefix for record in state.live())
+            # a commit taken up again (``resumed``) lists first: debris of its earlier attempt may hold its names
+            look_first = resumed or any(record.prefix == ckpt.prefix for record in state.live())
         if not look_first:
-            # The common case: no commit names this checkpoint. Upload create-only without listing first;
+            # The common case: a fresh save no commit names. Upload create-only without listing first;
             # a name already taken (debris of a crashed upload) sends us round again, listing this time.
             look_first = True
             result = _upload_and_commit(writer, ckpt, mine, names, state, pool, own)
@@ -385,8 +439,9 @@ def _commit(writer: Writer, ckpt: LocalCheckpoint, mine: Manifest, pool: Mapper,
                 return result
             _begin_round(store, _bytes_to_send(store, ckpt, mine, own))  # what is left after this round
             continue
-        sizes = {o.name: o.size for o in store.list_objects()}
-        own.reconcile(store, ckpt.step, sizes)
+        listed = store.list_objects()
+        sizes = {o.name: o.size for o in listed}
+        own.reconcile(store, ckpt.step, listed, {f.name: f.crc32c for f in mine.files}, ckpt.files)
         owners = committed_at(store, state, ckpt.prefix, set(sizes))
         mine_lineage = set(state.ancestry(writer.head))
         ours = [(record, existing) for record, existing in owners
@@ -582,7 +637,8 @@ def _check_sizes(store: RemoteStore, manifest: Manifest,
     """List the directory and check each uploaded file's size, and its crc32c where the listing carries the
     store's own (GCS computes it from the bytes it received; gcsfs cannot send one to be checked at write
     time); the listing. None when an object uploaded in an earlier round of the commit (``earlier``) is gone or
-    has another size: another party deleted it meanwhile (it was uncommitted), the commit goes round again.
+    has another size (or crc32c, where listed): another party deleted it meanwhile (it was uncommitted), the
+    commit goes round again.
 
     Raises:
         IntegrityError: an object uploaded in this round has the wrong size or crc32c.
@@ -591,9 +647,12 @@ def _check_sizes(store: RemoteStore, manifest: Manifest,
     remote = {o.name: o for o in objects}
     for entry in manifest.files:
         found = remote.get(entry.name)
-        if entry.name in earlier and (found is None or found.size != entry.size):
+        if entry.name in earlier and (found is None or found.size != entry.size
+                                      or found.crc32c is not None and found.crc32c != entry.crc32c):
+            what = ("gone" if found is None else f"{found.size} bytes" if found.size != entry.size
+                    else f"another object (crc32c {found.crc32c})")
             log.warning("%s, uploaded by this commit in an earlier round, is %s; going round again.",
-                        store.url_of(entry.name), "gone" if found is None else f"{found.size} bytes")
+                        store.url_of(entry.name), what)
             return None
         if found is None or found.size != entry.size:
             raise IntegrityError(

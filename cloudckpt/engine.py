@@ -68,7 +68,7 @@ from . import localdir
 from .catalog import CheckpointInfo, DirectoryScan, scan_directory
 from .commit import CommitResult, LocalCheckpoint, register_continuing
 from .errors import ConfigError, FencedError, UploadError, integer_option
-from .layout import TF, PrefixLayout, parse_manifest_name, split_prefix, state_file_prefix
+from .layout import TF, PrefixLayout, parse_manifest_name, parse_object_name, split_prefix, state_file_prefix
 from .lineage import fold
 from .preemption import PreemptionNotice, PreemptionWatcher
 from .preemption.notice import deadline_at
@@ -312,7 +312,12 @@ class CheckpointEngine:
                 raise
             self._claim = claim
         if claim.sole():  # another engine of this process may have snapshots there
-            shutil.rmtree(os.path.join(self._local_dir, STAGING_DIR), ignore_errors=True)
+            staging = os.path.join(self._local_dir, STAGING_DIR)
+            # snapshots (``<prefix>-<8 hex>``) of a crashed run: their commits began, and may have left debris
+            left = [entry.rsplit("-", 1)[0] for entry in _listdir(staging) if "-" in entry]
+            if left:
+                self._uploader.note_unfinished(left)
+            shutil.rmtree(staging, ignore_errors=True)
             remove_stale_staging(self._local_dir)  # not the staging directory of a download running meanwhile
 
     def resume(self, *, download: bool = True,
@@ -343,8 +348,19 @@ class CheckpointEngine:
             self._uploader.writer = Writer(self._store)
         self._downloaded = resume_and_register(self._store, self._uploader.writer, self._local_dir,
                                                download=download and not self._in_place, layout=self._layout,
-                                               check=check)
+                                               check=check, on_scan=self._note_debris)
         return self._downloaded
+
+    def _note_debris(self, scan: DirectoryScan) -> None:
+        """The checkpoints whose upload debris (files of a commit that never happened) the resume's scan found:
+        a commit of one of them takes up an earlier attempt (``Uploader.note_unfinished``), and lists the
+        directory before it sends anything, so the debris' names are cleared before their files go up once."""
+        prefixes = {parsed[0] for inc in scan.incomplete for o in inc.objects
+                    if (parsed := parse_object_name(o.name)) is not None}
+        if prefixes:
+            log.debug("Upload debris of earlier runs in %s: %s; committing those lists the directory first.",
+                      self.url, sorted(prefixes))
+            self._uploader.note_unfinished(prefixes)
 
     def check_start_step(self, step: int, *, starts: str, fix: str, restored: bool = False,
                          source: str | None = None) -> None:
@@ -1097,3 +1113,11 @@ def _ignore_sigterm_at_exit() -> None:
             pass
 
     atexit.register(ignore)
+
+
+def _listdir(path: str) -> list[str]:
+    """The entries of directory ``path``; empty when it does not exist or cannot be read."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

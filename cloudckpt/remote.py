@@ -473,6 +473,37 @@ class RemoteStore:
                 return None
         return self._run("stat", self.url_of(name), info)
 
+    def heads(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """One HEAD per object ``names`` (``s3://`` through cloudckpt's transport; up to ``_HEADS_AT_ONCE`` at a
+        time, each retried by the policy): per object found, its ``size`` (bytes), ``crc32c`` (the full-object
+        CRC32C the store keeps, 8 hex digits, or None) and ``etag`` (without quotes, or None); missing objects
+        are left out. Other stores: empty (``heads_crc32c`` is False).
+
+        Raises:
+            RemoteError: a HEAD failed after retries.
+        """
+        return self._heads(names)
+
+    def _heads(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        if self._transport is None:
+            return {}
+        wanted = list(dict.fromkeys(names))
+
+        def head(name: str) -> tuple[str, dict[str, Any] | None]:
+            def stat(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> dict[str, Any] | None:
+                try:
+                    return dict(call(lambda: self._transport.head(bucket, key)))
+                except FileNotFoundError:
+                    return None
+            return name, self._transfer("stat", name, stat)
+        if len(wanted) < 2:
+            found = [head(name) for name in wanted]
+        else:
+            with ThreadPoolExecutor(max_workers=min(_HEADS_AT_ONCE, len(wanted)),
+                                    thread_name_prefix="cloudckpt-head") as pool:
+                found = map_all(pool, head, wanted)  # waited in slices: a Ctrl-C is seen at once
+        return {name: info for name, info in found if info is not None}
+
     def stored_crc32c(self, names: Iterable[str] | None = None) -> dict[str, str]:
         """crc32c (8 hex digits) the store itself keeps of objects ``names`` (default: every object in the
         directory), where it keeps one; objects without one, or missing, are left out.
@@ -485,21 +516,8 @@ class RemoteStore:
         """
         if self._transport is not None:
             wanted = list(dict.fromkeys(names)) if names is not None else [o.name for o in self.list_objects()]
-
-            def head(name: str) -> tuple[str, str | None]:
-                def stat(call: Callable[[Callable[[], Any]], Any], bucket: str, key: str) -> str | None:
-                    try:
-                        return call(lambda: self._transport.head(bucket, key))["crc32c"]
-                    except FileNotFoundError:
-                        return None
-                return name, self._transfer("stat", name, stat)
-            if len(wanted) < 2:
-                found = [head(name) for name in wanted]
-            else:
-                with ThreadPoolExecutor(max_workers=min(_HEADS_AT_ONCE, len(wanted)),
-                                        thread_name_prefix="cloudckpt-head") as pool:
-                    found = map_all(pool, head, wanted)  # waited in slices: a Ctrl-C is seen at once
-            return {name: crc for name, crc in found if crc is not None}
+            heads = self._heads(wanted)
+            return {name: crc for name, head in heads.items() if (crc := head["crc32c"]) is not None}
 
         only = set(names) if names is not None else None
 
@@ -770,6 +788,12 @@ class RemoteStore:
     def deletes_in_bulk(self) -> bool:
         """True when ``delete_before`` deletes many objects a request (S3 DeleteObjects, GCS batches)."""
         return self._bulk_deletes
+
+    @property
+    def heads_crc32c(self) -> bool:
+        """True when ``stored_crc32c(names)`` asks one HEAD per name (``s3://`` through cloudckpt's transport),
+        not a listing of the whole directory (GCS, whose listing carries ``RemoteObject.crc32c`` already)."""
+        return self._transport is not None
 
     @property
     def copies_parts(self) -> bool:

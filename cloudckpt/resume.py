@@ -42,12 +42,15 @@ log = logging.getLogger("cloudckpt")
 
 def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, download: bool,
                         layout: PrefixLayout = TF,
-                        check: Callable[[CheckpointInfo | None], None] | None = None) -> CheckpointInfo | None:
+                        check: Callable[[CheckpointInfo | None], None] | None = None,
+                        on_scan: Callable[[DirectoryScan], None] | None = None) -> CheckpointInfo | None:
     """Bring ``local_dir`` to the resume point (downloading only if ``download``) and register ``writer``.
 
     ``layout`` names the local checkpoints (TF's by default). ``check(downloaded)`` runs once ``local_dir``
     holds the resume point (``downloaded``: the checkpoint brought there, or None), before ``writer``
     registers, and again at each new decision: what it raises propagates, and no older writer is fenced.
+    ``on_scan(scan)`` is given the directory's scan the decision was made from (the last one), once
+    ``writer`` registered (its ``incomplete``: the upload debris of earlier runs).
 
     Returns:
         The committed checkpoint downloaded, or None if the local directory was used as it is.
@@ -81,6 +84,9 @@ def resume_and_register(store: RemoteStore, writer: Writer, local_dir: str, *, d
         return [(c.name, c.step) for c in scan.committed] if scan.log is None else []
 
     writer.register(decide, legacy=legacy)
+    scan = outcome.get("scan")
+    if on_scan is not None and isinstance(scan, DirectoryScan):
+        on_scan(scan)
     restored = outcome.get("restored")
     return restored if isinstance(restored, CheckpointInfo) else None
 

@@ -18,7 +18,7 @@ import threading
 import time
 from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from .cancel import ContextPool, TransferScope
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
@@ -321,6 +321,16 @@ class Uploader:
         self._pool: ThreadPool | None = None
         self.writer = Writer(store)  # registers at the first commit unless registered before (the hook does)
         self._fenced: FencedError | None = None
+        # prefixes whose commit an earlier attempt began and did not finish (a previous process's, as the engine
+        # found at resume; one of this process that failed or was abandoned): their commit is ``resumed``
+        self._unfinished: set[str] = set()
+
+    def note_unfinished(self, prefixes: Iterable[str]) -> None:
+        """Checkpoint ``prefixes`` (``model.ckpt-30``) an earlier attempt began to commit and did not finish (a
+        previous process's upload debris in the store, its snapshots): their next commit is taken up again
+        (``commit_checkpoint``'s ``resumed``: the directory is listed before anything is sent)."""
+        with self._cond:
+            self._unfinished.update(prefixes)
 
     # -- called from the training thread ------------------------------------------------------
     def start(self) -> None:
@@ -814,8 +824,15 @@ class Uploader:
             if job.prepare is not None:
                 job.prepare()
             pool = ContextPool(self._pool) if self._pool is not None else None
-            return commit_checkpoint(self.store, job.checkpoint, executor=pool, writer=self.writer,
-                                     replace_committed=job.replace_committed)
+            prefix = job.checkpoint.prefix
+            with self._cond:
+                resumed = prefix in self._unfinished
+                self._unfinished.add(prefix)  # until it ends: an attempt cut short leaves it taken up again
+            result = commit_checkpoint(self.store, job.checkpoint, executor=pool, writer=self.writer,
+                                       replace_committed=job.replace_committed, resumed=resumed)
+            with self._cond:
+                self._unfinished.discard(prefix)
+            return result
         finally:
             if in_flight:
                 with self._cond:

@@ -270,15 +270,25 @@ def file_requests(proxy: FaultProxy, start: int, name: str) -> list[tuple[str, s
             if method in ("PUT", "POST") and urlsplit(path).path.endswith(f"/{name}")]
 
 
-@pytest.mark.parametrize("debris, multipart", [("index", False), ("index", True), ("data-00000-of-00001", False)])
-def test_a_resumed_commit_keeps_what_it_uploaded_and_replaces_only_the_debris(counted, tmp_path, debris, multipart):
+@pytest.mark.parametrize("debris, multipart, known", [("index", False, True), ("index", True, True),
+                                                       ("data-00000-of-00001", False, True), ("index", False, False),
+                                                       ("index", True, False), ("data-00000-of-00001", False, False)])
+def test_a_resumed_commit_keeps_what_it_uploaded_and_replaces_only_the_debris(counted, tmp_path, debris, multipart,
+                                                                               known):
     """A run killed while step 7 uploaded left one of its objects (``debris``) in the store, uncommitted. The
-    resumed run commits step 7 again: the create-only upload of that name is refused (the name is taken) while
-    the other file is stored; the commit lists, deletes the debris alone (announced) and uploads only that file
-    again. The other file is sent once (its parts once), never deleted; ``bytes_uploaded`` counts the bytes that
-    went over the wire (the refused create's too); the checkpoint commits and verifies. Was: every present name
-    was taken for debris -- the file this commit had just uploaded deleted and sent again (twice the bytes),
-    ``bytes_uploaded`` counting each file once."""
+    resumed run commits step 7 again.
+
+    ``known``: the debris was there when the run resumed (its scan saw it): the commit is taken up again and
+    lists the directory before it sends anything; the debris alone is deleted (announced), each file is sent
+    once. Was: the first round uploaded create-only without listing, the store refused the debris' name only
+    after its whole body, the next round listed, deleted the debris and sent that file again (twice the bytes).
+
+    Not ``known`` (the debris appeared after the resume, nothing told the engine): the fresh save's fast path,
+    no listing first; the create-only upload of that name is refused while the other file is stored; the commit
+    lists, deletes the debris alone and uploads only that file again. The other file is sent once (its parts
+    once), never deleted; ``bytes_uploaded`` counts the bytes that went over the wire (the refused create's too).
+    Was: every present name was taken for debris -- the file this commit had just uploaded deleted and sent
+    again, ``bytes_uploaded`` counting each file once. Either way the checkpoint commits and verifies."""
     url, proxy, options, direct = counted
     mib = 1 << 20
     transfer = TransferOptions(part_size=5 * mib, multipart_threshold=5 * mib)
@@ -288,10 +298,13 @@ def test_a_resumed_commit_keeps_what_it_uploaded_and_replaces_only_the_debris(co
         f.write(os.urandom(3000))
     taken = f"ckpt-7.{debris}"
     other = next(os.path.basename(p) for p in paths if os.path.basename(p) != taken)
-    RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
+    if known:
+        RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
     with CheckpointEngine(url, str(local), storage_options=options, transfer=transfer) as engine:
         engine.open()
         engine.resume(download=False)
+        if not known:
+            RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
         start = len(proxy.events)
         engine.submit(7, paths)
         engine.wait(120)
@@ -303,14 +316,112 @@ def test_a_resumed_commit_keeps_what_it_uploaded_and_replaces_only_the_debris(co
         assert sorted(q.split("=")[0] for m, q in mine) == ["partNumber", "partNumber", "uploadId", "uploads"], mine
     else:
         assert mine == [("PUT", "")], mine  # sent once
-    assert file_requests(proxy, start, taken) == [("PUT", "")] * 2  # refused (the debris), then after its deletion
+    sent = 1 if known else 2  # known: after the debris' deletion; else refused (the debris), then after it
+    assert file_requests(proxy, start, taken) == [("PUT", "")] * sent
     deletes = [e.doc for e in CommitLog(RemoteStore(url, direct)).refresh() if e.kind == "delete"]
     assert [d["names"] for d in deletes] == [[taken]], deletes  # only the debris was deleted
-    assert stats.bytes_uploaded == sizes[other] + 2 * sizes[taken], stats  # the refused create's bytes were sent
+    assert stats.bytes_uploaded == sizes[other] + sent * sizes[taken], stats  # a refused create's bytes were sent
+    assert requests_since(proxy, start)["dir_listings"] == 2  # the round's listing (known: before any upload), the check
     assert [c["step"] for c in commit_entries(url, direct)] == [7]
     assert_committed(url, step=7, storage_options=direct)
     with open(os.path.join(local, taken), "rb") as f:
         assert RemoteStore(url, direct).read_bytes(taken) == f.read()  # the debris was replaced
+
+
+def test_a_commit_a_crashed_run_had_snapshotted_lists_first(counted, tmp_path):
+    """A run killed while step 7 uploaded left its snapshot in ``.cloudckpt-staging`` and the index in the store.
+    The next run registers without a resume (Keras' way: no scan of the directory) and saves step 7 again: the
+    snapshot the engine clears at ``open`` says the commit is taken up again, so it lists first and the index is
+    sent once. Was: sent twice (refused create-only upload of the whole body, then again after the deletion)."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    paths = write_checkpoint(local, 7, size=200_000)
+    taken = "ckpt-7.index"
+    RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
+    os.makedirs(local / STAGING_DIR / "ckpt-7-0123abcd")
+    with CheckpointEngine(url, str(local), storage_options=options) as engine:
+        engine.open()
+        engine.register()
+        start = len(proxy.events)
+        engine.submit(7, paths)
+        engine.wait(120)
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    assert file_requests(proxy, start, taken) == [("PUT", "")]
+    assert not os.path.exists(local / STAGING_DIR / "ckpt-7-0123abcd")
+    assert_committed(url, step=7, storage_options=direct)
+
+
+def test_a_failed_commit_submitted_again_lists_first(counted, tmp_path):
+    """A commit of step 7 fails after storing the data file (the index's uploads fail until the retry policy
+    gives up; ``on_error="warn"``). Step 7 submitted again is taken up again: the commit lists first, clears the
+    data file the failed attempt left (uncommitted debris now) and sends each file once. Was: the data file sent
+    twice (its create-only upload refused after the whole body)."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    paths = write_checkpoint(local, 7, size=200_000)
+    data = next(os.path.basename(p) for p in paths if ".data-" in p)
+    with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn") as engine:
+        engine.open()
+        engine.resume(download=False)
+        proxy.set_faults(only_methods=["PUT"], path_filter=r"/ckpt-7\.index$")
+        proxy.fail_next("500", FAST_RETRY.max_attempts)
+        engine.submit(7, paths)
+        engine.wait(120)
+        assert engine.stats().failed == 1
+        proxy.set_faults()
+        start = len(proxy.events)
+        engine.submit(7, paths)
+        engine.wait(120)
+        stats = engine.stats()
+    assert stats.committed == 1, stats
+    assert file_requests(proxy, start, data) == [("PUT", "")]
+    assert_committed(url, step=7, storage_options=direct)
+
+
+def test_an_own_object_replaced_by_another_of_the_same_size_between_rounds_is_uploaded_again(counted, tmp_path):
+    """Debris appears at the index's name after the resume (nothing told the engine): the first round stores the
+    data file and is refused the index. Before the next round lists, another party replaces the data file -- this
+    commit's own, still uncommitted -- by other bytes of the same size. The round recognises its own objects by
+    their size and the store's crc32c (a HEAD), not by size alone: the data file is cleared and uploaded again,
+    and the committed checkpoint holds this save's bytes. Was: kept as this commit's own (same size), the
+    checkpoint committed over the other party's bytes (verify failed)."""
+    url, proxy, options, direct = counted
+    local = tmp_path / "local"
+    paths = write_checkpoint(local, 7, size=200_000)
+    data = next(os.path.basename(p) for p in paths if ".data-" in p)
+    taken = "ckpt-7.index"
+    held, release = threading.Event(), threading.Event()
+
+    def round_two_listing(path: str) -> bool:  # the commit's first listing of the directory: held
+        query = parse_qs(urlsplit(path).query)
+        if "list-type" not in query or "/.cloudckpt/" in query.get("prefix", [""])[0] or held.is_set():
+            return False
+        held.set()
+        return True
+
+    with CheckpointEngine(url, str(local), storage_options=options) as engine:
+        engine.open()
+        engine.resume(download=False)
+        RemoteStore(url, direct).write_atomic(taken, b"debris of a killed run")
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=["GET"], path_filter=round_two_listing, until=release)
+        engine.submit(7, paths)
+        assert held.wait(60)
+        size = os.path.getsize(os.path.join(local, data))
+        RemoteStore(url, direct).write_atomic(data, os.urandom(size))  # another party's bytes, same size
+        release.set()
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    assert file_requests(proxy, start, data) == [("PUT", "")] * 2  # stored, then again over the other bytes
+    assert file_requests(proxy, start, taken) == [("PUT", "")] * 2  # refused (the debris), then after it
+    deletes = [e.doc for e in CommitLog(RemoteStore(url, direct)).refresh() if e.kind == "delete"]
+    assert [sorted(d["names"]) for d in deletes] == [sorted([data, taken])], deletes
+    assert_committed(url, step=7, storage_options=direct)
+    with open(os.path.join(local, data), "rb") as f:
+        assert RemoteStore(url, direct).read_bytes(data) == f.read()
 
 
 LOG_ENTRY = r"/\.cloudckpt/log/\d+/\d+\.json$"

@@ -37,7 +37,7 @@ class Serial:
 
 
 GATED_OPS = ("list_objects", "list_under", "put_file_if_absent", "write_if_absent", "read_bytes", "write_atomic",
-             "delete", "size", "get_file", "open_read", "stored_crc32c", "read_crc32c")
+             "delete", "size", "get_file", "open_read", "stored_crc32c", "heads", "read_crc32c")
 
 
 class GatedStore(RemoteStore):
