@@ -1445,6 +1445,9 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
         # (before "transient": a request cut by the cancel carries the socket's error as its cause)
         hint = ("cancelled on purpose: an interrupt, a close, a preemption deadline or a preemption's final "
                 "checkpoint abandoned the transfer")
+    elif cause == "AttemptTimedOut":  # retry.py's: a request in flight cut when the policy's deadline passed
+        hint = ("the store accepted a request and did not answer it before the retry policy's deadline passed: "
+                "it stalled or is overloaded; try again later, or give the RetryPolicy a longer deadline")
     elif transient:
         spent = "" if retried is None else \
             f"; retried {retried[0]} time{'s' if retried[0] != 1 else ''} over {retried[1]:.0f} s"
