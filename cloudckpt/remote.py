@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -37,13 +38,13 @@ from fsspec.implementations.memory import MemoryFileSystem
 from .cancel import CancelSignal, TransferCancelled, TransferScope
 from .errors import DEBUG_HINT, ConfigError, RemoteError
 from .gcs_resumable import ChunkRetries, resuming_chunks, retrying_chunks
-from .manifest import crc32c_of_stream, crc32c_parts_of_stream
+from .manifest import crc32c_of_file, crc32c_of_stream, crc32c_parts_of_stream
 from .moto_mock import bypassed_mock_error, mock_transport, moto_mock_active
 from .process_cache import ProcessCache
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import (CopySource, DownloadFailed, S3Transport, aws_environment,
-                           crc32c_hex_from_header, forget_sessions, transport_for, unquoted_etag)
+                           crc32c_combine, crc32c_hex_from_header, forget_sessions, transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 from .waits import map_all
@@ -733,10 +734,12 @@ class RemoteStore:
         CompleteMultipartUpload with ``If-None-Match: *``; GCS
         ``ifGenerationMatch=0``). A failed upload may leave nothing or a
         partial object of its own, never replaces an existing one. In place
-        (the local file already is the object) this is True. Through the S3
-        transport, a retried attempt that finds the object its own lost first
-        attempt created counts as created (``S3Transport._holds_ours``); on other
-        backends it is False.
+        (the local file already is the object) this is True. A retried attempt
+        that fails (412, or any error) where an earlier attempt's answer was
+        lost counts as created when the object is this upload's: through the S3
+        transport ``S3Transport._holds_ours`` (one HEAD), on the fsspec backends
+        ``_holds_ours`` (one ``info``: size and GCS's crc32c, or an S3 ETag
+        that is the file's MD5); else it is False (a 412) or the error raised.
         """
         target = self.path(name)
         if self.is_local and os.path.abspath(local_path) == os.path.abspath(target):
@@ -776,13 +779,61 @@ class RemoteStore:
                 return True
             return self._transfer("upload", name, create_with_transport)
 
+        attempts = [0]
+
         def create_remote() -> bool:
+            attempts[0] += 1
             try:
                 self.fs.put_file(local_path, target, mode="create", **self._put_options)
-            except FileExistsError:
-                return False
+            except TransferCancelled:
+                raise
+            except Exception as exc:
+                if attempts[0] > 1 and self._holds_ours(local_path, target, checksums):
+                    log.info("%s: a retried create-only upload failed (%s), but the store holds its bytes: the "
+                             "answer to an earlier attempt was lost.", self.url_of(name), describe_cause(exc))
+                    return True
+                if isinstance(exc, FileExistsError):
+                    return False
+                raise
             return True
         return self._run("upload", self.url_of(name), create_remote)
+
+    def _holds_ours(self, local_path: str, target: str, checksums: Sequence[tuple[int, int, int]] | None) -> bool:
+        """True when ``target`` (an fsspec path) holds the bytes of ``local_path``, as a create-only upload of it
+        whose answer was lost left it (the request reached the store, its answer did not; the retry then got
+        412 or another error): the same size, and the store's checksum of what it holds is the file's. One
+        metadata request (``fs.info``, fresh). GCS reports every object's crc32c (``crc32c``: base64 of the 4
+        big-endian bytes), compared with the file's (combined from ``checksums``, the manifest's ``(start, end,
+        crc32c)`` ranges, or read once more); an S3 store (the s3fs fallback) reports the ETag, the MD5 of the
+        bytes of a single-request upload (not of a multipart one, "...-N", nor under SSE-KMS): compared with
+        the file's MD5 (read once more). False when it cannot tell (no object, a failed request, no usable
+        checksum): the caller's ordinary handling goes on."""
+        try:
+            size = os.path.getsize(local_path)
+            self.fs.invalidate_cache(target)
+            info = self.fs.info(target)
+        except Exception as exc:  # noqa: BLE001 - undecided: the attempt's own error is the one to report
+            log.debug("%s: looking at the object after a failed create-only upload failed: %s",
+                      self._redact(target), describe_cause(exc))
+            return False
+        if info.get("type", "file") != "file" or info.get("size") != size:
+            return False
+        stored_crc = _crc32c_hex_from_metadata(info.get("crc32c"))
+        if stored_crc is not None:
+            if checksums:
+                crc = 0  # crc32c of no bytes
+                for start, end, part in checksums:
+                    crc = crc32c_combine(crc, part, end - start)
+                return stored_crc == f"{crc:08x}"
+            return stored_crc == crc32c_of_file(local_path)[1]
+        etag = unquoted_etag(info.get("ETag") or info.get("etag"))
+        if etag is None or "-" in etag or not re.fullmatch(r"[0-9a-fA-F]{32}", etag):
+            return False
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(local_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest() == etag.lower()
 
     @property
     def deletes_in_bulk(self) -> bool:
@@ -1418,6 +1469,9 @@ def remote_error(op: str, url: str, exc: BaseException, *, secrets: tuple[str, .
         # (before "transient": a request cut by the cancel carries the socket's error as its cause)
         hint = ("cancelled on purpose: an interrupt, a close, a preemption deadline or a preemption's final "
                 "checkpoint abandoned the transfer")
+    elif cause == "AttemptTimedOut":  # retry.py's: a request in flight cut when the policy's deadline passed
+        hint = ("the store accepted a request and did not answer it before the retry policy's deadline passed: "
+                "it stalled or is overloaded; try again later, or give the RetryPolicy a longer deadline")
     elif transient:
         spent = "" if retried is None else \
             f"; retried {retried[0]} time{'s' if retried[0] != 1 else ''} over {retried[1]:.0f} s"

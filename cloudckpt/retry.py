@@ -39,7 +39,8 @@ def attempt_timeout(default: float) -> float:
 
     cloudckpt's own S3 transport (``s3_transport``) sets each request's socket timeouts with it, so a stalled
     request (a store that accepts and never answers) ends by the deadline, not after the transport's
-    60 s read timeout. The fsspec backends (s3fs, gcsfs) set their timeouts once per file system
+    60 s read timeout; ``RetryPolicy.acall`` (a gs:// resumable upload's chunks) bounds each attempt by it too.
+    Other requests of the fsspec backends (s3fs, gcsfs) have their timeouts set once per file system
     (``remote._with_single_retry_layer``): there the deadline bounds the retries only."""
     give_up_at = _GIVE_UP_AT.get()
     if give_up_at is None:
@@ -126,6 +127,8 @@ def is_transient(exc: BaseException) -> bool:
             return e.transient
     if any(EXECUTORS_SHUT_DOWN in str(e) for e in chain):  # the interpreter is exiting: no retry can succeed
         return False
+    if any(isinstance(e, AttemptTimedOut) for e in chain):  # a stalled request cut at the deadline
+        return True
     for e in chain:  # the service's own answer is the most precise signal
         status_code = _http_status_and_code(e)
         if status_code is not None:
@@ -187,7 +190,8 @@ class RetryPolicy:
             starts whose wait would pass it; and on cloudckpt's own ``s3://`` transport each attempt's socket
             timeouts (to connect, and between the store's bytes) are bounded by the time it leaves
             (``attempt_timeout``, at least ``MIN_ATTEMPT_TIMEOUT``), so a stalled request ends by then too. On
-            the fsspec backends (the s3fs fallback, gcsfs) a request in flight is bounded by their own timeouts
+            the fsspec backends (the s3fs fallback, gcsfs) a request in flight (but a ``gs://`` resumable upload's
+            chunk, retried by ``acall``: cut at the deadline) is bounded by their own timeouts
             instead (``remote._with_single_retry_layer``: 10 s to connect, 60 s between bytes of an answer,
             unless ``storage_options`` set others), which may take the operation up to that much past it.
         seed: seed for the jitter, for reproducible tests; None for a random one.
@@ -282,16 +286,37 @@ class RetryPolicy:
         """``call`` for a coroutine function, on an event loop (gcsfs's requests run on fsspec's loop thread):
         the same attempts, backoff, deadline and ``on_retry``; a wait is an ``asyncio.sleep`` (the loop serves
         its other tasks meanwhile) that ends early, re-raising the last error, when ``cancel`` is set
-        (looked at every ``_CANCEL_POLL`` seconds: a ``threading.Event`` cannot be awaited)."""
+        (looked at every ``_CANCEL_POLL`` seconds: a ``threading.Event`` cannot be awaited).
+
+        With a ``deadline`` each attempt is bounded by the time it leaves (this call's, or an enclosing
+        ``call``'s if earlier, which no retry's wait passes either; at least ``MIN_ATTEMPT_TIMEOUT`` seconds):
+        an attempt still running then is cancelled (``asyncio.wait_for``) and ends with ``AttemptTimedOut``
+        (transient; no retry follows, the deadline has passed), so a stalled request (a
+        store that accepts and never answers) does not outlive the deadline by its library's read timeout
+        (gcsfs: 60 s)."""
         start = time.monotonic()
+        enclosing = _GIVE_UP_AT.get()
+        give_up_at = None if self.deadline is None else start + self.deadline
+        if enclosing is not None:
+            give_up_at = enclosing if give_up_at is None else min(enclosing, give_up_at)
         attempt = 1
         while True:
             try:
-                return await fn()
+                if give_up_at is None:
+                    return await fn()
+                bound = max(MIN_ATTEMPT_TIMEOUT, give_up_at - time.monotonic())
+                try:
+                    return await asyncio.wait_for(_own_timeouts_marked(fn), bound)
+                except asyncio.TimeoutError as timeout:
+                    if getattr(timeout, _OWN_TIMEOUT, False):  # the attempt's own (aiohttp's), not the bound
+                        raise
+                # raised outside the handler: the cancellation does not ride along as context
+                raise AttemptTimedOut(f"attempt {attempt} cut after {bound:.1f} s: the retry policy's deadline "
+                                      "passed")
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised if fatal
                 delay = self._delay_before_retry(exc, attempt, start, cancel, None)
-                if delay is None:
-                    raise
+                if delay is None or give_up_at is not None and time.monotonic() + delay > give_up_at:
+                    raise  # (the latter: an enclosing call's deadline, of the operation, would pass)
                 if on_retry is not None:
                     on_retry(attempt, exc, delay)
                 if await _cancelled_while_waiting(delay, cancel):
@@ -311,6 +336,29 @@ class RetryPolicy:
         if self.deadline is not None and time.monotonic() - start + delay > self.deadline:
             return None
         return delay
+
+
+class AttemptTimedOut(Exception):
+    """An attempt of ``RetryPolicy.acall`` still running when the policy's deadline passed, cancelled then:
+    transient (``is_transient``), but no retry follows. Not a ``TimeoutError``: fsspec's ``sync`` would turn
+    that into its ``FSTimeoutError``, and the operation's ``RemoteError`` would blame an unreachable store
+    (``remote.remote_error`` says the store stalled past the deadline)."""
+
+
+_OWN_TIMEOUT = "_cloudckpt_raised_by_the_attempt"
+
+
+async def _own_timeouts_marked(fn: Callable[[], Awaitable[T]]) -> T:
+    """``await fn()``; an ``asyncio.TimeoutError`` it raises itself is marked so, to tell it from
+    ``asyncio.wait_for``'s."""
+    try:
+        return await fn()
+    except asyncio.TimeoutError as exc:
+        try:
+            setattr(exc, _OWN_TIMEOUT, True)
+        except AttributeError:
+            pass
+        raise
 
 
 # Seconds between looks at ``cancel`` during ``RetryPolicy.acall``'s waits.

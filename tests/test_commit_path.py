@@ -1116,3 +1116,80 @@ def test_keras_commit_lag_counts_the_batches_run_until_the_commit(kind, counted,
     watch.assert_lag(int(lag), 80)
     if watch.stats.last_committed_step == 80:  # (not step 160's already: the uploader commits them in order)
         assert watch.stats.last_commit_lag_steps == lag
+
+
+@pytest.mark.parametrize("retries", ["412", "503"])
+def test_a_gs_data_file_whose_single_request_upload_lost_its_answer_is_not_uploaded_again(gcs_emulator, tmp_path,
+                                                                                         retries):
+    """gs://: a data file under the resumable threshold goes in one create-only request (gcsfs's
+    ``uploadType=multipart`` POST with ``ifGenerationMatch=0``). It reaches the store, its answer is lost; the retry
+    is answered 412 (the object exists) or 503. The object holds the file's bytes (one
+    metadata GET: its size and the crc32c GCS keeps of it, the manifest's): it is this upload's, the commit goes on
+    and no new upload starts (bytes of the requests counted at the proxy). Was: the 412 made the upload return
+    "exists", the commit went round again, took its own object for debris, deleted it and sent the file again
+    (3 MiB sent); after the 503, the next retry got 412, the same (4 MiB)."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    url, direct = f"gs://{bucket}/run", gcs_emulator.storage_options()
+    local = tmp_path / "local"
+    size = 1 << 20  # under gcsfs's resumable threshold, and larger than every other object of the commit
+    single = r"/upload/storage/v1/b/[^/]+/o\?.*uploadType=multipart"  # (the object's name is in the body)
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        options = {**direct, "endpoint_url": proxy.url}
+        with CheckpointEngine(url, str(local), storage_options=options, retry=FAST_RETRY, on_error="warn") as engine:
+            engine.open()
+            engine.resume(download=False)
+            start, received = len(proxy.events), proxy.received_bytes
+            proxy.set_faults(only_methods=["POST"], path_filter=single, min_body=size)
+            proxy.fail_next("lose_response")
+            if retries == "503":
+                proxy.fail_next("503")
+            paths = write_checkpoint(local, 5, size=size)
+            with open(paths[1], "wb") as f:  # a small index: the data file is the one large request
+                f.write(b"index")
+            engine.submit(5, paths)
+            engine.wait(120)
+            proxy.set_faults()
+            stats = engine.stats()
+        events, sent = proxy.events[start:], proxy.received_bytes - received
+    faults = [kind for _, _, kind in events if kind is not None]
+    assert faults == ["lose_response"] + (["503"] if retries == "503" else []), faults
+    # the data file's request and its one retry, each with its bytes; the commit's other objects are small
+    assert 2 * size < sent < 3 * size, sent  # was: the file once more (412), or a failed commit (503)
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    assert not any(method == "DELETE" for method, _, _ in events), [e for e in events if e[0] == "DELETE"]
+    assert [c["step"] for c in commit_entries(url, direct)] == [5]
+    assert_committed(url, step=5, storage_options=direct)
+
+
+def test_an_s3fs_fallback_data_file_whose_put_lost_its_answer_is_not_uploaded_again(counted, tmp_path):
+    """The s3fs fallback (a ``storage_options`` cloudckpt's transport does not take keeps the data path on s3fs):
+    a data file's create-only PutObject (``If-None-Match: *``) reaches the store, its answer is lost. aiohttp
+    itself sends an idempotent PUT again once when a reused connection drops (its
+    ``retry_persistent_connection``): that copy is answered 500 here, so the policy retries, and its attempt is
+    answered 412. The object's size and ETag (the MD5 of a single PutObject's bytes, compared with the file's)
+    say it is this upload's: the commit goes on, the file is not uploaded again, nothing is deleted. Was: the
+    412 sent the commit round again (its own object deleted as debris, the file sent again). (Without the 500,
+    aiohttp's own copy gets the 412, on cloudckpt's first attempt: taken for someone else's object, as before.)"""
+    url, proxy, options, direct = counted
+    fallback = {**options, "s3_additional_kwargs": {"StorageClass": "STANDARD"}}  # keeps the data path on s3fs
+    local = tmp_path / "local"
+    data_file = r"/ckpt-7\.data-00000-of-00001$"
+    with CheckpointEngine(url, str(local), storage_options=fallback, retry=FAST_RETRY, on_error="warn") as engine:
+        assert engine.store._transport is None
+        engine.open()
+        engine.resume(download=False)
+        start = len(proxy.events)
+        proxy.set_faults(only_methods=["PUT"], path_filter=data_file)
+        proxy.fail_next("lose_response")
+        proxy.fail_next("500")
+        engine.submit(7, write_checkpoint(local, 7, size=1 << 20))
+        engine.wait(120)
+        proxy.set_faults()
+        stats = engine.stats()
+    assert (stats.committed, stats.failed) == (1, 0), stats
+    # the PUT, aiohttp's copy, the policy's retry (412): no new upload
+    assert [kind for _, kind in puts_of(proxy, start, data_file)] == ["lose_response", "500", None]
+    assert not any(method == "DELETE" or "delete" in path for method, path, _ in proxy.events[start:])
+    assert [c["step"] for c in commit_entries(url, direct)] == [7]
+    assert_committed(url, step=7, storage_options=direct)

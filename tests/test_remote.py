@@ -439,6 +439,35 @@ def test_a_gs_chunk_that_keeps_failing_ends_the_upload_without_starting_it_again
     assert info.value.transient and f"retried {FAST.max_attempts - 1} times" in str(info.value), str(info.value)
 
 
+def test_a_stalled_gs_chunk_ends_by_the_policy_deadline(gcs_emulator, tmp_path):
+    """The store accepts a chunk of a resumable upload and never answers (the proxy holds it): with
+    ``RetryPolicy(deadline=3)`` the chunk's attempt is cut when the deadline passes (``RetryPolicy.acall``
+    bounds each attempt by the time left) and the upload fails with a transient RemoteError within a few
+    seconds. Before: the attempt waited for aiohttp's 60 s read timeout (gcsfs's requests_timeout), here
+    until the test released the hold after 20 s, and the upload then succeeded."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:10]}"
+    gcs_emulator.make_bucket(bucket)
+    local, _ = _upload_file(tmp_path)
+    release = threading.Event()
+    policy = cloudckpt.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01, deadline=3)
+    timer = threading.Timer(20, release.set)  # the test never waits longer than this for the old behaviour
+    with FaultProxy(gcs_emulator.endpoint, seed=0) as proxy:
+        store = RemoteStore(f"gs://{bucket}/run", {**gcs_emulator.storage_options(), "endpoint_url": proxy.url},
+                            retry=policy, transfer=cloudckpt.TransferOptions(part_size=CHUNK))
+        proxy.set_faults(only_methods=("POST",), path_filter=_chunk_requests(1), min_body=1, until=release)
+        timer.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(cloudckpt.RemoteError) as info:
+                store.put_file_if_absent(local, DATA_FILE)
+            elapsed = time.monotonic() - started
+        finally:
+            release.set()
+            timer.cancel()
+    assert elapsed < 8, elapsed
+    assert info.value.transient and "deadline passed" in str(info.value), str(info.value)
+
+
 def test_cancel_ends_a_gs_chunk_retry_between_attempts(gcs_emulator, monkeypatch, tmp_path):
     """store.cancel_transfers() (Ctrl-C, an abandoned upload) while a chunk waits for its next attempt: the wait
     ends, no status query follows, the session is cancelled and the upload fails; a chunk retried before it
