@@ -823,6 +823,34 @@ def test_a_sigterm_notice_does_not_cap_the_user_deadline_but_a_later_aws_notice_
     assert w.deadline_at == w.notices[2].received_at + 20.0 and len(cap_lines(caplog)) == 1
 
 
+@pytest.mark.parametrize("announced", [[None, 20.0, 30.0], [None, None, None]], ids=["announced", "guessed"])
+def test_a_peer_notice_caps_the_user_deadline_when_it_relays_an_announced_hard_stop(make_watcher, caplog, announced):
+    """In a multi-worker job another worker's hard stop ends the job's collective ops. Workers 1 and 2 of three got
+    notices (``stop_agreed``'s all-reduce: the seconds their deadlines in use leave, 40 s on average, and per worker
+    the seconds to the hard stop its platform announced, if any); worker 0 records them as a "peer" notice. When a
+    platform announced one (20 s and 30 s away), the earliest caps worker 0's preemption_deadline of 60 s, as its
+    own metadata notice would (logged so); when none did (SIGTERMs: 25 s, a guess), the user's 60 s stays in use.
+    Before: a peer notice never capped it (the chief's final commit could run past the peer's announced hard
+    stop), and its deadline was the mean of the deadlines in use."""
+    from cloudckpt.distributed import relay_peer_notice
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    w = make_watcher("sigterm")  # never started: driven directly, as stop_agreed drives it
+    w.deadline = 60.0  # CheckpointEngine(preemption_deadline=60)
+    relay_peer_notice(w, noticed=2, left_total=80.0, announced_left=announced)
+    n = w.notice
+    assert n.source == "peer" and "2 other worker(s)" in n.detail
+    if announced[1] is not None:
+        assert n.deadline == 20.0 and n.announced
+        assert w.deadline_at == n.received_at + 20.0 == w.hard_stop_at
+        (line,) = cap_lines(caplog)
+        assert line.startswith("Preemption notice from peer") and "announced hard stop" in line, line
+    else:
+        assert n.deadline == 40.0 and not n.announced
+        assert w.deadline_at == n.received_at + 60.0
+        assert cap_lines(caplog) == []
+
+
 def test_package_keeps_the_public_names():
     import cloudckpt
 
