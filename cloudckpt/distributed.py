@@ -33,15 +33,16 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .catalog import CheckpointInfo, scan_directory
 from .errors import (CloudCkptError, ConfigError, FencedError, IntegrityError, ManifestError, RemoteError,
                      UploadError, WorkerFailedError)
+from .preemption.notice import announced_hard_stop_at
 from .remote import RemoteStore
 from .restore import download_verified, select_checkpoint
 
-__all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "restore_as_the_chief_does", "role_from_cluster",
+__all__ = ["TaskRole", "WorkerAgreement", "name_task_in_logs", "relay_peer_notice", "restore_as_the_chief_does", "role_from_cluster",
            "role_from_tf_config", "role_of_strategy"]
 
 log = logging.getLogger("cloudckpt")
@@ -205,16 +206,21 @@ class WorkerAgreement:
         self._interval = 1
         self._checked_at = time.monotonic()
 
-    def _totals(self, values: list[float], failure: BaseException | None = None) -> list[float]:
+    def _totals(self, values: list[float], failure: BaseException | None = None,
+                mine: float | None = None) -> list[float]:
         """The sums of ``values`` over the workers; raises when a worker passed a ``failure`` (this one: its
-        own, re-raised; the others: ``WorkerFailedError``)."""
+        own, re-raised; the others: ``WorkerFailedError``). With ``mine`` (this worker's own figure), the
+        sums are followed by every worker's figure, by rank (0.0 for a worker without one)."""
         slots = [0.0] * self._slots
         if failure is not None:
             slots[self.role.rank] = float(_failure_kind(failure))
-        totals = self._sum(self._tf.constant([*values, *slots], self._tf.float64)).numpy()
+        ranked = [0.0] * self._slots if mine is not None else []
+        if mine is not None:
+            ranked[self.role.rank] = float(mine)
+        totals = self._sum(self._tf.constant([*values, *slots, *ranked], self._tf.float64)).numpy()
         totals = [float(t) / self._replicas_per_worker for t in totals]
-        self._raise_failures(failure, totals[len(values):])
-        return totals[:len(values)]
+        self._raise_failures(failure, totals[len(values):len(values) + self._slots])
+        return totals[:len(values)] + totals[len(values) + self._slots:]
 
     def _raise_failures(self, failure: BaseException | None, slots: list[float]) -> None:
         failed = [(rank, int(round(kind))) for rank, kind in enumerate(slots) if round(kind)]
@@ -242,10 +248,14 @@ class WorkerAgreement:
 
     def stop_agreed(self, engine: Any) -> int:
         """Whether a preemption notice reached any worker (``engine.should_stop()`` here): how many got
-        one, the same answer on every worker. When one did, the seconds left before its hard stop are
-        agreed too (their mean over the noticed workers), and a worker without a notice of its own records
-        it as one (source ``"peer"``) on its engine's watcher: the chief then drops superseded queued
-        checkpoints and commits the final one within that deadline, not ``upload_timeout``.
+        one, the same answer on every worker. When one did, the seconds left before its deadline in use are
+        agreed too (their mean over the noticed workers), with the seconds left before the hard stop each
+        one's platform announced (``PreemptionNotice.announced``: a GCE / AWS / Azure notice, not a SIGTERM's
+        guess), and a worker without a notice of its own records it as one (source ``"peer"``,
+        ``relay_peer_notice``) on its engine's watcher: the chief then drops superseded queued checkpoints and
+        commits the final one within that deadline, not ``upload_timeout`` -- by the earliest announced hard
+        stop when there is one (it caps the chief's ``preemption_deadline``: that worker's machine stops then,
+        and the job's collective ops with it).
 
         The all-reduce runs about every ``STOP_CHECK_SECONDS`` of training, not at every call: the workers
         agree, in the same all-reduce, on how many calls to wait until the next one (from their mean time
@@ -268,8 +278,12 @@ class WorkerAgreement:
         now = time.monotonic()
         deadline_at = engine.preemption_deadline_at() if here else None
         left = max(0.0, deadline_at - now) if deadline_at is not None else 0.0
-        noticed_f, left_total, elapsed_total = self._totals([1.0 if here else 0.0, left, now - self._checked_at],
-                                                            engine.take_failure())
+        watcher = engine.watcher
+        stop_at = announced_hard_stop_at(watcher.notices) if here and watcher is not None else None
+        # by rank: 1 + the seconds left before the hard stop this worker's platform announced; 0: none announced
+        mine = 1.0 + max(0.0, stop_at - now) if stop_at is not None else 0.0
+        noticed_f, left_total, elapsed_total, *ranked = self._totals(
+            [1.0 if here else 0.0, left, now - self._checked_at], engine.take_failure(), mine)
         noticed = int(round(noticed_f))
         per_call = elapsed_total / max(1, self.role.workers) / self._interval  # seconds, mean over workers
         self._interval = max(1, min(_MAX_CALLS_BETWEEN_CHECKS, int(STOP_CHECK_SECONDS / per_call)
@@ -278,9 +292,8 @@ class WorkerAgreement:
         self._checked_at = time.monotonic()
         if not noticed:
             return 0
-        watcher = engine.watcher
         if not here and watcher is not None:
-            watcher.trigger("peer", f"a preemption notice on {noticed} other worker(s) of the job", left_total / noticed)
+            relay_peer_notice(watcher, noticed, left_total, [r - 1.0 if r >= 0.5 else None for r in ranked])
         return noticed
 
     def from_chief(self, value: int | None, failure: BaseException | None = None) -> int:
@@ -291,6 +304,32 @@ class WorkerAgreement:
         """
         chief_value = float(value) if self.role.is_chief and value is not None else 0.0
         return int(round(self._totals([chief_value], failure)[0]))
+
+
+def relay_peer_notice(watcher: Any, noticed: int, left_total: float,
+                      announced_left: Sequence[float | None]) -> None:
+    """Record on ``watcher`` (a ``PreemptionWatcher``) the notices ``noticed`` other workers of the job got, as
+    a notice of source ``"peer"`` (``WorkerAgreement.stop_agreed``).
+
+    Args:
+        watcher: this worker's watcher (``CheckpointEngine.watcher``).
+        noticed: how many workers got a notice (at least 1).
+        left_total: the sum over them of the seconds their deadlines in use left (the user's
+            ``preemption_deadline`` or the hard stop, ``CheckpointEngine.preemption_deadline_at``).
+        announced_left: per worker (by rank), the seconds left before the hard stop its platform announced
+            (``PreemptionNotice.announced``), None when it announced none (or the worker got no notice).
+
+    When a platform announced a hard stop, the notice's deadline is the earliest of them, marked announced: it
+    caps this worker's ``preemption_deadline``, as a metadata notice of its own would (that worker's machine
+    stops then, and with it the job's collective ops). Else it is the mean of the deadlines in use (a
+    SIGTERM's 25 s is a guess), which caps nothing.
+    """
+    stops = [s for s in announced_left if s is not None]
+    detail = f"a preemption notice on {noticed} other worker(s) of the job"
+    if stops:
+        watcher.trigger("peer", f"{detail}, whose platform announced its hard stop", min(stops), announced=True)
+    else:
+        watcher.trigger("peer", detail, left_total / max(1, noticed))
 
 
 R = TypeVar("R")

@@ -498,7 +498,7 @@ class CheckpointEngine:
     def preemption_deadline_at(self) -> float | None:
         """``time.monotonic()`` by which the final checkpoint must be committed: ``preemption_deadline``
         after the first notice if given, capped by the earliest hard stop a ``"gce"`` / ``"aws"`` / ``"azure"``
-        notice announced (not by a ``"sigterm"`` notice's 25 s, a guess), else the platform's hard stop (the
+        notice announced, or a ``"peer"`` notice relayed from another worker's platform (not by a ``"sigterm"`` notice's 25 s, a guess), else the platform's hard stop (the
         earliest over all notices); None before any notice. The same as the watcher's ``deadline_at``,
         which the notice's log line quotes."""
         watcher = self._watcher

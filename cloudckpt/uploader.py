@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 from .cancel import ContextPool, TransferScope
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
 from .errors import ConfigError, FencedError, UploadError, human_size, integer_option
+from .lineage import CommitRecord, fold
 from .remote import RemoteStore
 from .retry import describe_cause
 from .waits import SIGNAL_SLICE, wait_event
@@ -69,7 +70,8 @@ class UploadStats:
     them took the place of a committed checkpoint of the same name, ``UploadJob.replace_committed``),
     ``healed`` (already committed; missing or truncated objects re-uploaded; a heal cut short by
     a preemption's final checkpoint or ``close`` is neither: the step stays committed, and it counts
-    in ``housekeeping_failures``),
+    in ``housekeeping_failures``, as does such a save cut before its commit found the step committed, if
+    the store still lists it, ``Uploader._abandoned_before_checking``; else it is ``dropped``),
     ``already_committed`` (identical; nothing uploaded), ``refused`` (see
     ``last_refusal``), ``failed`` or ``dropped``. ``last_committed_step`` is the
     newest step this uploader saw committed (by any of the first three).
@@ -506,8 +508,10 @@ class Uploader:
         scope of its own. Except an older save of a step committed already whose commit is healing it
         (re-uploading objects of it missing or truncated in the store, ``TransferScope.healing``): abandoned,
         its step stays committed (those objects still missing), and it counts in ``housekeeping_failures``, not
-        ``dropped``. (Cut before its commit has found the step committed and started the heal, it is counted
-        and logged as any abandoned upload.)
+        ``dropped``. Cut before its commit has found the step committed (a save of a step the commit log lists
+        as committed, ``_abandoned_before_checking``): still committed in the store (the catalog lists it), it
+        counts in ``housekeeping_failures`` too (its objects were not checked); no longer committed (retired, its
+        manifest gone), it counts as ``dropped``, said at WARNING.
 
         An older upload past its point of no return -- its files uploaded, its commit point being written
         (``TransferScope.enter_commit_point``) -- cannot be abandoned, whatever the figures (which can call for
@@ -548,6 +552,12 @@ class Uploader:
                             "objects of it missing or truncated in the store) so that the final checkpoint (step %d) "
                             "starts now: %s. Step %d stays committed, those objects still missing.", older,
                             self.store.url, step, plan.reason, older)
+                return plan
+            if self._committed_record(job.checkpoint, fresh=False) is not None:  # the log as last read: no request
+                log.warning("Preemption: abandoning the save of checkpoint step %d, committed already in %s (its "
+                            "commit had not yet checked the committed objects), so that the final checkpoint (step "
+                            "%d) starts now: %s. Step %d stays committed if the store still lists it (checked once "
+                            "the save has stopped).", older, self.store.url, step, plan.reason, older)
                 return plan
             log.warning("Preemption: abandoning the upload of checkpoint step %d to %s so that the final checkpoint "
                         "(step %d) starts now: %s. Nothing of step %d is committed; the latest committed checkpoint "
@@ -781,6 +791,7 @@ class Uploader:
             return
         # The commit's transfers in a scope of their own: favour_final can cancel them alone (the next job's
         # scope is a fresh one); the pool's tasks run in it too (ContextPool).
+        cut: Exception | None = None
         with self.store.transfer_scope() as scope:
             try:
                 result = self._upload(job, scope, in_flight)
@@ -793,16 +804,19 @@ class Uploader:
                 if scope.cancelled and scope.healing:  # the step stays committed: only its heal was cut
                     self._record_abandoned_heal(step, "abandoned for the final checkpoint", exc)
                     return
-                if scope.cancelled:  # favour_final abandoned it for the final checkpoint: said there
-                    with self._cond:
-                        self._stats.dropped += 1
-                    log.info("Upload of checkpoint step %d stopped (abandoned for the final checkpoint); nothing of "
-                             "it was committed: %s", step, exc)
+                if not scope.cancelled:
+                    self._record_failure(job, exc, scope)
                     return
-                self._record_failure(job, exc, scope)
-                return
+                cut = exc  # favour_final abandoned it for the final checkpoint: said there
             finally:
                 self._note_send_rate(scope)
+        if cut is not None:  # out of its cancelled scope: checking the store's catalog may send requests
+            if not self._abandoned_before_checking(job, "abandoned for the final checkpoint", cut):
+                with self._cond:
+                    self._stats.dropped += 1
+                log.info("Upload of checkpoint step %d stopped (abandoned for the final checkpoint); nothing of "
+                         "it was committed: %s", step, cut)
+            return
         if scope.cancelled:  # a commit without a commit point of its own (already committed, healed, refused)
             log.info("Checkpoint step %d: its commit ended before abandoning its upload took effect.", step)
         self._record_outcome(job, result, time.monotonic() - started, scope.send_seconds)
@@ -850,6 +864,8 @@ class Uploader:
             return
         if self.store.cancel.all_set() and not (scope is not None and scope.committing):
             # close() abandoned it (Ctrl-C, upload_timeout) before its commit point: said there
+            if self._abandoned_before_checking(job, "abandoned", exc):
+                return
             with self._cond:
                 self._stats.dropped += 1
             log.info("Upload of checkpoint step %d stopped (abandoned): %s", step, exc)
@@ -879,6 +895,71 @@ class Uploader:
             log.error("%s", error)
         else:
             log.warning("%s (on_error='warn': training continues; the next checkpoint tries again).", error)
+
+    def _committed_record(self, ckpt: LocalCheckpoint, *, fresh: bool) -> CommitRecord | None:
+        """The live commit of checkpoint ``ckpt`` (its prefix) in this writer's lineage that the commit log lists,
+        else None. ``fresh``: the log's new entries are read from the store first (``CommitLog.refresh``, a
+        request or two); a failed read is not retried here: the log as this writer last read it (every commit
+        reads it first) stands in for it, as it does without ``fresh`` (no request)."""
+        writer = self.writer
+        if not writer.registered:
+            return None
+        entries = None
+        if fresh:
+            try:
+                entries = writer.log.refresh()
+            except Exception as exc:  # noqa: BLE001 - the log last read answers instead
+                log.debug("Reading the commit log of %s failed (%s: %s); using the entries read before.",
+                          self.store.url, type(exc).__name__, exc)
+        state = fold(entries if entries is not None else writer.log.cached())
+        lineage = set(state.ancestry(writer.head))
+        return next((r for r in reversed(state.live()) if r.prefix == ckpt.prefix and r.commit_id in lineage), None)
+
+    def _abandoned_before_checking(self, job: UploadJob, why: str, exc: Exception) -> bool:
+        """``job``'s save was cut (``why``: by ``favour_final`` or ``close``) before its commit found out whether its
+        checkpoint is committed already (a heal, ``TransferScope.healing``, had not started). If the commit log
+        (as last read) lists a commit of it in this writer's lineage, it was committed once: is it still, as the
+        catalog defines it (a live log commit entry, its manifest in the store)? Asked of the store (the log's new
+        entries, the manifest's size: a few small requests) unless every transfer of the store is cancelled
+        (``close``: no request may start), then answered from the log as last read.
+
+        Returns:
+            False when the log never listed it (an ordinary abandoned upload: the caller counts it dropped).
+            True when it was recorded here: still committed, a housekeeping failure (its objects were not
+            checked; ``last_committed_step`` left alone), logged at INFO; no longer committed (retired, or its
+            manifest gone), a dropped save, logged at WARNING.
+        """
+        ckpt = job.checkpoint
+        if self._committed_record(ckpt, fresh=False) is None:
+            return False
+        ask_store = not self.store.cancel.all_set()
+        record = self._committed_record(ckpt, fresh=ask_store)
+        why_not = "the commit log no longer lists a commit of it"
+        if record is not None and ask_store:
+            try:
+                present = self.store.size(record.manifest) is not None
+            except Exception as exc2:  # noqa: BLE001 - unknown: the log's word stands
+                log.debug("Checking the manifest of step %d in %s failed: %s", ckpt.step, self.store.url, exc2)
+                present = True
+            if not present:
+                record, why_not = None, f"its manifest {record.manifest} is gone"
+        if record is not None:
+            with self._cond:
+                self._stats.housekeeping_failures += 1
+                self._stats.last_housekeeping_error = (
+                    f"step {ckpt.step}: its save was abandoned before its commit checked the committed checkpoint's "
+                    "objects (not verified; a later save of it heals what is missing)")
+            log.info("Checkpoint step %d stays committed in %s%s; its save was %s before its commit checked the "
+                     "committed objects (not verified: any missing or truncated are still so): %s", ckpt.step,
+                     self.store.url, "" if ask_store else " (as the commit log last read lists it: not checked "
+                     "again, every transfer being cancelled)", why, exc)
+            return True
+        with self._cond:
+            self._stats.dropped += 1
+        log.warning("Checkpoint step %d is not committed in %s: it was committed once, but the store no longer "
+                    "lists it (%s), and this save of it was %s before committing it again: dropped.", ckpt.step,
+                    self.store.url, why_not, why)
+        return True
 
     def _record_abandoned_heal(self, step: int, why: str, exc: Exception) -> None:
         """The heal of committed checkpoint ``step`` (its missing or truncated objects re-uploaded) was cut: ``why``

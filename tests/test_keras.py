@@ -109,17 +109,16 @@ def test_integer_save_freq_resumes_in_the_epoch_it_saved(s3_url, s3_options, tmp
     assert [c.step for c in cloudckpt.list_checkpoints(s3_url, s3_options)] == [3, 6, 9, 12, 15, 18, 21]
 
 
-def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path, caplog):
-    """Also the messages: they number epochs and batches as Keras shows them (1-based: the 0-based epoch 3
-    is Keras' "Epoch 4/50"); they said "saving a backup at epoch 3, batch 1"."""
-    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+def preempt_keras_trainer(url, moto_server, tmp_path, *args) -> tuple[TrainerProcess, int]:
+    """Run ``KERAS_TRAINER`` (50 epochs, SIGTERM as the notice, a 60 s deadline, ``args`` added), SIGTERM it in
+    epoch 3 (0-based) after batch 1 and check it exits 0, preempted; returns it and the iterations it ran."""
     dump = tmp_path / "dump"
     dump.mkdir()
-    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "vm1"), str(dump), "--epochs", "50",
+    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "vm1"), str(dump), "--epochs", "50", *args,
                              "--preemption", "sigterm", "--deadline", "60", "--batch-sleep", "0.05",
                              script=KERAS_TRAINER)
     try:
-        trainer.wait_for_line("BATCH 3 1")
+        trainer.wait_for_line("BATCH 3 1")  # three epochs ended
         trainer.terminate()
         assert trainer.wait(120) == 0, trainer.stderr
     finally:
@@ -127,7 +126,14 @@ def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, clo
             trainer.kill()
     done = trainer.wait_for_line("DONE")
     assert "preempted=True" in done, done
-    iterations = int(done.rsplit("=", 1)[1])
+    return trainer, int(done.rsplit("=", 1)[1])
+
+
+def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, cloudckpt_s3, tmp_path, caplog):
+    """Also the messages: they number epochs and batches as Keras shows them (1-based: the 0-based epoch 3
+    is Keras' "Epoch 4/50"); they said "saving a backup at epoch 3, batch 1"."""
+    url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
+    trainer, iterations = preempt_keras_trainer(url, moto_server, tmp_path)
     assert 3 * STEPS_PER_EPOCH + 2 <= iterations <= 4 * STEPS_PER_EPOCH  # a batch of epoch 3 (after batch 1)
     assert "EPOCH 4" not in "".join(trainer.output)
     latest = cloudckpt.latest_checkpoint(url, options)
@@ -144,28 +150,14 @@ def test_sigterm_preemption_saves_the_current_batch_and_resumes(moto_server, clo
     (restored,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Restored backup step")]
     assert f"(saved in epoch 4/5, after batch {batch})" in restored, restored
     assert "training resumes at epoch 4." in restored, restored
-    probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
+    probe.begin.assert_equal(State.load(str(tmp_path / "dump" / f"iter-{iterations}.npz")))
 
 
 def test_save_freq_false_backs_up_only_at_the_preemption_notice(moto_server, cloudckpt_s3, tmp_path):
     """Keras 3's ``save_freq=False`` ("only if using preemption checkpointing"): no backup at any epoch's end,
     one at the SIGTERM; it restores. It used to raise ConfigError ("save_freq must be 'epoch' or ...")."""
     url, options = cloudckpt_s3.url("run"), cloudckpt_s3.storage_options
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    trainer = TrainerProcess(url, moto_server.endpoint, str(tmp_path / "vm1"), str(dump), "--epochs", "50",
-                             "--save-freq", "false", "--preemption", "sigterm", "--deadline", "60",
-                             "--batch-sleep", "0.05", script=KERAS_TRAINER)
-    try:
-        trainer.wait_for_line("BATCH 3 1")  # three epochs ended
-        trainer.terminate()
-        assert trainer.wait(120) == 0, trainer.stderr
-    finally:
-        if trainer.proc.poll() is None:
-            trainer.kill()
-    done = trainer.wait_for_line("DONE")
-    assert "preempted=True" in done, done
-    iterations = int(done.rsplit("=", 1)[1])
+    trainer, iterations = preempt_keras_trainer(url, moto_server, tmp_path, "--save-freq", "false")
     assert 3 * STEPS_PER_EPOCH + 2 <= iterations <= 4 * STEPS_PER_EPOCH
     # Exactly the preemption's backup (with save_freq="epoch" the backups of steps 8 and 12 were there too).
     assert [c.step for c in cloudckpt.list_checkpoints(url, options)] == [iterations]
@@ -174,7 +166,7 @@ def test_save_freq_false_backs_up_only_at_the_preemption_notice(moto_server, clo
     model = make_model(seed=3)
     fit(model, [backup(url, options, tmp_path / "vm2"), probe], epochs=5)
     assert probe.epochs == [3, 4]
-    probe.begin.assert_equal(State.load(str(dump / f"iter-{iterations}.npz")))
+    probe.begin.assert_equal(State.load(str(tmp_path / "dump" / f"iter-{iterations}.npz")))
 
 
 def test_save_freq_false_without_preemption_is_a_config_error(s3_url, s3_options, tmp_path):

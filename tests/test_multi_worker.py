@@ -708,3 +708,6 @@ def test_failure_agreement_raises_the_own_error_here_and_names_the_failed_worker
     assert raised.value.workers == ("worker:0",) and raised.value.errors == ("UploadError",)
     assert str(raised.value).startswith(f"cloudckpt ({memory_url}) failed on worker:0 (UploadError); every worker")
     assert "this one (worker:1)" in str(raised.value) and "[worker:0]" in str(raised.value)
+    # a per-worker figure (stop_agreed's announced hard stops) comes back by rank, after the sums
+    assert agreement._totals([3.0], None, 26.0) == [3.0, 26.0]
+    assert other._totals([3.0], None, 21.0) == [3.0, 0.0, 21.0]

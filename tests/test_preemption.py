@@ -96,6 +96,30 @@ def azure() -> Iterator[FakeAzureMetadata]:
         yield server
 
 
+@pytest.fixture
+def start_polling(make_watcher: Callable[..., PreemptionWatcher]) -> Callable[..., PreemptionWatcher]:
+    """``start_polling(source, server, polled=None, count=3, **options)``: a started watcher of the metadata
+    ``source`` (``"gce"``, ``"aws"``, ``"azure"``) asking the fake ``server`` (its URL as
+    ``<source>_metadata_url``); with ``polled``, once it has asked ``server`` for that path ``count`` times,
+    checked to have no notice yet."""
+    def start(source: str, server, *, polled: str | None = None, count: int = 3, **options) -> PreemptionWatcher:
+        w = make_watcher(source, **{f"{source}_metadata_url": server.url}, **options)
+        w.start()
+        if polled is not None:
+            assert server.wait_for_requests(lambda r: r.path == polled, count=count)
+            assert not w.is_preempted()
+        return w
+    return start
+
+
+def assert_polling_stopped(w: PreemptionWatcher, server) -> None:
+    """After a notice ``w`` stops polling: no source active, and ``server`` asked nothing more."""
+    assert wait_until(lambda: w.active_sources == ())
+    count = len(server.requests)
+    time.sleep(4 * FAST)
+    assert len(server.requests) == count
+
+
 def send_sigterm() -> None:
     # Safety net: never SIGTERM the test process without a Python handler in place.
     assert callable(signal.getsignal(signal.SIGTERM))
@@ -225,12 +249,10 @@ def test_start_from_non_main_thread_warns_and_leaves_signals_alone(make_watcher,
 # ------------------------------------------------------------------- GCE
 
 
-def test_gce_preempted_flip(make_watcher, gce):
-    w = make_watcher("gce", gce_metadata_url=gce.url)
-    w.start()
+def test_gce_preempted_flip(start_polling, gce):
+    w = start_polling("gce", gce, polled=GCE_PREEMPTED)
     assert signal.getsignal(signal.SIGTERM) is not None  # untouched without "sigterm"
-    assert gce.wait_for_requests(lambda r: r.path == GCE_PREEMPTED, count=3)
-    assert not w.is_preempted() and w.active_sources == ("gce",)
+    assert w.active_sources == ("gce",)
     flipped = time.monotonic()
     gce.preempt()
     assert w.wait(timeout=2)
@@ -242,27 +264,20 @@ def test_gce_preempted_flip(make_watcher, gce):
     assert all(r.header("Metadata-Flavor") == "Google" and r.status == 200
                for r in gce.requests)
     # Polling stops after the notice.
-    assert wait_until(lambda: w.active_sources == ())
-    count = len(gce.requests)
-    time.sleep(4 * FAST)
-    assert len(gce.requests) == count
+    assert_polling_stopped(w, gce)
 
 
-def test_gce_terminate_maintenance_event_is_a_notice(make_watcher, gce):
+def test_gce_terminate_maintenance_event_is_a_notice(start_polling, gce):
     gce.set_maintenance_event("TERMINATE_ON_HOST_MAINTENANCE")
-    w = make_watcher("gce", gce_metadata_url=gce.url)
-    w.start()
+    w = start_polling("gce", gce)
     assert w.wait(timeout=2)
     assert w.notice.source == "gce"
     assert "TERMINATE_ON_HOST_MAINTENANCE" in w.notice.detail
 
 
-def test_gce_live_migration_is_not_a_notice(make_watcher, gce):
+def test_gce_live_migration_is_not_a_notice(start_polling, gce):
     gce.set_maintenance_event("MIGRATE_ON_HOST_MAINTENANCE")
-    w = make_watcher("gce", gce_metadata_url=gce.url)
-    w.start()
-    assert gce.wait_for_requests(lambda r: r.path == FakeGceMetadata.MAINTENANCE_PATH, 3)
-    assert not w.is_preempted()
+    start_polling("gce", gce, polled=FakeGceMetadata.MAINTENANCE_PATH)
 
 
 def test_fake_gce_requires_flavor_header(gce):
@@ -278,11 +293,8 @@ def test_fake_gce_requires_flavor_header(gce):
 # ------------------------------------------------------------------- AWS
 
 
-def test_aws_token_dance_refresh_on_401_and_notice(make_watcher, aws):
-    w = make_watcher("aws", aws_metadata_url=aws.url)
-    w.start()
-    assert aws.wait_for_requests(lambda r: r.path == AWS_ACTION, count=3)
-    assert not w.is_preempted()
+def test_aws_token_dance_refresh_on_401_and_notice(start_polling, aws):
+    w = start_polling("aws", aws, polled=AWS_ACTION)
     log = aws.requests
     assert log[0].method == "PUT" and log[0].path == AWS_TOKEN
     assert log[0].header(FakeAwsMetadata.TTL_HEADER) == "21600" and log[0].status == 200
@@ -308,10 +320,9 @@ def test_aws_token_dance_refresh_on_401_and_notice(make_watcher, aws):
     assert was_preempted() and last_notice() is n
 
 
-def test_aws_token_refreshed_before_expiry(make_watcher, aws, monkeypatch):
+def test_aws_token_refreshed_before_expiry(start_polling, aws, monkeypatch):
     monkeypatch.setattr(preemption.metadata, "_AWS_TOKEN_TTL_SECONDS", 1)
-    w = make_watcher("aws", aws_metadata_url=aws.url)
-    w.start()
+    start_polling("aws", aws)
     assert wait_until(lambda: len(aws.tokens_issued) >= 2, timeout=4)
     assert not any(r.status == 401 for r in aws.requests)  # refreshed proactively
     puts = aws.requests_to(AWS_TOKEN)
@@ -319,10 +330,9 @@ def test_aws_token_refreshed_before_expiry(make_watcher, aws, monkeypatch):
 
 
 @pytest.mark.parametrize("action", ["stop", "hibernate"])
-def test_aws_other_actions(make_watcher, aws, action):
+def test_aws_other_actions(start_polling, aws, action):
     aws.preempt(action=action)
-    w = make_watcher("aws", aws_metadata_url=aws.url)
-    w.start()
+    w = start_polling("aws", aws)
     assert w.wait(timeout=2)
     assert w.notice.detail.startswith(f"spot instance-action: {action} at ")
 
@@ -359,12 +369,10 @@ def rfc1123(when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
-def test_azure_preempt_for_this_vm_is_a_notice_with_the_deadline_from_not_before(make_watcher, azure):
-    w = make_watcher("azure", azure_metadata_url=azure.url)
-    w.start()
+def test_azure_preempt_for_this_vm_is_a_notice_with_the_deadline_from_not_before(start_polling, azure):
+    w = start_polling("azure", azure, polled=AZURE_EVENTS)
     assert signal.getsignal(signal.SIGTERM) is not None  # untouched without "sigterm"
-    assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=3)
-    assert not w.is_preempted() and w.active_sources == ("azure",)
+    assert w.active_sources == ("azure",)
     not_before = rfc1123(datetime.now(timezone.utc) + timedelta(seconds=40))
     azure.preempt(not_before=not_before)
     assert w.wait(timeout=2)
@@ -378,36 +386,30 @@ def test_azure_preempt_for_this_vm_is_a_notice_with_the_deadline_from_not_before
     assert [r.path for r in log].count(AZURE_NAME) == 1 and log[0].path == AZURE_NAME
     assert all(r.method == "GET" and r.header("Metadata") == "true" and r.status == 200 for r in log)
     # Polling stops after the notice.
-    assert wait_until(lambda: w.active_sources == ())
-    count = len(azure.requests)
-    time.sleep(4 * FAST)
-    assert len(azure.requests) == count
+    assert_polling_stopped(w, azure)
 
 
 @pytest.mark.parametrize("event_type", ["Terminate", "Reboot", "Redeploy"])
-def test_azure_events_that_stop_the_vm_are_notices(make_watcher, azure, event_type):
+def test_azure_events_that_stop_the_vm_are_notices(start_polling, azure, event_type):
     azure.set_events([azure.event(event_type, resources=["vm-1"],
                                   not_before=datetime.now(timezone.utc) + timedelta(minutes=15))])
-    w = make_watcher("azure", azure_metadata_url=azure.url)
-    w.start()
+    w = start_polling("azure", azure)
     assert w.wait(timeout=2)
     assert w.notice.detail.startswith(f"scheduled event {event_type} (Scheduled) for vm-1, NotBefore ")
     assert 15 * 60 - 7 <= w.notice.deadline <= 15 * 60 - 5
 
 
-def test_azure_started_event_without_not_before_gets_the_default_deadline(make_watcher, azure):
+def test_azure_started_event_without_not_before_gets_the_default_deadline(start_polling, azure):
     azure.set_events([azure.event("Preempt", resources=["vm-1"], status="Started", not_before="")])
-    w = make_watcher("azure", azure_metadata_url=azure.url)
-    w.start()
+    w = start_polling("azure", azure)
     assert w.wait(timeout=2)
     n = w.notice
     assert (n.source, n.detail, n.deadline) == ("azure", "scheduled event Preempt (Started) for vm-1", 25.0)
 
 
-def test_azure_not_before_in_the_past_leaves_no_time(make_watcher, azure):
+def test_azure_not_before_in_the_past_leaves_no_time(start_polling, azure):
     azure.preempt(not_before=datetime.now(timezone.utc) - timedelta(seconds=3), status="Started")
-    w = make_watcher("azure", azure_metadata_url=azure.url)
-    w.start()
+    w = start_polling("azure", azure)
     assert w.wait(timeout=2)
     assert w.notice.deadline == 0.0  # never negative
 
@@ -422,46 +424,41 @@ def test_azure_deadline_from_not_before():
     assert deadline_until("", now) == deadline_until("soon", now) == 25.0
 
 
-def test_azure_event_for_another_vm_is_not_a_notice(make_watcher, caplog):
+def test_azure_event_for_another_vm_is_not_a_notice(start_polling, caplog):
     """An availability set's / scale set's events list the VMs they affect: only this VM's count (its name
     from instance/compute/name, compared case-insensitively)."""
     caplog.set_level(logging.DEBUG, logger="cloudckpt")
     with FakeAzureMetadata(vm_name="trainer-3") as azure:
         azure.set_events([azure.event("Preempt", resources=["trainer-1", "trainer-2"]),
                           azure.event("Terminate", resources=["trainer-30"])])
-        w = make_watcher("azure", azure_metadata_url=azure.url)
-        w.start()
-        assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=5)
-        assert not w.is_preempted() and w.active_sources == ("azure",)
+        w = start_polling("azure", azure, polled=AZURE_EVENTS, count=5)
+        assert w.active_sources == ("azure",)
         azure.set_events([*azure.document["Events"], azure.event("Preempt", resources=["trainer-2", "TRAINER-3"])])
         assert w.wait(timeout=2)
     assert w.notice.detail.startswith("scheduled event Preempt (Scheduled) for trainer-3, NotBefore ")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Preemption notice" not in r.getMessage()]
 
 
-def test_azure_freeze_is_not_a_notice(make_watcher, azure, caplog):
+def test_azure_freeze_is_not_a_notice(start_polling, azure, caplog):
     """Freeze pauses the VM for seconds (memory-preserving maintenance, live migration): the process goes on,
     as with GCE's MIGRATE_ON_HOST_MAINTENANCE. Logged once (INFO), not a notice."""
     caplog.set_level(logging.DEBUG, logger="cloudckpt")
     azure.set_events([azure.event("Freeze", resources=["vm-1"], duration=9)])
-    w = make_watcher("azure", azure_metadata_url=azure.url)
-    w.start()
-    assert azure.wait_for_requests(lambda r: r.path == AZURE_EVENTS, count=5)
-    assert not w.is_preempted() and w.active_sources == ("azure",)
+    w = start_polling("azure", azure, polled=AZURE_EVENTS, count=5)
+    assert w.active_sources == ("azure",)
     freeze = [r.getMessage() for r in caplog.records if "Freeze" in r.getMessage()]
     assert len(freeze) == 1 and "not a preemption" in freeze[0] and "about 9 s" in freeze[0], freeze
     azure.preempt()  # the watcher still sees what follows
     assert w.wait(timeout=2) and "Preempt" in w.notice.detail
 
 
-def test_azure_slow_first_scheduledevents_answer_does_not_disable_the_source(make_watcher, caplog):
+def test_azure_slow_first_scheduledevents_answer_does_not_disable_the_source(start_polling, caplog):
     """The first scheduledevents request enables the feature and may take up to two minutes: its timeouts
     must neither give the source up ("not on Azure") nor warn of an outage; the VM's name answered, so this
     is Azure. A notice posted meanwhile is seen once the events answer."""
     caplog.set_level(logging.DEBUG, logger="cloudckpt")
     with FakeAzureMetadata(enable_delay=3.0) as azure:
-        w = make_watcher("azure", azure_metadata_url=azure.url, request_timeout=0.2)
-        w.start()
+        w = start_polling("azure", azure, request_timeout=0.2)
         # more timed-out event requests than it takes to give a source up
         assert wait_until(lambda: azure.arrivals >= 1 + 4 and not azure.requests_to(AZURE_EVENTS), timeout=5)
         assert w.active_sources == ("azure",) and not w.is_preempted()
@@ -474,13 +471,12 @@ def test_azure_slow_first_scheduledevents_answer_does_not_disable_the_source(mak
     assert any("not answering yet" in r.getMessage() for r in records if r.levelno == logging.DEBUG)
 
 
-def test_azure_events_failing_after_the_enable_window_warn_once_and_keep_polling(make_watcher, caplog,
+def test_azure_events_failing_after_the_enable_window_warn_once_and_keep_polling(start_polling, caplog,
                                                                                  monkeypatch):
     caplog.set_level(logging.DEBUG, logger="cloudckpt")
     monkeypatch.setattr(preemption.metadata, "_AZURE_ENABLE_SECONDS", 0.3)
     with FakeAzureMetadata(enable_delay=30) as azure:  # never answers within the test
-        w = make_watcher("azure", azure_metadata_url=azure.url, request_timeout=0.1)
-        w.start()
+        w = start_polling("azure", azure, request_timeout=0.1)
         assert wait_until(lambda: any(r.levelno == logging.WARNING for r in caplog.records), timeout=5)
         time.sleep(5 * FAST)
         assert w.active_sources == ("azure",)
@@ -821,6 +817,34 @@ def test_a_sigterm_notice_does_not_cap_the_user_deadline_but_a_later_aws_notice_
     assert "hard stop aws announced" in line and "preemption_deadline=60 s" in line, line
     w.trigger("aws", "spot instance-action: terminate", 20.0)  # closer still: in use, not logged again
     assert w.deadline_at == w.notices[2].received_at + 20.0 and len(cap_lines(caplog)) == 1
+
+
+@pytest.mark.parametrize("announced", [[None, 20.0, 30.0], [None, None, None]], ids=["announced", "guessed"])
+def test_a_peer_notice_caps_the_user_deadline_when_it_relays_an_announced_hard_stop(make_watcher, caplog, announced):
+    """In a multi-worker job another worker's hard stop ends the job's collective ops. Workers 1 and 2 of three got
+    notices (``stop_agreed``'s all-reduce: the seconds their deadlines in use leave, 40 s on average, and per worker
+    the seconds to the hard stop its platform announced, if any); worker 0 records them as a "peer" notice. When a
+    platform announced one (20 s and 30 s away), the earliest caps worker 0's preemption_deadline of 60 s, as its
+    own metadata notice would (logged so); when none did (SIGTERMs: 25 s, a guess), the user's 60 s stays in use.
+    Before: a peer notice never capped it (the chief's final commit could run past the peer's announced hard
+    stop), and its deadline was the mean of the deadlines in use."""
+    from cloudckpt.distributed import relay_peer_notice
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    w = make_watcher("sigterm")  # never started: driven directly, as stop_agreed drives it
+    w.deadline = 60.0  # CheckpointEngine(preemption_deadline=60)
+    relay_peer_notice(w, noticed=2, left_total=80.0, announced_left=announced)
+    n = w.notice
+    assert n.source == "peer" and "2 other worker(s)" in n.detail
+    if announced[1] is not None:
+        assert n.deadline == 20.0 and n.announced
+        assert w.deadline_at == n.received_at + 20.0 == w.hard_stop_at
+        (line,) = cap_lines(caplog)
+        assert line.startswith("Preemption notice from peer") and "announced hard stop" in line, line
+    else:
+        assert n.deadline == 40.0 and not n.announced
+        assert w.deadline_at == n.received_at + 60.0
+        assert cap_lines(caplog) == []
 
 
 def test_package_keeps_the_public_names():

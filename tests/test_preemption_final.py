@@ -381,10 +381,13 @@ def test_the_point_of_no_return_of_a_transfer_scope(memory_url):
 HEALED_DATA = "ckpt-150.data-00000-of-00001"
 
 
-def heal_step_150(slow_link, tmp_path, release: threading.Event):
-    """An uploader through the proxy that committed step 150 (4 MiB of data: one PUT); its data object is then
-    deleted from the store and the same step saved again (as after a restore): its commit heals it, re-uploading
-    the data object, whose PUT the proxy holds until ``release``. Returns the uploader once the PUT is held."""
+def heal_step_150(slow_link, tmp_path, release: threading.Event, *, hold: str = "PUT",
+                  also_deleted: tuple[str, ...] = ()):
+    """An uploader through the proxy that committed step 150 (4 MiB of data: one PUT); its data object (and
+    ``also_deleted``) is then deleted from the store and the same step saved again (as after a restore): its commit
+    heals it, re-uploading the data object, whose PUT the proxy holds until ``release`` (``hold="PUT"``); with
+    ``hold="GET"`` the proxy holds the save's first request instead (its read of the commit log), before its commit
+    has found step 150 committed. Returns the uploader once the request is held."""
     from cloudckpt.remote import RemoteStore
     from cloudckpt.uploader import Uploader, UploadJob
 
@@ -394,10 +397,13 @@ def heal_step_150(slow_link, tmp_path, release: threading.Event):
     ckpt = checkpoint_of(tmp_path / "local", 150, os.urandom(4 * MiB))  # below the multipart threshold: one PUT
     uploader.submit(UploadJob(ckpt))
     assert uploader.wait(60) and uploader.stats().committed == 1
-    RemoteStore(url, direct).delete([HEALED_DATA])  # gone from the store: the committed step needs healing
-    proxy.set_faults(only_methods=("PUT",), path_filter=re.escape(HEALED_DATA), until=release)
+    RemoteStore(url, direct).delete([HEALED_DATA, *also_deleted])  # gone from the store: the step needs healing
+    if hold == "PUT":
+        proxy.set_faults(only_methods=("PUT",), path_filter=re.escape(HEALED_DATA), until=release)
+    else:
+        proxy.set_faults(only_methods=(hold,), until=release)
     uploader.submit(UploadJob(ckpt))  # the same step, the same tensors, saved again: a heal
-    wait_for(lambda: proxy.most_held.get("PUT", 0) >= 1, 60, "the proxy to hold the heal's upload")
+    wait_for(lambda: proxy.most_held.get(hold, 0) >= 1, 60, f"the proxy to hold the heal's {hold}")
     return uploader
 
 
@@ -460,6 +466,83 @@ def test_a_heal_abandoned_by_close_leaves_its_step_committed_not_dropped(slow_li
     finally:
         release.set()
     assert_heal_abandoned(uploader, slow_link, [r.getMessage() for r in caplog.records], committed=1, last=150)
+
+
+def abandon_heal_before_it_starts(slow_link, tmp_path, *, by: str, also_deleted: tuple[str, ...] = ()):
+    """``heal_step_150`` with its save's first request (a GET) held, then cut (``by``: ``"final"``, favour_final
+    for a final step 175 queued behind; ``"close"``, ``close(timeout=0)``) before its commit has found step 150
+    committed; the hold is released once the cut is decided. Returns the uploader, closed."""
+    from cloudckpt.uploader import UploadJob
+
+    release = threading.Event()
+    try:
+        uploader = heal_step_150(slow_link, tmp_path, release, hold="GET", also_deleted=also_deleted)
+        try:
+            if by == "final":
+                uploader.submit(UploadJob(checkpoint_of(tmp_path / "final", 175, os.urandom(1000)), required=True))
+                plan = uploader.favour_final(175, time.monotonic() + 5.0)
+                assert (plan.action, plan.case) == ("abandon", "no figure"), plan
+                release.set()
+                assert uploader.wait(60)
+            else:
+                threading.Timer(0.5, release.set).start()  # whatever the GET's transport, it ends
+                uploader.close(timeout=0)
+                uploader.close()  # waits (ABANDON_GRACE at most) for the worker to record the cut save
+                assert uploader.pending_steps() == []
+        finally:
+            uploader.close()
+    finally:
+        release.set()
+    return uploader
+
+
+@pytest.mark.parametrize("by", ["final", "close"])
+def test_a_heal_abandoned_before_its_commit_found_the_step_committed_leaves_it_committed(
+        slow_link, tmp_path, caplog, by):
+    """The heal of step 150 cut (for the final checkpoint, or by close) before its commit has even read the log
+    and found step 150 committed: step 150 is still committed (the catalog lists it), so the cut save is no
+    dropped save but a housekeeping failure (the committed objects were not checked: not verified); no line
+    says nothing of it was committed. Before: dropped == 1 and "Nothing of step 150 is committed" (or "stopped
+    (abandoned)") of a committed step."""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    uploader = abandon_heal_before_it_starts(slow_link, tmp_path, by=by)
+    url, direct = slow_link[0], slow_link[3]
+    stats = uploader.stats()
+    committed, last = (2, 175) if by == "final" else (1, 150)
+    assert (stats.committed, stats.healed, stats.dropped, stats.failed, stats.last_committed_step) == \
+        (committed, 0, 0, 0, last), stats
+    assert stats.housekeeping_failures == 1, stats
+    assert "step 150: its save was abandoned before its commit checked" in stats.last_housekeeping_error, stats
+    assert 150 in [c.step for c in cloudckpt.list_checkpoints(url, direct)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "nothing of it was committed" in m or "Nothing of step 150" in m
+                or "Upload of checkpoint step 150 stopped" in m], messages
+    assert any(m.startswith("Checkpoint step 150 stays committed") and "not verified" in m for m in messages), \
+        messages
+    if by == "final":
+        (line,) = [m for m in messages if "abandoning the save of checkpoint step 150" in m]
+        assert "committed already" in line, line
+
+
+def test_a_heal_abandoned_before_it_started_of_a_step_no_longer_committed_is_dropped_with_a_warning(
+        slow_link, tmp_path, caplog):
+    """The same (for the final checkpoint) with step 150's manifest gone too: the catalog no longer lists step 150
+    (the uploader's log still has its commit entry), so the cut save is a dropped one -- counted so, and said at
+    WARNING: step 150 is not committed any more. Before: counted dropped, but only said at INFO ("nothing of it was
+    committed"). (Cut by close, no request may start: the log as last read answers, which still lists it.)"""
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    uploader = abandon_heal_before_it_starts(slow_link, tmp_path, by="final",
+                                             also_deleted=("ckpt-150.manifest.json",))
+    url, direct = slow_link[0], slow_link[3]
+    stats = uploader.stats()
+    assert (stats.dropped, stats.failed, stats.healed, stats.housekeeping_failures) == (1, 0, 0, 0), stats
+    assert 150 not in [c.step for c in cloudckpt.list_checkpoints(url, direct)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and r.getMessage().startswith("Checkpoint step 150 is not committed")]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert "dropped" in warnings[0] and "no longer lists it" in warnings[0], warnings[0]
+    assert "manifest ckpt-150.manifest.json is gone" in warnings[0], warnings[0]
+    assert "Checkpoint step 150 stays committed" not in caplog.text
 
 
 def test_a_scope_counts_what_is_left_from_the_start_of_its_current_round(memory_url):

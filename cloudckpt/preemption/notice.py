@@ -70,12 +70,16 @@ class PreemptionNotice:
             ``"scheduled event Preempt (Scheduled) for vm-1, NotBefore Mon, 19 Sep 2016 18:29:47 GMT"``.
         deadline: Seconds the platform grants after the notice before the
             machine is hard-stopped.
+        announced: ``deadline`` is a hard stop a platform announced (a notice from
+            :data:`ANNOUNCING_SOURCES`, or a ``"peer"`` notice relaying one another worker's platform
+            announced), not a guess: it caps a user's deadline (:func:`deadline_at`).
     """
 
     source: str
     received_at: float
     detail: str
     deadline: float
+    announced: bool = False
 
     @property
     def hard_stop_at(self) -> float:
@@ -95,8 +99,9 @@ class PreemptionNotice:
 
 def announced_hard_stop_at(notices: Sequence[PreemptionNotice]) -> float | None:
     """The earliest :attr:`~PreemptionNotice.hard_stop_at` (``time.monotonic()`` seconds) of the ``notices``
-    from :data:`ANNOUNCING_SOURCES`; ``None`` if none of them is from one."""
-    stops = [n.hard_stop_at for n in notices if n.source in ANNOUNCING_SOURCES]
+    that announce one (:attr:`~PreemptionNotice.announced`: from :data:`ANNOUNCING_SOURCES`, or a ``"peer"``
+    notice relaying such a one); ``None`` if none of them does."""
+    stops = [n.hard_stop_at for n in notices if n.announced]
     return min(stops) if stops else None
 
 
@@ -109,8 +114,8 @@ def deadline_at(notices: Sequence[PreemptionNotice], deadline: float | None) -> 
 
     Returns:
         ``None`` without notices.  With ``deadline``: ``first.received_at + deadline``, capped by the
-        earliest hard stop announced by the platform (notices from :data:`ANNOUNCING_SOURCES`, see
-        :func:`announced_hard_stop_at`; a ``"sigterm"`` notice's guess does not cap it).  Without: the
+        earliest hard stop announced by the platform (notices from :data:`ANNOUNCING_SOURCES`, or relayed by
+        another worker of the job, see :func:`announced_hard_stop_at`; a ``"sigterm"`` notice's guess does not cap it).  Without: the
         earliest hard stop over all notices.
     """
     if not notices:

@@ -15,8 +15,8 @@ one daemon thread, and records :class:`~.notice.PreemptionNotice` objects:
   closer, INFO otherwise);
 * the **deadline in use**, :attr:`~PreemptionWatcher.deadline_at`, is the user's
   :attr:`~PreemptionWatcher.deadline` after the first notice, capped by a hard
-  stop a ``"gce"`` / ``"aws"`` / ``"azure"`` notice announced (not by a ``"sigterm"`` one's
-  guess), else :attr:`~PreemptionWatcher.hard_stop_at`.
+  stop a ``"gce"`` / ``"aws"`` / ``"azure"`` notice announced, or a ``"peer"`` notice relaying one
+  another worker of the job got (not by a ``"sigterm"`` one's guess), else :attr:`~PreemptionWatcher.hard_stop_at`.
 
 Metadata polling stops after the first notice: each source announces once,
 and the notice that can follow on GCE, the ACPI soft-off, arrives as SIGTERM
@@ -98,7 +98,8 @@ class PreemptionWatcher:
         deadline: seconds after the first notice by which the work it announces
             must be done, when the user set them (``CheckpointEngine``'s
             ``preemption_deadline`` sets it); ``None`` (default): the platform's.
-            A hard stop announced by a ``"gce"`` / ``"aws"`` / ``"azure"`` notice caps it (a
+            A hard stop announced by a ``"gce"`` / ``"aws"`` / ``"azure"`` notice (or relayed by a
+            ``"peer"`` one: ``PreemptionNotice.announced``) caps it (a
             ``"sigterm"`` notice's 25 s is a guess and does not): see
             :attr:`deadline_at`, the deadline in use, which the notice's log
             line quotes (with the platform's figure, and a WARNING once when
@@ -259,7 +260,8 @@ class PreemptionWatcher:
 
         Without :attr:`deadline`: :attr:`hard_stop_at`.  With it: ``deadline``
         seconds after the first notice, capped by the earliest hard stop that a
-        ``"gce"``, ``"aws"`` or ``"azure"`` notice announced (the platform's own figure; not
+        ``"gce"``, ``"aws"`` or ``"azure"`` notice announced, or a ``"peer"`` notice relayed from another
+        worker's (the platform's own figure, ``PreemptionNotice.announced``; not
         by a ``"sigterm"`` notice, whose 25 s is only a guess: Kubernetes'
         ``terminationGracePeriodSeconds`` may be longer, and the user's value
         wins there).  See :func:`cloudckpt.preemption.notice.deadline_at`.
@@ -289,7 +291,7 @@ class PreemptionWatcher:
         return self._notice is not None
 
     # --------------------------------------------------------------- notices
-    def trigger(self, source: str, detail: str, deadline: float) -> None:
+    def trigger(self, source: str, detail: str, deadline: float, *, announced: bool | None = None) -> None:
         """Record a preemption notice.
 
         The first call stores it as :attr:`notice`, wakes :meth:`wait`, logs
@@ -302,9 +304,15 @@ class PreemptionWatcher:
             source: Where the notice came from (``"sigterm"``, ``"gce"``, ``"aws"``, ``"azure"``).
             detail: Human-readable description.
             deadline: Seconds until the platform hard-stops the machine.
+            announced: ``deadline`` is a hard stop a platform announced, which caps ``deadline`` (the
+                user's ``preemption_deadline``) when sooner; None (default): so for the sources in
+                ``ANNOUNCING_SOURCES`` (``"gce"``, ``"aws"``, ``"azure"``), not for others (a ``"sigterm"``'s
+                25 s is a guess). ``distributed.relay_peer_notice`` passes True for a ``"peer"`` notice
+                relaying the hard stop another worker's platform announced.
         """
         notice = PreemptionNotice(source=source, received_at=time.monotonic(), detail=detail,
-                                  deadline=float(deadline))
+                                  deadline=float(deadline),
+                                  announced=source in ANNOUNCING_SOURCES if announced is None else bool(announced))
         if not self._once.acquire(blocking=False):
             self._record_later(notice)
             return
@@ -316,7 +324,7 @@ class PreemptionWatcher:
         if user_deadline is None:
             logger.warning("Preemption notice from %s: %s (about %.0f s before hard stop)",
                            source, detail, notice.deadline)
-        elif source in ANNOUNCING_SOURCES and notice.deadline < user_deadline:
+        elif notice.announced and notice.deadline < user_deadline:
             # the platform announced its hard stop, before the user's deadline would end: that is the one in use
             self._cap_logged.acquire(blocking=False)
             logger.warning("Preemption notice from %s: %s (deadline %g s: the platform's announced hard stop, which "
@@ -337,7 +345,7 @@ class PreemptionWatcher:
             logger.info("Later preemption notice from %s: %s; hard stop still expected in %.0f s",
                         notice.source, notice.detail, before - notice.received_at)
         user_deadline, first = self.deadline, self._notices[0]
-        if (user_deadline is not None and notice.source in ANNOUNCING_SOURCES
+        if (user_deadline is not None and notice.announced
                 and notice.hard_stop_at < first.received_at + user_deadline
                 and self._cap_logged.acquire(blocking=False)):
             logger.warning("The hard stop %s announced comes before preemption_deadline=%g s (after the first "
