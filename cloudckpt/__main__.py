@@ -1,5 +1,5 @@
 """``python -m cloudckpt``: the ``cloudckpt`` command line (``cloudckpt.cli``)."""
 
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+run()

@@ -42,7 +42,7 @@ import signal
 import sys
 import textwrap
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from ._version import __version__
 from .errors import DEBUG_HINT, CloudCkptError, ConfigError, human_size
@@ -69,8 +69,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
                  "bucket or local directory"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C): transfers in flight cancelled, nothing half-transferred "
                        "committed"),
-    (EXIT_BROKEN_PIPE, "the output's reader went away (cloudckpt ls URL | head -1), as a shell reports a "
-                       "command SIGPIPE ended"),
+    (EXIT_BROKEN_PIPE, "the output's reader went away before the output was written (a long cloudckpt ls URL "
+                       "| head -1), as a shell reports a command SIGPIPE ended"),
     (EXIT_TERMINATED, "terminated (SIGTERM: a shutdown, docker stop, kill), cleaned up as after a Ctrl-C"),
 )
 
@@ -644,16 +644,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and cloudckpt's debug log")
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--storage-option", "-o", metavar="KEY=VALUE", action="append", type=storage_option,
-                        default=[], dest="storage_option",
-                        help="option for the URL's fsspec filesystem, repeatable, e.g. "
-                             "endpoint_url=http://127.0.0.1:9000; values true/false/null/numbers/JSON are "
-                             "converted, dotted keys nest (client_kwargs.region_name=us-east-1); "
-                             "values are never printed")
-    remote.add_argument("--max-attempts", type=_positive_int, metavar="N", default=DEFAULT_MAX_ATTEMPTS,
-                        help="attempts per storage operation on transient errors (throttling, 5xx, connection "
-                             "errors), with exponential backoff; 1 disables retries "
-                             f"(default: {DEFAULT_MAX_ATTEMPTS})")
+
+    def add_remote_options(p: argparse.ArgumentParser, top: bool) -> None:
+        # given before the command too (cloudckpt -o K=V ls URL): the top level holds the defaults, a command's
+        # own (SUPPRESS) neither replaces what came before it nor, for -o, drops it (append extends the list)
+        p.add_argument("--storage-option", "-o", metavar="KEY=VALUE", action="append", type=storage_option,
+                       default=[] if top else argparse.SUPPRESS, dest="storage_option",
+                       help="option for the URL's fsspec filesystem, repeatable, e.g. "
+                            "endpoint_url=http://127.0.0.1:9000; values true/false/null/numbers/JSON are "
+                            "converted, dotted keys nest (client_kwargs.region_name=us-east-1); "
+                            "values are never printed" + (" (also accepted after the command)" if top else ""))
+        p.add_argument("--max-attempts", type=_positive_int, metavar="N",
+                       default=DEFAULT_MAX_ATTEMPTS if top else argparse.SUPPRESS,
+                       help="attempts per storage operation on transient errors (throttling, 5xx, connection "
+                            "errors), with exponential backoff; 1 disables retries "
+                            f"(default: {DEFAULT_MAX_ATTEMPTS})")
+    add_remote_options(parser, top=True)
+    add_remote_options(remote, top=False)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
             parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -661,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description,
                            parents=parents, formatter_class=fmt,
                            epilog=STORAGE_OPTIONS_HELP if remote in parents else None)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, takes_storage_options=remote in parents)
         return p
 
     url_help = "checkpoint directory URL, e.g. s3://bucket/runs/exp1, gs://..., memory://..., or a local path"
@@ -779,7 +786,8 @@ def _configure_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cloudckpt`` console script (and of ``python -m cloudckpt``)."""
+    """Run the ``cloudckpt`` command line with ``argv`` (default: this process's arguments); its exit code
+    (``EXIT_CODES``). Output goes to stdout/stderr; SIGTERM is handled like Ctrl-C while the command runs."""
     try:
         return _main(argv)
     except KeyboardInterrupt:  # before a command runs: while its modules load (argparse's exits are SystemExit)
@@ -787,9 +795,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> NoReturn:
+    """Entry point of the ``cloudckpt`` console script (and of ``python -m cloudckpt``): ``main()``, then exit
+    with its code. Once the command has ended (its output flushed), a SIGINT or SIGTERM during the
+    interpreter's shutdown ends the process at once with that code: a finished ``pull`` is not reported as
+    interrupted (130) or terminated (143) because the signal came while Python was exiting."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        def exit_now(signum: int, frame: Any) -> None:
+            os._exit(code)  # stdout was flushed by _main; stderr is written unbuffered
+        signal.signal(signal.SIGINT, exit_now)
+        signal.signal(signal.SIGTERM, exit_now)
+    sys.exit(code)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.takes_storage_options and (args.storage_option or args.max_attempts != DEFAULT_MAX_ATTEMPTS):
+        parser.error(f"{args.command} takes no --storage-option or --max-attempts (it has no URL)")
     _configure_logging(args.debug)
     func: Callable[[argparse.Namespace], int] = args.func
     previous = _terminate_like_ctrl_c()
@@ -851,4 +875,4 @@ def _terminate_like_ctrl_c() -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1006,3 +1006,49 @@ def test_python_dash_m_cloudckpt_is_the_cli(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "cloudckpt", "verify", str(empty)], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == cli.EXIT_CHECK_FAILED and "No committed checkpoint" in missing.stderr, missing.stderr
+
+
+def test_storage_options_before_the_command_apply_as_after_it(bucket):
+    """``cloudckpt -o endpoint_url=... ls URL`` (options before the command, the natural order at a prompt)
+    does what ``cloudckpt ls URL -o ...`` does; before, argparse took the option's value for the command
+    ("invalid choice: 'endpoint_url=...'"). A dead endpoint in the environment would catch an option dropped."""
+    url, _, _, endpoint = bucket
+    env = {**cli_env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # only the -o endpoint reaches the server
+    procs = [subprocess.run([sys.executable, "-m", "cloudckpt.cli", *args], env=env, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+             for args in (["-o", endpoint, "ls", url, "--json"], ["ls", url, "--json", "-o", endpoint],
+                          ["-o", endpoint, "--max-attempts", "1", "ls", url, "--json"],
+                          ["-o", endpoint, "demo"])]
+    before, after, both, demo = procs
+    assert (before.returncode, after.returncode, both.returncode) == (0, 0, 0), (before.stderr, both.stderr)
+    assert json.loads(before.stdout) == json.loads(after.stdout) == json.loads(both.stdout) == []
+    assert demo.returncode == 2 and "demo takes no --storage-option" in demo.stderr, demo.stderr
+
+
+def test_a_signal_while_python_exits_after_the_command_keeps_its_exit_code(tmp_path):
+    """SIGTERM (or Ctrl-C) arriving after the command finished and printed its result, while the interpreter
+    shuts down (atexit handlers, threads), ends the process with the command's own exit code. Before: the
+    command's SIGTERM handler was gone by then, so a finished ``pull`` ended as killed by SIGTERM (a shell's
+    143), and a script's ``cloudckpt pull ... || fallback`` took a good pull for a failed one."""
+    import signal
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = ("import atexit, runpy, sys, time\n"
+            "atexit.register(lambda: (sys.stderr.write('EXITING\\n'), sys.stderr.flush(), time.sleep(30)))\n"
+            f"sys.argv = ['cloudckpt', 'ls', {str(empty)!r}]\n"
+            "runpy.run_module('cloudckpt', run_name='__main__')\n")
+    plain = run_cli("ls", str(empty))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            for line in proc.stderr:
+                if line.strip() == "EXITING":
+                    break
+            proc.send_signal(sig)
+            out, _ = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+        assert proc.returncode == plain.returncode, (sig, proc.returncode, plain.returncode)
+        assert out == plain.stdout
