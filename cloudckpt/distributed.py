@@ -292,8 +292,9 @@ class WorkerAgreement:
         self._checked_at = time.monotonic()
         if not noticed:
             return 0
-        if not here and watcher is not None:
-            relay_peer_notice(watcher, noticed, left_total, [r - 1.0 if r >= 0.5 else None for r in ranked])
+        if watcher is not None:
+            others = [r - 1.0 if r >= 0.5 and rank != self.role.rank else None for rank, r in enumerate(ranked)]
+            relay_peer_notice(watcher, noticed - here, left_total - left, others, here=here)
         return noticed
 
     def from_chief(self, value: int | None, failure: BaseException | None = None) -> int:
@@ -307,17 +308,21 @@ class WorkerAgreement:
 
 
 def relay_peer_notice(watcher: Any, noticed: int, left_total: float,
-                      announced_left: Sequence[float | None]) -> None:
+                      announced_left: Sequence[float | None], *, here: bool = False) -> None:
     """Record on ``watcher`` (a ``PreemptionWatcher``) the notices ``noticed`` other workers of the job got, as
     a notice of source ``"peer"`` (``WorkerAgreement.stop_agreed``).
 
     Args:
         watcher: this worker's watcher (``CheckpointEngine.watcher``).
-        noticed: how many workers got a notice (at least 1).
+        noticed: how many other workers got a notice.
         left_total: the sum over them of the seconds their deadlines in use left (the user's
             ``preemption_deadline`` or the hard stop, ``CheckpointEngine.preemption_deadline_at``).
-        announced_left: per worker (by rank), the seconds left before the hard stop its platform announced
-            (``PreemptionNotice.announced``), None when it announced none (or the worker got no notice).
+        announced_left: per other worker (by rank; None in this worker's place), the seconds left before the
+            hard stop its platform announced (``PreemptionNotice.announced``), None when it announced none (or
+            the worker got no notice).
+        here: this worker got a notice of its own (the first, already on ``watcher``): the peers' are recorded
+            only when a platform announced a hard stop sooner than this worker's deadline in use (a later notice,
+            which brings it closer); otherwise nothing is recorded.
 
     When a platform announced a hard stop, the notice's deadline is the earliest of them, marked announced: it
     caps this worker's ``preemption_deadline``, as a metadata notice of its own would (that worker's machine
@@ -326,6 +331,11 @@ def relay_peer_notice(watcher: Any, noticed: int, left_total: float,
     """
     stops = [s for s in announced_left if s is not None]
     detail = f"a preemption notice on {noticed} other worker(s) of the job"
+    if here:
+        in_use = watcher.deadline_at
+        if stops and (in_use is None or time.monotonic() + min(stops) < in_use - 1.0):
+            watcher.trigger("peer", f"{detail}, whose platform announced its hard stop", min(stops), announced=True)
+        return
     if stops:
         watcher.trigger("peer", f"{detail}, whose platform announced its hard stop", min(stops), announced=True)
     else:

@@ -847,6 +847,29 @@ def test_a_peer_notice_caps_the_user_deadline_when_it_relays_an_announced_hard_s
         assert cap_lines(caplog) == []
 
 
+@pytest.mark.parametrize("announced", [[None, 20.0], [None, 90.0], [None, None]], ids=["sooner", "later", "none"])
+def test_a_worker_with_its_own_notice_takes_a_peers_sooner_announced_hard_stop(make_watcher, caplog, announced):
+    """Worker 0 got a SIGTERM of its own (its deadline in use: preemption_deadline=60 s, the 25 s guess caps
+    nothing) and worker 1's platform announced a hard stop 20 s away: worker 0 records it as a later "peer"
+    notice, which brings its deadline in use to 20 s (worker 1's machine, and the job's collective ops, stop
+    then). A peer's hard stop later than 60 s, or none announced, records nothing. Before: a worker with a notice
+    of its own never looked at its peers' (a two-worker review found it)."""
+    from cloudckpt.distributed import relay_peer_notice
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    w = make_watcher("sigterm")
+    w.deadline = 60.0
+    w.trigger("sigterm", "SIGTERM", 25.0)
+    first = w.notice
+    relay_peer_notice(w, noticed=1, left_total=20.0 if announced[1] else 25.0, announced_left=announced, here=True)
+    if announced[1] == 20.0:
+        assert [n.source for n in w.notices] == ["sigterm", "peer"] and w.notices[1].announced
+        assert w.deadline_at == w.notices[1].received_at + 20.0
+        assert any("comes before preemption_deadline=60" in r.getMessage() for r in caplog.records)
+    else:
+        assert list(w.notices) == [first] and w.deadline_at == first.received_at + 60.0
+
+
 def test_package_keeps_the_public_names():
     import cloudckpt
 
