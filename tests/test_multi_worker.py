@@ -3,7 +3,8 @@
 * ``MultiWorkerMirroredStrategy`` custom loop with ``cloudckpt.CheckpointManager``: only the chief
   commits; killed and restarted with empty local dirs, every worker resumes at the latest committed step
   with equal variables; a preemption notice to one non-chief worker stops all of them at one step, which is
-  committed (tests/support/mw_tf2_trainer.py).
+  committed; a hard stop announced on worker 1 (Azure) caps the chief's ``preemption_deadline`` through the
+  ``"peer"`` notice it relays (tests/support/mw_tf2_trainer.py).
 * TF1 between-graph replication with a parameter server (``MonitoredTrainingSession``,
   ``chief_only_hooks``): the chief commits complete checkpoints although the variables live on the PS,
   whose disk the chief never sees (tests/support/mw_tf1_trainer.py).
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import logging
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,42 @@ def test_mwms_gce_notice_on_the_chief_stops_both(cluster, s3_url, s3_options, tm
         stats = [finished(w) for w in workers]
     stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
     assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
+    assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
+
+
+def test_mwms_a_hard_stop_announced_on_worker_1_caps_the_chiefs_preemption_deadline(cluster, s3_url, s3_options,
+                                                                                   tmp_path):
+    """An Azure Spot eviction (fake metadata server) announced to worker 1 only, ``NotBefore`` 90 s away, in a job
+    with ``preemption_deadline=600``: the chief, without a notice of its own, relays it as a ``"peer"`` notice
+    marked announced whose deadline is that hard stop, which caps its 600 s (worker 1's machine, and the job's
+    collective ops, stop then); both stop at one step, which the chief commits."""
+    from support.fake_metadata import FakeAzureMetadata
+
+    with FakeAzureMetadata() as azure:
+        # "auto" polls every metadata service: the others at a closed local port, given up (not 169.254.169.254)
+        closed = {"CLOUDCKPT_GCE_METADATA_URL": "http://127.0.0.1:9", "CLOUDCKPT_AWS_METADATA_URL": "http://127.0.0.1:9"}
+        env = {0: {"CLOUDCKPT_AZURE_METADATA_URL": "http://127.0.0.1:9", **closed},
+               1: {"CLOUDCKPT_AZURE_METADATA_URL": azure.url, **closed}}
+        workers = start_tf2_workers(cluster, s3_url, s3_options, tmp_path, "run1", "--save-every", "5",
+                                    "--step-sleep", "0.05", "--preemption", "auto", "--preemption-deadline", "600",
+                                    env=env)
+        wait_for_commit(workers[0], s3_url, s3_options, 5)
+        azure.preempt(not_before=datetime.now(timezone.utc) + timedelta(seconds=90))  # a deadline of 85 s
+        stats = [finished(w) for w in workers]
+    stopped = [int(w.lines("PREEMPTED")[0].split()[1]) for w in workers]
+    assert stopped[0] == stopped[1] and all(s["preempted"] for s in stats), stopped
+    own, relayed = (json.loads(w.lines("NOTICE ")[-1][len("NOTICE "):]) for w in reversed(workers))
+    assert own["source"] == "azure" and 60 < own["deadline"] <= 85, own
+    assert own["deadline_in_use"] == pytest.approx(own["deadline"])  # its platform's hard stop caps the 600 s
+    # the chief's notice: the hard stop worker 1's platform announced (less the time it took to agree), which
+    # capped the chief's preemption_deadline: its final commit was bound by it, not by 600 s
+    assert relayed["source"] == "peer" and 60 < relayed["deadline"] <= own["deadline"], (relayed, own)
+    assert relayed["deadline_in_use"] == pytest.approx(relayed["deadline"]), relayed
+    assert relayed["announced"] is True and own["announced"] is True, (relayed, own)
+    assert "whose platform announced its hard stop" in relayed["detail"]
+    assert (f"Preemption notice from peer: {relayed['detail']} (deadline {relayed['deadline']:g} s: the platform's "
+            "announced hard stop, which comes before preemption_deadline=600 s would end") in workers[0].stderr
+    assert stats[0]["is_chief"] and stats[0]["last_committed_step"] == stopped[0]
     assert cloudckpt.latest_checkpoint(s3_url, s3_options).step == stopped[0]
 
 

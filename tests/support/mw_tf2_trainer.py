@@ -2,7 +2,7 @@
 
 Usage: python mw_tf2_trainer.py URL OPTIONS_JSON LOCAL_DIR OUT_DIR [--save-every N] [--last-step N]
                                 [--preemption none|sigterm|auto] [--step-sleep SECONDS]
-                                [--retry-attempts N] [--linger SECONDS]
+                                [--retry-attempts N] [--linger SECONDS] [--preemption-deadline SECONDS]
 
 ``TF_CONFIG`` names the cluster and this task. The model is plain ``tf.Variable`` state created in
 the strategy's scope (weights, a momentum slot, the step counter), updated with MEAN aggregation, so
@@ -11,7 +11,9 @@ all workers hold the same values after each step while each trains on its own da
 Saves every ``--save-every`` steps, at ``--last-step`` and when ``should_stop()`` turns True.
 Prints ``FIRST_STEP <n>`` after ``restore_or_initialize()``, ``STEP <n>`` after each step, and at the
 end ``PREEMPTED <step>`` (``should_stop()`` turned True) or ``DONE <step>``, then
-``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``). An exception from cloudckpt
+``STATS <json>`` (``manager.stats()``, with ``preempted`` and ``is_chief``), and after a notice ``NOTICE <json>``
+(the first notice's ``source``, ``detail``, ``deadline``, ``announced``, and ``deadline_in_use``: the seconds
+from it to the engine's ``preemption_deadline_at()``). An exception from cloudckpt
 ends training with ``ERROR <step> <type> <message>``; the process stays alive ``--linger`` seconds, then
 exits with 3. Writes
 ``OUT_DIR/first-<task>.npz`` (the variables right after the restore) and ``OUT_DIR/last-<task>.npz``
@@ -41,6 +43,7 @@ def main() -> int:
     parser.add_argument("--last-step", type=int, default=None)
     parser.add_argument("--preemption", default="none")
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--preemption-deadline", type=float, default=None)
     parser.add_argument("--summary-dir", default=None)
     parser.add_argument("--no-should-stop", action="store_true", help="a loop that never calls should_stop()")
     parser.add_argument("--no-restore", action="store_true", help="a loop that forgets restore_or_initialize()")
@@ -58,7 +61,8 @@ def main() -> int:
         checkpoint = tf.train.Checkpoint(w=w, b=b, momentum=momentum, step=step)
         manager = cloudckpt.CheckpointManager(
             checkpoint, args.url, max_to_keep=3, local_dir=args.local_dir, storage_options=json.loads(args.options),
-            preemption=None if args.preemption == "none" else args.preemption, summary_dir=args.summary_dir,
+            preemption=None if args.preemption == "none" else args.preemption,
+            preemption_deadline=args.preemption_deadline, summary_dir=args.summary_dir,
             retry=retry_policy(args))
     rng = np.random.default_rng(index)  # every worker its own data
     x = tf.constant(rng.normal(size=(32, 8)), tf.float32)
@@ -114,6 +118,12 @@ def main() -> int:
     stats = dataclasses.asdict(manager.stats())
     stats.update(preempted=manager.preempted, is_chief=manager.is_chief, task=manager.task)
     print(f"STATS {json.dumps(stats)}", flush=True)
+    notice = manager.notice
+    if notice is not None:
+        deadline_at = manager._engine.preemption_deadline_at()  # what the final commit was bound by
+        print("NOTICE " + json.dumps({"source": notice.source, "detail": notice.detail, "deadline": notice.deadline,
+                                      "announced": getattr(notice, "announced", None),
+                                      "deadline_in_use": deadline_at - notice.received_at}), flush=True)
     return 0
 
 
