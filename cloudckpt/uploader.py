@@ -388,7 +388,10 @@ class Uploader:
             scope = self._in_flight_scope
             # past its point of no return (it passed it before the cancel: passing is refused after it)
             committing = self._in_flight if self._in_flight and scope is not None and scope.committing else None
-            abandoned = ([self._in_flight] if self._in_flight and not committing else []) + list(self._queue)
+            # not one whose outcome is recorded (committed, its housekeeping running): nothing of it is lost
+            settled = self._in_flight_settled
+            abandoned = ([self._in_flight] if self._in_flight and not committing and not settled else []) \
+                + list(self._queue)
         if first and abandoned:  # said once, with what a restart resumes from, by CheckpointEngine.stop_uploads
             steps = [j.checkpoint.step for j in abandoned]
             with self._cond:
