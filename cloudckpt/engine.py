@@ -170,6 +170,9 @@ class CheckpointEngine:
         self._hard_links: bool | None = None  # probed in open()
         self._claim: localdir.LocalDirClaim | None = None  # local_dir held from open() to close()
         self._downloaded: CheckpointInfo | None = None  # what the last resume() downloaded into local_dir
+        # the newest committed step the last resume()'s scan listed (None: none committed); unknown before a scan
+        self._scanned_latest: int | None = None
+        self._scanned = False
         self._in_place = self._store.is_local and os.path.abspath(self._store.root) == self._local_dir
         self._upload_timeout = upload_timeout
         self.retention = retention
@@ -355,6 +358,7 @@ class CheckpointEngine:
         """The checkpoints whose upload debris (files of a commit that never happened) the resume's scan found:
         a commit of one of them takes up an earlier attempt (``Uploader.note_unfinished``), and lists the
         directory before it sends anything, so the debris' names are cleared before their files go up once."""
+        self._scanned, self._scanned_latest = True, scan.committed[-1].step if scan.committed else None
         prefixes = {parsed[0] for inc in scan.incomplete for o in inc.objects
                     if (parsed := parse_object_name(o.name)) is not None}
         if prefixes:
@@ -654,7 +658,8 @@ class CheckpointEngine:
                 log.warning("Preemption: committed final checkpoint step %s to %s %.1fs after the notice.",
                             final, self.url, time.monotonic() - notice.received_at)
         finally:
-            self.stop_uploads(timeout=0 if self._uploader.pending_steps() else None)
+            self.stop_uploads(timeout=0 if self._uploader.pending_steps() else None,
+                              reason="Finishing (the wait for the final checkpoint is over)")
             if self._in_place:  # what the framework deleted after the last commit (TF2's sweep runs after it)
                 try:
                     self._retire_deleted()
@@ -723,11 +728,39 @@ class CheckpointEngine:
         stats.task = self.task
         return stats
 
-    def stop_uploads(self, timeout: float | None = None) -> None:
+    def stop_uploads(self, timeout: float | None = None, *, reason: str = "Stopping the uploads") -> None:
         """Stop the background uploader; checkpoints still uploading get ``timeout`` seconds (None: until
         done), then they are abandoned (the previous committed checkpoint stays the latest). The next
-        ``submit`` starts it again. Failures are kept for ``take_failure``."""
-        self._uploader.close(timeout=timeout)
+        ``submit`` starts it again. Failures are kept for ``take_failure``.
+
+        Abandoned checkpoints (a timeout, a Ctrl-C while waiting: the ``KeyboardInterrupt`` propagates) are
+        said in one WARNING (``reason`` starts it): their steps, the store's URL and the latest committed
+        step there, which a restart resumes from. Nothing is said when nothing was abandoned.
+        """
+        interrupted = False
+        try:
+            self._uploader.close(timeout=timeout)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            abandoned = self._uploader.take_abandoned()
+            if abandoned:
+                log.warning("%s%s: abandoned the upload of checkpoint step(s) %s to %s (not committed); %s.",
+                            reason, ", interrupted by KeyboardInterrupt while waiting" if interrupted else "",
+                            abandoned, self.url, self._resume_point_note())
+
+    def _resume_point_note(self) -> str:
+        """What a restart resumes from, as known without a request (after an abandon the store's transfers are
+        cancelled): the newest step this run committed, else the newest the resume's scan listed."""
+        last = self._uploader.stats().last_committed_step
+        if last is None and self._scanned:
+            last = self._scanned_latest
+        if last is not None:
+            return f"the latest committed checkpoint there is step {last}, which a restart resumes from"
+        if self._scanned:
+            return "no checkpoint is committed there: a restart finds none to resume from"
+        return f"this run committed none (`cloudckpt ls {self.url}` lists the one a restart resumes from)"
 
     def close(self, timeout: Any = UPLOAD_TIMEOUT, *, reason: str = "close()") -> None:
         """Stop watching for preemption (``stop_watching``) and stop the uploader; idempotent.
@@ -738,6 +771,9 @@ class CheckpointEngine:
         not yet reported are logged at ERROR, not raised (``finish`` raises).
         A Ctrl-C while the watcher stops or the uploads are waited for is not
         waited for: the uploads are abandoned and the ``KeyboardInterrupt`` propagates.
+        What is abandoned is said in one WARNING (``"Closing cloudckpt (<reason>): abandoned the upload of
+        checkpoint step(s) [...] to <url> (not committed); the latest committed checkpoint there is step N,
+        which a restart resumes from."``, see ``stop_uploads``); nothing when nothing was pending.
         """
         if timeout is UPLOAD_TIMEOUT:
             timeout = self._upload_timeout
@@ -754,7 +790,7 @@ class CheckpointEngine:
         finally:
             pending = self._uploader.pending_steps()
             try:
-                self.stop_uploads(timeout=timeout)
+                self.stop_uploads(timeout=timeout, reason=f"Closing cloudckpt ({reason})")
                 summaries, self._summaries = self._summaries, None
                 if summaries is not None:  # open() starts a new event file
                     summaries.close()
@@ -763,8 +799,7 @@ class CheckpointEngine:
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)
-            log.debug("cloudckpt engine closed (%s); abandoned step(s): %s", reason,
-                      [s for s in pending if s in self._uploader.pending_steps()])
+            log.debug("cloudckpt engine closed (%s); step(s) pending when it began: %s", reason, pending)
 
     def release_local_dir(self) -> None:
         """Let go of ``local_dir`` (held since ``open()``; ``close()`` does this): once no engine of this

@@ -525,8 +525,8 @@ class CheckpointSaverHook(tf.compat.v1.train.CheckpointSaverHook):
             return
         error = sys.exc_info()[1]
         if isinstance(error, KeyboardInterrupt):
-            # what close(timeout=0) does; the latest committed step only when this run knows it (never "None")
-            log.warning("Interrupted; closing cloudckpt%s.", self._engine.closing_note(0))
+            # close(timeout=0) says what it abandons, with the latest committed step (one WARNING), if anything
+            log.warning("Interrupted; closing cloudckpt.")
             self._close(timeout=0, reason="interrupted")
             return
         log.warning("The training session ended with %s; closing cloudckpt%s.",

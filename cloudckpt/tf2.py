@@ -643,12 +643,13 @@ class CheckpointManager:
             log.error("TF's async checkpoint write failed while closing: %s", sync_error)
         timeout = 0 if issubclass(exc_type, KeyboardInterrupt) else self._engine.upload_timeout
         # What close() does with the pending checkpoints: abandoned (KeyboardInterrupt), skipped (fenced), committed.
+        # (timeout 0: the engine's close says what it abandoned and what a restart resumes from)
         log.warning("Training ended with %s; closing cloudckpt%s.", exc_type.__name__,
-                    self._engine.closing_note(timeout) if self.is_chief else "")
+                    self._engine.closing_note(timeout) if self.is_chief and timeout != 0 else "")
         if not self.is_chief:
             self._close_worker()
             return
-        self._engine.close(timeout=timeout, reason=f"exception {exc_type.__name__}")
+        self._engine.close(timeout=timeout, reason=f"Training ended with {exc_type.__name__}")
 
     # -- internals -----------------------------------------------------------------------------------
     def _ensure_resumed(self) -> None:
@@ -905,11 +906,9 @@ def _close_at_exit(ref: "weakref.ref[CheckpointManager]") -> None:
     except CloudCkptError as error:
         log.error("%s", error)
     except KeyboardInterrupt:  # raised in the wait (whose close(timeout=0) abandoned the upload), or before it
-        manager._engine.close(timeout=0, reason="KeyboardInterrupt at exit")  # idempotent
-        last = manager._engine.stats().last_committed_step
-        lost = [step for step in pending if last is None or step > last]
-        log.warning("KeyboardInterrupt while waiting at interpreter exit: cloudckpt closed without waiting%s.",
-                    f"; the upload of checkpoint step(s) {lost} was abandoned (not committed)" if lost else "")
+        # idempotent; the close that abandoned the upload said so, with what a restart resumes from
+        manager._engine.close(timeout=0, reason="KeyboardInterrupt at exit")
+        log.warning("KeyboardInterrupt while waiting at interpreter exit: cloudckpt closed without waiting.")
 
 
 def _write_local_state(local_dir: str) -> None:

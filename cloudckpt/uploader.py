@@ -318,6 +318,8 @@ class Uploader:
         # start() / resume_transfers() wait for that worker to end, then clear it and the cancel. Not the Keras
         # callbacks' EngineLifecycle._abandon_ran (their own Ctrl-C close-down, one layer up).
         self._worker_abandoned = False
+        # steps the last close() gave up on (not committed), for the engine's one WARNING (take_abandoned)
+        self._abandoned_steps: list[int] = []
         self._thread: threading.Thread | None = None
         self._done: threading.Event | None = None  # set when the current worker has ended
         self._pool: ThreadPool | None = None
@@ -386,10 +388,15 @@ class Uploader:
             scope = self._in_flight_scope
             # past its point of no return (it passed it before the cancel: passing is refused after it)
             committing = self._in_flight if self._in_flight and scope is not None and scope.committing else None
-            abandoned = ([self._in_flight] if self._in_flight and not committing else []) + list(self._queue)
-        if first and abandoned:
-            log.warning("Abandoning upload of checkpoint step(s) %s to %s.",
-                        [j.checkpoint.step for j in abandoned], self.store.url)
+            # not one whose outcome is recorded (committed, its housekeeping running): nothing of it is lost
+            settled = self._in_flight_settled
+            abandoned = ([self._in_flight] if self._in_flight and not committing and not settled else []) \
+                + list(self._queue)
+        if first and abandoned:  # said once, with what a restart resumes from, by CheckpointEngine.stop_uploads
+            steps = [j.checkpoint.step for j in abandoned]
+            with self._cond:
+                self._abandoned_steps = sorted(set(self._abandoned_steps) | set(steps))
+            log.debug("Abandoning upload of checkpoint step(s) %s to %s.", steps, self.store.url)
         if first and committing is not None:
             log.warning("Not abandoning checkpoint step %d: it is writing its commit point to %s, which no cancel "
                         "may cut (a few small requests); it is committed when they end.", committing.checkpoint.step,
@@ -651,6 +658,13 @@ class Uploader:
                                step=steps[-1] if steps else None)
         combined.__cause__ = failures[0]
         return combined
+
+    def take_abandoned(self) -> list[int]:
+        """The steps ``close`` abandoned (their upload given up, not committed) since the last call, oldest first;
+        then cleared."""
+        with self._cond:
+            steps, self._abandoned_steps = self._abandoned_steps, []
+        return steps
 
     def pending_steps(self) -> list[int]:
         """Steps in flight or waiting, oldest first."""

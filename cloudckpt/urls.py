@@ -28,6 +28,17 @@ from .errors import ConfigError, RedactedError
 
 MASK = "***"
 
+# Query parameters whose values are shown (case-insensitive names): request shapes of S3 ListObjects(V2),
+# multipart uploads and the GCS JSON API, which carry no credential and which a user needs to debug a
+# failed request ("which prefix was listed?"). Every other parameter's value is masked: signatures,
+# credentials, tokens, API keys, unknown ones -- and continuation-token (opaque, not a credential, kept
+# masked to be safe).
+SAFE_QUERY_PARAMETERS: frozenset[str] = frozenset(name.lower() for name in (
+    "list-type", "prefix", "delimiter", "max-keys", "start-after", "encoding-type",  # S3 ListObjects(V2)
+    "partNumber", "uploadId",  # S3 multipart uploads
+    "maxResults", "uploadType", "name", "alt",  # GCS JSON API (prefix, delimiter above)
+))
+
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
 # Query parameters that carry credentials, for text where no URL can be recognised (no scheme).
@@ -92,7 +103,8 @@ class CheckpointUrl:
 
     @property
     def display(self) -> str:
-        """The form shown everywhere: userinfo and query values masked, everything else as given."""
+        """The form shown everywhere: userinfo and query values masked (but those of
+        ``SAFE_QUERY_PARAMETERS``), everything else as given."""
         if self.is_local:
             return self.raw
         scheme = self.raw[: self.raw.index("://")]  # as the user spelled it
@@ -104,10 +116,12 @@ class CheckpointUrl:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Literal strings that must never appear in any output: the userinfo, its password, query values."""
+        """Literal strings that must never appear in any output: the userinfo, its password, query values
+        (but those of ``SAFE_QUERY_PARAMETERS``, which the display form shows)."""
         found = [self.userinfo, self.password, None if self.userinfo is None else self.userinfo.partition(":")[2]]
         if self.query:
-            found += [value for _, _, value in (item.partition("=") for item in self.query.split("&"))]
+            found += [value for key, _, value in (item.partition("=") for item in self.query.split("&"))
+                      if not _is_safe_parameter(key)]
         return tuple(s for s in found if s and len(s) >= _MIN_SECRET_LENGTH)
 
 
@@ -187,7 +201,8 @@ def option_secrets(storage_options: Mapping[str, Any] | None) -> tuple[str, ...]
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with credentials removed: the given literal ``secrets``, the userinfo and query values of
-    every URL in it (its display form), and credential-named query parameters (``token=``, ``sig=``...)."""
+    every URL in it (its display form: values of ``SAFE_QUERY_PARAMETERS`` such as ``prefix`` are kept),
+    and credential-named query parameters (``token=``, ``sig=``...)."""
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     text = _URL_IN_TEXT.sub(lambda m: display_url(m.group(0)), text)
@@ -262,9 +277,13 @@ def install_backstop(logger: logging.Logger) -> None:
         logger.addFilter(RedactingFilter())
 
 
+def _is_safe_parameter(key: str) -> bool:
+    return unquote(key).lower() in SAFE_QUERY_PARAMETERS
+
+
 def _mask_query(query: str) -> str:
-    return "&".join(f"{key}={MASK}" if sep else MASK
-                    for key, sep, _ in (item.partition("=") for item in query.split("&")))
+    return "&".join(f"{key}={value if _is_safe_parameter(key) else MASK}" if sep else MASK
+                    for key, sep, value in (item.partition("=") for item in query.split("&")))
 
 
 def _text_of(exc: BaseException) -> str:

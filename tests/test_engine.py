@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import fsspec
 import pytest
@@ -788,3 +789,81 @@ def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_t
             proxy.end_outage()
     assert observers == [], observers
     assert read_scalars(summaries)["dropped"][30] == 1.0
+
+
+def _held(proxy, step: int) -> threading.Event:
+    """Have the store hold every PUT of checkpoint ``step`` until the event returned is set; wait for the first."""
+    hold = threading.Event()
+    proxy.set_faults(only_methods=["PUT"], path_filter=f"ckpt-{step}\\.", until=hold)
+    return hold
+
+
+def _wait_held(proxy, step: int) -> None:
+    deadline = time.monotonic() + 60
+    while not any(m == "PUT" and f"ckpt-{step}." in p for m, p, _ in proxy.events):
+        assert time.monotonic() < deadline, f"step {step}'s upload never reached the store"
+        time.sleep(0.05)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("cloudckpt")]
+
+
+def test_closing_with_uploads_abandoned_says_which_steps_and_what_a_restart_resumes_from(
+        cloudckpt_s3, moto_server, tmp_path, caplog):
+    """The interrupt's close (the TF1 hook's and the Keras callbacks' Ctrl-C path: ``close(timeout=0)``) with an
+    upload held by the store and one waiting: ONE WARNING names both steps (not committed), the store's URL and
+    the latest committed step there, which a restart resumes from -- also when this run committed none (the
+    resume's scan knows it). Before, the uploader's "Abandoning upload of checkpoint step(s) ..." named no
+    committed step, and the hook's own line (closing_note) only a step this run had committed. Nothing pending:
+    nothing is said."""
+    from support.fault_proxy import FaultProxy
+
+    url = cloudckpt_s3.url("run")
+    holds: list[threading.Event] = []
+    with FaultProxy(moto_server.endpoint) as proxy:
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        first = CheckpointEngine(url, str(tmp_path / "vm1"), storage_options=options, retry=FAST)
+        second = CheckpointEngine(url, str(tmp_path / "vm2"), storage_options=options, retry=FAST)
+        try:
+            first.open()
+            assert first.resume() is None
+            first.submit(5, write_checkpoint(tmp_path / "vm1", 5))
+            first.wait(60)
+            holds.append(_held(proxy, 7))
+            first.submit(7, write_checkpoint(tmp_path / "vm1", 7))
+            first.submit(9, write_checkpoint(tmp_path / "vm1", 9))  # waits behind it
+            _wait_held(proxy, 7)
+            caplog.clear()
+            caplog.set_level(logging.DEBUG, logger="cloudckpt")
+            first.close(timeout=0, reason="interrupted")  # what CheckpointSaverHook does on KeyboardInterrupt
+            assert _warnings(caplog) == [
+                f"Closing cloudckpt (interrupted): abandoned the upload of checkpoint step(s) [7, 9] to {url} "
+                "(not committed); the latest committed checkpoint there is step 5, which a restart resumes from."]
+
+            # the restart: resumes from step 5, commits nothing before the next Ctrl-C
+            second.open()
+            assert second.resume().step == 5
+            holds.append(_held(proxy, 11))
+            second.submit(11, write_checkpoint(tmp_path / "vm2", 11))
+            _wait_held(proxy, 11)
+            caplog.clear()
+            second.close(timeout=0, reason="Training ended with KeyboardInterrupt")  # the Keras callbacks' reason
+            assert _warnings(caplog) == [
+                f"Closing cloudckpt (Training ended with KeyboardInterrupt): abandoned the upload of checkpoint "
+                f"step(s) [11] to {url} (not committed); the latest committed checkpoint there is step 5, which a "
+                "restart resumes from."]
+        finally:
+            for hold in holds:
+                hold.set()
+            first.close(timeout=0)
+            second.close(timeout=0)
+    assert [c.step for c in cloudckpt.list_checkpoints(url, cloudckpt_s3.storage_options)] == [5]
+
+    # nothing pending: closing says nothing
+    third = CheckpointEngine(url, str(tmp_path / "vm3"), storage_options=cloudckpt_s3.storage_options)
+    third.open()
+    third.resume()
+    caplog.clear()
+    third.close(timeout=0, reason="interrupted")
+    assert _warnings(caplog) == []

@@ -7,6 +7,7 @@ the final checkpoint committed or a failure raised.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -159,6 +160,16 @@ def test_ctrl_c_interrupts_promptly_and_leaves_nothing_half_written(moto_server,
     assert "KeyboardInterrupt" in trainer.stderr
     committed = assert_all_committed_intact(s3_url, options)
     assert committed
+    err = trainer.all_stderr
+    assert "Interrupted; closing cloudckpt." in err, err[-12000:]
+    # an upload in flight (often: 8 MB per checkpoint) is said once, with the step the restart resumes from
+    said = re.findall(r"Closing cloudckpt \(interrupted\): abandoned the upload of checkpoint step\(s\) \[([\d, ]+)\] "
+                      r"to \S+ \(not committed\); the latest committed checkpoint there is step (\d+), which a restart "
+                      r"resumes from\.", err)
+    assert len(said) <= 1, err[-12000:]
+    if said:
+        assert int(said[0][1]) == max(committed), (said, committed)
+        assert all(int(step) > max(committed) for step in said[0][0].split(", ")), (said, committed)
     restart = TrainerProcess(s3_url, moto_server.endpoint, str(tmp_path / "new-vm"), "--save-steps", "50",
                              "--last-step", str(max(committed) + 2), *size)
     assert restart.wait() == 0, restart.stderr

@@ -135,6 +135,59 @@ def test_logging_backstop_on_the_cloudckpt_logger(caplog):
     assert "s3://***@b/k?X-Amz-Signature=***" in caplog.text
 
 
+
+# -- request URLs quoted by backends: harmless query values shown, credentials masked ------------------
+
+def test_request_url_keeps_harmless_query_values_and_masks_credentials():
+    secret = f"SIG{uuid.uuid4().hex}"
+    url = ("https://bucket.s3.amazonaws.com/ckpt?list-type=2&prefix=runs%2Fexp1%2F&delimiter=%2F&max-keys=1000"
+           "&start-after=runs%2Fa&encoding-type=url&continuation-token=1ueGcxLPRx1Tr%2FXYExHnhbYLgveDs2J"
+           f"&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20260101&X-Amz-Security-Token={secret}"
+           f"&X-Amz-Signature={secret}&partNumber=3&uploadId=VXBsb2FkIElE&token={secret}&sig={secret}"
+           f"&unknown-param={secret}")
+    shown = display_url(url)
+    assert shown == ("https://bucket.s3.amazonaws.com/ckpt?list-type=2&prefix=runs%2Fexp1%2F&delimiter=%2F"
+                     "&max-keys=1000&start-after=runs%2Fa&encoding-type=url&continuation-token=***"
+                     "&X-Amz-Algorithm=***&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"
+                     "&partNumber=3&uploadId=VXBsb2FkIElE&token=***&sig=***&unknown-param=***")
+    assert display_url(shown) == shown  # idempotent
+    gcs = (f"https://storage.googleapis.com/storage/v1/b/bkt/o?prefix=run%2F&delimiter=%2F&maxResults=500"
+           f"&alt=json&uploadType=resumable&name=run%2Fmanifest.json&access_token={secret}&key={secret}"
+           f"&GoogleAccessId=sa%40p.iam&Signature={secret}")
+    assert display_url(gcs) == ("https://storage.googleapis.com/storage/v1/b/bkt/o?prefix=run%2F&delimiter=%2F"
+                                "&maxResults=500&alt=json&uploadType=resumable&name=run%2Fmanifest.json"
+                                "&access_token=***&key=***&GoogleAccessId=***&Signature=***")
+    # free text as botocore/s3fs quote it, and the exception chain standing in for it
+    text = f'Could not connect to the endpoint URL: "{url}"'
+    cleaned = redact(text)
+    assert secret not in cleaned and "AKIA" not in cleaned and "1ueGcxLPRx1Tr" not in cleaned
+    assert "/ckpt?list-type=2&prefix=runs%2Fexp1%2F&delimiter=%2F&max-keys=1000" in cleaned
+    stand_in = sanitized_cause(OSError(text))
+    assert isinstance(stand_in, RedactedError) and "prefix=runs%2Fexp1%2F" in str(stand_in)
+    assert secret not in str(stand_in)
+    # a harmless-only request URL is no leak: the original exception is kept as it is
+    harmless = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:9/b?list-type=2&prefix=run%2F"')
+    assert sanitized_cause(harmless) is harmless
+    # a checkpoint URL's harmless query values are not literal secrets either (they would mangle messages)
+    assert parse_url(f"s3://b/run?prefix=run&X-Amz-Signature={secret}").secrets == (secret,)
+
+
+def test_real_botocore_error_names_the_listed_prefix():
+    """botocore's own error for a list request to a closed port: the prefix stays readable once redacted."""
+    import botocore.config
+    import botocore.exceptions
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}", region_name="us-east-1",
+        aws_access_key_id="AKIDCLOSED", aws_secret_access_key="secret-closed-port",
+        config=botocore.config.Config(retries={"max_attempts": 0}, connect_timeout=2))
+    with pytest.raises(botocore.exceptions.EndpointConnectionError) as info:
+        client.list_objects_v2(Bucket="bkt", Prefix="runs/exp1/", Delimiter="/")
+    cleaned = redact(str(info.value))
+    assert "prefix=runs%2Fexp1%2F" in cleaned and "delimiter=%2F" in cleaned and "list-type=2" in cleaned, cleaned
+    assert sanitized_cause(info.value) is info.value
+
 # -- userinfo on memory:// : a full run, library API and CLI ------------------------------------------
 
 def test_memory_url_with_password_full_run(tmp_path, caplog, capsys):

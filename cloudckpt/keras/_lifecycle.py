@@ -173,12 +173,10 @@ class EngineLifecycle:
         self.close()
 
     def _abandon(self, why: str) -> None:
-        """Stop at once (Ctrl-C): what is still uploading is abandoned, not committed, and ``why`` says so
-        in a warning (``why + "; closing cloudckpt: abandoning ..."``); ``close()`` follows."""
+        """Stop at once (Ctrl-C): what is still uploading is abandoned, not committed; the engine's close says
+        so in one warning (``"Closing cloudckpt (" + why + "): abandoned the upload of ..."``), nothing when
+        nothing was pending; ``close()`` follows."""
         self._abandon_ran = True
-        note = self._engine.closing_note(0)
-        if note:
-            log.warning("%s; closing cloudckpt%s.", why, note)
         self._engine.close(timeout=0, reason=why)
 
 

@@ -100,3 +100,8 @@ class TrainerProcess:
     @property
     def stderr(self) -> str:
         return "".join(self._stderr[-60:])
+
+    @property
+    def all_stderr(self) -> str:
+        """All of stderr so far (``stderr`` is its last 60 lines, for failure messages)."""
+        return "".join(self._stderr)
