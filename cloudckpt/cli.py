@@ -646,10 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     remote = argparse.ArgumentParser(add_help=False)
 
     def add_remote_options(p: argparse.ArgumentParser, top: bool) -> None:
-        # given before the command too (cloudckpt -o K=V ls URL): the top level holds the defaults, a command's
-        # own (SUPPRESS) neither replaces what came before it nor, for -o, drops it (append extends the list)
+        # given before the command too (cloudckpt -o K=V ls URL): argparse copies a command's namespace over the
+        # top level's, so -o before it goes to a list of its own, joined with the command's in _main; a command's
+        # --max-attempts (SUPPRESS unless given) overrides one given before it
         p.add_argument("--storage-option", "-o", metavar="KEY=VALUE", action="append", type=storage_option,
-                       default=[] if top else argparse.SUPPRESS, dest="storage_option",
+                       default=[], dest="storage_option_before" if top else "storage_option",
                        help="option for the URL's fsspec filesystem, repeatable, e.g. "
                             "endpoint_url=http://127.0.0.1:9000; values true/false/null/numbers/JSON are "
                             "converted, dotted keys nest (client_kwargs.region_name=us-east-1); "
@@ -812,6 +813,7 @@ def run() -> NoReturn:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.storage_option = [*args.storage_option_before, *getattr(args, "storage_option", [])]
     if not args.takes_storage_options and (args.storage_option or args.max_attempts != DEFAULT_MAX_ATTEMPTS):
         parser.error(f"{args.command} takes no --storage-option or --max-attempts (it has no URL)")
     _configure_logging(args.debug)

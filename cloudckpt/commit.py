@@ -69,6 +69,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import sys
 import uuid
 from concurrent.futures import Executor
@@ -378,8 +379,11 @@ class _Own:
             heads = store.heads(headed)
             changed += [name for name in headed if name not in heads]  # deleted since the listing
             differing = [name for name, head in heads.items() if head["crc32c"] not in (None, crc32c[name])]
+            # an ETag that is an MD5 (a single-part, unencrypted object's); others (multipart "-N", SSE-KMS/C)
+            # tell nothing of the bytes: the size decides
             changed += [name for name, head in heads.items() if head["crc32c"] is None and head["etag"]
-                        and "-" not in head["etag"] and name in files and _md5_of(files[name]) != head["etag"]]
+                        and _MD5_HEX.fullmatch(head["etag"]) and name in files
+                        and _md5_of(files[name]) != head["etag"].lower()]
             if differing:  # the store's figure alone is not trusted: read the bytes
                 read = store.read_files_crc32c([(name, self.objects[name][0], None) for name in differing],
                                                streams=store.transfer.max_download_streams)
@@ -390,6 +394,9 @@ class _Own:
                         [*gone, *changed], store.url)
         for name in [*gone, *changed]:
             del self.objects[name]
+
+
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def _md5_of(path: str) -> str:

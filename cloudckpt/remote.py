@@ -825,14 +825,20 @@ class RemoteStore:
                 for start, end, part in checksums:
                     crc = crc32c_combine(crc, part, end - start)
                 return stored_crc == f"{crc:08x}"
-            return stored_crc == crc32c_of_file(local_path)[1]
+            try:
+                return stored_crc == crc32c_of_file(local_path)[1]
+            except OSError:  # the local file is gone or unreadable: undecided, the attempt's error stands
+                return False
         etag = unquoted_etag(info.get("ETag") or info.get("etag"))
         if etag is None or "-" in etag or not re.fullmatch(r"[0-9a-fA-F]{32}", etag):
             return False
         digest = hashlib.md5(usedforsecurity=False)
-        with open(local_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(local_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:  # as above
+            return False
         return digest.hexdigest() == etag.lower()
 
     @property

@@ -392,6 +392,10 @@ class Uploader:
             settled = self._in_flight_settled
             abandoned = ([self._in_flight] if self._in_flight and not committing and not settled else []) \
                 + list(self._queue)
+        # a save of a step committed already (a heal, or one cut before its commit found that out): the step
+        # stays committed (recorded as such when the worker stops, _abandoned_before_checking): nothing is lost
+        abandoned = [j for j in abandoned if not (j is self._in_flight and (
+            (scope is not None and scope.healing) or self._committed_record(j.checkpoint, fresh=False) is not None))]
         if first and abandoned:  # said once, with what a restart resumes from, by CheckpointEngine.stop_uploads
             steps = [j.checkpoint.step for j in abandoned]
             with self._cond:

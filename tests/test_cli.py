@@ -1018,10 +1018,13 @@ def test_storage_options_before_the_command_apply_as_after_it(bucket):
                             timeout=120, stdin=subprocess.DEVNULL)
              for args in (["-o", endpoint, "ls", url, "--json"], ["ls", url, "--json", "-o", endpoint],
                           ["-o", endpoint, "--max-attempts", "1", "ls", url, "--json"],
+                          ["-o", endpoint, "ls", url, "--json", "-o", "client_kwargs.region_name=us-east-1"],
                           ["-o", endpoint, "demo"])]
-    before, after, both, demo = procs
-    assert (before.returncode, after.returncode, both.returncode) == (0, 0, 0), (before.stderr, both.stderr)
-    assert json.loads(before.stdout) == json.loads(after.stdout) == json.loads(both.stdout) == []
+    before, after, both, split, demo = procs
+    assert (before.returncode, after.returncode, both.returncode, split.returncode) == (0, 0, 0, 0), \
+        (before.stderr, both.stderr, split.stderr)  # split: an -o after the command kept the ones before it
+    assert json.loads(before.stdout) == json.loads(after.stdout) == json.loads(both.stdout) \
+        == json.loads(split.stdout) == []
     assert demo.returncode == 2 and "demo takes no --storage-option" in demo.stderr, demo.stderr
 
 

@@ -466,6 +466,8 @@ def test_a_heal_abandoned_by_close_leaves_its_step_committed_not_dropped(slow_li
     finally:
         release.set()
     assert_heal_abandoned(uploader, slow_link, [r.getMessage() for r in caplog.records], committed=1, last=150)
+    # nor is it among the steps the engine's close WARNING calls abandoned, "not committed"
+    assert uploader.take_abandoned() == []
 
 
 def abandon_heal_before_it_starts(slow_link, tmp_path, *, by: str, also_deleted: tuple[str, ...] = ()):
@@ -522,6 +524,8 @@ def test_a_heal_abandoned_before_its_commit_found_the_step_committed_leaves_it_c
     if by == "final":
         (line,) = [m for m in messages if "abandoning the save of checkpoint step 150" in m]
         assert "committed already" in line, line
+    else:  # nor is it among the steps the engine's close WARNING calls abandoned, "not committed"
+        assert uploader.take_abandoned() == []
 
 
 def test_a_heal_abandoned_before_it_started_of_a_step_no_longer_committed_is_dropped_with_a_warning(
