@@ -1303,6 +1303,8 @@ class S3Transport:
                                 scope.note_sent(n, connection=id(conn), unsent=_unsent(conn.sock))
                         if sent != count:
                             raise OSError(errno.EIO, f"sent {sent} of {count} bytes of {bucket}/{key}")
+                    if cancellable:  # cancelled while it connected (abort_requests found no socket to shut then):
+                        self._check_cancel(where)  # from here on abort_requests shuts this socket
                     conn.sock.settimeout(read_timeout)
                     response = conn.getresponse()
                     answered = True
