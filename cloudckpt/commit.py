@@ -65,11 +65,9 @@ name. Without it (every other adapter) such a save is refused: the committed che
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import os
-import re
 import sys
 import uuid
 from concurrent.futures import Executor
@@ -87,6 +85,7 @@ from .lineage import CommitRecord, LogState, fold, legacy_commit_id
 from .layout import DEFAULT_LAYOUT, STATE_FILE, TF, committed_prefixes, render_state_file, state_file_timestamps
 from .manifest import Manifest, entry_for, parse_manifest
 from .remote import RemoteObject, RemoteStore
+from .s3_transport import etag_md5, md5_of_file
 
 from .waits import map_all
 from .writers import Writer
@@ -382,8 +381,8 @@ class _Own:
             # an ETag that is an MD5 (a single-part, unencrypted object's); others (multipart "-N", SSE-KMS/C)
             # tell nothing of the bytes: the size decides
             changed += [name for name, head in heads.items() if head["crc32c"] is None and head["etag"]
-                        and _MD5_HEX.fullmatch(head["etag"]) and name in files
-                        and _md5_of(files[name]) != head["etag"].lower()]
+                        and (md5 := etag_md5(head["etag"])) is not None and name in files
+                        and md5_of_file(files[name]) != md5]
             if differing:  # the store's figure alone is not trusted: read the bytes
                 read = store.read_files_crc32c([(name, self.objects[name][0], None) for name in differing],
                                                streams=store.transfer.max_download_streams)
@@ -394,18 +393,6 @@ class _Own:
                         [*gone, *changed], store.url)
         for name in [*gone, *changed]:
             del self.objects[name]
-
-
-_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
-
-
-def _md5_of(path: str) -> str:
-    """The MD5 (hex) of local file ``path``'s bytes: a single-part S3 object's ETag when it holds them."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _bytes_to_send(store: RemoteStore, ckpt: LocalCheckpoint, mine: Manifest, own: _Own) -> int:

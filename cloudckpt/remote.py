@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import hashlib
 import logging
 import os
 import posixpath
@@ -44,7 +43,8 @@ from .process_cache import ProcessCache
 from .retry import RetryPolicy, describe_cause, is_connection_failure, is_transient
 from .transfer import TransferOptions
 from .s3_transport import (CopySource, DownloadFailed, S3Transport, aws_environment,
-                           crc32c_combine, crc32c_hex_from_header, forget_sessions, transport_for, unquoted_etag)
+                           crc32c_combine, crc32c_hex_from_header, etag_md5, forget_sessions, md5_of_file,
+                           transport_for, unquoted_etag)
 from .urls import (CheckpointUrl, as_url, check_storage_options, display_url, install_backstop, is_local_path,
                    option_secrets, parse_url, redact, sanitized_cause)
 from .waits import map_all
@@ -829,17 +829,13 @@ class RemoteStore:
                 return stored_crc == crc32c_of_file(local_path)[1]
             except OSError:  # the local file is gone or unreadable: undecided, the attempt's error stands
                 return False
-        etag = unquoted_etag(info.get("ETag") or info.get("etag"))
-        if etag is None or "-" in etag or not re.fullmatch(r"[0-9a-fA-F]{32}", etag):
+        md5 = etag_md5(info.get("ETag") or info.get("etag"))
+        if md5 is None:
             return False
-        digest = hashlib.md5(usedforsecurity=False)
         try:
-            with open(local_path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            return md5_of_file(local_path) == md5
         except OSError:  # as above
             return False
-        return digest.hexdigest() == etag.lower()
 
     @property
     def deletes_in_bulk(self) -> bool:

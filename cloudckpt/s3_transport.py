@@ -151,7 +151,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the
 _IDLE_S = 20.0  # a kept-alive connection idle longer is closed rather than reused (servers time them out)
 # Answers of S3-compatible stores that do not implement additional checksums (or FULL_OBJECT ones).
 _CHECKSUM_REFUSALS = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
-_MD5_ETAG = re.compile(r"[0-9a-f]{32}")  # an unencrypted S3 part's ETag: the MD5 of its bytes
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")  # an unencrypted single-part object's or part's ETag: the MD5 of its bytes
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidRequest", "InvalidArgument"})
 _CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
 
@@ -231,6 +231,15 @@ class CopySource:
 def unquoted_etag(value: str | None) -> str | None:
     """An ETag without its quotes (S3 answers ``"abc-2"``; some stores omit them); None stays None."""
     return value.strip().strip('"') or None if value else None
+
+
+def etag_md5(etag: str | None) -> str | None:
+    """The MD5 an ETag states (32 hex digits, lowercased), with or without its quotes: an unencrypted
+    single-part S3 object's or part's ETag is the MD5 of its bytes (some stores write it upper-case). None
+    for other ETags (a multipart object's ``<hex>-<parts>``, SSE-KMS/SSE-C ones, other stores' forms), which
+    tell nothing of the bytes, and for None."""
+    value = unquoted_etag(etag)
+    return value.lower() if value is not None and _MD5_HEX.fullmatch(value) else None
 
 
 def _translated(err: S3ResponseError) -> OSError:
@@ -356,11 +365,26 @@ def _checked(request: Callable[[], T], f: Any, ranges: Sequence[tuple[int, int, 
     return run
 
 
-def _md5_of_range(fd: int, offset: int, count: int) -> str:
-    """Hex MD5 of ``count`` bytes of ``fd`` from ``offset`` (what S3 reports as an unencrypted part's ETag)."""
+def md5_of_file(file: str | int, offset: int = 0, length: int | None = None) -> str:
+    """The MD5 (32 lowercase hex digits) of a local file's bytes from byte ``offset``: ``length`` bytes, or all
+    to its end (None); what S3 reports as the ETag of an unencrypted single-part object or part holding them
+    (``etag_md5``). ``file``: a path, or an open file descriptor (read with ``os.pread``: its position is
+    neither used nor moved). Read ``READ_BUFFER`` bytes at a time, so memory stays bounded.
+
+    Raises:
+        OSError: the file cannot be opened or read, or (EIO) it ends before ``offset + length``.
+    """
+    if isinstance(file, str):
+        with open(file, "rb") as f:
+            return md5_of_file(f.fileno(), offset, length)
     digest = hashlib.md5(usedforsecurity=False)
-    for chunk in _range_chunks(fd, offset, count):
+    if length is not None:
+        for chunk in _range_chunks(file, offset, length):
+            digest.update(chunk)
+        return digest.hexdigest()
+    while chunk := os.pread(file, READ_BUFFER, offset):
         digest.update(chunk)
+        offset += len(chunk)
     return digest.hexdigest()
 
 
@@ -719,18 +743,18 @@ class S3Transport:
             log.warning("Copy source %s does not hold the bytes its manifest records (crc32c %s, expected "
                         "%08x): uploading instead.", where, crc32c_hex_from_header(stored), crc)
             return None
-        md5 = unquoted_etag(etag) or ""
-        if not _MD5_ETAG.fullmatch(md5):
+        md5 = etag_md5(etag)
+        if md5 is None:
             self._copies_unverifiable(f"a copy of {where} has ETag {etag!r}")
             return None
-        local = _md5_of_range(f.fileno(), start, end - start)
+        local = md5_of_file(f.fileno(), start, end - start)
         return etag if md5 == local else _Unvouched(md5, local)
 
     def _settle_unvouched(self, copy: _Unvouched, where: str, uploaded: str) -> None:
         """A copy of ``where`` was ``_Unvouched``, and the same bytes, uploaded, got ETag ``uploaded``: the MD5
         of the bytes (the store's ETags are MD5s), so the copy held other bytes; or not, so this store's ETags
         cannot vouch for copies."""
-        if unquoted_etag(uploaded) == copy.md5:
+        if etag_md5(uploaded) == copy.md5:
             log.warning("Copy source %s does not hold the bytes its manifest records (the copy's MD5 %s differs "
                         "from the local bytes' %s): uploaded those bytes instead.", where, copy.etag, copy.md5)
         else:
@@ -1057,7 +1081,7 @@ class S3Transport:
         attempts = [0]
 
         def md5() -> str:
-            return _md5_of_range(f.fileno(), 0, size)
+            return md5_of_file(f.fileno(), 0, size)
 
         def run() -> Any:
             attempts[0] += 1
@@ -1479,8 +1503,8 @@ def _coalesced(chunks: Sequence[tuple[int, int, int, bool]], upload_size: int,
 def _multipart_etag(part_etags: Sequence[str]) -> str | None:
     """The ETag S3 gives an object completed from parts with these ETags (in order): the MD5 of their binary
     MD5s, ``-<parts>``; None when a part's ETag is not 32 hex digits."""
-    digests = [unquoted_etag(etag) or "" for etag in part_etags]
-    if not digests or not all(_MD5_ETAG.fullmatch(d) for d in digests):
+    digests = [md5 for etag in part_etags if (md5 := etag_md5(etag)) is not None]
+    if not digests or len(digests) < len(part_etags):
         return None
     return hashlib.md5(b"".join(bytes.fromhex(d) for d in digests), usedforsecurity=False).hexdigest() + \
         f"-{len(digests)}"

@@ -8,6 +8,7 @@ the fault proxy flipping one byte of an upload body on its way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -58,6 +59,42 @@ def test_crc32c_combine_equals_crc_of_concatenation(split):
     data = np.random.default_rng(split).bytes(100_001)
     a, b = data[:split], data[split:]
     assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), len(b)) == google_crc32c.value(data)
+
+
+@pytest.mark.parametrize("etag, md5", [
+    ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+    ('"0123456789abcdef0123456789abcdef"', "0123456789abcdef0123456789abcdef"),  # S3 quotes its ETags
+    ("0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcdef"),  # some stores write upper case
+    ('"0123456789abcdef0123456789abcdef-3"', None),  # multipart: not the MD5 of the bytes
+    ("0123456789abcdef0123456789abcde", None),  # 31 digits
+    ("0123456789abcdef0123456789abcdeg", None),
+    ('W/"0123456789abcdef0123456789abcdef"', None),
+    ("", None),
+    (None, None),
+])
+def test_etag_md5_is_the_md5_a_plain_etag_states(etag, md5):
+    assert s3_transport.etag_md5(etag) == md5
+
+
+@pytest.mark.parametrize("offset, length", [(0, None), (0, 0), (0, 3 * MiB + 5), (1234, None), (1234, MiB + 1),
+                                            (3 * MiB + 5, None)])
+def test_md5_of_file_is_the_md5_of_the_bytes_it_names(tmp_path, offset, length):
+    data = np.random.default_rng(1).bytes(3 * MiB + 5)
+    path = write(tmp_path / "f", len(data), seed=1)
+    want = hashlib.md5(data[offset:None if length is None else offset + length]).hexdigest()
+    assert s3_transport.md5_of_file(path, offset, length) == want
+    with open(path, "rb") as f:
+        f.seek(7)
+        assert s3_transport.md5_of_file(f.fileno(), offset, length) == want
+        assert f.tell() == 7  # the descriptor's position is left alone
+
+
+def test_md5_of_file_past_the_end_of_a_file_is_an_error(tmp_path):
+    path = write(tmp_path / "f", 100)
+    with pytest.raises(OSError, match="ended at byte 100 of 101"):
+        s3_transport.md5_of_file(path, 0, 101)
+    with pytest.raises(FileNotFoundError):
+        s3_transport.md5_of_file(str(tmp_path / "missing"))
 
 
 def test_storage_options_map_to_the_transport(monkeypatch):
