@@ -20,7 +20,7 @@ from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .cancel import ContextPool, TransferScope
+from .cancel import ContextPool, TransferScope, in_context
 from .commit import ALREADY_COMMITTED, HEALED, REFUSED, UPLOADED, CommitResult, LocalCheckpoint, commit_checkpoint
 from .errors import ConfigError, FencedError, UploadError, human_size, integer_option
 from .lineage import CommitRecord, fold
@@ -49,6 +49,10 @@ NOTIFIER_JOIN_TIMEOUT = 5.0
 # tens of milliseconds each on S3 or GCS).
 FINAL_MARGIN = 1.25
 COMMIT_OVERHEAD = 1.0
+# A save cut for the final checkpoint before its commit found its step committed: the store is asked whether it
+# still lists the step (``Uploader._abandoned_before_checking``) for at most this share of the seconds left until
+# the preemption deadline, the final checkpoint waiting (a healthy store answers in tens of milliseconds).
+CUT_CHECK_SHARE = 0.05
 ABANDON, KEEP = "abandon", "keep"
 
 
@@ -304,6 +308,7 @@ class Uploader:
         # the transfer scope of the in-flight job while it uploads (cancellable alone: favour_final); None after
         self._in_flight_scope: TransferScope | None = None
         self._plans_logged: set[tuple[int, str]] = set()  # (step in flight, FinalPlan.case) logged by favour_final
+        self._final_deadline_at: float | None = None  # deadline_at of favour_final's last abandon (time.monotonic())
         self._last_send_rate: float | None = None  # bytes/s an upload measured when it ended (TransferScope)
         self._failures: list[UploadError] = []
         self._drop_notices: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # dropped steps for the observer
@@ -555,6 +560,7 @@ class Uploader:
             with self._cond:
                 if self._in_flight is not job or self._in_flight_scope is not scope:
                     return None  # it ended meanwhile: the final checkpoint is next anyway
+                self._final_deadline_at = deadline_at  # before the cancel: it bounds the worker's check of the cut
                 abandoned = self.store.cancel_transfers(scope)
             if not abandoned:  # past its point of no return: its commit point is being written
                 return self._keep_committing(older, step, plan)
@@ -691,8 +697,16 @@ class Uploader:
         point while it was reported abandoned. Other backends stop between files: a file in flight there may
         finish in the background (daemon threads), uncommitted. Otherwise the worker and its file-upload threads have
         ended when this returns. A later ``close`` waits ``ABANDON_GRACE`` at most, not ``timeout``; a
-        later ``start`` waits for the abandoned worker to end (``resume_transfers``).
+        later ``start`` waits for the abandoned worker to end (``resume_transfers``). Whatever the outcome, a
+        Ctrl-C included, the drops still waiting reach the observer and its thread has ended (``_end_notifier``).
         """
+        try:
+            self._stop_worker(timeout)
+        finally:  # also after a Ctrl-C: the drops waiting reach the observer, and its thread ends
+            self._end_notifier()
+
+    def _stop_worker(self, timeout: float | None) -> None:
+        """``close`` but for the notifier thread."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -710,7 +724,6 @@ class Uploader:
             if not finished:
                 if pool is not None:
                     pool.close()  # the worker starts no further file: what it still submits fails (abandoned)
-                self._end_notifier()
                 return
         with self._cond:
             self._thread = None
@@ -718,7 +731,6 @@ class Uploader:
         if pool is not None:
             pool.close()
             pool.join()
-        self._end_notifier()
 
     def stats(self) -> UploadStats:
         """A copy of the counters, with the read-time figures (``uncommitted_seconds`` / ``uncommitted_steps``)
@@ -829,7 +841,9 @@ class Uploader:
             finally:
                 self._note_send_rate(scope)
         if cut is not None:  # out of its cancelled scope: checking the store's catalog may send requests
-            if not self._abandoned_before_checking(job, "abandoned for the final checkpoint", cut):
+            with self._cond:
+                deadline_at = self._final_deadline_at
+            if not self._abandoned_before_checking(job, "abandoned for the final checkpoint", cut, deadline_at):
                 with self._cond:
                     self._stats.dropped += 1
                 log.info("Upload of checkpoint step %d stopped (abandoned for the final checkpoint); nothing of "
@@ -933,13 +947,16 @@ class Uploader:
         lineage = set(state.ancestry(writer.head))
         return next((r for r in reversed(state.live()) if r.prefix == ckpt.prefix and r.commit_id in lineage), None)
 
-    def _abandoned_before_checking(self, job: UploadJob, why: str, exc: Exception) -> bool:
+    def _abandoned_before_checking(self, job: UploadJob, why: str, exc: Exception,
+                                   deadline_at: float | None = None) -> bool:
         """``job``'s save was cut (``why``: by ``favour_final`` or ``close``) before its commit found out whether its
         checkpoint is committed already (a heal, ``TransferScope.healing``, had not started). If the commit log
         (as last read) lists a commit of it in this writer's lineage, it was committed once: is it still, as the
         catalog defines it (a live log commit entry, its manifest in the store)? Asked of the store (the log's new
         entries, the manifest's size: a few small requests) unless every transfer of the store is cancelled
-        (``close``: no request may start), then answered from the log as last read.
+        (``close``: no request may start), then answered from the log as last read. Cut for the final checkpoint
+        (``deadline_at``: the preemption deadline, ``time.monotonic()``), the store has ``CUT_CHECK_SHARE`` of the
+        seconds left until it to answer (``_still_committed``); unanswered then, the log as last read answers too.
 
         Returns:
             False when the log never listed it (an ordinary abandoned upload: the caller counts it dropped).
@@ -948,19 +965,18 @@ class Uploader:
             manifest gone), a dropped save, logged at WARNING.
         """
         ckpt = job.checkpoint
-        if self._committed_record(ckpt, fresh=False) is None:
+        record = self._committed_record(ckpt, fresh=False)
+        if record is None:
             return False
-        ask_store = not self.store.cancel.all_set()
-        record = self._committed_record(ckpt, fresh=ask_store)
-        why_not = "the commit log no longer lists a commit of it"
-        if record is not None and ask_store:
-            try:
-                present = self.store.size(record.manifest) is not None
-            except Exception as exc2:  # noqa: BLE001 - unknown: the log's word stands
-                log.debug("Checking the manifest of step %d in %s failed: %s", ckpt.step, self.store.url, exc2)
-                present = True
-            if not present:
-                record, why_not = None, f"its manifest {record.manifest} is gone"
+        why_not, not_checked = "", "every transfer being cancelled"
+        if not self.store.cancel.all_set():
+            within = None if deadline_at is None else max(0.0, CUT_CHECK_SHARE * (deadline_at - time.monotonic()))
+            answer = self._still_committed(ckpt, within)
+            if answer is not None:
+                (record, why_not), not_checked = answer, ""
+            else:
+                not_checked = (f"the store did not answer within {within:.2f} s, the final checkpoint of a "
+                               "preemption waiting")
         if record is not None:
             with self._cond:
                 self._stats.housekeeping_failures += 1
@@ -969,8 +985,8 @@ class Uploader:
                     "objects (not verified; a later save of it heals what is missing)")
             log.info("Checkpoint step %d stays committed in %s%s; its save was %s before its commit checked the "
                      "committed objects (not verified: any missing or truncated are still so): %s", ckpt.step,
-                     self.store.url, "" if ask_store else " (as the commit log last read lists it: not checked "
-                     "again, every transfer being cancelled)", why, exc)
+                     self.store.url, f" (as the commit log last read lists it: not checked again, {not_checked})"
+                     if not_checked else "", why, exc)
             return True
         with self._cond:
             self._stats.dropped += 1
@@ -978,6 +994,45 @@ class Uploader:
                     "lists it (%s), and this save of it was %s before committing it again: dropped.", ckpt.step,
                     self.store.url, why_not, why)
         return True
+
+    def _still_committed(self, ckpt: LocalCheckpoint, within: float | None) -> tuple[CommitRecord | None, str] | None:
+        """Ask the store whether checkpoint ``ckpt`` is still committed: the commit log's new entries
+        (``_committed_record``, fresh), then its manifest's size, each under the store's RetryPolicy; a read that
+        fails leaves the log's word standing (the log as last read; a manifest that could not be sized: there).
+
+        ``within``: seconds to wait for the answer (None: no limit); the requests then run in a thread of their
+        own (``cloudckpt-check``) and a transfer scope that is cancelled when the time is up: no further request
+        or retry starts, and on ``s3://`` cloudckpt's own requests stop; a request in flight on s3fs or gcsfs ends
+        by its own timeouts in the background (that thread may outlive ``close`` so long), its answer unused.
+
+        Returns:
+            (the live commit record, or None; why not, for the log), or None when there was no answer in time.
+        """
+        def ask() -> tuple[CommitRecord | None, str]:
+            record = self._committed_record(ckpt, fresh=True)
+            if record is None:
+                return None, "the commit log no longer lists a commit of it"
+            try:
+                present = self.store.size(record.manifest) is not None
+            except Exception as exc:  # noqa: BLE001 - unknown: the log's word stands
+                log.debug("Checking the manifest of step %d in %s failed: %s", ckpt.step, self.store.url, exc)
+                present = True
+            return (record, "") if present else (None, f"its manifest {record.manifest} is gone")
+
+        if within is None:
+            return ask()
+        answers: list[tuple[CommitRecord | None, str]] = []
+        with self.store.transfer_scope() as scope:
+            check = in_context(lambda: answers.append(ask()))
+            thread = threading.Thread(target=check, name="cloudckpt-check", daemon=True)
+            thread.start()
+            thread.join(within)
+            if answers:
+                return answers[0]
+            self.store.cancel_transfers(scope)
+        log.debug("Checking whether step %d is still committed in %s took over %.2f s: given up, the final checkpoint "
+                  "waiting.", ckpt.step, self.store.url, within)
+        return None
 
     def _record_abandoned_heal(self, step: int, why: str, exc: Exception) -> None:
         """The heal of committed checkpoint ``step`` (its missing or truncated objects re-uploaded) was cut: ``why``

@@ -791,6 +791,66 @@ def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_t
     assert read_scalars(summaries)["dropped"][30] == 1.0
 
 
+def test_a_ctrl_c_in_close_still_delivers_the_last_drops_and_leaves_no_observer_thread(cloudckpt_s3, tmp_path):
+    """The same with ``Uploader.close()`` interrupted by a Ctrl-C while it waits for the upload in flight (the store
+    down): the KeyboardInterrupt propagates, the drop waiting still reaches the observer, and the thread delivering
+    drops has ended when it does. Before: the interrupt skipped ending that thread (it lived on up to 1 s, and
+    could call the observer after the caller closed what it writes to)."""
+    import _thread
+    import signal
+
+    from cloudckpt.commit import LocalCheckpoint
+    from cloudckpt.remote import RemoteStore
+    from cloudckpt.uploader import Uploader, UploadJob
+    from support.fault_proxy import FaultProxy
+
+    local = tmp_path / "local"
+    observed: list[int] = []
+    retry = cloudckpt.RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.1, deadline=120)
+
+    def checkpoint(step: int) -> LocalCheckpoint:
+        paths = write_checkpoint(local, step)
+        return LocalCheckpoint(step=step, prefix=f"ckpt-{step}", files={os.path.basename(p): p for p in paths})
+
+    def in_close() -> bool:  # the main thread is inside Uploader.close
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None and frame.f_code is not Uploader.close.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    def ctrl_c() -> None:
+        deadline = time.monotonic() + 30
+        while not in_close() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()  # SIGINT, as the terminal sends it: a KeyboardInterrupt in the main thread
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with FaultProxy(cloudckpt_s3.endpoint) as proxy:
+        options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
+        retried = threading.Event()
+        store = RemoteStore(cloudckpt_s3.url("run"), options, retry=retry, on_retry=lambda cause: retried.set())
+        uploader = Uploader(store, max_pending=1, observer=lambda step, stats: observed.append(step))
+        try:
+            uploader.start()
+            proxy.start_outage()
+            uploader.submit(UploadJob(checkpoint(20)))
+            assert retried.wait(30), "no retry during the outage"  # step 20 is in flight, retrying
+            uploader.submit(UploadJob(checkpoint(30)))
+            uploader.submit(UploadJob(checkpoint(40)))  # step 30 is dropped
+            sender = threading.Thread(target=ctrl_c)
+            sender.start()
+            with pytest.raises(KeyboardInterrupt):
+                uploader.close()  # until committed: only the Ctrl-C ends it
+            observers = [t.name for t in threading.enumerate() if t.name == "cloudckpt-observer"]
+            sender.join()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            uploader.close()  # the abandoned worker's grace
+            proxy.end_outage()
+    assert observers == [], observers
+    assert 30 in observed, observed
+
+
 def _held(proxy, step: int) -> threading.Event:
     """Have the store hold every PUT of checkpoint ``step`` until the event returned is set; wait for the first."""
     hold = threading.Event()

@@ -549,6 +549,45 @@ def test_a_heal_abandoned_before_it_started_of_a_step_no_longer_committed_is_dro
     assert "Checkpoint step 150 stays committed" not in caplog.text
 
 
+def test_a_stalled_check_of_a_save_cut_before_it_found_its_step_committed_does_not_hold_up_the_final_checkpoint(
+        slow_link, tmp_path, caplog):
+    """The save of committed step 150 cut for the final step 175 before its commit found step 150 committed (as in
+    ``abandon_heal_before_it_starts``); the store then stalls the worker's check of it (the HEAD of step 150's
+    manifest, held by the proxy until the end of the test). The check gets ``CUT_CHECK_SHARE`` of the seconds left
+    until the deadline: unanswered then, the log as last read answers (step 150 stays committed: a housekeeping
+    failure, said "not checked again") and the final checkpoint commits well before the deadline. Before: the
+    worker waited for the HEAD (s3fs's 60 s read timeout, then retries) and the final checkpoint missed it."""
+    from cloudckpt.uploader import UploadJob
+
+    caplog.set_level(logging.INFO, logger="cloudckpt")
+    url, proxy, options, direct, bucket = slow_link
+    release, stall = threading.Event(), threading.Event()
+    try:
+        uploader = heal_step_150(slow_link, tmp_path, release, hold="GET")
+        try:
+            uploader.submit(UploadJob(checkpoint_of(tmp_path / "final", 175, os.urandom(1000)), required=True))
+            deadline_at = time.monotonic() + 8.0
+            plan = uploader.favour_final(175, deadline_at)
+            assert (plan.action, plan.case) == ("abandon", "no figure"), plan
+            proxy.set_faults(only_methods=("HEAD",), path_filter=re.escape("ckpt-150.manifest.json"), until=stall)
+            release.set()  # the cut save's held GET ends; its check's HEAD is held instead
+            assert uploader.wait(max(0.0, deadline_at - time.monotonic())), \
+                "the final checkpoint was not committed by the deadline"
+            assert proxy.most_held.get("HEAD", 0) >= 1  # the check was stalled, not skipped
+        finally:
+            stall.set()
+            uploader.close()
+    finally:
+        release.set()
+        stall.set()
+    stats = uploader.stats()
+    assert (stats.committed, stats.dropped, stats.failed, stats.last_committed_step) == (2, 0, 0, 175), stats
+    assert stats.housekeeping_failures == 1, stats
+    assert [c.step for c in cloudckpt.list_checkpoints(url, direct)] == [150, 175]
+    assert any(m.startswith("Checkpoint step 150 stays committed") and "not checked again, the store did not "
+               "answer within" in m for m in [r.getMessage() for r in caplog.records]), caplog.text
+
+
 def test_a_scope_counts_what_is_left_from_the_start_of_its_current_round(memory_url):
     """``bytes_left``: before any round is announced, the files' total less what the scope sent; once a round
     starts (``begin_round``: a commit going round again announces what it still has to send), that round's bytes
