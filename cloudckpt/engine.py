@@ -791,11 +791,13 @@ class CheckpointEngine:
             pending = self._uploader.pending_steps()
             try:
                 self.stop_uploads(timeout=timeout, reason=f"Closing cloudckpt ({reason})")
+            finally:  # a Ctrl-C in stop_uploads too: the event file is closed, the local directory let go
                 summaries, self._summaries = self._summaries, None
-                if summaries is not None:  # open() starts a new event file
-                    summaries.close()
-            finally:
-                self.release_local_dir()  # after the uploads stopped: no snapshot of this engine is left there
+                try:
+                    if summaries is not None:  # open() starts a new event file
+                        summaries.close()
+                finally:
+                    self.release_local_dir()  # after the uploads stopped: no snapshot of this engine is left there
             failure = self._uploader.take_failure()
             if failure is not None:
                 log.error("%s", failure)

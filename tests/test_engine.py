@@ -3,6 +3,7 @@ resume + fencing, preemption, layouts. Against moto's S3 server on 127.0.0.1 and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -756,10 +757,16 @@ def test_during_an_outage_stats_and_summaries_show_what_a_preemption_would_lose(
     assert after.uncommitted_steps == 5 and after.uncommitted_seconds < during.uncommitted_seconds + 60
 
 
-def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_thread(cloudckpt_s3, tmp_path):
-    """A checkpoint dropped just before close() (store down, max_pending=1) still gets its TensorBoard point, and
-    the thread that delivers drops to the observer has ended when close() returns. Before: it lived on up to 1 s
-    after close (one more cloudckpt thread left running) and could write after the summary writer closed."""
+@pytest.mark.parametrize("interrupted", [False, True], ids=["close", "ctrl_c_in_close"])
+def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_thread(cloudckpt_s3, tmp_path,
+                                                                                      interrupted):
+    """A checkpoint dropped just before close() (store down, max_pending=1) still gets its TensorBoard point, the
+    thread that delivers drops to the observer has ended when close() returns, and the event file is closed (no
+    descriptor of this process left on it). Before: that thread lived on up to 1 s after close (one more cloudckpt
+    thread left running) and could write after the summary writer closed. ``ctrl_c_in_close``: close() interrupted
+    by a Ctrl-C while it waits for the upload in flight; the KeyboardInterrupt propagates, the event file is closed
+    all the same (before: the interrupt skipped closing it)."""
+    import signal
     import time
 
     pytest.importorskip("tensorflow")
@@ -768,6 +775,17 @@ def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_t
 
     local, summaries = tmp_path / "local", tmp_path / "tb"
     retry = cloudckpt.RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.1, deadline=120)
+
+    def open_event_files() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(summaries)):
+                    found.append(target)
+        return found
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with FaultProxy(cloudckpt_s3.endpoint) as proxy:
         options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
         engine = CheckpointEngine(cloudckpt_s3.url("run"), str(local), storage_options=options, max_pending=1,
@@ -783,12 +801,45 @@ def test_close_delivers_the_last_drops_to_the_summaries_and_leaves_no_observer_t
             engine.submit(30, write_checkpoint(local, 30))
             engine.submit(40, write_checkpoint(local, 40))  # step 30 is dropped
             assert engine.stats().dropped == 1
-        finally:
-            engine.close(timeout=0)
+            if interrupted:
+                while not open_event_files():  # the observer thread writes the drop of step 30
+                    assert time.monotonic() < deadline, "the drop of step 30 opened no event file"
+                    time.sleep(0.02)
+                sender = threading.Thread(target=_ctrl_c_in_uploader_close)
+                sender.start()
+                with pytest.raises(KeyboardInterrupt):
+                    engine.close(timeout=60)  # until committed: only the Ctrl-C ends it
+                sender.join()
+            else:
+                engine.close(timeout=0)
             observers = [t.name for t in threading.enumerate() if t.name == "cloudckpt-observer"]
+            still_open = open_event_files()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            engine.close(timeout=0)
             proxy.end_outage()
     assert observers == [], observers
+    assert still_open == [], still_open
     assert read_scalars(summaries)["dropped"][30] == 1.0
+
+
+def _ctrl_c_in_uploader_close() -> None:
+    """Once the main thread is inside ``Uploader.close`` (30 s at most), interrupt it as the terminal's SIGINT does:
+    a KeyboardInterrupt there."""
+    import _thread
+
+    from cloudckpt.uploader import Uploader
+
+    def in_close() -> bool:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None and frame.f_code is not Uploader.close.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    deadline = time.monotonic() + 30
+    while not in_close() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _thread.interrupt_main()
 
 
 def test_a_ctrl_c_in_close_still_delivers_the_last_drops_and_leaves_no_observer_thread(cloudckpt_s3, tmp_path):
@@ -796,7 +847,6 @@ def test_a_ctrl_c_in_close_still_delivers_the_last_drops_and_leaves_no_observer_
     down): the KeyboardInterrupt propagates, the drop waiting still reaches the observer, and the thread delivering
     drops has ended when it does. Before: the interrupt skipped ending that thread (it lived on up to 1 s, and
     could call the observer after the caller closed what it writes to)."""
-    import _thread
     import signal
 
     from cloudckpt.commit import LocalCheckpoint
@@ -812,18 +862,6 @@ def test_a_ctrl_c_in_close_still_delivers_the_last_drops_and_leaves_no_observer_
         paths = write_checkpoint(local, step)
         return LocalCheckpoint(step=step, prefix=f"ckpt-{step}", files={os.path.basename(p): p for p in paths})
 
-    def in_close() -> bool:  # the main thread is inside Uploader.close
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        while frame is not None and frame.f_code is not Uploader.close.__code__:
-            frame = frame.f_back
-        return frame is not None
-
-    def ctrl_c() -> None:
-        deadline = time.monotonic() + 30
-        while not in_close() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        _thread.interrupt_main()  # SIGINT, as the terminal sends it: a KeyboardInterrupt in the main thread
-
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with FaultProxy(cloudckpt_s3.endpoint) as proxy:
         options = {**cloudckpt_s3.storage_options, "endpoint_url": proxy.url}
@@ -837,7 +875,7 @@ def test_a_ctrl_c_in_close_still_delivers_the_last_drops_and_leaves_no_observer_
             assert retried.wait(30), "no retry during the outage"  # step 20 is in flight, retrying
             uploader.submit(UploadJob(checkpoint(30)))
             uploader.submit(UploadJob(checkpoint(40)))  # step 30 is dropped
-            sender = threading.Thread(target=ctrl_c)
+            sender = threading.Thread(target=_ctrl_c_in_uploader_close)
             sender.start()
             with pytest.raises(KeyboardInterrupt):
                 uploader.close()  # until committed: only the Ctrl-C ends it
