@@ -8,10 +8,13 @@ the fault proxy flipping one byte of an upload body on its way.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 
 import google_crc32c
@@ -384,6 +387,56 @@ def test_a_corrupted_download_is_caught_by_the_checksum_of_the_bytes_written(sea
     assert not (tmp_path / "restored" / "model.ckpt-4.index").exists()
     cloudckpt.download_checkpoint(url, str(tmp_path / "restored"), storage_options=seaweed_server.storage_options)
     assert (tmp_path / "restored" / "model.ckpt-4.data-00000-of-00001").read_bytes() == (tmp_path / "d").read_bytes()
+
+
+def test_a_download_has_its_disk_blocks_before_its_bytes_arrive(seaweed_server, seaweed_bucket, tmp_path):
+    """A download allocates its file's blocks up front (fallocate): while the bytes still come in (the proxy lets
+    2 MiB/s through), the file already holds all of its 6 MiB on disk, and the download's crc32c is the file's.
+    Without it, ext4 allocated block by block as bytes were written (the file held what had arrived so far)."""
+    size = 6 * MiB
+    src = write(tmp_path / "src", size, seed=3)
+    transport_for(seaweed_server.storage_options).put_file(src, seaweed_bucket, "slow")
+    back = tmp_path / "back"
+    arrived = [0]
+    with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+        proxy.set_bandwidth(2 * MiB)
+        transport = transport_for({**seaweed_server.storage_options, "endpoint_url": proxy.url})
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(transport.get_file_crc32c(
+            seaweed_bucket, "slow", str(back), progress=lambda n: arrived.__setitem__(0, arrived[0] + n))))
+        thread.start()
+        allocated_when = None
+        while thread.is_alive() and allocated_when is None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(back).st_blocks * 512 >= size:
+                    allocated_when = arrived[0]
+            time.sleep(0.005)
+        thread.join()
+        transport.close()
+    assert allocated_when is not None and allocated_when < size // 2, (allocated_when, arrived[0])
+    assert result == [crc32c_of_file(src)]
+
+
+def test_a_download_larger_than_the_disk_fails_before_any_byte(seaweed_server, seaweed_bucket, tmp_path):
+    """A file listed larger than the local file system (here tmpfs: /dev/shm) fails at once with ENOSPC, no GET
+    sent and nothing of it left allocated: not after downloading what fits and filling the disk."""
+    shm = os.statvfs("/dev/shm")
+    too_large = shm.f_blocks * shm.f_frsize + 64 * MiB
+    transport_for(seaweed_server.storage_options).put_file(write(tmp_path / "small", 100), seaweed_bucket, "big")
+    target = f"/dev/shm/cloudckpt-test-{uuid.uuid4().hex}"
+    try:
+        with FaultProxy(seaweed_server.endpoint, seed=0) as proxy:
+            transport = transport_for({**seaweed_server.storage_options, "endpoint_url": proxy.url})
+            with pytest.raises(OSError) as raised:
+                transport.get_files_crc32c(seaweed_bucket, [("big", target, too_large)], streams=2)
+            transport.close()
+            requests = [e for e in proxy.events if e[0] == "GET"]
+        assert raised.value.errno == errno.ENOSPC, raised.value
+        assert requests == []
+        assert os.stat(target).st_blocks == 0
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
 
 
 def test_a_restore_sizes_files_by_the_listing_and_follows_an_object_replaced_since(seaweed_server, seaweed_bucket,
