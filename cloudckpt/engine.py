@@ -993,10 +993,11 @@ class CheckpointEngine:
     def _record_summaries(self, step: int, stats: UploadStats) -> None:
         """After each checkpoint's outcome (in the uploader thread), and after each drop of a waiting one (in
         the uploader's notifier thread): the scalars of ``summaries.py``, at that checkpoint's step."""
-        if self._summaries is None:
+        summaries = self._summaries  # read once: close() sets it to None from another thread
+        if summaries is None:
             return
         committed = stats.last_committed_step == step
-        self._summaries.scalars(step, {
+        summaries.scalars(step, {
             "commit_lag_seconds": stats.last_commit_lag_seconds if committed else None,
             "commit_lag_steps": stats.last_commit_lag_steps if committed else None,
             "throughput_mib_per_second": stats.last_upload_mib_per_second if committed else None,
