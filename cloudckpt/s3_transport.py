@@ -1120,7 +1120,8 @@ class S3Transport:
             raise exc
         if head["size"] != size:
             return False
-        return head["crc32c"] == f"{crc:08x}" or head["etag"] is not None and head["etag"] == etag()
+        # etag() is lower-case hex (an MD5, or a multipart "<md5>-<parts>"); some stores write ETags in upper case
+        return head["crc32c"] == f"{crc:08x}" or head["etag"] is not None and head["etag"].lower() == etag()
 
     def _abort_upload(self, bucket: str, key: str, upload_id: str) -> None:
         """AbortMultipartUpload, also once cancelled (an aborted upload leaves no parts behind); best effort.

@@ -711,3 +711,62 @@ def test_a_stale_kept_alive_connection_is_replaced_without_a_retry():
     finally:
         server.close()
     assert len(server.seen) == 2 and len(calls) == 2
+
+
+def test_a_lost_create_only_put_is_recognised_on_a_store_writing_upper_case_etags(tmp_path):
+    """A store that reports no crc32c of an object and writes its ETags in upper case (``etag_md5``: "some stores
+    write it upper-case"). A create-only PutObject reaches it, its answer is lost (the connection closes); the
+    retry is answered 412. The HEAD that settles it finds the object's size and an ETag that is the MD5 of the
+    file's bytes, in upper case: this upload's object, the write succeeds. Was: the ETag was compared with the
+    lower-case MD5 as a string, so the upload took its own object for someone else's (FileExistsError)."""
+    import http.server
+
+    data = os.urandom(1000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    etag = hashlib.md5(data).hexdigest().upper()
+    puts: list[int] = []
+    heads: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            puts.append(1)
+            if len(puts) == 1:  # stored; its answer is lost
+                self.close_connection = True
+                return
+            body = b"<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you " \
+                   b"specified did not hold</Message></Error>"
+            self.send_response(412)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            heads.append(1)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{etag}"')
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def call(fn):  # the retry layer's place: a second attempt after any failure
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001
+            return fn()
+    try:
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{server.server_address[1]}"})
+        t.put_file(str(path), "bucket", "key", create=True, call=call)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(puts) >= 2 and heads, (puts, heads)  # the retry's 412 was settled by a HEAD
