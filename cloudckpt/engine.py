@@ -767,7 +767,9 @@ class CheckpointEngine:
 
         Checkpoints still uploading get ``timeout`` seconds to commit (default:
         ``upload_timeout``; after a preemption notice at most until the deadline),
-        then they are abandoned; afterwards no cloudckpt thread is left. Failures
+        then they are abandoned; afterwards no cloudckpt thread is left (but for a
+        store request a preemption's final checkpoint stopped waiting for on a stalled
+        gs:// or s3fs store: it ends by its own timeout, its answer unused). Failures
         not yet reported are logged at ERROR, not raised (``finish`` raises).
         A Ctrl-C while the watcher stops or the uploads are waited for is not
         waited for: the uploads are abandoned and the ``KeyboardInterrupt`` propagates.

@@ -1493,6 +1493,8 @@ LOCAL_DISK_HINTS = {
     errno.ENOSPC: "the local disk is full: free space on it, or use a directory on a disk with room",
     errno.EDQUOT: "this user's disk quota is exhausted: free space, or use a directory with room",
     errno.EROFS: "the local file system is read-only: use a directory on a writable file system",
+    errno.EFBIG: "the file is larger than the local file system or this process's file size limit (ulimit -f) "
+                 "allows: use a directory on a file system that takes files this large, or raise the limit",
 }
 
 

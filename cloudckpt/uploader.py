@@ -972,10 +972,12 @@ class Uploader:
         if not self.store.cancel.all_set():
             within = None if deadline_at is None else max(0.0, CUT_CHECK_SHARE * (deadline_at - time.monotonic()))
             answer = self._still_committed(ckpt, within)
-            if answer is not None:
+            if self.store.cancel.all_set():  # close() cut the check: whatever it got is not the store's word
+                pass
+            elif answer is not None:
                 (record, why_not), not_checked = answer, ""
             else:
-                not_checked = (f"the store did not answer within {within:.2f} s, the final checkpoint of a "
+                not_checked = (f"the store did not answer within {within or 0:.2f} s, the final checkpoint of a "
                                "preemption waiting")
         if record is not None:
             with self._cond:
@@ -1022,8 +1024,15 @@ class Uploader:
         if within is None:
             return ask()
         answers: list[tuple[CommitRecord | None, str]] = []
+
+        def asked() -> None:
+            try:
+                answers.append(ask())
+            except Exception as exc:  # noqa: BLE001 - no answer: the log's word stands
+                log.debug("Checking whether step %d is still committed in %s failed: %s", ckpt.step, self.store.url,
+                          exc)
         with self.store.transfer_scope() as scope:
-            check = in_context(lambda: answers.append(ask()))
+            check = in_context(asked)
             thread = threading.Thread(target=check, name="cloudckpt-check", daemon=True)
             thread.start()
             thread.join(within)

@@ -72,7 +72,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.proxy = self.server.fault_proxy
         if self.proxy._in_outage():  # reset at accept time: clients fail at once
             return self._rst()
-        super().handle()
+        try:
+            super().handle()
+        except ConnectionResetError:  # a client that gave up reset its connection (cancelled transfers do)
+            self.close_connection = True
 
     def _rst(self):
         # SO_LINGER(on, 0) + close() makes the kernel send RST instead of FIN, so
