@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
                       help="128 MiB upload/restore/memory runs, 32 MiB stall model: < 3 min on 2 cores "
-                           "(default: full mode, 1 GiB / 2 GiB, < 20 min)")
+                           "(default: full mode, 1 GiB / 2 GiB, about 30 min on 2 cores)")
     mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                       help="a few MiB, 2 repetitions: checks the benchmark code runs (numbers meaningless)")
     p.set_defaults(mode="full")

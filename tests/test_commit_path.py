@@ -78,6 +78,9 @@ def test_one_directory_listing_per_commit_and_manifests_read_once_per_process(co
     assert engine.stats().committed == 6
     for step, counts in enumerate(per_commit, start=1):
         assert counts["dir_listings"] == 1, (step, counts)  # commit, state file and retention share one scan
+        # the commit log's newest entries (fencing, see writers): read before the upload and again before the
+        # commit's entry is appended, and once more before retention appends its deletion
+        assert counts["log_listings"] == (3 if step > 2 else 2), (step, counts)
         assert counts["manifest_gets"] == 0, (step, counts)  # this process wrote them all
         assert counts["single_deletes"] == 0, (step, counts)
         assert counts["bulk_deletes"] == (1 if step > 2 else 0), (step, counts)  # the old checkpoint, one request
