@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from typing import Any, Callable
 
 import google_crc32c
 import numpy as np
@@ -599,13 +600,18 @@ def test_copying_uploads_refuse_chunks_s3_would_not_accept(tmp_path, case):
 
 # -- HTTP behaviour against a scripted server ------------------------------------------------------------
 class _Scripted:
-    """A tiny HTTP/1.1 server on 127.0.0.1: answers PUTs by a rule, records (headers, keep_alive) per request."""
+    """A tiny HTTP/1.1 server on 127.0.0.1: answers PUTs by a rule, records (headers, keep_alive) per request.
+    ``answer_put(handler, n)``, if given, answers the ``n``th PUT (1-based) itself (its body already read);
+    ``answer_head(handler)`` answers HEADs (else: 405)."""
 
-    def __init__(self, refuse_checksums: bool = False, drop_idle: bool = False) -> None:
+    def __init__(self, refuse_checksums: bool = False, drop_idle: bool = False,
+                 answer_put: Callable[[Any, int], None] | None = None,
+                 answer_head: Callable[[Any], None] | None = None) -> None:
         import http.server
         import threading
 
         self.seen: list[dict[str, str]] = []
+        self.heads = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -617,6 +623,8 @@ class _Scripted:
             def do_PUT(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.seen.append({k.lower(): v for k, v in self.headers.items()})
+                if answer_put is not None:
+                    return answer_put(self, len(outer.seen))
                 if refuse_checksums and any(k.lower().startswith("x-amz-checksum") for k in self.headers):
                     body = b"<Error><Code>NotImplemented</Code><Message>no checksums here</Message></Error>"
                     self.send_response(501)
@@ -629,6 +637,14 @@ class _Scripted:
                 self.wfile.write(body)
                 if drop_idle:
                     self.close_connection = True  # closes without "Connection: close": a stale kept-alive socket
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                outer.heads += 1
+                if answer_head is not None:
+                    return answer_head(self)
+                self.send_response(405)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -721,54 +737,37 @@ def test_a_lost_create_only_put_is_recognised_on_a_store_writing_upper_case_etag
     retry is answered 412. The HEAD that settles it finds the object's size and an ETag that is the MD5 of the
     file's bytes, in upper case: this upload's object, the write succeeds. Was: the ETag was compared with the
     lower-case MD5 as a string, so the upload took its own object for someone else's (FileExistsError)."""
-    import http.server
-
     data = os.urandom(1000)
     path = tmp_path / "f"
     path.write_bytes(data)
     etag = hashlib.md5(data).hexdigest().upper()
-    puts: list[int] = []
-    heads: list[int] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer_put(handler, n: int) -> None:
+        if n == 1:  # stored; its answer is lost
+            handler.close_connection = True
+            return
+        body = b"<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you " \
+               b"specified did not hold</Message></Error>"
+        handler.send_response(412)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
 
-        def log_message(self, *args):  # noqa: ANN002
-            pass
-
-        def do_PUT(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            puts.append(1)
-            if len(puts) == 1:  # stored; its answer is lost
-                self.close_connection = True
-                return
-            body = b"<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you " \
-                   b"specified did not hold</Message></Error>"
-            self.send_response(412)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            heads.append(1)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("ETag", f'"{etag}"')
-            self.end_headers()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    def answer_head(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("ETag", f'"{etag}"')
+        handler.end_headers()
 
     def call(fn):  # the retry layer's place: a second attempt after any failure
         try:
             return fn()
         except Exception:  # noqa: BLE001
             return fn()
+    server = _Scripted(answer_put=answer_put, answer_head=answer_head)
     try:
-        t = transport_for({"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{server.server_address[1]}"})
+        t = transport_for({"key": "k", "secret": "s", "endpoint_url": server.endpoint})
         t.put_file(str(path), "bucket", "key", create=True, call=call)
     finally:
-        server.shutdown()
-        server.server_close()
-    assert len(puts) >= 2 and heads, (puts, heads)  # the retry's 412 was settled by a HEAD
+        server.close()
+    assert len(server.seen) >= 2 and server.heads, (server.seen, server.heads)  # the retry's 412, settled by a HEAD
